@@ -1,0 +1,186 @@
+"""Single-machine commands: train-local, eval, export, init, demo, config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from gptjt_core.config import RunConfig, load_run_config, tiny_demo_config
+
+MODEL_CARD_PROMPT = '"I love this!" Is it positive? A:'
+
+
+def _run_config(args: argparse.Namespace) -> RunConfig:
+    """The run config from --config, else the embedded tiny demo; --steps overrides."""
+    run = load_run_config(args.config) if getattr(args, "config", None) else tiny_demo_config()
+    if getattr(args, "steps", None) is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps {args.steps} must be >= 1")
+        run.train.steps = args.steps
+        run.optim.warmup_steps = min(run.optim.warmup_steps, args.steps)
+    return run
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="run config TOML (default: the embedded tiny demo run)")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+
+
+def cmd_train_local(args: argparse.Namespace) -> int:
+    from gptjt_core.trainer import LocalTrainer
+
+    run = _run_config(args)
+    trainer = LocalTrainer(run, args.out, device=args.device, ul2=not args.no_ul2)
+    resumed = trainer.resume() if args.resume else 0
+    print(f"gptjt train-local: run {run.name!r}, model {run.model.source}, "
+          f"{run.train.global_batch} seq x {run.train.seq_len} tokens per step, "
+          f"precision {trainer.precision.name} on {trainer.device}"
+          + (f", resumed at step {resumed}" if resumed else ""), flush=True)
+    stats = trainer.fit(progress=not args.quiet)
+    if stats:
+        first, last = trainer.history[0], trainer.history[-1]
+        rate = sum(s.tokens for s in stats) / max(sum(s.seconds for s in stats), 1e-9)
+        print(f"steps {last['step']}: loss {first['loss']:.3f} -> {last['loss']:.3f}, "
+              f"{rate:,.0f} tokens/s; checkpoint {trainer.latest_checkpoint()}")
+    if args.export:
+        print(f"exported Hugging Face checkpoint to {trainer.export(args.export)}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from gptjt_core.export import export_checkpoint
+    from gptjt_core.model import StageSpec, load_stage, model_config_for
+    from gptjt_core.tokenizer import load_tokenizer
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    source = str(args.checkpoint)
+    config = model_config_for(source)
+    stage = load_stage(source, StageSpec(0, config.n_layer, embed=True, head=True))
+    out = export_checkpoint([stage.state_dict()], config, args.out, tokenizer=load_tokenizer(args.tokenizer),
+                            dtype=dtypes[args.dtype])
+    print(f"exported {source} -> {out} ({args.dtype})")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a seeded random checkpoint of a flavour (what `random:FLAVOUR:SEED` loads)."""
+    from gptjt_core.export import export_checkpoint
+    from gptjt_core.model import StageSpec, load_stage, model_config_for
+    from gptjt_core.tokenizer import load_tokenizer
+
+    source = f"random:{args.flavour}:{args.seed}"
+    config = model_config_for(source)
+    stage = load_stage(source, StageSpec(0, config.n_layer, embed=True, head=True))
+    out = export_checkpoint([stage.state_dict()], config, args.out, tokenizer=load_tokenizer())
+    print(f"wrote {source} to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gptjt_core.evaluation import generate, perplexity
+    from gptjt_core.model import StageSpec, load_stage, model_config_for
+    from gptjt_core.tokenizer import load_tokenizer
+
+    run = _run_config(args)
+    source = str(args.checkpoint)
+    config = model_config_for(source)
+    model = load_stage(source, StageSpec(0, config.n_layer, embed=True, head=True), device=args.device)
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    result = perplexity(model, run.data, tokenizer, run.train.seq_len, args.sequences)
+    result["prompt"] = args.prompt
+    result["completion"] = generate(model, tokenizer, args.prompt, args.max_new_tokens,
+                                    prefix_lm=not args.causal)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"held-out perplexity {result['perplexity']:.2f} (loss {result['loss']:.4f}, "
+              f"{result['tokens']:,} tokens in {result['sequences']} sequences)")
+        print(f"prompt: {args.prompt}\ncompletion: {result['completion']!r}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Local end-to-end run: train the tiny model on the bundled data, evaluate, export, generate."""
+    from transformers import pipeline
+
+    from gptjt_core.evaluation import generate, perplexity
+    from gptjt_core.trainer import LocalTrainer
+
+    out = Path(args.out)
+    run = _run_config(args)
+    print(f"== gptjt demo: tiny GPT-J ({run.model.source}) on the bundled demo data, "
+          f"{run.train.steps} steps of {run.train.global_batch} x {run.train.seq_len} tokens", flush=True)
+    trainer = LocalTrainer(run, out / "run", device=args.device)
+    trainer.resume()
+    before = perplexity(trainer.model, run.data, trainer.tokenizer, run.train.seq_len, 16)
+    t0 = time.perf_counter()
+    stats = trainer.fit(progress=True)
+    if stats:
+        print(f"trained {len(stats)} steps in {time.perf_counter() - t0:.0f}s: loss "
+              f"{stats[0].loss:.3f} -> {stats[-1].loss:.3f}")
+    after = perplexity(trainer.model, run.data, trainer.tokenizer, run.train.seq_len, 16)
+    print(f"held-out perplexity {before['perplexity']:,.1f} -> {after['perplexity']:,.1f}")
+    export_dir = trainer.export(out / "export")
+    print(f"exported Hugging Face checkpoint: {export_dir}")
+    generator = pipeline("text-generation", model=str(export_dir), device="cpu")
+    text = generator(MODEL_CARD_PROMPT, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    print(f"transformers pipeline  : {text!r}")
+    print(f"gptjt prefix-LM (UL2)  : {MODEL_CARD_PROMPT + generate(trainer.model, trainer.tokenizer, MODEL_CARD_PROMPT, 12)!r}")
+    print("(a 4-layer model trained for two minutes: expect fluent-ish fragments, not answers)")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    run = _run_config(args)
+    json.dump(run.to_dict(), sys.stdout, indent=2)
+    print()
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train-local", help="single-process reference trainer (whole model, one stage)")
+    _add_run_args(p)
+    p.add_argument("--out", default="runs/local", help="output directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-ul2", action="store_true", help="plain causal LM instead of UL2")
+    p.add_argument("--export", help="also write a Hugging Face checkpoint here at the end")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train_local)
+
+    p = sub.add_parser("eval", help="held-out perplexity and the model card's prompt")
+    _add_run_args(p)
+    p.add_argument("--checkpoint", required=True, help="HF checkpoint dir (export or trainer checkpoint)")
+    p.add_argument("--sequences", type=int, default=32, help="held-out sequences to score")
+    p.add_argument("--prompt", default=MODEL_CARD_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--causal", action="store_true", help="read the prompt causally, not as a UL2 prefix")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="write a Hugging Face checkpoint (+ tokenizer) from a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="trainer checkpoint or HF checkpoint directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--tokenizer", default="gpt2-offline")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("init", help="write a seeded random checkpoint of a model flavour")
+    p.add_argument("--flavour", default="tiny", choices=["tiny", "gptj-6b"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("demo", help="train the tiny model locally end to end, export and generate")
+    _add_run_args(p)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", help="print the resolved run config as JSON")
+    _add_run_args(p)
+    p.set_defaults(func=cmd_config)

@@ -1,0 +1,44 @@
+"""`gptjt`: the umbrella command (train-local, eval, export, init, demo, bench, config)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gptjt_core.config import ConfigError
+
+from . import local_commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptjt", description="Train GPT-J-family models with UL2 on donated GPUs over slow links.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    local_commands.register(sub)
+    from bench.registry import register as register_bench
+
+    register_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        # Errors meant for the user: one clear line, no traceback (use -v for one).
+        if args.verbose:
+            raise
+        print(f"gptjt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gptjt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

