@@ -193,9 +193,12 @@ def mixture_sequence(weights: list[float], n: int) -> np.ndarray:
 class ShardReader:
     """Random access to the packed sequences of one shard: `sequence(offset)`.
 
-    Monotone offsets (the normal case) cost one packing step each; going back re-seeks
-    the source to a cursor remembered for every sequence.
+    Monotone offsets (the normal case) cost one packing step each. Going back re-seeks a
+    source to the nearest remembered cursor (one every CURSOR_EVERY sequences) and packs
+    forward from there.
     """
+
+    CURSOR_EVERY = 64
 
     def __init__(self, data: DataConfig, seq_len: int, shard: int, tokenizer, seed: int):
         if not 0 <= shard < data.num_shards:
@@ -206,7 +209,7 @@ class ShardReader:
                                      _mix_seed(seed, s.name), data.shuffle_buffer) for s in data.sources]
         self._blend = np.empty(0, dtype=np.int64)  # source of each offset
         self._source_index = np.empty(0, dtype=np.int64)  # index within that source
-        self._cursors: list[list[PackCursor]] = [[] for _ in data.sources]
+        self._cursors: list[dict[int, PackCursor]] = [{0: PackCursor()} for _ in data.sources]
 
     def _extend_blend(self, n: int) -> None:
         if n <= len(self._blend):
@@ -230,8 +233,8 @@ class ShardReader:
             raise ValueError(f"sequence offset must be >= 0, got {offset}")
         i, j = self.source_of(offset)
         packer, cursors = self.packers[i], self._cursors[i]
-        if j < packer.cursor.sequences:  # going back: jump to where sequence j started
-            packer.seek(cursors[j])
+        if j < packer.cursor.sequences:  # going back: jump to the nearest cursor at or before j
+            packer.seek(cursors[max(k for k in cursors if k <= j)])
         while packer.cursor.sequences < j:
             self._remember(i)
             packer.next_sequence()
@@ -239,9 +242,25 @@ class ShardReader:
         return self.data.sources[i].name, packer.next_sequence()
 
     def _remember(self, i: int) -> None:
-        packer, cursors = self.packers[i], self._cursors[i]
-        if packer.cursor.sequences == len(cursors):
-            cursors.append(PackCursor(**asdict(packer.cursor)))
+        cursor = self.packers[i].cursor
+        if cursor.sequences % self.CURSOR_EVERY == 0:
+            self._cursors[i].setdefault(cursor.sequences, PackCursor(**asdict(cursor)))
+
+    def state_dict(self) -> dict:
+        """Where every source of this shard stands (JSON-serialisable)."""
+        return {"shard": self.shard, "cursors": {p.source.name: asdict(p.cursor) for p in self.packers}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state_dict()` output, taken on this or any other machine."""
+        if state.get("shard") != self.shard:
+            raise ValueError(f"cursor state is for shard {state.get('shard')}, this reader reads shard {self.shard}")
+        for packer in self.packers:
+            if packer.source.name not in state["cursors"]:
+                raise ValueError(f"cursor state has no source {packer.source.name!r}; "
+                                 f"it has {sorted(state['cursors'])}")
+            cursor = PackCursor(**state["cursors"][packer.source.name])
+            packer.seek(cursor)
+            self._cursors[self.packers.index(packer)][cursor.sequences] = PackCursor(**asdict(cursor))
 
 
 def _mix_seed(seed: int, *parts: object) -> int:
