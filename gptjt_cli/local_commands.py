@@ -58,6 +58,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gptjt_core.model import StageSpec, load_stage, model_config_for
     from gptjt_core.tokenizer import load_tokenizer
 
+    if args.coordinator:
+        from .swarm_commands import export_from_swarm
+
+        out = export_from_swarm(args.coordinator, args.out, args.dtype)
+        print(f"exported the swarm at {args.coordinator} -> {out} ({args.dtype})")
+        return 0
+    if not args.checkpoint:
+        raise ValueError("give --checkpoint DIR (a trainer or HF checkpoint) or --coordinator HOST:PORT (a live swarm)")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     source = str(args.checkpoint)
     config = model_config_for(source)
@@ -163,8 +171,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("export", help="write a Hugging Face checkpoint (+ tokenizer) from a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="trainer checkpoint or HF checkpoint directory")
+    p = sub.add_parser("export", help="write a Hugging Face checkpoint (+ tokenizer) from a checkpoint or a swarm")
+    p.add_argument("--checkpoint", help="trainer checkpoint or HF checkpoint directory")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="gather the stages from a live swarm instead")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--tokenizer", default="gpt2-offline")

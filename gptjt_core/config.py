@@ -11,6 +11,11 @@ from pathlib import Path
 from typing import Any
 
 
+# Codec names the config accepts; gptjt_core.compression implements them (and a test
+# keeps the two lists equal).
+CODEC_NAMES = frozenset({"fp32", "fp16", "bf16"})
+
+
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field, the value and the fix."""
 
@@ -282,6 +287,63 @@ class TrainConfig:
 
 
 @dataclass
+class PipelineConfig:
+    """How the model is cut into stages and what crosses stage boundaries."""
+
+    num_stages: int = 2
+    """Pipeline stages; layers are split between them (balanced for now)."""
+    max_in_flight: int = 0
+    """Micro-batches stage 0 keeps in the pipeline at once (0: num_stages + 1)."""
+    activation_codec: str = "fp16"
+    """Codec for activations sent forward (see gptjt_core.compression.CODECS)."""
+    gradient_codec: str = "fp16"
+    """Codec for activation gradients sent backward."""
+    chunk_bytes: int = 1 << 20
+    """Bytes per gRPC message when streaming a tensor (gRPC's default cap is 4 MB)."""
+    max_payload_bytes: int = 1 << 30
+    """Largest tensor a stage accepts; bigger payloads are refused before they are buffered."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_stages >= 1, "num_stages", self.num_stages, "an integer >= 1")
+        _check(self.max_in_flight >= 0, "max_in_flight", self.max_in_flight, "an integer >= 0")
+        for name in ("activation_codec", "gradient_codec"):
+            value = getattr(self, name)
+            _check(value in CODEC_NAMES, name, value, f"one of {sorted(CODEC_NAMES)}")
+        _check(4096 <= self.chunk_bytes <= 4 << 20, "chunk_bytes", self.chunk_bytes,
+               "4 KiB .. 4 MiB (gRPC's default message cap)")
+        _check(self.max_payload_bytes >= self.chunk_bytes, "max_payload_bytes", self.max_payload_bytes,
+               "at least chunk_bytes")
+
+    @property
+    def in_flight(self) -> int:
+        return self.max_in_flight or self.num_stages + 1
+
+
+@dataclass
+class CoordinatorConfig:
+    """Where the coordinator listens and keeps its ledger; liveness timing."""
+
+    listen: str = "127.0.0.1:7420"
+    """host:port for the gRPC API (port 0 picks a free one)."""
+    state_path: str = "gptjt-run.db"
+    """SQLite ledger (WAL); relative paths are relative to the run config file."""
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 10.0
+    """A worker silent this long is dead: its tickets are re-issued (PRIME uses 2 s / 10 s)."""
+    tls_cert: str = ""
+    """PEM certificate chain; with tls_key, the API is served over TLS."""
+    tls_key: str = ""
+
+    def __post_init__(self) -> None:
+        _check(":" in self.listen, "listen", self.listen, "host:port")
+        _check(self.heartbeat_interval_s > 0, "heartbeat_interval_s", self.heartbeat_interval_s, "> 0")
+        _check(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s, "heartbeat_timeout_s",
+               self.heartbeat_timeout_s, f"more than two heartbeat intervals ({2 * self.heartbeat_interval_s})")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", self.tls_cert,
+               "set together with tls_key (or neither)")
+
+
+@dataclass
 class RunConfig:
     """Everything that defines a training run; the coordinator hands it to workers."""
 
@@ -291,6 +353,8 @@ class RunConfig:
     ul2: UL2Config = field(default_factory=UL2Config)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
 
     def __post_init__(self) -> None:
         _check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",
@@ -311,6 +375,8 @@ def tiny_demo_config() -> RunConfig:
         optim=OptimConfig(lr=2e-3, warmup_steps=5, decay="cosine", weight_decay=0.0),
         train=TrainConfig(global_batch=8, micro_batch=4, seq_len=128, steps=60, seed=0,
                           precision="fp32", log_every=5),
+        pipeline=PipelineConfig(num_stages=2, activation_codec="fp32", gradient_codec="fp32"),
+        coordinator=CoordinatorConfig(listen="127.0.0.1:0", state_path="runs/demo/run.db"),
     )
 
 
@@ -379,6 +445,8 @@ def load_run_config(path: str | Path) -> RunConfig:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"run config {path} is not valid TOML: {e}") from None
     run = from_dict(RunConfig, raw)
+    if not Path(run.coordinator.state_path).is_absolute():
+        run.coordinator.state_path = str((path.parent / run.coordinator.state_path).resolve())
     # Relative local data paths are relative to the config file, so a config works from any
     # directory; hub ids ('org/name') do not exist as files there and are left alone.
     for source in run.data.sources + run.data.heldout:

@@ -1,0 +1,1 @@
+"""The coordinator: the run's ledger (SQLite), the stage plan, and the gRPC API workers join."""

@@ -1,0 +1,85 @@
+"""`gptjt-coordinator --config run.toml`: serve the run's ledger and API until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+from gptjt_core.config import ConfigError, RunConfig, load_run_config, tiny_demo_config
+from gptjt_core.model import model_config_for
+from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+
+from .scheduler import plan_stages
+from .server import CoordinatorService
+from .state import LedgerError, RunLedger
+
+log = logging.getLogger("gptjt.coordinator")
+
+
+async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None = None) -> None:
+    n_layer = model_config_for(run.model.source).n_layer
+    ledger = RunLedger(run.coordinator.state_path, run, plan_stages(n_layer, run.pipeline.num_stages))
+    service = CoordinatorService(ledger)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    cfg = run.coordinator
+    if cfg.tls_cert:
+        creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
+        port = server.add_secure_port(cfg.listen, creds)
+    else:
+        port = server.add_insecure_port(cfg.listen)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {cfg.listen}: address in use or not local")
+    await server.start()
+    host = cfg.listen.rsplit(":", 1)[0]
+    address = f"{host}:{port}"
+    if port_file:
+        Path(port_file).write_text(address)
+    if ready_line:
+        print(f"gptjt-coordinator: run {run.name!r} listening on {address} "
+              f"({'TLS' if cfg.tls_cert else 'plaintext'}), step {ledger.step}/{run.train.steps}, "
+              f"state {ledger.path}", flush=True)
+    reaper = asyncio.create_task(service.reap_forever())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    reaper.cancel()
+    await server.stop(grace=1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="gptjt-coordinator", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="run config TOML (default: the embedded tiny demo run)")
+    ap.add_argument("--listen", help="override coordinator.listen (host:port; port 0 = any free port)")
+    ap.add_argument("--state", help="override coordinator.state_path (the SQLite ledger)")
+    ap.add_argument("--port-file", help="write the bound host:port here once listening")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        run = load_run_config(args.config) if args.config else tiny_demo_config()
+        if args.listen:
+            run.coordinator.listen = args.listen
+        if args.state:
+            run.coordinator.state_path = args.state
+        import uvloop
+
+        uvloop.run(serve(run, port_file=args.port_file))
+    except (ConfigError, LedgerError, ValueError, RuntimeError, FileNotFoundError) as e:
+        print(f"gptjt-coordinator: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""grpc.aio servicer: a thin adapter between protobuf messages and the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import grpc
+
+from gptjt_proto import coordinator_pb2 as pb
+from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+
+from .state import RunLedger
+
+log = logging.getLogger(__name__)
+
+_WORKER_STATES = {pb.LOADING: "loading", pb.READY: "ready", pb.DRAINING: "draining", pb.STANDBY: "standby"}
+_PHASES = {"waiting": pb.WAITING, "open": pb.OPEN, "accumulated": pb.ACCUMULATED,
+           "applying": pb.APPLYING, "done": pb.DONE}
+_COMMIT = {"committed": pb.COMMITTED, "already_committed": pb.ALREADY_COMMITTED,
+           "stale": pb.STALE, "not_leased": pb.NOT_LEASED}
+
+
+def assignment_pb(a: dict) -> pb.StageAssignment:
+    return pb.StageAssignment(stage=a["stage"], start_layer=a.get("start_layer", 0),
+                              end_layer=a.get("end_layer", 0), embed=a.get("embed", False),
+                              head=a.get("head", False), next_address=a["next_address"],
+                              num_stages=a["num_stages"])
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, ledger: RunLedger):
+        self.ledger = ledger
+        self.changed = asyncio.Condition()  # notified after every ledger change (Watch)
+        self._seen_version = ledger.version
+
+    async def notify(self) -> None:
+        if self.ledger.version != self._seen_version:
+            self._seen_version = self.ledger.version
+            async with self.changed:
+                self.changed.notify_all()
+
+    async def Join(self, request, context):
+        if not self.ledger.check_token(request.token):
+            # Nothing is recorded for a refused join, and the token is never logged.
+            log.warning("refused a join from %s (%s): bad or missing run token", request.name, context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "bad or missing run token; ask the operator for one (gptjt token create)")
+        if self.ledger.phase == "done":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is finished")
+        device = {"kind": request.device.kind, "name": request.device.name,
+                  "memory_bytes": request.device.memory_bytes, "matmul_tflops": request.device.matmul_tflops}
+        row = self.ledger.join(request.name, request.address, device, request.worker_id)
+        await self.notify()
+        log.info("worker %s (%s) joined at %s: %s", row["id"], request.name, request.address,
+                 f"stage {row['stage']}" if row["stage"] >= 0 else "standby")
+        return pb.JoinReply(worker_id=row["id"], run_config_json=json.dumps(self.ledger.run.to_dict()),
+                            assignment=assignment_pb(self.ledger.assignment(row["id"])),
+                            heartbeat_interval_s=self.ledger.run.coordinator.heartbeat_interval_s)
+
+    async def Heartbeat(self, request, context):
+        m = request.metrics
+        metrics = {"micro_batches_per_s": m.micro_batches_per_s, "busy_fraction": m.busy_fraction,
+                   "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received, "micro_batches": m.micro_batches}
+        known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics)
+        await self.notify()
+        return pb.HeartbeatReply(known=known)
+
+    async def Leave(self, request, context):
+        self.ledger.leave(request.worker_id)
+        await self.notify()
+        return pb.LeaveReply()
+
+    async def Watch(self, request, context):
+        last = None
+        while not context.cancelled():
+            state = self.ledger.run_state(request.worker_id)
+            if state != last:
+                last = state
+                yield pb.RunState(step=state["step"], attempt=state["attempt"], phase=_PHASES[state["phase"]],
+                                  global_grad_norm=state["global_grad_norm"], plan_version=state["plan_version"],
+                                  assignment=assignment_pb(state["assignment"]), paused=state["paused"])
+            async with self.changed:
+                try:
+                    # Wake on a change, or every second to notice changes made by the reaper.
+                    await asyncio.wait_for(self.changed.wait(), timeout=1.0)
+                except TimeoutError:
+                    pass
+
+    async def LeaseTickets(self, request, context):
+        rows, reason = self.ledger.lease(request.worker_id, request.max_tickets)
+        await self.notify()
+        return pb.LeaseReply(tickets=[pb.Ticket(ticket_id=r.id, step=r.step, attempt=r.attempt, index=r.idx,
+                                                shard=r.shard, offset=r.offset) for r in rows], reason=reason)
+
+    async def CommitTicket(self, request, context):
+        result = self.ledger.commit(request.worker_id, request.ticket_id, request.attempt, request.loss,
+                                    request.tokens)
+        await self.notify()
+        return pb.CommitReply(result=_COMMIT[result])
+
+    async def ReleaseTickets(self, request, context):
+        n = self.ledger.release(request.worker_id, list(request.ticket_ids))
+        await self.notify()
+        return pb.ReleaseReply(released=n)
+
+    async def ReportStep(self, request, context):
+        ok = self.ledger.report(request.worker_id, request.step, request.attempt, request.applied,
+                                request.grad_norm_sq)
+        await self.notify()
+        return pb.StepReportReply(accepted=ok)
+
+    async def Status(self, request, context):
+        return pb.StatusReply(json=json.dumps(self.ledger.status()))
+
+    async def reap_forever(self, period_s: float = 0.5) -> None:
+        """Declare silent workers dead (their tickets re-issued, the step restarted if needed)."""
+        while True:
+            dead = self.ledger.reap()
+            for worker_id in dead:
+                log.warning("worker %s missed heartbeats for %.0f s: declared dead", worker_id,
+                            self.ledger.run.coordinator.heartbeat_timeout_s)
+            await self.notify()
+            await asyncio.sleep(period_s)

@@ -1,0 +1,157 @@
+"""Operator commands against a running coordinator: status, workers, stages, tickets, token, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import grpc
+
+from gptjt_proto import coordinator_pb2 as pb
+from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+
+
+def fetch_status(address: str, timeout: float = 10.0) -> dict:
+    """The coordinator's status object (the same facts as the dashboard)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise RuntimeError(f"coordinator {address} did not answer ({e.code().name}): is it running?") from None
+    return json.loads(reply.json)
+
+
+def _table(rows: list[list], headers: list[str]) -> str:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _workers_table(s: dict) -> str:
+    return _table([[w["id"], w["name"], w["stage"] if w["stage"] >= 0 else "-", w["state"],
+                    f"{w['last_heartbeat_s']:.1f}s", f"{w['metrics'].get('micro_batches_per_s', 0):.2f}",
+                    f"{100 * w['metrics'].get('busy_fraction', 0):.0f}%", w["tickets_done"], w["address"]]
+                   for w in s["workers"]],
+                  ["worker", "name", "stage", "state", "heartbeat", "mb/s", "busy", "tickets", "address"])
+
+
+def _stages_table(s: dict) -> str:
+    return _table([[st["index"], f"{st['start_layer']}-{st['end_layer']}",
+                    ("embed " if st["embed"] else "") + ("head" if st["head"] else ""),
+                    ",".join(st["workers"]) or "(vacant)"] for st in s["stages"]],
+                  ["stage", "layers", "holds", "workers"])
+
+
+def _tickets_table(s: dict) -> str:
+    t = s["tickets"]
+    return _table([[t["issued"], t["committed"], t["reissued"], t["leased"], t["pending"]]],
+                  ["issued", "committed", "reissued", "leased", "pending"])
+
+
+def _summary(s: dict) -> str:
+    loss = f"{s['loss']:.4f}" if s["loss"] is not None else "-"
+    return (f"run {s['run']}: step {s['step']}/{s['steps_total']} ({s['phase']}"
+            f"{', paused' if s['paused'] else ''}), loss {loss}, {s['tokens']:,} tokens, "
+            f"{s['tokens_per_s']:,.0f} tokens/s")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    s = fetch_status(args.coordinator)
+    view = args.view
+    if args.json:
+        if view == "status":
+            print(json.dumps(s))
+        else:
+            print(json.dumps({view: s[view]}))
+        return 0
+    if view == "status":
+        print(_summary(s))
+        print()
+        print(_stages_table(s))
+        print()
+        print(_workers_table(s))
+        print()
+        print(_tickets_table(s))
+    else:
+        print({"workers": _workers_table, "stages": _stages_table, "tickets": _tickets_table}[view](s))
+    return 0
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from coordinator.state import create_token_in
+    from gptjt_core.config import load_run_config, tiny_demo_config
+
+    path = args.state
+    if not path:
+        run = load_run_config(args.config) if args.config else tiny_demo_config()
+        path = run.coordinator.state_path
+    print(create_token_in(path))
+    return 0
+
+
+async def _fetch_all_stages(status: dict) -> list[dict]:
+    from worker.transport import LinkCounters, StageClient
+
+    client = StageClient(LinkCounters(), 1 << 20)
+    by_id = {w["id"]: w for w in status["workers"]}
+    try:
+        states = []
+        for stage in status["stages"]:
+            if not stage["workers"]:
+                raise RuntimeError(f"stage {stage['index']} has no live worker; cannot export it")
+            states.append(await client.fetch_state(by_id[stage["workers"][0]]["address"]))
+        return states
+    finally:
+        await client.close()
+
+
+def export_from_swarm(address: str, out: str, dtype: str = "fp32") -> str:
+    """Gather every stage's weights from its worker and write a HF checkpoint."""
+    import asyncio
+
+    import torch
+
+    from gptjt_core.export import export_checkpoint
+    from gptjt_core.model import model_config_for
+    from gptjt_core.tokenizer import load_tokenizer
+
+    status = fetch_status(address)
+    states = asyncio.run(_fetch_all_stages(status))
+    run_source = status["model_source"]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    path = export_checkpoint(states, model_config_for(run_source), out,
+                             tokenizer=load_tokenizer(status["tokenizer"]), dtype=dtypes[dtype])
+    return str(path)
+
+
+def wait_for_step(address: str, step: int, timeout: float) -> dict:
+    """Poll status until the run has closed `step` steps (or is done); returns the status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = fetch_status(address)
+        if s["step"] >= step or s["phase"] == "done":
+            return s
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run stayed at step {s['step']} ({s['phase']}) for {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for view, help_text in [("status", "run overview: step, loss, tokens/s, stages, workers, tickets"),
+                            ("workers", "the workers table"), ("stages", "the stage plan"),
+                            ("tickets", "the ticket ledger counters")]:
+        p = sub.add_parser(view, help=help_text)
+        p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.set_defaults(func=cmd_status, view=view)
+
+    p = sub.add_parser("token", help="join tokens for a run")
+    tsub = p.add_subparsers(dest="token_command", required=True)
+    c = tsub.add_parser("create", help="create a join token and print it (stored hashed in the ledger)")
+    c.add_argument("--config", help="run config TOML (its coordinator.state_path is the ledger)")
+    c.add_argument("--state", help="the ledger file directly")
+    c.set_defaults(func=cmd_token_create)
+

@@ -1,0 +1,265 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkerState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_STATE_UNSPECIFIED: _ClassVar[WorkerState]
+    LOADING: _ClassVar[WorkerState]
+    READY: _ClassVar[WorkerState]
+    DRAINING: _ClassVar[WorkerState]
+    STANDBY: _ClassVar[WorkerState]
+
+class StepPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE_UNSPECIFIED: _ClassVar[StepPhase]
+    WAITING: _ClassVar[StepPhase]
+    OPEN: _ClassVar[StepPhase]
+    ACCUMULATED: _ClassVar[StepPhase]
+    APPLYING: _ClassVar[StepPhase]
+    DONE: _ClassVar[StepPhase]
+
+class CommitResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMMIT_RESULT_UNSPECIFIED: _ClassVar[CommitResult]
+    COMMITTED: _ClassVar[CommitResult]
+    ALREADY_COMMITTED: _ClassVar[CommitResult]
+    STALE: _ClassVar[CommitResult]
+    NOT_LEASED: _ClassVar[CommitResult]
+WORKER_STATE_UNSPECIFIED: WorkerState
+LOADING: WorkerState
+READY: WorkerState
+DRAINING: WorkerState
+STANDBY: WorkerState
+PHASE_UNSPECIFIED: StepPhase
+WAITING: StepPhase
+OPEN: StepPhase
+ACCUMULATED: StepPhase
+APPLYING: StepPhase
+DONE: StepPhase
+COMMIT_RESULT_UNSPECIFIED: CommitResult
+COMMITTED: CommitResult
+ALREADY_COMMITTED: CommitResult
+STALE: CommitResult
+NOT_LEASED: CommitResult
+
+class DeviceInfo(_message.Message):
+    __slots__ = ("kind", "name", "memory_bytes", "matmul_tflops")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MATMUL_TFLOPS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    memory_bytes: int
+    matmul_tflops: float
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., matmul_tflops: _Optional[float] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("token", "name", "address", "device", "worker_id")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    name: str
+    address: str
+    device: DeviceInfo
+    worker_id: str
+    def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+
+class StageAssignment(_message.Message):
+    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    stage: int
+    start_layer: int
+    end_layer: int
+    embed: bool
+    head: bool
+    next_address: str
+    num_stages: int
+    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ...) -> None: ...
+
+class JoinReply(_message.Message):
+    __slots__ = ("worker_id", "run_config_json", "assignment", "heartbeat_interval_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    run_config_json: str
+    assignment: StageAssignment
+    heartbeat_interval_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+
+class WorkerMetrics(_message.Message):
+    __slots__ = ("micro_batches_per_s", "busy_fraction", "bytes_sent", "bytes_received", "micro_batches")
+    MICRO_BATCHES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    micro_batches_per_s: float
+    busy_fraction: float
+    bytes_sent: int
+    bytes_received: int
+    micro_batches: int
+    def __init__(self, micro_batches_per_s: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("worker_id", "metrics", "state")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    metrics: WorkerMetrics
+    state: int
+    def __init__(self, worker_id: _Optional[str] = ..., metrics: _Optional[_Union[WorkerMetrics, _Mapping]] = ..., state: _Optional[int] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("known",)
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+
+class LeaveRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
+class RunState(_message.Message):
+    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_GRAD_NORM_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    attempt: int
+    phase: StepPhase
+    global_grad_norm: float
+    plan_version: int
+    assignment: StageAssignment
+    paused: bool
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ...) -> None: ...
+
+class Ticket(_message.Message):
+    __slots__ = ("ticket_id", "step", "attempt", "index", "shard", "offset")
+    TICKET_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    ticket_id: int
+    step: int
+    attempt: int
+    index: int
+    shard: int
+    offset: int
+    def __init__(self, ticket_id: _Optional[int] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., index: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("worker_id", "max_tickets")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_TICKETS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    max_tickets: int
+    def __init__(self, worker_id: _Optional[str] = ..., max_tickets: _Optional[int] = ...) -> None: ...
+
+class LeaseReply(_message.Message):
+    __slots__ = ("tickets", "reason")
+    TICKETS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    tickets: _containers.RepeatedCompositeFieldContainer[Ticket]
+    reason: str
+    def __init__(self, tickets: _Optional[_Iterable[_Union[Ticket, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CommitRequest(_message.Message):
+    __slots__ = ("worker_id", "ticket_id", "attempt", "loss", "tokens")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    ticket_id: int
+    attempt: int
+    loss: float
+    tokens: int
+    def __init__(self, worker_id: _Optional[str] = ..., ticket_id: _Optional[int] = ..., attempt: _Optional[int] = ..., loss: _Optional[float] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class CommitReply(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: CommitResult
+    def __init__(self, result: _Optional[_Union[CommitResult, str]] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("worker_id", "ticket_ids")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TICKET_IDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    ticket_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, worker_id: _Optional[str] = ..., ticket_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReleaseReply(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: int
+    def __init__(self, released: _Optional[int] = ...) -> None: ...
+
+class StepReport(_message.Message):
+    __slots__ = ("worker_id", "step", "attempt", "applied", "grad_norm_sq")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    GRAD_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    step: int
+    attempt: int
+    applied: bool
+    grad_norm_sq: float
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., applied: _Optional[bool] = ..., grad_norm_sq: _Optional[float] = ...) -> None: ...
+
+class StepReportReply(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("json",)
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    def __init__(self, json: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""The worker: joins a coordinator, holds one pipeline stage, streams activations and gradients."""

@@ -1,0 +1,49 @@
+"""`gptjt-worker --join HOST:PORT`: volunteer this machine to a run. Only local knobs here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .membership import JoinRefused
+from .runner import WorkerOptions, WorkerRunner
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="gptjt-worker", description=__doc__.splitlines()[0])
+    ap.add_argument("--join", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    ap.add_argument("--token", default=os.environ.get("GPTJT_TOKEN", ""),
+                    help="run token from the operator (default: $GPTJT_TOKEN)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")
+    ap.add_argument("--listen", default="127.0.0.1:0",
+                    help="host:port to serve the stage API on (default 127.0.0.1, any free port)")
+    ap.add_argument("--announce", default="", help="host:port other workers reach this one at (default: --listen)")
+    ap.add_argument("--name", default="", help="label shown to the operator (default: the host name)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--drain-timeout", type=float, default=60.0,
+                    help="seconds to finish the current step on SIGTERM before handing tickets back")
+    ap.add_argument("--tls-ca", default="", help="PEM root certificate of a TLS coordinator")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    options = WorkerOptions(coordinator=args.join, token=args.token, device=args.device, listen=args.listen,
+                            announce=args.announce, name=args.name, threads=args.threads,
+                            drain_timeout_s=args.drain_timeout, tls_ca=args.tls_ca)
+    try:
+        import uvloop
+
+        uvloop.run(WorkerRunner(options).main())
+    except JoinRefused as e:
+        print(f"gptjt-worker: error: {e}", file=sys.stderr)
+        return 3
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
+        print(f"gptjt-worker: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The worker's side of the coordinator API: join, heartbeat, watch, tickets, step reports.
+
+Calls that are safe to repeat (commit, release, report, heartbeat) are retried while the
+coordinator is unreachable, so a coordinator restart costs the workers nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from gptjt_proto import coordinator_pb2 as pb
+from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.UNKNOWN)
+
+
+class JoinRefused(RuntimeError):
+    """The coordinator refused the join (bad token, finished run)."""
+
+
+class CoordinatorClient:
+    def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None,
+                 retry_for_s: float = 120.0):
+        self.address = address
+        if credentials is not None:
+            self.channel = grpc.aio.secure_channel(address, credentials)
+        else:
+            self.channel = grpc.aio.insecure_channel(address)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.retry_for_s = retry_for_s
+
+    async def _retry(self, method, request, timeout: float = 10.0):
+        """Call `method`, retrying transient failures for up to retry_for_s seconds."""
+        deadline = time.monotonic() + self.retry_for_s
+        delay = 0.2
+        while True:
+            try:
+                return await method(request, timeout=timeout)
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE or time.monotonic() > deadline:
+                    raise
+                log.debug("coordinator %s unreachable (%s); retrying in %.1fs", self.address, e.code().name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def join(self, token: str, name: str, address: str, device: dict, worker_id: str = "") -> pb.JoinReply:
+        request = pb.JoinRequest(token=token, name=name, address=address, worker_id=worker_id,
+                                 device=pb.DeviceInfo(**device))
+        try:
+            return await self._retry(self.stub.Join, request)
+        except grpc.aio.AioRpcError as e:
+            if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
+                raise JoinRefused(f"coordinator {self.address} refused the join: {e.details()}") from None
+            raise
+
+    async def heartbeat(self, worker_id: str, state: int, metrics: dict) -> bool:
+        reply = await self._retry(self.stub.Heartbeat, pb.HeartbeatRequest(
+            worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics)), timeout=5.0)
+        return reply.known
+
+    async def watch(self, worker_id: str) -> AsyncIterator[pb.RunState]:
+        """RunState messages, reconnecting for as long as it takes (coordinator restarts)."""
+        delay = 0.2
+        while True:
+            try:
+                async for state in self.stub.Watch(pb.WatchRequest(worker_id=worker_id)):
+                    delay = 0.2
+                    yield state
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def lease(self, worker_id: str, n: int) -> pb.LeaseReply:
+        return await self._retry(self.stub.LeaseTickets, pb.LeaseRequest(worker_id=worker_id, max_tickets=n))
+
+    async def commit(self, worker_id: str, ticket: pb.Ticket, loss: float, tokens: int) -> int:
+        reply = await self._retry(self.stub.CommitTicket, pb.CommitRequest(
+            worker_id=worker_id, ticket_id=ticket.ticket_id, attempt=ticket.attempt, loss=loss, tokens=tokens))
+        return reply.result
+
+    async def release(self, worker_id: str, ticket_ids: list[int]) -> int:
+        if not ticket_ids:
+            return 0
+        reply = await self._retry(self.stub.ReleaseTickets, pb.ReleaseRequest(worker_id=worker_id,
+                                                                              ticket_ids=ticket_ids))
+        return reply.released
+
+    async def report(self, worker_id: str, step: int, attempt: int, applied: bool, grad_norm_sq: float = 0.0) -> bool:
+        reply = await self._retry(self.stub.ReportStep, pb.StepReport(
+            worker_id=worker_id, step=step, attempt=attempt, applied=applied, grad_norm_sq=grad_norm_sq))
+        return reply.accepted
+
+    async def leave(self, worker_id: str) -> None:
+        await self.stub.Leave(pb.LeaveRequest(worker_id=worker_id), timeout=5.0)
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,135 @@
+"""The layer slice a worker holds: forward/backward of one micro-batch, the optimizer step. No networking."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gptjt_core.config import ConfigError, RunConfig
+from gptjt_core.model import StageSpec, load_stage
+from gptjt_core.optim import build_optimizer, lr_at, set_lr
+from gptjt_core.precision import resolve_precision
+from gptjt_core.ul2 import batch_loss
+
+Key = tuple[int, int]  # (ticket_id, attempt)
+
+
+class StaleMicroBatch(RuntimeError):
+    """A micro-batch of a restarted step attempt: its work must be discarded."""
+
+
+class StageRunner:
+    """Holds one stage's weights (fp32 masters), optimizer and in-flight autograd graphs.
+
+    Call only from one thread (the stage's ComputeQueue): a forward's graph is consumed by
+    the backward of the same key.
+    """
+
+    def __init__(self, run: RunConfig, spec: StageSpec, device: str = "cpu"):
+        self.run, self.spec = run, spec
+        self.device = torch.device(device)
+        self.precision = resolve_precision(run.train.precision, self.device)
+        if self.precision.needs_loss_scaling:
+            raise ConfigError("train.precision 'fp16' needs loss scaling shared by every stage, which the "
+                              "swarm does not do yet; use 'bf16' (or 'auto' on a GPU with bf16)")
+        self.model = load_stage(run.model.source, spec, dtype=torch.float32, device=self.device,
+                                attn_implementation=run.model.attn_implementation)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model.parameters(), run.optim)
+        self.attempt: tuple[int, int] | None = None  # (step, attempt) whose gradients accumulate
+        self.last_applied = -1  # the last step whose optimizer update this stage applied
+        self._inflight: dict[Key, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self.micro_batches = 0
+
+    # -- attempts ----------------------------------------------------------------------
+    def begin(self, step: int, attempt: int) -> None:
+        """Make (step, attempt) current; a different attempt discards accumulated gradients."""
+        if self.attempt != (step, attempt):
+            if self.attempt is not None:
+                self.optimizer.zero_grad(set_to_none=True)  # restarted step: drop partial sums
+            self._inflight.clear()
+            self.attempt = (step, attempt)
+
+    def admit(self, step: int, attempt: int) -> None:
+        """Accept work of (step, attempt): a newer attempt becomes current (stages learn of a
+        restart from the first micro-batch that carries it); older work is stale."""
+        if step <= self.last_applied or (self.attempt is not None and (step, attempt) < self.attempt):
+            raise StaleMicroBatch(f"micro-batch of step {step} attempt {attempt} is stale: this stage is on "
+                                  f"{self.attempt or f'step {self.last_applied + 1}'}")
+        self.begin(step, attempt)
+
+    def _check(self, step: int, attempt: int) -> None:
+        self.admit(step, attempt)
+
+    # -- micro-batches -----------------------------------------------------------------
+    def forward(self, key: Key, step: int, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Forward of a non-last stage; keeps the graph until backward(key). Returns (B, T, D)."""
+        self._check(step, key[1])
+        x = x.to(self.device)
+        if not self.spec.embed:
+            x = x.requires_grad_()
+        with self.precision.autocast():
+            out = self.model(x, prefix.to(self.device))
+        self._inflight[key] = (x if not self.spec.embed else None, out)
+        return out.detach()
+
+    def backward(self, key: Key, step: int, grad_out: torch.Tensor) -> torch.Tensor | None:
+        """Backward of a non-last stage; returns d loss / d input (None for the embedding stage)."""
+        self._check(step, key[1])
+        if key not in self._inflight:
+            raise StaleMicroBatch(f"no forward in flight for ticket {key[0]} attempt {key[1]}")
+        x, out = self._inflight.pop(key)
+        out.backward(grad_out.to(device=self.device, dtype=out.dtype))
+        self.micro_batches += 1
+        return x.grad.detach() if x is not None else None
+
+    def forward_backward(self, key: Key, step: int, x: torch.Tensor, prefix: torch.Tensor,
+                         labels: torch.Tensor, global_batch: int) -> tuple[float, int, torch.Tensor | None]:
+        """The last stage: logits, UL2 loss share, backward. Returns (loss, targets, d loss / d input)."""
+        self._check(step, key[1])
+        x = x.to(self.device)
+        if not self.spec.embed:
+            x = x.requires_grad_()
+        labels = labels.to(self.device)
+        with self.precision.autocast():
+            logits = self.model(x, prefix.to(self.device))  # (B, T, V)
+        loss = batch_loss(logits, labels, global_batch)
+        loss.backward()
+        self.micro_batches += 1
+        targets = int((labels[:, 1:] != -100).sum())
+        return float(loss.detach()), targets, (x.grad.detach() if not self.spec.embed else None)
+
+    def discard(self, key: Key) -> None:
+        """Forget a forward whose backward will never come (the downstream call failed)."""
+        self._inflight.pop(key, None)
+
+    # -- the optimizer step ------------------------------------------------------------
+    def grad_norm_sq(self) -> float:
+        """Sum of squared gradient norms of this stage (the coordinator adds the stages)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(sum(torch.linalg.vector_norm(g.float()) ** 2 for g in grads))
+
+    def apply_step(self, step: int, global_norm: float) -> bool:
+        """Clip by the global norm of the whole model, as torch's clip_grad_norm_ does, and step.
+
+        Returns False (update skipped, gradients dropped) when the global norm is not finite.
+        """
+        ok = math.isfinite(global_norm)
+        if ok:
+            max_norm = self.run.optim.grad_clip
+            if max_norm > 0:
+                coef = min(1.0, max_norm / (global_norm + 1e-6))
+                if coef < 1.0:
+                    for p in self.model.parameters():
+                        if p.grad is not None:
+                            p.grad.mul_(coef)
+            set_lr(self.optimizer, lr_at(step, self.run.optim, self.run.train.steps))
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._inflight.clear()
+        self.attempt = None
+        self.last_applied = step
+        return ok

@@ -1,0 +1,181 @@
+"""gRPC stage-to-stage streaming: chunked tensors down the pipeline, gradients back up."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+
+from gptjt_core.compression import CodecError, Encoded, decode
+from gptjt_proto import stage_pb2 as pb
+from gptjt_proto import stage_pb2_grpc as pb_grpc
+
+from .wire import data_chunks, encoded_from, meta_pb
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20),
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.http2.max_pings_without_data", 0)]
+
+
+class LinkCounters:
+    """Bytes that crossed this worker's stage links (payload, both directions)."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+
+
+class RejectedMicroBatch(ValueError):
+    """A stage message that must be refused; `code` is the gRPC status to answer with."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Incoming:
+    """A decoded micro-batch as a stage receives it."""
+
+    header: pb.MicroBatchHeader
+    activations: torch.Tensor  # (B, T, D)
+    prefix_lengths: torch.Tensor  # (B,)
+    labels: torch.Tensor  # (B, T)
+
+
+def labels_bytes(labels: torch.Tensor) -> bytes:
+    return labels.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()
+
+
+async def read_micro_batch(request_iterator, expected_stage: int, hidden: int, max_payload: int,
+                           counters: LinkCounters) -> Incoming:
+    """Assemble and validate a streamed micro-batch; raise RejectedMicroBatch on bad input."""
+    header, parts, size = None, [], 0
+    async for chunk in request_iterator:
+        kind = chunk.WhichOneof("part")
+        if header is None:
+            if kind != "header":
+                raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
+                                         f"first chunk must be a header, got {kind!r}")
+            header = chunk.header
+            meta = header.activations
+            if meta.nbytes > max_payload:
+                raise RejectedMicroBatch(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                         f"payload of {meta.nbytes} bytes exceeds this stage's limit of "
+                                         f"{max_payload} bytes (pipeline.max_payload_bytes)")
+            continue
+        if kind != "data":
+            raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind!r} chunk after the header")
+        size += len(chunk.data)
+        if size > max(header.activations.nbytes, 0) or size > max_payload:
+            raise RejectedMicroBatch(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                     f"received {size} bytes, more than the {header.activations.nbytes} "
+                                     f"the header announced (limit {max_payload})")
+        parts.append(chunk.data)
+    if header is None:
+        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, "empty request: no header")
+    counters.received += size
+    if header.stage != expected_stage:
+        raise RejectedMicroBatch(grpc.StatusCode.FAILED_PRECONDITION,
+                                 f"micro-batch for stage {header.stage} sent to a worker holding stage {expected_stage}")
+    meta = header.activations
+    shape = tuple(meta.shape)
+    if len(shape) != 3 or shape[2] != hidden or shape[0] < 1 or shape[1] < 1:
+        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"activations of shape {shape}; this stage takes (B, T, {hidden})")
+    if meta.dtype not in ("float32", "bfloat16", "float16"):
+        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"activations of dtype {meta.dtype!r}; expected a floating dtype")
+    try:
+        x = decode(encoded_from(meta, b"".join(parts)))
+    except CodecError as e:
+        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, f"activations do not decode: {e}") from None
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"activations contain {bad} NaN/Inf value(s); refusing the micro-batch")
+    B, T = shape[0], shape[1]
+    if len(header.prefix_lengths) != B:
+        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"{len(header.prefix_lengths)} prefix lengths for a batch of {B}")
+    prefix = torch.tensor(list(header.prefix_lengths), dtype=torch.long)
+    if int(prefix.min()) < 0 or int(prefix.max()) > T:
+        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, f"prefix lengths {prefix.tolist()} outside [0, {T}]")
+    if len(header.labels) != B * T * 8:
+        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"labels are {len(header.labels)} bytes; (B, T) = {(B, T)} int64 needs {B * T * 8}")
+    labels = torch.from_numpy(np.frombuffer(header.labels, dtype="<i8").astype(np.int64).reshape(B, T))
+    return Incoming(header, x, prefix, labels)
+
+
+def gradient_reply(loss: float, targets: int, grad: Encoded | None, chunk_bytes: int, counters: LinkCounters):
+    meta = meta_pb(grad) if grad is not None else pb.TensorMeta()
+    yield pb.StageChunk(reply=pb.ReplyHeader(loss=loss, target_tokens=targets, gradient=meta))
+    if grad is not None:
+        counters.sent += len(grad.data)
+        yield from data_chunks(grad.data, chunk_bytes)
+
+
+class StageClient:
+    """Long-lived channels to downstream stages (a new channel's first transfer is slow)."""
+
+    def __init__(self, counters: LinkCounters, chunk_bytes: int, credentials: grpc.ChannelCredentials | None = None):
+        self.counters = counters
+        self.chunk_bytes = chunk_bytes
+        self.credentials = credentials
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def _stub(self, address: str) -> pb_grpc.StageStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+        return pb_grpc.StageStub(self._channels[address])
+
+    async def process(self, address: str, header: pb.MicroBatchHeader, activations: Encoded,
+                      timeout: float | None = None) -> tuple[pb.ReplyHeader, Encoded | None]:
+        """Send one micro-batch down; return the reply header and the encoded input gradient."""
+        header.activations.CopyFrom(meta_pb(activations))
+
+        def requests():
+            yield pb.StageChunk(header=header)
+            yield from data_chunks(activations.data, self.chunk_bytes)
+
+        call = self._stub(address).Process(requests(), timeout=timeout)
+        self.counters.sent += len(activations.data)
+        reply, parts = None, []
+        async for chunk in call:
+            if chunk.WhichOneof("part") == "reply":
+                reply = chunk.reply
+            elif chunk.WhichOneof("part") == "data":
+                parts.append(chunk.data)
+        if reply is None:
+            raise RuntimeError(f"stage at {address} ended the call without a reply header")
+        data = b"".join(parts)
+        self.counters.received += len(data)
+        grad = encoded_from(reply.gradient, data) if reply.gradient.codec else None
+        return reply, grad
+
+    async def fetch_state(self, address: str) -> dict[str, torch.Tensor]:
+        """The stage weights held by the worker at `address`."""
+        from safetensors.torch import load
+
+        parts = []
+        async for chunk in self._stub(address).FetchState(pb.FetchStateRequest()):
+            if chunk.WhichOneof("part") == "data":
+                parts.append(chunk.data)
+        return load(b"".join(parts))
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().contiguous().cpu() for k, v in state.items()})
+
