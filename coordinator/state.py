@@ -481,7 +481,8 @@ class RunLedger:
             "loss": steps[-1]["loss"] if steps else None,
             "history": [{"step": r["step"], "loss": r["loss"], "tokens": r["tokens"], "grad_norm": r["grad_norm"],
                          "seconds": r["closed"] - r["opened"], "attempts": r["attempts"]} for r in steps],
-            "workers": workers, "stages": stages, "tickets": self.ticket_counts(),
+            "workers": workers, "stages": stages,
+            "tickets": {**self.ticket_counts(), "exactly_once_violations": self.exactly_once_violations()},
             "events": events[::-1], "plan_version": self.plan_version,
         }
 

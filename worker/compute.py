@@ -55,10 +55,13 @@ class ComputeQueue:
             self.busy_seconds += time.perf_counter() - t0
             loop.call_soon_threadsafe(_settle, future, result, error)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish queued jobs, then stop the thread (a native thread alive at interpreter exit
+        can abort the process)."""
         with self._cv:
             self._closed = True
             self._cv.notify()
+        self._thread.join(timeout)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

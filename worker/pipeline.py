@@ -121,4 +121,4 @@ class Stage0Driver:
             task.cancel()
         await self.idle()
         await self.release(list(self.leased))
-        self._data_pool.shutdown(wait=False)
+        self._data_pool.shutdown(wait=True)

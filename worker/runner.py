@@ -101,7 +101,11 @@ class WorkerRunner:
         await self.stopping.wait()
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.driver is not None:
+            await self.driver.stop()
         await self.client.close()
+        await self.coordinator.close()
         await server.stop(grace=0.5)
         self.compute.close()
 

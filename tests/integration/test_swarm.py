@@ -1,0 +1,221 @@
+"""The swarm with real processes on loopback: equivalence with train-local, faults, bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import grpc
+import pytest
+import torch
+
+from gptjt_proto import coordinator_pb2 as cpb
+from gptjt_proto import coordinator_pb2_grpc as cpb_grpc
+from tests.swarm import Swarm, free_port, local_losses, swarm_toml
+
+
+@pytest.fixture()
+def swarm_factory(tmp_path):
+    swarms = []
+
+    def make(**kw) -> Swarm:
+        s = Swarm(tmp_path, swarm_toml(tmp_path, **kw))
+        swarms.append(s)
+        return s
+
+    yield make
+    for s in swarms:
+        s.close()
+
+
+def done(s: dict) -> bool:
+    return s["phase"] == "done"
+
+
+def test_two_stage_swarm_reproduces_train_local(swarm_factory, tmp_path):
+    swarm = swarm_factory(steps=3)
+    coordinator = swarm.start_coordinator()
+    assert coordinator.text().startswith("gptjt-coordinator: run 'test-swarm' listening on 127.0.0.1:")
+    w0, w1 = swarm.start_worker("w0"), swarm.start_worker("w1")
+    firsts = [w.wait_for("gptjt-worker: joined").splitlines()[0] for w in (w0, w1)]
+    assert all(line.startswith(f"gptjt-worker: joined {swarm.address} as ") for line in firsts)
+    assert sorted(line.split(", ")[1].split(";")[0] for line in firsts) == [
+        "stage 0 of 2 (layers 0-2)", "stage 1 of 2 (layers 2-4)"]
+    status = swarm.wait(done, 180, "the run to finish")
+
+    expected, local_state = local_losses(swarm.config, 3)
+    got = [h["loss"] for h in status["history"]]
+    assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert status["tickets"] == {"issued": 6, "committed": 6, "reissued": 0, "leased": 0, "pending": 0,
+                                 "aborted": 0, "exactly_once_violations": []}
+    assert status["tokens"] == 3 * 4 * 64 and status["step"] == 3
+    assert {w["stage"] for w in status["workers"]} == {0, 1}
+    assert all(w["metrics"]["bytes_sent"] > 0 for w in status["workers"])
+
+    from gptjt_cli.swarm_commands import export_from_swarm
+    from safetensors.torch import load_file
+
+    out = export_from_swarm(swarm.address, str(tmp_path / "export"))
+    exported = load_file(f"{out}/model.safetensors")
+    assert set(exported) == set(local_state)
+    assert max(float((exported[k] - local_state[k]).abs().max()) for k in exported) < 1e-4
+
+
+def test_worker_sigkill_mid_step_then_replacement(swarm_factory):
+    swarm = swarm_factory(steps=4, global_batch=8, micro_batch=2)
+    swarm.start_coordinator()
+    swarm.start_worker("w0")
+    victim = swarm.start_worker("w1")
+    swarm.wait(lambda s: s["step"] >= 1 and s["phase"] == "open" and s["tickets"]["committed"] > 4 + 1,
+               120, "step 1 under way")
+    victim.kill(signal.SIGKILL)
+    killed_at = time.monotonic()
+    status = swarm.wait(lambda s: any(w["state"] == "dead" for w in s["workers"]), 30, "the victim declared dead")
+    assert time.monotonic() - killed_at < 3.0 + 3.0  # heartbeat timeout (3 s) + reaper slack
+    assert status["phase"] == "waiting" and status["stages"][1]["workers"] == []
+    swarm.start_worker("w2")
+    status = swarm.wait(done, 180, "the run to finish after the replacement joined")
+    assert status["tickets"]["exactly_once_violations"] == []
+    assert status["tickets"]["reissued"] >= 1
+    assert [h["step"] for h in status["history"]] == [0, 1, 2, 3]
+    assert any(h["attempts"] > 1 for h in status["history"])  # the interrupted step was restarted
+    kinds = [e["kind"] for e in status["events"]]
+    assert "worker_dead" in kinds and "step_restarted" in kinds
+
+
+def test_coordinator_kill9_and_restart_loses_nothing(swarm_factory):
+    port = free_port()
+    swarm = swarm_factory(steps=5, port=port, timeout_s=6.0)
+    coordinator = swarm.start_coordinator()
+    swarm.start_worker("w0")
+    swarm.start_worker("w1")
+    swarm.wait(lambda s: s["step"] >= 2, 120, "two steps")
+    coordinator.kill(signal.SIGKILL)
+    coordinator.p.wait(5)
+    time.sleep(1.0)
+    swarm.start_coordinator()
+    status = swarm.wait(done, 180, "the run to finish after the restart")
+    expected, _ = local_losses(swarm.config, 5)
+    assert [h["loss"] for h in status["history"]] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+    assert status["tickets"]["exactly_once_violations"] == []
+    assert status["tickets"]["committed"] == 5 * 2  # 5 steps x (4 sequences / 2 per ticket)
+    assert "coordinator_restarted" in [e["kind"] for e in status["events"]]
+    assert all(w["state"] == "ready" for w in status["workers"])  # nobody was declared dead
+
+
+def test_join_with_wrong_or_missing_token_is_refused(swarm_factory):
+    swarm = swarm_factory(steps=1)
+    swarm.start_coordinator()
+    before = swarm.status()
+    with grpc.insecure_channel(swarm.address) as channel:
+        stub = cpb_grpc.CoordinatorStub(channel)
+        for token in ("", "gptjt_wrong", swarm.token + "x"):
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Join(cpb.JoinRequest(token=token, name="intruder", address="127.0.0.1:1"), timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "gptjt token create" in err.value.details()
+    worker = swarm.start_worker("intruder", token="gptjt_nope")
+    assert worker.p.wait(60) == 3
+    assert "refused the join: bad or missing run token" in worker.text()
+    after = swarm.status()
+    assert after["workers"] == before["workers"] == []
+    assert swarm.token not in (swarm.tmp / "coordinator-1.log").read_text()
+
+
+def test_duplicate_commit_is_counted_once(swarm_factory):
+    swarm = swarm_factory(steps=1, num_stages=1, global_batch=2, micro_batch=2)
+    swarm.start_coordinator()
+    with grpc.insecure_channel(swarm.address) as channel:
+        stub = cpb_grpc.CoordinatorStub(channel)
+        join = stub.Join(cpb.JoinRequest(token=swarm.token, name="raw", address="127.0.0.1:1"), timeout=10)
+        assert join.assignment.stage == 0 and join.assignment.head and join.assignment.embed
+        stub.Heartbeat(cpb.HeartbeatRequest(worker_id=join.worker_id, state=cpb.READY), timeout=10)
+        lease = stub.LeaseTickets(cpb.LeaseRequest(worker_id=join.worker_id, max_tickets=4), timeout=10)
+        assert len(lease.tickets) == 1
+        t = lease.tickets[0]
+        request = cpb.CommitRequest(worker_id=join.worker_id, ticket_id=t.ticket_id, attempt=t.attempt,
+                                    loss=1.5, tokens=128)
+        assert stub.CommitTicket(request, timeout=10).result == cpb.COMMITTED
+        assert stub.CommitTicket(request, timeout=10).result == cpb.ALREADY_COMMITTED
+        stale = cpb.CommitRequest(worker_id=join.worker_id, ticket_id=t.ticket_id, attempt=t.attempt + 1)
+        assert stub.CommitTicket(stale, timeout=10).result == cpb.ALREADY_COMMITTED
+        assert stub.CommitTicket(cpb.CommitRequest(worker_id="someone", ticket_id=999), timeout=10).result \
+            == cpb.NOT_LEASED
+        # read the ledger before this raw worker times out (that would restart the step)
+        status = json.loads(stub.Status(cpb.StatusRequest(), timeout=10).json)
+    assert status["tickets"]["committed"] == 1 and status["phase"] == "accumulated"
+
+
+def test_sigterm_drains_at_a_step_boundary(swarm_factory):
+    swarm = swarm_factory(steps=30)
+    swarm.start_coordinator()
+    w0 = swarm.start_worker("w0")
+    swarm.start_worker("w1")
+    swarm.wait(lambda s: s["step"] >= 1, 120, "a step")
+    w0.kill(signal.SIGTERM)
+    assert w0.p.wait(60) == 0
+    assert "left the run" in w0.text()
+    status = swarm.status()
+    assert status["tickets"]["leased"] == 0
+    assert "worker_left" in [e["kind"] for e in status["events"]]
+    assert "step_restarted" not in [e["kind"] for e in status["events"]]  # it left between steps
+
+
+def test_bad_stage_messages_are_refused_and_the_worker_keeps_serving(swarm_factory):
+    """Wrong shape, dtype, NaN, truncated or oversized payloads get clear errors; a good one still works."""
+    import numpy as np
+
+    from gptjt_core.compression import encode
+    from gptjt_proto import stage_pb2 as spb
+    from gptjt_proto import stage_pb2_grpc as spb_grpc
+    from worker.wire import data_chunks, meta_pb
+
+    swarm = swarm_factory(steps=1)
+    swarm.start_coordinator()
+    swarm.start_worker("w0")
+    swarm.start_worker("w1")
+    status = swarm.wait(done, 120, "the run to finish")
+    last = next(w for w in status["workers"] if w["stage"] == 1)
+    B, T, D = 1, 16, 128
+    labels = np.full((B, T), 7, dtype="<i8").tobytes()
+
+    def send(tensor=None, codec="fp32", header_overrides=None, data=None):
+        enc = encode(tensor if tensor is not None else torch.randn(B, T, D), codec)
+        meta = meta_pb(enc)
+        header = spb.MicroBatchHeader(ticket_id=1, step=5, attempt=0, global_batch=4, prefix_lengths=[3],
+                                      labels=labels, activations=meta, stage=1)
+        for k, v in (header_overrides or {}).items():
+            if k == "nbytes":
+                header.activations.nbytes = v
+            elif k == "prefix_lengths":
+                header.prefix_lengths[:] = v
+            else:
+                setattr(header, k, v)
+        payload = enc.data if data is None else data
+
+        def chunks():
+            yield spb.StageChunk(header=header)
+            yield from data_chunks(payload, 1 << 16)
+
+        with grpc.insecure_channel(last["address"]) as channel:
+            return list(spb_grpc.StageStub(channel).Process(chunks(), timeout=30))
+
+    cases = [
+        (dict(tensor=torch.randn(B, T, 64)), grpc.StatusCode.INVALID_ARGUMENT, "takes (B, T, 128)"),
+        (dict(tensor=torch.randn(B, T, D).to(torch.float64)), grpc.StatusCode.INVALID_ARGUMENT, "float64"),
+        (dict(tensor=torch.full((B, T, D), float("nan"))), grpc.StatusCode.INVALID_ARGUMENT, "NaN/Inf"),
+        (dict(data=encode(torch.randn(B, T, D), "fp32").data[:-8]), grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
+        (dict(header_overrides={"nbytes": 1 << 40}), grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds this stage's limit"),
+        (dict(header_overrides={"stage": 0}), grpc.StatusCode.FAILED_PRECONDITION, "holding stage 1"),
+        (dict(header_overrides={"prefix_lengths": [99]}), grpc.StatusCode.INVALID_ARGUMENT, "prefix lengths"),
+    ]
+    for kwargs, code, words in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            send(**kwargs)
+        assert err.value.code() == code, (kwargs.keys(), err.value.details())
+        assert words in err.value.details()
+    # still serving: a well-formed micro-batch (of a step past the run's end) gets its gradient back
+    reply = send()
+    assert reply[0].WhichOneof("part") == "reply" and reply[0].reply.gradient.shape == [B, T, D]
+    assert sum(len(c.data) for c in reply[1:]) == B * T * D * 4
