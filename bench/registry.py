@@ -10,6 +10,7 @@ import json
 BENCHMARKS = {
     "local": "bench.local",
     "gpu-block": "bench.gpu_block",
+    "swarm": "bench.swarm",
 }
 
 

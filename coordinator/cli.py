@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="run config TOML (default: the embedded tiny demo run)")
     ap.add_argument("--listen", help="override coordinator.listen (host:port; port 0 = any free port)")
     ap.add_argument("--state", help="override coordinator.state_path (the SQLite ledger)")
+    ap.add_argument("--steps", type=int, help="override train.steps (e.g. to extend a run)")
     ap.add_argument("--port-file", help="write the bound host:port here once listening")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             run.coordinator.listen = args.listen
         if args.state:
             run.coordinator.state_path = args.state
+        if args.steps is not None:
+            if args.steps < 1:
+                raise ConfigError(f"--steps {args.steps} must be >= 1")
+            run.train.steps = args.steps
+            run.optim.warmup_steps = min(run.optim.warmup_steps, args.steps)
         import uvloop
 
         uvloop.run(serve(run, port_file=args.port_file))

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from pathlib import Path
 
 from gptjt_core.config import RunConfig, load_run_config, tiny_demo_config
 
@@ -113,37 +111,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Local end-to-end run: train the tiny model on the bundled data, evaluate, export, generate."""
-    from transformers import pipeline
-
-    from gptjt_core.evaluation import generate, perplexity
-    from gptjt_core.trainer import LocalTrainer
-
-    out = Path(args.out)
-    run = _run_config(args)
-    print(f"== gptjt demo: tiny GPT-J ({run.model.source}) on the bundled demo data, "
-          f"{run.train.steps} steps of {run.train.global_batch} x {run.train.seq_len} tokens", flush=True)
-    trainer = LocalTrainer(run, out / "run", device=args.device)
-    trainer.resume()
-    before = perplexity(trainer.model, run.data, trainer.tokenizer, run.train.seq_len, 16)
-    t0 = time.perf_counter()
-    stats = trainer.fit(progress=True)
-    if stats:
-        print(f"trained {len(stats)} steps in {time.perf_counter() - t0:.0f}s: loss "
-              f"{stats[0].loss:.3f} -> {stats[-1].loss:.3f}")
-    after = perplexity(trainer.model, run.data, trainer.tokenizer, run.train.seq_len, 16)
-    print(f"held-out perplexity {before['perplexity']:,.1f} -> {after['perplexity']:,.1f}")
-    export_dir = trainer.export(out / "export")
-    print(f"exported Hugging Face checkpoint: {export_dir}")
-    generator = pipeline("text-generation", model=str(export_dir), device="cpu")
-    text = generator(MODEL_CARD_PROMPT, max_new_tokens=12, do_sample=False)[0]["generated_text"]
-    print(f"transformers pipeline  : {text!r}")
-    print(f"gptjt prefix-LM (UL2)  : {MODEL_CARD_PROMPT + generate(trainer.model, trainer.tokenizer, MODEL_CARD_PROMPT, 12)!r}")
-    print("(a 4-layer model trained for two minutes: expect fluent-ish fragments, not answers)")
-    return 0
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     run = _run_config(args)
     json.dump(run.to_dict(), sys.stdout, indent=2)
@@ -184,11 +151,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_init)
-
-    p = sub.add_parser("demo", help="train the tiny model locally end to end, export and generate")
-    _add_run_args(p)
-    p.add_argument("--out", default="runs/demo")
-    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("config", help="print the resolved run config as JSON")
     _add_run_args(p)

@@ -1,0 +1,123 @@
+"""`gptjt demo`: a local swarm on loopback (coordinator + one worker per stage), trained, exported, sampled."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gptjt_core.config import tiny_demo_config
+
+from .swarm_commands import _stages_table, _summary, _tickets_table, _workers_table, export_from_swarm, fetch_status
+
+MODEL_CARD_PROMPT = '"I love this!" Is it positive? A:'
+BIN = Path(sys.executable).parent
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _wait_for_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and path.read_text().strip():
+            return path.read_text().strip()
+        if proc.poll() is not None:
+            raise RuntimeError(f"the coordinator exited early; see {log}:\n{log.read_text()[-2000:]}")
+        time.sleep(0.1)
+    raise RuntimeError(f"the coordinator did not start within {timeout:.0f}s; see {log}")
+
+
+def run_demo(out: Path, steps: int | None, device: str) -> int:
+    from tqdm import tqdm
+
+    from coordinator.state import create_token_in
+
+    run = tiny_demo_config()
+    steps = steps or run.train.steps
+    shutil.rmtree(out, ignore_errors=True)  # a demo always starts a fresh run
+    out.mkdir(parents=True)
+    state, port_file = out / "run.db", out / "coordinator.addr"
+    token = create_token_in(state)
+    print(f"== gptjt demo: a local swarm on loopback: 1 coordinator + {run.pipeline.num_stages} workers, tiny "
+          f"GPT-J ({run.model.source}), bundled demo data, {steps} steps of {run.train.global_batch} x "
+          f"{run.train.seq_len} tokens, UL2 with the prefix-LM mask", flush=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        coordinator = _spawn([str(BIN / "gptjt-coordinator"), "--state", str(state), "--listen", "127.0.0.1:0",
+                              "--steps", str(steps), "--port-file", str(port_file)], out / "coordinator.log")
+        procs.append(coordinator)
+        address = _wait_for_file(port_file, coordinator, out / "coordinator.log")
+        print(f"coordinator at {address} (log {out / 'coordinator.log'}); try: gptjt status --coordinator {address}")
+        for i in range(run.pipeline.num_stages):
+            # Each worker may use every core: the stages are rarely busy at the same moment.
+            procs.append(_spawn([str(BIN / "gptjt-worker"), "--join", address, "--token", token,
+                                 "--device", device, "--name", f"demo-worker-{i}"], out / f"worker-{i}.log"))
+        bar = tqdm(total=steps, desc="swarm", unit="step", dynamic_ncols=True)
+        status = fetch_status(address)
+        while status["phase"] != "done":
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"a swarm process exited ({p.args[0]}, code {p.returncode}); logs in {out}")
+            time.sleep(1.0)
+            status = fetch_status(address)
+            bar.n = status["step"]
+            if status["loss"] is not None:
+                bar.set_postfix(loss=f"{status['loss']:.3f}", tok_s=f"{status['tokens_per_s']:,.0f}",
+                                phase=status["phase"])
+            bar.refresh()
+        bar.close()
+        history = status["history"]
+        print(f"\n{_summary(status)}; loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}\n")
+        print(_stages_table(status) + "\n\n" + _workers_table(status) + "\n\n" + _tickets_table(status) + "\n")
+        export_dir = export_from_swarm(address, str(out / "export"))
+        print(f"exported the swarm's stages as a Hugging Face checkpoint: {export_dir}")
+    finally:
+        for p in reversed(procs):  # workers drain and leave, then the coordinator stops
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(procs):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    _show_generation(run, export_dir)
+    return 0
+
+
+def _show_generation(run, export_dir: str) -> None:
+    from transformers import pipeline
+
+    from gptjt_core.evaluation import generate, perplexity
+    from gptjt_core.model import StageSpec, load_stage, model_config_for
+    from gptjt_core.tokenizer import load_tokenizer
+
+    config = model_config_for(export_dir)
+    model = load_stage(export_dir, StageSpec(0, config.n_layer, embed=True, head=True))
+    tokenizer = load_tokenizer(run.data.tokenizer)
+    ppl = perplexity(model, run.data, tokenizer, run.train.seq_len, 16)
+    print(f"held-out perplexity of the export: {ppl['perplexity']:,.1f}")
+    generator = pipeline("text-generation", model=export_dir, device="cpu")
+    text = generator(MODEL_CARD_PROMPT, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    print(f"transformers pipeline : {text!r}")
+    print(f"gptjt prefix-LM (UL2) : {MODEL_CARD_PROMPT + generate(model, tokenizer, MODEL_CARD_PROMPT, 12)!r}")
+    print("(a 4-layer model trained for two minutes: expect word salad, not answers)")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    return run_demo(Path(args.out), args.steps, args.device)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="a local swarm on loopback: train tiny GPT-J, export, generate")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the demo run's 60)")
+    p.add_argument("--device", default="cpu", help="device for the workers (default cpu)")
+    p.add_argument("--out", default="runs/demo", help="logs, ledger and export go here")
+    p.set_defaults(func=cmd_demo)
