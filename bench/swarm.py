@@ -4,45 +4,14 @@ and coordinator heartbeat latency with 500 simulated workers."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from gptjt_cli.local_swarm import LocalSwarm
+
 DESCRIPTION = "swarm vs train-local tokens/s on loopback; coordinator heartbeat p99 with 500 workers"
-BIN = Path(sys.executable).parent
-
-
-def _spawn(args: list[str], log: Path, threads: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _start_coordinator(tmp: Path, steps: int) -> tuple[subprocess.Popen, str]:
-    port_file = tmp / "addr"
-    proc = _spawn([str(BIN / "gptjt-coordinator"), "--state", str(tmp / "run.db"), "--listen", "127.0.0.1:0",
-                   "--steps", str(steps), "--port-file", str(port_file)], tmp / "coordinator.log", 1)
-    deadline = time.monotonic() + 60
-    while not (port_file.is_file() and port_file.read_text()):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"coordinator did not start: {(tmp / 'coordinator.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    return proc, port_file.read_text().strip()
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in reversed(procs):
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
 
 
 def local_tokens_per_s(steps: int) -> tuple[float, list[float]]:
@@ -64,20 +33,19 @@ def swarm_tokens_per_s(steps: int, worker_threads: int) -> tuple[float, list[flo
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         token = create_token_in(tmp / "run.db")
-        coordinator, address = _start_coordinator(tmp, steps + 1)
-        procs = [coordinator]
+        swarm = LocalSwarm(tmp)
         try:
+            address = swarm.start_coordinator(tmp / "run.db", steps + 1)
             for i in range(2):
-                procs.append(_spawn([str(BIN / "gptjt-worker"), "--join", address, "--token", token, "--threads",
-                                     str(worker_threads), "--name", f"bench-{i}"], tmp / f"worker-{i}.log",
-                                    worker_threads))
+                swarm.start_worker(token, f"bench-{i}", threads=worker_threads)
             deadline = time.monotonic() + 600
             while (status := fetch_status(address))["phase"] != "done":
+                swarm.check_alive()
                 if time.monotonic() > deadline:
                     raise RuntimeError("swarm did not finish in 10 minutes")
                 time.sleep(0.5)
         finally:
-            _stop(procs)
+            swarm.stop()
     history = status["history"][1:]  # step 0 includes loading and channel warm-up
     return statistics.median(h["tokens"] / h["seconds"] for h in history), [h["loss"] for h in status["history"]]
 
@@ -119,11 +87,12 @@ def heartbeat_latency_ms(workers: int, seconds: float, interval: float = 2.0) ->
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         token = create_token_in(tmp / "run.db")
-        coordinator, address = _start_coordinator(tmp, 1)
+        swarm = LocalSwarm(tmp)
         try:
+            address = swarm.start_coordinator(tmp / "run.db", 1)
             latencies = asyncio.run(_heartbeat_load(address, token, workers, seconds, interval))
         finally:
-            _stop([coordinator])
+            swarm.stop()
     latencies.sort()
     return {"coordinator_heartbeat_p50_ms": latencies[len(latencies) // 2],
             "coordinator_heartbeat_p99_ms": latencies[int(len(latencies) * 0.99)],

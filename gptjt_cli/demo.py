@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from gptjt_core.config import tiny_demo_config
 
+from .local_swarm import LocalSwarm
 from .swarm_commands import _stages_table, _summary, _tickets_table, _workers_table, export_from_swarm, fetch_status
 
 MODEL_CARD_PROMPT = '"I love this!" Is it positive? A:'
-BIN = Path(sys.executable).parent
-
-
-def _spawn(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def _wait_for_file(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().strip()
-        if proc.poll() is not None:
-            raise RuntimeError(f"the coordinator exited early; see {log}:\n{log.read_text()[-2000:]}")
-        time.sleep(0.1)
-    raise RuntimeError(f"the coordinator did not start within {timeout:.0f}s; see {log}")
 
 
 def run_demo(out: Path, steps: int | None, device: str) -> int:
@@ -49,23 +29,17 @@ def run_demo(out: Path, steps: int | None, device: str) -> int:
     print(f"== gptjt demo: a local swarm on loopback: 1 coordinator + {run.pipeline.num_stages} workers, tiny "
           f"GPT-J ({run.model.source}), bundled demo data, {steps} steps of {run.train.global_batch} x "
           f"{run.train.seq_len} tokens, UL2 with the prefix-LM mask", flush=True)
-    procs: list[subprocess.Popen] = []
+    swarm = LocalSwarm(out)
     try:
-        coordinator = _spawn([str(BIN / "gptjt-coordinator"), "--state", str(state), "--listen", "127.0.0.1:0",
-                              "--steps", str(steps), "--port-file", str(port_file)], out / "coordinator.log")
-        procs.append(coordinator)
-        address = _wait_for_file(port_file, coordinator, out / "coordinator.log")
+        address = swarm.start_coordinator(state, steps)
         print(f"coordinator at {address} (log {out / 'coordinator.log'}); try: gptjt status --coordinator {address}")
         for i in range(run.pipeline.num_stages):
             # Each worker may use every core: the stages are rarely busy at the same moment.
-            procs.append(_spawn([str(BIN / "gptjt-worker"), "--join", address, "--token", token,
-                                 "--device", device, "--name", f"demo-worker-{i}"], out / f"worker-{i}.log"))
+            swarm.start_worker(token, f"demo-worker-{i}", device=device)
         bar = tqdm(total=steps, desc="swarm", unit="step", dynamic_ncols=True)
         status = fetch_status(address)
         while status["phase"] != "done":
-            for p in procs:
-                if p.poll() is not None:
-                    raise RuntimeError(f"a swarm process exited ({p.args[0]}, code {p.returncode}); logs in {out}")
+            swarm.check_alive()
             time.sleep(1.0)
             status = fetch_status(address)
             bar.n = status["step"]
@@ -80,14 +54,7 @@ def run_demo(out: Path, steps: int | None, device: str) -> int:
         export_dir = export_from_swarm(address, str(out / "export"))
         print(f"exported the swarm's stages as a Hugging Face checkpoint: {export_dir}")
     finally:
-        for p in reversed(procs):  # workers drain and leave, then the coordinator stops
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in reversed(procs):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        swarm.stop()
     _show_generation(run, export_dir)
     return 0
 

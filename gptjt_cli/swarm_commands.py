@@ -12,9 +12,16 @@ from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 
-def fetch_status(address: str, timeout: float = 10.0) -> dict:
+def open_channel(address: str, tls_ca: str = "") -> grpc.Channel:
+    if tls_ca:
+        with open(tls_ca, "rb") as f:
+            return grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()))
+    return grpc.insecure_channel(address)
+
+
+def fetch_status(address: str, timeout: float = 10.0, tls_ca: str = "") -> dict:
     """The coordinator's status object (the same facts as the dashboard)."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls_ca) as channel:
         try:
             reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as e:
@@ -59,7 +66,7 @@ def _summary(s: dict) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    s = fetch_status(args.coordinator)
+    s = fetch_status(args.coordinator, tls_ca=args.tls_ca)
     view = args.view
     if args.json:
         if view == "status":
@@ -146,6 +153,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(view, help=help_text)
         p.add_argument("--coordinator", required=True, metavar="HOST:PORT")
         p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--tls-ca", default="", help="PEM root certificate of a TLS coordinator")
         p.set_defaults(func=cmd_status, view=view)
 
     p = sub.add_parser("token", help="join tokens for a run")

@@ -1,0 +1,68 @@
+"""A swarm on this machine: a coordinator and workers as child processes on loopback (demo, bench)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+class LocalSwarm:
+    """Starts the real console scripts; `stop()` drains the workers, then stops the coordinator."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+        self.address = ""
+
+    def _spawn(self, args: list[str], log_name: str, threads: int | None = None) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if threads:
+            env["OMP_NUM_THREADS"] = str(threads)
+        proc = subprocess.Popen(args, stdout=open(self.workdir / log_name, "w"), stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_coordinator(self, state: Path, steps: int, config: Path | None = None, timeout: float = 60.0) -> str:
+        """Start `gptjt-coordinator` on a free loopback port; returns its host:port."""
+        addr_file = self.workdir / "coordinator.addr"
+        addr_file.unlink(missing_ok=True)
+        args = [str(BIN / "gptjt-coordinator"), "--state", str(state), "--listen", "127.0.0.1:0",
+                "--steps", str(steps), "--port-file", str(addr_file)]
+        proc = self._spawn(args + (["--config", str(config)] if config else []), "coordinator.log", threads=1)
+        deadline = time.monotonic() + timeout
+        while not (addr_file.is_file() and addr_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.workdir / "coordinator.log").read_text()[-2000:]
+                raise RuntimeError(f"the coordinator did not start; its log ends:\n{log}")
+            time.sleep(0.1)
+        self.address = addr_file.read_text().strip()
+        return self.address
+
+    def start_worker(self, token: str, name: str, threads: int = 0, device: str = "cpu") -> subprocess.Popen:
+        args = [str(BIN / "gptjt-worker"), "--join", self.address, "--token", token, "--device", device,
+                "--name", name]
+        if threads:
+            args += ["--threads", str(threads)]
+        return self._spawn(args, f"{name}.log", threads or None)
+
+    def check_alive(self) -> None:
+        for p in self.procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{Path(p.args[0]).name} exited with code {p.returncode}; logs in {self.workdir}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        for p in reversed(self.procs):  # workers first (they drain and leave), the coordinator last
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
