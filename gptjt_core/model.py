@@ -191,25 +191,34 @@ def load_stage(source: str, spec: StageSpec, dtype: torch.dtype = torch.float32,
     if random_source is not None:
         flavour, seed = random_source
         config = gptj_config(flavour_config(flavour), attn_implementation)
-        with torch.device("meta"):
-            stage = GPTJStage(config, spec)
-        state = {name: random_init_tensor(name, p.shape, seed, config.initializer_range).to(dtype)
-                 for name, p in stage.state_dict().items()}
+        state = {name: random_init_tensor(name, shape, seed, config.initializer_range).to(dtype)
+                 for name, shape in stage_shapes(config, spec).items()}
     else:
         reader = reader or CheckpointReader(source)
         config = gptj_config(reader.config, attn_implementation)
-        with torch.device("meta"):  # no memory for the skeleton; real tensors come from disk
-            stage = GPTJStage(config, spec)
         state = reader.read(spec.tensor_names(config.n_layer), dtype=dtype)
-    expected = set(stage.state_dict())
-    if set(state) != expected:
-        raise RuntimeError(f"stage {spec} expected tensors {sorted(expected - set(state))[:3]} "
-                           f"and got extra {sorted(set(state) - expected)[:3]}")
+    return build_stage(config, spec, state, device, origin=source)
+
+
+def stage_shapes(config: GPTJConfig, spec: StageSpec) -> dict[str, torch.Size]:
+    """Name -> shape of every tensor of stage `spec` (computed on the meta device)."""
+    with torch.device("meta"):
+        return {name: t.shape for name, t in GPTJStage(config, spec).state_dict().items()}
+
+
+def build_stage(config: GPTJConfig, spec: StageSpec, state: dict[str, torch.Tensor],
+                device: torch.device | str = "cpu", origin: str = "the given state") -> GPTJStage:
+    """A stage whose parameters ARE the given tensors (checked for names and shapes)."""
+    with torch.device("meta"):  # no memory for the skeleton; the tensors are assigned below
+        stage = GPTJStage(config, spec)
+    expected = stage.state_dict()
+    if set(state) != set(expected):
+        raise RuntimeError(f"stage {spec} from {origin}: missing tensors {sorted(set(expected) - set(state))[:3]}, "
+                           f"unexpected {sorted(set(state) - set(expected))[:3]}")
     for name, tensor in state.items():
-        want = stage.state_dict()[name].shape
-        if tensor.shape != want:
-            raise RuntimeError(f"tensor {name} in {source!r} has shape {tuple(tensor.shape)}, "
-                               f"the config says {tuple(want)}; config.json and weights disagree")
+        if tensor.shape != expected[name].shape:
+            raise RuntimeError(f"tensor {name} in {origin} has shape {tuple(tensor.shape)}, "
+                               f"the config says {tuple(expected[name].shape)}; config and weights disagree")
     stage.load_state_dict(state, assign=True, strict=True)
     # The rotary table is a non-persistent buffer: rebuild it on a real device.
     stage.rotary = GPTJRotaryEmbedding(config)
