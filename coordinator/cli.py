@@ -15,6 +15,8 @@ from gptjt_core.config import ConfigError, RunConfig, load_run_config, tiny_demo
 from gptjt_core.model import model_config_for
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
+from gptjt_core.stage_checkpoint import CheckpointStore
+
 from .scheduler import plan_stages
 from .server import CoordinatorService
 from .state import LedgerError, RunLedger
@@ -24,8 +26,12 @@ log = logging.getLogger("gptjt.coordinator")
 
 async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None = None) -> None:
     n_layer = model_config_for(run.model.source).n_layer
-    ledger = RunLedger(run.coordinator.state_path, run, plan_stages(n_layer, run.pipeline.num_stages))
-    service = CoordinatorService(ledger)
+    store = CheckpointStore(run.coordinator.store_root)
+    stored = [(step, spec, f"{store.root}/step-{step:08d}/{store.file_name(spec)}")
+              for step in store.steps() for spec in store.specs(step)]
+    ledger = RunLedger(run.coordinator.state_path, run, plan_stages(n_layer, run.pipeline.num_stages),
+                       stored=stored)
+    service = CoordinatorService(ledger, store)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     cfg = run.coordinator
@@ -62,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", help="override coordinator.listen (host:port; port 0 = any free port)")
     ap.add_argument("--state", help="override coordinator.state_path (the SQLite ledger)")
     ap.add_argument("--steps", type=int, help="override train.steps (e.g. to extend a run)")
+    ap.add_argument("--store", help="override coordinator.checkpoint_store (directory or fsspec URL)")
+    ap.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every (steps)")
     ap.add_argument("--port-file", help="write the bound host:port here once listening")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -73,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             run.coordinator.listen = args.listen
         if args.state:
             run.coordinator.state_path = args.state
+        if args.store:
+            run.coordinator.checkpoint_store = args.store
+        if args.checkpoint_every is not None:
+            run.train.checkpoint_every = args.checkpoint_every
         if args.steps is not None:
             if args.steps < 1:
                 raise ConfigError(f"--steps {args.steps} must be >= 1")

@@ -7,9 +7,13 @@ import json
 import logging
 
 import grpc
+from safetensors.torch import save
 
 from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+
+from gptjt_core.model import StageSpec
+from gptjt_core.stage_checkpoint import CheckpointStore
 
 from .state import RunLedger
 
@@ -30,8 +34,9 @@ def assignment_pb(a: dict) -> pb.StageAssignment:
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, ledger: RunLedger):
+    def __init__(self, ledger: RunLedger, store: CheckpointStore):
         self.ledger = ledger
+        self.store = store
         self.changed = asyncio.Condition()  # notified after every ledger change (Watch)
         self._seen_version = ledger.version
 
@@ -63,7 +68,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         m = request.metrics
         metrics = {"micro_batches_per_s": m.micro_batches_per_s, "busy_fraction": m.busy_fraction,
                    "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received, "micro_batches": m.micro_batches}
-        known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics)
+        known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics,
+                                      request.loaded_epoch)
         await self.notify()
         return pb.HeartbeatReply(known=known)
 
@@ -80,7 +86,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 last = state
                 yield pb.RunState(step=state["step"], attempt=state["attempt"], phase=_PHASES[state["phase"]],
                                   global_grad_norm=state["global_grad_norm"], plan_version=state["plan_version"],
-                                  assignment=assignment_pb(state["assignment"]), paused=state["paused"])
+                                  assignment=assignment_pb(state["assignment"]), paused=state["paused"],
+                                  restore_epoch=state["restore_epoch"], restore_step=state["restore_step"],
+                                  restore_from_store=state["restore_from_store"])
             async with self.changed:
                 try:
                     # Wake on a change, or every second to notice changes made by the reaper.
@@ -113,6 +121,46 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def Status(self, request, context):
         return pb.StatusReply(json=json.dumps(self.ledger.status()))
+
+    async def PutCheckpoint(self, request_iterator, context):
+        header, parts, size = None, [], 0
+        async for chunk in request_iterator:
+            if chunk.WhichOneof("part") == "header":
+                header = chunk.header
+            elif header is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "checkpoint data before its header")
+            else:
+                size += len(chunk.data)
+                if size > header.nbytes:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"checkpoint larger than the {header.nbytes} bytes announced")
+                parts.append(chunk.data)
+        if header is None or size != header.nbytes:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"checkpoint truncated: {size} of {header.nbytes if header else '?'} bytes")
+        spec = StageSpec(header.start_layer, header.end_layer, embed=header.embed, head=header.head)
+        try:
+            path = await asyncio.to_thread(self.store.put, header.step, spec, b"".join(parts))
+        except Exception as e:  # not a safetensors blob, store unreachable
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"checkpoint refused: {e}")
+        self.ledger.record_checkpoint(header.step, spec, path)
+        await self.notify()
+        log.info("stored stage %s at step %d (%d bytes) from %s", spec, header.step, size, header.worker_id)
+        return pb.CheckpointReply(path=path)
+
+    async def GetCheckpoint(self, request, context):
+        spec = StageSpec(request.start_layer, request.end_layer, embed=request.embed, head=request.head)
+        try:
+            tensors = await asyncio.to_thread(self.store.get, request.step, spec, self.ledger.plan[-1].end)
+        except FileNotFoundError as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        blob = await asyncio.to_thread(save, tensors)
+        yield pb.CheckpointChunk(header=pb.CheckpointHeader(step=request.step, start_layer=spec.start,
+                                                            end_layer=spec.end, embed=spec.embed, head=spec.head,
+                                                            nbytes=len(blob)))
+        step = self.ledger.run.pipeline.chunk_bytes
+        for i in range(0, len(blob), step):
+            yield pb.CheckpointChunk(data=blob[i:i + step])
 
     async def reap_forever(self, period_s: float = 0.5) -> None:
         """Declare silent workers dead (their tickets re-issued, the step restarted if needed)."""

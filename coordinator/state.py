@@ -7,9 +7,16 @@ The step protocol, exactly once:
   OPEN         tickets of (step, attempt) are leased by stage 0 and committed once each
   ACCUMULATED  all committed; each stage reports its gradient norm^2
   APPLYING     the global norm is known; each stage applies its optimizer step
-  -> step + 1, OPEN again (or DONE). A stage worker that dies while its stage holds
-  gradients of the open step restarts the step: attempt + 1, every ticket re-issued, stale
-  work refused. So every closed step counts each of its tickets exactly once.
+  -> step + 1, OPEN again (or DONE).
+
+A stage that loses its worker loses its state. If the store holds that stage at the
+current step (a drained worker saves before leaving), a newcomer loads it and the step
+restarts (attempt + 1: the step's partial gradients are gone). Otherwise the run rolls
+back to the newest step that the store covers completely (or to the initial weights):
+steps after it are undone and re-run on the same data, and every stage reloads. Each
+change of what stages must hold bumps `restore_epoch`; a step opens only when every stage
+worker is READY with the current epoch loaded. So every closed step counts each of its
+micro-batches exactly once, and the weights always correspond to the closed steps.
 """
 
 from __future__ import annotations
@@ -38,7 +45,8 @@ CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, created REAL NOT NULL,
 CREATE TABLE IF NOT EXISTS workers (
   id TEXT PRIMARY KEY, name TEXT, address TEXT, device TEXT, stage INTEGER NOT NULL DEFAULT -1,
   state TEXT NOT NULL, joined REAL NOT NULL, last_heartbeat REAL NOT NULL, metrics TEXT,
-  tickets_done INTEGER NOT NULL DEFAULT 0);
+  tickets_done INTEGER NOT NULL DEFAULT 0,
+  loaded_epoch INTEGER NOT NULL DEFAULT -1);  -- the restore epoch whose state its stage holds
 CREATE TABLE IF NOT EXISTS tickets (
   id INTEGER PRIMARY KEY, step INTEGER NOT NULL, attempt INTEGER NOT NULL, idx INTEGER NOT NULL,
   shard INTEGER NOT NULL, offset INTEGER NOT NULL, state TEXT NOT NULL, worker TEXT,
@@ -53,6 +61,9 @@ CREATE TABLE IF NOT EXISTS reports (
 CREATE TABLE IF NOT EXISTS steps (
   step INTEGER PRIMARY KEY, attempts INTEGER NOT NULL, loss REAL NOT NULL, tokens INTEGER NOT NULL,
   grad_norm REAL NOT NULL, opened REAL NOT NULL, closed REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+  step INTEGER NOT NULL, start_layer INTEGER NOT NULL, end_layer INTEGER NOT NULL, embed INTEGER NOT NULL,
+  head INTEGER NOT NULL, path TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY (step, start_layer, end_layer));
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
@@ -92,7 +103,10 @@ class RunLedger:
     """All of the coordinator's state; the gRPC server is a thin adapter over it."""
 
     def __init__(self, path: str | Path, run: RunConfig, plan: list[StageSpec],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 stored: list[tuple[int, StageSpec, str]] | None = None):
+        """`stored`: what the checkpoint store already holds (step, stage, path), recorded on a
+        new ledger; with coordinator.resume_from_store the run starts from its newest complete step."""
         self.run, self.plan, self.clock = run, plan, clock
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,18 +118,31 @@ class RunLedger:
         self.version = 0  # bumped on every change that workers should see (Watch)
         with self._tx():
             fingerprint = run_fingerprint(run)
-            stored = self._meta("fingerprint")
-            if stored is None:
+            stored_fp = self._meta("fingerprint")
+            if stored_fp is None:
                 self._set_meta("fingerprint", fingerprint)
                 self._set_meta("step", 0)
                 self._set_meta("attempt", 0)
                 self._set_meta("phase", WAITING)
                 self._set_meta("plan_version", 1)
                 self._set_meta("paused", 0)
+                self._set_meta("restore_epoch", 0)
+                self._set_meta("restore_step", 0)
+                self._set_meta("restore_from_store", 0)
                 self._event("run_created", f"run {run.name!r}: {run.train.steps} steps of "
                             f"{run.train.global_batch} sequences, {len(plan)} stages")
-            elif stored != fingerprint:
-                raise LedgerError(f"{self.path} holds another run (fingerprint {stored}, this config "
+                for step, spec, where in stored or []:
+                    self._record_checkpoint(step, spec, where)
+                start = self._latest_complete()
+                if run.coordinator.resume_from_store and start:
+                    self._set_meta("step", start)
+                    self._set_meta("restore_epoch", 1)
+                    self._set_meta("restore_step", start)
+                    self._set_meta("restore_from_store", 1)
+                    self._event("resumed_from_store", f"starting at step {start} from the checkpoint store, "
+                                f"re-sliced into {len(plan)} stages")
+            elif stored_fp != fingerprint:
+                raise LedgerError(f"{self.path} holds another run (fingerprint {stored_fp}, this config "
                                   f"{fingerprint}); model, data, batch or stage count changed. Use a new "
                                   "coordinator.state_path for a new run")
             else:
@@ -165,6 +192,10 @@ class RunLedger:
     @property
     def plan_version(self) -> int:
         return int(self._meta("plan_version"))
+
+    @property
+    def restore_epoch(self) -> int:
+        return int(self._meta("restore_epoch"))
 
     @property
     def paused(self) -> bool:
@@ -220,13 +251,8 @@ class RunLedger:
             self._set_meta("plan_version", self.plan_version + 1)
             spec = self.plan[stage]
             self._event("stage_assigned", f"stage {stage} (layers {spec.start}-{spec.end}) -> {row['id']}")
-            if self.phase == APPLYING:
-                # The newcomer loads the stage's weights afresh: it has nothing to apply this step.
-                self.db.execute("INSERT OR REPLACE INTO reports VALUES(?, ?, ?, 'applied', ?, NULL)",
-                                (self.step, self.attempt, stage, row["id"]))
-                self._close_step_if_applied()
 
-    def heartbeat(self, worker_id: str, state: str, metrics: dict) -> bool:
+    def heartbeat(self, worker_id: str, state: str, metrics: dict, loaded_epoch: int = -1) -> bool:
         """Record liveness; False if the worker is unknown or was declared dead (re-join)."""
         row = self._worker(worker_id)
         if row is None or row["state"] not in ALIVE_STATES:
@@ -235,10 +261,11 @@ class RunLedger:
         if row["stage"] < 0 and new_state != "draining":
             new_state = "standby"
         with self._tx():
-            self.db.execute("UPDATE workers SET last_heartbeat=?, state=?, metrics=? WHERE id=?",
-                            (self.clock(), new_state, json.dumps(metrics), worker_id))
+            self.db.execute("UPDATE workers SET last_heartbeat=?, state=?, metrics=?, loaded_epoch=? WHERE id=?",
+                            (self.clock(), new_state, json.dumps(metrics), loaded_epoch, worker_id))
             if new_state != row["state"]:
                 self._event("worker_state", f"{worker_id}: {row['state']} -> {new_state}")
+            if new_state != row["state"] or loaded_epoch != row["loaded_epoch"]:
                 self._maybe_open()
         return True
 
@@ -269,13 +296,74 @@ class RunLedger:
         self._event(event, f"{worker_id} ({row['name']}), stage {row['stage']}; {released} leased ticket(s) re-issued")
         if row["stage"] >= 0:
             self._set_meta("plan_version", self.plan_version + 1)
-            if self.phase in (OPEN, ACCUMULATED) and self._step_has_work():
-                self._restart_step(f"stage {row['stage']} lost worker {worker_id}")
             self._event("stage_vacant", f"stage {row['stage']} has no worker; ticket issue waits")
-            if self.phase != APPLYING:
-                self._set_meta("phase", WAITING if self.phase != DONE else DONE)
+            if self.phase != DONE:
+                self._vacate(row["stage"], f"stage {row['stage']} lost worker {worker_id}")
             self._fill_vacancies()
             self._maybe_open()
+
+    def _vacate(self, stage: int, why: str) -> None:
+        """The stage's state is gone with its worker: decide what every stage must hold now."""
+        step, spec = self.step, self.plan[stage]
+        # In APPLYING some stages may already hold step + 1: they too must reload, so the
+        # store must cover the whole model at this step, not just the lost stage.
+        covered = self._is_complete(step) if self.phase == APPLYING else self._store_covers(step, spec)
+        target = step if covered else (self._latest_complete() or 0)
+        if target == step:  # nothing closed is lost; only the open step's partial work
+            if self.phase in (OPEN, ACCUMULATED, APPLYING) and self._step_has_work():
+                self._restart_step(why)
+        else:
+            self._rollback(target, why)
+        self._set_meta("restore_epoch", self.restore_epoch + 1)
+        self._set_meta("restore_step", target)
+        self._set_meta("restore_from_store", int(bool(self._stored(target))))
+        self._set_meta("phase", WAITING)
+
+    def _next_attempt(self, step: int) -> int:
+        return self.db.execute("SELECT COALESCE(MAX(attempt), -1) FROM tickets WHERE step=?",
+                               (step,)).fetchone()[0] + 1
+
+    def _rollback(self, target: int, why: str) -> None:
+        """Undo every step from `target` on: they are re-run on the same data from its state."""
+        undone = [r[0] for r in self.db.execute("SELECT step FROM steps WHERE step>=? ORDER BY step", (target,))]
+        self.db.execute("DELETE FROM steps WHERE step>=?", (target,))
+        self.db.execute("UPDATE tickets SET state='rolled_back' WHERE step>=? AND state!='aborted'", (target,))
+        self.db.execute("DELETE FROM reports WHERE step>=?", (target,))
+        self._set_meta("step", target)
+        self._set_meta("attempt", self._next_attempt(target))
+        self._event("rolled_back", f"{why}: run rolled back to step {target} "
+                    + ("(checkpoint)" if self._stored(target) else "(the run's initial weights)")
+                    + (f"; steps {undone} will be re-run" if undone else ""))
+
+    # -- checkpoints -------------------------------------------------------------------
+    def record_checkpoint(self, step: int, spec: StageSpec, path: str) -> None:
+        with self._tx():
+            self._record_checkpoint(step, spec, path)
+            if self._is_complete(step):
+                self._event("checkpoint_complete", f"step {step}: every stage is in the store")
+
+    def _record_checkpoint(self, step: int, spec: StageSpec, path: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES(?, ?, ?, ?, ?, ?, ?)",
+                        (step, spec.start, spec.end, int(spec.embed), int(spec.head), path, self.clock()))
+
+    def _stored(self, step: int) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM checkpoints WHERE step=?", (step,)).fetchall()
+
+    def _store_covers(self, step: int, spec: StageSpec) -> bool:
+        rows = self._stored(step)
+        layers = {i for r in rows for i in range(r["start_layer"], r["end_layer"])}
+        return (set(range(spec.start, spec.end)) <= layers and (not spec.embed or any(r["embed"] for r in rows))
+                and (not spec.head or any(r["head"] for r in rows)))
+
+    def _is_complete(self, step: int) -> bool:
+        n_layer = self.plan[-1].end
+        return self._store_covers(step, StageSpec(0, n_layer, embed=True, head=True))
+
+    def _latest_complete(self) -> int | None:
+        for (step,) in self.db.execute("SELECT DISTINCT step FROM checkpoints ORDER BY step DESC").fetchall():
+            if self._is_complete(step):
+                return step
+        return None
 
     def _step_has_work(self) -> bool:
         return self.db.execute("SELECT COUNT(*) FROM tickets WHERE step=? AND attempt=? AND state!='pending'",
@@ -302,7 +390,9 @@ class RunLedger:
         if self.phase != WAITING:
             return
         workers = self.stage_workers()
-        if len(workers) == len(self.plan) and all(w["state"] == "ready" for w in workers.values()):
+        epoch = self.restore_epoch
+        if len(workers) == len(self.plan) and all(w["state"] == "ready" and w["loaded_epoch"] == epoch
+                                                  for w in workers.values()):
             if self.step >= self.run.train.steps:
                 self._set_meta("phase", DONE)
                 return
@@ -401,7 +491,7 @@ class RunLedger:
                         (step, attempt + 1, loss, tokens, float(self._meta("grad_norm")), opened, self.clock()))
         self._event("step_closed", f"step {step}: loss {loss:.4f}, {tokens} tokens")
         self._set_meta("step", step + 1)
-        self._set_meta("attempt", 0)
+        self._set_meta("attempt", self._next_attempt(step + 1))  # 0 unless a rollback re-runs it
         self._set_meta("phase", WAITING)
         self._maybe_open()
 
@@ -432,7 +522,9 @@ class RunLedger:
         return {"step": self.step, "attempt": self.attempt, "phase": self.phase,
                 "global_grad_norm": self.global_grad_norm() if self.phase == APPLYING else 0.0,
                 "plan_version": self.plan_version, "assignment": self.assignment(worker_id),
-                "paused": self.paused}
+                "paused": self.paused, "restore_epoch": self.restore_epoch,
+                "restore_step": int(self._meta("restore_step")),
+                "restore_from_store": self._meta("restore_from_store") == "1"}
 
     def ticket_counts(self) -> dict:
         """issued: leases handed out; reissued: tickets put back after a death, a release or a
@@ -442,7 +534,7 @@ class RunLedger:
                                            "FROM tickets").fetchone()
         return {"issued": issued, "committed": rows.get("committed", 0), "reissued": reissued,
                 "leased": rows.get("leased", 0), "pending": rows.get("pending", 0),
-                "aborted": rows.get("aborted", 0)}
+                "aborted": rows.get("aborted", 0), "rolled_back": rows.get("rolled_back", 0)}
 
     def exactly_once_violations(self) -> list[str]:
         """Every closed step must count each of its micro-batches exactly once."""
@@ -484,6 +576,10 @@ class RunLedger:
             "workers": workers, "stages": stages,
             "tickets": {**self.ticket_counts(), "exactly_once_violations": self.exactly_once_violations()},
             "events": events[::-1], "plan_version": self.plan_version,
+            "restore_epoch": self.restore_epoch,
+            "checkpoints": {"store": self.run.coordinator.store_root, "latest_complete": self._latest_complete(),
+                            "steps": [r[0] for r in self.db.execute(
+                                "SELECT DISTINCT step FROM checkpoints ORDER BY step").fetchall()]},
         }
 
 

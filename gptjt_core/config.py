@@ -333,6 +333,17 @@ class CoordinatorConfig:
     tls_cert: str = ""
     """PEM certificate chain; with tls_key, the API is served over TLS."""
     tls_key: str = ""
+    checkpoint_store: str = ""
+    """Where stage checkpoints go: a directory on the coordinator host (workers stream them
+    through the coordinator API) or any fsspec URL, e.g. s3://bucket/run. Default: a
+    'checkpoints' directory beside state_path."""
+    resume_from_store: bool = False
+    """A NEW ledger starts from the store's latest complete checkpoint (e.g. after losing the
+    ledger, or to continue with a different number of stages: the store re-slices by layer)."""
+
+    @property
+    def store_root(self) -> str:
+        return self.checkpoint_store or str(Path(self.state_path).parent / "checkpoints")
 
     def __post_init__(self) -> None:
         _check(":" in self.listen, "listen", self.listen, "host:port")

@@ -119,14 +119,16 @@ class WorkerMetrics(_message.Message):
     def __init__(self, micro_batches_per_s: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "metrics", "state")
+    __slots__ = ("worker_id", "metrics", "state", "loaded_epoch")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    LOADED_EPOCH_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     metrics: WorkerMetrics
     state: int
-    def __init__(self, worker_id: _Optional[str] = ..., metrics: _Optional[_Union[WorkerMetrics, _Mapping]] = ..., state: _Optional[int] = ...) -> None: ...
+    loaded_epoch: int
+    def __init__(self, worker_id: _Optional[str] = ..., metrics: _Optional[_Union[WorkerMetrics, _Mapping]] = ..., state: _Optional[int] = ..., loaded_epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("known",)
@@ -151,7 +153,7 @@ class WatchRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class RunState(_message.Message):
-    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused")
+    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +161,9 @@ class RunState(_message.Message):
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     PAUSED_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_STEP_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FROM_STORE_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
     phase: StepPhase
@@ -166,7 +171,56 @@ class RunState(_message.Message):
     plan_version: int
     assignment: StageAssignment
     paused: bool
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ...) -> None: ...
+    restore_epoch: int
+    restore_step: int
+    restore_from_store: bool
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ...) -> None: ...
+
+class CheckpointHeader(_message.Message):
+    __slots__ = ("worker_id", "step", "start_layer", "end_layer", "embed", "head", "nbytes")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    step: int
+    start_layer: int
+    end_layer: int
+    embed: bool
+    head: bool
+    nbytes: int
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., nbytes: _Optional[int] = ...) -> None: ...
+
+class CheckpointChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: CheckpointHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[CheckpointHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class CheckpointReply(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class GetCheckpointRequest(_message.Message):
+    __slots__ = ("step", "start_layer", "end_layer", "embed", "head")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    start_layer: int
+    end_layer: int
+    embed: bool
+    head: bool
+    def __init__(self, step: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ...) -> None: ...
 
 class Ticket(_message.Message):
     __slots__ = ("ticket_id", "step", "attempt", "index", "shard", "offset")

@@ -79,6 +79,16 @@ class CoordinatorStub:
                 request_serializer=gptjt__proto_dot_coordinator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=gptjt__proto_dot_coordinator__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.PutCheckpoint = channel.stream_unary(
+                '/gptjt.Coordinator/PutCheckpoint',
+                request_serializer=gptjt__proto_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
+                response_deserializer=gptjt__proto_dot_coordinator__pb2.CheckpointReply.FromString,
+                _registered_method=True)
+        self.GetCheckpoint = channel.unary_stream(
+                '/gptjt.Coordinator/GetCheckpoint',
+                request_serializer=gptjt__proto_dot_coordinator__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=gptjt__proto_dot_coordinator__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -150,6 +160,22 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutCheckpoint(self, request_iterator, context):
+        """Store this stage's weights + optimizer state for a step (a header, then safetensors bytes).
+        Refused with INVALID_ARGUMENT if the bytes are not a valid safetensors blob.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """Stream the weights + optimizer state of a layer range at a step, re-sliced from whatever
+        stage layout saved it. NOT_FOUND if the store does not cover the range at that step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -197,6 +223,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=gptjt__proto_dot_coordinator__pb2.StatusRequest.FromString,
                     response_serializer=gptjt__proto_dot_coordinator__pb2.StatusReply.SerializeToString,
+            ),
+            'PutCheckpoint': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutCheckpoint,
+                    request_deserializer=gptjt__proto_dot_coordinator__pb2.CheckpointChunk.FromString,
+                    response_serializer=gptjt__proto_dot_coordinator__pb2.CheckpointReply.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=gptjt__proto_dot_coordinator__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=gptjt__proto_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -442,6 +478,60 @@ class Coordinator:
             '/gptjt.Coordinator/Status',
             gptjt__proto_dot_coordinator__pb2.StatusRequest.SerializeToString,
             gptjt__proto_dot_coordinator__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutCheckpoint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gptjt.Coordinator/PutCheckpoint',
+            gptjt__proto_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
+            gptjt__proto_dot_coordinator__pb2.CheckpointReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gptjt.Coordinator/GetCheckpoint',
+            gptjt__proto_dot_coordinator__pb2.GetCheckpointRequest.SerializeToString,
+            gptjt__proto_dot_coordinator__pb2.CheckpointChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -61,10 +61,34 @@ class CoordinatorClient:
                 raise JoinRefused(f"coordinator {self.address} refused the join: {e.details()}") from None
             raise
 
-    async def heartbeat(self, worker_id: str, state: int, metrics: dict) -> bool:
+    async def heartbeat(self, worker_id: str, state: int, metrics: dict, loaded_epoch: int) -> bool:
         reply = await self._retry(self.stub.Heartbeat, pb.HeartbeatRequest(
-            worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics)), timeout=5.0)
+            worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics), loaded_epoch=loaded_epoch),
+            timeout=5.0)
         return reply.known
+
+    async def put_checkpoint(self, worker_id: str, step: int, spec, blob: bytes, chunk_bytes: int) -> str:
+        """Stream one stage's checkpoint blob to the coordinator's store."""
+        header = pb.CheckpointHeader(worker_id=worker_id, step=step, start_layer=spec.start, end_layer=spec.end,
+                                     embed=spec.embed, head=spec.head, nbytes=len(blob))
+
+        def chunks():
+            yield pb.CheckpointChunk(header=header)
+            for i in range(0, len(blob), chunk_bytes):
+                yield pb.CheckpointChunk(data=blob[i:i + chunk_bytes])
+
+        reply = await self.stub.PutCheckpoint(chunks(), timeout=600)
+        return reply.path
+
+    async def get_checkpoint(self, step: int, spec) -> bytes:
+        """The safetensors blob of a layer range at `step`, re-sliced by the coordinator's store."""
+        request = pb.GetCheckpointRequest(step=step, start_layer=spec.start, end_layer=spec.end,
+                                          embed=spec.embed, head=spec.head)
+        parts = []
+        async for chunk in self.stub.GetCheckpoint(request, timeout=600):
+            if chunk.WhichOneof("part") == "data":
+                parts.append(chunk.data)
+        return b"".join(parts)
 
     async def watch(self, worker_id: str) -> AsyncIterator[pb.RunState]:
         """RunState messages, reconnecting for as long as it takes (coordinator restarts)."""

@@ -63,6 +63,7 @@ class WorkerRunner:
         self.driver: Stage0Driver | None = None
         self._status = cpb.STANDBY
         self._reported: set[tuple[int, int, bool]] = set()
+        self.loaded_epoch = -1  # the restore epoch whose state self.stage holds
         self._state_changed = asyncio.Event()
         self._heartbeat_now = asyncio.Event()
         self._assignment_lock = asyncio.Lock()  # join reply and Watch may both deliver one
@@ -97,7 +98,7 @@ class WorkerRunner:
             loop.add_signal_handler(sig, self.request_drain)
         tasks = [asyncio.create_task(self._heartbeat_loop(reply.heartbeat_interval_s)),
                  asyncio.create_task(self._watch_loop())]
-        await self._apply_assignment(reply.assignment)
+        self.assignment = reply.assignment  # the stage is loaded when the first RunState says from what
         await self.stopping.wait()
         for t in tasks:
             t.cancel()
@@ -131,6 +132,14 @@ class WorkerRunner:
                 pass
         if self.driver is not None:
             await self.driver.stop()  # hands back anything still leased
+        if (self.stage is not None and self.state is not None and self.state.phase == cpb.WAITING
+                and self.stage.position == self.state.step):
+            # At a step boundary: leave our stage in the store so a newcomer continues from here
+            # instead of the run rolling back to the last full checkpoint.
+            try:
+                await self.save_checkpoint(self.stage.position)
+            except grpc.aio.AioRpcError as e:
+                log.warning("could not save the stage before leaving (%s); the run will roll back", e.details())
         try:
             await self.coordinator.leave(self.worker_id)
         except grpc.aio.AioRpcError as e:
@@ -151,7 +160,7 @@ class WorkerRunner:
                        "micro_batches": mbs}
             last_t, last_busy, last_mb = now, busy, mbs
             try:
-                known = await self.coordinator.heartbeat(self.worker_id, self._status, metrics)
+                known = await self.coordinator.heartbeat(self.worker_id, self._status, metrics, self.loaded_epoch)
             except grpc.aio.AioRpcError as e:
                 log.warning("heartbeat failed: %s", e.code().name)
                 known = True
@@ -174,8 +183,9 @@ class WorkerRunner:
             previous = self.state
             self.state = state
             self._state_changed.set()
-            if previous is None or previous.plan_version != state.plan_version:
-                await self._apply_assignment(state.assignment)
+            if (previous is None or previous.plan_version != state.plan_version
+                    or previous.restore_epoch != state.restore_epoch):
+                await self._apply_assignment(state.assignment, state)
                 if self.driver is not None:
                     self.driver.on_plan_change()
             await self._follow_step(state)
@@ -183,11 +193,12 @@ class WorkerRunner:
                 self.driver.wake.set()
 
     # -- assignment and the step protocol ----------------------------------------------
-    async def _apply_assignment(self, a: cpb.StageAssignment) -> None:
+    async def _apply_assignment(self, a: cpb.StageAssignment, state: cpb.RunState) -> None:
         async with self._assignment_lock:
-            await self._apply_assignment_locked(a)
+            await self._apply_assignment_locked(a, state)
 
-    async def _apply_assignment_locked(self, a: cpb.StageAssignment) -> None:
+    async def _apply_assignment_locked(self, a: cpb.StageAssignment, state: cpb.RunState) -> None:
+        """Hold the assigned stage at the state the run says (restore_epoch / restore_step)."""
         old = self.assignment
         self.assignment = a
         if a.stage < 0:
@@ -198,14 +209,31 @@ class WorkerRunner:
             return
         spec = StageSpec(a.start_layer, a.end_layer, embed=a.embed, head=a.head)
         if self.stage is not None and self.stage.spec == spec:
-            return
+            if self.loaded_epoch == state.restore_epoch:
+                return
+            if self.stage.position == state.restore_step:
+                # Our state is the one the run wants: drop partial work, keep the weights.
+                await self.compute.run(OTHER, self.stage.reset_to_position)
+                self.loaded_epoch = state.restore_epoch
+                self._heartbeat_soon()
+                return
         self._status = cpb.LOADING
         self._heartbeat_soon()
-        log.info("loading stage %d: layers %d-%d from %s", a.stage, a.start_layer, a.end_layer, self.run.model.source)
         t0 = time.perf_counter()
-        self.stage = await self.compute.run(OTHER, lambda: StageRunner(self.run, spec, self.options.device))
-        if self.state is not None:
-            self.stage.last_applied = self.state.step - 1  # fresh weights start at the current step
+        if state.restore_from_store:
+            log.info("loading stage %d (layers %d-%d) at step %d from the checkpoint store", a.stage,
+                     a.start_layer, a.end_layer, state.restore_step)
+            from safetensors.torch import load
+
+            checkpoint = load(await self.coordinator.get_checkpoint(state.restore_step, spec))
+        else:
+            log.info("loading stage %d (layers %d-%d) from %s", a.stage, a.start_layer, a.end_layer,
+                     self.run.model.source)
+            checkpoint = None
+        position = state.restore_step
+        self.stage = await self.compute.run(OTHER, lambda: StageRunner(self.run, spec, self.options.device,
+                                                                       checkpoint, position))
+        self.loaded_epoch = state.restore_epoch
         log.info("stage %d ready in %.1fs", a.stage, time.perf_counter() - t0)
         if spec.embed and self.driver is None:
             self.driver = Stage0Driver(self)
@@ -213,9 +241,17 @@ class WorkerRunner:
         self._status = cpb.DRAINING if self.leaving else cpb.READY
         self._heartbeat_soon()
 
+    async def save_checkpoint(self, position: int) -> None:
+        """Send this stage's state (after `position` steps) to the coordinator's store."""
+        stage = self.stage
+        blob = await self.compute.run(OTHER, stage.checkpoint_blob)
+        path = await self.coordinator.put_checkpoint(self.worker_id, position, stage.spec, blob,
+                                                     self.run.pipeline.chunk_bytes)
+        log.info("checkpointed stage %s at step %d (%.1f MB) -> %s", stage.spec, position, len(blob) / 1e6, path)
+
     async def _follow_step(self, state: cpb.RunState) -> None:
         stage = self.stage
-        if stage is None or self._status == cpb.LOADING:
+        if stage is None or self._status == cpb.LOADING or self.loaded_epoch != state.restore_epoch:
             return
         step, attempt = state.step, state.attempt
         if state.phase == cpb.OPEN:
@@ -232,6 +268,10 @@ class WorkerRunner:
                 if not ok:
                     log.warning("step %d: global gradient norm %s is not finite; update skipped", step,
                                 state.global_grad_norm)
+                every = self.run.train.checkpoint_every
+                if every and (step + 1) % every == 0:
+                    # Before reporting: the step closes only once every stage is in the store.
+                    await self.save_checkpoint(step + 1)
             if await self.coordinator.report(self.worker_id, step, attempt, True):
                 self._reported.add((step, attempt, True))
         elif state.phase == cpb.DONE and (step, -1, True) not in self._reported:

@@ -7,9 +7,10 @@ import math
 import torch
 
 from gptjt_core.config import ConfigError, RunConfig
-from gptjt_core.model import StageSpec, load_stage
+from gptjt_core.model import StageSpec, build_stage, load_stage, model_config_for
 from gptjt_core.optim import build_optimizer, lr_at, set_lr
 from gptjt_core.precision import resolve_precision
+from gptjt_core.stage_checkpoint import restore_optimizer, split_state, stage_state_tensors
 from gptjt_core.ul2 import batch_loss
 
 Key = tuple[int, int]  # (ticket_id, attempt)
@@ -26,19 +27,29 @@ class StageRunner:
     the backward of the same key.
     """
 
-    def __init__(self, run: RunConfig, spec: StageSpec, device: str = "cpu"):
+    def __init__(self, run: RunConfig, spec: StageSpec, device: str = "cpu",
+                 checkpoint: dict[str, torch.Tensor] | None = None, position: int = 0):
+        """checkpoint: weights + optimizer state from the store (else the run's initial weights);
+        position: optimizer steps already applied to that state."""
         self.run, self.spec = run, spec
         self.device = torch.device(device)
         self.precision = resolve_precision(run.train.precision, self.device)
         if self.precision.needs_loss_scaling:
             raise ConfigError("train.precision 'fp16' needs loss scaling shared by every stage, which the "
                               "swarm does not do yet; use 'bf16' (or 'auto' on a GPU with bf16)")
-        self.model = load_stage(run.model.source, spec, dtype=torch.float32, device=self.device,
-                                attn_implementation=run.model.attn_implementation)
+        if checkpoint is None:
+            self.model = load_stage(run.model.source, spec, dtype=torch.float32, device=self.device,
+                                    attn_implementation=run.model.attn_implementation)
+            optim_state = {}
+        else:
+            weights, optim_state = split_state(checkpoint)
+            config = model_config_for(run.model.source, run.model.attn_implementation)
+            self.model = build_stage(config, spec, weights, self.device, origin="the checkpoint store")
         self.model.train()
         self.optimizer = build_optimizer(self.model.parameters(), run.optim)
+        restore_optimizer(self.optimizer, self.model, optim_state)
         self.attempt: tuple[int, int] | None = None  # (step, attempt) whose gradients accumulate
-        self.last_applied = -1  # the last step whose optimizer update this stage applied
+        self.last_applied = position - 1  # the last step whose optimizer update this state holds
         self._inflight: dict[Key, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.micro_batches = 0
 
@@ -103,6 +114,23 @@ class StageRunner:
     def discard(self, key: Key) -> None:
         """Forget a forward whose backward will never come (the downstream call failed)."""
         self._inflight.pop(key, None)
+
+    @property
+    def position(self) -> int:
+        """Optimizer steps applied to the state this stage holds."""
+        return self.last_applied + 1
+
+    def reset_to_position(self) -> None:
+        """Keep the weights, drop partial gradients and in-flight graphs (a step was restarted)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._inflight.clear()
+        self.attempt = None
+
+    def checkpoint_blob(self) -> bytes:
+        """Weights + optimizer state as a safetensors blob (for the checkpoint store)."""
+        from safetensors.torch import save
+
+        return save(stage_state_tensors(self.model, self.optimizer))
 
     # -- the optimizer step ------------------------------------------------------------
     def grad_norm_sq(self) -> float:

@@ -27,7 +27,7 @@ def make(tmp_path, stages: int = 2, clock=None, steps: int = 2):
 def ready_swarm(ledger: RunLedger, n: int) -> list[str]:
     ids = [ledger.join(f"w{i}", f"127.0.0.1:{9000 + i}", {})["id"] for i in range(n)]
     for worker_id in ids:
-        ledger.heartbeat(worker_id, "ready", {})
+        ledger.heartbeat(worker_id, "ready", {}, ledger.restore_epoch)
     return ids
 
 
@@ -57,9 +57,11 @@ def test_stages_fill_in_join_order_then_standby(tmp_path):
     assert (a["stage"], b["stage"], c["stage"]) == (0, 1, -1)
     assert ledger.assignment(a["id"])["next_address"] == "h:1"
     assert ledger.phase == "waiting"
-    ledger.heartbeat(a["id"], "ready", {})
+    ledger.heartbeat(a["id"], "ready", {}, 0)
     assert ledger.phase == "waiting"  # stage 1 still loading
-    ledger.heartbeat(b["id"], "ready", {})
+    ledger.heartbeat(b["id"], "ready", {}, -1)
+    assert ledger.phase == "waiting"  # stage 1 has not loaded the current restore epoch
+    ledger.heartbeat(b["id"], "ready", {}, 0)
     assert ledger.phase == "open"
 
 
@@ -93,15 +95,17 @@ def test_silent_worker_is_reaped_its_step_restarted_and_stale_work_refused(tmp_p
     tickets, _ = ledger.lease(ids[0], 100)
     ledger.commit(ids[0], tickets[0].id, 0, 1.0, 128)
     clock.t += 5
-    ledger.heartbeat(ids[0], "ready", {})
+    ledger.heartbeat(ids[0], "ready", {}, 0)
     ledger.heartbeat(spare, "standby", {})
     clock.t += 6  # ids[1] silent for 11 s > 10 s
     assert ledger.reap() == [ids[1]]
-    assert ledger.attempt == 1
+    assert ledger.attempt == 1 and ledger.restore_epoch == 1
     assert ledger.commit(ids[0], tickets[1].id, 0, 1.0, 128) == "stale"
     assert ledger.assignment(spare)["stage"] == 1  # the standby took the vacant stage
     assert ledger.phase == "waiting"
-    ledger.heartbeat(spare, "ready", {})
+    ledger.heartbeat(spare, "ready", {}, 1)
+    assert ledger.phase == "waiting"  # the survivor has not acknowledged the new epoch yet
+    ledger.heartbeat(ids[0], "ready", {}, 1)
     assert ledger.phase == "open"
     finish_step(ledger, [ids[0], spare])
     finish_step(ledger, [ids[0], spare])
@@ -142,6 +146,44 @@ def test_leaving_stage_worker_between_steps_does_not_restart(tmp_path):
     ledger = make(tmp_path, steps=3)
     ids = ready_swarm(ledger, 2)
     finish_step(ledger, ids)
+    ledger.record_checkpoint(1, ledger.plan[1], "step-1/stage-1")
     ledger.leave(ids[1])
-    assert ledger.attempt == 0 and ledger.phase == "waiting"
+    assert ledger.attempt == 0 and ledger.phase == "waiting" and ledger.step == 1
     assert "step_restarted" not in [e["kind"] for e in ledger.status()["events"]]
+
+
+def test_lost_stage_rolls_back_to_the_latest_complete_checkpoint(tmp_path):
+    from gptjt_core.model import StageSpec
+
+    clock = Clock()
+    ledger = make(tmp_path, clock=clock, steps=5)
+    ids = ready_swarm(ledger, 2)
+    finish_step(ledger, ids)
+    finish_step(ledger, ids)
+    for spec in ledger.plan:
+        ledger.record_checkpoint(2, spec, f"step-2/{spec.start}")
+    finish_step(ledger, ids)
+    assert ledger.step == 3
+    spare = ledger.join("spare", "h:s", {})["id"]
+    ledger.leave(ids[1])  # without a checkpoint of its own at step 3
+    state = ledger.run_state(spare)
+    assert (state["step"], state["restore_step"], state["restore_from_store"]) == (2, 2, True)
+    assert [h["step"] for h in ledger.status()["history"]] == [0, 1]
+    assert "rolled_back" in [e["kind"] for e in ledger.status()["events"]]
+    for w in (ids[0], spare):
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch)
+    for _ in range(3):
+        finish_step(ledger, [ids[0], spare])
+    assert ledger.phase == "done" and ledger.exactly_once_violations() == []
+    assert ledger.ticket_counts()["rolled_back"] == 4  # step 2 (committed) and step 3 (issued)
+
+
+def test_drained_stage_saved_at_the_boundary_needs_no_rollback(tmp_path):
+    ledger = make(tmp_path, steps=3)
+    ids = ready_swarm(ledger, 2)
+    finish_step(ledger, ids)
+    ledger.record_checkpoint(1, ledger.plan[1], "step-1/stage-1")  # what a draining worker uploads
+    ledger.leave(ids[1])
+    state = ledger.run_state(ids[0])
+    assert (state["step"], state["restore_step"], state["restore_from_store"]) == (1, 1, True)
+    assert "rolled_back" not in [e["kind"] for e in ledger.status()["events"]]
