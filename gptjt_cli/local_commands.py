@@ -62,8 +62,16 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = export_from_swarm(args.coordinator, args.out, args.dtype)
         print(f"exported the swarm at {args.coordinator} -> {out} ({args.dtype})")
         return 0
+    if args.store:
+        from .swarm_commands import export_from_store
+
+        run = _run_config(args)
+        out = export_from_store(args.store, args.out, args.step, run.model.source, run.data.tokenizer, args.dtype)
+        print(f"exported the checkpoint store {args.store} -> {out} ({args.dtype})")
+        return 0
     if not args.checkpoint:
-        raise ValueError("give --checkpoint DIR (a trainer or HF checkpoint) or --coordinator HOST:PORT (a live swarm)")
+        raise ValueError("give --checkpoint DIR (a trainer or HF checkpoint), --coordinator HOST:PORT (a live "
+                         "swarm) or --store ROOT (a swarm's checkpoint store)")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     source = str(args.checkpoint)
     config = model_config_for(source)
@@ -141,6 +149,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a Hugging Face checkpoint (+ tokenizer) from a checkpoint or a swarm")
     p.add_argument("--checkpoint", help="trainer checkpoint or HF checkpoint directory")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="gather the stages from a live swarm instead")
+    p.add_argument("--store", help="or read a swarm's checkpoint store (directory or fsspec URL)")
+    p.add_argument("--step", type=int, help="with --store: which step (default: the newest complete one)")
+    p.add_argument("--config", help="with --store: the run config (model source, tokenizer)")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--tokenizer", default="gpt2-offline")

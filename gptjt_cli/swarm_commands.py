@@ -60,9 +60,11 @@ def _tickets_table(s: dict) -> str:
 
 def _summary(s: dict) -> str:
     loss = f"{s['loss']:.4f}" if s["loss"] is not None else "-"
+    latest = s["checkpoints"]["latest_complete"]
     return (f"run {s['run']}: step {s['step']}/{s['steps_total']} ({s['phase']}"
             f"{', paused' if s['paused'] else ''}), loss {loss}, {s['tokens']:,} tokens, "
-            f"{s['tokens_per_s']:,.0f} tokens/s")
+            f"{s['tokens_per_s']:,.0f} tokens/s, last full checkpoint: "
+            f"{'step ' + str(latest) if latest is not None else 'none'}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -132,6 +134,28 @@ def export_from_swarm(address: str, out: str, dtype: str = "fp32") -> str:
     path = export_checkpoint(states, model_config_for(run_source), out,
                              tokenizer=load_tokenizer(status["tokenizer"]), dtype=dtypes[dtype])
     return str(path)
+
+
+def export_from_store(store_root: str, out: str, step: int | None = None, source: str = "random:tiny:0",
+                      tokenizer: str = "gpt2-offline", dtype: str = "fp32") -> str:
+    """A HF checkpoint from the checkpoint store (the newest complete step unless `step` is given)."""
+    import torch
+
+    from gptjt_core.export import export_checkpoint
+    from gptjt_core.model import StageSpec, model_config_for
+    from gptjt_core.stage_checkpoint import CheckpointStore, split_state
+    from gptjt_core.tokenizer import load_tokenizer
+
+    config = model_config_for(source)
+    store = CheckpointStore(store_root)
+    if step is None:
+        step = store.latest_complete(config.n_layer)
+        if step is None:
+            raise FileNotFoundError(f"the store {store_root} holds no complete checkpoint (steps: {store.steps()})")
+    whole = StageSpec(0, config.n_layer, embed=True, head=True)
+    weights, _ = split_state(store.get(step, whole, config.n_layer))
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return str(export_checkpoint([weights], config, out, tokenizer=load_tokenizer(tokenizer), dtype=dtypes[dtype]))
 
 
 def wait_for_step(address: str, step: int, timeout: float) -> dict:
