@@ -540,7 +540,7 @@ class RunLedger:
         """Every closed step must count each of its micro-batches exactly once."""
         problems = []
         m = self.run.train.micro_batches_per_step
-        for step, attempts in self.db.execute("SELECT step, attempts FROM steps").fetchall():
+        for (step,) in self.db.execute("SELECT step FROM steps").fetchall():
             rows = self.db.execute("SELECT idx, COUNT(*) FROM tickets WHERE step=? AND state='committed' "
                                    "GROUP BY idx", (step,)).fetchall()
             if len(rows) != m or any(c != 1 for _, c in rows):

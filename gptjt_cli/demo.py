@@ -24,7 +24,7 @@ def run_demo(out: Path, steps: int | None, device: str) -> int:
     steps = steps or run.train.steps
     shutil.rmtree(out, ignore_errors=True)  # a demo always starts a fresh run
     out.mkdir(parents=True)
-    state, port_file = out / "run.db", out / "coordinator.addr"
+    state = out / "run.db"
     token = create_token_in(state)
     print(f"== gptjt demo: a local swarm on loopback: 1 coordinator + {run.pipeline.num_stages} workers, tiny "
           f"GPT-J ({run.model.source}), bundled demo data, {steps} steps of {run.train.global_batch} x "

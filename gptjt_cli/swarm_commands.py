@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import grpc
 
@@ -156,18 +155,6 @@ def export_from_store(store_root: str, out: str, step: int | None = None, source
     weights, _ = split_state(store.get(step, whole, config.n_layer))
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     return str(export_checkpoint([weights], config, out, tokenizer=load_tokenizer(tokenizer), dtype=dtypes[dtype]))
-
-
-def wait_for_step(address: str, step: int, timeout: float) -> dict:
-    """Poll status until the run has closed `step` steps (or is done); returns the status."""
-    deadline = time.monotonic() + timeout
-    while True:
-        s = fetch_status(address)
-        if s["step"] >= step or s["phase"] == "done":
-            return s
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"run stayed at step {s['step']} ({s['phase']}) for {timeout:.0f}s")
-        time.sleep(0.5)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -81,7 +81,11 @@ class CheckpointStore:
         """Store one stage's safetensors blob for `step` (written then renamed: never half a file)."""
         from safetensors.torch import load
 
-        load(blob)  # refuse a corrupt upload before it replaces anything
+        try:
+            load(blob)  # refuse a corrupt upload before it replaces anything
+        except Exception as e:  # safetensors raises its own error type
+            raise ValueError(f"checkpoint of stage {spec} at step {step} is not a valid safetensors blob "
+                             f"({len(blob)} bytes): {e}") from None
         directory = self._step_dir(step)
         self.fs.makedirs(directory, exist_ok=True)
         final = f"{directory}/{self.file_name(spec)}"

@@ -22,7 +22,8 @@ def free_port() -> int:
 
 
 def swarm_toml(tmp: Path, steps: int = 3, num_stages: int = 2, global_batch: int = 4, micro_batch: int = 2,
-               seq_len: int = 64, port: int = 0, timeout_s: float = 3.0, extra: str = "") -> Path:
+               seq_len: int = 64, port: int = 0, timeout_s: float = 3.0, extra: str = "",
+               checkpoint_every: int = 0) -> Path:
     """A small run on the bundled wiki text; heartbeats fast enough for fault tests."""
     repo = Path(__file__).resolve().parent.parent
     path = tmp / "run.toml"
@@ -46,6 +47,7 @@ micro_batch = {micro_batch}
 seq_len = {seq_len}
 steps = {steps}
 precision = "fp32"
+checkpoint_every = {checkpoint_every}
 [pipeline]
 num_stages = {num_stages}
 activation_codec = "fp32"

@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvloop
 
-        uvloop.run(WorkerRunner(options).main())
+        runner = WorkerRunner(options)
+        uvloop.run(runner.main())
+        if runner.failed:
+            return 1
     except JoinRefused as e:
         print(f"gptjt-worker: error: {e}", file=sys.stderr)
         return 3

@@ -64,6 +64,7 @@ class WorkerRunner:
         self._status = cpb.STANDBY
         self._reported: set[tuple[int, int, bool]] = set()
         self.loaded_epoch = -1  # the restore epoch whose state self.stage holds
+        self.failed = False  # a loop crashed: the process exits non-zero
         self._state_changed = asyncio.Event()
         self._heartbeat_now = asyncio.Event()
         self._assignment_lock = asyncio.Lock()  # join reply and Watch may both deliver one
@@ -98,6 +99,8 @@ class WorkerRunner:
             loop.add_signal_handler(sig, self.request_drain)
         tasks = [asyncio.create_task(self._heartbeat_loop(reply.heartbeat_interval_s)),
                  asyncio.create_task(self._watch_loop())]
+        for task in tasks:
+            task.add_done_callback(self._on_task_done)
         self.assignment = reply.assignment  # the stage is loaded when the first RunState says from what
         await self.stopping.wait()
         for t in tasks:
@@ -109,6 +112,15 @@ class WorkerRunner:
         await self.coordinator.close()
         await server.stop(grace=0.5)
         self.compute.close()
+
+    def _on_task_done(self, task: asyncio.Task) -> None:
+        """A crashed heartbeat or watch loop would leave a zombie worker: stop loudly instead."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("worker loop failed: %r; stopping (the coordinator will re-issue our work)", task.exception(),
+                  exc_info=task.exception())
+        self.failed = True
+        self.stopping.set()
 
     def request_drain(self) -> None:
         if not self.leaving:
@@ -185,7 +197,17 @@ class WorkerRunner:
             self._state_changed.set()
             if (previous is None or previous.plan_version != state.plan_version
                     or previous.restore_epoch != state.restore_epoch):
-                await self._apply_assignment(state.assignment, state)
+                for attempt in range(3):
+                    try:
+                        await self._apply_assignment(state.assignment, state)
+                        break
+                    except grpc.aio.AioRpcError as e:
+                        # e.g. the coordinator restarting, or the store missing a file
+                        log.error("could not load stage %d (try %d of 3): %s %s", state.assignment.stage,
+                                  attempt + 1, e.code().name, e.details())
+                        if attempt == 2:
+                            raise  # stop loudly: the coordinator times us out and reassigns the stage
+                        await asyncio.sleep(2.0)
                 if self.driver is not None:
                     self.driver.on_plan_change()
             await self._follow_step(state)

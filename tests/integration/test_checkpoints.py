@@ -18,17 +18,21 @@ def swarms():
         s.close()
 
 
+def started(swarms: list, tmp, names: str = "ab", **kw) -> tuple[Swarm, dict]:
+    """A coordinator and one worker per name, on a run that checkpoints every 2 steps."""
+    swarm = Swarm(tmp, swarm_toml(tmp, timeout_s=3.0, checkpoint_every=2, **kw))
+    swarms.append(swarm)
+    swarm.start_coordinator()
+    return swarm, {name: swarm.start_worker(name) for name in names}
+
+
 def losses(status: dict) -> list[float]:
     return [h["loss"] for h in status["history"]]
 
 
 def test_lost_stage_rolls_back_to_its_checkpoint_and_stays_on_the_curve(tmp_path, swarms):
-    config = swarm_toml(tmp_path, steps=6, extra="", timeout_s=3.0)
-    config.write_text(config.read_text().replace("precision = \"fp32\"", "precision = \"fp32\"\ncheckpoint_every = 2"))
-    swarm = Swarm(tmp_path, config)
-    swarms.append(swarm)
-    swarm.start_coordinator()
-    procs = {"a": swarm.start_worker("a"), "b": swarm.start_worker("b")}
+    swarm, procs = started(swarms, tmp_path, steps=6)
+    config = swarm.config
     status = swarm.wait(lambda s: s["step"] >= 3, 180, "three steps")
     assert status["checkpoints"]["latest_complete"] == 2
     victim = next(w["name"] for w in status["workers"] if w["stage"] == 1)
@@ -47,13 +51,8 @@ def test_lost_stage_rolls_back_to_its_checkpoint_and_stays_on_the_curve(tmp_path
 
 
 def test_everything_killed_then_resumed_from_the_store(tmp_path, swarms):
-    config = swarm_toml(tmp_path, steps=5, timeout_s=3.0)
-    config.write_text(config.read_text().replace("precision = \"fp32\"", "precision = \"fp32\"\ncheckpoint_every = 2"))
-    swarm = Swarm(tmp_path, config)
-    swarms.append(swarm)
-    swarm.start_coordinator()
-    swarm.start_worker("a")
-    swarm.start_worker("b")
+    swarm, _ = started(swarms, tmp_path, steps=5)
+    config = swarm.config
     swarm.wait(lambda s: s["step"] >= 3, 180, "three steps")
     for proc in swarm.procs:
         proc.kill(signal.SIGKILL)
@@ -73,25 +72,15 @@ def test_everything_killed_then_resumed_from_the_store(tmp_path, swarms):
 def test_resume_with_three_stages_from_a_two_stage_store(tmp_path, swarms):
     first = tmp_path / "first"
     first.mkdir()
-    config = swarm_toml(first, steps=2, timeout_s=3.0)
-    config.write_text(config.read_text().replace("precision = \"fp32\"", "precision = \"fp32\"\ncheckpoint_every = 2"))
-    swarm = Swarm(first, config)
-    swarms.append(swarm)
-    swarm.start_coordinator()
-    swarm.start_worker("a")
-    swarm.start_worker("b")
+    swarm, _ = started(swarms, first, steps=2)
+    config = swarm.config
     swarm.wait(lambda s: s["phase"] == "done", 120, "the 2-stage run")
     swarm.close()
 
     second = tmp_path / "second"
     second.mkdir()
-    config3 = swarm_toml(second, steps=4, num_stages=3, timeout_s=3.0,
-                         extra=f'checkpoint_store = "{first / "checkpoints"}"\nresume_from_store = true')
-    swarm3 = Swarm(second, config3)
-    swarms.append(swarm3)
-    swarm3.start_coordinator()
-    for name in "xyz":
-        swarm3.start_worker(name)
+    swarm3, _ = started(swarms, second, "xyz", steps=4, num_stages=3,
+                        extra=f'checkpoint_store = "{first / "checkpoints"}"\nresume_from_store = true')
     status = swarm3.wait(lambda s: s["phase"] == "done", 180, "the 3-stage run")
     assert [(s["start_layer"], s["end_layer"]) for s in status["stages"]] == [(0, 1), (1, 3), (3, 4)]
     assert [h["step"] for h in status["history"]] == [2, 3]

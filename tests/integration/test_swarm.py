@@ -72,7 +72,7 @@ def test_worker_sigkill_mid_step_then_replacement(swarm_factory):
     victim.kill(signal.SIGKILL)
     killed_at = time.monotonic()
     status = swarm.wait(lambda s: any(w["state"] == "dead" for w in s["workers"]), 30, "the victim declared dead")
-    assert time.monotonic() - killed_at < 3.0 + 3.0  # heartbeat timeout (3 s) + reaper slack
+    assert time.monotonic() - killed_at < 3.0 + 5.0  # heartbeat timeout (3 s) + reaper and polling slack
     assert status["phase"] == "waiting" and status["stages"][1]["workers"] == []
     swarm.start_worker("w2")
     status = swarm.wait(done, 180, "the run to finish after the replacement joined")

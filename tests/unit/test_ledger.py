@@ -153,8 +153,6 @@ def test_leaving_stage_worker_between_steps_does_not_restart(tmp_path):
 
 
 def test_lost_stage_rolls_back_to_the_latest_complete_checkpoint(tmp_path):
-    from gptjt_core.model import StageSpec
-
     clock = Clock()
     ledger = make(tmp_path, clock=clock, steps=5)
     ids = ready_swarm(ledger, 2)

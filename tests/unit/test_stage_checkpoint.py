@@ -53,6 +53,6 @@ def test_incomplete_steps_and_missing_tensors(tmp_path):
     assert not store.is_complete(3, 4) and store.latest_complete(4) is None
     with pytest.raises(FileNotFoundError, match="lacks .* stage StageSpec\\(start=2"):
         store.get(3, StageSpec(2, 4, head=True), 4)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not a valid safetensors blob"):
         store.put(4, spec, b"not a safetensors blob")
     assert 4 not in store.steps() or not store.specs(4)
