@@ -385,7 +385,7 @@ def tiny_demo_config() -> RunConfig:
                                                             / "heldout.jsonl.gz"), 1.0)]),
         optim=OptimConfig(lr=2e-3, warmup_steps=5, decay="cosine", weight_decay=0.0),
         train=TrainConfig(global_batch=8, micro_batch=4, seq_len=128, steps=60, seed=0,
-                          precision="fp32", log_every=5),
+                          precision="fp32", log_every=5, checkpoint_every=20),
         pipeline=PipelineConfig(num_stages=2, activation_codec="fp32", gradient_codec="fp32"),
         coordinator=CoordinatorConfig(listen="127.0.0.1:0", state_path="runs/demo/run.db"),
     )

@@ -132,11 +132,12 @@ class CheckpointStore:
         out: dict[str, torch.Tensor] = {}
         for saved in self.specs(step):
             path = f"{self._step_dir(step)}/{self.file_name(saved)}"
-            if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+            protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+            if "file" in protocols:  # local: read only the wanted tensors from disk
                 with safe_open(path, framework="pt") as f:
                     for name in wanted_names(f.keys(), spec, n_layer):
                         out[name] = f.get_tensor(name)
-            else:
+            else:  # remote (s3://, gs://, memory://): fetch the file, keep the wanted tensors
                 tensors = load(self.fs.cat(path))
                 for name in wanted_names(tensors, spec, n_layer):
                     out[name] = tensors[name]

@@ -112,3 +112,13 @@ def test_demo_config_is_valid_and_bundled_data_exists():
         assert Path(source.path).is_file(), source.path
     assert from_dict(RunConfig, {}).train.seq_len == 2048
     assert torch.get_num_threads() >= 1
+
+
+def test_tiny_demo_toml_spells_out_the_embedded_default():
+    from pathlib import Path
+
+    toml = load_run_config(REPO / "deploy" / "run-configs" / "tiny-demo.toml").to_dict()
+    embedded = tiny_demo_config().to_dict()
+    assert Path(toml["coordinator"].pop("state_path")) == (REPO / "runs" / "demo" / "run.db").resolve()
+    embedded["coordinator"].pop("state_path")
+    assert toml == embedded

@@ -56,3 +56,16 @@ def test_incomplete_steps_and_missing_tensors(tmp_path):
     with pytest.raises(ValueError, match="not a valid safetensors blob"):
         store.put(4, spec, b"not a safetensors blob")
     assert 4 not in store.steps() or not store.specs(4)
+
+
+def test_store_on_an_fsspec_url(tmp_path):
+    """Any fsspec filesystem works (memory:// stands in for s3:// or gs:// here)."""
+    store = CheckpointStore("memory://gptjt-test-store/run")
+    saved = {}
+    for spec in StageSpec.even_split(4, 2):
+        stage, opt = trained_stage(spec)
+        saved.update(stage_state_tensors(stage, opt))
+        store.put(6, spec, save(stage_state_tensors(stage, opt)))
+    assert store.latest_complete(4) == 6
+    whole = store.get(6, StageSpec(0, 4, embed=True, head=True), 4)
+    assert set(whole) == set(saved) and all(torch.equal(whole[k], saved[k]) for k in whole)
