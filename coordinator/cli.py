@@ -15,7 +15,7 @@ from gptjt_core.config import ConfigError, RunConfig, load_run_config, tiny_demo
 from gptjt_core.model import model_config_for
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
-from gptjt_core.stage_checkpoint import CheckpointStore
+from .checkpoint_store import CheckpointStore
 
 from .scheduler import plan_stages
 from .server import CoordinatorService

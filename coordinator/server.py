@@ -13,7 +13,7 @@ from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 from gptjt_core.model import StageSpec
-from gptjt_core.stage_checkpoint import CheckpointStore
+from .checkpoint_store import CheckpointStore
 
 from .state import RunLedger
 

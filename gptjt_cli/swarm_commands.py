@@ -140,9 +140,10 @@ def export_from_store(store_root: str, out: str, step: int | None = None, source
     """A HF checkpoint from the checkpoint store (the newest complete step unless `step` is given)."""
     import torch
 
+    from coordinator.checkpoint_store import CheckpointStore
     from gptjt_core.export import export_checkpoint
     from gptjt_core.model import StageSpec, model_config_for
-    from gptjt_core.stage_checkpoint import CheckpointStore, split_state
+    from gptjt_core.stage_checkpoint import split_state
     from gptjt_core.tokenizer import load_tokenizer
 
     config = model_config_for(source)

@@ -9,7 +9,8 @@ from safetensors.torch import save
 from gptjt_core.config import OptimConfig
 from gptjt_core.model import StageSpec, build_stage, load_stage, model_config_for
 from gptjt_core.optim import build_optimizer
-from gptjt_core.stage_checkpoint import CheckpointStore, restore_optimizer, split_state, stage_state_tensors
+from coordinator.checkpoint_store import CheckpointStore
+from gptjt_core.stage_checkpoint import restore_optimizer, split_state, stage_state_tensors
 
 SOURCE = "random:tiny:5"
 

@@ -1,0 +1,103 @@
+"""The stage checkpoint store: a directory on the coordinator host or any fsspec URL (s3://, gs://)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from gptjt_core.model import StageSpec
+from gptjt_core.stage_checkpoint import wanted_names
+
+_FILE = re.compile(r"layers-(\d+)-(\d+)(-embed)?(-head)?\.safetensors$")
+_STEP = re.compile(r"step-(\d+)$")
+
+
+class CheckpointStore:
+    """Stage checkpoints under `root` (a local directory or an fsspec URL such as s3://bucket/run):
+    root/step-00000010/layers-000-002-embed.safetensors, one file per stage and step."""
+
+    def __init__(self, root: str):
+        import fsspec
+
+        self.root = root.rstrip("/")
+        self.fs, self.path = fsspec.core.url_to_fs(self.root)
+        self.fs.makedirs(self.path, exist_ok=True)
+
+    @staticmethod
+    def file_name(spec: StageSpec) -> str:
+        return (f"layers-{spec.start:03d}-{spec.end:03d}" + ("-embed" if spec.embed else "")
+                + ("-head" if spec.head else "") + ".safetensors")
+
+    def _step_dir(self, step: int) -> str:
+        return f"{self.path}/step-{step:08d}"
+
+    def put(self, step: int, spec: StageSpec, blob: bytes) -> str:
+        """Store one stage's safetensors blob for `step` (written then renamed: never half a file)."""
+        from safetensors.torch import load
+
+        try:
+            load(blob)  # refuse a corrupt upload before it replaces anything
+        except Exception as e:  # safetensors raises its own error type
+            raise ValueError(f"checkpoint of stage {spec} at step {step} is not a valid safetensors blob "
+                             f"({len(blob)} bytes): {e}") from None
+        directory = self._step_dir(step)
+        self.fs.makedirs(directory, exist_ok=True)
+        final = f"{directory}/{self.file_name(spec)}"
+        tmp = final + ".partial"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(blob)
+        self.fs.mv(tmp, final)
+        return final
+
+    def steps(self) -> list[int]:
+        out = []
+        for entry in self.fs.ls(self.path, detail=False):
+            m = _STEP.search(entry.rstrip("/"))
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def specs(self, step: int) -> list[StageSpec]:
+        out = []
+        for entry in self.fs.ls(self._step_dir(step), detail=False):
+            m = _FILE.search(entry)
+            if m:
+                out.append(StageSpec(int(m.group(1)), int(m.group(2)), bool(m.group(3)), bool(m.group(4))))
+        return sorted(out, key=lambda s: s.start)
+
+    def is_complete(self, step: int, n_layer: int) -> bool:
+        """Do the step's files cover every layer, the embedding and the head?"""
+        specs = self.specs(step) if step in self.steps() else []
+        layers = set()
+        for s in specs:
+            layers.update(range(s.start, s.end))
+        return (layers == set(range(n_layer)) and any(s.embed for s in specs) and any(s.head for s in specs))
+
+    def latest_complete(self, n_layer: int) -> int | None:
+        complete = [s for s in self.steps() if self.is_complete(s, n_layer)]
+        return complete[-1] if complete else None
+
+    def get(self, step: int, spec: StageSpec, n_layer: int) -> dict[str, torch.Tensor]:
+        """The weights and optimizer state of `spec` at `step`, gathered from whichever stage
+        files hold them (the store re-slices: the saved stage layout does not matter)."""
+        from safetensors import safe_open
+        from safetensors.torch import load
+
+        out: dict[str, torch.Tensor] = {}
+        for saved in self.specs(step):
+            path = f"{self._step_dir(step)}/{self.file_name(saved)}"
+            protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+            if "file" in protocols:  # local: read only the wanted tensors from disk
+                with safe_open(path, framework="pt") as f:
+                    for name in wanted_names(f.keys(), spec, n_layer):
+                        out[name] = f.get_tensor(name)
+            else:  # remote (s3://, gs://, memory://): fetch the file, keep the wanted tensors
+                tensors = load(self.fs.cat(path))
+                for name in wanted_names(tensors, spec, n_layer):
+                    out[name] = tensors[name]
+        missing = set(spec.tensor_names(n_layer)) - set(out)
+        if missing:
+            raise FileNotFoundError(f"checkpoint step {step} in {self.root} lacks {len(missing)} tensor(s) of "
+                                    f"stage {spec}, e.g. {sorted(missing)[:3]}")
+        return out
