@@ -105,8 +105,8 @@ class RunLedger:
     def __init__(self, path: str | Path, run: RunConfig, plan: list[StageSpec],
                  clock: Callable[[], float] = time.time,
                  stored: list[tuple[int, StageSpec, str]] | None = None):
-        """`stored`: what the checkpoint store already holds (step, stage, path), recorded on a
-        new ledger; with coordinator.resume_from_store the run starts from its newest complete step."""
+        """`stored`: what the checkpoint store already holds (step, stage, path). A new ledger
+        with coordinator.resume_from_store records it and starts from its newest complete step."""
         self.run, self.plan, self.clock = run, plan, clock
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,8 +131,13 @@ class RunLedger:
                 self._set_meta("restore_from_store", 0)
                 self._event("run_created", f"run {run.name!r}: {run.train.steps} steps of "
                             f"{run.train.global_batch} sequences, {len(plan)} stages")
-                for step, spec, where in stored or []:
-                    self._record_checkpoint(step, spec, where)
+                if run.coordinator.resume_from_store:
+                    for step, spec, where in stored or []:
+                        self._record_checkpoint(step, spec, where)
+                elif stored:
+                    # Files of an earlier run must never be mistaken for this run's checkpoints.
+                    self._event("store_not_empty", f"the checkpoint store already holds {len(stored)} stage "
+                                "file(s); ignored (set coordinator.resume_from_store to start from them)")
                 start = self._latest_complete()
                 if run.coordinator.resume_from_store and start:
                     self._set_meta("step", start)

@@ -185,3 +185,16 @@ def test_drained_stage_saved_at_the_boundary_needs_no_rollback(tmp_path):
     state = ledger.run_state(ids[0])
     assert (state["step"], state["restore_step"], state["restore_from_store"]) == (1, 1, True)
     assert "rolled_back" not in [e["kind"] for e in ledger.status()["events"]]
+
+
+def test_a_new_run_ignores_an_old_store_unless_told_to_resume(tmp_path):
+    run = small_run(steps=4)
+    plan = plan_stages(4, 2)
+    stored = [(3, spec, f"old/{i}") for i, spec in enumerate(plan)]
+    fresh = RunLedger(tmp_path / "a.db", run, plan, Clock(), stored=stored)
+    assert fresh.step == 0 and fresh.status()["checkpoints"]["latest_complete"] is None
+    assert "store_not_empty" in [e["kind"] for e in fresh.status()["events"]]
+    run.coordinator.resume_from_store = True
+    resumed = RunLedger(tmp_path / "b.db", run, plan, Clock(), stored=stored)
+    state = resumed.run_state("nobody")
+    assert (state["step"], state["restore_step"], state["restore_from_store"]) == (3, 3, True)
