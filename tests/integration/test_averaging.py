@@ -1,0 +1,77 @@
+"""hivemind gradient summation across a stage's replicas (real processes, loopback DHT)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def run_group(tmp_path, members: list[tuple[str, float, int]], compression: str = "none") -> dict[str, dict]:
+    procs = []
+    total = sum(mb for _, _, mb in members)  # micro-batches in the step, the vanished peer's included
+    for role, value, micro_batches in members:
+        # Output goes to files, not pipes: a vanished peer's orphaned p2pd daemon would hold a
+        # pipe open forever.
+        log = tmp_path / f"{role}.log"
+        procs.append((log, subprocess.Popen(
+            [sys.executable, "-m", "tests.integration.averaging_peer", role, str(tmp_path), str(value),
+             str(micro_batches), compression, str(len(members)), str(total)],
+            cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)))
+    out = {}
+    try:
+        for log, p in procs:
+            code = p.wait(timeout=120)
+            lines = log.read_text().strip().splitlines()
+            assert code == 0, "\n".join(lines[-30:])
+            line = json.loads([ln for ln in lines if ln.startswith("{")][-1])  # shutdown may log after it
+            out[line["role"]] = line
+    finally:
+        for _, p in procs:  # the process group takes any p2pd daemon with it
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return out
+
+
+def test_replicas_sum_their_gradients(tmp_path):
+    # gradients 1.0 (over 2 micro-batches) and 3.0 (over 6): the stage's gradient is their sum,
+    # 4.0. Alone, the first would have rescaled its own to 1.0 / 2 * 8 = 4.0 as well, so the
+    # group size and weight are what prove the round happened.
+    res = run_group(tmp_path, [("first", 1.0, 2), ("second", 3.0, 6)])
+    for r in res.values():
+        assert r["summed"] and r["group"] == 2 and r["weight"] == 8
+        assert r["g0"] == pytest.approx(4.0) and r["g1"] == pytest.approx(-4.0)
+
+
+def test_unequal_shares(tmp_path):
+    # 1.0 over 2 and 3.0 over 2: the sum is 4.0 (alone they would claim 4.0 and 12.0)
+    res = run_group(tmp_path, [("first", 1.0, 2), ("second", 3.0, 2)])
+    for r in res.values():
+        assert r["group"] == 2 and r["g0"] == pytest.approx(4.0)
+
+
+def test_fp16_compression_stays_close(tmp_path):
+    res = run_group(tmp_path, [("first", 1.0, 4), ("second", 3.0, 4)], compression="fp16")
+    for r in res.values():
+        assert r["summed"] and r["group"] == 2 and r["g0"] == pytest.approx(4.0, rel=1e-3)
+
+
+def test_a_vanished_peer_does_not_stall_the_survivors(tmp_path):
+    """Three replicas expected, one disappears before the round: the two survivors finish within
+    the timeout and rescale their partial sum to the full batch (the lost share is replaced by the
+    survivors' mean gradient per micro-batch)."""
+    res = run_group(tmp_path, [("first", 1.0, 2), ("second", 3.0, 2), ("vanish", 100.0, 4)])
+    survivors = [res["first"], res["second"]]
+    for r in survivors:
+        assert r["summed"] and r["group"] == 2 and r["weight"] == 4
+        # (1.0 + 3.0) / 4 micro-batches * 8 micro-batches in the step
+        assert r["g0"] == pytest.approx(8.0)
+        assert r["seconds"] < 25.0
