@@ -90,13 +90,15 @@ class Stage0Driver:
             self.leased.discard(ticket.ticket_id)
             if result == cpb.STALE:
                 log.info("ticket %d: its step attempt was restarted; work discarded", ticket.ticket_id)
-        except (StaleMicroBatch, grpc.aio.AioRpcError, asyncio.CancelledError) as e:
+        except (Exception, asyncio.CancelledError) as e:  # any failure: the ticket goes back, never stuck
             await w.compute.run(OTHER, lambda: stage.discard(key))
             if isinstance(e, grpc.aio.AioRpcError):
                 log.warning("ticket %d failed downstream (%s: %s); handing it back", ticket.ticket_id,
                             e.code().name, e.details())
                 if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION,):
                     self.downstream_broken = True  # wait for the coordinator to re-plan
+            elif not isinstance(e, (StaleMicroBatch, asyncio.CancelledError)):
+                log.error("ticket %d failed: %r; handing it back", ticket.ticket_id, e, exc_info=e)
             await self.release([ticket.ticket_id])
             if isinstance(e, asyncio.CancelledError):
                 raise
