@@ -505,11 +505,6 @@ class RunLedger:
         return float(value) if value is not None else 0.0
 
     # -- operator ----------------------------------------------------------------------
-    def set_paused(self, paused: bool) -> None:
-        with self._tx():
-            self._set_meta("paused", int(paused))
-            self._event("paused" if paused else "resumed", "ticket issue " + ("paused" if paused else "resumed"))
-
     def assignment(self, worker_id: str) -> dict:
         """The worker's stage (or standby) and where to send its activations."""
         row = self._worker(worker_id)

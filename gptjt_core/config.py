@@ -268,6 +268,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     log_every: int = 1
+    """Without a progress bar (train-local --quiet), log a line every N steps."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "micro_batch", "seq_len", "steps"):

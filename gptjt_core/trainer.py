@@ -139,6 +139,9 @@ class LocalTrainer:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{stats.tokens_per_s:,.0f}",
                                     lr=f"{stats.lr:.1e}")
+                elif self.step % self.run.train.log_every == 0 or self.step == target:
+                    log.info("step %d/%d: loss %.4f, %.0f tokens/s, lr %.2e, grad norm %.3f", self.step, target,
+                             stats.loss, stats.tokens_per_s, stats.lr, stats.grad_norm)
                 self._append_metrics(stats)
                 if every and self.step % every == 0 and self.step < target:
                     self.save_checkpoint()

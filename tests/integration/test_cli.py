@@ -27,6 +27,7 @@ def trained(tmp_path_factory) -> Path:
     first = r.stdout.splitlines()[0]
     assert first.startswith("gptjt train-local: run 'tiny-demo', model random:tiny:0, 8 seq x 128 tokens per step")
     assert "exported Hugging Face checkpoint to" in r.stdout
+    assert "step 2/2: loss " in r.stderr  # --quiet: log lines every train.log_every steps and at the end
     return out
 
 
