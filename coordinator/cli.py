@@ -31,7 +31,11 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
               for step in store.steps() for spec in store.specs(step)]
     ledger = RunLedger(run.coordinator.state_path, run, plan_stages(n_layer, run.pipeline.num_stages),
                        stored=stored)
-    service = CoordinatorService(ledger, store)
+    dht = start_dht(run.coordinator.listen) if run.pipeline.replicas_per_stage > 1 else None
+    dht_peers = [str(a) for a in dht.get_visible_maddrs()] if dht is not None else []
+    if dht_peers:
+        log.info("hivemind DHT for replica averaging at %s", ", ".join(dht_peers))
+    service = CoordinatorService(ledger, store, dht_peers)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     cfg = run.coordinator
@@ -60,6 +64,23 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
     log.info("shutting down")
     reaper.cancel()
     await server.stop(grace=1.0)
+    if dht is not None:
+        dht.shutdown()
+
+
+def start_dht(listen: str):
+    """The bootstrap peer that replicas find each other through (a hivemind DHT in a child process)."""
+    import ipaddress
+
+    import hivemind
+
+    host = listen.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+        maddr = f"/ip{ip.version}/{host}/tcp/0"
+    except ValueError:  # a host name: listen on every interface
+        maddr = "/ip4/0.0.0.0/tcp/0"
+    return hivemind.DHT(host_maddrs=[maddr], start=True)
 
 
 def main(argv: list[str] | None = None) -> int:

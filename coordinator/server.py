@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 _WORKER_STATES = {pb.LOADING: "loading", pb.READY: "ready", pb.DRAINING: "draining", pb.STANDBY: "standby"}
 _PHASES = {"waiting": pb.WAITING, "open": pb.OPEN, "accumulated": pb.ACCUMULATED,
-           "applying": pb.APPLYING, "done": pb.DONE}
+           "averaging": pb.AVERAGING, "applying": pb.APPLYING, "done": pb.DONE}
+_REPORTS = {pb.CONTRIBUTION: "contribution", pb.AVERAGED: "averaged", pb.APPLIED: "applied"}
 _COMMIT = {"committed": pb.COMMITTED, "already_committed": pb.ALREADY_COMMITTED,
            "stale": pb.STALE, "not_leased": pb.NOT_LEASED}
 
@@ -30,13 +31,28 @@ def assignment_pb(a: dict) -> pb.StageAssignment:
     return pb.StageAssignment(stage=a["stage"], start_layer=a.get("start_layer", 0),
                               end_layer=a.get("end_layer", 0), embed=a.get("embed", False),
                               head=a.get("head", False), next_address=a["next_address"],
-                              num_stages=a["num_stages"])
+                              num_stages=a["num_stages"], next_addresses=a["next_addresses"],
+                              member=a["member"], peer_ids=a["peer_ids"], peer_addresses=a["peer_addresses"],
+                              contributors=a["contributors"], checkpoint_writer=a["checkpoint_writer"])
+
+
+async def address_is_down(address: str, timeout_s: float = 1.0) -> bool:
+    """True if nothing accepts a TCP connection at host:port (a killed process's port is closed)."""
+    host, _, port = address.rpartition(":")
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout_s)
+    except (OSError, TimeoutError, ValueError):
+        return True
+    writer.close()
+    return False
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, ledger: RunLedger, store: CheckpointStore):
+    def __init__(self, ledger: RunLedger, store: CheckpointStore, dht_peers: list[str] | None = None):
+        """dht_peers: multiaddrs of the hivemind DHT that replicas average through (replicas > 1)."""
         self.ledger = ledger
         self.store = store
+        self.dht_peers = dht_peers or []
         self.changed = asyncio.Condition()  # notified after every ledger change (Watch)
         self._seen_version = ledger.version
 
@@ -62,14 +78,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                  f"stage {row['stage']}" if row["stage"] >= 0 else "standby")
         return pb.JoinReply(worker_id=row["id"], run_config_json=json.dumps(self.ledger.run.to_dict()),
                             assignment=assignment_pb(self.ledger.assignment(row["id"])),
-                            heartbeat_interval_s=self.ledger.run.coordinator.heartbeat_interval_s)
+                            heartbeat_interval_s=self.ledger.run.coordinator.heartbeat_interval_s,
+                            dht_peers=self.dht_peers)
 
     async def Heartbeat(self, request, context):
         m = request.metrics
         metrics = {"micro_batches_per_s": m.micro_batches_per_s, "busy_fraction": m.busy_fraction,
                    "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received, "micro_batches": m.micro_batches}
         known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics,
-                                      request.loaded_epoch)
+                                      request.loaded_epoch, request.position)
         await self.notify()
         return pb.HeartbeatReply(known=known)
 
@@ -114,10 +131,28 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.ReleaseReply(released=n)
 
     async def ReportStep(self, request, context):
-        ok = self.ledger.report(request.worker_id, request.step, request.attempt, request.applied,
-                                request.grad_norm_sq)
+        ok = self.ledger.report(request.worker_id, request.step, request.attempt, _REPORTS.get(request.kind, ""),
+                                request.grad_norm_sq, request.micro_batches, request.group_weight,
+                                request.state_digest)
         await self.notify()
         return pb.StepReportReply(accepted=ok)
+
+    async def ReportPeerFailure(self, request, context):
+        """Probe the reported peer now: a SIGKILLed worker is declared dead within a second, while
+        a live one (the reporter's own link failed) keeps its place."""
+        suspect = self.ledger.worker_at(request.address)
+        if suspect is None or suspect == request.worker_id:
+            return pb.PeerFailureReply(declared_dead=False)
+        if not await address_is_down(request.address):
+            log.info("%s reported %s at %s failing (%s), but it accepts connections", request.worker_id, suspect,
+                     request.address, request.reason)
+            return pb.PeerFailureReply(declared_dead=False)
+        self.ledger.declare_dead(suspect, f"{request.worker_id} reported {request.reason!r} and "
+                                 f"{request.address} refuses connections")
+        await self.notify()
+        log.warning("worker %s at %s is down (reported by %s): declared dead", suspect, request.address,
+                    request.worker_id)
+        return pb.PeerFailureReply(declared_dead=True)
 
     async def Status(self, request, context):
         return pb.StatusReply(json=json.dumps(self.ledger.status()))

@@ -4,12 +4,24 @@ Every mutation is one transaction, so a `kill -9` between two calls loses nothin
 restart continues where the ledger stands. The clock is injected (tests drive time).
 
 The step protocol, exactly once:
-  OPEN         tickets of (step, attempt) are leased by stage 0 and committed once each
-  ACCUMULATED  all committed; each stage reports its gradient norm^2
-  APPLYING     the global norm is known; each stage applies its optimizer step
+  OPEN         tickets of (step, attempt) are leased by stage-0 replicas and committed once each;
+               each micro-batch passes through exactly one replica of every stage
+  ACCUMULATED  all committed; every replica reports its own gradient's norm^2 (CONTRIBUTION)
+  AVERAGING    (replicas_per_stage > 1) contributions judged (NaN/Inf or a norm far above the
+               stage's reference is refused); each stage's replicas sum their gradients through
+               hivemind and report the summed norm^2 (AVERAGED); they must agree
+  APPLYING     the global norm is known; every replica applies its optimizer step (APPLIED)
   -> step + 1, OPEN again (or DONE).
 
-A stage that loses its worker loses its state. If the store holds that stage at the
+Replicas. The workers of a stage that hold the run's current state when a step opens are its
+members for that step; a joiner that arrives later fetches the state from a member and takes
+part from the next step on. A member that dies mid-step takes its gradient share with it:
+its leased tickets are re-issued to the other replicas, and at averaging the survivors'
+summed gradient is scaled by M / W (M micro-batches in the step, W those the survivors
+hold), i.e. the lost share is estimated by the survivors' mean per micro-batch. The step
+row records that estimate. Only when a stage loses its LAST holder is its state gone:
+
+If the store holds that stage at the
 current step (a drained worker saves before leaving), a newcomer loads it and the step
 restarts (attempt + 1: the step's partial gradients are gone). Otherwise the run rolls
 back to the newest step that the store covers completely (or to the initial weights):
@@ -24,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import sqlite3
 import time
@@ -36,7 +49,10 @@ from gptjt_core.config import RunConfig
 from gptjt_core.data import step_micro_batches
 from gptjt_core.model import StageSpec
 
-WAITING, OPEN, ACCUMULATED, APPLYING, DONE = "waiting", "open", "accumulated", "applying", "done"
+WAITING, OPEN, ACCUMULATED, AVERAGING, APPLYING, DONE = ("waiting", "open", "accumulated", "averaging",
+                                                         "applying", "done")
+CONTRIBUTION, AVERAGED, APPLIED = "contribution", "averaged", "applied"
+_REPORT_PHASE = {CONTRIBUTION: ACCUMULATED, AVERAGED: AVERAGING, APPLIED: APPLYING}
 ALIVE_STATES = ("loading", "ready", "standby", "draining")
 
 SCHEMA = """
@@ -46,7 +62,8 @@ CREATE TABLE IF NOT EXISTS workers (
   id TEXT PRIMARY KEY, name TEXT, address TEXT, device TEXT, stage INTEGER NOT NULL DEFAULT -1,
   state TEXT NOT NULL, joined REAL NOT NULL, last_heartbeat REAL NOT NULL, metrics TEXT,
   tickets_done INTEGER NOT NULL DEFAULT 0,
-  loaded_epoch INTEGER NOT NULL DEFAULT -1);  -- the restore epoch whose state its stage holds
+  loaded_epoch INTEGER NOT NULL DEFAULT -1,  -- the restore epoch whose state its stage holds
+  position INTEGER NOT NULL DEFAULT -1);     -- optimizer steps applied to that state
 CREATE TABLE IF NOT EXISTS tickets (
   id INTEGER PRIMARY KEY, step INTEGER NOT NULL, attempt INTEGER NOT NULL, idx INTEGER NOT NULL,
   shard INTEGER NOT NULL, offset INTEGER NOT NULL, state TEXT NOT NULL, worker TEXT,
@@ -56,11 +73,13 @@ CREATE TABLE IF NOT EXISTS tickets (
   UNIQUE (step, attempt, idx));
 CREATE INDEX IF NOT EXISTS tickets_by_step ON tickets (step, attempt, state);
 CREATE TABLE IF NOT EXISTS reports (
-  step INTEGER NOT NULL, attempt INTEGER NOT NULL, stage INTEGER NOT NULL, kind TEXT NOT NULL,
-  worker TEXT NOT NULL, grad_norm_sq REAL, PRIMARY KEY (step, attempt, stage, kind));
+  step INTEGER NOT NULL, attempt INTEGER NOT NULL, worker TEXT NOT NULL, kind TEXT NOT NULL,
+  stage INTEGER NOT NULL, grad_norm_sq REAL, micro_batches INTEGER, group_weight REAL, digest TEXT,
+  PRIMARY KEY (step, attempt, worker, kind));
 CREATE TABLE IF NOT EXISTS steps (
   step INTEGER PRIMARY KEY, attempts INTEGER NOT NULL, loss REAL NOT NULL, tokens INTEGER NOT NULL,
-  grad_norm REAL NOT NULL, opened REAL NOT NULL, closed REAL NOT NULL);
+  grad_norm REAL NOT NULL, opened REAL NOT NULL, closed REAL NOT NULL,
+  detail TEXT NOT NULL DEFAULT '{}');  -- per stage: replicas, micro-batches summed, digests
 CREATE TABLE IF NOT EXISTS checkpoints (
   step INTEGER NOT NULL, start_layer INTEGER NOT NULL, end_layer INTEGER NOT NULL, embed INTEGER NOT NULL,
   head INTEGER NOT NULL, path TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY (step, start_layer, end_layer));
@@ -129,6 +148,9 @@ class RunLedger:
                 self._set_meta("restore_epoch", 0)
                 self._set_meta("restore_step", 0)
                 self._set_meta("restore_from_store", 0)
+                self._set_meta("members", "{}")
+                self._set_meta("contributors", "{}")
+                self._set_meta("norm_ref", "{}")
                 self._event("run_created", f"run {run.name!r}: {run.train.steps} steps of "
                             f"{run.train.global_batch} sequences, {len(plan)} stages")
                 if run.coordinator.resume_from_store:
@@ -237,27 +259,53 @@ class RunLedger:
     def _worker(self, worker_id: str):
         return self.db.execute("SELECT * FROM workers WHERE id=?", (worker_id,)).fetchone()
 
-    def stage_workers(self) -> dict[int, sqlite3.Row]:
-        rows = self.db.execute("SELECT * FROM workers WHERE stage>=0 AND state IN (%s)"
+    def stage_workers(self) -> dict[int, list[sqlite3.Row]]:
+        """Every live worker assigned to a stage, by stage (oldest first)."""
+        rows = self.db.execute("SELECT * FROM workers WHERE stage>=0 AND state IN (%s) ORDER BY joined"
                                % ",".join("?" * len(ALIVE_STATES)), ALIVE_STATES).fetchall()
-        return {r["stage"]: r for r in rows}
+        out: dict[int, list[sqlite3.Row]] = {}
+        for r in rows:
+            out.setdefault(r["stage"], []).append(r)
+        return out
+
+    def _members(self) -> dict[int, list[str]]:
+        """The replicas of each stage taking part in the current step (fixed when it opens)."""
+        return {int(k): v for k, v in json.loads(self._meta("members") or "{}").items()}
+
+    def _set_members(self, members: dict[int, list[str]]) -> None:
+        self._set_meta("members", json.dumps({str(k): v for k, v in members.items()}))
+
+    def _is_holder(self, r: sqlite3.Row) -> bool:
+        """Does this worker hold the run's current state of its stage (a peer to copy from)?"""
+        return (r["state"] in ("ready", "draining") and r["loaded_epoch"] == self.restore_epoch
+                and r["position"] in (self.step, self.step + 1)
+                and (r["position"] == self.step or self.phase == APPLYING))
 
     def _fill_vacancies(self) -> None:
-        """Give each stage without a live worker the longest-waiting standby worker."""
+        """Standby workers take stages: empty stages first, then the stage with the fewest
+        replicas, up to pipeline.replicas_per_stage each (longest-waiting worker first)."""
+        target = self.run.pipeline.replicas_per_stage
         taken = self.stage_workers()
-        for stage in range(len(self.plan)):
-            if stage in taken:
-                continue
-            row = self.db.execute("SELECT id FROM workers WHERE state='standby' AND stage=-1 "
+        while True:
+            counts = {s: len(taken.get(s, [])) for s in range(len(self.plan))}
+            short = [s for s, n in counts.items() if n < target]
+            if not short:
+                return
+            stage = min(short, key=lambda s: (counts[s], s))
+            row = self.db.execute("SELECT * FROM workers WHERE state='standby' AND stage=-1 "
                                   "ORDER BY joined LIMIT 1").fetchone()
             if row is None:
                 return
-            self.db.execute("UPDATE workers SET stage=?, state='loading' WHERE id=?", (stage, row["id"]))
+            self.db.execute("UPDATE workers SET stage=?, state='loading', loaded_epoch=-1, position=-1 WHERE id=?",
+                            (stage, row["id"]))
+            taken.setdefault(stage, []).append(row)
             self._set_meta("plan_version", self.plan_version + 1)
             spec = self.plan[stage]
-            self._event("stage_assigned", f"stage {stage} (layers {spec.start}-{spec.end}) -> {row['id']}")
+            role = "replica %d of " % (counts[stage] + 1) if counts[stage] else ""
+            self._event("stage_assigned", f"{role}stage {stage} (layers {spec.start}-{spec.end}) -> {row['id']}")
 
-    def heartbeat(self, worker_id: str, state: str, metrics: dict, loaded_epoch: int = -1) -> bool:
+    def heartbeat(self, worker_id: str, state: str, metrics: dict, loaded_epoch: int = -1,
+                  position: int = -1) -> bool:
         """Record liveness; False if the worker is unknown or was declared dead (re-join)."""
         row = self._worker(worker_id)
         if row is None or row["state"] not in ALIVE_STATES:
@@ -266,12 +314,15 @@ class RunLedger:
         if row["stage"] < 0 and new_state != "draining":
             new_state = "standby"
         with self._tx():
-            self.db.execute("UPDATE workers SET last_heartbeat=?, state=?, metrics=?, loaded_epoch=? WHERE id=?",
-                            (self.clock(), new_state, json.dumps(metrics), loaded_epoch, worker_id))
+            self.db.execute("UPDATE workers SET last_heartbeat=?, state=?, metrics=?, loaded_epoch=?, position=? "
+                            "WHERE id=?", (self.clock(), new_state, json.dumps(metrics), loaded_epoch, position,
+                                           worker_id))
             if new_state != row["state"]:
                 self._event("worker_state", f"{worker_id}: {row['state']} -> {new_state}")
-            if new_state != row["state"] or loaded_epoch != row["loaded_epoch"]:
+            if (new_state, loaded_epoch, position) != (row["state"], row["loaded_epoch"], row["position"]):
+                self._set_meta("plan_version", self.plan_version + 1)  # peers' addresses may change
                 self._maybe_open()
+                self._admit_to_open_step(worker_id)
         return True
 
     def leave(self, worker_id: str) -> None:
@@ -289,7 +340,29 @@ class RunLedger:
             with self._tx():
                 for worker_id in dead:
                     self._drop_worker(worker_id, "dead", "worker_dead")
+        if self.phase == AVERAGING:
+            limit = 3 * self.run.averaging.timeout_s
+            started = float(self._meta("averaging_started") or self.clock())
+            if self.clock() - started > limit:
+                with self._tx():
+                    self._restart_step(f"averaging did not finish within {limit:.0f} s (3 x averaging.timeout_s)")
+                    self._set_meta("phase", WAITING)
+                    self._maybe_open()
         return dead
+
+    def worker_at(self, address: str) -> str | None:
+        """The live worker serving its stage at `address`."""
+        row = self.db.execute("SELECT id FROM workers WHERE address=? AND state IN (%s)"
+                              % ",".join("?" * len(ALIVE_STATES)), (address, *ALIVE_STATES)).fetchone()
+        return row["id"] if row else None
+
+    def declare_dead(self, worker_id: str, why: str) -> None:
+        """A peer reported this worker unreachable and the coordinator's probe confirmed it."""
+        with self._tx():
+            row = self._worker(worker_id)
+            if row is not None and row["state"] in ALIVE_STATES:
+                self._event("worker_unreachable", f"{worker_id} ({row['name']}): {why}")
+                self._drop_worker(worker_id, "dead", "worker_dead")
 
     def _drop_worker(self, worker_id: str, state: str, event: str) -> None:
         row = self._worker(worker_id)
@@ -299,13 +372,30 @@ class RunLedger:
         released = self.db.execute("UPDATE tickets SET state='pending', worker=NULL, issues=issues+1 "
                                    "WHERE worker=? AND state='leased'", (worker_id,)).rowcount
         self._event(event, f"{worker_id} ({row['name']}), stage {row['stage']}; {released} leased ticket(s) re-issued")
-        if row["stage"] >= 0:
-            self._set_meta("plan_version", self.plan_version + 1)
-            self._event("stage_vacant", f"stage {row['stage']} has no worker; ticket issue waits")
-            if self.phase != DONE:
-                self._vacate(row["stage"], f"stage {row['stage']} lost worker {worker_id}")
-            self._fill_vacancies()
-            self._maybe_open()
+        stage = row["stage"]
+        if stage < 0:
+            return
+        self._set_meta("plan_version", self.plan_version + 1)
+        members = self._members()
+        was_member = worker_id in members.get(stage, [])
+        if was_member:
+            members[stage].remove(worker_id)
+            self._set_members(members)
+        holders = [r for r in self.stage_workers().get(stage, []) if self._is_holder(r)]
+        if self.phase == DONE:
+            pass
+        elif holders or (not was_member and not self._is_holder(row)):
+            # Another replica holds the state (or this one held none): nothing is lost but the
+            # dead replica's gradient share of the open step, estimated at averaging.
+            if was_member and members.get(stage) and self.phase in (OPEN, ACCUMULATED, AVERAGING):
+                self._event("replica_lost", f"stage {stage} goes on with {len(members[stage])} replica(s); "
+                            f"{worker_id}'s gradient share of step {self.step} is estimated from theirs")
+            self._advance()
+        else:
+            self._event("stage_vacant", f"stage {stage} has no worker holding its state; ticket issue waits")
+            self._vacate(stage, f"stage {stage} lost worker {worker_id}")
+        self._fill_vacancies()
+        self._maybe_open()
 
     def _vacate(self, stage: int, why: str) -> None:
         """The stage's state is gone with its worker: decide what every stage must hold now."""
@@ -315,7 +405,7 @@ class RunLedger:
         covered = self._is_complete(step) if self.phase == APPLYING else self._store_covers(step, spec)
         target = step if covered else (self._latest_complete() or 0)
         if target == step:  # nothing closed is lost; only the open step's partial work
-            if self.phase in (OPEN, ACCUMULATED, APPLYING) and self._step_has_work():
+            if self.phase in (OPEN, ACCUMULATED, AVERAGING, APPLYING) and self._step_has_work():
                 self._restart_step(why)
         else:
             self._rollback(target, why)
@@ -323,6 +413,7 @@ class RunLedger:
         self._set_meta("restore_step", target)
         self._set_meta("restore_from_store", int(bool(self._stored(target))))
         self._set_meta("phase", WAITING)
+        self._set_members({})  # nobody holds the state to restore until it has loaded it
 
     def _next_attempt(self, step: int) -> int:
         return self.db.execute("SELECT COALESCE(MAX(attempt), -1) FROM tickets WHERE step=?",
@@ -391,16 +482,20 @@ class RunLedger:
                             (step, attempt, ref.index, ref.shard, ref.offset, 1 if reissue else 0))
 
     def _maybe_open(self) -> None:
-        """WAITING -> OPEN once every stage has a READY worker."""
+        """WAITING -> OPEN once every stage has a READY replica holding the current state;
+        those replicas are the step's members."""
         if self.phase != WAITING:
             return
         workers = self.stage_workers()
-        epoch = self.restore_epoch
-        if len(workers) == len(self.plan) and all(w["state"] == "ready" and w["loaded_epoch"] == epoch
-                                                  for w in workers.values()):
+        epoch, step = self.restore_epoch, self.step
+        members = {s: [w["id"] for w in workers.get(s, []) if w["state"] == "ready" and w["loaded_epoch"] == epoch
+                       and w["position"] == step] for s in range(len(self.plan))}
+        if all(members.values()):
             if self.step >= self.run.train.steps:
                 self._set_meta("phase", DONE)
                 return
+            self._set_members(members)
+            self._set_meta("contributors", "{}")
             exists = self.db.execute("SELECT COUNT(*) FROM tickets WHERE step=? AND attempt=?",
                                      (self.step, self.attempt)).fetchone()[0]
             if not exists:
@@ -408,6 +503,20 @@ class RunLedger:
                 self._set_meta("step_opened", self.clock())
             self._set_meta("phase", OPEN)
             self._event("step_open", f"step {self.step} attempt {self.attempt}")
+
+    def _admit_to_open_step(self, worker_id: str) -> None:
+        """A replica that came to hold the current state while the step is OPEN takes part at
+        once: its gradients start at zero like everyone's, and averaging is still ahead."""
+        row = self._worker(worker_id)
+        if (self.phase != OPEN or row is None or row["stage"] < 0 or row["state"] != "ready"
+                or row["loaded_epoch"] != self.restore_epoch or row["position"] != self.step):
+            return
+        members = self._members()
+        if worker_id not in members.setdefault(row["stage"], []):
+            members[row["stage"]].append(worker_id)
+            self._set_members(members)
+            self._event("replica_admitted", f"{worker_id} takes part in step {self.step} as a replica of "
+                        f"stage {row['stage']}")
 
     def lease(self, worker_id: str, max_tickets: int) -> tuple[list[TicketRow], str]:
         row = self._worker(worker_id)
@@ -419,6 +528,8 @@ class RunLedger:
             return [], "ticket issue is paused by the operator"
         if self.phase != OPEN:
             return [], f"step {self.step} is {self.phase}"
+        if worker_id not in self._members().get(0, []):
+            return [], f"this replica joined during step {self.step}; it takes part from the next step"
         with self._tx():
             rows = self.db.execute("SELECT * FROM tickets WHERE step=? AND attempt=? AND state='pending' "
                                    "ORDER BY idx LIMIT ?", (self.step, self.attempt, max(0, max_tickets))).fetchall()
@@ -461,39 +572,128 @@ class RunLedger:
         return n
 
     # -- the step protocol -------------------------------------------------------------
-    def report(self, worker_id: str, step: int, attempt: int, applied: bool, grad_norm_sq: float) -> bool:
-        """A stage reports ACCUMULATED (norm^2) or APPLIED for (step, attempt)."""
+    def report(self, worker_id: str, step: int, attempt: int, kind: str, grad_norm_sq: float = 0.0,
+               micro_batches: int = 0, group_weight: float = 0.0, digest: str = "") -> bool:
+        """A member replica reports its part of the step protocol for (step, attempt)."""
         row = self._worker(worker_id)
-        if row is None or row["stage"] < 0 or step != self.step or attempt != self.attempt:
-            return False
-        kind = "applied" if applied else "accumulated"
-        if (applied and self.phase != APPLYING) or (not applied and self.phase != ACCUMULATED):
+        if (row is None or row["stage"] < 0 or step != self.step or attempt != self.attempt
+                or kind not in _REPORT_PHASE or self.phase != _REPORT_PHASE[kind]
+                or worker_id not in self._members().get(row["stage"], [])):
             return False
         with self._tx():
-            self.db.execute("INSERT OR REPLACE INTO reports VALUES(?, ?, ?, ?, ?, ?)",
-                            (step, attempt, row["stage"], kind, worker_id, grad_norm_sq))
-            done = self.db.execute("SELECT COUNT(*), SUM(grad_norm_sq) FROM reports WHERE step=? AND attempt=? "
-                                   "AND kind=?", (step, attempt, kind)).fetchone()
-            if not applied and done[0] == len(self.plan):
-                self._set_meta("grad_norm", float(done[1]) ** 0.5)
-                self._set_meta("phase", APPLYING)
-            elif applied:
-                self._close_step_if_applied()
+            self.db.execute("INSERT OR REPLACE INTO reports VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (step, attempt, worker_id, kind, row["stage"], grad_norm_sq, micro_batches,
+                             group_weight, digest))
+            if kind == APPLIED:
+                self.db.execute("UPDATE workers SET position=? WHERE id=?", (step + 1, worker_id))
+            self._advance()
         return True
 
-    def _close_step_if_applied(self) -> None:
-        applied = self.db.execute("SELECT COUNT(*) FROM reports WHERE step=? AND attempt=? AND kind='applied'",
-                                  (self.step, self.attempt)).fetchone()[0]
-        if self.phase == APPLYING and applied == len(self.plan):
+    def _reports(self, kind: str) -> dict[int, list[sqlite3.Row]] | None:
+        """This attempt's reports of `kind` by stage, once every member has sent one (else None)."""
+        members = self._members()
+        rows = self.db.execute("SELECT * FROM reports WHERE step=? AND attempt=? AND kind=?",
+                               (self.step, self.attempt, kind)).fetchall()
+        by_worker = {r["worker"]: r for r in rows}
+        if any(w not in by_worker for ids in members.values() for w in ids):
+            return None
+        return {s: [by_worker[w] for w in ids] for s, ids in members.items()}
+
+    def _advance(self) -> None:
+        """Move the step on once every member replica has reported for the current phase."""
+        phase = self.phase
+        if phase == ACCUMULATED and (done := self._reports(CONTRIBUTION)) is not None:
+            if self.run.pipeline.replicas_per_stage == 1:
+                self._set_meta("grad_norm", sum(_norm_sq(r) for rows in done.values() for r in rows) ** 0.5)
+                self._set_meta("phase", APPLYING)
+            else:
+                self._judge_contributions(done)
+        elif phase == AVERAGING and (done := self._reports(AVERAGED)) is not None:
+            tolerance = 1e-6 if self.run.averaging.compression == "none" else 1e-2
+            total = 0.0
+            for stage, rows in done.items():
+                weights = {r["group_weight"] for r in rows}
+                norms = [_norm_sq(r) for r in rows]
+                spread = (max(norms) - min(norms)) / max(abs(max(norms)), 1e-30)
+                if len(weights) > 1 or spread > tolerance:
+                    self._restart_step(f"stage {stage}'s replicas summed different gradients (micro-batches "
+                                       f"{sorted(weights)}, norm^2 {norms}); re-running the step")
+                    self._set_meta("phase", WAITING)
+                    self._maybe_open()
+                    return
+                total += sum(norms) / len(norms)
+            self._set_meta("grad_norm", total ** 0.5)
+            self._set_meta("phase", APPLYING)
+        elif phase == APPLYING and (done := self._reports(APPLIED)) is not None:
+            for stage, rows in done.items():
+                digests = {r["digest"] for r in rows}
+                if len(digests) > 1:
+                    self._event("replicas_diverged", f"step {self.step}: stage {stage}'s replicas hold different "
+                                f"parameters after the update ({len(digests)} digests)")
             self._close_step()
+
+    def _judge_contributions(self, done: dict[int, list[sqlite3.Row]]) -> None:
+        """ACCUMULATED -> AVERAGING: refuse non-finite or far-too-large contributions.
+
+        A replica's size is its gradient norm per micro-batch; the stage's reference is the
+        lower median of its replicas' sizes and the previous step's accepted size, so one bad
+        replica of two cannot pass itself off as the norm."""
+        factor = self.run.averaging.poison_norm_factor
+        refs = {int(k): v for k, v in json.loads(self._meta("norm_ref") or "{}").items()}
+        contributors, skip = {}, False
+        for stage, rows in done.items():
+            sizes = {r["worker"]: math.sqrt(_norm_sq(r)) / r["micro_batches"] for r in rows
+                     if math.isfinite(_norm_sq(r)) and r["micro_batches"] > 0}
+            pool = sorted([*sizes.values(), *([refs[stage]] if stage in refs else [])])
+            ref = pool[(len(pool) - 1) // 2] if pool else 0.0
+            accepted = []
+            for r in rows:
+                size = sizes.get(r["worker"])
+                if not math.isfinite(_norm_sq(r)):
+                    why = "NaN/Inf gradient"
+                elif size is not None and ref > 0 and size > factor * ref:
+                    why = f"gradient norm per micro-batch {size:.4g} is over {factor:g} x the stage's {ref:.4g}"
+                else:
+                    accepted.append(r["worker"])
+                    continue
+                name = self._worker(r["worker"])["name"]
+                self._event("poisoned_update", f"step {self.step}: stage {stage} replica {r['worker']} ({name}): "
+                            f"{why}; its contribution is refused and its share estimated from the others")
+            contributors[stage] = accepted
+            kept = [sizes[w] for w in accepted if w in sizes]
+            if kept:
+                refs[stage] = sorted(kept)[(len(kept) - 1) // 2]
+            else:
+                skip = True
+        self._set_meta("norm_ref", json.dumps({str(k): v for k, v in refs.items()}))
+        self._set_meta("contributors", json.dumps({str(k): v for k, v in contributors.items()}))
+        if skip:
+            # Some stage has no usable gradient: nobody updates (as with a NaN global norm).
+            self._event("step_skipped", f"step {self.step}: a stage has no acceptable gradient; update skipped")
+            self._set_meta("grad_norm", float("nan"))
+            self._set_meta("phase", APPLYING)
+        else:
+            self._set_meta("averaging_started", self.clock())
+            self._set_meta("phase", AVERAGING)
 
     def _close_step(self) -> None:
         step, attempt = self.step, self.attempt
         loss, tokens = self.db.execute("SELECT SUM(loss), SUM(tokens) FROM tickets WHERE step=? AND attempt=? "
                                        "AND state='committed'", (step, attempt)).fetchone()
         opened = float(self._meta("step_opened") or self.clock())
-        self.db.execute("INSERT INTO steps VALUES(?, ?, ?, ?, ?, ?, ?)",
-                        (step, attempt + 1, loss, tokens, float(self._meta("grad_norm")), opened, self.clock()))
+        detail = {}
+        for r in self.db.execute("SELECT * FROM reports WHERE step=? AND attempt=? ORDER BY worker",
+                                 (step, attempt)).fetchall():
+            d = detail.setdefault(str(r["stage"]), {"replicas": [], "summed_micro_batches": None, "digests": {}})
+            if r["kind"] == CONTRIBUTION:
+                d["replicas"].append(r["worker"])
+            elif r["kind"] == AVERAGED:
+                d["summed_micro_batches"] = r["group_weight"]
+            elif r["kind"] == APPLIED:
+                d["digests"][r["worker"]] = r["digest"]
+        self.db.execute("INSERT INTO steps VALUES(?, ?, ?, ?, ?, ?, ?, ?)",
+                        (step, attempt + 1, loss, tokens, float(self._meta("grad_norm")), opened, self.clock(),
+                         json.dumps(detail)))
         self._event("step_closed", f"step {step}: loss {loss:.4f}, {tokens} tokens")
         self._set_meta("step", step + 1)
         self._set_meta("attempt", self._next_attempt(step + 1))  # 0 unless a rollback re-runs it
@@ -506,16 +706,28 @@ class RunLedger:
 
     # -- operator ----------------------------------------------------------------------
     def assignment(self, worker_id: str) -> dict:
-        """The worker's stage (or standby) and where to send its activations."""
+        """The worker's stage (or standby), its peers, and where to send its activations."""
         row = self._worker(worker_id)
         stage = row["stage"] if row is not None and row["state"] in ALIVE_STATES else -1
-        out = {"stage": stage, "num_stages": len(self.plan), "next_address": ""}
-        if stage >= 0:
-            spec = self.plan[stage]
-            out.update(start_layer=spec.start, end_layer=spec.end, embed=spec.embed, head=spec.head)
-            nxt = self.stage_workers().get(stage + 1)
-            if nxt is not None:
-                out["next_address"] = nxt["address"]
+        out = {"stage": stage, "num_stages": len(self.plan), "next_address": "", "next_addresses": [],
+               "member": False, "peer_ids": [], "peer_addresses": [], "contributors": [],
+               "checkpoint_writer": False}
+        if stage < 0:
+            return out
+        spec = self.plan[stage]
+        out.update(start_layer=spec.start, end_layer=spec.end, embed=spec.embed, head=spec.head)
+        workers, members = self.stage_workers(), self._members()
+        nxt = workers.get(stage + 1, [])
+        serving = [w["address"] for w in nxt if w["id"] in members.get(stage + 1, [])]
+        out["next_addresses"] = serving or [w["address"] for w in nxt]
+        out["next_address"] = out["next_addresses"][0] if out["next_addresses"] else ""
+        mine = members.get(stage, [])
+        out["member"] = worker_id in mine
+        out["peer_ids"] = list(mine)
+        out["peer_addresses"] = [w["address"] for w in workers.get(stage, [])
+                                 if w["id"] != worker_id and self._is_holder(w)]
+        out["contributors"] = json.loads(self._meta("contributors") or "{}").get(str(stage), [])
+        out["checkpoint_writer"] = bool(mine) and worker_id == min(mine)
         return out
 
     def run_state(self, worker_id: str) -> dict:
@@ -560,9 +772,10 @@ class RunLedger:
                             "state": r["state"], "last_heartbeat_s": round(now - r["last_heartbeat"], 3),
                             "device": json.loads(r["device"] or "{}"), "metrics": json.loads(r["metrics"] or "{}"),
                             "tickets_done": r["tickets_done"]})
-        live = self.stage_workers()
+        live, members = self.stage_workers(), self._members()
         stages = [{"index": i, "start_layer": s.start, "end_layer": s.end, "embed": s.embed, "head": s.head,
-                   "workers": [live[i]["id"]] if i in live else []} for i, s in enumerate(self.plan)]
+                   "workers": [w["id"] for w in live.get(i, [])], "members": members.get(i, [])}
+                  for i, s in enumerate(self.plan)]
         events = [dict(r) for r in self.db.execute("SELECT * FROM events ORDER BY id DESC LIMIT 50").fetchall()]
         return {
             "run": self.run.name, "model_source": self.run.model.source, "tokenizer": self.run.data.tokenizer,
@@ -572,15 +785,23 @@ class RunLedger:
             "tokens_per_s": sum(r["tokens"] for r in recent) / span if span > 0 else 0.0,
             "loss": steps[-1]["loss"] if steps else None,
             "history": [{"step": r["step"], "loss": r["loss"], "tokens": r["tokens"], "grad_norm": r["grad_norm"],
-                         "seconds": r["closed"] - r["opened"], "attempts": r["attempts"]} for r in steps],
+                         "seconds": r["closed"] - r["opened"], "attempts": r["attempts"],
+                         "stages": json.loads(r["detail"])} for r in steps],
             "workers": workers, "stages": stages,
             "tickets": {**self.ticket_counts(), "exactly_once_violations": self.exactly_once_violations()},
             "events": events[::-1], "plan_version": self.plan_version,
             "restore_epoch": self.restore_epoch,
+            "replicas_per_stage": self.run.pipeline.replicas_per_stage,
             "checkpoints": {"store": self.run.coordinator.store_root, "latest_complete": self._latest_complete(),
                             "steps": [r[0] for r in self.db.execute(
                                 "SELECT DISTINCT step FROM checkpoints ORDER BY step").fetchall()]},
         }
+
+
+def _norm_sq(report: sqlite3.Row) -> float:
+    """A report's gradient norm^2; SQLite stores NaN as NULL."""
+    value = report["grad_norm_sq"]
+    return float("nan") if value is None else float(value)
 
 
 def create_token_in(path: str | Path) -> str:

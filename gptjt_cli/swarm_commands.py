@@ -101,6 +101,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 async def _fetch_all_stages(status: dict) -> list[dict]:
+    from safetensors.torch import load
+
+    from gptjt_core.stage_checkpoint import split_state
     from worker.transport import LinkCounters, StageClient
 
     client = StageClient(LinkCounters(), 1 << 20)
@@ -110,7 +113,8 @@ async def _fetch_all_stages(status: dict) -> list[dict]:
         for stage in status["stages"]:
             if not stage["workers"]:
                 raise RuntimeError(f"stage {stage['index']} has no live worker; cannot export it")
-            states.append(await client.fetch_state(by_id[stage["workers"][0]]["address"]))
+            _, blob = await client.fetch_state(by_id[stage["workers"][0]]["address"])
+            states.append(split_state(load(blob))[0])  # weights only
         return states
     finally:
         await client.close()

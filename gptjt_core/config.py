@@ -303,6 +303,9 @@ class PipelineConfig:
     """Bytes per gRPC message when streaming a tensor (gRPC's default cap is 4 MB)."""
     max_payload_bytes: int = 1 << 30
     """Largest tensor a stage accepts; bigger payloads are refused before they are buffered."""
+    replicas_per_stage: int = 1
+    """Data-parallel replicas the coordinator assigns to each stage (more joiners wait on standby).
+    With more than one, replicas sum their gradients through hivemind at every step close."""
 
     def __post_init__(self) -> None:
         _check(self.num_stages >= 1, "num_stages", self.num_stages, "an integer >= 1")
@@ -314,10 +317,39 @@ class PipelineConfig:
                "4 KiB .. 4 MiB (gRPC's default message cap)")
         _check(self.max_payload_bytes >= self.chunk_bytes, "max_payload_bytes", self.max_payload_bytes,
                "at least chunk_bytes")
+        _check(self.replicas_per_stage >= 1, "replicas_per_stage", self.replicas_per_stage, "an integer >= 1")
 
     @property
     def in_flight(self) -> int:
         return self.max_in_flight or self.num_stages + 1
+
+
+AVERAGING_COMPRESSIONS = ("none", "fp16", "8bit-blockwise")
+
+
+@dataclass
+class AveragingConfig:
+    """How a stage's replicas sum their gradients (hivemind DecentralizedAverager), and when a
+    replica's contribution is refused as poisoned. Used only when pipeline.replicas_per_stage > 1."""
+
+    compression: str = "none"
+    """hivemind wire compression of the gradient all-reduce: "none" keeps replicas bit-identical;
+    "fp16" or "8bit-blockwise" halve or quarter the traffic at the cost of per-replica rounding."""
+    timeout_s: float = 30.0
+    """Bound on one averaging round (matchmaking + all-reduce), in seconds. A round that fails is
+    retried with the replicas still alive; the coordinator restarts the step after 3 x this."""
+    matchmaking_s: float = 0.5
+    """How long replicas wait to assemble a group, in seconds (hivemind min_matchmaking_time)."""
+    poison_norm_factor: float = 10.0
+    """A contribution whose gradient norm per micro-batch exceeds this factor times the stage's
+    reference (the lower median of the replicas' norms and the previous step's) is refused."""
+
+    def __post_init__(self) -> None:
+        _check(self.compression in AVERAGING_COMPRESSIONS, "compression", self.compression,
+               f"one of {list(AVERAGING_COMPRESSIONS)}")
+        _check(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number of seconds > 0")
+        _check(self.matchmaking_s > 0, "matchmaking_s", self.matchmaking_s, "a number of seconds > 0")
+        _check(self.poison_norm_factor > 1, "poison_norm_factor", self.poison_norm_factor, "a number > 1")
 
 
 @dataclass
@@ -366,6 +398,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
 
     def __post_init__(self) -> None:

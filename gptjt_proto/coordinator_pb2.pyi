@@ -23,6 +23,7 @@ class StepPhase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ACCUMULATED: _ClassVar[StepPhase]
     APPLYING: _ClassVar[StepPhase]
     DONE: _ClassVar[StepPhase]
+    AVERAGING: _ClassVar[StepPhase]
 
 class CommitResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -31,6 +32,13 @@ class CommitResult(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALREADY_COMMITTED: _ClassVar[CommitResult]
     STALE: _ClassVar[CommitResult]
     NOT_LEASED: _ClassVar[CommitResult]
+
+class ReportKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REPORT_KIND_UNSPECIFIED: _ClassVar[ReportKind]
+    CONTRIBUTION: _ClassVar[ReportKind]
+    AVERAGED: _ClassVar[ReportKind]
+    APPLIED: _ClassVar[ReportKind]
 WORKER_STATE_UNSPECIFIED: WorkerState
 LOADING: WorkerState
 READY: WorkerState
@@ -42,11 +50,16 @@ OPEN: StepPhase
 ACCUMULATED: StepPhase
 APPLYING: StepPhase
 DONE: StepPhase
+AVERAGING: StepPhase
 COMMIT_RESULT_UNSPECIFIED: CommitResult
 COMMITTED: CommitResult
 ALREADY_COMMITTED: CommitResult
 STALE: CommitResult
 NOT_LEASED: CommitResult
+REPORT_KIND_UNSPECIFIED: ReportKind
+CONTRIBUTION: ReportKind
+AVERAGED: ReportKind
+APPLIED: ReportKind
 
 class DeviceInfo(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "matmul_tflops")
@@ -75,7 +88,7 @@ class JoinRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages")
+    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages", "next_addresses", "member", "peer_ids", "peer_addresses", "contributors", "checkpoint_writer")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -83,6 +96,12 @@ class StageAssignment(_message.Message):
     HEAD_FIELD_NUMBER: _ClassVar[int]
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
+    PEER_IDS_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_WRITER_FIELD_NUMBER: _ClassVar[int]
     stage: int
     start_layer: int
     end_layer: int
@@ -90,19 +109,27 @@ class StageAssignment(_message.Message):
     head: bool
     next_address: str
     num_stages: int
-    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ...) -> None: ...
+    next_addresses: _containers.RepeatedScalarFieldContainer[str]
+    member: bool
+    peer_ids: _containers.RepeatedScalarFieldContainer[str]
+    peer_addresses: _containers.RepeatedScalarFieldContainer[str]
+    contributors: _containers.RepeatedScalarFieldContainer[str]
+    checkpoint_writer: bool
+    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ..., next_addresses: _Optional[_Iterable[str]] = ..., member: _Optional[bool] = ..., peer_ids: _Optional[_Iterable[str]] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., checkpoint_writer: _Optional[bool] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "run_config_json", "assignment", "heartbeat_interval_s")
+    __slots__ = ("worker_id", "run_config_json", "assignment", "heartbeat_interval_s", "dht_peers")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    DHT_PEERS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     run_config_json: str
     assignment: StageAssignment
     heartbeat_interval_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    dht_peers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkerMetrics(_message.Message):
     __slots__ = ("micro_batches_per_s", "busy_fraction", "bytes_sent", "bytes_received", "micro_batches")
@@ -119,16 +146,18 @@ class WorkerMetrics(_message.Message):
     def __init__(self, micro_batches_per_s: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "metrics", "state", "loaded_epoch")
+    __slots__ = ("worker_id", "metrics", "state", "loaded_epoch", "position")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LOADED_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     metrics: WorkerMetrics
     state: int
     loaded_epoch: int
-    def __init__(self, worker_id: _Optional[str] = ..., metrics: _Optional[_Union[WorkerMetrics, _Mapping]] = ..., state: _Optional[int] = ..., loaded_epoch: _Optional[int] = ...) -> None: ...
+    position: int
+    def __init__(self, worker_id: _Optional[str] = ..., metrics: _Optional[_Union[WorkerMetrics, _Mapping]] = ..., state: _Optional[int] = ..., loaded_epoch: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("known",)
@@ -289,24 +318,46 @@ class ReleaseReply(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("worker_id", "step", "attempt", "applied", "grad_norm_sq")
+    __slots__ = ("worker_id", "step", "attempt", "kind", "grad_norm_sq", "micro_batches", "group_weight", "state_digest")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
-    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     GRAD_NORM_SQ_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    GROUP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step: int
     attempt: int
-    applied: bool
+    kind: ReportKind
     grad_norm_sq: float
-    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., applied: _Optional[bool] = ..., grad_norm_sq: _Optional[float] = ...) -> None: ...
+    micro_batches: int
+    group_weight: float
+    state_digest: str
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[ReportKind, str]] = ..., grad_norm_sq: _Optional[float] = ..., micro_batches: _Optional[int] = ..., group_weight: _Optional[float] = ..., state_digest: _Optional[str] = ...) -> None: ...
 
 class StepReportReply(_message.Message):
     __slots__ = ("accepted",)
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+
+class PeerFailure(_message.Message):
+    __slots__ = ("worker_id", "address", "reason")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class PeerFailureReply(_message.Message):
+    __slots__ = ("declared_dead",)
+    DECLARED_DEAD_FIELD_NUMBER: _ClassVar[int]
+    declared_dead: bool
+    def __init__(self, declared_dead: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

@@ -74,6 +74,11 @@ class CoordinatorStub:
                 request_serializer=gptjt__proto_dot_coordinator__pb2.StepReport.SerializeToString,
                 response_deserializer=gptjt__proto_dot_coordinator__pb2.StepReportReply.FromString,
                 _registered_method=True)
+        self.ReportPeerFailure = channel.unary_unary(
+                '/gptjt.Coordinator/ReportPeerFailure',
+                request_serializer=gptjt__proto_dot_coordinator__pb2.PeerFailure.SerializeToString,
+                response_deserializer=gptjt__proto_dot_coordinator__pb2.PeerFailureReply.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/gptjt.Coordinator/Status',
                 request_serializer=gptjt__proto_dot_coordinator__pb2.StatusRequest.SerializeToString,
@@ -147,7 +152,16 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportStep(self, request, context):
-        """A stage reports that step `step` is accumulated (with its gradient norm^2), or applied.
+        """A stage replica reports its part of the step protocol (see ReportKind).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportPeerFailure(self, request, context):
+        """A worker reports that a peer it talks to failed (connection reset, averaging peer gone).
+        The coordinator probes the peer's address and declares it dead at once if it is down,
+        instead of waiting for its heartbeat timeout.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,6 +232,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportStep,
                     request_deserializer=gptjt__proto_dot_coordinator__pb2.StepReport.FromString,
                     response_serializer=gptjt__proto_dot_coordinator__pb2.StepReportReply.SerializeToString,
+            ),
+            'ReportPeerFailure': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportPeerFailure,
+                    request_deserializer=gptjt__proto_dot_coordinator__pb2.PeerFailure.FromString,
+                    response_serializer=gptjt__proto_dot_coordinator__pb2.PeerFailureReply.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -451,6 +470,33 @@ class Coordinator:
             '/gptjt.Coordinator/ReportStep',
             gptjt__proto_dot_coordinator__pb2.StepReport.SerializeToString,
             gptjt__proto_dot_coordinator__pb2.StepReportReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportPeerFailure(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptjt.Coordinator/ReportPeerFailure',
+            gptjt__proto_dot_coordinator__pb2.PeerFailure.SerializeToString,
+            gptjt__proto_dot_coordinator__pb2.PeerFailureReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,8 +57,22 @@ class StageChunk(_message.Message):
     header: MicroBatchHeader
     reply: ReplyHeader
     data: bytes
-    state: TensorMeta
-    def __init__(self, header: _Optional[_Union[MicroBatchHeader, _Mapping]] = ..., reply: _Optional[_Union[ReplyHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., state: _Optional[_Union[TensorMeta, _Mapping]] = ...) -> None: ...
+    state: StateHeader
+    def __init__(self, header: _Optional[_Union[MicroBatchHeader, _Mapping]] = ..., reply: _Optional[_Union[ReplyHeader, _Mapping]] = ..., data: _Optional[bytes] = ..., state: _Optional[_Union[StateHeader, _Mapping]] = ...) -> None: ...
+
+class StateHeader(_message.Message):
+    __slots__ = ("nbytes", "position", "stage", "start_layer", "end_layer")
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    nbytes: int
+    position: int
+    stage: int
+    start_layer: int
+    end_layer: int
+    def __init__(self, nbytes: _Optional[int] = ..., position: _Optional[int] = ..., stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class FetchStateRequest(_message.Message):
     __slots__ = ()

@@ -64,7 +64,8 @@ class StageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchState(self, request, context):
-        """This stage's weights as safetensors bytes in chunks (export, live joiners).
+        """This stage's weights and optimizer state as safetensors bytes in chunks, announced by a
+        StateHeader (export, live joiners).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -61,10 +61,11 @@ class CoordinatorClient:
                 raise JoinRefused(f"coordinator {self.address} refused the join: {e.details()}") from None
             raise
 
-    async def heartbeat(self, worker_id: str, state: int, metrics: dict, loaded_epoch: int) -> bool:
+    async def heartbeat(self, worker_id: str, state: int, metrics: dict, loaded_epoch: int,
+                        position: int = -1) -> bool:
         reply = await self._retry(self.stub.Heartbeat, pb.HeartbeatRequest(
-            worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics), loaded_epoch=loaded_epoch),
-            timeout=5.0)
+            worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics), loaded_epoch=loaded_epoch,
+            position=position), timeout=5.0)
         return reply.known
 
     async def put_checkpoint(self, worker_id: str, step: int, spec, blob: bytes, chunk_bytes: int) -> str:
@@ -119,10 +120,23 @@ class CoordinatorClient:
                                                                               ticket_ids=ticket_ids))
         return reply.released
 
-    async def report(self, worker_id: str, step: int, attempt: int, applied: bool, grad_norm_sq: float = 0.0) -> bool:
+    async def report(self, worker_id: str, step: int, attempt: int, kind: int, grad_norm_sq: float = 0.0,
+                     micro_batches: int = 0, group_weight: float = 0.0, state_digest: str = "") -> bool:
+        """kind: pb.CONTRIBUTION, pb.AVERAGED or pb.APPLIED (see coordinator.proto)."""
         reply = await self._retry(self.stub.ReportStep, pb.StepReport(
-            worker_id=worker_id, step=step, attempt=attempt, applied=applied, grad_norm_sq=grad_norm_sq))
+            worker_id=worker_id, step=step, attempt=attempt, kind=kind, grad_norm_sq=grad_norm_sq,
+            micro_batches=micro_batches, group_weight=group_weight, state_digest=state_digest))
         return reply.accepted
+
+    async def report_peer_failure(self, worker_id: str, address: str, reason: str) -> bool:
+        """Tell the coordinator a peer failed; True if it was declared dead."""
+        try:
+            reply = await self.stub.ReportPeerFailure(pb.PeerFailure(worker_id=worker_id, address=address,
+                                                                     reason=reason), timeout=5.0)
+        except grpc.aio.AioRpcError as e:
+            log.warning("could not report peer %s (%s)", address, e.code().name)
+            return False
+        return reply.declared_dead
 
     async def leave(self, worker_id: str) -> None:
         await self.stub.Leave(pb.LeaveRequest(worker_id=worker_id), timeout=5.0)

@@ -16,6 +16,7 @@ from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2 as spb
 
 from .compute import BACKWARD, FORWARD, OTHER
+from .routing import NoReplicaAvailable
 from .stage import StaleMicroBatch
 from .transport import labels_bytes
 
@@ -36,7 +37,6 @@ class Stage0Driver:
         self.tasks: dict[int, asyncio.Task] = {}  # ticket_id -> task
         self.leased: set[int] = set()
         self.wake = asyncio.Event()
-        self.downstream_broken = False
 
     async def run(self) -> None:
         """Lease and process tickets while the step is open; returns when told to stop."""
@@ -44,7 +44,8 @@ class Stage0Driver:
         while not w.stopping.is_set():
             state = w.state
             can_lease = (state is not None and state.phase == cpb.OPEN and not state.paused and not w.leaving
-                         and w.stage is not None and w.stage.spec.embed and not self.downstream_broken)
+                         and state.assignment.member and w.stage is not None and w.stage.spec.embed
+                         and (w.stage.spec.head or w.router.available))
             free = w.run.pipeline.in_flight - len(self.tasks)
             if can_lease and free > 0:
                 reply = await w.coordinator.lease(w.worker_id, free)
@@ -82,8 +83,7 @@ class Stage0Driver:
                                               global_batch=w.run.train.global_batch,
                                               prefix_lengths=mb.prefix_lengths.tolist(),
                                               labels=labels_bytes(mb.labels), stage=1)
-                reply, grad = await w.client.process(w.assignment.next_address, header,
-                                                     encode(out, w.run.pipeline.activation_codec))
+                reply, grad = await w.send_downstream(header, encode(out, w.run.pipeline.activation_codec))
                 await w.compute.run(BACKWARD, lambda: stage.backward(key, ticket.step, decode(grad)))
                 loss = reply.loss
             result = await w.coordinator.commit(w.worker_id, ticket, loss, mb.input_ids.numel())
@@ -95,8 +95,8 @@ class Stage0Driver:
             if isinstance(e, grpc.aio.AioRpcError):
                 log.warning("ticket %d failed downstream (%s: %s); handing it back", ticket.ticket_id,
                             e.code().name, e.details())
-                if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION,):
-                    self.downstream_broken = True  # wait for the coordinator to re-plan
+            elif isinstance(e, NoReplicaAvailable):
+                log.warning("ticket %d: %s; handing it back until the coordinator re-plans", ticket.ticket_id, e)
             elif not isinstance(e, (StaleMicroBatch, asyncio.CancelledError)):
                 log.error("ticket %d failed: %r; handing it back", ticket.ticket_id, e, exc_info=e)
             await self.release([ticket.ticket_id])
@@ -110,7 +110,6 @@ class Stage0Driver:
             self.leased.difference_update(ids)
 
     def on_plan_change(self) -> None:
-        self.downstream_broken = False
         self.wake.set()
 
     async def idle(self) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass
 
@@ -18,13 +20,20 @@ from gptjt_core.model import StageSpec
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2_grpc as spb_grpc
 
+from .averaging import sum_alone
 from .compute import OTHER, ComputeQueue
+from .faults import faults_from_env
 from .membership import CoordinatorClient
 from .pipeline import Stage0Driver
 from .probe import probe_device
+from .routing import NextStageRouter
 from .service import StageService
 from .stage import StageRunner
 from .transport import GRPC_OPTIONS, LinkCounters, StageClient
+
+# Downstream errors that say something about the request, not about the peer's health.
+_NOT_THE_PEERS_FAULT = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED)
 
 log = logging.getLogger("gptjt.worker")
 
@@ -62,7 +71,13 @@ class WorkerRunner:
         self.client: StageClient | None = None
         self.driver: Stage0Driver | None = None
         self._status = cpb.STANDBY
-        self._reported: set[tuple[int, int, bool]] = set()
+        self._reported: set[tuple[int, int, int]] = set()  # (step, attempt, report kind)
+        self.router = NextStageRouter()
+        self.dht = None  # hivemind DHT, when the run has replicas
+        self.averager = None  # StageAverager of our stage
+        self._averager_stage = -1
+        self._averaging: asyncio.Task | None = None
+        self.faults = faults_from_env()
         self.loaded_epoch = -1  # the restore epoch whose state self.stage holds
         self.failed = False  # a loop crashed: the process exits non-zero
         self._state_changed = asyncio.Event()
@@ -89,6 +104,8 @@ class WorkerRunner:
         self.worker_id = reply.worker_id
         self.run = from_dict(RunConfig, json.loads(reply.run_config_json))
         self.client = StageClient(self.counters, self.run.pipeline.chunk_bytes)
+        if reply.dht_peers:
+            self.dht = await asyncio.to_thread(self._start_dht, list(reply.dht_peers))
         a = reply.assignment
         where = (f"stage {a.stage} of {a.num_stages} (layers {a.start_layer}-{a.end_layer})" if a.stage >= 0
                  else "standby (every stage has a worker)")
@@ -108,11 +125,41 @@ class WorkerRunner:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.driver is not None:
             await self.driver.stop()
+        if self._averaging is not None:
+            self._averaging.cancel()
         await self.client.close()
         await self.coordinator.close()
         await server.stop(grace=0.5)
         self.compute.close()
+        if self.averager is not None:
+            self.averager.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
 
+    def _start_dht(self, initial_peers: list[str]):
+        """Join the coordinator's hivemind DHT (replicas find their averaging group through it)."""
+        import hivemind
+
+        host = self.address.rsplit(":", 1)[0].strip("[]")
+        maddr = f"/ip4/{host}/tcp/0" if host.replace(".", "").isdigit() else "/ip4/0.0.0.0/tcp/0"
+        return hivemind.DHT(initial_peers=initial_peers, host_maddrs=[maddr], start=True)
+
+    async def send_downstream(self, header, activations):
+        """Send a micro-batch to the best replica of the next stage; a replica whose connection
+        fails is skipped from now on and reported to the coordinator, which probes it."""
+        address = self.router.pick()
+        started = time.monotonic()
+        try:
+            result = await self.client.process(address, header, activations)
+        except grpc.aio.AioRpcError as e:
+            blamed = e.code() not in _NOT_THE_PEERS_FAULT
+            self.router.done(address, started, ok=not blamed)
+            if blamed:
+                asyncio.get_running_loop().create_task(self.coordinator.report_peer_failure(
+                    self.worker_id, address, f"{e.code().name}: {e.details()}"))
+            raise
+        self.router.done(address, started, ok=True)
+        return result
     def _on_task_done(self, task: asyncio.Task) -> None:
         """A crashed heartbeat or watch loop would leave a zombie worker: stop loudly instead."""
         if task.cancelled() or task.exception() is None:
@@ -171,8 +218,10 @@ class WorkerRunner:
                        "bytes_sent": self.counters.sent, "bytes_received": self.counters.received,
                        "micro_batches": mbs}
             last_t, last_busy, last_mb = now, busy, mbs
+            position = self.stage.position if self.stage is not None and self.loaded_epoch >= 0 else -1
             try:
-                known = await self.coordinator.heartbeat(self.worker_id, self._status, metrics, self.loaded_epoch)
+                known = await self.coordinator.heartbeat(self.worker_id, self._status, metrics, self.loaded_epoch,
+                                                         position)
             except grpc.aio.AioRpcError as e:
                 log.warning("heartbeat failed: %s", e.code().name)
                 known = True
@@ -195,8 +244,10 @@ class WorkerRunner:
             previous = self.state
             self.state = state
             self._state_changed.set()
+            self.router.update(list(state.assignment.next_addresses),
+                               forgive=previous is None or previous.plan_version != state.plan_version)
             if (previous is None or previous.plan_version != state.plan_version
-                    or previous.restore_epoch != state.restore_epoch):
+                    or previous.restore_epoch != state.restore_epoch or self._behind(state)):
                 for attempt in range(3):
                     try:
                         await self._apply_assignment(state.assignment, state)
@@ -215,6 +266,12 @@ class WorkerRunner:
                 self.driver.wake.set()
 
     # -- assignment and the step protocol ----------------------------------------------
+    def _behind(self, state: cpb.RunState) -> bool:
+        """A joiner whose copy of the stage is older than the run's step: fetch it again."""
+        return (self.stage is not None and self.loaded_epoch == state.restore_epoch and not state.assignment.member
+                and self.stage.position < state.step and bool(state.assignment.peer_addresses)
+                and state.phase != cpb.DONE)
+
     async def _apply_assignment(self, a: cpb.StageAssignment, state: cpb.RunState) -> None:
         async with self._assignment_lock:
             await self._apply_assignment_locked(a, state)
@@ -231,7 +288,7 @@ class WorkerRunner:
             return
         spec = StageSpec(a.start_layer, a.end_layer, embed=a.embed, head=a.head)
         if self.stage is not None and self.stage.spec == spec:
-            if self.loaded_epoch == state.restore_epoch:
+            if self.loaded_epoch == state.restore_epoch and not self._behind(state):
                 return
             if self.stage.position == state.restore_step:
                 # Our state is the one the run wants: drop partial work, keep the weights.
@@ -239,10 +296,22 @@ class WorkerRunner:
                 self.loaded_epoch = state.restore_epoch
                 self._heartbeat_soon()
                 return
+        if self.averager is not None and self._averager_stage != a.stage:
+            await asyncio.to_thread(self.averager.shutdown)
+            self.averager, self._averager_stage = None, -1
         self._status = cpb.LOADING
         self._heartbeat_soon()
         t0 = time.perf_counter()
-        if state.restore_from_store:
+        position = state.restore_step
+        if a.peer_addresses:
+            # A replica holds the run's current state: copy it, optimizer included, so this one is
+            # bit-identical to it and can take part from the next step.
+            fetched = await self._fetch_from_peer(list(a.peer_addresses))
+            if fetched is None:
+                self._status = cpb.READY if self.stage is not None else cpb.STANDBY
+                return  # try again on the next RunState
+            checkpoint, position = fetched
+        elif state.restore_from_store:
             log.info("loading stage %d (layers %d-%d) at step %d from the checkpoint store", a.stage,
                      a.start_layer, a.end_layer, state.restore_step)
             from safetensors.torch import load
@@ -252,16 +321,40 @@ class WorkerRunner:
             log.info("loading stage %d (layers %d-%d) from %s", a.stage, a.start_layer, a.end_layer,
                      self.run.model.source)
             checkpoint = None
-        position = state.restore_step
         self.stage = await self.compute.run(OTHER, lambda: StageRunner(self.run, spec, self.options.device,
                                                                        checkpoint, position))
         self.loaded_epoch = state.restore_epoch
-        log.info("stage %d ready in %.1fs", a.stage, time.perf_counter() - t0)
+        if self.dht is not None and self.averager is None:
+            from .averaging import StageAverager  # imports hivemind: only runs with replicas pay for it
+
+            stage = self.stage
+            avg = self.run.averaging
+            self.averager = await asyncio.to_thread(
+                StageAverager, self.dht, self.run.name, a.stage, [p.shape for p in stage.model.parameters()],
+                max_group=self.run.pipeline.replicas_per_stage, compression=avg.compression,
+                min_matchmaking_time=avg.matchmaking_s, timeout=avg.timeout_s)
+            self._averager_stage = a.stage
+        log.info("stage %d ready at step %d in %.1fs", a.stage, position, time.perf_counter() - t0)
         if spec.embed and self.driver is None:
             self.driver = Stage0Driver(self)
             asyncio.create_task(self.driver.run())
         self._status = cpb.DRAINING if self.leaving else cpb.READY
         self._heartbeat_soon()
+
+    async def _fetch_from_peer(self, addresses: list[str]) -> tuple[dict, int] | None:
+        from safetensors.torch import load
+
+        for address in addresses:
+            try:
+                header, blob = await self.client.fetch_state(address)
+            except (grpc.aio.AioRpcError, RuntimeError) as e:
+                log.warning("could not fetch the stage state from %s: %s", address,
+                            e.details() if isinstance(e, grpc.aio.AioRpcError) else e)
+                continue
+            log.info("fetched stage state at step %d from replica %s (%.1f MB)", header.position, address,
+                     len(blob) / 1e6)
+            return load(blob), header.position
+        return None
 
     async def save_checkpoint(self, position: int) -> None:
         """Send this stage's state (after `position` steps) to the coordinator's store."""
@@ -275,27 +368,87 @@ class WorkerRunner:
         stage = self.stage
         if stage is None or self._status == cpb.LOADING or self.loaded_epoch != state.restore_epoch:
             return
-        step, attempt = state.step, state.attempt
+        step, attempt, a = state.step, state.attempt, state.assignment
+        if state.phase == cpb.DONE:
+            if (step, -1, cpb.APPLIED) not in self._reported:
+                self._reported.add((step, -1, cpb.APPLIED))
+                print(f"gptjt-worker: run finished at step {step}; serving stage state until stopped", flush=True)
+            return
+        if not a.member:
+            return  # a replica that joined mid-step takes part from the next step
         if state.phase == cpb.OPEN:
             await self.compute.run(OTHER, lambda: stage.admit(step, attempt) if stage.last_applied < step else None)
-        elif state.phase == cpb.ACCUMULATED and (step, attempt, False) not in self._reported:
+        elif state.phase == cpb.ACCUMULATED and (step, attempt, cpb.CONTRIBUTION) not in self._reported:
             if self.driver is not None:
                 await self.driver.idle()
-            norm_sq = await self.compute.run(OTHER, stage.grad_norm_sq)
-            if await self.coordinator.report(self.worker_id, step, attempt, False, norm_sq):
-                self._reported.add((step, attempt, False))
-        elif state.phase == cpb.APPLYING and (step, attempt, True) not in self._reported:
+            self._inject_gradient_faults(stage, step)
+            norm_sq, mbs = await self.compute.run(OTHER, lambda: (stage.grad_norm_sq(), stage.step_micro_batches))
+            if await self.coordinator.report(self.worker_id, step, attempt, cpb.CONTRIBUTION, norm_sq,
+                                             micro_batches=mbs):
+                self._reported.add((step, attempt, cpb.CONTRIBUTION))
+        elif state.phase == cpb.AVERAGING and (step, attempt, cpb.AVERAGED) not in self._reported:
+            if self._averaging is None or self._averaging.done():
+                self._averaging = asyncio.create_task(self._average(stage, step, attempt))
+        elif state.phase == cpb.APPLYING and (step, attempt, cpb.APPLIED) not in self._reported:
             if stage.last_applied < step:
                 ok = await self.compute.run(OTHER, lambda: stage.apply_step(step, state.global_grad_norm))
                 if not ok:
                     log.warning("step %d: global gradient norm %s is not finite; update skipped", step,
                                 state.global_grad_norm)
                 every = self.run.train.checkpoint_every
-                if every and (step + 1) % every == 0:
+                if every and (step + 1) % every == 0 and a.checkpoint_writer:
                     # Before reporting: the step closes only once every stage is in the store.
                     await self.save_checkpoint(step + 1)
-            if await self.coordinator.report(self.worker_id, step, attempt, True):
-                self._reported.add((step, attempt, True))
-        elif state.phase == cpb.DONE and (step, -1, True) not in self._reported:
-            self._reported.add((step, -1, True))
-            print(f"gptjt-worker: run finished at step {step}; serving stage state until stopped", flush=True)
+            digest = await self.compute.run(OTHER, stage.state_digest)
+            if await self.coordinator.report(self.worker_id, step, attempt, cpb.APPLIED, state_digest=digest):
+                self._reported.add((step, attempt, cpb.APPLIED))
+
+    def _inject_gradient_faults(self, stage: StageRunner, step: int) -> None:
+        """GPTJT_FAULTS poison@N / nan@N (tests and drills only; see worker/faults.py)."""
+        for kind, value in (("poison", 1e6), ("nan", float("nan"))):
+            if self.faults.get(kind) == step:
+                log.warning("fault injection: %s in this replica's gradient at step %d", kind, step)
+                for g in stage.gradients():
+                    g.mul_(value)
+
+    async def _average(self, stage: StageRunner, step: int, attempt: int) -> None:
+        """Sum the stage's gradients with its replicas, retrying with whoever is still alive
+        until it works or the coordinator moves the step on (it restarts a stuck step)."""
+        total = self.run.train.micro_batches_per_step
+        while True:
+            state = self.state
+            if state is None or (state.phase, state.step, state.attempt) != (cpb.AVERAGING, step, attempt):
+                return
+            a = state.assignment
+            expected = len(a.peer_ids)
+            contribute = self.worker_id in a.contributors
+            if not contribute:
+                log.warning("step %d: the coordinator refused this replica's gradient; receiving the others' sum",
+                            step)
+            if expected > 1 and self.averager is None:
+                raise RuntimeError("the run has replicas but this worker has no averager (no DHT peers in the "
+                                   "join reply)")
+            if self.faults.get("die-averaging") == step:
+                delay = self.run.averaging.matchmaking_s + 0.2
+                log.warning("fault injection: SIGKILL in %.1f s, inside the averaging round of step %d", delay, step)
+                threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+            mbs = stage.step_micro_batches
+
+            def round_(expected=expected, mbs=mbs, contribute=contribute):
+                grads = stage.gradients()
+                if expected > 1:
+                    res = self.averager.sum_gradients(grads, mbs, total, expected, contribute, tag=(step, attempt))
+                else:
+                    res = sum_alone(grads, mbs if contribute else 0, total)
+                return res, (stage.grad_norm_sq() if res.summed else 0.0)
+
+            result, norm_sq = await self.compute.run(OTHER, round_)
+            if result.summed:
+                log.info("step %d: summed gradients of %d replica(s), %g of %d micro-batches", step,
+                         result.group_size, result.weight, total)
+                if await self.coordinator.report(self.worker_id, step, attempt, cpb.AVERAGED, norm_sq,
+                                                 group_weight=result.weight):
+                    self._reported.add((step, attempt, cpb.AVERAGED))
+                return
+            await asyncio.sleep(0.2)
+

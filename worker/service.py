@@ -12,8 +12,9 @@ from gptjt_proto import stage_pb2 as pb
 from gptjt_proto import stage_pb2_grpc as pb_grpc
 
 from .compute import BACKWARD, FORWARD, OTHER
+from .routing import NoReplicaAvailable
 from .stage import StaleMicroBatch
-from .transport import RejectedMicroBatch, gradient_reply, read_micro_batch, state_bytes
+from .transport import RejectedMicroBatch, gradient_reply, read_micro_batch
 from .wire import data_chunks
 
 if TYPE_CHECKING:
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Downstream failures the caller should see as they are; anything else means "next stage unreachable".
+# Downstream failures the caller should see as they are; anything else becomes ABORTED ("a stage
+# beyond you failed"), so the caller does not blame this worker for it.
 _PASS_THROUGH = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
                  grpc.StatusCode.RESOURCE_EXHAUSTED)
 
@@ -60,12 +62,13 @@ class StageService(pb_grpc.StageServicer):
             down.CopyFrom(h)
             down.stage = h.stage + 1
             try:
-                reply, grad_enc = await w.client.process(w.assignment.next_address, down,
-                                                         encode(out, pipeline.activation_codec))
-            except grpc.aio.AioRpcError as e:
+                reply, grad_enc = await w.send_downstream(down, encode(out, pipeline.activation_codec))
+            except (grpc.aio.AioRpcError, NoReplicaAvailable) as e:
                 await w.compute.run(OTHER, lambda: stage.discard(key))
-                code = e.code() if e.code() in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
-                await context.abort(code, f"stage {h.stage + 1} at {w.assignment.next_address}: {e.details()}")
+                if isinstance(e, NoReplicaAvailable):
+                    await context.abort(grpc.StatusCode.ABORTED, f"stage {h.stage + 1}: {e}")
+                code = e.code() if e.code() in _PASS_THROUGH else grpc.StatusCode.ABORTED
+                await context.abort(code, f"stage {h.stage + 1}: {e.details()}")
             grad_in = await w.compute.run(BACKWARD, lambda: stage.backward(key, h.step, decode(grad_enc)))
             for chunk in gradient_reply(reply.loss, reply.target_tokens, encode(grad_in, pipeline.gradient_codec),
                                         pipeline.chunk_bytes, w.counters):
@@ -74,10 +77,15 @@ class StageService(pb_grpc.StageServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
     async def FetchState(self, request, context):
-        stage = self.worker.stage
-        if stage is None:
+        """Weights + optimizer state and how many steps they hold, taken on the compute thread so
+        no optimizer step lands halfway through."""
+        w = self.worker
+        stage = w.stage
+        if stage is None or w.loaded_epoch < 0:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no stage")
-        blob = await self.worker.compute.run(OTHER, lambda: state_bytes(stage.model.state_dict()))
-        yield pb.StageChunk(state=pb.TensorMeta(nbytes=len(blob), codec="safetensors"))
-        for chunk in data_chunks(blob, self.worker.run.pipeline.chunk_bytes):
+        blob, position = await w.compute.run(OTHER, lambda: (stage.checkpoint_blob(), stage.position))
+        spec = stage.spec
+        yield pb.StageChunk(state=pb.StateHeader(nbytes=len(blob), position=position, stage=w.assignment.stage,
+                                                 start_layer=spec.start, end_layer=spec.end))
+        for chunk in data_chunks(blob, w.run.pipeline.chunk_bytes):
             yield chunk

@@ -51,7 +51,8 @@ class StageRunner:
         self.attempt: tuple[int, int] | None = None  # (step, attempt) whose gradients accumulate
         self.last_applied = position - 1  # the last step whose optimizer update this state holds
         self._inflight: dict[Key, tuple[torch.Tensor | None, torch.Tensor]] = {}
-        self.micro_batches = 0
+        self.micro_batches = 0  # processed since the worker started
+        self.step_micro_batches = 0  # whose gradients the current attempt holds
 
     # -- attempts ----------------------------------------------------------------------
     def begin(self, step: int, attempt: int) -> None:
@@ -61,6 +62,7 @@ class StageRunner:
                 self.optimizer.zero_grad(set_to_none=True)  # restarted step: drop partial sums
             self._inflight.clear()
             self.attempt = (step, attempt)
+            self.step_micro_batches = 0
 
     def admit(self, step: int, attempt: int) -> None:
         """Accept work of (step, attempt): a newer attempt becomes current (stages learn of a
@@ -93,6 +95,7 @@ class StageRunner:
         x, out = self._inflight.pop(key)
         out.backward(grad_out.to(device=self.device, dtype=out.dtype))
         self.micro_batches += 1
+        self.step_micro_batches += 1
         return x.grad.detach() if x is not None else None
 
     def forward_backward(self, key: Key, step: int, x: torch.Tensor, prefix: torch.Tensor,
@@ -108,6 +111,7 @@ class StageRunner:
         loss = batch_loss(logits, labels, global_batch)
         loss.backward()
         self.micro_batches += 1
+        self.step_micro_batches += 1
         targets = int((labels[:, 1:] != -100).sum())
         return float(loss.detach()), targets, (x.grad.detach() if not self.spec.embed else None)
 
@@ -125,12 +129,34 @@ class StageRunner:
         self.optimizer.zero_grad(set_to_none=True)
         self._inflight.clear()
         self.attempt = None
+        self.step_micro_batches = 0
 
     def checkpoint_blob(self) -> bytes:
         """Weights + optimizer state as a safetensors blob (for the checkpoint store)."""
         from safetensors.torch import save
 
         return save(stage_state_tensors(self.model, self.optimizer))
+
+    def gradients(self) -> list[torch.Tensor]:
+        """Every parameter's gradient (zeros where none accumulated), in parameter order: the
+        tensors replicas sum. A replica that saw no micro-batch still takes part."""
+        for p in self.model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        return [p.grad for p in self.model.parameters()]
+
+    def state_digest(self) -> str:
+        """A digest of the parameters: equal across replicas exactly when they hold the same bytes
+        (up to 1M sampled values per tensor, so it stays cheap for the 6B model)."""
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        for name, p in self.model.named_parameters():
+            flat = p.detach().reshape(-1)
+            stride = max(1, flat.numel() // (1 << 20))
+            h.update(name.encode())
+            h.update(flat[::stride].float().cpu().numpy().tobytes())
+        return h.hexdigest()
 
     # -- the optimizer step ------------------------------------------------------------
     def grad_norm_sq(self) -> float:
@@ -159,5 +185,6 @@ class StageRunner:
         self.optimizer.zero_grad(set_to_none=True)
         self._inflight.clear()
         self.attempt = None
+        self.step_micro_batches = 0
         self.last_applied = step
         return ok

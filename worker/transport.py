@@ -158,24 +158,24 @@ class StageClient:
         grad = encoded_from(reply.gradient, data) if reply.gradient.codec else None
         return reply, grad
 
-    async def fetch_state(self, address: str) -> dict[str, torch.Tensor]:
-        """The stage weights held by the worker at `address`."""
-        from safetensors.torch import load
-
-        parts = []
-        async for chunk in self._stub(address).FetchState(pb.FetchStateRequest()):
-            if chunk.WhichOneof("part") == "data":
+    async def fetch_state(self, address: str, timeout: float | None = 600) -> tuple[pb.StateHeader, bytes]:
+        """The stage state (weights + optimizer, safetensors) held by the worker at `address`."""
+        header, parts = None, []
+        async for chunk in self._stub(address).FetchState(pb.FetchStateRequest(), timeout=timeout):
+            if chunk.WhichOneof("part") == "state":
+                header = chunk.state
+            elif chunk.WhichOneof("part") == "data":
                 parts.append(chunk.data)
-        return load(b"".join(parts))
+        blob = b"".join(parts)
+        if header is None or len(blob) != header.nbytes:
+            raise RuntimeError(f"stage state from {address} is truncated: {len(blob)} bytes of "
+                               f"{header.nbytes if header else 'an unannounced size'}")
+        self.counters.received += len(blob)
+        return header, blob
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
 
-
-def state_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
-    return save({k: v.detach().contiguous().cpu() for k, v in state.items()})
 

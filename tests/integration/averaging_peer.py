@@ -40,7 +40,7 @@ def main() -> None:
         os.rename(peers_file + ".tmp", peers_file)
     grads = [torch.full((64, 33), float(value)), torch.full((17,), -float(value))]
     expected = int(sys.argv[6])
-    averager = StageAverager(dht, "test", 0, [g.shape for g in grads], expected_group=expected,
+    averager = StageAverager(dht, "test", 0, [g.shape for g in grads], max_group=expected,
                              compression=compression, min_matchmaking_time=3.0, timeout=20.0)
     # barrier: every peer has its averager up before anyone starts the round
     open(f"{workdir}/ready-{role}", "w").close()
@@ -54,7 +54,8 @@ def main() -> None:
 
         os._exit(0)  # disappears right before the round, as a SIGKILLed replica would
     t0 = time.perf_counter()
-    result = averager.sum_gradients(grads, int(micro_batches), total_micro_batches=int(sys.argv[7]))
+    result = averager.sum_gradients(grads, int(micro_batches), total_micro_batches=int(sys.argv[7]),
+                                    expected_group=expected, contribute=role != "refused", tag=(0, 0))
     print(json.dumps({"role": role, "summed": result.summed, "group": result.group_size, "weight": result.weight,
                       "g0": float(grads[0][0, 0]), "g1": float(grads[1][0]),
                       "seconds": time.perf_counter() - t0}), flush=True)

@@ -75,3 +75,13 @@ def test_a_vanished_peer_does_not_stall_the_survivors(tmp_path):
         # (1.0 + 3.0) / 4 micro-batches * 8 micro-batches in the step
         assert r["g0"] == pytest.approx(8.0)
         assert r["seconds"] < 25.0
+
+
+def test_a_refused_replica_receives_the_sum_without_contributing(tmp_path):
+    """A poisoned replica enters zeros with weight 0: its 100.0 never reaches the others, its
+    4 micro-batches count as lost (estimated from the others), and it ends up identical."""
+    res = run_group(tmp_path, [("first", 1.0, 2), ("second", 3.0, 2), ("refused", 100.0, 4)])
+    for r in res.values():
+        assert r["summed"] and r["group"] == 3 and r["weight"] == 4
+        assert r["g0"] == pytest.approx(8.0)  # (1.0 + 3.0) / 4 * 8
+    assert res["first"]["g0"] == res["refused"]["g0"]

@@ -27,7 +27,7 @@ def make(tmp_path, stages: int = 2, clock=None, steps: int = 2):
 def ready_swarm(ledger: RunLedger, n: int) -> list[str]:
     ids = [ledger.join(f"w{i}", f"127.0.0.1:{9000 + i}", {})["id"] for i in range(n)]
     for worker_id in ids:
-        ledger.heartbeat(worker_id, "ready", {}, ledger.restore_epoch)
+        ledger.heartbeat(worker_id, "ready", {}, ledger.restore_epoch, ledger.step)
     return ids
 
 
@@ -36,11 +36,11 @@ def finish_step(ledger: RunLedger, ids: list[str]) -> None:
     for t in tickets:
         assert ledger.commit(ids[0], t.id, t.attempt, 1.0, 128) == "committed"
     for worker_id in ids:
-        assert ledger.report(worker_id, ledger.step, ledger.attempt, False, 4.0)
+        assert ledger.report(worker_id, ledger.step, ledger.attempt, "contribution", 4.0, 2)
     assert ledger.phase == APPLYING
     assert ledger.global_grad_norm() == pytest.approx((4.0 * len(ids)) ** 0.5)
     for worker_id in ids:
-        assert ledger.report(worker_id, ledger.step, ledger.attempt, True, 0.0)
+        assert ledger.report(worker_id, ledger.step, ledger.attempt, "applied")
 
 
 def test_tokens_are_hashed_and_checked(tmp_path):
@@ -57,11 +57,11 @@ def test_stages_fill_in_join_order_then_standby(tmp_path):
     assert (a["stage"], b["stage"], c["stage"]) == (0, 1, -1)
     assert ledger.assignment(a["id"])["next_address"] == "h:1"
     assert ledger.phase == "waiting"
-    ledger.heartbeat(a["id"], "ready", {}, 0)
+    ledger.heartbeat(a["id"], "ready", {}, 0, ledger.step)
     assert ledger.phase == "waiting"  # stage 1 still loading
-    ledger.heartbeat(b["id"], "ready", {}, -1)
+    ledger.heartbeat(b["id"], "ready", {}, -1, ledger.step)
     assert ledger.phase == "waiting"  # stage 1 has not loaded the current restore epoch
-    ledger.heartbeat(b["id"], "ready", {}, 0)
+    ledger.heartbeat(b["id"], "ready", {}, 0, ledger.step)
     assert ledger.phase == "open"
 
 
@@ -74,12 +74,12 @@ def test_full_step_protocol_and_global_norm(tmp_path):
     for t in tickets:
         ledger.commit(ids[0], t.id, t.attempt, 2.5, 128)
     assert ledger.phase == "accumulated"
-    assert not ledger.report(ids[0], 0, 0, True, 0.0)  # cannot apply before the norm is known
-    ledger.report(ids[0], 0, 0, False, 9.0)
-    ledger.report(ids[1], 0, 0, False, 16.0)
+    assert not ledger.report(ids[0], 0, 0, "applied")  # cannot apply before the norm is known
+    ledger.report(ids[0], 0, 0, "contribution", 9.0, 2)
+    ledger.report(ids[1], 0, 0, "contribution", 16.0, 2)
     assert ledger.phase == APPLYING and ledger.global_grad_norm() == 5.0
-    ledger.report(ids[0], 0, 0, True, 0.0)
-    ledger.report(ids[1], 0, 0, True, 0.0)
+    ledger.report(ids[0], 0, 0, "applied")
+    ledger.report(ids[1], 0, 0, "applied")
     assert ledger.step == 1 and ledger.phase == "open"
     status = ledger.status()
     assert status["history"][0]["loss"] == 5.0 and status["history"][0]["tokens"] == 256
@@ -95,7 +95,7 @@ def test_silent_worker_is_reaped_its_step_restarted_and_stale_work_refused(tmp_p
     tickets, _ = ledger.lease(ids[0], 100)
     ledger.commit(ids[0], tickets[0].id, 0, 1.0, 128)
     clock.t += 5
-    ledger.heartbeat(ids[0], "ready", {}, 0)
+    ledger.heartbeat(ids[0], "ready", {}, 0, ledger.step)
     ledger.heartbeat(spare, "standby", {})
     clock.t += 6  # ids[1] silent for 11 s > 10 s
     assert ledger.reap() == [ids[1]]
@@ -103,9 +103,9 @@ def test_silent_worker_is_reaped_its_step_restarted_and_stale_work_refused(tmp_p
     assert ledger.commit(ids[0], tickets[1].id, 0, 1.0, 128) == "stale"
     assert ledger.assignment(spare)["stage"] == 1  # the standby took the vacant stage
     assert ledger.phase == "waiting"
-    ledger.heartbeat(spare, "ready", {}, 1)
+    ledger.heartbeat(spare, "ready", {}, 1, ledger.step)
     assert ledger.phase == "waiting"  # the survivor has not acknowledged the new epoch yet
-    ledger.heartbeat(ids[0], "ready", {}, 1)
+    ledger.heartbeat(ids[0], "ready", {}, 1, ledger.step)
     assert ledger.phase == "open"
     finish_step(ledger, [ids[0], spare])
     finish_step(ledger, [ids[0], spare])
@@ -169,7 +169,7 @@ def test_lost_stage_rolls_back_to_the_latest_complete_checkpoint(tmp_path):
     assert [h["step"] for h in ledger.status()["history"]] == [0, 1]
     assert "rolled_back" in [e["kind"] for e in ledger.status()["events"]]
     for w in (ids[0], spare):
-        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch)
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, ledger.step)
     for _ in range(3):
         finish_step(ledger, [ids[0], spare])
     assert ledger.phase == "done" and ledger.exactly_once_violations() == []
@@ -198,3 +198,169 @@ def test_a_new_run_ignores_an_old_store_unless_told_to_resume(tmp_path):
     resumed = RunLedger(tmp_path / "b.db", run, plan, Clock(), stored=stored)
     state = resumed.run_state("nobody")
     assert (state["step"], state["restore_step"], state["restore_from_store"]) == (3, 3, True)
+
+
+# -- replicas ---------------------------------------------------------------------------
+def make_replicated(tmp_path, clock=None, steps: int = 3):
+    run = small_run(steps=steps, global_batch=8, micro_batch=2)
+    run.pipeline.num_stages = 2
+    run.pipeline.replicas_per_stage = 2
+    run.coordinator.heartbeat_timeout_s = 10.0
+    return RunLedger(tmp_path / "run.db", run, plan_stages(4, 2), clock or Clock())
+
+
+def run_replicated_step(ledger: RunLedger, by_stage: dict[int, list[str]], norms: dict[str, float] | None = None,
+                        digests: dict[str, str] | None = None) -> None:
+    """Lease/commit every ticket through stage 0's replicas, then contributions, sums, updates."""
+    step, attempt = ledger.step, ledger.attempt
+    leased = 0
+    for w in by_stage[0] * 4:
+        for t in ledger.lease(w, 1)[0]:
+            assert ledger.commit(w, t.id, t.attempt, 1.0, 128) == "committed"
+            leased += 1
+    assert leased == 4 and ledger.phase == "accumulated"
+    members = [w for ids in by_stage.values() for w in ids]
+    for w in members:
+        assert ledger.report(w, step, attempt, "contribution", (norms or {}).get(w, 4.0), 2)
+    assert ledger.phase == "averaging"
+    for w in members:
+        assert ledger.report(w, step, attempt, "averaged", 16.0, group_weight=4.0)
+    assert ledger.phase == APPLYING and ledger.global_grad_norm() == pytest.approx(32.0 ** 0.5)
+    for w in members:
+        assert ledger.report(w, step, attempt, "applied", digest=(digests or {}).get(w, "same"))
+
+
+def replicated_swarm(ledger: RunLedger) -> dict[int, list[str]]:
+    ids = ready_swarm(ledger, 4)
+    by_stage: dict[int, list[str]] = {}
+    for w in ids:
+        by_stage.setdefault(ledger.assignment(w)["stage"], []).append(w)
+    return by_stage
+
+
+def test_replicas_fill_stages_evenly_and_route_to_each_other(tmp_path):
+    ledger = make_replicated(tmp_path)
+    by_stage = replicated_swarm(ledger)
+    assert {s: len(ids) for s, ids in by_stage.items()} == {0: 2, 1: 2}
+    a = ledger.assignment(by_stage[0][0])
+    assert a["member"] and sorted(a["next_addresses"]) == sorted(
+        w["address"] for w in ledger.status()["workers"] if w["stage"] == 1)
+    assert a["checkpoint_writer"] == (by_stage[0][0] == min(by_stage[0]))
+    assert ledger.join("fifth", "h:5", {})["stage"] == -1  # both stages are full: standby
+    run_replicated_step(ledger, by_stage)
+    history = ledger.status()["history"]
+    assert history[0]["stages"]["1"]["summed_micro_batches"] == 4.0
+    assert sorted(history[0]["stages"]["0"]["replicas"]) == sorted(by_stage[0])
+
+
+def test_poisoned_contribution_is_refused_and_named(tmp_path):
+    ledger = make_replicated(tmp_path)
+    by_stage = replicated_swarm(ledger)
+    bad = by_stage[1][1]
+    run_replicated_step(ledger, by_stage)  # step 0 sets each stage's reference norm
+    step = ledger.step
+    for w in by_stage[0] * 4:
+        for t in ledger.lease(w, 1)[0]:
+            ledger.commit(w, t.id, t.attempt, 1.0, 128)
+    for w in [*by_stage[0], *by_stage[1]]:
+        ledger.report(w, step, 0, "contribution", 4.0e6 if w == bad else 4.0, 2)
+    assert ledger.phase == "averaging"
+    assert ledger.assignment(bad)["contributors"] == [by_stage[1][0]]
+    assert sorted(ledger.assignment(by_stage[0][0])["contributors"]) == sorted(by_stage[0])
+    poisoned = [e["detail"] for e in ledger.status()["events"] if e["kind"] == "poisoned_update"]
+    assert len(poisoned) == 1 and bad in poisoned[0] and "stage 1" in poisoned[0]
+
+
+def test_nan_contribution_is_refused_even_without_history(tmp_path):
+    ledger = make_replicated(tmp_path)
+    by_stage = replicated_swarm(ledger)
+    for w in by_stage[0] * 4:
+        for t in ledger.lease(w, 1)[0]:
+            ledger.commit(w, t.id, t.attempt, 1.0, 128)
+    for w in [*by_stage[0], *by_stage[1]]:
+        ledger.report(w, 0, 0, "contribution", float("nan") if w == by_stage[0][1] else 4.0, 2)
+    assert ledger.assignment(by_stage[0][0])["contributors"] == [by_stage[0][0]]
+
+
+def test_a_dead_replica_leaves_its_stage_running_without_rollback(tmp_path):
+    clock = Clock()
+    ledger = make_replicated(tmp_path, clock=clock)
+    by_stage = replicated_swarm(ledger)
+    victim, survivor = by_stage[0]
+    tickets, _ = ledger.lease(victim, 2)
+    ledger.commit(victim, tickets[0].id, 0, 1.0, 128)
+    ledger.declare_dead(victim, "connection reset")
+    assert ledger.attempt == 0 and ledger.restore_epoch == 0 and ledger.phase == "open"
+    kinds = [e["kind"] for e in ledger.status()["events"]]
+    assert "replica_lost" in kinds and "rolled_back" not in kinds and "step_restarted" not in kinds
+    # the victim's second ticket goes back to the pool, the committed one stays counted
+    rest, _ = ledger.lease(survivor, 10)
+    assert tickets[1].id in [t.id for t in rest] and len(rest) == 3
+    for t in rest:
+        ledger.commit(survivor, t.id, t.attempt, 1.0, 128)
+    assert ledger.phase == "accumulated"
+    members = [survivor, *by_stage[1]]
+    for w in members:
+        ledger.report(w, 0, 0, "contribution", 4.0, 2)
+    for w in members:
+        ledger.report(w, 0, 0, "averaged", 16.0, group_weight=4.0)
+    for w in members:
+        ledger.report(w, 0, 0, "applied", digest="d")
+    assert ledger.step == 1 and ledger.exactly_once_violations() == []
+
+
+def test_replicas_that_sum_different_gradients_rerun_the_step(tmp_path):
+    ledger = make_replicated(tmp_path)
+    by_stage = replicated_swarm(ledger)
+    for w in by_stage[0] * 4:
+        for t in ledger.lease(w, 1)[0]:
+            ledger.commit(w, t.id, t.attempt, 1.0, 128)
+    members = [*by_stage[0], *by_stage[1]]
+    for w in members:
+        ledger.report(w, 0, 0, "contribution", 4.0, 2)
+    for w in members:
+        ledger.report(w, 0, 0, "averaged", 16.0, group_weight=2.0 if w == by_stage[1][0] else 4.0)
+    assert ledger.attempt == 1 and ledger.phase == "open" and ledger.step == 0
+    assert "step_restarted" in [e["kind"] for e in ledger.status()["events"]]
+
+
+def test_a_joiner_copies_a_replica_and_takes_part_from_the_next_step(tmp_path):
+    ledger = make_replicated(tmp_path)
+    by_stage = replicated_swarm(ledger)
+    ledger.declare_dead(by_stage[1][1], "gone")
+    joiner = ledger.join("joiner", "h:j", {})["id"]
+    a = ledger.assignment(joiner)
+    assert a["stage"] == 1 and not a["member"]
+    assert a["peer_addresses"] == [w["address"] for w in ledger.status()["workers"] if w["id"] == by_stage[1][0]]
+    for w in by_stage[0] * 4:
+        for t in ledger.lease(w, 1)[0]:
+            ledger.commit(w, t.id, t.attempt, 1.0, 128)
+    assert ledger.phase == "accumulated"
+    ledger.heartbeat(joiner, "ready", {}, ledger.restore_epoch, 0)  # copied step-0 state, too late to join
+    assert not ledger.report(joiner, 0, 0, "contribution", 1.0, 1)
+    members = [*by_stage[0], by_stage[1][0]]
+    for kind, extra in (("contribution", {"grad_norm_sq": 4.0, "micro_batches": 2}),
+                        ("averaged", {"grad_norm_sq": 16.0, "group_weight": 4.0}), ("applied", {"digest": "d"})):
+        for w in members:
+            assert ledger.report(w, 0, 0, kind, **extra)
+    assert ledger.step == 1 and joiner not in ledger.status()["stages"][1]["members"]  # its copy is stale
+    ledger.heartbeat(joiner, "ready", {}, ledger.restore_epoch, 1)  # fetched again: joins the open step
+    assert ledger.assignment(joiner)["member"]
+    run_replicated_step(ledger, {0: by_stage[0], 1: [by_stage[1][0], joiner]})
+    assert ledger.status()["history"][1]["stages"]["1"]["digests"][joiner] == "same"
+
+
+def test_averaging_that_never_finishes_restarts_the_step(tmp_path):
+    clock = Clock()
+    ledger = make_replicated(tmp_path, clock=clock)
+    by_stage = replicated_swarm(ledger)
+    for w in by_stage[0] * 4:
+        for t in ledger.lease(w, 1)[0]:
+            ledger.commit(w, t.id, t.attempt, 1.0, 128)
+    for w in [*by_stage[0], *by_stage[1]]:
+        ledger.report(w, 0, 0, "contribution", 4.0, 2)
+    clock.t += 3 * ledger.run.averaging.timeout_s + 1
+    for w in [*by_stage[0], *by_stage[1]]:
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, 0)
+    ledger.reap()
+    assert ledger.attempt == 1 and ledger.phase == "open"

@@ -1,0 +1,66 @@
+"""Choosing which replica of the next stage gets a micro-batch (SWARM-style load balancing).
+
+Each candidate's expected wait is (its micro-batches in flight from us + 1) x its recent
+round-trip time per micro-batch, an exponential moving average in seconds; the least
+expected wait wins, so a fast replica takes more work and a queue that builds up on one
+replica sends the next micro-batch elsewhere. A replica whose call failed is skipped until
+the coordinator's next plan (which drops it if it is dead).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+class NoReplicaAvailable(RuntimeError):
+    """Every replica of the next stage failed or none is assigned."""
+
+
+@dataclass
+class _Replica:
+    address: str
+    in_flight: int = 0
+    seconds: float = 0.0  # EWMA round trip per micro-batch; 0 until measured
+    failed: bool = False
+
+
+@dataclass
+class NextStageRouter:
+    smoothing: float = 0.3
+    """Weight of the newest round trip in the moving average."""
+    replicas: dict[str, _Replica] = field(default_factory=dict)
+
+    def update(self, addresses: list[str], forgive: bool) -> None:
+        """The coordinator's current list of next-stage replicas. forgive: a new plan, so replicas
+        that failed get another chance (a dead one is no longer listed)."""
+        self.replicas = {a: self.replicas.get(a) or _Replica(a) for a in addresses}
+        if forgive:
+            for r in self.replicas.values():
+                r.failed = False
+
+    def pick(self) -> str:
+        live = [r for r in self.replicas.values() if not r.failed]
+        if not live:
+            raise NoReplicaAvailable(f"no live replica of the next stage among {sorted(self.replicas)}")
+        measured = [r.seconds for r in live if r.seconds > 0]
+        default = min(measured) if measured else 1.0  # unmeasured replicas look as fast as the best
+        best = min(live, key=lambda r: ((r.in_flight + 1) * (r.seconds or default), r.in_flight, r.address))
+        best.in_flight += 1
+        return best.address
+
+    def done(self, address: str, started: float, ok: bool) -> None:
+        """Record the end of a call to `address` that began at time.monotonic() `started`."""
+        r = self.replicas.get(address)
+        if r is None:
+            return
+        r.in_flight = max(0, r.in_flight - 1)
+        if ok:
+            elapsed = time.monotonic() - started
+            r.seconds = elapsed if r.seconds == 0 else (1 - self.smoothing) * r.seconds + self.smoothing * elapsed
+        else:
+            r.failed = True
+
+    @property
+    def available(self) -> bool:
+        return any(not r.failed for r in self.replicas.values())
