@@ -11,6 +11,7 @@ BENCHMARKS = {
     "local": "bench.local",
     "gpu-block": "bench.gpu_block",
     "swarm": "bench.swarm",
+    "recovery": "bench.recovery",
 }
 
 

@@ -78,7 +78,7 @@ CREATE TABLE IF NOT EXISTS reports (
   PRIMARY KEY (step, attempt, worker, kind));
 CREATE TABLE IF NOT EXISTS steps (
   step INTEGER PRIMARY KEY, attempts INTEGER NOT NULL, loss REAL NOT NULL, tokens INTEGER NOT NULL,
-  grad_norm REAL NOT NULL, opened REAL NOT NULL, closed REAL NOT NULL,
+  grad_norm REAL, opened REAL NOT NULL, closed REAL NOT NULL,  -- grad_norm NULL: not finite, update skipped
   detail TEXT NOT NULL DEFAULT '{}');  -- per stage: replicas, micro-batches summed, digests
 CREATE TABLE IF NOT EXISTS checkpoints (
   step INTEGER NOT NULL, start_layer INTEGER NOT NULL, end_layer INTEGER NOT NULL, embed INTEGER NOT NULL,
@@ -340,6 +340,9 @@ class RunLedger:
             with self._tx():
                 for worker_id in dead:
                     self._drop_worker(worker_id, "dead", "worker_dead")
+        if self.phase == WAITING:  # a joiner's grace may have run out
+            with self._tx():
+                self._maybe_open()
         if self.phase == AVERAGING:
             limit = 3 * self.run.averaging.timeout_s
             started = float(self._meta("averaging_started") or self.clock())
@@ -490,7 +493,14 @@ class RunLedger:
         epoch, step = self.restore_epoch, self.step
         members = {s: [w["id"] for w in workers.get(s, []) if w["state"] == "ready" and w["loaded_epoch"] == epoch
                        and w["position"] == step] for s in range(len(self.plan))}
-        if all(members.values()):
+        first = self._meta("step_opened") is None
+        needed = self.run.pipeline.start_with_replicas if first else 1
+        waiting_since = float(self._meta("step_closed_at") or 0.0)
+        joining = [w["id"] for s, ws in workers.items() for w in ws
+                   if w["state"] in ("ready", "loading") and w["id"] not in members[s]]
+        if joining and self.clock() - waiting_since < self.run.pipeline.joiner_grace_s:
+            return  # a replica is still copying the state; the reaper re-checks when the grace ends
+        if all(len(ids) >= needed for ids in members.values()):
             if self.step >= self.run.train.steps:
                 self._set_meta("phase", DONE)
                 return
@@ -696,6 +706,7 @@ class RunLedger:
                          json.dumps(detail)))
         self._event("step_closed", f"step {step}: loss {loss:.4f}, {tokens} tokens")
         self._set_meta("step", step + 1)
+        self._set_meta("step_closed_at", self.clock())
         self._set_meta("attempt", self._next_attempt(step + 1))  # 0 unless a rollback re-runs it
         self._set_meta("phase", WAITING)
         self._maybe_open()
@@ -748,6 +759,17 @@ class RunLedger:
                 "leased": rows.get("leased", 0), "pending": rows.get("pending", 0),
                 "aborted": rows.get("aborted", 0), "rolled_back": rows.get("rolled_back", 0)}
 
+    def exactly_once_counts(self) -> dict:
+        """Micro-batches of closed steps never counted (lost) or counted more than once (double)."""
+        rows = self.db.execute(
+            "SELECT s.step, t.idx, COUNT(t.id) FROM steps s JOIN tickets t ON t.step = s.step "
+            "AND t.state = 'committed' GROUP BY s.step, t.idx").fetchall()
+        counted = {(step, idx): n for step, idx, n in rows}
+        m = self.run.train.micro_batches_per_step
+        closed = [r[0] for r in self.db.execute("SELECT step FROM steps")]
+        lost = sum(1 for step in closed for idx in range(m) if (step, idx) not in counted)
+        return {"lost": lost, "double": sum(n - 1 for n in counted.values() if n > 1)}
+
     def exactly_once_violations(self) -> list[str]:
         """Every closed step must count each of its micro-batches exactly once."""
         problems = []
@@ -788,8 +810,10 @@ class RunLedger:
                          "seconds": r["closed"] - r["opened"], "attempts": r["attempts"],
                          "stages": json.loads(r["detail"])} for r in steps],
             "workers": workers, "stages": stages,
-            "tickets": {**self.ticket_counts(), "exactly_once_violations": self.exactly_once_violations()},
+            "tickets": {**self.ticket_counts(), **self.exactly_once_counts(),
+                        "exactly_once_violations": self.exactly_once_violations()},
             "events": events[::-1], "plan_version": self.plan_version,
+            "event_counts": dict(self.db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall()),
             "restore_epoch": self.restore_epoch,
             "replicas_per_stage": self.run.pipeline.replicas_per_stage,
             "checkpoints": {"store": self.run.coordinator.store_root, "latest_complete": self._latest_complete(),

@@ -306,6 +306,12 @@ class PipelineConfig:
     replicas_per_stage: int = 1
     """Data-parallel replicas the coordinator assigns to each stage (more joiners wait on standby).
     With more than one, replicas sum their gradients through hivemind at every step close."""
+    start_with_replicas: int = 1
+    """The run's first step waits until every stage has this many ready replicas (later steps
+    go on with whoever holds the state, down to one per stage)."""
+    joiner_grace_s: float = 5.0
+    """A step waits up to this many seconds (from the previous step's close) for replicas still
+    copying or loading the state, so a joiner catches up instead of always trailing a short step."""
 
     def __post_init__(self) -> None:
         _check(self.num_stages >= 1, "num_stages", self.num_stages, "an integer >= 1")
@@ -318,6 +324,9 @@ class PipelineConfig:
         _check(self.max_payload_bytes >= self.chunk_bytes, "max_payload_bytes", self.max_payload_bytes,
                "at least chunk_bytes")
         _check(self.replicas_per_stage >= 1, "replicas_per_stage", self.replicas_per_stage, "an integer >= 1")
+        _check(self.joiner_grace_s >= 0, "joiner_grace_s", self.joiner_grace_s, "a number of seconds >= 0")
+        _check(1 <= self.start_with_replicas <= self.replicas_per_stage, "start_with_replicas",
+               self.start_with_replicas, f"an integer in 1 .. replicas_per_stage ({self.replicas_per_stage})")
 
     @property
     def in_flight(self) -> int:

@@ -65,10 +65,10 @@ heartbeat_timeout_s = {timeout_s}
 class Proc:
     """A child process whose stdout is captured to a file we can search."""
 
-    def __init__(self, args: list[str], log: Path, cwd: Path):
+    def __init__(self, args: list[str], log: Path, cwd: Path, env: dict | None = None):
         self.log = log
         self._fh = open(log, "w")
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.p = subprocess.Popen(args, stdout=self._fh, stderr=subprocess.STDOUT, cwd=cwd, env=env,
                                   start_new_session=True)
 
@@ -123,9 +123,9 @@ class Swarm:
         self.address = port_file.read_text().strip()
         return proc
 
-    def start_worker(self, name: str, token: str | None = None, *extra: str) -> Proc:
+    def start_worker(self, name: str, token: str | None = None, *extra: str, env: dict | None = None) -> Proc:
         proc = Proc([str(BIN / "gptjt-worker"), "--join", self.address, "--token", self.token if token is None else token,
-                     "--threads", "1", "--name", name, *extra], self.tmp / f"worker-{name}.log", self.tmp)
+                     "--threads", "1", "--name", name, *extra], self.tmp / f"worker-{name}.log", self.tmp, env)
         self.procs.append(proc)
         return proc
 
@@ -157,6 +157,10 @@ class Swarm:
             try:
                 proc.stop(timeout=10)
             except Exception:
+                pass
+            try:  # the process group: hivemind's p2pd daemons go with their worker
+                os.killpg(proc.p.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
                 pass
 
 

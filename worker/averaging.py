@@ -2,9 +2,9 @@
 
 The loss is normalised by the GLOBAL batch, so the stage's full-batch gradient is the SUM of
 its replicas' accumulated gradients. Each contributing replica enters its own sum g_r with
-weight 1 (a refused, poisoned replica enters zeros with weight 0, so it still receives the
-result and stays identical to the others); hivemind's weighted mean times the number of
-contributors is then sum(g_r). Every member also gathers how many micro-batches each
+weight 1 (a refused, poisoned replica, or one that processed no micro-batch, enters zeros with
+weight 0, so it still receives the result and stays identical to the others); hivemind's
+weighted mean times the number of contributors is then sum(g_r). Every member also gathers how many micro-batches each
 contributor holds (W in total). When W is short of the step's M micro-batches (a replica
 died and took its share along), the sum is scaled by M / W: the lost share is estimated by
 the survivors' mean gradient per micro-batch.
@@ -13,14 +13,22 @@ With compression "none" the buffers are float64: sums of float32 gradients are t
 hivemind's "own + (mean - own)" delta arithmetic returns the same mean to every member, and
 casting back to float32 gives every replica bit-identical gradients. Lossy compressions
 round each member's delta differently, so replicas then differ by the compression error.
+
+hivemind runs in a SPAWNED sidecar process (its own DHT peer and averager) that shares the
+gradient buffers through shared memory. Forking hivemind's processes from the worker itself
+is unsafe: a fork taken while gRPC, torch or the compute thread hold a lock can leave the
+child hung forever, which we saw happen.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
+import os
 from dataclasses import dataclass
 
 import torch
+import torch.multiprocessing
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +48,8 @@ class RoundResult:
     """What one averaging round produced."""
 
     summed: bool  # False: the round failed (no group, timeout) and the gradients are unchanged
-    group_size: int  # replicas whose contributions are in the result (this one included)
-    weight: float  # micro-batches those replicas processed
+    group_size: int  # replicas in the round (this one included)
+    weight: float  # micro-batches whose gradients the result holds
 
 
 def sum_alone(grads: list[torch.Tensor], micro_batches: int, total_micro_batches: int) -> RoundResult:
@@ -54,24 +62,75 @@ def sum_alone(grads: list[torch.Tensor], micro_batches: int, total_micro_batches
     return RoundResult(True, 1, float(micro_batches))
 
 
-class StageAverager:
-    """One hivemind DecentralizedAverager per (run, stage); construct it in the main thread.
+def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_maddr: str, prefix: str,
+           max_group: int, compression: str, matchmaking_s: float, timeout: float) -> None:
+    """The sidecar: a DHT peer and a DecentralizedAverager over the shared `buffers`."""
+    # A spawned child inherits "spawn" as its start method; hivemind's processes need fork,
+    # which is safe here: this process has no other threads yet.
+    mp.set_start_method("fork", force=True)
+    import hivemind
+    from hivemind.averaging import DecentralizedAverager
 
-    max_group: the most replicas a stage can have; a round starts after min_matchmaking_time
-    with at least two of them, so the survivors of a lost replica still average.
+    dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[host_maddr], start=True)
+    averager = DecentralizedAverager(
+        buffers, dht, prefix=prefix, target_group_size=max_group, min_group_size=min(2, max_group),
+        min_matchmaking_time=matchmaking_s,
+        request_timeout=min(1.0, matchmaking_s / 2),  # hivemind: above the matchmaking time it can deadlock
+        allreduce_timeout=timeout, next_chunk_timeout=min(5.0, timeout / 2),  # else a vanished peer hangs it
+        compression=hivemind_compression(compression), start=True)
+    conn.send(("ready", [str(a) for a in dht.get_visible_maddrs()]))
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] == "stop":
+                break
+            _, gather, weight = message
+            control = averager.step(gather=gather, weight=weight, timeout=timeout, wait=False)
+            try:
+                group = control.result(timeout=2 * timeout + 5)  # matchmaking + all-reduce, bounded
+                conn.send(("ok", list(group.values())) if group else ("failed", "no group"))
+            except Exception as e:  # hivemind raises on a failed round; the step must not stall
+                control.cancel()
+                conn.send(("failed", f"{type(e).__name__}: {e}"))
+    except EOFError:  # the worker is gone
+        pass
+    finally:
+        averager.shutdown()
+        dht.shutdown()
+
+
+class StageAverager:
+    """Sums one stage's gradients across its replicas: hivemind in a spawned sidecar process.
+
+    max_group: the most replicas a stage can have; a round starts after matchmaking_s with at
+    least two of them, so the survivors of a lost replica still average.
+    initial_peers: multiaddrs of a DHT peer to join (the coordinator's); [] starts a new DHT.
     """
 
-    def __init__(self, dht, run_name: str, stage: int, shapes: list[torch.Size], max_group: int,
-                 compression: str = "none", min_matchmaking_time: float = 1.0, timeout: float = 10.0):
-        from hivemind.averaging import DecentralizedAverager
-
+    def __init__(self, initial_peers: list[str], run_name: str, stage: int, shapes: list[torch.Size],
+                 max_group: int, compression: str = "none", matchmaking_s: float = 1.0, timeout: float = 10.0,
+                 host: str = "127.0.0.1", ready_timeout: float = 120.0):
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"averaging compression {compression!r} is unknown; use one of {COMPRESSIONS}")
         self.timeout = timeout
         dtype = torch.float64 if compression == "none" else torch.float32
-        self.buffers = [torch.zeros(s, dtype=dtype) for s in shapes]
-        self.averager = DecentralizedAverager(
-            self.buffers, dht, prefix=f"gptjt_{run_name}_stage{stage}", target_group_size=max_group,
-            min_group_size=min(2, max_group), min_matchmaking_time=min_matchmaking_time, request_timeout=1.0,
-            compression=hivemind_compression(compression), start=True)
+        # hivemind switches torch to this sharing strategy on import and re-shares (copies) any
+        # tensor shared another way; share ours the same way or the sidecar averages a copy.
+        torch.multiprocessing.set_sharing_strategy(os.environ.get("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_system"))
+        self.buffers = [torch.zeros(s, dtype=dtype).share_memory_() for s in shapes]
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        host_maddr = f"/ip4/{host}/tcp/0" if host.replace(".", "").isdigit() else "/ip4/0.0.0.0/tcp/0"
+        self._process = ctx.Process(
+            target=_serve, name=f"gptjt-averager-stage{stage}",  # not daemonic: hivemind forks children
+            args=(child, self.buffers, list(initial_peers), host_maddr, f"gptjt_{run_name}_stage{stage}",
+                  max_group, compression, matchmaking_s, timeout))
+        self._process.start()
+        child.close()
+        if not self._conn.poll(ready_timeout):
+            self.shutdown()
+            raise RuntimeError(f"the averaging process did not start within {ready_timeout:.0f} s")
+        _, self.visible_maddrs = self._conn.recv()
 
     def sum_gradients(self, grads: list[torch.Tensor], micro_batches: int, total_micro_batches: int,
                       expected_group: int, contribute: bool = True, tag: tuple = ()) -> RoundResult:
@@ -87,21 +146,21 @@ class StageAverager:
         mine = micro_batches if contribute else 0
         if expected_group <= 1:
             return sum_alone(grads, mine, total_micro_batches)
-        with self.averager.get_tensors() as buffers:
-            for buf, g in zip(buffers, grads):
-                if contribute:
-                    buf.copy_(g.detach())
-                else:
-                    buf.zero_()
-        try:
-            group = self.averager.step(gather={"tag": list(tag), "micro_batches": mine},
-                                       weight=1.0 if contribute else 0.0, timeout=self.timeout)
-        except Exception as e:  # hivemind raises on a failed round; the step must not stall
-            log.warning("averaging round failed (%s: %s)", type(e).__name__, e)
-            group = None
-        if group is None:
+        # A replica with nothing to add (refused, or no micro-batch routed to it) must have weight
+        # 0: the mean is over contributors, and the sum is that mean times their count.
+        for buf, g in zip(self.buffers, grads):
+            if mine > 0:
+                buf.copy_(g.detach())
+            else:
+                buf.zero_()
+        self._conn.send(("step", {"tag": list(tag), "micro_batches": mine}, 1.0 if mine > 0 else 0.0))
+        if not self._conn.poll(2 * self.timeout + 15):
+            raise RuntimeError("the averaging process stopped answering")
+        status, detail = self._conn.recv()
+        if status != "ok":
+            log.warning("averaging round failed (%s)", detail)
             return RoundResult(False, 0, 0.0)
-        infos = list(group.values())
+        infos = detail
         if any(info.get("tag") != list(tag) for info in infos):
             log.warning("averaging group mixed step attempts %s; discarding the round",
                         sorted({tuple(i.get("tag", ())) for i in infos}))
@@ -111,10 +170,15 @@ class StageAverager:
         if weight <= 0:
             return RoundResult(False, len(infos), 0.0)
         scale = contributors * total_micro_batches / weight  # mean -> sum -> full batch
-        with self.averager.get_tensors() as buffers:
-            for buf, g in zip(buffers, grads):
-                g.copy_((buf * scale).to(g.dtype))
+        for buf, g in zip(self.buffers, grads):
+            g.copy_((buf * scale).to(g.dtype))
         return RoundResult(True, len(infos), weight)
 
     def shutdown(self) -> None:
-        self.averager.shutdown()
+        try:
+            self._conn.send(("stop",))
+        except (OSError, BrokenPipeError):
+            pass
+        self._process.join(10)
+        if self._process.is_alive():
+            self._process.kill()

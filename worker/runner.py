@@ -73,7 +73,7 @@ class WorkerRunner:
         self._status = cpb.STANDBY
         self._reported: set[tuple[int, int, int]] = set()  # (step, attempt, report kind)
         self.router = NextStageRouter()
-        self.dht = None  # hivemind DHT, when the run has replicas
+        self.dht_peers: list[str] = []  # the coordinator's hivemind DHT, when the run has replicas
         self.averager = None  # StageAverager of our stage
         self._averager_stage = -1
         self._averaging: asyncio.Task | None = None
@@ -104,8 +104,7 @@ class WorkerRunner:
         self.worker_id = reply.worker_id
         self.run = from_dict(RunConfig, json.loads(reply.run_config_json))
         self.client = StageClient(self.counters, self.run.pipeline.chunk_bytes)
-        if reply.dht_peers:
-            self.dht = await asyncio.to_thread(self._start_dht, list(reply.dht_peers))
+        self.dht_peers = list(reply.dht_peers)
         a = reply.assignment
         where = (f"stage {a.stage} of {a.num_stages} (layers {a.start_layer}-{a.end_layer})" if a.stage >= 0
                  else "standby (every stage has a worker)")
@@ -132,17 +131,7 @@ class WorkerRunner:
         await server.stop(grace=0.5)
         self.compute.close()
         if self.averager is not None:
-            self.averager.shutdown()
-        if self.dht is not None:
-            self.dht.shutdown()
-
-    def _start_dht(self, initial_peers: list[str]):
-        """Join the coordinator's hivemind DHT (replicas find their averaging group through it)."""
-        import hivemind
-
-        host = self.address.rsplit(":", 1)[0].strip("[]")
-        maddr = f"/ip4/{host}/tcp/0" if host.replace(".", "").isdigit() else "/ip4/0.0.0.0/tcp/0"
-        return hivemind.DHT(initial_peers=initial_peers, host_maddrs=[maddr], start=True)
+            await asyncio.to_thread(self.averager.shutdown)
 
     async def send_downstream(self, header, activations):
         """Send a micro-batch to the best replica of the next stage; a replica whose connection
@@ -306,6 +295,9 @@ class WorkerRunner:
         if a.peer_addresses:
             # A replica holds the run's current state: copy it, optimizer included, so this one is
             # bit-identical to it and can take part from the next step.
+            log.info("copying stage %d from a replica (we hold epoch %d position %s; the run is at epoch %d "
+                     "step %d, %s)", a.stage, self.loaded_epoch, self.stage.position if self.stage else None,
+                     state.restore_epoch, state.step, cpb.StepPhase.Name(state.phase))
             fetched = await self._fetch_from_peer(list(a.peer_addresses))
             if fetched is None:
                 self._status = cpb.READY if self.stage is not None else cpb.STANDBY
@@ -324,15 +316,15 @@ class WorkerRunner:
         self.stage = await self.compute.run(OTHER, lambda: StageRunner(self.run, spec, self.options.device,
                                                                        checkpoint, position))
         self.loaded_epoch = state.restore_epoch
-        if self.dht is not None and self.averager is None:
-            from .averaging import StageAverager  # imports hivemind: only runs with replicas pay for it
+        if self.dht_peers and self.averager is None:
+            from .averaging import StageAverager
 
-            stage = self.stage
             avg = self.run.averaging
             self.averager = await asyncio.to_thread(
-                StageAverager, self.dht, self.run.name, a.stage, [p.shape for p in stage.model.parameters()],
-                max_group=self.run.pipeline.replicas_per_stage, compression=avg.compression,
-                min_matchmaking_time=avg.matchmaking_s, timeout=avg.timeout_s)
+                StageAverager, self.dht_peers, self.run.name, a.stage,
+                [p.shape for p in self.stage.model.parameters()], max_group=self.run.pipeline.replicas_per_stage,
+                compression=avg.compression, matchmaking_s=avg.matchmaking_s, timeout=avg.timeout_s,
+                host=self.address.rsplit(":", 1)[0].strip("[]"))
             self._averager_stage = a.stage
         log.info("stage %d ready at step %d in %.1fs", a.stage, position, time.perf_counter() - t0)
         if spec.embed and self.driver is None:
@@ -426,8 +418,8 @@ class WorkerRunner:
                 log.warning("step %d: the coordinator refused this replica's gradient; receiving the others' sum",
                             step)
             if expected > 1 and self.averager is None:
-                raise RuntimeError("the run has replicas but this worker has no averager (no DHT peers in the "
-                                   "join reply)")
+                raise RuntimeError("the run has replicas but this worker has no averager (the join reply "
+                                   "named no DHT peers)")
             if self.faults.get("die-averaging") == step:
                 delay = self.run.averaging.matchmaking_s + 0.2
                 log.warning("fault injection: SIGKILL in %.1f s, inside the averaging round of step %d", delay, step)

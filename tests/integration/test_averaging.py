@@ -85,3 +85,12 @@ def test_a_refused_replica_receives_the_sum_without_contributing(tmp_path):
         assert r["summed"] and r["group"] == 3 and r["weight"] == 4
         assert r["g0"] == pytest.approx(8.0)  # (1.0 + 3.0) / 4 * 8
     assert res["first"]["g0"] == res["refused"]["g0"]
+
+
+def test_a_replica_without_micro_batches_adds_nothing(tmp_path):
+    """A replica that no micro-batch was routed to (e.g. one that just joined) takes part with
+    weight 0; the others' sum is not diluted by its zeros."""
+    res = run_group(tmp_path, [("first", 1.0, 2), ("second", 3.0, 2), ("idle", 0.0, 0)])
+    for r in res.values():
+        assert r["summed"] and r["group"] == 3 and r["weight"] == 4
+        assert r["g0"] == pytest.approx(4.0)
