@@ -58,10 +58,11 @@ def test_unequal_shares(tmp_path):
         assert r["group"] == 2 and r["g0"] == pytest.approx(4.0)
 
 
-def test_fp16_compression_stays_close(tmp_path):
-    res = run_group(tmp_path, [("first", 1.0, 4), ("second", 3.0, 4)], compression="fp16")
+@pytest.mark.parametrize("compression, rel", [("fp16", 1e-3), ("8bit-blockwise", 2e-2)])
+def test_lossy_compression_stays_close(tmp_path, compression, rel):
+    res = run_group(tmp_path, [("first", 1.0, 4), ("second", 3.0, 4)], compression=compression)
     for r in res.values():
-        assert r["summed"] and r["group"] == 2 and r["g0"] == pytest.approx(4.0, rel=1e-3)
+        assert r["summed"] and r["group"] == 2 and r["g0"] == pytest.approx(4.0, rel=rel)
 
 
 def test_a_vanished_peer_does_not_stall_the_survivors(tmp_path):
