@@ -294,6 +294,8 @@ class RunLedger:
             stage = min(short, key=lambda s: (counts[s], s))
             row = self.db.execute("SELECT * FROM workers WHERE state='standby' AND stage=-1 "
                                   "ORDER BY joined LIMIT 1").fetchone()
+            if row is None and counts[stage] == 0:
+                row = self._surplus_replica(taken)
             if row is None:
                 return
             self.db.execute("UPDATE workers SET stage=?, state='loading', loaded_epoch=-1, position=-1 WHERE id=?",
@@ -303,6 +305,21 @@ class RunLedger:
             spec = self.plan[stage]
             role = "replica %d of " % (counts[stage] + 1) if counts[stage] else ""
             self._event("stage_assigned", f"{role}stage {stage} (layers {spec.start}-{spec.end}) -> {row['id']}")
+
+    def _surplus_replica(self, taken: dict[int, list[sqlite3.Row]]) -> sqlite3.Row | None:
+        """An empty stage with nobody on standby takes the newest replica of the stage that has
+        the most (if it has more than one); that stage goes on with the others."""
+        donor = max(taken, key=lambda s: (len(taken[s]), -s), default=None)
+        if donor is None or len(taken[donor]) < 2:
+            return None
+        row = taken[donor].pop()  # newest: the oldest replicas are the likeliest to stay
+        members = self._members()
+        if row["id"] in members.get(donor, []):
+            members[donor].remove(row["id"])
+            self._set_members(members)
+        self._event("replica_moved", f"{row['id']} leaves stage {donor} (it has {len(taken[donor])} other "
+                    "replica(s)) for a stage that has none")
+        return row
 
     def heartbeat(self, worker_id: str, state: str, metrics: dict, loaded_epoch: int = -1,
                   position: int = -1) -> bool:

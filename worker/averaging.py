@@ -76,7 +76,7 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
         buffers, dht, prefix=prefix, target_group_size=max_group, min_group_size=min(2, max_group),
         min_matchmaking_time=matchmaking_s,
         request_timeout=min(1.0, matchmaking_s / 2),  # hivemind: above the matchmaking time it can deadlock
-        allreduce_timeout=timeout, next_chunk_timeout=min(5.0, timeout / 2),  # else a vanished peer hangs it
+        allreduce_timeout=timeout, next_chunk_timeout=timeout / 2,  # else a vanished peer hangs the round
         compression=hivemind_compression(compression), start=True)
     conn.send(("ready", [str(a) for a in dht.get_visible_maddrs()]))
     try:

@@ -181,9 +181,9 @@ class WorkerRunner:
         if self.driver is not None:
             await self.driver.stop()  # hands back anything still leased
         if (self.stage is not None and self.state is not None and self.state.phase == cpb.WAITING
-                and self.stage.position == self.state.step):
-            # At a step boundary: leave our stage in the store so a newcomer continues from here
-            # instead of the run rolling back to the last full checkpoint.
+                and self.stage.position == self.state.step and not self.state.assignment.peer_addresses):
+            # The stage's last replica, at a step boundary: leave the stage in the store so a
+            # newcomer continues from here instead of the run rolling back to the last checkpoint.
             try:
                 await self.save_checkpoint(self.stage.position)
             except grpc.aio.AioRpcError as e:

@@ -364,3 +364,18 @@ def test_averaging_that_never_finishes_restarts_the_step(tmp_path):
         ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, 0)
     ledger.reap()
     assert ledger.attempt == 1 and ledger.phase == "open"
+
+
+def test_a_stage_that_loses_every_replica_takes_a_surplus_one_from_another(tmp_path):
+    ledger = make_replicated(tmp_path)
+    by_stage = replicated_swarm(ledger)
+    run_replicated_step(ledger, by_stage)
+    for w in by_stage[1]:
+        ledger.declare_dead(w, "gone")
+    moved = [w for w in by_stage[0] if ledger.assignment(w)["stage"] == 1]
+    assert len(moved) == 1 and ledger.assignment(by_stage[0][0])["stage"] == 0
+    assert ledger.phase == "waiting" and ledger.restore_epoch == 1
+    assert "replica_moved" in [e["kind"] for e in ledger.status()["events"]]
+    for w in by_stage[0]:  # both reload the step-1 state (from the store, or roll back)
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, ledger.step)
+    assert ledger.phase == "open"
