@@ -15,7 +15,7 @@ from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 from gptjt_core.model import StageSpec
 from .checkpoint_store import CheckpointStore
 
-from .state import RunLedger
+from .state import ALIVE_STATES, RunLedger
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,25 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.LeaveReply()
 
     async def Watch(self, request, context):
+        try:
+            async for state in self._watch(request, context):
+                yield state
+        finally:
+            # A SIGKILLed worker's stream is reset at once: check now instead of waiting for
+            # the heartbeat timeout (a worker that merely reconnects still answers on its port).
+            asyncio.get_running_loop().create_task(self._probe_after_disconnect(request.worker_id))
+
+    async def _probe_after_disconnect(self, worker_id: str, delay_s: float = 0.2) -> None:
+        await asyncio.sleep(delay_s)
+        row = self.ledger.worker(worker_id) if worker_id else None
+        if row is None or row["state"] not in ALIVE_STATES:
+            return
+        if await address_is_down(row["address"]):
+            self.ledger.declare_dead(worker_id, f"its Watch stream closed and {row['address']} refuses connections")
+            await self.notify()
+            log.warning("worker %s at %s is down (its stream closed): declared dead", worker_id, row["address"])
+
+    async def _watch(self, request, context):
         last = None
         while not context.cancelled():
             state = self.ledger.run_state(request.worker_id)

@@ -370,6 +370,10 @@ class RunLedger:
                     self._maybe_open()
         return dead
 
+    def worker(self, worker_id: str) -> dict | None:
+        row = self._worker(worker_id)
+        return dict(row) if row is not None else None
+
     def worker_at(self, address: str) -> str | None:
         """The live worker serving its stage at `address`."""
         row = self.db.execute("SELECT id FROM workers WHERE address=? AND state IN (%s)"

@@ -4,7 +4,8 @@ Kinds:
   poison@N          multiply this replica's gradient at step N by 1e6 before it is contributed
                     (a byzantine or broken replica; the coordinator must refuse it)
   nan@N             put NaN in this replica's gradient at step N
-  die-averaging@N   SIGKILL this process 0.2 s into its averaging round of step N
+  die-averaging@N   SIGKILL this process halfway through the matchmaking of its averaging round
+                    at step N (its group is forming, and then it is gone)
 
 Unset in normal runs; parsing is strict so a typo fails loudly instead of silently testing nothing.
 """

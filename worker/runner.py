@@ -421,7 +421,7 @@ class WorkerRunner:
                 raise RuntimeError("the run has replicas but this worker has no averager (the join reply "
                                    "named no DHT peers)")
             if self.faults.get("die-averaging") == step:
-                delay = self.run.averaging.matchmaking_s + 0.2
+                delay = self.run.averaging.matchmaking_s / 2  # while the group is being formed
                 log.warning("fault injection: SIGKILL in %.1f s, inside the averaging round of step %d", delay, step)
                 threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
             mbs = stage.step_micro_batches

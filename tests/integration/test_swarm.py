@@ -48,7 +48,8 @@ def test_two_stage_swarm_reproduces_train_local(swarm_factory, tmp_path):
     got = [h["loss"] for h in status["history"]]
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
     assert status["tickets"] == {"issued": 6, "committed": 6, "reissued": 0, "leased": 0, "pending": 0,
-                                 "aborted": 0, "rolled_back": 0, "exactly_once_violations": []}
+                                 "aborted": 0, "rolled_back": 0, "lost": 0, "double": 0,
+                                 "exactly_once_violations": []}
     assert status["tokens"] == 3 * 4 * 64 and status["step"] == 3
     assert {w["stage"] for w in status["workers"]} == {0, 1}
     assert all(w["metrics"]["bytes_sent"] > 0 for w in status["workers"])
