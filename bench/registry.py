@@ -12,6 +12,7 @@ BENCHMARKS = {
     "gpu-block": "bench.gpu_block",
     "swarm": "bench.swarm",
     "recovery": "bench.recovery",
+    "codec": "bench.codec",
 }
 
 

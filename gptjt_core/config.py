@@ -13,7 +13,7 @@ from typing import Any
 
 # Codec names the config accepts; gptjt_core.compression implements them (and a test
 # keeps the two lists equal).
-CODEC_NAMES = frozenset({"fp32", "fp16", "bf16"})
+CODEC_NAMES = frozenset({"fp32", "fp16", "bf16", "q8", "q4"})
 
 
 class ConfigError(ValueError):

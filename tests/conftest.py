@@ -44,3 +44,12 @@ def small_run(steps: int = 3, global_batch: int = 4, micro_batch: int = 2, seq_l
     run.train.micro_batch, run.train.seq_len = micro_batch, seq_len
     run.optim.warmup_steps = min(run.optim.warmup_steps, steps)
     return run
+
+
+@pytest.fixture()
+def swarms():
+    """Swarms a test starts; each is closed (every process killed) when the test ends."""
+    made = []
+    yield made
+    for swarm in made:
+        swarm.close()

@@ -10,14 +10,6 @@ import pytest
 from tests.swarm import Swarm, local_losses, swarm_toml
 
 
-@pytest.fixture()
-def swarms():
-    made = []
-    yield made
-    for s in made:
-        s.close()
-
-
 def started(swarms: list, tmp, names: str = "ab", **kw) -> tuple[Swarm, dict]:
     """A coordinator and one worker per name, on a run that checkpoints every 2 steps."""
     swarm = Swarm(tmp, swarm_toml(tmp, timeout_s=3.0, checkpoint_every=2, **kw))

@@ -19,14 +19,6 @@ matchmaking_s = 1.0
 """
 
 
-@pytest.fixture()
-def swarms():
-    made = []
-    yield made
-    for s in made:
-        s.close()
-
-
 def replicated(swarms: list, tmp, replicas: int = 2, steps: int = 6, timeout_s: float = 3.0,
                start_with: int = 2) -> Swarm:
     # 4 micro-batches per step, so both replicas of every stage get work

@@ -209,16 +209,21 @@ def make_replicated(tmp_path, clock=None, steps: int = 3):
     return RunLedger(tmp_path / "run.db", run, plan_stages(4, 2), clock or Clock())
 
 
+def commit_all(ledger: RunLedger, stage0: list[str]) -> int:
+    """Lease and commit every ticket of the open step, one at a time round the stage-0 replicas."""
+    done = 0
+    for w in stage0 * 4:
+        for t in ledger.lease(w, 1)[0]:
+            assert ledger.commit(w, t.id, t.attempt, 1.0, 128) == "committed"
+            done += 1
+    return done
+
+
 def run_replicated_step(ledger: RunLedger, by_stage: dict[int, list[str]], norms: dict[str, float] | None = None,
                         digests: dict[str, str] | None = None) -> None:
     """Lease/commit every ticket through stage 0's replicas, then contributions, sums, updates."""
     step, attempt = ledger.step, ledger.attempt
-    leased = 0
-    for w in by_stage[0] * 4:
-        for t in ledger.lease(w, 1)[0]:
-            assert ledger.commit(w, t.id, t.attempt, 1.0, 128) == "committed"
-            leased += 1
-    assert leased == 4 and ledger.phase == "accumulated"
+    assert commit_all(ledger, by_stage[0]) == 4 and ledger.phase == "accumulated"
     members = [w for ids in by_stage.values() for w in ids]
     for w in members:
         assert ledger.report(w, step, attempt, "contribution", (norms or {}).get(w, 4.0), 2)
@@ -259,9 +264,7 @@ def test_poisoned_contribution_is_refused_and_named(tmp_path):
     bad = by_stage[1][1]
     run_replicated_step(ledger, by_stage)  # step 0 sets each stage's reference norm
     step = ledger.step
-    for w in by_stage[0] * 4:
-        for t in ledger.lease(w, 1)[0]:
-            ledger.commit(w, t.id, t.attempt, 1.0, 128)
+    commit_all(ledger, by_stage[0])
     for w in [*by_stage[0], *by_stage[1]]:
         ledger.report(w, step, 0, "contribution", 4.0e6 if w == bad else 4.0, 2)
     assert ledger.phase == "averaging"
@@ -274,9 +277,7 @@ def test_poisoned_contribution_is_refused_and_named(tmp_path):
 def test_nan_contribution_is_refused_even_without_history(tmp_path):
     ledger = make_replicated(tmp_path)
     by_stage = replicated_swarm(ledger)
-    for w in by_stage[0] * 4:
-        for t in ledger.lease(w, 1)[0]:
-            ledger.commit(w, t.id, t.attempt, 1.0, 128)
+    commit_all(ledger, by_stage[0])
     for w in [*by_stage[0], *by_stage[1]]:
         ledger.report(w, 0, 0, "contribution", float("nan") if w == by_stage[0][1] else 4.0, 2)
     assert ledger.assignment(by_stage[0][0])["contributors"] == [by_stage[0][0]]
@@ -312,9 +313,7 @@ def test_a_dead_replica_leaves_its_stage_running_without_rollback(tmp_path):
 def test_replicas_that_sum_different_gradients_rerun_the_step(tmp_path):
     ledger = make_replicated(tmp_path)
     by_stage = replicated_swarm(ledger)
-    for w in by_stage[0] * 4:
-        for t in ledger.lease(w, 1)[0]:
-            ledger.commit(w, t.id, t.attempt, 1.0, 128)
+    commit_all(ledger, by_stage[0])
     members = [*by_stage[0], *by_stage[1]]
     for w in members:
         ledger.report(w, 0, 0, "contribution", 4.0, 2)
@@ -332,9 +331,7 @@ def test_a_joiner_copies_a_replica_and_takes_part_from_the_next_step(tmp_path):
     a = ledger.assignment(joiner)
     assert a["stage"] == 1 and not a["member"]
     assert a["peer_addresses"] == [w["address"] for w in ledger.status()["workers"] if w["id"] == by_stage[1][0]]
-    for w in by_stage[0] * 4:
-        for t in ledger.lease(w, 1)[0]:
-            ledger.commit(w, t.id, t.attempt, 1.0, 128)
+    commit_all(ledger, by_stage[0])
     assert ledger.phase == "accumulated"
     ledger.heartbeat(joiner, "ready", {}, ledger.restore_epoch, 0)  # copied step-0 state, too late to join
     assert not ledger.report(joiner, 0, 0, "contribution", 1.0, 1)
@@ -354,9 +351,7 @@ def test_averaging_that_never_finishes_restarts_the_step(tmp_path):
     clock = Clock()
     ledger = make_replicated(tmp_path, clock=clock)
     by_stage = replicated_swarm(ledger)
-    for w in by_stage[0] * 4:
-        for t in ledger.lease(w, 1)[0]:
-            ledger.commit(w, t.id, t.attempt, 1.0, 128)
+    commit_all(ledger, by_stage[0])
     for w in [*by_stage[0], *by_stage[1]]:
         ledger.report(w, 0, 0, "contribution", 4.0, 2)
     clock.t += 3 * ledger.run.averaging.timeout_s + 1

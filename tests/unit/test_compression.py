@@ -1,0 +1,107 @@
+"""Tensor codecs: round trips within their bounds, error feedback, corrupt payloads refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptjt_core.compression import BLOCK, CODECS, CodecError, Encoded, ErrorFeedback, decode, encode
+
+QMAX = {"q8": 127, "q4": 7}
+
+
+@pytest.fixture(scope="module")
+def tiny_activations() -> dict[str, torch.Tensor]:
+    """A tiny GPT-J's boundary activations (2 x 64 random tokens) and their gradients."""
+    from bench.codec import boundary_tensors
+
+    acts, grads = boundary_tensors(batch=2, seq=64)
+    return {"activations": acts, "gradients": grads}
+
+
+def block_bound(x: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per-value error bound: half a quantization step of the value's block."""
+    flat = x.reshape(-1).float()
+    pad = (-flat.numel()) % BLOCK
+    blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, BLOCK)
+    step = blocks.abs().amax(dim=1, keepdim=True) / qmax
+    return (step.expand_as(blocks).reshape(-1)[:flat.numel()] / 2 * (1 + 1e-5) + 1e-12).view(x.shape)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (BLOCK,), (BLOCK * 4 + 1,), (1,), ()])
+@pytest.mark.parametrize("codec", ["q8", "q4"])
+def test_quantized_round_trip_within_half_a_step(codec, shape):
+    x = torch.randn(shape) * 3
+    x.reshape(-1)[0:1] *= 50  # an outlier: only its own block loses precision
+    y = decode(encode(x, codec))
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert bool(((y - x).abs() <= block_bound(x, QMAX[codec])).all())
+
+
+def test_cast_codecs_and_sizes():
+    x = torch.randn(4, 64, 128)
+    assert torch.equal(decode(encode(x, "fp32")), x)
+    assert torch.allclose(decode(encode(x, "fp16")), x, rtol=1e-3, atol=1e-3)
+    fp16 = len(encode(x, "fp16").data)
+    assert fp16 / len(encode(x, "q8").data) == pytest.approx(256 / 132)
+    assert fp16 / len(encode(x, "q4").data) == pytest.approx(256 / 68)
+    assert set(CODECS) >= {"fp32", "fp16", "bf16", "q8", "q4"}
+
+
+def test_zero_blocks_and_bf16_inputs():
+    x = torch.zeros(BLOCK * 2)
+    x[BLOCK:] = torch.linspace(-1, 1, BLOCK)
+    assert torch.equal(decode(encode(x, "q8"))[:BLOCK], x[:BLOCK])
+    b = torch.randn(10, 20, dtype=torch.bfloat16)
+    assert decode(encode(b, "q8")).dtype == torch.bfloat16
+
+
+def test_real_activations_and_gradients(tiny_activations):
+    """Relative error on a tiny GPT-J's boundary activations and their gradients."""
+    for name, t in tiny_activations.items():
+        for codec, limit in (("q8", 0.01), ("q4", 0.15)):
+            err = (decode(encode(t, codec)) - t).norm() / t.norm()
+            assert err < limit, f"{codec} on {name}: relative error {err:.4f}"
+
+
+def test_error_feedback_keeps_the_running_sum():
+    torch.manual_seed(0)
+    steps, shape = 200, (32, 128)
+    ef = ErrorFeedback("q4")
+    true_sum, ef_sum, plain_sum = torch.zeros(shape), torch.zeros(shape), torch.zeros(shape)
+    worst_single = 0.0
+    for _ in range(steps):
+        g = torch.randn(shape) * 0.01 + 0.002  # a small bias: plain rounding error accumulates
+        true_sum += g
+        ef_sum += decode(ef.encode(g))
+        plain = decode(encode(g, "q4"))
+        plain_sum += plain
+        worst_single = max(worst_single, float((plain - g).abs().max()))
+    ef_gap = float((ef_sum - true_sum).abs().max())
+    plain_gap = float((plain_sum - true_sum).abs().max())
+    assert ef_gap <= 2 * worst_single  # bounded by about one message's error, whatever the step count
+    assert plain_gap > 5 * ef_gap
+
+
+@pytest.mark.parametrize("codec", ["q8", "q4", "fp16"])
+def test_corrupt_payloads_are_refused(codec):
+    enc = encode(torch.randn(300), codec)
+    with pytest.raises(CodecError, match="truncated"):
+        decode(Encoded(enc.data[:-1], enc.shape, enc.dtype, codec))
+    with pytest.raises(CodecError, match="too long"):
+        decode(Encoded(enc.data + b"\0", enc.shape, enc.dtype, codec))
+    with pytest.raises(CodecError, match="unknown codec"):
+        decode(Encoded(enc.data, enc.shape, enc.dtype, "q3"))
+
+
+@pytest.mark.parametrize("codec", ["q8", "q4"])
+def test_bad_scales_and_non_finite_inputs_are_refused(codec):
+    enc = encode(torch.randn(300), codec)
+    nan_scale = torch.tensor([float("nan")], dtype=torch.float32).numpy().tobytes()
+    with pytest.raises(CodecError, match="corrupt"):
+        decode(Encoded(nan_scale + enc.data[4:], enc.shape, enc.dtype, codec))
+    neg_scale = torch.tensor([-1.0], dtype=torch.float32).numpy().tobytes()
+    with pytest.raises(CodecError, match="corrupt"):
+        decode(Encoded(neg_scale + enc.data[4:], enc.shape, enc.dtype, codec))
+    with pytest.raises(CodecError, match="NaN/Inf"):
+        encode(torch.tensor([1.0, float("inf")]), codec)
