@@ -10,6 +10,7 @@ replacement worker joins after each kill, so every kill meets a full 2 x 2 swarm
 
 from __future__ import annotations
 
+import shutil
 import signal
 import statistics
 import tempfile
@@ -70,7 +71,7 @@ def _wait(address: str, predicate, timeout: float, what: str, swarm: LocalSwarm)
         except RuntimeError:
             pass
         time.sleep(0.05)
-    raise RuntimeError(f"bench recovery: no {what} within {timeout:.0f} s; logs in {swarm.workdir}")
+    raise RuntimeError(f"bench recovery: no {what} within {timeout:.0f} s")
 
 
 def run(quick: bool = False) -> dict:
@@ -103,9 +104,17 @@ def run(quick: bool = False) -> dict:
                 recoveries.append(time.monotonic() - t_kill)
                 name = f"replacement{k}"
                 procs[name] = swarm.start_worker(token, name, threads=1)
-                _wait(address, lambda s, n=name: any(w["name"] == n and w["state"] == "ready" for w in s["workers"]),
-                      120, f"{name} ready", swarm)
+                # until the replacement takes part in a step: killing the other replica of its stage
+                # before that would be killing the stage's last holder (a rollback, not this bench)
+                _wait(address, lambda s, n=name: any(w["name"] == n and w["id"] in s["stages"][w["stage"]]["members"]
+                                                     for w in s["workers"] if w["stage"] >= 0),
+                      120, f"{name} taking part in a step", swarm)
             status = _wait(address, lambda s: s["phase"] == "done", 600, "the run to finish", swarm)
+        except RuntimeError:
+            swarm.stop()
+            kept = Path(tempfile.mkdtemp(prefix="gptjt-bench-recovery-"))
+            shutil.copytree(tmp, kept, dirs_exist_ok=True)
+            raise RuntimeError(f"bench recovery failed; the run's logs and ledger are kept in {kept}") from None
         finally:
             swarm.stop()
     tickets = status["tickets"]
