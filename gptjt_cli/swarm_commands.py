@@ -110,11 +110,19 @@ async def _fetch_all_stages(status: dict) -> list[dict]:
     by_id = {w["id"]: w for w in status["workers"]}
     try:
         states = []
+        positions = set()
         for stage in status["stages"]:
-            if not stage["workers"]:
+            # a member replica holds the run's state; a joiner may still be copying it
+            holders = stage.get("members") or stage["workers"]
+            if not holders:
                 raise RuntimeError(f"stage {stage['index']} has no live worker; cannot export it")
-            _, blob = await client.fetch_state(by_id[stage["workers"][0]]["address"])
+            header, blob = await client.fetch_state(by_id[holders[0]]["address"])
+            positions.add(header.position)
             states.append(split_state(load(blob))[0])  # weights only
+        if len(positions) > 1:
+            raise RuntimeError(f"the stages hold different steps {sorted(positions)} (a step was being applied); "
+                               "export again")
+        return states
         return states
     finally:
         await client.close()
