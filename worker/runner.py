@@ -381,6 +381,7 @@ class WorkerRunner:
         elif state.phase == cpb.AVERAGING and (step, attempt, cpb.AVERAGED) not in self._reported:
             if self._averaging is None or self._averaging.done():
                 self._averaging = asyncio.create_task(self._average(stage, step, attempt))
+                self._averaging.add_done_callback(self._on_task_done)  # a crash stops the worker loudly
         elif state.phase == cpb.APPLYING and (step, attempt, cpb.APPLIED) not in self._reported:
             if stage.last_applied < step:
                 ok = await self.compute.run(OTHER, lambda: stage.apply_step(step, state.global_grad_norm))
