@@ -219,7 +219,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def reap_forever(self, period_s: float = 0.5) -> None:
         """Declare silent workers dead (their tickets re-issued, the step restarted if needed)."""
         while True:
-            dead = self.ledger.reap()
+            try:
+                dead = self.ledger.reap()
+            except Exception:  # one bad pass must not end reaping for good
+                log.exception("reaping failed; trying again")
+                dead = []
             for worker_id in dead:
                 log.warning("worker %s missed heartbeats for %.0f s: declared dead", worker_id,
                             self.ledger.run.coordinator.heartbeat_timeout_s)

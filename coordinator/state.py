@@ -406,9 +406,15 @@ class RunLedger:
             members[stage].remove(worker_id)
             self._set_members(members)
         holders = [r for r in self.stage_workers().get(stage, []) if self._is_holder(r)]
+        in_step = self.phase in (OPEN, ACCUMULATED, AVERAGING)
         if self.phase == DONE:
             pass
-        elif holders or (not was_member and not self._is_holder(row)):
+        elif in_step and was_member and not members.get(stage) and holders:
+            # The step's last member of this stage is gone, but a replica that joined mid-step
+            # holds the same state: re-run the step with it (nothing closed is lost).
+            self._restart_step(f"stage {stage} lost its last member {worker_id}; a joined replica takes over")
+            self._set_meta("phase", WAITING)
+        elif (holders and (not in_step or members.get(stage))) or (not was_member and not self._is_holder(row)):
             # Another replica holds the state (or this one held none): nothing is lost but the
             # dead replica's gradient share of the open step, estimated at averaging.
             if was_member and members.get(stage) and self.phase in (OPEN, ACCUMULATED, AVERAGING):
@@ -633,6 +639,8 @@ class RunLedger:
     def _advance(self) -> None:
         """Move the step on once every member replica has reported for the current phase."""
         phase = self.phase
+        if any(not ids for ids in self._members().values()):
+            return  # a stage without members is being restored; _drop_worker handles it
         if phase == ACCUMULATED and (done := self._reports(CONTRIBUTION)) is not None:
             if self.run.pipeline.replicas_per_stage == 1:
                 self._set_meta("grad_norm", sum(_norm_sq(r) for rows in done.values() for r in rows) ** 0.5)

@@ -84,14 +84,14 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
             message = conn.recv()
             if message[0] == "stop":
                 break
-            _, gather, weight = message
+            _, seq, gather, weight = message
             control = averager.step(gather=gather, weight=weight, timeout=timeout, wait=False)
             try:
                 group = control.result(timeout=2 * timeout + 5)  # matchmaking + all-reduce, bounded
-                conn.send(("ok", list(group.values())) if group else ("failed", "no group"))
+                conn.send(("ok", seq, list(group.values())) if group else ("failed", seq, "no group"))
             except Exception as e:  # hivemind raises on a failed round; the step must not stall
                 control.cancel()
-                conn.send(("failed", f"{type(e).__name__}: {e}"))
+                conn.send(("failed", seq, f"{type(e).__name__}: {e}"))
     except EOFError:  # the worker is gone
         pass
     finally:
@@ -131,6 +131,7 @@ class StageAverager:
             self.shutdown()
             raise RuntimeError(f"the averaging process did not start within {ready_timeout:.0f} s")
         _, self.visible_maddrs = self._conn.recv()
+        self._seq = 0  # numbers each round's request, so a late reply is never taken for a new one
 
     def sum_gradients(self, grads: list[torch.Tensor], micro_batches: int, total_micro_batches: int,
                       expected_group: int, contribute: bool = True, tag: tuple = ()) -> RoundResult:
@@ -153,10 +154,14 @@ class StageAverager:
                 buf.copy_(g.detach())
             else:
                 buf.zero_()
-        self._conn.send(("step", {"tag": list(tag), "micro_batches": mine}, 1.0 if mine > 0 else 0.0))
-        if not self._conn.poll(2 * self.timeout + 15):
-            raise RuntimeError("the averaging process stopped answering")
-        status, detail = self._conn.recv()
+        self._seq += 1
+        self._conn.send(("step", self._seq, {"tag": list(tag), "micro_batches": mine}, 1.0 if mine > 0 else 0.0))
+        while True:  # a reply to a round we gave up on may still be in the pipe: skip it
+            if not self._conn.poll(2 * self.timeout + 15):
+                raise RuntimeError("the averaging process stopped answering")
+            status, seq, detail = self._conn.recv()
+            if seq == self._seq:
+                break
         if status != "ok":
             log.warning("averaging round failed (%s)", detail)
             return RoundResult(False, 0, 0.0)

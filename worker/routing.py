@@ -13,6 +13,9 @@ import time
 from dataclasses import dataclass, field
 
 
+RETRY_AFTER_S = 5.0
+
+
 class NoReplicaAvailable(RuntimeError):
     """Every replica of the next stage failed or none is assigned."""
 
@@ -22,7 +25,13 @@ class _Replica:
     address: str
     in_flight: int = 0
     seconds: float = 0.0  # EWMA round trip per micro-batch; 0 until measured
-    failed: bool = False
+    failed_at: float | None = None  # time.monotonic() of its last failure
+
+    @property
+    def failed(self) -> bool:
+        # A failed replica is retried after RETRY_AFTER_S even if the plan does not change: the
+        # coordinator keeps a replica that still answers its probe, and the error may have passed.
+        return self.failed_at is not None and time.monotonic() - self.failed_at < RETRY_AFTER_S
 
 
 @dataclass
@@ -37,7 +46,7 @@ class NextStageRouter:
         self.replicas = {a: self.replicas.get(a) or _Replica(a) for a in addresses}
         if forgive:
             for r in self.replicas.values():
-                r.failed = False
+                r.failed_at = None
 
     def pick(self) -> str:
         live = [r for r in self.replicas.values() if not r.failed]
@@ -59,7 +68,7 @@ class NextStageRouter:
             elapsed = time.monotonic() - started
             r.seconds = elapsed if r.seconds == 0 else (1 - self.smoothing) * r.seconds + self.smoothing * elapsed
         else:
-            r.failed = True
+            r.failed_at = time.monotonic()
 
     @property
     def available(self) -> bool:

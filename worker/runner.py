@@ -20,7 +20,7 @@ from gptjt_core.model import StageSpec
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2_grpc as spb_grpc
 
-from .averaging import sum_alone
+from .averaging import RoundResult, sum_alone
 from .compute import OTHER, ComputeQueue
 from .faults import faults_from_env
 from .membership import CoordinatorClient
@@ -124,14 +124,17 @@ class WorkerRunner:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.driver is not None:
             await self.driver.stop()
-        if self._averaging is not None:
-            self._averaging.cancel()
-        await self.client.close()
-        await self.coordinator.close()
-        await server.stop(grace=0.5)
-        self.compute.close()
-        if self.averager is not None:
-            await asyncio.to_thread(self.averager.shutdown)
+        try:
+            if self._averaging is not None:
+                self._averaging.cancel()
+                await asyncio.gather(self._averaging, return_exceptions=True)
+            await self.client.close()
+            await self.coordinator.close()
+            await server.stop(grace=0.5)
+            await asyncio.to_thread(self.compute.close)
+        finally:  # the sidecar is not a daemon: it must be told to stop whatever failed above
+            if self.averager is not None:
+                await asyncio.to_thread(self.averager.shutdown)
 
     async def send_downstream(self, header, activations):
         """Send a micro-batch to the best replica of the next stage; a replica whose connection
@@ -428,6 +431,8 @@ class WorkerRunner:
             mbs = stage.step_micro_batches
 
             def round_(expected=expected, mbs=mbs, contribute=contribute):
+                if stage.attempt != (step, attempt):  # the step moved on while this waited its turn
+                    return RoundResult(False, 0, 0.0), 0.0
                 grads = stage.gradients()
                 if expected > 1:
                     res = self.averager.sum_gradients(grads, mbs, total, expected, contribute, tag=(step, attempt))
@@ -436,7 +441,7 @@ class WorkerRunner:
                 return res, (stage.grad_norm_sq() if res.summed else 0.0)
 
             result, norm_sq = await self.compute.run(OTHER, round_)
-            if result.summed:
+            if result.summed and stage.attempt == (step, attempt):
                 log.info("step %d: summed gradients of %d replica(s), %g of %d micro-batches", step,
                          result.group_size, result.weight, total)
                 if await self.coordinator.report(self.worker_id, step, attempt, cpb.AVERAGED, norm_sq,

@@ -374,3 +374,20 @@ def test_a_stage_that_loses_every_replica_takes_a_surplus_one_from_another(tmp_p
     for w in by_stage[0]:  # both reload the step-1 state (from the store, or roll back)
         ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, ledger.step)
     assert ledger.phase == "open"
+
+
+def test_last_member_lost_mid_step_hands_the_step_to_a_replica_that_joined_during_it(tmp_path):
+    ledger = make_replicated(tmp_path)
+    by_stage = replicated_swarm(ledger)
+    first, second = by_stage[1]
+    ledger.declare_dead(second, "gone")
+    joiner = ledger.join("joiner", "h:j", {})["id"]
+    commit_all(ledger, by_stage[0])
+    assert ledger.phase == "accumulated"
+    ledger.heartbeat(joiner, "ready", {}, ledger.restore_epoch, ledger.step)  # copied, too late to join
+    assert not ledger.assignment(joiner)["member"]
+    ledger.declare_dead(first, "gone")  # the stage's last member
+    assert ledger.attempt == 1 and ledger.phase == "open" and ledger.restore_epoch == 0  # no rollback
+    assert ledger.assignment(joiner)["member"]
+    run_replicated_step(ledger, {0: by_stage[0], 1: [joiner]})
+    assert ledger.step == 1 and ledger.exactly_once_violations() == []
