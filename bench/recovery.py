@@ -17,45 +17,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from gptjt_cli.local_swarm import LocalSwarm
+from gptjt_cli.local_swarm import LocalSwarm, small_run_toml
 
 DESCRIPTION = "seconds from SIGKILL of a replica to the next closed step (2 x 2 swarm); tickets lost/double"
 
-RUN_TOML = """
-name = "bench-recovery"
-[model]
-source = "random:tiny:0"
-[data]
-num_shards = 2
-shuffle_buffer = 0
-[[data.sources]]
-name = "wiki"
-path = "{wiki}"
-weight = 1.0
-[optim]
-lr = 2e-3
-warmup_steps = 1
-[train]
-global_batch = 8
-micro_batch = 2
-seq_len = 64
-steps = {steps}
-precision = "fp32"
-[pipeline]
-num_stages = 2
-activation_codec = "fp32"
-gradient_codec = "fp32"
-replicas_per_stage = 2
-start_with_replicas = 2
+AVERAGING = """
 [averaging]
 compression = "none"
 matchmaking_s = 1.0
 timeout_s = 10.0
-[coordinator]
-listen = "127.0.0.1:0"
-state_path = "{state}"
-heartbeat_interval_s = 1.0
-heartbeat_timeout_s = 10.0
 """
 
 
@@ -78,12 +48,12 @@ def run(quick: bool = False) -> dict:
     from coordinator.state import create_token_in
 
     kills = 1 if quick else 3
-    repo = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        config = tmp / "run.toml"
-        config.write_text(RUN_TOML.format(wiki=repo / "data" / "demo" / "wiki.jsonl.gz", steps=4 + 4 * kills,
-                                          state=tmp / "run.db"))
+        # 8 x 64 tokens per step as 4 micro-batches, so both replicas of each stage get work
+        config = small_run_toml(tmp, steps=4 + 4 * kills, global_batch=8, micro_batch=2, seq_len=64,
+                                timeout_s=10.0, interval_s=1.0, replicas_per_stage=2, start_with_replicas=2,
+                                extra=AVERAGING)
         token = create_token_in(tmp / "run.db")
         swarm = LocalSwarm(tmp)
         recoveries = []

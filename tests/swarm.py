@@ -12,54 +12,17 @@ import sys
 import time
 from pathlib import Path
 
+from gptjt_cli.local_swarm import small_run_toml
+
 BIN = Path(sys.executable).parent
+
+swarm_toml = small_run_toml  # the tests' name for it
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def swarm_toml(tmp: Path, steps: int = 3, num_stages: int = 2, global_batch: int = 4, micro_batch: int = 2,
-               seq_len: int = 64, port: int = 0, timeout_s: float = 3.0, extra: str = "",
-               checkpoint_every: int = 0) -> Path:
-    """A small run on the bundled wiki text; heartbeats fast enough for fault tests."""
-    repo = Path(__file__).resolve().parent.parent
-    path = tmp / "run.toml"
-    path.write_text(f"""
-name = "test-swarm"
-[model]
-source = "random:tiny:0"
-[data]
-num_shards = 2
-shuffle_buffer = 0
-[[data.sources]]
-name = "wiki"
-path = "{repo / 'data' / 'demo' / 'wiki.jsonl.gz'}"
-weight = 1.0
-[optim]
-lr = 2e-3
-warmup_steps = 1
-[train]
-global_batch = {global_batch}
-micro_batch = {micro_batch}
-seq_len = {seq_len}
-steps = {steps}
-precision = "fp32"
-checkpoint_every = {checkpoint_every}
-[pipeline]
-num_stages = {num_stages}
-activation_codec = "fp32"
-gradient_codec = "fp32"
-[coordinator]
-listen = "127.0.0.1:{port}"
-state_path = "run.db"
-heartbeat_interval_s = 0.5
-heartbeat_timeout_s = {timeout_s}
-{extra}
-""")
-    return path
 
 
 class Proc:

@@ -15,7 +15,7 @@ casting back to float32 gives every replica bit-identical gradients. Lossy compr
 round each member's delta differently, so replicas then differ by the compression error.
 
 hivemind runs in a SPAWNED sidecar process (its own DHT peer and averager) that shares the
-gradient buffers through shared memory. Forking hivemind's processes from the worker itself
+gradient buffers through shared memory (passed by file descriptor). Forking hivemind's processes from the worker itself
 is unsafe: a fork taken while gRPC, torch or the compute thread hold a lock can leave the
 child hung forever, which we saw happen.
 """
@@ -68,6 +68,9 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
     # A spawned child inherits "spawn" as its start method; hivemind's processes need fork,
     # which is safe here: this process has no other threads yet.
     mp.set_start_method("fork", force=True)
+    # hivemind switches torch to this sharing strategy on import (default "file_system") and then
+    # re-shares, i.e. copies, any tensor shared another way: the sidecar would average a copy.
+    os.environ["HIVEMIND_MEMORY_SHARING_STRATEGY"] = torch.multiprocessing.get_sharing_strategy()
     import hivemind
     from hivemind.averaging import DecentralizedAverager
 
@@ -114,9 +117,8 @@ class StageAverager:
             raise ValueError(f"averaging compression {compression!r} is unknown; use one of {COMPRESSIONS}")
         self.timeout = timeout
         dtype = torch.float64 if compression == "none" else torch.float32
-        # hivemind switches torch to this sharing strategy on import and re-shares (copies) any
-        # tensor shared another way; share ours the same way or the sidecar averages a copy.
-        torch.multiprocessing.set_sharing_strategy(os.environ.get("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_system"))
+        # Shared by file descriptor (torch's default), which needs no torch_shm_manager daemon: that
+        # daemon's start-up timed out under load. The sidecar tells hivemind to keep this strategy.
         self.buffers = [torch.zeros(s, dtype=dtype).share_memory_() for s in shapes]
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()

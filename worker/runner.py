@@ -311,7 +311,8 @@ class WorkerRunner:
                      a.start_layer, a.end_layer, state.restore_step)
             from safetensors.torch import load
 
-            checkpoint = load(await self.coordinator.get_checkpoint(state.restore_step, spec))
+            blob = await self.coordinator.get_checkpoint(state.restore_step, spec)
+            checkpoint = await asyncio.to_thread(load, blob)  # off the event loop: heartbeats go on
         else:
             log.info("loading stage %d (layers %d-%d) from %s", a.stage, a.start_layer, a.end_layer,
                      self.run.model.source)
@@ -348,7 +349,7 @@ class WorkerRunner:
                 continue
             log.info("fetched stage state at step %d from replica %s (%.1f MB)", header.position, address,
                      len(blob) / 1e6)
-            return load(blob), header.position
+            return await asyncio.to_thread(load, blob), header.position
         return None
 
     async def save_checkpoint(self, position: int) -> None:

@@ -23,10 +23,7 @@ def replicated(swarms: list, tmp, replicas: int = 2, steps: int = 6, timeout_s: 
                start_with: int = 2) -> Swarm:
     # 4 micro-batches per step, so both replicas of every stage get work
     config = swarm_toml(tmp, steps=steps, global_batch=8, micro_batch=2, seq_len=32, timeout_s=timeout_s,
-                        extra=AVERAGING.replace("[averaging]", f"[averaging]\n# replicas: {replicas}"))
-    text = config.read_text().replace('gradient_codec = "fp32"', f'gradient_codec = "fp32"\nreplicas_per_stage = '
-                                      f'{replicas}\nstart_with_replicas = {start_with}')
-    config.write_text(text)
+                        replicas_per_stage=replicas, start_with_replicas=start_with, extra=AVERAGING)
     swarm = Swarm(tmp, config)
     swarms.append(swarm)
     swarm.start_coordinator()
