@@ -36,12 +36,15 @@ def assignment_pb(a: dict) -> pb.StageAssignment:
                               contributors=a["contributors"], checkpoint_writer=a["checkpoint_writer"])
 
 
-async def address_is_down(address: str, timeout_s: float = 1.0) -> bool:
-    """True if nothing accepts a TCP connection at host:port (a killed process's port is closed)."""
+async def address_is_down(address: str, timeout_s: float = 2.0) -> bool:
+    """True if host:port refuses TCP connections (a killed process's port is closed). A probe
+    that times out proves nothing (a loaded machine): the heartbeat timeout decides then."""
     host, _, port = address.rpartition(":")
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), timeout_s)
-    except (OSError, TimeoutError, ValueError):
+    except TimeoutError:
+        return False
+    except (OSError, ValueError):
         return True
     writer.close()
     return False
