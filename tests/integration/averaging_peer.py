@@ -42,6 +42,13 @@ def main() -> None:
     print(json.dumps({"role": role, "summed": result.summed, "group": result.group_size, "weight": result.weight,
                       "g0": float(grads[0][0, 0]), "g1": float(grads[1][0]),
                       "seconds": time.perf_counter() - t0}), flush=True)
+    # A peer has its own result before it has sent the others theirs (it reduces a part for
+    # them): stay up until every peer that took part is done, as a worker would.
+    open(f"{workdir}/done-{role}", "w").close()
+    finishing = expected - os.path.exists(f"{workdir}/ready-vanish")  # a vanished peer never finishes
+    deadline = time.monotonic() + 60
+    while len(glob.glob(f"{workdir}/done-*")) < finishing and time.monotonic() < deadline:
+        time.sleep(0.05)
     averager.shutdown()
 
 
