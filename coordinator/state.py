@@ -406,15 +406,19 @@ class RunLedger:
             members[stage].remove(worker_id)
             self._set_members(members)
         holders = [r for r in self.stage_workers().get(stage, []) if self._is_holder(r)]
-        in_step = self.phase in (OPEN, ACCUMULATED, AVERAGING)
+        last_member_gone = was_member and not members.get(stage)
         if self.phase == DONE:
             pass
-        elif in_step and was_member and not members.get(stage) and holders:
+        elif last_member_gone and self.phase in (OPEN, ACCUMULATED, AVERAGING) and holders:
             # The step's last member of this stage is gone, but a replica that joined mid-step
             # holds the same state: re-run the step with it (nothing closed is lost).
             self._restart_step(f"stage {stage} lost its last member {worker_id}; a joined replica takes over")
             self._set_meta("phase", WAITING)
-        elif (holders and (not in_step or members.get(stage))) or (not was_member and not self._is_holder(row)):
+        elif last_member_gone and self.phase == APPLYING:
+            # Other stages may have applied the step already; nobody holds this stage's update.
+            self._event("stage_vacant", f"stage {stage} lost its last member while applying step {self.step}")
+            self._vacate(stage, f"stage {stage} lost worker {worker_id}")
+        elif holders or (not was_member and not self._is_holder(row)):
             # Another replica holds the state (or this one held none): nothing is lost but the
             # dead replica's gradient share of the open step, estimated at averaging.
             if was_member and members.get(stage) and self.phase in (OPEN, ACCUMULATED, AVERAGING):

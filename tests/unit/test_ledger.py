@@ -391,3 +391,22 @@ def test_last_member_lost_mid_step_hands_the_step_to_a_replica_that_joined_durin
     assert ledger.assignment(joiner)["member"]
     run_replicated_step(ledger, {0: by_stage[0], 1: [joiner]})
     assert ledger.step == 1 and ledger.exactly_once_violations() == []
+
+
+def test_last_member_lost_while_applying_restores_the_stage(tmp_path):
+    ledger = make_replicated(tmp_path)
+    by_stage = replicated_swarm(ledger)
+    first, second = by_stage[1]
+    ledger.declare_dead(second, "gone")
+    joiner = ledger.join("joiner", "h:j", {})["id"]
+    commit_all(ledger, by_stage[0])
+    members = [*by_stage[0], first]
+    for w in members:
+        ledger.report(w, 0, 0, "contribution", 4.0, 2)
+    for w in members:
+        ledger.report(w, 0, 0, "averaged", 16.0, group_weight=4.0)
+    assert ledger.phase == APPLYING
+    ledger.heartbeat(joiner, "ready", {}, ledger.restore_epoch, 0)  # holds step 0, not the update
+    ledger.declare_dead(first, "gone")
+    assert ledger.restore_epoch == 1 and ledger.phase == "waiting"  # the stage is restored, no stall
+    assert "stage_vacant" in [e["kind"] for e in ledger.status()["events"]]
