@@ -87,7 +87,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def Heartbeat(self, request, context):
         m = request.metrics
         metrics = {"micro_batches_per_s": m.micro_batches_per_s, "busy_fraction": m.busy_fraction,
-                   "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received, "micro_batches": m.micro_batches}
+                   "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received, "micro_batches": m.micro_batches,
+                   "downstream_mbit": m.downstream_mbit, "activation_codec": m.activation_codec,
+                   "gradient_codec": m.gradient_codec, "averaging_bytes": m.averaging_bytes}
         known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics,
                                       request.loaded_epoch, request.position)
         await self.notify()

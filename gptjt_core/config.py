@@ -13,7 +13,7 @@ from typing import Any
 
 # Codec names the config accepts; gptjt_core.compression implements them (and a test
 # keeps the two lists equal).
-CODEC_NAMES = frozenset({"fp32", "fp16", "bf16", "q8", "q4"})
+CODEC_NAMES = frozenset({"fp32", "fp16", "bf16", "q8", "q4", "q3"})
 
 
 class ConfigError(ValueError):
@@ -333,6 +333,41 @@ class PipelineConfig:
         return self.max_in_flight or self.num_stages + 1
 
 
+@dataclass
+class LinkConfig:
+    """Stage-to-stage links: each worker picks the codecs of its downstream links from their
+    measured throughput, and (for tests and benchmarks) can emulate a slow link in its transport."""
+
+    adaptive_codecs: bool = False
+    """Choose codecs per downstream link: below slow_link_mbit the slow codecs replace
+    pipeline.activation_codec / gradient_codec on that link (fewer bits on a slow link)."""
+    slow_link_mbit: float = 1000.0
+    """Measured link throughput (Mbit/s, payload bytes over the call time the link took) under
+    which a link counts as slow. It must rise 25 % above this to count as fast again."""
+    slow_activation_codec: str = "q4"
+    """Activation codec on a slow link."""
+    slow_gradient_codec: str = "q4"
+    """Gradient codec asked for on a slow link (the downstream stage encodes the reply with it)."""
+    emulate_mbit: float = 0.0
+    """Emulated bandwidth of every downstream link, each direction, in Mbit/s (0: not shaped).
+    For tests and benchmarks on loopback; the shaper queues bytes like a real serial link."""
+    emulate_latency_ms: float = 0.0
+    """Emulated one-way latency added to every message on a shaped link, in milliseconds."""
+
+    def __post_init__(self) -> None:
+        for name in ("slow_activation_codec", "slow_gradient_codec"):
+            value = getattr(self, name)
+            _check(value in CODEC_NAMES, name, value, f"one of {sorted(CODEC_NAMES)}")
+        _check(self.slow_link_mbit > 0, "slow_link_mbit", self.slow_link_mbit, "a number of Mbit/s > 0")
+        _check(self.emulate_mbit >= 0, "emulate_mbit", self.emulate_mbit, "a number of Mbit/s >= 0 (0: off)")
+        _check(self.emulate_latency_ms >= 0, "emulate_latency_ms", self.emulate_latency_ms,
+               "a number of milliseconds >= 0")
+
+    @property
+    def shaped(self) -> bool:
+        return self.emulate_mbit > 0 or self.emulate_latency_ms > 0
+
+
 AVERAGING_COMPRESSIONS = ("none", "fp16", "8bit-blockwise")
 
 
@@ -408,6 +443,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    link: LinkConfig = field(default_factory=LinkConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
 
     def __post_init__(self) -> None:

@@ -132,18 +132,26 @@ class JoinReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class WorkerMetrics(_message.Message):
-    __slots__ = ("micro_batches_per_s", "busy_fraction", "bytes_sent", "bytes_received", "micro_batches")
+    __slots__ = ("micro_batches_per_s", "busy_fraction", "bytes_sent", "bytes_received", "micro_batches", "downstream_mbit", "activation_codec", "gradient_codec", "averaging_bytes")
     MICRO_BATCHES_PER_S_FIELD_NUMBER: _ClassVar[int]
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    DOWNSTREAM_MBIT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_CODEC_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CODEC_FIELD_NUMBER: _ClassVar[int]
+    AVERAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
     micro_batches_per_s: float
     busy_fraction: float
     bytes_sent: int
     bytes_received: int
     micro_batches: int
-    def __init__(self, micro_batches_per_s: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., micro_batches: _Optional[int] = ...) -> None: ...
+    downstream_mbit: float
+    activation_codec: str
+    gradient_codec: str
+    averaging_bytes: int
+    def __init__(self, micro_batches_per_s: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., micro_batches: _Optional[int] = ..., downstream_mbit: _Optional[float] = ..., activation_codec: _Optional[str] = ..., gradient_codec: _Optional[str] = ..., averaging_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "metrics", "state", "loaded_epoch", "position")

@@ -19,7 +19,7 @@ class TensorMeta(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., codec: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class MicroBatchHeader(_message.Message):
-    __slots__ = ("ticket_id", "step", "attempt", "global_batch", "prefix_lengths", "labels", "activations", "stage")
+    __slots__ = ("ticket_id", "step", "attempt", "global_batch", "prefix_lengths", "labels", "activations", "stage", "gradient_codec")
     TICKET_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class MicroBatchHeader(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_CODEC_FIELD_NUMBER: _ClassVar[int]
     ticket_id: int
     step: int
     attempt: int
@@ -36,17 +37,20 @@ class MicroBatchHeader(_message.Message):
     labels: bytes
     activations: TensorMeta
     stage: int
-    def __init__(self, ticket_id: _Optional[int] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., global_batch: _Optional[int] = ..., prefix_lengths: _Optional[_Iterable[int]] = ..., labels: _Optional[bytes] = ..., activations: _Optional[_Union[TensorMeta, _Mapping]] = ..., stage: _Optional[int] = ...) -> None: ...
+    gradient_codec: str
+    def __init__(self, ticket_id: _Optional[int] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., global_batch: _Optional[int] = ..., prefix_lengths: _Optional[_Iterable[int]] = ..., labels: _Optional[bytes] = ..., activations: _Optional[_Union[TensorMeta, _Mapping]] = ..., stage: _Optional[int] = ..., gradient_codec: _Optional[str] = ...) -> None: ...
 
 class ReplyHeader(_message.Message):
-    __slots__ = ("loss", "target_tokens", "gradient")
+    __slots__ = ("loss", "target_tokens", "gradient", "compute_s")
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TARGET_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_S_FIELD_NUMBER: _ClassVar[int]
     loss: float
     target_tokens: int
     gradient: TensorMeta
-    def __init__(self, loss: _Optional[float] = ..., target_tokens: _Optional[int] = ..., gradient: _Optional[_Union[TensorMeta, _Mapping]] = ...) -> None: ...
+    compute_s: float
+    def __init__(self, loss: _Optional[float] = ..., target_tokens: _Optional[int] = ..., gradient: _Optional[_Union[TensorMeta, _Mapping]] = ..., compute_s: _Optional[float] = ...) -> None: ...
 
 class StageChunk(_message.Message):
     __slots__ = ("header", "reply", "data", "state")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from gptjt_core.batches import MicroBatch, MicroBatchBuilder
-from gptjt_core.compression import decode, encode
+from gptjt_core.compression import decode
 from gptjt_core.data import MicroBatchRef
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2 as spb
@@ -83,7 +83,7 @@ class Stage0Driver:
                                               global_batch=w.run.train.global_batch,
                                               prefix_lengths=mb.prefix_lengths.tolist(),
                                               labels=labels_bytes(mb.labels), stage=1)
-                reply, grad = await w.send_downstream(header, encode(out, w.run.pipeline.activation_codec))
+                reply, grad = await w.send_downstream(header, out)
                 await w.compute.run(BACKWARD, lambda: stage.backward(key, ticket.step, decode(grad)))
                 loss = reply.loss
             result = await w.coordinator.commit(w.worker_id, ticket, loss, mb.input_ids.numel())

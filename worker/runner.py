@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from gptjt_core.compression import encode
 from gptjt_core.config import RunConfig, from_dict
 from gptjt_core.model import StageSpec
 from gptjt_proto import coordinator_pb2 as cpb
@@ -23,6 +24,7 @@ from gptjt_proto import stage_pb2_grpc as spb_grpc
 from .averaging import RoundResult, sum_alone
 from .compute import OTHER, ComputeQueue
 from .faults import faults_from_env
+from .link_codecs import LinkCodecChooser
 from .membership import CoordinatorClient
 from .pipeline import Stage0Driver
 from .probe import probe_device
@@ -103,7 +105,8 @@ class WorkerRunner:
         reply = await self.coordinator.join(o.token, name, self.address, device)
         self.worker_id = reply.worker_id
         self.run = from_dict(RunConfig, json.loads(reply.run_config_json))
-        self.client = StageClient(self.counters, self.run.pipeline.chunk_bytes)
+        self.client = StageClient(self.counters, self.run.pipeline.chunk_bytes, link=self.run.link)
+        self.link_codecs = LinkCodecChooser(self.run.pipeline, self.run.link)
         self.dht_peers = list(reply.dht_peers)
         a = reply.assignment
         where = (f"stage {a.stage} of {a.num_stages} (layers {a.start_layer}-{a.end_layer})" if a.stage >= 0
@@ -136,13 +139,18 @@ class WorkerRunner:
             if self.averager is not None:
                 await asyncio.to_thread(self.averager.shutdown)
 
-    async def send_downstream(self, header, activations):
-        """Send a micro-batch to the best replica of the next stage; a replica whose connection
-        fails is skipped from now on and reported to the coordinator, which probes it."""
+    async def send_downstream(self, header, out: torch.Tensor):
+        """Encode a stage output (B, T, D) with the codecs of the link it takes and send it to
+        the best replica of the next stage; return (reply header, encoded input gradient). A
+        replica whose connection fails is skipped from now on and reported to the coordinator,
+        which probes it."""
         address = self.router.pick()
+        act_codec, grad_codec = self.link_codecs.codecs(address)
+        header.gradient_codec = grad_codec
+        activations = encode(out, act_codec)
         started = time.monotonic()
         try:
-            result = await self.client.process(address, header, activations)
+            reply, grad = await self.client.process(address, header, activations)
         except grpc.aio.AioRpcError as e:
             blamed = e.code() not in _NOT_THE_PEERS_FAULT
             self.router.done(address, started, ok=not blamed)
@@ -151,7 +159,10 @@ class WorkerRunner:
                     self.worker_id, address, f"{e.code().name}: {e.details()}"))
             raise
         self.router.done(address, started, ok=True)
-        return result
+        nbytes = len(activations.data) + (len(grad.data) if grad is not None else 0)
+        self.link_codecs.observe(address, nbytes, time.monotonic() - started - reply.compute_s)
+        return reply, grad
+
     def _on_task_done(self, task: asyncio.Task) -> None:
         """A crashed heartbeat or watch loop would leave a zombie worker: stop loudly instead."""
         if task.cancelled() or task.exception() is None:
@@ -208,7 +219,8 @@ class WorkerRunner:
             dt = max(now - last_t, 1e-6)
             metrics = {"micro_batches_per_s": max(0, mbs - last_mb) / dt, "busy_fraction": min(1.0, (busy - last_busy) / dt),
                        "bytes_sent": self.counters.sent, "bytes_received": self.counters.received,
-                       "micro_batches": mbs}
+                       "micro_batches": mbs, **self.link_codecs.metrics(),
+                       "averaging_bytes": self.averager.bytes_sent if self.averager is not None else 0}
             last_t, last_busy, last_mb = now, busy, mbs
             position = self.stage.position if self.stage is not None and self.loaded_epoch >= 0 else -1
             try:
@@ -238,6 +250,7 @@ class WorkerRunner:
             self._state_changed.set()
             self.router.update(list(state.assignment.next_addresses),
                                forgive=previous is None or previous.plan_version != state.plan_version)
+            self.link_codecs.forget_except(list(state.assignment.next_addresses))
             if (previous is None or previous.plan_version != state.plan_version
                     or previous.restore_epoch != state.restore_epoch or self._behind(state)):
                 for attempt in range(3):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import grpc
@@ -49,12 +50,15 @@ class StageService(pb_grpc.StageServicer):
             await context.abort(e.code, str(e))
         h = inc.header
         key = (h.ticket_id, h.attempt)
+        started = time.perf_counter()  # compute_s in the reply: the caller tells link time from ours
+        grad_codec = h.gradient_codec or pipeline.gradient_codec  # the caller picks it for its link
         try:
             if stage.spec.head:
                 loss, targets, grad = await w.compute.run(FORWARD, lambda: stage.forward_backward(
                     key, h.step, inc.activations, inc.prefix_lengths, inc.labels, h.global_batch))
-                grad_enc = encode(grad, pipeline.gradient_codec)
-                for chunk in gradient_reply(loss, targets, grad_enc, pipeline.chunk_bytes, w.counters):
+                grad_enc = encode(grad, grad_codec)
+                for chunk in gradient_reply(loss, targets, grad_enc, pipeline.chunk_bytes, w.counters,
+                                            time.perf_counter() - started):
                     yield chunk
                 return
             out = await w.compute.run(FORWARD, lambda: stage.forward(key, h.step, inc.activations, inc.prefix_lengths))
@@ -62,7 +66,7 @@ class StageService(pb_grpc.StageServicer):
             down.CopyFrom(h)
             down.stage = h.stage + 1
             try:
-                reply, grad_enc = await w.send_downstream(down, encode(out, pipeline.activation_codec))
+                reply, grad_enc = await w.send_downstream(down, out)
             except (grpc.aio.AioRpcError, NoReplicaAvailable) as e:
                 await w.compute.run(OTHER, lambda: stage.discard(key))
                 if isinstance(e, NoReplicaAvailable):
@@ -70,8 +74,9 @@ class StageService(pb_grpc.StageServicer):
                 code = e.code() if e.code() in _PASS_THROUGH else grpc.StatusCode.ABORTED
                 await context.abort(code, f"stage {h.stage + 1}: {e.details()}")
             grad_in = await w.compute.run(BACKWARD, lambda: stage.backward(key, h.step, decode(grad_enc)))
-            for chunk in gradient_reply(reply.loss, reply.target_tokens, encode(grad_in, pipeline.gradient_codec),
-                                        pipeline.chunk_bytes, w.counters):
+            grad_enc = encode(grad_in, grad_codec)
+            for chunk in gradient_reply(reply.loss, reply.target_tokens, grad_enc, pipeline.chunk_bytes, w.counters,
+                                        time.perf_counter() - started):
                 yield chunk
         except StaleMicroBatch as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))

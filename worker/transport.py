@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -9,10 +10,12 @@ import grpc
 import numpy as np
 import torch
 
-from gptjt_core.compression import CodecError, Encoded, decode
+from gptjt_core.compression import CODECS, CodecError, Encoded, decode
+from gptjt_core.config import LinkConfig
 from gptjt_proto import stage_pb2 as pb
 from gptjt_proto import stage_pb2_grpc as pb_grpc
 
+from .link_shaper import LinkShaper
 from .wire import data_chunks, encoded_from, meta_pb
 
 log = logging.getLogger(__name__)
@@ -79,6 +82,9 @@ async def read_micro_batch(request_iterator, expected_stage: int, hidden: int, m
     if header is None:
         raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, "empty request: no header")
     counters.received += size
+    if header.gradient_codec and header.gradient_codec not in CODECS:
+        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"gradient_codec {header.gradient_codec!r} is unknown; known: {sorted(CODECS)}")
     if header.stage != expected_stage:
         raise RejectedMicroBatch(grpc.StatusCode.FAILED_PRECONDITION,
                                  f"micro-batch for stage {header.stage} sent to a worker holding stage {expected_stage}")
@@ -112,22 +118,38 @@ async def read_micro_batch(request_iterator, expected_stage: int, hidden: int, m
     return Incoming(header, x, prefix, labels)
 
 
-def gradient_reply(loss: float, targets: int, grad: Encoded | None, chunk_bytes: int, counters: LinkCounters):
+def gradient_reply(loss: float, targets: int, grad: Encoded | None, chunk_bytes: int, counters: LinkCounters,
+                   compute_s: float = 0.0):
     meta = meta_pb(grad) if grad is not None else pb.TensorMeta()
-    yield pb.StageChunk(reply=pb.ReplyHeader(loss=loss, target_tokens=targets, gradient=meta))
+    yield pb.StageChunk(reply=pb.ReplyHeader(loss=loss, target_tokens=targets, gradient=meta, compute_s=compute_s))
     if grad is not None:
         counters.sent += len(grad.data)
         yield from data_chunks(grad.data, chunk_bytes)
 
 
 class StageClient:
-    """Long-lived channels to downstream stages (a new channel's first transfer is slow)."""
+    """Long-lived channels to downstream stages (a new channel's first transfer is slow).
 
-    def __init__(self, counters: LinkCounters, chunk_bytes: int, credentials: grpc.ChannelCredentials | None = None):
+    link: with link emulation on (link.emulate_mbit / emulate_latency_ms), every downstream
+    link gets a LinkShaper per direction, and micro-batches and their gradients move at the
+    emulated speed."""
+
+    def __init__(self, counters: LinkCounters, chunk_bytes: int, credentials: grpc.ChannelCredentials | None = None,
+                 link: LinkConfig | None = None):
         self.counters = counters
         self.chunk_bytes = chunk_bytes
         self.credentials = credentials
+        self.link = link
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._shapers: dict[str, tuple[LinkShaper, LinkShaper]] = {}  # address -> (to it, from it)
+
+    def shapers(self, address: str) -> tuple[LinkShaper, LinkShaper] | None:
+        if self.link is None or not self.link.shaped:
+            return None
+        if address not in self._shapers:
+            self._shapers[address] = (LinkShaper(self.link.emulate_mbit, self.link.emulate_latency_ms),
+                                      LinkShaper(self.link.emulate_mbit, self.link.emulate_latency_ms))
+        return self._shapers[address]
 
     def _stub(self, address: str) -> pb_grpc.StageStub:
         if address not in self._channels:
@@ -138,21 +160,36 @@ class StageClient:
                       timeout: float | None = None) -> tuple[pb.ReplyHeader, Encoded | None]:
         """Send one micro-batch down; return the reply header and the encoded input gradient."""
         header.activations.CopyFrom(meta_pb(activations))
+        shapers = self.shapers(address)
 
-        def requests():
-            yield pb.StageChunk(header=header)
-            yield from data_chunks(activations.data, self.chunk_bytes)
+        async def requests():
+            first = pb.StageChunk(header=header)
+            if shapers is None:
+                yield first
+                for chunk in data_chunks(activations.data, self.chunk_bytes):
+                    yield chunk
+                return
+            n, step = len(activations.data), self.chunk_bytes
+            arrivals = shapers[0].schedule([first.ByteSize()] + [min(step, n - i) for i in range(0, n, step)])
+            for arrival, chunk in zip(arrivals, [first, *data_chunks(activations.data, step)]):
+                await LinkShaper.until(arrival)  # the receiver gets each piece when the link delivers it
+                yield chunk
 
         call = self._stub(address).Process(requests(), timeout=timeout)
         self.counters.sent += len(activations.data)
-        reply, parts = None, []
+        reply, parts, reply_bytes, reply_started = None, [], 0, None
         async for chunk in call:
+            if reply_started is None:
+                reply_started = asyncio.get_running_loop().time()
+            reply_bytes += chunk.ByteSize()
             if chunk.WhichOneof("part") == "reply":
                 reply = chunk.reply
             elif chunk.WhichOneof("part") == "data":
                 parts.append(chunk.data)
         if reply is None:
             raise RuntimeError(f"stage at {address} ended the call without a reply header")
+        if shapers is not None:  # the reply left the other end when its first piece did
+            await LinkShaper.until(shapers[1].schedule([reply_bytes], start=reply_started)[0])
         data = b"".join(parts)
         self.counters.received += len(data)
         grad = encoded_from(reply.gradient, data) if reply.gradient.codec else None

@@ -241,3 +241,30 @@ def test_quantized_codecs_cut_link_bytes_and_stay_on_the_curve(swarm_factory):
     sent = sum(w["metrics"]["bytes_sent"] for w in status["workers"])
     fp32_bytes = 2 * 3 * 2 * (2 * 64 * 128 * 4)  # forward + backward, 3 steps x 2 micro-batches
     assert 0 < sent < fp32_bytes / 4
+
+
+def test_a_slow_link_is_measured_and_switched_to_fewer_bits(swarm_factory):
+    """An emulated 20 Mbit/s, 5 ms link between the stages: stage 0 measures it (never faster
+    than the shaper lets bytes through), switches that link to the slow codecs, says so in its
+    heartbeat metrics, and the run still follows train-local's losses."""
+    swarm = swarm_factory(steps=4, extra="""
+[link]
+adaptive_codecs = true
+slow_link_mbit = 200.0
+slow_activation_codec = "q4"
+slow_gradient_codec = "q8"
+emulate_mbit = 20.0
+emulate_latency_ms = 5.0
+""")
+    swarm.start_coordinator()
+    swarm.start_worker("w0"), swarm.start_worker("w1")
+    status = swarm.wait(done, 180, "the run to finish")
+    first = next(w for w in status["workers"] if w["stage"] == 0)["metrics"]
+    assert 0 < first["downstream_mbit"] <= 20.0 * 1.02
+    assert (first["activation_codec"], first["gradient_codec"]) == ("q4", "q8")
+    expected, _ = local_losses(swarm.config, 4)
+    assert [h["loss"] for h in status["history"]] == pytest.approx(expected, rel=2e-2)
+    # Step 0 went out in fp32 (unmeasured link), the rest in q4 / q8: well under all-fp32 bytes.
+    sent = sum(w["metrics"]["bytes_sent"] for w in status["workers"])
+    fp32_bytes = 2 * 4 * 2 * (2 * 64 * 128 * 4)
+    assert 0 < sent < fp32_bytes / 2
