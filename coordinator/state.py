@@ -11,6 +11,11 @@ The step protocol, exactly once:
                stage's reference is refused); each stage's replicas sum their gradients through
                hivemind and report the summed norm^2 (AVERAGED); they must agree
   APPLYING     the global norm is known; every replica applies its optimizer step (APPLIED)
+  With averaging.mode "local-steps" (DiLoCo-style) replicas step on their own gradients:
+  contributions are judged as above, then APPLYING follows at once; only at an outer step
+  (every averaging.outer_every steps) do the replicas pass through AVERAGING, where they
+  average their pseudo-gradients (anchor - parameters) and must agree on the result, and the
+  APPLIED digests are of the anchor, the state replicas share.
   -> step + 1, OPEN again (or DONE).
 
 Replicas. The workers of a stage that hold the run's current state when a step opens are its
@@ -665,7 +670,8 @@ class RunLedger:
                     self._maybe_open()
                     return
                 total += sum(norms) / len(norms)
-            self._set_meta("grad_norm", total ** 0.5)
+            if self.run.averaging.mode != "local-steps":  # there the norms are of the pseudo-gradient
+                self._set_meta("grad_norm", total ** 0.5)
             self._set_meta("phase", APPLYING)
         elif phase == APPLYING and (done := self._reports(APPLIED)) is not None:
             exact = self.run.averaging.compression == "none"  # lossy rounds leave replicas a rounding apart
@@ -717,8 +723,28 @@ class RunLedger:
             self._set_meta("grad_norm", float("nan"))
             self._set_meta("phase", APPLYING)
         else:
+            avg = self.run.averaging
+            if avg.mode == "local-steps":
+                # Each replica steps on its own gradient scaled to a full batch; clip by the
+                # replicas' mean of that, over the stages.
+                self._set_meta("grad_norm", self._local_grad_norm(done, contributors))
+                if not avg.is_outer_step(self.step):
+                    self._set_meta("phase", APPLYING)  # an inner step: nothing to average
+                    return
             self._set_meta("averaging_started", self.clock())
             self._set_meta("phase", AVERAGING)
+
+    def _local_grad_norm(self, done: dict[int, list[sqlite3.Row]], contributors: dict[int, list[str]]) -> float:
+        """sqrt(sum over stages of the accepted replicas' mean |g_r * M / m_r|^2), where g_r is a
+        replica's gradient over its m_r of the step's M micro-batches (local-steps mode)."""
+        total_mbs = self.run.train.micro_batches_per_step
+        total = 0.0
+        for stage, rows in done.items():
+            scaled = [_norm_sq(r) * (total_mbs / r["micro_batches"]) ** 2 for r in rows
+                      if r["worker"] in contributors.get(stage, []) and r["micro_batches"] > 0]
+            if scaled:
+                total += sum(scaled) / len(scaled)
+        return total ** 0.5
 
     def _close_step(self) -> None:
         step, attempt = self.step, self.attempt

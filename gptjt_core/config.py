@@ -387,8 +387,29 @@ class AveragingConfig:
     poison_norm_factor: float = 10.0
     """A contribution whose gradient norm per micro-batch exceeds this factor times the stage's
     reference (the lower median of the replicas' norms and the previous step's) is refused."""
+    mode: str = "every-step"
+    """"every-step": replicas sum their gradients at every step and stay identical.
+    "local-steps" (DiLoCo-style): each replica applies its own gradients (its share of the
+    batch, scaled to a full batch) for outer_every steps; then the replicas average how far they
+    moved from the last common point (the pseudo-gradient) and take one outer step together.
+    Averaging traffic per optimizer step falls by outer_every x (times the compression's ratio)."""
+    outer_every: int = 32
+    """Steps between outer steps in "local-steps" mode (DiLoCo's H)."""
+    outer_lr: float = 1.0
+    """Outer learning rate: 1 with no momentum is plain averaging of the replicas (DiLoCo: 0.7)."""
+    outer_momentum: float = 0.0
+    """Nesterov momentum of the outer step (DiLoCo: 0.9; 0 disables)."""
+
+    def is_outer_step(self, step: int) -> bool:
+        """In "local-steps" mode, step s (s > 0, s a multiple of outer_every) starts with an outer
+        step over the inner steps s - outer_every .. s - 1, then takes its own inner step."""
+        return self.mode == "local-steps" and step > 0 and step % self.outer_every == 0
 
     def __post_init__(self) -> None:
+        _check(self.mode in ("every-step", "local-steps"), "mode", self.mode, "'every-step' or 'local-steps'")
+        _check(self.outer_every >= 1, "outer_every", self.outer_every, "an integer >= 1")
+        _check(self.outer_lr > 0, "outer_lr", self.outer_lr, "a number > 0")
+        _check(0 <= self.outer_momentum < 1, "outer_momentum", self.outer_momentum, "a number in [0, 1)")
         _check(self.compression in AVERAGING_COMPRESSIONS, "compression", self.compression,
                f"one of {list(AVERAGING_COMPRESSIONS)}")
         _check(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number of seconds > 0")

@@ -74,13 +74,15 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
     import hivemind
     from hivemind.averaging import DecentralizedAverager
 
+    sent = mp.Value("q", 0)  # bytes of tensor parts this peer sent; shared with the forked averager
+    compression_ = _counting(hivemind_compression(compression), sent)
     dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[host_maddr], start=True)
     averager = DecentralizedAverager(
         buffers, dht, prefix=prefix, target_group_size=max_group, min_group_size=min(2, max_group),
         min_matchmaking_time=matchmaking_s,
         request_timeout=min(1.0, matchmaking_s / 2),  # hivemind: above the matchmaking time it can deadlock
         allreduce_timeout=timeout, next_chunk_timeout=timeout / 2,  # else a vanished peer hangs the round
-        compression=hivemind_compression(compression), start=True)
+        compression=compression_, start=True)
     conn.send(("ready", [str(a) for a in dht.get_visible_maddrs()]))
     try:
         while True:
@@ -91,15 +93,45 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
             control = averager.step(gather=gather, weight=weight, timeout=timeout, wait=False)
             try:
                 group = control.result(timeout=2 * timeout + 5)  # matchmaking + all-reduce, bounded
-                conn.send(("ok", seq, list(group.values())) if group else ("failed", seq, "no group"))
+                conn.send(("ok", seq, list(group.values()), sent.value) if group
+                          else ("failed", seq, "no group", sent.value))
             except Exception as e:  # hivemind raises on a failed round; the step must not stall
                 control.cancel()
-                conn.send(("failed", seq, f"{type(e).__name__}: {e}"))
+                conn.send(("failed", seq, f"{type(e).__name__}: {e}", sent.value))
     except EOFError:  # the worker is gone
         pass
     finally:
         averager.shutdown()
         dht.shutdown()
+
+
+def _counting(compression, counter):
+    """`compression` that also adds the size of everything this peer sends to `counter`: the
+    parts it sends (compressed by this object) and the averaged deltas it sends back (which
+    hivemind serializes through allreduce.serialize_torch_tensor, patched here, in the sidecar)."""
+    import hivemind.averaging.allreduce as allreduce
+
+    def add(message):
+        with counter.get_lock():
+            counter.value += message.ByteSize()
+        return message
+
+    if not getattr(allreduce.serialize_torch_tensor, "_gptjt_counting", False):
+        original = allreduce.serialize_torch_tensor
+
+        def serialize_counted(*args, **kwargs):
+            return add(original(*args, **kwargs))
+
+        serialize_counted._gptjt_counting = True
+        allreduce.serialize_torch_tensor = serialize_counted
+
+    class Counting(type(compression)):
+        def compress(self, tensor, info, allow_inplace=False):
+            return add(super().compress(tensor, info, allow_inplace))
+
+    counted = Counting.__new__(Counting)
+    counted.__dict__.update(compression.__dict__)
+    return counted
 
 
 class StageAverager:
@@ -134,6 +166,7 @@ class StageAverager:
             raise RuntimeError(f"the averaging process did not start within {ready_timeout:.0f} s")
         _, self.visible_maddrs = self._conn.recv()
         self._seq = 0  # numbers each round's request, so a late reply is never taken for a new one
+        self.bytes_sent = 0  # tensor bytes this replica's rounds sent (parts out, averaged parts back)
 
     def sum_gradients(self, grads: list[torch.Tensor], micro_batches: int, total_micro_batches: int,
                       expected_group: int, contribute: bool = True, tag: tuple = ()) -> RoundResult:
@@ -161,7 +194,7 @@ class StageAverager:
         while True:  # a reply to a round we gave up on may still be in the pipe: skip it
             if not self._conn.poll(2 * self.timeout + 15):
                 raise RuntimeError("the averaging process stopped answering")
-            status, seq, detail = self._conn.recv()
+            status, seq, detail, self.bytes_sent = self._conn.recv()
             if seq == self._seq:
                 break
         if status != "ok":

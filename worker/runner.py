@@ -401,7 +401,13 @@ class WorkerRunner:
                 self._averaging.add_done_callback(self._on_task_done)  # a crash stops the worker loudly
         elif state.phase == cpb.APPLYING and (step, attempt, cpb.APPLIED) not in self._reported:
             if stage.last_applied < step:
-                ok = await self.compute.run(OTHER, lambda: stage.apply_step(step, state.global_grad_norm))
+                if stage.local_steps:
+                    contribute = not a.contributors or self.worker_id in a.contributors
+                    total = self.run.train.micro_batches_per_step
+                    ok = await self.compute.run(OTHER, lambda: stage.apply_local(step, state.global_grad_norm,
+                                                                                 contribute, total))
+                else:
+                    ok = await self.compute.run(OTHER, lambda: stage.apply_step(step, state.global_grad_norm))
                 if not ok:
                     log.warning("step %d: global gradient norm %s is not finite; update skipped", step,
                                 state.global_grad_norm)
@@ -447,6 +453,16 @@ class WorkerRunner:
             def round_(expected=expected, mbs=mbs, contribute=contribute):
                 if stage.attempt != (step, attempt):  # the step moved on while this waited its turn
                     return RoundResult(False, 0, 0.0), 0.0
+                if stage.local_steps:  # an outer step: the replicas' mean pseudo-gradient, applied in APPLYING
+                    deltas = stage.pseudo_gradients()
+                    if expected > 1:
+                        res = self.averager.sum_gradients(deltas, 1, 1, expected, contribute, tag=(step, attempt))
+                    else:
+                        res = sum_alone(deltas, 1, 1)
+                    if not res.summed:
+                        return res, 0.0
+                    stage.pending_outer = deltas
+                    return res, float(sum(torch.linalg.vector_norm(d) ** 2 for d in deltas))
                 grads = stage.gradients()
                 if expected > 1:
                     res = self.averager.sum_gradients(grads, mbs, total, expected, contribute, tag=(step, attempt))
@@ -456,8 +472,12 @@ class WorkerRunner:
 
             result, norm_sq = await self.compute.run(OTHER, round_)
             if result.summed and stage.attempt == (step, attempt):
-                log.info("step %d: summed gradients of %d replica(s), %g of %d micro-batches", step,
-                         result.group_size, result.weight, total)
+                if stage.local_steps:
+                    log.info("step %d: outer step: averaged the pseudo-gradients of %d replica(s)", step,
+                             result.group_size)
+                else:
+                    log.info("step %d: summed gradients of %d replica(s), %g of %d micro-batches", step,
+                             result.group_size, result.weight, total)
                 if await self.coordinator.report(self.worker_id, step, attempt, cpb.AVERAGED, norm_sq,
                                                  group_weight=result.weight):
                     self._reported.add((step, attempt, cpb.AVERAGED))

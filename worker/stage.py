@@ -10,7 +10,7 @@ from gptjt_core.config import ConfigError, RunConfig
 from gptjt_core.model import StageSpec, build_stage, load_stage, model_config_for
 from gptjt_core.optim import build_optimizer, lr_at, set_lr
 from gptjt_core.precision import resolve_precision
-from gptjt_core.stage_checkpoint import restore_optimizer, split_state, stage_state_tensors
+from gptjt_core.stage_checkpoint import outer_state, restore_optimizer, split_state, stage_state_tensors
 from gptjt_core.ul2 import batch_loss
 
 Key = tuple[int, int]  # (ticket_id, attempt)
@@ -48,6 +48,20 @@ class StageRunner:
         self.model.train()
         self.optimizer = build_optimizer(self.model.parameters(), run.optim)
         restore_optimizer(self.optimizer, self.model, optim_state)
+        # averaging.mode "local-steps": the parameters at the last outer step (fp32, parameter
+        # order), the outer Nesterov momentum, and the replicas' mean pseudo-gradient waiting
+        # for APPLYING. Replicas hold the same anchor; their parameters drift apart in between.
+        self.local_steps = run.averaging.mode == "local-steps"
+        self.anchor: list[torch.Tensor] | None = None
+        self.outer_momentum: list[torch.Tensor] | None = None
+        self.pending_outer: list[torch.Tensor] | None = None
+        if self.local_steps:
+            saved = outer_state(checkpoint) if checkpoint is not None else {}
+            named = list(self.model.named_parameters())
+            self.anchor = [saved.get("anchor", {}).get(n, p.detach()).to(self.device, torch.float32).clone()
+                           for n, p in named]
+            if "momentum" in saved and all(n in saved["momentum"] for n, _ in named):
+                self.outer_momentum = [saved["momentum"][n].to(self.device, torch.float32).clone() for n, _ in named]
         self.attempt: tuple[int, int] | None = None  # (step, attempt) whose gradients accumulate
         self.last_applied = position - 1  # the last step whose optimizer update this state holds
         self._inflight: dict[Key, tuple[torch.Tensor | None, torch.Tensor]] = {}
@@ -130,12 +144,14 @@ class StageRunner:
         self._inflight.clear()
         self.attempt = None
         self.step_micro_batches = 0
+        self.pending_outer = None
 
     def checkpoint_blob(self) -> bytes:
-        """Weights + optimizer state as a safetensors blob (for the checkpoint store)."""
+        """Weights + optimizer state (+ the outer state in local-steps mode) as a safetensors blob."""
         from safetensors.torch import save
 
-        return save(stage_state_tensors(self.model, self.optimizer))
+        outer = {"anchor": self.anchor, "momentum": self.outer_momentum} if self.local_steps else None
+        return save(stage_state_tensors(self.model, self.optimizer, outer))
 
     def gradients(self) -> list[torch.Tensor]:
         """Every parameter's gradient (zeros where none accumulated), in parameter order: the
@@ -147,11 +163,15 @@ class StageRunner:
 
     def state_digest(self) -> str:
         """A digest of the parameters: equal across replicas exactly when they hold the same bytes
-        (up to 1M sampled values per tensor, so it stays cheap for the 6B model)."""
+        (up to 1M sampled values per tensor, so it stays cheap for the 6B model). In local-steps
+        mode, of the anchor: the state replicas share (their parameters differ between outer steps)."""
         import hashlib
 
         h = hashlib.blake2b(digest_size=16)
-        for name, p in self.model.named_parameters():
+        named = self.model.named_parameters()
+        if self.anchor is not None:
+            named = zip([n for n, _ in self.model.named_parameters()], self.anchor)
+        for name, p in named:
             flat = p.detach().reshape(-1)
             stride = max(1, flat.numel() // (1 << 20))
             h.update(name.encode())
@@ -188,3 +208,46 @@ class StageRunner:
         self.step_micro_batches = 0
         self.last_applied = step
         return ok
+
+    # -- local-steps (DiLoCo-style) averaging ------------------------------------------------
+    def pseudo_gradients(self) -> list[torch.Tensor]:
+        """anchor - parameters, fp32, in parameter order: how far local steps moved this replica."""
+        return [a - p.detach().float() for a, p in zip(self.anchor, self.model.parameters())]
+
+    def _apply_outer(self) -> None:
+        """anchor -= outer_lr * (Nesterov) mean pseudo-gradient; parameters := anchor."""
+        cfg = self.run.averaging
+        delta, self.pending_outer = self.pending_outer, None
+        if cfg.outer_momentum > 0:
+            if self.outer_momentum is None:
+                self.outer_momentum = [torch.zeros_like(a) for a in self.anchor]
+            updates = []
+            for m, d in zip(self.outer_momentum, delta):
+                m.mul_(cfg.outer_momentum).add_(d)
+                updates.append(d + cfg.outer_momentum * m)
+        else:
+            updates = delta
+        with torch.no_grad():
+            for a, p, u in zip(self.anchor, self.model.parameters(), updates):
+                a.sub_(u.to(a.device, a.dtype), alpha=cfg.outer_lr)
+                p.copy_(a)
+
+    def apply_local(self, step: int, global_norm: float, contribute: bool, total_micro_batches: int) -> bool:
+        """Local-steps mode's APPLYING: the outer step if one is pending, then this replica's
+        own inner step: its gradients (its share of the step) scaled to a full batch. A replica
+        that saw no micro-batch, or whose contribution was refused, only moves its position."""
+        if self.pending_outer is not None:
+            self._apply_outer()
+        mbs = self.step_micro_batches
+        if contribute and mbs > 0:
+            if mbs != total_micro_batches:
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(total_micro_batches / mbs)
+            return self.apply_step(step, global_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._inflight.clear()
+        self.attempt = None
+        self.step_micro_batches = 0
+        self.last_applied = step
+        return True

@@ -41,7 +41,7 @@ def main() -> None:
                                     contribute=role != "refused", tag=(0, 0))
     print(json.dumps({"role": role, "summed": result.summed, "group": result.group_size, "weight": result.weight,
                       "g0": float(grads[0][0, 0]), "g1": float(grads[1][0]),
-                      "seconds": time.perf_counter() - t0}), flush=True)
+                      "seconds": time.perf_counter() - t0, "bytes_sent": averager.bytes_sent}), flush=True)
     # A peer has its own result before it has sent the others theirs (it reduces a part for
     # them): stay up until every peer that took part is done, as a worker would.
     open(f"{workdir}/done-{role}", "w").close()

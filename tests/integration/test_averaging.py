@@ -46,9 +46,13 @@ def test_replicas_sum_their_gradients(tmp_path):
     # 4.0. Alone, the first would have rescaled its own to 1.0 / 2 * 8 = 4.0 as well, so the
     # group size and weight are what prove the round happened.
     res = run_group(tmp_path, [("first", 1.0, 2), ("second", 3.0, 6)])
+    numel = 64 * 33 + 17
     for r in res.values():
         assert r["summed"] and r["group"] == 2 and r["weight"] == 8
         assert r["g0"] == pytest.approx(4.0) and r["g1"] == pytest.approx(-4.0)
+        # Each of two peers sends the other its half (float64) and gets back the averaged half:
+        # about numel * 8 bytes out, plus message framing.
+        assert numel * 8 <= r["bytes_sent"] < numel * 8 * 1.2
 
 
 def test_unequal_shares(tmp_path):
@@ -61,8 +65,12 @@ def test_unequal_shares(tmp_path):
 @pytest.mark.parametrize("compression, rel", [("fp16", 1e-3), ("8bit-blockwise", 2e-2)])
 def test_lossy_compression_stays_close(tmp_path, compression, rel):
     res = run_group(tmp_path, [("first", 1.0, 4), ("second", 3.0, 4)], compression=compression)
+    numel = 64 * 33 + 17
     for r in res.values():
         assert r["summed"] and r["group"] == 2 and r["g0"] == pytest.approx(4.0, rel=rel)
+        # vs float64 (8 bytes a value): fp16 is 2 bytes; 8-bit is 1 byte plus, per message, its
+        # 256-entry float32 codebook, which dominates for tensors this small
+        assert 0 < r["bytes_sent"] < numel * (2.6 if compression == "fp16" else 8 / 3)
 
 
 def test_a_vanished_peer_does_not_stall_the_survivors(tmp_path):

@@ -101,3 +101,33 @@ def test_faults_poison_sigkill_mid_forward_and_death_mid_averaging(tmp_path, swa
     assert all(math.isfinite(x) for x in got)
     assert got[:4] == pytest.approx(expected[:4], rel=1e-5)  # before any fault took effect
     assert got == pytest.approx(expected, rel=0.05)
+
+
+def test_local_steps_average_only_at_outer_steps(tmp_path, swarms):
+    """averaging.mode "local-steps", outer_every 3: replicas step on their own gradients and pass
+    through an averaging round only at steps 3 (and would at 6); the anchor they share changes
+    exactly there, identically on both replicas, and the run still learns."""
+    config = swarm_toml(tmp_path, steps=6, global_batch=8, micro_batch=2, seq_len=32, replicas_per_stage=2,
+                        start_with_replicas=2, extra=AVERAGING + 'mode = "local-steps"\nouter_every = 3\n')
+    swarm = Swarm(tmp_path, config)
+    swarms.append(swarm)
+    swarm.start_coordinator()
+    for name in "abcd":
+        swarm.start_worker(name)
+    status = swarm.wait(lambda s: s["phase"] == "done", 300, "the run to finish")
+    got = losses(status)
+    expected, _ = local_losses(swarm.config, 6)
+    assert got[0] == pytest.approx(expected[0], rel=1e-5)  # same weights, same data
+    assert all(math.isfinite(x) for x in got) and got[-1] < got[0]
+    averaged = [{stage: d["summed_micro_batches"] for stage, d in h["stages"].items()} for h in status["history"]]
+    assert averaged[3] == {"0": 2.0, "1": 2.0}  # two replicas' pseudo-gradients, weight 1 each
+    assert all(v is None for i, step in enumerate(averaged) if i != 3 for v in step.values())
+    for stage in ("0", "1"):
+        anchors = []
+        for h in status["history"]:
+            digests = set(h["stages"][stage]["digests"].values())
+            assert len(digests) == 1, f"stage {stage}'s replicas hold different anchors: {h['stages'][stage]}"
+            anchors.append(digests.pop())
+        assert anchors[0] == anchors[1] == anchors[2] != anchors[3] == anchors[4] == anchors[5]
+    assert all(w["metrics"]["averaging_bytes"] > 0 for w in status["workers"] if w["stage"] >= 0)
+    assert status["tickets"]["exactly_once_violations"] == []

@@ -410,3 +410,29 @@ def test_last_member_lost_while_applying_restores_the_stage(tmp_path):
     ledger.declare_dead(first, "gone")
     assert ledger.restore_epoch == 1 and ledger.phase == "waiting"  # the stage is restored, no stall
     assert "stage_vacant" in [e["kind"] for e in ledger.status()["events"]]
+
+
+def test_local_steps_skip_averaging_except_at_outer_steps(tmp_path):
+    run = small_run(steps=3, global_batch=8, micro_batch=2)
+    run.pipeline.num_stages, run.pipeline.replicas_per_stage = 2, 2
+    run.averaging.mode, run.averaging.outer_every = "local-steps", 2
+    ledger = RunLedger(tmp_path / "run.db", run, plan_stages(4, 2), Clock())
+    by_stage = replicated_swarm(ledger)
+    members = [w for ids in by_stage.values() for w in ids]
+    for step in range(3):
+        assert commit_all(ledger, by_stage[0]) == 4
+        # replica shares 1 and 3 of the 4 micro-batches, gradient norm^2 1 and 9
+        for i, w in enumerate(members):
+            assert ledger.report(w, step, 0, "contribution", 1.0 if i % 2 == 0 else 9.0, 1 if i % 2 == 0 else 3)
+        # clip norm: per stage the mean of (norm^2 x (4 / share)^2) = (16 + 16) / 2, two stages
+        assert ledger.global_grad_norm() == pytest.approx(32.0 ** 0.5)
+        if step == 2:  # the outer step
+            assert ledger.phase == "averaging"
+            for w in members:
+                assert ledger.report(w, step, 0, "averaged", 0.5, group_weight=2.0)
+            assert ledger.global_grad_norm() == pytest.approx(32.0 ** 0.5)  # the pseudo-gradient's is not it
+        assert ledger.phase == APPLYING
+        for w in members:
+            assert ledger.report(w, step, 0, "applied", digest="anchor")
+    history = ledger.status()["history"]
+    assert [h["stages"]["0"]["summed_micro_batches"] for h in history] == [None, None, 2.0]

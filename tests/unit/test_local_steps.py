@@ -1,0 +1,85 @@
+"""Local-steps (DiLoCo-style) state of a stage replica: pseudo-gradients, the outer step, and
+its place in the stage state (no network: the averaging round is replaced by the mean)."""
+
+import pytest
+import torch
+from safetensors.torch import load
+
+from gptjt_core.config import AveragingConfig, ConfigError, PipelineConfig, RunConfig, TrainConfig
+from gptjt_core.model import StageSpec
+from worker.stage import StageRunner
+
+SPEC = StageSpec(0, 2, embed=True)
+
+
+def _run(**averaging) -> RunConfig:
+    from gptjt_core.config import ModelConfig
+
+    return RunConfig(model=ModelConfig(source="random:tiny:0"), train=TrainConfig(global_batch=4, micro_batch=2),
+                     pipeline=PipelineConfig(replicas_per_stage=2),
+                     averaging=AveragingConfig(mode="local-steps", outer_every=2, **averaging))
+
+
+def _step_on(stage: StageRunner, step: int, seed: int, micro_batches: int = 1) -> None:
+    """One inner step on `micro_batches` of random tokens (the replica's share of a 2-micro-batch step)."""
+    stage.begin(step, 0)
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(micro_batches):
+        ids = torch.randint(0, 1000, (2, 16), generator=gen)
+        out = stage.forward((i, 0), step, ids, torch.zeros(2, dtype=torch.long))
+        stage.backward((i, 0), step, torch.randn(out.shape, generator=gen) * 1e-2)
+    norm = stage.grad_norm_sq() ** 0.5 * 2 / micro_batches
+    assert stage.apply_local(step, norm, contribute=True, total_micro_batches=2)
+
+
+def test_outer_step_averages_pseudo_gradients_and_replicas_share_the_anchor():
+    run = _run()
+    a, b = StageRunner(run, SPEC), StageRunner(run, SPEC)
+    start = [p.detach().clone() for p in a.model.parameters()]
+    for step in range(2):
+        _step_on(a, step, seed=10 + step)
+        _step_on(b, step, seed=20 + step)
+    assert a.state_digest() == b.state_digest()  # the anchors: still the initial weights
+    assert any(not torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+    da, db = a.pseudo_gradients(), b.pseudo_gradients()
+    for d, s, p in zip(da, start, a.model.parameters()):
+        assert torch.allclose(d, s - p.detach())
+    mean = [(x + y) / 2 for x, y in zip(da, db)]
+    a.pending_outer, b.pending_outer = [m.clone() for m in mean], [m.clone() for m in mean]
+    # Step 2 starts with the outer step; a replica with no micro-batch then only moves on.
+    b.begin(2, 0)
+    assert b.apply_local(2, 0.0, contribute=True, total_micro_batches=2) and b.position == 3
+    for p, s, m in zip(b.model.parameters(), start, mean):
+        assert torch.allclose(p.detach(), s - m, atol=1e-7)  # outer_lr 1, no momentum: the mean of the replicas
+    _step_on(a, 2, seed=30)
+    assert a.state_digest() == b.state_digest()
+    assert all(torch.equal(x, y) for x, y in zip(a.anchor, b.anchor))
+
+
+def test_nesterov_outer_momentum_and_the_state_survive_a_checkpoint():
+    run = _run(outer_lr=0.7, outer_momentum=0.9)
+    a = StageRunner(run, SPEC)
+    _step_on(a, 0, seed=1)
+    _step_on(a, 1, seed=2)
+    delta = a.pseudo_gradients()
+    anchor0 = [t.clone() for t in a.anchor]
+    a.pending_outer = [d.clone() for d in delta]
+    _step_on(a, 2, seed=3)
+    for new, old, d in zip(a.anchor, anchor0, delta):  # m = d; update = d + 0.9 m
+        assert torch.allclose(new, old - 0.7 * 1.9 * d, atol=1e-7)
+    blob = a.checkpoint_blob()
+    assert any(k.startswith("outer/momentum/") for k in load(blob))
+    b = StageRunner(run, SPEC, checkpoint=load(blob), position=a.position)
+    assert b.state_digest() == a.state_digest()
+    assert all(torch.equal(x, y) for x, y in zip(a.outer_momentum, b.outer_momentum))
+    assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
+
+
+def test_outer_schedule_and_bad_settings():
+    cfg = AveragingConfig(mode="local-steps", outer_every=4)
+    assert [s for s in range(13) if cfg.is_outer_step(s)] == [4, 8, 12]
+    assert not AveragingConfig(outer_every=4).is_outer_step(4)  # every-step mode has no outer steps
+    with pytest.raises(ConfigError, match="mode"):
+        AveragingConfig(mode="sometimes")
+    with pytest.raises(ConfigError, match="outer_momentum"):
+        AveragingConfig(outer_momentum=1.0)
