@@ -13,6 +13,8 @@ BENCHMARKS = {
     "swarm": "bench.swarm",
     "recovery": "bench.recovery",
     "codec": "bench.codec",
+    "link": "bench.link",
+    "gradsync": "bench.gradsync",
 }
 
 

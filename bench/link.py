@@ -1,0 +1,115 @@
+"""bench link: the 2-stage swarm over an emulated slow link, with fp16 and with the chosen codecs.
+
+The link is 100 Mbit/s with 30 ms one-way latency, time-scaled so that communication over
+compute matches GPT-J 6B cut into 2 stages on A100-class GPUs:
+  GPT-J stage compute per micro-batch (1 x 2048 tokens): training FLOPs 6N + 6 L T d per
+  token (N = 6.05e9, L = 28, T = 2048, d = 4096), half per stage, at A100_TFLOPS effective
+  (312 bf16 peak x 45 % MFU) -> ~0.27 s. Its fp16 activations per direction: 2048 x 4096 x 2
+  bytes = 16.8 MB -> 1.34 s at 100 Mbit/s, i.e. the link is ~4.9x slower than the compute.
+  Here: the tiny model's slower stage's forward + backward per micro-batch is measured on one
+  core (t_tiny); time runs s = t_tiny / t_gptj as fast, so the emulated link carries the tiny
+  model's fp16 activations in s x 1.34 s and its latency is s x 30 ms.
+slow_link_speedup = steady-state tokens/s with the chosen codecs (workers pick them per link
+from measured bandwidth, link.adaptive_codecs) over tokens/s with fp16 on the same link.
+loss_gap_pct = |final loss chosen - final loss fp16| / final loss fp16 x 100, final loss being
+the mean of the last 3 steps (both runs see the same batches in the same order).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.swarm_run import final_loss, run_swarm, steady_tokens_per_s
+from gptjt_cli.local_swarm import small_run_toml
+
+DESCRIPTION = "2-stage swarm at an emulated 100 Mbit/s, 30 ms link (scaled to GPT-J 6B / A100): codecs vs fp16"
+
+LINK_MBIT, LATENCY_MS = 100.0, 30.0
+A100_TFLOPS = 312 * 0.45  # bf16 peak x model FLOPs utilisation
+GPTJ_PARAMS, GPTJ_LAYERS, GPTJ_D, GPTJ_T = 6.05e9, 28, 4096, 2048
+CHOSEN = ("q3", "q3")  # (activation, gradient) codecs on a slow link
+
+
+def gptj_stage_seconds(stages: int = 2) -> float:
+    flops_per_token = 6 * GPTJ_PARAMS + 6 * GPTJ_LAYERS * GPTJ_T * GPTJ_D
+    return flops_per_token / stages * GPTJ_T / (A100_TFLOPS * 1e12)
+
+
+def gptj_link_seconds() -> float:
+    """fp16 activations of one micro-batch, one direction, at LINK_MBIT."""
+    return GPTJ_T * GPTJ_D * 2 * 8 / (LINK_MBIT * 1e6)
+
+
+def tiny_stage_seconds(micro_batch: int, seq_len: int, repeats: int = 5) -> tuple[float, int]:
+    """Forward + backward of the slower half of the tiny model on one core, and its hidden size."""
+    from gptjt_core.model import StageSpec, load_stage, model_config_for
+    from gptjt_core.ul2 import batch_loss
+
+    config = model_config_for("random:tiny:0", "eager")
+    half = config.n_layer // 2
+    first = load_stage("random:tiny:0", StageSpec(0, half, embed=True))
+    last = load_stage("random:tiny:0", StageSpec(half, config.n_layer, head=True))
+    ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
+    prefix = torch.zeros(micro_batch, dtype=torch.long)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = {0: [], 1: []}
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            hidden = first(ids, prefix)
+            hidden.backward(torch.randn_like(hidden))
+            t1 = time.perf_counter()
+            x = hidden.detach().requires_grad_()
+            batch_loss(last(x, prefix), ids, micro_batch).backward()
+            t2 = time.perf_counter()
+            times[0].append(t1 - t0)
+            times[1].append(t2 - t1)
+    finally:
+        torch.set_num_threads(threads)
+    return max(statistics.median(t[1:]) for t in times.values()), config.n_embd
+
+
+def run(quick: bool = False) -> dict:
+    micro_batch, seq_len = 4, 128
+    global_batch = micro_batch * (16 if quick else 32)
+    steps = 6 if quick else 12
+    tiny_s, hidden = tiny_stage_seconds(micro_batch, seq_len)
+    scale = tiny_s / gptj_stage_seconds()
+    tiny_fp16_bits = micro_batch * seq_len * hidden * 2 * 8
+    mbit = tiny_fp16_bits / (scale * gptj_link_seconds()) / 1e6
+    latency_ms = LATENCY_MS * scale
+    runs = {}
+    for name, link in (("fp16", "adaptive_codecs = false"),
+                       ("chosen", f'adaptive_codecs = true\nslow_link_mbit = {10 * mbit:.6g}\n'
+                                  f'slow_activation_codec = "{CHOSEN[0]}"\nslow_gradient_codec = "{CHOSEN[1]}"')):
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            config = small_run_toml(tmp, steps=steps, global_batch=global_batch, micro_batch=micro_batch,
+                                    seq_len=seq_len, timeout_s=30.0,
+                                    extra=f"[link]\n{link}\nemulate_mbit = {mbit:.6g}\nemulate_latency_ms = "
+                                          f"{latency_ms:.6g}\n")
+            config.write_text(config.read_text().replace('_codec = "fp32"', '_codec = "fp16"'))
+            status = run_swarm(tmp, config, steps, workers=2, threads=1)
+        first = next(w for w in status["workers"] if w["stage"] == 0)["metrics"]
+        runs[name] = {"tokens_per_s": steady_tokens_per_s(status), "final_loss": final_loss(status),
+                      "codecs": f"{first['activation_codec']}/{first['gradient_codec']}",
+                      "measured_mbit": first["downstream_mbit"]}
+    fp16, chosen = runs["fp16"], runs["chosen"]
+    return {
+        "slow_link_speedup": chosen["tokens_per_s"] / fp16["tokens_per_s"],
+        "loss_gap_pct": abs(chosen["final_loss"] - fp16["final_loss"]) / fp16["final_loss"] * 100,
+        "chosen_codecs": chosen["codecs"], "fp16_tokens_per_s": fp16["tokens_per_s"],
+        "chosen_tokens_per_s": chosen["tokens_per_s"], "fp16_final_loss": fp16["final_loss"],
+        "chosen_final_loss": chosen["final_loss"],
+        "measured_mbit_fp16": fp16["measured_mbit"], "measured_mbit_chosen": chosen["measured_mbit"],
+        "emulated_mbit": mbit, "emulated_latency_ms": latency_ms, "time_scale": scale,
+        "tiny_stage_s_per_micro_batch": tiny_s, "gptj_stage_s_per_micro_batch": gptj_stage_seconds(),
+        "gptj_link_s_per_micro_batch_fp16": gptj_link_seconds(), "a100_tflops_effective": A100_TFLOPS,
+        "steps": steps, "micro_batches_per_step": global_batch // micro_batch,
+    }
