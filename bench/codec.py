@@ -16,9 +16,11 @@ import torch
 
 from gptjt_core.compression import decode, encode
 
-DESCRIPTION = "activation+gradient bytes vs fp16 per boundary; q8/q4 encode/decode GB/s on one core"
+DESCRIPTION = "activation+gradient bytes vs fp16 per boundary; q8/q4/q3 encode/decode GB/s on one core"
 
-PAIRS = {"q4/q8": ("q4", "q8"), "q4/q4": ("q4", "q4"), "q8/q8": ("q8", "q8")}
+PAIRS = {"q4/q8": ("q4", "q8"), "q4/q4": ("q4", "q4"), "q8/q8": ("q8", "q8"), "q3/q3": ("q3", "q3"),
+         "q4/q3": ("q4", "q3")}
+SPEED_CODECS = ("q8", "q4", "q3")
 CHOSEN = "q4/q4"
 
 
@@ -67,12 +69,12 @@ def run(quick: bool = False) -> dict:
     try:
         x = torch.randn(1, 2048, 4096)
         repeats = 3 if quick else 7
-        for codec in ("q8", "q4"):
+        for codec in SPEED_CODECS:
             enc = encode(x, codec)
             result[f"encode_gbps_{codec}"] = _gbps(lambda c=codec: encode(x, c), x.numel() * 4, repeats)
             result[f"decode_gbps_{codec}"] = _gbps(lambda e=enc: decode(e), x.numel() * 4, repeats)
     finally:
         torch.set_num_threads(threads)
-    result["encode_gbps"] = min(result["encode_gbps_q8"], result["encode_gbps_q4"])
-    result["decode_gbps"] = min(result["decode_gbps_q8"], result["decode_gbps_q4"])
+    result["encode_gbps"] = min(result[f"encode_gbps_{codec}"] for codec in SPEED_CODECS)
+    result["decode_gbps"] = min(result[f"decode_gbps_{codec}"] for codec in SPEED_CODECS)
     return result

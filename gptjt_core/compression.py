@@ -2,12 +2,16 @@
 
 Codecs:
   fp32, fp16, bf16   casts (fp16/bf16 halve the bytes)
-  q8, q4             blockwise absmax quantization: each block of BLOCK = 128 values is scaled
-                     by its largest magnitude into signed 8-bit ([-127, 127]) or 4-bit ([-7, 7],
-                     two per byte) codes. Payload = float32 scale per block (full range: tiny
+  q8, q4, q3         blockwise absmax quantization: each block of BLOCK = 128 values is scaled
+                     by its largest magnitude into signed codes in [-qmax, qmax], qmax = 127
+                     (q8, one byte each), 7 (q4, two per byte, low nibble first, stored + 8) or
+                     3 (q3, eight per 3 bytes: a little-endian 24-bit word holding code i + 3
+                     at bits 3i..3i+2). Payload = float32 scale per block (full range: tiny
                      gradients keep their scale), then the codes, so q8 is 1.94x smaller than
-                     fp16 and q4 3.76x. The error of one value is at most half a step:
-                     |x - x'| <= absmax(block) / (2 * 127) (q8) or / (2 * 7) (q4).
+                     fp16, q4 3.76x and q3 4.92x (52 bytes per block against 256). The error
+                     of one value is at most half a step: |x - x'| <= absmax(block) / (2 * qmax),
+                     i.e. / (2 * 127) (q8), / (2 * 7) (q4) or / (2 * 3) (q3). A block whose
+                     absmax is below qmax * 1.2e-38 (its scale would be subnormal) is sent as zeros.
 ErrorFeedback keeps what a lossy codec dropped and adds it to the next message of the same
 stream (a per-link residual), so that over many messages nothing is lost for good.
 """
@@ -38,8 +42,21 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # Lossless-cast codecs: name -> wire dtype. fp16/bf16 halve activation bytes.
 _CAST = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Blockwise quantizers: name -> largest code magnitude (codes are symmetric around 0).
-_QUANT = {"q8": 127, "q4": 7}
+_QUANT = {"q8": 127, "q4": 7, "q3": 3}
+_BITS = {127: 8, 7: 4, 3: 3}  # largest code magnitude -> bits per code on the wire
 BLOCK = 128  # values per absmax block: small enough that one outlier spoils few values
+# Blocks per chunk: the passes over one chunk (scale, round, pack) share a 512 KiB scratch
+# that stays in cache. Large buffers come from numpy, which asks Linux for transparent huge
+# pages: a fresh torch tensor of 32 MiB costs several times more in page faults.
+_CHUNK = 1024
+_TINY = torch.finfo(torch.float32).tiny
+_Q3_WEIGHTS = np.array([8.0**i for i in range(8)], np.float32)  # code i of 8 -> bits 3i..3i+2
+_Q3_OFFSET = 3 * sum(8**i for i in range(8))  # codes go on the wire as code + 3, in [0, 6]
+# q3 decode: spread a 24-bit word over the 8 bytes of a uint64, halving the field width
+# each step (12 -> 6 -> 3 bits): (bits that move, bits that stay, how far they move).
+_Q3_SPREAD = ((0xFFF000, 0xFFF, 20),
+              (0x00000FC000000FC0, 0x0000003F0000003F, 10),
+              (0x0038003800380038, 0x0007000700070007, 5))
 CODECS = frozenset(_CAST) | frozenset(_QUANT)
 LOSSY = frozenset(_QUANT)
 
@@ -64,44 +81,116 @@ def encode(tensor: torch.Tensor, codec: str) -> Encoded:
 
 def _quantized_size(numel: int, qmax: int) -> int:
     blocks = -(-numel // BLOCK)
-    code_bytes = blocks * BLOCK if qmax > 7 else blocks * BLOCK // 2
-    return blocks * 4 + code_bytes
+    return blocks * 4 + blocks * BLOCK * _BITS[qmax] // 8
 
 
 def _quantize(tensor: torch.Tensor, qmax: int) -> bytes:
     x = tensor.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
-    pad = (-x.numel()) % BLOCK
-    if pad:
-        x = torch.cat([x, x.new_zeros(pad)])
-    blocks = x.view(-1, BLOCK)  # (n_blocks, BLOCK)
-    amax = torch.linalg.vector_norm(blocks, ord=float("inf"), dim=1)  # one pass; NaN/Inf show up here
-    if not torch.isfinite(amax).all():
+    numel = x.numel()
+    n_blocks = -(-numel // BLOCK)
+    if numel % BLOCK:  # pad the last block with zeros
+        padded = torch.from_numpy(np.zeros(n_blocks * BLOCK, np.float32))
+        padded[:numel] = x
+        x = padded
+    blocks = x.view(n_blocks, BLOCK)
+    amax = torch.maximum(blocks.amax(1), blocks.amin(1).neg_())  # no |x| temporary; NaN propagates
+    if not bool(torch.isfinite(amax).all()):
         bad = int((~torch.isfinite(x)).sum())
         raise CodecError(f"cannot quantize a tensor with {bad} NaN/Inf value(s)")
-    scale = amax / qmax  # (n_blocks,) float32; 0 for a block of zeros
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros(1))
-    codes = torch.mul(blocks, inv[:, None]).round_().clamp_(-qmax, qmax).to(torch.int8)
-    if qmax <= 7:  # two signed 4-bit codes per byte: low nibble first
-        nibbles = codes.add_(8).view(torch.uint8).view(-1, 2)
-        codes_bytes = nibbles[:, 0].bitwise_or(nibbles[:, 1] << 4).numpy().tobytes()
-    else:
-        codes_bytes = codes.numpy().tobytes()
-    return scale.numpy().astype("<f4").tobytes() + codes_bytes
+    scale = amax / qmax  # (n_blocks,) float32
+    inv = torch.reciprocal(scale)
+    # A block of zeros (or one so small its scale would be subnormal) is sent as zeros: this
+    # keeps inv finite, and then |x * inv| <= qmax * (1 + 4e-7), so rounding needs no clamp.
+    zero = scale < _TINY
+    scale.masked_fill_(zero, 0.0)
+    inv.masked_fill_(zero, 0.0)
+    bits = _BITS[qmax]
+    out = np.empty(n_blocks * 4 + n_blocks * BLOCK * bits // 8, np.uint8)
+    out[: n_blocks * 4] = scale.numpy().astype("<f4", copy=False).view(np.uint8)
+    codes = out[n_blocks * 4:]
+    if bits == 3:
+        words = np.empty(n_blocks * BLOCK // 8, np.float32)
+    else:  # q8 codes, or q4's lo + 16 * hi in [-119, 119] (+ 136 at the end)
+        dest = torch.from_numpy(codes.view(np.int8))
+        pairs = torch.from_numpy(np.empty(min(n_blocks, _CHUNK) * BLOCK // 2, np.float32))
+    scratch_np = np.empty(min(n_blocks, _CHUNK) * BLOCK, np.float32)
+    scratch = torch.from_numpy(scratch_np)
+    for start in range(0, n_blocks, _CHUNK):
+        stop = min(start + _CHUNK, n_blocks)
+        lo, hi = start * BLOCK, stop * BLOCK
+        y = torch.mul(blocks[start:stop], inv[start:stop, None], out=scratch[: hi - lo].view(-1, BLOCK)).view(-1)
+        y.round_()  # half to even; codes in [-qmax, qmax]
+        if bits == 8:
+            dest[lo:hi].copy_(y)
+        elif bits == 4:
+            two = y.view(-1, 2)
+            torch.add(two[:, 0], two[:, 1], alpha=16, out=pairs[: (hi - lo) // 2])
+            dest[lo // 2: hi // 2].copy_(pairs[: (hi - lo) // 2])
+        else:  # sum of c_i * 8**i over 8 codes: integers below 2**24, so exact in float32
+            np.dot(scratch_np[: hi - lo].reshape(-1, 8), _Q3_WEIGHTS, out=words[lo // 8: hi // 8])
+    if bits == 4:
+        np.add(codes, 136, out=codes)  # (lo + 8) | (hi + 8) << 4
+    elif bits == 3:
+        # 24-bit words (codes + 3, code i at bits 3i..3i+2), four to three little-endian uint32
+        w = np.add(words, _Q3_OFFSET, out=words).astype(np.uint32).reshape(-1, 4)
+        packed = codes.view("<u4").reshape(-1, 3)
+        np.bitwise_or(w[:, 0], w[:, 1] << 24, out=packed[:, 0])
+        np.bitwise_or(w[:, 1] >> 8, w[:, 2] << 16, out=packed[:, 1])
+        np.bitwise_or(w[:, 2] >> 16, w[:, 3] << 8, out=packed[:, 2])
+    return out.tobytes()
 
 
 def _dequantize(data: bytes, numel: int, qmax: int) -> torch.Tensor:
-    blocks = -(-numel // BLOCK)
-    scale = torch.from_numpy(np.frombuffer(data, dtype="<f4", count=blocks).copy())
-    raw = np.frombuffer(data, dtype=np.uint8 if qmax <= 7 else np.int8, offset=blocks * 4)
-    if not torch.isfinite(scale).all() or bool((scale < 0).any()):
+    n_blocks = -(-numel // BLOCK)
+    stored = np.frombuffer(data, dtype="<f4", count=n_blocks)
+    if not np.isfinite(stored).all() or bool((stored < 0).any()):
         raise CodecError("quantized payload carries a negative or NaN/Inf block scale; the bytes are corrupt")
-    if qmax <= 7:
-        packed = torch.from_numpy(raw.copy())
-        codes = torch.stack([(packed & 0x0F), (packed >> 4)], dim=1).reshape(-1).to(torch.int8) - 8
-    else:
-        codes = torch.from_numpy(raw.copy())
-    values = codes.view(blocks, BLOCK).float() * scale[:, None]
-    return values.reshape(-1)[:numel]
+    scale = torch.from_numpy(stored.astype(np.float32))
+    bits = _BITS[qmax]
+    # The payload is read-only: numpy reads it in place (torch would copy it or warn), and
+    # writes small integer codes per chunk into `values`, which torch then scales.
+    values = np.empty((n_blocks, BLOCK), np.float32)
+    out = torch.from_numpy(values)
+    rows = min(n_blocks, _CHUNK)
+    if bits == 8:
+        src = np.frombuffer(data, np.int8, offset=n_blocks * 4).reshape(n_blocks, BLOCK)
+    elif bits == 4:
+        src = np.frombuffer(data, np.uint8, offset=n_blocks * 4).reshape(n_blocks, BLOCK // 2)
+        nibbles, high = np.empty((rows, BLOCK // 2), "<i2"), np.empty((rows, BLOCK // 2), "<i2")
+    else:  # one block is 48 bytes: 4 rows of three little-endian uint32 holding four 24-bit words
+        src = np.frombuffer(data, "<u4", offset=n_blocks * 4).reshape(n_blocks, 4, 3)
+        words, tmp = np.empty((rows, 4, 4), "<u8"), np.empty((rows, 4, 4), "<u8")
+    for start in range(0, n_blocks, _CHUNK):
+        stop = min(start + _CHUNK, n_blocks)
+        part = src[start:stop]
+        if bits == 8:
+            codes = part
+        elif bits == 4:  # one byte -> one int16 holding (low nibble, high nibble) as its two bytes
+            a, b = nibbles[: stop - start], high[: stop - start]
+            np.copyto(a, part)
+            np.left_shift(a, 4, out=b)
+            np.bitwise_and(b, 0x0F00, out=b)
+            np.bitwise_and(a, 0x0F, out=a)
+            np.bitwise_or(a, b, out=a)
+            codes = a.view(np.int8)
+            np.subtract(codes, 8, out=codes)
+        else:
+            w, t = words[: stop - start], tmp[: stop - start]
+            np.bitwise_and(part[..., 0], 0xFFFFFF, out=w[..., 0])
+            np.bitwise_or(part[..., 0] >> 24, (part[..., 1] & 0xFFFF) << 8, out=w[..., 1])
+            np.bitwise_or(part[..., 1] >> 16, (part[..., 2] & 0xFF) << 16, out=w[..., 2])
+            np.right_shift(part[..., 2], 8, out=w[..., 3])
+            # spread each 24-bit word to 8 bytes, one 3-bit code per byte: 12 -> 6 -> 3 bits
+            for move, keep, shift in _Q3_SPREAD:
+                np.bitwise_and(w, move, out=t)
+                np.left_shift(t, shift, out=t)
+                np.bitwise_and(w, keep, out=w)
+                np.bitwise_or(w, t, out=w)
+            codes = w.view(np.int8)
+            np.subtract(codes, 3, out=codes)
+        np.copyto(values[start:stop], codes.reshape(stop - start, BLOCK))
+        out[start:stop].mul_(scale[start:stop, None])
+    return out.reshape(-1)[:numel]
 
 
 class ErrorFeedback:
