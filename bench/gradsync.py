@@ -24,17 +24,19 @@ from gptjt_cli.local_swarm import small_run_toml
 
 DESCRIPTION = "gradient-sync bytes per optimizer step vs fp32 all-reduce (local steps + 8-bit), and the loss gap"
 
-OUTER_EVERY = 48
+OUTER_EVERY = 40
+GLOBAL_BATCH, MICRO_BATCH = 32, 4  # 8 micro-batches a step: each replica of a stage sees about 4
 
 
-def _run(mode: str, compression: str, steps: int, outer_every: int) -> dict:
+def _run(mode: str, compression: str, steps: int, outer_every: int, outer: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         config = small_run_toml(
-            tmp, steps=steps, global_batch=8, micro_batch=2, seq_len=32, timeout_s=30.0, replicas_per_stage=2,
+            tmp, steps=steps, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH, seq_len=32, timeout_s=30.0,
+            replicas_per_stage=2,
             start_with_replicas=2,
             extra=f'[averaging]\ncompression = "{compression}"\ntimeout_s = 10.0\nmatchmaking_s = 0.5\n'
-                  f'mode = "{mode}"\nouter_every = {outer_every}\n')
+                  f'mode = "{mode}"\nouter_every = {outer_every}\n{outer}')
         status = run_swarm(tmp, config, steps, workers=4, threads=1, settle_s=2.0)
     workers = [w for w in status["workers"] if w["stage"] >= 0]
     return {"bytes_per_replica": sum(w["metrics"]["averaging_bytes"] for w in workers) / len(workers),
@@ -56,5 +58,5 @@ def run(quick: bool = False) -> dict:
         "baseline_final_loss": baseline["final_loss"], "chosen_final_loss": chosen["final_loss"],
         "baseline_seconds": baseline["seconds"], "chosen_seconds": chosen["seconds"],
         "outer_every": outer_every, "steps": steps, "chosen": "local-steps + 8bit-blockwise",
-        "replicas_per_stage": 2,
+        "replicas_per_stage": 2, "global_batch": GLOBAL_BATCH, "micro_batch": MICRO_BATCH,
     }

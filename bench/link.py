@@ -33,6 +33,7 @@ LINK_MBIT, LATENCY_MS = 100.0, 30.0
 A100_TFLOPS = 312 * 0.45  # bf16 peak x model FLOPs utilisation
 GPTJ_PARAMS, GPTJ_LAYERS, GPTJ_D, GPTJ_T = 6.05e9, 28, 4096, 2048
 CHOSEN = ("q3", "q3")  # (activation, gradient) codecs on a slow link
+IN_FLIGHT = 6
 
 
 def gptj_stage_seconds(stages: int = 2) -> float:
@@ -76,9 +77,9 @@ def tiny_stage_seconds(micro_batch: int, seq_len: int, repeats: int = 5) -> tupl
 
 
 def run(quick: bool = False) -> dict:
-    micro_batch, seq_len = 4, 128
+    micro_batch, seq_len = 2, 64  # ~0.25 s of compute per micro-batch on the slower stage here
     global_batch = micro_batch * (16 if quick else 32)
-    steps = 6 if quick else 12
+    steps = 6 if quick else 8
     tiny_s, hidden = tiny_stage_seconds(micro_batch, seq_len)
     scale = tiny_s / gptj_stage_seconds()
     tiny_fp16_bits = micro_batch * seq_len * hidden * 2 * 8
@@ -94,8 +95,11 @@ def run(quick: bool = False) -> dict:
                                     seq_len=seq_len, timeout_s=30.0,
                                     extra=f"[link]\n{link}\nemulate_mbit = {mbit:.6g}\nemulate_latency_ms = "
                                           f"{latency_ms:.6g}\n")
-            config.write_text(config.read_text().replace('_codec = "fp32"', '_codec = "fp16"'))
-            status = run_swarm(tmp, config, steps, workers=2, threads=1)
+            # In flight: enough micro-batches to keep stage 0, the link and stage 1 all busy over a
+            # link with a long round trip (the bandwidth-delay product); the same for both runs.
+            config.write_text(config.read_text().replace('_codec = "fp32"', '_codec = "fp16"')
+                              .replace("num_stages = 2\n", f"num_stages = 2\nmax_in_flight = {IN_FLIGHT}\n"))
+            status = run_swarm(tmp, config, steps, workers=2, threads=1, settle_s=2.0)
         first = next(w for w in status["workers"] if w["stage"] == 0)["metrics"]
         runs[name] = {"tokens_per_s": steady_tokens_per_s(status), "final_loss": final_loss(status),
                       "codecs": f"{first['activation_codec']}/{first['gradient_codec']}",
@@ -111,5 +115,5 @@ def run(quick: bool = False) -> dict:
         "emulated_mbit": mbit, "emulated_latency_ms": latency_ms, "time_scale": scale,
         "tiny_stage_s_per_micro_batch": tiny_s, "gptj_stage_s_per_micro_batch": gptj_stage_seconds(),
         "gptj_link_s_per_micro_batch_fp16": gptj_link_seconds(), "a100_tflops_effective": A100_TFLOPS,
-        "steps": steps, "micro_batches_per_step": global_batch // micro_batch,
+        "steps": steps, "micro_batches_per_step": global_batch // micro_batch, "max_in_flight": IN_FLIGHT,
     }

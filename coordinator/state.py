@@ -718,10 +718,15 @@ class RunLedger:
         self._set_meta("norm_ref", json.dumps({str(k): v for k, v in refs.items()}))
         self._set_meta("contributors", json.dumps({str(k): v for k, v in contributors.items()}))
         if skip:
-            # Some stage has no usable gradient: nobody updates (as with a NaN global norm).
+            # Some stage has no usable gradient: nobody updates (as with a NaN global norm). An
+            # outer step still happens: it averages inner steps that were accepted before.
             self._event("step_skipped", f"step {self.step}: a stage has no acceptable gradient; update skipped")
             self._set_meta("grad_norm", float("nan"))
-            self._set_meta("phase", APPLYING)
+            if self.run.averaging.is_outer_step(self.step):
+                self._set_meta("averaging_started", self.clock())
+                self._set_meta("phase", AVERAGING)
+            else:
+                self._set_meta("phase", APPLYING)
         else:
             avg = self.run.averaging
             if avg.mode == "local-steps":

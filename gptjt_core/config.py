@@ -470,6 +470,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",
                self.optim.warmup_steps, f"at most train.steps ({self.train.steps})")
+        _check(self.averaging.mode == "every-step" or self.pipeline.replicas_per_stage > 1, "averaging.mode",
+               self.averaging.mode, "'every-step' when pipeline.replicas_per_stage is 1 (local steps need replicas)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

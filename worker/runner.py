@@ -78,6 +78,7 @@ class WorkerRunner:
         self.dht_peers: list[str] = []  # the coordinator's hivemind DHT, when the run has replicas
         self.averager = None  # StageAverager of our stage
         self._averager_stage = -1
+        self._averaging_bytes_before = 0  # sent by averagers of stages this worker held earlier
         self._averaging: asyncio.Task | None = None
         self.faults = faults_from_env()
         self.loaded_epoch = -1  # the restore epoch whose state self.stage holds
@@ -220,7 +221,8 @@ class WorkerRunner:
             metrics = {"micro_batches_per_s": max(0, mbs - last_mb) / dt, "busy_fraction": min(1.0, (busy - last_busy) / dt),
                        "bytes_sent": self.counters.sent, "bytes_received": self.counters.received,
                        "micro_batches": mbs, **self.link_codecs.metrics(),
-                       "averaging_bytes": self.averager.bytes_sent if self.averager is not None else 0}
+                       "averaging_bytes": self._averaging_bytes_before
+                       + (self.averager.bytes_sent if self.averager is not None else 0)}
             last_t, last_busy, last_mb = now, busy, mbs
             position = self.stage.position if self.stage is not None and self.loaded_epoch >= 0 else -1
             try:
@@ -303,6 +305,7 @@ class WorkerRunner:
                 return
         if self.averager is not None and self._averager_stage != a.stage:
             await asyncio.to_thread(self.averager.shutdown)
+            self._averaging_bytes_before += self.averager.bytes_sent
             self.averager, self._averager_stage = None, -1
         self._status = cpb.LOADING
         self._heartbeat_soon()
@@ -381,6 +384,7 @@ class WorkerRunner:
         if state.phase == cpb.DONE:
             if (step, -1, cpb.APPLIED) not in self._reported:
                 self._reported.add((step, -1, cpb.APPLIED))
+                self._heartbeat_soon()  # the final metrics reach the coordinator now
                 print(f"gptjt-worker: run finished at step {step}; serving stage state until stopped", flush=True)
             return
         if not a.member:
@@ -438,7 +442,7 @@ class WorkerRunner:
             a = state.assignment
             expected = len(a.peer_ids)
             contribute = self.worker_id in a.contributors
-            if not contribute:
+            if not contribute and not stage.local_steps:
                 log.warning("step %d: the coordinator refused this replica's gradient; receiving the others' sum",
                             step)
             if expected > 1 and self.averager is None:
@@ -455,12 +459,18 @@ class WorkerRunner:
                     return RoundResult(False, 0, 0.0), 0.0
                 if stage.local_steps:  # an outer step: the replicas' mean pseudo-gradient, applied in APPLYING
                     deltas = stage.pseudo_gradients()
+                    # The pseudo-gradient sums inner steps already accepted; this step's verdict on
+                    # the replica's new gradient does not apply to it, only its own finiteness does.
+                    finite = all(bool(torch.isfinite(d).all()) for d in deltas)
+                    if not finite:
+                        log.error("step %d: this replica's pseudo-gradient is not finite; it receives the "
+                                  "others' mean without contributing", step)
                     if expected > 1:
-                        res = self.averager.sum_gradients(deltas, 1, 1, expected, contribute, tag=(step, attempt))
+                        res = self.averager.sum_gradients(deltas, 1, 1, expected, finite, tag=(step, attempt))
                     else:
-                        res = sum_alone(deltas, 1, 1)
-                    if not res.summed:
-                        return res, 0.0
+                        res = sum_alone(deltas, 1 if finite else 0, 1)
+                    if not res.summed or stage.attempt != (step, attempt):
+                        return RoundResult(False, res.group_size, 0.0), 0.0
                     stage.pending_outer = deltas
                     return res, float(sum(torch.linalg.vector_norm(d) ** 2 for d in deltas))
                 grads = stage.gradients()

@@ -54,7 +54,7 @@ class StageRunner:
         self.local_steps = run.averaging.mode == "local-steps"
         self.anchor: list[torch.Tensor] | None = None
         self.outer_momentum: list[torch.Tensor] | None = None
-        self.pending_outer: list[torch.Tensor] | None = None
+        self.pending_outer: list[torch.Tensor] | None = None  # for self.attempt only (begin() drops it)
         if self.local_steps:
             saved = outer_state(checkpoint) if checkpoint is not None else {}
             named = list(self.model.named_parameters())
@@ -77,6 +77,7 @@ class StageRunner:
             self._inflight.clear()
             self.attempt = (step, attempt)
             self.step_micro_batches = 0
+            self.pending_outer = None  # an outer step averaged in another attempt is not this one's
 
     def admit(self, step: int, attempt: int) -> None:
         """Accept work of (step, attempt): a newer attempt becomes current (stages learn of a

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -171,7 +172,7 @@ class StageClient:
                 return
             n, step = len(activations.data), self.chunk_bytes
             arrivals = shapers[0].schedule([first.ByteSize()] + [min(step, n - i) for i in range(0, n, step)])
-            for arrival, chunk in zip(arrivals, [first, *data_chunks(activations.data, step)]):
+            for arrival, chunk in zip(arrivals, itertools.chain([first], data_chunks(activations.data, step))):
                 await LinkShaper.until(arrival)  # the receiver gets each piece when the link delivers it
                 yield chunk
 

@@ -129,5 +129,6 @@ def test_local_steps_average_only_at_outer_steps(tmp_path, swarms):
             assert len(digests) == 1, f"stage {stage}'s replicas hold different anchors: {h['stages'][stage]}"
             anchors.append(digests.pop())
         assert anchors[0] == anchors[1] == anchors[2] != anchors[3] == anchors[4] == anchors[5]
-    assert all(w["metrics"]["averaging_bytes"] > 0 for w in status["workers"] if w["stage"] >= 0)
+    swarm.wait(lambda s: all(w["metrics"].get("averaging_bytes", 0) > 0 for w in s["workers"] if w["stage"] >= 0),
+               10, "every replica's averaging bytes in its heartbeat")
     assert status["tickets"]["exactly_once_violations"] == []

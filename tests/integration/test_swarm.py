@@ -258,8 +258,14 @@ emulate_latency_ms = 5.0
 """)
     swarm.start_coordinator()
     swarm.start_worker("w0"), swarm.start_worker("w1")
-    status = swarm.wait(done, 180, "the run to finish")
-    first = next(w for w in status["workers"] if w["stage"] == 0)["metrics"]
+    swarm.wait(done, 180, "the run to finish")
+
+    def first_stage(s: dict) -> dict:
+        return next(w for w in s["workers"] if w["stage"] == 0)["metrics"]
+
+    # the metrics come with heartbeats (every 0.5 s here, and one when the run is done)
+    status = swarm.wait(lambda s: first_stage(s).get("downstream_mbit", 0) > 0, 10, "stage 0's link metrics")
+    first = first_stage(status)
     assert 0 < first["downstream_mbit"] <= 20.0 * 1.02
     assert (first["activation_codec"], first["gradient_codec"]) == ("q4", "q8")
     expected, _ = local_losses(swarm.config, 4)

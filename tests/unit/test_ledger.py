@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from coordinator.scheduler import plan_stages
@@ -436,3 +438,27 @@ def test_local_steps_skip_averaging_except_at_outer_steps(tmp_path):
             assert ledger.report(w, step, 0, "applied", digest="anchor")
     history = ledger.status()["history"]
     assert [h["stages"]["0"]["summed_micro_batches"] for h in history] == [None, None, 2.0]
+
+
+def test_a_skipped_outer_step_still_averages(tmp_path):
+    run = small_run(steps=3, global_batch=8, micro_batch=2)
+    run.pipeline.num_stages, run.pipeline.replicas_per_stage = 2, 2
+    run.averaging.mode, run.averaging.outer_every = "local-steps", 1
+    ledger = RunLedger(tmp_path / "run.db", run, plan_stages(4, 2), Clock())
+    by_stage = replicated_swarm(ledger)
+    members = [w for ids in by_stage.values() for w in ids]
+    for step in range(2):
+        assert commit_all(ledger, by_stage[0]) == 4
+        # step 1 (an outer step): every stage-0 replica's new gradient is NaN
+        for w in members:
+            bad = step == 1 and w in by_stage[0]
+            assert ledger.report(w, step, 0, "contribution", float("nan") if bad else 4.0, 2)
+        if step == 1:
+            assert "step_skipped" in ledger.status()["event_counts"]
+            assert ledger.phase == "averaging"  # the inner steps accepted before are still averaged
+            for w in members:
+                assert ledger.report(w, step, 0, "averaged", 0.5, group_weight=2.0)
+            assert math.isnan(ledger.global_grad_norm())  # ... while this step's inner update is skipped
+        assert ledger.phase == APPLYING
+        for w in members:
+            assert ledger.report(w, step, 0, "applied", digest="anchor")

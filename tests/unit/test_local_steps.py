@@ -20,9 +20,12 @@ def _run(**averaging) -> RunConfig:
                      averaging=AveragingConfig(mode="local-steps", outer_every=2, **averaging))
 
 
-def _step_on(stage: StageRunner, step: int, seed: int, micro_batches: int = 1) -> None:
-    """One inner step on `micro_batches` of random tokens (the replica's share of a 2-micro-batch step)."""
+def _step_on(stage: StageRunner, step: int, seed: int, micro_batches: int = 1, pending=None) -> None:
+    """One inner step on `micro_batches` of random tokens (the replica's share of a 2-micro-batch
+    step); `pending`: the mean pseudo-gradient an averaging round of this step produced."""
     stage.begin(step, 0)
+    if pending is not None:
+        stage.pending_outer = [t.clone() for t in pending]
     gen = torch.Generator().manual_seed(seed)
     for i in range(micro_batches):
         ids = torch.randint(0, 1000, (2, 16), generator=gen)
@@ -45,13 +48,13 @@ def test_outer_step_averages_pseudo_gradients_and_replicas_share_the_anchor():
     for d, s, p in zip(da, start, a.model.parameters()):
         assert torch.allclose(d, s - p.detach())
     mean = [(x + y) / 2 for x, y in zip(da, db)]
-    a.pending_outer, b.pending_outer = [m.clone() for m in mean], [m.clone() for m in mean]
     # Step 2 starts with the outer step; a replica with no micro-batch then only moves on.
     b.begin(2, 0)
+    b.pending_outer = [m.clone() for m in mean]
     assert b.apply_local(2, 0.0, contribute=True, total_micro_batches=2) and b.position == 3
     for p, s, m in zip(b.model.parameters(), start, mean):
         assert torch.allclose(p.detach(), s - m, atol=1e-7)  # outer_lr 1, no momentum: the mean of the replicas
-    _step_on(a, 2, seed=30)
+    _step_on(a, 2, seed=30, pending=mean)
     assert a.state_digest() == b.state_digest()
     assert all(torch.equal(x, y) for x, y in zip(a.anchor, b.anchor))
 
@@ -63,8 +66,7 @@ def test_nesterov_outer_momentum_and_the_state_survive_a_checkpoint():
     _step_on(a, 1, seed=2)
     delta = a.pseudo_gradients()
     anchor0 = [t.clone() for t in a.anchor]
-    a.pending_outer = [d.clone() for d in delta]
-    _step_on(a, 2, seed=3)
+    _step_on(a, 2, seed=3, pending=delta)
     for new, old, d in zip(a.anchor, anchor0, delta):  # m = d; update = d + 0.9 m
         assert torch.allclose(new, old - 0.7 * 1.9 * d, atol=1e-7)
     blob = a.checkpoint_blob()
@@ -83,3 +85,16 @@ def test_outer_schedule_and_bad_settings():
         AveragingConfig(mode="sometimes")
     with pytest.raises(ConfigError, match="outer_momentum"):
         AveragingConfig(outer_momentum=1.0)
+
+
+def test_an_outer_step_averaged_in_a_restarted_attempt_is_dropped():
+    a = StageRunner(_run(), SPEC)
+    _step_on(a, 0, seed=1)
+    _step_on(a, 1, seed=2)
+    anchor = [t.clone() for t in a.anchor]
+    a.begin(2, 0)
+    a.pending_outer = a.pseudo_gradients()  # attempt 0's round succeeded on this replica ...
+    a.begin(2, 1)  # ... then the step restarted
+    assert a.pending_outer is None
+    assert a.apply_local(2, 1.0, contribute=True, total_micro_batches=2) and a.position == 3
+    assert all(torch.equal(x, y) for x, y in zip(a.anchor, anchor))
