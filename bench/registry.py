@@ -15,6 +15,7 @@ BENCHMARKS = {
     "codec": "bench.codec",
     "link": "bench.link",
     "gradsync": "bench.gradsync",
+    "scheduler": "bench.scheduler",
 }
 
 

@@ -1,7 +1,9 @@
 """Stage planning, pure: which layers each stage holds. No I/O.
 
-For now a balanced split of layers over the configured number of stages; the cost-model
-scheduler replaces `plan_stages` behind the same signature.
+The running coordinator still uses a balanced split of layers over the configured number
+of stages. The cost model (cost_model.py) and the placement search over measured devices
+and links (placement.py) are pure and benchmarked (`gptjt bench scheduler`); the
+coordinator does not call them yet.
 """
 
 from __future__ import annotations

@@ -1,0 +1,177 @@
+"""The scheduler's cost model, pure: what a placement of stages and replicas costs per step.
+
+A placement cuts the model's layers into pipeline stages (contiguous, any sizes) and gives
+each stage a replica group of workers. For one optimizer step of M micro-batches:
+
+  compute_i   seconds stage i needs per micro-batch: 6 x params(stage i) x tokens FLOPs
+              (forward + backward) over the group's summed rate (each micro-batch goes to
+              one replica, so replicas add throughput)
+  transfer_i  seconds per micro-batch across boundary i -> i+1, each direction (links are
+              full duplex): latency + activation bytes after compression / bandwidth, with
+              the group pair's slowest link (a micro-batch may take any of them) times the
+              parallel links that carry the boundary (min of the two group sizes)
+  pipeline    sum of every compute and both directions of every transfer for the first
+              micro-batch (fill + drain), plus (M - 1) x the slowest of them (steady state)
+  averaging_i ring all-reduce of stage i's gradients over its group: 2 (R-1)/R x bytes /
+              slowest link in the group + 2 (R-1) x its largest latency; stages average in
+              parallel, after the pipeline drains
+  step        pipeline + max averaging_i
+
+Memory per worker of stage i: params(stage i) x bytes per parameter of state (fp32 Adam:
+weights 4 + gradient 4 + two moments 8 = 16; 8-bit Adam: 4 + 4 + 2 = 10) plus the
+activations of the micro-batches in flight (ACTIVATION_BYTES_PER_TOKEN_LAYER x d per
+token and layer, Korthikanti et al.'s 34 s b h without the attention-score term, which
+fused attention does not store). No I/O and no imports of ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ACTIVATION_BYTES_PER_TOKEN_LAYER = 34  # x d_model bytes, mixed precision, fused attention
+MEMORY_HEADROOM = 0.9  # fraction of device memory a plan may use (allocator, CUDA context)
+
+
+@dataclass(frozen=True)
+class Device:
+    """A worker as the scheduler sees it: measured rate, memory, and where it sits."""
+
+    name: str
+    tflops: float  # measured matmul rate at the run's dtype, TFLOP/s
+    memory_gb: float
+    site: str = ""  # links are looked up between sites (a region, a machine)
+
+
+@dataclass(frozen=True)
+class Link:
+    latency_s: float
+    gbps: float  # Gbit/s
+
+
+class Network:
+    """Links between devices: by site pair, with one figure inside a site."""
+
+    def __init__(self, between: dict[tuple[str, str], Link], inside: Link):
+        self.between = {**between, **{(b, a): link for (a, b), link in between.items()}}
+        self.inside = inside
+
+    def link(self, a: Device, b: Device) -> Link:
+        if a.site == b.site:
+            return self.inside
+        try:
+            return self.between[(a.site, b.site)]
+        except KeyError:
+            raise ValueError(f"no link measured between sites {a.site!r} and {b.site!r}") from None
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    n_layer: int
+    d_model: int
+    layer_params: int  # parameters of one transformer block
+    embed_params: int  # token embedding (stage 0)
+    head_params: int  # final norm + LM head (last stage)
+
+    @staticmethod
+    def gptj_6b() -> ModelShape:
+        d, vocab = 4096, 50400
+        return ModelShape(n_layer=28, d_model=d, layer_params=201_355_264, embed_params=vocab * d,
+                          head_params=vocab * d + vocab + 2 * d)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One optimizer step as the pipeline sees it."""
+
+    tokens_per_micro_batch: int  # micro-batch x sequence length
+    micro_batches: int  # per step (M)
+    in_flight: int  # micro-batches a stage holds activations for at once
+    activation_bytes_per_value: float = 2.0  # fp16 on the wire; q4 ~0.53, q3 ~0.41
+    gradient_bytes_per_param: float = 2.0  # averaging all-reduce payload per parameter (fp16)
+    state_bytes_per_param: float = 16.0  # fp32 Adam 16, 8-bit Adam 10
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    start: int  # first layer
+    end: int  # one past the last layer
+    workers: tuple[int, ...]  # indices into the device list: the stage's replica group
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    step_s: float
+    pipeline_s: float
+    averaging_s: float
+    compute_s: tuple[float, ...]  # per stage, per micro-batch
+    transfer_s: tuple[float, ...]  # per boundary, per micro-batch, one direction
+
+
+def stage_params(model: ModelShape, start: int, end: int) -> int:
+    """Parameters of the stage holding layers [start, end) (+ embedding first, + head last)."""
+    params = (end - start) * model.layer_params
+    if start == 0:
+        params += model.embed_params
+    if end == model.n_layer:
+        params += model.head_params
+    return params
+
+
+def memory_needed_gb(model: ModelShape, work: Workload, start: int, end: int) -> float:
+    """Bytes one replica of a stage holding layers [start, end) needs, in GB."""
+    state = stage_params(model, start, end) * work.state_bytes_per_param
+    activations = (work.in_flight * work.tokens_per_micro_batch * (end - start) * model.d_model
+                   * ACTIVATION_BYTES_PER_TOKEN_LAYER)
+    return (state + activations) / 1e9
+
+
+def infeasible(plan: list[StagePlacement], devices: list[Device], model: ModelShape, work: Workload) -> str:
+    """'' when every worker can hold its stage, else why not (naming the worker)."""
+    for i, s in enumerate(plan):
+        need = memory_needed_gb(model, work, s.start, s.end)
+        for w in s.workers:
+            if need > devices[w].memory_gb * MEMORY_HEADROOM:
+                return (f"stage {i} (layers {s.start}-{s.end}) needs {need:.1f} GB per replica; "
+                        f"{devices[w].name} has {devices[w].memory_gb:g} GB")
+    return ""
+
+
+def _compute_s(model: ModelShape, work: Workload, s: StagePlacement, devices: list[Device]) -> float:
+    # the embedding is a lookup, not a matmul: its parameters cost memory, not FLOPs
+    matmul_params = stage_params(model, s.start, s.end) - (model.embed_params if s.start == 0 else 0)
+    flops = 6 * matmul_params * work.tokens_per_micro_batch
+    return flops / (sum(devices[w].tflops for w in s.workers) * 1e12)
+
+
+def _transfer_s(model: ModelShape, work: Workload, a: StagePlacement, b: StagePlacement,
+                devices: list[Device], net: Network) -> float:
+    links = [net.link(devices[x], devices[y]) for x in a.workers for y in b.workers]
+    latency = max(link.latency_s for link in links)
+    gbps = min(link.gbps for link in links) * min(len(a.workers), len(b.workers))
+    nbytes = work.tokens_per_micro_batch * model.d_model * work.activation_bytes_per_value
+    return latency + nbytes * 8 / (gbps * 1e9)
+
+
+def _allreduce_s(model: ModelShape, work: Workload, s: StagePlacement, devices: list[Device], net: Network) -> float:
+    r = len(s.workers)
+    if r <= 1:
+        return 0.0
+    links = [net.link(devices[x], devices[y]) for i, x in enumerate(s.workers) for y in s.workers[i + 1:]]
+    nbytes = stage_params(model, s.start, s.end) * work.gradient_bytes_per_param
+    return (2 * (r - 1) / r * nbytes * 8 / (min(link.gbps for link in links) * 1e9)
+            + 2 * (r - 1) * max(link.latency_s for link in links))
+
+
+def predict_step(plan: list[StagePlacement], devices: list[Device], net: Network, model: ModelShape,
+                 work: Workload) -> StepEstimate:
+    """Predicted seconds per optimizer step of `plan` (see the module docstring)."""
+    if not plan or plan[0].start != 0 or plan[-1].end != model.n_layer or any(
+            a.end != b.start for a, b in zip(plan, plan[1:])) or any(s.end <= s.start or not s.workers for s in plan):
+        raise ValueError(f"a plan needs contiguous non-empty stages over layers 0-{model.n_layer}, each with "
+                         f"workers; got {[(s.start, s.end, len(s.workers)) for s in plan]}")
+    compute = tuple(_compute_s(model, work, s, devices) for s in plan)
+    transfer = tuple(_transfer_s(model, work, a, b, devices, net) for a, b in zip(plan, plan[1:]))
+    slowest = max((*compute, *transfer))
+    pipeline = sum(compute) + 2 * sum(transfer) + (work.micro_batches - 1) * slowest
+    averaging = max(_allreduce_s(model, work, s, devices, net) for s in plan)
+    return StepEstimate(pipeline + averaging, pipeline, averaging, compute, transfer)

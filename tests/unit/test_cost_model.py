@@ -1,0 +1,68 @@
+"""The scheduler's cost model on hand-computed cases (pure: no processes)."""
+
+import pytest
+
+from coordinator.cost_model import (
+    Device, Link, ModelShape, Network, StagePlacement, Workload, infeasible, memory_needed_gb, predict_step,
+    stage_params,
+)
+
+# 4 layers of 1e9 parameters, d 1000, embedding and head 1e8 each: round numbers by hand
+MODEL = ModelShape(n_layer=4, d_model=1000, layer_params=10**9, embed_params=10**8, head_params=10**8)
+WORK = Workload(tokens_per_micro_batch=1000, micro_batches=10, in_flight=2, activation_bytes_per_value=2.0,
+                gradient_bytes_per_param=2.0, state_bytes_per_param=16.0)
+NET = Network({("a", "b"): Link(0.05, 1.0)}, inside=Link(0.001, 10.0))
+
+
+def devices(*specs) -> list[Device]:
+    return [Device(f"w{i}", tflops, mem, site) for i, (tflops, mem, site) in enumerate(specs)]
+
+
+def test_two_stages_one_worker_each_by_hand():
+    devs = devices((100.0, 80.0, "a"), (100.0, 80.0, "b"))
+    plan = [StagePlacement(0, 2, (0,)), StagePlacement(2, 4, (1,))]
+    est = predict_step(plan, devs, NET, MODEL, WORK)
+    # stage 0: 6 x 2e9 matmul params x 1000 tokens / 100 TFLOP/s = 0.12 s (the embedding costs no FLOPs)
+    # stage 1: 6 x 2.1e9 x 1000 / 1e14 = 0.126 s
+    assert est.compute_s == pytest.approx((0.12, 0.126))
+    # boundary: 1000 tokens x 1000 x 2 bytes = 2 MB = 16 Mbit at 1 Gbit/s = 16 ms, + 50 ms latency
+    assert est.transfer_s == pytest.approx((0.066,))
+    # fill + drain: 0.12 + 0.126 + 2 x 0.066; then 9 more micro-batches at the slowest, 0.126
+    assert est.pipeline_s == pytest.approx(0.378 + 9 * 0.126)
+    assert est.averaging_s == 0.0 and est.step_s == pytest.approx(est.pipeline_s)
+
+
+def test_replicas_add_compute_and_pay_for_averaging():
+    devs = devices((100.0, 80.0, "a"), (100.0, 80.0, "a"), (100.0, 80.0, "b"))
+    plan = [StagePlacement(0, 2, (0, 1)), StagePlacement(2, 4, (2,))]
+    est = predict_step(plan, devs, NET, MODEL, WORK)
+    assert est.compute_s[0] == pytest.approx(0.06)  # two replicas share the micro-batches
+    # ring all-reduce of 2.1e9 params x 2 bytes over 10 Gbit/s: 2 x 1/2 x 33.6 Gbit / 10 + 2 x 1 ms
+    assert est.averaging_s == pytest.approx(33.6 / 10 + 0.002)
+    # a replica group across the slow link pays its bandwidth
+    spread = [StagePlacement(0, 2, (0, 2)), StagePlacement(2, 4, (1,))]
+    assert predict_step(spread, devs, NET, MODEL, WORK).averaging_s == pytest.approx(33.6 / 1 + 0.1)
+
+
+def test_memory_limits_name_the_worker():
+    # stage 0 with 2 layers: (2e9 + 1e8) x 16 bytes = 33.6 GB + activations 2 x 1000 x 2 x 1000 x 34 = 0.136 GB
+    assert memory_needed_gb(MODEL, WORK, 0, 2) == pytest.approx(33.736)
+    devs = devices((100.0, 80.0, "a"), (100.0, 24.0, "b"))
+    plan = [StagePlacement(0, 2, (0,)), StagePlacement(2, 4, (1,))]
+    why = infeasible(plan, devs, MODEL, WORK)
+    assert "w1 has 24 GB" in why and "stage 1" in why
+    assert infeasible([StagePlacement(0, 3, (0,)), StagePlacement(3, 4, (1,))], devs, MODEL, WORK) == ""
+
+
+def test_bad_plans_and_unknown_links_are_refused():
+    devs = devices((1.0, 1.0, "a"), (1.0, 1.0, "c"))
+    with pytest.raises(ValueError, match="contiguous"):
+        predict_step([StagePlacement(0, 2, (0,)), StagePlacement(3, 4, (1,))], devs, NET, MODEL, WORK)
+    with pytest.raises(ValueError, match="no link measured between sites 'a' and 'c'"):
+        predict_step([StagePlacement(0, 2, (0,)), StagePlacement(2, 4, (1,))], devs, NET, MODEL, WORK)
+
+
+def test_gptj_6b_shape_matches_the_published_parameter_count():
+    gptj = ModelShape.gptj_6b()
+    total = stage_params(gptj, 0, gptj.n_layer)
+    assert total == pytest.approx(6.05e9, rel=0.01)  # GPT-J 6B: 6,053,381,344 parameters
