@@ -76,6 +76,45 @@ def tiny_stage_seconds(micro_batch: int, seq_len: int, repeats: int = 5) -> tupl
     return max(statistics.median(t[1:]) for t in times.values()), config.n_embd
 
 
+def tiny_shape():
+    """The tiny flavour as the scheduler's cost model sees it (parameters counted from its stages)."""
+    from coordinator.cost_model import ModelShape
+    from gptjt_core.model import StageSpec, load_stage, model_config_for
+
+    config = model_config_for("random:tiny:0", "eager")
+
+    def count(spec: StageSpec) -> int:
+        return sum(p.numel() for p in load_stage("random:tiny:0", spec).parameters())
+
+    n = config.n_layer
+    layer = count(StageSpec(1, 2))
+    return ModelShape(n_layer=n, d_model=config.n_embd, layer_params=layer,
+                      embed_params=count(StageSpec(0, 1, embed=True)) - layer,
+                      head_params=count(StageSpec(n - 1, n, head=True)) - layer)
+
+
+def predicted_step_s(tiny_s: float, micro_batch: int, seq_len: int, micro_batches: int, mbit: float,
+                     latency_ms: float, bytes_per_value: float) -> float:
+    """The scheduler's cost model for this run: both workers at the rate the measured slower
+    stage implies, one emulated link between them."""
+    from coordinator.cost_model import Device, Link, Network, StagePlacement, Workload, predict_step
+
+    shape = tiny_shape()
+    half = shape.n_layer // 2
+    tokens = micro_batch * seq_len
+    # the slower stage is the last (its LM head): its FLOPs over its measured time is the rate
+    tflops = 6 * ((shape.n_layer - half) * shape.layer_params + shape.head_params) * tokens / tiny_s / 1e12
+    devices = [Device("stage0", tflops, 1e6, "a"), Device("stage1", tflops, 1e6, "b")]
+    net = Network({("a", "b"): Link(latency_ms / 1e3, mbit / 1e3)}, inside=Link(0.0, 1e3))
+    work = Workload(tokens_per_micro_batch=tokens, micro_batches=micro_batches, in_flight=IN_FLIGHT,
+                    activation_bytes_per_value=bytes_per_value)
+    plan = [StagePlacement(0, half, (0,)), StagePlacement(half, shape.n_layer, (1,))]
+    return predict_step(plan, devices, net, shape, work).step_s
+
+
+BYTES_PER_VALUE = {"fp16": 2.0, "q4": (4 + 128 / 2) / 128, "q3": (4 + 128 * 3 / 8) / 128}  # scale + codes per block
+
+
 def run(quick: bool = False) -> dict:
     micro_batch, seq_len = 2, 64  # ~0.25 s of compute per micro-batch on the slower stage here
     global_batch = micro_batch * (16 if quick else 32)
@@ -101,7 +140,12 @@ def run(quick: bool = False) -> dict:
                               .replace("num_stages = 2\n", f"num_stages = 2\nmax_in_flight = {IN_FLIGHT}\n"))
             status = run_swarm(tmp, config, steps, workers=2, threads=1, settle_s=2.0)
         first = next(w for w in status["workers"] if w["stage"] == 0)["metrics"]
+        steady = status["history"][1:]
+        codec = "fp16" if name == "fp16" else CHOSEN[0]
         runs[name] = {"tokens_per_s": steady_tokens_per_s(status), "final_loss": final_loss(status),
+                      "step_s": sum(h["seconds"] for h in steady) / len(steady),
+                      "predicted_step_s": predicted_step_s(tiny_s, micro_batch, seq_len, global_batch // micro_batch,
+                                                           mbit, latency_ms, BYTES_PER_VALUE[codec]),
                       "codecs": f"{first['activation_codec']}/{first['gradient_codec']}",
                       "measured_mbit": first["downstream_mbit"]}
     fp16, chosen = runs["fp16"], runs["chosen"]
@@ -112,6 +156,9 @@ def run(quick: bool = False) -> dict:
         "chosen_tokens_per_s": chosen["tokens_per_s"], "fp16_final_loss": fp16["final_loss"],
         "chosen_final_loss": chosen["final_loss"],
         "measured_mbit_fp16": fp16["measured_mbit"], "measured_mbit_chosen": chosen["measured_mbit"],
+        # the scheduler's cost model (coordinator/cost_model.py) against the measured steps
+        "step_s_fp16": fp16["step_s"], "predicted_step_s_fp16": fp16["predicted_step_s"],
+        "step_s_chosen": chosen["step_s"], "predicted_step_s_chosen": chosen["predicted_step_s"],
         "emulated_mbit": mbit, "emulated_latency_ms": latency_ms, "time_scale": scale,
         "tiny_stage_s_per_micro_batch": tiny_s, "gptj_stage_s_per_micro_batch": gptj_stage_seconds(),
         "gptj_link_s_per_micro_batch_fp16": gptj_link_seconds(), "a100_tflops_effective": A100_TFLOPS,
