@@ -70,6 +70,12 @@ class NextStageRouter:
         else:
             r.failed_at = time.monotonic()
 
+    def release(self, address: str) -> None:
+        """A call to `address` that ended before it said anything about the replica."""
+        r = self.replicas.get(address)
+        if r is not None:
+            r.in_flight = max(0, r.in_flight - 1)
+
     @property
     def available(self) -> bool:
         return any(not r.failed for r in self.replicas.values())

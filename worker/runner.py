@@ -148,9 +148,9 @@ class WorkerRunner:
         address = self.router.pick()
         act_codec, grad_codec = self.link_codecs.codecs(address)
         header.gradient_codec = grad_codec
-        activations = encode(out, act_codec)
         started = time.monotonic()
         try:
+            activations = encode(out, act_codec)
             reply, grad = await self.client.process(address, header, activations)
         except grpc.aio.AioRpcError as e:
             blamed = e.code() not in _NOT_THE_PEERS_FAULT
@@ -158,6 +158,9 @@ class WorkerRunner:
             if blamed:
                 asyncio.get_running_loop().create_task(self.coordinator.report_peer_failure(
                     self.worker_id, address, f"{e.code().name}: {e.details()}"))
+            raise
+        except BaseException:  # not the peer's doing (a bad tensor, a cancelled task): just not in flight
+            self.router.release(address)
             raise
         self.router.done(address, started, ok=True)
         nbytes = len(activations.data) + (len(grad.data) if grad is not None else 0)

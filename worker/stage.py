@@ -203,12 +203,16 @@ class StageRunner:
                             p.grad.mul_(coef)
             set_lr(self.optimizer, lr_at(step, self.run.optim, self.run.train.steps))
             self.optimizer.step()
+        self._end_step(step)
+        return ok
+
+    def _end_step(self, step: int) -> None:
+        """Drop the step's gradients and graphs: this state now holds `step`."""
         self.optimizer.zero_grad(set_to_none=True)
         self._inflight.clear()
         self.attempt = None
         self.step_micro_batches = 0
         self.last_applied = step
-        return ok
 
     # -- local-steps (DiLoCo-style) averaging ------------------------------------------------
     def pseudo_gradients(self) -> list[torch.Tensor]:
@@ -246,9 +250,5 @@ class StageRunner:
                     if p.grad is not None:
                         p.grad.mul_(total_micro_batches / mbs)
             return self.apply_step(step, global_norm)
-        self.optimizer.zero_grad(set_to_none=True)
-        self._inflight.clear()
-        self.attempt = None
-        self.step_micro_batches = 0
-        self.last_applied = step
+        self._end_step(step)
         return True

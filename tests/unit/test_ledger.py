@@ -414,13 +414,18 @@ def test_last_member_lost_while_applying_restores_the_stage(tmp_path):
     assert "stage_vacant" in [e["kind"] for e in ledger.status()["events"]]
 
 
-def test_local_steps_skip_averaging_except_at_outer_steps(tmp_path):
+def local_steps_swarm(tmp_path, outer_every: int) -> tuple[RunLedger, dict[int, list[str]], list[str]]:
+    """2 stages x 2 replicas in averaging.mode local-steps: the ledger, workers by stage, all members."""
     run = small_run(steps=3, global_batch=8, micro_batch=2)
     run.pipeline.num_stages, run.pipeline.replicas_per_stage = 2, 2
-    run.averaging.mode, run.averaging.outer_every = "local-steps", 2
+    run.averaging.mode, run.averaging.outer_every = "local-steps", outer_every
     ledger = RunLedger(tmp_path / "run.db", run, plan_stages(4, 2), Clock())
     by_stage = replicated_swarm(ledger)
-    members = [w for ids in by_stage.values() for w in ids]
+    return ledger, by_stage, [w for ids in by_stage.values() for w in ids]
+
+
+def test_local_steps_skip_averaging_except_at_outer_steps(tmp_path):
+    ledger, by_stage, members = local_steps_swarm(tmp_path, outer_every=2)
     for step in range(3):
         assert commit_all(ledger, by_stage[0]) == 4
         # replica shares 1 and 3 of the 4 micro-batches, gradient norm^2 1 and 9
@@ -441,12 +446,7 @@ def test_local_steps_skip_averaging_except_at_outer_steps(tmp_path):
 
 
 def test_a_skipped_outer_step_still_averages(tmp_path):
-    run = small_run(steps=3, global_batch=8, micro_batch=2)
-    run.pipeline.num_stages, run.pipeline.replicas_per_stage = 2, 2
-    run.averaging.mode, run.averaging.outer_every = "local-steps", 1
-    ledger = RunLedger(tmp_path / "run.db", run, plan_stages(4, 2), Clock())
-    by_stage = replicated_swarm(ledger)
-    members = [w for ids in by_stage.values() for w in ids]
+    ledger, by_stage, members = local_steps_swarm(tmp_path, outer_every=1)
     for step in range(2):
         assert commit_all(ledger, by_stage[0]) == 4
         # step 1 (an outer step): every stage-0 replica's new gradient is NaN
