@@ -63,7 +63,7 @@ def sum_alone(grads: list[torch.Tensor], micro_batches: int, total_micro_batches
 
 
 def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_maddr: str, prefix: str,
-           max_group: int, compression: str, matchmaking_s: float, timeout: float) -> None:
+           max_group: int, compression: str, matchmaking_s: float, timeout: float, sent) -> None:
     """The sidecar: a DHT peer and a DecentralizedAverager over the shared `buffers`."""
     # A spawned child inherits "spawn" as its start method; hivemind's processes need fork,
     # which is safe here: this process has no other threads yet.
@@ -74,8 +74,7 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
     import hivemind
     from hivemind.averaging import DecentralizedAverager
 
-    sent = mp.Value("q", 0)  # bytes of tensor parts this peer sent; shared with the forked averager
-    compression_ = _counting(hivemind_compression(compression), sent)
+    compression_ = _counting(hivemind_compression(compression), sent)  # `sent` is shared with the worker
     dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[host_maddr], start=True)
     averager = DecentralizedAverager(
         buffers, dht, prefix=prefix, target_group_size=max_group, min_group_size=min(2, max_group),
@@ -93,11 +92,10 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
             control = averager.step(gather=gather, weight=weight, timeout=timeout, wait=False)
             try:
                 group = control.result(timeout=2 * timeout + 5)  # matchmaking + all-reduce, bounded
-                conn.send(("ok", seq, list(group.values()), sent.value) if group
-                          else ("failed", seq, "no group", sent.value))
+                conn.send(("ok", seq, list(group.values())) if group else ("failed", seq, "no group"))
             except Exception as e:  # hivemind raises on a failed round; the step must not stall
                 control.cancel()
-                conn.send(("failed", seq, f"{type(e).__name__}: {e}", sent.value))
+                conn.send(("failed", seq, f"{type(e).__name__}: {e}"))
     except EOFError:  # the worker is gone
         pass
     finally:
@@ -154,11 +152,14 @@ class StageAverager:
         self.buffers = [torch.zeros(s, dtype=dtype).share_memory_() for s in shapes]
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()
+        # Tensor bytes this replica's rounds sent (parts out, averaged parts back), counted live in
+        # the sidecar: a peer has its own result before it has sent the others theirs.
+        self._sent = ctx.Value("q", 0)
         host_maddr = f"/ip4/{host}/tcp/0" if host.replace(".", "").isdigit() else "/ip4/0.0.0.0/tcp/0"
         self._process = ctx.Process(
             target=_serve, name=f"gptjt-averager-stage{stage}",  # not daemonic: hivemind forks children
             args=(child, self.buffers, list(initial_peers), host_maddr, f"gptjt_{run_name}_stage{stage}",
-                  max_group, compression, matchmaking_s, timeout))
+                  max_group, compression, matchmaking_s, timeout, self._sent))
         self._process.start()
         child.close()
         if not self._conn.poll(ready_timeout):
@@ -166,7 +167,6 @@ class StageAverager:
             raise RuntimeError(f"the averaging process did not start within {ready_timeout:.0f} s")
         _, self.visible_maddrs = self._conn.recv()
         self._seq = 0  # numbers each round's request, so a late reply is never taken for a new one
-        self.bytes_sent = 0  # tensor bytes this replica's rounds sent (parts out, averaged parts back)
 
     def sum_gradients(self, grads: list[torch.Tensor], micro_batches: int, total_micro_batches: int,
                       expected_group: int, contribute: bool = True, tag: tuple = ()) -> RoundResult:
@@ -194,7 +194,7 @@ class StageAverager:
         while True:  # a reply to a round we gave up on may still be in the pipe: skip it
             if not self._conn.poll(2 * self.timeout + 15):
                 raise RuntimeError("the averaging process stopped answering")
-            status, seq, detail, self.bytes_sent = self._conn.recv()
+            status, seq, detail = self._conn.recv()
             if seq == self._seq:
                 break
         if status != "ok":
@@ -213,6 +213,11 @@ class StageAverager:
         for buf, g in zip(self.buffers, grads):
             g.copy_((buf * scale).to(g.dtype))
         return RoundResult(True, len(infos), weight)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Tensor bytes this replica's averaging has sent so far (parts out, averaged parts back)."""
+        return self._sent.value
 
     def shutdown(self) -> None:
         try:

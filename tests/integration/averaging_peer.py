@@ -39,9 +39,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = averager.sum_gradients(grads, int(micro_batches), total_micro_batches=total, expected_group=expected,
                                     contribute=role != "refused", tag=(0, 0))
-    print(json.dumps({"role": role, "summed": result.summed, "group": result.group_size, "weight": result.weight,
-                      "g0": float(grads[0][0, 0]), "g1": float(grads[1][0]),
-                      "seconds": time.perf_counter() - t0, "bytes_sent": averager.bytes_sent}), flush=True)
+    seconds = time.perf_counter() - t0
     # A peer has its own result before it has sent the others theirs (it reduces a part for
     # them): stay up until every peer that took part is done, as a worker would.
     open(f"{workdir}/done-{role}", "w").close()
@@ -49,6 +47,10 @@ def main() -> None:
     deadline = time.monotonic() + 60
     while len(glob.glob(f"{workdir}/done-*")) < finishing and time.monotonic() < deadline:
         time.sleep(0.05)
+    time.sleep(0.5)  # the last averaged parts this peer sends back may still be on their way
+    print(json.dumps({"role": role, "summed": result.summed, "group": result.group_size, "weight": result.weight,
+                      "g0": float(grads[0][0, 0]), "g1": float(grads[1][0]), "seconds": seconds,
+                      "bytes_sent": averager.bytes_sent}), flush=True)
     averager.shutdown()
 
 
