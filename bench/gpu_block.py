@@ -94,4 +94,22 @@ def run(quick: bool = False) -> dict:
     result = {"gpu": torch.cuda.get_device_name(), "matmul_bf16_tflops": peak, **block,
               "mfu_vs_measured_matmul": block["block_tflops"] / peak}
     result.update(adamw_8bit_step())
+    result.update(cost_model_check(result["block_fwd_bwd_ms"]))
     return result
+
+
+def cost_model_check(measured_ms: float, seq: int = 2048, batch: int = 1) -> dict:
+    """What the scheduler would predict for this block from the worker's own probe: the
+    cost model's compute term (6 x matmul params x tokens / probed bf16 rate) against the
+    measured forward+backward. The model leaves out attention scores (~10% at seq 2048)
+    and kernel efficiency below peak matmul, so it reads optimistic by their sum."""
+    from coordinator.cost_model import Device, ModelShape, StagePlacement, Workload, stage_compute_s
+    from worker.probe import probe_device
+
+    probed = probe_device("cuda", torch.bfloat16, seconds=0.5)
+    model = ModelShape.gptj_6b()
+    work = Workload(tokens_per_micro_batch=seq * batch, micro_batches=1, in_flight=1)
+    device = Device("probe", probed["matmul_tflops"], probed["memory_bytes"] / 1e9, "here")
+    predicted_ms = stage_compute_s(model, work, StagePlacement(1, 2, (0,)), [device]) * 1e3
+    return {"probe_bf16_tflops": probed["matmul_tflops"], "cost_model_block_ms": predicted_ms,
+            "measured_over_predicted": measured_ms / predicted_ms}

@@ -136,7 +136,7 @@ def infeasible(plan: list[StagePlacement], devices: list[Device], model: ModelSh
     return ""
 
 
-def _compute_s(model: ModelShape, work: Workload, s: StagePlacement, devices: list[Device]) -> float:
+def stage_compute_s(model: ModelShape, work: Workload, s: StagePlacement, devices: list[Device]) -> float:
     # the embedding is a lookup, not a matmul: its parameters cost memory, not FLOPs
     matmul_params = stage_params(model, s.start, s.end) - (model.embed_params if s.start == 0 else 0)
     flops = 6 * matmul_params * work.tokens_per_micro_batch
@@ -169,7 +169,7 @@ def predict_step(plan: list[StagePlacement], devices: list[Device], net: Network
             a.end != b.start for a, b in zip(plan, plan[1:])) or any(s.end <= s.start or not s.workers for s in plan):
         raise ValueError(f"a plan needs contiguous non-empty stages over layers 0-{model.n_layer}, each with "
                          f"workers; got {[(s.start, s.end, len(s.workers)) for s in plan]}")
-    compute = tuple(_compute_s(model, work, s, devices) for s in plan)
+    compute = tuple(stage_compute_s(model, work, s, devices) for s in plan)
     transfer = tuple(_transfer_s(model, work, a, b, devices, net) for a, b in zip(plan, plan[1:]))
     slowest = max((*compute, *transfer))
     pipeline = sum(compute) + 2 * sum(transfer) + (work.micro_batches - 1) * slowest

@@ -62,16 +62,30 @@ AVERAGED: ReportKind
 APPLIED: ReportKind
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("kind", "name", "memory_bytes", "matmul_tflops")
+    __slots__ = ("kind", "name", "memory_bytes", "matmul_tflops", "dtype")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MATMUL_TFLOPS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     name: str
     memory_bytes: int
     matmul_tflops: float
-    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., matmul_tflops: _Optional[float] = ...) -> None: ...
+    dtype: str
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., matmul_tflops: _Optional[float] = ..., dtype: _Optional[str] = ...) -> None: ...
+
+class LinkMeasurement(_message.Message):
+    __slots__ = ("address", "latency_ms", "mbit", "measured_unix_s")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
+    MBIT_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    latency_ms: float
+    mbit: float
+    measured_unix_s: float
+    def __init__(self, address: _Optional[str] = ..., latency_ms: _Optional[float] = ..., mbit: _Optional[float] = ..., measured_unix_s: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("token", "name", "address", "device", "worker_id")
@@ -154,18 +168,24 @@ class WorkerMetrics(_message.Message):
     def __init__(self, micro_batches_per_s: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., micro_batches: _Optional[int] = ..., downstream_mbit: _Optional[float] = ..., activation_codec: _Optional[str] = ..., gradient_codec: _Optional[str] = ..., averaging_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "metrics", "state", "loaded_epoch", "position")
+    __slots__ = ("worker_id", "metrics", "state", "loaded_epoch", "position", "device", "links", "coordinator_rtt_ms")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LOADED_EPOCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LINKS_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_RTT_MS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     metrics: WorkerMetrics
     state: int
     loaded_epoch: int
     position: int
-    def __init__(self, worker_id: _Optional[str] = ..., metrics: _Optional[_Union[WorkerMetrics, _Mapping]] = ..., state: _Optional[int] = ..., loaded_epoch: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
+    device: DeviceInfo
+    links: _containers.RepeatedCompositeFieldContainer[LinkMeasurement]
+    coordinator_rtt_ms: float
+    def __init__(self, worker_id: _Optional[str] = ..., metrics: _Optional[_Union[WorkerMetrics, _Mapping]] = ..., state: _Optional[int] = ..., loaded_epoch: _Optional[int] = ..., position: _Optional[int] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ..., coordinator_rtt_ms: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("known",)
@@ -190,7 +210,7 @@ class WatchRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class RunState(_message.Message):
-    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store")
+    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +221,7 @@ class RunState(_message.Message):
     RESTORE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     RESTORE_STEP_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FROM_STORE_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_LINKS_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
     phase: StepPhase
@@ -211,7 +232,8 @@ class RunState(_message.Message):
     restore_epoch: int
     restore_step: int
     restore_from_store: bool
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ...) -> None: ...
+    measure_links: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CheckpointHeader(_message.Message):
     __slots__ = ("worker_id", "step", "start_layer", "end_layer", "embed", "head", "nbytes")

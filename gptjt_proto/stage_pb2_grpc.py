@@ -44,6 +44,11 @@ class StageStub:
                 request_serializer=gptjt__proto_dot_stage__pb2.FetchStateRequest.SerializeToString,
                 response_deserializer=gptjt__proto_dot_stage__pb2.StageChunk.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/gptjt.Stage/Probe',
+                request_serializer=gptjt__proto_dot_stage__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=gptjt__proto_dot_stage__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -71,6 +76,14 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Link measurement: the caller times an empty probe (round trip) and a payload of a few
+        hundred KiB (bandwidth). The payload is discarded; the reply echoes only its size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -83,6 +96,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.FetchState,
                     request_deserializer=gptjt__proto_dot_stage__pb2.FetchStateRequest.FromString,
                     response_serializer=gptjt__proto_dot_stage__pb2.StageChunk.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=gptjt__proto_dot_stage__pb2.ProbeRequest.FromString,
+                    response_serializer=gptjt__proto_dot_stage__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,6 +157,33 @@ class Stage:
             '/gptjt.Stage/FetchState',
             gptjt__proto_dot_stage__pb2.FetchStateRequest.SerializeToString,
             gptjt__proto_dot_stage__pb2.StageChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptjt.Stage/Probe',
+            gptjt__proto_dot_stage__pb2.ProbeRequest.SerializeToString,
+            gptjt__proto_dot_stage__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""What this worker's device can do: memory and a measured matmul rate."""
+"""What this worker's device can do: memory and a measured matmul rate at the run's dtype."""
 
 from __future__ import annotations
 
@@ -8,25 +8,37 @@ import time
 import psutil
 import torch
 
+# Square matmul side per device type: big enough to reach the device's steady rate
+# (an H100 needs ~8192 to leave launch overhead behind), small enough for any card (3 x 128 MiB).
+MATMUL_SIDE = {"cuda": 8192, "cpu": 1024}
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25, n: int = 1024) -> float:
-    """Dense matmul rate at `dtype`, measured for about `seconds` (after one warm-up)."""
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.25, n: int | None = None) -> float:
+    """Dense (n, n) @ (n, n) rate at `dtype` in TFLOP/s, measured for about `seconds` after one warm-up.
+
+    CUDA launches are asynchronous: products are queued in batches and the clock is read only
+    after a synchronize, so the figure is device time, not launch time."""
+    n = n or MATMUL_SIDE.get(device.type, 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync()
+    batch = 8 if device.type == "cuda" else 1
     count, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        a @ b
-        count += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        for _ in range(batch):
+            a @ b
+        sync()
+        count += batch
     return 2 * n**3 * count / (time.perf_counter() - t0) / 1e12
 
 
 def probe_device(device: str, dtype: torch.dtype = torch.float32, seconds: float = 0.25) -> dict:
-    """{'kind', 'name', 'memory_bytes', 'matmul_tflops'} for a 'cpu' or 'cuda[:N]' device."""
+    """{'kind', 'name', 'memory_bytes', 'matmul_tflops', 'dtype'} for a 'cpu' or 'cuda[:N]' device.
+
+    memory_bytes is what is free now (CUDA) or available (CPU RAM): what the scheduler may fill."""
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -37,5 +49,7 @@ def probe_device(device: str, dtype: torch.dtype = torch.float32, seconds: float
         name, memory = platform.processor() or platform.machine(), psutil.virtual_memory().available
     else:
         raise RuntimeError(f"--device {device}: unsupported device type {dev.type!r}; use cpu or cuda:N")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"probe dtype {dtype}: unsupported; use one of {sorted(DTYPE_NAMES.values())}")
     return {"kind": dev.type, "name": name, "memory_bytes": int(memory),
-            "matmul_tflops": measure_matmul_tflops(dev, dtype, seconds)}
+            "matmul_tflops": measure_matmul_tflops(dev, dtype, seconds), "dtype": DTYPE_NAMES[dtype]}

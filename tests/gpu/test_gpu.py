@@ -50,3 +50,18 @@ def test_stage_parity_on_cuda(tiny_checkpoint):
         h = load_stage(str(tiny_checkpoint), spec, device="cuda")(h, prefix)
     with torch.no_grad():
         assert (whole(ids, prefix) - h).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_probe_measures_the_run_dtype_on_cuda(dtype):
+    from bench.gpu_block import matmul_peak_tflops
+    from worker.probe import probe_device
+
+    probed = probe_device("cuda", dtype, seconds=0.5)
+    print(probed)
+    assert probed["kind"] == "cuda" and probed["memory_bytes"] > 1 << 30
+    if dtype == torch.bfloat16:  # the probe's figure is what the scheduler divides FLOPs by: near the real peak
+        peak = matmul_peak_tflops()
+        assert 0.6 * peak < probed["matmul_tflops"] < 1.2 * peak, (probed, peak)
+    else:
+        assert probed["matmul_tflops"] > 5  # fp32 (TF32 off) on any data-centre GPU
