@@ -17,7 +17,7 @@ from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 from .checkpoint_store import CheckpointStore
 
-from .scheduler import plan_stages
+from .scheduler import model_shape, plan_stages
 from .server import CoordinatorService
 from .state import LedgerError, RunLedger
 
@@ -25,12 +25,14 @@ log = logging.getLogger("gptjt.coordinator")
 
 
 async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None = None) -> None:
-    n_layer = model_config_for(run.model.source).n_layer
+    config = model_config_for(run.model.source)
+    n_layer = config.n_layer
+    shape = model_shape(n_layer, config.n_embd, config.n_inner or 4 * config.n_embd, config.vocab_size)
     store = CheckpointStore(run.coordinator.store_root)
     stored = [(step, spec, f"{store.root}/step-{step:08d}/{store.file_name(spec)}")
               for step in store.steps() for spec in store.specs(step)]
     ledger = RunLedger(run.coordinator.state_path, run, plan_stages(n_layer, run.pipeline.num_stages),
-                       stored=stored)
+                       stored=stored, shape=shape)
     dht = start_dht(run.coordinator.listen) if run.pipeline.replicas_per_stage > 1 else None
     dht_peers = [str(a) for a in dht.get_visible_maddrs()] if dht is not None else []
     if dht_peers:

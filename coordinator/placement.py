@@ -250,10 +250,12 @@ def layers_moved(before: list[StagePlacement], after: list[StagePlacement]) -> i
 
 def replan(current: list[StagePlacement], devices: list[Device], net: Network, model: ModelShape,
            work: Workload, seconds_per_layer_load: float, horizon_steps: int, budget_s: float = 0.5,
-           seed: int = 0, gone: frozenset[int] = frozenset()) -> Placement:
+           seed: int = 0, gone: frozenset[int] = frozenset(), stage_counts: list[int] | None = None,
+           max_group: int = 0) -> Placement:
     """After a join, a leave or a new measurement: keep the current groups (minus workers that
     are gone, plus newcomers where they help most) unless a fresh search predicts a gain over
-    `horizon_steps` steps that is worth the layers it would move."""
+    `horizon_steps` steps that is worth the layers it would move. stage_counts bounds the
+    fresh search as in plan(); max_group (0: none) caps a replica group's size."""
     alive = set(usable(devices, model, work, gone)[0])
     groups = [tuple(w for w in s.workers if w in alive) for s in current]
     groups = [g for g in groups if g]
@@ -261,14 +263,17 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
     for w in sorted(alive - placed):  # newcomers: join the group where the step is fastest
         options = []
         for i in range(len(groups)):
+            if max_group and len(groups[i]) >= max_group:
+                continue
             cand = list(groups)
             cand[i] = cand[i] + (w,)
             options.append((evaluate(cand, devices, net, model, work)[0], i))
-        cost, i = min(options)
-        groups[i] = groups[i] + (w,)
+        if options:  # else every group is full: the newcomer waits (or the fresh plan takes it)
+            cost, i = min(options)
+            groups[i] = groups[i] + (w,)
     kept_cost, kept = evaluate(groups, devices, net, model, work) if groups else (float("inf"), None)
-    fresh = plan(devices, net, model, work, budget_s=budget_s, seed=seed, gone=gone)
-    if kept is None:
+    fresh = plan(devices, net, model, work, stage_counts=stage_counts, budget_s=budget_s, seed=seed, gone=gone)
+    if kept is None or (stage_counts and len(kept) not in stage_counts):
         return fresh
     gain = (kept_cost - fresh.step_s) * horizon_steps
     cost_kept = layers_moved(current, kept) * seconds_per_layer_load

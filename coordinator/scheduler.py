@@ -1,20 +1,212 @@
-"""Stage planning, pure: which layers each stage holds. No I/O.
+"""Stage planning for the running coordinator, pure: live workers + measured links -> a plan.
 
-The running coordinator still uses a balanced split of layers over the configured number
-of stages. The cost model (cost_model.py) and the placement search over measured devices
-and links (placement.py) are pure and benchmarked (`gptjt bench scheduler`); the
-coordinator does not call them yet.
+The ledger hands this module what it knows (each live worker's probed device and current
+stage, the link measurements workers reported) and gets back layer ranges per stage, which
+workers form each stage's replica group, and the step time the cost model predicts
+(cost_model.py), searched by placement.py. No I/O, no clock: the ledger decides when to ask
+and when a plan may be applied.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+from gptjt_core.config import RunConfig
 from gptjt_core.model import StageSpec
+
+from .cost_model import Device, Link, ModelShape, Network, StagePlacement, Workload, predict_step
+from .placement import evaluate, layers_moved, plan, replan
+
+# Bytes per value on the wire, per codec: block codecs carry a float32 scale per 128 values.
+CODEC_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "q8": 1 + 4 / 128, "q4": 0.5 + 4 / 128,
+               "q3": 3 / 8 + 4 / 128}
+AVERAGING_BYTES = {"none": 4.0, "fp16": 2.0, "8bit-blockwise": 1 + 4 / 128}
 
 
 def plan_stages(n_layer: int, num_stages: int) -> list[StageSpec]:
     """Contiguous stages with layer counts differing by at most one; stage 0 embeds, the
-    last holds the LM head."""
+    last holds the LM head. The plan before any worker has been measured."""
     if num_stages > n_layer:
         raise ValueError(f"pipeline.num_stages = {num_stages} exceeds the model's {n_layer} layers; "
                          "use at most one stage per layer")
     return StageSpec.even_split(n_layer, num_stages)
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A live worker as the scheduler sees it."""
+
+    id: str
+    address: str
+    tflops: float  # measured (or simulated) rate at the run's dtype
+    memory_gb: float  # 1e9 bytes
+    stage: int = -1  # current stage (-1: standby)
+
+
+@dataclass(frozen=True)
+class LinkView:
+    """A measured link from worker `src` to the worker serving at `dst_address`."""
+
+    src: str
+    dst_address: str
+    latency_ms: float
+    mbit: float
+
+
+@dataclass
+class StagePlan:
+    start: int
+    end: int
+    workers: tuple[str, ...]  # worker ids of the stage's replica group
+
+    def spec(self, n_layer: int) -> StageSpec:
+        return StageSpec(self.start, self.end, embed=self.start == 0, head=self.end == n_layer)
+
+
+@dataclass
+class PlanDecision:
+    stages: list[StagePlan]
+    predicted_step_s: float
+    standby: dict[str, str] = field(default_factory=dict)  # worker id -> why it has no stage
+    layers_moved: int = 0  # layers workers must load to go from the current plan to this one
+    current_step_s: float = float("inf")  # the current plan's prediction with today's figures
+
+
+def model_shape(n_layer: int, d_model: int, d_inner: int, vocab: int) -> ModelShape:
+    """Parameter counts of a GPT-J: a block is ln_1 + q, k, v, out (no biases) + fc_in, fc_out."""
+    layer = 2 * d_model + 4 * d_model * d_model + 2 * d_model * d_inner + d_inner + d_model
+    return ModelShape(n_layer=n_layer, d_model=d_model, layer_params=layer, embed_params=vocab * d_model,
+                      head_params=vocab * d_model + vocab + 2 * d_model)
+
+
+def workload(run: RunConfig) -> Workload:
+    """The run's step as the cost model sees it: micro-batch tokens, micro-batches per step,
+    micro-batches in flight, wire bytes per activation and gradient value, state bytes."""
+    t, p = run.train, run.pipeline
+    codec = run.link.slow_activation_codec if run.link.adaptive_codecs else p.activation_codec
+    return Workload(tokens_per_micro_batch=t.micro_batch * t.seq_len,
+                    micro_batches=max(1, t.global_batch // t.micro_batch),
+                    in_flight=p.max_in_flight or p.num_stages + 1,
+                    activation_bytes_per_value=CODEC_BYTES.get(codec, 2.0),
+                    gradient_bytes_per_param=AVERAGING_BYTES.get(run.averaging.compression, 4.0),
+                    # fp32 master weights (4) + gradients (4) + Adam moments (8, or 2 in 8 bits)
+                    state_bytes_per_param=10.0 if run.optim.eight_bit else 16.0)
+
+
+def _network(workers: list[WorkerView], links: list[LinkView], default: Link) -> Network:
+    """Each worker is its own site; a pair takes its measured link (the slower direction when
+    both were measured), else the configured default."""
+    by_address = {w.address: w.id for w in workers}
+    measured: dict[tuple[str, str], Link] = {}
+    for m in links:
+        dst = by_address.get(m.dst_address)
+        if dst is None or dst == m.src or m.mbit <= 0:
+            continue
+        link = Link(m.latency_ms / 1e3, m.mbit / 1e3)
+        key = tuple(sorted((m.src, dst)))
+        old = measured.get(key)
+        measured[key] = link if old is None else Link(max(old.latency_s, link.latency_s), min(old.gbps, link.gbps))
+    between = {}
+    for i, a in enumerate(workers):
+        for b in workers[i + 1:]:
+            between[(a.id, b.id)] = measured.get(tuple(sorted((a.id, b.id))), default)
+    return Network(between, inside=default)
+
+
+def _devices(workers: list[WorkerView]) -> list[Device]:
+    return [Device(w.id, max(w.tflops, 1e-9), w.memory_gb, site=w.id) for w in workers]
+
+
+def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: list[LinkView],
+           current: list[StagePlan] | None) -> PlanDecision | None:
+    """The plan for these workers, or None when they cannot fill every stage.
+
+    Only the fastest num_stages x replicas_per_stage workers that fit are candidates (the
+    run's replica count bounds each group); with a current plan, placement.replan keeps it
+    unless moving pays off within scheduler.horizon_steps steps (hysteresis)."""
+    cfg = run.scheduler
+    stages, replicas = run.pipeline.num_stages, run.pipeline.replicas_per_stage
+    work = workload(run)
+    default = Link(cfg.default_link_latency_ms / 1e3, cfg.default_link_mbit / 1e3)
+    ranked = sorted(workers, key=lambda w: (-w.tflops, w.id))
+    candidates, standby = ranked[:stages * replicas], {}
+    for w in ranked[stages * replicas:]:
+        standby[w.id] = (f"every stage has its {replicas} replica(s); faster workers hold them "
+                         "(it takes a stage when one frees up or a re-plan prefers it)")
+    if len(candidates) < stages:
+        return None
+    devices = _devices(candidates)
+    net = _network(candidates, links, default)
+    index = {w.id: i for i, w in enumerate(candidates)}
+    old = [StagePlacement(s.start, s.end, tuple(index[w] for w in s.workers if w in index))
+           for s in current or []]
+    if len(old) != stages or not all(s.workers for s in old):
+        old = []  # a stage lost every worker (or there is no plan yet): nothing to keep
+    try:
+        if cfg.placement != "cost-model":
+            result = None
+        elif old:
+            result = replan(old, devices, net, shape, work, seconds_per_layer_load=cfg.layer_load_s,
+                            horizon_steps=cfg.horizon_steps, budget_s=cfg.search_budget_s,
+                            stage_counts=[stages], max_group=replicas)
+        else:
+            result = plan(devices, net, shape, work, stage_counts=[stages], budget_s=cfg.search_budget_s)
+    except ValueError as e:  # nothing fits: every stage would be too big for some worker
+        for w in candidates:
+            standby[w.id] = str(e)
+        return None
+    if result is None or len(result.stages) != stages:
+        specs = plan_stages(shape.n_layer, stages)
+        groups = [tuple(candidates[i].id for i in range(k, len(candidates), stages)) for k in range(stages)]
+        even = [StagePlan(s.start, s.end, g) for s, g in zip(specs, groups)]
+        placed = [StagePlacement(s.start, s.end, tuple(index[w] for w in s.workers)) for s in even]
+        predicted = predict_step(placed, devices, net, shape, work).step_s
+        return PlanDecision(even, predicted, standby, _moved(current, even))
+    for i, why in (result.why_standby or {}).items():
+        standby[candidates[i].id] = why
+    result_stages, result_s = result.stages, result.step_s
+    if current and not old:  # a fresh plan: prefer the order that leaves placed workers in place
+        in_place = _keep_in_place([s.workers for s in result.stages], current, index)
+        if in_place is not None:
+            cost, stages_ = evaluate(in_place, devices, net, shape, work, polish=True)
+            moved = lambda st: layers_moved(_as_old(current, index), st)  # noqa: E731
+            if stages_ is not None and (cost - result_s) * cfg.horizon_steps <= \
+                    (moved(result_stages) - moved(stages_)) * cfg.layer_load_s:
+                result_stages, result_s = stages_, cost
+    chosen = [StagePlan(s.start, s.end, tuple(candidates[i].id for i in s.workers)) for s in result_stages]
+    current_s = predict_step(old, devices, net, shape, work).step_s if old else float("inf")
+    return PlanDecision(chosen, result_s, standby, _moved(current, chosen), current_s)
+
+
+def _as_old(current: list[StagePlan], index: dict[str, int]) -> list[StagePlacement]:
+    return [StagePlacement(s.start, s.end, tuple(index[w] for w in s.workers if w in index)) for s in current]
+
+
+def _keep_in_place(groups: list[tuple[int, ...]], current: list[StagePlan],
+                   index: dict[str, int]) -> list[tuple[int, ...]] | None:
+    """The same groups, reordered so each goes to the stage most of its workers hold now
+    (groups nobody holds fill the stages left), or None when that is the order already."""
+    holds = {index[w]: i for i, s in enumerate(current) for w in s.workers if w in index}
+    order: list[tuple[int, ...] | None] = [None] * len(groups)
+    rest = []
+    for g in sorted(groups, key=lambda g: -sum(w in holds for w in g)):
+        votes = [holds[w] for w in g if w in holds]
+        stage = max(set(votes), key=votes.count) if votes else None
+        if stage is not None and order[stage] is None:
+            order[stage] = g
+        else:
+            rest.append(g)
+    for i in range(len(order)):
+        if order[i] is None:
+            order[i] = rest.pop(0)
+    return None if order == list(groups) else order
+
+
+def _moved(current: list[StagePlan] | None, new: list[StagePlan]) -> int:
+    if not current:
+        return 0
+    ids = sorted({w for s in [*current, *new] for w in s.workers})
+    index = {w: i for i, w in enumerate(ids)}
+    as_placement = lambda plan_: [StagePlacement(s.start, s.end, tuple(index[w] for w in s.workers))  # noqa: E731
+                                  for s in plan_]
+    return layers_moved(as_placement(current), as_placement(new))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 
 import grpc
 from safetensors.torch import save
@@ -33,7 +34,8 @@ def assignment_pb(a: dict) -> pb.StageAssignment:
                               head=a.get("head", False), next_address=a["next_address"],
                               num_stages=a["num_stages"], next_addresses=a["next_addresses"],
                               member=a["member"], peer_ids=a["peer_ids"], peer_addresses=a["peer_addresses"],
-                              contributors=a["contributors"], checkpoint_writer=a["checkpoint_writer"])
+                              contributors=a["contributors"], checkpoint_writer=a["checkpoint_writer"],
+                              standby_reason=a.get("standby_reason", ""))
 
 
 async def address_is_down(address: str, timeout_s: float = 2.0) -> bool:
@@ -73,8 +75,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                 "bad or missing run token; ask the operator for one (gptjt token create)")
         if self.ledger.phase == "done":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is finished")
-        device = {"kind": request.device.kind, "name": request.device.name,
-                  "memory_bytes": request.device.memory_bytes, "matmul_tflops": request.device.matmul_tflops}
+        device, problem = _device(request.device)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         row = self.ledger.join(request.name, request.address, device, request.worker_id)
         await self.notify()
         log.info("worker %s (%s) joined at %s: %s", row["id"], request.name, request.address,
@@ -89,9 +92,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         metrics = {"micro_batches_per_s": m.micro_batches_per_s, "busy_fraction": m.busy_fraction,
                    "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received, "micro_batches": m.micro_batches,
                    "downstream_mbit": m.downstream_mbit, "activation_codec": m.activation_codec,
-                   "gradient_codec": m.gradient_codec, "averaging_bytes": m.averaging_bytes}
+                   "gradient_codec": m.gradient_codec, "averaging_bytes": m.averaging_bytes,
+                   "coordinator_rtt_ms": request.coordinator_rtt_ms}
+        device, problem = _device(request.device) if request.HasField("device") else (None, "")
+        links = [{"address": k.address, "latency_ms": k.latency_ms, "mbit": k.mbit,
+                  "measured_unix_s": k.measured_unix_s} for k in request.links]
+        bad = [k for k in links if not k["address"] or not all(math.isfinite(k[f]) and k[f] >= 0 for f in
+                                                             ("latency_ms", "mbit", "measured_unix_s"))]
+        if problem or bad:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem or f"link measurement {bad[0]} is not "
+                                "a finite, non-negative latency/bandwidth towards a stage address")
         known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics,
-                                      request.loaded_epoch, request.position)
+                                      request.loaded_epoch, request.position, device, links)
         await self.notify()
         return pb.HeartbeatReply(known=known)
 
@@ -129,7 +141,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                   global_grad_norm=state["global_grad_norm"], plan_version=state["plan_version"],
                                   assignment=assignment_pb(state["assignment"]), paused=state["paused"],
                                   restore_epoch=state["restore_epoch"], restore_step=state["restore_step"],
-                                  restore_from_store=state["restore_from_store"])
+                                  restore_from_store=state["restore_from_store"],
+                                  measure_links=state["measure_links"])
             async with self.changed:
                 try:
                     # Wake on a change, or every second to notice changes made by the reaper.
@@ -234,3 +247,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                             self.ledger.run.coordinator.heartbeat_timeout_s)
             await self.notify()
             await asyncio.sleep(period_s)
+
+
+def _device(info: pb.DeviceInfo) -> tuple[dict, str]:
+    """The DeviceInfo as the ledger stores it, or why it cannot be used (a plan divides by it)."""
+    device = {"kind": info.kind, "name": info.name, "memory_bytes": info.memory_bytes,
+              "matmul_tflops": info.matmul_tflops, "dtype": info.dtype}
+    if info.memory_bytes < 0 or not math.isfinite(info.matmul_tflops) or info.matmul_tflops < 0:
+        return device, (f"device {info.name!r}: memory_bytes {info.memory_bytes} and matmul_tflops "
+                        f"{info.matmul_tflops} must be finite and >= 0 (a probe that failed should say so)")
+    return device, ""

@@ -54,6 +54,9 @@ from gptjt_core.config import RunConfig
 from gptjt_core.data import step_micro_batches
 from gptjt_core.model import StageSpec
 
+from .cost_model import ModelShape
+from .planning import PlanningMixin
+
 WAITING, OPEN, ACCUMULATED, AVERAGING, APPLYING, DONE = ("waiting", "open", "accumulated", "averaging",
                                                          "applying", "done")
 CONTRIBUTION, AVERAGED, APPLIED = "contribution", "averaged", "applied"
@@ -89,6 +92,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (
   step INTEGER NOT NULL, start_layer INTEGER NOT NULL, end_layer INTEGER NOT NULL, embed INTEGER NOT NULL,
   head INTEGER NOT NULL, path TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY (step, start_layer, end_layer));
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage server at dst
+  src TEXT NOT NULL, dst TEXT NOT NULL, latency_ms REAL NOT NULL, mbit REAL NOT NULL, measured REAL NOT NULL,
+  PRIMARY KEY (src, dst));
 """
 
 
@@ -123,15 +129,17 @@ def run_fingerprint(run: RunConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class RunLedger:
+class RunLedger(PlanningMixin):
     """All of the coordinator's state; the gRPC server is a thin adapter over it."""
 
     def __init__(self, path: str | Path, run: RunConfig, plan: list[StageSpec],
                  clock: Callable[[], float] = time.time,
-                 stored: list[tuple[int, StageSpec, str]] | None = None):
-        """`stored`: what the checkpoint store already holds (step, stage, path). A new ledger
-        with coordinator.resume_from_store records it and starts from its newest complete step."""
-        self.run, self.plan, self.clock = run, plan, clock
+                 stored: list[tuple[int, StageSpec, str]] | None = None, shape: ModelShape | None = None):
+        """`plan`: the stages before any worker is measured. `stored`: what the checkpoint store
+        already holds (step, stage, path); a new ledger with coordinator.resume_from_store records
+        it and starts from its newest complete step. `shape`: the model's parameter counts, for
+        the cost-model scheduler (without it the plan stays `plan`, filled in join order)."""
+        self.run, self.plan, self.clock, self.shape = run, plan, clock, shape
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
@@ -156,6 +164,7 @@ class RunLedger:
                 self._set_meta("members", "{}")
                 self._set_meta("contributors", "{}")
                 self._set_meta("norm_ref", "{}")
+                self._set_plan(plan)
                 self._event("run_created", f"run {run.name!r}: {run.train.steps} steps of "
                             f"{run.train.global_batch} sequences, {len(plan)} stages")
                 if run.coordinator.resume_from_store:
@@ -181,6 +190,7 @@ class RunLedger:
                 # Restart: give every live worker one timeout of grace to reconnect.
                 self.db.execute("UPDATE workers SET last_heartbeat=? WHERE state IN (%s)"
                                 % ",".join("?" * len(ALIVE_STATES)), (self.clock(), *ALIVE_STATES))
+                self.plan = self._stored_plan(plan)
                 self._event("coordinator_restarted", f"resuming at step {self.step} ({self.phase})")
 
     # -- plumbing ----------------------------------------------------------------------
@@ -258,7 +268,7 @@ class RunLedger:
             self.db.execute("INSERT INTO workers(id, name, address, device, state, joined, last_heartbeat) "
                             "VALUES(?, ?, ?, ?, 'standby', ?, ?)", (worker_id, name, address, json.dumps(device), now, now))
             self._event("worker_joined", f"{worker_id} ({name}) at {address}")
-            self._fill_vacancies()
+            self._replan(f"{worker_id} joined")
             return dict(self._worker(worker_id))
 
     def _worker(self, worker_id: str):
@@ -327,8 +337,10 @@ class RunLedger:
         return row
 
     def heartbeat(self, worker_id: str, state: str, metrics: dict, loaded_epoch: int = -1,
-                  position: int = -1) -> bool:
-        """Record liveness; False if the worker is unknown or was declared dead (re-join)."""
+                  position: int = -1, device: dict | None = None, links: list[dict] | None = None) -> bool:
+        """Record liveness; False if the worker is unknown or was declared dead (re-join).
+        `device`: re-measured at the run's dtype; `links`: {address, latency_ms, mbit,
+        measured_unix_s} the worker measured towards other stage servers. Either re-plans."""
         row = self._worker(worker_id)
         if row is None or row["state"] not in ALIVE_STATES:
             return False
@@ -345,7 +357,45 @@ class RunLedger:
                 self._set_meta("plan_version", self.plan_version + 1)  # peers' addresses may change
                 self._maybe_open()
                 self._admit_to_open_step(worker_id)
+        if device or links:  # after the liveness update, so a re-plan's assignment is not overwritten
+            with self._tx():
+                self._record_measurements(worker_id, self._worker(worker_id), device, links or [])
         return True
+
+    def _record_measurements(self, worker_id: str, row, device: dict | None, links: list[dict]) -> None:
+        changed = []
+        if device:
+            before = json.loads(row["device"] or "{}")
+            self.db.execute("UPDATE workers SET device=? WHERE id=?",
+                            (json.dumps({**device, "at_run_dtype": True}), worker_id))
+            old_rate = before.get("matmul_tflops", 0.0)
+            if not before.get("at_run_dtype") or abs(device["matmul_tflops"] - old_rate) > 0.2 * max(old_rate, 1e-12):
+                changed.append(f"{worker_id} measured {device['matmul_tflops']:.4g} TFLOP/s at {device.get('dtype')}")
+        for m in links:
+            old = self.db.execute("SELECT mbit FROM links WHERE src=? AND dst=?", (worker_id, m["address"])).fetchone()
+            self.db.execute("INSERT OR REPLACE INTO links VALUES(?, ?, ?, ?, ?)",
+                            (worker_id, m["address"], m["latency_ms"], m["mbit"], m["measured_unix_s"]))
+            if old is None or abs(m["mbit"] - old["mbit"]) > 0.2 * old["mbit"]:
+                changed.append(f"link {worker_id} -> {m['address']}: {m['mbit']:.4g} Mbit/s, "
+                               f"{m['latency_ms']:.3g} ms")
+        if changed:
+            self._event("measured", "; ".join(changed))
+            self._replan("new measurement: " + "; ".join(changed))
+
+    def links_to_measure(self, worker_id: str, limit: int = 8) -> list[str]:
+        """Stage addresses whose link from this worker a plan needs and nobody measured within
+        scheduler.probe_max_age_s: the next stage's and its own stage's replicas first, then
+        the other live workers (bounded: `limit` per request)."""
+        row = self._worker(worker_id)
+        if row is None or row["state"] not in ALIVE_STATES or not self._scheduling():
+            return []
+        fresh = {r["dst"] for r in self.db.execute("SELECT dst FROM links WHERE src=? AND measured>?",
+                                                   (worker_id, self.clock() - self.run.scheduler.probe_max_age_s))}
+        others = self.db.execute("SELECT id, address, stage FROM workers WHERE id!=? AND state IN (%s) ORDER BY joined"
+                                 % ",".join("?" * len(ALIVE_STATES)), (worker_id, *ALIVE_STATES)).fetchall()
+        near = (row["stage"] + 1, row["stage"])
+        ranked = sorted(others, key=lambda r: (r["stage"] not in near, r["stage"] != near[0]))
+        return [r["address"] for r in ranked if r["address"] not in fresh][:limit]
 
     def leave(self, worker_id: str) -> None:
         with self._tx():
@@ -433,7 +483,7 @@ class RunLedger:
         else:
             self._event("stage_vacant", f"stage {stage} has no worker holding its state; ticket issue waits")
             self._vacate(stage, f"stage {stage} lost worker {worker_id}")
-        self._fill_vacancies()
+        self._replan(f"{worker_id} {'left' if state == 'left' else 'died'}")
         self._maybe_open()
 
     def _vacate(self, stage: int, why: str) -> None:
@@ -453,6 +503,7 @@ class RunLedger:
         self._set_meta("restore_from_store", int(bool(self._stored(target))))
         self._set_meta("phase", WAITING)
         self._set_members({})  # nobody holds the state to restore until it has loaded it
+        self._replan_at_restore(target, f"{why}: every stage reloads at step {target}")
 
     def _next_attempt(self, step: int) -> int:
         return self.db.execute("SELECT COALESCE(MAX(attempt), -1) FROM tickets WHERE step=?",
@@ -476,6 +527,7 @@ class RunLedger:
             self._record_checkpoint(step, spec, path)
             if self._is_complete(step):
                 self._event("checkpoint_complete", f"step {step}: every stage is in the store")
+                self._maybe_apply_pending(step)
 
     def _record_checkpoint(self, step: int, spec: StageSpec, path: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES(?, ?, ?, ?, ?, ?, ?)",
@@ -531,6 +583,8 @@ class RunLedger:
                        and w["position"] == step] for s in range(len(self.plan))}
         first = self._meta("step_opened") is None
         needed = self.run.pipeline.start_with_replicas if first else 1
+        if first and self._measured_workers() < self.run.scheduler.min_workers:
+            return  # the first plan waits to see scheduler.min_workers measured workers
         waiting_since = float(self._meta("step_closed_at") or 0.0)
         joining = [w["id"] for s, ws in workers.items() for w in ws
                    if w["state"] in ("ready", "loading") and w["id"] not in members[s]]
@@ -787,8 +841,9 @@ class RunLedger:
         stage = row["stage"] if row is not None and row["state"] in ALIVE_STATES else -1
         out = {"stage": stage, "num_stages": len(self.plan), "next_address": "", "next_addresses": [],
                "member": False, "peer_ids": [], "peer_addresses": [], "contributors": [],
-               "checkpoint_writer": False}
+               "checkpoint_writer": False, "standby_reason": ""}
         if stage < 0:
+            out["standby_reason"] = json.loads(self._meta("standby_why") or "{}").get(worker_id, "")
             return out
         spec = self.plan[stage]
         out.update(start_layer=spec.start, end_layer=spec.end, embed=spec.embed, head=spec.head)
@@ -812,7 +867,8 @@ class RunLedger:
                 "plan_version": self.plan_version, "assignment": self.assignment(worker_id),
                 "paused": self.paused, "restore_epoch": self.restore_epoch,
                 "restore_step": int(self._meta("restore_step")),
-                "restore_from_store": self._meta("restore_from_store") == "1"}
+                "restore_from_store": self._meta("restore_from_store") == "1",
+                "measure_links": self.links_to_measure(worker_id)}
 
     def ticket_counts(self) -> dict:
         """issued: leases handed out; reissued: tickets put back after a death, a release or a
@@ -874,7 +930,7 @@ class RunLedger:
             "history": [{"step": r["step"], "loss": r["loss"], "tokens": r["tokens"], "grad_norm": r["grad_norm"],
                          "seconds": r["closed"] - r["opened"], "attempts": r["attempts"],
                          "stages": json.loads(r["detail"])} for r in steps],
-            "workers": workers, "stages": stages,
+            "workers": workers, "stages": stages, "plan": self.plan_status(),
             "tickets": {**self.ticket_counts(), **self.exactly_once_counts(),
                         "exactly_once_violations": self.exactly_once_violations()},
             "events": events[::-1], "plan_version": self.plan_version,

@@ -45,10 +45,30 @@ def _workers_table(s: dict) -> str:
 
 
 def _stages_table(s: dict) -> str:
-    return _table([[st["index"], f"{st['start_layer']}-{st['end_layer']}",
-                    ("embed " if st["embed"] else "") + ("head" if st["head"] else ""),
-                    ",".join(st["workers"]) or "(vacant)"] for st in s["stages"]],
-                  ["stage", "layers", "holds", "workers"])
+    devices = {w["id"]: w["device"] for w in s["workers"]}
+    table = _table([[st["index"], f"layers {st['start_layer']}-{st['end_layer']}",
+                     ("embed " if st["embed"] else "") + ("head" if st["head"] else ""),
+                     ",".join(st["workers"]) or "(vacant)",
+                     " + ".join(f"{devices.get(w, {}).get('matmul_tflops', 0):.3g}" for w in st["workers"]) or "-"]
+                    for st in s["stages"]],
+                   ["stage", "layers", "holds", "workers", "TFLOP/s"])
+    return table + "\n" + _plan_summary(s.get("plan") or {})
+
+
+def _plan_summary(plan: dict) -> str:
+    """The scheduler's view: predicted vs measured step time, the last re-plan, standby reasons."""
+    fmt = lambda v: f"{v:.3g} s" if v is not None else "n/a"  # noqa: E731
+    lines = [f"placement: {plan.get('placement', '?')}; predicted step {fmt(plan.get('predicted_step_s'))}, "
+             f"measured {fmt(plan.get('measured_step_s'))} (median of the last 5 steps)"]
+    last = plan.get("last_replan")
+    if last:
+        lines.append(f"last re-plan at step {last['step']}: {last['why']} ({last['layers_moved']} layer(s) moved; "
+                     f"{plan.get('layers_moved_total', 0)} in all)")
+    if plan.get("pending"):
+        lines.append(f"pending re-plan (applies at the next complete checkpoint): {plan['pending']}")
+    for worker, why in sorted((plan.get("standby_why") or {}).items()):
+        lines.append(f"standby {worker}: {why}")
+    return "\n".join(lines)
 
 
 def _tickets_table(s: dict) -> str:

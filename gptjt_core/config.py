@@ -292,7 +292,7 @@ class PipelineConfig:
     """How the model is cut into stages and what crosses stage boundaries."""
 
     num_stages: int = 2
-    """Pipeline stages; layers are split between them (balanced for now)."""
+    """Pipeline stages; the scheduler decides how many layers each holds ([scheduler])."""
     max_in_flight: int = 0
     """Micro-batches stage 0 keeps in the pipeline at once (0: num_stages + 1)."""
     activation_codec: str = "fp16"
@@ -453,6 +453,42 @@ class CoordinatorConfig:
 
 
 @dataclass
+class SchedulerConfig:
+    """How the coordinator places stages: layer ranges, replica groups and pipeline order from
+    each worker's measured device and links (coordinator/scheduler.py), re-planned on joins,
+    leaves and new measurements."""
+
+    placement: str = "cost-model"
+    """'cost-model': layer ranges and groups that minimise the predicted step time; 'even':
+    balanced layer counts, workers in join order (the cost model only predicts)."""
+    min_workers: int = 0
+    """The first step waits until this many workers have joined and reported a measurement at
+    the run's dtype, so the first plan sees them all (0: start as soon as every stage has one)."""
+    horizon_steps: int = 50
+    """Hysteresis: a re-plan moves workers only if its predicted saving over this many steps
+    exceeds the time the moves cost (layer_load_s per layer a worker must load)."""
+    layer_load_s: float = 2.0
+    """Seconds a worker needs to load one layer it does not hold (weights + optimizer state)."""
+    search_budget_s: float = 0.3
+    """Wall time one plan search may take (it runs on the coordinator's event loop)."""
+    default_link_mbit: float = 1000.0
+    """Assumed bandwidth of a worker pair whose link nobody has measured yet, Mbit/s."""
+    default_link_latency_ms: float = 5.0
+    """Assumed one-way latency of an unmeasured link, milliseconds."""
+    probe_max_age_s: float = 600.0
+    """A link measurement older than this is measured again when a plan needs that link."""
+
+    def __post_init__(self) -> None:
+        _check(self.placement in ("cost-model", "even"), "placement", self.placement, "'cost-model' or 'even'")
+        _check(self.min_workers >= 0, "min_workers", self.min_workers, "an integer >= 0")
+        _check(self.horizon_steps >= 1, "horizon_steps", self.horizon_steps, "an integer >= 1")
+        for name in ("layer_load_s", "search_budget_s", "default_link_latency_ms"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
+        _check(self.default_link_mbit > 0, "default_link_mbit", self.default_link_mbit, "a number of Mbit/s > 0")
+        _check(self.probe_max_age_s > 0, "probe_max_age_s", self.probe_max_age_s, "seconds > 0")
+
+
+@dataclass
 class RunConfig:
     """Everything that defines a training run; the coordinator hands it to workers."""
 
@@ -466,6 +502,7 @@ class RunConfig:
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     link: LinkConfig = field(default_factory=LinkConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
         _check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",

@@ -102,7 +102,7 @@ class JoinRequest(_message.Message):
     def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages", "next_addresses", "member", "peer_ids", "peer_addresses", "contributors", "checkpoint_writer")
+    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages", "next_addresses", "member", "peer_ids", "peer_addresses", "contributors", "checkpoint_writer", "standby_reason")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class StageAssignment(_message.Message):
     PEER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_WRITER_FIELD_NUMBER: _ClassVar[int]
+    STANDBY_REASON_FIELD_NUMBER: _ClassVar[int]
     stage: int
     start_layer: int
     end_layer: int
@@ -129,7 +130,8 @@ class StageAssignment(_message.Message):
     peer_addresses: _containers.RepeatedScalarFieldContainer[str]
     contributors: _containers.RepeatedScalarFieldContainer[str]
     checkpoint_writer: bool
-    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ..., next_addresses: _Optional[_Iterable[str]] = ..., member: _Optional[bool] = ..., peer_ids: _Optional[_Iterable[str]] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., checkpoint_writer: _Optional[bool] = ...) -> None: ...
+    standby_reason: str
+    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ..., next_addresses: _Optional[_Iterable[str]] = ..., member: _Optional[bool] = ..., peer_ids: _Optional[_Iterable[str]] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., checkpoint_writer: _Optional[bool] = ..., standby_reason: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("worker_id", "run_config_json", "assignment", "heartbeat_interval_s", "dht_peers")

@@ -25,13 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drain-timeout", type=float, default=60.0,
                     help="seconds to finish the current step on SIGTERM before handing tickets back")
     ap.add_argument("--tls-ca", default="", help="PEM root certificate of a TLS coordinator")
+    ap.add_argument("--simulate-device", default="", metavar="TFLOPS:MEMORY_GB",
+                    help="tests and benchmarks only: report this device instead of probing, and compute at "
+                         "its pace (e.g. 0.02:24)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     options = WorkerOptions(coordinator=args.join, token=args.token, device=args.device, listen=args.listen,
                             announce=args.announce, name=args.name, threads=args.threads,
-                            drain_timeout_s=args.drain_timeout, tls_ca=args.tls_ca)
+                            drain_timeout_s=args.drain_timeout, tls_ca=args.tls_ca,
+                            simulate_device=args.simulate_device)
     try:
         import uvloop
 

@@ -66,10 +66,13 @@ class CoordinatorClient:
             raise
 
     async def heartbeat(self, worker_id: str, state: int, metrics: dict, loaded_epoch: int,
-                        position: int = -1) -> bool:
+                        position: int = -1, device: dict | None = None, links: list[dict] | None = None,
+                        rtt_ms: float = 0.0) -> bool:
+        """Liveness + metrics; `device` when re-measured, `links` measured since the last one."""
         reply = await self._retry(self.stub.Heartbeat, pb.HeartbeatRequest(
             worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics), loaded_epoch=loaded_epoch,
-            position=position), timeout=5.0)
+            position=position, device=pb.DeviceInfo(**device) if device else None,
+            links=[pb.LinkMeasurement(**m) for m in links or []], coordinator_rtt_ms=rtt_ms), timeout=5.0)
         return reply.known
 
     async def put_checkpoint(self, worker_id: str, step: int, spec, blob: bytes, chunk_bytes: int) -> str:

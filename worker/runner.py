@@ -18,6 +18,7 @@ import torch
 from gptjt_core.compression import encode
 from gptjt_core.config import RunConfig, from_dict
 from gptjt_core.model import StageSpec
+from gptjt_core.precision import resolve_precision
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2_grpc as spb_grpc
 
@@ -25,11 +26,13 @@ from .averaging import RoundResult, sum_alone
 from .compute import OTHER, ComputeQueue
 from .faults import faults_from_env
 from .link_codecs import LinkCodecChooser
+from .link_probe import LinkProber
 from .membership import CoordinatorClient
 from .pipeline import Stage0Driver
 from .probe import probe_device
 from .routing import NextStageRouter
 from .service import StageService
+from .simulated_device import ComputePacer, SimulatedDevice
 from .stage import StageRunner
 from .transport import GRPC_OPTIONS, LinkCounters, StageClient
 
@@ -56,6 +59,8 @@ class WorkerOptions:
     drain_timeout_s: float = 60.0
     tls_ca: str = ""
     """PEM root certificate to verify a TLS coordinator."""
+    simulate_device: str = ""
+    """TFLOPS:MEMORY_GB: report this device and compute at its pace (tests and benchmarks only)."""
 
 
 class WorkerRunner:
@@ -86,13 +91,20 @@ class WorkerRunner:
         self._state_changed = asyncio.Event()
         self._heartbeat_now = asyncio.Event()
         self._assignment_lock = asyncio.Lock()  # join reply and Watch may both deliver one
+        self.simulated: SimulatedDevice | None = None
+        self._device_update: dict | None = None  # device figures for the next heartbeat
+        self._coordinator_rtt_ms = 0.0
 
     # -- lifecycle ---------------------------------------------------------------------
     async def main(self) -> None:
         o = self.options
         if o.threads:
             torch.set_num_threads(o.threads)
-        device = probe_device(o.device)
+        simulated = SimulatedDevice.parse(o.simulate_device) if o.simulate_device else None
+        # The join reports an fp32 figure (the run's dtype is not known yet); the first
+        # heartbeat after it carries the rate measured at the run's compute dtype.
+        device = simulated.device_info("fp32") if simulated else probe_device(o.device)
+        self.simulated = simulated
         server = grpc.aio.server(options=GRPC_OPTIONS)
         spb_grpc.add_StageServicer_to_server(StageService(self), server)
         port = server.add_insecure_port(o.listen)
@@ -108,6 +120,8 @@ class WorkerRunner:
         self.run = from_dict(RunConfig, json.loads(reply.run_config_json))
         self.client = StageClient(self.counters, self.run.pipeline.chunk_bytes, link=self.run.link)
         self.link_codecs = LinkCodecChooser(self.run.pipeline, self.run.link)
+        self.prober = LinkProber(self.client, self.run.scheduler.probe_max_age_s)
+        self._device_update = await self._measure_at_run_dtype()
         self.dht_peers = list(reply.dht_peers)
         a = reply.assignment
         where = (f"stage {a.stage} of {a.num_stages} (layers {a.start_layer}-{a.end_layer})" if a.stage >= 0
@@ -139,6 +153,13 @@ class WorkerRunner:
         finally:  # the sidecar is not a daemon: it must be told to stop whatever failed above
             if self.averager is not None:
                 await asyncio.to_thread(self.averager.shutdown)
+
+    async def _measure_at_run_dtype(self) -> dict:
+        """The device figures the scheduler plans with: the matmul rate at the run's compute dtype."""
+        precision = resolve_precision(self.run.train.precision, self.options.device)
+        if self.simulated is not None:
+            return self.simulated.device_info(precision.name)
+        return await asyncio.to_thread(probe_device, self.options.device, precision.compute_dtype)
 
     async def send_downstream(self, header, out: torch.Tensor):
         """Encode a stage output (B, T, D) with the codecs of the link it takes and send it to
@@ -228,11 +249,17 @@ class WorkerRunner:
                        + (self.averager.bytes_sent if self.averager is not None else 0)}
             last_t, last_busy, last_mb = now, busy, mbs
             position = self.stage.position if self.stage is not None and self.loaded_epoch >= 0 else -1
+            device, links = self._device_update, self.prober.take()
+            sent = time.monotonic()
             try:
                 known = await self.coordinator.heartbeat(self.worker_id, self._status, metrics, self.loaded_epoch,
-                                                         position)
+                                                         position, device=device, links=links,
+                                                         rtt_ms=self._coordinator_rtt_ms)
+                self._coordinator_rtt_ms = (time.monotonic() - sent) * 1e3
+                self._device_update = None
             except grpc.aio.AioRpcError as e:
                 log.warning("heartbeat failed: %s", e.code().name)
+                self.prober.results[:0] = links  # measurements are sent with the next heartbeat
                 known = True
             if not known:
                 log.error("the coordinator declared this worker dead; stopping (restart the worker to re-join)")
@@ -256,6 +283,8 @@ class WorkerRunner:
             self.router.update(list(state.assignment.next_addresses),
                                forgive=previous is None or previous.plan_version != state.plan_version)
             self.link_codecs.forget_except(list(state.assignment.next_addresses))
+            if state.measure_links:
+                self.prober.request(list(state.measure_links))
             if (previous is None or previous.plan_version != state.plan_version
                     or previous.restore_epoch != state.restore_epoch or self._behind(state)):
                 for attempt in range(3):
@@ -293,6 +322,8 @@ class WorkerRunner:
         if a.stage < 0:
             if self.stage is not None:
                 log.warning("unassigned from stage %d; back to standby", old.stage if old else -1)
+            if a.standby_reason and (old is None or old.standby_reason != a.standby_reason):
+                log.info("on standby: %s", a.standby_reason)
             self.stage = None
             self._status = cpb.STANDBY
             return
@@ -338,6 +369,8 @@ class WorkerRunner:
             checkpoint = None
         self.stage = await self.compute.run(OTHER, lambda: StageRunner(self.run, spec, self.options.device,
                                                                        checkpoint, position))
+        if self.simulated is not None:
+            self.stage.pacer = ComputePacer(self.simulated, self.stage.matmul_params())
         self.loaded_epoch = state.restore_epoch
         if self.dht_peers and self.averager is None:
             from .averaging import StageAverager

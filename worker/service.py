@@ -33,6 +33,13 @@ class StageService(pb_grpc.StageServicer):
     def __init__(self, worker: WorkerRunner):
         self.worker = worker
 
+    async def Probe(self, request, context):
+        """A link measurement (worker/link_probe.py): the payload is only counted."""
+        if len(request.payload) > 4 << 20:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"probe payload of {len(request.payload)} bytes; a probe carries at most 4 MiB")
+        return pb.ProbeReply(received_bytes=len(request.payload))
+
     async def Process(self, request_iterator, context):
         w = self.worker
         stage = w.stage

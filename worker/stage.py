@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
@@ -67,6 +68,18 @@ class StageRunner:
         self._inflight: dict[Key, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.micro_batches = 0  # processed since the worker started
         self.step_micro_batches = 0  # whose gradients the current attempt holds
+        self.pacer = None  # a simulated device's ComputePacer (tests and benchmarks only)
+        self._tokens: dict[Key, int] = {}  # B x T of each forward in flight, for the pacer
+
+    def matmul_params(self) -> int:
+        """Parameters a forward multiplies by (all but the embedding table)."""
+        wte = getattr(self.model.transformer, "wte", None)
+        embed = wte.weight.numel() if wte is not None else 0
+        return sum(p.numel() for p in self.model.parameters()) - embed
+
+    def _pace(self, passes: int, tokens: int, started: float) -> None:
+        if self.pacer is not None:
+            self.pacer.hold(passes, tokens, started)
 
     # -- attempts ----------------------------------------------------------------------
     def begin(self, step: int, attempt: int) -> None:
@@ -94,12 +107,15 @@ class StageRunner:
     def forward(self, key: Key, step: int, x: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Forward of a non-last stage; keeps the graph until backward(key). Returns (B, T, D)."""
         self._check(step, key[1])
+        started = time.perf_counter()
         x = x.to(self.device)
         if not self.spec.embed:
             x = x.requires_grad_()
         with self.precision.autocast():
             out = self.model(x, prefix.to(self.device))
         self._inflight[key] = (x if not self.spec.embed else None, out)
+        self._tokens[key] = out.shape[0] * out.shape[1]
+        self._pace(2, self._tokens[key], started)
         return out.detach()
 
     def backward(self, key: Key, step: int, grad_out: torch.Tensor) -> torch.Tensor | None:
@@ -107,8 +123,10 @@ class StageRunner:
         self._check(step, key[1])
         if key not in self._inflight:
             raise StaleMicroBatch(f"no forward in flight for ticket {key[0]} attempt {key[1]}")
+        started = time.perf_counter()
         x, out = self._inflight.pop(key)
         out.backward(grad_out.to(device=self.device, dtype=out.dtype))
+        self._pace(4, self._tokens.pop(key, 0), started)
         self.micro_batches += 1
         self.step_micro_batches += 1
         return x.grad.detach() if x is not None else None
@@ -117,6 +135,7 @@ class StageRunner:
                          labels: torch.Tensor, global_batch: int) -> tuple[float, int, torch.Tensor | None]:
         """The last stage: logits, UL2 loss share, backward. Returns (loss, targets, d loss / d input)."""
         self._check(step, key[1])
+        started = time.perf_counter()
         x = x.to(self.device)
         if not self.spec.embed:
             x = x.requires_grad_()
@@ -125,6 +144,7 @@ class StageRunner:
             logits = self.model(x, prefix.to(self.device))  # (B, T, V)
         loss = batch_loss(logits, labels, global_batch)
         loss.backward()
+        self._pace(6, labels.numel(), started)
         self.micro_batches += 1
         self.step_micro_batches += 1
         targets = int((labels[:, 1:] != -100).sum())
@@ -133,6 +153,7 @@ class StageRunner:
     def discard(self, key: Key) -> None:
         """Forget a forward whose backward will never come (the downstream call failed)."""
         self._inflight.pop(key, None)
+        self._tokens.pop(key, None)
 
     @property
     def position(self) -> int:

@@ -196,6 +196,22 @@ class StageClient:
         grad = encoded_from(reply.gradient, data) if reply.gradient.codec else None
         return reply, grad
 
+    async def probe(self, address: str, payload_bytes: int) -> tuple[float, float]:
+        """(seconds of an empty round trip, seconds of a round trip carrying `payload_bytes`) to
+        the stage server at `address`, through the link emulation when it is on."""
+        stub, shapers = self._stub(address), self.shapers(address)
+        times = []
+        for size in (0, payload_bytes):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            if shapers is not None:
+                await LinkShaper.until(shapers[0].schedule([size + 8])[0])
+            await stub.Probe(pb.ProbeRequest(payload=bytes(size)), timeout=30)
+            if shapers is not None:
+                await LinkShaper.until(shapers[1].schedule([8])[0])
+            times.append(loop.time() - started)
+        return times[0], times[1]
+
     async def fetch_state(self, address: str, timeout: float | None = 600) -> tuple[pb.StateHeader, bytes]:
         """The stage state (weights + optimizer, safetensors) held by the worker at `address`."""
         header, parts = None, []

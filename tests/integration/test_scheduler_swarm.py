@@ -1,0 +1,76 @@
+"""The cost-model scheduler in a live swarm: simulated devices of different speeds get
+different layer ranges, and the measured step time lands near the predicted one on
+loopback with link emulation (the links are measured by the workers' probes)."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from tests.swarm import Swarm, swarm_toml
+
+FAST, SLOW = "0.012:24", "0.004:24"  # TFLOP/s : GB (the CPU computes faster than both)
+LINK = """
+[link]
+emulate_mbit = 5.0
+emulate_latency_ms = 5.0
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scheduler-swarm")
+    # 4 micro-batches of 2 x 64 tokens per step: the pipeline fills, so its overlap matters.
+    swarm = Swarm(tmp, swarm_toml(tmp, steps=4, global_batch=8, micro_batch=2, placement="cost-model",
+                                  min_workers=2, extra=LINK))
+    try:
+        swarm.start_coordinator()
+        slow = swarm.start_worker("slow", None, "--simulate-device", SLOW)
+        slow.wait_for("gptjt-worker: joined")
+        fast = swarm.start_worker("fast", None, "--simulate-device", FAST)
+        status = swarm.wait(lambda s: s["phase"] == "done", timeout=240, what="4 steps")
+        yield swarm, status, {"slow": slow, "fast": fast}
+    finally:
+        swarm.close()
+
+
+def test_simulated_devices_get_ranges_in_proportion_to_speed(run):
+    swarm, status, _ = run
+    names = {w["id"]: w["name"] for w in status["workers"]}
+    stages = {i: [names[w] for w in s["workers"]] for i, s in enumerate(status["stages"])}
+    ranges = status["plan"]["ranges"]
+    # The tiny model's LM head (6.5M parameters) outweighs its 4 layers (0.2M each): the
+    # 3x faster device takes the head and one layer, the slow one the other three.
+    assert stages == {0: ["slow"], 1: ["fast"]}, stages
+    assert ranges == [[0, 3], [3, 4]], ranges
+    assert ranges != [[0, 2], [2, 4]]  # not the even split
+    devices = {w["name"]: w["device"] for w in status["workers"]}
+    assert devices["fast"]["matmul_tflops"] == pytest.approx(0.012) and devices["fast"]["at_run_dtype"]
+    assert status["plan"]["placement"] == "cost-model"
+    assert any(e["kind"] == "replanned" for e in status["events"])
+
+
+def test_links_are_probed_and_the_step_time_matches_the_prediction(run):
+    swarm, status, _ = run
+    measured = [e["detail"] for e in status["events"] if e["kind"] == "measured" and "link" in e["detail"]]
+    assert measured, "no link measurement reached the coordinator"
+    plan = status["plan"]
+    # Step 0 includes the probes sharing the emulated link and warm-up: judge the rest.
+    seconds = [h["seconds"] for h in status["history"][1:]]
+    measured_s, predicted_s = statistics.median(seconds), plan["predicted_step_s"]
+    print(f"predicted {predicted_s:.3f} s/step, measured {measured_s:.3f} s/step ({seconds})")
+    assert predicted_s > 1.0  # the simulated compute dominates the step, as intended
+    assert measured_s == pytest.approx(predicted_s, rel=0.3), (measured_s, predicted_s, seconds)
+
+
+def test_gptjt_stages_shows_the_plan_and_its_prediction(run):
+    import subprocess
+
+    from tests.swarm import BIN
+
+    swarm, _, _ = run
+    out = subprocess.run([str(BIN / "gptjt"), "stages", "--coordinator", swarm.address], capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "predicted" in out.stdout and "layers 0-3" in out.stdout.replace("layers 0–3", "layers 0-3"), out.stdout

@@ -1,0 +1,61 @@
+"""Link measurements the scheduler asks for: latency and bandwidth to other stage servers.
+
+The coordinator names, in RunState.measure_links, the stage addresses whose link from this
+worker a plan needs and nobody measured recently. The worker measures them one at a time in
+the background (a probe is an empty round trip, then PROBE_BYTES of payload, best of
+PROBE_REPEATS), and the results ride on the next heartbeat. Bounded work: one probe in
+flight, each address at most once per max_age_s, at most PROBE_BYTES x PROBE_REPEATS bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from .transport import StageClient
+
+log = logging.getLogger("gptjt.worker")
+
+PROBE_BYTES = 256 * 1024  # large enough that bandwidth shows on a slow link, small next to a micro-batch
+PROBE_REPEATS = 2
+
+
+class LinkProber:
+    def __init__(self, client: StageClient, max_age_s: float):
+        self.client = client
+        self.max_age_s = max_age_s
+        self.measured_at: dict[str, float] = {}  # address -> unix time of its last measurement
+        self.results: list[dict] = []  # measured, not yet sent on a heartbeat
+        self._task: asyncio.Task | None = None
+
+    def request(self, addresses: list[str]) -> None:
+        """Measure what the coordinator asked for, unless it was measured recently or a
+        measurement is already running (the coordinator asks again while it is missing)."""
+        if self._task is not None and not self._task.done():
+            return
+        now = time.time()
+        todo = [a for a in addresses if now - self.measured_at.get(a, 0.0) > self.max_age_s]
+        if todo:
+            self._task = asyncio.get_running_loop().create_task(self._measure_all(todo))
+
+    def take(self) -> list[dict]:
+        out, self.results = self.results, []
+        return out
+
+    async def _measure_all(self, addresses: list[str]) -> None:
+        for address in addresses:
+            try:
+                rtt, transfer = min([await self.client.probe(address, PROBE_BYTES) for _ in range(PROBE_REPEATS)],
+                                    key=lambda r: r[1])
+            except grpc.aio.AioRpcError as e:
+                log.info("link probe to %s failed (%s); the coordinator will ask again", address, e.code().name)
+                continue
+            # The payload's extra time over an empty round trip is its serialisation on the link.
+            mbit = PROBE_BYTES * 8 / max(transfer - rtt, 1e-6) / 1e6
+            self.measured_at[address] = time.time()
+            self.results.append({"address": address, "latency_ms": rtt / 2 * 1e3, "mbit": mbit,
+                                 "measured_unix_s": self.measured_at[address]})
+            log.debug("link to %s: %.2f ms one way, %.1f Mbit/s", address, rtt / 2 * 1e3, mbit)
