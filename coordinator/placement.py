@@ -271,13 +271,17 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
         if options:  # else every group is full: the newcomer waits (or the fresh plan takes it)
             cost, i = min(options)
             groups[i] = groups[i] + (w,)
-    kept_cost, kept = evaluate(groups, devices, net, model, work) if groups else (float("inf"), None)
     fresh = plan(devices, net, model, work, stage_counts=stage_counts, budget_s=budget_s, seed=seed, gone=gone)
-    if kept is None or (stage_counts and len(kept) not in stage_counts):
+    options = [(fresh.step_s, fresh.stages)]
+    if groups and not (stage_counts and len(groups) not in stage_counts):
+        options.append(evaluate(groups, devices, net, model, work))  # the same groups, layers re-split
+        if len(groups) == len(current):  # the same groups on the same ranges: nothing reloads
+            same = [StagePlacement(s.start, s.end, g) for s, g in zip(current, groups)]
+            if not infeasible(same, devices, model, work):
+                options.append((predict_step(same, devices, net, model, work).step_s, same))
+    # Each option costs its steps over the horizon plus the layers its moves load.
+    total = lambda o: o[0] * horizon_steps + layers_moved(current, o[1]) * seconds_per_layer_load  # noqa: E731
+    cost, stages = min((o for o in options if o[1] is not None), key=total)
+    if stages is fresh.stages:
         return fresh
-    gain = (kept_cost - fresh.step_s) * horizon_steps
-    cost_kept = layers_moved(current, kept) * seconds_per_layer_load
-    cost_fresh = layers_moved(current, fresh.stages) * seconds_per_layer_load
-    if gain > cost_fresh - cost_kept:
-        return fresh
-    return Placement(kept, kept_cost)
+    return Placement(stages, cost)

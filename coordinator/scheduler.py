@@ -15,7 +15,7 @@ from gptjt_core.config import RunConfig
 from gptjt_core.model import StageSpec
 
 from .cost_model import Device, Link, ModelShape, Network, StagePlacement, Workload, predict_step
-from .placement import evaluate, layers_moved, plan, replan
+from .placement import evaluate, layers_moved, plan, replan, usable
 
 # Bytes per value on the wire, per codec: block codecs carry a float32 scale per 128 values.
 CODEC_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "q8": 1 + 4 / 128, "q4": 0.5 + 4 / 128,
@@ -128,8 +128,10 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     stages, replicas = run.pipeline.num_stages, run.pipeline.replicas_per_stage
     work = workload(run)
     default = Link(cfg.default_link_latency_ms / 1e3, cfg.default_link_mbit / 1e3)
-    ranked = sorted(workers, key=lambda w: (-w.tflops, w.id))
-    candidates, standby = ranked[:stages * replicas], {}
+    fits, why = usable(_devices(workers), shape, work)
+    standby = {workers[i].id: reason for i, reason in why.items()}
+    ranked = sorted((workers[i] for i in fits), key=lambda w: (-w.tflops, w.id))
+    candidates = ranked[:stages * replicas]
     for w in ranked[stages * replicas:]:
         standby[w.id] = (f"every stage has its {replicas} replica(s); faster workers hold them "
                          "(it takes a stage when one frees up or a re-plan prefers it)")

@@ -1,0 +1,174 @@
+"""The coordinator's use of the cost model: the pure adapter (scheduler.decide) and the
+ledger applying its plans (before the first step, pending until a complete checkpoint)."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.scheduler import LinkView, StagePlan, WorkerView, decide, model_shape, plan_stages
+from coordinator.state import RunLedger
+from tests.conftest import small_run
+from tests.unit.test_ledger import Clock, finish_step
+
+TINY = model_shape(4, 128, 512, 50400)
+GPTJ = model_shape(28, 4096, 16384, 50400)
+
+
+def run_config(stages: int = 2, replicas: int = 1, **scheduler):
+    run = small_run(steps=4, global_batch=4, micro_batch=2)
+    run.pipeline.num_stages, run.pipeline.replicas_per_stage = stages, replicas
+    for k, v in scheduler.items():
+        setattr(run.scheduler, k, v)
+    return run
+
+
+def test_model_shape_counts_gptj_parameters():
+    assert GPTJ.layer_params == 201_355_264  # one GPT-J 6B block, as bench gpu-block counts it
+    assert TINY.head_params == 50400 * 128 + 50400 + 2 * 128
+
+
+def test_faster_worker_takes_the_heavier_stage_and_ranges_follow_speed():
+    workers = [WorkerView("slow", "h:1", 0.004, 24), WorkerView("fast", "h:2", 0.012, 24)]
+    run = run_config()
+    run.train.global_batch = 8  # 4 micro-batches: the slowest stage's repeats outweigh the sum
+    d = decide(run, TINY, workers, [], None)
+    assert [(s.start, s.end, s.workers) for s in d.stages] == [(0, 3, ("slow",)), (3, 4, ("fast",))]
+    assert d.predicted_step_s > 0 and d.standby == {}
+
+
+def test_too_few_workers_for_the_stages_gives_no_plan():
+    assert decide(run_config(stages=3), TINY, [WorkerView("a", "h:1", 1, 24)] * 2, [], None) is None
+
+
+def test_replica_count_bounds_groups_and_the_rest_wait_with_a_reason():
+    workers = [WorkerView(f"w{i}", f"h:{i}", 1.0 + i, 24) for i in range(5)]
+    d = decide(run_config(stages=2, replicas=2), TINY, workers, [], None)
+    assert all(len(s.workers) <= 2 for s in d.stages) and len(d.stages) == 2
+    assert set(d.standby) == {"w0"}  # the slowest
+    assert "replica" in d.standby["w0"]
+
+
+def test_a_device_too_small_for_any_layer_is_told_why():
+    run = run_config(stages=2)
+    run.train.micro_batch, run.train.seq_len, run.train.global_batch = 1, 2048, 64
+    workers = [WorkerView("big1", "h:1", 300, 80), WorkerView("big2", "h:2", 300, 80),
+               WorkerView("big3", "h:3", 300, 80), WorkerView("tiny", "h:4", 300, 2)]
+    d = decide(run, GPTJ, workers, [], None)
+    assert "tiny" not in {w for s in d.stages for w in s.workers}
+    assert "GB" in d.standby["tiny"] and "standby" in d.standby["tiny"]
+
+
+def test_measured_links_change_the_order_of_groups():
+    """Two fast workers in one room, one far away: the far one's single link is the only slow
+    boundary either way, but a measured link is taken over the default."""
+    workers = [WorkerView(n, f"{n}:1", 1.0, 24) for n in ("a", "b")]
+    fast = decide(run_config(), TINY, workers, [], None).predicted_step_s
+    slow_link = [LinkView("a", "b:1", 200.0, 1.0), LinkView("b", "a:1", 200.0, 1.0)]
+    slow = decide(run_config(), TINY, workers, slow_link, None).predicted_step_s
+    assert slow > fast + 0.4  # 2 x 200 ms latency per micro-batch boundary, each way
+
+
+def test_hysteresis_keeps_a_plan_when_moving_costs_more_than_it_saves():
+    workers = [WorkerView("a", "h:1", 1.0, 24), WorkerView("b", "h:2", 1.05, 24)]
+    current = [StagePlan(0, 2, ("a",)), StagePlan(2, 4, ("b",))]
+    kept = decide(run_config(layer_load_s=1000.0), TINY, workers, [], current)
+    assert [(s.start, s.end, s.workers) for s in kept.stages] == [(0, 2, ("a",)), (2, 4, ("b",))]
+    assert kept.layers_moved == 0
+    moved = decide(run_config(layer_load_s=0.0), TINY, workers, [], current)
+    assert [(s.start, s.end) for s in moved.stages] != [(0, 2), (2, 4)]  # the head stage gets fewer layers
+    assert moved.layers_moved > 0 and moved.predicted_step_s < moved.current_step_s
+
+
+# -- the ledger ------------------------------------------------------------------------
+def make_ledger(tmp_path, **scheduler) -> RunLedger:
+    run = run_config(**scheduler)
+    return RunLedger(tmp_path / "run.db", run, plan_stages(4, 2), Clock(), shape=TINY)
+
+
+def device(tflops: float) -> dict:
+    return {"kind": "simulated", "name": "sim", "memory_bytes": 24_000_000_000, "matmul_tflops": tflops,
+            "dtype": "fp32"}
+
+
+def test_ledger_plans_before_the_first_step_and_waits_for_min_workers(tmp_path):
+    ledger = make_ledger(tmp_path, min_workers=2)
+    slow = ledger.join("slow", "h:1", device(0.004))["id"]
+    fast = ledger.join("fast", "h:2", device(0.004))["id"]  # the join figure is fp32; the heartbeat corrects it
+    ledger.heartbeat(slow, "loading", {}, -1, -1, device=device(0.004))
+    assert ledger.status()["plan"]["measured_workers"] == 1
+    ledger.heartbeat(fast, "loading", {}, -1, -1, device=device(0.012))
+    plan = ledger.status()["plan"]
+    assert plan["ranges"] == [[0, 3], [3, 4]] and plan["measured_workers"] == 2
+    assert ledger.assignment(fast)["stage"] == 1 and ledger.assignment(slow)["stage"] == 0
+    assert ledger.assignment(slow)["end_layer"] == 3
+    for w in (slow, fast):
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, 0)
+    assert ledger.phase == "open"
+    assert any(e["kind"] == "replanned" for e in ledger.status()["events"])
+
+
+def test_min_workers_holds_the_first_step(tmp_path):
+    ledger = make_ledger(tmp_path, min_workers=3)
+    ids = [ledger.join(f"w{i}", f"h:{i}", device(0.01))["id"] for i in range(2)]
+    for w in ids:
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, 0, device=device(0.01))
+    for w in ids:
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, 0)
+    assert ledger.phase == "waiting"
+
+
+def test_mid_run_replan_waits_for_a_complete_checkpoint(tmp_path):
+    ledger = make_ledger(tmp_path, layer_load_s=0.0)
+    a = ledger.join("a", "h:1", device(0.01))["id"]
+    b = ledger.join("b", "h:2", device(0.01))["id"]
+    for w in (a, b):
+        ledger.heartbeat(w, "ready", {}, -1, -1, device=device(0.01))
+    for w in (a, b):
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, 0)
+    assert ledger.phase == "open"
+    ranges = ledger.status()["plan"]["ranges"]
+    a, b = sorted((a, b), key=lambda w: ledger.assignment(w)["stage"])  # a: stage 0 leases the tickets
+    finish_step(ledger, [a, b])
+    assert ledger.step == 1
+    # b turns out 4x faster: the better plan moves layers, so it waits for a checkpoint
+    ledger.heartbeat(b, "ready", {}, ledger.restore_epoch, 1, device=device(0.04))
+    plan = ledger.status()["plan"]
+    assert plan["pending"] and plan["ranges"] == ranges
+    epoch = ledger.restore_epoch
+    for spec in ledger.plan:
+        ledger.record_checkpoint(1, spec, f"step-1/{spec.start}")
+    plan = ledger.status()["plan"]
+    assert not plan["pending"] and plan["ranges"] != ranges
+    assert plan["last_replan"]["at_restore"] and plan["layers_moved_total"] > 0
+    assert ledger.restore_epoch > epoch and ledger.phase == "waiting"
+    state = ledger.run_state(a)
+    assert state["restore_from_store"] and state["restore_step"] == 1
+
+
+def test_a_worker_asks_to_measure_links_the_plan_needs_once(tmp_path):
+    ledger = make_ledger(tmp_path)
+    a = ledger.join("a", "h:1", device(0.01))["id"]
+    ledger.join("b", "h:2", device(0.01))
+    assert ledger.links_to_measure(a) == ["h:2"]
+    ledger.heartbeat(a, "loading", {}, -1, -1, links=[{"address": "h:2", "latency_ms": 3.0, "mbit": 90.0,
+                                                      "measured_unix_s": ledger.clock()}])
+    assert ledger.links_to_measure(a) == []
+    ledger.clock.t += ledger.run.scheduler.probe_max_age_s + 1
+    assert ledger.links_to_measure(a) == ["h:2"]  # aged out: measure again
+
+
+def test_even_placement_ignores_measurements(tmp_path):
+    ledger = make_ledger(tmp_path, placement="even")
+    ids = [ledger.join(f"w{i}", f"h:{i}", device(0.01 * (i + 1)))["id"] for i in range(2)]
+    ledger.heartbeat(ids[1], "loading", {}, -1, -1, device=device(0.5))
+    assert ledger.status()["plan"]["ranges"] == [[0, 2], [2, 4]]
+
+
+@pytest.mark.parametrize("tflops,memory", [(float("nan"), 1), (-1.0, 1), (1.0, -5)])
+def test_a_device_report_that_cannot_be_planned_with_is_refused(tflops, memory):
+    from coordinator.server import _device
+    from gptjt_proto import coordinator_pb2 as pb
+
+    _, problem = _device(pb.DeviceInfo(name="gpu0", matmul_tflops=tflops, memory_bytes=memory))
+    assert "gpu0" in problem and "finite" in problem
+    assert _device(pb.DeviceInfo(name="gpu0", matmul_tflops=1.0, memory_bytes=1))[1] == ""
