@@ -132,8 +132,8 @@ class PlanningMixin:
         """The store just completed `step`: a pending plan applies if the run is at that step
         and no stage has applied it yet."""
         if (not self._meta("pending_plan") or step != self.step or self.phase not in ("waiting", "open")
-                or not self._scheduling()):
-            return
+                or not self._scheduling() or not self._is_complete(step)):
+            return  # (a checkpoint of step + 1 lands while step is applying: the close calls again)
         why = self._meta("pending_plan")
         if self.phase == "open" and self._step_has_work():
             self._restart_step(f"re-plan at the checkpoint of step {step}")

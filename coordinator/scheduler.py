@@ -121,51 +121,70 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
            current: list[StagePlan] | None) -> PlanDecision | None:
     """The plan for these workers, or None when they cannot fill every stage.
 
-    Only the fastest num_stages x replicas_per_stage workers that fit are candidates (the
-    run's replica count bounds each group); with a current plan, placement.replan keeps it
-    unless moving pays off within scheduler.horizon_steps steps (hysteresis)."""
+    A group holds at most replicas_per_stage workers, so at most num_stages x that many take
+    part. Two candidate sets are solved: the fastest workers, and today's holders topped up
+    with the fastest others; with a current plan, placement.replan keeps it unless moving
+    pays off. The set whose plan costs least over scheduler.horizon_steps steps, counting
+    the layers its moves load (layer_load_s each), wins: hysteresis at both levels."""
     cfg = run.scheduler
     stages, replicas = run.pipeline.num_stages, run.pipeline.replicas_per_stage
     work = workload(run)
-    default = Link(cfg.default_link_latency_ms / 1e3, cfg.default_link_mbit / 1e3)
     fits, why = usable(_devices(workers), shape, work)
     standby = {workers[i].id: reason for i, reason in why.items()}
-    ranked = sorted((workers[i] for i in fits), key=lambda w: (-w.tflops, w.id))
-    candidates = ranked[:stages * replicas]
-    for w in ranked[stages * replicas:]:
-        standby[w.id] = (f"every stage has its {replicas} replica(s); faster workers hold them "
-                         "(it takes a stage when one frees up or a re-plan prefers it)")
-    if len(candidates) < stages:
+    pool = sorted((workers[i] for i in fits), key=lambda w: (-w.tflops, w.id))
+    cap = stages * replicas
+    held = {w for s in current or [] for w in s.workers}
+    holders = [w for w in pool if w.id in held][:cap]
+    keep = holders + [w for w in pool if w.id not in held][:cap - len(holders)]
+    sets = [pool[:cap]] + ([keep] if {w.id for w in keep} != {w.id for w in pool[:cap]} else [])
+    default = Link(cfg.default_link_latency_ms / 1e3, cfg.default_link_mbit / 1e3)
+    options = []
+    for candidates in sets:
+        if len(candidates) < stages:
+            continue
+        try:
+            options.append(_decide_among(run, shape, work, candidates, _network(candidates, links, default), current))
+        except ValueError as e:  # nothing fits: every stage would be too big for some worker
+            for w in candidates:
+                standby.setdefault(w.id, str(e))
+    if not options:
         return None
+    cost = lambda d: d.predicted_step_s * cfg.horizon_steps + d.layers_moved * cfg.layer_load_s  # noqa: E731
+    best = min(options, key=cost)
+    placed = {w for st in best.stages for w in st.workers}
+    for w in pool:
+        if w.id not in placed and w.id not in best.standby:
+            best.standby[w.id] = (f"every stage has its {replicas} replica(s) and the plan is faster with the "
+                                  "workers holding them (it takes a stage when one frees up or a re-plan prefers it)")
+    best.standby.update({k: v for k, v in standby.items() if k not in placed})
+    best.current_step_s = _predict_current(run, shape, work, pool, links, default, current)
+    return best
+
+
+def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates: list[WorkerView], net: Network,
+                  current: list[StagePlan] | None) -> PlanDecision:
+    cfg = run.scheduler
+    stages, replicas = run.pipeline.num_stages, run.pipeline.replicas_per_stage
     devices = _devices(candidates)
-    net = _network(candidates, links, default)
     index = {w.id: i for i, w in enumerate(candidates)}
-    old = [StagePlacement(s.start, s.end, tuple(index[w] for w in s.workers if w in index))
-           for s in current or []]
+    old = _as_old(current or [], index)
     if len(old) != stages or not all(s.workers for s in old):
-        old = []  # a stage lost every worker (or there is no plan yet): nothing to keep
-    try:
-        if cfg.placement != "cost-model":
-            result = None
-        elif old:
-            result = replan(old, devices, net, shape, work, seconds_per_layer_load=cfg.layer_load_s,
-                            horizon_steps=cfg.horizon_steps, budget_s=cfg.search_budget_s,
-                            stage_counts=[stages], max_group=replicas)
-        else:
-            result = plan(devices, net, shape, work, stage_counts=[stages], budget_s=cfg.search_budget_s)
-    except ValueError as e:  # nothing fits: every stage would be too big for some worker
-        for w in candidates:
-            standby[w.id] = str(e)
-        return None
+        old = []  # a stage lost every candidate (or there is no plan yet): nothing to keep
+    if cfg.placement != "cost-model":
+        result = None
+    elif old:
+        result = replan(old, devices, net, shape, work, seconds_per_layer_load=cfg.layer_load_s,
+                        horizon_steps=cfg.horizon_steps, budget_s=cfg.search_budget_s,
+                        stage_counts=[stages], max_group=replicas)
+    else:
+        result = plan(devices, net, shape, work, stage_counts=[stages], budget_s=cfg.search_budget_s)
     if result is None or len(result.stages) != stages:
         specs = plan_stages(shape.n_layer, stages)
         groups = [tuple(candidates[i].id for i in range(k, len(candidates), stages)) for k in range(stages)]
         even = [StagePlan(s.start, s.end, g) for s, g in zip(specs, groups)]
-        placed = [StagePlacement(s.start, s.end, tuple(index[w] for w in s.workers)) for s in even]
-        predicted = predict_step(placed, devices, net, shape, work).step_s
-        return PlanDecision(even, predicted, standby, _moved(current, even))
-    for i, why in (result.why_standby or {}).items():
-        standby[candidates[i].id] = why
+        predicted = predict_step(_as_old(even, index), devices, net, shape, work).step_s
+        return PlanDecision(even, predicted, {}, _moved(current, even))
+    standby = {candidates[i].id: why for i, why in (result.why_standby or {}).items()}
     result_stages, result_s = result.stages, result.step_s
     if current and not old:  # a fresh plan: prefer the order that leaves placed workers in place
         in_place = _keep_in_place([s.workers for s in result.stages], current, index)
@@ -176,8 +195,19 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
                     (moved(result_stages) - moved(stages_)) * cfg.layer_load_s:
                 result_stages, result_s = stages_, cost
     chosen = [StagePlan(s.start, s.end, tuple(candidates[i].id for i in s.workers)) for s in result_stages]
-    current_s = predict_step(old, devices, net, shape, work).step_s if old else float("inf")
-    return PlanDecision(chosen, result_s, standby, _moved(current, chosen), current_s)
+    return PlanDecision(chosen, result_s, standby, _moved(current, chosen))
+
+
+def _predict_current(run, shape, work, pool, links, default, current) -> float:
+    """The current plan's step time with today's figures (inf when a stage has nobody)."""
+    if not current:
+        return float("inf")
+    workers = [w for w in pool if any(w.id in s.workers for s in current)]
+    index = {w.id: i for i, w in enumerate(workers)}
+    old = _as_old(current, index)
+    if len(old) != run.pipeline.num_stages or not all(s.workers for s in old):
+        return float("inf")
+    return predict_step(old, _devices(workers), _network(workers, links, default), shape, work).step_s
 
 
 def _as_old(current: list[StagePlan], index: dict[str, int]) -> list[StagePlacement]:

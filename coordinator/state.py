@@ -828,6 +828,7 @@ class RunLedger(PlanningMixin):
         self._set_meta("step_closed_at", self.clock())
         self._set_meta("attempt", self._next_attempt(step + 1))  # 0 unless a rollback re-runs it
         self._set_meta("phase", WAITING)
+        self._maybe_apply_pending(step + 1)  # its checkpoint may have landed while it was applying
         self._maybe_open()
 
     def global_grad_norm(self) -> float:

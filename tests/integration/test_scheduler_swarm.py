@@ -74,3 +74,35 @@ def test_gptjt_stages_shows_the_plan_and_its_prediction(run):
                          text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "predicted" in out.stdout and "layers 0-3" in out.stdout.replace("layers 0–3", "layers 0-3"), out.stdout
+
+
+def test_a_faster_joiner_takes_over_at_the_next_checkpoint(tmp_path):
+    """Churn mid-run: two slow workers train; a 5x faster one joins. The better plan moves a
+    worker that holds state, so it waits for the next complete checkpoint, then applies:
+    the joiner holds a stage, the slower worker it replaces waits on standby with a reason,
+    and the run finishes with every micro-batch counted once."""
+    swarm = Swarm(tmp_path, swarm_toml(tmp_path, steps=6, checkpoint_every=1, placement="cost-model",
+                                       min_workers=2, timeout_s=5.0))
+    try:
+        swarm.start_coordinator()
+        first = [swarm.start_worker(n, None, "--simulate-device", "0.004:24") for n in ("a", "b")]
+        for w in first:
+            w.wait_for("gptjt-worker: joined")
+        swarm.wait(lambda s: s["step"] >= 2, timeout=120, what="2 steps on the slow workers")
+        swarm.start_worker("fast", None, "--simulate-device", "0.02:24")
+        status = swarm.wait(lambda s: s["phase"] == "done", timeout=240, what="the run to finish")
+    finally:
+        swarm.close()
+    plan = status["plan"]
+    names = {w["id"]: w["name"] for w in status["workers"]}
+    holders = {names[w] for s in status["stages"] for w in s["workers"]}
+    events = "\n".join(f"{e['kind']}: {e['detail']}" for e in status["events"])
+    assert "fast" in holders and len(holders) == 2, events
+    waiting = ({"a", "b"} - holders).pop()
+    waiting_id = next(i for i, n in names.items() if n == waiting)
+    assert "replica" in plan["standby_why"][waiting_id]
+    last = plan["last_replan"]
+    assert last["at_restore"] and last["step"] >= 2 and plan["layers_moved_total"] > 0, last
+    assert any(e["kind"] == "replan_pending" for e in status["events"])
+    assert status["tickets"]["exactly_once_violations"] == []
+    assert len(status["history"]) == 6 and all(h["loss"] == h["loss"] for h in status["history"])
