@@ -99,17 +99,28 @@ def run(quick: bool = False) -> dict:
 
 
 def cost_model_check(measured_ms: float, seq: int = 2048, batch: int = 1) -> dict:
-    """What the scheduler would predict for this block from the worker's own probe: the
-    cost model's compute term (6 x matmul params x tokens / probed bf16 rate) against the
-    measured forward+backward. The model leaves out attention scores (~10% at seq 2048)
-    and kernel efficiency below peak matmul, so it reads optimistic by their sum."""
+    """What the scheduler would predict for this block from the worker's own probes: the cost
+    model's compute term (6 x matmul params x tokens / rate) against the measured forward +
+    backward, once with the square-matmul peak (optimistic: it leaves out attention and
+    kernel efficiency) and once with the block probe the worker now reports after joining."""
     from coordinator.cost_model import Device, ModelShape, StagePlacement, Workload, stage_compute_s
-    from worker.probe import probe_device
+    from gptjt_core.config import flavour_config
+    from gptjt_core.model import gptj_config
+    from gptjt_core.precision import resolve_precision
+    from worker.probe import measure_block_tflops, probe_device
 
     probed = probe_device("cuda", torch.bfloat16, seconds=0.5)
+    config = gptj_config(flavour_config("gptj-6b"), attn_implementation="sdpa")
+    block = measure_block_tflops(config, "cuda", resolve_precision("bf16", "cuda"), seq * batch, seq)
     model = ModelShape.gptj_6b()
     work = Workload(tokens_per_micro_batch=seq * batch, micro_batches=1, in_flight=1)
-    device = Device("probe", probed["matmul_tflops"], probed["memory_bytes"] / 1e9, "here")
-    predicted_ms = stage_compute_s(model, work, StagePlacement(1, 2, (0,)), [device]) * 1e3
-    return {"probe_bf16_tflops": probed["matmul_tflops"], "cost_model_block_ms": predicted_ms,
-            "measured_over_predicted": measured_ms / predicted_ms}
+
+    def predicted_ms(tflops: float) -> float:
+        device = Device("probe", tflops, probed["memory_bytes"] / 1e9, "here")
+        return stage_compute_s(model, work, StagePlacement(1, 2, (0,)), [device]) * 1e3
+
+    return {"probe_bf16_tflops": probed["matmul_tflops"], "probe_block_tflops": block,
+            "cost_model_block_ms_from_matmul_peak": predicted_ms(probed["matmul_tflops"]),
+            "cost_model_block_ms_from_block_probe": predicted_ms(block),
+            "measured_over_predicted_matmul_peak": measured_ms / predicted_ms(probed["matmul_tflops"]),
+            "measured_over_predicted_block_probe": measured_ms / predicted_ms(block)}

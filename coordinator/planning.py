@@ -53,7 +53,9 @@ class PlanningMixin:
         for r in self.db.execute("SELECT * FROM workers WHERE state IN ('loading', 'ready', 'standby') "
                                  "ORDER BY joined").fetchall():
             device = json.loads(r["device"] or "{}")
-            views.append(WorkerView(r["id"], r["address"], float(device.get("matmul_tflops", 0.0)),
+            # One block of the run's model, measured, beats a square matmul's peak (see worker/probe.py)
+            rate = device.get("block_tflops") or device.get("matmul_tflops", 0.0)
+            views.append(WorkerView(r["id"], r["address"], float(rate),
                                     float(device.get("memory_bytes", 0)) / 1e9, r["stage"]))
         return views
 

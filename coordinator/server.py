@@ -252,8 +252,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 def _device(info: pb.DeviceInfo) -> tuple[dict, str]:
     """The DeviceInfo as the ledger stores it, or why it cannot be used (a plan divides by it)."""
     device = {"kind": info.kind, "name": info.name, "memory_bytes": info.memory_bytes,
-              "matmul_tflops": info.matmul_tflops, "dtype": info.dtype}
-    if info.memory_bytes < 0 or not math.isfinite(info.matmul_tflops) or info.matmul_tflops < 0:
-        return device, (f"device {info.name!r}: memory_bytes {info.memory_bytes} and matmul_tflops "
-                        f"{info.matmul_tflops} must be finite and >= 0 (a probe that failed should say so)")
+              "matmul_tflops": info.matmul_tflops, "dtype": info.dtype, "block_tflops": info.block_tflops}
+    rates = (info.matmul_tflops, info.block_tflops)
+    if info.memory_bytes < 0 or not all(math.isfinite(r) and r >= 0 for r in rates):
+        return device, (f"device {info.name!r}: memory_bytes {info.memory_bytes}, matmul_tflops "
+                        f"{info.matmul_tflops} and block_tflops {info.block_tflops} must be finite and >= 0 "
+                        "(a probe that failed should say so)")
     return device, ""

@@ -62,18 +62,20 @@ AVERAGED: ReportKind
 APPLIED: ReportKind
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("kind", "name", "memory_bytes", "matmul_tflops", "dtype")
+    __slots__ = ("kind", "name", "memory_bytes", "matmul_tflops", "dtype", "block_tflops")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MATMUL_TFLOPS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TFLOPS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     name: str
     memory_bytes: int
     matmul_tflops: float
     dtype: str
-    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., matmul_tflops: _Optional[float] = ..., dtype: _Optional[str] = ...) -> None: ...
+    block_tflops: float
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., matmul_tflops: _Optional[float] = ..., dtype: _Optional[str] = ..., block_tflops: _Optional[float] = ...) -> None: ...
 
 class LinkMeasurement(_message.Message):
     __slots__ = ("address", "latency_ms", "mbit", "measured_unix_s")

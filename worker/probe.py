@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
 
 import psutil
@@ -53,3 +54,43 @@ def probe_device(device: str, dtype: torch.dtype = torch.float32, seconds: float
         raise ValueError(f"probe dtype {dtype}: unsupported; use one of {sorted(DTYPE_NAMES.values())}")
     return {"kind": dev.type, "name": name, "memory_bytes": int(memory),
             "matmul_tflops": measure_matmul_tflops(dev, dtype, seconds), "dtype": DTYPE_NAMES[dtype]}
+
+
+def measure_block_tflops(config, device: str, precision, tokens: int, seq_len: int, seconds: float = 0.5) -> float:
+    """The rate one block of the run's model reaches on this device: 6 x block parameters x
+    tokens / (forward + backward seconds), at the run's micro-batch (tokens = micro-batch x
+    seq_len) under the run's autocast. This is the figure the cost model divides by: unlike a
+    square matmul it carries attention, normalisation and kernel efficiency (on an H100 a
+    GPT-J 6B block at seq 2048 reaches about a third of the matmul peak).
+
+    config: the run's GPTJConfig (one of its blocks is built, randomly initialised)."""
+    import copy
+
+    from gptjt_core.model import GPTJStage, StageSpec
+
+    dev = torch.device(device)
+    one = copy.deepcopy(config)
+    one.n_layer = 1
+    block = GPTJStage(one, StageSpec(0, 1)).to(dev)
+    params = sum(p.numel() for p in block.parameters())
+    batch = max(1, tokens // seq_len)
+    x = torch.randn(batch, seq_len, config.n_embd, device=dev, requires_grad=True)
+    prefix = torch.full((batch,), seq_len // 2, device=dev, dtype=torch.long)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+
+    def step():
+        with precision.autocast():
+            out = block(x, prefix)
+        out.float().pow(2).mean().backward()
+
+    step()
+    sync()
+    times, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds or len(times) < 3:
+        started = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - started)
+    del block, x
+    # the median: a shared machine's hiccups would otherwise read as a slow device
+    return 6 * params * batch * seq_len / statistics.median(times) / 1e12

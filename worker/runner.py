@@ -17,7 +17,7 @@ import torch
 
 from gptjt_core.compression import encode
 from gptjt_core.config import RunConfig, from_dict
-from gptjt_core.model import StageSpec
+from gptjt_core.model import StageSpec, model_config_for
 from gptjt_core.precision import resolve_precision
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2_grpc as spb_grpc
@@ -29,7 +29,7 @@ from .link_codecs import LinkCodecChooser
 from .link_probe import LinkProber
 from .membership import CoordinatorClient
 from .pipeline import Stage0Driver
-from .probe import probe_device
+from .probe import measure_block_tflops, probe_device
 from .routing import NextStageRouter
 from .service import StageService
 from .simulated_device import ComputePacer, SimulatedDevice
@@ -158,8 +158,15 @@ class WorkerRunner:
         """The device figures the scheduler plans with: the matmul rate at the run's compute dtype."""
         precision = resolve_precision(self.run.train.precision, self.options.device)
         if self.simulated is not None:
-            return self.simulated.device_info(precision.name)
-        return await asyncio.to_thread(probe_device, self.options.device, precision.compute_dtype)
+            return {**self.simulated.device_info(precision.name), "block_tflops": self.simulated.tflops}
+        device = await asyncio.to_thread(probe_device, self.options.device, precision.compute_dtype)
+        t = self.run.train
+        config = model_config_for(self.run.model.source, self.run.model.attn_implementation)
+        device["block_tflops"] = await asyncio.to_thread(measure_block_tflops, config, self.options.device,
+                                                         precision, t.micro_batch * t.seq_len, t.seq_len)
+        log.info("measured %.4g TFLOP/s on one block of the run's model (matmul peak %.4g) at %s",
+                 device["block_tflops"], device["matmul_tflops"], precision.name)
+        return device
 
     async def send_downstream(self, header, out: torch.Tensor):
         """Encode a stage output (B, T, D) with the codecs of the link it takes and send it to
