@@ -129,7 +129,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                   global_grad_norm=state["global_grad_norm"], plan_version=state["plan_version"],
                                   assignment=assignment_pb(state["assignment"]), paused=state["paused"],
                                   restore_epoch=state["restore_epoch"], restore_step=state["restore_step"],
-                                  restore_from_store=state["restore_from_store"])
+                                  restore_from_store=state["restore_from_store"], drain=state["drain"])
             async with self.changed:
                 try:
                     # Wake on a change, or every second to notice changes made by the reaper.

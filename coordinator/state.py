@@ -54,6 +54,8 @@ from gptjt_core.config import RunConfig
 from gptjt_core.data import step_micro_batches
 from gptjt_core.model import StageSpec
 
+from .operator import OperatorLedger
+
 WAITING, OPEN, ACCUMULATED, AVERAGING, APPLYING, DONE = ("waiting", "open", "accumulated", "averaging",
                                                          "applying", "done")
 CONTRIBUTION, AVERAGED, APPLIED = "contribution", "averaged", "applied"
@@ -123,7 +125,7 @@ def run_fingerprint(run: RunConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class RunLedger:
+class RunLedger(OperatorLedger):
     """All of the coordinator's state; the gRPC server is a thin adapter over it."""
 
     def __init__(self, path: str | Path, run: RunConfig, plan: list[StageSpec],
@@ -812,7 +814,8 @@ class RunLedger:
                 "plan_version": self.plan_version, "assignment": self.assignment(worker_id),
                 "paused": self.paused, "restore_epoch": self.restore_epoch,
                 "restore_step": int(self._meta("restore_step")),
-                "restore_from_store": self._meta("restore_from_store") == "1"}
+                "restore_from_store": self._meta("restore_from_store") == "1",
+                "drain": self.drain_requested(worker_id)}
 
     def ticket_counts(self) -> dict:
         """issued: leases handed out; reissued: tickets put back after a death, a release or a
@@ -864,7 +867,7 @@ class RunLedger:
                    "workers": [w["id"] for w in live.get(i, [])], "members": members.get(i, [])}
                   for i, s in enumerate(self.plan)]
         events = [dict(r) for r in self.db.execute("SELECT * FROM events ORDER BY id DESC LIMIT 50").fetchall()]
-        return {
+        return self.with_operator_fields({
             "run": self.run.name, "model_source": self.run.model.source, "tokenizer": self.run.data.tokenizer,
             "step": self.step, "steps_total": self.run.train.steps,
             "attempt": self.attempt, "phase": self.phase, "paused": self.paused,
@@ -884,7 +887,7 @@ class RunLedger:
             "checkpoints": {"store": self.run.coordinator.store_root, "latest_complete": self._latest_complete(),
                             "steps": [r[0] for r in self.db.execute(
                                 "SELECT DISTINCT step FROM checkpoints ORDER BY step").fetchall()]},
-        }
+        })
 
 
 def _norm_sq(report: sqlite3.Row) -> float:
