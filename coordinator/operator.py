@@ -158,8 +158,8 @@ class OperatorLedger:
                             "by the operator")
             if row["stage"] >= 0:
                 others = [w for w in self.stage_workers().get(row["stage"], []) if w["id"] != worker_id]
-                standby = self.db.execute("SELECT COUNT(*) FROM workers WHERE state='standby' AND stage=-1 "
-                                          "AND id!=?", (worker_id,)).fetchone()[0]
+                standby = [r["id"] for r in self.db.execute("SELECT id FROM workers WHERE state='standby' AND "
+                                                             "stage=-1").fetchall() if r["id"] not in drains]
                 if not others and not standby:
                     warning = (f"stage {row['stage']} has no other replica and no worker is on standby: the run "
                                "waits for a new worker once this one leaves")

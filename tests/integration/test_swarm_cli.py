@@ -53,7 +53,7 @@ def test_status_table_and_unreachable_coordinator(finished_swarm):
     r = gptjt("status", "--coordinator", finished_swarm.address)
     assert r.stdout.startswith("run test-swarm: step 2/2 (done), loss ")
     r = gptjt("status", "--coordinator", "127.0.0.1:1")
-    assert r.returncode == 2 and "did not answer" in r.stderr and "is it running?" in r.stderr
+    assert r.returncode == 3 and "did not answer" in r.stderr and "is it running?" in r.stderr
 
 
 def test_export_from_the_swarm_loads_in_transformers(finished_swarm, tmp_path):
