@@ -54,6 +54,8 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
     if port == 0:
         raise RuntimeError(f"cannot listen on {cfg.listen}: address in use or not local")
     await server.start()
+    # The dashboard starts before the port file and ready line, so its URL file is there by then.
+    dashboard = start_operator_dashboard(run, ledger, actions, dashboard_file)
     host = cfg.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     if port_file:
@@ -62,7 +64,9 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
         print(f"gptjt-coordinator: run {run.name!r} listening on {address} "
               f"({'TLS' if cfg.tls_cert else 'plaintext'}), step {ledger.step}/{run.train.steps}, "
               f"state {ledger.path}", flush=True)
-    dashboard = start_operator_dashboard(run, ledger, actions, dashboard_file)
+    if ready_line and dashboard is not None:
+        print(f"gptjt-coordinator: dashboard at {dashboard.url} (read-only; admin actions need the admin token "
+              f"in {actions.admin.where})", flush=True)
     reaper = asyncio.create_task(service.reap_forever())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,8 +97,6 @@ def start_operator_dashboard(run: RunConfig, ledger: RunLedger, actions: Operato
                            "choose another --dashboard-port (0 = any free port, -1 = none)") from None
     if url_file:
         Path(url_file).write_text(dashboard.url)
-    print(f"gptjt-coordinator: dashboard at {dashboard.url} (read-only; admin actions need the admin token "
-          f"in {actions.admin.where})", flush=True)
     return dashboard
 
 
