@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +40,10 @@ _ERROR_STATUS = {"not_found": HTTPStatus.NOT_FOUND, "precondition": HTTPStatus.C
                  "invalid": HTTPStatus.BAD_REQUEST}
 
 
+class _ThreadingHTTPServerV6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6  # a coordinator listening on [::] or an IPv6 address
+
+
 class Dashboard:
     """Serves the page and API for one coordinator; `stop()` ends it."""
 
@@ -50,7 +55,8 @@ class Dashboard:
         self._cache: tuple[float, bytes] = (0.0, b"")
         self._cache_lock = threading.Lock()
         self.assets = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in _STATIC}
-        self.httpd = ThreadingHTTPServer((host.strip("[]"), port), _handler(self))
+        server_class = _ThreadingHTTPServerV6 if ":" in host else ThreadingHTTPServer
+        self.httpd = server_class((host.strip("[]"), port), _handler(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.url = f"http://{host}:{self.port}/"

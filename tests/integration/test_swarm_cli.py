@@ -71,6 +71,7 @@ def test_demo_runs_a_swarm_end_to_end(tmp_path):
     out = r.stdout
     assert out.startswith("== gptjt demo: a local swarm on loopback: 1 coordinator + 2 workers")
     assert "run tiny-demo: step 3/3 (done)" in out
+    assert "\ndashboard at http://127.0.0.1:" in out
     assert "exported the swarm's stages as a Hugging Face checkpoint" in out
     assert "transformers pipeline : '\"I love this!\" Is it positive? A:" in out
     assert "left the run" in (tmp_path / "demo" / "demo-worker-0.log").read_text()
