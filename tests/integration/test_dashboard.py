@@ -129,7 +129,7 @@ def browser(tmp_path_factory):
     b.close()
 
 
-def test_page_in_headless_chromium(swarm, browser, tmp_path):
+def test_page_in_headless_chromium(browser, swarm, tmp_path):
     page = browser.new_page()
     page.goto(swarm.url)
     page.wait_for("window.gptjtRenders >= 2", 30, "the page to render twice (first fetch, then the stream)")
