@@ -46,29 +46,31 @@ def settled(s: dict) -> bool:
 def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dashboard")
     swarm = Swarm(tmp, swarm_toml(tmp, steps=40))
-    swarm.start_coordinator("--dashboard-port", "0", "--dashboard-file", str(tmp / "dashboard.url"))
-    swarm.url = (tmp / "dashboard.url").read_text().strip()
-    swarm.admin_token = (tmp / "run.db.admin-token").read_text().strip()
-    swarm.start_worker("a")
-    swarm.start_worker("b")
-    swarm.wait(lambda s: s["step"] >= 3, 120, "three steps to close")
-    status, _, _ = http(swarm.url + "api/admin/pause", {}, swarm.admin_token)
-    assert status == 200
-    swarm.wait(settled, 30, "the paused run to settle")
-    quiet = {}  # and the workers' heartbeats have reported their last counters
+    try:
+        swarm.start_coordinator("--dashboard-port", "0", "--dashboard-file", str(tmp / "dashboard.url"))
+        swarm.url = (tmp / "dashboard.url").read_text().strip()
+        swarm.admin_token = (tmp / "run.db.admin-token").read_text().strip()
+        swarm.start_worker("a")
+        swarm.start_worker("b")
+        swarm.wait(lambda s: s["step"] >= 3, 120, "three steps to close")
+        status, _, _ = http(swarm.url + "api/admin/pause", {}, swarm.admin_token)
+        assert status == 200
+        swarm.wait(settled, 30, "the paused run to settle")
+        quiet = {}  # and the workers' heartbeats have reported their last counters
 
-    def metrics_steady(s: dict) -> bool:
-        nonlocal quiet
-        now = {w["id"]: w["metrics"] for w in s["workers"]}
-        steady, quiet = now == quiet, now
-        time.sleep(0.6)  # more than a heartbeat interval
-        return steady
+        def metrics_steady(s: dict) -> bool:
+            nonlocal quiet
+            now = {w["id"]: w["metrics"] for w in s["workers"]}
+            steady, quiet = now == quiet, now
+            time.sleep(0.6)  # more than a heartbeat interval
+            return steady
 
-    swarm.wait(metrics_steady, 30, "the workers' metrics to settle")
-    yield swarm
-    for proc in swarm.procs[1:]:
-        proc.kill()
-    swarm.close()
+        swarm.wait(metrics_steady, 30, "the workers' metrics to settle")
+        yield swarm
+    finally:  # also when the setup fails
+        for proc in swarm.procs[1:]:
+            proc.kill()
+        swarm.close()
 
 
 def test_api_status_is_the_cli_status(swarm):

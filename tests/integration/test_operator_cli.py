@@ -32,18 +32,20 @@ def swarm(tmp_path_factory):
     """A paused run (nothing computes while the tests read it) with two stage workers and one on standby."""
     tmp = tmp_path_factory.mktemp("operator-cli")
     swarm = Swarm(tmp, swarm_toml(tmp, steps=20))
-    swarm.start_coordinator()
-    swarm.admin_token = (tmp / "run.db.admin-token").read_text().strip()
-    r = gptjt("pause", "--coordinator", swarm.address, "--admin-token", swarm.admin_token)
-    assert r.returncode == 0, r.stderr
-    for name in "abc":
-        swarm.start_worker(name)
-    swarm.wait(lambda s: sorted(w["state"] for w in s["workers"]) == ["ready", "ready", "standby"], 120,
-               "two ready stage workers and one on standby")
-    yield swarm
-    for proc in swarm.procs[1:]:
-        proc.kill()  # a paused run's workers would wait out their drain timeout
-    swarm.close()
+    try:
+        swarm.start_coordinator()
+        swarm.admin_token = (tmp / "run.db.admin-token").read_text().strip()
+        r = gptjt("pause", "--coordinator", swarm.address, "--admin-token", swarm.admin_token)
+        assert r.returncode == 0, r.stderr
+        for name in "abc":
+            swarm.start_worker(name)
+        swarm.wait(lambda s: sorted(w["state"] for w in s["workers"]) == ["ready", "ready", "standby"], 120,
+                   "two ready stage workers and one on standby")
+        yield swarm
+    finally:  # also when the setup fails
+        for proc in swarm.procs[1:]:
+            proc.kill()  # a paused run's workers would wait out their drain timeout
+        swarm.close()
 
 
 def gptjt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
