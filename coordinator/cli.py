@@ -14,8 +14,11 @@ import grpc
 from gptjt_core.config import ConfigError, RunConfig, load_run_config, tiny_demo_config
 from gptjt_core.model import model_config_for
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+from gptjt_proto import operator_pb2_grpc as opb_grpc
 
 from .checkpoint_store import CheckpointStore
+from .operator import AdminToken
+from .operator_service import OperatorActions, OperatorService
 
 from .scheduler import model_shape, plan_stages
 from .server import CoordinatorService
@@ -24,7 +27,8 @@ from .state import LedgerError, RunLedger
 log = logging.getLogger("gptjt.coordinator")
 
 
-async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None = None) -> None:
+async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None = None,
+                dashboard_file: str | None = None, admin_token_file: str | None = None) -> None:
     config = model_config_for(run.model.source)
     n_layer = config.n_layer
     shape = model_shape(n_layer, config.n_embd, config.n_inner or 4 * config.n_embd, config.vocab_size)
@@ -40,6 +44,9 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
     service = CoordinatorService(ledger, store, dht_peers)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    admin = AdminToken.load(run.coordinator.state_path, admin_token_file)
+    actions = OperatorActions(ledger, service, admin)
+    opb_grpc.add_OperatorServicer_to_server(OperatorService(actions), server)
     cfg = run.coordinator
     if cfg.tls_cert:
         creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
@@ -49,6 +56,8 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
     if port == 0:
         raise RuntimeError(f"cannot listen on {cfg.listen}: address in use or not local")
     await server.start()
+    # The dashboard starts before the port file and ready line, so its URL file is there by then.
+    dashboard = start_operator_dashboard(run, ledger, actions, dashboard_file)
     host = cfg.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     if port_file:
@@ -57,6 +66,9 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
         print(f"gptjt-coordinator: run {run.name!r} listening on {address} "
               f"({'TLS' if cfg.tls_cert else 'plaintext'}), step {ledger.step}/{run.train.steps}, "
               f"state {ledger.path}", flush=True)
+    if ready_line and dashboard is not None:
+        print(f"gptjt-coordinator: dashboard at {dashboard.url} (read-only; admin actions need the admin token "
+              f"in {actions.admin.where})", flush=True)
     reaper = asyncio.create_task(service.reap_forever())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -65,9 +77,29 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
     await stop.wait()
     log.info("shutting down")
     reaper.cancel()
+    if dashboard is not None:
+        dashboard.stop()
     await server.stop(grace=1.0)
     if dht is not None:
         dht.shutdown()
+
+
+def start_operator_dashboard(run: RunConfig, ledger: RunLedger, actions: OperatorActions,
+                             url_file: str | None = None):
+    """The HTTP dashboard on the listen host (coordinator.dashboard_port; -1: none)."""
+    from .dashboard import start_dashboard
+
+    if run.coordinator.dashboard_port < 0:
+        return None
+    host = run.coordinator.listen.rsplit(":", 1)[0]
+    try:
+        dashboard = start_dashboard(host, run.coordinator.dashboard_port, ledger, actions)
+    except OSError as e:
+        raise RuntimeError(f"cannot serve the dashboard on {host}:{run.coordinator.dashboard_port} ({e.strerror}); "
+                           "choose another --dashboard-port (0 = any free port, -1 = none)") from None
+    if url_file:
+        Path(url_file).write_text(dashboard.url)
+    return dashboard
 
 
 def start_dht(listen: str):
@@ -94,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", help="override coordinator.checkpoint_store (directory or fsspec URL)")
     ap.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every (steps)")
     ap.add_argument("--port-file", help="write the bound host:port here once listening")
+    ap.add_argument("--dashboard-port", type=int, metavar="PORT",
+                    help="override coordinator.dashboard_port (HTTP dashboard; 0 = any free port, -1 = none)")
+    ap.add_argument("--dashboard-file", help="write the dashboard's URL here once serving")
+    ap.add_argument("--admin-token-file", help="the admin token for drain/pause/tokens (default: $GPTJT_ADMIN_TOKEN, "
+                    "else STATE.admin-token beside the ledger, created on first start)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -106,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             run.coordinator.state_path = args.state
         if args.store:
             run.coordinator.checkpoint_store = args.store
+        if args.dashboard_port is not None:
+            run.coordinator.dashboard_port = args.dashboard_port
+            run.coordinator.__post_init__()  # the port's range
         if args.checkpoint_every is not None:
             run.train.checkpoint_every = args.checkpoint_every
         if args.steps is not None:
@@ -115,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             run.optim.warmup_steps = min(run.optim.warmup_steps, args.steps)
         import uvloop
 
-        uvloop.run(serve(run, port_file=args.port_file))
+        uvloop.run(serve(run, port_file=args.port_file, dashboard_file=args.dashboard_file,
+                         admin_token_file=args.admin_token_file))
     except (ConfigError, LedgerError, ValueError, RuntimeError, FileNotFoundError) as e:
         print(f"gptjt-coordinator: error: {e}", file=sys.stderr)
         return 2

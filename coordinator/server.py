@@ -142,7 +142,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                   assignment=assignment_pb(state["assignment"]), paused=state["paused"],
                                   restore_epoch=state["restore_epoch"], restore_step=state["restore_step"],
                                   restore_from_store=state["restore_from_store"],
-                                  measure_links=state["measure_links"])
+                                  measure_links=state["measure_links"], drain=state["drain"])
             async with self.changed:
                 try:
                     # Wake on a change, or every second to notice changes made by the reaper.

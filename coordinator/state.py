@@ -55,6 +55,7 @@ from gptjt_core.data import step_micro_batches
 from gptjt_core.model import StageSpec
 
 from .cost_model import ModelShape
+from .operator import OperatorLedger
 from .planning import PlanningMixin
 
 WAITING, OPEN, ACCUMULATED, AVERAGING, APPLYING, DONE = ("waiting", "open", "accumulated", "averaging",
@@ -129,7 +130,7 @@ def run_fingerprint(run: RunConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class RunLedger(PlanningMixin):
+class RunLedger(PlanningMixin, OperatorLedger):
     """All of the coordinator's state; the gRPC server is a thin adapter over it."""
 
     def __init__(self, path: str | Path, run: RunConfig, plan: list[StageSpec],
@@ -869,7 +870,7 @@ class RunLedger(PlanningMixin):
                 "paused": self.paused, "restore_epoch": self.restore_epoch,
                 "restore_step": int(self._meta("restore_step")),
                 "restore_from_store": self._meta("restore_from_store") == "1",
-                "measure_links": self.links_to_measure(worker_id)}
+                "measure_links": self.links_to_measure(worker_id), "drain": self.drain_requested(worker_id)}
 
     def ticket_counts(self) -> dict:
         """issued: leases handed out; reissued: tickets put back after a death, a release or a
@@ -921,7 +922,7 @@ class RunLedger(PlanningMixin):
                    "workers": [w["id"] for w in live.get(i, [])], "members": members.get(i, [])}
                   for i, s in enumerate(self.plan)]
         events = [dict(r) for r in self.db.execute("SELECT * FROM events ORDER BY id DESC LIMIT 50").fetchall()]
-        return {
+        return self.with_operator_fields({
             "run": self.run.name, "model_source": self.run.model.source, "tokenizer": self.run.data.tokenizer,
             "step": self.step, "steps_total": self.run.train.steps,
             "attempt": self.attempt, "phase": self.phase, "paused": self.paused,
@@ -941,7 +942,7 @@ class RunLedger(PlanningMixin):
             "checkpoints": {"store": self.run.coordinator.store_root, "latest_complete": self._latest_complete(),
                             "steps": [r[0] for r in self.db.execute(
                                 "SELECT DISTINCT step FROM checkpoints ORDER BY step").fetchall()]},
-        }
+        })
 
 
 def _norm_sq(report: sqlite3.Row) -> float:

@@ -10,7 +10,8 @@ from pathlib import Path
 from gptjt_core.config import tiny_demo_config
 
 from .local_swarm import LocalSwarm
-from .swarm_commands import _stages_table, _summary, _tickets_table, _workers_table, export_from_swarm, fetch_status
+from . import tables
+from .swarm_commands import export_from_swarm, fetch_status
 
 MODEL_CARD_PROMPT = '"I love this!" Is it positive? A:'
 
@@ -33,6 +34,8 @@ def run_demo(out: Path, steps: int | None, device: str) -> int:
     try:
         address = swarm.start_coordinator(state, steps)
         print(f"coordinator at {address} (log {out / 'coordinator.log'}); try: gptjt status --coordinator {address}")
+        if swarm.dashboard_url:
+            print(f"dashboard at {swarm.dashboard_url} (admin token in {state}.admin-token)")
         for i in range(run.pipeline.num_stages):
             # Each worker may use every core: the stages are rarely busy at the same moment.
             swarm.start_worker(token, f"demo-worker-{i}", device=device)
@@ -49,8 +52,9 @@ def run_demo(out: Path, steps: int | None, device: str) -> int:
             bar.refresh()
         bar.close()
         history = status["history"]
-        print(f"\n{_summary(status)}; loss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}\n")
-        print(_stages_table(status) + "\n\n" + _workers_table(status) + "\n\n" + _tickets_table(status) + "\n")
+        print(f"\n{tables.summary(status)}\nloss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}\n")
+        print(tables.to_text(tables.stages_table(status), tables.workers_table(status), tables.tickets_table(status)))
+        print()
         export_dir = export_from_swarm(address, str(out / "export"))
         print(f"exported the swarm's stages as a Hugging Face checkpoint: {export_dir}")
     finally:

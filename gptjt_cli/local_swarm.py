@@ -19,6 +19,7 @@ class LocalSwarm:
         self.workdir = workdir
         self.procs: list[subprocess.Popen] = []
         self.address = ""
+        self.dashboard_url = ""
 
     def _spawn(self, args: list[str], log_name: str, threads: int | None = None) -> subprocess.Popen:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -34,7 +35,8 @@ class LocalSwarm:
         addr_file = self.workdir / "coordinator.addr"
         addr_file.unlink(missing_ok=True)
         args = [str(BIN / "gptjt-coordinator"), "--state", str(state), "--listen", "127.0.0.1:0",
-                "--steps", str(steps), "--port-file", str(addr_file)]
+                "--steps", str(steps), "--port-file", str(addr_file),
+                "--dashboard-file", str(self.workdir / "dashboard.url")]
         proc = self._spawn(args + (["--config", str(config)] if config else []), "coordinator.log", threads=1)
         deadline = time.monotonic() + timeout
         while not (addr_file.is_file() and addr_file.read_text().strip()):
@@ -43,6 +45,11 @@ class LocalSwarm:
                 raise RuntimeError(f"the coordinator did not start; its log ends:\n{log}")
             time.sleep(0.1)
         self.address = addr_file.read_text().strip()
+        url_file = self.workdir / "dashboard.url"
+        until = time.monotonic() + 3.0  # written right after the gRPC port (unless dashboard_port = -1)
+        while not url_file.is_file() and proc.poll() is None and time.monotonic() < until:
+            time.sleep(0.05)
+        self.dashboard_url = url_file.read_text().strip() if url_file.is_file() else ""
         return self.address
 
     def start_worker(self, token: str, name: str, threads: int = 0, device: str = "cpu") -> subprocess.Popen:

@@ -9,6 +9,7 @@ import sys
 from gptjt_core.config import ConfigError
 
 from . import demo, local_commands, swarm_commands
+from .operator_client import CommandError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return int(args.func(args) or 0)
+    except CommandError as e:  # operator commands: the exit code says what kind of failure
+        if args.verbose:
+            raise
+        print(f"gptjt {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         # Errors meant for the user: one clear line, no traceback (use -v for one).
         if args.verbose:

@@ -438,6 +438,9 @@ class CoordinatorConfig:
     resume_from_store: bool = False
     """A NEW ledger starts from the store's latest complete checkpoint (e.g. after losing the
     ledger, or to continue with a different number of stages: the store re-slices by layer)."""
+    dashboard_port: int = 0
+    """HTTP dashboard, JSON API and Prometheus /metrics on the listen host: 0 = any free port
+    (printed at start), -1 = none. Read-only without the admin token."""
 
     @property
     def store_root(self) -> str:
@@ -450,6 +453,8 @@ class CoordinatorConfig:
                self.heartbeat_timeout_s, f"more than two heartbeat intervals ({2 * self.heartbeat_interval_s})")
         _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", self.tls_cert,
                "set together with tls_key (or neither)")
+        _check(-1 <= self.dashboard_port <= 65535, "dashboard_port", self.dashboard_port,
+               "a port (0 = any free one, -1 = no dashboard)")
 
 
 @dataclass

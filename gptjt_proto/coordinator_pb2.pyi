@@ -214,7 +214,7 @@ class WatchRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class RunState(_message.Message):
-    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links")
+    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links", "drain")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +226,7 @@ class RunState(_message.Message):
     RESTORE_STEP_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FROM_STORE_FIELD_NUMBER: _ClassVar[int]
     MEASURE_LINKS_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
     phase: StepPhase
@@ -237,7 +238,8 @@ class RunState(_message.Message):
     restore_step: int
     restore_from_store: bool
     measure_links: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ...) -> None: ...
+    drain: bool
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ..., drain: _Optional[bool] = ...) -> None: ...
 
 class CheckpointHeader(_message.Message):
     __slots__ = ("worker_id", "step", "start_layer", "end_layer", "embed", "head", "nbytes")

@@ -75,12 +75,12 @@ class Swarm:
                                     capture_output=True, text=True, check=True).stdout.strip()
         self._n = 0
 
-    def start_coordinator(self) -> Proc:
+    def start_coordinator(self, *extra: str) -> Proc:
         port_file = self.tmp / "port"
         port_file.unlink(missing_ok=True)
         self._n += 1
-        proc = Proc([str(BIN / "gptjt-coordinator"), "--config", str(self.config), "--port-file", str(port_file)],
-                    self.tmp / f"coordinator-{self._n}.log", self.tmp)
+        proc = Proc([str(BIN / "gptjt-coordinator"), "--config", str(self.config), "--port-file", str(port_file),
+                     *extra], self.tmp / f"coordinator-{self._n}.log", self.tmp)
         self.procs.append(proc)
         proc.wait_for("listening on", 60)
         self.address = port_file.read_text().strip()

@@ -91,6 +91,5 @@ def measure_block_tflops(config, device: str, precision, tokens: int, seq_len: i
         step()
         sync()
         times.append(time.perf_counter() - started)
-    del block, x
     # the median: a shared machine's hiccups would otherwise read as a slow device
     return 6 * params * batch * seq_len / statistics.median(times) / 1e12

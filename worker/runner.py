@@ -287,6 +287,8 @@ class WorkerRunner:
             previous = self.state
             self.state = state
             self._state_changed.set()
+            if state.drain and not self.leaving:
+                self.request_drain()  # the operator asked (gptjt drain, the dashboard)
             self.router.update(list(state.assignment.next_addresses),
                                forgive=previous is None or previous.plan_version != state.plan_version)
             self.link_codecs.forget_except(list(state.assignment.next_addresses))

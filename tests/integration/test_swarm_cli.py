@@ -53,7 +53,7 @@ def test_status_table_and_unreachable_coordinator(finished_swarm):
     r = gptjt("status", "--coordinator", finished_swarm.address)
     assert r.stdout.startswith("run test-swarm: step 2/2 (done), loss ")
     r = gptjt("status", "--coordinator", "127.0.0.1:1")
-    assert r.returncode == 2 and "did not answer" in r.stderr and "is it running?" in r.stderr
+    assert r.returncode == 3 and "did not answer" in r.stderr and "is it running?" in r.stderr
 
 
 def test_export_from_the_swarm_loads_in_transformers(finished_swarm, tmp_path):
@@ -71,6 +71,7 @@ def test_demo_runs_a_swarm_end_to_end(tmp_path):
     out = r.stdout
     assert out.startswith("== gptjt demo: a local swarm on loopback: 1 coordinator + 2 workers")
     assert "run tiny-demo: step 3/3 (done)" in out
+    assert "\ndashboard at http://127.0.0.1:" in out
     assert "exported the swarm's stages as a Hugging Face checkpoint" in out
     assert "transformers pipeline : '\"I love this!\" Is it positive? A:" in out
     assert "left the run" in (tmp_path / "demo" / "demo-worker-0.log").read_text()

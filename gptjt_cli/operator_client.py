@@ -1,0 +1,89 @@
+"""Calls to a running coordinator for the operator commands, with errors that carry an exit code.
+
+Exit codes scripts can rely on (docs/cli.md):
+  0  done
+  2  bad argument: a malformed option, an unknown worker or token id (argparse uses 2 as well)
+  3  the coordinator could not be reached
+  4  refused: no or wrong admin token, or the action cannot be done now (the worker already left)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grpc
+
+from gptjt_proto import coordinator_pb2 as pb
+from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+from gptjt_proto import operator_pb2_grpc as opb_grpc
+
+EXIT_OK, EXIT_BAD_ARGUMENT, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 2, 3, 4
+ADMIN_TOKEN_ENV = "GPTJT_ADMIN_TOKEN"
+COORDINATOR_ENV = "GPTJT_COORDINATOR"
+
+
+class CommandError(RuntimeError):
+    """An error meant for the user: one line, and the process exits with `exit_code`."""
+
+    exit_code = EXIT_BAD_ARGUMENT
+
+
+class BadArgument(CommandError):
+    exit_code = EXIT_BAD_ARGUMENT
+
+
+class Unreachable(CommandError):
+    exit_code = EXIT_UNREACHABLE
+
+
+class Refused(CommandError):
+    exit_code = EXIT_REFUSED
+
+
+_BY_CODE = {grpc.StatusCode.UNAVAILABLE: Unreachable, grpc.StatusCode.DEADLINE_EXCEEDED: Unreachable,
+            grpc.StatusCode.UNAUTHENTICATED: Refused, grpc.StatusCode.PERMISSION_DENIED: Refused,
+            grpc.StatusCode.FAILED_PRECONDITION: Refused, grpc.StatusCode.NOT_FOUND: BadArgument,
+            grpc.StatusCode.INVALID_ARGUMENT: BadArgument}
+
+
+def open_channel(address: str, tls_ca: str = "") -> grpc.Channel:
+    if tls_ca:
+        with open(tls_ca, "rb") as f:
+            return grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()))
+    return grpc.insecure_channel(address)
+
+
+def _raise_for(e: grpc.RpcError, address: str, what: str) -> None:
+    code = e.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        raise Unreachable(f"coordinator {address} did not answer ({code.name}): is it running? Check "
+                          "--coordinator HOST:PORT (or $GPTJT_COORDINATOR)") from None
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        raise Refused(f"coordinator {address} does not offer {what} (an older version?); upgrade it") from None
+    raise _BY_CODE.get(code, CommandError)(e.details() or f"{what} failed ({code.name})") from None
+
+
+def call_status(address: str, tls_ca: str = "", timeout: float = 10.0) -> dict:
+    """The coordinator's status object (the same one the dashboard shows)."""
+    with open_channel(address, tls_ca) as channel:
+        try:
+            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            _raise_for(e, address, "Status")
+    return json.loads(reply.json)
+
+
+def call_operator(address: str, method: str, request, tls_ca: str = "", timeout: float = 15.0) -> dict:
+    """One Operator RPC (Drain, SetPaused, CreateToken, RevokeToken, Events): its JSON reply."""
+    with open_channel(address, tls_ca) as channel:
+        try:
+            reply = getattr(opb_grpc.OperatorStub(channel), method)(request, timeout=timeout)
+        except grpc.RpcError as e:
+            _raise_for(e, address, method)
+    return json.loads(reply.json)
+
+
+def admin_token(flag: str | None) -> str:
+    return flag if flag else os.environ.get(ADMIN_TOKEN_ENV, "")
+
