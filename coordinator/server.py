@@ -92,8 +92,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         metrics = {"micro_batches_per_s": m.micro_batches_per_s, "busy_fraction": m.busy_fraction,
                    "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received, "micro_batches": m.micro_batches,
                    "downstream_mbit": m.downstream_mbit, "activation_codec": m.activation_codec,
-                   "gradient_codec": m.gradient_codec, "averaging_bytes": m.averaging_bytes,
-                   "coordinator_rtt_ms": request.coordinator_rtt_ms}
+                   "gradient_codec": m.gradient_codec, "averaging_bytes": m.averaging_bytes}
         device, problem = _device(request.device) if request.HasField("device") else (None, "")
         links = [{"address": k.address, "latency_ms": k.latency_ms, "mbit": k.mbit,
                   "measured_unix_s": k.measured_unix_s} for k in request.links]
@@ -103,7 +102,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem or f"link measurement {bad[0]} is not "
                                 "a finite, non-negative latency/bandwidth towards a stage address")
         known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics,
-                                      request.loaded_epoch, request.position, device, links)
+                                      request.loaded_epoch, request.position, device, links,
+                                      request.coordinator_rtt_ms if math.isfinite(request.coordinator_rtt_ms) else 0.0)
         await self.notify()
         return pb.HeartbeatReply(known=known)
 

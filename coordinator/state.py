@@ -338,7 +338,8 @@ class RunLedger(PlanningMixin, OperatorLedger):
         return row
 
     def heartbeat(self, worker_id: str, state: str, metrics: dict, loaded_epoch: int = -1,
-                  position: int = -1, device: dict | None = None, links: list[dict] | None = None) -> bool:
+                  position: int = -1, device: dict | None = None, links: list[dict] | None = None,
+                  coordinator_rtt_ms: float = 0.0) -> bool:
         """Record liveness; False if the worker is unknown or was declared dead (re-join).
         `device`: re-measured at the run's dtype; `links`: {address, latency_ms, mbit,
         measured_unix_s} the worker measured towards other stage servers. Either re-plans."""
@@ -358,6 +359,8 @@ class RunLedger(PlanningMixin, OperatorLedger):
                 self._set_meta("plan_version", self.plan_version + 1)  # peers' addresses may change
                 self._maybe_open()
                 self._admit_to_open_step(worker_id)
+        if coordinator_rtt_ms > 0:
+            self._record_coordinator_rtt(worker_id, coordinator_rtt_ms)
         if device or links:  # after the liveness update, so a re-plan's assignment is not overwritten
             with self._tx():
                 self._record_measurements(worker_id, self._worker(worker_id), device, links or [])
@@ -382,6 +385,17 @@ class RunLedger(PlanningMixin, OperatorLedger):
         if changed:
             self._event("measured", "; ".join(changed))
             self._replan("new measurement: " + "; ".join(changed))
+
+    def _record_coordinator_rtt(self, worker_id: str, rtt_ms: float) -> None:
+        """The worker's link to the coordinator (heartbeat round trip), kept with the links under
+        the address 'coordinator'; rewritten only when it moves by half, so jitter writes nothing."""
+        old = self.db.execute("SELECT latency_ms FROM links WHERE src=? AND dst='coordinator'", (worker_id,)).fetchone()
+        if old is None or abs(rtt_ms / 2 - old["latency_ms"]) > 0.5 * old["latency_ms"]:
+            self.db.execute("INSERT OR REPLACE INTO links VALUES(?, 'coordinator', ?, 0, ?)",
+                            (worker_id, rtt_ms / 2, self.clock()))
+
+    def coordinator_latency_ms(self) -> dict[str, float]:
+        return {r["src"]: r["latency_ms"] for r in self.db.execute("SELECT * FROM links WHERE dst='coordinator'")}
 
     def links_to_measure(self, worker_id: str, limit: int = 8) -> list[str]:
         """Stage addresses whose link from this worker a plan needs and nobody measured within
@@ -911,12 +925,13 @@ class RunLedger(PlanningMixin, OperatorLedger):
         tokens = sum(r["tokens"] for r in steps)
         recent = steps[-5:]
         span = (recent[-1]["closed"] - recent[0]["opened"]) if recent else 0.0
-        workers = []
+        workers, latency = [], self.coordinator_latency_ms()
         for r in self.db.execute("SELECT * FROM workers ORDER BY joined").fetchall():
             workers.append({"id": r["id"], "name": r["name"], "address": r["address"], "stage": r["stage"],
                             "state": r["state"], "last_heartbeat_s": round(now - r["last_heartbeat"], 3),
                             "device": json.loads(r["device"] or "{}"), "metrics": json.loads(r["metrics"] or "{}"),
-                            "tickets_done": r["tickets_done"]})
+                            "tickets_done": r["tickets_done"],
+                            "coordinator_latency_ms": latency.get(r["id"])})
         live, members = self.stage_workers(), self._members()
         stages = [{"index": i, "start_layer": s.start, "end_layer": s.end, "embed": s.embed, "head": s.head,
                    "workers": [w["id"] for w in live.get(i, [])], "members": members.get(i, [])}
