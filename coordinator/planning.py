@@ -25,7 +25,7 @@ import statistics
 
 from gptjt_core.model import StageSpec
 
-from .scheduler import LinkView, PlanDecision, StagePlan, WorkerView, decide
+from .scheduler import LinkView, PlanDecision, StagePlan, WorkerView, decide, too_small
 
 
 class PlanningMixin:
@@ -96,7 +96,9 @@ class PlanningMixin:
             return
         decision = self._decide()
         if decision is None:  # too few workers for the stages: fill what can be filled
-            self._fill_vacancies()
+            unfit = too_small(self.run, self.shape, self._views())
+            self._set_meta("standby_why", json.dumps(unfit))
+            self._fill_vacancies(exclude=frozenset(unfit))
             return
         if self._free_to_replan():
             self._apply_plan(decision, why)
@@ -115,7 +117,8 @@ class PlanningMixin:
                             f"(now {decision.current_step_s:.3g} s) moves {decision.layers_moved} layer(s); it applies "
                             "at the next complete checkpoint")
             self._set_meta("pending_plan", why)
-        self._fill_vacancies()  # a stage left empty still takes a standby worker now
+        # a stage left empty still takes a standby worker now (one that fits a layer)
+        self._fill_vacancies(exclude=frozenset(too_small(self.run, self.shape, self._views())))
 
     def _replan_at_restore(self, target: int, why: str) -> None:
         """Every stage reloads at `target` anyway (a vacated stage, or a pending plan at a

@@ -161,6 +161,12 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     return best
 
 
+def too_small(run: RunConfig, shape: ModelShape, workers: list[WorkerView]) -> dict[str, str]:
+    """Workers whose memory cannot hold even one layer of this run, and why."""
+    _, why = usable(_devices(workers), shape, workload(run))
+    return {workers[i].id: reason for i, reason in why.items()}
+
+
 def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates: list[WorkerView], net: Network,
                   current: list[StagePlan] | None) -> PlanDecision:
     cfg = run.scheduler

@@ -297,9 +297,10 @@ class RunLedger(PlanningMixin, OperatorLedger):
                 and r["position"] in (self.step, self.step + 1)
                 and (r["position"] == self.step or self.phase == APPLYING))
 
-    def _fill_vacancies(self) -> None:
+    def _fill_vacancies(self, exclude: frozenset[str] = frozenset()) -> None:
         """Standby workers take stages: empty stages first, then the stage with the fewest
-        replicas, up to pipeline.replicas_per_stage each (longest-waiting worker first)."""
+        replicas, up to pipeline.replicas_per_stage each (longest-waiting worker first).
+        `exclude`: workers the scheduler found too small for any layer."""
         target = self.run.pipeline.replicas_per_stage
         taken = self.stage_workers()
         while True:
@@ -308,8 +309,8 @@ class RunLedger(PlanningMixin, OperatorLedger):
             if not short:
                 return
             stage = min(short, key=lambda s: (counts[s], s))
-            row = self.db.execute("SELECT * FROM workers WHERE state='standby' AND stage=-1 "
-                                  "ORDER BY joined LIMIT 1").fetchone()
+            row = next((r for r in self.db.execute("SELECT * FROM workers WHERE state='standby' AND stage=-1 "
+                                                   "ORDER BY joined").fetchall() if r["id"] not in exclude), None)
             if row is None and counts[stage] == 0:
                 row = self._surplus_replica(taken)
             if row is None:

@@ -80,7 +80,7 @@ def small_run_toml(tmp: Path, steps: int = 3, num_stages: int = 2, global_batch:
                    checkpoint_every: int = 0, replicas_per_stage: int = 1, start_with_replicas: int = 1,
                    interval_s: float = 0.5, placement: str = "even", min_workers: int = 0) -> Path:
     """tmp/run.toml: a small fp32 run of the tiny flavour on the bundled wiki text, with heartbeats
-    fast enough for fault drills (tests and benchmarks). `extra` is appended (more sections).
+    fast enough for fault drills (tests and benchmarks). `extra` is appended to the [coordinator] table (more keys, or more sections).
     placement 'even' (the default here) keeps the layer ranges the drills expect; the
     cost-model scheduler has its own tests."""
     repo = Path(__file__).resolve().parent.parent
@@ -112,14 +112,14 @@ activation_codec = "fp32"
 gradient_codec = "fp32"
 replicas_per_stage = {replicas_per_stage}
 start_with_replicas = {start_with_replicas}
+[scheduler]
+placement = "{placement}"
+min_workers = {min_workers}
 [coordinator]
 listen = "127.0.0.1:{port}"
 state_path = "run.db"
 heartbeat_interval_s = {interval_s}
 heartbeat_timeout_s = {timeout_s}
-[scheduler]
-placement = "{placement}"
-min_workers = {min_workers}
 {extra}
 """)
     return path

@@ -532,6 +532,7 @@ def tiny_demo_config() -> RunConfig:
                           precision="fp32", log_every=5, checkpoint_every=20),
         pipeline=PipelineConfig(num_stages=2, activation_codec="fp32", gradient_codec="fp32"),
         coordinator=CoordinatorConfig(listen="127.0.0.1:0", state_path="runs/demo/run.db"),
+        scheduler=SchedulerConfig(min_workers=2),  # the demo's two workers are both in the first plan
     )
 
 

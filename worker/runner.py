@@ -121,18 +121,18 @@ class WorkerRunner:
         self.client = StageClient(self.counters, self.run.pipeline.chunk_bytes, link=self.run.link)
         self.link_codecs = LinkCodecChooser(self.run.pipeline, self.run.link)
         self.prober = LinkProber(self.client, self.run.scheduler.probe_max_age_s)
-        self._device_update = await self._measure_at_run_dtype()
         self.dht_peers = list(reply.dht_peers)
         a = reply.assignment
         where = (f"stage {a.stage} of {a.num_stages} (layers {a.start_layer}-{a.end_layer})" if a.stage >= 0
                  else "standby (every stage has a worker)")
         print(f"gptjt-worker: joined {o.coordinator} as {self.worker_id}, {where}; serving on {self.address} "
               f"({device['kind']}, {device['matmul_tflops']:.3f} TFLOP/s measured)", flush=True)
+        measuring = asyncio.create_task(self._measure_in_background())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_drain)
         tasks = [asyncio.create_task(self._heartbeat_loop(reply.heartbeat_interval_s)),
-                 asyncio.create_task(self._watch_loop())]
+                 asyncio.create_task(self._watch_loop()), measuring]
         for task in tasks:
             task.add_done_callback(self._on_task_done)
         self.assignment = reply.assignment  # the stage is loaded when the first RunState says from what
@@ -153,6 +153,17 @@ class WorkerRunner:
         finally:  # the sidecar is not a daemon: it must be told to stop whatever failed above
             if self.averager is not None:
                 await asyncio.to_thread(self.averager.shutdown)
+
+    async def _measure_in_background(self) -> None:
+        """Re-measure at the run's dtype while the stage loads; the next heartbeat carries it.
+        A probe that fails leaves the join's figures in place (the plan is only less exact)."""
+        try:
+            self._device_update = await self._measure_at_run_dtype()
+        except (RuntimeError, ValueError) as e:
+            log.warning("could not measure this device at the run's dtype (%s); the scheduler keeps the "
+                        "join's fp32 figures", e)
+            return
+        self._heartbeat_soon()
 
     async def _measure_at_run_dtype(self) -> dict:
         """The device figures the scheduler plans with: the matmul rate at the run's compute dtype."""
@@ -263,7 +274,8 @@ class WorkerRunner:
                                                          position, device=device, links=links,
                                                          rtt_ms=self._coordinator_rtt_ms)
                 self._coordinator_rtt_ms = (time.monotonic() - sent) * 1e3
-                self._device_update = None
+                if self._device_update is device:  # not one measured while the call was out
+                    self._device_update = None
             except grpc.aio.AioRpcError as e:
                 log.warning("heartbeat failed: %s", e.code().name)
                 self.prober.results[:0] = links  # measurements are sent with the next heartbeat

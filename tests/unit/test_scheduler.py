@@ -172,3 +172,15 @@ def test_a_device_report_that_cannot_be_planned_with_is_refused(tflops, memory):
     _, problem = _device(pb.DeviceInfo(name="gpu0", matmul_tflops=tflops, memory_bytes=memory))
     assert "gpu0" in problem and "finite" in problem
     assert _device(pb.DeviceInfo(name="gpu0", matmul_tflops=1.0, memory_bytes=1))[1] == ""
+
+
+def test_a_worker_too_small_for_a_layer_never_gets_a_stage_in_the_ledger(tmp_path):
+    ledger = make_ledger(tmp_path)
+    small = dict(device(0.5), memory_bytes=1000)  # 1 kB: not even one tiny layer
+    a = ledger.join("a", "h:1", device(0.01))["id"]
+    s = ledger.join("small", "h:2", small)["id"]  # too few usable workers for 2 stages: no plan yet
+    assert ledger.assignment(s)["stage"] == -1
+    assert "GB" in ledger.assignment(s)["standby_reason"]
+    b = ledger.join("b", "h:3", device(0.01))["id"]
+    assert {ledger.assignment(w)["stage"] for w in (a, b)} == {0, 1}
+    assert ledger.assignment(s)["stage"] == -1 and "GB" in ledger.assignment(s)["standby_reason"]
