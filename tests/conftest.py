@@ -43,6 +43,7 @@ def small_run(steps: int = 3, global_batch: int = 4, micro_batch: int = 2, seq_l
     run.train.steps, run.train.global_batch = steps, global_batch
     run.train.micro_batch, run.train.seq_len = micro_batch, seq_len
     run.optim.warmup_steps = min(run.optim.warmup_steps, steps)
+    run.scheduler.min_workers = 0  # tests join (and measure) workers themselves
     return run
 
 

@@ -45,7 +45,7 @@ def settled(s: dict) -> bool:
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dashboard")
-    swarm = Swarm(tmp, swarm_toml(tmp, steps=40))
+    swarm = Swarm(tmp, swarm_toml(tmp, steps=40, placement="cost-model", min_workers=2))
     try:
         swarm.start_coordinator("--dashboard-port", "0", "--dashboard-file", str(tmp / "dashboard.url"))
         swarm.url = (tmp / "dashboard.url").read_text().strip()

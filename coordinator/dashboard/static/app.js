@@ -169,8 +169,26 @@ function renderStageMap(s) {
   columns.push(el("div", { class: "stage", id: "step-times" }, el("h4", {}, "step time"),
     el("dl", { class: "replica" },
       el("dt", {}, "measured"), el("dd", {}, fmtDuration(s.measured_step_s)),
-      el("dt", {}, "predicted"), el("dd", {}, predicted == null ? "(the plan gives none)" : fmtDuration(predicted)))));
+      el("dt", {}, "predicted"), el("dd", {}, predicted == null ? "(the plan gives none)" : fmtDuration(predicted)),
+      ...planFacts(s.plan || {}))));
   $("#stage-map").replaceChildren(...columns);
+}
+
+// The scheduler's bookkeeping beside the step times: placement, last re-plan and its moves,
+// a plan waiting for a checkpoint, and why standby workers have no stage.
+function planFacts(plan) {
+  const facts = [el("dt", {}, "placement"), el("dd", {}, plan.placement || "–")];
+  const last = plan.last_replan;
+  if (last) {
+    facts.push(el("dt", {}, "last re-plan"),
+               el("dd", { id: "last-replan" }, `step ${last.step}: ${last.layers_moved} layer(s) moved — ${last.why}`));
+  }
+  facts.push(el("dt", {}, "layers moved"), el("dd", { id: "layers-moved" }, fmtInt(plan.layers_moved_total || 0)));
+  if (plan.pending) facts.push(el("dt", {}, "pending"), el("dd", {}, `${plan.pending} (at the next complete checkpoint)`));
+  for (const [worker, why] of Object.entries(plan.standby_why || {})) {
+    facts.push(el("dt", {}, `standby ${worker}`), el("dd", { class: "sub" }, why));
+  }
+  return facts;
 }
 
 function renderWorkers(s) {
@@ -178,7 +196,8 @@ function renderWorkers(s) {
   setText("worker-count", `${alive.length} live of ${s.workers.length}`, alive.length);
   fillBody("#workers-table", s.workers.map((w) => {
     const d = w.device || {}, m = w.metrics || {};
-    const device = [d.kind, d.name].filter(Boolean).join(" · ") + (d.matmul_tflops ? ` (${fmtNum(d.matmul_tflops, 3)} TFLOP/s)` : "");
+    const rate = d.block_tflops || d.matmul_tflops;  // the block probe is what the scheduler plans with
+    const device = [d.kind, d.name].filter(Boolean).join(" · ") + (rate ? ` (${fmtNum(rate, 3)} TFLOP/s)` : "");
     const canDrain = alive.includes(w);
     return el("tr", { class: `state-${w.state}${w.id === s.straggler ? " straggler" : ""}`, dataset: { worker: w.id } },
       td(w.id), td(w.name || ""), td(w.stage >= 0 ? w.stage : "–", "num"),
