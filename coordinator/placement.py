@@ -26,6 +26,9 @@ from .cost_model import (
 from .cost_model import MEMORY_HEADROOM as HEADROOM
 
 
+REFINED_COUNTS = 3  # stage counts the local search refines, best initial cost first
+
+
 @dataclass
 class Placement:
     stages: list[StagePlacement]
@@ -203,9 +206,9 @@ def plan(devices: list[Device], net: Network, model: ModelShape, work: Workload,
         raise ValueError(f"no stage count in {counts} fits the workers' memory")
     starts.sort(key=lambda x: x[0])
     best_cost, best_groups, best_stages = float("inf"), None, None
-    for k, (_, groups) in enumerate(starts[:3]):  # refine the three most promising stage counts
+    for k, (_, groups) in enumerate(starts[:REFINED_COUNTS]):  # refine the most promising stage counts
         remaining = budget_s - (time.perf_counter() - t0)
-        deadline = time.perf_counter() + remaining / (3 - k)
+        deadline = time.perf_counter() + remaining / (min(REFINED_COUNTS, len(starts)) - k)
         g, c, st = _local_search(groups, devices, net, model, work, deadline, rng)
         if c < best_cost:
             best_cost, best_groups, best_stages = c, g, st
