@@ -58,9 +58,9 @@ def test_a_device_too_small_for_any_layer_is_told_why():
     assert "GB" in d.standby["tiny"] and "standby" in d.standby["tiny"]
 
 
-def test_measured_links_change_the_order_of_groups():
-    """Two fast workers in one room, one far away: the far one's single link is the only slow
-    boundary either way, but a measured link is taken over the default."""
+def test_a_measured_link_replaces_the_default_in_the_prediction():
+    """Unmeasured pairs get scheduler.default_link_*; a measured slow link between the two
+    workers shows in the predicted step."""
     workers = [WorkerView(n, f"{n}:1", 1.0, 24) for n in ("a", "b")]
     fast = decide(run_config(), TINY, workers, [], None).predicted_step_s
     slow_link = [LinkView("a", "b:1", 200.0, 1.0), LinkView("b", "a:1", 200.0, 1.0)]
