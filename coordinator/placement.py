@@ -87,11 +87,13 @@ def _site_chain(devices: list[Device], ids: list[int], net: Network) -> list[int
     return [i for s in order for i in by_site[s]]
 
 
-def _chunks(ids: list[int], s: int) -> list[tuple[int, ...]]:
+def _chunks(ids: list[int], s: int, small_first: bool = False) -> list[tuple[int, ...]]:
+    """`ids` cut into s contiguous groups whose sizes differ by at most one (the larger
+    groups first, or last with small_first)."""
     r, extra = divmod(len(ids), s)
     out, at = [], 0
     for i in range(s):
-        size = r + (1 if i < extra else 0)
+        size = r + (1 if (i >= s - extra if small_first else i < extra) else 0)
         out.append(tuple(ids[at:at + size]))
         at += size
     return out
@@ -196,8 +198,11 @@ def plan(devices: list[Device], net: Network, model: ModelShape, work: Workload,
         # out until the groups fit (they wait on standby).
         members = list(chain)
         while len(members) >= s:
-            groups = _chunks(members, s)
-            cost, _ = evaluate(groups, devices, net, model, work)
+            # Groups of unequal size: try the smaller ones first and last in the pipeline (the
+            # first stage is lighter: its embedding costs memory, not FLOPs).
+            cost, groups = min(((evaluate(g, devices, net, model, work)[0], g)
+                                for g in (_chunks(members, s), _chunks(members, s, small_first=True))),
+                               key=lambda x: x[0])
             if cost < float("inf"):
                 starts.append((cost, groups))
                 break
