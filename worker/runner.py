@@ -127,7 +127,7 @@ class WorkerRunner:
                  else "standby (every stage has a worker)")
         print(f"gptjt-worker: joined {o.coordinator} as {self.worker_id}, {where}; serving on {self.address} "
               f"({device['kind']}, {device['matmul_tflops']:.3f} TFLOP/s measured)", flush=True)
-        measuring = asyncio.create_task(self._measure_in_background())
+        measuring = asyncio.create_task(self._measure_in_background(device))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_drain)
@@ -154,9 +154,15 @@ class WorkerRunner:
             if self.averager is not None:
                 await asyncio.to_thread(self.averager.shutdown)
 
-    async def _measure_in_background(self) -> None:
+    async def _measure_in_background(self, joined_with: dict) -> None:
         """Re-measure at the run's dtype while the stage loads; the next heartbeat carries it.
-        A probe that fails leaves the join's figures in place (the plan is only less exact)."""
+        A probe that fails leaves the join's figures in place (the plan is only less exact).
+        With scheduler.placement 'even' nothing plans with the figures: the join's are
+        confirmed as they are, and the CPU goes to loading the stage instead."""
+        if self.run.scheduler.placement != "cost-model":
+            self._device_update = dict(joined_with)
+            self._heartbeat_soon()
+            return
         try:
             self._device_update = await self._measure_at_run_dtype()
         except (RuntimeError, ValueError) as e:
