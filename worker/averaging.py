@@ -62,8 +62,69 @@ def sum_alone(grads: list[torch.Tensor], micro_batches: int, total_micro_batches
     return RoundResult(True, 1, float(micro_batches))
 
 
+def _count_lost_parts(lost) -> None:
+    """Make hivemind add to `lost` (a shared counter) every time a round silently loses parts.
+
+    hivemind keeps a round alive when a peer is slow: a reducer that has not heard from a sender
+    within sender_timeout averages that part WITHOUT it, and a sender whose reducer never answers
+    keeps its OWN values for that part. Either way the step still "succeeds" and only a log line
+    says so. For us that is a wrong, and replica-divergent, gradient (a 2-replica sum of 1.0 and
+    3.0 came back as 6.0 on one replica), so the sidecar reports such a round as failed and the
+    worker retries it. Patched on the classes before the averager's process is forked, so the
+    fork inherits it; `lost` is shared memory, read by the sidecar around each round."""
+    from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
+
+    if getattr(TensorPartReducer.on_sender_failed, "_gptjt_counting", False):
+        return
+
+    def add() -> None:
+        with lost.get_lock():
+            lost.value += 1
+
+    on_sender_failed = TensorPartReducer.on_sender_failed
+
+    def on_sender_failed_counted(self, sender_index: int):
+        # A sender banned after it delivered every part lost nothing (hivemind keeps those parts).
+        if not self.finished.is_set() and self.num_parts_received[sender_index] < self.num_parts:
+            add()
+        return on_sender_failed(self, sender_index)
+
+    register_failed_reducer = TensorPartContainer.register_failed_reducer
+
+    def register_failed_reducer_counted(self, peer_index: int):
+        # Parts not yet back from that reducer are about to be replaced by our own, unaveraged ones.
+        if self._outputs_registered_by_peer[peer_index] < self.num_parts_by_peer[peer_index]:
+            add()
+        return register_failed_reducer(self, peer_index)
+
+    on_sender_failed_counted._gptjt_counting = True
+    TensorPartReducer.on_sender_failed = on_sender_failed_counted
+    TensorPartContainer.register_failed_reducer = register_failed_reducer_counted
+
+
+def _stall_first_send(seconds: float) -> None:
+    """Fault injection for tests: this peer's first part to each reducer leaves `seconds` late in
+    its first round, as from a peer whose link or CPU stalls mid-round."""
+    import asyncio
+
+    from hivemind.averaging.allreduce import AllReduceRunner
+
+    generate = AllReduceRunner._generate_input_for_peer
+    rounds_stalled = set()
+
+    async def stalled(self, peer_index: int):
+        if not rounds_stalled or self.group_id in rounds_stalled:
+            rounds_stalled.add(self.group_id)
+            await asyncio.sleep(seconds)
+        async for message in generate(self, peer_index):
+            yield message
+
+    AllReduceRunner._generate_input_for_peer = stalled
+
+
 def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_maddr: str, prefix: str,
-           max_group: int, compression: str, matchmaking_s: float, timeout: float, sent) -> None:
+           max_group: int, compression: str, matchmaking_s: float, timeout: float, sent, lost,
+           stall_first_send_s: float) -> None:
     """The sidecar: a DHT peer and a DecentralizedAverager over the shared `buffers`."""
     # A spawned child inherits "spawn" as its start method; hivemind's processes need fork,
     # which is safe here: this process has no other threads yet.
@@ -75,6 +136,9 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
     from hivemind.averaging import DecentralizedAverager
 
     compression_ = _counting(hivemind_compression(compression), sent)  # `sent` is shared with the worker
+    _count_lost_parts(lost)
+    if stall_first_send_s > 0:
+        _stall_first_send(stall_first_send_s)
     dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[host_maddr], start=True)
     averager = DecentralizedAverager(
         buffers, dht, prefix=prefix, target_group_size=max_group, min_group_size=min(2, max_group),
@@ -89,10 +153,17 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
             if message[0] == "stop":
                 break
             _, seq, gather, weight = message
+            lost_before = lost.value
             control = averager.step(gather=gather, weight=weight, timeout=timeout, wait=False)
             try:
                 group = control.result(timeout=2 * timeout + 5)  # matchmaking + all-reduce, bounded
-                conn.send(("ok", seq, list(group.values())) if group else ("failed", seq, "no group"))
+                if not group:
+                    conn.send(("failed", seq, "no group"))
+                elif lost.value != lost_before:
+                    conn.send(("failed", seq, f"partial round: hivemind dropped a peer's parts (group of "
+                                              f"{len(group)}); the averaged tensors are incomplete"))
+                else:
+                    conn.send(("ok", seq, list(group.values())))
             except Exception as e:  # hivemind raises on a failed round; the step must not stall
                 control.cancel()
                 conn.send(("failed", seq, f"{type(e).__name__}: {e}"))
@@ -138,11 +209,12 @@ class StageAverager:
     max_group: the most replicas a stage can have; a round starts after matchmaking_s with at
     least two of them, so the survivors of a lost replica still average.
     initial_peers: multiaddrs of a DHT peer to join (the coordinator's); [] starts a new DHT.
+    stall_first_send_s: fault injection for tests; delays this peer's parts in its first round.
     """
 
     def __init__(self, initial_peers: list[str], run_name: str, stage: int, shapes: list[torch.Size],
                  max_group: int, compression: str = "none", matchmaking_s: float = 1.0, timeout: float = 10.0,
-                 host: str = "127.0.0.1", ready_timeout: float = 120.0):
+                 host: str = "127.0.0.1", ready_timeout: float = 120.0, stall_first_send_s: float = 0.0):
         if compression not in COMPRESSIONS:
             raise ValueError(f"averaging compression {compression!r} is unknown; use one of {COMPRESSIONS}")
         self.timeout = timeout
@@ -155,11 +227,14 @@ class StageAverager:
         # Tensor bytes this replica's rounds sent (parts out, averaged parts back), counted live in
         # the sidecar: a peer has its own result before it has sent the others theirs.
         self._sent = ctx.Value("q", 0)
+        # Parts hivemind dropped from a round (a banned sender, a reducer that never answered),
+        # counted in the averager's process: a round that lost any is reported as failed.
+        self._lost = ctx.Value("q", 0)
         host_maddr = f"/ip4/{host}/tcp/0" if host.replace(".", "").isdigit() else "/ip4/0.0.0.0/tcp/0"
         self._process = ctx.Process(
             target=_serve, name=f"gptjt-averager-stage{stage}",  # not daemonic: hivemind forks children
             args=(child, self.buffers, list(initial_peers), host_maddr, f"gptjt_{run_name}_stage{stage}",
-                  max_group, compression, matchmaking_s, timeout, self._sent))
+                  max_group, compression, matchmaking_s, timeout, self._sent, self._lost, stall_first_send_s))
         self._process.start()
         child.close()
         if not self._conn.poll(ready_timeout):

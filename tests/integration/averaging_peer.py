@@ -16,6 +16,7 @@ def main() -> None:
 
     role, workdir, value, micro_batches, compression = sys.argv[1:6]
     expected, total = int(sys.argv[6]), int(sys.argv[7])
+    timeout, stall_s = float(sys.argv[8]), float(sys.argv[9])
     peers_file = f"{workdir}/peers"
     initial = []
     if role != "first":
@@ -24,7 +25,8 @@ def main() -> None:
         initial = open(peers_file).read().split()
     grads = [torch.full((64, 33), float(value)), torch.full((17,), -float(value))]
     averager = StageAverager(initial, "test", 0, [g.shape for g in grads], max_group=expected,
-                             compression=compression, matchmaking_s=3.0, timeout=20.0)
+                             compression=compression, matchmaking_s=3.0, timeout=timeout,
+                             stall_first_send_s=stall_s if role == "stalled" else 0.0)
     if role == "first":  # the bootstrap peer publishes its address
         with open(peers_file + ".tmp", "w") as f:
             f.write("\n".join(averager.visible_maddrs))
@@ -37,8 +39,15 @@ def main() -> None:
         print(json.dumps({"role": role, "vanishing": True}), flush=True)
         os._exit(0)  # disappears right before the round, as a SIGKILLed replica would
     t0 = time.perf_counter()
-    result = averager.sum_gradients(grads, int(micro_batches), total_micro_batches=total, expected_group=expected,
-                                    contribute=role != "refused", tag=(0, 0))
+    # As a worker does while its step is still averaging: a failed round leaves the gradients as
+    # they were, and the group tries again.
+    rounds = 0
+    while rounds < 3:
+        rounds += 1
+        result = averager.sum_gradients(grads, int(micro_batches), total_micro_batches=total,
+                                        expected_group=expected, contribute=role != "refused", tag=(0, 0))
+        if result.summed or role == "vanish":
+            break
     seconds = time.perf_counter() - t0
     # A peer has its own result before it has sent the others theirs (it reduces a part for
     # them): stay up until every peer that took part is done, as a worker would.
@@ -49,7 +58,8 @@ def main() -> None:
         time.sleep(0.05)
     time.sleep(0.5)  # the last averaged parts this peer sends back may still be on their way
     print(json.dumps({"role": role, "summed": result.summed, "group": result.group_size, "weight": result.weight,
-                      "g0": float(grads[0][0, 0]), "g1": float(grads[1][0]), "seconds": seconds,
+                      "g0": float(grads[0][0, 0]), "g1": float(grads[1][0]), "g_last": float(grads[0][-1, -1]),
+                      "seconds": seconds, "rounds": rounds,
                       "bytes_sent": averager.bytes_sent}), flush=True)
     averager.shutdown()
 

@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import REPO
 
 
-def run_group(tmp_path, members: list[tuple[str, float, int]], compression: str = "none") -> dict[str, dict]:
+def run_group(tmp_path, members: list[tuple[str, float, int]], compression: str = "none",
+              timeout_s: float = 20.0, stall_s: float = 0.0) -> dict[str, dict]:
     procs = []
     total = sum(mb for _, _, mb in members)  # micro-batches in the step, the vanished peer's included
     for role, value, micro_batches in members:
@@ -22,7 +23,7 @@ def run_group(tmp_path, members: list[tuple[str, float, int]], compression: str 
         log = tmp_path / f"{role}.log"
         procs.append((log, subprocess.Popen(
             [sys.executable, "-m", "tests.integration.averaging_peer", role, str(tmp_path), str(value),
-             str(micro_batches), compression, str(len(members)), str(total)],
+             str(micro_batches), compression, str(len(members)), str(total), str(timeout_s), str(stall_s)],
             cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)))
     out = {}
     try:
@@ -53,6 +54,19 @@ def test_replicas_sum_their_gradients(tmp_path):
         # Each of two peers sends the other its half (float64) and gets back the averaged half:
         # about numel * 8 bytes out, plus message framing.
         assert numel * 8 <= r["bytes_sent"] < numel * 8 * 1.2
+
+
+def test_a_round_that_lost_parts_fails_and_is_retried(tmp_path):
+    """A peer whose parts arrive after the reducers' sender timeout (timeout_s / 2): hivemind
+    averages that part without it on one side and keeps the stalled peer's own values on the
+    other, and calls the round a success. Both sides must see it failed (no replica may take
+    the partial sum, 6.0 or 2.0 here) and the retried round must give both the true sum."""
+    res = run_group(tmp_path, [("first", 1.0, 2), ("stalled", 3.0, 6)], timeout_s=6.0, stall_s=4.5)
+    for r in res.values():
+        assert r["summed"] and r["group"] == 2 and r["weight"] == 8
+        assert r["rounds"] >= 2, f"{r['role']} took the partial first round as a success: {r}"
+        # The first and the last element sit in different reducers' parts.
+        assert r["g0"] == 4.0 and r["g_last"] == 4.0 and r["g1"] == -4.0
 
 
 def test_unequal_shares(tmp_path):
