@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from .membership import JoinRefused
 from .runner import WorkerOptions, WorkerRunner
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--simulate-device", default="", metavar="TFLOPS:MEMORY_GB",
                     help="tests and benchmarks only: report this device instead of probing, and compute at "
                          "its pace (e.g. 0.02:24)")
+    ap.add_argument("--no-rejoin", action="store_true",
+                    help="exit (status 75) when the coordinator declares this worker dead, instead of joining "
+                         "again as a new worker")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -37,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                             drain_timeout_s=args.drain_timeout, tls_ca=args.tls_ca,
                             simulate_device=args.simulate_device)
     try:
-        import uvloop
-
-        runner = WorkerRunner(options)
-        uvloop.run(runner.main())
-        if runner.failed:
-            return 1
+        return _run_until_done(options, rejoin=not args.no_rejoin)
     except JoinRefused as e:
         print(f"gptjt-worker: error: {e}", file=sys.stderr)
         return 3
@@ -50,6 +49,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gptjt-worker: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+# Exit status of a worker the coordinator declared dead, with --no-rejoin (sysexits EX_TEMPFAIL:
+# trying again later may work).
+EXIT_DECLARED_DEAD = 75
+REJOIN_DELAY_S = (2.0, 60.0)  # first and longest wait before joining again, in seconds
+STABLE_S = 600.0  # a membership that lasted this long resets the delay
+
+
+def _run_until_done(options: WorkerOptions, rejoin: bool) -> int:
+    """Run the worker; when the coordinator declares it dead (a stall or a partition outlasted
+    the heartbeat timeout) join again as a new worker, backing off if that keeps happening.
+    Each membership is a fresh WorkerRunner: its stage, server and averager are rebuilt."""
+    import uvloop
+
+    delay = REJOIN_DELAY_S[0]
+    while True:
+        runner = WorkerRunner(options)
+        started = time.monotonic()
+        uvloop.run(runner.main())
+        if runner.failed:
+            return 1
+        if not runner.declared_dead:
+            return 0
+        if not rejoin:
+            return EXIT_DECLARED_DEAD
+        if time.monotonic() - started > STABLE_S:
+            delay = REJOIN_DELAY_S[0]
+        print(f"gptjt-worker: {runner.worker_id} was declared dead by the coordinator; joining again in "
+              f"{delay:.0f} s", flush=True)
+        time.sleep(delay)
+        delay = min(2 * delay, REJOIN_DELAY_S[1])
 
 
 if __name__ == "__main__":

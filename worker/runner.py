@@ -88,6 +88,9 @@ class WorkerRunner:
         self.faults = faults_from_env()
         self.loaded_epoch = -1  # the restore epoch whose state self.stage holds
         self.failed = False  # a loop crashed: the process exits non-zero
+        # The coordinator no longer knows us (we missed heartbeats: a stall, a partition): the
+        # process joins again as a new worker unless --no-rejoin.
+        self.declared_dead = False
         self._state_changed = asyncio.Event()
         self._heartbeat_now = asyncio.Event()
         self._assignment_lock = asyncio.Lock()  # join reply and Watch may both deliver one
@@ -287,7 +290,8 @@ class WorkerRunner:
                 self.prober.results[:0] = links  # measurements are sent with the next heartbeat
                 known = True
             if not known:
-                log.error("the coordinator declared this worker dead; stopping (restart the worker to re-join)")
+                log.error("the coordinator declared this worker dead (missed heartbeats); leaving the run")
+                self.declared_dead = True
                 self.stopping.set()
                 return
             try:

@@ -88,6 +88,31 @@ def test_worker_sigkill_mid_step_then_replacement(swarm_factory):
     assert [h["loss"] for h in status["history"]] == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
+def test_a_worker_declared_dead_after_a_stall_joins_again(swarm_factory):
+    """A worker frozen past the heartbeat timeout (SIGSTOP: a stalled host, a partition) is
+    declared dead and its stage rolled back; once it runs again it learns that, joins again as
+    a new worker under the same name, takes the vacant stage, and the run ends on the
+    train-local curve."""
+    swarm = swarm_factory(steps=4)
+    swarm.start_coordinator()
+    workers = {"w0": swarm.start_worker("w0"), "w1": swarm.start_worker("w1")}
+    swarm.wait(lambda s: s["step"] >= 1, 120, "step 1")
+    workers["w1"].kill(signal.SIGSTOP)
+    status = swarm.wait(lambda s: any(w["name"] == "w1" and w["state"] == "dead" for w in s["workers"]), 30,
+                        "the frozen worker declared dead")
+    first_id = next(w["id"] for w in status["workers"] if w["name"] == "w1")
+    workers["w1"].kill(signal.SIGCONT)
+    workers["w1"].wait_for(f"gptjt-worker: {first_id} was declared dead by the coordinator; joining again", 30)
+    status = swarm.wait(done, 180, "the run to finish after the re-join")
+    w1s = [w for w in status["workers"] if w["name"] == "w1"]
+    assert [w["id"] == first_id for w in w1s].count(True) == 1 and len(w1s) == 2
+    assert next(w for w in w1s if w["id"] != first_id)["state"] != "dead"
+    assert workers["w1"].p.poll() in (None, 0)  # still a member, or left cleanly at the end
+    assert status["tickets"]["exactly_once_violations"] == []
+    expected, _ = local_losses(swarm.config, 4)
+    assert [h["loss"] for h in status["history"]] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
 def test_coordinator_kill9_and_restart_loses_nothing(swarm_factory):
     port = free_port()
     swarm = swarm_factory(steps=5, port=port, timeout_s=6.0)

@@ -180,14 +180,14 @@ def test_systemd_unit(path):
 
 def test_worker_unit_keeps_the_token_in_its_environment_file():
     entries = dict(unit_entries((DEPLOY / "systemd" / "gptjt-worker.service").read_text())["Service"])
-    assert entries["EnvironmentFile"] == "/etc/gptjt/worker.env" and entries["Restart"] == "always"
+    assert entries["EnvironmentFile"] == "/etc/gptjt/worker.env" and entries["Restart"] == "on-failure"
     assert "GPTJT_TOKEN" in env_file(DEPLOY / "systemd" / "worker.env.example")
 
 
 @pytest.mark.parametrize("old, new, expected", [
     ("[Service]", "", "no [Service]"),
     ("User=gptjt", "User=root", "dedicated User"),
-    ("Restart=always", "Restart=no", "Restart"),
+    ("Restart=on-failure", "Restart=no", "Restart"),
     ("--announce ${GPTJT_ANNOUNCE}", "--annouce ${GPTJT_ANNOUNCE}", "unrecognized"),
     ("--name ${GPTJT_NAME}", "--name ${GPTJT_LABEL}", "GPTJT_LABEL"),
     ("--name ${GPTJT_NAME}", "--name ${GPTJT_NAME} --token ${GPTJT_TOKEN}", "token"),
