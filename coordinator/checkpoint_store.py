@@ -50,6 +50,12 @@ class CheckpointStore:
         self.fs.mv(tmp, final)
         return final
 
+    def delete(self, step: int) -> None:
+        """Remove every file of `step` (the ledger has forgotten it first)."""
+        directory = self._step_dir(step)
+        if self.fs.exists(directory):
+            self.fs.rm(directory, recursive=True)
+
     def steps(self) -> list[int]:
         out = []
         for entry in self.fs.ls(self.path, detail=False):

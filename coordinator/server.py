@@ -215,9 +215,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             path = await asyncio.to_thread(self.store.put, header.step, spec, b"".join(parts))
         except Exception as e:  # not a safetensors blob, store unreachable
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"checkpoint refused: {e}")
-        self.ledger.record_checkpoint(header.step, spec, path)
+        forgotten = self.ledger.record_checkpoint(header.step, spec, path)
         await self.notify()
         log.info("stored stage %s at step %d (%d bytes) from %s", spec, header.step, size, header.worker_id)
+        for step in forgotten:
+            try:
+                await asyncio.to_thread(self.store.delete, step)
+                log.info("deleted checkpoint step %d from the store (coordinator.keep_checkpoints)", step)
+            except Exception as e:  # the ledger has already forgotten it: only disk space is lost
+                log.warning("could not delete checkpoint step %d from %s (%s); delete it by hand", step,
+                            self.store.root, e)
         return pb.CheckpointReply(path=path)
 
     async def GetCheckpoint(self, request, context):

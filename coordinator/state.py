@@ -538,12 +538,34 @@ class RunLedger(PlanningMixin, OperatorLedger):
                     + (f"; steps {undone} will be re-run" if undone else ""))
 
     # -- checkpoints -------------------------------------------------------------------
-    def record_checkpoint(self, step: int, spec: StageSpec, path: str) -> None:
+    def record_checkpoint(self, step: int, spec: StageSpec, path: str) -> list[int]:
+        """Record a stage's file in the store. Returns the steps the ledger has just forgotten
+        under `coordinator.keep_checkpoints`: the caller deletes their files (after the ledger,
+        so a crash in between leaves only orphaned files, never a ledger naming missing ones)."""
         with self._tx():
             self._record_checkpoint(step, spec, path)
-            if self._is_complete(step):
-                self._event("checkpoint_complete", f"step {step}: every stage is in the store")
-                self._maybe_apply_pending(step)
+            if not self._is_complete(step):
+                return []
+            self._event("checkpoint_complete", f"step {step}: every stage is in the store")
+            self._maybe_apply_pending(step)
+            return self._forget_old_checkpoints()
+
+    def _forget_old_checkpoints(self) -> list[int]:
+        keep = self.run.coordinator.keep_checkpoints
+        steps = [r[0] for r in self.db.execute("SELECT DISTINCT step FROM checkpoints ORDER BY step DESC")]
+        complete = [s for s in steps if self._is_complete(s)]
+        if keep <= 0 or len(complete) <= keep:
+            return []
+        oldest_kept = complete[keep - 1]
+        # Older steps, complete or partial, are no restore target any more: a rollback goes to
+        # the newest complete step. The step being restored right now is kept all the same.
+        restoring = int(self._meta("restore_step")) if self.phase == WAITING else None
+        old = [s for s in steps if s < oldest_kept and s != restoring]
+        if old:
+            self.db.execute(f"DELETE FROM checkpoints WHERE step IN ({','.join('?' * len(old))})", old)
+            self._event("checkpoints_pruned", f"deleting the store's step(s) {sorted(old)}: keep_checkpoints = "
+                        f"{keep} keeps {sorted(complete[:keep])}")
+        return sorted(old)
 
     def _record_checkpoint(self, step: int, spec: StageSpec, path: str) -> None:
         self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES(?, ?, ?, ?, ?, ?, ?)",

@@ -23,7 +23,7 @@ def losses(status: dict) -> list[float]:
 
 
 def test_lost_stage_rolls_back_to_its_checkpoint_and_stays_on_the_curve(tmp_path, swarms):
-    swarm, procs = started(swarms, tmp_path, steps=6)
+    swarm, procs = started(swarms, tmp_path, steps=6, extra="keep_checkpoints = 2")
     config = swarm.config
     status = swarm.wait(lambda s: s["step"] >= 3, 180, "three steps")
     assert status["checkpoints"]["latest_complete"] == 2
@@ -37,7 +37,9 @@ def test_lost_stage_rolls_back_to_its_checkpoint_and_stays_on_the_curve(tmp_path
     expected, _ = local_losses(config, 6)
     assert losses(status) == pytest.approx(expected, rel=1e-6, abs=1e-6)
     assert status["tickets"]["exactly_once_violations"] == []
-    assert status["checkpoints"]["steps"] == [2, 4, 6]
+    # keep_checkpoints = 2: step 2 (the one rolled back to) went once step 6 was complete
+    assert status["checkpoints"]["steps"] == [4, 6]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
     # the newcomer restored from the store, and the survivor too (it was past step 2)
     assert "from the checkpoint store" in (tmp_path / "worker-c.log").read_text()
 

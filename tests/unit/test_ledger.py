@@ -189,6 +189,45 @@ def test_drained_stage_saved_at_the_boundary_needs_no_rollback(tmp_path):
     assert "rolled_back" not in [e["kind"] for e in ledger.status()["events"]]
 
 
+def test_old_checkpoints_are_forgotten_once_newer_ones_are_complete(tmp_path):
+    ledger = make(tmp_path, steps=6)
+    ledger.run.coordinator.keep_checkpoints = 2
+    ids = ready_swarm(ledger, 2)
+    forgotten = []
+    for step in (1, 2, 3, 4):
+        finish_step(ledger, ids)
+        for spec in ledger.plan:
+            forgotten.append((step, ledger.record_checkpoint(step, spec, f"step-{step}/{spec.start}")))
+    ledger.record_checkpoint(5, ledger.plan[0], "step-5/0")  # a step still being saved
+    # Step 1 goes once step 3 is complete (not when only its first stage is in), step 2 with 4.
+    assert forgotten == [(1, []), (1, []), (2, []), (2, []), (3, []), (3, [1]), (4, []), (4, [2])]
+    cps = ledger.status()["checkpoints"]
+    assert (cps["steps"], cps["latest_complete"]) == ([3, 4, 5], 4)
+    assert [e["kind"] for e in ledger.status()["events"]].count("checkpoints_pruned") == 2
+
+
+def test_the_step_being_restored_is_never_forgotten(tmp_path):
+    ledger = make(tmp_path, steps=6)
+    ledger.run.coordinator.keep_checkpoints = 1
+    ids = ready_swarm(ledger, 2)
+    for _ in range(3):
+        finish_step(ledger, ids)
+    for spec in ledger.plan:
+        ledger.record_checkpoint(2, spec, f"step-2/{spec.start}")
+    ledger.leave(ids[1])  # stage 1 is lost at step 3: every stage reloads step 2 from the store
+    assert ledger.run_state(ids[0])["restore_step"] == 2 and ledger.phase == "waiting"
+    # A late upload completes step 3 while the run restores step 2 (keep 1 would drop step 2).
+    assert [ledger.record_checkpoint(3, spec, f"step-3/{spec.start}") for spec in ledger.plan] == [[], []]
+    assert ledger.status()["checkpoints"]["steps"] == [2, 3]
+
+
+def test_keep_checkpoints_must_not_be_negative():
+    from gptjt_core.config import CoordinatorConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="keep_checkpoints"):
+        CoordinatorConfig(keep_checkpoints=-1)
+
+
 def test_a_new_run_ignores_an_old_store_unless_told_to_resume(tmp_path):
     run = small_run(steps=4)
     plan = plan_stages(4, 2)
