@@ -16,6 +16,7 @@ BENCHMARKS = {
     "link": "bench.link",
     "gradsync": "bench.gradsync",
     "scheduler": "bench.scheduler",
+    "status": "bench.status",
 }
 
 

@@ -14,7 +14,7 @@ from tests.swarm import BIN, Swarm, swarm_toml
 
 # The documented --json schemas (docs/cli.md): keys may be added, never removed or renamed.
 STATUS_KEYS = {"run", "model_source", "tokenizer", "step", "steps_total", "attempt", "phase", "paused", "tokens",
-               "tokens_target", "tokens_per_s", "eta_s", "lr", "loss", "measured_step_s", "straggler", "history",
+               "tokens_target", "tokens_per_s", "eta_s", "lr", "loss", "measured_step_s", "straggler", "history", "loss_curve",
                "workers", "stages", "tickets", "events", "notable_events", "event_counts", "join_tokens",
                "current_step_tickets", "checkpoints", "plan_version", "restore_epoch", "replicas_per_stage",
                "global_batch", "seq_len", "now"}

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from coordinator.scheduler import plan_stages
-from coordinator.state import APPLYING, LedgerError, RunLedger, create_token_in
+import coordinator.state
+from coordinator.state import APPLYING, LedgerError, RunLedger, _count_tickets, create_token_in
 from tests.conftest import small_run
 
 
@@ -87,6 +88,52 @@ def test_full_step_protocol_and_global_norm(tmp_path):
     assert status["history"][0]["loss"] == 5.0 and status["history"][0]["tokens"] == 256
     finish_step(ledger, ids)
     assert ledger.phase == "done" and ledger.exactly_once_violations() == []
+
+
+def test_a_long_run_status_carries_recent_steps_and_a_bounded_curve(tmp_path, monkeypatch):
+    monkeypatch.setattr(coordinator.state, "HISTORY_STEPS", 3)
+    monkeypatch.setattr(coordinator.state, "LOSS_CURVE_POINTS", 4)
+    ledger = make(tmp_path, steps=10)
+    ids = ready_swarm(ledger, 2)
+    for step in range(10):
+        tickets, _ = ledger.lease(ids[0], 100)
+        for t in tickets:
+            ledger.commit(ids[0], t.id, t.attempt, float(step), 128)  # step loss: 2 x step
+        for worker_id in ids:
+            ledger.report(worker_id, step, 0, "contribution", 1.0, 2)
+        for worker_id in ids:
+            ledger.report(worker_id, step, 0, "applied")
+    status = ledger.status()
+    assert [h["step"] for h in status["history"]] == [7, 8, 9] and status["tokens"] == 10 * 256
+    # 10 steps in buckets of ceil(10 / 4) = 3: steps 0-2, 3-5, 6-8, 9, each at its last step
+    assert [(p["step"], p["loss"]) for p in status["loss_curve"]] == [(2, 2.0), (5, 8.0), (8, 14.0), (9, 18.0)]
+    assert status["tickets"]["committed"] == 20 and status["tickets"]["exactly_once_violations"] == []
+
+
+def test_kept_verdicts_and_counts_agree_with_a_fresh_look(tmp_path):
+    ledger = make(tmp_path, steps=5)
+    ids = ready_swarm(ledger, 2)
+    finish_step(ledger, ids)
+    counts = ledger.ticket_counts()  # now kept for step 0
+    # A bug that commits a micro-batch twice in the open step: the step's verdict records it.
+    tickets, _ = ledger.lease(ids[0], 100)
+    ledger.db.execute("INSERT INTO tickets(step, attempt, idx, shard, offset, state) VALUES(1, 7, 0, 0, 0, "
+                      "'committed')")
+    for t in tickets:
+        ledger.commit(ids[0], t.id, t.attempt, 1.0, 128)
+    for worker_id in ids:
+        ledger.report(worker_id, 1, 0, "contribution", 4.0, 2)
+    for worker_id in ids:
+        ledger.report(worker_id, 1, 0, "applied")
+    assert ledger.exactly_once_violations() == ledger.audit_exactly_once() == [
+        "step 1: committed micro-batches {0: 2, 1: 1} (expected each of 2 once)"]
+    assert ledger.exactly_once_counts() == {"lost": 0, "double": 1}
+    assert ledger.ticket_counts() == _count_tickets(ledger.db, 0, None) != counts
+    # Reopened (a coordinator restart), the ledger agrees with itself.
+    ledger.db.close()
+    again = make(tmp_path, steps=5)
+    assert again.ticket_counts() == _count_tickets(again.db, 0, None)
+    assert again.exactly_once_violations() == again.audit_exactly_once()
 
 
 def test_silent_worker_is_reaped_its_step_restarted_and_stale_work_refused(tmp_path):
@@ -174,8 +221,29 @@ def test_lost_stage_rolls_back_to_the_latest_complete_checkpoint(tmp_path):
         ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, ledger.step)
     for _ in range(3):
         finish_step(ledger, [ids[0], spare])
-    assert ledger.phase == "done" and ledger.exactly_once_violations() == []
+    assert ledger.phase == "done" and ledger.exactly_once_violations() == ledger.audit_exactly_once() == []
     assert ledger.ticket_counts()["rolled_back"] == 4  # step 2 (committed) and step 3 (issued)
+    assert ledger.ticket_counts() == _count_tickets(ledger.db, 0, None)
+
+
+def test_ticket_counts_kept_across_a_rollback_stay_true(tmp_path):
+    ledger = make(tmp_path, steps=6)
+    ids = ready_swarm(ledger, 2)
+    for _ in range(2):
+        finish_step(ledger, ids)
+    for spec in ledger.plan:
+        ledger.record_checkpoint(1, spec, f"step-1/{spec.start}")
+    finish_step(ledger, ids)
+    assert ledger.ticket_counts()["rolled_back"] == 0  # steps 0-2's counts are kept from here
+    spare = ledger.join("spare", "h:s", {})["id"]
+    ledger.leave(ids[1])  # back to step 1: steps 1 and 2 are rolled back
+    for w in (ids[0], spare):
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, ledger.step)
+    for _ in range(3):  # past step 3 again before anyone asks
+        finish_step(ledger, [ids[0], spare])
+    assert ledger.step == 4
+    assert ledger.ticket_counts() == _count_tickets(ledger.db, 0, None)
+    assert ledger.ticket_counts()["rolled_back"] == 6  # steps 1 and 2 (committed), step 3 (issued)
 
 
 def test_drained_stage_saved_at_the_boundary_needs_no_rollback(tmp_path):

@@ -131,9 +131,9 @@ function renderOverview(s) {
 }
 
 function renderPlots(s) {
-  plot($("#loss-plot"), s.history.map((h) => ({ x: h.step, y: h.loss })), "loss");
-  plot($("#throughput-plot"), s.history.map((h) => ({ x: h.step, y: h.seconds > 0 ? h.tokens / h.seconds : null })),
-       "tokens/s");
+  // The whole run, at most a few hundred points however long it is (status.loss_curve).
+  plot($("#loss-plot"), s.loss_curve.map((p) => ({ x: p.step, y: p.loss })), "loss");
+  plot($("#throughput-plot"), s.loss_curve.map((p) => ({ x: p.step, y: p.tokens_per_s })), "tokens/s");
 }
 
 function renderStageMap(s) {

@@ -1,0 +1,105 @@
+"""bench status: what one status object costs the coordinator on a long run's ledger.
+
+The dashboard asks for the status object once a second and `gptjt status` on demand, and the
+ledger answers on the coordinator's event loop, the loop that also serves heartbeats, leases
+and commits. So its cost must not grow with the run. The ledger here is GPT-JT's shape: 64
+micro-batches a step (one ticket each), the phase-1 length of 26,900 steps (3.53B tokens /
+(64 x 2048), about 1.7 M tickets) or shorter ones with --quick. Tickets and closed steps are
+written with SQL (building them through leases and commits would take hours); each step's
+exactly-once verdict is taken by the ledger's own code, as when a step closes.
+
+status_ms: median of 5 calls on a warm ledger. cold_ms: the first call after opening it, which
+counts the tickets of every closed step once. full_scan_ms: the queries each call used to run
+before verdicts and counts were kept (re-check every closed step's tickets, join every closed
+step with its committed tickets for the lost / double counts, count every ticket, decode the
+whole history), minus the building of the status object itself. ratio_vs_full_scan = full_scan_ms / status_ms.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+DESCRIPTION = "status object cost on a long ledger (GPT-JT phase-1 length): warm, cold, vs a full scan"
+MICRO_BATCHES = 64  # GPT-JT: 64 sequences a step, one a micro-batch
+PHASE1_STEPS = 26_900  # 3.53e9 tokens / (64 x 2048)
+
+
+def build_ledger(path: Path, steps: int):
+    """A ledger whose first `steps` steps are closed, every micro-batch committed once."""
+    from coordinator.scheduler import plan_stages
+    from coordinator.state import RunLedger
+    from gptjt_core.config import RunConfig
+
+    run = RunConfig()
+    run.train.global_batch, run.train.micro_batch, run.train.steps = MICRO_BATCHES, 1, steps + 100
+    ledger = RunLedger(path, run, plan_stages(28, 8), time.time)
+    t = time.time()
+    with ledger._tx():
+        ledger.db.executemany(
+            "INSERT INTO tickets(step, attempt, idx, shard, offset, state, worker, loss, tokens, leases) "
+            "VALUES(?, 0, ?, 0, 0, 'committed', 'w0', 2.0, 2048, 1)",
+            ((s, i) for s in range(steps) for i in range(MICRO_BATCHES)))
+        ledger.db.executemany("INSERT INTO steps VALUES(?, 1, ?, ?, 4.0, ?, ?, '{}')",
+                              ((s, 2.0 * MICRO_BATCHES / (1 + s / 1000), MICRO_BATCHES * 2048, t + 10 * s,
+                                t + 10 * s + 9.5) for s in range(steps)))
+        for s in range(steps):
+            ledger._audit_step(s)
+        ledger._set_meta("step", steps)
+    return ledger
+
+
+def full_scan(ledger) -> None:
+    """The work each status call did before: every closed step re-checked, every ticket
+    counted, the whole history decoded."""
+    from coordinator.state import _count_tickets
+
+    ledger.audit_exactly_once()
+    # the lost / double counts were a join of every closed step with its committed tickets
+    ledger.db.execute("SELECT s.step, t.idx, COUNT(t.id) FROM steps s JOIN tickets t ON t.step = s.step "
+                      "AND t.state = 'committed' GROUP BY s.step, t.idx").fetchall()
+    _count_tickets(ledger.db, 0, None)
+    [json.loads(r["detail"]) for r in ledger.db.execute("SELECT * FROM steps ORDER BY step").fetchall()]
+
+
+def _ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def measure(steps: int) -> dict:
+    from coordinator.state import RunLedger
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "run.db"
+        built = build_ledger(path, steps)
+        run, plan = built.run, built.plan
+        built.db.close()
+        ledger = RunLedger(path, run, plan, time.time)  # reopened, as after a coordinator restart
+        cold = _ms(ledger.status, 1)
+        warm = _ms(ledger.status, 5)
+        scan = _ms(lambda: full_scan(ledger), 3)
+        status = ledger.status()
+        assert status["tickets"]["committed"] == steps * MICRO_BATCHES and not status["tickets"]["lost"]
+        ledger.db.close()
+    return {"steps": steps, "tickets": steps * MICRO_BATCHES, "status_ms": round(warm, 2), "cold_ms": round(cold, 1),
+            "full_scan_ms": round(scan, 1), "ratio_vs_full_scan": round(scan / warm, 1),
+            "status_kb": round(len(json.dumps(status)) / 1024, 1), "loss_curve_points": len(status["loss_curve"]),
+            "history_rows": len(status["history"])}
+
+
+def run(quick: bool = False) -> dict:
+    sizes = (1000, 5000) if quick else (1000, 5000, PHASE1_STEPS)
+    rows = [measure(n) for n in sizes]
+    longest = rows[-1]
+    return {"benchmark": "status", "steps": longest["steps"], "status_ms": longest["status_ms"],
+            "cold_ms": longest["cold_ms"], "full_scan_ms": longest["full_scan_ms"],
+            "ratio_vs_full_scan": longest["ratio_vs_full_scan"], "status_kb": longest["status_kb"],
+            "by_length": rows}
