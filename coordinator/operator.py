@@ -224,9 +224,12 @@ class OperatorLedger:
         return [{**dict(r), "category": event_category(r["kind"])} for r in reversed(rows)]
 
     def _notable_events(self, limit: int = 50) -> list[dict]:
-        routine = [k for c in ROUTINE_CATEGORIES for k in EVENT_CATEGORIES[c]]
-        rows = self.db.execute("SELECT * FROM events WHERE kind NOT IN (%s) ORDER BY id DESC LIMIT ?"
-                               % ",".join("?" * len(routine)), (*routine, limit)).fetchall()
+        routine = {k for c in ROUTINE_CATEGORIES for k in EVENT_CATEGORIES[c]}
+        # By kind through the events_by_kind index: a long run's routine events (3 a step)
+        # are never scanned.
+        kinds = [k for (k,) in self.db.execute("SELECT DISTINCT kind FROM events").fetchall() if k not in routine]
+        rows = self.db.execute("SELECT * FROM events WHERE kind IN (%s) ORDER BY id DESC LIMIT ?"
+                               % ",".join("?" * len(kinds)), (*kinds, limit)).fetchall()
         return [{**dict(r), "category": event_category(r["kind"])} for r in reversed(rows)]
 
     # -- status extras -------------------------------------------------------------------
