@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -79,6 +80,12 @@ def _run_until_done(options: WorkerOptions, rejoin: bool) -> int:
             delay = REJOIN_DELAY_S[0]
         print(f"gptjt-worker: {runner.worker_id} was declared dead by the coordinator; joining again in "
               f"{delay:.0f} s", flush=True)
+        del runner  # free the old stage before the next one loads on the same device
+        gc.collect()
+        if options.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
         time.sleep(delay)
         delay = min(2 * delay, REJOIN_DELAY_S[1])
 

@@ -143,9 +143,9 @@ class WorkerRunner:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self.driver is not None:
-            await self.driver.stop()
         try:
+            if self.driver is not None:
+                await self.driver.stop()
             if self._averaging is not None:
                 self._averaging.cancel()
                 await asyncio.gather(self._averaging, return_exceptions=True)
@@ -156,6 +156,10 @@ class WorkerRunner:
         finally:  # the sidecar is not a daemon: it must be told to stop whatever failed above
             if self.averager is not None:
                 await asyncio.to_thread(self.averager.shutdown)
+            # The driver points back at this runner: without this the stage (weights, optimizer
+            # state, averaging buffers) would wait for the cycle collector while a re-join
+            # loads the next one on the same device.
+            self.driver = self.stage = self.averager = None
 
     async def _measure_in_background(self, joined_with: dict) -> None:
         """Re-measure at the run's dtype while the stage loads; the next heartbeat carries it.
@@ -291,7 +295,8 @@ class WorkerRunner:
                 known = True
             if not known:
                 log.error("the coordinator declared this worker dead (missed heartbeats); leaving the run")
-                self.declared_dead = True
+                # A worker that is leaving is forgotten on purpose (Leave): that is no reason to re-join.
+                self.declared_dead = not self.leaving
                 self.stopping.set()
                 return
             try:
