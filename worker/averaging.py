@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,12 @@ def _count_lost_parts(lost) -> None:
     says so. For us that is a wrong, and replica-divergent, gradient (a 2-replica sum of 1.0 and
     3.0 came back as 6.0 on one replica), so the sidecar reports such a round as failed and the
     worker retries it. Patched on the classes before the averager's process is forked, so the
-    fork inherits it; `lost` is shared memory, read by the sidecar around each round."""
+    fork inherits it; `lost` is shared memory, read by the sidecar around each round.
+
+    Only the peers that lost parts see it: in a group of three, a third peer whose slices all
+    reached healthy reducers gets a result that misses the stalled sender's share of one slice.
+    Its replicas then report different group weights or gradient norms, and the coordinator
+    re-runs the step (coordinator/state.py, the AVERAGING check)."""
     from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 
     if getattr(TensorPartReducer.on_sender_failed, "_gptjt_counting", False):
@@ -126,6 +132,9 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
            max_group: int, compression: str, matchmaking_s: float, timeout: float, sent, lost,
            stall_first_send_s: float) -> None:
     """The sidecar: a DHT peer and a DecentralizedAverager over the shared `buffers`."""
+    # Its own process group, which hivemind's DHT and averager processes (and their p2pd
+    # daemons) join when forked: shutdown() can then kill them all if the sidecar hangs.
+    os.setpgid(0, 0)
     # A spawned child inherits "spawn" as its start method; hivemind's processes need fork,
     # which is safe here: this process has no other threads yet.
     mp.set_start_method("fork", force=True)
@@ -154,7 +163,9 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
                 break
             _, seq, gather, weight = message
             lost_before = lost.value
-            control = averager.step(gather=gather, weight=weight, timeout=timeout, wait=False)
+            # No retries inside hivemind: a failed attempt that lost parts would be counted
+            # against the retry; the worker retries the round itself.
+            control = averager.step(gather=gather, weight=weight, timeout=timeout, allow_retries=False, wait=False)
             try:
                 group = control.result(timeout=2 * timeout + 5)  # matchmaking + all-reduce, bounded
                 if not group:
@@ -300,5 +311,9 @@ class StageAverager:
         except (OSError, BrokenPipeError):
             pass
         self._process.join(10)
-        if self._process.is_alive():
-            self._process.kill()
+        if self._process.is_alive():  # stuck in a round: take hivemind's processes along
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self._process.join(5)
