@@ -571,8 +571,12 @@ class RunLedger(PlanningMixin, OperatorLedger):
             return []
         oldest_kept = complete[keep - 1]
         # Older steps, complete or partial, are no restore target any more: a rollback goes to
-        # the newest complete step. The step being restored right now is kept all the same.
-        restoring = int(self._meta("restore_step")) if self.phase == WAITING else None
+        # the newest complete step. The step of the last restore is kept while any stage
+        # worker has yet to load it (it may still be reading it, even after the step opened).
+        loading = self.db.execute("SELECT 1 FROM workers WHERE stage >= 0 AND loaded_epoch != ? AND state IN (%s) "
+                                  "LIMIT 1" % ",".join("?" * len(ALIVE_STATES)),
+                                  (self.restore_epoch, *ALIVE_STATES)).fetchone()
+        restoring = int(self._meta("restore_step")) if loading and int(self._meta("restore_from_store")) else None
         old = [s for s in steps if s < oldest_kept and s != restoring]
         if old:
             self.db.execute(f"DELETE FROM checkpoints WHERE step IN ({','.join('?' * len(old))})", old)

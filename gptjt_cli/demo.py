@@ -51,8 +51,8 @@ def run_demo(out: Path, steps: int | None, device: str) -> int:
                                 phase=status["phase"])
             bar.refresh()
         bar.close()
-        history = status["history"]
-        print(f"\n{tables.summary(status)}\nloss {history[0]['loss']:.3f} -> {history[-1]['loss']:.3f}\n")
+        curve = status["loss_curve"]  # the whole run (history holds only the newest steps)
+        print(f"\n{tables.summary(status)}\nloss {curve[0]['loss']:.3f} -> {status['loss']:.3f}\n")
         print(tables.to_text(tables.stages_table(status), tables.workers_table(status), tables.tickets_table(status)))
         print()
         export_dir = export_from_swarm(address, str(out / "export"))

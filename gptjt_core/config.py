@@ -437,9 +437,9 @@ class CoordinatorConfig:
     'checkpoints' directory beside state_path."""
     keep_checkpoints: int = 0
     """Complete checkpoints to keep in the store, newest first (0: keep every one). Once a step
-    is complete, the files of steps older than the oldest kept one are deleted: at GPT-J 6B with
-    8-bit Adam a step's checkpoint is about 73 GB. The step the run is restoring from is never
-    deleted."""
+    is complete, the files of steps older than the oldest kept one are deleted: at GPT-J 6B (fp32
+    weights and AdamW moments) a step's checkpoint is about 73 GB. The step the run last
+    restored from is kept while any stage worker has yet to load it."""
     resume_from_store: bool = False
     """A NEW ledger starts from the store's latest complete checkpoint (e.g. after losing the
     ledger, or to continue with a different number of stages: the store re-slices by layer)."""

@@ -287,6 +287,13 @@ def test_the_step_being_restored_is_never_forgotten(tmp_path):
     # A late upload completes step 3 while the run restores step 2 (keep 1 would drop step 2).
     assert [ledger.record_checkpoint(3, spec, f"step-3/{spec.start}") for spec in ledger.plan] == [[], []]
     assert ledger.status()["checkpoints"]["steps"] == [2, 3]
+    spare = ledger.join("spare", "h:s", {})["id"]
+    ledger.heartbeat(spare, "ready", {}, ledger.restore_epoch, ledger.step)
+    assert ledger.phase == "waiting"  # ids[0] has not loaded step 2 yet: still kept
+    assert [ledger.record_checkpoint(4, spec, f"step-4/{spec.start}") for spec in ledger.plan] == [[], [3]]
+    ledger.heartbeat(ids[0], "ready", {}, ledger.restore_epoch, ledger.step)
+    assert ledger.phase == "open"  # every stage holds step 2 now: it may go
+    assert [ledger.record_checkpoint(5, spec, f"step-5/{spec.start}") for spec in ledger.plan] == [[], [2, 4]]
 
 
 def test_keep_checkpoints_must_not_be_negative():
