@@ -959,7 +959,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
         """Take a closing step's exactly-once verdict and keep it. A closed step's tickets never
         change again (a commit needs a leased ticket of the open step; a rollback deletes the
         step with its verdict), so status() sums kept verdicts instead of re-checking every
-        ticket of the run each time (7 s on a GPT-JT-length ledger)."""
+        ticket of the run each time (most of 6 s a call on a GPT-JT-length ledger: bench status)."""
         self.db.execute("INSERT OR REPLACE INTO step_audits VALUES(?, ?, ?, ?)", (step, *self._exactly_once(step)))
 
     def exactly_once_counts(self) -> dict:
