@@ -63,6 +63,10 @@ class WorkerOptions:
     """TFLOPS:MEMORY_GB: report this device and compute at its pace (tests and benchmarks only)."""
 
 
+# Phases in which a stage's weights and optimizer state are still those the step started from
+# (APPLYING changes them).
+_WEIGHTS_UNCHANGED = (cpb.WAITING, cpb.OPEN, cpb.ACCUMULATED, cpb.AVERAGING)
+
 class WorkerRunner:
     def __init__(self, options: WorkerOptions):
         self.options = options
@@ -239,10 +243,10 @@ class WorkerRunner:
         drain_step = state.step if state is not None else -1
         deadline = time.monotonic() + self.options.drain_timeout_s
         self._status = cpb.DRAINING
-        # A single-replica stage can only leave cleanly at a step boundary: keep serving
-        # until the step that was open when the drain began has closed.
+        # Keep serving until the step that was open when the drain began has closed, so its
+        # work is not redone; a paused run closes no step, so there is nothing to wait for.
         while (self.stage is not None and self.state is not None and self.state.phase not in (cpb.DONE, cpb.WAITING)
-               and self.state.step <= drain_step and time.monotonic() < deadline):
+               and self.state.step <= drain_step and not self.state.paused and time.monotonic() < deadline):
             self._state_changed.clear()
             try:
                 await asyncio.wait_for(self._state_changed.wait(), timeout=0.5)
@@ -250,10 +254,11 @@ class WorkerRunner:
                 pass
         if self.driver is not None:
             await self.driver.stop()  # hands back anything still leased
-        if (self.stage is not None and self.state is not None and self.state.phase == cpb.WAITING
+        if (self.stage is not None and self.state is not None and self.state.phase in _WEIGHTS_UNCHANGED
                 and self.stage.position == self.state.step and not self.state.assignment.peer_addresses):
-            # The stage's last replica, at a step boundary: leave the stage in the store so a
-            # newcomer continues from here instead of the run rolling back to the last checkpoint.
+            # The stage's last replica, with the weights the open step started from: leave them
+            # in the store so a newcomer continues from this step (only its partial work is
+            # redone) instead of the run rolling back to the last checkpoint.
             try:
                 await self.save_checkpoint(self.stage.position)
             except grpc.aio.AioRpcError as e:

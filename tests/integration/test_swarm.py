@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 
 import grpc
@@ -12,7 +13,7 @@ import torch
 
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import coordinator_pb2_grpc as cpb_grpc
-from tests.swarm import Swarm, free_port, local_losses, swarm_toml
+from tests.swarm import BIN, Swarm, free_port, local_losses, swarm_toml
 
 
 @pytest.fixture()
@@ -109,6 +110,37 @@ def test_a_worker_declared_dead_after_a_stall_joins_again(swarm_factory):
     assert next(w for w in w1s if w["id"] != first_id)["state"] != "dead"
     assert workers["w1"].p.poll() in (None, 0)  # still a member, or left cleanly at the end
     assert status["tickets"]["exactly_once_violations"] == []
+    expected, _ = local_losses(swarm.config, 4)
+    assert [h["loss"] for h in status["history"]] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_a_last_replica_drained_mid_step_saves_its_stage_instead_of_rolling_back(swarm_factory, tmp_path):
+    """The operator pauses a run without checkpoints mid-step, then drains the only worker of
+    stage 1: it leaves at once (a paused run closes no step), leaving the weights the open step
+    started from in the store, so a newcomer redoes only that step: no rollback, and the run
+    ends on the train-local curve."""
+    swarm = swarm_factory(steps=4)
+    swarm.start_coordinator()
+    admin = ["--coordinator", swarm.address, "--admin-token", (tmp_path / "run.db.admin-token").read_text().strip()]
+    workers = {"w0": swarm.start_worker("w0"), "w1": swarm.start_worker("w1")}
+    swarm.wait(lambda s: s["step"] >= 2, 120, "two steps")
+    subprocess.run([str(BIN / "gptjt"), "pause", *admin], check=True, capture_output=True, timeout=60)
+    status = swarm.status()
+    paused_at = status["step"]
+    victim = next(w["name"] for w in status["workers"] if w["stage"] == 1)
+    subprocess.run([str(BIN / "gptjt"), "drain", victim, *admin], check=True, capture_output=True, timeout=60)
+    drained = time.monotonic()
+    assert workers[victim].p.wait(30) == 0
+    assert time.monotonic() - drained < 20  # not the 60 s drain timeout
+    assert "checkpointed stage" in workers[victim].text()
+    status = swarm.status()
+    assert status["step"] == paused_at and paused_at in status["checkpoints"]["steps"]
+    assert "rolled_back" not in [e["kind"] for e in status["events"]]
+    swarm.start_worker("w2")
+    subprocess.run([str(BIN / "gptjt"), "resume", *admin], check=True, capture_output=True, timeout=60)
+    status = swarm.wait(done, 180, "the run to finish after the replacement joined")
+    assert status["tickets"]["exactly_once_violations"] == [] and status["tickets"]["rolled_back"] == 0
+    assert "from the checkpoint store" in (tmp_path / "worker-w2.log").read_text()
     expected, _ = local_losses(swarm.config, 4)
     assert [h["loss"] for h in status["history"]] == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
