@@ -119,13 +119,15 @@ def test_a_last_replica_drained_mid_step_saves_its_stage_instead_of_rolling_back
     stage 1: it leaves at once (a paused run closes no step), leaving the weights the open step
     started from in the store, so a newcomer redoes only that step: no rollback, and the run
     ends on the train-local curve."""
-    swarm = swarm_factory(steps=4)
+    # 8 micro-batches a step, at most 3 in flight: a pause leaves the open step unfinished
+    swarm = swarm_factory(steps=4, global_batch=8, micro_batch=1)
     swarm.start_coordinator()
     admin = ["--coordinator", swarm.address, "--admin-token", (tmp_path / "run.db.admin-token").read_text().strip()]
     workers = {"w0": swarm.start_worker("w0"), "w1": swarm.start_worker("w1")}
     swarm.wait(lambda s: s["step"] >= 2, 120, "two steps")
     subprocess.run([str(BIN / "gptjt"), "pause", *admin], check=True, capture_output=True, timeout=60)
-    status = swarm.status()
+    # what was in flight when the pause came finishes; then nothing moves
+    status = swarm.wait(lambda s: s["phase"] == "open" and s["tickets"]["leased"] == 0, 60, "the paused run to settle")
     paused_at = status["step"]
     victim = next(w["name"] for w in status["workers"] if w["stage"] == 1)
     subprocess.run([str(BIN / "gptjt"), "drain", victim, *admin], check=True, capture_output=True, timeout=60)
