@@ -67,6 +67,7 @@ class WorkerOptions:
 # (APPLYING changes them).
 _WEIGHTS_UNCHANGED = (cpb.WAITING, cpb.OPEN, cpb.ACCUMULATED, cpb.AVERAGING)
 
+
 class WorkerRunner:
     def __init__(self, options: WorkerOptions):
         self.options = options
