@@ -1,0 +1,91 @@
+"""Coordinator-only settings: where it listens and keeps its ledger, and how it places stages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config_errors import _check
+
+
+@dataclass
+class CoordinatorConfig:
+    """Where the coordinator listens and keeps its ledger; liveness timing."""
+
+    listen: str = "127.0.0.1:7420"
+    """host:port for the gRPC API (port 0 picks a free one)."""
+    state_path: str = "gptjt-run.db"
+    """SQLite ledger (WAL); relative paths are relative to the run config file."""
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 10.0
+    """A worker silent this long is dead: its tickets are re-issued (PRIME uses 2 s / 10 s)."""
+    tls_cert: str = ""
+    """PEM certificate chain; with tls_key, the API is served over TLS."""
+    tls_key: str = ""
+    checkpoint_store: str = ""
+    """Where stage checkpoints go: a directory on the coordinator host (workers stream them
+    through the coordinator API) or any fsspec URL, e.g. s3://bucket/run. Default: a
+    'checkpoints' directory beside state_path."""
+    keep_checkpoints: int = 0
+    """Complete checkpoints to keep in the store, newest first (0: keep every one). Once a step
+    is complete, the files of steps older than the oldest kept one are deleted: at GPT-J 6B (fp32
+    weights and AdamW moments) a step's checkpoint is about 73 GB. The step the run last
+    restored from is kept while any stage worker has yet to load it."""
+    resume_from_store: bool = False
+    """A NEW ledger starts from the store's latest complete checkpoint (e.g. after losing the
+    ledger, or to continue with a different number of stages: the store re-slices by layer)."""
+    dashboard_port: int = 0
+    """HTTP dashboard, JSON API and Prometheus /metrics on the listen host: 0 = any free port
+    (printed at start), -1 = none. Read-only without the admin token."""
+
+    @property
+    def store_root(self) -> str:
+        return self.checkpoint_store or str(Path(self.state_path).parent / "checkpoints")
+
+    def __post_init__(self) -> None:
+        _check(":" in self.listen, "listen", self.listen, "host:port")
+        _check(self.heartbeat_interval_s > 0, "heartbeat_interval_s", self.heartbeat_interval_s, "> 0")
+        _check(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s, "heartbeat_timeout_s",
+               self.heartbeat_timeout_s, f"more than two heartbeat intervals ({2 * self.heartbeat_interval_s})")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", self.tls_cert,
+               "set together with tls_key (or neither)")
+        _check(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 0, "keep_checkpoints",
+               self.keep_checkpoints, "an integer >= 0 (0 keeps every checkpoint)")
+        _check(-1 <= self.dashboard_port <= 65535, "dashboard_port", self.dashboard_port,
+               "a port (0 = any free one, -1 = no dashboard)")
+
+
+@dataclass
+class SchedulerConfig:
+    """How the coordinator places stages: layer ranges, replica groups and pipeline order from
+    each worker's measured device and links (coordinator/scheduler.py), re-planned on joins,
+    leaves and new measurements."""
+
+    placement: str = "cost-model"
+    """'cost-model': layer ranges and groups that minimise the predicted step time; 'even':
+    balanced layer counts, workers in join order (the cost model only predicts)."""
+    min_workers: int = 0
+    """The first step waits until this many workers have joined and reported a measurement at
+    the run's dtype, so the first plan sees them all (0: start as soon as every stage has one)."""
+    horizon_steps: int = 50
+    """Hysteresis: a re-plan moves workers only if its predicted saving over this many steps
+    exceeds the time the moves cost (layer_load_s per layer a worker must load)."""
+    layer_load_s: float = 2.0
+    """Seconds a worker needs to load one layer it does not hold (weights + optimizer state)."""
+    search_budget_s: float = 0.3
+    """Wall time one plan search may take (it runs on the coordinator's event loop)."""
+    default_link_mbit: float = 1000.0
+    """Assumed bandwidth of a worker pair whose link nobody has measured yet, Mbit/s."""
+    default_link_latency_ms: float = 5.0
+    """Assumed one-way latency of an unmeasured link, milliseconds."""
+    probe_max_age_s: float = 600.0
+    """A link measurement older than this is measured again when a plan needs that link."""
+
+    def __post_init__(self) -> None:
+        _check(self.placement in ("cost-model", "even"), "placement", self.placement, "'cost-model' or 'even'")
+        _check(self.min_workers >= 0, "min_workers", self.min_workers, "an integer >= 0")
+        _check(self.horizon_steps >= 1, "horizon_steps", self.horizon_steps, "an integer >= 1")
+        for name in ("layer_load_s", "search_budget_s", "default_link_latency_ms"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
+        _check(self.default_link_mbit > 0, "default_link_mbit", self.default_link_mbit, "a number of Mbit/s > 0")
+        _check(self.probe_max_age_s > 0, "probe_max_age_s", self.probe_max_age_s, "seconds > 0")
