@@ -13,30 +13,35 @@ class CoordinatorConfig:
     """Where the coordinator listens and keeps its ledger; liveness timing."""
 
     listen: str = "127.0.0.1:7420"
-    """host:port for the gRPC API (port 0 picks a free one)."""
+    """host:port for the gRPC API (port 0 picks a free one); must contain ':'."""
     state_path: str = "gptjt-run.db"
     """SQLite ledger (WAL); relative paths are relative to the run config file."""
     heartbeat_interval_s: float = 2.0
+    """Seconds between a worker's heartbeats, > 0; workers learn it from the join reply."""
     heartbeat_timeout_s: float = 10.0
-    """A worker silent this long is dead: its tickets are re-issued (PRIME uses 2 s / 10 s)."""
+    """A worker silent this long is dead: its tickets are re-issued (PRIME uses 2 s / 10 s).
+    Seconds, more than 2 x heartbeat_interval_s."""
     tls_cert: str = ""
-    """PEM certificate chain; with tls_key, the API is served over TLS."""
+    """PEM certificate chain; with tls_key, the API is served over TLS. '' (with tls_key '') serves
+    plain gRPC."""
     tls_key: str = ""
+    """PEM private key of tls_cert; set together with tls_cert (or neither)."""
     checkpoint_store: str = ""
     """Where stage checkpoints go: a directory on the coordinator host (workers stream them
-    through the coordinator API) or any fsspec URL, e.g. s3://bucket/run. Default: a
-    'checkpoints' directory beside state_path."""
+    through the coordinator API) or any fsspec URL, e.g. s3://bucket/run. '' (the
+    default): a 'checkpoints' directory beside state_path."""
     keep_checkpoints: int = 0
     """Complete checkpoints to keep in the store, newest first (0: keep every one). Once a step
     is complete, the files of steps older than the oldest kept one are deleted: at GPT-J 6B (fp32
     weights and AdamW moments) a step's checkpoint is about 73 GB. The step the run last
-    restored from is kept while any stage worker has yet to load it."""
+    restored from is kept while any stage worker has yet to load it. An integer >= 0."""
     resume_from_store: bool = False
     """A NEW ledger starts from the store's latest complete checkpoint (e.g. after losing the
-    ledger, or to continue with a different number of stages: the store re-slices by layer)."""
+    ledger, or to continue with a different number of stages: the store re-slices by layer).
+    false: a new ledger starts from model.source."""
     dashboard_port: int = 0
     """HTTP dashboard, JSON API and Prometheus /metrics on the listen host: 0 = any free port
-    (printed at start), -1 = none. Read-only without the admin token."""
+    (printed at start), -1 = none; otherwise a port up to 65535. Read-only without the admin token."""
 
     @property
     def store_root(self) -> str:
@@ -63,23 +68,25 @@ class SchedulerConfig:
 
     placement: str = "cost-model"
     """'cost-model': layer ranges and groups that minimise the predicted step time; 'even':
-    balanced layer counts, workers in join order (the cost model only predicts)."""
+    balanced layer counts, workers in join order (the cost model only predicts). Nothing else."""
     min_workers: int = 0
     """The first step waits until this many workers have joined and reported a measurement at
-    the run's dtype, so the first plan sees them all (0: start as soon as every stage has one)."""
+    the run's dtype, so the first plan sees them all (0: start as soon as every stage has one).
+    An integer >= 0."""
     horizon_steps: int = 50
     """Hysteresis: a re-plan moves workers only if its predicted saving over this many steps
-    exceeds the time the moves cost (layer_load_s per layer a worker must load)."""
+    exceeds the time the moves cost (layer_load_s per layer a worker must load). An integer >= 1."""
     layer_load_s: float = 2.0
-    """Seconds a worker needs to load one layer it does not hold (weights + optimizer state)."""
+    """Seconds a worker needs to load one layer it does not hold (weights + optimizer state), >= 0."""
     search_budget_s: float = 0.3
-    """Wall time one plan search may take (it runs on the coordinator's event loop)."""
+    """Wall time one plan search may take, in seconds >= 0 (it runs on the coordinator's event loop)."""
     default_link_mbit: float = 1000.0
-    """Assumed bandwidth of a worker pair whose link nobody has measured yet, Mbit/s."""
+    """Assumed bandwidth of a worker pair whose link nobody has measured yet, Mbit/s > 0."""
     default_link_latency_ms: float = 5.0
-    """Assumed one-way latency of an unmeasured link, milliseconds."""
+    """Assumed one-way latency of an unmeasured link, milliseconds >= 0."""
     probe_max_age_s: float = 600.0
-    """A link measurement older than this is measured again when a plan needs that link."""
+    """A link measurement older than this many seconds (> 0) is measured again when a plan needs
+    that link."""
 
     def __post_init__(self) -> None:
         _check(self.placement in ("cost-model", "even"), "placement", self.placement, "'cost-model' or 'even'")

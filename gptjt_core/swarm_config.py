@@ -16,26 +16,31 @@ class PipelineConfig:
     """How the model is cut into stages and what crosses stage boundaries."""
 
     num_stages: int = 2
-    """Pipeline stages; the scheduler decides how many layers each holds ([scheduler])."""
+    """Pipeline stages, an integer >= 1 and at most the model's layers; the scheduler decides how
+    many layers each holds ([scheduler])."""
     max_in_flight: int = 0
-    """Micro-batches stage 0 keeps in the pipeline at once (0: num_stages + 1)."""
+    """Micro-batches stage 0 keeps in the pipeline at once, an integer >= 0 (0: num_stages + 1)."""
     activation_codec: str = "fp16"
-    """Codec for activations sent forward (see gptjt_core.compression.CODECS)."""
+    """Codec for activations sent forward: one of 'fp32', 'fp16', 'bf16', 'q8', 'q4', 'q3'
+    (CODEC_NAMES; see gptjt_core.compression.CODECS)."""
     gradient_codec: str = "fp16"
-    """Codec for activation gradients sent backward."""
+    """Codec for activation gradients sent backward, one of CODEC_NAMES."""
     chunk_bytes: int = 1 << 20
-    """Bytes per gRPC message when streaming a tensor (gRPC's default cap is 4 MB)."""
+    """Bytes per gRPC message when streaming a tensor, 4 KiB .. 4 MiB (gRPC's default cap is 4 MB)."""
     max_payload_bytes: int = 1 << 30
-    """Largest tensor a stage accepts; bigger payloads are refused before they are buffered."""
+    """Largest tensor a stage accepts, in bytes, at least chunk_bytes; bigger payloads are
+    refused before they are buffered."""
     replicas_per_stage: int = 1
-    """Data-parallel replicas the coordinator assigns to each stage (more joiners wait on standby).
-    With more than one, replicas sum their gradients through hivemind at every step close."""
+    """Data-parallel replicas the coordinator assigns to each stage, an integer >= 1 (more joiners
+    wait on standby). With more than one, replicas sum their gradients through hivemind at every
+    step close."""
     start_with_replicas: int = 1
     """The run's first step waits until every stage has this many ready replicas (later steps
-    go on with whoever holds the state, down to one per stage)."""
+    go on with whoever holds the state, down to one per stage); an integer in 1 .. replicas_per_stage."""
     joiner_grace_s: float = 5.0
     """A step waits up to this many seconds (from the previous step's close) for replicas still
-    copying or loading the state, so a joiner catches up instead of always trailing a short step."""
+    copying or loading the state, so a joiner catches up instead of always trailing a short step;
+    a number >= 0 (0: never wait)."""
 
     def __post_init__(self) -> None:
         _check(self.num_stages >= 1, "num_stages", self.num_stages, "an integer >= 1")
@@ -64,19 +69,21 @@ class LinkConfig:
 
     adaptive_codecs: bool = False
     """Choose codecs per downstream link: below slow_link_mbit the slow codecs replace
-    pipeline.activation_codec / gradient_codec on that link (fewer bits on a slow link)."""
+    pipeline.activation_codec / gradient_codec on that link (fewer bits on a slow link). false:
+    every link uses the pipeline codecs."""
     slow_link_mbit: float = 1000.0
     """Measured link throughput (Mbit/s, payload bytes over the call time the link took) under
-    which a link counts as slow. It must rise 25 % above this to count as fast again."""
+    which a link counts as slow, a number > 0. It must rise 25 % above this to count as fast again."""
     slow_activation_codec: str = "q4"
-    """Activation codec on a slow link."""
+    """Activation codec on a slow link, one of CODEC_NAMES."""
     slow_gradient_codec: str = "q4"
-    """Gradient codec asked for on a slow link (the downstream stage encodes the reply with it)."""
+    """Gradient codec asked for on a slow link (the downstream stage encodes the reply with it),
+    one of CODEC_NAMES."""
     emulate_mbit: float = 0.0
-    """Emulated bandwidth of every downstream link, each direction, in Mbit/s (0: not shaped).
+    """Emulated bandwidth of every downstream link, each direction, in Mbit/s >= 0 (0: not shaped).
     For tests and benchmarks on loopback; the shaper queues bytes like a real serial link."""
     emulate_latency_ms: float = 0.0
-    """Emulated one-way latency added to every message on a shaped link, in milliseconds."""
+    """Emulated one-way latency added to every message on a shaped link, in milliseconds >= 0."""
 
     def __post_init__(self) -> None:
         for name in ("slow_activation_codec", "slow_gradient_codec"):
@@ -105,12 +112,12 @@ class AveragingConfig:
     "fp16" or "8bit-blockwise" halve or quarter the traffic at the cost of per-replica rounding."""
     timeout_s: float = 30.0
     """Bound on one averaging round (matchmaking + all-reduce), in seconds. A round that fails is
-    retried with the replicas still alive; the coordinator restarts the step after 3 x this."""
+    retried with the replicas still alive; the coordinator restarts the step after 3 x this. > 0."""
     matchmaking_s: float = 0.5
-    """How long replicas wait to assemble a group, in seconds (hivemind min_matchmaking_time)."""
+    """How long replicas wait to assemble a group, in seconds > 0 (hivemind min_matchmaking_time)."""
     poison_norm_factor: float = 10.0
     """A contribution whose gradient norm per micro-batch exceeds this factor times the stage's
-    reference (the lower median of the replicas' norms and the previous step's) is refused."""
+    reference (the lower median of the replicas' norms and the previous step's) is refused. > 1."""
     mode: str = "every-step"
     """"every-step": replicas sum their gradients at every step and stay identical.
     "local-steps" (DiLoCo-style): each replica applies its own gradients (its share of the
@@ -118,11 +125,11 @@ class AveragingConfig:
     moved from the last common point (the pseudo-gradient) and take one outer step together.
     Averaging traffic per optimizer step falls by outer_every x (times the compression's ratio)."""
     outer_every: int = 32
-    """Steps between outer steps in "local-steps" mode (DiLoCo's H)."""
+    """Steps between outer steps in "local-steps" mode (DiLoCo's H), an integer >= 1."""
     outer_lr: float = 1.0
-    """Outer learning rate: 1 with no momentum is plain averaging of the replicas (DiLoCo: 0.7)."""
+    """Outer learning rate, > 0: 1 with no momentum is plain averaging of the replicas (DiLoCo: 0.7)."""
     outer_momentum: float = 0.0
-    """Nesterov momentum of the outer step (DiLoCo: 0.9; 0 disables)."""
+    """Nesterov momentum of the outer step, in [0, 1) (DiLoCo: 0.9; 0 disables)."""
 
     def is_outer_step(self, step: int) -> bool:
         """In "local-steps" mode, step s (s > 0, s a multiple of outer_every) starts with an outer
