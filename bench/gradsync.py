@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from bench.swarm_run import final_loss, run_swarm
-from gptjt_cli.local_swarm import small_run_toml
+from local_swarm import small_run_toml
 
 DESCRIPTION = "gradient-sync bytes per optimizer step vs fp32 all-reduce (local steps + 8-bit), and the loss gap"
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.swarm_run import final_loss, run_swarm, steady_tokens_per_s
-from gptjt_cli.local_swarm import small_run_toml
+from local_swarm import small_run_toml
 
 DESCRIPTION = "2-stage swarm at an emulated 100 Mbit/s, 30 ms link (scaled to GPT-J 6B / A100): codecs vs fp16"
 

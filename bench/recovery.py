@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gptjt_cli.local_swarm import LocalSwarm, small_run_toml
+from local_swarm import LocalSwarm, SwarmFailed, small_run_toml
 
 DESCRIPTION = "seconds from SIGKILL of a replica to the next closed step (2 x 2 swarm); tickets lost/double"
 
@@ -29,24 +29,7 @@ timeout_s = 10.0
 """
 
 
-def _wait(address: str, predicate, timeout: float, what: str, swarm: LocalSwarm) -> dict:
-    from gptjt_cli.swarm_commands import fetch_status
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            status = fetch_status(address, timeout=5)
-            if predicate(status):
-                return status
-        except RuntimeError:
-            pass
-        time.sleep(0.05)
-    raise RuntimeError(f"bench recovery: no {what} within {timeout:.0f} s")
-
-
 def run(quick: bool = False) -> dict:
-    from coordinator.state import create_token_in
-
     kills = 1 if quick else 3
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -54,33 +37,32 @@ def run(quick: bool = False) -> dict:
         config = small_run_toml(tmp, steps=4 + 4 * kills, global_batch=8, micro_batch=2, seq_len=64,
                                 timeout_s=10.0, interval_s=1.0, replicas_per_stage=2, start_with_replicas=2,
                                 extra=AVERAGING)
-        token = create_token_in(tmp / "run.db")
-        swarm = LocalSwarm(tmp)
+        swarm = LocalSwarm(tmp, config, state=tmp / "run.db")
         recoveries = []
         try:
-            address = swarm.start_coordinator(tmp / "run.db", 4 + 4 * kills, config=config)
-            procs = {f"w{i}": swarm.start_worker(token, f"w{i}", threads=1) for i in range(4)}
-            status = _wait(address, lambda s: s["step"] >= 2, 300, "two steps", swarm)
+            swarm.start_coordinator(steps=4 + 4 * kills, listen="127.0.0.1:0")
+            procs = {f"w{i}": swarm.start_worker(f"w{i}") for i in range(4)}
+            status = swarm.wait(lambda s: s["step"] >= 2, 300, "two steps", poll_s=0.05)
             for k in range(kills):
                 # mid-forward: the step is open and micro-batches are moving
-                status = _wait(address, lambda s: s["phase"] == "open" and s["tickets"]["leased"] > 0, 120,
-                               "an open step with micro-batches in flight", swarm)
+                status = swarm.wait(lambda s: s["phase"] == "open" and s["tickets"]["leased"] > 0, 120,
+                                    "an open step with micro-batches in flight", poll_s=0.05)
                 by_name = {w["name"]: w for w in status["workers"] if w["state"] not in ("dead", "left")}
                 victim = next(n for n, w in by_name.items() if w["stage"] == 1)
                 open_step = status["step"]
                 t_kill = time.monotonic()
-                procs[victim].send_signal(signal.SIGKILL)
-                _wait(address, lambda s, step=open_step: s["step"] > step, 120, "step close after the kill", swarm)
+                swarm.kill(procs[victim], signal.SIGKILL)
+                swarm.wait(lambda s, step=open_step: s["step"] > step, 120, "step close after the kill", poll_s=0.05)
                 recoveries.append(time.monotonic() - t_kill)
                 name = f"replacement{k}"
-                procs[name] = swarm.start_worker(token, name, threads=1)
+                procs[name] = swarm.start_worker(name)
                 # until the replacement takes part in a step: killing the other replica of its stage
                 # before that would be killing the stage's last holder (a rollback, not this bench)
-                _wait(address, lambda s, n=name: any(w["name"] == n and w["id"] in s["stages"][w["stage"]]["members"]
-                                                     for w in s["workers"] if w["stage"] >= 0),
-                      120, f"{name} taking part in a step", swarm)
-            status = _wait(address, lambda s: s["phase"] == "done", 600, "the run to finish", swarm)
-        except RuntimeError:
+                swarm.wait(lambda s, n=name: any(w["name"] == n and w["id"] in s["stages"][w["stage"]]["members"]
+                                                 for w in s["workers"] if w["stage"] >= 0),
+                           120, f"{name} taking part in a step", poll_s=0.05)
+            status = swarm.wait(lambda s: s["phase"] == "done", 600, "the run to finish", poll_s=0.05)
+        except SwarmFailed:
             swarm.stop()
             kept = Path(tempfile.mkdtemp(prefix="gptjt-bench-recovery-"))
             shutil.copytree(tmp, kept, dirs_exist_ok=True)

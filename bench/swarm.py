@@ -9,7 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gptjt_cli.local_swarm import LocalSwarm
+from bench.swarm_run import run_swarm
+from local_swarm import LocalSwarm
 
 DESCRIPTION = "swarm vs train-local tokens/s on loopback; coordinator heartbeat p99 with 500 workers"
 
@@ -27,25 +28,8 @@ def local_tokens_per_s(steps: int) -> tuple[float, list[float]]:
 
 def swarm_tokens_per_s(steps: int, worker_threads: int) -> tuple[float, list[float]]:
     """Median per-step tokens/s of the demo run on a coordinator + 2 workers (first step excluded)."""
-    from coordinator.state import create_token_in
-    from gptjt_cli.swarm_commands import fetch_status
-
     with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        token = create_token_in(tmp / "run.db")
-        swarm = LocalSwarm(tmp)
-        try:
-            address = swarm.start_coordinator(tmp / "run.db", steps + 1)
-            for i in range(2):
-                swarm.start_worker(token, f"bench-{i}", threads=worker_threads)
-            deadline = time.monotonic() + 600
-            while (status := fetch_status(address))["phase"] != "done":
-                swarm.check_alive()
-                if time.monotonic() > deadline:
-                    raise RuntimeError("swarm did not finish in 10 minutes")
-                time.sleep(0.5)
-        finally:
-            swarm.stop()
+        status = run_swarm(Path(tmp_name), None, steps + 1, workers=2, threads=worker_threads, timeout_s=600)
     history = status["history"][1:]  # step 0 includes loading and channel warm-up
     return statistics.median(h["tokens"] / h["seconds"] for h in history), [h["loss"] for h in status["history"]]
 
@@ -82,15 +66,12 @@ async def _heartbeat_load(address: str, token: str, workers: int, seconds: float
 
 def heartbeat_latency_ms(workers: int, seconds: float, interval: float = 2.0) -> dict:
     """500 simulated workers (one client process) heartbeating a real coordinator process."""
-    from coordinator.state import create_token_in
-
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        token = create_token_in(tmp / "run.db")
-        swarm = LocalSwarm(tmp)
+        swarm = LocalSwarm(tmp, state=tmp / "run.db")
         try:
-            address = swarm.start_coordinator(tmp / "run.db", 1)
-            latencies = asyncio.run(_heartbeat_load(address, token, workers, seconds, interval))
+            swarm.start_coordinator(steps=1, listen="127.0.0.1:0")
+            latencies = asyncio.run(_heartbeat_load(swarm.address, swarm.token, workers, seconds, interval))
         finally:
             swarm.stop()
     latencies.sort()

@@ -5,32 +5,24 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gptjt_cli.local_swarm import LocalSwarm
+from local_swarm import LocalSwarm
 
 
-def run_swarm(workdir: Path, config: Path, steps: int, workers: int, threads: int = 1,
+def run_swarm(workdir: Path, config: Path | None, steps: int, workers: int, threads: int = 1,
               timeout_s: float = 900.0, settle_s: float = 0.0) -> dict:
-    """Coordinator + `workers` workers on `config`; the coordinator's final status, taken
+    """Coordinator + `workers` workers on `config` (None: the embedded demo run); the coordinator's final status, taken
     `settle_s` after the run is done (so every worker's last heartbeat metrics are in). Logs
     stay in `workdir` (named in the error when the run fails)."""
-    from coordinator.state import create_token_in
-    from gptjt_cli.swarm_commands import fetch_status
-
-    token = create_token_in(workdir / "run.db")
-    swarm = LocalSwarm(workdir)
+    swarm = LocalSwarm(workdir, config, state=workdir / "run.db")
     try:
-        address = swarm.start_coordinator(workdir / "run.db", steps, config=config)
+        swarm.start_coordinator(steps=steps, listen="127.0.0.1:0")
         for i in range(workers):
-            swarm.start_worker(token, f"bench-{i}", threads=threads)
-        deadline = time.monotonic() + timeout_s
-        while (status := fetch_status(address))["phase"] != "done":
-            swarm.check_alive()
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the swarm did not finish in {timeout_s:.0f} s; logs in {workdir}")
-            time.sleep(0.5)
+            swarm.start_worker(f"bench-{i}", threads=threads)
+        status = swarm.wait(lambda s: s["phase"] == "done", timeout_s, f"the swarm to finish (logs in {workdir})",
+                            check_alive=True)
         if settle_s:
             time.sleep(settle_s)
-            status = fetch_status(address)
+            status = swarm.status()
     finally:
         swarm.stop()
     return status

@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 from gptjt_core.config import tiny_demo_config
+from local_swarm import LocalSwarm
 
-from .local_swarm import LocalSwarm
 from . import tables
 from .swarm_commands import export_from_swarm, fetch_status
 
@@ -19,26 +19,24 @@ MODEL_CARD_PROMPT = '"I love this!" Is it positive? A:'
 def run_demo(out: Path, steps: int | None, device: str) -> int:
     from tqdm import tqdm
 
-    from coordinator.state import create_token_in
-
     run = tiny_demo_config()
     steps = steps or run.train.steps
     shutil.rmtree(out, ignore_errors=True)  # a demo always starts a fresh run
     out.mkdir(parents=True)
     state = out / "run.db"
-    token = create_token_in(state)
     print(f"== gptjt demo: a local swarm on loopback: 1 coordinator + {run.pipeline.num_stages} workers, tiny "
           f"GPT-J ({run.model.source}), bundled demo data, {steps} steps of {run.train.global_batch} x "
           f"{run.train.seq_len} tokens, UL2 with the prefix-LM mask", flush=True)
-    swarm = LocalSwarm(out)
+    swarm = LocalSwarm(out, state=state)
     try:
-        address = swarm.start_coordinator(state, steps)
-        print(f"coordinator at {address} (log {out / 'coordinator.log'}); try: gptjt status --coordinator {address}")
+        swarm.start_coordinator(steps=steps, listen="127.0.0.1:0")
+        address = swarm.address
+        print(f"coordinator at {address} (log {swarm.coordinator.log}); try: gptjt status --coordinator {address}")
         if swarm.dashboard_url:
             print(f"dashboard at {swarm.dashboard_url} (admin token in {state}.admin-token)")
         for i in range(run.pipeline.num_stages):
             # Each worker may use every core: the stages are rarely busy at the same moment.
-            swarm.start_worker(token, f"demo-worker-{i}", device=device)
+            swarm.start_worker(f"demo-{i}", threads=0, device=device)
         bar = tqdm(total=steps, desc="swarm", unit="step", dynamic_ncols=True)
         status = fetch_status(address)
         while status["phase"] != "done":

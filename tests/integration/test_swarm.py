@@ -183,7 +183,7 @@ def test_join_with_wrong_or_missing_token_is_refused(swarm_factory):
     assert "refused the join: bad or missing run token" in worker.text()
     after = swarm.status()
     assert after["workers"] == before["workers"] == []
-    assert swarm.token not in (swarm.tmp / "coordinator-1.log").read_text()
+    assert swarm.token not in (swarm.workdir / "coordinator-1.log").read_text()
 
 
 def test_duplicate_commit_is_counted_once(swarm_factory):

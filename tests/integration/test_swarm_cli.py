@@ -74,4 +74,4 @@ def test_demo_runs_a_swarm_end_to_end(tmp_path):
     assert "\ndashboard at http://127.0.0.1:" in out
     assert "exported the swarm's stages as a Hugging Face checkpoint" in out
     assert "transformers pipeline : '\"I love this!\" Is it positive? A:" in out
-    assert "left the run" in (tmp_path / "demo" / "demo-worker-0.log").read_text()
+    assert "left the run" in (tmp_path / "demo" / "worker-demo-0.log").read_text()

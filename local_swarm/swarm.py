@@ -1,0 +1,206 @@
+"""LocalSwarm: start, signal, restart and stop a coordinator and its workers on this machine."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+from .process import BIN, SwarmProcess
+
+
+class SwarmFailed(RuntimeError):
+    """A swarm process exited, or the run did not reach what was waited for; names the logs."""
+
+
+def fetch_status(address: str, timeout: float = 10.0) -> dict:
+    """The coordinator's status object (`gptjt status --json`); RuntimeError when unreachable."""
+    import grpc
+
+    from gptjt_proto import coordinator_pb2 as pb
+    from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            raise RuntimeError(f"coordinator {address} did not answer Status: {e.code().name}") from None
+    return json.loads(reply.json)
+
+
+class LocalSwarm:
+    """A coordinator and workers as console-script processes in `workdir` (logs land there).
+
+    config: a run TOML (None: the embedded tiny demo run). The coordinator's ledger is the
+    config's state_path unless `state` is given. Every process is killed by `close()`; `stop()`
+    first lets workers drain and the coordinator shut down as an operator's SIGTERM would.
+    """
+
+    def __init__(self, workdir: Path, config: Path | None = None, state: Path | None = None,
+                 env: dict | None = None):
+        self.workdir, self.config, self.state, self.env = Path(workdir), config, state, env or {}
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[SwarmProcess] = []
+        self.coordinator: SwarmProcess | None = None
+        self.address = ""
+        self.dashboard_url = ""
+        self._token = ""
+        self.expected_exits: list[SwarmProcess] = []  # killed on purpose
+        self._coordinator_args: list[str] = []
+        self._starts = 0
+
+    # -- the run's join token ------------------------------------------------------------
+    @property
+    def ledger_path(self) -> Path:
+        if self.state is not None:
+            return self.state
+        from gptjt_core.config import load_run_config, tiny_demo_config
+
+        run = load_run_config(self.config) if self.config else tiny_demo_config()
+        return Path(run.coordinator.state_path)
+
+    @property
+    def token(self) -> str:
+        """A join token, created in the ledger on first use (a coordinator need not run yet)."""
+        if not self._token:
+            from coordinator.state import create_token_in
+
+            self._token = create_token_in(self.ledger_path)
+        return self._token
+
+    # -- starting ------------------------------------------------------------------------
+    def start_coordinator(self, *extra: str, steps: int | None = None, listen: str | None = None,
+                          timeout: float = 60.0) -> SwarmProcess:
+        """Start `gptjt-coordinator` and wait until it listens; `extra` are more CLI flags.
+        listen: host:port (default: the config's; the tests' configs use port 0)."""
+        port_file = self.workdir / "coordinator.addr"
+        args = [str(BIN / "gptjt-coordinator"), "--port-file", str(port_file),
+                "--dashboard-file", str(self.workdir / "dashboard.url")]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        if self.state is not None:
+            args += ["--state", str(self.state)]
+        if steps is not None:
+            args += ["--steps", str(steps)]
+        if listen is not None:
+            args += ["--listen", listen]
+        self._coordinator_args = args + list(extra)
+        return self._launch_coordinator(timeout)
+
+    def restart_coordinator(self, timeout: float = 60.0) -> SwarmProcess:
+        """Start the coordinator again with the same flags, on the address it had (workers
+        reconnect there); the previous one must be gone (killed or stopped)."""
+        if self.coordinator is not None and self.coordinator.alive:
+            raise RuntimeError("the coordinator is still running; kill or stop it first")
+        args = list(self._coordinator_args)
+        if "--listen" in args:
+            args[args.index("--listen") + 1] = self.address
+        else:
+            args += ["--listen", self.address]
+        self._coordinator_args = args
+        return self._launch_coordinator(timeout)
+
+    def _launch_coordinator(self, timeout: float) -> SwarmProcess:
+        self._starts += 1
+        port_file = self.workdir / "coordinator.addr"
+        port_file.unlink(missing_ok=True)  # written again once the new one listens
+        proc = SwarmProcess(self._coordinator_args, self.workdir / f"coordinator-{self._starts}.log", self.workdir,
+                            {"OMP_NUM_THREADS": "1", **self.env})
+        self.procs.append(proc)
+        self.coordinator = proc
+        deadline = time.monotonic() + timeout
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if not proc.alive or time.monotonic() > deadline:
+                raise SwarmFailed(f"the coordinator did not start; its log ends:\n{proc.text()[-3000:]}")
+            time.sleep(0.1)
+        self.address = port_file.read_text().strip()
+        url_file = self.workdir / "dashboard.url"
+        until = time.monotonic() + 3.0  # written right after the gRPC port (unless dashboard_port = -1)
+        while not url_file.is_file() and proc.alive and time.monotonic() < until:
+            time.sleep(0.05)
+        self.dashboard_url = url_file.read_text().strip() if url_file.is_file() else ""
+        return proc
+
+    def start_worker(self, name: str, token: str | None = None, *extra: str, threads: int = 1,
+                     device: str = "cpu", env: dict | None = None) -> SwarmProcess:
+        """Start `gptjt-worker --join` the coordinator as `name` (log: worker-NAME.log); `extra`
+        are more CLI flags. token: None for the swarm's own. threads: torch CPU threads (0:
+        torch's default, every core)."""
+        args = [str(BIN / "gptjt-worker"), "--join", self.address, "--token", self.token if token is None else token,
+                "--name", name, "--device", device, *extra]
+        if threads:
+            args += ["--threads", str(threads)]
+        proc_env = {**self.env, **({"OMP_NUM_THREADS": str(threads)} if threads else {}), **(env or {})}
+        proc = SwarmProcess(args, self.workdir / f"worker-{name}.log", self.workdir, proc_env)
+        self.procs.append(proc)
+        return proc
+
+    # -- watching ------------------------------------------------------------------------
+    def status(self, timeout: float = 10.0) -> dict:
+        return fetch_status(self.address, timeout)
+
+    def workers(self) -> list[SwarmProcess]:
+        return [p for p in self.procs if p is not self.coordinator and p.name.startswith("worker-")]
+
+    def check_alive(self) -> None:
+        """SwarmFailed if a process exited that nobody stopped on purpose (see `kill`)."""
+        for p in self.procs:
+            if not p.alive and p not in self.expected_exits:
+                raise SwarmFailed(f"{p.log.name} exited with code {p.p.returncode}; logs in {self.workdir}:\n"
+                                  f"{p.text()[-2000:]}")
+
+    def kill(self, proc: SwarmProcess, sig: int = signal.SIGKILL) -> None:
+        """Signal one process on purpose (a drill): check_alive() will not count its exit."""
+        if sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT):
+            self.expected_exits.append(proc)
+        proc.kill(sig)
+
+    def wait(self, predicate, timeout: float = 120.0, what: str = "condition", check_alive: bool = False,
+             poll_s: float = 0.2) -> dict:
+        """Poll the status until `predicate(status)`; SwarmFailed (an AssertionError for tests)
+        with every log's end if `timeout` seconds pass first."""
+        deadline = time.monotonic() + timeout
+        status: dict = {}
+        while time.monotonic() < deadline:
+            if check_alive:
+                self.check_alive()
+            try:
+                status = fetch_status(self.address, timeout=5)
+                if predicate(status):
+                    return status
+            except RuntimeError:
+                pass  # a coordinator restarting
+            time.sleep(poll_s)
+        raise SwarmFailed(f"timed out waiting for {what}; last status phase={status.get('phase')} "
+                          f"step={status.get('step')}\n{self.logs_tail()}")
+
+    def logs_tail(self, chars: int = 2000) -> str:
+        return "\n".join(f"--- {p.log.name}\n{p.text()[-chars:]}" for p in self.procs)
+
+    # -- stopping ------------------------------------------------------------------------
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM workers first (they drain and leave), the coordinator last, then kill what is
+        left of every process group."""
+        workers = [p for p in self.procs if p is not self.coordinator]
+        self._terminate(workers, timeout)
+        self._terminate([p for p in self.procs if p not in workers], timeout)
+        self.close()
+
+    def close(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every process, SIGKILL what is left after `grace_s`, with its session (hivemind's
+        p2pd daemons go with their worker)."""
+        self._terminate(self.procs, grace_s)
+        for p in self.procs:
+            p.kill_group()
+
+    def _terminate(self, procs: list[SwarmProcess], timeout: float) -> None:
+        self.expected_exits.extend(procs)
+        for p in procs:
+            p.kill(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.p.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                p.kill(signal.SIGKILL)
