@@ -17,6 +17,7 @@ from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 from gptjt_proto import operator_pb2_grpc as opb_grpc
 
 from .checkpoint_store import CheckpointStore
+from .dht import CoordinatorDHT
 from .operator import AdminToken
 from .operator_service import OperatorActions, OperatorService
 
@@ -37,11 +38,21 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
               for step in store.steps() for spec in store.specs(step)]
     ledger = RunLedger(run.coordinator.state_path, run, plan_stages(n_layer, run.pipeline.num_stages),
                        stored=stored, shape=shape)
-    dht = start_dht(run.coordinator.listen) if run.pipeline.replicas_per_stage > 1 else None
-    dht_peers = [str(a) for a in dht.get_visible_maddrs()] if dht is not None else []
-    if dht_peers:
-        log.info("hivemind DHT for replica averaging at %s", ", ".join(dht_peers))
-    service = CoordinatorService(ledger, store, dht_peers)
+    dht = None
+    if run.pipeline.replicas_per_stage > 1:
+        dht = CoordinatorDHT(run.coordinator.listen, run.coordinator.state_path, ledger.worker_dht_peers())
+        log.info("hivemind DHT for replica averaging at %s", ", ".join(dht.maddrs))
+    try:
+        await _serve_with(run, ledger, store, dht, ready_line, port_file, dashboard_file, admin_token_file)
+    finally:
+        if dht is not None:
+            dht.shutdown()
+
+
+async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore, dht: CoordinatorDHT | None,
+                      ready_line: bool, port_file: str | None, dashboard_file: str | None,
+                      admin_token_file: str | None) -> None:
+    service = CoordinatorService(ledger, store, dht.maddrs if dht is not None else [])
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     admin = AdminToken.load(run.coordinator.state_path, admin_token_file)
@@ -80,8 +91,6 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
     if dashboard is not None:
         dashboard.stop()
     await server.stop(grace=1.0)
-    if dht is not None:
-        dht.shutdown()
 
 
 def start_operator_dashboard(run: RunConfig, ledger: RunLedger, actions: OperatorActions,
@@ -100,21 +109,6 @@ def start_operator_dashboard(run: RunConfig, ledger: RunLedger, actions: Operato
     if url_file:
         Path(url_file).write_text(dashboard.url)
     return dashboard
-
-
-def start_dht(listen: str):
-    """The bootstrap peer that replicas find each other through (a hivemind DHT in a child process)."""
-    import ipaddress
-
-    import hivemind
-
-    host = listen.rsplit(":", 1)[0].strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-        maddr = f"/ip{ip.version}/{host}/tcp/0"
-    except ValueError:  # a host name: listen on every interface
-        maddr = "/ip4/0.0.0.0/tcp/0"
-    return hivemind.DHT(host_maddrs=[maddr], start=True)
 
 
 def main(argv: list[str] | None = None) -> int:

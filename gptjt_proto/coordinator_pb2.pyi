@@ -39,6 +39,7 @@ class ReportKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CONTRIBUTION: _ClassVar[ReportKind]
     AVERAGED: _ClassVar[ReportKind]
     APPLIED: _ClassVar[ReportKind]
+    AVERAGING_FAILED: _ClassVar[ReportKind]
 WORKER_STATE_UNSPECIFIED: WorkerState
 LOADING: WorkerState
 READY: WorkerState
@@ -60,6 +61,7 @@ REPORT_KIND_UNSPECIFIED: ReportKind
 CONTRIBUTION: ReportKind
 AVERAGED: ReportKind
 APPLIED: ReportKind
+AVERAGING_FAILED: ReportKind
 
 class DeviceInfo(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "matmul_tflops", "dtype", "block_tflops")
@@ -172,7 +174,7 @@ class WorkerMetrics(_message.Message):
     def __init__(self, micro_batches_per_s: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., micro_batches: _Optional[int] = ..., downstream_mbit: _Optional[float] = ..., activation_codec: _Optional[str] = ..., gradient_codec: _Optional[str] = ..., averaging_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id", "metrics", "state", "loaded_epoch", "position", "device", "links", "coordinator_rtt_ms")
+    __slots__ = ("worker_id", "metrics", "state", "loaded_epoch", "position", "device", "links", "coordinator_rtt_ms", "dht_maddrs")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +183,7 @@ class HeartbeatRequest(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     LINKS_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    DHT_MADDRS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     metrics: WorkerMetrics
     state: int
@@ -189,7 +192,8 @@ class HeartbeatRequest(_message.Message):
     device: DeviceInfo
     links: _containers.RepeatedCompositeFieldContainer[LinkMeasurement]
     coordinator_rtt_ms: float
-    def __init__(self, worker_id: _Optional[str] = ..., metrics: _Optional[_Union[WorkerMetrics, _Mapping]] = ..., state: _Optional[int] = ..., loaded_epoch: _Optional[int] = ..., position: _Optional[int] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ..., coordinator_rtt_ms: _Optional[float] = ...) -> None: ...
+    dht_maddrs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., metrics: _Optional[_Union[WorkerMetrics, _Mapping]] = ..., state: _Optional[int] = ..., loaded_epoch: _Optional[int] = ..., position: _Optional[int] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ..., coordinator_rtt_ms: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("known",)
@@ -214,7 +218,7 @@ class WatchRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class RunState(_message.Message):
-    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links", "drain")
+    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links", "dht_peers", "drain")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -226,6 +230,7 @@ class RunState(_message.Message):
     RESTORE_STEP_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FROM_STORE_FIELD_NUMBER: _ClassVar[int]
     MEASURE_LINKS_FIELD_NUMBER: _ClassVar[int]
+    DHT_PEERS_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
@@ -238,8 +243,9 @@ class RunState(_message.Message):
     restore_step: int
     restore_from_store: bool
     measure_links: _containers.RepeatedScalarFieldContainer[str]
+    dht_peers: _containers.RepeatedScalarFieldContainer[str]
     drain: bool
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ..., drain: _Optional[bool] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ..., dht_peers: _Optional[_Iterable[str]] = ..., drain: _Optional[bool] = ...) -> None: ...
 
 class CheckpointHeader(_message.Message):
     __slots__ = ("worker_id", "step", "start_layer", "end_layer", "embed", "head", "nbytes")
@@ -354,7 +360,7 @@ class ReleaseReply(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("worker_id", "step", "attempt", "kind", "grad_norm_sq", "micro_batches", "group_weight", "state_digest")
+    __slots__ = ("worker_id", "step", "attempt", "kind", "grad_norm_sq", "micro_batches", "group_weight", "state_digest", "detail")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -363,6 +369,7 @@ class StepReport(_message.Message):
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     GROUP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step: int
     attempt: int
@@ -371,7 +378,8 @@ class StepReport(_message.Message):
     micro_batches: int
     group_weight: float
     state_digest: str
-    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[ReportKind, str]] = ..., grad_norm_sq: _Optional[float] = ..., micro_batches: _Optional[int] = ..., group_weight: _Optional[float] = ..., state_digest: _Optional[str] = ...) -> None: ...
+    detail: str
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[ReportKind, str]] = ..., grad_norm_sq: _Optional[float] = ..., micro_batches: _Optional[int] = ..., group_weight: _Optional[float] = ..., state_digest: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class StepReportReply(_message.Message):
     __slots__ = ("accepted",)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -67,16 +67,20 @@ class CoordinatorClient:
 
     async def heartbeat(self, worker_id: str, state: int, metrics: dict, loaded_epoch: int,
                         position: int = -1, device: dict | None = None, links: list[dict] | None = None,
-                        rtt_ms: float = 0.0) -> bool:
-        """Liveness + metrics; `device` when re-measured, `links` measured since the last one."""
+                        rtt_ms: float = 0.0, dht_maddrs: list[str] | None = None) -> bool:
+        """Liveness + metrics; `device` when re-measured, `links` measured since the last one,
+        `dht_maddrs` of this worker's averager (others bootstrap from it)."""
         reply = await self._retry(self.stub.Heartbeat, pb.HeartbeatRequest(
             worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics), loaded_epoch=loaded_epoch,
             position=position, device=pb.DeviceInfo(**device) if device else None,
-            links=[pb.LinkMeasurement(**m) for m in links or []], coordinator_rtt_ms=rtt_ms), timeout=5.0)
+            links=[pb.LinkMeasurement(**m) for m in links or []], coordinator_rtt_ms=rtt_ms,
+            dht_maddrs=dht_maddrs or []), timeout=5.0)
         return reply.known
 
-    async def put_checkpoint(self, worker_id: str, step: int, spec, blob: bytes, chunk_bytes: int) -> str:
-        """Stream one stage's checkpoint blob to the coordinator's store."""
+    async def put_checkpoint(self, worker_id: str, step: int, spec, blob: bytes, chunk_bytes: int,
+                             progress: Callable[[int], None] | None = None) -> str:
+        """Stream one stage's checkpoint blob to the coordinator's store; `progress(bytes_sent)`
+        after each chunk leaves."""
         header = pb.CheckpointHeader(worker_id=worker_id, step=step, start_layer=spec.start, end_layer=spec.end,
                                      embed=spec.embed, head=spec.head, nbytes=len(blob))
 
@@ -84,6 +88,8 @@ class CoordinatorClient:
             yield pb.CheckpointChunk(header=header)
             for i in range(0, len(blob), chunk_bytes):
                 yield pb.CheckpointChunk(data=blob[i:i + chunk_bytes])
+                if progress is not None:
+                    progress(min(i + chunk_bytes, len(blob)))
 
         reply = await self.stub.PutCheckpoint(chunks(), timeout=600)
         return reply.path
@@ -128,11 +134,12 @@ class CoordinatorClient:
         return reply.released
 
     async def report(self, worker_id: str, step: int, attempt: int, kind: int, grad_norm_sq: float = 0.0,
-                     micro_batches: int = 0, group_weight: float = 0.0, state_digest: str = "") -> bool:
-        """kind: pb.CONTRIBUTION, pb.AVERAGED or pb.APPLIED (see coordinator.proto)."""
+                     micro_batches: int = 0, group_weight: float = 0.0, state_digest: str = "",
+                     detail: str = "") -> bool:
+        """kind: pb.CONTRIBUTION, pb.AVERAGED, pb.APPLIED or pb.AVERAGING_FAILED (see coordinator.proto)."""
         reply = await self._retry(self.stub.ReportStep, pb.StepReport(
             worker_id=worker_id, step=step, attempt=attempt, kind=kind, grad_norm_sq=grad_norm_sq,
-            micro_batches=micro_batches, group_weight=group_weight, state_digest=state_digest))
+            micro_batches=micro_batches, group_weight=group_weight, state_digest=state_digest, detail=detail))
         return reply.accepted
 
     async def report_peer_failure(self, worker_id: str, address: str, reason: str) -> bool:
