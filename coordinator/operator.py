@@ -22,6 +22,7 @@ EVENT_CATEGORIES = {
     "replans": ("stage_assigned", "replica_moved", "stage_vacant", "replica_admitted", "replica_lost",
                 "plan_changed", "replanned"),
     "recovery": ("rolled_back", "step_restarted", "resumed_from_store", "coordinator_restarted"),
+    "liveness": ("step_stuck", "averaging_failed", "worker_stuck", "replicas_reduced"),  # coordinator/liveness.py
     "checkpoints": ("checkpoint_complete", "checkpoint_saved", "checkpoints_pruned", "store_not_empty"),
     "rejected": ("poisoned_update", "step_skipped", "replicas_diverged", "update_rejected"),
     "steps": ("step_open", "step_accumulated", "step_closed"),

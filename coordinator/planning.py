@@ -49,9 +49,11 @@ class PlanningMixin:
 
     def _views(self) -> list[WorkerView]:
         """Live workers that may hold a stage (a draining one is leaving)."""
-        views = []
+        views, held = [], self.held_out()  # replicas set aside by an averaging fallback sit out
         for r in self.db.execute("SELECT * FROM workers WHERE state IN ('loading', 'ready', 'standby') "
                                  "ORDER BY joined").fetchall():
+            if r["id"] in held:
+                continue
             device = json.loads(r["device"] or "{}")
             # One block of the run's model, measured, beats a square matmul's peak (see worker/probe.py)
             rate = device.get("block_tflops") or device.get("matmul_tflops", 0.0)
@@ -145,7 +147,7 @@ class PlanningMixin:
         self._set_meta("restore_epoch", self.restore_epoch + 1)
         self._set_meta("restore_step", step)
         self._set_meta("restore_from_store", 1)
-        self._set_meta("phase", "waiting")
+        self._set_phase("waiting")
         self._set_members({})
         self._replan_at_restore(step, f"{why} (applied at the checkpoint of step {step})")
 

@@ -13,6 +13,7 @@ from safetensors.torch import save
 from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
+from gptjt_core.background import start_background
 from gptjt_core.model import StageSpec
 from .checkpoint_store import CheckpointStore
 
@@ -24,6 +25,7 @@ _WORKER_STATES = {pb.LOADING: "loading", pb.READY: "ready", pb.DRAINING: "draini
 _PHASES = {"waiting": pb.WAITING, "open": pb.OPEN, "accumulated": pb.ACCUMULATED,
            "averaging": pb.AVERAGING, "applying": pb.APPLYING, "done": pb.DONE}
 _REPORTS = {pb.CONTRIBUTION: "contribution", pb.AVERAGED: "averaged", pb.APPLIED: "applied"}
+MAX_DHT_MADDRS = 8  # multiaddrs a worker may announce for its DHT peer
 _COMMIT = {"committed": pb.COMMITTED, "already_committed": pb.ALREADY_COMMITTED,
            "stale": pb.STALE, "not_leased": pb.NOT_LEASED}
 
@@ -85,7 +87,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.JoinReply(worker_id=row["id"], run_config_json=json.dumps(self.ledger.run.to_dict()),
                             assignment=assignment_pb(self.ledger.assignment(row["id"])),
                             heartbeat_interval_s=self.ledger.run.coordinator.heartbeat_interval_s,
-                            dht_peers=self.dht_peers)
+                            dht_peers=self.run_dht_peers(row["id"]))
+
+    def run_dht_peers(self, worker_id: str) -> list[str]:
+        """Where a worker's averager bootstraps: the coordinator's DHT peer and live workers' peers
+        (so the network stays one across coordinator restarts). Empty without replicas."""
+        if not self.dht_peers:
+            return []
+        return self.dht_peers + self.ledger.worker_dht_peers(worker_id)
 
     async def Heartbeat(self, request, context):
         m = request.metrics
@@ -98,12 +107,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                   "measured_unix_s": k.measured_unix_s} for k in request.links]
         bad = [k for k in links if not k["address"] or not all(math.isfinite(k[f]) and k[f] >= 0 for f in
                                                              ("latency_ms", "mbit", "measured_unix_s"))]
+        maddrs = list(request.dht_maddrs)
+        if len(maddrs) > MAX_DHT_MADDRS or any(not m.startswith("/") or len(m) > 256 for m in maddrs):
+            problem = (f"dht_maddrs {maddrs[:MAX_DHT_MADDRS + 1]!r}: expected at most {MAX_DHT_MADDRS} multiaddrs "
+                       "('/ip4/.../tcp/PORT/p2p/ID', under 256 characters each)")
         if problem or bad:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem or f"link measurement {bad[0]} is not "
                                 "a finite, non-negative latency/bandwidth towards a stage address")
         known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics,
                                       request.loaded_epoch, request.position, device, links,
-                                      request.coordinator_rtt_ms if math.isfinite(request.coordinator_rtt_ms) else 0.0)
+                                      request.coordinator_rtt_ms if math.isfinite(request.coordinator_rtt_ms) else 0.0,
+                                      maddrs)
         await self.notify()
         return pb.HeartbeatReply(known=known)
 
@@ -119,7 +133,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         finally:
             # A SIGKILLed worker's stream is reset at once: check now instead of waiting for
             # the heartbeat timeout (a worker that merely reconnects still answers on its port).
-            asyncio.get_running_loop().create_task(self._probe_after_disconnect(request.worker_id))
+            start_background(self._probe_after_disconnect(request.worker_id), "probe after a Watch closed", log)
 
     async def _probe_after_disconnect(self, worker_id: str, delay_s: float = 0.2) -> None:
         await asyncio.sleep(delay_s)
@@ -135,6 +149,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         last = None
         while not context.cancelled():
             state = self.ledger.run_state(request.worker_id)
+            state["dht_peers"] = self.run_dht_peers(request.worker_id)
             if state != last:
                 last = state
                 yield pb.RunState(step=state["step"], attempt=state["attempt"], phase=_PHASES[state["phase"]],
@@ -142,7 +157,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                   assignment=assignment_pb(state["assignment"]), paused=state["paused"],
                                   restore_epoch=state["restore_epoch"], restore_step=state["restore_step"],
                                   restore_from_store=state["restore_from_store"],
-                                  measure_links=state["measure_links"], drain=state["drain"])
+                                  measure_links=state["measure_links"], drain=state["drain"],
+                                  dht_peers=state["dht_peers"])
             async with self.changed:
                 try:
                     # Wake on a change, or every second to notice changes made by the reaper.
@@ -168,6 +184,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.ReleaseReply(released=n)
 
     async def ReportStep(self, request, context):
+        if request.kind == pb.AVERAGING_FAILED:
+            ok = self.ledger.averaging_failed(request.worker_id, request.step, request.attempt, request.detail[:500])
+            await self.notify()
+            return pb.StepReportReply(accepted=ok)
         ok = self.ledger.report(request.worker_id, request.step, request.attempt, _REPORTS.get(request.kind, ""),
                                 request.grad_norm_sq, request.micro_batches, request.group_weight,
                                 request.state_digest)

@@ -55,6 +55,7 @@ from gptjt_core.data import step_micro_batches
 from gptjt_core.model import StageSpec
 
 from .cost_model import ModelShape
+from .liveness_ledger import LivenessMixin
 from .operator import OperatorLedger
 from .planning import PlanningMixin
 
@@ -74,7 +75,8 @@ CREATE TABLE IF NOT EXISTS workers (
   state TEXT NOT NULL, joined REAL NOT NULL, last_heartbeat REAL NOT NULL, metrics TEXT,
   tickets_done INTEGER NOT NULL DEFAULT 0,
   loaded_epoch INTEGER NOT NULL DEFAULT -1,  -- the restore epoch whose state its stage holds
-  position INTEGER NOT NULL DEFAULT -1);     -- optimizer steps applied to that state
+  position INTEGER NOT NULL DEFAULT -1,      -- optimizer steps applied to that state
+  dht_maddrs TEXT);                          -- JSON list: its averager's DHT peer, if any
 CREATE TABLE IF NOT EXISTS tickets (
   id INTEGER PRIMARY KEY, step INTEGER NOT NULL, attempt INTEGER NOT NULL, idx INTEGER NOT NULL,
   shard INTEGER NOT NULL, offset INTEGER NOT NULL, state TEXT NOT NULL, worker TEXT,
@@ -102,6 +104,17 @@ CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage 
   src TEXT NOT NULL, dst TEXT NOT NULL, latency_ms REAL NOT NULL, mbit REAL NOT NULL, measured REAL NOT NULL,
   PRIMARY KEY (src, dst));
 """
+
+
+# Columns added after a ledger format was released: (table, column, declaration). A ledger
+# written by an older version gains them when it is opened.
+ADDED_COLUMNS = [("workers", "dht_maddrs", "TEXT")]
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    for table, column, declaration in ADDED_COLUMNS:
+        if column not in {r[1] for r in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 class LedgerError(RuntimeError):
@@ -135,7 +148,7 @@ def run_fingerprint(run: RunConfig) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-class RunLedger(PlanningMixin, OperatorLedger):
+class RunLedger(PlanningMixin, LivenessMixin, OperatorLedger):
     """All of the coordinator's state; the gRPC server is a thin adapter over it."""
 
     def __init__(self, path: str | Path, run: RunConfig, plan: list[StageSpec],
@@ -153,6 +166,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # survives kill -9 (not power loss)
         self.db.executescript(SCHEMA)
+        _migrate(self.db)
         self.version = 0  # bumped on every change that workers should see (Watch)
         # Ticket counts of the steps before `below`, whose tickets no longer change (a rollback,
         # the only thing that touches them, drops this): (below, counts) or None.
@@ -164,7 +178,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
                 self._set_meta("fingerprint", fingerprint)
                 self._set_meta("step", 0)
                 self._set_meta("attempt", 0)
-                self._set_meta("phase", WAITING)
+                self._set_phase(WAITING)
                 self._set_meta("plan_version", 1)
                 self._set_meta("paused", 0)
                 self._set_meta("restore_epoch", 0)
@@ -203,6 +217,8 @@ class RunLedger(PlanningMixin, OperatorLedger):
                 for (step,) in self.db.execute("SELECT step FROM steps WHERE step NOT IN "
                                                "(SELECT step FROM step_audits)").fetchall():
                     self._audit_step(step)  # a ledger from before verdicts were kept
+                # The phase's deadline restarts too: its workers had no coordinator to report to.
+                self._set_meta("phase_since", self.clock())
                 self._event("coordinator_restarted", f"resuming at step {self.step} ({self.phase})")
 
     # -- plumbing ----------------------------------------------------------------------
@@ -230,6 +246,12 @@ class RunLedger(PlanningMixin, OperatorLedger):
 
     def _event(self, kind: str, detail: str) -> None:
         self.db.execute("INSERT INTO events(ts, kind, detail) VALUES(?, ?, ?)", (self.clock(), kind, detail))
+
+    def _set_phase(self, phase: str) -> None:
+        """Move the step protocol to `phase`; the time it began is kept for its deadline."""
+        if self._meta("phase") != phase:
+            self._set_meta("phase_since", self.clock())
+        self._set_meta("phase", phase)
 
     @property
     def step(self) -> int:
@@ -313,6 +335,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
         replicas, up to pipeline.replicas_per_stage each (longest-waiting worker first).
         `exclude`: workers the scheduler found too small for any layer."""
         target = self.run.pipeline.replicas_per_stage
+        exclude = exclude | frozenset(self.held_out())  # set aside by an averaging fallback
         taken = self.stage_workers()
         while True:
             counts = {s: len(taken.get(s, [])) for s in range(len(self.plan))}
@@ -351,10 +374,11 @@ class RunLedger(PlanningMixin, OperatorLedger):
 
     def heartbeat(self, worker_id: str, state: str, metrics: dict, loaded_epoch: int = -1,
                   position: int = -1, device: dict | None = None, links: list[dict] | None = None,
-                  coordinator_rtt_ms: float = 0.0) -> bool:
+                  coordinator_rtt_ms: float = 0.0, dht_maddrs: list[str] | None = None) -> bool:
         """Record liveness; False if the worker is unknown or was declared dead (re-join).
         `device`: re-measured at the run's dtype; `links`: {address, latency_ms, mbit,
-        measured_unix_s} the worker measured towards other stage servers. Either re-plans."""
+        measured_unix_s} the worker measured towards other stage servers. Either re-plans.
+        `dht_maddrs`: its averager's DHT peer (see worker_dht_peers)."""
         row = self._worker(worker_id)
         if row is None or row["state"] not in ALIVE_STATES:
             return False
@@ -362,9 +386,9 @@ class RunLedger(PlanningMixin, OperatorLedger):
         if row["stage"] < 0 and new_state != "draining":
             new_state = "standby"
         with self._tx():
-            self.db.execute("UPDATE workers SET last_heartbeat=?, state=?, metrics=?, loaded_epoch=?, position=? "
-                            "WHERE id=?", (self.clock(), new_state, json.dumps(metrics), loaded_epoch, position,
-                                           worker_id))
+            self.db.execute("UPDATE workers SET last_heartbeat=?, state=?, metrics=?, loaded_epoch=?, position=?, "
+                            "dht_maddrs=? WHERE id=?", (self.clock(), new_state, json.dumps(metrics), loaded_epoch,
+                                                        position, json.dumps(dht_maddrs or []), worker_id))
             if new_state != row["state"]:
                 self._event("worker_state", f"{worker_id}: {row['state']} -> {new_state}")
             if (new_state, loaded_epoch, position) != (row["state"], row["loaded_epoch"], row["position"]):
@@ -406,6 +430,21 @@ class RunLedger(PlanningMixin, OperatorLedger):
             self.db.execute("INSERT OR REPLACE INTO links VALUES(?, 'coordinator', ?, 0, ?)",
                             (worker_id, rtt_ms / 2, self.clock()))
 
+    def worker_dht_peers(self, worker_id: str = "", limit: int = 8) -> list[str]:
+        """DHT multiaddrs of live workers' averagers (the asking worker's own stage first, then the
+        most recently heard): bootstrap peers that keep the run's DHT one network when the
+        coordinator's peer restarts (coordinator/dht.py)."""
+        me = self._worker(worker_id) if worker_id else None
+        stage = me["stage"] if me is not None else -2
+        rows = self.db.execute("SELECT id, stage, dht_maddrs FROM workers WHERE state IN (%s) AND dht_maddrs "
+                               "IS NOT NULL AND dht_maddrs != '[]' ORDER BY last_heartbeat DESC"
+                               % ",".join("?" * len(ALIVE_STATES)), ALIVE_STATES).fetchall()
+        peers = []
+        for r in sorted(rows, key=lambda r: r["stage"] != stage):
+            if r["id"] != worker_id:
+                peers.extend(m for m in json.loads(r["dht_maddrs"]) if m not in peers)
+        return peers[:limit]
+
     def coordinator_latency_ms(self) -> dict[str, float]:
         return {r["src"]: r["latency_ms"] for r in self.db.execute("SELECT * FROM links WHERE dst='coordinator'")}
 
@@ -442,14 +481,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
         if self.phase == WAITING:  # a joiner's grace may have run out
             with self._tx():
                 self._maybe_open()
-        if self.phase == AVERAGING:
-            limit = 3 * self.run.averaging.timeout_s
-            started = float(self._meta("averaging_started") or self.clock())
-            if self.clock() - started > limit:
-                with self._tx():
-                    self._restart_step(f"averaging did not finish within {limit:.0f} s (3 x averaging.timeout_s)")
-                    self._set_meta("phase", WAITING)
-                    self._maybe_open()
+        self._judge_liveness()
         return dead
 
     def worker(self, worker_id: str) -> dict | None:
@@ -495,7 +527,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
             # The step's last member of this stage is gone, but a replica that joined mid-step
             # holds the same state: re-run the step with it (nothing closed is lost).
             self._restart_step(f"stage {stage} lost its last member {worker_id}; a joined replica takes over")
-            self._set_meta("phase", WAITING)
+            self._set_phase(WAITING)
         elif last_member_gone and self.phase == APPLYING:
             # Other stages may have applied the step already; nobody holds this stage's update.
             self._event("stage_vacant", f"stage {stage} lost its last member while applying step {self.step}")
@@ -528,7 +560,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
         self._set_meta("restore_epoch", self.restore_epoch + 1)
         self._set_meta("restore_step", target)
         self._set_meta("restore_from_store", int(bool(self._stored(target))))
-        self._set_meta("phase", WAITING)
+        self._set_phase(WAITING)
         self._set_members({})  # nobody holds the state to restore until it has loaded it
         self._replan_at_restore(target, f"{why}: every stage reloads at step {target}")
 
@@ -647,7 +679,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
             return  # a replica is still copying the state; the reaper re-checks when the grace ends
         if all(len(ids) >= needed for ids in members.values()):
             if self.step >= self.run.train.steps:
-                self._set_meta("phase", DONE)
+                self._set_phase(DONE)
                 return
             self._set_members(members)
             self._set_meta("contributors", "{}")
@@ -656,7 +688,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
             if not exists:
                 self._create_tickets(self.step, self.attempt)
                 self._set_meta("step_opened", self.clock())
-            self._set_meta("phase", OPEN)
+            self._set_phase(OPEN)
             self._event("step_open", f"step {self.step} attempt {self.attempt}")
 
     def _admit_to_open_step(self, worker_id: str) -> None:
@@ -712,7 +744,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
             left = self.db.execute("SELECT COUNT(*) FROM tickets WHERE step=? AND attempt=? AND state!='committed'",
                                    (row["step"], row["attempt"])).fetchone()[0]
             if left == 0 and self.phase == OPEN:
-                self._set_meta("phase", ACCUMULATED)
+                self._set_phase(ACCUMULATED)
                 self._event("step_accumulated", f"step {self.step}: every ticket committed")
         return "committed"
 
@@ -762,7 +794,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
         if phase == ACCUMULATED and (done := self._reports(CONTRIBUTION)) is not None:
             if self.run.pipeline.replicas_per_stage == 1:
                 self._set_meta("grad_norm", sum(_norm_sq(r) for rows in done.values() for r in rows) ** 0.5)
-                self._set_meta("phase", APPLYING)
+                self._set_phase(APPLYING)
             else:
                 self._judge_contributions(done)
         elif phase == AVERAGING and (done := self._reports(AVERAGED)) is not None:
@@ -775,13 +807,13 @@ class RunLedger(PlanningMixin, OperatorLedger):
                 if len(weights) > 1 or spread > tolerance:
                     self._restart_step(f"stage {stage}'s replicas summed different gradients (micro-batches "
                                        f"{sorted(weights)}, norm^2 {norms}); re-running the step")
-                    self._set_meta("phase", WAITING)
+                    self._set_phase(WAITING)
                     self._maybe_open()
                     return
                 total += sum(norms) / len(norms)
             if self.run.averaging.mode != "local-steps":  # there the norms are of the pseudo-gradient
                 self._set_meta("grad_norm", total ** 0.5)
-            self._set_meta("phase", APPLYING)
+            self._set_phase(APPLYING)
         elif phase == APPLYING and (done := self._reports(APPLIED)) is not None:
             exact = self.run.averaging.compression == "none"  # lossy rounds leave replicas a rounding apart
             for stage, rows in done.items():
@@ -832,10 +864,9 @@ class RunLedger(PlanningMixin, OperatorLedger):
             self._event("step_skipped", f"step {self.step}: a stage has no acceptable gradient; update skipped")
             self._set_meta("grad_norm", float("nan"))
             if self.run.averaging.is_outer_step(self.step):
-                self._set_meta("averaging_started", self.clock())
-                self._set_meta("phase", AVERAGING)
+                self._set_phase(AVERAGING)
             else:
-                self._set_meta("phase", APPLYING)
+                self._set_phase(APPLYING)
         else:
             avg = self.run.averaging
             if avg.mode == "local-steps":
@@ -843,10 +874,9 @@ class RunLedger(PlanningMixin, OperatorLedger):
                 # replicas' mean of that, over the stages.
                 self._set_meta("grad_norm", self._local_grad_norm(done, contributors))
                 if not avg.is_outer_step(self.step):
-                    self._set_meta("phase", APPLYING)  # an inner step: nothing to average
+                    self._set_phase(APPLYING)  # an inner step: nothing to average
                     return
-            self._set_meta("averaging_started", self.clock())
-            self._set_meta("phase", AVERAGING)
+            self._set_phase(AVERAGING)
 
     def _local_grad_norm(self, done: dict[int, list[sqlite3.Row]], contributors: dict[int, list[str]]) -> float:
         """sqrt(sum over stages of the accepted replicas' mean |g_r * M / m_r|^2), where g_r is a
@@ -883,7 +913,9 @@ class RunLedger(PlanningMixin, OperatorLedger):
         self._set_meta("step", step + 1)
         self._set_meta("step_closed_at", self.clock())
         self._set_meta("attempt", self._next_attempt(step + 1))  # 0 unless a rollback re-runs it
-        self._set_meta("phase", WAITING)
+        self._set_phase(WAITING)
+        if self._expire_holds():
+            self._replan("replicas held out after an averaging fallback may take part again")
         self._maybe_apply_pending(step + 1)  # its checkpoint may have landed while it was applying
         self._maybe_open()
 
@@ -1023,7 +1055,7 @@ class RunLedger(PlanningMixin, OperatorLedger):
                          "seconds": r["closed"] - r["opened"], "attempts": r["attempts"],
                          "stages": json.loads(r["detail"])} for r in steps],
             "loss_curve": self.loss_curve(),
-            "workers": workers, "stages": stages, "plan": self.plan_status(),
+            "workers": workers, "stages": stages, "plan": self.plan_status(), "liveness": self.liveness_status(),
             "tickets": {**self.ticket_counts(), **self.exactly_once_counts(),
                         "exactly_once_violations": self.exactly_once_violations()},
             "events": events[::-1], "plan_version": self.plan_version,

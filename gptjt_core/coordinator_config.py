@@ -21,6 +21,15 @@ class CoordinatorConfig:
     heartbeat_timeout_s: float = 10.0
     """A worker silent this long is dead: its tickets are re-issued (PRIME uses 2 s / 10 s).
     Seconds, more than 2 x heartbeat_interval_s."""
+    phase_timeout_s: float = 900.0
+    """A step phase that makes no progress for this many seconds is stuck (coordinator/liveness.py):
+    OPEN with no commit, or ACCUMULATED / APPLYING with a member that never reports. The
+    coordinator then restarts the step or drops the silent members, with an event naming them.
+    APPLYING includes the checkpoint upload (about 73 GB a step for GPT-J 6B): keep it above that.
+    Seconds, more than heartbeat_timeout_s."""
+    max_stall_restarts: int = 3
+    """Times an OPEN step with no progress is restarted before the workers holding its stalled
+    leases are dropped instead. An integer >= 0."""
     tls_cert: str = ""
     """PEM certificate chain; with tls_key, the API is served over TLS. '' (with tls_key '') serves
     plain gRPC."""
@@ -52,6 +61,10 @@ class CoordinatorConfig:
         _check(self.heartbeat_interval_s > 0, "heartbeat_interval_s", self.heartbeat_interval_s, "> 0")
         _check(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s, "heartbeat_timeout_s",
                self.heartbeat_timeout_s, f"more than two heartbeat intervals ({2 * self.heartbeat_interval_s})")
+        _check(self.phase_timeout_s > self.heartbeat_timeout_s, "phase_timeout_s", self.phase_timeout_s,
+               f"more than heartbeat_timeout_s ({self.heartbeat_timeout_s}): a silent worker is dead first")
+        _check(isinstance(self.max_stall_restarts, int) and self.max_stall_restarts >= 0, "max_stall_restarts",
+               self.max_stall_restarts, "an integer >= 0")
         _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", self.tls_cert,
                "set together with tls_key (or neither)")
         _check(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 0, "keep_checkpoints",

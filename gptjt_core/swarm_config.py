@@ -130,6 +130,17 @@ class AveragingConfig:
     """Outer learning rate, > 0: 1 with no momentum is plain averaging of the replicas (DiLoCo: 0.7)."""
     outer_momentum: float = 0.0
     """Nesterov momentum of the outer step, in [0, 1) (DiLoCo: 0.9; 0 disables)."""
+    max_restarts: int = 2
+    """Times the coordinator restarts a step whose AVERAGING phase overran 3 x timeout_s before the
+    stages that could not average fall back to one replica for that step. An integer >= 0 (0:
+    fall back at once)."""
+    fallback_steps: int = 10
+    """Steps the replicas set aside by that fallback stay out of their stage; then they (or others)
+    join it again, copying its state and building a fresh averager. An integer >= 1."""
+    rebuild_after_failures: int = 3
+    """A replica whose rounds fail this many times in a row rebuilds its averager, bootstrapping from
+    the DHT peers the coordinator names now (a remedy for a peer cut off from the others). An
+    integer >= 1."""
 
     def is_outer_step(self, step: int) -> bool:
         """In "local-steps" mode, step s (s > 0, s a multiple of outer_every) starts with an outer
@@ -146,3 +157,9 @@ class AveragingConfig:
         _check(self.timeout_s > 0, "timeout_s", self.timeout_s, "a number of seconds > 0")
         _check(self.matchmaking_s > 0, "matchmaking_s", self.matchmaking_s, "a number of seconds > 0")
         _check(self.poison_norm_factor > 1, "poison_norm_factor", self.poison_norm_factor, "a number > 1")
+        _check(isinstance(self.max_restarts, int) and self.max_restarts >= 0, "max_restarts", self.max_restarts,
+               "an integer >= 0")
+        _check(isinstance(self.fallback_steps, int) and self.fallback_steps >= 1, "fallback_steps",
+               self.fallback_steps, "an integer >= 1")
+        _check(isinstance(self.rebuild_after_failures, int) and self.rebuild_after_failures >= 1,
+               "rebuild_after_failures", self.rebuild_after_failures, "an integer >= 1")

@@ -130,6 +130,26 @@ function renderOverview(s) {
   if (predicted != null) setText("ov-predicted-s", fmtDuration(predicted), predicted);
 }
 
+// A stall stays on screen for 10 minutes after the coordinator last took a remedy.
+const STALL_SHOWN_S = 600;
+function renderLiveness(s) {
+  const lv = s.liveness || {};
+  setText("ov-phase-age", fmtDuration(lv.phase_age_s), lv.phase_age_s);
+  setText("ov-phase-deadline", lv.deadline_s == null ? "none" : fmtDuration(lv.deadline_s), lv.deadline_s);
+  const stall = lv.last_stall;
+  const shown = stall != null && s.now - stall.at < STALL_SHOWN_S;
+  $("#liveness").hidden = !shown;
+  if (!shown) return;
+  setText("lv-phase", stall.phase);
+  setText("lv-step", `${stall.step} (attempt ${stall.attempt})`);
+  setText("lv-ago", fmtDuration(s.now - stall.at));
+  setText("lv-cause", stall.cause);
+  setText("lv-remedy", stall.remedy);
+  const held = Object.entries(lv.held_out || {});
+  $("#lv-held-wrap").hidden = held.length === 0;
+  setText("lv-held", held.map(([w, until]) => `${w} until step ${until}`).join(", "));
+}
+
 function renderPlots(s) {
   // The whole run, at most a few hundred points however long it is (status.loss_curve).
   plot($("#loss-plot"), s.loss_curve.map((p) => ({ x: p.step, y: p.loss })), "loss");
@@ -245,6 +265,7 @@ function render(s) {
   last = s;
   window.gptjtStatus = s;
   renderOverview(s);
+  renderLiveness(s);
   renderPlots(s);
   renderStageMap(s);
   renderWorkers(s);
