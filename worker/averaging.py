@@ -31,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing
 
+from gptjt_core.sidecar import become_group_leader
+
 log = logging.getLogger(__name__)
 
 COMPRESSIONS = ("none", "fp16", "8bit-blockwise")
@@ -51,12 +53,13 @@ class RoundResult:
     summed: bool  # False: the round failed (no group, timeout) and the gradients are unchanged
     group_size: int  # replicas in the round (this one included)
     weight: float  # micro-batches whose gradients the result holds
+    detail: str = ""  # why the round failed (reported to the coordinator)
 
 
 def sum_alone(grads: list[torch.Tensor], micro_batches: int, total_micro_batches: int) -> RoundResult:
     """The only replica of its stage: no round, only the M / W scaling of its own share."""
     if micro_batches <= 0:
-        return RoundResult(False, 1, 0.0)
+        return RoundResult(False, 1, 0.0, "no micro-batch of the step reached this replica")
     if micro_batches != total_micro_batches:
         for g in grads:
             g.mul_(total_micro_batches / micro_batches)
@@ -130,11 +133,12 @@ def _stall_first_send(seconds: float) -> None:
 
 def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_maddr: str, prefix: str,
            max_group: int, compression: str, matchmaking_s: float, timeout: float, sent, lost,
-           stall_first_send_s: float) -> None:
+           stall_first_send_s: float, parent_pid: int) -> None:
     """The sidecar: a DHT peer and a DecentralizedAverager over the shared `buffers`."""
     # Its own process group, which hivemind's DHT and averager processes (and their p2pd
-    # daemons) join when forked: shutdown() can then kill them all if the sidecar hangs.
-    os.setpgid(0, 0)
+    # daemons) join when forked: shutdown() can then kill them all if the sidecar hangs, and
+    # the group dies with the worker (SIGKILL included).
+    become_group_leader(parent_pid)
     # A spawned child inherits "spawn" as its start method; hivemind's processes need fork,
     # which is safe here: this process has no other threads yet.
     mp.set_start_method("fork", force=True)
@@ -148,7 +152,13 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
     _count_lost_parts(lost)
     if stall_first_send_s > 0:
         _stall_first_send(stall_first_send_s)
-    dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[host_maddr], start=True)
+    try:
+        dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[host_maddr], start=True)
+    except Exception as e:  # no bootstrap peer answered (a coordinator restarting, peers gone)
+        # Start alone rather than not at all: others bootstrap from us (the coordinator hands out
+        # our address), and the worker rebuilds us from fresh peers if rounds keep failing.
+        log.warning("no DHT bootstrap peer answered (%s); starting alone", e)
+        dht = hivemind.DHT(initial_peers=None, host_maddrs=[host_maddr], start=True)
     averager = DecentralizedAverager(
         buffers, dht, prefix=prefix, target_group_size=max_group, min_group_size=min(2, max_group),
         min_matchmaking_time=matchmaking_s,
@@ -219,16 +229,21 @@ class StageAverager:
 
     max_group: the most replicas a stage can have; a round starts after matchmaking_s with at
     least two of them, so the survivors of a lost replica still average.
-    initial_peers: multiaddrs of a DHT peer to join (the coordinator's); [] starts a new DHT.
+    initial_peers: multiaddrs of DHT peers to join (the coordinator's, live workers'); [] starts a new DHT.
+    layers: the stage's layer range (start, end): part of the group key, so replicas that hold
+    different ranges (a re-plan some have not applied yet) never meet in a round.
     stall_first_send_s: fault injection for tests; delays this peer's parts in its first round.
     """
 
     def __init__(self, initial_peers: list[str], run_name: str, stage: int, shapes: list[torch.Size],
                  max_group: int, compression: str = "none", matchmaking_s: float = 1.0, timeout: float = 10.0,
-                 host: str = "127.0.0.1", ready_timeout: float = 120.0, stall_first_send_s: float = 0.0):
+                 host: str = "127.0.0.1", ready_timeout: float = 120.0, stall_first_send_s: float = 0.0,
+                 layers: tuple[int, int] = (0, 0)):
         if compression not in COMPRESSIONS:
             raise ValueError(f"averaging compression {compression!r} is unknown; use one of {COMPRESSIONS}")
         self.timeout = timeout
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.key = (stage, *layers)
         dtype = torch.float64 if compression == "none" else torch.float32
         # Shared by file descriptor (torch's default), which needs no torch_shm_manager daemon: that
         # daemon's start-up timed out under load. The sidecar tells hivemind to keep this strategy.
@@ -244,25 +259,42 @@ class StageAverager:
         host_maddr = f"/ip4/{host}/tcp/0" if host.replace(".", "").isdigit() else "/ip4/0.0.0.0/tcp/0"
         self._process = ctx.Process(
             target=_serve, name=f"gptjt-averager-stage{stage}",  # not daemonic: hivemind forks children
-            args=(child, self.buffers, list(initial_peers), host_maddr, f"gptjt_{run_name}_stage{stage}",
-                  max_group, compression, matchmaking_s, timeout, self._sent, self._lost, stall_first_send_s))
+            args=(child, self.buffers, list(initial_peers), host_maddr,
+                  f"gptjt_{run_name}_stage{stage}_layers{layers[0]}-{layers[1]}",
+                  max_group, compression, matchmaking_s, timeout, self._sent, self._lost, stall_first_send_s,
+                  os.getpid()))
         self._process.start()
         child.close()
-        if not self._conn.poll(ready_timeout):
+        try:
+            if not self._conn.poll(ready_timeout):
+                raise RuntimeError(f"the averaging process did not start within {ready_timeout:.0f} s")
+            _, self.visible_maddrs = self._conn.recv()
+        except (EOFError, OSError) as e:  # it died starting (its log says why)
             self.shutdown()
-            raise RuntimeError(f"the averaging process did not start within {ready_timeout:.0f} s")
-        _, self.visible_maddrs = self._conn.recv()
+            raise RuntimeError(f"the averaging process exited while starting ({type(e).__name__}); see the log "
+                               "above") from None
+        except RuntimeError:
+            self.shutdown()
+            raise
         self._seq = 0  # numbers each round's request, so a late reply is never taken for a new one
 
     def sum_gradients(self, grads: list[torch.Tensor], micro_batches: int, total_micro_batches: int,
-                      expected_group: int, contribute: bool = True, tag: tuple = ()) -> RoundResult:
+                      expected_group: int, contribute: bool = True, tag: tuple = (), worker_id: str = "",
+                      members: list[str] | None = None) -> RoundResult:
         """Replace `grads` (in place) by the stage's full-batch gradient across replicas.
 
         expected_group: replicas taking part (1: no round, only the M / W scaling).
         contribute: False for a refused replica: it sends zeros with weight 0 and receives the sum.
         tag: e.g. (step, attempt); a group whose members disagree on it is a failed round.
+        worker_id, members: who we are, and the replicas the coordinator made members of the step:
+        a round with anyone else (the ghost of a replica declared dead) is a failed round.
         On failure (no group, timeout, mismatched tags) `grads` are left unchanged.
         """
+        shapes = [g.shape for g in grads]
+        if shapes != self.shapes:
+            raise ValueError(f"this averager sums {len(self.shapes)} tensors of the layer range it was built for "
+                             f"(stage, start, end = {self.key}), not these {len(shapes)}; build one for the new "
+                             "range")
         if contribute and not all(torch.isfinite(g).all() for g in grads):
             raise ValueError("non-finite gradients must not be averaged; pass contribute=False")
         mine = micro_batches if contribute else 0
@@ -276,7 +308,8 @@ class StageAverager:
             else:
                 buf.zero_()
         self._seq += 1
-        self._conn.send(("step", self._seq, {"tag": list(tag), "micro_batches": mine}, 1.0 if mine > 0 else 0.0))
+        self._conn.send(("step", self._seq, {"tag": list(tag), "micro_batches": mine, "worker": worker_id},
+                         1.0 if mine > 0 else 0.0))
         while True:  # a reply to a round we gave up on may still be in the pipe: skip it
             if not self._conn.poll(2 * self.timeout + 15):
                 raise RuntimeError("the averaging process stopped answering")
@@ -285,16 +318,20 @@ class StageAverager:
                 break
         if status != "ok":
             log.warning("averaging round failed (%s)", detail)
-            return RoundResult(False, 0, 0.0)
+            return RoundResult(False, 0, 0.0, detail)
         infos = detail
         if any(info.get("tag") != list(tag) for info in infos):
-            log.warning("averaging group mixed step attempts %s; discarding the round",
-                        sorted({tuple(i.get("tag", ())) for i in infos}))
-            return RoundResult(False, len(infos), 0.0)
+            tags = sorted({tuple(i.get("tag", ())) for i in infos})
+            log.warning("averaging group mixed step attempts %s; discarding the round", tags)
+            return RoundResult(False, len(infos), 0.0, f"the group mixed step attempts {tags}")
+        strangers = sorted({str(i.get("worker")) for i in infos} - set(members)) if members is not None else []
+        if strangers:
+            log.warning("averaging group included %s, not a member of this step; discarding the round", strangers)
+            return RoundResult(False, len(infos), 0.0, f"the group included non-member(s) {strangers}")
         contributors = sum(1 for i in infos if i["micro_batches"] > 0)
         weight = float(sum(i["micro_batches"] for i in infos))
         if weight <= 0:
-            return RoundResult(False, len(infos), 0.0)
+            return RoundResult(False, len(infos), 0.0, "no replica in the group contributed a micro-batch")
         scale = contributors * total_micro_batches / weight  # mean -> sum -> full batch
         for buf, g in zip(self.buffers, grads):
             g.copy_((buf * scale).to(g.dtype))

@@ -15,6 +15,8 @@ import time
 
 import grpc
 
+from gptjt_core.background import start_background
+
 from .transport import StageClient
 
 log = logging.getLogger("gptjt.worker")
@@ -39,7 +41,7 @@ class LinkProber:
         now = time.time()
         todo = [a for a in addresses if now - self.measured_at.get(a, 0.0) > self.max_age_s]
         if todo:
-            self._task = asyncio.get_running_loop().create_task(self._measure_all(todo))
+            self._task = start_background(self._measure_all(todo), "link probes", log)
 
     def take(self) -> list[dict]:
         out, self.results = self.results, []
@@ -53,11 +55,25 @@ class LinkProber:
             except grpc.aio.AioRpcError as e:
                 log.info("link probe to %s failed (%s); the coordinator will ask again", address, e.code().name)
                 continue
-            # The payload's extra time over an empty round trip is its serialisation on the link.
-            # Within noise of the round trip (loopback, LAN) that difference means little: a
-            # quarter of the whole call bounds it, so a fast link reads as "at least" this fast.
-            mbit = PROBE_BYTES * 8 / max(transfer - rtt, 0.25 * transfer) / 1e6
+            mbit = link_mbit(rtt, transfer)
+            if mbit is None:
+                log.info("link probe to %s timed nothing (round trip %.3g s, transfer %.3g s); the coordinator will "
+                         "ask again", address, rtt, transfer)
+                continue
             self.measured_at[address] = time.time()
             self.results.append({"address": address, "latency_ms": rtt / 2 * 1e3, "mbit": mbit,
                                  "measured_unix_s": self.measured_at[address]})
             log.debug("link to %s: %.2f ms one way, %.1f Mbit/s", address, rtt / 2 * 1e3, mbit)
+
+
+def link_mbit(rtt_s: float, transfer_s: float) -> float | None:
+    """Mbit/s from an empty round trip and a PROBE_BYTES round trip (seconds), or None when the
+    clock saw no time pass (a coarse clock, a suspended process): no figure beats a wrong one.
+
+    The payload's extra time over an empty round trip is its serialisation on the link. Within
+    noise of the round trip (loopback, LAN) that difference means little: a quarter of the whole
+    call bounds it, so a fast link reads as "at least" this fast."""
+    serialisation = max(transfer_s - rtt_s, 0.25 * transfer_s)
+    if not serialisation > 0 or rtt_s < 0:
+        return None
+    return PROBE_BYTES * 8 / serialisation / 1e6

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from gptjt_core.background import start_background
 from gptjt_core.compression import encode
 from gptjt_core.config import RunConfig, from_dict
 from gptjt_core.model import StageSpec, model_config_for
@@ -27,7 +28,7 @@ from .compute import OTHER, ComputeQueue
 from .faults import faults_from_env
 from .link_codecs import LinkCodecChooser
 from .link_probe import LinkProber
-from .membership import CoordinatorClient
+from .membership import RETRYABLE, CoordinatorClient
 from .pipeline import Stage0Driver
 from .probe import measure_block_tflops, probe_device
 from .routing import NextStageRouter
@@ -41,6 +42,8 @@ _NOT_THE_PEERS_FAULT = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INV
                         grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED)
 
 log = logging.getLogger("gptjt.worker")
+
+LOAD_RETRY_S = 120.0  # how long loading a stage waits out an unreachable coordinator
 
 
 @dataclass
@@ -86,8 +89,10 @@ class WorkerRunner:
         self._reported: set[tuple[int, int, int]] = set()  # (step, attempt, report kind)
         self.router = NextStageRouter()
         self.dht_peers: list[str] = []  # the coordinator's hivemind DHT, when the run has replicas
-        self.averager = None  # StageAverager of our stage
-        self._averager_stage = -1
+        self.averager = None  # StageAverager of our stage and layer range
+        self._failed_rounds = 0  # in a row, since the averager was built
+        self.averager_error = ""  # why the last attempt to start one failed
+        self._isolated = False  # fault injection: isolate-averaging
         self._averaging_bytes_before = 0  # sent by averagers of stages this worker held earlier
         self._averaging: asyncio.Task | None = None
         self.faults = faults_from_env()
@@ -228,8 +233,10 @@ class WorkerRunner:
         """A crashed heartbeat or watch loop would leave a zombie worker: stop loudly instead."""
         if task.cancelled() or task.exception() is None:
             return
-        log.error("worker loop failed: %r; stopping (the coordinator will re-issue our work)", task.exception(),
-                  exc_info=task.exception())
+        self._fail(task.exception())
+
+    def _fail(self, error: BaseException) -> None:
+        log.error("worker loop failed: %r; stopping (the coordinator will re-issue our work)", error, exc_info=error)
         self.failed = True
         self.stopping.set()
 
@@ -237,7 +244,7 @@ class WorkerRunner:
         if not self.leaving:
             log.info("drain requested: finishing the current step, then leaving")
             self.leaving = True
-            asyncio.get_running_loop().create_task(self._drain_and_leave())
+            start_background(self._drain_and_leave(), "drain", log, on_error=self._fail)
 
     async def _drain_and_leave(self) -> None:
         state = self.state
@@ -289,9 +296,10 @@ class WorkerRunner:
             device, links = self._device_update, self.prober.take()
             sent = time.monotonic()
             try:
-                known = await self.coordinator.heartbeat(self.worker_id, self._status, metrics, self.loaded_epoch,
-                                                         position, device=device, links=links,
-                                                         rtt_ms=self._coordinator_rtt_ms)
+                known = await self.coordinator.heartbeat(
+                    self.worker_id, self._status, metrics, self.loaded_epoch, position, device=device, links=links,
+                    rtt_ms=self._coordinator_rtt_ms,
+                    dht_maddrs=self.averager.visible_maddrs if self.averager is not None else [])
                 self._coordinator_rtt_ms = (time.monotonic() - sent) * 1e3
                 if self._device_update is device:  # not one measured while the call was out
                     self._device_update = None
@@ -329,22 +337,31 @@ class WorkerRunner:
                 self.prober.request(list(state.measure_links))
             if (previous is None or previous.plan_version != state.plan_version
                     or previous.restore_epoch != state.restore_epoch or self._behind(state)):
-                for attempt in range(3):
-                    try:
-                        await self._apply_assignment(state.assignment, state)
-                        break
-                    except grpc.aio.AioRpcError as e:
-                        # e.g. the coordinator restarting, or the store missing a file
-                        log.error("could not load stage %d (try %d of 3): %s %s", state.assignment.stage,
-                                  attempt + 1, e.code().name, e.details())
-                        if attempt == 2:
-                            raise  # stop loudly: the coordinator times us out and reassigns the stage
-                        await asyncio.sleep(2.0)
+                await self._load_patiently(state)
                 if self.driver is not None:
                     self.driver.on_plan_change()
             await self._follow_step(state)
             if self.driver is not None:
                 self.driver.wake.set()
+
+    async def _load_patiently(self, state: cpb.RunState) -> None:
+        """Apply the assignment, retrying while the coordinator is briefly unreachable (a restart
+        takes seconds) for up to LOAD_RETRY_S; any other failure (the store missing a file) three
+        times. Then stop loudly: the coordinator times us out and reassigns the stage."""
+        deadline, failures = time.monotonic() + LOAD_RETRY_S, 0
+        while True:
+            try:
+                await self._apply_assignment(state.assignment, state)
+                return
+            except grpc.aio.AioRpcError as e:
+                transient = e.code() in RETRYABLE
+                failures += not transient
+                log.error("could not load stage %d (%s): %s %s", state.assignment.stage,
+                          "the coordinator is unreachable; retrying" if transient else f"try {failures} of 3",
+                          e.code().name, e.details())
+                if failures >= 3 or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(2.0)
 
     # -- assignment and the step protocol ----------------------------------------------
     def _behind(self, state: cpb.RunState) -> bool:
@@ -367,6 +384,7 @@ class WorkerRunner:
             if a.standby_reason and (old is None or old.standby_reason != a.standby_reason):
                 log.info("on standby: %s", a.standby_reason)
             self.stage = None
+            await self._drop_averager()  # a stage taken up again gets a fresh one (fresh DHT peers too)
             self._status = cpb.STANDBY
             return
         spec = StageSpec(a.start_layer, a.end_layer, embed=a.embed, head=a.head)
@@ -379,10 +397,10 @@ class WorkerRunner:
                 self.loaded_epoch = state.restore_epoch
                 self._heartbeat_soon()
                 return
-        if self.averager is not None and self._averager_stage != a.stage:
-            await asyncio.to_thread(self.averager.shutdown)
-            self._averaging_bytes_before += self.averager.bytes_sent
-            self.averager, self._averager_stage = None, -1
+        if self.averager is not None and self.averager.key != (a.stage, spec.start, spec.end):
+            log.info("stage %d now holds layers %d-%d (its averager was built for stage %d, layers %d-%d): "
+                     "a new averager for the new range", a.stage, spec.start, spec.end, *self.averager.key)
+            await self._drop_averager()  # its buffers have the old range's shapes, its group the old key
         self._status = cpb.LOADING
         self._heartbeat_soon()
         t0 = time.perf_counter()
@@ -415,21 +433,40 @@ class WorkerRunner:
             self.stage.pacer = ComputePacer(self.simulated, self.stage.matmul_params())
         self.loaded_epoch = state.restore_epoch
         if self.dht_peers and self.averager is None:
-            from .averaging import StageAverager
-
-            avg = self.run.averaging
-            self.averager = await asyncio.to_thread(
-                StageAverager, self.dht_peers, self.run.name, a.stage,
-                [p.shape for p in self.stage.model.parameters()], max_group=self.run.pipeline.replicas_per_stage,
-                compression=avg.compression, matchmaking_s=avg.matchmaking_s, timeout=avg.timeout_s,
-                host=self.address.rsplit(":", 1)[0].strip("[]"))
-            self._averager_stage = a.stage
+            await self._build_averager(a, spec, state)
         log.info("stage %d ready at step %d in %.1fs", a.stage, position, time.perf_counter() - t0)
         if spec.embed and self.driver is None:
             self.driver = Stage0Driver(self)
-            asyncio.create_task(self.driver.run())
+            start_background(self.driver.run(), "the stage-0 driver", log, on_error=self._fail)
         self._status = cpb.DRAINING if self.leaving else cpb.READY
         self._heartbeat_soon()
+
+    async def _build_averager(self, a: cpb.StageAssignment, spec: StageSpec, state: cpb.RunState) -> None:
+        """A hivemind averager for this stage and layer range, bootstrapped from the DHT peers the
+        coordinator names now (its own and live workers': the run's one network)."""
+        from .averaging import StageAverager
+
+        avg = self.run.averaging
+        peers = list(state.dht_peers) or self.dht_peers
+        try:
+            self.averager = await asyncio.to_thread(
+                StageAverager, peers, self.run.name, a.stage, [p.shape for p in self.stage.model.parameters()],
+                max_group=self.run.pipeline.replicas_per_stage, compression=avg.compression,
+                matchmaking_s=avg.matchmaking_s, timeout=avg.timeout_s,
+                host=self.address.rsplit(":", 1)[0].strip("[]"), layers=(spec.start, spec.end))
+        except RuntimeError as e:  # the round reports it, and the next one tries again
+            self.averager_error = str(e)
+            log.error("could not start the averager of stage %d: %s; trying again at the next round", a.stage, e)
+            return
+        self.averager_error = ""
+        self._failed_rounds = 0
+        self._heartbeat_soon()  # its DHT address reaches the coordinator for others to bootstrap from
+
+    async def _drop_averager(self) -> None:
+        if self.averager is not None:
+            averager, self.averager = self.averager, None
+            self._averaging_bytes_before += averager.bytes_sent
+            await asyncio.to_thread(averager.shutdown)
 
     async def _fetch_from_peer(self, addresses: list[str]) -> tuple[dict, int] | None:
         from safetensors.torch import load
@@ -450,8 +487,15 @@ class WorkerRunner:
         """Send this stage's state (after `position` steps) to the coordinator's store."""
         stage = self.stage
         blob = await self.compute.run(OTHER, stage.checkpoint_blob)
+        progress = None
+        if self.faults.fires("die-checkpoint", position):
+            log.warning("fault injection: SIGKILL halfway through uploading the checkpoint of step %d", position)
+
+            def progress(sent: int) -> None:
+                if sent >= len(blob) // 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
         path = await self.coordinator.put_checkpoint(self.worker_id, position, stage.spec, blob,
-                                                     self.run.pipeline.chunk_bytes)
+                                                     self.run.pipeline.chunk_bytes, progress)
         log.info("checkpointed stage %s at step %d (%.1f MB) -> %s", stage.spec, position, len(blob) / 1e6, path)
 
     async def _follow_step(self, state: cpb.RunState) -> None:
@@ -504,7 +548,7 @@ class WorkerRunner:
     def _inject_gradient_faults(self, stage: StageRunner, step: int) -> None:
         """GPTJT_FAULTS poison@N / nan@N (tests and drills only; see worker/faults.py)."""
         for kind, value in (("poison", 1e6), ("nan", float("nan"))):
-            if self.faults.get(kind) == step:
+            if self.faults.fires(kind, step):
                 log.warning("fault injection: %s in this replica's gradient at step %d", kind, step)
                 for g in stage.gradients():
                     g.mul_(value)
@@ -518,21 +562,32 @@ class WorkerRunner:
             if state is None or (state.phase, state.step, state.attempt) != (cpb.AVERAGING, step, attempt):
                 return
             a = state.assignment
-            expected = len(a.peer_ids)
+            expected, members = len(a.peer_ids), list(a.peer_ids)
             contribute = self.worker_id in a.contributors
             if not contribute and not stage.local_steps:
                 log.warning("step %d: the coordinator refused this replica's gradient; receiving the others' sum",
                             step)
             if expected > 1 and self.averager is None:
-                raise RuntimeError("the run has replicas but this worker has no averager (the join reply "
-                                   "named no DHT peers)")
-            if self.faults.get("die-averaging") == step:
+                async with self._assignment_lock:
+                    if self.averager is None and self.stage is stage and (state.dht_peers or self.dht_peers):
+                        await self._build_averager(a, stage.spec, state)
+                if self.averager is None:
+                    await self._round_failed(state, step, attempt, "this replica has no averager: "
+                                             + (self.averager_error or "the coordinator named no DHT peers"))
+                    await asyncio.sleep(1.0)
+                    continue
+            if self.faults.fires("isolate-averaging", step):
+                log.warning("fault injection: from step %d on, this replica's averaging rounds carry a tag no "
+                            "other replica uses", step)
+                self._isolated = True
+            tag = (step, attempt, "isolated") if self._isolated else (step, attempt)
+            if self.faults.fires("die-averaging", step):
                 delay = self.run.averaging.matchmaking_s / 2  # while the group is being formed
                 log.warning("fault injection: SIGKILL in %.1f s, inside the averaging round of step %d", delay, step)
                 threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
             mbs = stage.step_micro_batches
 
-            def round_(expected=expected, mbs=mbs, contribute=contribute):
+            def round_(expected=expected, mbs=mbs, contribute=contribute, members=members, tag=tag):
                 if stage.attempt != (step, attempt):  # the step moved on while this waited its turn
                     return RoundResult(False, 0, 0.0), 0.0
                 if stage.local_steps:  # an outer step: the replicas' mean pseudo-gradient, applied in APPLYING
@@ -544,16 +599,18 @@ class WorkerRunner:
                         log.error("step %d: this replica's pseudo-gradient is not finite; it receives the "
                                   "others' mean without contributing", step)
                     if expected > 1:
-                        res = self.averager.sum_gradients(deltas, 1, 1, expected, finite, tag=(step, attempt))
+                        res = self.averager.sum_gradients(deltas, 1, 1, expected, finite, tag=tag,
+                                                          worker_id=self.worker_id, members=members)
                     else:
                         res = sum_alone(deltas, 1 if finite else 0, 1)
                     if not res.summed or stage.attempt != (step, attempt):
-                        return RoundResult(False, res.group_size, 0.0), 0.0
+                        return RoundResult(False, res.group_size, 0.0, res.detail), 0.0
                     stage.pending_outer = deltas
                     return res, float(sum(torch.linalg.vector_norm(d) ** 2 for d in deltas))
                 grads = stage.gradients()
                 if expected > 1:
-                    res = self.averager.sum_gradients(grads, mbs, total, expected, contribute, tag=(step, attempt))
+                    res = self.averager.sum_gradients(grads, mbs, total, expected, contribute, tag=tag,
+                                                      worker_id=self.worker_id, members=members)
                 else:
                     res = sum_alone(grads, mbs if contribute else 0, total)
                 return res, (stage.grad_norm_sq() if res.summed else 0.0)
@@ -569,6 +626,24 @@ class WorkerRunner:
                 if await self.coordinator.report(self.worker_id, step, attempt, cpb.AVERAGED, norm_sq,
                                                  group_weight=result.weight):
                     self._reported.add((step, attempt, cpb.AVERAGED))
+                self._failed_rounds = 0
                 return
+            await self._round_failed(state, step, attempt, result.detail)
             await asyncio.sleep(0.2)
+
+    async def _round_failed(self, state: cpb.RunState, step: int, attempt: int, detail: str) -> None:
+        """Tell the coordinator why (its stall diagnosis names the cause); after
+        averaging.rebuild_after_failures failures in a row, rebuild the averager from the DHT
+        peers the coordinator names now: a peer cut off from the others finds them again."""
+        if not detail:
+            return  # the step moved on while the round waited its turn: nothing failed
+        self._failed_rounds += 1
+        await self.coordinator.report(self.worker_id, step, attempt, cpb.AVERAGING_FAILED, detail=detail)
+        if self._failed_rounds >= self.run.averaging.rebuild_after_failures and self.stage is not None:
+            log.warning("averaging failed %d times in a row (last: %s); rebuilding the averager from %d DHT peer(s)",
+                        self._failed_rounds, detail, len(state.dht_peers))
+            async with self._assignment_lock:  # not while the Watch loop (re)loads the stage
+                if self.stage is not None and self.averager is not None:
+                    await self._drop_averager()
+                    await self._build_averager(state.assignment, self.stage.spec, state)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -202,14 +203,15 @@ class StageClient:
         stub, shapers = self._stub(address), self.shapers(address)
         times = []
         for size in (0, payload_bytes):
-            loop = asyncio.get_running_loop()
-            started = loop.time()
+            # Not loop.time(): uvloop's is cached once per loop iteration, so a fast call can
+            # measure 0 s (seen: a division by zero in the prober).
+            started = time.perf_counter()
             if shapers is not None:
                 await LinkShaper.until(shapers[0].schedule([size + 8])[0])
             await stub.Probe(pb.ProbeRequest(payload=bytes(size)), timeout=30)
             if shapers is not None:
                 await LinkShaper.until(shapers[1].schedule([8])[0])
-            times.append(loop.time() - started)
+            times.append(time.perf_counter() - started)
         return times[0], times[1]
 
     async def fetch_state(self, address: str, timeout: float | None = 600) -> tuple[pb.StateHeader, bytes]:

@@ -17,6 +17,7 @@ def main() -> None:
     role, workdir, value, micro_batches, compression = sys.argv[1:6]
     expected, total = int(sys.argv[6]), int(sys.argv[7])
     timeout, stall_s = float(sys.argv[8]), float(sys.argv[9])
+    members = sys.argv[10].split(",") if len(sys.argv) > 10 and sys.argv[10] else None  # the step's members
     peers_file = f"{workdir}/peers"
     initial = []
     if role != "first":
@@ -45,7 +46,8 @@ def main() -> None:
     while rounds < 3:
         rounds += 1
         result = averager.sum_gradients(grads, int(micro_batches), total_micro_batches=total,
-                                        expected_group=expected, contribute=role != "refused", tag=(0, 0))
+                                        expected_group=expected, contribute=role != "refused", tag=(0, 0),
+                                        worker_id=role, members=members)
         if result.summed or role == "vanish":
             break
     seconds = time.perf_counter() - t0
@@ -59,7 +61,7 @@ def main() -> None:
     time.sleep(0.5)  # the last averaged parts this peer sends back may still be on their way
     print(json.dumps({"role": role, "summed": result.summed, "group": result.group_size, "weight": result.weight,
                       "g0": float(grads[0][0, 0]), "g1": float(grads[1][0]), "g_last": float(grads[0][-1, -1]),
-                      "seconds": seconds, "rounds": rounds,
+                      "seconds": seconds, "rounds": rounds, "detail": result.detail,
                       "bytes_sent": averager.bytes_sent}), flush=True)
     averager.shutdown()
 

@@ -14,7 +14,9 @@ from tests.conftest import REPO
 
 
 def run_group(tmp_path, members: list[tuple[str, float, int]], compression: str = "none",
-              timeout_s: float = 20.0, stall_s: float = 0.0) -> dict[str, dict]:
+              timeout_s: float = 20.0, stall_s: float = 0.0, step_members: str = "") -> dict[str, dict]:
+    """step_members: the worker ids (roles) the coordinator made members of the step, comma-separated
+    ("": no membership check)."""
     procs = []
     total = sum(mb for _, _, mb in members)  # micro-batches in the step, the vanished peer's included
     for role, value, micro_batches in members:
@@ -23,7 +25,8 @@ def run_group(tmp_path, members: list[tuple[str, float, int]], compression: str 
         log = tmp_path / f"{role}.log"
         procs.append((log, subprocess.Popen(
             [sys.executable, "-m", "tests.integration.averaging_peer", role, str(tmp_path), str(value),
-             str(micro_batches), compression, str(len(members)), str(total), str(timeout_s), str(stall_s)],
+             str(micro_batches), compression, str(len(members)), str(total), str(timeout_s), str(stall_s),
+             step_members],
             cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)))
     out = {}
     try:
@@ -117,3 +120,30 @@ def test_a_replica_without_micro_batches_adds_nothing(tmp_path):
     for r in res.values():
         assert r["summed"] and r["group"] == 3 and r["weight"] == 4
         assert r["g0"] == pytest.approx(4.0)
+
+
+def test_a_round_with_a_non_member_is_refused(tmp_path):
+    """The ghost of a replica the coordinator declared dead (its worker frozen, its averaging
+    process still up) must not take part: every peer checks the group against the step's
+    members and refuses the round, leaving its gradients as they were."""
+    res = run_group(tmp_path, [("first", 1.0, 2), ("ghost", 3.0, 6)], step_members="first,second")
+    for r in res.values():
+        assert not r["summed"] and r["rounds"] == 3
+        assert "non-member(s) ['ghost']" in r["detail"]
+        assert r["g0"] == (1.0 if r["role"] == "first" else 3.0)  # untouched
+
+
+def test_an_averager_refuses_tensors_of_another_layer_range():
+    """A re-plan moved the stage from layers 1-4 to 3-4: the averager built for the old range must
+    say so, not copy what fits (on a GPU run this was `size of tensor a (128) must match 50400`)."""
+    import torch
+
+    from worker.averaging import StageAverager
+
+    old_range = [torch.Size([50400, 128]), torch.Size([128]), torch.Size([512, 128])]
+    averager = StageAverager([], "test", 1, old_range, max_group=2, layers=(1, 4))
+    try:
+        with pytest.raises(ValueError, match=r"layer range it was built for \(stage, start, end = \(1, 1, 4\)\)"):
+            averager.sum_gradients([torch.zeros(128), torch.zeros(512, 128)], 2, 4, expected_group=2)
+    finally:
+        averager.shutdown()
