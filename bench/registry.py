@@ -17,6 +17,7 @@ BENCHMARKS = {
     "gradsync": "bench.gradsync",
     "scheduler": "bench.scheduler",
     "status": "bench.status",
+    "chaos": "bench.chaos",
 }
 
 
