@@ -1,27 +1,33 @@
-"""One compute thread per stage, backward jobs first (1F1B frees activations early)."""
+"""One compute thread per stage; the pipeline schedule (gptjt_core/schedule.py) picks each next job."""
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-BACKWARD, FORWARD, OTHER = 0, 1, 2  # priorities: lower runs first
+from gptjt_core.schedule import Action, Job, OneFOneB
+
+# The kinds of job callers submit (what the schedule orders by).
+BACKWARD, FORWARD, OTHER = Action.BACKWARD, Action.FORWARD, Action.OTHER
 
 
 class ComputeQueue:
-    """Runs submitted callables one at a time on a dedicated thread.
+    """Runs submitted callables one at a time on a dedicated thread, in the order the schedule's
+    `pick` chooses among the queued ones (1F1B: backward, then forward, then other jobs; oldest
+    first within a kind).
 
     Torch autograd graphs built by a forward are consumed by the matching backward on the
     same thread; one thread also keeps a stage from oversubscribing its cores.
     """
 
-    def __init__(self, name: str = "stage-compute"):
-        self._heap: list = []
+    def __init__(self, name: str = "stage-compute",
+                 pick: Callable[[Sequence[Job]], Job | None] = OneFOneB.pick):
+        self._pick = pick
+        self._queued: list[tuple[Job, Callable[[], Any], asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._order = itertools.count()
         self._cv = threading.Condition()
         self._closed = False
@@ -29,24 +35,37 @@ class ComputeQueue:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    async def run(self, priority: int, fn: Callable[[], Any]) -> Any:
+    async def run(self, kind: Action, fn: Callable[[], Any]) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         with self._cv:
             if self._closed:
                 raise RuntimeError("compute queue is closed")
-            heapq.heappush(self._heap, (priority, next(self._order), fn, loop, future))
+            self._queued.append((Job(kind, next(self._order)), fn, loop, future))
             self._cv.notify()
         return await future
+
+    def _next(self) -> tuple | None:
+        """The queued entry the schedule picks (call with the lock held); None: wait. Once
+        closed, what a waiting schedule leaves runs in arrival order, so close() ends."""
+        if not self._queued:
+            return None
+        job = self._pick([entry[0] for entry in self._queued])
+        if job is None and self._closed:
+            job = self._queued[0][0]
+        if job is None:
+            return None
+        i = next(i for i, entry in enumerate(self._queued) if entry[0] == job)
+        return self._queued.pop(i)
 
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._heap and not self._closed:
+                while (entry := self._next()) is None:
+                    if self._closed and not self._queued:
+                        return
                     self._cv.wait()
-                if self._closed and not self._heap:
-                    return
-                _, _, fn, loop, future = heapq.heappop(self._heap)
+            _, fn, loop, future = entry
             t0 = time.perf_counter()
             try:
                 result, error = fn(), None

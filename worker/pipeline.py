@@ -4,51 +4,67 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import grpc
 
 from gptjt_core.batches import MicroBatch, MicroBatchBuilder
-from gptjt_core.compression import decode
+from gptjt_core.config import RunConfig
 from gptjt_core.data import MicroBatchRef
+from gptjt_core.schedule import OneFOneB
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2 as spb
 
-from .compute import BACKWARD, FORWARD, OTHER
+from .compute import ComputeQueue
+from .downstream import DownstreamSender
+from .membership import CoordinatorClient
+from .micro_batch_work import StageInput, work_micro_batch
 from .routing import NoReplicaAvailable
-from .stage import StaleMicroBatch
+from .stage import StageRunner, StaleMicroBatch
 from .transport import labels_bytes
-
-if TYPE_CHECKING:
-    from .runner import WorkerRunner
 
 log = logging.getLogger(__name__)
 
 
 class Stage0Driver:
-    """Keeps up to `pipeline.in_flight` micro-batches of the open step moving (1F1B at every
-    stage: each stage's compute queue runs backward jobs first)."""
+    """Keeps the open step's micro-batches moving: as many as the schedule admits (1F1B: up to
+    `pipeline.in_flight`; each stage's compute queue runs backward jobs first).
 
-    def __init__(self, worker: WorkerRunner):
-        self.worker = worker
-        self.builder = MicroBatchBuilder(worker.run)
+    stage: the stage this worker holds now (read when a micro-batch starts: a reload replaces
+    it). open_for_work: whether the run takes micro-batches from this worker now (an open
+    step, not paused, a member, not leaving). Tickets are leased, committed and released
+    with the coordinator as `worker_id`.
+    """
+
+    def __init__(self, run: RunConfig, compute: ComputeQueue, downstream: DownstreamSender,
+                 coordinator: CoordinatorClient, worker_id: str, stage: Callable[[], StageRunner | None],
+                 open_for_work: Callable[[], bool]):
+        self.run_config = run
+        self.schedule = OneFOneB(run.pipeline.in_flight)
+        self.compute = compute
+        self.downstream = downstream
+        self.coordinator = coordinator
+        self.worker_id = worker_id
+        self.stage = stage
+        self.open_for_work = open_for_work
+        self.builder = MicroBatchBuilder(run)
         self._data_pool = ThreadPoolExecutor(1, thread_name_prefix="data")  # readers are not thread-safe
         self.tasks: dict[int, asyncio.Task] = {}  # ticket_id -> task
         self.leased: set[int] = set()
         self.wake = asyncio.Event()
 
-    async def run(self) -> None:
-        """Lease and process tickets while the step is open; returns when told to stop."""
-        w = self.worker
-        while not w.stopping.is_set():
-            state = w.state
-            can_lease = (state is not None and state.phase == cpb.OPEN and not state.paused and not w.leaving
-                         and state.assignment.member and w.stage is not None and w.stage.spec.embed
-                         and (w.stage.spec.head or w.router.available))
-            free = w.run.pipeline.in_flight - len(self.tasks)
-            if can_lease and free > 0:
-                reply = await w.coordinator.lease(w.worker_id, free)
+    def _can_lease(self) -> bool:
+        stage = self.stage()
+        return (self.open_for_work() and stage is not None and stage.spec.embed
+                and (stage.spec.head or self.downstream.available))
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Lease and process tickets while the step is open; returns once `stopping` is set."""
+        while not stopping.is_set():
+            free = self.schedule.admissible(len(self.tasks))
+            if self._can_lease() and free > 0:
+                reply = await self.coordinator.lease(self.worker_id, free)
                 for ticket in reply.tickets:
                     self.leased.add(ticket.ticket_id)
                     task = asyncio.create_task(self._process(ticket))
@@ -67,31 +83,25 @@ class Stage0Driver:
         self.wake.set()
 
     async def _process(self, ticket: cpb.Ticket) -> None:
-        w = self.worker
-        stage = w.stage
-        key = (ticket.ticket_id, ticket.attempt)
+        stage = self.stage()
+        global_batch = self.run_config.train.global_batch
         ref = MicroBatchRef(ticket.step, ticket.index, ticket.shard, ticket.offset)
         try:
             mb: MicroBatch = await asyncio.get_running_loop().run_in_executor(self._data_pool, self.builder.build, ref)
-            if stage.spec.head:  # a one-stage pipeline
-                loss, _, _ = await w.compute.run(FORWARD, lambda: stage.forward_backward(
-                    key, ticket.step, mb.input_ids, mb.prefix_lengths, mb.labels, w.run.train.global_batch))
-            else:
-                out = await w.compute.run(FORWARD, lambda: stage.forward(key, ticket.step, mb.input_ids,
-                                                                         mb.prefix_lengths))
-                header = spb.MicroBatchHeader(ticket_id=ticket.ticket_id, step=ticket.step, attempt=ticket.attempt,
-                                              global_batch=w.run.train.global_batch,
-                                              prefix_lengths=mb.prefix_lengths.tolist(),
-                                              labels=labels_bytes(mb.labels), stage=1)
-                reply, grad = await w.send_downstream(header, out)
-                await w.compute.run(BACKWARD, lambda: stage.backward(key, ticket.step, decode(grad)))
-                loss = reply.loss
-            result = await w.coordinator.commit(w.worker_id, ticket, loss, mb.input_ids.numel())
+
+            def next_header() -> spb.MicroBatchHeader:
+                return spb.MicroBatchHeader(ticket_id=ticket.ticket_id, step=ticket.step, attempt=ticket.attempt,
+                                            global_batch=global_batch, prefix_lengths=mb.prefix_lengths.tolist(),
+                                            labels=labels_bytes(mb.labels), stage=1)
+
+            item = StageInput((ticket.ticket_id, ticket.attempt), ticket.step, mb.input_ids, mb.prefix_lengths,
+                              mb.labels, global_batch)
+            done = await work_micro_batch(stage, self.compute, self.downstream, item, next_header)
+            result = await self.coordinator.commit(self.worker_id, ticket, done.loss, mb.input_ids.numel())
             self.leased.discard(ticket.ticket_id)
             if result == cpb.STALE:
                 log.info("ticket %d: its step attempt was restarted; work discarded", ticket.ticket_id)
         except (Exception, asyncio.CancelledError) as e:  # any failure: the ticket goes back, never stuck
-            await w.compute.run(OTHER, lambda: stage.discard(key))
             if isinstance(e, grpc.aio.AioRpcError):
                 log.warning("ticket %d failed downstream (%s: %s); handing it back", ticket.ticket_id,
                             e.code().name, e.details())
@@ -106,7 +116,7 @@ class Stage0Driver:
     async def release(self, ticket_ids: list[int]) -> None:
         ids = [t for t in ticket_ids if t in self.leased]
         if ids:
-            await self.worker.coordinator.release(self.worker.worker_id, ids)
+            await self.coordinator.release(self.worker_id, ids)
             self.leased.difference_update(ids)
 
     def on_plan_change(self) -> None:

@@ -16,7 +16,6 @@ import grpc
 import torch
 
 from gptjt_core.background import start_background
-from gptjt_core.compression import encode
 from gptjt_core.config import RunConfig, from_dict
 from gptjt_core.model import StageSpec, model_config_for
 from gptjt_core.precision import resolve_precision
@@ -25,6 +24,7 @@ from gptjt_proto import stage_pb2_grpc as spb_grpc
 
 from .averaging import RoundResult, sum_alone
 from .compute import OTHER, ComputeQueue
+from .downstream import DownstreamSender
 from .faults import faults_from_env
 from .link_codecs import LinkCodecChooser
 from .link_probe import LinkProber
@@ -32,14 +32,10 @@ from .membership import RETRYABLE, CoordinatorClient
 from .pipeline import Stage0Driver
 from .probe import measure_block_tflops, probe_device
 from .routing import NextStageRouter
-from .service import StageService
+from .service import Serving, StageService
 from .simulated_device import ComputePacer, SimulatedDevice
 from .stage import StageRunner
 from .transport import GRPC_OPTIONS, LinkCounters, StageClient
-
-# Downstream errors that say something about the request, not about the peer's health.
-_NOT_THE_PEERS_FAULT = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT,
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED)
 
 log = logging.getLogger("gptjt.worker")
 
@@ -84,6 +80,7 @@ class WorkerRunner:
         self.stage: StageRunner | None = None
         self.state: cpb.RunState | None = None
         self.client: StageClient | None = None
+        self.downstream: DownstreamSender | None = None
         self.driver: Stage0Driver | None = None
         self._status = cpb.STANDBY
         self._reported: set[tuple[int, int, int]] = set()  # (step, attempt, report kind)
@@ -119,7 +116,7 @@ class WorkerRunner:
         device = simulated.device_info("fp32") if simulated else probe_device(o.device)
         self.simulated = simulated
         server = grpc.aio.server(options=GRPC_OPTIONS)
-        spb_grpc.add_StageServicer_to_server(StageService(self), server)
+        spb_grpc.add_StageServicer_to_server(StageService(self.compute, self.counters, self._serving), server)
         port = server.add_insecure_port(o.listen)
         if port == 0:
             raise RuntimeError(f"--listen {o.listen}: cannot bind (address in use or not local)")
@@ -133,6 +130,7 @@ class WorkerRunner:
         self.run = from_dict(RunConfig, json.loads(reply.run_config_json))
         self.client = StageClient(self.counters, self.run.pipeline.chunk_bytes, link=self.run.link)
         self.link_codecs = LinkCodecChooser(self.run.pipeline, self.run.link)
+        self.downstream = DownstreamSender(self.router, self.link_codecs, self.client, self.coordinator, self.worker_id)
         self.prober = LinkProber(self.client, self.run.scheduler.probe_max_age_s)
         self.dht_peers = list(reply.dht_peers)
         a = reply.assignment
@@ -202,32 +200,24 @@ class WorkerRunner:
                  device["block_tflops"], device["matmul_tflops"], precision.name)
         return device
 
-    async def send_downstream(self, header, out: torch.Tensor):
-        """Encode a stage output (B, T, D) with the codecs of the link it takes and send it to
-        the best replica of the next stage; return (reply header, encoded input gradient). A
-        replica whose connection fails is skipped from now on and reported to the coordinator,
-        which probes it."""
-        address = self.router.pick()
-        act_codec, grad_codec = self.link_codecs.codecs(address)
-        header.gradient_codec = grad_codec
-        started = time.monotonic()
-        try:
-            activations = encode(out, act_codec)
-            reply, grad = await self.client.process(address, header, activations)
-        except grpc.aio.AioRpcError as e:
-            blamed = e.code() not in _NOT_THE_PEERS_FAULT
-            self.router.done(address, started, ok=not blamed)
-            if blamed:
-                asyncio.get_running_loop().create_task(self.coordinator.report_peer_failure(
-                    self.worker_id, address, f"{e.code().name}: {e.details()}"))
-            raise
-        except BaseException:  # not the peer's doing (a bad tensor, a cancelled task): just not in flight
-            self.router.release(address)
-            raise
-        self.router.done(address, started, ok=True)
-        nbytes = len(activations.data) + (len(grad.data) if grad is not None else 0)
-        self.link_codecs.observe(address, nbytes, time.monotonic() - started - reply.compute_s)
-        return reply, grad
+    # -- what the stage service and the stage-0 driver see of this worker ------------
+    def _serving(self) -> Serving | None:
+        """What the stage service answers with now (nothing until the join names the run)."""
+        if self.downstream is None:
+            return None
+        return Serving(self.stage, self.assignment.stage if self.assignment is not None else None,
+                       self.loaded_epoch >= 0, self.run.pipeline, self.downstream)
+
+    def _open_for_work(self) -> bool:
+        """The run takes micro-batches from this worker now: an open step, not paused, we are a
+        member and not leaving."""
+        state = self.state
+        return (state is not None and state.phase == cpb.OPEN and not state.paused and not self.leaving
+                and bool(state.assignment.member))
+
+    def _stage0_driver(self) -> Stage0Driver:
+        return Stage0Driver(self.run, self.compute, self.downstream, self.coordinator, self.worker_id,
+                            lambda: self.stage, self._open_for_work)
 
     def _on_task_done(self, task: asyncio.Task) -> None:
         """A crashed heartbeat or watch loop would leave a zombie worker: stop loudly instead."""
@@ -436,8 +426,8 @@ class WorkerRunner:
             await self._build_averager(a, spec, state)
         log.info("stage %d ready at step %d in %.1fs", a.stage, position, time.perf_counter() - t0)
         if spec.embed and self.driver is None:
-            self.driver = Stage0Driver(self)
-            start_background(self.driver.run(), "the stage-0 driver", log, on_error=self._fail)
+            self.driver = self._stage0_driver()
+            start_background(self.driver.run(self.stopping), "the stage-0 driver", log, on_error=self._fail)
         self._status = cpb.DRAINING if self.leaving else cpb.READY
         self._heartbeat_soon()
 

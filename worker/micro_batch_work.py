@@ -1,0 +1,58 @@
+"""The order of work for one micro-batch at one stage: forward, send it down, backward (no gRPC here)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from gptjt_core.compression import decode
+from gptjt_proto import stage_pb2 as spb
+
+from .compute import BACKWARD, FORWARD, OTHER, ComputeQueue
+from .downstream import DownstreamSender
+from .stage import StageRunner
+
+
+@dataclass(frozen=True)
+class StageInput:
+    """One micro-batch as this stage takes it."""
+
+    key: tuple[int, int]  # (ticket id, attempt): names the forward's saved graph
+    step: int
+    inputs: torch.Tensor  # (B, T) token ids at stage 0, else (B, T, D) activations
+    prefix_lengths: torch.Tensor  # (B,)
+    labels: torch.Tensor  # (B, T); the last stage computes the loss on them
+    global_batch: int  # sequences in the step: the loss is a share of the step's mean
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    loss: float  # this micro-batch's share of the step loss, from the last stage
+    target_tokens: int
+    input_grad: torch.Tensor | None  # d loss / d inputs, (B, T, D); None at stage 0 (token ids)
+
+
+async def work_micro_batch(stage: StageRunner, compute: ComputeQueue, downstream: DownstreamSender | None,
+                           item: StageInput, next_header: Callable[[], spb.MicroBatchHeader]) -> StageOutcome:
+    """Run `item` through this stage in the order gptjt_core.schedule.micro_batch_plan gives
+    (the caller has received it and sends the input gradient back): at the last stage forward
+    and backward as one compute job (1F1B would run them back to back anyway); elsewhere
+    forward, send the output down (`next_header()` is what travels with it), take the
+    gradient that comes back, backward. The compute queue orders the jobs against other
+    micro-batches'. If anything fails or is cancelled between the forward and the backward,
+    the forward's saved graph is discarded before the error goes on."""
+    key, step = item.key, item.step
+    if stage.spec.head:
+        loss, targets, grad = await compute.run(FORWARD, lambda: stage.forward_backward(
+            key, step, item.inputs, item.prefix_lengths, item.labels, item.global_batch))
+        return StageOutcome(loss, targets, grad)
+    try:
+        out = await compute.run(FORWARD, lambda: stage.forward(key, step, item.inputs, item.prefix_lengths))
+        reply, grad_enc = await downstream.send(next_header(), out)
+        grad_in = await compute.run(BACKWARD, lambda: stage.backward(key, step, decode(grad_enc)))
+    except BaseException:
+        await compute.run(OTHER, lambda: stage.discard(key))
+        raise
+    return StageOutcome(reply.loss, reply.target_tokens, grad_in)
