@@ -484,7 +484,7 @@ class SchedulerConfig:
     search_evaluations: int = 600
     """Candidate layouts one plan search may score (coordinator/placement.py). The count, not
     the clock, ends the search, so the same workers and links give the same plan however
-    loaded the coordinator is; about 0.5 s for 64 workers on one core (bench/README.md)."""
+    loaded the coordinator is; 0.2-0.5 s of CPU a search for 64 workers (bench/README.md)."""
     search_budget_s: float = 5.0
     """Wall-clock backstop of one plan search, seconds (it runs on the coordinator's event
     loop): only for pathological inputs, it should never bind at the defaults (when it does,
