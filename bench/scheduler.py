@@ -7,10 +7,13 @@ fp32 Adam states (16 bytes a parameter). Devices, alternating within each site: 
 80 GB A100-class GPU (140 TFLOP/s effective: 312 bf16 peak x 45 %) and a 24 GB
 consumer-class GPU (35 TFLOP/s effective). Random: the median of 10 random partitions into
 equal groups with an even layer split; round-robin: worker i -> stage i mod S with an even
-split, S being our plan's stage count. best known: the best of our plan and a 10x longer
-search from 4 seeds. Churn: a scripted sequence of leaves and joins on the worldwide
-scenario, re-planned with hysteresis (moves must pay back within 100 steps, loading a
-layer costs 10 s) against a full re-plan from scratch.
+split, S being our plan's stage count. Our search runs at the coordinator's defaults
+(SchedulerConfig: `search_evaluations` candidate layouts, `search_budget_s` the wall-clock
+backstop, which must never bind: `backstop_hit` says if it did). best known: the best of
+our plan and searches 10x as long (the evaluations and the backstop) from 4 other seeds;
+with --quick 4x as long from 2. Churn: a scripted sequence of leaves and joins on the
+worldwide scenario, re-planned with hysteresis (moves must pay back within 100 steps,
+loading a layer costs 10 s) against a full re-plan from scratch.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from pathlib import Path
 
 from coordinator.cost_model import Device, Link, ModelShape, Network, Workload
 from coordinator.placement import layers_moved, plan, random_placement, replan, round_robin_placement
+from gptjt_core.config import SchedulerConfig
 
 DESCRIPTION = "placement on DT-FM's network scenarios: predicted step vs random / round-robin, gap, plan time, churn"
 
 # a copy of ../shared/data/network_scenarios.json (DT-FM's measured links), shipped with the repo
 SCENARIOS = Path(__file__).resolve().parent.parent / "data" / "network_scenarios.json"
 BIG, SMALL = (140.0, 80.0), (35.0, 24.0)  # (effective TFLOP/s, GB)
+SEARCH = SchedulerConfig()  # the coordinator's defaults: the search the coordinator runs
+BUDGET = {"evaluations": SEARCH.search_evaluations, "backstop_s": SEARCH.search_budget_s}
 WORK = Workload(tokens_per_micro_batch=2048, micro_batches=64, in_flight=4, activation_bytes_per_value=2.0,
                 gradient_bytes_per_param=2.0, state_bytes_per_param=16.0)
 
@@ -74,7 +80,7 @@ def scenarios(data: dict) -> dict[str, tuple[list[Device], Network]]:
 
 def _churn(devices: list[Device], net: Network, model: ModelShape, quick: bool) -> dict:
     rng = random.Random(1)
-    current = plan(devices, net, model, WORK, budget_s=0.5).stages
+    current = plan(devices, net, model, WORK, **BUDGET).stages
     devices = list(devices)
     gone: set[int] = set()
     moved_hysteresis, moved_full = [], []
@@ -87,8 +93,8 @@ def _churn(devices: list[Device], net: Network, model: ModelShape, quick: bool) 
             devices.append(Device(f"joiner-{event}", tflops, mem, rng.choice(sites)))
         g = frozenset(gone)
         kept = replan(current, devices, net, model, WORK, seconds_per_layer_load=10.0, horizon_steps=100,
-                      budget_s=0.5, seed=event, gone=g)
-        fresh = plan(devices, net, model, WORK, budget_s=0.5, seed=event, gone=g)
+                      seed=event, gone=g, **BUDGET)
+        fresh = plan(devices, net, model, WORK, seed=event, gone=g, **BUDGET)
         moved_hysteresis.append(layers_moved(current, kept.stages))
         moved_full.append(layers_moved(current, fresh.stages))
         current = kept.stages
@@ -103,18 +109,21 @@ def run(quick: bool = False) -> dict:
     out: dict = {"workers": 64, "model": "gptj-6b", "global_batch": 64, "seq_len": 2048}
     for name, (devices, net) in scenarios(data).items():
         t0 = time.perf_counter()
-        ours = plan(devices, net, model, WORK, budget_s=0.5)
+        ours = plan(devices, net, model, WORK, **BUDGET)
         plan_ms = (time.perf_counter() - t0) * 1e3
         stages = len(ours.stages)
         rand = statistics.median(random_placement(devices, net, model, WORK, stages, random.Random(s)).step_s
                                  for s in range(10))
         robin = round_robin_placement(devices, net, model, WORK, stages).step_s
-        long = min(plan(devices, net, model, WORK, budget_s=2.0 if quick else 5.0, seed=s).step_s
+        longer = 4 if quick else 10
+        long = min(plan(devices, net, model, WORK, evaluations=BUDGET["evaluations"] * longer,
+                        backstop_s=BUDGET["backstop_s"] * longer, seed=s).step_s
                    for s in range(1, 3 if quick else 5))
         best = min(long, ours.step_s)
         out[name] = {"predicted_step_s": ours.step_s, "random_step_s": rand, "round_robin_step_s": robin,
                      "ratio_vs_random": rand / ours.step_s, "ratio_vs_round_robin": robin / ours.step_s,
                      "gap_vs_best_known": (ours.step_s - best) / best, "plan_ms": plan_ms, "stages": stages,
+                     "evaluations": ours.evaluations, "backstop_hit": ours.backstop_hit,
                      "replicas": [len(s.workers) for s in ours.stages],
                      "layers": [s.end - s.start for s in ours.stages]}
     worldwide_devices, worldwide_net = scenarios(data)["worldwide"]
@@ -122,4 +131,5 @@ def run(quick: bool = False) -> dict:
     out["ratio_vs_random"] = out["worldwide"]["ratio_vs_random"]
     out["gap_vs_best_known"] = max(v["gap_vs_best_known"] for v in out.values() if isinstance(v, dict))
     out["plan_ms"] = max(v["plan_ms"] for v in out.values() if isinstance(v, dict))
+    out["backstop_hit"] = any(v["backstop_hit"] for v in out.values() if isinstance(v, dict))
     return out

@@ -9,7 +9,13 @@ cost model's predicted step time (coordinator/cost_model.py). No I/O.
      ranges, each within its group's smallest memory, minimising the slowest stage.
   3. Local search: swap two workers between groups and reverse runs of the stage order
      (2-opt), re-splitting layers, keeping any change that lowers the predicted step;
-     until no change helps or the time budget runs out.
+     until no change helps or the search has scored `evaluations` candidates (shared by
+     the REFINED_COUNTS most promising stage counts; what one leaves, the next may use).
+     A final polish moves single layer boundaries while the full prediction improves.
+The count, not the clock, ends the search, so the same inputs give the same plan however
+loaded the machine is; any randomness comes from `seed`. A wall-clock backstop
+(`backstop_s`, search_budget.py) stops every loop (first layouts, 2-opt, swaps, polish)
+on pathological inputs only; it should never bind at the defaults.
 Re-planning (`replan`) starts from the current placement and moves workers only when the
 predicted gain over `horizon_steps` outweighs the time to load the layers that move.
 """
@@ -17,16 +23,21 @@ predicted gain over `horizon_steps` outweighs the time to load the layers that m
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
+from typing import Callable
 
 from .cost_model import (
     Device, ModelShape, Network, StagePlacement, Workload, infeasible, memory_needed_gb, predict_step,
 )
 from .cost_model import MEMORY_HEADROOM as HEADROOM
+from .search_budget import SearchBudget
 
 
 REFINED_COUNTS = 3  # stage counts the local search refines, best initial cost first
+# Defaults of plan() and replan(), the same as SchedulerConfig's (a unit test holds them
+# together): candidate layouts scored, and the wall-clock backstop in seconds.
+EVALUATIONS = 600
+BACKSTOP_S = 2.0
 
 
 @dataclass
@@ -35,6 +46,8 @@ class Placement:
     step_s: float
     standby: tuple[int, ...] = ()  # workers given no stage (too small, or left over)
     why_standby: dict[int, str] | None = None
+    evaluations: int = 0  # candidate layouts the local search scored
+    backstop_hit: bool = False  # the wall-clock backstop stopped the search (the plan may vary)
 
 
 def split_layers(groups: list[tuple[int, ...]], devices: list[Device], model: ModelShape,
@@ -99,16 +112,18 @@ def _chunks(ids: list[int], s: int, small_first: bool = False) -> list[tuple[int
     return out
 
 
-def evaluate(groups: list[tuple[int, ...]], devices, net, model, work,
-             polish: bool = False) -> tuple[float, list[StagePlacement] | None]:
+def evaluate(groups: list[tuple[int, ...]], devices, net, model, work, polish: bool = False,
+             budget: SearchBudget | None = None) -> tuple[float, list[StagePlacement] | None]:
     """Predicted step of `groups` (in pipeline order) with the best layer split found. The DP
     split balances compute; polish=True then moves single stage boundaries while the full
-    predicted step (transfers, averaging) improves."""
+    predicted step (transfers, averaging) improves, or until `budget`'s backstop passes."""
     stages = split_layers(groups, devices, model, work)
     if stages is None:
         return float("inf"), None
     cost = predict_step(stages, devices, net, model, work).step_s
-    while polish:
+    # Each pass lowers the cost strictly or ends the polish, so it ends without a count (a
+    # few passes, 1-2 ms on the bench scenarios); the backstop still bounds it.
+    while polish and not (budget and budget.out_of_time()):
         polish = False
         for i in range(len(stages) - 1):
             for delta in (-1, 1):
@@ -126,40 +141,49 @@ def evaluate(groups: list[tuple[int, ...]], devices, net, model, work,
     return cost, stages
 
 
-def _local_search(groups, devices, net, model, work, deadline: float, rng: random.Random):
-    cost, stages = evaluate(groups, devices, net, model, work)
+def _pairs(n: int) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(n) for b in range(a + 1, n)]
+
+
+def _swaps(groups: list[tuple[int, ...]], a: int, b: int, devices: list[Device]):
+    """`groups` with one worker of group a and one of group b exchanged, each distinct swap."""
+    for x in range(len(groups[a])):
+        for y in range(len(groups[b])):
+            ga, gb = list(groups[a]), list(groups[b])
+            da, db = devices[ga[x]], devices[gb[y]]
+            if (da.tflops, da.memory_gb, da.site) == (db.tflops, db.memory_gb, db.site):
+                continue  # swapping equals changes nothing
+            ga[x], gb[y] = gb[y], ga[x]
+            cand = list(groups)
+            cand[a], cand[b] = tuple(ga), tuple(gb)
+            yield cand
+
+
+def _local_search(groups, devices, net, model, work, budget: SearchBudget, limit: int, rng: random.Random):
+    """First-improvement descent from `groups` until a round finds nothing better or the
+    budget refuses an evaluation (`limit`: this search's share, see SearchBudget.take).
+    Every candidate, 2-opt or swap, takes one evaluation before it is scored."""
+    cost, stages = evaluate(groups, devices, net, model, work)  # the start, scored already: free
     improved = True
-    while improved and time.perf_counter() < deadline:
+    while improved:
         improved = False
-        # 2-opt on the stage order
-        for i in range(len(groups) - 1):
-            for j in range(i + 1, len(groups)):
-                cand = groups[:i] + groups[i:j + 1][::-1] + groups[j + 1:]
-                c, st = evaluate(cand, devices, net, model, work)
-                if c < cost - 1e-9:
-                    groups, cost, stages, improved = cand, c, st, True
-        # worker swaps between groups, in random order
-        pairs = [(a, b) for a in range(len(groups)) for b in range(a + 1, len(groups))]
-        rng.shuffle(pairs)
+        for i, j in _pairs(len(groups)):  # 2-opt: reverse the run of stages i..j
+            if not budget.take(limit):
+                return groups, cost, stages
+            cand = groups[:i] + groups[i:j + 1][::-1] + groups[j + 1:]
+            c, st = evaluate(cand, devices, net, model, work)
+            if c < cost - 1e-9:
+                groups, cost, stages, improved = cand, c, st, True
+        pairs = _pairs(len(groups))
+        rng.shuffle(pairs)  # worker swaps between groups, pairs of groups in random order
         for a, b in pairs:
-            if time.perf_counter() > deadline:
-                break
-            for x in range(len(groups[a])):
-                for y in range(len(groups[b])):
-                    ga, gb = list(groups[a]), list(groups[b])
-                    da, db = devices[ga[x]], devices[gb[y]]
-                    if (da.tflops, da.memory_gb, da.site) == (db.tflops, db.memory_gb, db.site):
-                        continue  # swapping equals changes nothing
-                    ga[x], gb[y] = gb[y], ga[x]
-                    cand = list(groups)
-                    cand[a], cand[b] = tuple(ga), tuple(gb)
-                    c, st = evaluate(cand, devices, net, model, work)
-                    if c < cost - 1e-9:
-                        groups, cost, stages, improved = cand, c, st, True
-                        break
-                else:
-                    continue
-                break
+            for cand in _swaps(groups, a, b, devices):
+                if not budget.take(limit):
+                    return groups, cost, stages
+                c, st = evaluate(cand, devices, net, model, work)
+                if c < cost - 1e-9:  # take the first improving swap of this pair, move on
+                    groups, cost, stages, improved = cand, c, st, True
+                    break
     return groups, cost, stages
 
 
@@ -181,19 +205,44 @@ def usable(devices: list[Device], model: ModelShape, work: Workload,
 
 
 def plan(devices: list[Device], net: Network, model: ModelShape, work: Workload,
-         stage_counts: list[int] | None = None, budget_s: float = 0.5, seed: int = 0,
-         gone: frozenset[int] = frozenset()) -> Placement:
-    """The best placement found within `budget_s` (see the module docstring); workers in
+         stage_counts: list[int] | None = None, evaluations: int = EVALUATIONS, backstop_s: float = BACKSTOP_S,
+         seed: int = 0, gone: frozenset[int] = frozenset(), clock: Callable[[], float] | None = None) -> Placement:
+    """The best placement found in `evaluations` candidate layouts (see the module docstring;
+    `backstop_s` of wall time on `clock` stops it sooner on pathological inputs); workers in
     `gone` have left."""
-    t0 = time.perf_counter()
+    budget = SearchBudget(evaluations, backstop_s, clock)
     rng = random.Random(seed)
     ids, why = usable(devices, model, work, gone)
     if not ids:
         raise ValueError("no worker can hold even one layer: " + "; ".join(why.values()))
     counts = stage_counts or list(range(1, min(len(ids), model.n_layer) + 1))
-    chain = _site_chain(devices, ids, net)
+    starts = _starts(counts, _site_chain(devices, ids, net), devices, net, model, work, budget)
+    if not starts:
+        raise ValueError(f"no stage count in {counts} fits the workers' memory")
+    refined = sorted(starts, key=lambda x: x[0])[:REFINED_COUNTS]  # the most promising stage counts
+    best_cost, best_groups = float("inf"), None
+    for k, (_, groups) in enumerate(refined):
+        g, c, _ = _local_search(groups, devices, net, model, work, budget, budget.share(len(refined) - k), rng)
+        if c < best_cost:
+            best_cost, best_groups = c, g
+    best_cost, best_stages = evaluate(best_groups, devices, net, model, work, polish=True, budget=budget)
+    assert best_stages is not None and not infeasible(best_stages, devices, model, work)
+    placed = {w for st in best_stages for w in st.workers}
+    for w in ids:
+        if w not in placed:
+            why[w] = f"{devices[w].name}: the plan is faster or only fits without it; it waits on standby"
+    return Placement(best_stages, best_cost, tuple(sorted(why)), why, budget.used, budget.backstop_hit)
+
+
+def _starts(counts: list[int], chain: list[int], devices, net, model, work,
+            budget: SearchBudget) -> list[tuple[float, list[tuple[int, ...]]]]:
+    """(predicted step, groups) of the first layout of each stage count that fits: `chain`
+    cut into that many groups. Bounded work, so not counted; only the backstop cuts it short
+    (once one layout fits)."""
     starts = []
     for s in counts:
+        if starts and budget.out_of_time():
+            break
         # A small device can make every split infeasible for its group: leave the smallest
         # out until the groups fit (they wait on standby).
         members = list(chain)
@@ -207,23 +256,7 @@ def plan(devices: list[Device], net: Network, model: ModelShape, work: Workload,
                 starts.append((cost, groups))
                 break
             members.remove(min(members, key=lambda i: (devices[i].memory_gb, devices[i].tflops)))
-    if not starts:
-        raise ValueError(f"no stage count in {counts} fits the workers' memory")
-    starts.sort(key=lambda x: x[0])
-    best_cost, best_groups, best_stages = float("inf"), None, None
-    for k, (_, groups) in enumerate(starts[:REFINED_COUNTS]):  # refine the most promising stage counts
-        remaining = budget_s - (time.perf_counter() - t0)
-        deadline = time.perf_counter() + remaining / (min(REFINED_COUNTS, len(starts)) - k)
-        g, c, st = _local_search(groups, devices, net, model, work, deadline, rng)
-        if c < best_cost:
-            best_cost, best_groups, best_stages = c, g, st
-    best_cost, best_stages = evaluate(best_groups, devices, net, model, work, polish=True)
-    assert best_stages is not None and not infeasible(best_stages, devices, model, work)
-    placed = {w for st in best_stages for w in st.workers}
-    for w in ids:
-        if w not in placed:
-            why[w] = f"{devices[w].name}: the plan is faster or only fits without it; it waits on standby"
-    return Placement(best_stages, best_cost, tuple(sorted(why)), why)
+    return starts
 
 
 def random_placement(devices, net, model, work, stages: int, rng: random.Random) -> Placement:
@@ -257,13 +290,15 @@ def layers_moved(before: list[StagePlacement], after: list[StagePlacement]) -> i
 
 
 def replan(current: list[StagePlacement], devices: list[Device], net: Network, model: ModelShape,
-           work: Workload, seconds_per_layer_load: float, horizon_steps: int, budget_s: float = 0.5,
-           seed: int = 0, gone: frozenset[int] = frozenset(), stage_counts: list[int] | None = None,
-           max_group: int = 0) -> Placement:
+           work: Workload, seconds_per_layer_load: float, horizon_steps: int, evaluations: int = EVALUATIONS,
+           backstop_s: float = BACKSTOP_S, seed: int = 0, gone: frozenset[int] = frozenset(),
+           stage_counts: list[int] | None = None, max_group: int = 0,
+           clock: Callable[[], float] | None = None) -> Placement:
     """After a join, a leave or a new measurement: keep the current groups (minus workers that
     are gone, plus newcomers where they help most) unless a fresh search predicts a gain over
-    `horizon_steps` steps that is worth the layers it would move. stage_counts bounds the
-    fresh search as in plan(); max_group (0: none) caps a replica group's size."""
+    `horizon_steps` steps that is worth the layers it would move. stage_counts, evaluations,
+    backstop_s, seed and clock drive the fresh search as in plan(); max_group (0: none) caps
+    a replica group's size."""
     alive = set(usable(devices, model, work, gone)[0])
     groups = [tuple(w for w in s.workers if w in alive) for s in current]
     groups = [g for g in groups if g]
@@ -279,7 +314,8 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
         if options:  # else every group is full: the newcomer waits (or the fresh plan takes it)
             cost, i = min(options)
             groups[i] = groups[i] + (w,)
-    fresh = plan(devices, net, model, work, stage_counts=stage_counts, budget_s=budget_s, seed=seed, gone=gone)
+    fresh = plan(devices, net, model, work, stage_counts=stage_counts, evaluations=evaluations,
+                 backstop_s=backstop_s, seed=seed, gone=gone, clock=clock)
     options = [(fresh.step_s, fresh.stages)]
     if groups and not (stage_counts and len(groups) not in stage_counts):
         options.append(evaluate(groups, devices, net, model, work))  # the same groups, layers re-split
@@ -292,4 +328,4 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
     cost, stages = min((o for o in options if o[1] is not None), key=total)
     if stages is fresh.stages:
         return fresh
-    return Placement(stages, cost)
+    return Placement(stages, cost, evaluations=fresh.evaluations, backstop_hit=fresh.backstop_hit)

@@ -180,10 +180,11 @@ def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates:
         result = None
     elif old:
         result = replan(old, devices, net, shape, work, seconds_per_layer_load=cfg.layer_load_s,
-                        horizon_steps=cfg.horizon_steps, budget_s=cfg.search_budget_s,
-                        stage_counts=[stages], max_group=replicas)
+                        horizon_steps=cfg.horizon_steps, evaluations=cfg.search_evaluations,
+                        backstop_s=cfg.search_budget_s, stage_counts=[stages], max_group=replicas)
     else:
-        result = plan(devices, net, shape, work, stage_counts=[stages], budget_s=cfg.search_budget_s)
+        result = plan(devices, net, shape, work, stage_counts=[stages], evaluations=cfg.search_evaluations,
+                      backstop_s=cfg.search_budget_s)
     if result is None or len(result.stages) != stages:
         specs = plan_stages(shape.n_layer, stages)
         groups = [tuple(candidates[i].id for i in range(k, len(candidates), stages)) for k in range(stages)]

@@ -91,8 +91,14 @@ class SchedulerConfig:
     exceeds the time the moves cost (layer_load_s per layer a worker must load). An integer >= 1."""
     layer_load_s: float = 2.0
     """Seconds a worker needs to load one layer it does not hold (weights + optimizer state), >= 0."""
-    search_budget_s: float = 0.3
-    """Wall time one plan search may take, in seconds >= 0 (it runs on the coordinator's event loop)."""
+    search_evaluations: int = 600
+    """Candidate layouts one plan search may score (coordinator/placement.py), an integer >= 0. The
+    count, not the clock, ends the search, so the same workers and links give the same plan however
+    loaded the coordinator is; 0.2-0.5 s of CPU a search for 64 workers (bench/README.md)."""
+    search_budget_s: float = 2.0
+    """Wall-clock backstop of one plan search, seconds >= 0 (it runs on the coordinator's event
+    loop, so it stays well under the heartbeat timeout): only for pathological inputs, it should
+    never bind at the defaults (when it does, the plan depends on the machine's speed)."""
     default_link_mbit: float = 1000.0
     """Assumed bandwidth of a worker pair whose link nobody has measured yet, Mbit/s > 0."""
     default_link_latency_ms: float = 5.0
@@ -105,6 +111,8 @@ class SchedulerConfig:
         _check(self.placement in ("cost-model", "even"), "placement", self.placement, "'cost-model' or 'even'")
         _check(self.min_workers >= 0, "min_workers", self.min_workers, "an integer >= 0")
         _check(self.horizon_steps >= 1, "horizon_steps", self.horizon_steps, "an integer >= 1")
+        _check(isinstance(self.search_evaluations, int) and self.search_evaluations >= 0, "search_evaluations",
+               self.search_evaluations, "an integer >= 0")
         for name in ("layer_load_s", "search_budget_s", "default_link_latency_ms"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
         _check(self.default_link_mbit > 0, "default_link_mbit", self.default_link_mbit, "a number of Mbit/s > 0")

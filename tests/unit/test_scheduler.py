@@ -3,12 +3,18 @@ ledger applying its plans (before the first step, pending until a complete check
 
 from __future__ import annotations
 
+import random
+import types
+
 import pytest
 
+from coordinator import search_budget
 from coordinator.scheduler import LinkView, StagePlan, WorkerView, decide, model_shape, plan_stages
 from coordinator.state import RunLedger
+from gptjt_core.config import ConfigError, SchedulerConfig
 from tests.conftest import small_run
 from tests.unit.test_ledger import Clock, finish_step
+from tests.unit.test_placement import FastClock
 
 TINY = model_shape(4, 128, 512, 50400)
 GPTJ = model_shape(28, 4096, 16384, 50400)
@@ -77,6 +83,39 @@ def test_hysteresis_keeps_a_plan_when_moving_costs_more_than_it_saves():
     moved = decide(run_config(layer_load_s=0.0), TINY, workers, [], current)
     assert [(s.start, s.end) for s in moved.stages] != [(0, 2), (2, 4)]  # the head stage gets fewer layers
     assert moved.layers_moved > 0 and moved.predicted_step_s < moved.current_step_s
+
+
+def test_decide_gives_the_same_plan_however_slow_the_machine(monkeypatch):
+    """The search ends on scheduler.search_evaluations, not on the clock: with a clock that
+    gains 1 ms at every read (seconds go by during each search; the old 0.3 s wall-clock
+    budget would have cut it short, the 2 s backstop does not), decide returns the very same
+    plans, fresh and re-planned."""
+    rng = random.Random(5)
+    workers = [WorkerView(f"w{i}", f"h:{i}", rng.choice([100.0, 150.0, 300.0]), rng.choice([24.0, 48.0, 80.0]))
+               for i in range(24)]
+    links = [LinkView(f"w{i}", f"h:{j}", rng.uniform(1.0, 80.0), rng.uniform(100.0, 5000.0))
+             for i in range(24) for j in range(24) if i != j and rng.random() < 0.3]
+    run = run_config(stages=6, replicas=4)
+    run.train.micro_batch, run.train.seq_len, run.train.global_batch = 1, 2048, 64
+    current = [StagePlan(s.start, s.end, tuple(f"w{k}" for k in range(i, 24, 6)))
+               for i, s in enumerate(plan_stages(28, 6))]
+
+    def both():
+        return decide(run, GPTJ, workers, links, None), decide(run, GPTJ, workers, links, current)
+
+    plain = both()
+    assert plain[0] is not None and plain[1] is not None
+    clock = FastClock(0.001)
+    monkeypatch.setattr(search_budget, "time", types.SimpleNamespace(perf_counter=clock))
+    slowed = both()
+    assert clock.now > 4 * 0.3  # the searches "took" seconds
+    assert slowed == plain
+
+
+def test_the_search_budget_is_a_validated_count():
+    assert SchedulerConfig().search_evaluations > 0
+    with pytest.raises(ConfigError, match="search_evaluations = -1 is invalid"):
+        SchedulerConfig(search_evaluations=-1)
 
 
 # -- the ledger ------------------------------------------------------------------------
