@@ -31,41 +31,41 @@ PHASE1_STEPS = 26_900  # 3.53e9 tokens / (64 x 2048)
 def build_ledger(path: Path, steps: int):
     """A ledger whose first `steps` steps are closed, every micro-batch committed once."""
     from coordinator.scheduler import plan_stages
-    from coordinator.state import RunLedger
+    from coordinator.ledger import RunLedger
     from gptjt_core.config import RunConfig
 
     run = RunConfig()
     run.train.global_batch, run.train.micro_batch, run.train.steps = MICRO_BATCHES, 1, steps + 100
     ledger = RunLedger(path, run, plan_stages(28, 8), time.time)
     t = time.time()
-    with ledger._tx():
-        ledger.db.executemany(
+    with ledger.db.tx():
+        ledger.db.conn.executemany(
             "INSERT INTO tickets(step, attempt, idx, shard, offset, state, worker, loss, tokens, leases) "
             "VALUES(?, 0, ?, 0, 0, 'committed', 'w0', 2.0, 2048, 1)",
             ((s, i) for s in range(steps) for i in range(MICRO_BATCHES)))
-        ledger.db.executemany("INSERT INTO steps VALUES(?, 1, ?, ?, 4.0, ?, ?, '{}')",
+        ledger.db.conn.executemany("INSERT INTO steps VALUES(?, 1, ?, ?, 4.0, ?, ?, '{}')",
                               ((s, 2.0 * MICRO_BATCHES / (1 + s / 1000), MICRO_BATCHES * 2048, t + 10 * s,
                                 t + 10 * s + 9.5) for s in range(steps)))
         # the routine events each step writes (the ledger writes these three at least)
-        ledger.db.executemany("INSERT INTO events(ts, kind, detail) VALUES(?, ?, ?)",
+        ledger.db.conn.executemany("INSERT INTO events(ts, kind, detail) VALUES(?, ?, ?)",
                               ((t + 10 * s, kind, f"step {s}") for s in range(steps)
                                for kind in ("step_open", "step_accumulated", "step_closed")))
         for s in range(steps):
-            ledger._audit_step(s)
-        ledger._set_meta("step", steps)
+            ledger.tickets.audit(s)
+        ledger.state.step = steps
     return ledger
 
 
 def full_scan(ledger) -> None:
     """The work each status call did before: every closed step re-checked, every ticket
     counted, the whole history decoded."""
-    from coordinator.state import _count_tickets
+    from coordinator.ledger import count_tickets
 
     ledger.audit_exactly_once()
     # the lost / double counts were a join of every closed step with its committed tickets
     ledger.db.execute("SELECT s.step, t.idx, COUNT(t.id) FROM steps s JOIN tickets t ON t.step = s.step "
                       "AND t.state = 'committed' GROUP BY s.step, t.idx").fetchall()
-    _count_tickets(ledger.db, 0, None)
+    count_tickets(ledger.db, 0, None)
     [json.loads(r["detail"]) for r in ledger.db.execute("SELECT * FROM steps ORDER BY step").fetchall()]
 
 
@@ -79,7 +79,7 @@ def _ms(fn, repeats: int) -> float:
 
 
 def measure(steps: int) -> dict:
-    from coordinator.state import RunLedger
+    from coordinator.ledger import RunLedger
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "run.db"

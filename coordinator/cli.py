@@ -18,12 +18,12 @@ from gptjt_proto import operator_pb2_grpc as opb_grpc
 
 from .checkpoint_store import CheckpointStore
 from .dht import CoordinatorDHT
-from .operator import AdminToken
+from .admin_token import AdminToken
 from .operator_service import OperatorActions, OperatorService
 
 from .scheduler import model_shape, plan_stages
 from .server import CoordinatorService
-from .state import LedgerError, RunLedger
+from .ledger import LedgerError, RunLedger
 
 log = logging.getLogger("gptjt.coordinator")
 

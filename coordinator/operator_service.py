@@ -10,7 +10,8 @@ import grpc
 from gptjt_proto import operator_pb2 as opb
 from gptjt_proto import operator_pb2_grpc as opb_grpc
 
-from .operator import AdminToken, OperatorError, Unauthorized
+from .admin_token import AdminToken, Unauthorized
+from .ledger import OperatorError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class OperatorService(opb_grpc.OperatorServicer):
 
     async def Events(self, request, context):
         try:
-            events = self.actions.ledger.events(request.after_id, request.limit, request.kind)
+            events = self.actions.ledger.events.query(request.after_id, request.limit, request.kind)
         except OperatorError as e:
             await context.abort(_GRPC_CODES[e.code], str(e))
         return opb.EventsReply(json=json.dumps({"events": events}))

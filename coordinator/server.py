@@ -17,7 +17,7 @@ from gptjt_core.background import start_background
 from gptjt_core.model import StageSpec
 from .checkpoint_store import CheckpointStore
 
-from .state import ALIVE_STATES, RunLedger
+from .ledger import ALIVE_STATES, RunLedger
 
 log = logging.getLogger(__name__)
 

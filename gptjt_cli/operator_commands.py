@@ -126,8 +126,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     if _through_coordinator(args):
         r = _admin(args, "CreateToken", opb.CreateTokenRequest(admin_token=admin_token(args.admin_token)))
     else:  # straight into the ledger file: works before the coordinator starts, or beside it (WAL)
-        from coordinator.operator import token_id
-        from coordinator.state import create_token_in
+        from coordinator.ledger import create_token_in, token_id
 
         token = create_token_in(_ledger_path(args))
         r = {"token": token, "id": token_id(token)}
@@ -143,7 +142,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
         r = _admin(args, "RevokeToken", opb.RevokeTokenRequest(admin_token=admin_token(args.admin_token),
                                                                token=args.token))
     else:
-        from coordinator.operator import OperatorError, revoke_token_in
+        from coordinator.ledger import OperatorError, revoke_token_in
 
         try:
             r = revoke_token_in(_ledger_path(args), args.token)

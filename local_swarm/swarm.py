@@ -64,7 +64,7 @@ class LocalSwarm:
     def token(self) -> str:
         """A join token, created in the ledger on first use (a coordinator need not run yet)."""
         if not self._token:
-            from coordinator.state import create_token_in
+            from coordinator.ledger import create_token_in
 
             self._token = create_token_in(self.ledger_path)
         return self._token

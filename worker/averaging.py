@@ -80,7 +80,7 @@ def _count_lost_parts(lost) -> None:
     Only the peers that lost parts see it: in a group of three, a third peer whose slices all
     reached healthy reducers gets a result that misses the stalled sender's share of one slice.
     Its replicas then report different group weights or gradient norms, and the coordinator
-    re-runs the step (coordinator/state.py, the AVERAGING check)."""
+    re-runs the step (coordinator/ledger/rules.py, replicas_disagree)."""
     from hivemind.averaging.partition import TensorPartContainer, TensorPartReducer
 
     if getattr(TensorPartReducer.on_sender_failed, "_gptjt_counting", False):

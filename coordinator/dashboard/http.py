@@ -29,7 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
-from ..operator import OperatorError, Unauthorized
+from ..admin_token import Unauthorized
+from ..ledger import OperatorError
 from .metrics import render_metrics
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def _handler(dash: Dashboard) -> type[BaseHTTPRequestHandler]:
                 return self._error(400, "after_id and limit must be integers")
             kind = query.get("kind", [""])[0]
             try:
-                events = dash.on_loop(lambda: dash.ledger.events(after, limit, kind))
+                events = dash.on_loop(lambda: dash.ledger.events.query(after, limit, kind))
             except OperatorError as e:
                 return self._error(_ERROR_STATUS[e.code], str(e))
             self._send(200, json.dumps({"events": events}).encode())

@@ -50,7 +50,7 @@ class Run:
     """One swarm whose processes may run inside network namespaces (`ip netns exec` prefixes)."""
 
     def __init__(self, tmp: Path, config: Path, coordinator_ns: list[str], stage_ns: dict[str, tuple[list[str], str]]):
-        from coordinator.state import create_token_in
+        from coordinator.ledger import create_token_in
         from gptjt_core.config import load_run_config
 
         self.tmp, self.config = tmp, config

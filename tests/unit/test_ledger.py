@@ -7,8 +7,9 @@ import math
 import pytest
 
 from coordinator.scheduler import plan_stages
-import coordinator.state
-from coordinator.state import APPLYING, LedgerError, RunLedger, _count_tickets, create_token_in
+import coordinator.ledger.history
+from coordinator.ledger import APPLYING, LedgerError, RunLedger, create_token_in
+from coordinator.ledger import count_tickets as _count_tickets
 from tests.conftest import small_run
 
 
@@ -91,8 +92,8 @@ def test_full_step_protocol_and_global_norm(tmp_path):
 
 
 def test_a_long_run_status_carries_recent_steps_and_a_bounded_curve(tmp_path, monkeypatch):
-    monkeypatch.setattr(coordinator.state, "HISTORY_STEPS", 3)
-    monkeypatch.setattr(coordinator.state, "LOSS_CURVE_POINTS", 4)
+    monkeypatch.setattr(coordinator.ledger.history, "HISTORY_STEPS", 3)
+    monkeypatch.setattr(coordinator.ledger.history, "LOSS_CURVE_POINTS", 4)
     ledger = make(tmp_path, steps=10)
     ids = ready_swarm(ledger, 2)
     for step in range(10):

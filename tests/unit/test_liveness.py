@@ -7,7 +7,7 @@ import sqlite3
 
 from coordinator.liveness import DROP_WORKERS, REDUCE_REPLICAS, RESTART_STEP, Limits, PhaseFacts, judge
 from coordinator.scheduler import plan_stages
-from coordinator.state import RunLedger
+from coordinator.ledger import RunLedger
 from tests.unit.test_ledger import Clock, commit_all, make, make_replicated, ready_swarm, replicated_swarm
 
 LIMITS = Limits(phase_timeout_s=100.0, averaging_timeout_s=30.0, max_stall_restarts=2, max_averaging_restarts=2)

@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from coordinator.operator import AdminToken, OperatorError, Unauthorized, revoke_token_in, token_id
-from coordinator.state import create_token_in
+from coordinator.admin_token import AdminToken, Unauthorized
+from coordinator.ledger import OperatorError, create_token_in, revoke_token_in, token_id
 from tests.unit.test_ledger import Clock, finish_step, make, ready_swarm
 
 
@@ -21,7 +21,7 @@ def test_pause_stops_ticket_issue_and_is_an_event(tmp_path):
     assert not ledger.set_paused(True)["changed"]
     ledger.set_paused(False)
     assert ledger.lease(ids[0], 10)[0]
-    assert [e["kind"] for e in ledger.events(kind="operator")][-2:] == ["paused", "resumed"]
+    assert [e["kind"] for e in ledger.events.query(kind="operator")][-2:] == ["paused", "resumed"]
 
 
 def test_drain_reaches_only_that_worker_and_survives_a_restart(tmp_path):
@@ -37,7 +37,7 @@ def test_drain_reaches_only_that_worker_and_survives_a_restart(tmp_path):
     assert "the run waits for a new worker" in make(tmp_path, clock=clock).request_drain(b)["warning"]
     again = make(tmp_path, clock=clock)  # a coordinator restart keeps requests and events
     assert again.run_state(c)["drain"]
-    assert [e["kind"] for e in again.events(kind="drain_requested")] == ["drain_requested"] * 2
+    assert [e["kind"] for e in again.events.query(kind="drain_requested")] == ["drain_requested"] * 2
     status = again.status()
     assert {w["id"]: w["drain_requested"] for w in status["workers"]} == {a: False, b: True, c: True}
 
@@ -69,7 +69,7 @@ def test_join_tokens_create_revoke_list(tmp_path):
         ledger.revoke_token("xyz")
     assert revoke_token_in(tmp_path / "run.db", offline)["revoked"]  # the ledger file, no coordinator
     assert not ledger.check_token(offline)
-    kinds = [e["kind"] for e in ledger.events(kind="operator")]
+    kinds = [e["kind"] for e in ledger.events.query(kind="operator")]
     assert kinds.count("token_created") == 2 and kinds.count("token_revoked") == 2
 
 
@@ -80,10 +80,10 @@ def test_events_by_category_and_status_extras(tmp_path):
     ledger.heartbeat(b, "ready", {"micro_batches_per_s": 4.0, "busy_fraction": 0.8}, 0, 0)
     ledger.clock.t += 2.0
     finish_step(ledger, [a, b])
-    assert [e["kind"] for e in ledger.events(kind="joins")] == ["worker_joined"] * 2
-    assert ledger.events(kind="steps", limit=1)[0]["kind"] == "step_open"
+    assert [e["kind"] for e in ledger.events.query(kind="joins")] == ["worker_joined"] * 2
+    assert ledger.events.query(kind="steps", limit=1)[0]["kind"] == "step_open"
     with pytest.raises(OperatorError, match="no event kind or category 'bogus'"):
-        ledger.events(kind="bogus")
+        ledger.events.query(kind="bogus")
     s = ledger.status()
     assert s["tokens_target"] == 4 * 4 * 64 and s["tokens"] == 4 * 64
     assert s["straggler"] == b  # 0.2 s of compute per micro-batch against a's 0.05 s

@@ -10,7 +10,7 @@ import pytest
 
 from coordinator import search_budget
 from coordinator.scheduler import LinkView, StagePlan, WorkerView, decide, model_shape, plan_stages
-from coordinator.state import RunLedger
+from coordinator.ledger import RunLedger
 from gptjt_core.config import ConfigError, SchedulerConfig
 from tests.conftest import small_run
 from tests.unit.test_ledger import Clock, finish_step

@@ -1,0 +1,58 @@
+"""What each worker is told on its Watch stream: its stage, peers, next hop, and where the run stands.
+
+Read-only views over the stores; the gRPC server turns them into StageAssignment and RunState.
+"""
+
+from __future__ import annotations
+
+from .db import ALIVE_STATES
+from .measurements import Measurements
+from .planning import StagePlanner
+from .step_state import APPLYING, StepState
+from .workers import WorkerRegistry
+
+
+class AssignmentView:
+    def __init__(self, state: StepState, workers: WorkerRegistry, planner: StagePlanner, measurements: Measurements):
+        self.state, self.workers, self.planner, self.measurements = state, workers, planner, measurements
+
+    def assignment(self, worker_id: str) -> dict:
+        """The worker's stage (or standby), its peers, and where to send its activations."""
+        st, plan, row = self.state, self.planner.plan, self.workers.row(worker_id)
+        stage = row["stage"] if row is not None and row["state"] in ALIVE_STATES else -1
+        out = {"stage": stage, "num_stages": len(plan), "next_address": "", "next_addresses": [],
+               "member": False, "peer_ids": [], "peer_addresses": [], "contributors": [],
+               "checkpoint_writer": False, "standby_reason": ""}
+        if stage < 0:
+            out["standby_reason"] = self.planner.standby_reason(worker_id)
+            return out
+        spec = plan[stage]
+        out.update(start_layer=spec.start, end_layer=spec.end, embed=spec.embed, head=spec.head)
+        workers, members = self.workers.stage_workers(), st.members()
+        nxt = workers.get(stage + 1, [])
+        serving = [w["address"] for w in nxt if w["id"] in members.get(stage + 1, [])]
+        out["next_addresses"] = serving or [w["address"] for w in nxt]
+        out["next_address"] = out["next_addresses"][0] if out["next_addresses"] else ""
+        mine = members.get(stage, [])
+        out["member"] = worker_id in mine
+        out["peer_ids"] = list(mine)
+        out["peer_addresses"] = [w["address"] for w in workers.get(stage, [])
+                                 if w["id"] != worker_id and st.is_holder(w)]
+        out["contributors"] = st.contributors().get(str(stage), [])
+        out["checkpoint_writer"] = bool(mine) and worker_id == min(mine)
+        return out
+
+    def links_to_measure(self, worker_id: str) -> list[str]:
+        row = self.workers.row(worker_id)
+        if row is None or row["state"] not in ALIVE_STATES or not self.planner.scheduling():
+            return []
+        return self.measurements.to_measure(row)
+
+    def run_state(self, worker_id: str) -> dict:
+        st = self.state
+        return {"step": st.step, "attempt": st.attempt, "phase": st.phase,
+                "global_grad_norm": st.grad_norm if st.phase == APPLYING else 0.0,
+                "plan_version": st.plan_version, "assignment": self.assignment(worker_id),
+                "paused": st.paused, "restore_epoch": st.restore_epoch, "restore_step": st.restore_step,
+                "restore_from_store": st.restore_from_store,
+                "measure_links": self.links_to_measure(worker_id), "drain": worker_id in st.drains()}

@@ -1,0 +1,73 @@
+"""The ledger's one SQLite connection: transactions, the meta table, the clock.
+
+Every mutation of the ledger is one transaction (`with db.tx():`), so a `kill -9` between two
+calls loses nothing. `version` counts committed transactions: the gRPC server pushes a new
+RunState to Watch streams when it moves. Transactions do not nest: the RunLedger facade opens
+them, the stores and the step machine only execute statements inside them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .schema import create_or_upgrade
+
+ALIVE_STATES = ("loading", "ready", "standby", "draining")
+
+
+def alive_marks() -> str:
+    """'?, ?, ?, ?': placeholders for ALIVE_STATES in an IN (...) clause."""
+    return ",".join("?" * len(ALIVE_STATES))
+
+
+class LedgerDB:
+    """The connection (WAL, autocommit outside `tx()`), typed access to `meta`, and the clock."""
+
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.clock = clock
+        self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")  # survives kill -9 (not power loss)
+        create_or_upgrade(self.conn)
+        self.version = 0
+
+    def execute(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, args)
+
+    @contextmanager
+    def tx(self) -> Iterator[None]:
+        """One transaction: committed (and `version` bumped) unless the block raises."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        self.conn.execute("COMMIT")
+        self.version += 1
+
+    def meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value) -> None:
+        self.conn.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET "
+                          "value=excluded.value", (key, str(value)))
+
+    def json_meta(self, key: str, default):
+        raw = self.meta(key)
+        return json.loads(raw) if raw else default
+
+    def set_json_meta(self, key: str, value) -> None:
+        self.set_meta(key, json.dumps(value))
+
+    def close(self) -> None:
+        self.conn.close()

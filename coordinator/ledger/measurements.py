@@ -1,0 +1,77 @@
+"""What workers measured: their device at the run's dtype, and links towards other stage servers.
+
+The scheduler's inputs. A measurement that moves by more than MOVED (20 %) is news: the caller
+re-plans on it; jitter below that writes the figure and stays quiet.
+"""
+
+from __future__ import annotations
+
+import json
+
+from gptjt_core.config import SchedulerConfig
+
+from .db import ALIVE_STATES, LedgerDB, alive_marks
+from .events import EventLog
+
+MOVED = 0.2  # relative change of a device rate or a link's bandwidth that counts as news
+
+
+class Measurements:
+    def __init__(self, db: LedgerDB, events: EventLog, scheduler: SchedulerConfig):
+        self.db, self.events = db, events
+        self.scheduler = scheduler  # probe_max_age_s, read at each use
+
+    def record(self, worker_id: str, row, device: dict | None, links: list[dict]) -> list[str]:
+        """Store a re-measured device and links; returns what moved enough to re-plan on (and
+        records it as a `measured` event)."""
+        changed = []
+        if device:
+            before = json.loads(row["device"] or "{}")
+            self.db.execute("UPDATE workers SET device=? WHERE id=?",
+                            (json.dumps({**device, "at_run_dtype": True}), worker_id))
+            old_rate = before.get("matmul_tflops", 0.0)
+            if not before.get("at_run_dtype") or abs(device["matmul_tflops"] - old_rate) > MOVED * max(old_rate, 1e-12):
+                changed.append(f"{worker_id} measured {device['matmul_tflops']:.4g} TFLOP/s at {device.get('dtype')}")
+        for m in links:
+            old = self.db.execute("SELECT mbit FROM links WHERE src=? AND dst=?", (worker_id, m["address"])).fetchone()
+            self.db.execute("INSERT OR REPLACE INTO links VALUES(?, ?, ?, ?, ?)",
+                            (worker_id, m["address"], m["latency_ms"], m["mbit"], m["measured_unix_s"]))
+            if old is None or abs(m["mbit"] - old["mbit"]) > MOVED * old["mbit"]:
+                changed.append(f"link {worker_id} -> {m['address']}: {m['mbit']:.4g} Mbit/s, "
+                               f"{m['latency_ms']:.3g} ms")
+        if changed:
+            self.events.record("measured", "; ".join(changed))
+        return changed
+
+    def record_coordinator_rtt(self, worker_id: str, rtt_ms: float) -> None:
+        """The worker's link to the coordinator (heartbeat round trip), kept with the links under
+        the address 'coordinator'; rewritten only when it moves by half, so jitter writes nothing."""
+        old = self.db.execute("SELECT latency_ms FROM links WHERE src=? AND dst='coordinator'", (worker_id,)).fetchone()
+        if old is None or abs(rtt_ms / 2 - old["latency_ms"]) > 0.5 * old["latency_ms"]:
+            self.db.execute("INSERT OR REPLACE INTO links VALUES(?, 'coordinator', ?, 0, ?)",
+                            (worker_id, rtt_ms / 2, self.db.clock()))
+
+    def coordinator_latency_ms(self) -> dict[str, float]:
+        return {r["src"]: r["latency_ms"] for r in self.db.execute("SELECT * FROM links WHERE dst='coordinator'")}
+
+    def links(self) -> list:
+        return self.db.execute("SELECT * FROM links").fetchall()
+
+    def to_measure(self, row, limit: int = 8) -> list[str]:
+        """Stage addresses whose link from this worker a plan needs and nobody measured within
+        scheduler.probe_max_age_s: the next stage's and its own stage's replicas first, then the
+        other live workers (bounded: `limit` per request)."""
+        worker_id = row["id"]
+        fresh = {r["dst"] for r in self.db.execute("SELECT dst FROM links WHERE src=? AND measured>?",
+                                                   (worker_id, self.db.clock() - self.scheduler.probe_max_age_s))}
+        others = self.db.execute(f"SELECT id, address, stage FROM workers WHERE id!=? AND state IN ({alive_marks()}) "
+                                 "ORDER BY joined", (worker_id, *ALIVE_STATES)).fetchall()
+        near = (row["stage"] + 1, row["stage"])
+        ranked = sorted(others, key=lambda r: (r["stage"] not in near, r["stage"] != near[0]))
+        return [r["address"] for r in ranked if r["address"] not in fresh][:limit]
+
+    def measured_workers(self) -> int:
+        """Live workers whose device was measured at the run's dtype (reported after joining)."""
+        return sum(1 for r in self.db.execute("SELECT device FROM workers WHERE state IN ('loading', 'ready', "
+                                              "'standby')").fetchall()
+                   if json.loads(r["device"] or "{}").get("at_run_dtype"))

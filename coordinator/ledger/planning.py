@@ -1,0 +1,241 @@
+"""The stage plan: which layers each stage holds and which workers hold them.
+
+Asks the pure scheduler (coordinator/scheduler.py) for a plan from the live workers'
+measurements, and applies it only where that loses nothing:
+- before the run's first step opens: freely (workers load the initial weights, or the store's
+  step when the run resumed from it, for whatever range they are given);
+- at a restore point (recovery.py: a vacated stage, or the store completing the current step
+  while a better plan is pending): every stage reloads its new range from the store;
+- otherwise a re-plan that would move a worker that holds state is kept pending. A plan that
+  only adds newcomers to groups whose ranges stay the same applies at once: they copy the
+  state from a replica like any joiner.
+Hysteresis (placement.replan) keeps the current plan unless the predicted saving over
+scheduler.horizon_steps steps outweighs the layers the move would load. With placement "even"
+the ranges never change and standby workers fill vacancies in join order.
+"""
+
+from __future__ import annotations
+
+import json
+
+from gptjt_core.config import RunConfig
+from gptjt_core.model import StageSpec
+
+from ..cost_model import ModelShape
+from ..scheduler import LinkView, PlanDecision, StagePlan, WorkerView, decide, too_small
+from .db import LedgerDB
+from .events import EventLog
+from .measurements import Measurements
+from .step_state import StepState
+from .workers import WorkerRegistry
+
+
+class StagePlanner:
+    def __init__(self, db: LedgerDB, events: EventLog, workers: WorkerRegistry, measurements: Measurements,
+                 state: StepState, run: RunConfig, shape: ModelShape | None, default: list[StageSpec]):
+        self.db, self.events, self.workers, self.measurements, self.state = db, events, workers, measurements, state
+        self.run, self.shape = run, shape
+        self.n_layer = default[-1].end
+        self.plan = self._stored(default)
+
+    # -- the plan in force -------------------------------------------------------------
+    def _stored(self, default: list[StageSpec]) -> list[StageSpec]:
+        raw = self.db.meta("plan")
+        if raw is None:
+            return list(default)
+        return [StageSpec(a, b, embed=a == 0, head=b == self.n_layer) for a, b in json.loads(raw)]
+
+    def save(self, specs: list[StageSpec]) -> None:
+        self.plan = list(specs)
+        self.db.set_json_meta("plan", [[s.start, s.end] for s in specs])
+
+    def scheduling(self) -> bool:
+        return self.run.scheduler.placement == "cost-model" and self.shape is not None
+
+    @property
+    def pending(self) -> str:
+        """Why a better plan waits for a restore point ("" if none)."""
+        return self.db.meta("pending_plan") or ""
+
+    # -- the scheduler's inputs --------------------------------------------------------
+    def _views(self) -> list[WorkerView]:
+        """Live workers that may hold a stage (a draining one is leaving; one held out after an
+        averaging fallback sits out)."""
+        views, held = [], self.state.held_out()
+        for r in self.workers.live(("loading", "ready", "standby")):
+            if r["id"] in held:
+                continue
+            device = json.loads(r["device"] or "{}")
+            # One block of the run's model, measured, beats a square matmul's peak (see worker/probe.py)
+            rate = device.get("block_tflops") or device.get("matmul_tflops", 0.0)
+            views.append(WorkerView(r["id"], r["address"], float(rate),
+                                    float(device.get("memory_bytes", 0)) / 1e9, r["stage"]))
+        return views
+
+    def _link_views(self) -> list[LinkView]:
+        return [LinkView(r["src"], r["dst"], r["latency_ms"], r["mbit"]) for r in self.measurements.links()]
+
+    def _current_plan(self) -> list[StagePlan]:
+        live = self.workers.stage_workers()
+        return [StagePlan(s.start, s.end, tuple(w["id"] for w in live.get(i, []) if w["state"] != "draining"))
+                for i, s in enumerate(self.plan)]
+
+    def _free_to_replan(self) -> bool:
+        """Before the first step opens nobody holds trained state: any range can be loaded."""
+        return self.state.step_opened is None
+
+    # -- deciding ----------------------------------------------------------------------
+    def _decide(self) -> PlanDecision | None:
+        current = self._current_plan()
+        decision = decide(self.run, self.shape, self._views(), self._link_views(),
+                          current if any(s.workers for s in current) else None)
+        if decision is not None:
+            self.db.set_json_meta("standby_why", decision.standby)
+            if decision.current_step_s < float("inf"):  # the plan in force, with today's figures
+                self.db.set_meta("predicted_step_s", decision.current_step_s)
+        return decision
+
+    def replan(self, why: str) -> None:
+        """A join, a leave or a new measurement: re-solve, and apply what is safe now."""
+        if not self.scheduling():
+            self.fill_vacancies()
+            return
+        decision = self._decide()
+        if decision is None:  # too few workers for the stages: fill what can be filled
+            unfit = too_small(self.run, self.shape, self._views())
+            self.db.set_json_meta("standby_why", unfit)
+            self.fill_vacancies(exclude=frozenset(unfit))
+            return
+        if self._free_to_replan():
+            self.apply(decision, why)
+            return
+        current = {w: i for i, s in enumerate(self._current_plan()) for w in s.workers}
+        new = {w: i for i, s in enumerate(decision.stages) for w in s.workers}
+        same_ranges = [(s.start, s.end) for s in decision.stages] == [(s.start, s.end) for s in self.plan]
+        moves_holder = any(new.get(w) != i for w, i in current.items())
+        if same_ranges and not moves_holder:
+            if any(w not in current for w in new):
+                self.apply(decision, why)  # newcomers only: they copy from a replica
+            self.db.set_meta("pending_plan", "")
+        elif decision.layers_moved:
+            if not self.pending:
+                self.events.record("replan_pending", f"{why}: a plan predicted at {decision.predicted_step_s:.3g} "
+                                   f"s/step (now {decision.current_step_s:.3g} s) moves {decision.layers_moved} "
+                                   "layer(s); it applies at the next complete checkpoint")
+            self.db.set_meta("pending_plan", why)
+        # a stage left empty still takes a standby worker now (one that fits a layer)
+        self.fill_vacancies(exclude=frozenset(too_small(self.run, self.shape, self._views())))
+
+    def replan_at_restore(self, store_complete: bool, why: str) -> None:
+        """Every stage reloads anyway (a vacated stage, or a pending plan at a complete checkpoint):
+        apply the best plan if the store (or the initial weights) can serve any layer range then."""
+        if not self.scheduling():
+            return
+        if self.state.restore_from_store and not store_complete:
+            return  # the store cannot serve new ranges at this step: keep the layout
+        decision = self._decide()
+        if decision is not None:
+            self.apply(decision, why, restore=True)
+        self.db.set_meta("pending_plan", "")
+
+    # -- applying ----------------------------------------------------------------------
+    def apply(self, decision: PlanDecision, why: str, restore: bool = False) -> None:
+        old_specs, new_specs = self.plan, [s.spec(self.n_layer) for s in decision.stages]
+        new = {w: i for i, s in enumerate(decision.stages) for w in s.workers}
+        members = self.state.members()
+        moved, held_moved = [], False
+        for r in self.workers.live(("loading", "ready", "standby")):
+            stage = new.get(r["id"], -1)
+            before = old_specs[r["stage"]] if r["stage"] >= 0 else None
+            after = new_specs[stage] if stage >= 0 else None
+            if stage == r["stage"] and before == after:
+                continue
+            self.workers.assign(r["id"], stage)
+            if r["stage"] >= 0:
+                held_moved = True
+                if r["id"] in members.get(r["stage"], []):
+                    members[r["stage"]].remove(r["id"])
+            moved.append(f"{r['id']} {_where(r['stage'], before)} -> {_where(stage, after)}")
+        self.state.set_members(members)
+        ranges_changed = [(s.start, s.end) for s in new_specs] != [(s.start, s.end) for s in old_specs]
+        self.save(new_specs)
+        self.db.set_meta("predicted_step_s", decision.predicted_step_s)
+        if not moved and not ranges_changed:
+            return
+        self.state.bump_plan_version()
+        if held_moved:
+            # A worker that held (or was loading) a stage holds another now: its heartbeats still
+            # report the old epoch until it has reloaded, so the epoch moves on for everyone
+            # (unmoved workers keep their weights: same range, same position).
+            self.state.bump_restore_epoch()
+        record = {"why": why, "step": self.state.step, "at": self.db.clock(), "layers_moved": decision.layers_moved,
+                  "predicted_step_s": decision.predicted_step_s, "workers_moved": len(moved),
+                  "ranges": [[s.start, s.end] for s in new_specs], "at_restore": restore}
+        self.db.set_json_meta("last_replan", record)
+        self.db.set_meta("layers_moved_total", int(self.db.meta("layers_moved_total") or 0) + decision.layers_moved)
+        self.events.record("replanned", f"{why}: layers {', '.join(f'{s.start}-{s.end}' for s in new_specs)}, "
+                           f"predicted {decision.predicted_step_s:.3g} s/step, {decision.layers_moved} layer(s) "
+                           f"moved; " + ("; ".join(moved) if moved else "no worker moves"))
+
+    def fill_vacancies(self, exclude: frozenset[str] = frozenset()) -> None:
+        """Standby workers take stages: empty stages first, then the stage with the fewest
+        replicas, up to pipeline.replicas_per_stage each (longest-waiting worker first).
+        `exclude`: workers the scheduler found too small for any layer."""
+        target = self.run.pipeline.replicas_per_stage
+        exclude = exclude | frozenset(self.state.held_out())  # set aside by an averaging fallback
+        taken = self.workers.stage_workers()
+        while True:
+            counts = {s: len(taken.get(s, [])) for s in range(len(self.plan))}
+            short = [s for s, n in counts.items() if n < target]
+            if not short:
+                return
+            stage = min(short, key=lambda s: (counts[s], s))
+            row = next((r for r in self.workers.standby() if r["id"] not in exclude), None)
+            if row is None and counts[stage] == 0:
+                row = self._surplus_replica(taken)
+            if row is None:
+                return
+            self.workers.assign(row["id"], stage)
+            taken.setdefault(stage, []).append(row)
+            self.state.bump_plan_version()
+            spec = self.plan[stage]
+            role = "replica %d of " % (counts[stage] + 1) if counts[stage] else ""
+            self.events.record("stage_assigned", f"{role}stage {stage} (layers {spec.start}-{spec.end}) -> {row['id']}")
+
+    def _surplus_replica(self, taken: dict) -> object | None:
+        """An empty stage with nobody on standby takes the newest replica of the stage that has
+        the most (if it has more than one); that stage goes on with the others."""
+        donor = max(taken, key=lambda s: (len(taken[s]), -s), default=None)
+        if donor is None or len(taken[donor]) < 2:
+            return None
+        row = taken[donor].pop()  # newest: the oldest replicas are the likeliest to stay
+        members = self.state.members()
+        if row["id"] in members.get(donor, []):
+            members[donor].remove(row["id"])
+            self.state.set_members(members)
+        self.events.record("replica_moved", f"{row['id']} leaves stage {donor} (it has {len(taken[donor])} other "
+                           "replica(s)) for a stage that has none")
+        return row
+
+    # -- reporting ---------------------------------------------------------------------
+    def standby_reason(self, worker_id: str) -> str:
+        return self.db.json_meta("standby_why", {}).get(worker_id, "")
+
+    def status(self, measured_step_s: float | None) -> dict:
+        """The `plan` object of the status JSON."""
+        predicted = self.db.meta("predicted_step_s")
+        last = self.db.meta("last_replan")
+        return {"placement": self.run.scheduler.placement,
+                "ranges": [[s.start, s.end] for s in self.plan],
+                "predicted_step_s": float(predicted) if predicted is not None else None,
+                "measured_step_s": measured_step_s,
+                "last_replan": json.loads(last) if last else None,
+                "pending": self.pending,
+                "layers_moved_total": int(self.db.meta("layers_moved_total") or 0),
+                "standby_why": self.db.json_meta("standby_why", {}),
+                "min_workers": self.run.scheduler.min_workers,
+                "measured_workers": self.measurements.measured_workers()}
+
+
+def _where(stage: int, spec: StageSpec | None) -> str:
+    return f"stage {stage} ({spec.start}-{spec.end})" if spec is not None else "standby"

@@ -1,0 +1,54 @@
+"""The ledger's SQLite schema, and the columns added to ledgers written by older versions."""
+
+from __future__ import annotations
+
+import sqlite3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, created REAL NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS workers (
+  id TEXT PRIMARY KEY, name TEXT, address TEXT, device TEXT, stage INTEGER NOT NULL DEFAULT -1,
+  state TEXT NOT NULL, joined REAL NOT NULL, last_heartbeat REAL NOT NULL, metrics TEXT,
+  tickets_done INTEGER NOT NULL DEFAULT 0,
+  loaded_epoch INTEGER NOT NULL DEFAULT -1,  -- the restore epoch whose state its stage holds
+  position INTEGER NOT NULL DEFAULT -1,      -- optimizer steps applied to that state
+  dht_maddrs TEXT);                          -- JSON list: its averager's DHT peer, if any
+CREATE TABLE IF NOT EXISTS tickets (
+  id INTEGER PRIMARY KEY, step INTEGER NOT NULL, attempt INTEGER NOT NULL, idx INTEGER NOT NULL,
+  shard INTEGER NOT NULL, offset INTEGER NOT NULL, state TEXT NOT NULL, worker TEXT,
+  leased_at REAL, committed_at REAL, loss REAL, tokens INTEGER,
+  leases INTEGER NOT NULL DEFAULT 0,  -- times handed to a worker
+  issues INTEGER NOT NULL DEFAULT 0,  -- times put back for re-issue (death, release, step restart)
+  UNIQUE (step, attempt, idx));
+CREATE INDEX IF NOT EXISTS tickets_by_step ON tickets (step, attempt, state);
+CREATE TABLE IF NOT EXISTS reports (
+  step INTEGER NOT NULL, attempt INTEGER NOT NULL, worker TEXT NOT NULL, kind TEXT NOT NULL,
+  stage INTEGER NOT NULL, grad_norm_sq REAL, micro_batches INTEGER, group_weight REAL, digest TEXT,
+  PRIMARY KEY (step, attempt, worker, kind));
+CREATE TABLE IF NOT EXISTS steps (
+  step INTEGER PRIMARY KEY, attempts INTEGER NOT NULL, loss REAL NOT NULL, tokens INTEGER NOT NULL,
+  grad_norm REAL, opened REAL NOT NULL, closed REAL NOT NULL,  -- grad_norm NULL: not finite, update skipped
+  detail TEXT NOT NULL DEFAULT '{}');  -- per stage: replicas, micro-batches summed, digests
+CREATE TABLE IF NOT EXISTS checkpoints (
+  step INTEGER NOT NULL, start_layer INTEGER NOT NULL, end_layer INTEGER NOT NULL, embed INTEGER NOT NULL,
+  head INTEGER NOT NULL, path TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY (step, start_layer, end_layer));
+CREATE TABLE IF NOT EXISTS step_audits (  -- each closed step's exactly-once verdict, taken as it closed
+  step INTEGER PRIMARY KEY, lost INTEGER NOT NULL, double INTEGER NOT NULL, violation TEXT);
+CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, id);  -- counts and notable events, by kind
+CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage server at dst
+  src TEXT NOT NULL, dst TEXT NOT NULL, latency_ms REAL NOT NULL, mbit REAL NOT NULL, measured REAL NOT NULL,
+  PRIMARY KEY (src, dst));
+"""
+
+# Columns added after a ledger format was released: (table, column, declaration). A ledger
+# written by an older version gains them when it is opened.
+ADDED_COLUMNS = [("workers", "dht_maddrs", "TEXT")]
+
+
+def create_or_upgrade(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+    for table, column, declaration in ADDED_COLUMNS:
+        if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
