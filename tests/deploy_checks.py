@@ -331,7 +331,7 @@ def read_dockerfile(path: Path) -> str:
 
 def drain_timeout_s(argv: list[str]) -> float:
     """The seconds a worker drains on SIGTERM with this command line."""
-    from worker.runner import WorkerOptions
+    from worker.options import WorkerOptions
 
     ns = parse(argv)
     return float(ns.drain_timeout) if ns.drain_timeout else WorkerOptions.drain_timeout_s

@@ -167,32 +167,37 @@ def _serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_mad
         compression=compression_, start=True)
     conn.send(("ready", [str(a) for a in dht.get_visible_maddrs()]))
     try:
-        while True:
-            message = conn.recv()
-            if message[0] == "stop":
-                break
-            _, seq, gather, weight = message
-            lost_before = lost.value
-            # No retries inside hivemind: a failed attempt that lost parts would be counted
-            # against the retry; the worker retries the round itself.
-            control = averager.step(gather=gather, weight=weight, timeout=timeout, allow_retries=False, wait=False)
-            try:
-                group = control.result(timeout=2 * timeout + 5)  # matchmaking + all-reduce, bounded
-                if not group:
-                    conn.send(("failed", seq, "no group"))
-                elif lost.value != lost_before:
-                    conn.send(("failed", seq, f"partial round: hivemind dropped a peer's parts (group of "
-                                              f"{len(group)}); the averaged tensors are incomplete"))
-                else:
-                    conn.send(("ok", seq, list(group.values())))
-            except Exception as e:  # hivemind raises on a failed round; the step must not stall
-                control.cancel()
-                conn.send(("failed", seq, f"{type(e).__name__}: {e}"))
+        _answer_rounds(conn, averager, timeout, lost)
     except EOFError:  # the worker is gone
         pass
     finally:
         averager.shutdown()
         dht.shutdown()
+
+
+def _answer_rounds(conn, averager, timeout: float, lost) -> None:
+    """Run each round the worker asks for and send back its group's infos, or why it failed."""
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            return
+        _, seq, gather, weight = message
+        lost_before = lost.value
+        # No retries inside hivemind: a failed attempt that lost parts would be counted
+        # against the retry; the worker retries the round itself.
+        control = averager.step(gather=gather, weight=weight, timeout=timeout, allow_retries=False, wait=False)
+        try:
+            group = control.result(timeout=2 * timeout + 5)  # matchmaking + all-reduce, bounded
+            if not group:
+                conn.send(("failed", seq, "no group"))
+            elif lost.value != lost_before:
+                conn.send(("failed", seq, f"partial round: hivemind dropped a peer's parts (group of "
+                                          f"{len(group)}); the averaged tensors are incomplete"))
+            else:
+                conn.send(("ok", seq, list(group.values())))
+        except Exception as e:  # hivemind raises on a failed round; the step must not stall
+            control.cancel()
+            conn.send(("failed", seq, f"{type(e).__name__}: {e}"))
 
 
 def _counting(compression, counter):
@@ -216,6 +221,8 @@ def _counting(compression, counter):
         allreduce.serialize_torch_tensor = serialize_counted
 
     class Counting(type(compression)):
+        """The compression, counting every byte it produces."""
+
         def compress(self, tensor, info, allow_inplace=False):
             return add(super().compress(tensor, info, allow_inplace))
 

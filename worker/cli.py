@@ -10,7 +10,8 @@ import sys
 import time
 
 from .membership import JoinRefused
-from .runner import WorkerOptions, WorkerRunner
+from .options import WorkerOptions
+from .runner import WorkerRunner
 
 
 def main(argv: list[str] | None = None) -> int:

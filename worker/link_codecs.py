@@ -21,11 +21,14 @@ HYSTERESIS = 1.25  # a slow link is fast again above this factor times the thres
 
 @dataclass
 class _Link:
+    """The measured throughput of one downstream link and the codecs chosen for it."""
     mbit: float = 0.0  # EWMA of measured Mbit/s; 0 until measured
     slow: bool = False
 
 
 class LinkCodecChooser:
+    """Per downstream link: the activation and gradient codecs, switched to fewer bits on a link measured slow."""
+
     def __init__(self, pipeline: PipelineConfig, link: LinkConfig):
         self.default = (pipeline.activation_codec, pipeline.gradient_codec)
         self.slow = (link.slow_activation_codec, link.slow_gradient_codec)

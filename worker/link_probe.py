@@ -26,6 +26,8 @@ PROBE_REPEATS = 2
 
 
 class LinkProber:
+    """Measures the links the coordinator asks about, one at a time, in the background."""
+
     def __init__(self, client: StageClient, max_age_s: float):
         self.client = client
         self.max_age_s = max_age_s

@@ -27,6 +27,8 @@ class JoinRefused(RuntimeError):
 
 
 class CoordinatorClient:
+    """The worker's calls to the coordinator; calls safe to repeat are retried while it is unreachable."""
+
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None,
                  retry_for_s: float = 120.0):
         self.address = address

@@ -12,7 +12,7 @@ from gptjt_proto import stage_pb2 as spb
 
 from .compute import BACKWARD, FORWARD, OTHER, ComputeQueue
 from .downstream import DownstreamSender
-from .stage import StageRunner
+from .stage import LayerSlice
 
 
 @dataclass(frozen=True)
@@ -29,12 +29,13 @@ class StageInput:
 
 @dataclass(frozen=True)
 class StageOutcome:
+    """What one stage's work on a micro-batch produced (loss, targets, the gradient to send back)."""
     loss: float  # this micro-batch's share of the step loss, from the last stage
     target_tokens: int
     input_grad: torch.Tensor | None  # d loss / d inputs, (B, T, D); None at stage 0 (token ids)
 
 
-async def work_micro_batch(stage: StageRunner, compute: ComputeQueue, downstream: DownstreamSender | None,
+async def work_micro_batch(stage: LayerSlice, compute: ComputeQueue, downstream: DownstreamSender | None,
                            item: StageInput, next_header: Callable[[], spb.MicroBatchHeader]) -> StageOutcome:
     """Run `item` through this stage in the order gptjt_core.schedule.micro_batch_plan gives
     (the caller has received it and sends the input gradient back): at the last stage forward

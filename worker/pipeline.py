@@ -21,7 +21,7 @@ from .downstream import DownstreamSender
 from .membership import CoordinatorClient
 from .micro_batch_work import StageInput, work_micro_batch
 from .routing import NoReplicaAvailable
-from .stage import StageRunner, StaleMicroBatch
+from .stage import LayerSlice, StaleMicroBatch
 from .transport import labels_bytes
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class Stage0Driver:
     """
 
     def __init__(self, run: RunConfig, compute: ComputeQueue, downstream: DownstreamSender,
-                 coordinator: CoordinatorClient, worker_id: str, stage: Callable[[], StageRunner | None],
+                 coordinator: CoordinatorClient, worker_id: str, stage: Callable[[], LayerSlice | None],
                  open_for_work: Callable[[], bool]):
         self.run_config = run
         self.schedule = OneFOneB(run.pipeline.in_flight)

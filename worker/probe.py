@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import platform
 import statistics
 import time
@@ -11,6 +12,8 @@ import torch
 
 # Square matmul side per device type: big enough to reach the device's steady rate
 # (an H100 needs ~8192 to leave launch overhead behind), small enough for any card (3 x 128 MiB).
+log = logging.getLogger("gptjt.worker")
+
 MATMUL_SIDE = {"cuda": 8192, "cpu": 1024}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -93,3 +96,22 @@ def measure_block_tflops(config, device: str, precision, tokens: int, seq_len: i
         times.append(time.perf_counter() - started)
     # the median: a shared machine's hiccups would otherwise read as a slow device
     return 6 * params * batch * seq_len / statistics.median(times) / 1e12
+
+
+def measure_at_run_dtype(run, device: str, simulated=None) -> dict:
+    """The device figures the scheduler plans with (blocking, seconds): the matmul rate at the run's
+    compute dtype, and the rate of one block of the run's own model at its micro-batch. run: a
+    gptjt_core.config.RunConfig; simulated: a SimulatedDevice reports its own figures."""
+    from gptjt_core.model import model_config_for
+    from gptjt_core.precision import resolve_precision
+
+    precision = resolve_precision(run.train.precision, device)
+    if simulated is not None:
+        return {**simulated.device_info(precision.name), "block_tflops": simulated.tflops}
+    figures = probe_device(device, precision.compute_dtype)
+    t = run.train
+    config = model_config_for(run.model.source, run.model.attn_implementation)
+    figures["block_tflops"] = measure_block_tflops(config, device, precision, t.micro_batch * t.seq_len, t.seq_len)
+    log.info("measured %.4g TFLOP/s on one block of the run's model (matmul peak %.4g) at %s",
+             figures["block_tflops"], figures["matmul_tflops"], precision.name)
+    return figures

@@ -22,6 +22,7 @@ class NoReplicaAvailable(RuntimeError):
 
 @dataclass
 class _Replica:
+    """What the router knows of one replica of the next stage."""
     address: str
     in_flight: int = 0
     seconds: float = 0.0  # EWMA round trip per micro-batch; 0 until measured
@@ -36,6 +37,8 @@ class _Replica:
 
 @dataclass
 class NextStageRouter:
+    """Picks the replica of the next stage a micro-batch goes to: least expected wait (in flight x round
+    trip), skipping ones that failed."""
     smoothing: float = 0.3
     """Weight of the newest round trip in the moving average."""
     replicas: dict[str, _Replica] = field(default_factory=dict)

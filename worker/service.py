@@ -18,7 +18,7 @@ from .compute import OTHER, ComputeQueue
 from .downstream import DownstreamSender
 from .micro_batch_work import StageInput, work_micro_batch
 from .routing import NoReplicaAvailable
-from .stage import StageRunner, StaleMicroBatch
+from .stage import LayerSlice, StaleMicroBatch
 from .transport import LinkCounters, RejectedMicroBatch, gradient_reply, read_micro_batch
 from .wire import data_chunks
 
@@ -35,7 +35,7 @@ class Serving:
     """What this worker serves at one moment; read afresh for every call, as the coordinator
     can move the worker to another stage between calls."""
 
-    stage: StageRunner | None  # None: no stage loaded yet, or standby
+    stage: LayerSlice | None  # None: no stage loaded yet, or standby
     index: int | None  # the assigned stage (-1: standby); None before the first assignment
     loaded: bool  # the stage holds state the run restored (not one still loading)
     pipeline: PipelineConfig

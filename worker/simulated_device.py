@@ -19,6 +19,7 @@ log = logging.getLogger("gptjt.worker")
 
 @dataclass(frozen=True)
 class SimulatedDevice:
+    """A device this worker pretends to be (tests and benchmarks): its rate and memory."""
     tflops: float  # model TFLOP/s the worker computes at
     memory_gb: float  # 1e9 bytes the worker reports
 

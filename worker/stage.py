@@ -21,8 +21,10 @@ class StaleMicroBatch(RuntimeError):
     """A micro-batch of a restarted step attempt: its work must be discarded."""
 
 
-class StageRunner:
-    """Holds one stage's weights (fp32 masters), optimizer and in-flight autograd graphs.
+class LayerSlice:
+    """The layers of one stage this worker holds: weights (fp32 masters), optimizer state and the
+    autograd graphs of micro-batches in flight; forward, backward and the optimizer step. It
+    runs nothing by itself and knows no network (the worker's compute queue drives it).
 
     Call only from one thread (the stage's ComputeQueue): a forward's graph is consumed by
     the backward of the same key.

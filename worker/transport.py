@@ -59,6 +59,13 @@ def labels_bytes(labels: torch.Tensor) -> bytes:
 async def read_micro_batch(request_iterator, expected_stage: int, hidden: int, max_payload: int,
                            counters: LinkCounters) -> Incoming:
     """Assemble and validate a streamed micro-batch; raise RejectedMicroBatch on bad input."""
+    header, payload = await _receive(request_iterator, max_payload)
+    counters.received += len(payload)
+    return _validated(header, payload, expected_stage, hidden)
+
+
+async def _receive(request_iterator, max_payload: int) -> tuple[pb.MicroBatchHeader, bytes]:
+    """The header and the activations' bytes, refusing a stream that does not follow its header."""
     header, parts, size = None, [], 0
     async for chunk in request_iterator:
         kind = chunk.WhichOneof("part")
@@ -83,7 +90,11 @@ async def read_micro_batch(request_iterator, expected_stage: int, hidden: int, m
         parts.append(chunk.data)
     if header is None:
         raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, "empty request: no header")
-    counters.received += size
+    return header, b"".join(parts)
+
+
+def _validated(header: pb.MicroBatchHeader, payload: bytes, expected_stage: int, hidden: int) -> Incoming:
+    """The micro-batch as tensors, if every field fits this stage."""
     if header.gradient_codec and header.gradient_codec not in CODECS:
         raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"gradient_codec {header.gradient_codec!r} is unknown; known: {sorted(CODECS)}")
@@ -99,7 +110,7 @@ async def read_micro_batch(request_iterator, expected_stage: int, hidden: int, m
         raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"activations of dtype {meta.dtype!r}; expected a floating dtype")
     try:
-        x = decode(encoded_from(meta, b"".join(parts)))
+        x = decode(encoded_from(meta, payload))
     except CodecError as e:
         raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, f"activations do not decode: {e}") from None
     if not torch.isfinite(x).all():

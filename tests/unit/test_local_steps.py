@@ -7,7 +7,7 @@ from safetensors.torch import load
 
 from gptjt_core.config import AveragingConfig, ConfigError, PipelineConfig, RunConfig, TrainConfig
 from gptjt_core.model import StageSpec
-from worker.stage import StageRunner
+from worker.stage import LayerSlice
 
 SPEC = StageSpec(0, 2, embed=True)
 
@@ -20,7 +20,7 @@ def _run(**averaging) -> RunConfig:
                      averaging=AveragingConfig(mode="local-steps", outer_every=2, **averaging))
 
 
-def _step_on(stage: StageRunner, step: int, seed: int, micro_batches: int = 1, pending=None) -> None:
+def _step_on(stage: LayerSlice, step: int, seed: int, micro_batches: int = 1, pending=None) -> None:
     """One inner step on `micro_batches` of random tokens (the replica's share of a 2-micro-batch
     step); `pending`: the mean pseudo-gradient an averaging round of this step produced."""
     stage.begin(step, 0)
@@ -37,7 +37,7 @@ def _step_on(stage: StageRunner, step: int, seed: int, micro_batches: int = 1, p
 
 def test_outer_step_averages_pseudo_gradients_and_replicas_share_the_anchor():
     run = _run()
-    a, b = StageRunner(run, SPEC), StageRunner(run, SPEC)
+    a, b = LayerSlice(run, SPEC), LayerSlice(run, SPEC)
     start = [p.detach().clone() for p in a.model.parameters()]
     for step in range(2):
         _step_on(a, step, seed=10 + step)
@@ -61,7 +61,7 @@ def test_outer_step_averages_pseudo_gradients_and_replicas_share_the_anchor():
 
 def test_nesterov_outer_momentum_and_the_state_survive_a_checkpoint():
     run = _run(outer_lr=0.7, outer_momentum=0.9)
-    a = StageRunner(run, SPEC)
+    a = LayerSlice(run, SPEC)
     _step_on(a, 0, seed=1)
     _step_on(a, 1, seed=2)
     delta = a.pseudo_gradients()
@@ -71,7 +71,7 @@ def test_nesterov_outer_momentum_and_the_state_survive_a_checkpoint():
         assert torch.allclose(new, old - 0.7 * 1.9 * d, atol=1e-7)
     blob = a.checkpoint_blob()
     assert any(k.startswith("outer/momentum/") for k in load(blob))
-    b = StageRunner(run, SPEC, checkpoint=load(blob), position=a.position)
+    b = LayerSlice(run, SPEC, checkpoint=load(blob), position=a.position)
     assert b.state_digest() == a.state_digest()
     assert all(torch.equal(x, y) for x, y in zip(a.outer_momentum, b.outer_momentum))
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
@@ -88,7 +88,7 @@ def test_outer_schedule_and_bad_settings():
 
 
 def test_an_outer_step_averaged_in_a_restarted_attempt_is_dropped():
-    a = StageRunner(_run(), SPEC)
+    a = LayerSlice(_run(), SPEC)
     _step_on(a, 0, seed=1)
     _step_on(a, 1, seed=2)
     anchor = [t.clone() for t in a.anchor]

@@ -17,13 +17,13 @@ from gptjt_proto import stage_pb2 as pb
 from worker.compute import ComputeQueue
 from worker.micro_batch_work import StageInput, work_micro_batch
 from worker.routing import NoReplicaAvailable
-from worker.stage import StageRunner
+from worker.stage import LayerSlice
 
 RUN = RunConfig(model=ModelConfig(source="random:tiny:0"), train=TrainConfig(global_batch=4, micro_batch=2))
 KEY, STEP = (7, 0), 0
 
 
-class RecordingStage(StageRunner):
+class RecordingStage(LayerSlice):
     """A stage that notes its forwards and backwards in a shared log."""
 
     def __init__(self, spec: StageSpec, log: list[Action]):
@@ -48,7 +48,7 @@ class InProcessLink:
     """Stands in for the network between two stages: `send` hands the output to the next stage's
     work and returns its reply as the transport would (the gradient encoded fp32: exact)."""
 
-    def __init__(self, stage: StageRunner, downstream: InProcessLink | None, logs: list[list[Action]], index: int,
+    def __init__(self, stage: LayerSlice, downstream: InProcessLink | None, logs: list[list[Action]], index: int,
                  labels: torch.Tensor):
         self.stage, self.downstream, self.logs, self.index, self.labels = stage, downstream, logs, index, labels
         self.compute = ComputeQueue(f"stage-{index}")
@@ -74,7 +74,7 @@ def _tokens():
 @pytest.mark.parametrize("stages", [1, 2, 3])
 def test_each_stage_follows_the_plan_and_the_chain_trains_like_the_whole_model(stages):
     ids, prefix, labels = _tokens()
-    whole = StageRunner(RUN, StageSpec(0, 4, embed=True, head=True))
+    whole = LayerSlice(RUN, StageSpec(0, 4, embed=True, head=True))
     whole.begin(STEP, KEY[1])
     expected_loss, expected_targets, _ = whole.forward_backward(KEY, STEP, ids, prefix, labels, 4)
 

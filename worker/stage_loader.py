@@ -1,0 +1,79 @@
+"""Loading the assigned stage: from a replica, from the checkpoint store, or from the model source.
+
+A replica that holds the run's current state is copied, optimizer included, so the new one is
+bit-identical and can take part from the next step; else the store's file at the restore step
+(re-sliced to this range); else the run's initial weights. Loading runs on the compute thread
+(and parsing off the event loop), so heartbeats go on while a large stage loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from gptjt_core.config import RunConfig
+from gptjt_core.model import StageSpec
+from gptjt_proto import coordinator_pb2 as cpb
+
+from .compute import OTHER, ComputeQueue
+from .membership import CoordinatorClient
+from .simulated_device import ComputePacer, SimulatedDevice
+from .stage import LayerSlice
+from .transport import StageClient
+
+log = logging.getLogger("gptjt.worker")
+
+
+class StageLoader:
+    """Loads the assigned stage from a replica, the store or the model source."""
+
+    def __init__(self, run: RunConfig, device: str, compute: ComputeQueue, client: StageClient,
+                 coordinator: CoordinatorClient, simulated: SimulatedDevice | None):
+        self.run, self.device, self.compute = run, device, compute
+        self.client, self.coordinator, self.simulated = client, coordinator, simulated
+
+    async def load(self, a: cpb.StageAssignment, spec: StageSpec, state: cpb.RunState,
+                   held: LayerSlice | None, loaded_epoch: int) -> LayerSlice | None:
+        """The stage at the state the run names (None: no replica could give it; try again on the
+        next RunState). RPC errors from the store propagate (the caller retries)."""
+        position = state.restore_step
+        if a.peer_addresses:
+            log.info("copying stage %d from a replica (we hold epoch %d position %s; the run is at epoch %d "
+                     "step %d, %s)", a.stage, loaded_epoch, held.position if held else None,
+                     state.restore_epoch, state.step, cpb.StepPhase.Name(state.phase))
+            fetched = await self._fetch_from_peer(list(a.peer_addresses))
+            if fetched is None:
+                return None
+            checkpoint, position = fetched
+        elif state.restore_from_store:
+            log.info("loading stage %d (layers %d-%d) at step %d from the checkpoint store", a.stage,
+                     a.start_layer, a.end_layer, state.restore_step)
+            from safetensors.torch import load
+
+            blob = await self.coordinator.get_checkpoint(state.restore_step, spec)
+            checkpoint = await asyncio.to_thread(load, blob)  # off the event loop: heartbeats go on
+        else:
+            log.info("loading stage %d (layers %d-%d) from %s", a.stage, a.start_layer, a.end_layer,
+                     self.run.model.source)
+            checkpoint = None
+        stage = await self.compute.run(OTHER, lambda: LayerSlice(self.run, spec, self.device, checkpoint, position))
+        if self.simulated is not None:
+            stage.pacer = ComputePacer(self.simulated, stage.matmul_params())
+        return stage
+
+    async def _fetch_from_peer(self, addresses: list[str]) -> tuple[dict, int] | None:
+        from safetensors.torch import load
+
+        for address in addresses:
+            try:
+                header, blob = await self.client.fetch_state(address)
+            except (grpc.aio.AioRpcError, RuntimeError) as e:
+                log.warning("could not fetch the stage state from %s: %s", address,
+                            e.details() if isinstance(e, grpc.aio.AioRpcError) else e)
+                continue
+            log.info("fetched stage state at step %d from replica %s (%.1f MB)", header.position, address,
+                     len(blob) / 1e6)
+            return await asyncio.to_thread(load, blob), header.position
+        return None
