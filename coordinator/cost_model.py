@@ -44,6 +44,7 @@ class Device:
 
 @dataclass(frozen=True)
 class Link:
+    """A measured link between two devices: one-way latency (ms) and bandwidth (Mbit/s)."""
     latency_s: float
     gbps: float  # Gbit/s
 
@@ -66,6 +67,7 @@ class Network:
 
 @dataclass(frozen=True)
 class ModelShape:
+    """Parameter counts of the model: per layer, the embedding and the LM head."""
     n_layer: int
     d_model: int
     layer_params: int  # parameters of one transformer block
@@ -93,6 +95,7 @@ class Workload:
 
 @dataclass(frozen=True)
 class StagePlacement:
+    """Layers [start, end) held by a group of devices (indices into the device list)."""
     start: int  # first layer
     end: int  # one past the last layer
     workers: tuple[int, ...]  # indices into the device list: the stage's replica group
@@ -100,6 +103,7 @@ class StagePlacement:
 
 @dataclass(frozen=True)
 class StepEstimate:
+    """The cost model's prediction of one step, and its parts (seconds)."""
     step_s: float
     pipeline_s: float
     averaging_s: float

@@ -27,6 +27,7 @@ RESTART_STEP, DROP_WORKERS, REDUCE_REPLICAS = "restart_step", "drop_workers", "r
 
 @dataclass(frozen=True)
 class Limits:
+    """Deadlines and retry bounds, from the run config (seconds, counts)."""
     phase_timeout_s: float
     averaging_timeout_s: float  # the whole AVERAGING phase (3 x averaging.timeout_s)
     max_stall_restarts: int
@@ -50,6 +51,7 @@ class PhaseFacts:
 
 @dataclass(frozen=True)
 class Stall:
+    """A phase past its deadline: why, and the remedy to apply."""
     phase: str
     cause: str
     remedy: str  # RESTART_STEP | DROP_WORKERS | REDUCE_REPLICAS

@@ -42,6 +42,7 @@ BACKSTOP_S = 2.0
 
 @dataclass
 class Placement:
+    """A plan found by the search: stages in pipeline order and its predicted step time."""
     stages: list[StagePlacement]
     step_s: float
     standby: tuple[int, ...] = ()  # workers given no stage (too small, or left over)

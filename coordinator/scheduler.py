@@ -55,6 +55,7 @@ class LinkView:
 
 @dataclass
 class StagePlan:
+    """One stage of a plan: layers [start, end) and the ids of its replica group."""
     start: int
     end: int
     workers: tuple[str, ...]  # worker ids of the stage's replica group
@@ -65,6 +66,7 @@ class StagePlan:
 
 @dataclass
 class PlanDecision:
+    """The scheduler's answer: the plan, its predicted step time, who waits on standby and why."""
     stages: list[StagePlan]
     predicted_step_s: float
     standby: dict[str, str] = field(default_factory=dict)  # worker id -> why it has no stage

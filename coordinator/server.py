@@ -55,6 +55,8 @@ async def address_is_down(address: str, timeout_s: float = 2.0) -> bool:
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
+    """The Coordinator gRPC API: each method checks its request and makes one ledger call."""
+
     def __init__(self, ledger: RunLedger, store: CheckpointStore, dht_peers: list[str] | None = None):
         """dht_peers: multiaddrs of the hivemind DHT that replicas average through (replicas > 1)."""
         self.ledger = ledger

@@ -1,0 +1,1 @@
+"""`gptjt`: the umbrella command."""

@@ -30,14 +30,17 @@ class CommandError(RuntimeError):
 
 
 class BadArgument(CommandError):
+    """The command's arguments are wrong (exit code 2)."""
     exit_code = EXIT_BAD_ARGUMENT
 
 
 class Unreachable(CommandError):
+    """The coordinator did not answer (exit code 3)."""
     exit_code = EXIT_UNREACHABLE
 
 
 class Refused(CommandError):
+    """The coordinator refused the request (exit code 4)."""
     exit_code = EXIT_REFUSED
 
 

@@ -160,6 +160,7 @@ class InFlight:
 
 @dataclass(frozen=True)
 class Decision:
+    """What a stage does next (and which job), per the schedule."""
     action: Action
     micro_batch: int | None = None  # None with WAIT
 

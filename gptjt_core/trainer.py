@@ -35,6 +35,7 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepStats:
+    """One train-local step's loss, throughput and norm."""
     step: int  # 1-based number of optimizer steps done after this one
     loss: float  # mean per-sequence UL2 loss of the global batch
     lr: float

@@ -68,6 +68,7 @@ class ChaosSettings:
 
 @dataclass
 class FaultRecord:
+    """One fault the soak injected: when, what, whom, and where the step stood."""
     at_s: float  # since the soak's first step
     kind: str
     targets: list[str]
@@ -77,6 +78,7 @@ class FaultRecord:
 
 @dataclass
 class ChaosResult:
+    """What one soak found."""
     seed: int
     completed: bool = False
     failure: str = ""

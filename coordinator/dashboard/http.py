@@ -42,6 +42,7 @@ _ERROR_STATUS = {"not_found": HTTPStatus.NOT_FOUND, "precondition": HTTPStatus.C
 
 
 class _ThreadingHTTPServerV6(ThreadingHTTPServer):
+    """A ThreadingHTTPServer that binds IPv6 listen hosts too."""
     address_family = socket.AF_INET6  # a coordinator listening on [::] or an IPv6 address
 
 
@@ -96,104 +97,110 @@ class Dashboard:
         return result
 
 
+class DashboardHandler(BaseHTTPRequestHandler):
+    """One request: the page, its assets, the JSON API, the SSE stream, /metrics, admin actions.
+    `dash` is set on a subclass per server (_handler)."""
+
+    dash: Dashboard
+    server_version = "gptjt-dashboard"
+
+    def log_message(self, fmt, *args):  # access logs at debug level, not on stderr
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _error(self, code: int, message: str) -> None:
+        self._send(code, json.dumps({"error": message}).encode())
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        url = urlsplit(self.path)
+        path = url.path
+        try:
+            if path in ("/", "/index.html"):
+                self._send(200, self.dash.assets["index.html"], _STATIC["index.html"])
+            elif path.startswith("/static/") and path[8:] in self.dash.assets:
+                self._send(200, self.dash.assets[path[8:]], _STATIC[path[8:]])
+            elif path == "/api/status":
+                self._send(200, self.dash.status_json())
+            elif path == "/api/stream":
+                self._stream()
+            elif path == "/api/events":
+                self._events(parse_qs(url.query))
+            elif path == "/metrics":
+                self._send(200, render_metrics(lambda: json.loads(self.dash.status_json())),
+                           "text/plain; version=0.0.4; charset=utf-8")
+            elif path == "/favicon.ico":
+                self._send(204, b"", "image/x-icon")
+            else:
+                self._error(404, f"no page {path!r}; try / or /api/status")
+        except (TimeoutError, RuntimeError) as e:  # the event loop is busy or shutting down
+            self._error(503, f"the coordinator did not answer in time ({e!r}); retry")
+
+    do_HEAD = do_GET
+
+    def _events(self, query: dict) -> None:
+        try:
+            after = int(query.get("after_id", ["0"])[0])
+            limit = int(query.get("limit", ["50"])[0])
+        except ValueError:
+            return self._error(400, "after_id and limit must be integers")
+        kind = query.get("kind", [""])[0]
+        try:
+            events = self.dash.on_loop(lambda: self.dash.ledger.events.query(after, limit, kind))
+        except OperatorError as e:
+            return self._error(_ERROR_STATUS[e.code], str(e))
+        self._send(200, json.dumps({"events": events}).encode())
+
+    def _stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        try:
+            self.wfile.write(b"retry: 2000\n\n")
+            while not self.dash.stopping.is_set():
+                self.wfile.write(b"event: status\ndata: " + self.dash.status_json() + b"\n\n")
+                self.wfile.flush()
+                self.dash.stopping.wait(self.dash.stream_interval_s)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, RuntimeError):
+            pass  # the page went away, or the coordinator stops
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = urlsplit(self.path).path
+        if not path.startswith("/api/admin/"):
+            return self._error(404, f"no action at {path!r}; actions are under /api/admin/")
+        action = path[len("/api/admin/"):]
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError as e:
+            return self._error(400, f"the request body must be a JSON object ({e})")
+        auth = self.headers.get("Authorization", "")
+        admin_token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        arg = str(body.get("worker") or body.get("token") or "")
+        try:
+            result = self.dash.act(action, admin_token, arg)
+        except Unauthorized as e:
+            return self._error(401, str(e))
+        except OperatorError as e:
+            return self._error(_ERROR_STATUS[e.code], str(e))
+        except (TimeoutError, RuntimeError) as e:
+            return self._error(503, f"the coordinator did not answer in time ({e!r}); retry")
+        self._send(200, json.dumps(result).encode())
+
+
+
 def _handler(dash: Dashboard) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "gptjt-dashboard"
-
-        def log_message(self, fmt, *args):  # access logs at debug level, not on stderr
-            log.debug("%s %s", self.address_string(), fmt % args)
-
-        def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        def _error(self, code: int, message: str) -> None:
-            self._send(code, json.dumps({"error": message}).encode())
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            url = urlsplit(self.path)
-            path = url.path
-            try:
-                if path in ("/", "/index.html"):
-                    self._send(200, dash.assets["index.html"], _STATIC["index.html"])
-                elif path.startswith("/static/") and path[8:] in dash.assets:
-                    self._send(200, dash.assets[path[8:]], _STATIC[path[8:]])
-                elif path == "/api/status":
-                    self._send(200, dash.status_json())
-                elif path == "/api/stream":
-                    self._stream()
-                elif path == "/api/events":
-                    self._events(parse_qs(url.query))
-                elif path == "/metrics":
-                    self._send(200, render_metrics(lambda: json.loads(dash.status_json())),
-                               "text/plain; version=0.0.4; charset=utf-8")
-                elif path == "/favicon.ico":
-                    self._send(204, b"", "image/x-icon")
-                else:
-                    self._error(404, f"no page {path!r}; try / or /api/status")
-            except (TimeoutError, RuntimeError) as e:  # the event loop is busy or shutting down
-                self._error(503, f"the coordinator did not answer in time ({e!r}); retry")
-
-        do_HEAD = do_GET
-
-        def _events(self, query: dict) -> None:
-            try:
-                after = int(query.get("after_id", ["0"])[0])
-                limit = int(query.get("limit", ["50"])[0])
-            except ValueError:
-                return self._error(400, "after_id and limit must be integers")
-            kind = query.get("kind", [""])[0]
-            try:
-                events = dash.on_loop(lambda: dash.ledger.events.query(after, limit, kind))
-            except OperatorError as e:
-                return self._error(_ERROR_STATUS[e.code], str(e))
-            self._send(200, json.dumps({"events": events}).encode())
-
-        def _stream(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
-            try:
-                self.wfile.write(b"retry: 2000\n\n")
-                while not dash.stopping.is_set():
-                    self.wfile.write(b"event: status\ndata: " + dash.status_json() + b"\n\n")
-                    self.wfile.flush()
-                    dash.stopping.wait(dash.stream_interval_s)
-            except (BrokenPipeError, ConnectionResetError, TimeoutError, RuntimeError):
-                pass  # the page went away, or the coordinator stops
-
-        def do_POST(self) -> None:  # noqa: N802
-            path = urlsplit(self.path).path
-            if not path.startswith("/api/admin/"):
-                return self._error(404, f"no action at {path!r}; actions are under /api/admin/")
-            action = path[len("/api/admin/"):]
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = json.loads(self.rfile.read(length) or b"{}") if length else {}
-                if not isinstance(body, dict):
-                    raise ValueError("not an object")
-            except ValueError as e:
-                return self._error(400, f"the request body must be a JSON object ({e})")
-            auth = self.headers.get("Authorization", "")
-            admin_token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-            arg = str(body.get("worker") or body.get("token") or "")
-            try:
-                result = dash.act(action, admin_token, arg)
-            except Unauthorized as e:
-                return self._error(401, str(e))
-            except OperatorError as e:
-                return self._error(_ERROR_STATUS[e.code], str(e))
-            except (TimeoutError, RuntimeError) as e:
-                return self._error(503, f"the coordinator did not answer in time ({e!r}); retry")
-            self._send(200, json.dumps(result).encode())
-
-    return Handler
+    return type("Handler", (DashboardHandler,), {"dash": dash})
 
 
 def start_dashboard(host: str, port: int, ledger, actions, loop: asyncio.AbstractEventLoop | None = None) -> Dashboard:

@@ -13,6 +13,8 @@ from .workers import WorkerRegistry
 
 
 class AssignmentView:
+    """Each worker's StageAssignment and RunState, read from the stores."""
+
     def __init__(self, state: StepState, workers: WorkerRegistry, planner: StagePlanner, measurements: Measurements):
         self.state, self.workers, self.planner, self.measurements = state, workers, planner, measurements
 

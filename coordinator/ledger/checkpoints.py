@@ -18,6 +18,8 @@ from .events import EventLog
 
 
 class CheckpointIndex:
+    """The `checkpoints` table: stage files by step, and which steps are complete."""
+
     def __init__(self, db: LedgerDB, events: EventLog, n_layer: int, coordinator: CoordinatorConfig):
         self.db, self.events = db, events
         self.n_layer = n_layer

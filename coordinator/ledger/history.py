@@ -17,6 +17,8 @@ LOSS_CURVE_POINTS = 500  # points of the status object's whole-run loss curve, a
 
 
 class StepHistory:
+    """The `steps` table: closed steps, read back bounded however long the run."""
+
     def __init__(self, db: LedgerDB):
         self.db = db
 

@@ -27,6 +27,8 @@ _REPORT_OF_PHASE = {"accumulated": "contribution", "averaging": "averaged", "app
 
 
 class LivenessGuard:
+    """Judges the open step's phase against its deadline and applies the remedy."""
+
     def __init__(self, db: LedgerDB, events: EventLog, state: StepState, workers: WorkerRegistry,
                  tickets: TicketBook, reports: ReportBook, protocol: StepProtocol, recovery: StepRecovery,
                  run: RunConfig):

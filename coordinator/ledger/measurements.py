@@ -17,6 +17,8 @@ MOVED = 0.2  # relative change of a device rate or a link's bandwidth that count
 
 
 class Measurements:
+    """Device figures and link measurements workers report on heartbeats."""
+
     def __init__(self, db: LedgerDB, events: EventLog, scheduler: SchedulerConfig):
         self.db, self.events = db, events
         self.scheduler = scheduler  # probe_max_age_s, read at each use

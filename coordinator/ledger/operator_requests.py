@@ -15,6 +15,8 @@ from .workers import WorkerRegistry
 
 
 class OperatorRequests:
+    """Pause, resume and drain requests (the admin token is checked by the caller)."""
+
     def __init__(self, db: LedgerDB, events: EventLog, state: StepState, workers: WorkerRegistry):
         self.db, self.events, self.state, self.workers = db, events, state, workers
 

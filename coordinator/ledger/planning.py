@@ -31,6 +31,8 @@ from .workers import WorkerRegistry
 
 
 class StagePlanner:
+    """The plan in force, the scheduler's next one, and when a new one may apply."""
+
     def __init__(self, db: LedgerDB, events: EventLog, workers: WorkerRegistry, measurements: Measurements,
                  state: StepState, run: RunConfig, shape: ModelShape | None, default: list[StageSpec]):
         self.db, self.events, self.workers, self.measurements, self.state = db, events, workers, measurements, state

@@ -27,6 +27,8 @@ from .workers import WorkerRegistry
 
 
 class StepRecovery:
+    """Keeps the step exactly once when a worker goes, a stage is vacated or a checkpoint completes."""
+
     def __init__(self, events: EventLog, state: StepState, workers: WorkerRegistry, tickets: TicketBook,
                  reports: ReportBook, history: StepHistory, checkpoints: CheckpointIndex, planner: StagePlanner,
                  protocol: StepProtocol):

@@ -14,6 +14,8 @@ CONTRIBUTION, AVERAGED, APPLIED = "contribution", "averaged", "applied"
 
 
 class ReportBook:
+    """The `reports` table: what each member said in each phase."""
+
     def __init__(self, db: LedgerDB):
         self.db = db
 

@@ -27,6 +27,7 @@ class Contribution:
 
 @dataclass
 class Verdict:
+    """What judging a step's contributions decided."""
     contributors: dict[int, list[str]]  # stage -> replicas whose gradient counts
     refused: list[tuple[int, str, str]] = field(default_factory=list)  # (stage, worker, why)
     refs: dict[int, float] = field(default_factory=dict)  # each stage's reference size for the next step

@@ -25,6 +25,8 @@ from .workers import WorkerRegistry
 
 
 class StatusView:
+    """Builds the status object from the stores (read-only)."""
+
     def __init__(self, run: RunConfig, db: LedgerDB, events: EventLog, state: StepState, workers: WorkerRegistry,
                  tickets: TicketBook, checkpoints: CheckpointIndex, history: StepHistory, planner: StagePlanner,
                  guard: LivenessGuard, measurements: Measurements, tokens: TokenStore):

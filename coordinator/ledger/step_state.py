@@ -19,6 +19,8 @@ WAITING, OPEN, ACCUMULATED, AVERAGING, APPLYING, DONE = ("waiting", "open", "acc
 
 
 class StepState:
+    """The run's position and the open step's members, in the meta table."""
+
     def __init__(self, db: LedgerDB):
         self.db = db
 

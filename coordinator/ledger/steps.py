@@ -39,6 +39,8 @@ _REPORT_PHASE = {CONTRIBUTION: ACCUMULATED, AVERAGED: AVERAGING, APPLIED: APPLYI
 
 
 class StepProtocol:
+    """Moves the open step through its phases as tickets commit and members report."""
+
     def __init__(self, db: LedgerDB, events: EventLog, state: StepState, workers: WorkerRegistry,
                  tickets: TicketBook, reports: ReportBook, history: StepHistory, measurements: Measurements,
                  run: RunConfig, stage_count):

@@ -21,6 +21,7 @@ from .rules import exactly_once
 
 @dataclass(frozen=True)
 class TicketRow:
+    """A leased ticket as the worker is told it."""
     id: int
     step: int
     attempt: int
@@ -30,6 +31,8 @@ class TicketRow:
 
 
 class TicketBook:
+    """The `tickets` and `step_audits` tables."""
+
     def __init__(self, db: LedgerDB, events: EventLog, run: RunConfig):
         self.db, self.events, self.run = db, events, run
         # Ticket counts of the steps before `below`, whose tickets no longer change (a rollback,

@@ -17,6 +17,8 @@ from .events import EventLog
 
 
 class WorkerRegistry:
+    """The `workers` table: rows, lookups and the writes a join, a heartbeat or a move makes."""
+
     def __init__(self, db: LedgerDB, events: EventLog):
         self.db, self.events = db, events
 
