@@ -130,9 +130,10 @@ def test_averaging_that_keeps_failing_is_named_and_falls_back_to_one_replica(tmp
 def test_a_replica_frozen_past_the_timeout_comes_back_as_a_new_worker(tmp_path, swarms):
     """SIGSTOP a stage-1 replica while its stage averages, past the heartbeat timeout, then SIGCONT:
     it is declared dead, its stage goes on with the other replica (which refuses any round with
-    the frozen one's averager, test_averaging.py), and it joins again under a new id; nothing is
-    counted twice and the run stays on train-local's curve."""
-    swarm = replicated(tmp_path, swarms, steps=5, timeout_s=3.0)
+    the frozen one's averager, test_averaging.py), and it joins again under a new id (or, if the
+    run finished meanwhile, is told so and exits); nothing is counted twice and the run stays on
+    train-local's curve."""
+    swarm = replicated(tmp_path, swarms, steps=6, timeout_s=3.0)
     swarm.start_coordinator()
     procs = {n: swarm.start_worker(n) for n in "abcd"}
     status = swarm.wait(lambda s: s["step"] >= 1 and s["phase"] == "averaging", 240, "a step averaging",
@@ -140,18 +141,26 @@ def test_a_replica_frozen_past_the_timeout_comes_back_as_a_new_worker(tmp_path, 
     by_id = {w["id"]: w["name"] for w in status["workers"]}
     name = by_id[sorted(status["stages"][1]["members"])[-1]]
     first_id = next(i for i, n in by_id.items() if n == name)
-    procs[name].kill(signal.SIGSTOP)
+    frozen = procs[name]
+    frozen.kill(signal.SIGSTOP)
     swarm.wait(lambda s: any(w["id"] == first_id and w["state"] == "dead" for w in s["workers"]), 30,
                "the frozen replica declared dead")
-    procs[name].kill(signal.SIGCONT)
-    procs[name].wait_for(f"{first_id} was declared dead by the coordinator; joining again", 60)
+    frozen.kill(signal.SIGCONT)
+    frozen.wait_for(f"{first_id} was declared dead by the coordinator; joining again", 60)
     status = swarm.wait(done, 300, "the run to finish")
-    again = [w for w in status["workers"] if w["name"] == name and w["id"] != first_id]
-    assert again and again[0]["state"] != "dead"
+    deadline = time.monotonic() + 60  # it joins again 2 s after it learns it is dead
+    while frozen.alive and not [w for w in swarm.status()["workers"] if w["name"] == name and w["id"] != first_id] \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    again = [w for w in swarm.status()["workers"] if w["name"] == name and w["id"] != first_id]
+    if again:  # it joined again as a new worker, and was never taken for the old one
+        assert again[0]["state"] != "dead" and again[0]["id"] != first_id
+    else:  # the run had finished: it was told so and left with the join refusal's exit status
+        assert frozen.p.wait(10) == 3 and "the run is finished" in frozen.text()
     assert status["tickets"]["exactly_once_violations"] == [] and status["tickets"]["double"] == 0
     # Its gradient share of the step it froze in is estimated from the other replica (as for any
     # replica lost mid-step), unless its round had finished: on the curve, not exactly on it.
-    expected, _ = local_losses(swarm.config, 5)
+    expected, _ = local_losses(swarm.config, 6)
     got = [h["loss"] for h in status["history"]]
     assert got[:2] == pytest.approx(expected[:2], rel=1e-5)  # computed before the freeze took effect
     assert got == pytest.approx(expected, rel=0.05)
