@@ -24,7 +24,7 @@ import os
 import signal
 from pathlib import Path
 
-from gptjt_core.sidecar import become_group_leader
+from gptjt_core.sidecar import become_group_leader, private_socket_dir, remove_socket_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,13 @@ def _port_of(maddrs: list[str]) -> int:
     return 0
 
 
-def _serve(conn, parent_pid: int, maddr: str, identity_path: str, initial_peers: list[str]) -> None:
+def _serve(conn, parent_pid: int, maddr: str, identity_path: str, initial_peers: list[str], socket_dir: str) -> None:
     become_group_leader(parent_pid)  # hivemind's children join our group, and die with it
     mp.set_start_method("fork", force=True)  # hivemind forks its DHT process (no threads but ours yet)
     import hivemind
+    from hivemind.p2p import P2P
+
+    P2P._UNIX_SOCKET_PREFIX = f"/unix{socket_dir}/hivemind-"  # not /tmp: the coordinator removes the directory
 
     any_port = maddr.rsplit("/", 1)[0] + "/0"
     attempts = [(maddr, initial_peers), (maddr, []), (any_port, [])]  # the recorded port, alone, anywhere
@@ -82,10 +85,11 @@ class CoordinatorDHT:
         saved = self._read_record()
         reap_group(saved.get("pgid", 0))
         ctx = mp.get_context("spawn")
+        self._socket_dir = private_socket_dir()
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_serve, name="gptjt-coordinator-dht",
                                     args=(child, os.getpid(), host_maddr(listen, saved.get("port", 0)), identity,
-                                          list(initial_peers or [])))
+                                          list(initial_peers or []), self._socket_dir))
         self._process.start()
         child.close()
         if not self._conn.poll(ready_timeout_s):
@@ -111,6 +115,7 @@ class CoordinatorDHT:
             pass
         self._process.join(10)
         reap_group(self._process.pid)
+        remove_socket_dir(self._socket_dir)
 
 
 def reap_group(pgid: int) -> None:
