@@ -1,4 +1,4 @@
-"""The run's admin token: what every operator action that changes the run must present."""
+"""The run's admin token (every operator action that changes the run presents it) and its read token."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ class AdminToken:
     (`<state_path>.admin-token`, created with mode 0600 on first start)."""
 
     ENV = "GPTJT_ADMIN_TOKEN"
+    SUFFIX, PREFIX = ".admin-token", "gptjt_admin_"
 
     def __init__(self, token: str, where: str):
         self._hash = hashlib.sha256(token.encode()).hexdigest()
@@ -34,18 +35,29 @@ class AdminToken:
             return cls(token, token_file)
         if os.environ.get(cls.ENV):
             return cls(os.environ[cls.ENV].strip(), f"${cls.ENV} of the coordinator")
-        path = Path(f"{state_path}.admin-token")
+        path = Path(f"{state_path}{cls.SUFFIX}")
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write("gptjt_admin_" + secrets.token_urlsafe(24) + "\n")
+                f.write(cls.PREFIX + secrets.token_urlsafe(24) + "\n")
         return cls(path.read_text().strip(), str(path))
+
+    def valid(self, presented: str) -> bool:
+        return bool(presented) and hmac.compare_digest(hashlib.sha256(presented.encode()).hexdigest(), self._hash)
 
     def check(self, presented: str) -> None:
         """Raise Unauthorized (saying what to do) unless `presented` is the admin token."""
         how = f"pass --admin-token or set {self.ENV}; the coordinator keeps the token in {self.where}"
         if not presented:
             raise Unauthorized(f"this action needs the run's admin token: {how}")
-        if not hmac.compare_digest(hashlib.sha256(presented.encode()).hexdigest(), self._hash):
+        if not self.valid(presented):
             raise Unauthorized(f"the admin token given is not this run's: {how}")
+
+
+class ReadToken(AdminToken):
+    """The run's read token: with coordinator.read_access = "token", what Status and Events need
+    (GPTJT_READ_TOKEN of the coordinator, else STATE.read-token beside the ledger)."""
+
+    ENV = "GPTJT_READ_TOKEN"
+    SUFFIX, PREFIX = ".read-token", "gptjt_read_"

@@ -50,6 +50,10 @@ class CheckpointStore:
         self.fs.mv(tmp, final)
         return final
 
+    def upload(self, step: int, spec: StageSpec, nbytes: int, sha256: str) -> Upload:
+        """Receive one stage's file for `step` chunk by chunk (see Upload)."""
+        return Upload(self, step, spec, nbytes, sha256)
+
     def delete(self, step: int) -> None:
         """Remove every file of `step` (the ledger has forgotten it first)."""
         directory = self._step_dir(step)
@@ -107,3 +111,74 @@ class CheckpointStore:
             raise FileNotFoundError(f"checkpoint step {step} in {self.root} lacks {len(missing)} tensor(s) of "
                                     f"stage {spec}, e.g. {sorted(missing)[:3]}")
         return out
+
+
+class Upload:
+    """One stage file arriving in chunks, never held whole: written to a temporary file while
+    hashed, then kept (moved under its final name) only if it is exactly the bytes announced,
+    hashes to the declared SHA-256 and is a valid safetensors file. Anything else leaves nothing
+    behind: a half-written or mismatched upload never becomes part of the store."""
+
+    def __init__(self, store: CheckpointStore, step: int, spec: StageSpec, nbytes: int, sha256: str):
+        import hashlib
+        import os
+        import tempfile
+
+        self.store, self.step, self.spec, self.nbytes, self.sha256 = store, step, spec, nbytes, sha256.lower()
+        protocols = (store.fs.protocol,) if isinstance(store.fs.protocol, str) else store.fs.protocol
+        self.local = "file" in protocols
+        self.directory = store._step_dir(step)
+        store.fs.makedirs(self.directory, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".upload-", suffix=".partial", dir=self.directory if self.local else None)
+        self._file = os.fdopen(fd, "wb")
+        self._digest, self.size = hashlib.sha256(), 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.nbytes:
+            raise ValueError(f"checkpoint of stage {self.spec} at step {self.step} is larger than the "
+                             f"{self.nbytes} bytes announced")
+        self._digest.update(chunk)
+        self._file.write(chunk)
+
+    def finish(self) -> str:
+        """Check and keep the file; returns its path in the store (ValueError: refused)."""
+        import os
+
+        from safetensors import safe_open
+
+        self._file.close()
+        if self.size != self.nbytes or self._digest.hexdigest() != self.sha256:
+            raise ValueError(f"checkpoint of stage {self.spec} at step {self.step} is {self.size} bytes hashing to "
+                             f"{self._digest.hexdigest()[:16]}..., not the {self.nbytes} bytes and "
+                             f"{self.sha256[:16]}... announced (a partial or corrupted upload)")
+        try:
+            with safe_open(self.tmp, framework="pt") as f:
+                list(f.keys())
+        except Exception as e:  # safetensors raises its own error type
+            raise ValueError(f"checkpoint of stage {self.spec} at step {self.step} is not a valid safetensors "
+                             f"file: {e}") from None
+        final = f"{self.directory}/{self.store.file_name(self.spec)}"
+        if self.local:
+            os.replace(self.tmp, final)
+        else:
+            self.store.fs.put_file(self.tmp, final + ".partial")
+            self.store.fs.mv(final + ".partial", final)
+        return final
+
+    def discard(self) -> None:
+        import os
+
+        if not self._file.closed:
+            self._file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def max_checkpoint_bytes(shape, spec: StageSpec) -> int:
+    """An upper bound on a stage file's size: fp32 weights (4 bytes a parameter), AdamW's two fp32
+    moments (8), local-steps' anchor and outer momentum (8), plus headroom for the safetensors
+    header and scalars. `shape`: the coordinator's ModelShape."""
+    params = ((spec.end - spec.start) * shape.layer_params + (shape.embed_params if spec.embed else 0)
+              + (shape.head_params if spec.head else 0))
+    return 20 * params + (64 << 20)

@@ -14,11 +14,14 @@ import grpc
 from gptjt_core.config import ConfigError, RunConfig, load_run_config, tiny_demo_config
 from gptjt_core.model import model_config_for
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+from gptjt_proto.malformed import MalformedRequests
 from gptjt_proto import operator_pb2_grpc as opb_grpc
 
 from .checkpoint_store import CheckpointStore
 from .dht import CoordinatorDHT
-from .admin_token import AdminToken
+from .run_ca import RunCA
+from .sessions import SessionGuard
+from .admin_token import AdminToken, ReadToken
 from .operator_service import OperatorActions, OperatorService
 
 from .scheduler import model_shape, plan_stages
@@ -52,13 +55,16 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
 async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore, dht: CoordinatorDHT | None,
                       ready_line: bool, port_file: str | None, dashboard_file: str | None,
                       admin_token_file: str | None) -> None:
-    service = CoordinatorService(ledger, store, dht.maddrs if dht is not None else [])
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    pb_grpc.add_CoordinatorServicer_to_server(service, server)
-    admin = AdminToken.load(run.coordinator.state_path, admin_token_file)
-    actions = OperatorActions(ledger, service, admin)
-    opb_grpc.add_OperatorServicer_to_server(OperatorService(actions), server)
     cfg = run.coordinator
+    ca = RunCA(cfg.state_path, run.name, run.link.cert_days)
+    service = CoordinatorService(ledger, store, dht.maddrs if dht is not None else [], ca=ca, shape=ledger.shape)
+    admin = AdminToken.load(cfg.state_path, admin_token_file)
+    reader = ReadToken.load(cfg.state_path) if cfg.read_access == "token" else None
+    guard = SessionGuard(ledger.session_valid, admin.valid, reader.valid if reader is not None else None)
+    server = grpc.aio.server(interceptors=[MalformedRequests(), guard], options=[("grpc.so_reuseport", 0)])
+    pb_grpc.add_CoordinatorServicer_to_server(service, server)
+    actions = OperatorActions(ledger, service, admin, ca)
+    opb_grpc.add_OperatorServicer_to_server(OperatorService(actions), server)
     if cfg.tls_cert:
         creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
         port = server.add_secure_port(cfg.listen, creds)

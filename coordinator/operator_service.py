@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 
 import grpc
 
@@ -19,16 +20,17 @@ _GRPC_CODES = {"not_found": grpc.StatusCode.NOT_FOUND, "precondition": grpc.Stat
                "invalid": grpc.StatusCode.INVALID_ARGUMENT}
 
 
-ACTIONS = ("drain", "pause", "resume", "token-create", "token-revoke")
+ACTIONS = ("drain", "pause", "resume", "token-create", "token-revoke", "token-revoke-and-end-sessions")
 
 
 class OperatorActions:
     """The admin actions, run on the coordinator's event loop (where the ledger lives)."""
 
-    def __init__(self, ledger, coordinator_service, admin: AdminToken):
+    def __init__(self, ledger, coordinator_service, admin: AdminToken, ca=None):
         self.ledger = ledger
         self.coordinator = coordinator_service  # notified after a change, so Watch streams push it
         self.admin = admin
+        self.ca = ca  # coordinator/run_ca.py RunCA: certificates for the operator's tools
 
     async def perform(self, action: str, admin_token: str, arg: str = "") -> dict:
         """Raises Unauthorized, or OperatorError (unknown action, bad argument, unknown id)."""
@@ -38,10 +40,11 @@ class OperatorActions:
               "pause": lambda: self.ledger.set_paused(True),
               "resume": lambda: self.ledger.set_paused(False),
               "token-create": self.ledger.create_token,
-              "token-revoke": lambda: self.ledger.revoke_token(arg)}[action]
+              "token-revoke": lambda: self.ledger.revoke_token(arg),
+              "token-revoke-and-end-sessions": lambda: self.ledger.revoke_token(arg, end_sessions=True)}[action]
         self.admin.check(admin_token)
         result = do()
-        log.info("operator: %s %s", action, arg if action != "token-revoke" else "")
+        log.info("operator: %s %s", action, arg if not action.startswith("token-revoke") else "")
         await self.coordinator.notify()
         return result
 
@@ -71,7 +74,19 @@ class OperatorService(opb_grpc.OperatorServicer):
         return await self._act(context, "token-create", request.admin_token)
 
     async def RevokeToken(self, request, context):
-        return await self._act(context, "token-revoke", request.admin_token, request.token)
+        action = "token-revoke-and-end-sessions" if request.end_sessions else "token-revoke"
+        return await self._act(context, action, request.admin_token, request.token)
+
+    async def OperatorCertificate(self, request, context):
+        """A stage-link client certificate for the operator's tools (gptjt export from the swarm)."""
+        try:
+            self.actions.admin.check(request.admin_token)
+            cert = self.actions.ca.issue(f"operator-{secrets.token_hex(4)}", request.public_key_pem.encode())
+        except Unauthorized as e:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"public_key_pem: {e}")
+        return opb.OperatorCertificateReply(ca_pem=self.actions.ca.cert_pem.decode(), cert_pem=cert.decode())
 
     async def Events(self, request, context):
         try:

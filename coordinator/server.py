@@ -15,7 +15,10 @@ from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 from gptjt_core.background import start_background
 from gptjt_core.model import StageSpec
-from .checkpoint_store import CheckpointStore
+from .checkpoint_store import CheckpointStore, max_checkpoint_bytes
+from .rate_limit import RateLimiter
+from .run_ca import RunCA
+from .sessions import caller
 
 from .ledger import ALIVE_STATES, RunLedger
 
@@ -37,7 +40,9 @@ def assignment_pb(a: dict) -> pb.StageAssignment:
                               num_stages=a["num_stages"], next_addresses=a["next_addresses"],
                               member=a["member"], peer_ids=a["peer_ids"], peer_addresses=a["peer_addresses"],
                               contributors=a["contributors"], checkpoint_writer=a["checkpoint_writer"],
-                              standby_reason=a.get("standby_reason", ""))
+                              standby_reason=a.get("standby_reason", ""), next_ids=a["next_ids"],
+                              peer_address_ids=a["peer_address_ids"], upstream_ids=a["upstream_ids"],
+                              fetcher_ids=a["fetcher_ids"], peer_dht_ids=a["peer_dht_ids"])
 
 
 async def address_is_down(address: str, timeout_s: float = 2.0) -> bool:
@@ -57,11 +62,18 @@ async def address_is_down(address: str, timeout_s: float = 2.0) -> bool:
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """The Coordinator gRPC API: each method checks its request and makes one ledger call."""
 
-    def __init__(self, ledger: RunLedger, store: CheckpointStore, dht_peers: list[str] | None = None):
-        """dht_peers: multiaddrs of the hivemind DHT that replicas average through (replicas > 1)."""
+    def __init__(self, ledger: RunLedger, store: CheckpointStore, dht_peers: list[str] | None = None,
+                 ca: RunCA | None = None, shape=None):
+        """dht_peers: multiaddrs of the hivemind DHT that replicas average through (replicas > 1);
+        ca: signs the stage-link certificates of joining workers; shape: the model's parameter
+        counts (coordinator/cost_model.py ModelShape), which bound a checkpoint's size."""
         self.ledger = ledger
+        self.shape = shape
         self.store = store
         self.dht_peers = dht_peers or []
+        self.ca = ca
+        c = ledger.run.coordinator
+        self.joins = RateLimiter(c.joins_per_s, c.join_burst)  # per join token
         self.changed = asyncio.Condition()  # notified after every ledger change (Watch)
         self._seen_version = ledger.version
 
@@ -72,24 +84,46 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self.changed.notify_all()
 
     async def Join(self, request, context):
-        if not self.ledger.check_token(request.token):
+        token_id = self.ledger.tokens.admitting(request.token)
+        if token_id is None:
             # Nothing is recorded for a refused join, and the token is never logged.
             log.warning("refused a join from %s (%s): bad or missing run token", request.name, context.peer())
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "bad or missing run token; ask the operator for one (gptjt token create)")
+        if not self.joins.allow(token_id):
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"too many joins with this token (coordinator.joins_per_s = "
+                                f"{self.ledger.run.coordinator.joins_per_s}); try again in a few seconds")
+        if request.worker_id and self.ledger.worker(request.worker_id) is not None:
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"worker id {request.worker_id!r} is taken; join without a worker id (a worker keeps "
+                                "its session across coordinator restarts and never joins twice)")
         if self.ledger.phase == "done":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is finished")
         device, problem = _device(request.device)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        row = self.ledger.join(request.name, request.address, device, request.worker_id)
+        if self.ca is not None and self.ledger.run.link.tls == "on" and not request.public_key_pem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "public_key_pem is empty: this run's stage links "
+                                "are mutual TLS; the worker sends the public half of its link key (a newer "
+                                "gptjt-worker does)")
+        row = self.ledger.join(request.name, request.address, device, token_id)
+        cert = b""
+        if self.ca is not None and request.public_key_pem:
+            try:
+                cert = self.ca.issue(row["id"], request.public_key_pem.encode())
+            except ValueError as e:
+                with self.ledger.db.tx():
+                    self.ledger.recovery.drop_worker(row["id"], "left", "worker_left")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"public_key_pem: {e}")
         await self.notify()
         log.info("worker %s (%s) joined at %s: %s", row["id"], request.name, request.address,
                  f"stage {row['stage']}" if row["stage"] >= 0 else "standby")
         return pb.JoinReply(worker_id=row["id"], run_config_json=json.dumps(self.ledger.run.to_dict()),
                             assignment=assignment_pb(self.ledger.assignment(row["id"])),
                             heartbeat_interval_s=self.ledger.run.coordinator.heartbeat_interval_s,
-                            dht_peers=self.run_dht_peers(row["id"]))
+                            dht_peers=self.run_dht_peers(row["id"]), session=row["session"],
+                            ca_pem=self.ca.cert_pem.decode() if self.ca is not None else "", cert_pem=cert.decode())
 
     def run_dht_peers(self, worker_id: str) -> list[str]:
         """Where a worker's averager bootstraps: the coordinator's DHT peer and live workers' peers
@@ -159,7 +193,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                   assignment=assignment_pb(state["assignment"]), paused=state["paused"],
                                   restore_epoch=state["restore_epoch"], restore_step=state["restore_step"],
                                   restore_from_store=state["restore_from_store"],
-                                  measure_links=state["measure_links"], drain=state["drain"],
+                                  measure_links=[a for a, _ in state["measure_links"]],
+                                  measure_link_ids=[i for _, i in state["measure_links"]], drain=state["drain"],
                                   dht_peers=state["dht_peers"])
             async with self.changed:
                 try:
@@ -217,29 +252,30 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.StatusReply(json=json.dumps(self.ledger.status()))
 
     async def PutCheckpoint(self, request_iterator, context):
-        header, parts, size = None, [], 0
-        async for chunk in request_iterator:
-            if chunk.WhichOneof("part") == "header":
-                header = chunk.header
-            elif header is None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "checkpoint data before its header")
-            else:
-                size += len(chunk.data)
-                if size > header.nbytes:
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                        f"checkpoint larger than the {header.nbytes} bytes announced")
-                parts.append(chunk.data)
-        if header is None or size != header.nbytes:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"checkpoint truncated: {size} of {header.nbytes if header else '?'} bytes")
+        """A stage's state into the store, streamed to disk: only from the worker holding that stage
+        at that step, within the stage's size bound, and kept only if it hashes to what the header
+        declares (coordinator/checkpoint_store.py Upload)."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a checkpoint upload starts with its header")
+        header, me = first.header, caller(context)
         spec = StageSpec(header.start_layer, header.end_layer, embed=header.embed, head=header.head)
-        try:
-            path = await asyncio.to_thread(self.store.put, header.step, spec, b"".join(parts))
-        except Exception as e:  # not a safetensors blob, store unreachable
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"checkpoint refused: {e}")
+        refusal = (f"header.worker_id {header.worker_id!r} is not the session's worker {me!r}"
+                   if header.worker_id != me else self.ledger.checkpoint_refusal(me, header.step, spec))
+        if refusal:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"checkpoint refused: {refusal}")
+        cap = max_checkpoint_bytes(self.shape, spec) if self.shape is not None else 1 << 40
+        if not 0 < header.nbytes <= cap:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"header.nbytes {header.nbytes}: a checkpoint "
+                                f"of layers {spec.start}-{spec.end} is at most {cap} bytes")
+        if len(header.sha256) != 64 or any(c not in "0123456789abcdef" for c in header.sha256.lower()):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"header.sha256 {header.sha256[:80]!r} is not a "
+                                "hex SHA-256 of the blob")
+        path = await self._receive(self.store.upload(header.step, spec, header.nbytes, header.sha256),
+                                   request_iterator, context)
         forgotten = self.ledger.record_checkpoint(header.step, spec, path)
         await self.notify()
-        log.info("stored stage %s at step %d (%d bytes) from %s", spec, header.step, size, header.worker_id)
+        log.info("stored stage %s at step %d (%d bytes) from %s", spec, header.step, header.nbytes, me)
         for step in forgotten:
             try:
                 await asyncio.to_thread(self.store.delete, step)
@@ -248,6 +284,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 log.warning("could not delete checkpoint step %d from %s (%s); delete it by hand", step,
                             self.store.root, e)
         return pb.CheckpointReply(path=path)
+
+    async def _receive(self, upload, request_iterator, context) -> str:
+        """Write the data chunks to `upload` (off the event loop) and keep the file, or abort."""
+        try:
+            async for chunk in request_iterator:
+                if chunk.WhichOneof("part") != "data":
+                    raise ValueError("a second header in one checkpoint upload")
+                await asyncio.to_thread(upload.write, chunk.data)
+            return await asyncio.to_thread(upload.finish)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"checkpoint refused: {e}")
+        finally:
+            upload.discard()
 
     async def GetCheckpoint(self, request, context):
         spec = StageSpec(request.start_layer, request.end_layer, embed=request.embed, head=request.head)

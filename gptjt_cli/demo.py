@@ -53,7 +53,7 @@ def run_demo(out: Path, steps: int | None, device: str) -> int:
         print(f"\n{tables.summary(status)}\nloss {curve[0]['loss']:.3f} -> {status['loss']:.3f}\n")
         print(tables.to_text(tables.stages_table(status), tables.workers_table(status), tables.tickets_table(status)))
         print()
-        export_dir = export_from_swarm(address, str(out / "export"))
+        export_dir = export_from_swarm(address, str(out / "export"), admin_token=swarm.admin_token)
         print(f"exported the swarm's stages as a Hugging Face checkpoint: {export_dir}")
     finally:
         swarm.stop()

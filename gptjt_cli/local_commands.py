@@ -57,9 +57,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gptjt_core.tokenizer import load_tokenizer
 
     if args.coordinator:
+        from .operator_client import admin_token
         from .swarm_commands import export_from_swarm
 
-        out = export_from_swarm(args.coordinator, args.out, args.dtype)
+        out = export_from_swarm(args.coordinator, args.out, args.dtype, admin_token(args.admin_token))
         print(f"exported the swarm at {args.coordinator} -> {out} ({args.dtype})")
         return 0
     if args.store:
@@ -149,6 +150,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a Hugging Face checkpoint (+ tokenizer) from a checkpoint or a swarm")
     p.add_argument("--checkpoint", help="trainer checkpoint or HF checkpoint directory")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="gather the stages from a live swarm instead")
+    p.add_argument("--admin-token", help="with --coordinator: the run's admin token, for the certificate TLS stage "
+                   "links need (default: $GPTJT_ADMIN_TOKEN)")
     p.add_argument("--store", help="or read a swarm's checkpoint store (directory or fsspec URL)")
     p.add_argument("--step", type=int, help="with --store: which step (default: the newest complete one)")
     p.add_argument("--config", help="with --store: the run config (model source, tokenizer)")

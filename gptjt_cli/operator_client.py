@@ -57,7 +57,7 @@ def open_channel(address: str, tls_ca: str = "") -> grpc.Channel:
     return grpc.insecure_channel(address)
 
 
-def _raise_for(e: grpc.RpcError, address: str, what: str) -> None:
+def raise_for(e: grpc.RpcError, address: str, what: str) -> None:
     code = e.code()
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         raise Unreachable(f"coordinator {address} did not answer ({code.name}): is it running? Check "
@@ -73,7 +73,7 @@ def call_status(address: str, tls_ca: str = "", timeout: float = 10.0) -> dict:
         try:
             reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout)
         except grpc.RpcError as e:
-            _raise_for(e, address, "Status")
+            raise_for(e, address, "Status")
     return json.loads(reply.json)
 
 
@@ -83,7 +83,7 @@ def call_operator(address: str, method: str, request, tls_ca: str = "", timeout:
         try:
             reply = getattr(opb_grpc.OperatorStub(channel), method)(request, timeout=timeout)
         except grpc.RpcError as e:
-            _raise_for(e, address, method)
+            raise_for(e, address, method)
     return json.loads(reply.json)
 
 

@@ -140,8 +140,11 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     if _through_coordinator(args):
         r = _admin(args, "RevokeToken", opb.RevokeTokenRequest(admin_token=admin_token(args.admin_token),
-                                                               token=args.token))
+                                                               token=args.token, end_sessions=args.end_sessions))
     else:
+        if args.end_sessions:
+            raise BadArgument("--end-sessions needs the running coordinator (--coordinator HOST:PORT): it ends the "
+                              "sessions of live workers")
         from coordinator.ledger import OperatorError, revoke_token_in
 
         try:
@@ -151,7 +154,8 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(r)
     else:
-        print(f"join token {r['id']} {'was already' if r['already_revoked'] else 'is now'} revoked")
+        print(f"join token {r['id']} {'was already' if r['already_revoked'] else 'is now'} revoked"
+              + (f"; ended the sessions of {', '.join(r['sessions_ended'])}" if r.get("sessions_ended") else ""))
     return 0
 
 
@@ -231,6 +235,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _admin_flag(r)
     r.add_argument("--config", help="run config TOML (its coordinator.state_path is the ledger)")
     r.add_argument("--state", help="the ledger file directly")
+    r.add_argument("--end-sessions", action="store_true",
+                   help="also end the sessions of the live workers this token admitted (they leave the run)")
     r.set_defaults(func=cmd_token_revoke)
     ls = tsub.add_parser("list", help="the run's join tokens (ids, created, revoked)")
     _common(ls)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .operator_client import call_status
+from .operator_client import BadArgument, call_status, open_channel, raise_for
 
 
 def fetch_status(address: str, timeout: float = 10.0, tls_ca: str = "") -> dict:
@@ -13,14 +13,15 @@ def fetch_status(address: str, timeout: float = 10.0, tls_ca: str = "") -> dict:
     return call_status(address, tls_ca, timeout)
 
 
-async def _fetch_all_stages(status: dict) -> list[dict]:
+async def _fetch_all_stages(status: dict, credentials) -> list[dict]:
     from safetensors.torch import load
 
     from gptjt_core.stage_checkpoint import split_state
     from worker.transport import LinkCounters, StageClient
 
-    client = StageClient(LinkCounters(), 1 << 20)
+    client = StageClient(LinkCounters(), 1 << 20, credentials=credentials)
     by_id = {w["id"]: w for w in status["workers"]}
+    client.learn([w["address"] for w in status["workers"]], [w["id"] for w in status["workers"]])
     try:
         states = []
         positions = set()
@@ -40,8 +41,32 @@ async def _fetch_all_stages(status: dict) -> list[dict]:
         await client.close()
 
 
-def export_from_swarm(address: str, out: str, dtype: str = "fp32") -> str:
-    """Gather every stage's weights from its worker and write a HF checkpoint."""
+def operator_link_credentials(address: str, admin_token: str, tls_ca: str = ""):
+    """Mutual-TLS credentials for the operator's tools on stage links: a fresh key, and a certificate
+    the coordinator (the run's CA) signs for it once the admin token checks out."""
+    import grpc
+
+    from gptjt_core.pki import new_key_pem, public_key_pem
+    from gptjt_proto import operator_pb2 as opb
+    from gptjt_proto import operator_pb2_grpc as opb_grpc
+
+    if not admin_token:
+        raise BadArgument("this run's stage links are mutual TLS: exporting from the swarm needs the admin token "
+                          "(--admin-token or $GPTJT_ADMIN_TOKEN) for a certificate the workers accept")
+    key = new_key_pem()
+    with open_channel(address, tls_ca) as channel:
+        try:
+            reply = opb_grpc.OperatorStub(channel).OperatorCertificate(opb.OperatorCertificateRequest(
+                admin_token=admin_token, public_key_pem=public_key_pem(key).decode()), timeout=30)
+        except grpc.RpcError as e:
+            raise_for(e, address, "OperatorCertificate")
+    return grpc.ssl_channel_credentials(root_certificates=reply.ca_pem.encode(), private_key=key,
+                                        certificate_chain=reply.cert_pem.encode())
+
+
+def export_from_swarm(address: str, out: str, dtype: str = "fp32", admin_token: str = "") -> str:
+    """Gather every stage's weights from its worker and write a HF checkpoint (the admin token buys
+    the certificate that TLS stage links need)."""
     import asyncio
 
     import torch
@@ -51,7 +76,8 @@ def export_from_swarm(address: str, out: str, dtype: str = "fp32") -> str:
     from gptjt_core.tokenizer import load_tokenizer
 
     status = fetch_status(address)
-    states = asyncio.run(_fetch_all_stages(status))
+    credentials = operator_link_credentials(address, admin_token) if status.get("stage_link_tls") else None
+    states = asyncio.run(_fetch_all_stages(status, credentials))
     run_source = status["model_source"]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     path = export_checkpoint(states, model_config_for(run_source), out,

@@ -27,6 +27,15 @@ class CoordinatorConfig:
     coordinator then restarts the step or drops the silent members, with an event naming them.
     APPLYING includes the checkpoint upload (about 73 GB a step for GPT-J 6B): keep it above that.
     Seconds, more than heartbeat_timeout_s."""
+    read_access: str = "open"
+    """Who may read the run's status (Status, Events; worker calls always need a session): "open",
+    or "token": only callers presenting the run's read token (STATE.read-token beside the
+    ledger, or $GPTJT_READ_TOKEN of the coordinator) or the admin token."""
+    joins_per_s: float = 1.0
+    """Sustained rate of joins one join token may make, per second > 0 (a refused join gets
+    RESOURCE_EXHAUSTED): join spam cannot grow the workers table faster than this."""
+    join_burst: int = 128
+    """Joins one token may make at once after a quiet spell (a fleet starting together), >= 1."""
     max_stall_restarts: int = 3
     """Times an OPEN step with no progress is restarted before the workers holding its stalled
     leases are dropped instead. An integer >= 0."""
@@ -63,6 +72,10 @@ class CoordinatorConfig:
                self.heartbeat_timeout_s, f"more than two heartbeat intervals ({2 * self.heartbeat_interval_s})")
         _check(self.phase_timeout_s > self.heartbeat_timeout_s, "phase_timeout_s", self.phase_timeout_s,
                f"more than heartbeat_timeout_s ({self.heartbeat_timeout_s}): a silent worker is dead first")
+        _check(self.joins_per_s > 0, "joins_per_s", self.joins_per_s, "a rate per second > 0")
+        _check(isinstance(self.join_burst, int) and self.join_burst >= 1, "join_burst", self.join_burst,
+               "an integer >= 1")
+        _check(self.read_access in ("open", "token"), "read_access", self.read_access, "'open' or 'token'")
         _check(isinstance(self.max_stall_restarts, int) and self.max_stall_restarts >= 0, "max_stall_restarts",
                self.max_stall_restarts, "an integer >= 0")
         _check(bool(self.tls_cert) == bool(self.tls_key), "tls_cert", self.tls_cert,

@@ -84,8 +84,18 @@ class LinkConfig:
     For tests and benchmarks on loopback; the shaper queues bytes like a real serial link."""
     emulate_latency_ms: float = 0.0
     """Emulated one-way latency added to every message on a shaped link, in milliseconds >= 0."""
+    tls: str = "on"
+    """Stage links: "on": mutual TLS with certificates the coordinator (the run's CA) issues at
+    join; each stage serves only the workers placed before it (and FetchState only joiners it
+    names), and every byte between stages is encrypted. "off": plaintext and unauthenticated,
+    for a trusted network or a benchmark comparing the two (bench swarm auth_overhead_pct)."""
+    cert_days: float = 30.0
+    """Lifetime of the stage-link certificates the coordinator issues, in days > 0 (a worker
+    that outlives it joins again)."""
 
     def __post_init__(self) -> None:
+        _check(self.tls in ("on", "off"), "tls", self.tls, "'on' or 'off'")
+        _check(self.cert_days > 0, "cert_days", self.cert_days, "a number of days > 0")
         for name in ("slow_activation_codec", "slow_gradient_codec"):
             value = getattr(self, name)
             _check(value in CODEC_NAMES, name, value, f"one of {sorted(CODEC_NAMES)}")

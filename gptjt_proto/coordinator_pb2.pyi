@@ -92,21 +92,23 @@ class LinkMeasurement(_message.Message):
     def __init__(self, address: _Optional[str] = ..., latency_ms: _Optional[float] = ..., mbit: _Optional[float] = ..., measured_unix_s: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("token", "name", "address", "device", "worker_id")
+    __slots__ = ("token", "name", "address", "device", "worker_id", "public_key_pem")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
     token: str
     name: str
     address: str
     device: DeviceInfo
     worker_id: str
-    def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    public_key_pem: str
+    def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., worker_id: _Optional[str] = ..., public_key_pem: _Optional[str] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages", "next_addresses", "member", "peer_ids", "peer_addresses", "contributors", "checkpoint_writer", "standby_reason")
+    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages", "next_addresses", "member", "peer_ids", "peer_addresses", "contributors", "checkpoint_writer", "standby_reason", "next_ids", "peer_address_ids", "upstream_ids", "fetcher_ids", "peer_dht_ids")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,11 @@ class StageAssignment(_message.Message):
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_WRITER_FIELD_NUMBER: _ClassVar[int]
     STANDBY_REASON_FIELD_NUMBER: _ClassVar[int]
+    NEXT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PEER_ADDRESS_IDS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_IDS_FIELD_NUMBER: _ClassVar[int]
+    FETCHER_IDS_FIELD_NUMBER: _ClassVar[int]
+    PEER_DHT_IDS_FIELD_NUMBER: _ClassVar[int]
     stage: int
     start_layer: int
     end_layer: int
@@ -135,21 +142,32 @@ class StageAssignment(_message.Message):
     contributors: _containers.RepeatedScalarFieldContainer[str]
     checkpoint_writer: bool
     standby_reason: str
-    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ..., next_addresses: _Optional[_Iterable[str]] = ..., member: _Optional[bool] = ..., peer_ids: _Optional[_Iterable[str]] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., checkpoint_writer: _Optional[bool] = ..., standby_reason: _Optional[str] = ...) -> None: ...
+    next_ids: _containers.RepeatedScalarFieldContainer[str]
+    peer_address_ids: _containers.RepeatedScalarFieldContainer[str]
+    upstream_ids: _containers.RepeatedScalarFieldContainer[str]
+    fetcher_ids: _containers.RepeatedScalarFieldContainer[str]
+    peer_dht_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ..., next_addresses: _Optional[_Iterable[str]] = ..., member: _Optional[bool] = ..., peer_ids: _Optional[_Iterable[str]] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., checkpoint_writer: _Optional[bool] = ..., standby_reason: _Optional[str] = ..., next_ids: _Optional[_Iterable[str]] = ..., peer_address_ids: _Optional[_Iterable[str]] = ..., upstream_ids: _Optional[_Iterable[str]] = ..., fetcher_ids: _Optional[_Iterable[str]] = ..., peer_dht_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "run_config_json", "assignment", "heartbeat_interval_s", "dht_peers")
+    __slots__ = ("worker_id", "run_config_json", "assignment", "heartbeat_interval_s", "dht_peers", "session", "ca_pem", "cert_pem")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     DHT_PEERS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     run_config_json: str
     assignment: StageAssignment
     heartbeat_interval_s: float
     dht_peers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ...) -> None: ...
+    session: str
+    ca_pem: str
+    cert_pem: str
+    def __init__(self, worker_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ..., session: _Optional[str] = ..., ca_pem: _Optional[str] = ..., cert_pem: _Optional[str] = ...) -> None: ...
 
 class WorkerMetrics(_message.Message):
     __slots__ = ("micro_batches_per_s", "busy_fraction", "bytes_sent", "bytes_received", "micro_batches", "downstream_mbit", "activation_codec", "gradient_codec", "averaging_bytes")
@@ -218,7 +236,7 @@ class WatchRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class RunState(_message.Message):
-    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links", "dht_peers", "drain")
+    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links", "dht_peers", "measure_link_ids", "drain")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +249,7 @@ class RunState(_message.Message):
     RESTORE_FROM_STORE_FIELD_NUMBER: _ClassVar[int]
     MEASURE_LINKS_FIELD_NUMBER: _ClassVar[int]
     DHT_PEERS_FIELD_NUMBER: _ClassVar[int]
+    MEASURE_LINK_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
@@ -244,11 +263,12 @@ class RunState(_message.Message):
     restore_from_store: bool
     measure_links: _containers.RepeatedScalarFieldContainer[str]
     dht_peers: _containers.RepeatedScalarFieldContainer[str]
+    measure_link_ids: _containers.RepeatedScalarFieldContainer[str]
     drain: bool
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ..., dht_peers: _Optional[_Iterable[str]] = ..., drain: _Optional[bool] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ..., dht_peers: _Optional[_Iterable[str]] = ..., measure_link_ids: _Optional[_Iterable[str]] = ..., drain: _Optional[bool] = ...) -> None: ...
 
 class CheckpointHeader(_message.Message):
-    __slots__ = ("worker_id", "step", "start_layer", "end_layer", "embed", "head", "nbytes")
+    __slots__ = ("worker_id", "step", "start_layer", "end_layer", "embed", "head", "nbytes", "sha256")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -256,6 +276,7 @@ class CheckpointHeader(_message.Message):
     EMBED_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step: int
     start_layer: int
@@ -263,7 +284,8 @@ class CheckpointHeader(_message.Message):
     embed: bool
     head: bool
     nbytes: int
-    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., nbytes: _Optional[int] = ...) -> None: ...
+    sha256: str
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., nbytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
     __slots__ = ("header", "data")

@@ -27,12 +27,30 @@ class CreateTokenRequest(_message.Message):
     def __init__(self, admin_token: _Optional[str] = ...) -> None: ...
 
 class RevokeTokenRequest(_message.Message):
-    __slots__ = ("admin_token", "token")
+    __slots__ = ("admin_token", "token", "end_sessions")
     ADMIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    END_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     admin_token: str
     token: str
-    def __init__(self, admin_token: _Optional[str] = ..., token: _Optional[str] = ...) -> None: ...
+    end_sessions: bool
+    def __init__(self, admin_token: _Optional[str] = ..., token: _Optional[str] = ..., end_sessions: _Optional[bool] = ...) -> None: ...
+
+class OperatorCertificateRequest(_message.Message):
+    __slots__ = ("admin_token", "public_key_pem")
+    ADMIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    admin_token: str
+    public_key_pem: str
+    def __init__(self, admin_token: _Optional[str] = ..., public_key_pem: _Optional[str] = ...) -> None: ...
+
+class OperatorCertificateReply(_message.Message):
+    __slots__ = ("ca_pem", "cert_pem")
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    ca_pem: str
+    cert_pem: str
+    def __init__(self, ca_pem: _Optional[str] = ..., cert_pem: _Optional[str] = ...) -> None: ...
 
 class OperatorReply(_message.Message):
     __slots__ = ("json",)

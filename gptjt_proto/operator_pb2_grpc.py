@@ -54,6 +54,11 @@ class OperatorStub:
                 request_serializer=gptjt__proto_dot_operator__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=gptjt__proto_dot_operator__pb2.OperatorReply.FromString,
                 _registered_method=True)
+        self.OperatorCertificate = channel.unary_unary(
+                '/gptjt.Operator/OperatorCertificate',
+                request_serializer=gptjt__proto_dot_operator__pb2.OperatorCertificateRequest.SerializeToString,
+                response_deserializer=gptjt__proto_dot_operator__pb2.OperatorCertificateReply.FromString,
+                _registered_method=True)
         self.Events = channel.unary_unary(
                 '/gptjt.Operator/Events',
                 request_serializer=gptjt__proto_dot_operator__pb2.EventsRequest.SerializeToString,
@@ -89,14 +94,23 @@ class OperatorServicer:
 
     def RevokeToken(self, request, context):
         """Revoke a join token by its id (from status' join_tokens) or the token itself: later joins
-        with it are refused. Workers that already joined stay.
+        with it are refused. Workers that already joined stay, unless end_sessions is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OperatorCertificate(self, request, context):
+        """A stage-link client certificate for the operator's tools (gptjt export from the swarm):
+        workers let its holder copy their stage state (FetchState) and nothing else.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Events(self, request, context):
-        """The persisted event log, oldest first (no admin token needed: it is read-only).
+        """The persisted event log, oldest first (no admin token needed: it is read-only; with
+        coordinator.read_access = "token" it needs the read token, metadata gptjt-read-token).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +138,11 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=gptjt__proto_dot_operator__pb2.RevokeTokenRequest.FromString,
                     response_serializer=gptjt__proto_dot_operator__pb2.OperatorReply.SerializeToString,
+            ),
+            'OperatorCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.OperatorCertificate,
+                    request_deserializer=gptjt__proto_dot_operator__pb2.OperatorCertificateRequest.FromString,
+                    response_serializer=gptjt__proto_dot_operator__pb2.OperatorCertificateReply.SerializeToString,
             ),
             'Events': grpc.unary_unary_rpc_method_handler(
                     servicer.Events,
@@ -239,6 +258,33 @@ class Operator:
             '/gptjt.Operator/RevokeToken',
             gptjt__proto_dot_operator__pb2.RevokeTokenRequest.SerializeToString,
             gptjt__proto_dot_operator__pb2.OperatorReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OperatorCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptjt.Operator/OperatorCertificate',
+            gptjt__proto_dot_operator__pb2.OperatorCertificateRequest.SerializeToString,
+            gptjt__proto_dot_operator__pb2.OperatorCertificateReply.FromString,
             options,
             channel_credentials,
             insecure,

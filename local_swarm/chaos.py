@@ -154,8 +154,8 @@ class ChaosSoak:
     def export(self, out: Path) -> str:
         """The finished run's weights, gathered from its workers, as a Hugging Face checkpoint
         (`gptjt export --coordinator`)."""
-        done = subprocess.run([str(BIN / "gptjt"), "export", "--coordinator", self.swarm.address, "--out", str(out)],
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run([str(BIN / "gptjt"), "export", "--coordinator", self.swarm.address, "--out", str(out),
+                               "--admin-token", self.swarm.admin_token], capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise SwarmFailed(f"gptjt export failed ({done.returncode}): {done.stderr[-2000:]}")
         return str(out)

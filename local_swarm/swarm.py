@@ -61,6 +61,11 @@ class LocalSwarm:
         return Path(run.coordinator.state_path)
 
     @property
+    def admin_token(self) -> str:
+        """The run's admin token, which the coordinator keeps beside the ledger (once it has started)."""
+        return Path(f"{self.ledger_path}.admin-token").read_text().strip()
+
+    @property
     def token(self) -> str:
         """A join token, created in the ledger on first use (a coordinator need not run yet)."""
         if not self._token:
@@ -86,6 +91,7 @@ class LocalSwarm:
         if listen is not None:
             args += ["--listen", listen]
         self._coordinator_args = args + list(extra)
+        self.token  # created now, before an operator action could be recorded after it
         return self._launch_coordinator(timeout)
 
     def restart_coordinator(self, timeout: float = 60.0) -> SwarmProcess:

@@ -52,7 +52,8 @@ class DownstreamSender:
         started = time.monotonic()
         try:
             activations = encode(out, act_codec)
-            reply, grad = await self.client.process(address, header, activations)
+            reply, grad = await self.client.process(address, header, activations,
+                                                    timeout=self.router.deadline_s(address))
         except grpc.aio.AioRpcError as e:
             blamed = e.code() not in _NOT_THE_PEERS_FAULT
             self.router.done(address, started, ok=not blamed)

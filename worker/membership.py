@@ -7,6 +7,7 @@ coordinator is unreachable, so a coordinator restart costs the workers nothing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +18,9 @@ from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+# The session metadata of every call after Join (the coordinator checks it: coordinator/sessions.py).
+SESSION_WORKER, SESSION_SECRET = "gptjt-worker", "gptjt-session"
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.UNKNOWN)
@@ -42,6 +46,7 @@ class CoordinatorClient:
             self.channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
         self.retry_for_s = retry_for_s
+        self.metadata: tuple = ()  # this worker's session, once joined (coordinator/sessions.py)
 
     async def _retry(self, method, request, timeout: float = 10.0):
         """Call `method`, retrying transient failures for up to retry_for_s seconds."""
@@ -49,7 +54,7 @@ class CoordinatorClient:
         delay = 0.2
         while True:
             try:
-                return await method(request, timeout=timeout)
+                return await method(request, timeout=timeout, metadata=self.metadata)
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE or time.monotonic() > deadline:
                     raise
@@ -57,11 +62,14 @@ class CoordinatorClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def join(self, token: str, name: str, address: str, device: dict, worker_id: str = "") -> pb.JoinReply:
-        request = pb.JoinRequest(token=token, name=name, address=address, worker_id=worker_id,
-                                 device=pb.DeviceInfo(**device))
+    async def join(self, token: str, name: str, address: str, device: dict, public_key_pem: str = "") -> pb.JoinReply:
+        """Join the run; every later call carries the session the reply holds."""
+        request = pb.JoinRequest(token=token, name=name, address=address, device=pb.DeviceInfo(**device),
+                                 public_key_pem=public_key_pem)
         try:
-            return await self._retry(self.stub.Join, request)
+            reply = await self._retry(self.stub.Join, request)
+            self.metadata = ((SESSION_WORKER, reply.worker_id), (SESSION_SECRET, reply.session))
+            return reply
         except grpc.aio.AioRpcError as e:
             if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
                 raise JoinRefused(f"coordinator {self.address} refused the join: {e.details()}") from None
@@ -84,7 +92,8 @@ class CoordinatorClient:
         """Stream one stage's checkpoint blob to the coordinator's store; `progress(bytes_sent)`
         after each chunk leaves."""
         header = pb.CheckpointHeader(worker_id=worker_id, step=step, start_layer=spec.start, end_layer=spec.end,
-                                     embed=spec.embed, head=spec.head, nbytes=len(blob))
+                                     embed=spec.embed, head=spec.head, nbytes=len(blob),
+                                     sha256=hashlib.sha256(blob).hexdigest())
 
         def chunks():
             yield pb.CheckpointChunk(header=header)
@@ -93,7 +102,7 @@ class CoordinatorClient:
                 if progress is not None:
                     progress(min(i + chunk_bytes, len(blob)))
 
-        reply = await self.stub.PutCheckpoint(chunks(), timeout=600)
+        reply = await self.stub.PutCheckpoint(chunks(), timeout=600, metadata=self.metadata)
         return reply.path
 
     async def get_checkpoint(self, step: int, spec) -> bytes:
@@ -101,7 +110,7 @@ class CoordinatorClient:
         request = pb.GetCheckpointRequest(step=step, start_layer=spec.start, end_layer=spec.end,
                                           embed=spec.embed, head=spec.head)
         parts = []
-        async for chunk in self.stub.GetCheckpoint(request, timeout=600):
+        async for chunk in self.stub.GetCheckpoint(request, timeout=600, metadata=self.metadata):
             if chunk.WhichOneof("part") == "data":
                 parts.append(chunk.data)
         return b"".join(parts)
@@ -111,10 +120,12 @@ class CoordinatorClient:
         delay = 0.2
         while True:
             try:
-                async for state in self.stub.Watch(pb.WatchRequest(worker_id=worker_id)):
+                async for state in self.stub.Watch(pb.WatchRequest(worker_id=worker_id), metadata=self.metadata):
                     delay = 0.2
                     yield state
             except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    return  # our session ended: the heartbeat loop learns it too and stops the worker
                 if e.code() not in RETRYABLE:
                     raise
             await asyncio.sleep(delay)
@@ -148,14 +159,14 @@ class CoordinatorClient:
         """Tell the coordinator a peer failed; True if it was declared dead."""
         try:
             reply = await self.stub.ReportPeerFailure(pb.PeerFailure(worker_id=worker_id, address=address,
-                                                                     reason=reason), timeout=5.0)
+                                                                     reason=reason), timeout=5.0, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
             log.warning("could not report peer %s (%s)", address, e.code().name)
             return False
         return reply.declared_dead
 
     async def leave(self, worker_id: str) -> None:
-        await self.stub.Leave(pb.LeaveRequest(worker_id=worker_id), timeout=5.0)
+        await self.stub.Leave(pb.LeaveRequest(worker_id=worker_id), timeout=5.0, metadata=self.metadata)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -115,3 +115,35 @@ def measure_at_run_dtype(run, device: str, simulated=None) -> dict:
     log.info("measured %.4g TFLOP/s on one block of the run's model (matmul peak %.4g) at %s",
              figures["block_tflops"], figures["matmul_tflops"], precision.name)
     return figures
+
+
+async def figures_for_the_plan(run, device: str, simulated, joined_with: dict) -> dict | None:
+    """The device figures the scheduler should plan with, measured off the event loop while the
+    stage loads; None if the probe failed (the join's fp32 figures stay: the plan is only less
+    exact). With scheduler.placement 'even' nothing plans with them: the join's are confirmed as
+    they are, and the CPU goes to loading the stage instead."""
+    import asyncio
+
+    if run.scheduler.placement != "cost-model":
+        return dict(joined_with)
+    try:
+        return await asyncio.to_thread(measure_at_run_dtype, run, device, simulated)
+    except (RuntimeError, ValueError) as e:
+        log.warning("could not measure this device at the run's dtype (%s); the scheduler keeps the join's fp32 "
+                    "figures", e)
+        return None
+
+
+class BusyRates:
+    """Micro-batches per second and the busy share of the compute thread since the last call."""
+
+    def __init__(self):
+        self.t, self.busy, self.micro_batches = time.monotonic(), 0.0, 0
+
+    def since_last(self, busy_seconds: float, micro_batches: int) -> dict:
+        now = time.monotonic()
+        dt = max(now - self.t, 1e-6)
+        out = {"micro_batches_per_s": max(0, micro_batches - self.micro_batches) / dt,
+               "busy_fraction": min(1.0, (busy_seconds - self.busy) / dt), "micro_batches": micro_batches}
+        self.t, self.busy, self.micro_batches = now, busy_seconds, micro_batches
+        return out

@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 
 
 RETRY_AFTER_S = 5.0
+# A call to the next stage gets a deadline of CALL_FACTOR x the replica's measured round trip x
+# the micro-batches in flight to it, at least CALL_FLOOR_S (a first call pays channel set-up and
+# the stages after it warming up): a peer that hangs (frozen, partitioned) frees the caller.
+CALL_FLOOR_S, CALL_FACTOR = 60.0, 10.0
 
 
 class NoReplicaAvailable(RuntimeError):
@@ -72,6 +76,13 @@ class NextStageRouter:
             r.seconds = elapsed if r.seconds == 0 else (1 - self.smoothing) * r.seconds + self.smoothing * elapsed
         else:
             r.failed_at = time.monotonic()
+
+    def deadline_s(self, address: str) -> float:
+        """How long a call to `address` may take before it is given up (see CALL_FACTOR)."""
+        r = self.replicas.get(address)
+        if r is None or r.seconds == 0:
+            return CALL_FLOOR_S
+        return max(CALL_FLOOR_S, CALL_FACTOR * r.seconds * max(1, r.in_flight))
 
     def release(self, address: str) -> None:
         """A call to `address` that ended before it said anything about the replica."""

@@ -16,7 +16,6 @@ from gptjt_core.background import start_background
 from gptjt_core.config import RunConfig, from_dict
 from gptjt_core.model import StageSpec
 from gptjt_proto import coordinator_pb2 as cpb
-from gptjt_proto import stage_pb2_grpc as spb_grpc
 
 from .averager_keeper import AveragerKeeper
 from .compute import OTHER, ComputeQueue
@@ -24,22 +23,20 @@ from .downstream import DownstreamSender
 from .faults import faults_from_env
 from .link_codecs import LinkCodecChooser
 from .link_probe import LinkProber
-from .membership import RETRYABLE, CoordinatorClient
+from .membership import CoordinatorClient
 from .options import WorkerOptions
 from .pipeline import Stage0Driver
-from .probe import measure_at_run_dtype, probe_device
+from .probe import BusyRates, figures_for_the_plan, probe_device
 from .routing import NextStageRouter
 from .service import Serving, StageService
 from .simulated_device import SimulatedDevice
 from .stage import LayerSlice
-from .stage_loader import StageLoader
+from .stage_loader import StageLoader, retry_loading
+from .stage_tls import PortReservation, StageIdentity, serve_stage
 from .step_follower import StepFollower
 from .transport import GRPC_OPTIONS, LinkCounters, StageClient
 
 log = logging.getLogger("gptjt.worker")
-
-LOAD_RETRY_S = 120.0  # how long loading a stage waits out an unreachable coordinator
-
 
 # Phases in which a stage's weights and optimizer state are still those the step started from
 # (APPLYING changes them).
@@ -53,6 +50,8 @@ class WorkerRunner:
         self.options = options
         self.counters = LinkCounters()
         self.compute = ComputeQueue()
+        self.identity = StageIdentity()  # the key and certificate of this worker's stage links
+        self.tls = False  # link.tls of the run (known after Join)
         self.stopping = asyncio.Event()
         self.leaving = False
         self.worker_id = ""
@@ -92,20 +91,26 @@ class WorkerRunner:
         # heartbeat after it carries the rate measured at the run's compute dtype.
         device = simulated.device_info("fp32") if simulated else probe_device(o.device)
         self.simulated = simulated
-        server = grpc.aio.server(options=GRPC_OPTIONS)
-        spb_grpc.add_StageServicer_to_server(StageService(self.compute, self.counters, self._serving), server)
-        port = server.add_insecure_port(o.listen)
-        if port == 0:
-            raise RuntimeError(f"--listen {o.listen}: cannot bind (address in use or not local)")
-        await server.start()
-        self.address = o.announce or f"{o.listen.rsplit(':', 1)[0]}:{port}"
+        host, _, port = o.listen.rpartition(":")
+        reservation = PortReservation(host, int(port))  # Join names the address; the server starts after it
+        self.address = o.announce or f"{host}:{reservation.port}"
         credentials = grpc.ssl_channel_credentials(open(o.tls_ca, "rb").read()) if o.tls_ca else None
         self.coordinator = CoordinatorClient(o.coordinator, credentials)
-        name = o.name or socket.gethostname()
-        reply = await self.coordinator.join(o.token, name, self.address, device)
-        self.worker_id = reply.worker_id
-        self.run = from_dict(RunConfig, json.loads(reply.run_config_json))
-        self.client = StageClient(self.counters, self.run.pipeline.chunk_bytes, link=self.run.link)
+        try:
+            reply = await self.coordinator.join(o.token, o.name or socket.gethostname(), self.address, device,
+                                                self.identity.public_key_pem)
+            self.worker_id = reply.worker_id
+            self.run = from_dict(RunConfig, json.loads(reply.run_config_json))
+            self.tls = self.run.link.tls == "on"
+            if self.tls:
+                self.identity.adopt(reply.ca_pem, reply.cert_pem)
+            server = await serve_stage(f"{host}:{reservation.port}", StageService(self.compute, self.counters,
+                                                                                   self._serving),
+                                       self.identity if self.tls else None, GRPC_OPTIONS)
+        finally:
+            reservation.release()
+        self.client = StageClient(self.counters, self.run.pipeline.chunk_bytes, link=self.run.link,
+                                  credentials=self.identity.channel_credentials() if self.tls else None)
         self.link_codecs = LinkCodecChooser(self.run.pipeline, self.run.link)
         self.downstream = DownstreamSender(self.router, self.link_codecs, self.client, self.coordinator, self.worker_id)
         self.prober = LinkProber(self.client, self.run.scheduler.probe_max_age_s)
@@ -151,30 +156,25 @@ class WorkerRunner:
             self.driver = self.stage = self.follower = None
 
     async def _measure_in_background(self, joined_with: dict) -> None:
-        """Re-measure at the run's dtype while the stage loads; the next heartbeat carries it.
-        A probe that fails leaves the join's figures in place (the plan is only less exact).
-        With scheduler.placement 'even' nothing plans with the figures: the join's are
-        confirmed as they are, and the CPU goes to loading the stage instead."""
-        if self.run.scheduler.placement != "cost-model":
-            self._device_update = dict(joined_with)
+        """Re-measure at the run's dtype while the stage loads; the next heartbeat carries it."""
+        figures = await figures_for_the_plan(self.run, self.options.device, self.simulated, joined_with)
+        if figures is not None:
+            self._device_update = figures
             self._heartbeat_soon()
-            return
-        try:
-            self._device_update = await asyncio.to_thread(measure_at_run_dtype, self.run, self.options.device,
-                                                          self.simulated)
-        except (RuntimeError, ValueError) as e:
-            log.warning("could not measure this device at the run's dtype (%s); the scheduler keeps the "
-                        "join's fp32 figures", e)
-            return
-        self._heartbeat_soon()
 
     # -- what the stage service and the stage-0 driver see of this worker ------------
     def _serving(self) -> Serving | None:
         """What the stage service answers with now (nothing until the join names the run)."""
         if self.downstream is None:
             return None
+        state = self.state
+        open_step = (state.step, state.attempt) if state is not None and state.phase == cpb.OPEN else None
+        a = state.assignment if state is not None else None
+        upstream = frozenset(a.upstream_ids) if a is not None else frozenset()
+        fetchers = frozenset(a.fetcher_ids) if a is not None else frozenset()
         return Serving(self.stage, self.assignment.stage if self.assignment is not None else None,
-                       self.loaded_epoch >= 0, self.run.pipeline, self.downstream)
+                       self.loaded_epoch >= 0, self.run.pipeline, self.downstream, open_step,
+                       upstream if self.tls else None, fetchers if self.tls else None)
 
     def _open_for_work(self) -> bool:
         """The run takes micro-batches from this worker now: an open step, not paused, we are a
@@ -238,17 +238,11 @@ class WorkerRunner:
 
     # -- coordinator streams -----------------------------------------------------------
     async def _heartbeat_loop(self, interval: float) -> None:
-        last_t, last_busy, last_mb = time.monotonic(), 0.0, 0
+        rates = BusyRates()
         while True:
-            now = time.monotonic()
-            busy = self.compute.busy_seconds
-            mbs = self.stage.micro_batches if self.stage is not None else 0
-            dt = max(now - last_t, 1e-6)
-            metrics = {"micro_batches_per_s": max(0, mbs - last_mb) / dt, "busy_fraction": min(1.0, (busy - last_busy) / dt),
-                       "bytes_sent": self.counters.sent, "bytes_received": self.counters.received,
-                       "micro_batches": mbs, **self.link_codecs.metrics(),
-                       "averaging_bytes": self.averagers.bytes_sent}
-            last_t, last_busy, last_mb = now, busy, mbs
+            metrics = rates.since_last(self.compute.busy_seconds, self.stage.micro_batches if self.stage else 0)
+            metrics.update(bytes_sent=self.counters.sent, bytes_received=self.counters.received,
+                           averaging_bytes=self.averagers.bytes_sent, **self.link_codecs.metrics())
             position = self.stage.position if self.stage is not None and self.loaded_epoch >= 0 else -1
             device, links = self._device_update, self.prober.take()
             sent = time.monotonic()
@@ -260,9 +254,11 @@ class WorkerRunner:
                 if self._device_update is device:  # not one measured while the call was out
                     self._device_update = None
             except grpc.aio.AioRpcError as e:
-                log.warning("heartbeat failed: %s", e.code().name)
-                self.prober.results[:0] = links  # measurements are sent with the next heartbeat
-                known = True
+                # UNAUTHENTICATED: our session ended (declared dead, or the operator ended it)
+                known = e.code() != grpc.StatusCode.UNAUTHENTICATED
+                if known:
+                    log.warning("heartbeat failed: %s", e.code().name)
+                    self.prober.results[:0] = links  # measurements are sent with the next heartbeat
             if not known:
                 log.error("the coordinator declared this worker dead (missed heartbeats); leaving the run")
                 # A worker that is leaving is forgotten on purpose (Leave): that is no reason to re-join.
@@ -286,6 +282,10 @@ class WorkerRunner:
             self._state_changed.set()
             if state.drain and not self.leaving:
                 self.request_drain()  # the operator asked (gptjt drain, the dashboard)
+            a = state.assignment
+            for addresses, ids in ((a.next_addresses, a.next_ids), (a.peer_addresses, a.peer_address_ids),
+                                   (state.measure_links, state.measure_link_ids)):
+                self.client.learn(addresses, ids)  # who must answer at each address (TLS links)
             self.router.update(list(state.assignment.next_addresses),
                                forgive=previous is None or previous.plan_version != state.plan_version)
             self.link_codecs.forget_except(list(state.assignment.next_addresses))
@@ -312,23 +312,7 @@ class WorkerRunner:
         print(f"gptjt-worker: run finished at step {self.state.step}; serving stage state until stopped", flush=True)
 
     async def _load_patiently(self, state: cpb.RunState) -> None:
-        """Apply the assignment, retrying while the coordinator is briefly unreachable (a restart
-        takes seconds) for up to LOAD_RETRY_S; any other failure (the store missing a file) three
-        times. Then stop loudly: the coordinator times us out and reassigns the stage."""
-        deadline, failures = time.monotonic() + LOAD_RETRY_S, 0
-        while True:
-            try:
-                await self._apply_assignment(state.assignment, state)
-                return
-            except grpc.aio.AioRpcError as e:
-                transient = e.code() in RETRYABLE
-                failures += not transient
-                log.error("could not load stage %d (%s): %s %s", state.assignment.stage,
-                          "the coordinator is unreachable; retrying" if transient else f"try {failures} of 3",
-                          e.code().name, e.details())
-                if failures >= 3 or time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(2.0)
+        await retry_loading(lambda: self._apply_assignment(state.assignment, state), state.assignment.stage)
 
     # -- assignment and the step protocol ----------------------------------------------
     def _behind(self, state: cpb.RunState) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -19,10 +20,13 @@ from .downstream import DownstreamSender
 from .micro_batch_work import StageInput, work_micro_batch
 from .routing import NoReplicaAvailable
 from .stage import LayerSlice, StaleMicroBatch
+from .stage_tls import caller_identity
 from .transport import LinkCounters, RejectedMicroBatch, gradient_reply, read_micro_batch
 from .wire import data_chunks
 
 log = logging.getLogger(__name__)
+
+CATCH_UP_S = 2.0  # how long a micro-batch of a step this worker does not know open yet waits for it
 
 # Downstream failures the caller should see as they are; anything else becomes ABORTED ("a stage
 # beyond you failed"), so the caller does not blame this worker for it.
@@ -40,6 +44,9 @@ class Serving:
     loaded: bool  # the stage holds state the run restored (not one still loading)
     pipeline: PipelineConfig
     downstream: DownstreamSender  # to the next stage's replicas
+    open_step: tuple[int, int] | None = None  # (step, attempt) the coordinator has open; None: none open
+    upstream: frozenset[str] | None = None  # who may send micro-batches (None: plaintext links, anyone)
+    fetchers: frozenset[str] | None = None  # who may copy the stage's state (besides operator tools)
 
 
 class StageService(pb_grpc.StageServicer):
@@ -60,6 +67,11 @@ class StageService(pb_grpc.StageServicer):
 
     async def Process(self, request_iterator, context):
         s = self.serving()
+        who = caller_identity(context)
+        if s is not None and s.upstream is not None and who not in s.upstream:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{who!r} is not placed before this stage; only its previous stage's workers may "
+                                "send it micro-batches")
         if s is None or s.stage is None or s.index is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no stage yet")
         stage, pipeline = s.stage, s.pipeline
@@ -73,6 +85,9 @@ class StageService(pb_grpc.StageServicer):
             log.warning("refused a micro-batch from %s: %s", context.peer(), e)
             await context.abort(e.code, str(e))
         h = inc.header
+        refusal = await self._for_the_open_step(h.step, h.attempt)
+        if refusal:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         started = time.perf_counter()  # compute_s in the reply: the caller tells link time from ours
         grad_codec = h.gradient_codec or pipeline.gradient_codec  # the caller picks it for its link
 
@@ -98,10 +113,30 @@ class StageService(pb_grpc.StageServicer):
                                     time.perf_counter() - started):
             yield chunk
 
+    async def _for_the_open_step(self, step: int, attempt: int) -> str:
+        """Why a micro-batch of (step, attempt) is refused ("" if it is for the step the coordinator
+        has open). The first micro-batch of a new step may come before this worker's Watch stream
+        says the step opened: such a one waits up to CATCH_UP_S for it."""
+        deadline = time.monotonic() + CATCH_UP_S
+        while True:
+            s = self.serving()
+            current = s.open_step if s is not None else None
+            if current == (step, attempt):
+                return ""
+            if (current is not None and current > (step, attempt)) or time.monotonic() > deadline:
+                return (f"micro-batch of step {step} attempt {attempt}: the open step is "
+                        + (f"{current[0]} attempt {current[1]}" if current else "none (no step is open)"))
+            await asyncio.sleep(0.02)
+
     async def FetchState(self, request, context):
         """Weights + optimizer state and how many steps they hold, taken on the compute thread so
-        no optimizer step lands halfway through."""
+        no optimizer step lands halfway through. Only for the joiners the coordinator names, and
+        for the operator's tools (gptjt export)."""
         s = self.serving()
+        who = caller_identity(context)
+        if s is not None and s.fetchers is not None and who not in s.fetchers and not who.startswith("operator-"):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{who!r} may not copy this stage: the coordinator names the replicas that copy it")
         if s is None or s.stage is None or not s.loaded:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no stage")
         stage = s.stage

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -18,12 +20,35 @@ from gptjt_core.model import StageSpec
 from gptjt_proto import coordinator_pb2 as cpb
 
 from .compute import OTHER, ComputeQueue
-from .membership import CoordinatorClient
+from .membership import RETRYABLE, CoordinatorClient
 from .simulated_device import ComputePacer, SimulatedDevice
 from .stage import LayerSlice
 from .transport import StageClient
 
 log = logging.getLogger("gptjt.worker")
+
+LOAD_RETRY_S = 120.0  # how long loading a stage waits out an unreachable coordinator
+
+
+async def retry_loading(apply: Callable[[], Awaitable[None]], stage: int) -> None:
+    """Run `apply` (bring stage `stage` to the state the run names), retrying while the coordinator
+    is briefly unreachable (a restart takes seconds) for up to LOAD_RETRY_S, any other failure
+    (the store missing a file) three times. Then raise: the worker stops loudly, the coordinator
+    times it out and gives the stage to another."""
+    deadline, failures = time.monotonic() + LOAD_RETRY_S, 0
+    while True:
+        try:
+            await apply()
+            return
+        except grpc.aio.AioRpcError as e:
+            transient = e.code() in RETRYABLE
+            failures += not transient
+            log.error("could not load stage %d (%s): %s %s", stage,
+                      "the coordinator is unreachable; retrying" if transient else f"try {failures} of 3",
+                      e.code().name, e.details())
+            if failures >= 3 or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(2.0)
 
 
 class StageLoader:

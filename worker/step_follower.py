@@ -133,6 +133,8 @@ class StepFollower:
                 return
             a = state.assignment
             members = list(a.peer_ids)
+            # the members' averager peer ids, once the coordinator knows every one of them
+            peers = list(a.peer_dht_ids) if len(a.peer_dht_ids) >= len(members) else None
             contribute = self.worker_id in a.contributors
             if not contribute and not stage.local_steps:
                 log.warning("step %d: the coordinator refused this replica's gradient; receiving the others' sum",
@@ -146,7 +148,7 @@ class StepFollower:
                     continue
             tag = self._tag(step, attempt)
             result, norm_sq = await self.compute.run(OTHER, lambda: self._round(stage, step, attempt, members,
-                                                                                contribute, tag))
+                                                                                peers, contribute, tag))
             if result.summed and stage.attempt == (step, attempt):
                 self._summed(stage, step, result)
                 if await self.coordinator.report(self.worker_id, step, attempt, cpb.AVERAGED, norm_sq,
@@ -169,8 +171,8 @@ class StepFollower:
             threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
         return (step, attempt, "isolated") if self._isolated else (step, attempt)
 
-    def _round(self, stage: LayerSlice, step: int, attempt: int, members: list[str], contribute: bool,
-               tag: tuple) -> tuple[RoundResult, float]:
+    def _round(self, stage: LayerSlice, step: int, attempt: int, members: list[str], peers: list[str] | None,
+               contribute: bool, tag: tuple) -> tuple[RoundResult, float]:
         """One round, on the compute thread: (result, the summed gradient's norm^2)."""
         if stage.attempt != (step, attempt):  # the step moved on while this waited its turn
             return RoundResult(False, 0, 0.0), 0.0
@@ -185,7 +187,7 @@ class StepFollower:
                           "without contributing", step)
             if expected > 1:
                 res = averager.sum_gradients(deltas, 1, 1, expected, finite, tag=tag, worker_id=self.worker_id,
-                                             members=members)
+                                             members=members, member_peers=peers)
             else:
                 res = sum_alone(deltas, 1 if finite else 0, 1)
             if not res.summed or stage.attempt != (step, attempt):
@@ -195,7 +197,7 @@ class StepFollower:
         grads, mbs, total = stage.gradients(), stage.step_micro_batches, self.run.train.micro_batches_per_step
         if expected > 1:
             res = averager.sum_gradients(grads, mbs, total, expected, contribute, tag=tag, worker_id=self.worker_id,
-                                         members=members)
+                                         members=members, member_peers=peers)
         else:
             res = sum_alone(grads, mbs if contribute else 0, total)
         return res, (stage.grad_norm_sq() if res.summed else 0.0)

@@ -18,6 +18,7 @@ from gptjt_proto import stage_pb2 as pb
 from gptjt_proto import stage_pb2_grpc as pb_grpc
 
 from .link_shaper import LinkShaper
+from .stage_tls import target_name
 from .wire import data_chunks, encoded_from, meta_pb
 
 log = logging.getLogger(__name__)
@@ -151,9 +152,12 @@ class StageClient:
                  link: LinkConfig | None = None):
         self.counters = counters
         self.chunk_bytes = chunk_bytes
-        self.credentials = credentials
+        self.credentials = credentials  # mutual TLS (worker/stage_tls.py); None: plaintext links
         self.link = link
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        # address -> the worker id the coordinator says serves it: with TLS, the server must
+        # present that worker's certificate (RunState's next_ids, peer_address_ids, measure_link_ids)
+        self.identities: dict[str, str] = {}
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
         self._shapers: dict[str, tuple[LinkShaper, LinkShaper]] = {}  # address -> (to it, from it)
 
     def shapers(self, address: str) -> tuple[LinkShaper, LinkShaper] | None:
@@ -164,10 +168,25 @@ class StageClient:
                                       LinkShaper(self.link.emulate_mbit, self.link.emulate_latency_ms))
         return self._shapers[address]
 
+    def learn(self, addresses, worker_ids) -> None:
+        """Who serves which address (parallel lists from the RunState)."""
+        self.identities.update(zip(addresses, worker_ids))
+
     def _stub(self, address: str) -> pb_grpc.StageStub:
-        if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-        return pb_grpc.StageStub(self._channels[address])
+        if self.credentials is None:
+            key = (address, "")
+            if key not in self._channels:
+                self._channels[key] = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            return pb_grpc.StageStub(self._channels[key])
+        worker_id = self.identities.get(address)
+        if not worker_id:
+            raise RuntimeError(f"no worker is known to serve {address}: a TLS stage link needs the worker id the "
+                               "coordinator names for it")
+        key = (address, worker_id)
+        if key not in self._channels:
+            options = [*GRPC_OPTIONS, ("grpc.ssl_target_name_override", target_name(worker_id))]
+            self._channels[key] = grpc.aio.secure_channel(address, self.credentials, options=options)
+        return pb_grpc.StageStub(self._channels[key])
 
     async def process(self, address: str, header: pb.MicroBatchHeader, activations: Encoded,
                       timeout: float | None = None) -> tuple[pb.ReplyHeader, Encoded | None]:

@@ -5,6 +5,8 @@ Read-only views over the stores; the gRPC server turns them into StageAssignment
 
 from __future__ import annotations
 
+import json
+
 from .db import ALIVE_STATES
 from .measurements import Measurements
 from .planning import StagePlanner
@@ -22,9 +24,10 @@ class AssignmentView:
         """The worker's stage (or standby), its peers, and where to send its activations."""
         st, plan, row = self.state, self.planner.plan, self.workers.row(worker_id)
         stage = row["stage"] if row is not None and row["state"] in ALIVE_STATES else -1
-        out = {"stage": stage, "num_stages": len(plan), "next_address": "", "next_addresses": [],
-               "member": False, "peer_ids": [], "peer_addresses": [], "contributors": [],
-               "checkpoint_writer": False, "standby_reason": ""}
+        out = {"stage": stage, "num_stages": len(plan), "next_address": "", "next_addresses": [], "next_ids": [],
+               "member": False, "peer_ids": [], "peer_addresses": [], "peer_address_ids": [], "contributors": [],
+               "checkpoint_writer": False, "standby_reason": "", "upstream_ids": [], "fetcher_ids": [],
+               "peer_dht_ids": []}
         if stage < 0:
             out["standby_reason"] = self.planner.standby_reason(worker_id)
             return out
@@ -32,19 +35,26 @@ class AssignmentView:
         out.update(start_layer=spec.start, end_layer=spec.end, embed=spec.embed, head=spec.head)
         workers, members = self.workers.stage_workers(), st.members()
         nxt = workers.get(stage + 1, [])
-        serving = [w["address"] for w in nxt if w["id"] in members.get(stage + 1, [])]
-        out["next_addresses"] = serving or [w["address"] for w in nxt]
+        serving = [w for w in nxt if w["id"] in members.get(stage + 1, [])] or nxt
+        out["next_addresses"], out["next_ids"] = [w["address"] for w in serving], [w["id"] for w in serving]
         out["next_address"] = out["next_addresses"][0] if out["next_addresses"] else ""
         mine = members.get(stage, [])
         out["member"] = worker_id in mine
         out["peer_ids"] = list(mine)
-        out["peer_addresses"] = [w["address"] for w in workers.get(stage, [])
-                                 if w["id"] != worker_id and st.is_holder(w)]
+        holders = [w for w in workers.get(stage, []) if w["id"] != worker_id and st.is_holder(w)]
+        out["peer_addresses"], out["peer_address_ids"] = [w["address"] for w in holders], [w["id"] for w in holders]
+        # Who may call this worker's stage server: the previous stage's replicas send micro-batches,
+        # this stage's replicas that do not hold the current state yet copy it.
+        out["upstream_ids"] = [w["id"] for w in workers.get(stage - 1, [])]
+        out["fetcher_ids"] = [w["id"] for w in workers.get(stage, []) if w["id"] != worker_id and not st.is_holder(w)]
         out["contributors"] = st.contributors().get(str(stage), [])
         out["checkpoint_writer"] = bool(mine) and worker_id == min(mine)
+        out["peer_dht_ids"] = [peer for w in workers.get(stage, []) if w["id"] in mine
+                               for peer in _dht_peer_ids(w["dht_maddrs"])]
         return out
 
-    def links_to_measure(self, worker_id: str) -> list[str]:
+    def links_to_measure(self, worker_id: str) -> list[tuple[str, str]]:
+        """(address, worker id) of the stage servers whose link from this worker a plan needs."""
         row = self.workers.row(worker_id)
         if row is None or row["state"] not in ALIVE_STATES or not self.planner.scheduling():
             return []
@@ -58,3 +68,13 @@ class AssignmentView:
                 "paused": st.paused, "restore_epoch": st.restore_epoch, "restore_step": st.restore_step,
                 "restore_from_store": st.restore_from_store,
                 "measure_links": self.links_to_measure(worker_id), "drain": worker_id in st.drains()}
+
+
+def _dht_peer_ids(maddrs_json: str | None) -> list[str]:
+    """The hivemind peer id in a worker's DHT multiaddrs ('/ip4/.../tcp/N/p2p/<id>'), once."""
+    ids = []
+    for maddr in json.loads(maddrs_json or "[]"):
+        parts = maddr.split("/")
+        if "p2p" in parts and parts.index("p2p") + 1 < len(parts) and parts[parts.index("p2p") + 1] not in ids:
+            ids.append(parts[parts.index("p2p") + 1])
+    return ids

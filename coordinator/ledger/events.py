@@ -12,8 +12,8 @@ from .errors import OperatorError
 
 # Event kinds by what an operator looks for. Kinds not listed fall in "other".
 EVENT_CATEGORIES = {
-    "joins": ("worker_joined", "worker_reconnected"),
-    "leaves": ("worker_left",),
+    "joins": ("worker_joined",),
+    "leaves": ("worker_left", "session_ended"),
     "deaths": ("worker_dead", "worker_unreachable"),
     "replans": ("stage_assigned", "replica_moved", "stage_vacant", "replica_admitted", "replica_lost",
                 "plan_changed", "replanned"),

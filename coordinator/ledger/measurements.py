@@ -59,7 +59,7 @@ class Measurements:
     def links(self) -> list:
         return self.db.execute("SELECT * FROM links").fetchall()
 
-    def to_measure(self, row, limit: int = 8) -> list[str]:
+    def to_measure(self, row, limit: int = 8) -> list[tuple[str, str]]:
         """Stage addresses whose link from this worker a plan needs and nobody measured within
         scheduler.probe_max_age_s: the next stage's and its own stage's replicas first, then the
         other live workers (bounded: `limit` per request)."""
@@ -70,7 +70,7 @@ class Measurements:
                                  "ORDER BY joined", (worker_id, *ALIVE_STATES)).fetchall()
         near = (row["stage"] + 1, row["stage"])
         ranked = sorted(others, key=lambda r: (r["stage"] not in near, r["stage"] != near[0]))
-        return [r["address"] for r in ranked if r["address"] not in fresh][:limit]
+        return [(r["address"], r["id"]) for r in ranked if r["address"] not in fresh][:limit]
 
     def measured_workers(self) -> int:
         """Live workers whose device was measured at the run's dtype (reported after joining)."""

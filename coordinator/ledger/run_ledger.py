@@ -9,6 +9,7 @@ is injected (tests drive time); a restart reads everything back from the SQLite 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import time
 from collections.abc import Callable
@@ -31,10 +32,10 @@ from .planning import StagePlanner
 from .recovery import StepRecovery
 from .reports import ReportBook
 from .status import StatusView
-from .step_state import WAITING, StepState
+from .step_state import APPLYING, WAITING, StepState
 from .steps import StepProtocol
 from .tickets import TicketRow, TicketBook
-from .tokens import TokenStore
+from .tokens import TokenStore, hash_token, new_session_secret
 from .workers import WorkerRegistry
 
 
@@ -138,15 +139,21 @@ class RunLedger:
     def check_token(self, token: str) -> bool:
         return self.tokens.check(token)
 
-    def join(self, name: str, address: str, device: dict, worker_id: str = "") -> dict:
-        """Register a worker (or re-register a known live one) and give it a stage if one is free."""
+    def join(self, name: str, address: str, device: dict, token_id: str = "") -> dict:
+        """Register a new worker, admitted by join token `token_id`, and give it a stage if one is
+        free. The row comes back with "session": the worker's session secret, shown this once
+        (the ledger keeps its hash; every later call of the worker presents it)."""
+        secret = new_session_secret()
         with self.db.tx():
-            if worker_id and self.workers.is_alive(worker_id):
-                self.workers.reconnect(worker_id, name, address)  # after a coordinator restart: keeps its stage
-            else:
-                worker_id = self.workers.add(name, address, device)
-                self.planner.replan(f"{worker_id} joined")
-            return dict(self.workers.row(worker_id))
+            worker_id = self.workers.add(name, address, device, hash_token(secret), token_id)
+            self.planner.replan(f"{worker_id} joined")
+            return {**dict(self.workers.row(worker_id)), "session": secret}
+
+    def session_valid(self, worker_id: str, secret: str) -> bool:
+        """Is `secret` the session of live worker `worker_id`? (Constant-time; a worker declared
+        dead or gone has no session any more.)"""
+        stored = self.workers.session_of(worker_id) if worker_id else None
+        return bool(stored and secret) and hmac.compare_digest(stored, hash_token(secret))
 
     def heartbeat(self, worker_id: str, state: str, metrics: dict, loaded_epoch: int = -1,
                   position: int = -1, device: dict | None = None, links: list[dict] | None = None,
@@ -222,7 +229,7 @@ class RunLedger:
         return self.workers.dht_peers(worker_id, limit)
 
     def links_to_measure(self, worker_id: str) -> list[str]:
-        return self.views.links_to_measure(worker_id)
+        return [address for address, _ in self.views.links_to_measure(worker_id)]
 
     def coordinator_latency_ms(self) -> dict[str, float]:
         return self.measurements.coordinator_latency_ms()
@@ -278,6 +285,26 @@ class RunLedger:
             self.recovery.maybe_apply_pending(step)
             return self.checkpoints.forget_old(self._restoring())
 
+    def checkpoint_refusal(self, worker_id: str, step: int, spec: StageSpec) -> str:
+        """Why `worker_id` may not upload `spec` at `step` ("" if it may): only a live worker that
+        holds that very stage, for the state after the step it is applying, or the open step's
+        state (a last replica leaving)."""
+        st, row = self.state, self.workers.row(worker_id)
+        if row is None or row["state"] not in ALIVE_STATES:
+            return f"worker {worker_id!r} is not a live worker of this run"
+        if row["stage"] < 0:
+            return f"worker {worker_id} holds no stage"
+        held = self.planner.plan[row["stage"]]
+        if held != spec:
+            return (f"worker {worker_id} holds stage {row['stage']} = layers {held.start}-{held.end}, not layers "
+                    f"{spec.start}-{spec.end} (embed {spec.embed}, head {spec.head})")
+        if not (step == st.step + 1 and st.phase == APPLYING) and step != st.step:
+            return (f"step {step}: the run is at step {st.step} ({st.phase}); a stage saves the state after the step "
+                    "it is applying, or the open step's state when its last replica leaves")
+        if worker_id not in st.members().get(row["stage"], []) and not st.is_holder(row):
+            return f"worker {worker_id} does not hold stage {row['stage']}'s current state"
+        return ""
+
     def _restoring(self) -> int | None:
         """The step of the last restore while any stage worker has yet to load it from the store
         (it may still be reading it, even after the step opened)."""
@@ -326,10 +353,16 @@ class RunLedger:
         with self.db.tx():
             return self.tokens.create()
 
-    def revoke_token(self, ref: str) -> dict:
+    def revoke_token(self, ref: str, end_sessions: bool = False) -> dict:
+        """Refuse new joins with a token; with end_sessions, also end the sessions of the live
+        workers it admitted (they are dropped as if they had left; their stages recover)."""
         self.tokens.find(ref)  # refusals happen outside the transaction, as reads
         with self.db.tx():
-            return self.tokens.revoke(ref)
+            result = self.tokens.revoke(ref)
+            ended = self.workers.admitted_by(result["id"]) if end_sessions else []
+            for worker_id in ended:
+                self.recovery.drop_worker(worker_id, "left", "session_ended")
+        return {**result, "sessions_ended": ended}
 
     def join_tokens(self) -> list[dict]:
         return self.tokens.listing()

@@ -13,7 +13,9 @@ CREATE TABLE IF NOT EXISTS workers (
   tickets_done INTEGER NOT NULL DEFAULT 0,
   loaded_epoch INTEGER NOT NULL DEFAULT -1,  -- the restore epoch whose state its stage holds
   position INTEGER NOT NULL DEFAULT -1,      -- optimizer steps applied to that state
-  dht_maddrs TEXT);                          -- JSON list: its averager's DHT peer, if any
+  dht_maddrs TEXT,                           -- JSON list: its averager's DHT peer, if any
+  session_hash TEXT,                         -- SHA-256 of its session secret (sessions.py)
+  token_id TEXT);                            -- the join token that admitted it (tokens.token_id)
 CREATE TABLE IF NOT EXISTS tickets (
   id INTEGER PRIMARY KEY, step INTEGER NOT NULL, attempt INTEGER NOT NULL, idx INTEGER NOT NULL,
   shard INTEGER NOT NULL, offset INTEGER NOT NULL, state TEXT NOT NULL, worker TEXT,
@@ -44,7 +46,7 @@ CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage 
 
 # Columns added after a ledger format was released: (table, column, declaration). A ledger
 # written by an older version gains them when it is opened.
-ADDED_COLUMNS = [("workers", "dht_maddrs", "TEXT")]
+ADDED_COLUMNS = [("workers", "dht_maddrs", "TEXT"), ("workers", "session_hash", "TEXT"), ("workers", "token_id", "TEXT")]
 
 
 def create_or_upgrade(conn: sqlite3.Connection) -> None:

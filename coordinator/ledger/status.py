@@ -56,6 +56,7 @@ class StatusView:
             "events": self.events.recent(50), "plan_version": st.plan_version,
             "event_counts": self.events.counts(), "restore_epoch": st.restore_epoch,
             "replicas_per_stage": self.run.pipeline.replicas_per_stage,
+            "stage_link_tls": self.run.link.tls == "on",
             "checkpoints": {"store": self.run.coordinator.store_root,
                             "latest_complete": self.checkpoints.latest_complete(), "steps": self.checkpoints.steps()},
         }

@@ -29,6 +29,11 @@ def new_token() -> str:
     return "gptjt_" + secrets.token_urlsafe(24)
 
 
+def new_session_secret() -> str:
+    """A worker's session secret (coordinator/sessions.py): 32 random bytes, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
 class TokenStore:
     """Create, check, revoke and list join tokens (inside the caller's transaction)."""
 
@@ -36,12 +41,17 @@ class TokenStore:
         self.db, self.events = db, events
 
     def check(self, token: str) -> bool:
-        """Constant-time comparison of the token's hash against every valid one."""
+        return self.admitting(token) is not None
+
+    def admitting(self, token: str) -> str | None:
+        """The id of the valid join token `token` is (None if it is none): a constant-time
+        comparison of its hash against every valid one."""
         presented = hash_token(token or "")
-        ok = False
+        found = None
         for (stored,) in self.db.execute("SELECT hash FROM tokens WHERE revoked=0"):
-            ok |= hmac.compare_digest(presented, stored)
-        return ok and bool(token)
+            if hmac.compare_digest(presented, stored):
+                found = stored[:10]
+        return found if token else None
 
     def create(self, by: str = "the operator") -> dict:
         """A new join token; only its hash is stored, so this is the one time it is shown."""

@@ -96,21 +96,26 @@ class WorkerRegistry:
         return peers[:limit]
 
     # -- writing -----------------------------------------------------------------------
-    def add(self, name: str, address: str, device: dict) -> str:
-        """A new worker on standby; returns its id."""
+    def add(self, name: str, address: str, device: dict, session_hash: str = "", token_id: str = "") -> str:
+        """A new worker on standby, its session (the hash of its secret) and the join token that
+        admitted it; returns its id."""
         worker_id = uuid.uuid4().hex[:12]
         now = self.db.clock()
-        self.db.execute("INSERT INTO workers(id, name, address, device, state, joined, last_heartbeat) "
-                        "VALUES(?, ?, ?, ?, 'standby', ?, ?)", (worker_id, name, address, json.dumps(device), now, now))
+        self.db.execute("INSERT INTO workers(id, name, address, device, state, joined, last_heartbeat, session_hash, "
+                        "token_id) VALUES(?, ?, ?, ?, 'standby', ?, ?, ?, ?)",
+                        (worker_id, name, address, json.dumps(device), now, now, session_hash, token_id))
         self.events.record("worker_joined", f"{worker_id} ({name}) at {address}")
         return worker_id
 
-    def reconnect(self, worker_id: str, name: str, address: str) -> None:
-        """A live worker joined again (after a coordinator restart): it keeps its stage."""
+    def session_of(self, worker_id: str) -> str | None:
+        """The hash of a live worker's session secret (None: unknown, dead or left)."""
         row = self.row(worker_id)
-        self.db.execute("UPDATE workers SET last_heartbeat=?, address=? WHERE id=?",
-                        (self.db.clock(), address, worker_id))
-        self.events.record("worker_reconnected", f"{worker_id} ({name}) reconnected, stage {row['stage']}")
+        return row["session_hash"] if row is not None and row["state"] in ALIVE_STATES else None
+
+    def admitted_by(self, token_id: str) -> list[str]:
+        """Live workers a join token admitted."""
+        return [r["id"] for r in self.db.execute(f"SELECT id FROM workers WHERE token_id=? AND state IN "
+                                                 f"({alive_marks()})", (token_id, *ALIVE_STATES)).fetchall()]
 
     def beat(self, worker_id: str, state: str, metrics: dict, loaded_epoch: int, position: int,
              dht_maddrs: list[str]) -> None:

@@ -49,7 +49,6 @@ def swarm(tmp_path_factory):
     try:
         swarm.start_coordinator("--dashboard-port", "0", "--dashboard-file", str(tmp / "dashboard.url"))
         swarm.url = (tmp / "dashboard.url").read_text().strip()
-        swarm.admin_token = (tmp / "run.db.admin-token").read_text().strip()
         swarm.start_worker("a")
         swarm.start_worker("b")
         swarm.wait(lambda s: s["step"] >= 3, 120, "three steps to close")

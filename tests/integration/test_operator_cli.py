@@ -34,7 +34,6 @@ def swarm(tmp_path_factory):
     swarm = Swarm(tmp, swarm_toml(tmp, steps=20))
     try:
         swarm.start_coordinator()
-        swarm.admin_token = (tmp / "run.db.admin-token").read_text().strip()
         r = gptjt("pause", "--coordinator", swarm.address, "--admin-token", swarm.admin_token)
         assert r.returncode == 0, r.stderr
         for name in "abc":

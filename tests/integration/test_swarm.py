@@ -58,7 +58,7 @@ def test_two_stage_swarm_reproduces_train_local(swarm_factory, tmp_path):
     from gptjt_cli.swarm_commands import export_from_swarm
     from safetensors.torch import load_file
 
-    out = export_from_swarm(swarm.address, str(tmp_path / "export"))
+    out = export_from_swarm(swarm.address, str(tmp_path / "export"), admin_token=swarm.admin_token)
     exported = load_file(f"{out}/model.safetensors")
     assert set(exported) == set(local_state)
     assert max(float((exported[k] - local_state[k]).abs().max()) for k in exported) < 1e-4
@@ -187,24 +187,31 @@ def test_join_with_wrong_or_missing_token_is_refused(swarm_factory):
 
 
 def test_duplicate_commit_is_counted_once(swarm_factory):
-    swarm = swarm_factory(steps=1, num_stages=1, global_batch=2, micro_batch=2)
+    swarm = swarm_factory(steps=1, num_stages=1, global_batch=2, micro_batch=2,
+                          extra='[link]\ntls = "off"')  # a raw client: no stage-link key
     swarm.start_coordinator()
     with grpc.insecure_channel(swarm.address) as channel:
         stub = cpb_grpc.CoordinatorStub(channel)
         join = stub.Join(cpb.JoinRequest(token=swarm.token, name="raw", address="127.0.0.1:1"), timeout=10)
         assert join.assignment.stage == 0 and join.assignment.head and join.assignment.embed
-        stub.Heartbeat(cpb.HeartbeatRequest(worker_id=join.worker_id, state=cpb.READY), timeout=10)
-        lease = stub.LeaseTickets(cpb.LeaseRequest(worker_id=join.worker_id, max_tickets=4), timeout=10)
+        session = (("gptjt-worker", join.worker_id), ("gptjt-session", join.session))
+        stub.Heartbeat(cpb.HeartbeatRequest(worker_id=join.worker_id, state=cpb.READY), timeout=10, metadata=session)
+        lease = stub.LeaseTickets(cpb.LeaseRequest(worker_id=join.worker_id, max_tickets=4), timeout=10,
+                                  metadata=session)
         assert len(lease.tickets) == 1
         t = lease.tickets[0]
         request = cpb.CommitRequest(worker_id=join.worker_id, ticket_id=t.ticket_id, attempt=t.attempt,
                                     loss=1.5, tokens=128)
-        assert stub.CommitTicket(request, timeout=10).result == cpb.COMMITTED
-        assert stub.CommitTicket(request, timeout=10).result == cpb.ALREADY_COMMITTED
+        assert stub.CommitTicket(request, timeout=10, metadata=session).result == cpb.COMMITTED
+        assert stub.CommitTicket(request, timeout=10, metadata=session).result == cpb.ALREADY_COMMITTED
         stale = cpb.CommitRequest(worker_id=join.worker_id, ticket_id=t.ticket_id, attempt=t.attempt + 1)
-        assert stub.CommitTicket(stale, timeout=10).result == cpb.ALREADY_COMMITTED
-        assert stub.CommitTicket(cpb.CommitRequest(worker_id="someone", ticket_id=999), timeout=10).result \
-            == cpb.NOT_LEASED
+        assert stub.CommitTicket(stale, timeout=10, metadata=session).result == cpb.ALREADY_COMMITTED
+        assert stub.CommitTicket(cpb.CommitRequest(worker_id=join.worker_id, ticket_id=999), timeout=10,
+                                 metadata=session).result == cpb.NOT_LEASED
+        # another worker's name: refused at the door (a session acts only as its own worker)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.CommitTicket(cpb.CommitRequest(worker_id="someone", ticket_id=999), timeout=10, metadata=session)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # read the ledger before this raw worker times out (that would restart the step)
         status = json.loads(stub.Status(cpb.StatusRequest(), timeout=10).json)
     assert status["tickets"]["committed"] == 1 and status["phase"] == "accumulated"

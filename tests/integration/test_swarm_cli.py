@@ -57,7 +57,8 @@ def test_status_table_and_unreachable_coordinator(finished_swarm):
 
 
 def test_export_from_the_swarm_loads_in_transformers(finished_swarm, tmp_path):
-    r = gptjt("export", "--coordinator", finished_swarm.address, "--out", str(tmp_path / "hf"))
+    r = gptjt("export", "--coordinator", finished_swarm.address, "--out", str(tmp_path / "hf"), "--admin-token",
+              finished_swarm.admin_token)
     assert r.returncode == 0, r.stderr
     from transformers import AutoModelForCausalLM
 

@@ -60,7 +60,8 @@ def test_join_tokens_create_revoke_list(tmp_path):
     made = ledger.create_token()
     assert made["id"] == token_id(made["token"]) and ledger.check_token(made["token"])
     assert {t["id"] for t in ledger.join_tokens()} == {token_id(offline), made["id"]}
-    assert ledger.revoke_token(made["id"][:6]) == {"id": made["id"], "revoked": True, "already_revoked": False}
+    assert ledger.revoke_token(made["id"][:6]) == {"id": made["id"], "revoked": True, "already_revoked": False,
+                                                  "sessions_ended": []}
     assert not ledger.check_token(made["token"]) and ledger.check_token(offline)
     assert ledger.revoke_token(made["token"])["already_revoked"]
     with pytest.raises(OperatorError, match="no join token matches token id 'abcdef'; `gptjt token list"):
