@@ -1,4 +1,4 @@
-"""The dashboard's strict JSON: NaN and ±Infinity become null."""
+"""The dashboard's strict JSON (NaN and ±Infinity become null) and the check of its bind address."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import math
 import pytest
 
 from coordinator.dashboard.finite_json import dumps, finite
+from coordinator.dashboard.serve import exposure_warning, is_loopback
 
 
 def strict_loads(body: bytes):
@@ -42,3 +43,16 @@ def test_dumps_refuses_what_finite_cannot_clean():
     assert dumps({"x": Number("nan")}) == b'{"x": null}'
     with pytest.raises(TypeError):
         dumps({"x": {1, 2}})  # not JSON at all: a bug in the caller, said so
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.5.0.1", "::1", "[::1]", "localhost"])
+def test_loopback_hosts_are_quiet(host):
+    assert is_loopback(host) and exposure_warning(host, tls=False) == ""
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]", "192.168.1.10", "coordinator.example.org"])
+def test_plaintext_beyond_loopback_is_warned_and_tls_quiets_it(host):
+    assert not is_loopback(host)
+    warning = exposure_warning(host, tls=False)
+    assert f"plain HTTP on {host}" in warning and "admin token" in warning and "tls_cert" in warning
+    assert exposure_warning(host, tls=True) == ""
