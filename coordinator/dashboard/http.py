@@ -126,7 +126,8 @@ class Dashboard:
             await self.runner.cleanup()
             raise
         self.port = self.runner.addresses[0][1]
-        self.url = f"{'https' if ssl_context else 'http'}://{host}:{self.port}/"
+        shown = f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address
+        self.url = f"{'https' if ssl_context else 'http'}://{shown}:{self.port}/"
         return self
 
     async def stop(self) -> None:
