@@ -74,7 +74,7 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
         raise RuntimeError(f"cannot listen on {cfg.listen}: address in use or not local")
     await server.start()
     # The dashboard starts before the port file and ready line, so its URL file is there by then.
-    dashboard = start_operator_dashboard(run, ledger, actions, dashboard_file)
+    dashboard = await start_operator_dashboard(run, ledger, actions, dashboard_file)
     host = cfg.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     if port_file:
@@ -85,7 +85,8 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
               f"state {ledger.path}", flush=True)
     if ready_line and dashboard is not None:
         print(f"gptjt-coordinator: dashboard at {dashboard.url} (read-only; admin actions need the admin token "
-              f"in {actions.admin.where})", flush=True)
+              f"in {actions.admin.where})" + (f"; WARNING: {dashboard.exposure}" if dashboard.exposure else ""),
+              flush=True)
     reaper = asyncio.create_task(service.reap_forever())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -95,23 +96,28 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     log.info("shutting down")
     reaper.cancel()
     if dashboard is not None:
-        dashboard.stop()
+        await dashboard.stop()
     await server.stop(grace=1.0)
 
 
-def start_operator_dashboard(run: RunConfig, ledger: RunLedger, actions: OperatorActions,
-                             url_file: str | None = None):
-    """The HTTP dashboard on the listen host (coordinator.dashboard_port; -1: none)."""
+async def start_operator_dashboard(run: RunConfig, ledger: RunLedger, actions: OperatorActions,
+                                   url_file: str | None = None):
+    """The dashboard on coordinator.dashboard_host:dashboard_port (-1: none), on this event loop;
+    HTTPS with the API's certificate when the run has one."""
     from .dashboard import start_dashboard
 
-    if run.coordinator.dashboard_port < 0:
+    cfg = run.coordinator
+    if cfg.dashboard_port < 0:
         return None
-    host = run.coordinator.listen.rsplit(":", 1)[0]
     try:
-        dashboard = start_dashboard(host, run.coordinator.dashboard_port, ledger, actions)
+        dashboard = await start_dashboard(cfg.dashboard_host, cfg.dashboard_port, ledger, actions,
+                                          (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None)
     except OSError as e:
-        raise RuntimeError(f"cannot serve the dashboard on {host}:{run.coordinator.dashboard_port} ({e.strerror}); "
-                           "choose another --dashboard-port (0 = any free port, -1 = none)") from None
+        raise RuntimeError(f"cannot serve the dashboard on {cfg.dashboard_host}:{cfg.dashboard_port} "
+                           f"({e.strerror or e}); choose another --dashboard-host or --dashboard-port "
+                           "(0 = any free port, -1 = none)") from None
+    if dashboard.exposure:
+        log.warning("!!! %s !!!", dashboard.exposure)
     if url_file:
         Path(url_file).write_text(dashboard.url)
     return dashboard
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", help="override coordinator.checkpoint_store (directory or fsspec URL)")
     ap.add_argument("--checkpoint-every", type=int, help="override train.checkpoint_every (steps)")
     ap.add_argument("--port-file", help="write the bound host:port here once listening")
+    ap.add_argument("--dashboard-host", metavar="HOST",
+                    help="override coordinator.dashboard_host (the dashboard's bind address; default 127.0.0.1)")
     ap.add_argument("--dashboard-port", type=int, metavar="PORT",
                     help="override coordinator.dashboard_port (HTTP dashboard; 0 = any free port, -1 = none)")
     ap.add_argument("--dashboard-file", help="write the dashboard's URL here once serving")
@@ -143,9 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             run.coordinator.state_path = args.state
         if args.store:
             run.coordinator.checkpoint_store = args.store
+        if args.dashboard_host is not None:
+            run.coordinator.dashboard_host = args.dashboard_host
         if args.dashboard_port is not None:
             run.coordinator.dashboard_port = args.dashboard_port
-            run.coordinator.__post_init__()  # the port's range
+        if args.dashboard_host is not None or args.dashboard_port is not None:
+            run.coordinator.__post_init__()  # the dashboard's host and port range
         if args.checkpoint_every is not None:
             run.train.checkpoint_every = args.checkpoint_every
         if args.steps is not None:

@@ -57,8 +57,14 @@ class CoordinatorConfig:
     """A NEW ledger starts from the store's latest complete checkpoint (e.g. after losing the
     ledger, or to continue with a different number of stages: the store re-slices by layer).
     false: a new ledger starts from model.source."""
+    dashboard_host: str = "127.0.0.1"
+    """Address the dashboard binds, apart from the gRPC listen host: loopback by default, so its
+    admin token never crosses a network unless asked to (reach it over SSH, or bind another
+    address). With tls_cert/tls_key it serves HTTPS with that certificate; a non-loopback address
+    without them is served, with a loud warning at start (the admin token would travel in clear,
+    unless TLS is terminated in front). "0.0.0.0" or "::" for every interface."""
     dashboard_port: int = 0
-    """HTTP dashboard, JSON API and Prometheus /metrics on the listen host: 0 = any free port
+    """HTTP dashboard, JSON API and Prometheus /metrics on dashboard_host: 0 = any free port
     (printed at start), -1 = none; otherwise a port up to 65535. Read-only without the admin token."""
 
     @property
@@ -82,6 +88,8 @@ class CoordinatorConfig:
                "set together with tls_key (or neither)")
         _check(isinstance(self.keep_checkpoints, int) and self.keep_checkpoints >= 0, "keep_checkpoints",
                self.keep_checkpoints, "an integer >= 0 (0 keeps every checkpoint)")
+        _check(bool(self.dashboard_host.strip("[]")), "dashboard_host", self.dashboard_host,
+               "an address to bind, e.g. \"127.0.0.1\" (loopback), \"0.0.0.0\" or \"::\"")
         _check(-1 <= self.dashboard_port <= 65535, "dashboard_port", self.dashboard_port,
                "a port (0 = any free one, -1 = no dashboard)")
 

@@ -1,5 +1,6 @@
 """The coordinator's HTTP side: the live dashboard page, its JSON API, and Prometheus /metrics."""
 
-from .http import Dashboard, start_dashboard
+from .http import Dashboard
+from .serve import start_dashboard
 
 __all__ = ["Dashboard", "start_dashboard"]

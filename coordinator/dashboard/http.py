@@ -1,7 +1,6 @@
-"""The dashboard's HTTP server: a stdlib ThreadingHTTPServer in a thread beside the coordinator's event loop.
+"""The dashboard's routes: an aiohttp application whose handlers run on the coordinator's event loop.
 
-Every ledger call runs on the event loop (the ledger's one SQLite connection lives there);
-the HTTP threads hand it over with `run_coroutine_threadsafe` and wait.
+The loop is the one that owns the ledger's SQLite connection, so handlers call the ledger directly.
 
   GET  /                      the page (static/index.html; app.js and style.css under /static/)
   GET  /api/status            the status object, exactly what `gptjt status --json` prints
@@ -12,7 +11,10 @@ the HTTP threads hand it over with `run_coroutine_threadsafe` and wait.
                               header "Authorization: Bearer ADMIN_TOKEN" and a JSON body
                               {"worker": ID} (drain) or {"token": ID_OR_TOKEN} (token-revoke)
 Errors are JSON {"error": message}: 400 bad argument, 401 no/wrong admin token, 404 unknown
-worker or token, 409 cannot be done now (the worker already left).
+page, worker or token, 409 cannot be done now (the worker already left), 413 body over the cap.
+A body over the cap is refused from its Content-Length, unread and before any token is looked
+at; an admin action checks the token before it reads the body. JSON replies never hold NaN or
+Infinity (they become null); /metrics writes them as Prometheus does.
 """
 
 from __future__ import annotations
@@ -20,189 +22,194 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import threading
 import time
-from collections.abc import Callable
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from urllib.parse import parse_qs, urlsplit
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from ..admin_token import Unauthorized
 from ..ledger import OperatorError
+from .finite_json import dumps
 from .metrics import render_metrics
 
 log = logging.getLogger(__name__)
 
+MAX_BODY_BYTES = 64 * 1024  # an admin body is {"worker": ID} or {"token": ID}: a few dozen bytes
 _STATIC = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
            "style.css": "text/css; charset=utf-8"}
-_ERROR_STATUS = {"not_found": HTTPStatus.NOT_FOUND, "precondition": HTTPStatus.CONFLICT,
-                 "invalid": HTTPStatus.BAD_REQUEST}
+_METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_ERROR_STATUS = {"not_found": 404, "precondition": 409, "invalid": 400}
 
 
-class _ThreadingHTTPServerV6(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that binds IPv6 listen hosts too."""
-    address_family = socket.AF_INET6  # a coordinator listening on [::] or an IPv6 address
+def _reply(code: int, body: bytes, content_type: str = "application/json") -> web.Response:
+    return web.Response(status=code, body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
+
+
+def _json(code: int, value) -> web.Response:
+    return _reply(code, dumps(value))
+
+
+def _error(code: int, message: str) -> web.Response:
+    return _json(code, {"error": message})
+
+
+def _body_guard(max_body_bytes: int):
+    """Middleware: refuse an oversized body from its Content-Length, unread, before any handler
+    (so before any token check); give aiohttp's own refusals (404, 405, 413) the JSON shape."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > max_body_bytes:
+            return _too_large(length, max_body_bytes)
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:  # a chunked body that ran past the cap while read
+            return _too_large(None, max_body_bytes)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed):
+            if request.method == "POST":
+                return _error(404, f"no action at {request.path!r}; actions are under /api/admin/")
+            if request.method in ("GET", "HEAD"):
+                return _error(404, f"no page {request.path!r}; try / or /api/status")
+            return _error(405, f"{request.method} is not served here: GET the pages, POST /api/admin/ACTION")
+
+    return guard
+
+
+def _too_large(length: int | None, cap: int) -> web.Response:
+    size = f"{length} bytes" if length is not None else "larger than that"
+    response = _error(413, f"the request body is {size}; the dashboard reads at most {cap} bytes "
+                           "(an admin action's body is {\"worker\": ID} or {\"token\": ID})")
+    response.force_close()  # the rest of the body is never read: the connection ends with the reply
+    return response
+
+
+class _DebugAccessLog(AbstractAccessLogger):
+    """Access lines at debug level (-v), not on every request at INFO."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.DEBUG)
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.debug("%s %s %s %d %.1f ms", request.remote, request.method, request.path_qs, response.status,
+                          time * 1e3)
 
 
 class Dashboard:
-    """Serves the page and API for one coordinator; `stop()` ends it."""
+    """The page and API of one coordinator, served on its event loop; `start()` binds, `stop()` ends."""
 
-    def __init__(self, host: str, port: int, loop: asyncio.AbstractEventLoop, ledger, actions,
-                 stream_interval_s: float = 1.0):
-        self.loop, self.ledger, self.actions = loop, ledger, actions
+    def __init__(self, ledger, actions, stream_interval_s: float = 1.0, max_body_bytes: int = MAX_BODY_BYTES):
+        self.ledger, self.actions = ledger, actions
         self.stream_interval_s = stream_interval_s
-        self.stopping = threading.Event()
-        self._cache: tuple[float, bytes] = (0.0, b"")
-        self._cache_lock = threading.Lock()
+        self.stopping = asyncio.Event()  # ends the SSE streams
+        self._cache: tuple[float, dict | None, bytes] = (0.0, None, b"")  # (monotonic s, status, its JSON)
         self.assets = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in _STATIC}
-        server_class = _ThreadingHTTPServerV6 if ":" in host else ThreadingHTTPServer
-        self.httpd = server_class((host.strip("[]"), port), _handler(self))
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.url = f"http://{host}:{self.port}/"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="dashboard", daemon=True)
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_body_guard(max_body_bytes)])
+        self.app.add_routes([
+            web.get("/", self.page), web.get("/index.html", self.page), web.get("/static/{name}", self.static),
+            web.get("/favicon.ico", self.favicon), web.get("/api/status", self.status),
+            web.get("/api/stream", self.stream), web.get("/api/events", self.events),
+            web.get("/metrics", self.metrics), web.post("/api/admin/{action}", self.admin)])
+        self.runner = web.AppRunner(self.app, access_log_class=_DebugAccessLog, access_log=log,
+                                    shutdown_timeout=2.0)  # streams end on `stopping` well before
+        self.port, self.url = 0, ""
+        self.exposure = ""  # set by start_dashboard: why this binding exposes the admin token, if it does
 
-    def start(self) -> Dashboard:
-        self._thread.start()
+    async def start(self, host: str, port: int, ssl_context=None) -> Dashboard:
+        """Bind host:port (port 0: any free one; an IPv6 host may be bracketed); HTTPS with ssl_context."""
+        await self.runner.setup()
+        try:
+            await web.TCPSite(self.runner, host.strip("[]"), port, ssl_context=ssl_context).start()
+        except BaseException:
+            await self.runner.cleanup()
+            raise
+        self.port = self.runner.addresses[0][1]
+        shown = f"[{host}]" if ":" in host and not host.startswith("[") else host  # an IPv6 address
+        self.url = f"{'https' if ssl_context else 'http'}://{shown}:{self.port}/"
         return self
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self.stopping.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        await self.runner.cleanup()
 
-    # -- on the event loop -------------------------------------------------------------
-    def on_loop(self, fn: Callable, timeout_s: float = 15.0):
-        async def call():
-            return fn()
+    def status_now(self, max_age_s: float = 0.25) -> tuple[dict, bytes]:
+        """The status object and its JSON; requests within max_age_s share one computation."""
+        at, status, body = self._cache
+        if status is None or time.monotonic() - at > max_age_s:
+            status = self.ledger.status()
+            body = dumps(status)
+            self._cache = (time.monotonic(), status, body)
+        return status, body
 
-        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(timeout_s)
+    # -- routes ---------------------------------------------------------------------------
+    async def page(self, request: web.Request) -> web.Response:
+        return _reply(200, self.assets["index.html"], _STATIC["index.html"])
 
-    def status_json(self, max_age_s: float = 0.25) -> bytes:
-        """The status object as JSON; requests within max_age_s share one computation."""
-        with self._cache_lock:
-            at, body = self._cache
-            if time.monotonic() - at > max_age_s or not body:
-                body = json.dumps(self.on_loop(self.ledger.status)).encode()
-                self._cache = (time.monotonic(), body)
-            return body
+    async def static(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.assets:
+            raise web.HTTPNotFound()  # the guard words it
+        return _reply(200, self.assets[name], _STATIC[name])
 
-    def act(self, action: str, admin_token: str, arg: str) -> dict:
-        future = asyncio.run_coroutine_threadsafe(self.actions.perform(action, admin_token, arg), self.loop)
-        result = future.result(15.0)
-        with self._cache_lock:
-            self._cache = (0.0, b"")  # the next status shows the change
-        return result
+    async def favicon(self, request: web.Request) -> web.Response:
+        return _reply(204, b"", "image/x-icon")
 
+    async def status(self, request: web.Request) -> web.Response:
+        return _reply(200, self.status_now()[1])
 
-class DashboardHandler(BaseHTTPRequestHandler):
-    """One request: the page, its assets, the JSON API, the SSE stream, /metrics, admin actions.
-    `dash` is set on a subclass per server (_handler)."""
+    async def metrics(self, request: web.Request) -> web.Response:
+        status = self.status_now()[0]  # the object itself: Prometheus writes a NaN as NaN
+        return _reply(200, render_metrics(lambda: status), _METRICS_TYPE)
 
-    dash: Dashboard
-    server_version = "gptjt-dashboard"
-
-    def log_message(self, fmt, *args):  # access logs at debug level, not on stderr
-        log.debug("%s %s", self.address_string(), fmt % args)
-
-    def _send(self, code: int, body: bytes, content_type: str = "application/json") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _error(self, code: int, message: str) -> None:
-        self._send(code, json.dumps({"error": message}).encode())
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        url = urlsplit(self.path)
-        path = url.path
+    async def events(self, request: web.Request) -> web.Response:
+        query = request.query  # a blank value counts as absent
         try:
-            if path in ("/", "/index.html"):
-                self._send(200, self.dash.assets["index.html"], _STATIC["index.html"])
-            elif path.startswith("/static/") and path[8:] in self.dash.assets:
-                self._send(200, self.dash.assets[path[8:]], _STATIC[path[8:]])
-            elif path == "/api/status":
-                self._send(200, self.dash.status_json())
-            elif path == "/api/stream":
-                self._stream()
-            elif path == "/api/events":
-                self._events(parse_qs(url.query))
-            elif path == "/metrics":
-                self._send(200, render_metrics(lambda: json.loads(self.dash.status_json())),
-                           "text/plain; version=0.0.4; charset=utf-8")
-            elif path == "/favicon.ico":
-                self._send(204, b"", "image/x-icon")
-            else:
-                self._error(404, f"no page {path!r}; try / or /api/status")
-        except (TimeoutError, RuntimeError) as e:  # the event loop is busy or shutting down
-            self._error(503, f"the coordinator did not answer in time ({e!r}); retry")
-
-    do_HEAD = do_GET
-
-    def _events(self, query: dict) -> None:
-        try:
-            after = int(query.get("after_id", ["0"])[0])
-            limit = int(query.get("limit", ["50"])[0])
+            after, limit = int(query.get("after_id") or 0), int(query.get("limit") or 50)
         except ValueError:
-            return self._error(400, "after_id and limit must be integers")
-        kind = query.get("kind", [""])[0]
+            return _error(400, "after_id and limit must be integers")
         try:
-            events = self.dash.on_loop(lambda: self.dash.ledger.events.query(after, limit, kind))
+            events = self.ledger.events.query(after, limit, query.get("kind") or "")
         except OperatorError as e:
-            return self._error(_ERROR_STATUS[e.code], str(e))
-        self._send(200, json.dumps({"events": events}).encode())
+            return _error(_ERROR_STATUS[e.code], str(e))
+        return _json(200, {"events": events})
 
-    def _stream(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store"})
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
         try:
-            self.wfile.write(b"retry: 2000\n\n")
-            while not self.dash.stopping.is_set():
-                self.wfile.write(b"event: status\ndata: " + self.dash.status_json() + b"\n\n")
-                self.wfile.flush()
-                self.dash.stopping.wait(self.dash.stream_interval_s)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError, RuntimeError):
-            pass  # the page went away, or the coordinator stops
+            await response.write(b"retry: 2000\n\n")
+            while not self.stopping.is_set():
+                await response.write(b"event: status\ndata: " + self.status_now()[1] + b"\n\n")
+                try:
+                    await asyncio.wait_for(self.stopping.wait(), self.stream_interval_s)
+                except TimeoutError:
+                    pass
+        except ConnectionResetError:
+            pass  # the page went away
+        return response
 
-    def do_POST(self) -> None:  # noqa: N802
-        path = urlsplit(self.path).path
-        if not path.startswith("/api/admin/"):
-            return self._error(404, f"no action at {path!r}; actions are under /api/admin/")
-        action = path[len("/api/admin/"):]
+    async def admin(self, request: web.Request) -> web.Response:
+        auth = request.headers.get("Authorization", "")
+        admin_token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+            self.actions.admin.check(admin_token)  # before the body is read or the action looked up
+        except Unauthorized as e:
+            return _error(401, str(e))
+        try:
+            raw = await request.read()  # at most max_body_bytes (client_max_size)
+            body = json.loads(raw) if raw else {}
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except ValueError as e:
-            return self._error(400, f"the request body must be a JSON object ({e})")
-        auth = self.headers.get("Authorization", "")
-        admin_token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+            return _error(400, f"the request body must be a JSON object ({e})")
         arg = str(body.get("worker") or body.get("token") or "")
         try:
-            result = self.dash.act(action, admin_token, arg)
-        except Unauthorized as e:
-            return self._error(401, str(e))
+            result = await self.actions.perform(request.match_info["action"], admin_token, arg)
         except OperatorError as e:
-            return self._error(_ERROR_STATUS[e.code], str(e))
-        except (TimeoutError, RuntimeError) as e:
-            return self._error(503, f"the coordinator did not answer in time ({e!r}); retry")
-        self._send(200, json.dumps(result).encode())
-
-
-
-def _handler(dash: Dashboard) -> type[BaseHTTPRequestHandler]:
-    return type("Handler", (DashboardHandler,), {"dash": dash})
-
-
-def start_dashboard(host: str, port: int, ledger, actions, loop: asyncio.AbstractEventLoop | None = None) -> Dashboard:
-    """Bind (port 0: any free port) and serve in a daemon thread."""
-    return Dashboard(host, port, loop or asyncio.get_running_loop(), ledger, actions).start()
+            return _error(_ERROR_STATUS[e.code], str(e))
+        self._cache = (0.0, None, b"")  # the next status shows the change
+        return _json(200, result)

@@ -1,20 +1,31 @@
 """The coordinator's dashboard against one live swarm: JSON API, /metrics, admin API, and the page in
 headless chromium (no console errors, workers and stage map shown, numbers equal `gptjt status
---json`, the loss plot grows as steps close, admin actions refused without the token)."""
+--json`, the loss plot grows as steps close, admin actions refused without the token). Then its
+guard: an oversized body refused unread before the token, HTTPS with the coordinator's certificate,
+a NaN heartbeat metric that leaves the JSON valid, and a plaintext non-loopback binding warned of."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import signal
+import ssl
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from http.client import HTTPConnection, HTTPException
 from pathlib import Path
 
+import grpc
 import pytest
 
+from gptjt_proto import coordinator_pb2 as cpb
+from gptjt_proto import coordinator_pb2_grpc as cpb_grpc
 from tests.browser import Browser, find_chromium
+from tests.integration.test_tls import self_signed
 from tests.swarm import BIN, Swarm, swarm_toml
 
 
@@ -119,6 +130,36 @@ def test_admin_api_needs_the_token(swarm):
     assert gptjt_json("status", "--coordinator", swarm.address)["paused"]
 
 
+def raw_post(url: str, headers: dict, body: bytes = b"") -> tuple[int, dict]:
+    """POST with exactly these headers and body bytes (a Content-Length may promise more than is sent)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.putrequest("POST", parts.path)
+        for name, value in headers.items():
+            conn.putheader(name, value)
+        conn.endheaders(body)
+        reply = conn.getresponse()  # a server that waited for the promised body would time out here
+        return reply.status, json.loads(reply.read())
+    finally:
+        conn.close()
+
+
+def test_oversized_body_is_refused_unread_before_the_token(swarm):
+    promised = {"Content-Type": "application/json", "Content-Length": str(10 << 20)}  # 10 MiB, never sent
+    for token in (None, "gptjt_admin_wrong", swarm.admin_token):
+        auth = {} if token is None else {"Authorization": f"Bearer {token}"}
+        code, body = raw_post(swarm.url + "api/admin/resume", {**promised, **auth}, b'{"worker": "')
+        assert code == 413 and "reads at most 65536 bytes" in body["error"], (token, body)
+    # Within the cap, the token is checked first: no token, 401, whatever the body holds.
+    code, body = raw_post(swarm.url + "api/admin/resume", {"Content-Length": "9"}, b"not json!")
+    assert code == 401 and "needs the run's admin token" in body["error"]
+    code, body = raw_post(swarm.url + "api/admin/resume", {"Content-Length": "9",
+                                                            "Authorization": f"Bearer {swarm.admin_token}"}, b"not json!")
+    assert code == 400 and "must be a JSON object" in body["error"]
+    assert gptjt_json("status", "--coordinator", swarm.address)["paused"]  # nothing was done
+
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     binary = find_chromium()
@@ -193,3 +234,97 @@ def test_page_in_headless_chromium(browser, swarm, tmp_path):
     page.screenshot(tmp_path / "dashboard.png")
     if os.environ.get("GPTJT_DASHBOARD_SCREENSHOT"):  # docs/dashboard.png is made this way
         page.screenshot(Path(os.environ["GPTJT_DASHBOARD_SCREENSHOT"]))
+
+
+@pytest.fixture(scope="module")
+def tls_swarm(tmp_path_factory):
+    """A coordinator with a certificate (no workers): its dashboard serves HTTPS with it."""
+    tmp = tmp_path_factory.mktemp("dashboard-tls")
+    cert, key = self_signed(tmp)
+    swarm = Swarm(tmp, swarm_toml(tmp, steps=5, extra=f'tls_cert = "{cert}"\ntls_key = "{key}"'))
+    try:
+        swarm.start_coordinator()
+        swarm.cert = cert
+        swarm.tls = ssl.create_default_context(cafile=cert)
+        yield swarm
+    finally:
+        swarm.close()
+
+
+def https(swarm, path: str) -> tuple[int, bytes]:
+    with urllib.request.urlopen(swarm.dashboard_url + path, timeout=20, context=swarm.tls) as reply:
+        return reply.status, reply.read()
+
+
+def strict_json(body: bytes):
+    """As the page's JSON.parse reads it: NaN, Infinity and -Infinity are errors."""
+    return json.loads(body, parse_constant=lambda word: pytest.fail(f"{word} in the dashboard's JSON"))
+
+
+def test_https_with_the_coordinators_certificate(tls_swarm):
+    assert tls_swarm.dashboard_url.startswith("https://127.0.0.1:")
+    assert f"dashboard at {tls_swarm.dashboard_url} " in tls_swarm.coordinator.text()
+    assert "WARNING" not in tls_swarm.coordinator.text()
+    code, body = https(tls_swarm, "api/status")
+    assert code == 200 and strict_json(body)["steps_total"] == 5
+    request = urllib.request.Request(tls_swarm.dashboard_url + "api/admin/pause", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=20, context=tls_swarm.tls)
+    assert refused.value.code == 401
+    plain = tls_swarm.dashboard_url.replace("https://", "http://")
+    with pytest.raises((OSError, HTTPException)):  # no plaintext answer on the TLS port
+        urllib.request.urlopen(plain + "api/status", timeout=10).read()
+
+
+def test_nan_heartbeat_metric_does_not_break_the_json(tls_swarm):
+    """A heartbeat's metrics are stored as sent; the dashboard's JSON shows a NaN as null, /metrics as NaN."""
+    creds = grpc.ssl_channel_credentials(Path(tls_swarm.cert).read_bytes())
+    with grpc.secure_channel(tls_swarm.address, creds) as channel:
+        stub = cpb_grpc.CoordinatorStub(channel)
+        worker = stub.Join(cpb.JoinRequest(token=tls_swarm.token, name="nan", address="127.0.0.1:1"),
+                           timeout=10).worker_id
+        nan = cpb.WorkerMetrics(micro_batches_per_s=math.nan, busy_fraction=math.inf, downstream_mbit=-math.inf)
+        deadline = time.monotonic() + 20
+        while True:  # heartbeats keep the raw worker alive (the test config's timeout is 3 s)
+            stub.Heartbeat(cpb.HeartbeatRequest(worker_id=worker, state=cpb.READY, metrics=nan), timeout=10)
+            code, body = https(tls_swarm, "api/status")
+            assert code == 200
+            shown = {w["id"]: w for w in strict_json(body)["workers"]}
+            if "micro_batches_per_s" in shown.get(worker, {}).get("metrics", {}):
+                break
+            assert time.monotonic() < deadline, f"worker {worker}'s heartbeat never showed: {shown}"
+            time.sleep(0.3)
+        metrics = shown[worker]["metrics"]
+        assert (metrics["micro_batches_per_s"], metrics["busy_fraction"], metrics["downstream_mbit"]) == (None,) * 3
+        with urllib.request.urlopen(tls_swarm.dashboard_url + "api/stream", timeout=20, context=tls_swarm.tls) as s:
+            lines = iter(s.readline, b"")
+            data = next(line for line in lines if line.startswith(b"data: "))
+        assert worker in {w["id"] for w in strict_json(data[6:])["workers"]}
+        code, body = https(tls_swarm, "metrics")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    rate = next(x.value for f in text_string_to_metric_families(body.decode()) for x in f.samples
+                if x.name == "gptjt_worker_micro_batches_per_second" and x.labels["worker"] == worker)
+    assert math.isnan(rate)
+
+
+def test_plaintext_dashboard_beyond_loopback_is_served_with_a_warning(tmp_path):
+    """A separate bind address: gRPC on loopback, the dashboard on every interface, said loudly; a
+    SIGTERM ends it cleanly while a page streams."""
+    swarm = Swarm(tmp_path, swarm_toml(tmp_path, steps=5))
+    try:
+        coordinator = swarm.start_coordinator("--dashboard-host", "0.0.0.0")
+        assert swarm.address.startswith("127.0.0.1:") and swarm.dashboard_url.startswith("http://0.0.0.0:")
+        ready = next(line for line in coordinator.text().splitlines() if "dashboard at" in line)
+        assert "WARNING: the dashboard serves plain HTTP on 0.0.0.0" in ready and "admin token" in ready
+        assert "WARNING" in coordinator.text().split(ready)[0]  # logged too, before the ready line
+        local = swarm.dashboard_url.replace("0.0.0.0", "127.0.0.1")
+        code, _, body = http(local + "api/status")
+        assert code == 200 and json.loads(body)["steps_total"] == 5
+        with urllib.request.urlopen(local + "api/stream", timeout=20) as stream:
+            assert stream.readline() == b"retry: 2000\n"
+            coordinator.kill(signal.SIGTERM)
+            coordinator.p.wait(15)
+        assert coordinator.p.returncode == 0, coordinator.text()[-2000:]
+    finally:
+        swarm.close()

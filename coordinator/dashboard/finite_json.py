@@ -1,0 +1,25 @@
+"""JSON that every browser parses: NaN and ±Infinity become null (RFC 8259 has no such numbers)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+def finite(value):
+    """`value` with every non-finite float, at any depth of dicts, lists and tuples, replaced by None.
+
+    A heartbeat may report NaN (e.g. a rate over an empty interval); Python's json writes it as
+    the bare word NaN, which JSON.parse refuses, so one such number would stop the live page."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(value) -> bytes:
+    """`value` as strict JSON bytes (allow_nan=False: a non-finite number left here is a bug, not output)."""
+    return json.dumps(finite(value), allow_nan=False).encode()
