@@ -16,6 +16,7 @@ from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 from gptjt_core.background import start_background
 from gptjt_core.model import StageSpec
 from .checkpoint_store import CheckpointStore, max_checkpoint_bytes
+from .dashboard.finite_json import dumps as finite_json
 from .rate_limit import RateLimiter
 from .run_ca import RunCA
 from .sessions import caller
@@ -249,7 +250,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PeerFailureReply(declared_dead=True)
 
     async def Status(self, request, context):
-        return pb.StatusReply(json=json.dumps(self.ledger.status()))
+        return pb.StatusReply(json=finite_json(self.ledger.status()).decode())  # NaN-free, as the dashboard's
 
     async def PutCheckpoint(self, request_iterator, context):
         """A stage's state into the store, streamed to disk: only from the worker holding that stage

@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from gptjt_core.pki import new_key_pem, public_key_pem
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import coordinator_pb2_grpc as cpb_grpc
 from tests.browser import Browser, find_chromium
@@ -281,12 +282,14 @@ def test_nan_heartbeat_metric_does_not_break_the_json(tls_swarm):
     creds = grpc.ssl_channel_credentials(Path(tls_swarm.cert).read_bytes())
     with grpc.secure_channel(tls_swarm.address, creds) as channel:
         stub = cpb_grpc.CoordinatorStub(channel)
-        worker = stub.Join(cpb.JoinRequest(token=tls_swarm.token, name="nan", address="127.0.0.1:1"),
-                           timeout=10).worker_id
+        joined = stub.Join(cpb.JoinRequest(token=tls_swarm.token, name="nan", address="127.0.0.1:1",
+                                           public_key_pem=public_key_pem(new_key_pem()).decode()), timeout=10)
+        worker, session = joined.worker_id, (("gptjt-worker", joined.worker_id), ("gptjt-session", joined.session))
         nan = cpb.WorkerMetrics(micro_batches_per_s=math.nan, busy_fraction=math.inf, downstream_mbit=-math.inf)
         deadline = time.monotonic() + 20
         while True:  # heartbeats keep the raw worker alive (the test config's timeout is 3 s)
-            stub.Heartbeat(cpb.HeartbeatRequest(worker_id=worker, state=cpb.READY, metrics=nan), timeout=10)
+            stub.Heartbeat(cpb.HeartbeatRequest(worker_id=worker, state=cpb.READY, metrics=nan), timeout=10,
+                           metadata=session)
             code, body = https(tls_swarm, "api/status")
             assert code == 200
             shown = {w["id"]: w for w in strict_json(body)["workers"]}
