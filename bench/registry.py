@@ -18,6 +18,7 @@ BENCHMARKS = {
     "scheduler": "bench.scheduler",
     "status": "bench.status",
     "chaos": "bench.chaos",
+    "heartbeat": "bench.heartbeat",
 }
 
 
