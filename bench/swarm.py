@@ -1,16 +1,19 @@
 """bench swarm: a 2-stage loopback swarm's tokens/s over train-local's (same model, batch, data),
-and coordinator heartbeat latency with 500 simulated workers."""
+what stage-link security costs (auth_overhead_pct), and coordinator heartbeat latency with 500
+simulated workers.
+
+auth_overhead_pct: the same small 2-stage run with link.tls "on" (mutual TLS, stage
+authentication) and "off" (plaintext), alternated within one invocation, median steady
+tokens/s of each: 100 x (off - on) / off. Worker sessions are on in both (they have no off
+switch); so is everything else."""
 
 from __future__ import annotations
 
-import asyncio
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from bench.swarm_run import run_swarm
-from local_swarm import LocalSwarm
 
 DESCRIPTION = "swarm vs train-local tokens/s on loopback; coordinator heartbeat p99 with 500 workers"
 
@@ -34,50 +37,33 @@ def swarm_tokens_per_s(steps: int, worker_threads: int) -> tuple[float, list[flo
     return statistics.median(h["tokens"] / h["seconds"] for h in history), [h["loss"] for h in status["history"]]
 
 
-async def _heartbeat_load(address: str, token: str, workers: int, seconds: float, interval: float) -> list[float]:
-    import grpc
+def heartbeat_latency_ms(workers: int, seconds: float) -> dict:
+    """Authenticated heartbeats from `workers` simulated workers, a status poller and the dashboard
+    stream open at the same time (bench/heartbeat.py)."""
+    from bench.heartbeat import measure
 
-    from gptjt_proto import coordinator_pb2 as pb
-    from gptjt_proto import coordinator_pb2_grpc as pb_grpc
-
-    channel = grpc.aio.insecure_channel(address)
-    stub = pb_grpc.CoordinatorStub(channel)
-    ids = []
-    for i in range(workers):
-        reply = await stub.Join(pb.JoinRequest(token=token, name=f"sim-{i}", address=f"127.0.0.1:{20000 + i}",
-                                               device=pb.DeviceInfo(kind="cpu")))
-        ids.append(reply.worker_id)
-    latencies: list[float] = []
-    stop_at = time.monotonic() + seconds
-
-    async def beat(worker_id: str, phase: float) -> None:
-        await asyncio.sleep(phase)  # spread the workers over the interval, like real clocks
-        while time.monotonic() < stop_at:
-            t0 = time.perf_counter()
-            await stub.Heartbeat(pb.HeartbeatRequest(worker_id=worker_id, state=pb.STANDBY,
-                                                     metrics=pb.WorkerMetrics(micro_batches_per_s=1.0)))
-            latencies.append((time.perf_counter() - t0) * 1e3)
-            await asyncio.sleep(max(0.0, interval - (time.perf_counter() - t0)))
-
-    await asyncio.gather(*(beat(w, interval * i / workers) for i, w in enumerate(ids)))
-    await channel.close()
-    return latencies
+    m = measure(workers, seconds)
+    return {"coordinator_heartbeat_p50_ms": m["heartbeat_p50_ms"], "coordinator_heartbeat_p99_ms": m["heartbeat_p99_ms"],
+            "heartbeats_measured": m["heartbeats_measured"], "simulated_workers": workers}
 
 
-def heartbeat_latency_ms(workers: int, seconds: float, interval: float = 2.0) -> dict:
-    """500 simulated workers (one client process) heartbeating a real coordinator process."""
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
-        swarm = LocalSwarm(tmp, state=tmp / "run.db")
-        try:
-            swarm.start_coordinator(steps=1, listen="127.0.0.1:0")
-            latencies = asyncio.run(_heartbeat_load(swarm.address, swarm.token, workers, seconds, interval))
-        finally:
-            swarm.stop()
-    latencies.sort()
-    return {"coordinator_heartbeat_p50_ms": latencies[len(latencies) // 2],
-            "coordinator_heartbeat_p99_ms": latencies[int(len(latencies) * 0.99)],
-            "heartbeats_measured": len(latencies), "simulated_workers": workers}
+def auth_overhead_pct(pairs: int, steps: int) -> dict:
+    """Alternate runs with stage-link TLS on and off; the median steady tokens/s of each."""
+    from bench.swarm_run import steady_tokens_per_s
+    from local_swarm import small_run_toml
+
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for _ in range(pairs):
+        for tls in ("on", "off"):
+            with tempfile.TemporaryDirectory() as tmp_name:
+                tmp = Path(tmp_name)
+                config = small_run_toml(tmp, steps=steps, global_batch=8, micro_batch=2, seq_len=64,
+                                        extra=f'[link]\ntls = "{tls}"')
+                status = run_swarm(tmp, config, steps, workers=2, threads=1, timeout_s=600)
+                rates[tls].append(steady_tokens_per_s(status))
+    on, off = statistics.median(rates["on"]), statistics.median(rates["off"])
+    return {"auth_overhead_pct": round(100 * (off - on) / off, 2), "tls_on_tokens_per_s": round(on, 1),
+            "tls_off_tokens_per_s": round(off, 1), "auth_runs_each": pairs}
 
 
 def run(quick: bool = False) -> dict:
@@ -87,5 +73,6 @@ def run(quick: bool = False) -> dict:
     result = {"swarm_vs_local_tokens_per_s": swarm / local, "swarm_tokens_per_s": swarm,
               "local_tokens_per_s": local, "steps_measured": steps,
               "same_losses": [round(x, 6) for x in swarm_losses[1:3]] == [round(x, 6) for x in local_losses[:2]]}
+    result.update(auth_overhead_pct(2 if quick else 4, 8 if quick else 15))
     result.update(heartbeat_latency_ms(500, 8.0 if quick else 30.0))
     return result
