@@ -61,7 +61,9 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     admin = AdminToken.load(cfg.state_path, admin_token_file)
     reader = ReadToken.load(cfg.state_path) if cfg.read_access == "token" else None
     guard = SessionGuard(ledger.session_valid, admin.valid, reader.valid if reader is not None else None)
-    server = grpc.aio.server(interceptors=[MalformedRequests(), guard], options=[("grpc.so_reuseport", 0)])
+    # A bound on concurrent calls per connection: a client cannot open streams without end.
+    server = grpc.aio.server(interceptors=[MalformedRequests(), guard],
+                             options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 256)])
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     actions = OperatorActions(ledger, service, admin, ca)
     opb_grpc.add_OperatorServicer_to_server(OperatorService(actions), server)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import time
 
 import grpc
 from safetensors.torch import save
@@ -313,9 +314,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         for i in range(0, len(blob), step):
             yield pb.CheckpointChunk(data=blob[i:i + step])
 
-    async def reap_forever(self, period_s: float = 0.5) -> None:
-        """Declare silent workers dead (their tickets re-issued, the step restarted if needed)."""
+    async def reap_forever(self, period_s: float = 0.5, prune_every_s: float = 60.0) -> None:
+        """Declare silent workers dead (their tickets re-issued, the step restarted if needed); now
+        and then, let go of workers long gone and the oldest events."""
+        last_prune = 0.0
         while True:
+            if time.monotonic() - last_prune > prune_every_s:
+                last_prune = time.monotonic()
+                workers, events = self.ledger.prune()
+                if workers or events:
+                    log.info("pruned %d worker(s) gone for over %.0f s and %d old event(s)", workers,
+                             self.ledger.run.coordinator.prune_after_s, events)
             try:
                 dead = self.ledger.reap()
             except Exception:  # one bad pass must not end reaping for good

@@ -36,6 +36,12 @@ class CoordinatorConfig:
     RESOURCE_EXHAUSTED): join spam cannot grow the workers table faster than this."""
     join_burst: int = 128
     """Joins one token may make at once after a quiet spell (a fleet starting together), >= 1."""
+    prune_after_s: float = 3600.0
+    """Workers that left or died this many seconds ago are deleted from the ledger (their ids stay
+    in its history); seconds > 0."""
+    max_events: int = 200_000
+    """Events kept in the ledger, newest first (older ones are deleted, their counts by kind
+    kept); an integer >= 1000."""
     max_stall_restarts: int = 3
     """Times an OPEN step with no progress is restarted before the workers holding its stalled
     leases are dropped instead. An integer >= 0."""
@@ -78,6 +84,9 @@ class CoordinatorConfig:
                self.heartbeat_timeout_s, f"more than two heartbeat intervals ({2 * self.heartbeat_interval_s})")
         _check(self.phase_timeout_s > self.heartbeat_timeout_s, "phase_timeout_s", self.phase_timeout_s,
                f"more than heartbeat_timeout_s ({self.heartbeat_timeout_s}): a silent worker is dead first")
+        _check(self.prune_after_s > 0, "prune_after_s", self.prune_after_s, "seconds > 0")
+        _check(isinstance(self.max_events, int) and self.max_events >= 1000, "max_events", self.max_events,
+               "an integer >= 1000")
         _check(self.joins_per_s > 0, "joins_per_s", self.joins_per_s, "a rate per second > 0")
         _check(isinstance(self.join_burst, int) and self.join_burst >= 1, "join_burst", self.join_burst,
                "an integer >= 1")

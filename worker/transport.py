@@ -24,7 +24,8 @@ from .wire import data_chunks, encoded_from, meta_pb
 log = logging.getLogger(__name__)
 
 GRPC_OPTIONS = [("grpc.max_send_message_length", 8 << 20), ("grpc.max_receive_message_length", 8 << 20),
-                ("grpc.keepalive_time_ms", 10_000), ("grpc.http2.max_pings_without_data", 0)]
+                ("grpc.keepalive_time_ms", 10_000), ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.max_concurrent_streams", 64)]  # per connection: a peer cannot open calls without end
 
 
 class LinkCounters:

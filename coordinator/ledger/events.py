@@ -80,8 +80,11 @@ class EventLog:
         return [_with_category(r) for r in reversed(rows)]
 
     def counts(self) -> dict[str, int]:
-        """Every event ever, by kind."""
-        return dict(self.db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall())
+        """Every event ever, by kind (those let go by retention.py included)."""
+        counts = dict(self.db.execute("SELECT kind, n FROM events_pruned").fetchall())
+        for kind, n in self.db.execute("SELECT kind, COUNT(*) FROM events GROUP BY kind").fetchall():
+            counts[kind] = counts.get(kind, 0) + n
+        return counts
 
     def details(self, kind: str) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT detail FROM events WHERE kind=? ORDER BY id", (kind,))]

@@ -31,6 +31,7 @@ from .operator_requests import OperatorRequests
 from .planning import StagePlanner
 from .recovery import StepRecovery
 from .reports import ReportBook
+from .retention import Retention
 from .status import StatusView
 from .step_state import APPLYING, WAITING, StepState
 from .steps import StepProtocol
@@ -80,6 +81,7 @@ class RunLedger:
         self.status_view = StatusView(run, db, self.events, self.state, self.workers, self.tickets, self.checkpoints,
                                       self.history, self.planner, self.guard, self.measurements, self.tokens)
         self.operator = OperatorRequests(db, self.events, self.state, self.workers)
+        self.retention = Retention(db, run.coordinator)
         with db.tx():
             fingerprint, stored_fp = run_fingerprint(run), db.meta("fingerprint")
             if stored_fp is None:
@@ -214,6 +216,11 @@ class RunLedger:
             with self.db.tx():
                 self.guard.apply(stall)
         return dead
+
+    def prune(self) -> tuple[int, int]:
+        """Let go of workers long gone and the oldest events (retention.py); (workers, events)."""
+        with self.db.tx():
+            return self.retention.prune()
 
     def worker(self, worker_id: str) -> dict | None:
         row = self.workers.row(worker_id)

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS step_audits (  -- each closed step's exactly-once ver
   step INTEGER PRIMARY KEY, lost INTEGER NOT NULL, double INTEGER NOT NULL, violation TEXT);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, id);  -- counts and notable events, by kind
+CREATE TABLE IF NOT EXISTS events_pruned (kind TEXT PRIMARY KEY, n INTEGER NOT NULL);  -- counts of events let go
 CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage server at dst
   src TEXT NOT NULL, dst TEXT NOT NULL, latency_ms REAL NOT NULL, mbit REAL NOT NULL, measured REAL NOT NULL,
   PRIMARY KEY (src, dst));

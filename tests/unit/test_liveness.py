@@ -186,3 +186,20 @@ def test_a_ledger_written_before_dht_peers_were_kept_gains_the_column(tmp_path):
     worker = ledger.join("w", "h:1", {})["id"]
     assert ledger.heartbeat(worker, "ready", {}, 0, 0, dht_maddrs=["/ip4/1.2.3.4/tcp/5/p2p/Y"])
     assert json.loads(ledger.worker(worker)["dht_maddrs"]) == ["/ip4/1.2.3.4/tcp/5/p2p/Y"]
+
+
+def test_workers_long_gone_and_the_oldest_events_are_let_go_with_their_counts(tmp_path):
+    clock = Clock()
+    ledger = make(tmp_path, clock=clock)
+    ledger.run.coordinator.prune_after_s = 100.0
+    ids = ready_swarm(ledger, 3)
+    ledger.leave(ids[2])
+    counts = ledger.events.counts()
+    clock.t += 50.0
+    assert ledger.prune() == (0, 0)  # left 50 s ago: kept; fewer events than max_events
+    ledger.run.coordinator.max_events = 5  # (the config's floor is 1000; the rule is what is tested)
+    clock.t += 51.0
+    workers, events = ledger.prune()
+    assert workers == 1 and ledger.worker(ids[2]) is None and ledger.worker(ids[0]) is not None
+    assert events == sum(counts.values()) - 5 and ledger.events.counts() == counts  # every event still counted
+    assert len(ledger.events.recent(100)) == 5
