@@ -26,7 +26,7 @@ DESCRIPTION = "p99 of authenticated heartbeats from N simulated workers, with st
 LOAD_CONFIG = """joins_per_s = 100000.0
 join_burst = 100000
 """
-CHANNELS = 8  # client connections the simulated workers share (as many hosts would open many)
+CHANNELS = 64  # client connections the simulated workers share (real workers each open their own)
 
 
 async def _join_all(stubs, token: str, n: int, pb) -> list[tuple[str, tuple]]:
@@ -54,8 +54,9 @@ async def _beat(stubs, workers: list, seconds: float, interval: float, pb) -> li
         stub = stubs[i % len(stubs)]
         while time.monotonic() < stop_at:
             t0 = time.perf_counter()
-            await stub.Heartbeat(pb.HeartbeatRequest(worker_id=worker_id, state=pb.STANDBY,
-                                                     metrics=pb.WorkerMetrics(micro_batches_per_s=1.0)),
+            # as a worker on standby says it: no stage loaded (epoch and position -1)
+            await stub.Heartbeat(pb.HeartbeatRequest(worker_id=worker_id, state=pb.STANDBY, loaded_epoch=-1,
+                                                     position=-1, metrics=pb.WorkerMetrics(micro_batches_per_s=1.0)),
                                  metadata=session, timeout=30)
             latencies.append((time.perf_counter() - t0) * 1e3)
             await asyncio.sleep(max(0.0, interval - (time.perf_counter() - t0)))

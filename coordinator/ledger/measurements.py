@@ -74,6 +74,5 @@ class Measurements:
 
     def measured_workers(self) -> int:
         """Live workers whose device was measured at the run's dtype (reported after joining)."""
-        return sum(1 for r in self.db.execute("SELECT device FROM workers WHERE state IN ('loading', 'ready', "
-                                              "'standby')").fetchall()
-                   if json.loads(r["device"] or "{}").get("at_run_dtype"))
+        return self.db.execute("SELECT COUNT(*) FROM workers WHERE state IN ('loading', 'ready', 'standby') AND "
+                               "json_extract(device, '$.at_run_dtype')").fetchone()[0]

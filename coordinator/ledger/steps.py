@@ -62,7 +62,8 @@ class StepProtocol:
                        and w["position"] == step] for s in range(self.stage_count())}
         first = st.step_opened is None
         needed = self.run.pipeline.start_with_replicas if first else 1
-        if first and self.measurements.measured_workers() < self.run.scheduler.min_workers:
+        if first and self.run.scheduler.min_workers and \
+                self.measurements.measured_workers() < self.run.scheduler.min_workers:
             return  # the first plan waits to see scheduler.min_workers measured workers
         joining = [w["id"] for s, ws in workers.items() for w in ws
                    if w["state"] in ("ready", "loading") and w["id"] not in members[s]]
