@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 
 import grpc
 from safetensors.torch import save
@@ -15,6 +14,8 @@ from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 from gptjt_core.background import start_background
 from gptjt_core.model import StageSpec
+from gptjt_core.wire_checks import Refused
+from . import validation
 from .checkpoint_store import CheckpointStore
 
 from .ledger import ALIVE_STATES, RunLedger
@@ -25,7 +26,6 @@ _WORKER_STATES = {pb.LOADING: "loading", pb.READY: "ready", pb.DRAINING: "draini
 _PHASES = {"waiting": pb.WAITING, "open": pb.OPEN, "accumulated": pb.ACCUMULATED,
            "averaging": pb.AVERAGING, "applying": pb.APPLYING, "done": pb.DONE}
 _REPORTS = {pb.CONTRIBUTION: "contribution", pb.AVERAGED: "averaged", pb.APPLIED: "applied"}
-MAX_DHT_MADDRS = 8  # multiaddrs a worker may announce for its DHT peer
 _COMMIT = {"committed": pb.COMMITTED, "already_committed": pb.ALREADY_COMMITTED,
            "stale": pb.STALE, "not_leased": pb.NOT_LEASED}
 
@@ -64,6 +64,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.dht_peers = dht_peers or []
         self.changed = asyncio.Condition()  # notified after every ledger change (Watch)
         self._seen_version = ledger.version
+        self.limits = validation.RunLimits.of(ledger.run, ledger.plan[-1].end, ledger.shape)
+
+    async def door(self, check, request, context) -> None:
+        """Validate `request` with `check` (coordinator/validation.py) or end the call with the status
+        the refusal names; a refused request writes nothing."""
+        try:
+            check(request, self.limits)
+        except Refused as e:
+            log.info("refused a request from %s: %s", context.peer(), e)
+            await context.abort(grpc.StatusCode[e.code], str(e))
 
     async def notify(self) -> None:
         if self.ledger.version != self._seen_version:
@@ -72,6 +82,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self.changed.notify_all()
 
     async def Join(self, request, context):
+        await self.door(validation.check_join, request, context)
         if not self.ledger.check_token(request.token):
             # Nothing is recorded for a refused join, and the token is never logged.
             log.warning("refused a join from %s (%s): bad or missing run token", request.name, context.peer())
@@ -79,10 +90,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                 "bad or missing run token; ask the operator for one (gptjt token create)")
         if self.ledger.phase == "done":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is finished")
-        device, problem = _device(request.device)
-        if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        row = self.ledger.join(request.name, request.address, device, request.worker_id)
+        row = self.ledger.join(request.name, request.address, _device(request.device), request.worker_id)
         await self.notify()
         log.info("worker %s (%s) joined at %s: %s", row["id"], request.name, request.address,
                  f"stage {row['stage']}" if row["stage"] >= 0 else "standby")
@@ -99,36 +107,29 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return self.dht_peers + self.ledger.worker_dht_peers(worker_id)
 
     async def Heartbeat(self, request, context):
+        await self.door(validation.check_heartbeat, request, context)
         m = request.metrics
         metrics = {"micro_batches_per_s": m.micro_batches_per_s, "busy_fraction": m.busy_fraction,
                    "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received, "micro_batches": m.micro_batches,
                    "downstream_mbit": m.downstream_mbit, "activation_codec": m.activation_codec,
                    "gradient_codec": m.gradient_codec, "averaging_bytes": m.averaging_bytes}
-        device, problem = _device(request.device) if request.HasField("device") else (None, "")
+        device = _device(request.device) if request.HasField("device") else None
         links = [{"address": k.address, "latency_ms": k.latency_ms, "mbit": k.mbit,
                   "measured_unix_s": k.measured_unix_s} for k in request.links]
-        bad = [k for k in links if not k["address"] or not all(math.isfinite(k[f]) and k[f] >= 0 for f in
-                                                             ("latency_ms", "mbit", "measured_unix_s"))]
-        maddrs = list(request.dht_maddrs)
-        if len(maddrs) > MAX_DHT_MADDRS or any(not m.startswith("/") or len(m) > 256 for m in maddrs):
-            problem = (f"dht_maddrs {maddrs[:MAX_DHT_MADDRS + 1]!r}: expected at most {MAX_DHT_MADDRS} multiaddrs "
-                       "('/ip4/.../tcp/PORT/p2p/ID', under 256 characters each)")
-        if problem or bad:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem or f"link measurement {bad[0]} is not "
-                                "a finite, non-negative latency/bandwidth towards a stage address")
         known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics,
                                       request.loaded_epoch, request.position, device, links,
-                                      request.coordinator_rtt_ms if math.isfinite(request.coordinator_rtt_ms) else 0.0,
-                                      maddrs)
+                                      request.coordinator_rtt_ms, list(request.dht_maddrs))
         await self.notify()
         return pb.HeartbeatReply(known=known)
 
     async def Leave(self, request, context):
+        await self.door(validation.check_leave, request, context)
         self.ledger.leave(request.worker_id)
         await self.notify()
         return pb.LeaveReply()
 
     async def Watch(self, request, context):
+        await self.door(validation.check_watch, request, context)
         try:
             async for state in self._watch(request, context):
                 yield state
@@ -169,25 +170,29 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     pass
 
     async def LeaseTickets(self, request, context):
+        await self.door(validation.check_lease, request, context)
         rows, reason = self.ledger.lease(request.worker_id, request.max_tickets)
         await self.notify()
         return pb.LeaseReply(tickets=[pb.Ticket(ticket_id=r.id, step=r.step, attempt=r.attempt, index=r.idx,
                                                 shard=r.shard, offset=r.offset) for r in rows], reason=reason)
 
     async def CommitTicket(self, request, context):
+        await self.door(validation.check_commit, request, context)
         result = self.ledger.commit(request.worker_id, request.ticket_id, request.attempt, request.loss,
                                     request.tokens)
         await self.notify()
         return pb.CommitReply(result=_COMMIT[result])
 
     async def ReleaseTickets(self, request, context):
+        await self.door(validation.check_release, request, context)
         n = self.ledger.release(request.worker_id, list(request.ticket_ids))
         await self.notify()
         return pb.ReleaseReply(released=n)
 
     async def ReportStep(self, request, context):
+        await self.door(validation.check_step_report, request, context)
         if request.kind == pb.AVERAGING_FAILED:
-            ok = self.ledger.averaging_failed(request.worker_id, request.step, request.attempt, request.detail[:500])
+            ok = self.ledger.averaging_failed(request.worker_id, request.step, request.attempt, request.detail)
             await self.notify()
             return pb.StepReportReply(accepted=ok)
         ok = self.ledger.report(request.worker_id, request.step, request.attempt, _REPORTS.get(request.kind, ""),
@@ -199,6 +204,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def ReportPeerFailure(self, request, context):
         """Probe the reported peer now: a SIGKILLed worker is declared dead within a second, while
         a live one (the reporter's own link failed) keeps its place."""
+        await self.door(validation.check_peer_failure, request, context)
         suspect = self.ledger.worker_at(request.address)
         if suspect is None or suspect == request.worker_id:
             return pb.PeerFailureReply(declared_dead=False)
@@ -221,6 +227,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         async for chunk in request_iterator:
             if chunk.WhichOneof("part") == "header":
                 header = chunk.header
+                await self.door(validation.check_checkpoint_header, header, context)
             elif header is None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "checkpoint data before its header")
             else:
@@ -250,6 +257,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.CheckpointReply(path=path)
 
     async def GetCheckpoint(self, request, context):
+        await self.door(validation.check_get_checkpoint, request, context)
         spec = StageSpec(request.start_layer, request.end_layer, embed=request.embed, head=request.head)
         try:
             tensors = await asyncio.to_thread(self.store.get, request.step, spec, self.ledger.plan[-1].end)
@@ -278,13 +286,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await asyncio.sleep(period_s)
 
 
-def _device(info: pb.DeviceInfo) -> tuple[dict, str]:
-    """The DeviceInfo as the ledger stores it, or why it cannot be used (a plan divides by it)."""
-    device = {"kind": info.kind, "name": info.name, "memory_bytes": info.memory_bytes,
-              "matmul_tflops": info.matmul_tflops, "dtype": info.dtype, "block_tflops": info.block_tflops}
-    rates = (info.matmul_tflops, info.block_tflops)
-    if info.memory_bytes < 0 or not all(math.isfinite(r) and r >= 0 for r in rates):
-        return device, (f"device {info.name!r}: memory_bytes {info.memory_bytes}, matmul_tflops "
-                        f"{info.matmul_tflops} and block_tflops {info.block_tflops} must be finite and >= 0 "
-                        "(a probe that failed should say so)")
-    return device, ""
+def _device(info: pb.DeviceInfo) -> dict:
+    """The DeviceInfo as the ledger stores it (validation.check_device has checked it)."""
+    return {"kind": info.kind, "name": info.name, "memory_bytes": info.memory_bytes,
+            "matmul_tflops": info.matmul_tflops, "dtype": info.dtype, "block_tflops": info.block_tflops}
