@@ -26,8 +26,8 @@ from gptjt_proto import coordinator_pb2 as pb
 
 from .cost_model import ModelShape, stage_params
 
-WORKER_STATES = (pb.LOADING, pb.READY, pb.DRAINING, pb.STANDBY)
-REPORT_KINDS = (pb.CONTRIBUTION, pb.AVERAGED, pb.APPLIED, pb.AVERAGING_FAILED)
+WORKER_STATES = {v: pb.WorkerState.Name(v) for v in (pb.LOADING, pb.READY, pb.DRAINING, pb.STANDBY)}
+REPORT_KINDS = {v: pb.ReportKind.Name(v) for v in (pb.CONTRIBUTION, pb.AVERAGED, pb.APPLIED, pb.AVERAGING_FAILED)}
 DEVICE_DTYPES = ("", "fp32", "bf16", "fp16")  # "": not measured yet
 
 # A stage checkpoint holds, per parameter, fp32 weights (4 bytes) and AdamW's two moments (8);

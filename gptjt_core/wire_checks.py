@@ -78,8 +78,11 @@ def measure(field: str, value: float) -> None:
 
 
 def choice(field: str, value: object, allowed: Collection) -> None:
+    """One of `allowed`; a dict names its values (an enum: {1: 'LOADING', ...})."""
     if value not in allowed:
-        raise Refused(INVALID_ARGUMENT, field, value, f"one of {sorted(allowed, key=str)}")
+        names = [f"{label} ({v})" for v, label in allowed.items()] if isinstance(allowed, dict) else \
+            [repr(v) for v in sorted(allowed, key=str)]
+        raise Refused(INVALID_ARGUMENT, field, value, f"one of {', '.join(names)}")
 
 
 def text(field: str, value: str, max_chars: int, printable: bool = True) -> None:
