@@ -12,6 +12,7 @@ from gptjt_core.config import SchedulerConfig
 
 from .db import ALIVE_STATES, LedgerDB, alive_marks
 from .events import EventLog
+from .stored_values import stored_json
 
 MOVED = 0.2  # relative change of a device rate or a link's bandwidth that counts as news
 
@@ -28,7 +29,7 @@ class Measurements:
         records it as a `measured` event)."""
         changed = []
         if device:
-            before = json.loads(row["device"] or "{}")
+            before = stored_json(row["device"], {}, "workers.device")
             self.db.execute("UPDATE workers SET device=? WHERE id=?",
                             (json.dumps({**device, "at_run_dtype": True}), worker_id))
             old_rate = before.get("matmul_tflops", 0.0)
@@ -76,4 +77,4 @@ class Measurements:
         """Live workers whose device was measured at the run's dtype (reported after joining)."""
         return sum(1 for r in self.db.execute("SELECT device FROM workers WHERE state IN ('loading', 'ready', "
                                               "'standby')").fetchall()
-                   if json.loads(r["device"] or "{}").get("at_run_dtype"))
+                   if stored_json(r["device"], {}, "workers.device").get("at_run_dtype"))
