@@ -82,7 +82,6 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 self.changed.notify_all()
 
     async def Join(self, request, context):
-        await self.door(validation.check_join, request, context)
         if not self.ledger.check_token(request.token):
             # Nothing is recorded for a refused join, and the token is never logged.
             log.warning("refused a join from %s (%s): bad or missing run token", request.name, context.peer())
@@ -90,6 +89,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                 "bad or missing run token; ask the operator for one (gptjt token create)")
         if self.ledger.phase == "done":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is finished")
+        # After the token: a caller without one learns nothing, not even which fields are wrong.
+        await self.door(validation.check_join, request, context)
         row = self.ledger.join(request.name, request.address, _device(request.device), request.worker_id)
         await self.notify()
         log.info("worker %s (%s) joined at %s: %s", row["id"], request.name, request.address,

@@ -194,7 +194,8 @@ def test_duplicate_commit_is_counted_once(swarm_factory):
         join = stub.Join(cpb.JoinRequest(token=swarm.token, name="raw", address="127.0.0.1:1"), timeout=10)
         assert join.assignment.stage == 0 and join.assignment.head and join.assignment.embed
         stub.Heartbeat(cpb.HeartbeatRequest(worker_id=join.worker_id, state=cpb.READY), timeout=10)
-        lease = stub.LeaseTickets(cpb.LeaseRequest(worker_id=join.worker_id, max_tickets=4), timeout=10)
+        # one stage: at most 2 micro-batches in flight (pipeline.in_flight), so at most 2 per lease
+        lease = stub.LeaseTickets(cpb.LeaseRequest(worker_id=join.worker_id, max_tickets=2), timeout=10)
         assert len(lease.tickets) == 1
         t = lease.tickets[0]
         request = cpb.CommitRequest(worker_id=join.worker_id, ticket_id=t.ticket_id, attempt=t.attempt,
@@ -203,8 +204,12 @@ def test_duplicate_commit_is_counted_once(swarm_factory):
         assert stub.CommitTicket(request, timeout=10).result == cpb.ALREADY_COMMITTED
         stale = cpb.CommitRequest(worker_id=join.worker_id, ticket_id=t.ticket_id, attempt=t.attempt + 1)
         assert stub.CommitTicket(stale, timeout=10).result == cpb.ALREADY_COMMITTED
-        assert stub.CommitTicket(cpb.CommitRequest(worker_id="someone", ticket_id=999), timeout=10).result \
+        assert stub.CommitTicket(cpb.CommitRequest(worker_id="0123456789ab", ticket_id=999), timeout=10).result \
             == cpb.NOT_LEASED
+        with pytest.raises(grpc.RpcError) as err:  # not even an id the coordinator could have issued
+            stub.CommitTicket(cpb.CommitRequest(worker_id="someone", ticket_id=999), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("commit.worker_id = 'someone' refused")
         # read the ledger before this raw worker times out (that would restart the step)
         status = json.loads(stub.Status(cpb.StatusRequest(), timeout=10).json)
     assert status["tickets"]["committed"] == 1 and status["phase"] == "accumulated"
@@ -272,6 +277,12 @@ def test_bad_stage_messages_are_refused_and_the_worker_keeps_serving(swarm_facto
         (dict(header_overrides={"nbytes": 1 << 40}), grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds this stage's limit"),
         (dict(header_overrides={"stage": 0}), grpc.StatusCode.FAILED_PRECONDITION, "holding stage 1"),
         (dict(header_overrides={"prefix_lengths": [99]}), grpc.StatusCode.INVALID_ARGUMENT, "prefix lengths"),
+        (dict(header_overrides={"global_batch": 0}), grpc.StatusCode.INVALID_ARGUMENT, "micro_batch.global_batch = 0"),
+        (dict(header_overrides={"gradient_codec": "zip"}), grpc.StatusCode.INVALID_ARGUMENT, "gradient_codec"),
+        (dict(tensor=torch.randn(B, 65, D)), grpc.StatusCode.OUT_OF_RANGE, "train.seq_len"),  # the (B,1,T,T) mask
+        (dict(tensor=torch.randn(3, T, D)), grpc.StatusCode.OUT_OF_RANGE, "train.micro_batch"),
+        (dict(header_overrides={"labels": np.full((B, T), 50400, dtype="<i8").tobytes()}),
+         grpc.StatusCode.INVALID_ARGUMENT, "[0, 50400) or -100"),  # a device-side assert on a GPU
     ]
     for kwargs, code, words in cases:
         with pytest.raises(grpc.RpcError) as err:
