@@ -174,11 +174,3 @@ class Upload:
         if os.path.exists(self.tmp):
             os.unlink(self.tmp)
 
-
-def max_checkpoint_bytes(shape, spec: StageSpec) -> int:
-    """An upper bound on a stage file's size: fp32 weights (4 bytes a parameter), AdamW's two fp32
-    moments (8), local-steps' anchor and outer momentum (8), plus headroom for the safetensors
-    header and scalars. `shape`: the coordinator's ModelShape."""
-    params = ((spec.end - spec.start) * shape.layer_params + (shape.embed_params if spec.embed else 0)
-              + (shape.head_params if spec.head else 0))
-    return 20 * params + (64 << 20)

@@ -57,7 +57,7 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
                       admin_token_file: str | None) -> None:
     cfg = run.coordinator
     ca = RunCA(cfg.state_path, run.name, run.link.cert_days)
-    service = CoordinatorService(ledger, store, dht.maddrs if dht is not None else [], ca=ca, shape=ledger.shape)
+    service = CoordinatorService(ledger, store, dht.maddrs if dht is not None else [], ca=ca)
     admin = AdminToken.load(cfg.state_path, admin_token_file)
     reader = ReadToken.load(cfg.state_path) if cfg.read_access == "token" else None
     guard = SessionGuard(ledger.session_valid, admin.valid, reader.valid if reader is not None else None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 
 import grpc
@@ -16,7 +15,9 @@ from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 from gptjt_core.background import start_background
 from gptjt_core.model import StageSpec
-from .checkpoint_store import CheckpointStore, max_checkpoint_bytes
+from gptjt_core.wire_checks import Refused
+from . import validation
+from .checkpoint_store import CheckpointStore
 from .dashboard.finite_json import dumps as finite_json
 from .rate_limit import RateLimiter
 from .run_ca import RunCA
@@ -30,7 +31,6 @@ _WORKER_STATES = {pb.LOADING: "loading", pb.READY: "ready", pb.DRAINING: "draini
 _PHASES = {"waiting": pb.WAITING, "open": pb.OPEN, "accumulated": pb.ACCUMULATED,
            "averaging": pb.AVERAGING, "applying": pb.APPLYING, "done": pb.DONE}
 _REPORTS = {pb.CONTRIBUTION: "contribution", pb.AVERAGED: "averaged", pb.APPLIED: "applied"}
-MAX_DHT_MADDRS = 8  # multiaddrs a worker may announce for its DHT peer
 _COMMIT = {"committed": pb.COMMITTED, "already_committed": pb.ALREADY_COMMITTED,
            "stale": pb.STALE, "not_leased": pb.NOT_LEASED}
 
@@ -65,12 +65,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     """The Coordinator gRPC API: each method checks its request and makes one ledger call."""
 
     def __init__(self, ledger: RunLedger, store: CheckpointStore, dht_peers: list[str] | None = None,
-                 ca: RunCA | None = None, shape=None):
+                 ca: RunCA | None = None):
         """dht_peers: multiaddrs of the hivemind DHT that replicas average through (replicas > 1);
-        ca: signs the stage-link certificates of joining workers; shape: the model's parameter
-        counts (coordinator/cost_model.py ModelShape), which bound a checkpoint's size."""
+        ca: signs the stage-link certificates of joining workers."""
         self.ledger = ledger
-        self.shape = shape
         self.store = store
         self.dht_peers = dht_peers or []
         self.ca = ca
@@ -78,6 +76,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.joins = RateLimiter(c.joins_per_s, c.join_burst)  # per join token
         self.changed = asyncio.Condition()  # notified after every ledger change (Watch)
         self._seen_version = ledger.version
+        self.limits = validation.RunLimits.of(ledger.run, ledger.plan[-1].end, ledger.shape)
+
+    async def door(self, check, request, context) -> None:
+        """Validate `request` with `check` (coordinator/validation.py) or end the call with the status
+        the refusal names; a refused request writes nothing."""
+        try:
+            check(request, self.limits)
+        except Refused as e:
+            log.info("refused a request from %s: %s", context.peer(), e)
+            await context.abort(grpc.StatusCode[e.code], str(e))
 
     async def notify(self) -> None:
         if self.ledger.version != self._seen_version:
@@ -96,20 +104,19 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"too many joins with this token (coordinator.joins_per_s = "
                                 f"{self.ledger.run.coordinator.joins_per_s}); try again in a few seconds")
+        # After the token: a caller without one learns nothing, not even which fields are wrong.
+        await self.door(validation.check_join, request, context)
         if request.worker_id and self.ledger.worker(request.worker_id) is not None:
             await context.abort(grpc.StatusCode.ALREADY_EXISTS,
                                 f"worker id {request.worker_id!r} is taken; join without a worker id (a worker keeps "
                                 "its session across coordinator restarts and never joins twice)")
         if self.ledger.phase == "done":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is finished")
-        device, problem = _device(request.device)
-        if problem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if self.ca is not None and self.ledger.run.link.tls == "on" and not request.public_key_pem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "public_key_pem is empty: this run's stage links "
                                 "are mutual TLS; the worker sends the public half of its link key (a newer "
                                 "gptjt-worker does)")
-        row = self.ledger.join(request.name, request.address, device, token_id)
+        row = self.ledger.join(request.name, request.address, _device(request.device), token_id)
         cert = b""
         if self.ca is not None and request.public_key_pem:
             try:
@@ -135,36 +142,29 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return self.dht_peers + self.ledger.worker_dht_peers(worker_id)
 
     async def Heartbeat(self, request, context):
+        await self.door(validation.check_heartbeat, request, context)
         m = request.metrics
         metrics = {"micro_batches_per_s": m.micro_batches_per_s, "busy_fraction": m.busy_fraction,
                    "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received, "micro_batches": m.micro_batches,
                    "downstream_mbit": m.downstream_mbit, "activation_codec": m.activation_codec,
                    "gradient_codec": m.gradient_codec, "averaging_bytes": m.averaging_bytes}
-        device, problem = _device(request.device) if request.HasField("device") else (None, "")
+        device = _device(request.device) if request.HasField("device") else None
         links = [{"address": k.address, "latency_ms": k.latency_ms, "mbit": k.mbit,
                   "measured_unix_s": k.measured_unix_s} for k in request.links]
-        bad = [k for k in links if not k["address"] or not all(math.isfinite(k[f]) and k[f] >= 0 for f in
-                                                             ("latency_ms", "mbit", "measured_unix_s"))]
-        maddrs = list(request.dht_maddrs)
-        if len(maddrs) > MAX_DHT_MADDRS or any(not m.startswith("/") or len(m) > 256 for m in maddrs):
-            problem = (f"dht_maddrs {maddrs[:MAX_DHT_MADDRS + 1]!r}: expected at most {MAX_DHT_MADDRS} multiaddrs "
-                       "('/ip4/.../tcp/PORT/p2p/ID', under 256 characters each)")
-        if problem or bad:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem or f"link measurement {bad[0]} is not "
-                                "a finite, non-negative latency/bandwidth towards a stage address")
         known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics,
                                       request.loaded_epoch, request.position, device, links,
-                                      request.coordinator_rtt_ms if math.isfinite(request.coordinator_rtt_ms) else 0.0,
-                                      maddrs)
+                                      request.coordinator_rtt_ms, list(request.dht_maddrs))
         await self.notify()
         return pb.HeartbeatReply(known=known)
 
     async def Leave(self, request, context):
+        await self.door(validation.check_leave, request, context)
         self.ledger.leave(request.worker_id)
         await self.notify()
         return pb.LeaveReply()
 
     async def Watch(self, request, context):
+        await self.door(validation.check_watch, request, context)
         try:
             async for state in self._watch(request, context):
                 yield state
@@ -206,25 +206,29 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                     pass
 
     async def LeaseTickets(self, request, context):
+        await self.door(validation.check_lease, request, context)
         rows, reason = self.ledger.lease(request.worker_id, request.max_tickets)
         await self.notify()
         return pb.LeaseReply(tickets=[pb.Ticket(ticket_id=r.id, step=r.step, attempt=r.attempt, index=r.idx,
                                                 shard=r.shard, offset=r.offset) for r in rows], reason=reason)
 
     async def CommitTicket(self, request, context):
+        await self.door(validation.check_commit, request, context)
         result = self.ledger.commit(request.worker_id, request.ticket_id, request.attempt, request.loss,
                                     request.tokens)
         await self.notify()
         return pb.CommitReply(result=_COMMIT[result])
 
     async def ReleaseTickets(self, request, context):
+        await self.door(validation.check_release, request, context)
         n = self.ledger.release(request.worker_id, list(request.ticket_ids))
         await self.notify()
         return pb.ReleaseReply(released=n)
 
     async def ReportStep(self, request, context):
+        await self.door(validation.check_step_report, request, context)
         if request.kind == pb.AVERAGING_FAILED:
-            ok = self.ledger.averaging_failed(request.worker_id, request.step, request.attempt, request.detail[:500])
+            ok = self.ledger.averaging_failed(request.worker_id, request.step, request.attempt, request.detail)
             await self.notify()
             return pb.StepReportReply(accepted=ok)
         ok = self.ledger.report(request.worker_id, request.step, request.attempt, _REPORTS.get(request.kind, ""),
@@ -236,6 +240,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def ReportPeerFailure(self, request, context):
         """Probe the reported peer now: a SIGKILLed worker is declared dead within a second, while
         a live one (the reporter's own link failed) keeps its place."""
+        await self.door(validation.check_peer_failure, request, context)
         suspect = self.ledger.worker_at(request.address)
         if suspect is None or suspect == request.worker_id:
             return pb.PeerFailureReply(declared_dead=False)
@@ -255,24 +260,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def PutCheckpoint(self, request_iterator, context):
         """A stage's state into the store, streamed to disk: only from the worker holding that stage
-        at that step, within the stage's size bound, and kept only if it hashes to what the header
-        declares (coordinator/checkpoint_store.py Upload)."""
+        at that step, within the stage's size bound (coordinator/validation.py), and kept only if it
+        hashes to what the header declares (coordinator/checkpoint_store.py Upload)."""
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "header":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a checkpoint upload starts with its header")
         header, me = first.header, caller(context)
+        await self.door(validation.check_checkpoint_header, header, context)
         spec = StageSpec(header.start_layer, header.end_layer, embed=header.embed, head=header.head)
         refusal = (f"header.worker_id {header.worker_id!r} is not the session's worker {me!r}"
                    if header.worker_id != me else self.ledger.checkpoint_refusal(me, header.step, spec))
         if refusal:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"checkpoint refused: {refusal}")
-        cap = max_checkpoint_bytes(self.shape, spec) if self.shape is not None else 1 << 40
-        if not 0 < header.nbytes <= cap:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"header.nbytes {header.nbytes}: a checkpoint "
-                                f"of layers {spec.start}-{spec.end} is at most {cap} bytes")
-        if len(header.sha256) != 64 or any(c not in "0123456789abcdef" for c in header.sha256.lower()):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"header.sha256 {header.sha256[:80]!r} is not a "
-                                "hex SHA-256 of the blob")
         path = await self._receive(self.store.upload(header.step, spec, header.nbytes, header.sha256),
                                    request_iterator, context)
         forgotten = self.ledger.record_checkpoint(header.step, spec, path)
@@ -301,6 +300,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             upload.discard()
 
     async def GetCheckpoint(self, request, context):
+        await self.door(validation.check_get_checkpoint, request, context)
         spec = StageSpec(request.start_layer, request.end_layer, embed=request.embed, head=request.head)
         try:
             tensors = await asyncio.to_thread(self.store.get, request.step, spec, self.ledger.plan[-1].end)
@@ -337,13 +337,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await asyncio.sleep(period_s)
 
 
-def _device(info: pb.DeviceInfo) -> tuple[dict, str]:
-    """The DeviceInfo as the ledger stores it, or why it cannot be used (a plan divides by it)."""
-    device = {"kind": info.kind, "name": info.name, "memory_bytes": info.memory_bytes,
-              "matmul_tflops": info.matmul_tflops, "dtype": info.dtype, "block_tflops": info.block_tflops}
-    rates = (info.matmul_tflops, info.block_tflops)
-    if info.memory_bytes < 0 or not all(math.isfinite(r) and r >= 0 for r in rates):
-        return device, (f"device {info.name!r}: memory_bytes {info.memory_bytes}, matmul_tflops "
-                        f"{info.matmul_tflops} and block_tflops {info.block_tflops} must be finite and >= 0 "
-                        "(a probe that failed should say so)")
-    return device, ""
+def _device(info: pb.DeviceInfo) -> dict:
+    """The DeviceInfo as the ledger stores it (validation.check_device has checked it)."""
+    return {"kind": info.kind, "name": info.name, "memory_bytes": info.memory_bytes,
+            "matmul_tflops": info.matmul_tflops, "dtype": info.dtype, "block_tflops": info.block_tflops}

@@ -79,6 +79,15 @@ def encode(tensor: torch.Tensor, codec: str) -> Encoded:
     return Encoded(raw.numpy().tobytes(), tuple(tensor.shape), dtype_name(tensor.dtype), codec)
 
 
+def encoded_nbytes(numel: int, codec: str) -> int:
+    """Bytes `codec` encodes `numel` values into (a receiver checks an announced size with it)."""
+    if codec not in CODECS:
+        raise CodecError(f"unknown codec {codec!r}; known: {sorted(CODECS)}")
+    if codec in _QUANT:
+        return _quantized_size(numel, _QUANT[codec])
+    return numel * _CAST[codec].itemsize
+
+
 def _quantized_size(numel: int, qmax: int) -> int:
     blocks = -(-numel // BLOCK)
     return blocks * 4 + blocks * BLOCK * _BITS[qmax] // 8
@@ -225,10 +234,7 @@ def decode(enc: Encoded) -> torch.Tensor:
     if any(d < 0 for d in enc.shape):
         raise CodecError(f"negative dimension in shape {enc.shape}")
     numel = int(np.prod(enc.shape, dtype=np.int64)) if enc.shape else 1
-    if enc.codec in _QUANT:
-        expected = _quantized_size(numel, _QUANT[enc.codec])
-    else:
-        expected = numel * torch.tensor([], dtype=_CAST[enc.codec]).element_size()
+    expected = encoded_nbytes(numel, enc.codec)
     if len(enc.data) != expected:
         raise CodecError(f"{enc.codec} payload for shape {enc.shape} must be {expected} bytes, got "
                          f"{len(enc.data)} ({'truncated' if len(enc.data) < expected else 'too long'})")

@@ -58,7 +58,9 @@ class StageServicer:
         """Request: a header chunk, then the activation bytes in chunks. Reply: a header chunk
         (loss, gradient tensor description), then the gradient bytes in chunks. A refused
         micro-batch ends the call with a status code and a message that says what was wrong:
-        INVALID_ARGUMENT    shape, dtype or codec does not match the stage, or NaN/Inf values
+        INVALID_ARGUMENT    shape, dtype, codec, global_batch, prefix lengths or labels do not match
+        the run and the stage, or NaN/Inf values (worker/micro_batch_validation.py)
+        OUT_OF_RANGE        B above train.micro_batch or T above train.seq_len
         RESOURCE_EXHAUSTED  the payload is larger than the stage accepts
         FAILED_PRECONDITION the micro-batch belongs to a restarted step attempt, or this
         worker holds another stage now

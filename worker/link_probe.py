@@ -16,6 +16,7 @@ import time
 import grpc
 
 from gptjt_core.background import start_background
+from gptjt_core.wire_checks import MAX_LINKS
 
 from .transport import StageClient
 
@@ -46,7 +47,8 @@ class LinkProber:
             self._task = start_background(self._measure_all(todo), "link probes", log)
 
     def take(self) -> list[dict]:
-        out, self.results = self.results, []
+        """Measurements for the next heartbeat: at most MAX_LINKS (the coordinator's cap); the rest wait."""
+        out, self.results = self.results[:MAX_LINKS], self.results[MAX_LINKS:]
         return out
 
     async def _measure_all(self, addresses: list[str]) -> None:

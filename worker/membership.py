@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from gptjt_core.wire_checks import MAX_DETAIL_CHARS, MAX_DHT_MADDRS
 from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
@@ -24,6 +25,10 @@ SESSION_WORKER, SESSION_SECRET = "gptjt-worker", "gptjt-session"
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
              grpc.StatusCode.UNKNOWN)
+# A join the coordinator will never take as it is: a bad token, a finished run, or a field it
+# refuses (coordinator/validation.py: a name too long, a bad address); the worker stops and says why.
+JOIN_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,
+                 grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class JoinRefused(RuntimeError):
@@ -71,7 +76,7 @@ class CoordinatorClient:
             self.metadata = ((SESSION_WORKER, reply.worker_id), (SESSION_SECRET, reply.session))
             return reply
         except grpc.aio.AioRpcError as e:
-            if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION):
+            if e.code() in JOIN_REFUSALS:
                 raise JoinRefused(f"coordinator {self.address} refused the join: {e.details()}") from None
             raise
 
@@ -84,7 +89,7 @@ class CoordinatorClient:
             worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics), loaded_epoch=loaded_epoch,
             position=position, device=pb.DeviceInfo(**device) if device else None,
             links=[pb.LinkMeasurement(**m) for m in links or []], coordinator_rtt_ms=rtt_ms,
-            dht_maddrs=dht_maddrs or []), timeout=5.0)
+            dht_maddrs=(dht_maddrs or [])[:MAX_DHT_MADDRS]), timeout=5.0)
         return reply.known
 
     async def put_checkpoint(self, worker_id: str, step: int, spec, blob: bytes, chunk_bytes: int,
@@ -152,14 +157,16 @@ class CoordinatorClient:
         """kind: pb.CONTRIBUTION, pb.AVERAGED, pb.APPLIED or pb.AVERAGING_FAILED (see coordinator.proto)."""
         reply = await self._retry(self.stub.ReportStep, pb.StepReport(
             worker_id=worker_id, step=step, attempt=attempt, kind=kind, grad_norm_sq=grad_norm_sq,
-            micro_batches=micro_batches, group_weight=group_weight, state_digest=state_digest, detail=detail))
+            micro_batches=micro_batches, group_weight=group_weight, state_digest=state_digest,
+            detail=detail[:MAX_DETAIL_CHARS]))
         return reply.accepted
 
     async def report_peer_failure(self, worker_id: str, address: str, reason: str) -> bool:
         """Tell the coordinator a peer failed; True if it was declared dead."""
         try:
             reply = await self.stub.ReportPeerFailure(pb.PeerFailure(worker_id=worker_id, address=address,
-                                                                     reason=reason), timeout=5.0, metadata=self.metadata)
+                                                                     reason=reason[:MAX_DETAIL_CHARS]),
+                                                 timeout=5.0, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
             log.warning("could not report peer %s (%s)", address, e.code().name)
             return False

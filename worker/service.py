@@ -12,16 +12,18 @@ import grpc
 
 from gptjt_core.compression import encode
 from gptjt_core.config import PipelineConfig
+from gptjt_core.wire_checks import Refused
 from gptjt_proto import stage_pb2 as pb
 from gptjt_proto import stage_pb2_grpc as pb_grpc
 
 from .compute import OTHER, ComputeQueue
 from .downstream import DownstreamSender
+from .micro_batch_validation import StageLimits
 from .micro_batch_work import StageInput, work_micro_batch
 from .routing import NoReplicaAvailable
 from .stage import LayerSlice, StaleMicroBatch
 from .stage_tls import caller_identity
-from .transport import LinkCounters, RejectedMicroBatch, gradient_reply, read_micro_batch
+from .transport import LinkCounters, gradient_reply, read_micro_batch
 from .wire import data_chunks
 
 log = logging.getLogger(__name__)
@@ -78,12 +80,12 @@ class StageService(pb_grpc.StageServicer):
         if stage.spec.embed:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "this worker holds stage 0, which reads tokens itself and takes no activations")
+        limits = StageLimits.of(stage.run, s.index, stage.model.config.n_embd, stage.model.config.vocab_size)
         try:
-            inc = await read_micro_batch(request_iterator, s.index, stage.model.config.n_embd,
-                                         pipeline.max_payload_bytes, self.counters)
-        except RejectedMicroBatch as e:
+            inc = await read_micro_batch(request_iterator, limits, self.counters)
+        except Refused as e:
             log.warning("refused a micro-batch from %s: %s", context.peer(), e)
-            await context.abort(e.code, str(e))
+            await context.abort(grpc.StatusCode[e.code], str(e))
         h = inc.header
         refusal = await self._for_the_open_step(h.step, h.attempt)
         if refusal:

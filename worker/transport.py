@@ -6,18 +6,18 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
 
 import grpc
-import numpy as np
 import torch
 
-from gptjt_core.compression import CODECS, CodecError, Encoded, decode
+from gptjt_core.compression import Encoded
 from gptjt_core.config import LinkConfig
+from gptjt_core.wire_checks import INVALID_ARGUMENT, RESOURCE_EXHAUSTED, Refused
 from gptjt_proto import stage_pb2 as pb
 from gptjt_proto import stage_pb2_grpc as pb_grpc
 
 from .link_shaper import LinkShaper
+from .micro_batch_validation import Incoming, StageLimits, check_header, check_payload
 from .stage_tls import target_name
 from .wire import data_chunks, encoded_from, meta_pb
 
@@ -36,101 +36,39 @@ class LinkCounters:
         self.received = 0
 
 
-class RejectedMicroBatch(ValueError):
-    """A stage message that must be refused; `code` is the gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class Incoming:
-    """A decoded micro-batch as a stage receives it."""
-
-    header: pb.MicroBatchHeader
-    activations: torch.Tensor  # (B, T, D)
-    prefix_lengths: torch.Tensor  # (B,)
-    labels: torch.Tensor  # (B, T)
-
-
 def labels_bytes(labels: torch.Tensor) -> bytes:
     return labels.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()
 
 
-async def read_micro_batch(request_iterator, expected_stage: int, hidden: int, max_payload: int,
-                           counters: LinkCounters) -> Incoming:
-    """Assemble and validate a streamed micro-batch; raise RejectedMicroBatch on bad input."""
-    header, payload = await _receive(request_iterator, max_payload)
+async def read_micro_batch(request_iterator, limits: StageLimits, counters: LinkCounters) -> Incoming:
+    """Assemble a streamed micro-batch, checking its header before taking any of its bytes
+    (worker/micro_batch_validation.py); raise Refused on bad input."""
+    header, payload = await _receive(request_iterator, limits)
     counters.received += len(payload)
-    return _validated(header, payload, expected_stage, hidden)
+    return check_payload(header, payload, limits)
 
 
-async def _receive(request_iterator, max_payload: int) -> tuple[pb.MicroBatchHeader, bytes]:
+async def _receive(request_iterator, limits: StageLimits) -> tuple[pb.MicroBatchHeader, bytes]:
     """The header and the activations' bytes, refusing a stream that does not follow its header."""
     header, parts, size = None, [], 0
     async for chunk in request_iterator:
         kind = chunk.WhichOneof("part")
         if header is None:
             if kind != "header":
-                raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
-                                         f"first chunk must be a header, got {kind!r}")
+                raise Refused(INVALID_ARGUMENT, "micro_batch", kind, "a header as the first chunk")
+            check_header(chunk.header, limits)
             header = chunk.header
-            meta = header.activations
-            if meta.nbytes > max_payload:
-                raise RejectedMicroBatch(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                         f"payload of {meta.nbytes} bytes exceeds this stage's limit of "
-                                         f"{max_payload} bytes (pipeline.max_payload_bytes)")
             continue
         if kind != "data":
-            raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind!r} chunk after the header")
+            raise Refused(INVALID_ARGUMENT, "micro_batch", kind, "only data chunks after the header")
         size += len(chunk.data)
-        if size > max(header.activations.nbytes, 0) or size > max_payload:
-            raise RejectedMicroBatch(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                     f"received {size} bytes, more than the {header.activations.nbytes} "
-                                     f"the header announced (limit {max_payload})")
+        if size > header.activations.nbytes:
+            raise Refused(RESOURCE_EXHAUSTED, "micro_batch.activations", f"{size} bytes",
+                          f"the {header.activations.nbytes} bytes the header announced", show=f"{size} bytes")
         parts.append(chunk.data)
     if header is None:
-        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, "empty request: no header")
+        raise Refused(INVALID_ARGUMENT, "micro_batch", None, "a header: the request was empty")
     return header, b"".join(parts)
-
-
-def _validated(header: pb.MicroBatchHeader, payload: bytes, expected_stage: int, hidden: int) -> Incoming:
-    """The micro-batch as tensors, if every field fits this stage."""
-    if header.gradient_codec and header.gradient_codec not in CODECS:
-        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"gradient_codec {header.gradient_codec!r} is unknown; known: {sorted(CODECS)}")
-    if header.stage != expected_stage:
-        raise RejectedMicroBatch(grpc.StatusCode.FAILED_PRECONDITION,
-                                 f"micro-batch for stage {header.stage} sent to a worker holding stage {expected_stage}")
-    meta = header.activations
-    shape = tuple(meta.shape)
-    if len(shape) != 3 or shape[2] != hidden or shape[0] < 1 or shape[1] < 1:
-        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"activations of shape {shape}; this stage takes (B, T, {hidden})")
-    if meta.dtype not in ("float32", "bfloat16", "float16"):
-        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"activations of dtype {meta.dtype!r}; expected a floating dtype")
-    try:
-        x = decode(encoded_from(meta, payload))
-    except CodecError as e:
-        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, f"activations do not decode: {e}") from None
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).sum())
-        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"activations contain {bad} NaN/Inf value(s); refusing the micro-batch")
-    B, T = shape[0], shape[1]
-    if len(header.prefix_lengths) != B:
-        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"{len(header.prefix_lengths)} prefix lengths for a batch of {B}")
-    prefix = torch.tensor(list(header.prefix_lengths), dtype=torch.long)
-    if int(prefix.min()) < 0 or int(prefix.max()) > T:
-        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT, f"prefix lengths {prefix.tolist()} outside [0, {T}]")
-    if len(header.labels) != B * T * 8:
-        raise RejectedMicroBatch(grpc.StatusCode.INVALID_ARGUMENT,
-                                 f"labels are {len(header.labels)} bytes; (B, T) = {(B, T)} int64 needs {B * T * 8}")
-    labels = torch.from_numpy(np.frombuffer(header.labels, dtype="<i8").astype(np.int64).reshape(B, T))
-    return Incoming(header, x, prefix, labels)
 
 
 def gradient_reply(loss: float, targets: int, grad: Encoded | None, chunk_bytes: int, counters: LinkCounters,

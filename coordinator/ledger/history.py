@@ -11,6 +11,7 @@ import json
 import statistics
 
 from .db import LedgerDB
+from .stored_values import shown_float
 
 HISTORY_STEPS = 200  # closed steps listed in full in the status object, newest
 LOSS_CURVE_POINTS = 500  # points of the status object's whole-run loss curve, at most
@@ -55,5 +56,6 @@ class StepHistory:
         bucket = max(1, -(-steps_done // LOSS_CURVE_POINTS))
         rows = self.db.execute("SELECT MAX(step), AVG(loss), SUM(tokens), SUM(closed - opened) FROM steps "
                                "GROUP BY step / ? ORDER BY 1", (bucket,)).fetchall()
-        return [{"step": step, "loss": loss, "tokens_per_s": tokens / seconds if seconds > 0 else None}
+        return [{"step": step, "loss": shown_float(loss, "steps.loss"),
+                 "tokens_per_s": tokens / seconds if seconds > 0 else None}
                 for step, loss, tokens, seconds in rows]

@@ -12,6 +12,7 @@ from gptjt_core.config import SchedulerConfig
 
 from .db import ALIVE_STATES, LedgerDB, alive_marks
 from .events import EventLog
+from .stored_values import stored_json
 
 MOVED = 0.2  # relative change of a device rate or a link's bandwidth that counts as news
 
@@ -28,7 +29,7 @@ class Measurements:
         records it as a `measured` event)."""
         changed = []
         if device:
-            before = json.loads(row["device"] or "{}")
+            before = stored_json(row["device"], {}, "workers.device")
             self.db.execute("UPDATE workers SET device=? WHERE id=?",
                             (json.dumps({**device, "at_run_dtype": True}), worker_id))
             old_rate = before.get("matmul_tflops", 0.0)
@@ -74,5 +75,7 @@ class Measurements:
 
     def measured_workers(self) -> int:
         """Live workers whose device was measured at the run's dtype (reported after joining)."""
+        # json_valid first: a ledger an older version wrote may hold anything in `device`
         return self.db.execute("SELECT COUNT(*) FROM workers WHERE state IN ('loading', 'ready', 'standby') AND "
-                               "json_extract(device, '$.at_run_dtype')").fetchone()[0]
+                               "CASE WHEN json_valid(device) THEN json_extract(device, '$.at_run_dtype') END"
+                               ).fetchone()[0]

@@ -27,6 +27,7 @@ from .db import LedgerDB
 from .events import EventLog
 from .measurements import Measurements
 from .step_state import StepState
+from .stored_values import stored_json
 from .workers import WorkerRegistry
 
 
@@ -67,7 +68,7 @@ class StagePlanner:
         for r in self.workers.live(("loading", "ready", "standby")):
             if r["id"] in held:
                 continue
-            device = json.loads(r["device"] or "{}")
+            device = stored_json(r["device"], {}, "workers.device")
             # One block of the run's model, measured, beats a square matmul's peak (see worker/probe.py)
             rate = device.get("block_tflops") or device.get("matmul_tflops", 0.0)
             views.append(WorkerView(r["id"], r["address"], float(rate),

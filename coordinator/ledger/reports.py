@@ -8,7 +8,8 @@ per (step, attempt, worker, kind); a restarted attempt's and a rolled-back step'
 from __future__ import annotations
 
 from .db import LedgerDB
-from .rules import Contribution, Sum, norm_sq
+from .rules import Contribution, Sum
+from .stored_values import stored_float, stored_norm_sq
 
 CONTRIBUTION, AVERAGED, APPLIED = "contribution", "averaged", "applied"
 
@@ -60,9 +61,12 @@ class ReportBook:
 
 
 def contributions(by_stage: dict) -> dict[int, list[Contribution]]:
-    return {s: [Contribution(r["worker"], norm_sq(r["grad_norm_sq"]), r["micro_batches"]) for r in rows]
+    return {s: [Contribution(r["worker"], stored_norm_sq(r["grad_norm_sq"], "reports.grad_norm_sq"),
+                             r["micro_batches"] or 0) for r in rows]
             for s, rows in by_stage.items()}
 
 
 def sums(by_stage: dict) -> dict[int, list[Sum]]:
-    return {s: [Sum(r["group_weight"], norm_sq(r["grad_norm_sq"])) for r in rows] for s, rows in by_stage.items()}
+    return {s: [Sum(stored_float(r["group_weight"], "reports.group_weight"),
+                    stored_norm_sq(r["grad_norm_sq"], "reports.grad_norm_sq")) for r in rows]
+            for s, rows in by_stage.items()}

@@ -7,8 +7,6 @@ event loop): the newest steps in full, the whole run bucketed, kept exactly-once
 
 from __future__ import annotations
 
-import json
-
 from gptjt_core.config import RunConfig
 
 from .checkpoints import CheckpointIndex
@@ -19,6 +17,7 @@ from .liveness_guard import LivenessGuard
 from .measurements import Measurements
 from .planning import StagePlanner
 from .step_state import StepState
+from .stored_values import finite_metrics, shown_float, stored_json
 from .tickets import TicketBook
 from .tokens import TokenStore
 from .workers import WorkerRegistry
@@ -44,10 +43,11 @@ class StatusView:
             "step": st.step, "steps_total": self.run.train.steps, "attempt": st.attempt, "phase": st.phase,
             "paused": st.paused, "tokens": self.history.total_tokens(),
             "tokens_per_s": sum(r["tokens"] for r in recent) / span if span > 0 else 0.0,
-            "loss": steps[-1]["loss"] if steps else None,
-            "history": [{"step": r["step"], "loss": r["loss"], "tokens": r["tokens"], "grad_norm": r["grad_norm"],
+            "loss": shown_float(steps[-1]["loss"], "steps.loss") if steps else None,
+            "history": [{"step": r["step"], "loss": shown_float(r["loss"], "steps.loss"), "tokens": r["tokens"],
+                         "grad_norm": shown_float(r["grad_norm"], "steps.grad_norm"),
                          "seconds": r["closed"] - r["opened"], "attempts": r["attempts"],
-                         "stages": json.loads(r["detail"])} for r in steps],
+                         "stages": stored_json(r["detail"], {}, "steps.detail")} for r in steps],
             "loss_curve": self.history.loss_curve(st.step),
             "workers": self._workers(now), "stages": self._stages(),
             "plan": self.planner.status(self.history.median_seconds()), "liveness": self.guard.status(),
@@ -65,8 +65,10 @@ class StatusView:
     def _workers(self, now: float) -> list[dict]:
         latency, drains = self.measurements.coordinator_latency_ms(), self.state.drains()
         return [{"id": r["id"], "name": r["name"], "address": r["address"], "stage": r["stage"], "state": r["state"],
-                 "last_heartbeat_s": round(now - r["last_heartbeat"], 3), "device": json.loads(r["device"] or "{}"),
-                 "metrics": json.loads(r["metrics"] or "{}"), "tickets_done": r["tickets_done"],
+                 "last_heartbeat_s": round(now - r["last_heartbeat"], 3),
+                 "device": stored_json(r["device"], {}, "workers.device"),
+                 "metrics": finite_metrics(stored_json(r["metrics"], {}, "workers.metrics"), "workers.metrics"),
+                 "tickets_done": r["tickets_done"],
                  "coordinator_latency_ms": latency.get(r["id"]), "joined": r["joined"],
                  "drain_requested": r["id"] in drains and r["state"] in ALIVE_STATES}
                 for r in self.workers.all()]

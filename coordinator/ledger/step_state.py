@@ -13,6 +13,7 @@ WAITING, or DONE.
 from __future__ import annotations
 
 from .db import LedgerDB
+from .stored_values import stored_float
 
 WAITING, OPEN, ACCUMULATED, AVERAGING, APPLYING, DONE = ("waiting", "open", "accumulated", "averaging",
                                                          "applying", "done")
@@ -135,8 +136,10 @@ class StepState:
 
     @property
     def grad_norm(self) -> float:
+        """The step's global norm (0.0 before one is known; NaN for what an older version stored
+        that is no number, e.g. a complex norm: workers then skip the update)."""
         value = self.db.meta("grad_norm")
-        return float(value) if value is not None else 0.0
+        return stored_float(value, "meta grad_norm") if value is not None else 0.0
 
     @grad_norm.setter
     def grad_norm(self, value: float) -> None:

@@ -9,6 +9,8 @@ once (its verdict is taken as it closes and kept in step_audits).
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 
 from gptjt_core.config import RunConfig
@@ -17,6 +19,9 @@ from gptjt_core.data import step_micro_batches
 from .db import LedgerDB
 from .events import EventLog
 from .rules import exactly_once
+from .stored_values import stored_float
+
+log = logging.getLogger("gptjt.coordinator.ledger")
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,22 @@ class TicketBook:
                                (step, attempt)).fetchone()[0]
 
     def totals(self, step: int, attempt: int) -> tuple[float, int]:
-        """(loss, tokens) summed over the committed tickets of (step, attempt)."""
-        return self.db.execute("SELECT SUM(loss), SUM(tokens) FROM tickets WHERE step=? AND attempt=? "
-                               "AND state='committed'", (step, attempt)).fetchone()
+        """(loss, tokens) summed over the committed tickets of (step, attempt).
+
+        A share committed as NaN (a diverged micro-batch; SQLite keeps NaN as NULL) makes the
+        step's loss not finite: it is +Inf, which the steps table can hold (NaN it cannot), and
+        the step closes; the status object shows it as null."""
+        loss, tokens, count, unknown = self.db.execute(
+            "SELECT SUM(loss), SUM(tokens), COUNT(*), COUNT(*) - COUNT(loss) FROM tickets WHERE step=? AND "
+            "attempt=? AND state='committed'", (step, attempt)).fetchone()
+        if count == 0:
+            return 0.0, 0
+        loss = stored_float(loss, "tickets.loss")
+        if unknown or math.isnan(loss):
+            log.warning("step %d attempt %d: %d of %d micro-batch losses are not finite; the step's loss is "
+                        "recorded as +Inf", step, attempt, unknown, count)
+            loss = math.inf
+        return loss, tokens or 0
 
     def of_attempt(self, step: int, attempt: int) -> list[dict]:
         return [dict(r) for r in self.db.execute("SELECT idx, shard, offset, state, worker, leases FROM tickets "

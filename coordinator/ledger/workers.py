@@ -14,6 +14,7 @@ import uuid
 from .db import ALIVE_STATES, LedgerDB, alive_marks
 from .errors import OperatorError
 from .events import EventLog
+from .stored_values import stored_json
 
 
 class WorkerRegistry:
@@ -92,7 +93,8 @@ class WorkerRegistry:
         peers: list[str] = []
         for r in sorted(rows, key=lambda r: r["stage"] != stage):
             if r["id"] != worker_id:
-                peers.extend(m for m in json.loads(r["dht_maddrs"]) if m not in peers)
+                peers.extend(m for m in stored_json(r["dht_maddrs"], [], "workers.dht_maddrs")
+                             if isinstance(m, str) and m not in peers)
         return peers[:limit]
 
     # -- writing -----------------------------------------------------------------------

@@ -196,7 +196,8 @@ def test_duplicate_commit_is_counted_once(swarm_factory):
         assert join.assignment.stage == 0 and join.assignment.head and join.assignment.embed
         session = (("gptjt-worker", join.worker_id), ("gptjt-session", join.session))
         stub.Heartbeat(cpb.HeartbeatRequest(worker_id=join.worker_id, state=cpb.READY), timeout=10, metadata=session)
-        lease = stub.LeaseTickets(cpb.LeaseRequest(worker_id=join.worker_id, max_tickets=4), timeout=10,
+        # one stage: at most 2 micro-batches in flight (pipeline.in_flight), so at most 2 per lease
+        lease = stub.LeaseTickets(cpb.LeaseRequest(worker_id=join.worker_id, max_tickets=2), timeout=10,
                                   metadata=session)
         assert len(lease.tickets) == 1
         t = lease.tickets[0]
@@ -210,7 +211,7 @@ def test_duplicate_commit_is_counted_once(swarm_factory):
                                  metadata=session).result == cpb.NOT_LEASED
         # another worker's name: refused at the door (a session acts only as its own worker)
         with pytest.raises(grpc.RpcError) as err:
-            stub.CommitTicket(cpb.CommitRequest(worker_id="someone", ticket_id=999), timeout=10, metadata=session)
+            stub.CommitTicket(cpb.CommitRequest(worker_id="0123456789ab", ticket_id=999), timeout=10, metadata=session)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # read the ledger before this raw worker times out (that would restart the step)
         status = json.loads(stub.Status(cpb.StatusRequest(), timeout=10).json)
@@ -241,11 +242,17 @@ def test_bad_stage_messages_are_refused_and_the_worker_keeps_serving(swarm_facto
     from gptjt_proto import stage_pb2_grpc as spb_grpc
     from worker.wire import data_chunks, meta_pb
 
-    swarm = swarm_factory(steps=1)
+    # A paused run holds step 0 open, so a well-formed micro-batch of it is one stage 1 works on;
+    # plaintext links, so this raw client needs no certificate (mTLS has its own tests: test_hostile.py).
+    swarm = swarm_factory(steps=5, extra='[link]\ntls = "off"')
     swarm.start_coordinator()
+    paused = subprocess.run([str(BIN / "gptjt"), "pause", "--coordinator", swarm.address, "--admin-token",
+                             swarm.admin_token], capture_output=True, text=True, timeout=60)
+    assert paused.returncode == 0, paused.stderr
     swarm.start_worker("w0")
     swarm.start_worker("w1")
-    status = swarm.wait(done, 120, "the run to finish")
+    status = swarm.wait(lambda s: [w["state"] for w in s["workers"]] == ["ready", "ready"], 120,
+                        "two ready stage workers")
     last = next(w for w in status["workers"] if w["stage"] == 1)
     B, T, D = 1, 16, 128
     labels = np.full((B, T), 7, dtype="<i8").tobytes()
@@ -253,7 +260,8 @@ def test_bad_stage_messages_are_refused_and_the_worker_keeps_serving(swarm_facto
     def send(tensor=None, codec="fp32", header_overrides=None, data=None):
         enc = encode(tensor if tensor is not None else torch.randn(B, T, D), codec)
         meta = meta_pb(enc)
-        header = spb.MicroBatchHeader(ticket_id=1, step=5, attempt=0, global_batch=4, prefix_lengths=[3],
+        header = spb.MicroBatchHeader(ticket_id=1, step=status["step"], attempt=status["attempt"], global_batch=4,
+                                      prefix_lengths=[3],
                                       labels=labels, activations=meta, stage=1)
         for k, v in (header_overrides or {}).items():
             if k == "nbytes":
@@ -279,16 +287,27 @@ def test_bad_stage_messages_are_refused_and_the_worker_keeps_serving(swarm_facto
         (dict(header_overrides={"nbytes": 1 << 40}), grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds this stage's limit"),
         (dict(header_overrides={"stage": 0}), grpc.StatusCode.FAILED_PRECONDITION, "holding stage 1"),
         (dict(header_overrides={"prefix_lengths": [99]}), grpc.StatusCode.INVALID_ARGUMENT, "prefix lengths"),
+        (dict(header_overrides={"global_batch": 0}), grpc.StatusCode.INVALID_ARGUMENT, "micro_batch.global_batch = 0"),
+        (dict(header_overrides={"gradient_codec": "zip"}), grpc.StatusCode.INVALID_ARGUMENT, "gradient_codec"),
+        (dict(tensor=torch.randn(B, 65, D)), grpc.StatusCode.OUT_OF_RANGE, "train.seq_len"),  # the (B,1,T,T) mask
+        (dict(tensor=torch.randn(3, T, D)), grpc.StatusCode.OUT_OF_RANGE, "train.micro_batch"),
+        (dict(header_overrides={"labels": np.full((B, T), 50400, dtype="<i8").tobytes()}),
+         grpc.StatusCode.INVALID_ARGUMENT, "[0, 50400) or -100"),  # a device-side assert on a GPU
     ]
     for kwargs, code, words in cases:
         with pytest.raises(grpc.RpcError) as err:
             send(**kwargs)
         assert err.value.code() == code, (kwargs.keys(), err.value.details())
         assert words in err.value.details()
-    # still serving: a well-formed micro-batch (of a step past the run's end) gets its gradient back
+    # still serving: a well-formed micro-batch of the open step gets its gradient back
     reply = send()
     assert reply[0].WhichOneof("part") == "reply" and reply[0].reply.gradient.shape == [B, T, D]
     assert sum(len(c.data) for c in reply[1:]) == B * T * D * 4
+    with pytest.raises(grpc.RpcError) as err:  # and one of a step not open is refused
+        send(header_overrides={"step": status["step"] + 3})
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "the open step is" in err.value.details()
+    for proc in swarm.procs[1:]:
+        proc.kill()  # a paused run's workers would wait out their drain timeout
 
 
 def test_quantized_codecs_cut_link_bytes_and_stay_on_the_curve(swarm_factory):

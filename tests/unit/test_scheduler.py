@@ -203,14 +203,21 @@ def test_even_placement_ignores_measurements(tmp_path):
     assert ledger.status()["plan"]["ranges"] == [[0, 2], [2, 4]]
 
 
-@pytest.mark.parametrize("tflops,memory", [(float("nan"), 1), (-1.0, 1), (1.0, -5)])
-def test_a_device_report_that_cannot_be_planned_with_is_refused(tflops, memory):
-    from coordinator.server import _device
+@pytest.mark.parametrize("tflops,memory,field,words", [(float("nan"), 1, "matmul_tflops", "finite"),
+                                                       (-1.0, 1, "matmul_tflops", "finite"),
+                                                       (1.0, -5, "memory_bytes", ">= 0")])
+def test_a_device_report_that_cannot_be_planned_with_is_refused(tflops, memory, field, words):
+    # The check moved from coordinator.server._device to the validation layer (tests/unit/test_validation.py
+    # covers every field); the refusal names the field and what it must be.
+    from coordinator.validation import check_device
+    from gptjt_core.wire_checks import Refused
     from gptjt_proto import coordinator_pb2 as pb
 
-    _, problem = _device(pb.DeviceInfo(name="gpu0", matmul_tflops=tflops, memory_bytes=memory))
-    assert "gpu0" in problem and "finite" in problem
-    assert _device(pb.DeviceInfo(name="gpu0", matmul_tflops=1.0, memory_bytes=1))[1] == ""
+    with pytest.raises(Refused) as refused:
+        check_device(pb.DeviceInfo(name="gpu0", matmul_tflops=tflops, memory_bytes=memory), "join.device")
+    assert refused.value.code == "INVALID_ARGUMENT" and f"join.device.{field}" in str(refused.value)
+    assert words in str(refused.value)
+    check_device(pb.DeviceInfo(name="gpu0", matmul_tflops=1.0, memory_bytes=1), "join.device")  # plannable
 
 
 def test_a_worker_too_small_for_a_layer_never_gets_a_stage_in_the_ledger(tmp_path):
