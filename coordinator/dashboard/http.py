@@ -7,9 +7,10 @@ The loop is the one that owns the ledger's SQLite connection, so handlers call t
   GET  /api/stream            the status object as Server-Sent Events, once a second
   GET  /api/events            the event log: ?after_id=N&limit=N&kind=K (as `gptjt events --json`)
   GET  /metrics               Prometheus text format (the run, and each live worker)
-  POST /api/admin/ACTION      drain | pause | resume | token-create | token-revoke, with the
+  POST /api/admin/ACTION      drain | pause | resume | token-create | token-revoke |
+                              token-revoke-and-end-sessions, with the
                               header "Authorization: Bearer ADMIN_TOKEN" and a JSON body
-                              {"worker": ID} (drain) or {"token": ID_OR_TOKEN} (token-revoke)
+                              {"worker": ID} (drain) or {"token": ID_OR_TOKEN} (token-revoke*)
 Errors are JSON {"error": message}: 400 bad argument, 401 no/wrong admin token, 404 unknown
 page, worker or token, 409 cannot be done now (the worker already left), 413 body over the cap.
 A body over the cap is refused from its Content-Length, unread and before any token is looked

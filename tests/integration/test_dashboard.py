@@ -213,6 +213,12 @@ def test_page_in_headless_chromium(browser, swarm, tmp_path):
     points = page.eval("[...document.querySelectorAll('#loss-plot circle.pt')].map(c => Number(c.dataset.value))")
     assert points == [p["loss"] for p in s["loss_curve"]] == [h["loss"] for h in s["history"]]
 
+    # Every valid join token has both revoke buttons (plain, and ending the sessions it admitted).
+    valid = [k["id"] for k in s["join_tokens"] if not k["revoked"]]
+    for cls in ("revoke", "revoke-end"):
+        assert page.eval(f"[...document.querySelectorAll('#tokens-table button.{cls}')].map(b => b.dataset.token)") \
+            == valid, cls
+
     # An admin action without the token is refused, and nothing changes ...
     page.eval("document.querySelector('#btn-resume').click()")
     page.wait_for("document.querySelector('#admin-result').dataset.status", 10, "the refusal")
@@ -320,6 +326,34 @@ def test_nan_heartbeat_metric_does_not_break_the_json(tls_swarm):
     samples = [x for f in text_string_to_metric_families(body.decode()) for x in f.samples
                if x.labels.get("worker") == worker]
     assert samples and all(math.isfinite(x.value) for x in samples)
+
+
+def test_revoking_a_token_from_the_dashboard_ends_its_sessions(tls_swarm):
+    """The dashboard's 'revoke + end sessions': the worker that token admitted is refused at its next call."""
+    def admin(action: str, body: dict) -> dict:
+        request = urllib.request.Request(tls_swarm.dashboard_url + f"api/admin/{action}", method="POST",
+                                         data=json.dumps(body).encode(),
+                                         headers={"Authorization": f"Bearer {tls_swarm.admin_token}"})
+        with urllib.request.urlopen(request, timeout=20, context=tls_swarm.tls) as reply:
+            return strict_json(reply.read())
+
+    token = admin("token-create", {})
+    creds = grpc.ssl_channel_credentials(Path(tls_swarm.cert).read_bytes())
+    with grpc.secure_channel(tls_swarm.address, creds) as channel:
+        stub = cpb_grpc.CoordinatorStub(channel)
+        joined = stub.Join(cpb.JoinRequest(token=token["token"], name="revoked", address="127.0.0.1:1",
+                                           public_key_pem=public_key_pem(new_key_pem()).decode()), timeout=10)
+        session = (("gptjt-worker", joined.worker_id), ("gptjt-session", joined.session))
+        beat = cpb.HeartbeatRequest(worker_id=joined.worker_id, state=cpb.STANDBY, loaded_epoch=-1, position=-1)
+        assert stub.Heartbeat(beat, timeout=10, metadata=session).known
+        admin("token-revoke-and-end-sessions", {"token": token["id"]})
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Heartbeat(beat, timeout=10, metadata=session)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as refused:  # nor can it join again with that token
+            stub.Join(cpb.JoinRequest(token=token["token"], name="again", address="127.0.0.1:1",
+                                      public_key_pem=public_key_pem(new_key_pem()).decode()), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_plaintext_dashboard_beyond_loopback_is_served_with_a_warning(tmp_path):

@@ -256,7 +256,10 @@ function renderEvents(s) {
 function renderTokens(s) {
   fillBody("#tokens-table", s.join_tokens.map((k) => el("tr", { dataset: { token: k.id } },
     td(k.id), td(fmtTime(k.created)), td(k.revoked ? "revoked" : "valid"),
-    el("td", {}, k.revoked ? "" : el("button", { class: "revoke", dataset: { token: k.id } }, "revoke")))));
+    el("td", {}, ...(k.revoked ? [] : [
+      el("button", { class: "revoke", dataset: { token: k.id } }, "revoke"),
+      // also ends the sessions this token admitted: those workers are refused from their next call
+      el("button", { class: "revoke-end", dataset: { token: k.id } }, "revoke + end sessions")])))));
 }
 
 let last = null;
@@ -332,6 +335,7 @@ document.addEventListener("click", (e) => {
   const target = e.target;
   if (target.matches("button.drain")) admin("drain", { worker: target.dataset.worker });
   if (target.matches("button.revoke")) admin("token-revoke", { token: target.dataset.token });
+  if (target.matches("button.revoke-end")) admin("token-revoke-and-end-sessions", { token: target.dataset.token });
 });
 $("#show-routine").addEventListener("change", () => last && renderEvents(last));
 
