@@ -18,10 +18,10 @@ from gptjt_core.model import StageSpec
 from gptjt_core.wire_checks import Refused
 from . import validation
 from .checkpoint_store import CheckpointStore
-from .dashboard.finite_json import dumps as finite_json
 from .rate_limit import RateLimiter
 from .run_ca import RunCA
 from .sessions import caller
+from .status_cache import StatusCache
 
 from .ledger import ALIVE_STATES, RunLedger
 
@@ -61,6 +61,9 @@ async def address_is_down(address: str, timeout_s: float = 2.0) -> bool:
     return False
 
 
+WATCH_REFRESH_S = 10.0  # a Watch stream re-reads its RunState at least this often (seconds)
+
+
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """The Coordinator gRPC API: each method checks its request and makes one ledger call."""
 
@@ -74,6 +77,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.ca = ca
         c = ledger.run.coordinator
         self.joins = RateLimiter(c.joins_per_s, c.join_burst)  # per join token
+        self.statuses = StatusCache(ledger)  # Status, the dashboard and /metrics: built off the event loop
         self.changed = asyncio.Condition()  # notified after every ledger change (Watch)
         self._seen_version = ledger.version
         self.limits = validation.RunLimits.of(ledger.run, ledger.plan[-1].end, ledger.shape)
@@ -184,10 +188,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.warning("worker %s at %s is down (its stream closed): declared dead", worker_id, row["address"])
 
     async def _watch(self, request, context):
-        last = None
+        last, seen, read_at = None, None, 0.0
         while not context.cancelled():
-            state = self.ledger.run_state(request.worker_id)
-            state["dht_peers"] = self.run_dht_peers(request.worker_id)
+            # Read only when the ledger moved (thousands of streams wake together), or every
+            # WATCH_REFRESH_S for what ages without a write (which links are due for measuring).
+            if self.ledger.version != seen or time.monotonic() - read_at > WATCH_REFRESH_S:
+                seen, read_at = self.ledger.version, time.monotonic()
+                state = self.ledger.run_state(request.worker_id)
+                state["dht_peers"] = self.run_dht_peers(request.worker_id)
+            else:
+                state = last
             if state != last:
                 last = state
                 yield pb.RunState(step=state["step"], attempt=state["attempt"], phase=_PHASES[state["phase"]],
@@ -256,7 +266,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PeerFailureReply(declared_dead=True)
 
     async def Status(self, request, context):
-        return pb.StatusReply(json=finite_json(self.ledger.status()).decode())  # NaN-free, as the dashboard's
+        return pb.StatusReply(json=(await self.statuses.get())[1].decode())  # NaN-free, as the dashboard's
 
     async def PutCheckpoint(self, request_iterator, context):
         """A stage's state into the store, streamed to disk: only from the worker holding that stage

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from importlib import resources
 
 from aiohttp import web
@@ -31,7 +30,8 @@ from aiohttp.abc import AbstractAccessLogger
 
 from ..admin_token import Unauthorized
 from ..ledger import OperatorError
-from .finite_json import dumps
+from ..finite_json import dumps
+from ..status_cache import StatusCache
 from .metrics import render_metrics
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,13 @@ class _DebugAccessLog(AbstractAccessLogger):
 class Dashboard:
     """The page and API of one coordinator, served on its event loop; `start()` binds, `stop()` ends."""
 
-    def __init__(self, ledger, actions, stream_interval_s: float = 1.0, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, ledger, actions, stream_interval_s: float = 1.0, max_body_bytes: int = MAX_BODY_BYTES,
+                 statuses: StatusCache | None = None):
+        """statuses: the coordinator's shared status builder (its own one if None)."""
         self.ledger, self.actions = ledger, actions
+        self.statuses = statuses if statuses is not None else StatusCache(ledger)
         self.stream_interval_s = stream_interval_s
         self.stopping = asyncio.Event()  # ends the SSE streams
-        self._cache: tuple[float, dict | None, bytes] = (0.0, None, b"")  # (monotonic s, status, its JSON)
         self.assets = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in _STATIC}
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_body_guard(max_body_bytes)])
         self.app.add_routes([
@@ -135,15 +137,6 @@ class Dashboard:
         self.stopping.set()
         await self.runner.cleanup()
 
-    def status_now(self, max_age_s: float = 0.25) -> tuple[dict, bytes]:
-        """The status object and its JSON; requests within max_age_s share one computation."""
-        at, status, body = self._cache
-        if status is None or time.monotonic() - at > max_age_s:
-            status = self.ledger.status()
-            body = dumps(status)
-            self._cache = (time.monotonic(), status, body)
-        return status, body
-
     # -- routes ---------------------------------------------------------------------------
     async def page(self, request: web.Request) -> web.Response:
         return _reply(200, self.assets["index.html"], _STATIC["index.html"])
@@ -158,10 +151,10 @@ class Dashboard:
         return _reply(204, b"", "image/x-icon")
 
     async def status(self, request: web.Request) -> web.Response:
-        return _reply(200, self.status_now()[1])
+        return _reply(200, (await self.statuses.get())[1])
 
     async def metrics(self, request: web.Request) -> web.Response:
-        status = self.status_now()[0]  # the object itself: Prometheus writes a NaN as NaN
+        status = (await self.statuses.get())[0]  # the object itself: Prometheus writes a NaN as NaN
         return _reply(200, render_metrics(lambda: status), _METRICS_TYPE)
 
     async def events(self, request: web.Request) -> web.Response:
@@ -184,7 +177,7 @@ class Dashboard:
         try:
             await response.write(b"retry: 2000\n\n")
             while not self.stopping.is_set():
-                await response.write(b"event: status\ndata: " + self.status_now()[1] + b"\n\n")
+                await response.write(b"event: status\ndata: " + (await self.statuses.get())[1] + b"\n\n")
                 try:
                     await asyncio.wait_for(self.stopping.wait(), self.stream_interval_s)
                 except TimeoutError:
@@ -212,5 +205,4 @@ class Dashboard:
             result = await self.actions.perform(request.match_info["action"], admin_token, arg)
         except OperatorError as e:
             return _error(_ERROR_STATUS[e.code], str(e))
-        self._cache = (0.0, None, b"")  # the next status shows the change
         return _json(200, result)

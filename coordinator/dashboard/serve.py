@@ -41,6 +41,6 @@ async def start_dashboard(host: str, port: int, ledger, actions, tls: tuple[str,
     """Bind host:port (port 0: any free port) and serve on the running event loop; HTTPS when
     tls = (certificate, key) PEM paths are given. Raises OSError when it cannot bind or read them."""
     context = tls_context(*tls) if tls else None
-    dashboard = await Dashboard(ledger, actions).start(host, port, context)
+    dashboard = await Dashboard(ledger, actions, statuses=actions.coordinator.statuses).start(host, port, context)
     dashboard.exposure = exposure_warning(host, tls is not None)
     return dashboard

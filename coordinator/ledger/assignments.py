@@ -6,6 +6,7 @@ Read-only views over the stores; the gRPC server turns them into StageAssignment
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from .db import ALIVE_STATES
 from .measurements import Measurements
@@ -14,15 +15,50 @@ from .step_state import APPLYING, StepState
 from .workers import WorkerRegistry
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What every worker's assignment and RunState read, read once per state of the ledger: a
+    change wakes every Watch stream at once, and with thousands of workers each reading the
+    worker table for itself would be O(workers^2)."""
+
+    common: dict  # the RunState fields that are the same for every worker
+    by_stage: dict[int, list]  # stage -> live worker rows, oldest first
+    live: list  # every live worker row, oldest first
+    members: dict[int, list[str]]
+    contributors: dict[str, list[str]]
+    drains: frozenset[str]
+    holder_key: tuple[int, int, str]  # (restore_epoch, step, phase): what is_holder compares with
+
+    def is_holder(self, row) -> bool:
+        """StepState.is_holder against these facts."""
+        epoch, step, phase = self.holder_key
+        return (row["state"] in ("ready", "draining") and row["loaded_epoch"] == epoch
+                and row["position"] in (step, step + 1) and (row["position"] == step or phase == APPLYING))
+
+
 class AssignmentView:
     """Each worker's StageAssignment and RunState, read from the stores."""
 
     def __init__(self, state: StepState, workers: WorkerRegistry, planner: StagePlanner, measurements: Measurements):
         self.state, self.workers, self.planner, self.measurements = state, workers, planner, measurements
+        self._facts: tuple[tuple, RunFacts] | None = None
+
+    def facts(self) -> RunFacts:
+        key = self.workers.db.changes()
+        if self._facts is None or self._facts[0] != key:
+            st = self.state
+            common = {"step": st.step, "attempt": st.attempt, "phase": st.phase,
+                      "global_grad_norm": st.grad_norm if st.phase == APPLYING else 0.0,
+                      "plan_version": st.plan_version, "paused": st.paused, "restore_epoch": st.restore_epoch,
+                      "restore_step": st.restore_step, "restore_from_store": st.restore_from_store}
+            self._facts = key, RunFacts(common, self.workers.stage_workers(), self.workers.live(), st.members(),
+                                        st.contributors(), frozenset(st.drains()),
+                                        (common["restore_epoch"], common["step"], common["phase"]))
+        return self._facts[1]
 
     def assignment(self, worker_id: str) -> dict:
         """The worker's stage (or standby), its peers, and where to send its activations."""
-        st, plan, row = self.state, self.planner.plan, self.workers.row(worker_id)
+        plan, row, facts = self.planner.plan, self.workers.row(worker_id), self.facts()
         stage = row["stage"] if row is not None and row["state"] in ALIVE_STATES else -1
         out = {"stage": stage, "num_stages": len(plan), "next_address": "", "next_addresses": [], "next_ids": [],
                "member": False, "peer_ids": [], "peer_addresses": [], "peer_address_ids": [], "contributors": [],
@@ -33,7 +69,7 @@ class AssignmentView:
             return out
         spec = plan[stage]
         out.update(start_layer=spec.start, end_layer=spec.end, embed=spec.embed, head=spec.head)
-        workers, members = self.workers.stage_workers(), st.members()
+        workers, members = facts.by_stage, facts.members
         nxt = workers.get(stage + 1, [])
         serving = [w for w in nxt if w["id"] in members.get(stage + 1, [])] or nxt
         out["next_addresses"], out["next_ids"] = [w["address"] for w in serving], [w["id"] for w in serving]
@@ -41,13 +77,14 @@ class AssignmentView:
         mine = members.get(stage, [])
         out["member"] = worker_id in mine
         out["peer_ids"] = list(mine)
-        holders = [w for w in workers.get(stage, []) if w["id"] != worker_id and st.is_holder(w)]
+        holders = [w for w in workers.get(stage, []) if w["id"] != worker_id and facts.is_holder(w)]
         out["peer_addresses"], out["peer_address_ids"] = [w["address"] for w in holders], [w["id"] for w in holders]
         # Who may call this worker's stage server: the previous stage's replicas send micro-batches,
         # this stage's replicas that do not hold the current state yet copy it.
         out["upstream_ids"] = [w["id"] for w in workers.get(stage - 1, [])]
-        out["fetcher_ids"] = [w["id"] for w in workers.get(stage, []) if w["id"] != worker_id and not st.is_holder(w)]
-        out["contributors"] = st.contributors().get(str(stage), [])
+        out["fetcher_ids"] = [w["id"] for w in workers.get(stage, [])
+                              if w["id"] != worker_id and not facts.is_holder(w)]
+        out["contributors"] = facts.contributors.get(str(stage), [])
         out["checkpoint_writer"] = bool(mine) and worker_id == min(mine)
         out["peer_dht_ids"] = [peer for w in workers.get(stage, []) if w["id"] in mine
                                for peer in _dht_peer_ids(w["dht_maddrs"])]
@@ -58,16 +95,13 @@ class AssignmentView:
         row = self.workers.row(worker_id)
         if row is None or row["state"] not in ALIVE_STATES or not self.planner.scheduling():
             return []
-        return self.measurements.to_measure(row)
+        facts = self.facts()
+        return self.measurements.to_measure(row, facts.by_stage, facts.live)
 
     def run_state(self, worker_id: str) -> dict:
-        st = self.state
-        return {"step": st.step, "attempt": st.attempt, "phase": st.phase,
-                "global_grad_norm": st.grad_norm if st.phase == APPLYING else 0.0,
-                "plan_version": st.plan_version, "assignment": self.assignment(worker_id),
-                "paused": st.paused, "restore_epoch": st.restore_epoch, "restore_step": st.restore_step,
-                "restore_from_store": st.restore_from_store,
-                "measure_links": self.links_to_measure(worker_id), "drain": worker_id in st.drains()}
+        facts = self.facts()
+        return {**facts.common, "assignment": self.assignment(worker_id),
+                "measure_links": self.links_to_measure(worker_id), "drain": worker_id in facts.drains}
 
 
 def _dht_peer_ids(maddrs_json: str | None) -> list[str]:

@@ -28,31 +28,57 @@ def alive_marks() -> str:
 class LedgerDB:
     """The connection (WAL, autocommit outside `tx()`), typed access to `meta`, and the clock."""
 
-    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time):
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time, read_only: bool = False):
+        """read_only: a second connection to a ledger another LedgerDB writes, for reads off the
+        event loop (`snapshot()`); any write through it fails."""
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.clock = clock
+        self.version, self.rollbacks = 0, 0
+        if read_only:
+            self.conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
+                                        check_same_thread=False)
+            self.conn.row_factory = sqlite3.Row
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")  # survives kill -9 (not power loss)
         create_or_upgrade(self.conn)
-        self.version = 0
 
     def execute(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, args)
 
     @contextmanager
-    def tx(self) -> Iterator[None]:
-        """One transaction: committed (and `version` bumped) unless the block raises."""
+    def tx(self, quiet: bool = False) -> Iterator[None]:
+        """One transaction: committed (and `version` bumped) unless the block raises. `quiet`: the
+        block changes nothing a Watch stream shows (a routine heartbeat), so `version` stays and
+        no stream wakes: with thousands of workers, waking every stream on every heartbeat is
+        O(workers^2) work a second."""
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
             self.conn.execute("ROLLBACK")
+            self.rollbacks += 1  # what was read inside is no longer so (changes())
             raise
         self.conn.execute("COMMIT")
-        self.version += 1
+        if not quiet:
+            self.version += 1
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """A read transaction: every query in the block sees the same committed state (WAL)."""
+        self.conn.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.conn.execute("COMMIT")
+
+    def changes(self) -> tuple[int, int, int]:
+        """Moves with every committed transaction and every row written (quiet ones included):
+        the key of what is computed once per state of the ledger (AssignmentView's shared part)."""
+        return self.version, self.conn.total_changes, self.rollbacks
 
     def meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

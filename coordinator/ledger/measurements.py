@@ -7,10 +7,11 @@ re-plans on it; jitter below that writes the figure and stays quiet.
 from __future__ import annotations
 
 import json
+from itertools import chain
 
 from gptjt_core.config import SchedulerConfig
 
-from .db import ALIVE_STATES, LedgerDB, alive_marks
+from .db import LedgerDB
 from .events import EventLog
 from .stored_values import stored_json
 
@@ -60,18 +61,27 @@ class Measurements:
     def links(self) -> list:
         return self.db.execute("SELECT * FROM links").fetchall()
 
-    def to_measure(self, row, limit: int = 8) -> list[tuple[str, str]]:
+    def to_measure(self, row, by_stage: dict[int, list], live: list, limit: int = 8) -> list[tuple[str, str]]:
         """Stage addresses whose link from this worker a plan needs and nobody measured within
         scheduler.probe_max_age_s: the next stage's and its own stage's replicas first, then the
-        other live workers (bounded: `limit` per request)."""
+        other live workers (bounded: `limit` per request). `by_stage`, `live`: the live workers,
+        oldest first (AssignmentView's facts); this scans only until `limit` are found."""
         worker_id = row["id"]
         fresh = {r["dst"] for r in self.db.execute("SELECT dst FROM links WHERE src=? AND measured>?",
                                                    (worker_id, self.db.clock() - self.scheduler.probe_max_age_s))}
-        others = self.db.execute(f"SELECT id, address, stage FROM workers WHERE id!=? AND state IN ({alive_marks()}) "
-                                 "ORDER BY joined", (worker_id, *ALIVE_STATES)).fetchall()
         near = (row["stage"] + 1, row["stage"])
-        ranked = sorted(others, key=lambda r: (r["stage"] not in near, r["stage"] != near[0]))
-        return [(r["address"], r["id"]) for r in ranked if r["address"] not in fresh][:limit]
+
+        def at(stage: int):  # standby (-1) is not in by_stage
+            return by_stage.get(stage, []) if stage >= 0 else (r for r in live if r["stage"] == stage)
+
+        ranked = chain(at(near[0]), at(near[1]), (r for r in live if r["stage"] not in near))
+        out = []
+        for r in ranked:
+            if r["id"] != worker_id and r["address"] not in fresh:
+                out.append((r["address"], r["id"]))
+                if len(out) == limit:
+                    break
+        return out
 
     def measured_workers(self) -> int:
         """Live workers whose device was measured at the run's dtype (reported after joining)."""

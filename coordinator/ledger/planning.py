@@ -42,6 +42,10 @@ class StagePlanner:
         self.plan = self._stored(default)
 
     # -- the plan in force -------------------------------------------------------------
+    def reload(self) -> None:
+        """Re-read the plan from the ledger (another connection may have re-planned)."""
+        self.plan = self._stored(self.plan)
+
     def _stored(self, default: list[StageSpec]) -> list[StageSpec]:
         raw = self.db.meta("plan")
         if raw is None:

@@ -59,8 +59,21 @@ class RunLedger:
         already holds (step, stage, path); a new ledger with coordinator.resume_from_store records
         it and starts from its newest complete step. `shape`: the model's parameter counts, for
         the cost-model scheduler (without it the plan stays `plan`, filled in join order)."""
-        self.run, self.shape = run, shape
-        self.db = db = LedgerDB(path, clock)
+        db = self._compose(LedgerDB(path, clock), run, plan, shape)
+        with db.tx():
+            fingerprint, stored_fp = run_fingerprint(run), db.meta("fingerprint")
+            if stored_fp is None:
+                self._start_new(fingerprint, plan, stored or [])
+            elif stored_fp != fingerprint:
+                raise LedgerError(f"{db.path} holds another run (fingerprint {stored_fp}, this config "
+                                  f"{fingerprint}); model, data, batch or stage count changed. Use a new "
+                                  "coordinator.state_path for a new run")
+            else:
+                self._resume()
+
+    def _compose(self, db: LedgerDB, run: RunConfig, plan: list[StageSpec], shape: ModelShape | None) -> LedgerDB:
+        """The stores and the step machine over one connection."""
+        self.run, self.shape, self.db = run, shape, db
         self.events = EventLog(db)
         self.state = StepState(db)
         self.tokens = TokenStore(db, self.events)
@@ -82,16 +95,14 @@ class RunLedger:
                                       self.history, self.planner, self.guard, self.measurements, self.tokens)
         self.operator = OperatorRequests(db, self.events, self.state, self.workers)
         self.retention = Retention(db, run.coordinator)
-        with db.tx():
-            fingerprint, stored_fp = run_fingerprint(run), db.meta("fingerprint")
-            if stored_fp is None:
-                self._start_new(fingerprint, plan, stored or [])
-            elif stored_fp != fingerprint:
-                raise LedgerError(f"{db.path} holds another run (fingerprint {stored_fp}, this config "
-                                  f"{fingerprint}); model, data, batch or stage count changed. Use a new "
-                                  "coordinator.state_path for a new run")
-            else:
-                self._resume()
+        return db
+
+    def read_only_copy(self) -> RunLedger:
+        """The same stores over a second, read-only connection to this ledger's file, for reads
+        off the event loop (coordinator/status_cache.py builds the status object in a thread)."""
+        copy = object.__new__(RunLedger)
+        copy._compose(LedgerDB(self.path, self.clock, read_only=True), self.run, self.planner.plan, self.shape)
+        return copy
 
     def _start_new(self, fingerprint: str, plan: list[StageSpec], stored: list[tuple[int, StageSpec, str]]) -> None:
         run = self.run
@@ -170,11 +181,14 @@ class RunLedger:
         new_state = state if state in ALIVE_STATES else row["state"]
         if row["stage"] < 0 and new_state != "draining":
             new_state = "standby"
-        with self.db.tx():
+        structural = (new_state, loaded_epoch, position) != (row["state"], row["loaded_epoch"], row["position"])
+        # A routine beat (only liveness and metrics move) is quiet: no Watch stream shows those.
+        quiet = not structural and json.dumps(dht_maddrs or []) == (row["dht_maddrs"] or "[]")
+        with self.db.tx(quiet=quiet):
             self.workers.beat(worker_id, new_state, metrics, loaded_epoch, position, dht_maddrs or [])
             if new_state != row["state"]:
                 self.events.record("worker_state", f"{worker_id}: {row['state']} -> {new_state}")
-            if (new_state, loaded_epoch, position) != (row["state"], row["loaded_epoch"], row["position"]):
+            if structural:
                 self.state.bump_plan_version()  # peers' addresses may change
                 self.protocol.maybe_open()
                 self.protocol.admit_to_open_step(worker_id)
@@ -328,6 +342,13 @@ class RunLedger:
 
     def status(self) -> dict:
         return self.status_view.status()
+
+    def status_snapshot(self) -> dict:
+        """status() in one read transaction, with the plan re-read from the file (a read-only
+        copy's planner does not see the writer's re-plans otherwise)."""
+        with self.db.snapshot():
+            self.planner.reload()
+            return self.status_view.status()
 
     def loss_curve(self) -> list[dict]:
         return self.history.loss_curve(self.step)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from coordinator.dashboard.finite_json import dumps, finite
+from coordinator.finite_json import dumps, finite
 from coordinator.dashboard.serve import exposure_warning, is_loopback
 
 
