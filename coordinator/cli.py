@@ -79,7 +79,7 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
         raise RuntimeError(f"cannot listen on {cfg.listen}: address in use or not local")
     await server.start()
     # The dashboard starts before the port file and ready line, so its URL file is there by then.
-    dashboard = await start_operator_dashboard(run, ledger, actions, dashboard_file)
+    dashboard = await start_operator_dashboard(run, ledger, actions, dashboard_file, reader)
     host = cfg.listen.rsplit(":", 1)[0]
     address = f"{host}:{port}"
     if port_file:
@@ -89,8 +89,9 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
               f"({'TLS' if cfg.tls_cert else 'plaintext'}), step {ledger.step}/{run.train.steps}, "
               f"state {ledger.path}", flush=True)
     if ready_line and dashboard is not None:
-        print(f"gptjt-coordinator: dashboard at {dashboard.url} (read-only; admin actions need the admin token "
-              f"in {actions.admin.where})" + (f"; WARNING: {dashboard.exposure}" if dashboard.exposure else ""),
+        reading = f"reading needs the read token in {reader.where}; " if reader is not None else ""
+        print(f"gptjt-coordinator: dashboard at {dashboard.url} (read-only; {reading}admin actions need the admin "
+              f"token in {actions.admin.where})" + (f"; WARNING: {dashboard.exposure}" if dashboard.exposure else ""),
               flush=True)
     reaper = asyncio.create_task(service.reap_forever())
     stop = asyncio.Event()
@@ -107,9 +108,9 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
 
 
 async def start_operator_dashboard(run: RunConfig, ledger: RunLedger, actions: OperatorActions,
-                                   url_file: str | None = None):
+                                   url_file: str | None = None, reader: ReadToken | None = None):
     """The dashboard on coordinator.dashboard_host:dashboard_port (-1: none), on this event loop;
-    HTTPS with the API's certificate when the run has one."""
+    HTTPS with the API's certificate when the run has one; reading behind `reader` when given."""
     from .dashboard import start_dashboard
 
     cfg = run.coordinator
@@ -117,7 +118,7 @@ async def start_operator_dashboard(run: RunConfig, ledger: RunLedger, actions: O
         return None
     try:
         dashboard = await start_dashboard(cfg.dashboard_host, cfg.dashboard_port, ledger, actions,
-                                          (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None)
+                                          (cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None, reader)
     except OSError as e:
         raise RuntimeError(f"cannot serve the dashboard on {cfg.dashboard_host}:{cfg.dashboard_port} "
                            f"({e.strerror or e}); choose another --dashboard-host or --dashboard-port "

@@ -58,11 +58,10 @@ class SessionGuard(grpc.aio.ServerInterceptor):
         method = details.method
         metadata = dict(details.invocation_metadata or ())
         if method in READ_METHODS and self.read_token_valid is not None:
-            if not (self.read_token_valid(metadata.get(READ_TOKEN, ""))
-                    or self.admin_valid(metadata.get(ADMIN_TOKEN, ""))):
+            read, admin = metadata.get(READ_TOKEN, ""), metadata.get(ADMIN_TOKEN, "")
+            if not (self.read_token_valid(read) or self.admin_valid(admin)):
                 return _denied(await continuation(details), grpc.StatusCode.UNAUTHENTICATED,
-                               "this coordinator needs its read token to show the run's status: pass --read-token "
-                               "or set GPTJT_READ_TOKEN (the operator has it beside the ledger)")
+                               _read_refusal(read or admin))
             return await continuation(details)
         if method not in SESSION_METHODS:
             return await continuation(details)
@@ -75,6 +74,14 @@ class SessionGuard(grpc.aio.ServerInterceptor):
                            "joins again as a new worker)")
         handler = await continuation(details)
         return _as_worker(handler, worker_id) if handler is not None else None
+
+
+def _read_refusal(presented: str) -> str:
+    how = ("pass --read-token or set GPTJT_READ_TOKEN (the admin token reads too); the operator has it in "
+           "STATE.read-token beside the ledger, or in $GPTJT_READ_TOKEN of the coordinator")
+    if presented:
+        return f"the token given is neither this run's read token nor its admin token: {how}"
+    return f"this coordinator needs its read token to show the run's status: {how}"
 
 
 def _denied(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, message: str):

@@ -57,10 +57,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gptjt_core.tokenizer import load_tokenizer
 
     if args.coordinator:
-        from .operator_client import admin_token
+        from .operator_client import admin_token, read_token
         from .swarm_commands import export_from_swarm
 
-        out = export_from_swarm(args.coordinator, args.out, args.dtype, admin_token(args.admin_token))
+        out = export_from_swarm(args.coordinator, args.out, args.dtype, admin_token(args.admin_token),
+                                read_token(args.read_token))
         print(f"exported the swarm at {args.coordinator} -> {out} ({args.dtype})")
         return 0
     if args.store:
@@ -151,7 +152,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", help="trainer checkpoint or HF checkpoint directory")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="gather the stages from a live swarm instead")
     p.add_argument("--admin-token", help="with --coordinator: the run's admin token, for the certificate TLS stage "
-                   "links need (default: $GPTJT_ADMIN_TOKEN)")
+                   "links need (default: $GPTJT_ADMIN_TOKEN); it also reads the status")
+    p.add_argument("--read-token", help="with --coordinator: the run's read token, where reading needs one "
+                   "(default: $GPTJT_READ_TOKEN)")
     p.add_argument("--store", help="or read a swarm's checkpoint store (directory or fsspec URL)")
     p.add_argument("--step", type=int, help="with --store: which step (default: the newest complete one)")
     p.add_argument("--config", help="with --store: the run config (model source, tokenizer)")

@@ -4,7 +4,8 @@ Exit codes scripts can rely on (docs/cli.md):
   0  done
   2  bad argument: a malformed option, an unknown worker or token id (argparse uses 2 as well)
   3  the coordinator could not be reached
-  4  refused: no or wrong admin token, or the action cannot be done now (the worker already left)
+  4  refused: no or wrong admin token (or read token, where reading needs one), or the action
+     cannot be done now (the worker already left)
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import os
 
 import grpc
 
+from coordinator.sessions import ADMIN_TOKEN, READ_TOKEN
 from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 from gptjt_proto import operator_pb2_grpc as opb_grpc
 
 EXIT_OK, EXIT_BAD_ARGUMENT, EXIT_UNREACHABLE, EXIT_REFUSED = 0, 2, 3, 4
 ADMIN_TOKEN_ENV = "GPTJT_ADMIN_TOKEN"
+READ_TOKEN_ENV = "GPTJT_READ_TOKEN"
 COORDINATOR_ENV = "GPTJT_COORDINATOR"
 
 
@@ -67,21 +70,23 @@ def raise_for(e: grpc.RpcError, address: str, what: str) -> None:
     raise _BY_CODE.get(code, CommandError)(e.details() or f"{what} failed ({code.name})") from None
 
 
-def call_status(address: str, tls_ca: str = "", timeout: float = 10.0) -> dict:
-    """The coordinator's status object (the same one the dashboard shows)."""
+def call_status(address: str, tls_ca: str = "", timeout: float = 10.0, metadata: tuple = ()) -> dict:
+    """The coordinator's status object (the same one the dashboard shows); metadata: read_metadata()."""
     with open_channel(address, tls_ca) as channel:
         try:
-            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout, metadata=metadata)
         except grpc.RpcError as e:
             raise_for(e, address, "Status")
     return json.loads(reply.json)
 
 
-def call_operator(address: str, method: str, request, tls_ca: str = "", timeout: float = 15.0) -> dict:
-    """One Operator RPC (Drain, SetPaused, CreateToken, RevokeToken, Events): its JSON reply."""
+def call_operator(address: str, method: str, request, tls_ca: str = "", timeout: float = 15.0,
+                  metadata: tuple = ()) -> dict:
+    """One Operator RPC (Drain, SetPaused, CreateToken, RevokeToken, Events): its JSON reply.
+    metadata: read_metadata() for Events (the admin actions carry their token in the request)."""
     with open_channel(address, tls_ca) as channel:
         try:
-            reply = getattr(opb_grpc.OperatorStub(channel), method)(request, timeout=timeout)
+            reply = getattr(opb_grpc.OperatorStub(channel), method)(request, timeout=timeout, metadata=metadata)
         except grpc.RpcError as e:
             raise_for(e, address, method)
     return json.loads(reply.json)
@@ -90,3 +95,15 @@ def call_operator(address: str, method: str, request, tls_ca: str = "", timeout:
 def admin_token(flag: str | None) -> str:
     return flag if flag else os.environ.get(ADMIN_TOKEN_ENV, "")
 
+
+def read_token(flag: str | None) -> str:
+    return flag if flag else os.environ.get(READ_TOKEN_ENV, "")
+
+
+def read_metadata(read: str, admin: str) -> tuple[tuple[str, str], ...]:
+    """What a read call (Status, Events) carries where coordinator.read_access = "token": the read
+    token if the user gave one, else the admin token if given (it reads too), else nothing. Only one:
+    the admin token is not sent where a read token does."""
+    if read:
+        return ((READ_TOKEN, read),)
+    return ((ADMIN_TOKEN, admin),) if admin else ()

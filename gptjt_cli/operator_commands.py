@@ -15,8 +15,8 @@ import time
 from gptjt_proto import operator_pb2 as opb
 
 from . import tables
-from .operator_client import (ADMIN_TOKEN_ENV, COORDINATOR_ENV, BadArgument, CommandError, Unreachable, admin_token,
-                              call_operator, call_status)
+from .operator_client import (ADMIN_TOKEN_ENV, COORDINATOR_ENV, READ_TOKEN_ENV, BadArgument, CommandError, Unreachable,
+                              admin_token, call_operator, call_status, read_metadata, read_token)
 
 VIEWS = {"workers": tables.workers_table, "stages": tables.stages_table, "tickets": tables.tickets_table}
 
@@ -32,6 +32,11 @@ def _print_json(obj: dict) -> None:
 
 
 # -- reading -------------------------------------------------------------------------------
+def _reader(args: argparse.Namespace) -> tuple:
+    """The read call's metadata: --read-token / $GPTJT_READ_TOKEN, else the admin token (it reads too)."""
+    return read_metadata(read_token(args.read_token), admin_token(args.admin_token))
+
+
 def _show(s: dict, view: str) -> None:
     out = tables.console()
     if view == "status":
@@ -46,7 +51,8 @@ def _show(s: dict, view: str) -> None:
 def cmd_status(args: argparse.Namespace) -> int:
     address, view = _coordinator(args), args.view
     watch = getattr(args, "watch", None)
-    shown, s = 0, call_status(address, args.tls_ca)  # the first failure is the script's exit code
+    reader = _reader(args)
+    shown, s = 0, call_status(address, args.tls_ca, metadata=reader)  # the first failure is the exit code
     while True:
         if args.json:
             _print_json(s if view == "status" else {view: s[view]})
@@ -61,7 +67,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
         try:
             time.sleep(watch)
-            s = call_status(address, args.tls_ca)
+            s = call_status(address, args.tls_ca, metadata=reader)
         except Unreachable as e:  # keep watching through a coordinator restart
             print(f"gptjt status: {e}; retrying", file=sys.stderr, flush=True)
         except KeyboardInterrupt:
@@ -71,8 +77,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_events(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise BadArgument(f"--limit {args.limit} must be >= 1")
-    reply = call_operator(_coordinator(args), "Events", opb.EventsRequest(after_id=args.after_id, limit=args.limit,
-                                                                         kind=args.kind), args.tls_ca)
+    request = opb.EventsRequest(after_id=args.after_id, limit=args.limit, kind=args.kind)
+    reply = call_operator(_coordinator(args), "Events", request, args.tls_ca, metadata=_reader(args))
     if args.json:
         _print_json(reply)
     else:
@@ -160,7 +166,7 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    tokens = call_status(_coordinator(args), args.tls_ca)["join_tokens"]
+    tokens = call_status(_coordinator(args), args.tls_ca, metadata=_reader(args))["join_tokens"]
     if args.json:
         _print_json({"join_tokens": tokens})
     else:
@@ -182,6 +188,13 @@ def _admin_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--admin-token", help=f"the run's admin token (default: ${ADMIN_TOKEN_ENV})")
 
 
+def _read_flags(p: argparse.ArgumentParser) -> None:
+    """A read command's credentials, for a coordinator with read_access = "token"."""
+    p.add_argument("--read-token", help=f"the run's read token, where reading needs one (default: ${READ_TOKEN_ENV})")
+    p.add_argument("--admin-token", help=f"the admin token reads too; sent only without a read token "
+                   f"(default: ${ADMIN_TOKEN_ENV})")
+
+
 def _watch_seconds(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -195,6 +208,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                             ("tickets", "the ticket ledger counters")]:
         p = sub.add_parser(view, help=help_text)
         _common(p)
+        _read_flags(p)
         if view == "status":
             p.add_argument("--watch", nargs="?", const=2.0, type=_watch_seconds, metavar="SECONDS",
                            help="refresh every SECONDS (default 2) until interrupted; with --json, one object a line")
@@ -203,6 +217,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("events", help="the event log: joins, leaves, deaths, re-plans, checkpoints, rejected updates")
     _common(p)
+    _read_flags(p)
     p.add_argument("--limit", type=int, default=50, help="the newest N events (default 50)")
     p.add_argument("--kind", default="", help="one kind (e.g. worker_dead) or category (joins, leaves, deaths, "
                    "replans, recovery, checkpoints, rejected, steps, operator, workers, other)")
@@ -240,6 +255,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=cmd_token_revoke)
     ls = tsub.add_parser("list", help="the run's join tokens (ids, created, revoked)")
     _common(ls)
+    _read_flags(ls)
     ls.set_defaults(func=cmd_token_list)
 
 

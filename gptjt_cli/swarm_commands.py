@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .operator_client import BadArgument, call_status, open_channel, raise_for
+from .operator_client import BadArgument, call_status, open_channel, raise_for, read_metadata
 
 
-def fetch_status(address: str, timeout: float = 10.0, tls_ca: str = "") -> dict:
+def fetch_status(address: str, timeout: float = 10.0, tls_ca: str = "", read_token: str = "",
+                 admin_token: str = "") -> dict:
     """The coordinator's status object (the same facts as the dashboard). Raises Unreachable
-    (a RuntimeError) when the coordinator does not answer."""
-    return call_status(address, tls_ca, timeout)
+    (a RuntimeError) when the coordinator does not answer, Refused when it needs a read token
+    (read_token, or the admin token: it reads too) and none was given."""
+    return call_status(address, tls_ca, timeout, read_metadata(read_token, admin_token))
 
 
 async def _fetch_all_stages(status: dict, credentials) -> list[dict]:
@@ -64,9 +66,9 @@ def operator_link_credentials(address: str, admin_token: str, tls_ca: str = ""):
                                         certificate_chain=reply.cert_pem.encode())
 
 
-def export_from_swarm(address: str, out: str, dtype: str = "fp32", admin_token: str = "") -> str:
+def export_from_swarm(address: str, out: str, dtype: str = "fp32", admin_token: str = "", read_token: str = "") -> str:
     """Gather every stage's weights from its worker and write a HF checkpoint (the admin token buys
-    the certificate that TLS stage links need)."""
+    the certificate that TLS stage links need; either token reads the status where that needs one)."""
     import asyncio
 
     import torch
@@ -75,7 +77,7 @@ def export_from_swarm(address: str, out: str, dtype: str = "fp32", admin_token: 
     from gptjt_core.model import model_config_for
     from gptjt_core.tokenizer import load_tokenizer
 
-    status = fetch_status(address)
+    status = fetch_status(address, read_token=read_token, admin_token=admin_token)
     credentials = operator_link_credentials(address, admin_token) if status.get("stage_link_tls") else None
     states = asyncio.run(_fetch_all_stages(status, credentials))
     run_source = status["model_source"]

@@ -14,16 +14,19 @@ class SwarmFailed(RuntimeError):
     """A swarm process exited, or the run did not reach what was waited for; names the logs."""
 
 
-def fetch_status(address: str, timeout: float = 10.0) -> dict:
-    """The coordinator's status object (`gptjt status --json`); RuntimeError when unreachable."""
+def fetch_status(address: str, timeout: float = 10.0, read_token: str = "") -> dict:
+    """The coordinator's status object (`gptjt status --json`); RuntimeError when unreachable or
+    refused (read_token: the run's, where coordinator.read_access = "token")."""
     import grpc
 
+    from coordinator.sessions import READ_TOKEN
     from gptjt_proto import coordinator_pb2 as pb
     from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
+    metadata = ((READ_TOKEN, read_token),) if read_token else ()
     with grpc.insecure_channel(address) as channel:
         try:
-            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout)
+            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout, metadata=metadata)
         except grpc.RpcError as e:
             raise RuntimeError(f"coordinator {address} did not answer Status: {e.code().name}") from None
     return json.loads(reply.json)
@@ -64,6 +67,15 @@ class LocalSwarm:
     def admin_token(self) -> str:
         """The run's admin token, which the coordinator keeps beside the ledger (once it has started)."""
         return Path(f"{self.ledger_path}.admin-token").read_text().strip()
+
+    @property
+    def read_token(self) -> str:
+        """The run's read token, where the coordinator has one (coordinator.read_access = "token"): its
+        $GPTJT_READ_TOKEN (this swarm's env), else the file it created beside the ledger; "" if neither."""
+        if self.env.get("GPTJT_READ_TOKEN"):
+            return self.env["GPTJT_READ_TOKEN"].strip()
+        path = Path(f"{self.ledger_path}.read-token")
+        return path.read_text().strip() if path.is_file() else ""
 
     @property
     def token(self) -> str:
@@ -144,7 +156,7 @@ class LocalSwarm:
 
     # -- watching ------------------------------------------------------------------------
     def status(self, timeout: float = 10.0) -> dict:
-        return fetch_status(self.address, timeout)
+        return fetch_status(self.address, timeout, self.read_token)
 
     def workers(self) -> list[SwarmProcess]:
         return [p for p in self.procs if p is not self.coordinator and p.name.startswith("worker-")]
@@ -172,7 +184,7 @@ class LocalSwarm:
             if check_alive:
                 self.check_alive()
             try:
-                status = fetch_status(self.address, timeout=5)
+                status = fetch_status(self.address, timeout=5, read_token=self.read_token)
                 if predicate(status):
                     return status
             except RuntimeError:

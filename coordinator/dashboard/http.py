@@ -7,11 +7,14 @@ The loop is the one that owns the ledger's SQLite connection, so handlers call t
   GET  /api/stream            the status object as Server-Sent Events, once a second
   GET  /api/events            the event log: ?after_id=N&limit=N&kind=K (as `gptjt events --json`)
   GET  /metrics               Prometheus text format (the run, and each live worker)
+With coordinator.read_access = "token", the data routes (all but the page, its assets and the
+admin actions) need the read or admin token, as a Bearer header or the page's cookie
+(read_access.py); without it they answer 401.
   POST /api/admin/ACTION      drain | pause | resume | token-create | token-revoke |
                               token-revoke-and-end-sessions, with the
                               header "Authorization: Bearer ADMIN_TOKEN" and a JSON body
                               {"worker": ID} (drain) or {"token": ID_OR_TOKEN} (token-revoke*)
-Errors are JSON {"error": message}: 400 bad argument, 401 no/wrong admin token, 404 unknown
+Errors are JSON {"error": message}: 400 bad argument, 401 no/wrong admin (or read) token, 404 unknown
 page, worker or token, 409 cannot be done now (the worker already left), 413 body over the cap.
 A body over the cap is refused from its Content-Length, unread and before any token is looked
 at; an admin action checks the token before it reads the body. JSON replies never hold NaN or
@@ -33,6 +36,7 @@ from ..ledger import OperatorError
 from ..finite_json import dumps
 from ..status_cache import StatusCache
 from .metrics import render_metrics
+from .read_access import read_guard
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +106,19 @@ class Dashboard:
     """The page and API of one coordinator, served on its event loop; `start()` binds, `stop()` ends."""
 
     def __init__(self, ledger, actions, stream_interval_s: float = 1.0, max_body_bytes: int = MAX_BODY_BYTES,
-                 statuses: StatusCache | None = None):
-        """statuses: the coordinator's shared status builder (its own one if None)."""
+                 reader=None, statuses: StatusCache | None = None):
+        """reader: the run's ReadToken where reading needs it (coordinator.read_access = "token"), else
+        None; statuses: the coordinator's shared status builder (its own one if None)."""
         self.ledger, self.actions = ledger, actions
         self.statuses = statuses if statuses is not None else StatusCache(ledger)
         self.stream_interval_s = stream_interval_s
         self.stopping = asyncio.Event()  # ends the SSE streams
         self.assets = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in _STATIC}
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_body_guard(max_body_bytes)])
+        middlewares = [_body_guard(max_body_bytes)]  # first: an oversized body is refused before any token
+        if reader is not None:  # the page and its assets stay open, so it can ask for the token
+            public = frozenset({self.page, self.static, self.favicon, self.admin})
+            middlewares.append(read_guard(public, lambda t: reader.valid(t) or actions.admin.valid(t), reader.where))
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
         self.app.add_routes([
             web.get("/", self.page), web.get("/index.html", self.page), web.get("/static/{name}", self.static),
             web.get("/favicon.ico", self.favicon), web.get("/api/status", self.status),

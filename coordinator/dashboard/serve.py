@@ -37,10 +37,13 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-async def start_dashboard(host: str, port: int, ledger, actions, tls: tuple[str, str] | None = None) -> Dashboard:
+async def start_dashboard(host: str, port: int, ledger, actions, tls: tuple[str, str] | None = None,
+                          reader=None) -> Dashboard:
     """Bind host:port (port 0: any free port) and serve on the running event loop; HTTPS when
-    tls = (certificate, key) PEM paths are given. Raises OSError when it cannot bind or read them."""
+    tls = (certificate, key) PEM paths are given; reading needs the read (or admin) token when a
+    ReadToken `reader` is given. Raises OSError when it cannot bind or read them."""
     context = tls_context(*tls) if tls else None
-    dashboard = await Dashboard(ledger, actions, statuses=actions.coordinator.statuses).start(host, port, context)
+    dashboard = await Dashboard(ledger, actions, reader=reader, statuses=actions.coordinator.statuses).start(
+        host, port, context)
     dashboard.exposure = exposure_warning(host, tls is not None)
     return dashboard

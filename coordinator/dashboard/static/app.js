@@ -278,20 +278,64 @@ function render(s) {
   window.gptjtRenders += 1;
 }
 
+// -- reading behind a token -------------------------------------------------------------
+// With coordinator.read_access = "token" every data route answers 401 until the run's read
+// token (or its admin token) comes with the request. EventSource cannot set headers, so the page
+// keeps the token in a cookie the browser sends with each request to this site: SameSite=Strict
+// (no other site's page makes the browser send it), Secure over https, no expiry (it ends with
+// the browser session). It cannot be HttpOnly: this script sets it, so a script injected into
+// the page could read it (the page renders volunteer-supplied text with textContent only).
+const READ_COOKIE = "gptjt-read-token";
+const readPrompt = $("#read-token-prompt");
+function askForReadToken(message) {
+  readPrompt.hidden = false;
+  $("#read-token-error").textContent = message;
+  const conn = $("#connection");
+  conn.textContent = "read token needed";
+  conn.classList.add("bad");
+}
+$("#read-token-form").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const token = $("#read-token").value.trim();
+  if (!token) return;
+  const secure = location.protocol === "https:" ? "; Secure" : "";
+  document.cookie = `${READ_COOKIE}=${encodeURIComponent(token)}; Path=/; SameSite=Strict${secure}`;
+  readPrompt.hidden = true;
+  start();
+});
+
 // -- live updates -----------------------------------------------------------------------
+let source = null;
 function connect() {
   const conn = $("#connection");
-  const source = new EventSource("/api/stream");
+  if (source) source.close();
+  source = new EventSource("/api/stream");
   source.addEventListener("status", (e) => {
     conn.textContent = `live · ${new Date().toLocaleTimeString("en-GB", { hour12: false })}`;
     conn.classList.remove("bad");
     render(JSON.parse(e.data));
   });
-  source.onerror = () => { conn.textContent = "coordinator unreachable: retrying…"; conn.classList.add("bad"); };
+  source.onerror = () => {
+    conn.textContent = "coordinator unreachable: retrying…";
+    conn.classList.add("bad");
+    // EventSource retries a dropped connection itself, but gives up on an error reply (a 401):
+    // then ask /api/status why, and show the token prompt if that is the reason.
+    if (source.readyState === EventSource.CLOSED) setTimeout(start, 2000);
+  };
 }
+// Renders the status; false (and the token prompt) when reading needs a token this page lacks.
 async function refresh() {
   const reply = await fetch("/api/status", { cache: "no-store" });
+  if (reply.status === 401) {
+    askForReadToken((await reply.json()).error);
+    return false;
+  }
   if (reply.ok) render(await reply.json());
+  return true;
+}
+async function start() {
+  const allowed = await refresh().catch(() => true);  // unreachable: the stream keeps retrying
+  if (allowed) connect();
 }
 
 // -- admin actions ----------------------------------------------------------------------
@@ -339,5 +383,4 @@ document.addEventListener("click", (e) => {
 });
 $("#show-routine").addEventListener("change", () => last && renderEvents(last));
 
-refresh().catch(() => {});
-connect();
+start();
