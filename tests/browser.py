@@ -88,7 +88,10 @@ class Page:
         return self.browser.send(method, params, self.session)
 
     def goto(self, url: str) -> None:
+        """Navigate and wait until the new document has loaded (navigate itself returns before)."""
         self.send("Page.navigate", {"url": url})
+        self.wait_for(f"location.href.startsWith({json.dumps(url)}) && document.readyState === 'complete'", 30,
+                      f"{url} to load")
 
     def eval(self, expression: str):
         result = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,

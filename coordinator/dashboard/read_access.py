@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection
 
 from aiohttp import web
 
-from .finite_json import dumps
+from ..finite_json import dumps
 
 COOKIE = "gptjt-read-token"
 
