@@ -210,8 +210,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                   dht_peers=state["dht_peers"])
             async with self.changed:
                 try:
-                    # Wake on a change, or every second to notice changes made by the reaper.
-                    await asyncio.wait_for(self.changed.wait(), timeout=1.0)
+                    # Wake on a change (every write path notifies, the reaper every 0.5 s at the
+                    # latest), or after WATCH_REFRESH_S.
+                    await asyncio.wait_for(self.changed.wait(), timeout=WATCH_REFRESH_S)
                 except TimeoutError:
                     pass
 

@@ -51,10 +51,11 @@ class LedgerDB:
 
     @contextmanager
     def tx(self, quiet: bool = False) -> Iterator[None]:
-        """One transaction: committed (and `version` bumped) unless the block raises. `quiet`: the
+        """One transaction: committed (and `version` bumped if it wrote) unless the block raises. `quiet`: the
         block changes nothing a Watch stream shows (a routine heartbeat), so `version` stays and
         no stream wakes: with thousands of workers, waking every stream on every heartbeat is
         O(workers^2) work a second."""
+        written = self.conn.total_changes
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -63,7 +64,7 @@ class LedgerDB:
             self.rollbacks += 1  # what was read inside is no longer so (changes())
             raise
         self.conn.execute("COMMIT")
-        if not quiet:
+        if not quiet and self.conn.total_changes != written:  # a transaction that wrote nothing wakes nobody
             self.version += 1
 
     @contextmanager
