@@ -155,9 +155,3 @@ class DhtCredentials:
     authority_public_key: bytes
     authority_key_der: bytes = b""
     lifetime_s: float = 0.0
-
-    def authorizer(self):
-        """hivemind's authorizer for these credentials (imports hivemind: call it in a sidecar)."""
-        from .dht_authorizer import RunMemberAuthorizer
-
-        return RunMemberAuthorizer(self)

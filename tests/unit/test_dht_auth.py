@@ -27,8 +27,21 @@ AUTHORITY, OTHER_AUTHORITY, ALICE, BOB, MALLORY = (new_dht_key() for _ in range(
 RUN_KEY = dht_public_key(AUTHORITY)
 
 
+def member(credentials: DhtCredentials):
+    """hivemind's authorizer over `credentials` (a peer of the run, or of another)."""
+    from gptjt_core.dht_authorizer import RunMemberAuthorizer
+
+    return RunMemberAuthorizer(credentials)
+
+
 def credentials(key: bytes, name: str, authority: bytes = AUTHORITY, lifetime_s: float = 3600.0) -> DhtCredentials:
     return DhtCredentials(key, issue_token(authority, name, dht_public_key(key), lifetime_s), RUN_KEY)
+
+
+def other_runs_peer():
+    """Mallory, a member of another run: a valid token of another authority."""
+    return member(DhtCredentials(MALLORY, issue_token(OTHER_AUTHORITY, "m", dht_public_key(MALLORY), 60),
+                                 dht_public_key(OTHER_AUTHORITY)))
 
 
 def expired_token(key: bytes, name: str) -> DhtToken:
@@ -106,12 +119,10 @@ def signed(authorizer):
 
 
 def test_members_accept_members_and_refuse_everyone_else():
-    alice, bob = credentials(ALICE, "alice").authorizer(), credentials(BOB, "bob").authorizer()
+    alice, bob = member(credentials(ALICE, "alice")), member(credentials(BOB, "bob"))
     assert validates(bob, signed(alice))
     assert validates(bob, forged_request(ALICE, credentials(ALICE, "alice").token))  # the forger's method is right
-    foreign = DhtCredentials(MALLORY, issue_token(OTHER_AUTHORITY, "m", dht_public_key(MALLORY), 60),
-                             dht_public_key(OTHER_AUTHORITY)).authorizer()
-    assert not validates(bob, signed(foreign))  # a token of another authority
+    assert not validates(bob, signed(other_runs_peer()))  # a token of another authority
     assert not validates(bob, forged_request(MALLORY, expired_token(MALLORY, "m")))  # expired
     # Alice's real token, but the request signed by Mallory's key: the token is not Mallory's
     assert not validates(bob, forged_request(MALLORY, credentials(ALICE, "alice").token))
@@ -120,7 +131,7 @@ def test_members_accept_members_and_refuse_everyone_else():
 
 
 def test_a_replayed_request_is_refused():
-    alice, bob = credentials(ALICE, "alice").authorizer(), credentials(BOB, "bob").authorizer()
+    alice, bob = member(credentials(ALICE, "alice")), member(credentials(BOB, "bob"))
     request = signed(alice)
     replay = type(request).FromString(request.SerializeToString())
     assert validates(bob, request)
@@ -130,18 +141,17 @@ def test_a_replayed_request_is_refused():
 def test_a_response_from_a_non_member_is_dropped():
     from hivemind.proto import dht_pb2
 
-    alice = credentials(ALICE, "alice").authorizer()
+    alice = member(credentials(ALICE, "alice"))
     request = signed(alice)
-    for server, ok in ((credentials(BOB, "bob").authorizer(), True),
-                       (DhtCredentials(MALLORY, issue_token(OTHER_AUTHORITY, "m", dht_public_key(MALLORY), 60),
-                                       dht_public_key(OTHER_AUTHORITY)).authorizer(), False)):
+    for server, ok in ((member(credentials(BOB, "bob")), True),
+                       (other_runs_peer(), False)):
         response = dht_pb2.StoreResponse(store_ok=[True])
         asyncio.run(server.sign_response(response, request))
         assert asyncio.run(alice.validate_response(response, request)) is ok
 
 
 def test_a_peer_with_an_expired_token_says_why_it_is_refused():
-    lapsed = DhtCredentials(ALICE, expired_token(ALICE, "alice"), RUN_KEY).authorizer()
+    lapsed = member(DhtCredentials(ALICE, expired_token(ALICE, "alice"), RUN_KEY))
     with pytest.raises(RuntimeError, match="own DHT token is not valid .*expired at.*joins again"):
         signed(lapsed)
 
@@ -149,17 +159,17 @@ def test_a_peer_with_an_expired_token_says_why_it_is_refused():
 def test_the_coordinators_peer_renews_its_own_token():
     issued = issue_token(AUTHORITY, "coordinator", dht_public_key(ALICE), 60.0,
                          now=datetime.datetime.now(UTC) - datetime.timedelta(seconds=40))  # 20 s left of 60
-    peer = DhtCredentials(ALICE, issued, RUN_KEY, authority_key_der=AUTHORITY, lifetime_s=60.0).authorizer()
+    peer = member(DhtCredentials(ALICE, issued, RUN_KEY, authority_key_der=AUTHORITY, lifetime_s=60.0))
     request = signed(peer)
     renewed = request.auth.client_access_token
     assert renewed.expiration_time > issued.expiration_time
-    assert validates(credentials(BOB, "bob").authorizer(), request)
+    assert validates(member(credentials(BOB, "bob")), request)
 
 
 def test_the_authorizer_pickles_as_its_credentials():
     """The sidecars receive their credentials across a spawn; the authorizer survives it too."""
     alice = credentials(ALICE, "alice")
-    copy = pickle.loads(pickle.dumps(alice.authorizer()))
+    copy = pickle.loads(pickle.dumps(member(alice)))
     assert copy.credentials == alice
     assert copy.local_public_key.to_bytes() == dht_public_key(ALICE)
-    assert validates(credentials(BOB, "bob").authorizer(), signed(copy))
+    assert validates(member(credentials(BOB, "bob")), signed(copy))
