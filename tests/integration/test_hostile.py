@@ -213,13 +213,16 @@ def dht_run(tmp_path_factory):
 
 def dht_member(swarm) -> tuple[bytes, cpb.JoinReply]:
     """A token holder's DHT key and the join reply that carries the run's DHT token for it; a join
-    without a DHT key is refused in a run with replicas."""
+    without a DHT key, or with one the authority cannot sign, is refused in a run with replicas."""
     key, link_key = new_dht_key(), public_key_pem(new_key_pem()).decode()
     with grpc.insecure_channel(swarm.address) as channel:
         stub = cpb_grpc.CoordinatorStub(channel)
         refused(stub.Join, cpb.JoinRequest(token=swarm.token, name="keyless", address="127.0.0.1:9",
                                            public_key_pem=link_key), timeout=10, code=CODES.INVALID_ARGUMENT,
                 words="dht_public_key is empty")
+        refused(stub.Join, cpb.JoinRequest(token=swarm.token, name="bad-key", address="127.0.0.1:9",
+                                           public_key_pem=link_key, dht_public_key=b"ssh-rsa AAAAB3NzaC1yc2E="),
+                timeout=10, code=CODES.INVALID_ARGUMENT, words="dht_public_key: not an OpenSSH public key")
         reply = stub.Join(cpb.JoinRequest(token=swarm.token, name="dht-member", address="127.0.0.1:9",
                                           public_key_pem=link_key, dht_public_key=dht_public_key(key)), timeout=10)
     return key, reply
