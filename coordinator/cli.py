@@ -19,6 +19,7 @@ from gptjt_proto import operator_pb2_grpc as opb_grpc
 
 from .checkpoint_store import CheckpointStore
 from .dht import CoordinatorDHT
+from .dht_authority import DhtAuthority
 from .run_ca import RunCA
 from .sessions import SessionGuard
 from .admin_token import AdminToken, ReadToken
@@ -41,26 +42,29 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
               for step in store.steps() for spec in store.specs(step)]
     ledger = RunLedger(run.coordinator.state_path, run, plan_stages(n_layer, run.pipeline.num_stages),
                        stored=stored, shape=shape)
-    dht = None
+    dht, authority = None, None
     if run.pipeline.replicas_per_stage > 1:
-        dht = CoordinatorDHT(run.coordinator.listen, run.coordinator.state_path, ledger.worker_dht_peers())
-        log.info("hivemind DHT for replica averaging at %s", ", ".join(dht.maddrs))
+        authority = DhtAuthority(run.coordinator.state_path, run.link.cert_days)
+        dht = CoordinatorDHT(run.coordinator.listen, run.coordinator.state_path, authority.own_credentials(),
+                             ledger.worker_dht_peers())
+        log.info("hivemind DHT for replica averaging at %s (run members only)", ", ".join(dht.maddrs))
     try:
-        await _serve_with(run, ledger, store, dht, ready_line, port_file, dashboard_file, admin_token_file)
+        await _serve_with(run, ledger, store, dht, authority, ready_line, port_file, dashboard_file,
+                          admin_token_file)
     finally:
         if dht is not None:
             dht.shutdown()
 
 
-async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore, dht: CoordinatorDHT | None,
-                      ready_line: bool, port_file: str | None, dashboard_file: str | None,
+async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
+                      dht: CoordinatorDHT | None, authority: DhtAuthority | None, ready_line: bool, port_file: str | None, dashboard_file: str | None,
                       admin_token_file: str | None) -> None:
     cfg = run.coordinator
     # The status object is built in a thread (coordinator/status_cache.py): a 1 ms GIL switch
     # interval (Python's default is 5) hands the event loop back sooner while it builds.
     sys.setswitchinterval(0.001)
     ca = RunCA(cfg.state_path, run.name, run.link.cert_days)
-    service = CoordinatorService(ledger, store, dht.maddrs if dht is not None else [], ca=ca)
+    service = CoordinatorService(ledger, store, dht.maddrs if dht is not None else [], ca=ca, dht_authority=authority)
     admin = AdminToken.load(cfg.state_path, admin_token_file)
     reader = ReadToken.load(cfg.state_path) if cfg.read_access == "token" else None
     guard = SessionGuard(ledger.session_valid, admin.valid, reader.valid if reader is not None else None)

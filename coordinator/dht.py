@@ -12,6 +12,10 @@ The peer runs in a SPAWNED process of its own process group, whose children (hiv
 process and its p2pd daemon) join that group. A watchdog thread there kills the whole group
 when the coordinator dies, SIGKILL included; the group id is kept in a file beside the ledger
 so the next start reaps a group whose watchdog itself was killed.
+
+The peer serves run members only: it signs its DHT requests with a token of the run's DHT
+authority and answers only requests that carry one (coordinator/dht_authority.py,
+gptjt_core/dht_authorizer.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import signal
 from pathlib import Path
 
+from gptjt_core.dht_auth import DhtCredentials
 from gptjt_core.sidecar import become_group_leader, private_socket_dir, remove_socket_dir
 
 log = logging.getLogger(__name__)
@@ -46,13 +51,17 @@ def _port_of(maddrs: list[str]) -> int:
     return 0
 
 
-def _serve(conn, parent_pid: int, maddr: str, identity_path: str, initial_peers: list[str], socket_dir: str) -> None:
+def _serve(conn, parent_pid: int, maddr: str, identity_path: str, initial_peers: list[str], socket_dir: str,
+           credentials: DhtCredentials) -> None:
     become_group_leader(parent_pid)  # hivemind's children join our group, and die with it
     mp.set_start_method("fork", force=True)  # hivemind forks its DHT process (no threads but ours yet)
     import hivemind
     from hivemind.p2p import P2P
 
+    from gptjt_core.dht_authorizer import RunMemberAuthorizer
+
     P2P._UNIX_SOCKET_PREFIX = f"/unix{socket_dir}/hivemind-"  # not /tmp: the coordinator removes the directory
+    authorizer = RunMemberAuthorizer(credentials)  # hivemind's DHT process is forked: it inherits this
 
     any_port = maddr.rsplit("/", 1)[0] + "/0"
     attempts = [(maddr, initial_peers), (maddr, []), (any_port, [])]  # the recorded port, alone, anywhere
@@ -60,7 +69,7 @@ def _serve(conn, parent_pid: int, maddr: str, identity_path: str, initial_peers:
     for listen, peers in attempts if initial_peers else attempts[1:]:
         try:
             dht = hivemind.DHT(initial_peers=peers or None, host_maddrs=[listen], identity_path=identity_path,
-                               check_if_identity_free=False, start=True)
+                               check_if_identity_free=False, authorizer=authorizer, start=True)
             break
         except Exception as e:  # the port is taken, or no bootstrap peer answered (they may all be gone)
             error = e
@@ -78,8 +87,9 @@ def _serve(conn, parent_pid: int, maddr: str, identity_path: str, initial_peers:
 class CoordinatorDHT:
     """The bootstrap peer of the run's DHT. `maddrs`: its multiaddrs, handed to workers."""
 
-    def __init__(self, listen: str, state_path: str, initial_peers: list[str] | None = None,
-                 ready_timeout_s: float = 60.0):
+    def __init__(self, listen: str, state_path: str, credentials: DhtCredentials,
+                 initial_peers: list[str] | None = None, ready_timeout_s: float = 60.0):
+        """credentials: the peer's DHT key and token (DhtAuthority.own_credentials())."""
         self._record = Path(f"{state_path}.dht.json")
         identity = f"{state_path}.dht-identity"
         saved = self._read_record()
@@ -89,7 +99,7 @@ class CoordinatorDHT:
         self._conn, child = ctx.Pipe()
         self._process = ctx.Process(target=_serve, name="gptjt-coordinator-dht",
                                     args=(child, os.getpid(), host_maddr(listen, saved.get("port", 0)), identity,
-                                          list(initial_peers or []), self._socket_dir))
+                                          list(initial_peers or []), self._socket_dir, credentials))
         self._process.start()
         child.close()
         if not self._conn.poll(ready_timeout_s):

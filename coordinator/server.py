@@ -18,6 +18,7 @@ from gptjt_core.model import StageSpec
 from gptjt_core.wire_checks import Refused
 from . import validation
 from .checkpoint_store import CheckpointStore
+from .dht_authority import DhtAuthority
 from .rate_limit import RateLimiter
 from .run_ca import RunCA
 from .sessions import caller
@@ -68,13 +69,15 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     """The Coordinator gRPC API: each method checks its request and makes one ledger call."""
 
     def __init__(self, ledger: RunLedger, store: CheckpointStore, dht_peers: list[str] | None = None,
-                 ca: RunCA | None = None):
+                 ca: RunCA | None = None, dht_authority: DhtAuthority | None = None):
         """dht_peers: multiaddrs of the hivemind DHT that replicas average through (replicas > 1);
-        ca: signs the stage-link certificates of joining workers."""
+        ca: signs the stage-link certificates of joining workers; dht_authority: their DHT access
+        tokens (replicas > 1)."""
         self.ledger = ledger
         self.store = store
         self.dht_peers = dht_peers or []
         self.ca = ca
+        self.dht_authority = dht_authority
         c = ledger.run.coordinator
         self.joins = RateLimiter(c.joins_per_s, c.join_burst)  # per join token
         self.statuses = StatusCache(ledger)  # Status, the dashboard and /metrics: built off the event loop
@@ -116,19 +119,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                 "its session across coordinator restarts and never joins twice)")
         if self.ledger.phase == "done":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is finished")
-        if self.ca is not None and self.ledger.run.link.tls == "on" and not request.public_key_pem:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "public_key_pem is empty: this run's stage links "
-                                "are mutual TLS; the worker sends the public half of its link key (a newer "
-                                "gptjt-worker does)")
+        await self._refuse_missing_keys(request, context)
         row = self.ledger.join(request.name, request.address, _device(request.device), token_id)
-        cert = b""
-        if self.ca is not None and request.public_key_pem:
-            try:
-                cert = self.ca.issue(row["id"], request.public_key_pem.encode())
-            except ValueError as e:
-                with self.ledger.db.tx():
-                    self.ledger.recovery.drop_worker(row["id"], "left", "worker_left")
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"public_key_pem: {e}")
+        cert, dht_token = await self._credentials(row["id"], request, context)
         await self.notify()
         log.info("worker %s (%s) joined at %s: %s", row["id"], request.name, request.address,
                  f"stage {row['stage']}" if row["stage"] >= 0 else "standby")
@@ -136,7 +129,39 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                             assignment=assignment_pb(self.ledger.assignment(row["id"])),
                             heartbeat_interval_s=self.ledger.run.coordinator.heartbeat_interval_s,
                             dht_peers=self.run_dht_peers(row["id"]), session=row["session"],
-                            ca_pem=self.ca.cert_pem.decode() if self.ca is not None else "", cert_pem=cert.decode())
+                            ca_pem=self.ca.cert_pem.decode() if self.ca is not None else "", cert_pem=cert.decode(),
+                            dht_token=dht_token,
+                            dht_authority_key=self.dht_authority.public_key if self.dht_authority else b"")
+
+    async def _refuse_missing_keys(self, request, context) -> None:
+        """Links that are mutual TLS need the worker's link key; a run with replicas its DHT key."""
+        if self.ca is not None and self.ledger.run.link.tls == "on" and not request.public_key_pem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "public_key_pem is empty: this run's stage links "
+                                "are mutual TLS; the worker sends the public half of its link key (a newer "
+                                "gptjt-worker does)")
+        if self.dht_authority is not None and not request.dht_public_key:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "dht_public_key is empty: this run's replicas "
+                                "average through a DHT that serves only run members; the worker sends the public "
+                                "half of its averaging key (a newer gptjt-worker does)")
+
+    async def _credentials(self, worker_id: str, request, context) -> tuple[bytes, pb.DhtAccessToken]:
+        """The new worker's stage-link certificate and DHT access token. A key that cannot be
+        signed ends the join, and the worker row just made is dropped."""
+        cert, token, field = b"", pb.DhtAccessToken(), ""
+        try:
+            if self.ca is not None and request.public_key_pem:
+                field = "public_key_pem"
+                cert = self.ca.issue(worker_id, request.public_key_pem.encode())
+            if self.dht_authority is not None and request.dht_public_key:
+                field = "dht_public_key"
+                t = self.dht_authority.issue(worker_id, request.dht_public_key)
+                token = pb.DhtAccessToken(username=t.username, public_key=t.public_key,
+                                          expiration_time=t.expiration_time, signature=t.signature)
+        except ValueError as e:
+            with self.ledger.db.tx():
+                self.ledger.recovery.drop_worker(worker_id, "left", "worker_left")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {e}")
+        return cert, token
 
     def run_dht_peers(self, worker_id: str) -> list[str]:
         """Where a worker's averager bootstraps: the coordinator's DHT peer and live workers' peers

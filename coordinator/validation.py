@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from gptjt_core.config import CODEC_NAMES, RunConfig
 from gptjt_core.wire_checks import (INVALID_ARGUMENT, MAX_DETAIL_CHARS, MAX_DHT_MADDRS, MAX_DIGEST_CHARS,
                                     MAX_LINKS, MAX_NAME_CHARS, MAX_PEM_CHARS, MAX_TOKEN_CHARS, RESOURCE_EXHAUSTED, Refused, choice,
-                                    hex_text, host_port, integer, items, measure, multiaddr, number, text, word,
-                                    worker_id)
+                                    dht_key, hex_text, host_port, integer, items, measure, multiaddr, number, text,
+                                    word, worker_id)
 from gptjt_proto import coordinator_pb2 as pb
 
 from .cost_model import ModelShape, stage_params
@@ -115,6 +115,7 @@ def check_join(r: pb.JoinRequest, lim: RunLimits) -> None:
     check_device(r.device, "join.device")
     worker_id("join.worker_id", r.worker_id, optional=True)
     text("join.public_key_pem", r.public_key_pem, MAX_PEM_CHARS, printable=False)
+    dht_key("join.dht_public_key", r.dht_public_key)
 
 
 def check_heartbeat(r: pb.HeartbeatRequest, lim: RunLimits) -> None:

@@ -90,8 +90,8 @@ class LinkConfig:
     names), and every byte between stages is encrypted. "off": plaintext and unauthenticated,
     for a trusted network or a benchmark comparing the two (bench swarm auth_overhead_pct)."""
     cert_days: float = 30.0
-    """Lifetime of the stage-link certificates the coordinator issues, in days > 0 (a worker
-    that outlives it joins again)."""
+    """Lifetime of the stage-link certificates and run-DHT access tokens the coordinator issues,
+    in days > 0 (nothing renews them: a worker that outlives it must be restarted to join again)."""
 
     def __post_init__(self) -> None:
         _check(self.tls in ("on", "off"), "tls", self.tls, "'on' or 'off'")

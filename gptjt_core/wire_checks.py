@@ -28,12 +28,14 @@ MAX_LINKS = 64  # link measurements on one heartbeat
 MAX_DHT_MADDRS = 8  # multiaddrs a worker may announce for its DHT peer
 MAX_MADDR_CHARS = 256
 MAX_DIGEST_CHARS = 128  # a parameter digest, hex (blake2b-128 gives 32)
+MAX_DHT_KEY_BYTES = 1024  # a worker's DHT public key, OpenSSH (RSA-2048 is 380 bytes, RSA-4096 724)
 INT64_MAX = (1 << 63) - 1
 
 WORKER_ID = re.compile(r"[0-9a-f]{12}")  # uuid4().hex[:12], as the ledger issues them
 _HOST = re.compile(r"[A-Za-z0-9._-]{1,253}|\[[0-9A-Fa-f:.%a-zA-Z]{2,64}\]")
 _HEX = re.compile(r"[0-9a-f]*")
 _WORD = re.compile(r"[a-z0-9_]{1,32}")
+_SSH_RSA = re.compile(rb"ssh-rsa [A-Za-z0-9+/]+={0,2}")  # OpenSSH, no comment (hivemind writes none)
 
 
 def shown(value: object, limit: int = 80) -> str:
@@ -132,3 +134,12 @@ def multiaddr(field: str, value: str) -> None:
     text(field, value, MAX_MADDR_CHARS)
     if not value.startswith("/") or " " in value:
         raise Refused(INVALID_ARGUMENT, field, value, "a multiaddr such as /ip4/10.0.0.5/tcp/31337/p2p/Qm...")
+
+
+def dht_key(field: str, value: bytes) -> None:
+    """An RSA public key as OpenSSH writes it ("ssh-rsa AAAA..."), under MAX_DHT_KEY_BYTES, or b"".
+    (Whether it parses, and its size, is checked where it is signed: gptjt_core/dht_auth.py.)"""
+    if len(value) > MAX_DHT_KEY_BYTES:
+        raise Refused(RESOURCE_EXHAUSTED, field, value, f"at most {MAX_DHT_KEY_BYTES} bytes, got {len(value)}")
+    if value and not _SSH_RSA.fullmatch(value):
+        raise Refused(INVALID_ARGUMENT, field, value, "an OpenSSH RSA public key, b'ssh-rsa AAAA...'")

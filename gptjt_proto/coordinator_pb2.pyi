@@ -92,20 +92,34 @@ class LinkMeasurement(_message.Message):
     def __init__(self, address: _Optional[str] = ..., latency_ms: _Optional[float] = ..., mbit: _Optional[float] = ..., measured_unix_s: _Optional[float] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("token", "name", "address", "device", "worker_id", "public_key_pem")
+    __slots__ = ("token", "name", "address", "device", "worker_id", "public_key_pem", "dht_public_key")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PUBLIC_KEY_PEM_FIELD_NUMBER: _ClassVar[int]
+    DHT_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     token: str
     name: str
     address: str
     device: DeviceInfo
     worker_id: str
     public_key_pem: str
-    def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., worker_id: _Optional[str] = ..., public_key_pem: _Optional[str] = ...) -> None: ...
+    dht_public_key: bytes
+    def __init__(self, token: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., worker_id: _Optional[str] = ..., public_key_pem: _Optional[str] = ..., dht_public_key: _Optional[bytes] = ...) -> None: ...
+
+class DhtAccessToken(_message.Message):
+    __slots__ = ("username", "public_key", "expiration_time", "signature")
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRATION_TIME_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    username: str
+    public_key: bytes
+    expiration_time: str
+    signature: bytes
+    def __init__(self, username: _Optional[str] = ..., public_key: _Optional[bytes] = ..., expiration_time: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
     __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages", "next_addresses", "member", "peer_ids", "peer_addresses", "contributors", "checkpoint_writer", "standby_reason", "next_ids", "peer_address_ids", "upstream_ids", "fetcher_ids", "peer_dht_ids")
@@ -150,7 +164,7 @@ class StageAssignment(_message.Message):
     def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ..., next_addresses: _Optional[_Iterable[str]] = ..., member: _Optional[bool] = ..., peer_ids: _Optional[_Iterable[str]] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., checkpoint_writer: _Optional[bool] = ..., standby_reason: _Optional[str] = ..., next_ids: _Optional[_Iterable[str]] = ..., peer_address_ids: _Optional[_Iterable[str]] = ..., upstream_ids: _Optional[_Iterable[str]] = ..., fetcher_ids: _Optional[_Iterable[str]] = ..., peer_dht_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("worker_id", "run_config_json", "assignment", "heartbeat_interval_s", "dht_peers", "session", "ca_pem", "cert_pem")
+    __slots__ = ("worker_id", "run_config_json", "assignment", "heartbeat_interval_s", "dht_peers", "session", "ca_pem", "cert_pem", "dht_token", "dht_authority_key")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +173,8 @@ class JoinReply(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CA_PEM_FIELD_NUMBER: _ClassVar[int]
     CERT_PEM_FIELD_NUMBER: _ClassVar[int]
+    DHT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DHT_AUTHORITY_KEY_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     run_config_json: str
     assignment: StageAssignment
@@ -167,7 +183,9 @@ class JoinReply(_message.Message):
     session: str
     ca_pem: str
     cert_pem: str
-    def __init__(self, worker_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ..., session: _Optional[str] = ..., ca_pem: _Optional[str] = ..., cert_pem: _Optional[str] = ...) -> None: ...
+    dht_token: DhtAccessToken
+    dht_authority_key: bytes
+    def __init__(self, worker_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ..., session: _Optional[str] = ..., ca_pem: _Optional[str] = ..., cert_pem: _Optional[str] = ..., dht_token: _Optional[_Union[DhtAccessToken, _Mapping]] = ..., dht_authority_key: _Optional[bytes] = ...) -> None: ...
 
 class WorkerMetrics(_message.Message):
     __slots__ = ("micro_batches_per_s", "busy_fraction", "bytes_sent", "bytes_received", "micro_batches", "downstream_mbit", "activation_codec", "gradient_codec", "averaging_bytes")

@@ -15,18 +15,33 @@ from collections.abc import Callable
 import torch
 
 from gptjt_core.config import RunConfig
+from gptjt_core.dht_auth import DhtCredentials, DhtToken
 from gptjt_core.model import StageSpec
+from gptjt_proto import coordinator_pb2 as cpb
 
 log = logging.getLogger("gptjt.worker")
+
+
+def dht_credentials(key_der: bytes, reply: cpb.JoinReply) -> DhtCredentials | None:
+    """This worker's access to the run's DHT: its key and the token Join returned for it (None
+    when the run has no replicas, and so no DHT)."""
+    if not reply.dht_authority_key:
+        return None
+    t = reply.dht_token
+    return DhtCredentials(key_der, DhtToken(t.username, t.public_key, t.expiration_time, t.signature),
+                          reply.dht_authority_key)
 
 
 class AveragerKeeper:
     """Builds, rebuilds and drops the averager of the stage this worker holds."""
 
-    def __init__(self, run: RunConfig, host: str, on_built: Callable[[], None]):
+    def __init__(self, run: RunConfig, host: str, on_built: Callable[[], None],
+                 credentials: DhtCredentials | None = None):
         """host: the IP the averager's DHT peer listens on; on_built: called when a new averager is
-        up (its DHT address should reach the coordinator now, for others to bootstrap from)."""
+        up (its DHT address should reach the coordinator now, for others to bootstrap from);
+        credentials: this worker's access to the run's DHT (from Join)."""
         self.run, self.host, self.on_built = run, host, on_built
+        self.credentials = credentials
         self.averager = None  # worker.averaging.StageAverager
         self.error = ""  # why the last attempt to start one failed
         self.failed_rounds = 0  # in a row, since it was built
@@ -45,7 +60,7 @@ class AveragerKeeper:
             self.averager = await asyncio.to_thread(
                 StageAverager, peers, self.run.name, stage, shapes, max_group=self.run.pipeline.replicas_per_stage,
                 compression=avg.compression, matchmaking_s=avg.matchmaking_s, timeout=avg.timeout_s, host=self.host,
-                layers=(spec.start, spec.end))
+                layers=(spec.start, spec.end), credentials=self.credentials)
         except RuntimeError as e:
             self.error = str(e)
             log.error("could not start the averager of stage %d: %s; trying again at the next round", stage, e)

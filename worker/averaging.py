@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.multiprocessing
 
+from gptjt_core.dht_auth import DhtCredentials
 from gptjt_core.sidecar import private_socket_dir, remove_socket_dir
 
 from .averaging_sidecar import COMPRESSIONS, serve
@@ -65,12 +66,14 @@ class StageAverager:
     layers: the stage's layer range (start, end): part of the group key, so replicas that hold
     different ranges (a re-plan some have not applied yet) never meet in a round.
     stall_first_send_s: fault injection for tests; delays this peer's parts in its first round.
+    credentials: this peer's access to the run's DHT (a key and the token Join returned): its DHT
+    then talks only to holders of the same authority's tokens. None: an open DHT (tests only).
     """
 
     def __init__(self, initial_peers: list[str], run_name: str, stage: int, shapes: list[torch.Size],
                  max_group: int, compression: str = "none", matchmaking_s: float = 1.0, timeout: float = 10.0,
                  host: str = "127.0.0.1", ready_timeout: float = 120.0, stall_first_send_s: float = 0.0,
-                 layers: tuple[int, int] = (0, 0)):
+                 layers: tuple[int, int] = (0, 0), credentials: DhtCredentials | None = None):
         if compression not in COMPRESSIONS:
             raise ValueError(f"averaging compression {compression!r} is unknown; use one of {COMPRESSIONS}")
         self.timeout = timeout
@@ -95,7 +98,7 @@ class StageAverager:
             args=(child, self.buffers, list(initial_peers), host_maddr,
                   f"gptjt_{run_name}_stage{stage}_layers{layers[0]}-{layers[1]}",
                   max_group, compression, matchmaking_s, timeout, self._sent, self._lost, stall_first_send_s,
-                  os.getpid(), self._socket_dir))
+                  os.getpid(), self._socket_dir, credentials))
         self._process.start()
         child.close()
         try:

@@ -35,8 +35,10 @@ def hivemind_compression(name: str):
 
 def serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_maddr: str, prefix: str,
            max_group: int, compression: str, matchmaking_s: float, timeout: float, sent, lost,
-           stall_first_send_s: float, parent_pid: int, socket_dir: str) -> None:
-    """The sidecar: a DHT peer and a DecentralizedAverager over the shared `buffers`."""
+           stall_first_send_s: float, parent_pid: int, socket_dir: str, credentials=None) -> None:
+    """The sidecar: a DHT peer and a DecentralizedAverager over the shared `buffers`. With
+    `credentials` (gptjt_core.dht_auth.DhtCredentials) the DHT peer signs its requests with this
+    worker's token and answers only peers holding one of the same authority."""
     # Its own process group, which hivemind's DHT and averager processes (and their p2pd
     # daemons) join when forked: shutdown() can then kill them all if the sidecar hangs, and
     # the group dies with the worker (SIGKILL included).
@@ -51,19 +53,23 @@ def serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_madd
     from hivemind.averaging import DecentralizedAverager
     from hivemind.p2p import P2P
 
+    from gptjt_core.dht_authorizer import RunMemberAuthorizer
+
     P2P._UNIX_SOCKET_PREFIX = f"/unix{socket_dir}/hivemind-"  # not /tmp: the worker removes the directory
 
     compression_ = counting(hivemind_compression(compression), sent)  # `sent` is shared with the worker
     count_lost_parts(lost)
     if stall_first_send_s > 0:
         stall_first_send(stall_first_send_s)
+    # hivemind's DHT process is forked from here: it inherits the authorizer as it is
+    authorizer = RunMemberAuthorizer(credentials) if credentials is not None else None
     try:
-        dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[host_maddr], start=True)
+        dht = hivemind.DHT(initial_peers=initial_peers, host_maddrs=[host_maddr], authorizer=authorizer, start=True)
     except Exception as e:  # no bootstrap peer answered (a coordinator restarting, peers gone)
         # Start alone rather than not at all: others bootstrap from us (the coordinator hands out
         # our address), and the worker rebuilds us from fresh peers if rounds keep failing.
         log.warning("no DHT bootstrap peer answered (%s); starting alone", e)
-        dht = hivemind.DHT(initial_peers=None, host_maddrs=[host_maddr], start=True)
+        dht = hivemind.DHT(initial_peers=None, host_maddrs=[host_maddr], authorizer=authorizer, start=True)
     averager = DecentralizedAverager(
         buffers, dht, prefix=prefix, target_group_size=max_group, min_group_size=min(2, max_group),
         min_matchmaking_time=matchmaking_s,

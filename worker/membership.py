@@ -67,10 +67,12 @@ class CoordinatorClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
-    async def join(self, token: str, name: str, address: str, device: dict, public_key_pem: str = "") -> pb.JoinReply:
-        """Join the run; every later call carries the session the reply holds."""
+    async def join(self, token: str, name: str, address: str, device: dict, public_key_pem: str = "",
+                   dht_public_key: bytes = b"") -> pb.JoinReply:
+        """Join the run; every later call carries the session the reply holds. public_key_pem: of
+        the stage-link key; dht_public_key: of the averaging DHT key (OpenSSH)."""
         request = pb.JoinRequest(token=token, name=name, address=address, device=pb.DeviceInfo(**device),
-                                 public_key_pem=public_key_pem)
+                                 public_key_pem=public_key_pem, dht_public_key=dht_public_key)
         try:
             reply = await self._retry(self.stub.Join, request)
             self.metadata = ((SESSION_WORKER, reply.worker_id), (SESSION_SECRET, reply.session))

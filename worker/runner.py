@@ -14,10 +14,11 @@ import torch
 
 from gptjt_core.background import start_background
 from gptjt_core.config import RunConfig, from_dict
+from gptjt_core.dht_auth import dht_public_key, new_dht_key
 from gptjt_core.model import StageSpec
 from gptjt_proto import coordinator_pb2 as cpb
 
-from .averager_keeper import AveragerKeeper
+from .averager_keeper import AveragerKeeper, dht_credentials
 from .compute import OTHER, ComputeQueue
 from .downstream import DownstreamSender
 from .faults import faults_from_env
@@ -51,6 +52,7 @@ class WorkerRunner:
         self.counters = LinkCounters()
         self.compute = ComputeQueue()
         self.identity = StageIdentity()  # the key and certificate of this worker's stage links
+        self.dht_key = new_dht_key()  # the key of its averaging DHT peer; Join gets it a token
         self.tls = False  # link.tls of the run (known after Join)
         self.stopping = asyncio.Event()
         self.leaving = False
@@ -98,7 +100,7 @@ class WorkerRunner:
         self.coordinator = CoordinatorClient(o.coordinator, credentials)
         try:
             reply = await self.coordinator.join(o.token, o.name or socket.gethostname(), self.address, device,
-                                                self.identity.public_key_pem)
+                                                self.identity.public_key_pem, dht_public_key(self.dht_key))
             self.worker_id = reply.worker_id
             self.run = from_dict(RunConfig, json.loads(reply.run_config_json))
             self.tls = self.run.link.tls == "on"
@@ -115,7 +117,8 @@ class WorkerRunner:
         self.downstream = DownstreamSender(self.router, self.link_codecs, self.client, self.coordinator, self.worker_id)
         self.prober = LinkProber(self.client, self.run.scheduler.probe_max_age_s)
         self.dht_peers = list(reply.dht_peers)
-        self.averagers = AveragerKeeper(self.run, self.address.rsplit(":", 1)[0].strip("[]"), self._heartbeat_soon)
+        self.averagers = AveragerKeeper(self.run, self.address.rsplit(":", 1)[0].strip("[]"), self._heartbeat_soon,
+                                        dht_credentials(self.dht_key, reply))
         self.loader = StageLoader(self.run, o.device, self.compute, self.client, self.coordinator, simulated)
         self.follower = StepFollower(self.run, self.worker_id, self.compute, self.coordinator, self.averagers,
                                      self.faults, lambda: self.state, self._rebuild_averager, self._on_task_done)

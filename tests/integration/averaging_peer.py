@@ -11,6 +11,15 @@ import time
 import torch
 
 
+def run_member(workdir: str, role: str):
+    """This peer's access to the test's DHT: a token for its own key from the authority key the
+    test wrote (as the coordinator signs one at Join)."""
+    from gptjt_core.dht_auth import DhtCredentials, dht_public_key, issue_token, new_dht_key
+
+    authority, key = open(f"{workdir}/authority.der", "rb").read(), new_dht_key()
+    return DhtCredentials(key, issue_token(authority, role, dht_public_key(key), 600.0), dht_public_key(authority))
+
+
 def main() -> None:
     from worker.averaging import StageAverager
 
@@ -27,7 +36,8 @@ def main() -> None:
     grads = [torch.full((64, 33), float(value)), torch.full((17,), -float(value))]
     averager = StageAverager(initial, "test", 0, [g.shape for g in grads], max_group=expected,
                              compression=compression, matchmaking_s=3.0, timeout=timeout,
-                             stall_first_send_s=stall_s if role == "stalled" else 0.0)
+                             stall_first_send_s=stall_s if role == "stalled" else 0.0,
+                             credentials=run_member(workdir, role))
     if role == "first":  # the bootstrap peer publishes its address
         with open(peers_file + ".tmp", "w") as f:
             f.write("\n".join(averager.visible_maddrs))

@@ -1,4 +1,4 @@
-"""hivemind gradient summation across a stage's replicas (real processes, loopback DHT)."""
+"""hivemind gradient summation across a stage's replicas (real processes, loopback DHT of run members only)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from gptjt_core.dht_auth import new_dht_key
 from tests.conftest import REPO
 
 
@@ -18,6 +19,7 @@ def run_group(tmp_path, members: list[tuple[str, float, int]], compression: str 
     """step_members: the worker ids (roles) the coordinator made members of the step, comma-separated
     ("": no membership check)."""
     procs = []
+    (tmp_path / "authority.der").write_bytes(new_dht_key())  # the peers' DHT admits holders of its tokens
     total = sum(mb for _, _, mb in members)  # micro-batches in the step, the vanished peer's included
     for role, value, micro_batches in members:
         # Output goes to files, not pipes: a vanished peer's orphaned p2pd daemon would hold a

@@ -8,17 +8,23 @@ counted once and no forged checkpoint is in the store (docs/security.md).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import signal
+import subprocess
+import sys
 
 import grpc
 import pytest
 
+from gptjt_core.dht_auth import dht_public_key, new_dht_key
 from gptjt_core.pki import new_key_pem, public_key_pem
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import coordinator_pb2_grpc as cpb_grpc
 from gptjt_proto import stage_pb2 as spb
 from gptjt_proto import stage_pb2_grpc as spb_grpc
+from tests.conftest import REPO
 from tests.swarm import Swarm, swarm_toml
 
 CODES = grpc.StatusCode
@@ -191,6 +197,69 @@ def test_random_bytes_to_every_rpc_of_every_service(swarm, victim):
                             list(result)
                     assert err.value.code() in (CODES.INVALID_ARGUMENT, CODES.INTERNAL, CODES.UNAUTHENTICATED,
                                                 CODES.UNAVAILABLE, CODES.PERMISSION_DENIED), (method, err.value)
+
+
+@pytest.fixture(scope="module")
+def dht_run(tmp_path_factory):
+    """A run with replicas: its coordinator serves the run's DHT (no worker needed for this)."""
+    tmp = tmp_path_factory.mktemp("hostile-dht")
+    swarm = Swarm(tmp, swarm_toml(tmp, replicas_per_stage=2, start_with_replicas=2))
+    try:
+        swarm.start_coordinator()
+        yield swarm
+    finally:
+        swarm.close()
+
+
+def dht_member(swarm) -> tuple[bytes, cpb.JoinReply]:
+    """A token holder's DHT key and the join reply that carries the run's DHT token for it; a join
+    without a DHT key, or with one the authority cannot sign, is refused in a run with replicas."""
+    key, link_key = new_dht_key(), public_key_pem(new_key_pem()).decode()
+    with grpc.insecure_channel(swarm.address) as channel:
+        stub = cpb_grpc.CoordinatorStub(channel)
+        refused(stub.Join, cpb.JoinRequest(token=swarm.token, name="keyless", address="127.0.0.1:9",
+                                           public_key_pem=link_key), timeout=10, code=CODES.INVALID_ARGUMENT,
+                words="dht_public_key is empty")
+        refused(stub.Join, cpb.JoinRequest(token=swarm.token, name="bad-key", address="127.0.0.1:9",
+                                           public_key_pem=link_key, dht_public_key=b"ssh-rsa AAAAB3NzaC1yc2E="),
+                timeout=10, code=CODES.INVALID_ARGUMENT, words="dht_public_key: not an OpenSSH public key")
+        reply = stub.Join(cpb.JoinRequest(token=swarm.token, name="dht-member", address="127.0.0.1:9",
+                                          public_key_pem=link_key, dht_public_key=dht_public_key(key)), timeout=10)
+    return key, reply
+
+
+def test_the_runs_dht_serves_only_run_members(dht_run, tmp_path):
+    """Outsiders (a plain hivemind peer, a member of another run, a token that expired) store
+    and look up records through the coordinator's DHT peer and a member's: every RPC goes
+    unanswered and nothing they sent is held, while the member's own store and find work."""
+    key, reply = dht_member(dht_run)
+    authority_file = f"{dht_run.ledger_path}.dht-authority.der"
+    assert os.stat(authority_file).st_mode & 0o777 == 0o600
+    token = reply.dht_token
+    assert token.username == reply.worker_id and token.public_key == dht_public_key(key)
+    assert reply.dht_authority_key == dht_public_key(open(authority_file, "rb").read())
+    setup = tmp_path / "setup.json"
+    setup.write_text(json.dumps({
+        "key": key.hex(), "authority_key": reply.dht_authority_key.hex(), "authority_key_file": authority_file,
+        "coordinator_maddrs": list(reply.dht_peers),
+        "token": {"username": token.username, "public_key": token.public_key.hex(),
+                  "expiration_time": token.expiration_time, "signature": token.signature.hex()}}))
+    log = tmp_path / "dht_intruder.log"
+    peers = subprocess.Popen([sys.executable, "-m", "tests.integration.dht_intruder", str(setup)], cwd=REPO,
+                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert peers.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:  # the process group takes the peers' p2pd daemons along
+        try:
+            os.killpg(peers.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    report = json.loads([ln for ln in log.read_text().splitlines() if ln.startswith("{")][-1])
+    assert report["member"] == {"store_at_coordinator": [True], "find_at_coordinator": "found", "get": True}
+    for kind in ("none", "foreign", "expired"):
+        assert report[kind] == {"store_at_coordinator": None, "find_at_coordinator": None, "store_at_member": None,
+                                "find_at_member": None, "get": False, "held_by_member": False,
+                                "member_finds_at_coordinator": "not found"}, (kind, report[kind])
 
 
 def test_the_run_survived_every_attack(swarm):

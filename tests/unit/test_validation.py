@@ -46,7 +46,8 @@ def link() -> pb.LinkMeasurement:
 
 GOOD = {
     "join": lambda: pb.JoinRequest(token="gptjt_abc", name="host-1", address="10.0.0.5:7001", device=device(),
-                                   public_key_pem="-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n"),
+                                   public_key_pem="-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n",
+                                   dht_public_key=b"ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC7+/="),
     "heartbeat": lambda: pb.HeartbeatRequest(
         worker_id=WID, state=pb.READY, loaded_epoch=1, position=3, device=device(), links=[link()],
         coordinator_rtt_ms=1.5, dht_maddrs=["/ip4/10.0.0.5/tcp/31337/p2p/QmPeer"],
@@ -88,6 +89,10 @@ BAD = [
     ("join", "worker_id", "xyz", IA, None),
     ("join", "worker_id", "0123456789AB", IA, None),
     ("join", "worker_id", "0123456789abc", IA, None),
+    ("join", "dht_public_key", b"ssh-rsa " + b"A" * 1017, RE, None),
+    ("join", "dht_public_key", b"-----BEGIN PUBLIC KEY-----\nMFkw", IA, None),
+    ("join", "dht_public_key", b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5", IA, None),
+    ("join", "dht_public_key", b"ssh-rsa AAAA\x00", IA, None),
     ("heartbeat", "worker_id", "", IA, None),
     ("heartbeat", "metrics.micro_batches_per_s", NAN, IA, None),
     ("heartbeat", "metrics.micro_batches_per_s", -1.0, IA, None),
@@ -175,6 +180,7 @@ BAD = [
 # Values at the edge of what is accepted (an honest worker may send each).
 EDGES = [
     ("join", "worker_id", WID), ("join", "device", pb.DeviceInfo()), ("join", "address", "[::1]:7001"),
+    ("join", "dht_public_key", b""), ("join", "dht_public_key", b"ssh-rsa " + b"A" * 1016),
     ("join", "address", "worker-3.example.org:65535"), ("join", "device.kind", "simulated"),
     ("heartbeat", "position", -1), ("heartbeat", "loaded_epoch", -1), ("heartbeat", "metrics.busy_fraction", 1.0),
     ("heartbeat", "links", [link() for _ in range(64)]), ("heartbeat", "dht_maddrs", ["/ip4/1.2.3.4/tcp/1"] * 8),
