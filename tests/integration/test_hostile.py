@@ -134,12 +134,19 @@ def test_no_forged_checkpoint_reaches_the_store(swarm, stub, holder):
     blob = os.urandom(1024)
     # the outsider
     refused(stub.PutCheckpoint, checkpoint_chunks("", 10_000, 0, 999, blob), timeout=10, code=CODES.UNAUTHENTICATED)
-    # the token holder on standby: it holds no stage, let alone layers 0-999 at a future step
-    details = refused(stub.PutCheckpoint, checkpoint_chunks(holder["id"], 10_000, 0, 999, blob), timeout=10,
-                      metadata=holder["session"], code=CODES.PERMISSION_DENIED)
-    assert "holds no stage" in details
-    refused(stub.PutCheckpoint, checkpoint_chunks("someone", 2, 0, 2, blob), timeout=10, metadata=holder["session"],
-            code=CODES.PERMISSION_DENIED, words="not the session's worker")
+    # the token holder on standby: a step past the run's end and layers the model has not are refused
+    # at the door; the whole model at a step to come, as itself, because it holds no stage
+    refused(stub.PutCheckpoint, checkpoint_chunks(holder["id"], 10_000, 0, 999, blob), timeout=10,
+            metadata=holder["session"], code=CODES.OUT_OF_RANGE, words="train.steps")
+    now = swarm.status()
+    n_layer, step = now["stages"][-1]["end_layer"], now["step"]
+    refused(stub.PutCheckpoint, checkpoint_chunks(holder["id"], step, 0, 999, blob), timeout=10,
+            metadata=holder["session"], code=CODES.OUT_OF_RANGE, words="end_layer")
+    refused(stub.PutCheckpoint, checkpoint_chunks(holder["id"], step + 2, 0, n_layer, blob), timeout=10,
+            metadata=holder["session"], code=CODES.PERMISSION_DENIED, words="holds no stage")
+    # ... and never as another worker
+    refused(stub.PutCheckpoint, checkpoint_chunks("0123456789ab", step + 2, 0, n_layer, blob), timeout=10,
+            metadata=holder["session"], code=CODES.PERMISSION_DENIED, words="not the session's worker")
     after = swarm.status()["checkpoints"]
     assert after["steps"] == [s for s in after["steps"] if s <= swarm.status()["step"]]
     assert set(before["steps"]) <= set(after["steps"]) or after["latest_complete"] >= before["latest_complete"]
