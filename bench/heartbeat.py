@@ -13,6 +13,8 @@ which on 2 shared cores is part of the figure).
 from __future__ import annotations
 
 import asyncio
+import math
+import random
 import statistics
 import tempfile
 import threading
@@ -30,53 +32,67 @@ join_burst = 100000
 CHANNELS = 64  # client connections the simulated workers share (real workers each open their own)
 
 
-async def _join_all(stubs, token: str, n: int, pb) -> list[tuple[str, tuple]]:
-    from gptjt_core.pki import new_key_pem, public_key_pem
+class _SimulatedWorkers:
+    """`n` workers as the coordinator sees real ones: each joins, holds its Watch stream open (a
+    ledger change reaches every stream at once) and heartbeats every `interval` seconds from
+    the moment it joined (the timeout runs from the join). Round trips are recorded only in
+    the window after the last join, so joining (CA signing) is not in the figure."""
 
-    public = public_key_pem(new_key_pem()).decode()  # one key for every simulated worker: signing is what costs
-    sem = asyncio.Semaphore(64)
+    def __init__(self, stubs, token: str, n: int, interval: float, pb):
+        from gptjt_core.pki import new_key_pem, public_key_pem
 
-    async def join(i: int):
-        async with sem:
-            reply = await stubs[i % len(stubs)].Join(pb.JoinRequest(
-                token=token, name=f"sim-{i}", address=f"127.0.0.1:{20000 + i % 40000}", public_key_pem=public,
-                device=pb.DeviceInfo(kind="cpu")), timeout=60)
-            return reply.worker_id, (("gptjt-worker", reply.worker_id), ("gptjt-session", reply.session))
+        self.stubs, self.token, self.n, self.interval, self.pb = stubs, token, n, interval, pb
+        self.public = public_key_pem(new_key_pem()).decode()  # one key for all of them: signing is what costs
+        self.joining = asyncio.Semaphore(64)
+        self.latencies: list[float] = []
+        self.watch_updates, self.joined = 0, 0
+        self.window = (math.inf, math.inf)  # monotonic seconds: when round trips count
 
-    return await asyncio.gather(*(join(i) for i in range(n)))
+    async def run(self, seconds: float) -> float:
+        """Until `seconds` after the last join; returns how long the joins took."""
+        t0 = time.monotonic()
+        all_joined = asyncio.Event()
+        lives = [asyncio.create_task(self._life(i, all_joined)) for i in range(self.n)]
+        await all_joined.wait()
+        join_s = time.monotonic() - t0
+        self.window = (time.monotonic() + 1.0, time.monotonic() + 1.0 + seconds)
+        await asyncio.sleep(seconds + 1.0)
+        for life in lives:
+            life.cancel()
+        await asyncio.gather(*lives, return_exceptions=True)
+        return join_s
 
-
-async def _watch_all(stubs, workers: list, pb, updates: list[int]) -> list[asyncio.Task]:
-    """Every simulated worker holds its Watch stream open, as a real one does (a ledger change
-    reaches all of them at once); `updates[0]` counts the RunStates they receive."""
-    async def watch(i: int, worker_id: str, session: tuple) -> None:
+    async def _life(self, i: int, all_joined: asyncio.Event) -> None:
+        pb, stub = self.pb, self.stubs[i % len(self.stubs)]
+        async with self.joining:
+            reply = await stub.Join(pb.JoinRequest(
+                token=self.token, name=f"sim-{i}", address=f"127.0.0.1:{20000 + i % 40000}",
+                public_key_pem=self.public, device=pb.DeviceInfo(kind="cpu")), timeout=120)
+        self.joined += 1
+        if self.joined == self.n:
+            all_joined.set()
+        session = (("gptjt-worker", reply.worker_id), ("gptjt-session", reply.session))
+        watch = asyncio.create_task(self._watch(stub, reply.worker_id, session))
         try:
-            async for _ in stubs[i % len(stubs)].Watch(pb.WatchRequest(worker_id=worker_id), metadata=session):
-                updates[0] += 1
+            await asyncio.sleep(random.uniform(0, self.interval))  # clocks of real workers are spread
+            while True:
+                t0 = time.perf_counter()
+                # as a worker on standby says it: no stage loaded (epoch and position -1)
+                await stub.Heartbeat(pb.HeartbeatRequest(
+                    worker_id=reply.worker_id, state=pb.STANDBY, loaded_epoch=-1, position=-1,
+                    metrics=pb.WorkerMetrics(micro_batches_per_s=1.0)), metadata=session, timeout=30)
+                if self.window[0] <= time.monotonic() <= self.window[1]:
+                    self.latencies.append((time.perf_counter() - t0) * 1e3)
+                await asyncio.sleep(max(0.0, self.interval - (time.perf_counter() - t0)))
+        finally:
+            watch.cancel()
+
+    async def _watch(self, stub, worker_id: str, session: tuple) -> None:
+        try:
+            async for _ in stub.Watch(self.pb.WatchRequest(worker_id=worker_id), metadata=session):
+                self.watch_updates += 1
         except Exception:  # cancelled at the end, or the coordinator went first
             pass
-
-    return [asyncio.create_task(watch(i, w, s)) for i, (w, s) in enumerate(workers)]
-
-
-async def _beat(stubs, workers: list, seconds: float, interval: float, pb) -> list[float]:
-    latencies: list[float] = []
-    stop_at = time.monotonic() + seconds
-
-    async def one(i: int, worker_id: str, session: tuple) -> None:
-        await asyncio.sleep(interval * i / len(workers))  # spread over the interval, like real clocks
-        stub = stubs[i % len(stubs)]
-        while time.monotonic() < stop_at:
-            t0 = time.perf_counter()
-            # as a worker on standby says it: no stage loaded (epoch and position -1)
-            await stub.Heartbeat(pb.HeartbeatRequest(worker_id=worker_id, state=pb.STANDBY, loaded_epoch=-1,
-                                                     position=-1, metrics=pb.WorkerMetrics(micro_batches_per_s=1.0)),
-                                 metadata=session, timeout=30)
-            latencies.append((time.perf_counter() - t0) * 1e3)
-            await asyncio.sleep(max(0.0, interval - (time.perf_counter() - t0)))
-
-    await asyncio.gather(*(one(i, w, s) for i, (w, s) in enumerate(workers)))
-    return latencies
 
 
 async def _load(address: str, token: str, workers: int, seconds: float, interval: float) -> tuple[list, float, int]:
@@ -89,19 +105,11 @@ async def _load(address: str, token: str, workers: int, seconds: float, interval
     # same target, and its Watch streams would exceed the coordinator's per-connection stream cap.
     channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
                 for _ in range(CHANNELS)]
-    stubs = [pb_grpc.CoordinatorStub(c) for c in channels]
-    t0 = time.monotonic()
-    joined = await _join_all(stubs, token, workers, pb)
-    join_s = time.monotonic() - t0
-    updates = [0]
-    watches = await _watch_all(stubs, joined, pb, updates)
-    latencies = await _beat(stubs, joined, seconds, interval, pb)
-    for task in watches:
-        task.cancel()
-    await asyncio.gather(*watches, return_exceptions=True)
+    sims = _SimulatedWorkers([pb_grpc.CoordinatorStub(c) for c in channels], token, workers, interval, pb)
+    join_s = await sims.run(seconds)
     for c in channels:
         await c.close()
-    return latencies, join_s, updates[0]
+    return sims.latencies, join_s, sims.watch_updates
 
 
 class _Observers:

@@ -63,6 +63,10 @@ async def address_is_down(address: str, timeout_s: float = 2.0) -> bool:
 
 
 WATCH_REFRESH_S = 10.0  # a Watch stream re-reads its RunState at least this often (seconds)
+# All Watch streams together read at most this many RunStates a second: a ledger change wakes
+# every stream, so with many workers each waits len(streams) / WATCH_READS_PER_S seconds (at most
+# 1 s) between reads, and a burst of changes costs one read per stream.
+WATCH_READS_PER_S = 5_000.0
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -82,6 +86,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.joins = RateLimiter(c.joins_per_s, c.join_burst)  # per join token
         self.statuses = StatusCache(ledger)  # Status, the dashboard and /metrics: built off the event loop
         self.changed = asyncio.Condition()  # notified after every ledger change (Watch)
+        self.watch_streams = 0  # open Watch streams
         self._seen_version = ledger.version
         self.limits = validation.RunLimits.of(ledger.run, ledger.plan[-1].end, ledger.shape)
 
@@ -213,6 +218,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.warning("worker %s at %s is down (its stream closed): declared dead", worker_id, row["address"])
 
     async def _watch(self, request, context):
+        self.watch_streams += 1
+        try:
+            async for state in self._watch_reads(request, context):
+                yield state
+        finally:
+            self.watch_streams -= 1
+
+    async def _watch_reads(self, request, context):
         last, seen, read_at = None, None, 0.0
         while not context.cancelled():
             # Read only when the ledger moved (thousands of streams wake together), or every
@@ -233,6 +246,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                   measure_links=[a for a, _ in state["measure_links"]],
                                   measure_link_ids=[i for _, i in state["measure_links"]], drain=state["drain"],
                                   dht_peers=state["dht_peers"])
+            await asyncio.sleep(min(1.0, self.watch_streams / WATCH_READS_PER_S))
+            if self.ledger.version != seen:
+                continue  # changed meanwhile: read again now
             async with self.changed:
                 try:
                     # Wake on a change (every write path notifies, the reaper every 0.5 s at the

@@ -23,10 +23,10 @@ class RunFacts:
 
     common: dict  # the RunState fields that are the same for every worker
     by_stage: dict[int, list]  # stage -> live worker rows, oldest first
-    live: list  # every live worker row, oldest first
     members: dict[int, list[str]]
     contributors: dict[str, list[str]]
     drains: frozenset[str]
+    standby_why: dict[str, str]  # worker id -> why it has no stage
     holder_key: tuple[int, int, str]  # (restore_epoch, step, phase): what is_holder compares with
 
     def is_holder(self, row) -> bool:
@@ -42,6 +42,7 @@ class AssignmentView:
     def __init__(self, state: StepState, workers: WorkerRegistry, planner: StagePlanner, measurements: Measurements):
         self.state, self.workers, self.planner, self.measurements = state, workers, planner, measurements
         self._facts: tuple[tuple, RunFacts] | None = None
+        self._live: tuple[tuple, list] | None = None
 
     def facts(self) -> RunFacts:
         key = self.workers.db.changes()
@@ -51,21 +52,31 @@ class AssignmentView:
                       "global_grad_norm": st.grad_norm if st.phase == APPLYING else 0.0,
                       "plan_version": st.plan_version, "paused": st.paused, "restore_epoch": st.restore_epoch,
                       "restore_step": st.restore_step, "restore_from_store": st.restore_from_store}
-            self._facts = key, RunFacts(common, self.workers.stage_workers(), self.workers.live(), st.members(),
-                                        st.contributors(), frozenset(st.drains()),
+            self._facts = key, RunFacts(common, self.workers.stage_workers(), st.members(), st.contributors(),
+                                        frozenset(st.drains()), self.planner.standby_reasons(),
                                         (common["restore_epoch"], common["step"], common["phase"]))
         return self._facts[1]
 
-    def assignment(self, worker_id: str) -> dict:
-        """The worker's stage (or standby), its peers, and where to send its activations."""
-        plan, row, facts = self.planner.plan, self.workers.row(worker_id), self.facts()
+    def live_addresses(self) -> list:
+        """(id, address, stage) of every live worker, oldest first; read once per ledger state,
+        and only when a plan measures links (it is every worker)."""
+        key = self.workers.db.changes()
+        if self._live is None or self._live[0] != key:
+            self._live = key, self.workers.addresses()
+        return self._live[1]
+
+    def assignment(self, worker_id: str, row=None) -> dict:
+        """The worker's stage (or standby), its peers, and where to send its activations (`row`:
+        the worker's, if already read)."""
+        plan, facts = self.planner.plan, self.facts()
+        row = self.workers.row(worker_id) if row is None else row
         stage = row["stage"] if row is not None and row["state"] in ALIVE_STATES else -1
         out = {"stage": stage, "num_stages": len(plan), "next_address": "", "next_addresses": [], "next_ids": [],
                "member": False, "peer_ids": [], "peer_addresses": [], "peer_address_ids": [], "contributors": [],
                "checkpoint_writer": False, "standby_reason": "", "upstream_ids": [], "fetcher_ids": [],
                "peer_dht_ids": []}
         if stage < 0:
-            out["standby_reason"] = self.planner.standby_reason(worker_id)
+            out["standby_reason"] = facts.standby_why.get(worker_id, "")
             return out
         spec = plan[stage]
         out.update(start_layer=spec.start, end_layer=spec.end, embed=spec.embed, head=spec.head)
@@ -90,18 +101,18 @@ class AssignmentView:
                                for peer in _dht_peer_ids(w["dht_maddrs"])]
         return out
 
-    def links_to_measure(self, worker_id: str) -> list[tuple[str, str]]:
+    def links_to_measure(self, worker_id: str, row=None) -> list[tuple[str, str]]:
         """(address, worker id) of the stage servers whose link from this worker a plan needs."""
-        row = self.workers.row(worker_id)
+        row = self.workers.row(worker_id) if row is None else row
         if row is None or row["state"] not in ALIVE_STATES or not self.planner.scheduling():
             return []
-        facts = self.facts()
-        return self.measurements.to_measure(row, facts.by_stage, facts.live)
+        return self.measurements.to_measure(row, self.facts().by_stage, self.live_addresses())
 
     def run_state(self, worker_id: str) -> dict:
         facts = self.facts()
-        return {**facts.common, "assignment": self.assignment(worker_id),
-                "measure_links": self.links_to_measure(worker_id), "drain": worker_id in facts.drains}
+        row = self.workers.row(worker_id)
+        return {**facts.common, "assignment": self.assignment(worker_id, row),
+                "measure_links": self.links_to_measure(worker_id, row), "drain": worker_id in facts.drains}
 
 
 def _dht_peer_ids(maddrs_json: str | None) -> list[str]:

@@ -77,9 +77,10 @@ class LedgerDB:
             self.conn.execute("COMMIT")
 
     def changes(self) -> tuple[int, int, int]:
-        """Moves with every committed transaction and every row written (quiet ones included):
-        the key of what is computed once per state of the ledger (AssignmentView's shared part)."""
-        return self.version, self.conn.total_changes, self.rollbacks
+        """The key of what is computed once per state of the ledger (AssignmentView's facts):
+        moves with every committed transaction but quiet ones (which change nothing those read),
+        every rollback, and every write inside an open transaction."""
+        return self.version, self.rollbacks, self.conn.total_changes if self.conn.in_transaction else -1
 
     def meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

@@ -226,7 +226,11 @@ class StagePlanner:
 
     # -- reporting ---------------------------------------------------------------------
     def standby_reason(self, worker_id: str) -> str:
-        return self.db.json_meta("standby_why", {}).get(worker_id, "")
+        return self.standby_reasons().get(worker_id, "")
+
+    def standby_reasons(self) -> dict[str, str]:
+        """worker id -> why it has no stage."""
+        return self.db.json_meta("standby_why", {})
 
     def status(self, measured_step_s: float | None) -> dict:
         """The `plan` object of the status JSON."""

@@ -45,6 +45,11 @@ class WorkerRegistry:
         return self.db.execute("SELECT * FROM workers WHERE state IN (%s) ORDER BY joined" % ",".join("?" * len(states)),
                                states).fetchall()
 
+    def addresses(self) -> list[sqlite3.Row]:
+        """id, address and stage of every live worker, oldest first."""
+        return self.db.execute(f"SELECT id, address, stage FROM workers WHERE state IN ({alive_marks()}) "
+                               "ORDER BY joined", ALIVE_STATES).fetchall()
+
     def standby(self) -> list[sqlite3.Row]:
         """Live workers without a stage, longest-waiting first."""
         return self.db.execute("SELECT * FROM workers WHERE state='standby' AND stage=-1 ORDER BY joined").fetchall()
