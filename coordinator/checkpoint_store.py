@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from gptjt_core.model import StageSpec
+from gptjt_core.stage_spec import StageSpec
 from gptjt_core.stage_checkpoint import wanted_names
 
 _FILE = re.compile(r"layers-(\d+)-(\d+)(-embed)?(-head)?\.safetensors$")

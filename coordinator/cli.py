@@ -60,9 +60,6 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
                       dht: CoordinatorDHT | None, authority: DhtAuthority | None, ready_line: bool, port_file: str | None, dashboard_file: str | None,
                       admin_token_file: str | None) -> None:
     cfg = run.coordinator
-    # The status object is built in a thread (coordinator/status_cache.py): a 1 ms GIL switch
-    # interval (Python's default is 5) hands the event loop back sooner while it builds.
-    sys.setswitchinterval(0.001)
     ca = RunCA(cfg.state_path, run.name, run.link.cert_days)
     service = CoordinatorService(ledger, store, dht.maddrs if dht is not None else [], ca=ca, dht_authority=authority)
     admin = AdminToken.load(cfg.state_path, admin_token_file)

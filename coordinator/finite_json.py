@@ -21,21 +21,5 @@ def finite(value):
 
 
 def dumps(value) -> bytes:
-    """`value` as strict JSON bytes (allow_nan=False: a non-finite number left here is a bug, not output).
-
-    Long lists are encoded item by item: C's json encoder holds the GIL for a whole call, and
-    the status object of thousands of workers is megabytes, encoded in a thread beside the
-    event loop (coordinator/status_cache.py); small calls let the loop run in between. The
-    text is what json.dumps writes (its default separators)."""
-    return _encode(finite(value)).encode()
-
-
-_ONE_CALL_ITEMS = 64  # a list up to this long is encoded in one call
-
-
-def _encode(value) -> str:
-    if isinstance(value, dict):
-        return "{" + ", ".join(json.dumps(str(k)) + ": " + _encode(v) for k, v in value.items()) + "}"
-    if isinstance(value, list) and len(value) > _ONE_CALL_ITEMS:
-        return "[" + ", ".join(_encode(v) for v in value) + "]"
-    return json.dumps(value, allow_nan=False)
+    """`value` as strict JSON bytes (allow_nan=False: a non-finite number left here is a bug, not output)."""
+    return json.dumps(finite(value), allow_nan=False).encode()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gptjt_core.config import RunConfig
-from gptjt_core.model import StageSpec
+from gptjt_core.stage_spec import StageSpec
 
 from .cost_model import Device, Link, ModelShape, Network, StagePlacement, Workload, predict_step
 from .placement import evaluate, layers_moved, plan, replan, usable

@@ -14,7 +14,7 @@ from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 from gptjt_core.background import start_background
-from gptjt_core.model import StageSpec
+from gptjt_core.stage_spec import StageSpec
 from gptjt_core.wire_checks import Refused
 from . import validation
 from .checkpoint_store import CheckpointStore
@@ -308,7 +308,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PeerFailureReply(declared_dead=True)
 
     async def Status(self, request, context):
-        return pb.StatusReply(json=(await self.statuses.get())[1].decode())  # NaN-free, as the dashboard's
+        return pb.StatusReply(json=(await self.statuses.get())[0].decode())  # NaN-free, as the dashboard's
 
     async def PutCheckpoint(self, request_iterator, context):
         """A stage's state into the store, streamed to disk: only from the worker holding that stage

@@ -7,7 +7,7 @@ __all__ = ["ConfigError", "GPTJStage", "RunConfig", "StageSpec", "load_run_confi
 
 # torch and transformers load only when a model name is used: `gptjt status` and the other
 # operator commands import the config without paying seconds for them.
-_LAZY = {"GPTJStage": ".model", "StageSpec": ".model", "load_stage": ".model", "prefix_lm_mask": ".ul2"}
+_LAZY = {"GPTJStage": ".model", "StageSpec": ".stage_spec", "load_stage": ".model", "prefix_lm_mask": ".ul2"}
 
 
 def __getattr__(name: str):

@@ -35,7 +35,6 @@ from ..admin_token import Unauthorized
 from ..ledger import OperatorError
 from ..finite_json import dumps
 from ..status_cache import StatusCache
-from .metrics import render_metrics
 from .read_access import read_guard
 
 log = logging.getLogger(__name__)
@@ -160,11 +159,10 @@ class Dashboard:
         return _reply(204, b"", "image/x-icon")
 
     async def status(self, request: web.Request) -> web.Response:
-        return _reply(200, (await self.statuses.get())[1])
+        return _reply(200, (await self.statuses.get())[0])
 
     async def metrics(self, request: web.Request) -> web.Response:
-        status = (await self.statuses.get())[0]  # the object itself: Prometheus writes a NaN as NaN
-        return _reply(200, render_metrics(lambda: status), _METRICS_TYPE)
+        return _reply(200, (await self.statuses.get())[1], _METRICS_TYPE)
 
     async def events(self, request: web.Request) -> web.Response:
         query = request.query  # a blank value counts as absent
@@ -186,7 +184,7 @@ class Dashboard:
         try:
             await response.write(b"retry: 2000\n\n")
             while not self.stopping.is_set():
-                await response.write(b"event: status\ndata: " + (await self.statuses.get())[1] + b"\n\n")
+                await response.write(b"event: status\ndata: " + (await self.statuses.get())[0] + b"\n\n")
                 try:
                     await asyncio.wait_for(self.stopping.wait(), self.stream_interval_s)
                 except TimeoutError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 
 from gptjt_core.config import CoordinatorConfig
-from gptjt_core.model import StageSpec
+from gptjt_core.stage_spec import StageSpec
 
 from .db import LedgerDB
 from .events import EventLog

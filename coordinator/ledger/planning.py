@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 
 from gptjt_core.config import RunConfig
-from gptjt_core.model import StageSpec
+from gptjt_core.stage_spec import StageSpec
 
 from ..cost_model import ModelShape
 from ..scheduler import LinkView, PlanDecision, StagePlan, WorkerView, decide, too_small

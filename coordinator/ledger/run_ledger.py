@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gptjt_core.config import RunConfig
-from gptjt_core.model import StageSpec
+from gptjt_core.stage_spec import StageSpec
 
 from ..cost_model import ModelShape
 from .assignments import AssignmentView
@@ -97,12 +97,15 @@ class RunLedger:
         self.retention = Retention(db, run.coordinator)
         return db
 
-    def read_only_copy(self) -> RunLedger:
-        """The same stores over a second, read-only connection to this ledger's file, for reads
-        off the event loop (coordinator/status_cache.py builds the status object in a thread)."""
-        copy = object.__new__(RunLedger)
-        copy._compose(LedgerDB(self.path, self.clock, read_only=True), self.run, self.planner.plan, self.shape)
-        return copy
+    @classmethod
+    def open_read_only(cls, path: str | Path, run: RunConfig, plan: list[StageSpec], shape: ModelShape | None,
+                       clock: Callable[[], float] = time.time) -> RunLedger:
+        """The stores over a read-only connection to a ledger another RunLedger writes, for
+        reads elsewhere (coordinator/status_process.py builds the status object in a process);
+        read in `status_snapshot()`. Writing through it fails."""
+        reader = object.__new__(cls)
+        reader._compose(LedgerDB(path, clock, read_only=True), run, plan, shape)
+        return reader
 
     def _start_new(self, fingerprint: str, plan: list[StageSpec], stored: list[tuple[int, StageSpec, str]]) -> None:
         run = self.run

@@ -57,9 +57,3 @@ def test_plaintext_beyond_loopback_is_warned_and_tls_quiets_it(host):
     assert f"plain HTTP on {host}" in warning and "admin token" in warning and "tls_cert" in warning
     assert exposure_warning(host, tls=True) == ""
 
-
-def test_long_lists_are_encoded_as_json_dumps_would():
-    """Encoded item by item (the GIL is let go between items), the text is json.dumps's own."""
-    status = {"workers": [{"id": f"{i:012x}", "metrics": {"rate": i / 3}, "links": list(range(i % 5))}
-                          for i in range(300)], "step": 7, "nested": {"deep": [[1, 2]] * 100}}
-    assert dumps(status) == json.dumps(status).encode()

@@ -1,0 +1,93 @@
+"""The status object built in a process of its own, so its CPU never competes with the event loop's.
+
+With thousands of workers the status object is megabytes of JSON and hundreds of
+milliseconds of Python to build. In a thread of the coordinator it would hold the GIL for
+most of that time and every heartbeat would wait behind it; in this process it runs on
+another core. The process opens the ledger read-only (a second SQLite connection; WAL lets
+it read the last committed state while the coordinator writes), and answers each "build"
+with the status JSON and the /metrics text rendered from it. It imports no torch (the
+ledger plans with gptjt_core.stage_spec), so it starts in well under a second. It ends when
+asked, or when the coordinator's end of the pipe closes (the coordinator died).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+from pathlib import Path
+
+from gptjt_core.config import RunConfig
+from gptjt_core.stage_spec import StageSpec
+
+from .cost_model import ModelShape
+
+
+class StatusBuildFailed(RuntimeError):
+    """The status process could not build the status object (its message says why)."""
+
+
+class StatusProcess:
+    """One status-building process; `build()` blocks (call it from a thread)."""
+
+    def __init__(self, path: str | Path, run: RunConfig, plan: list[StageSpec], shape: ModelShape | None):
+        self._args = (str(path), run, list(plan), shape)
+        self._lock = threading.Lock()  # one request at a time on the pipe
+        self._start()
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")  # a clean interpreter: no copy of the coordinator's threads or sockets
+        self._conn, child = ctx.Pipe()
+        self._process = ctx.Process(target=_serve, args=(child, *self._args), name="gptjt-status", daemon=True)
+        self._process.start()
+        child.close()
+
+    def build(self) -> tuple[bytes, bytes]:
+        """(status JSON, /metrics text); a process that died is started again once."""
+        with self._lock:
+            for attempt in (1, 2):
+                try:
+                    self._conn.send("build")
+                    kind, body, metrics = self._conn.recv()
+                    break
+                except (EOFError, BrokenPipeError, ConnectionResetError):
+                    if attempt == 2:
+                        raise StatusBuildFailed("the status process died twice in a row; see the coordinator's "
+                                                "log for its traceback") from None
+                    self._process.join(timeout=1.0)
+                    self._start()
+        if kind != "ok":
+            raise StatusBuildFailed(body.decode())
+        return body, metrics
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                self._conn.send("stop")
+            except (BrokenPipeError, OSError):
+                pass
+            self._conn.close()
+        self._process.join(timeout=5.0)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(timeout=5.0)
+
+
+def _serve(conn, path: str, run: RunConfig, plan: list[StageSpec], shape: ModelShape | None) -> None:
+    """The process: build on request until "stop" or until the coordinator is gone."""
+    from .dashboard.metrics import render_metrics
+    from .finite_json import dumps
+    from .ledger import RunLedger
+
+    reader = RunLedger.open_read_only(path, run, plan, shape)
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):  # the coordinator died
+            return
+        if request == "stop":
+            return
+        try:
+            status = reader.status_snapshot()
+            conn.send(("ok", dumps(status), render_metrics(lambda: status)))
+        except Exception as e:  # said to the caller; the next request tries again
+            conn.send(("error", f"{type(e).__name__}: {e}".encode(), b""))
