@@ -25,6 +25,13 @@ def alive_marks() -> str:
     return ",".join("?" * len(ALIVE_STATES))
 
 
+class Transaction:
+    """What the block of `LedgerDB.tx()` may say about itself: `quiet` (see tx)."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+
 class LedgerDB:
     """The connection (WAL, autocommit outside `tx()`), typed access to `meta`, and the clock."""
 
@@ -50,21 +57,21 @@ class LedgerDB:
         return self.conn.execute(sql, args)
 
     @contextmanager
-    def tx(self, quiet: bool = False) -> Iterator[None]:
+    def tx(self, quiet: bool = False) -> Iterator[Transaction]:
         """One transaction: committed (and `version` bumped if it wrote) unless the block raises. `quiet`: the
         block changes nothing a Watch stream shows (a routine heartbeat), so `version` stays and
         no stream wakes: with thousands of workers, waking every stream on every heartbeat is
-        O(workers^2) work a second."""
-        written = self.conn.total_changes
+        O(workers^2) work a second. The block may decide it at its end (`as t: ... t.quiet = ...`)."""
+        written, t = self.conn.total_changes, Transaction(quiet)
         self.conn.execute("BEGIN IMMEDIATE")
         try:
-            yield
+            yield t
         except BaseException:
             self.conn.execute("ROLLBACK")
             self.rollbacks += 1  # what was read inside is no longer so (changes())
             raise
         self.conn.execute("COMMIT")
-        if not quiet and self.conn.total_changes != written:  # a transaction that wrote nothing wakes nobody
+        if not t.quiet and self.conn.total_changes != written:  # a transaction that wrote nothing wakes nobody
             self.version += 1
 
     @contextmanager
@@ -75,6 +82,11 @@ class LedgerDB:
             yield
         finally:
             self.conn.execute("COMMIT")
+
+    def writes(self) -> int:
+        """Rows written through this connection so far, quiet transactions included (the status
+        object is rebuilt when this moved)."""
+        return self.conn.total_changes
 
     def changes(self) -> tuple[int, int, int]:
         """The key of what is computed once per state of the ledger (AssignmentView's facts):

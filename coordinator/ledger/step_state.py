@@ -67,6 +67,17 @@ class StepState:
     def restart_phase_clock(self) -> None:
         self.db.set_meta("phase_since", self.db.clock())
 
+    WATCHED = ("step", "attempt", "phase", "plan_version", "paused", "restore_epoch", "restore_step",
+               "restore_from_store", "members",
+               "contributors", "drain_requested", "standby_why", "grad_norm")
+
+    def watched(self) -> tuple:
+        """What of the step's state a Watch stream shows (RunState), in one read: a transaction
+        that leaves it as it was wakes no stream (a lease, a commit mid-step)."""
+        rows = self.db.execute(f"SELECT key, value FROM meta WHERE key IN ({','.join('?' * len(self.WATCHED))}) "
+                               "ORDER BY key", self.WATCHED).fetchall()
+        return tuple((r["key"], r["value"]) for r in rows)
+
     @property
     def paused(self) -> bool:
         return self.db.meta("paused") == "1"
