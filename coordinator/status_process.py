@@ -76,9 +76,9 @@ def _serve(conn, path: str, run: RunConfig, plan: list[StageSpec], shape: ModelS
     """The process: build on request until "stop" or until the coordinator is gone."""
     from .dashboard.metrics import render_metrics
     from .finite_json import dumps
-    from .ledger import RunLedger
+    from .ledger.reader import LedgerReader
 
-    reader = RunLedger.open_read_only(path, run, plan, shape)
+    reader = LedgerReader(path, run, plan, shape)
     while True:
         try:
             request = conn.recv()
@@ -87,7 +87,7 @@ def _serve(conn, path: str, run: RunConfig, plan: list[StageSpec], shape: ModelS
         if request == "stop":
             return
         try:
-            status = reader.status_snapshot()
+            status = reader.status()
             conn.send(("ok", dumps(status), render_metrics(lambda: status)))
         except Exception as e:  # said to the caller; the next request tries again
             conn.send(("error", f"{type(e).__name__}: {e}".encode(), b""))

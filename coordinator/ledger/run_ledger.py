@@ -12,7 +12,8 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gptjt_core.config import RunConfig
@@ -96,16 +97,6 @@ class RunLedger:
         self.operator = OperatorRequests(db, self.events, self.state, self.workers)
         self.retention = Retention(db, run.coordinator)
         return db
-
-    @classmethod
-    def open_read_only(cls, path: str | Path, run: RunConfig, plan: list[StageSpec], shape: ModelShape | None,
-                       clock: Callable[[], float] = time.time) -> RunLedger:
-        """The stores over a read-only connection to a ledger another RunLedger writes, for
-        reads elsewhere (coordinator/status_process.py builds the status object in a process);
-        read in `status_snapshot()`. Writing through it fails."""
-        reader = object.__new__(cls)
-        reader._compose(LedgerDB(path, clock, read_only=True), run, plan, shape)
-        return reader
 
     def _start_new(self, fingerprint: str, plan: list[StageSpec], stored: list[tuple[int, StageSpec, str]]) -> None:
         run = self.run
@@ -262,21 +253,29 @@ class RunLedger:
         return self.state.held_out()
 
     # -- tickets and the step protocol ---------------------------------------------------
+    @contextmanager
+    def watched_tx(self) -> Iterator[None]:
+        """A transaction that wakes Watch streams only if it changed what they show."""
+        with self.db.tx() as t:
+            before = self.state.watched()
+            yield
+            t.quiet = self.state.watched() == before
+
     def lease(self, worker_id: str, max_tickets: int) -> tuple[list[TicketRow], str]:
         reason = self.protocol.why_no_lease(worker_id)
         if reason:
             return [], reason
-        with self.db.tx():
+        with self.watched_tx():  # tickets are not in any RunState
             rows = self.protocol.lease(worker_id, max_tickets)
         return rows, "" if rows else "every ticket of the step is leased"
 
     def commit(self, worker_id: str, ticket_id: int, attempt: int, loss: float, tokens: int) -> str:
         """Count a finished micro-batch once. Returns committed / already_committed / stale / not_leased."""
-        with self.db.tx():
+        with self.watched_tx():  # quiet unless it closed the phase
             return self.protocol.commit(worker_id, ticket_id, attempt, loss, tokens)
 
     def release(self, worker_id: str, ticket_ids: list[int]) -> int:
-        with self.db.tx():
+        with self.watched_tx():
             n = self.tickets.release(worker_id, ticket_ids)
             if n:
                 self.events.record("tickets_released", f"{worker_id} handed back {n} ticket(s)")
@@ -345,13 +344,6 @@ class RunLedger:
 
     def status(self) -> dict:
         return self.status_view.status()
-
-    def status_snapshot(self) -> dict:
-        """status() in one read transaction, with the plan re-read from the file (a read-only
-        copy's planner does not see the writer's re-plans otherwise)."""
-        with self.db.snapshot():
-            self.planner.reload()
-            return self.status_view.status()
 
     def loss_curve(self) -> list[dict]:
         return self.history.loss_curve(self.step)

@@ -1,0 +1,63 @@
+"""What keeps a coordinator of thousands of workers responsive: which transactions wake Watch
+streams, the read-only reader the status process uses, and assignments read once per ledger state."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from coordinator.ledger import OPEN
+from coordinator.ledger.reader import LedgerReader
+from coordinator.scheduler import plan_stages
+from tests.unit.test_ledger import make, ready_swarm
+
+
+def test_routine_heartbeats_and_mid_step_commits_wake_no_watch_stream(tmp_path):
+    ledger = make(tmp_path)
+    a, b = ready_swarm(ledger, 2)
+    assert ledger.phase == OPEN
+    v = ledger.version
+    ledger.heartbeat(a, "ready", {"micro_batches_per_s": 2.0}, ledger.restore_epoch, ledger.step)
+    assert ledger.version == v  # liveness and metrics only
+    tickets, _ = ledger.lease(a, 100)
+    assert len(tickets) == 2 and ledger.version == v  # tickets are in no RunState
+    assert ledger.commit(a, tickets[0].id, tickets[0].attempt, 1.0, 128) == "committed"
+    assert ledger.version == v and ledger.phase == OPEN
+    assert ledger.commit(a, tickets[1].id, tickets[1].attempt, 1.0, 128) == "committed"
+    assert ledger.version > v and ledger.phase != OPEN  # the last one closes the phase: streams must hear
+    v = ledger.version
+    ledger.heartbeat(b, "draining", {}, ledger.restore_epoch, ledger.step)
+    assert ledger.version > v  # a state change is news
+    v = ledger.version
+    ledger.reap()  # a pass that writes nothing
+    assert ledger.version == v
+
+
+def test_the_reader_sees_each_commit_and_cannot_write(tmp_path):
+    ledger = make(tmp_path)
+    reader = LedgerReader(ledger.path, ledger.run, plan_stages(4, 2), ledger.shape, ledger.clock)
+    assert reader.status()["workers"] == []
+    a, _ = ready_swarm(ledger, 2)
+    status = reader.status()
+    assert [w["id"] for w in status["workers"]][0] == a and status["phase"] == "open"
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        reader.ledger.db.execute("UPDATE meta SET value='x' WHERE key='phase'")
+    reader.close()
+
+
+def test_assignments_read_the_workers_once_per_ledger_state(tmp_path, monkeypatch):
+    ledger = make(tmp_path)
+    ids = ready_swarm(ledger, 2) + [ledger.join(f"s{i}", f"127.0.0.1:{9100 + i}", {})["id"] for i in range(20)]
+    calls = []
+    real = ledger.workers.stage_workers
+    monkeypatch.setattr(ledger.workers, "stage_workers", lambda: calls.append(1) or real())
+    states = [ledger.run_state(w) for w in ids]
+    assert len(calls) == 1  # one read for 22 streams woken by one change
+    assert states[0]["assignment"]["stage"] == 0 and states[-1]["assignment"]["stage"] == -1
+    ledger.heartbeat(ids[3], "standby", {"micro_batches_per_s": 1.0}, -1, -1)  # quiet: nothing to re-read
+    ledger.run_state(ids[0])
+    assert len(calls) == 1
+    ledger.leave(ids[4])
+    ledger.run_state(ids[0])
+    assert len(calls) == 2
