@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 
 import grpc
@@ -246,16 +247,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                   measure_links=[a for a, _ in state["measure_links"]],
                                   measure_link_ids=[i for _, i in state["measure_links"]], drain=state["drain"],
                                   dht_peers=state["dht_peers"])
-            await asyncio.sleep(min(1.0, self.watch_streams / WATCH_READS_PER_S))
-            if self.ledger.version != seen:
-                continue  # changed meanwhile: read again now
-            async with self.changed:
-                try:
-                    # Wake on a change (every write path notifies, the reaper every 0.5 s at the
-                    # latest), or after WATCH_REFRESH_S.
-                    await asyncio.wait_for(self.changed.wait(), timeout=WATCH_REFRESH_S)
-                except TimeoutError:
-                    pass
+            if self.ledger.version == seen:
+                async with self.changed:
+                    try:
+                        # Wake on a change (every write path notifies, the reaper every 0.5 s at
+                        # the latest), or after WATCH_REFRESH_S.
+                        await asyncio.wait_for(self.changed.wait(), timeout=WATCH_REFRESH_S)
+                    except TimeoutError:
+                        pass
+            # A change wakes every stream at once: each reads at a random moment of the next
+            # len(streams) / WATCH_READS_PER_S seconds, so the reads spread instead of queueing.
+            await asyncio.sleep(random.uniform(0.0, min(1.0, self.watch_streams / WATCH_READS_PER_S)))
 
     async def LeaseTickets(self, request, context):
         await self.door(validation.check_lease, request, context)
