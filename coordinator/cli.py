@@ -20,6 +20,7 @@ from gptjt_proto import operator_pb2_grpc as opb_grpc
 from .checkpoint_store import CheckpointStore
 from .dht import CoordinatorDHT
 from .dht_authority import DhtAuthority
+from .gc_schedule import collect_fully_forever, take_full_collections_off_the_clock
 from .run_ca import RunCA
 from .sessions import SessionGuard
 from .admin_token import AdminToken, ReadToken
@@ -95,6 +96,8 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
               f"token in {actions.admin.where})" + (f"; WARNING: {dashboard.exposure}" if dashboard.exposure else ""),
               flush=True)
     reaper = asyncio.create_task(service.reap_forever())
+    take_full_collections_off_the_clock()
+    collector = asyncio.create_task(collect_fully_forever())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -102,6 +105,7 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     await stop.wait()
     log.info("shutting down")
     reaper.cancel()
+    collector.cancel()
     if dashboard is not None:
         await dashboard.stop()
     await server.stop(grace=1.0)
