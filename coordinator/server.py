@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import time
 
 import grpc
@@ -24,6 +23,7 @@ from .rate_limit import RateLimiter
 from .run_ca import RunCA
 from .sessions import caller
 from .status_cache import StatusCache
+from .watch_streams import WatchStreams
 
 from .ledger import ALIVE_STATES, RunLedger
 
@@ -63,13 +63,6 @@ async def address_is_down(address: str, timeout_s: float = 2.0) -> bool:
     return False
 
 
-WATCH_REFRESH_S = 10.0  # a Watch stream re-reads its RunState at least this often (seconds)
-# All Watch streams together read at most this many RunStates a second: a ledger change wakes
-# every stream, so with many workers each waits len(streams) / WATCH_READS_PER_S seconds (at most
-# 1 s) between reads, and a burst of changes costs one read per stream.
-WATCH_READS_PER_S = 5_000.0
-
-
 class CoordinatorService(pb_grpc.CoordinatorServicer):
     """The Coordinator gRPC API: each method checks its request and makes one ledger call."""
 
@@ -86,9 +79,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         c = ledger.run.coordinator
         self.joins = RateLimiter(c.joins_per_s, c.join_burst)  # per join token
         self.statuses = StatusCache(ledger)  # Status, the dashboard and /metrics: built off the event loop
-        self.changed = asyncio.Condition()  # notified after every ledger change (Watch)
-        self.watch_streams = 0  # open Watch streams
-        self._seen_version = ledger.version
+        self.watches = WatchStreams(lambda: ledger.version)
         self.limits = validation.RunLimits.of(ledger.run, ledger.plan[-1].end, ledger.shape)
 
     async def door(self, check, request, context) -> None:
@@ -101,10 +92,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode[e.code], str(e))
 
     async def notify(self) -> None:
-        if self.ledger.version != self._seen_version:
-            self._seen_version = self.ledger.version
-            async with self.changed:
-                self.changed.notify_all()
+        await self.watches.notify()
 
     async def Join(self, request, context):
         token_id = self.ledger.tokens.admitting(request.token)
@@ -219,45 +207,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             log.warning("worker %s at %s is down (its stream closed): declared dead", worker_id, row["address"])
 
     async def _watch(self, request, context):
-        self.watch_streams += 1
-        try:
-            async for state in self._watch_reads(request, context):
-                yield state
-        finally:
-            self.watch_streams -= 1
+        def read() -> dict:
+            return {**self.ledger.run_state(request.worker_id), "dht_peers": self.run_dht_peers(request.worker_id)}
 
-    async def _watch_reads(self, request, context):
-        last, seen, read_at = None, None, 0.0
-        while not context.cancelled():
-            # Read only when the ledger moved (thousands of streams wake together), or every
-            # WATCH_REFRESH_S for what ages without a write (which links are due for measuring).
-            if self.ledger.version != seen or time.monotonic() - read_at > WATCH_REFRESH_S:
-                seen, read_at = self.ledger.version, time.monotonic()
-                state = self.ledger.run_state(request.worker_id)
-                state["dht_peers"] = self.run_dht_peers(request.worker_id)
-            else:
-                state = last
-            if state != last:
-                last = state
-                yield pb.RunState(step=state["step"], attempt=state["attempt"], phase=_PHASES[state["phase"]],
-                                  global_grad_norm=state["global_grad_norm"], plan_version=state["plan_version"],
-                                  assignment=assignment_pb(state["assignment"]), paused=state["paused"],
-                                  restore_epoch=state["restore_epoch"], restore_step=state["restore_step"],
-                                  restore_from_store=state["restore_from_store"],
-                                  measure_links=[a for a, _ in state["measure_links"]],
-                                  measure_link_ids=[i for _, i in state["measure_links"]], drain=state["drain"],
-                                  dht_peers=state["dht_peers"])
-            if self.ledger.version == seen:
-                async with self.changed:
-                    try:
-                        # Wake on a change (every write path notifies, the reaper every 0.5 s at
-                        # the latest), or after WATCH_REFRESH_S.
-                        await asyncio.wait_for(self.changed.wait(), timeout=WATCH_REFRESH_S)
-                    except TimeoutError:
-                        pass
-            # A change wakes every stream at once: each reads at a random moment of the next
-            # len(streams) / WATCH_READS_PER_S seconds, so the reads spread instead of queueing.
-            await asyncio.sleep(random.uniform(0.0, min(1.0, self.watch_streams / WATCH_READS_PER_S)))
+        async for state in self.watches.states(read, context.cancelled):
+            yield pb.RunState(step=state["step"], attempt=state["attempt"], phase=_PHASES[state["phase"]],
+                              global_grad_norm=state["global_grad_norm"], plan_version=state["plan_version"],
+                              assignment=assignment_pb(state["assignment"]), paused=state["paused"],
+                              restore_epoch=state["restore_epoch"], restore_step=state["restore_step"],
+                              restore_from_store=state["restore_from_store"],
+                              measure_links=[a for a, _ in state["measure_links"]],
+                              measure_link_ids=[i for _, i in state["measure_links"]], drain=state["drain"],
+                              dht_peers=state["dht_peers"])
 
     async def LeaseTickets(self, request, context):
         await self.door(validation.check_lease, request, context)
