@@ -5,15 +5,22 @@ milliseconds of Python to build. In a thread of the coordinator it would hold th
 most of that time and every heartbeat would wait behind it; in this process it runs on
 another core. The process opens the ledger read-only (a second SQLite connection; WAL lets
 it read the last committed state while the coordinator writes), and answers each "build"
-with the status JSON and the /metrics text rendered from it. It imports no torch (the
-ledger plans with gptjt_core.stage_spec), so it starts in well under a second. It ends when
-asked, or when the coordinator's end of the pipe closes (the coordinator died).
+with the status JSON and the /metrics text rendered from it. It is a fresh interpreter
+running this module (`python -m coordinator.status_process FD`), not a multiprocessing child:
+"spawn" would first re-import the coordinator's main script (torch and all, ~4 s), and a
+coordinator killed meanwhile would leave it running that long. This module imports no torch
+(the ledger plans with gptjt_core.stage_spec), so it starts in well under a second. It ends
+when asked, or when the coordinator's end of the socket closes (the coordinator died).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
+import socket
+import subprocess
+import sys
 import threading
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 from gptjt_core.config import RunConfig
@@ -35,11 +42,14 @@ class StatusProcess:
         self._start()
 
     def _start(self) -> None:
-        ctx = mp.get_context("spawn")  # a clean interpreter: no copy of the coordinator's threads or sockets
-        self._conn, child = ctx.Pipe()
-        self._process = ctx.Process(target=_serve, args=(child, *self._args), name="gptjt-status", daemon=True)
-        self._process.start()
-        child.close()
+        ours, theirs = socket.socketpair()
+        root = str(Path(__file__).resolve().parent.parent)  # where the coordinator package is importable from
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self._process = subprocess.Popen([sys.executable, "-m", "coordinator.status_process", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send(self._args)
 
     def build(self) -> tuple[bytes, bytes]:
         """(status JSON, /metrics text); a process that died is started again once."""
@@ -53,7 +63,8 @@ class StatusProcess:
                     if attempt == 2:
                         raise StatusBuildFailed("the status process died twice in a row; see the coordinator's "
                                                 "log for its traceback") from None
-                    self._process.join(timeout=1.0)
+                    self._conn.close()
+                    self._wait()
                     self._start()
         if kind != "ok":
             raise StatusBuildFailed(body.decode())
@@ -66,13 +77,17 @@ class StatusProcess:
             except (BrokenPipeError, OSError):
                 pass
             self._conn.close()
-        self._process.join(timeout=5.0)
-        if self._process.is_alive():
+        self._wait()
+
+    def _wait(self, timeout_s: float = 5.0) -> None:
+        try:
+            self._process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
             self._process.kill()
-            self._process.join(timeout=5.0)
+            self._process.wait(timeout_s)
 
 
-def _serve(conn, path: str, run: RunConfig, plan: list[StageSpec], shape: ModelShape | None) -> None:
+def _serve(conn: Connection, path: str, run: RunConfig, plan: list[StageSpec], shape: ModelShape | None) -> None:
     """The process: build on request until "stop" or until the coordinator is gone."""
     from .dashboard.metrics import render_metrics
     from .finite_json import dumps
@@ -91,3 +106,12 @@ def _serve(conn, path: str, run: RunConfig, plan: list[StageSpec], shape: ModelS
             conn.send(("ok", dumps(status), render_metrics(lambda: status)))
         except Exception as e:  # said to the caller; the next request tries again
             conn.send(("error", f"{type(e).__name__}: {e}".encode(), b""))
+
+
+if __name__ == "__main__":  # started by StatusProcess with its end of a socket pair
+    with Connection(int(sys.argv[1])) as connection:
+        try:
+            arguments = connection.recv()
+        except EOFError:  # the coordinator died before it said what to read
+            sys.exit(0)
+        _serve(connection, *arguments)
