@@ -21,11 +21,12 @@ MAX_NUMEL = 2**31 - 1  # the index hash works on 31-bit integers
 CHUNK = 1 << 20  # values hashed at a time: bounds the int64 index temporary to 8 MB
 
 # Tolerances on the relative error a spot check accepts, from `gptjt bench verify-calibration`
-# (docs/security.md, "How tolerant a spot check is"): 10x the worst honest disagreement measured
-# on the tiny flavour, floored. fp32 against fp32 (other thread counts, grouping, kernels);
-# "reduced" when either side computed its matmuls in bf16, fp16 or TF32.
+# (docs/security.md, "How tolerant a spot check is"): 10x the worst honest disagreement
+# measured, never below a floor. fp32 against fp32 (thread counts, grouping): worst 5.4e-7, so
+# the floor 1e-3 holds. "Reduced" when either side ran its matmuls in bf16, fp16 or TF32:
+# worst 0.0107 (bf16 autocast vs fp32, a 16-layer stage of width 512), so 0.11.
 TOLERANCE_FP32 = 1e-3
-TOLERANCE_REDUCED = 0.05
+TOLERANCE_REDUCED = 0.11
 
 _MASK31 = 0x7FFFFFFF
 _MULT = 0x45D9F3B  # a well-mixing odd multiplier (< 2**27: products of 31-bit values stay < 2**58)
