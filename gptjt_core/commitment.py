@@ -19,6 +19,7 @@ K_CHOICES = (16, 32, 64, 128, 256)
 BUCKETS = 4096  # width of the count sketch stage (m); the dense stage maps it to k values
 MAX_NUMEL = 2**31 - 1  # the index hash works on 31-bit integers
 CHUNK = 1 << 20  # values hashed at a time: bounds the int64 index temporary to 8 MB
+CACHED_NUMEL = 1 << 25  # tensors up to this size keep their bucket index (int16, <= 64 MB) for the next sketch
 
 # Tolerances on the relative error a spot check accepts, from `gptjt bench verify-calibration`
 # (docs/security.md, "How tolerant a spot check is"): 10x the worst honest disagreement
@@ -65,6 +66,21 @@ def _signed_buckets(start: int, stop: int, salts: list[int], device: torch.devic
         h ^= salt
     h ^= h >> 16
     return h & (2 * BUCKETS - 1)
+
+
+@lru_cache(maxsize=2)  # a stage sketches one shape (its output and its gradient are both (B, T, D))
+def _cached_index(key: bytes, n: int, device: torch.device) -> torch.Tensor:
+    """_signed_buckets of [0, n) as int16: hashing is 90 % of a sketch's time, and a stage
+    sketches tensors of one size under one key again and again."""
+    salts = _salts(key)
+    return torch.cat([_signed_buckets(start, min(n, start + CHUNK), salts, device).to(torch.int16)
+                      for start in range(0, n, CHUNK)]) if n else torch.zeros(0, dtype=torch.int16, device=device)
+
+
+def _index(key: bytes, n: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    if n <= CACHED_NUMEL:
+        return _cached_index(key, n, device)[start:stop]
+    return _signed_buckets(start, stop, _salts(key), device)
 
 
 @lru_cache(maxsize=8)
@@ -142,12 +158,11 @@ class Sketch:
         n = flat.numel()
         if n > MAX_NUMEL:
             raise ValueError(f"tensor has {n} values; a sketch takes at most {MAX_NUMEL}: sketch parts")
-        salts = _salts(key)
         bins = torch.zeros(2 * BUCKETS, dtype=torch.float32, device=flat.device)
         sum_sq = 0.0
         for start in range(0, n, CHUNK):
             part = flat[start:start + CHUNK].float()
-            index = _signed_buckets(start, start + part.numel(), salts, flat.device)
+            index = _index(key, n, start, start + part.numel(), flat.device)
             bins += torch.bincount(index, weights=part, minlength=2 * BUCKETS)  # 3x index_add_'s speed on CPU
             sum_sq += float(torch.dot(part, part))
         signed = bins[:BUCKETS] - bins[BUCKETS:]
