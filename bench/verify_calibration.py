@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gptjt_core.commitment import (TOLERANCE_FP32, TOLERANCE_REDUCED, Commitment, Sketch, compare,
+from gptjt_core.commitment import (DEFAULT_KEY, TOLERANCE_FP32, TOLERANCE_REDUCED, Commitment, Sketch, compare,
                                    input_digest)
 from gptjt_core.model import StageSpec
 
@@ -87,8 +87,9 @@ def _stages(precision: str) -> dict:
     return {name: LayerSlice(run, spec) for name, spec in SPECS.items()}
 
 
-def _one(stages: dict, w: WireInputs, rows: slice, key: int, timings: list[float]) -> dict[str, torch.Tensor]:
-    """Every stage's output and returned gradient for the sequences `rows` of one micro-batch."""
+def _one(stages: dict, w: WireInputs, rows: slice, key: int, timings: dict) -> dict[str, torch.Tensor]:
+    """Every stage's output and returned gradient for the sequences `rows` of one micro-batch;
+    appends the middle and last stages' forward + backward seconds to timings[name]."""
     k = (key, 0)
     prefix, labels = w.prefix[rows], w.labels[rows]
     # Fresh leaf tensors, as decoded from the wire: a stage marks its input requires_grad.
@@ -98,17 +99,18 @@ def _one(stages: dict, w: WireInputs, rows: slice, key: int, timings: list[float
     started = time.perf_counter()
     out1 = stages["middle"].forward(k, 0, hidden, prefix)
     grad1 = stages["middle"].backward(k, 0, w.grad_back[rows])
-    timings.append(time.perf_counter() - started)
-    last = stages["last"]
+    timings.setdefault("middle", []).append(time.perf_counter() - started)
+    last, started = stages["last"], time.perf_counter()
     _, _, grad2 = last.forward_backward(k, 0, hidden_last, prefix, labels, last.run.train.global_batch)
+    timings.setdefault("last", []).append(time.perf_counter() - started)
     return {"first output": out0, "middle output": out1, "middle gradient": grad1, "last gradient": grad2}
 
 
-def recompute(setting: Setting, inputs: list[WireInputs], timings: list[float] | None = None) -> list[dict]:
+def recompute(setting: Setting, inputs: list[WireInputs], timings: dict | None = None) -> list[dict]:
     """Each stage's outputs and returned gradients for every micro-batch under `setting`."""
     threads = torch.get_num_threads()
     torch.set_num_threads(setting.threads)
-    timings = [] if timings is None else timings
+    timings = {} if timings is None else timings
     try:
         stages = _stages(setting.precision)
         results = []
@@ -261,17 +263,19 @@ def detection(claims: list[dict], recomputed: list[dict], inputs: list[WireInput
     return result
 
 
-def sketch_ms(shape: tuple[int, ...], repeats: int) -> float:
-    """Median ms to sketch one float32 tensor of `shape` on one CPU thread."""
+def sketch_ms(shape: tuple[int, ...], repeats: int, fresh_keys: bool = False) -> float:
+    """Median ms to sketch one float32 tensor of `shape` on one CPU thread: under one key, as a
+    stage with a fixed key does (its bucket index is cached), or under a new key each time."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         x = torch.randn(shape)
         Sketch.of(x)
         times = []
-        for _ in range(repeats):
+        for i in range(repeats):
+            key = (1000 + i).to_bytes(16, "little") if fresh_keys else DEFAULT_KEY
             started = time.perf_counter()
-            Sketch.of(x)
+            Sketch.of(x, key)
             times.append(time.perf_counter() - started)
         return statistics.median(times) * 1000
     finally:
@@ -290,7 +294,7 @@ def _recommend(comparisons: dict, sweep: dict, reduced: bool) -> tuple[float, fl
 def run(quick: bool = False) -> dict:
     count = 4 if quick else 16
     inputs = wire_inputs(count)
-    timings: list[float] = []
+    timings: dict[str, list[float]] = {}
     cache = {REFERENCE: recompute(REFERENCE, inputs, timings)}
     for claimer, verifier, _ in COMPARISONS.values():
         for setting in (claimer, verifier):
@@ -302,7 +306,7 @@ def run(quick: bool = False) -> dict:
     worst_reduced, tol_reduced = _recommend(comparisons, sweep, reduced=True)
     stale = [_exact(a["middle output"], b["middle output"]) for a, b in zip(cache[REFERENCE], cache[REFERENCE][1:])]
     tiny_ms = sketch_ms((MICRO_BATCH, 128, 128), 20)
-    stage_ms = statistics.median(timings) * 1000
+    middle_ms, last_ms = (statistics.median(timings[name]) * 1000 for name in ("middle", "last"))
     commitment = Commitment(input_digest(b""), Sketch.of(inputs[0].hidden), Sketch.of(inputs[0].grad_back))
     return {
         "micro_batches": count, "micro_batch": MICRO_BATCH, "seq_len": 128, "flavour": "tiny", "device": "cpu",
@@ -322,6 +326,11 @@ def run(quick: bool = False) -> dict:
         "commitment_bytes": commitment.size_bytes,
         "sketch_ms_2x128x128": tiny_ms,
         "sketch_ms_1x2048x4096": sketch_ms((1, 2048, 4096), 3 if quick else 7),
-        "middle_stage_fwd_bwd_ms": stage_ms,
-        "sketch_overhead_pct_middle_stage": 100 * 2 * tiny_ms / stage_ms,
+        "sketch_ms_2x128x128_new_key_each": sketch_ms((MICRO_BATCH, 128, 128), 5, fresh_keys=True),
+        "sketch_ms_1x2048x4096_new_key_each": sketch_ms((1, 2048, 4096), 3, fresh_keys=True),
+        "middle_stage_fwd_bwd_ms": middle_ms, "last_stage_fwd_bwd_ms": last_ms,
+        # the middle stage sketches its output and its gradient; the pipeline's pace is its slowest stage's
+        "sketch_overhead_pct_middle_stage": 100 * 2 * tiny_ms / middle_ms,
+        "sketch_overhead_pct_tokens_per_s": 100 * (max(middle_ms + 2 * tiny_ms, last_ms + tiny_ms)
+                                                   / max(middle_ms, last_ms) - 1),
     }

@@ -87,9 +87,10 @@ def _index(key: bytes, n: int, start: int, stop: int, device: torch.device) -> t
 def _dense_cpu(key: bytes, k: int) -> torch.Tensor:
     """(k, BUCKETS) matrix of +-1/sqrt(k) from SHAKE-256 of the key: the same bits everywhere."""
     raw = hashlib.shake_256(b"gptjt-sketch-v1/dense/" + key + k.to_bytes(2, "little")).digest(k * BUCKETS // 8)
-    bytes_ = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64)
-    bits = (bytes_.unsqueeze(1) >> torch.arange(8)) & 1  # (k * BUCKETS / 8, 8)
-    return (bits.reshape(k, BUCKETS).float() * 2 - 1) / math.sqrt(k)
+    bytes_ = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    bits = (bytes_.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1  # (k * BUCKETS / 8, 8), in uint8
+    scale = 1 / math.sqrt(k)
+    return bits.reshape(k, BUCKETS).to(torch.float32).mul_(2 * scale).sub_(scale)
 
 
 def _check_key(key: bytes, k: int) -> None:
