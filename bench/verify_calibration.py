@@ -1,4 +1,4 @@
-"""bench verify-calibration: how far honest recomputations of a stage disagree; the tolerance that follows."""
+"""bench verify-calibration: how far honest recomputations of a stage disagree; the tolerance that follows.
 
 A 3-stage tiny GPT-J (embedding + layer 0 | layers 1-2 | layer 3 + head), real bundled-data
 micro-batches of 2 x 128 tokens through the UL2 transform. Each stage's wire inputs (token ids;
