@@ -58,14 +58,16 @@ class Record:
 
 
 @dataclass(frozen=True)
-class Mismatch:
-    """Neighbours that disagree about the bytes between them: one of them lies (or is broken)."""
+class LinkCheck:
+    """Whether neighbours agree about the bytes between them for one ticket; when they do not,
+    one of them lies (or is broken), and which one takes a third opinion."""
 
     ticket: int
     stage: int  # the upstream stage; the link is stage -> stage + 1
     upstream: str  # its worker
     downstream: tuple[str, ...]  # the workers of stage + 1 that committed to this ticket
-    detail: str
+    agrees: bool
+    detail: str  # "" when they agree; else which digests differ
 
 
 def _why(u: Record, downs: list[Record]) -> str:
@@ -79,8 +81,8 @@ def _why(u: Record, downs: list[Record]) -> str:
             f"{u.stage + 1} to sending " + ", ".join(short(d.links.sent_back) for d in forward))
 
 
-def check_chain(records: Iterable[Record]) -> tuple[int, list[Mismatch]]:
-    """(links checked, mismatches) over one step attempt's records.
+def check_chain(records: Iterable[Record]) -> list[LinkCheck]:
+    """One LinkCheck per link checked in one step attempt's records.
 
     A link stage -> stage + 1 of a ticket is checked for every upstream record that sent
     something (not the last stage) when stage + 1 committed to the ticket at all (its worker
@@ -92,16 +94,15 @@ def check_chain(records: Iterable[Record]) -> tuple[int, list[Mismatch]]:
     by_place: dict[tuple[int, int], list[Record]] = {}
     for r in records:
         by_place.setdefault((r.ticket, r.stage), []).append(r)
-    checked, mismatches = 0, []
+    checks = []
     for (ticket, stage), ups in sorted(by_place.items()):
         downs = by_place.get((ticket, stage + 1))
         if not downs:
             continue
+        workers = tuple(sorted({d.worker for d in downs}))
         for u in ups:
             if u.links.sent is None:
                 continue
-            checked += 1
-            if not any(d.input == u.links.sent and d.links.sent_back == u.links.returned for d in downs):
-                mismatches.append(Mismatch(ticket, stage, u.worker, tuple(sorted({d.worker for d in downs})),
-                                           _why(u, downs)))
-    return checked, mismatches
+            agrees = any(d.input == u.links.sent and d.links.sent_back == u.links.returned for d in downs)
+            checks.append(LinkCheck(ticket, stage, u.worker, workers, agrees, "" if agrees else _why(u, downs)))
+    return checks

@@ -166,17 +166,17 @@ def test_every_stage_commits_to_what_it_sent_and_neighbours_agree():
         assert c.to_pb(KEY).ByteSize() < 1024
     assert kept[1].commitment.output.key == kept[1].links.sent[:16]  # keyed by the codes that carried it
     assert kept[1].commitment.input == kept[0].links.sent and kept[0].links.returned == kept[1].links.sent_back
-    assert check_chain(_records(stages)) == (2, [])
+    checks = check_chain(_records(stages))
+    assert [(c.ticket, c.stage, c.upstream, c.downstream, c.agrees) for c in checks] == [
+        (KEY[0], 0, "w0", ("w1",), True), (KEY[0], 1, "w1", ("w2",), True)]
 
 
 def test_a_stage_whose_digest_disagrees_with_its_neighbour_is_named_with_it():
     records = _records(_chain(2))
     lied = Record(KEY[0], 1, "w1", bytes(32), records[1].links)  # claims other input codes than stage 0 sent
-    checked, mismatches = check_chain([records[0], lied])
-    assert checked == 1 and len(mismatches) == 1
-    m = mismatches[0]
-    assert (m.ticket, m.stage, m.upstream, m.downstream) == (KEY[0], 0, "w0", ("w1",))
+    (m,) = check_chain([records[0], lied])
+    assert (m.ticket, m.stage, m.upstream, m.downstream, m.agrees) == (KEY[0], 0, "w0", ("w1",), False)
     assert "committed to sending codes" in m.detail
     back = Record(KEY[0], 1, "w1", records[1].input, Links(None, None, bytes(32)))  # another gradient sent back
-    (m,) = check_chain([records[0], back])[1]
-    assert "gradient codes" in m.detail and m.downstream == ("w1",)
+    (m,) = check_chain([records[0], back])
+    assert not m.agrees and "gradient codes" in m.detail and m.downstream == ("w1",)
