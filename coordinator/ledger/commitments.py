@@ -84,7 +84,8 @@ class CommitmentBook:
 
     def counts(self) -> dict[str, int]:
         """For the status object: commitments kept, checks made and mismatches found, over the run."""
-        return {name: int(self.db.meta(f"verification_{name}") or 0) for name in ("commitments", "checks", "mismatches")}
+        return {name: int(self.db.meta(f"verification_{name}") or 0)
+                for name in ("commitments", "checks", "mismatches")}
 
     def _count(self, key: str, n: int) -> None:
         if n:

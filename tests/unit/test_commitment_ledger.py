@@ -27,7 +27,8 @@ def honest(ticket: int, attempt: int, stage: int, stages: int = 2) -> Submitted:
     got = digest("tokens", ticket) if stage == 0 else digest("down", ticket, stage - 1)
     last = stage == stages - 1
     return Submitted(ticket, attempt, blob(got), None if last else digest("down", ticket, stage),
-                     None if last else digest("up", ticket, stage + 1), None if stage == 0 else digest("up", ticket, stage))
+                     None if last else digest("up", ticket, stage + 1),
+                     None if stage == 0 else digest("up", ticket, stage))
 
 
 def run_step(ledger, ids, tamper=None) -> list[int]:
