@@ -19,6 +19,7 @@ BENCHMARKS = {
     "status": "bench.status",
     "chaos": "bench.chaos",
     "heartbeat": "bench.heartbeat",
+    "verify-calibration": "bench.verify_calibration",
 }
 
 

@@ -25,7 +25,7 @@ from .sessions import caller
 from .status_cache import StatusCache
 from .watch_streams import WatchStreams
 
-from .ledger import ALIVE_STATES, RunLedger
+from .ledger import ALIVE_STATES, RunLedger, Submitted
 
 log = logging.getLogger(__name__)
 
@@ -246,9 +246,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             ok = self.ledger.averaging_failed(request.worker_id, request.step, request.attempt, request.detail)
             await self.notify()
             return pb.StepReportReply(accepted=ok)
+        commitments = [Submitted(c.ticket_id, c.attempt, c.commitment, c.sent or None, c.returned or None,
+                                 c.sent_back or None) for c in request.commitments]
         ok = self.ledger.report(request.worker_id, request.step, request.attempt, _REPORTS.get(request.kind, ""),
                                 request.grad_norm_sq, request.micro_batches, request.group_weight,
-                                request.state_digest)
+                                request.state_digest, commitments)
         await self.notify()
         return pb.StepReportReply(accepted=ok)
 

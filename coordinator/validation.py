@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gptjt_core.commitment import DIGEST_BYTES, Commitment
 from gptjt_core.config import CODEC_NAMES, RunConfig
 from gptjt_core.wire_checks import (INVALID_ARGUMENT, MAX_DETAIL_CHARS, MAX_DHT_MADDRS, MAX_DIGEST_CHARS,
                                     MAX_LINKS, MAX_NAME_CHARS, MAX_PEM_CHARS, MAX_TOKEN_CHARS, RESOURCE_EXHAUSTED, Refused, choice,
@@ -37,6 +38,7 @@ DEVICE_DTYPES = ("", "fp32", "bf16", "fp16")  # "": not measured yet
 CHECKPOINT_BYTES_PER_PARAM = 20
 CHECKPOINT_HEADROOM = 1.25
 CHECKPOINT_SLACK_BYTES = 16 << 20
+MAX_COMMITMENT_BYTES = 1024  # a commitment with both sketches at k = 64 is 598 bytes (docs/security.md)
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,29 @@ def check_step_report(r: pb.StepReport, lim: RunLimits) -> None:
            "micro-batches per step (or replicas per stage in local-steps mode)")
     hex_text("report.state_digest", r.state_digest, MAX_DIGEST_CHARS)
     text("report.detail", r.detail, MAX_DETAIL_CHARS, printable=False)
+    _commitments(r.commitments, lim)
+
+
+def _commitments(commitments, lim: RunLimits) -> None:
+    """At most one per micro-batch of the step, each a commitment that parses (the ledger keeps them)."""
+    items("report.commitments", commitments, lim.micro_batches_per_step)
+    for i, c in enumerate(commitments):
+        where = f"report.commitments[{i}]"
+        integer(f"{where}.ticket_id", c.ticket_id, 1)
+        integer(f"{where}.attempt", c.attempt, 0)
+        size = f"{len(c.commitment)} bytes"
+        if len(c.commitment) > MAX_COMMITMENT_BYTES:
+            raise Refused(RESOURCE_EXHAUSTED, f"{where}.commitment", size, f"at most {MAX_COMMITMENT_BYTES} bytes",
+                          show=size)
+        try:
+            Commitment.from_bytes(c.commitment)
+        except ValueError as e:
+            raise Refused(INVALID_ARGUMENT, f"{where}.commitment", size, f"a commitment that parses ({e})",
+                          show=size) from None
+        for name in ("sent", "returned", "sent_back"):
+            if len(getattr(c, name)) not in (0, DIGEST_BYTES):
+                raise Refused(INVALID_ARGUMENT, f"{where}.{name}", f"{len(getattr(c, name))} bytes",
+                              f"a {DIGEST_BYTES}-byte digest, or nothing", show=f"{len(getattr(c, name))} bytes")
 
 
 def check_peer_failure(r: pb.PeerFailure, lim: RunLimits) -> None:

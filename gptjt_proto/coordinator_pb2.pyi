@@ -400,7 +400,7 @@ class ReleaseReply(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("worker_id", "step", "attempt", "kind", "grad_norm_sq", "micro_batches", "group_weight", "state_digest", "detail")
+    __slots__ = ("worker_id", "step", "attempt", "kind", "grad_norm_sq", "micro_batches", "group_weight", "state_digest", "detail", "commitments")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -410,6 +410,7 @@ class StepReport(_message.Message):
     GROUP_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step: int
     attempt: int
@@ -419,7 +420,24 @@ class StepReport(_message.Message):
     group_weight: float
     state_digest: str
     detail: str
-    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[ReportKind, str]] = ..., grad_norm_sq: _Optional[float] = ..., micro_batches: _Optional[int] = ..., group_weight: _Optional[float] = ..., state_digest: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    commitments: _containers.RepeatedCompositeFieldContainer[MicroBatchCommitment]
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., kind: _Optional[_Union[ReportKind, str]] = ..., grad_norm_sq: _Optional[float] = ..., micro_batches: _Optional[int] = ..., group_weight: _Optional[float] = ..., state_digest: _Optional[str] = ..., detail: _Optional[str] = ..., commitments: _Optional[_Iterable[_Union[MicroBatchCommitment, _Mapping]]] = ...) -> None: ...
+
+class MicroBatchCommitment(_message.Message):
+    __slots__ = ("ticket_id", "attempt", "commitment", "sent", "returned", "sent_back")
+    TICKET_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    SENT_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_FIELD_NUMBER: _ClassVar[int]
+    SENT_BACK_FIELD_NUMBER: _ClassVar[int]
+    ticket_id: int
+    attempt: int
+    commitment: bytes
+    sent: bytes
+    returned: bytes
+    sent_back: bytes
+    def __init__(self, ticket_id: _Optional[int] = ..., attempt: _Optional[int] = ..., commitment: _Optional[bytes] = ..., sent: _Optional[bytes] = ..., returned: _Optional[bytes] = ..., sent_back: _Optional[bytes] = ...) -> None: ...
 
 class StepReportReply(_message.Message):
     __slots__ = ("accepted",)

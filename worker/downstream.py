@@ -42,10 +42,12 @@ class DownstreamSender:
         """Some replica of the next stage is worth a try."""
         return self.router.available
 
-    async def send(self, header: pb.MicroBatchHeader, out: torch.Tensor) -> tuple[pb.ReplyHeader, Encoded | None]:
+    async def send(self, header: pb.MicroBatchHeader,
+                   out: torch.Tensor) -> tuple[pb.ReplyHeader, Encoded | None, Encoded]:
         """Encode a stage output (B, T, D) with the codecs of the link it takes and send it;
-        return (reply header, encoded input gradient). Raises NoReplicaAvailable when no replica
-        is live, and the call's grpc.aio.AioRpcError when it fails."""
+        return (reply header, encoded input gradient, the encoded output as sent: the stage commits
+        to its digest). Raises NoReplicaAvailable when no replica is live, and the call's
+        grpc.aio.AioRpcError when it fails."""
         address = self.router.pick()
         act_codec, grad_codec = self.link_codecs.codecs(address)
         header.gradient_codec = grad_codec
@@ -67,4 +69,4 @@ class DownstreamSender:
         self.router.done(address, started, ok=True)
         nbytes = len(activations.data) + (len(grad.data) if grad is not None else 0)
         self.link_codecs.observe(address, nbytes, time.monotonic() - started - reply.compute_s)
-        return reply, grad
+        return reply, grad, activations

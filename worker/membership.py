@@ -155,12 +155,13 @@ class CoordinatorClient:
 
     async def report(self, worker_id: str, step: int, attempt: int, kind: int, grad_norm_sq: float = 0.0,
                      micro_batches: int = 0, group_weight: float = 0.0, state_digest: str = "",
-                     detail: str = "") -> bool:
-        """kind: pb.CONTRIBUTION, pb.AVERAGED, pb.APPLIED or pb.AVERAGING_FAILED (see coordinator.proto)."""
+                     detail: str = "", commitments: list | None = None) -> bool:
+        """kind: pb.CONTRIBUTION, pb.AVERAGED, pb.APPLIED or pb.AVERAGING_FAILED (see coordinator.proto);
+        commitments: with a CONTRIBUTION, one MicroBatchCommitment per micro-batch of the attempt."""
         reply = await self._retry(self.stub.ReportStep, pb.StepReport(
             worker_id=worker_id, step=step, attempt=attempt, kind=kind, grad_norm_sq=grad_norm_sq,
             micro_batches=micro_batches, group_weight=group_weight, state_digest=state_digest,
-            detail=detail[:MAX_DETAIL_CHARS]))
+            detail=detail[:MAX_DETAIL_CHARS], commitments=commitments or []))
         return reply.accepted
 
     async def report_peer_failure(self, worker_id: str, address: str, reason: str) -> bool:

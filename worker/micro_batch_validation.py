@@ -54,6 +54,7 @@ class Incoming:
     activations: torch.Tensor  # (B, T, D)
     prefix_lengths: torch.Tensor  # (B,)
     labels: torch.Tensor  # (B, T)
+    payload: bytes  # the activation codes as they arrived: the stage commits to them (worker/commitments.py)
 
 
 def check_header(h: pb.MicroBatchHeader, lim: StageLimits) -> None:
@@ -123,7 +124,7 @@ def check_payload(h: pb.MicroBatchHeader, payload: bytes, lim: StageLimits) -> I
     B, T = x.shape[0], x.shape[1]
     labels = torch.from_numpy(np.frombuffer(h.labels, dtype="<i8").astype(np.int64).reshape(B, T))
     check_labels(labels, lim.vocab_size)
-    return Incoming(h, x, torch.tensor(list(h.prefix_lengths), dtype=torch.long), labels)
+    return Incoming(h, x, torch.tensor(list(h.prefix_lengths), dtype=torch.long), labels, payload)
 
 
 def check_labels(labels: torch.Tensor, vocab_size: int) -> None:

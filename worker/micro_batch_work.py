@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from gptjt_core.compression import decode
+from gptjt_core.compression import Encoded, decode, encode
 from gptjt_proto import stage_pb2 as spb
 
+from .commitments import commit, sent_digest
 from .compute import BACKWARD, FORWARD, OTHER, ComputeQueue
 from .downstream import DownstreamSender
 from .lies import Liar, process_liar
@@ -26,6 +27,8 @@ class StageInput:
     prefix_lengths: torch.Tensor  # (B,)
     labels: torch.Tensor  # (B, T); the last stage computes the loss on them
     global_batch: int  # sequences in the step: the loss is a share of the step's mean
+    wire: tuple[bytes, ...]  # what the input digest hashes: commitments.tokens_parts / received_parts
+    gradient_codec: str | None = None  # how the input gradient goes back upstream; None at stage 0
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class StageOutcome:
     loss: float  # this micro-batch's share of the step loss, from the last stage
     target_tokens: int
     input_grad: torch.Tensor | None  # d loss / d inputs, (B, T, D); None at stage 0 (token ids)
+    sent_grad: Encoded | None = None  # input_grad in item.gradient_codec: the codes to send back
 
 
 async def work_micro_batch(stage: LayerSlice, compute: ComputeQueue, downstream: DownstreamSender | None,
@@ -48,23 +52,41 @@ async def work_micro_batch(stage: LayerSlice, compute: ComputeQueue, downstream:
     the forward's saved graph is discarded before the error goes on.
 
     What the stage sends passes `liar` (default: the lies GPTJT_FAULTS arms in this process,
-    tests and drills only; worker/lies.py): honest unless a lie-* kind is armed."""
+    tests and drills only; worker/lies.py): honest unless a lie-* kind is armed. The stage
+    commits to what it sent, after the liar (a drill's liar commits honestly to its lie): once
+    the backward is done, on the compute thread, into `stage.commitments` under the item's key
+    (worker/commitments.py), before the gradient goes back."""
     key, step = item.key, item.step
     liar = process_liar() if liar is None else liar
+
+    def send_back(grad: torch.Tensor | None) -> Encoded | None:
+        return None if grad is None else encode(grad, item.gradient_codec)
+
     if stage.spec.head:
-        def last() -> tuple[float, int, torch.Tensor | None]:
+        def last() -> tuple[float, int, torch.Tensor | None, Encoded | None]:
             loss, targets, grad = stage.forward_backward(key, step, item.inputs, item.prefix_lengths, item.labels,
                                                          item.global_batch)
-            return liar.loss(key, step, loss), targets, liar.gradient(key, step, grad)
+            loss, grad = liar.loss(key, step, loss), liar.gradient(key, step, grad)
+            sent_grad = send_back(grad)
+            stage.commitments[key] = commit(item.wire, torch.tensor([loss]), None, None, grad, sent_grad)
+            return loss, targets, grad, sent_grad
 
         return StageOutcome(*await compute.run(FORWARD, last))
     try:
         out = await compute.run(FORWARD, lambda: liar.output(key, step, stage.forward(key, step, item.inputs,
                                                                                       item.prefix_lengths)))
-        reply, grad_enc = await downstream.send(next_header(), out)
-        grad_in = await compute.run(BACKWARD, lambda: liar.gradient(key, step, stage.backward(key, step,
-                                                                                             decode(grad_enc))))
+        header = next_header()
+        reply, grad_enc, activations = await downstream.send(header, out)
+
+        def backward() -> tuple[torch.Tensor | None, Encoded | None]:
+            grad = liar.gradient(key, step, stage.backward(key, step, decode(grad_enc)))
+            sent_grad = send_back(grad)
+            stage.commitments[key] = commit(item.wire, out, sent_digest(header, activations), grad_enc, grad,
+                                            sent_grad)
+            return grad, sent_grad
+
+        grad_in, sent_grad = await compute.run(BACKWARD, backward)
     except BaseException:
         await compute.run(OTHER, lambda: stage.discard(key))
         raise
-    return StageOutcome(reply.loss, reply.target_tokens, grad_in)
+    return StageOutcome(reply.loss, reply.target_tokens, grad_in, sent_grad)

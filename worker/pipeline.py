@@ -16,6 +16,7 @@ from gptjt_core.schedule import OneFOneB
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2 as spb
 
+from .commitments import tokens_parts
 from .compute import ComputeQueue
 from .downstream import DownstreamSender
 from .membership import CoordinatorClient
@@ -95,7 +96,7 @@ class Stage0Driver:
                                             labels=labels_bytes(mb.labels), stage=1)
 
             item = StageInput((ticket.ticket_id, ticket.attempt), ticket.step, mb.input_ids, mb.prefix_lengths,
-                              mb.labels, global_batch)
+                              mb.labels, global_batch, tokens_parts(mb.input_ids, mb.labels, mb.prefix_lengths))
             done = await work_micro_batch(stage, self.compute, self.downstream, item, next_header)
             result = await self.coordinator.commit(self.worker_id, ticket, done.loss, mb.input_ids.numel())
             self.leased.discard(ticket.ticket_id)

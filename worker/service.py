@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from gptjt_core.compression import encode
 from gptjt_core.config import PipelineConfig
 from gptjt_core.wire_checks import Refused
 from gptjt_proto import stage_pb2 as pb
 from gptjt_proto import stage_pb2_grpc as pb_grpc
 
+from .commitments import received_parts
 from .compute import OTHER, ComputeQueue
 from .downstream import DownstreamSender
 from .micro_batch_validation import StageLimits
@@ -100,7 +100,7 @@ class StageService(pb_grpc.StageServicer):
             return down
 
         item = StageInput((h.ticket_id, h.attempt), h.step, inc.activations, inc.prefix_lengths, inc.labels,
-                          h.global_batch)
+                          h.global_batch, received_parts(h, inc.payload), grad_codec)
         try:
             done = await work_micro_batch(stage, self.compute, s.downstream, item, next_header)
         except StaleMicroBatch as e:
@@ -110,8 +110,7 @@ class StageService(pb_grpc.StageServicer):
         except grpc.aio.AioRpcError as e:
             code = e.code() if e.code() in _PASS_THROUGH else grpc.StatusCode.ABORTED
             await context.abort(code, f"stage {h.stage + 1}: {e.details()}")
-        grad_enc = encode(done.input_grad, grad_codec)
-        for chunk in gradient_reply(done.loss, done.target_tokens, grad_enc, pipeline.chunk_bytes, self.counters,
+        for chunk in gradient_reply(done.loss, done.target_tokens, done.sent_grad, pipeline.chunk_bytes, self.counters,
                                     time.perf_counter() - started):
             yield chunk
 

@@ -72,6 +72,9 @@ class LayerSlice:
         self.step_micro_batches = 0  # whose gradients the current attempt holds
         self.pacer = None  # a simulated device's ComputePacer (tests and benchmarks only)
         self._tokens: dict[Key, int] = {}  # B x T of each forward in flight, for the pacer
+        # The current attempt's commitments (worker/commitments.py Committed), reported with its
+        # CONTRIBUTION; filled by worker/micro_batch_work.py as each micro-batch's backward ends.
+        self.commitments: dict[Key, object] = {}
 
     def matmul_params(self) -> int:
         """Parameters a forward multiplies by (all but the embedding table)."""
@@ -90,6 +93,7 @@ class LayerSlice:
             if self.attempt is not None:
                 self.optimizer.zero_grad(set_to_none=True)  # restarted step: drop partial sums
             self._inflight.clear()
+            self.commitments.clear()
             self.attempt = (step, attempt)
             self.step_micro_batches = 0
             self.pending_outer = None  # an outer step averaged in another attempt is not this one's
@@ -166,6 +170,7 @@ class LayerSlice:
         """Keep the weights, drop partial gradients and in-flight graphs (a step was restarted)."""
         self.optimizer.zero_grad(set_to_none=True)
         self._inflight.clear()
+        self.commitments.clear()
         self.attempt = None
         self.step_micro_batches = 0
         self.pending_outer = None

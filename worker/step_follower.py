@@ -65,9 +65,10 @@ class StepFollower:
             if idle is not None:
                 await idle()
             self._inject_gradient_faults(stage, step)
-            norm_sq, mbs = await self.compute.run(OTHER, lambda: (stage.grad_norm_sq(), stage.step_micro_batches))
+            norm_sq, mbs, kept = await self.compute.run(OTHER, lambda: (stage.grad_norm_sq(), stage.step_micro_batches,
+                                                                        sorted(stage.commitments.items())))
             if await self.coordinator.report(self.worker_id, step, attempt, cpb.CONTRIBUTION, norm_sq,
-                                             micro_batches=mbs):
+                                             micro_batches=mbs, commitments=[c.to_pb(k) for k, c in kept]):
                 self.reported.add((step, attempt, cpb.CONTRIBUTION))
         elif state.phase == cpb.AVERAGING and (step, attempt, cpb.AVERAGED) not in self.reported:
             if self._averaging is None or self._averaging.done():

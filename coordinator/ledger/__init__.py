@@ -14,6 +14,7 @@
 The step machine (steps, recovery) calls the stores, which return facts and never call back.
 """
 
+from .commitments import Submitted
 from .db import ALIVE_STATES
 from .errors import LedgerError, OperatorError
 from .events import EVENT_CATEGORIES, event_category
@@ -23,5 +24,5 @@ from .tickets import TicketRow, count_tickets
 from .tokens import create_token_in, hash_token, revoke_token_in, token_id
 
 __all__ = ["ACCUMULATED", "ALIVE_STATES", "APPLYING", "AVERAGING", "DONE", "EVENT_CATEGORIES", "LedgerError", "OPEN",
-           "OperatorError", "RunLedger", "TicketRow", "WAITING", "count_tickets", "create_token_in", "event_category",
-           "hash_token", "revoke_token_in", "run_fingerprint", "token_id"]
+           "OperatorError", "RunLedger", "Submitted", "TicketRow", "WAITING", "count_tickets", "create_token_in",
+           "event_category", "hash_token", "revoke_token_in", "run_fingerprint", "token_id"]

@@ -22,6 +22,7 @@ from gptjt_core.stage_spec import StageSpec
 from ..cost_model import ModelShape
 from .assignments import AssignmentView
 from .checkpoints import CheckpointIndex
+from .commitments import CommitmentBook, Submitted
 from .db import ALIVE_STATES, LedgerDB
 from .errors import LedgerError
 from .events import EventLog
@@ -85,8 +86,10 @@ class RunLedger:
         self.history = StepHistory(db)
         self.checkpoints = CheckpointIndex(db, self.events, plan[-1].end, run.coordinator)
         self.planner = StagePlanner(db, self.events, self.workers, self.measurements, self.state, run, shape, plan)
+        self.commitments = CommitmentBook(db, self.events)
         self.protocol = StepProtocol(db, self.events, self.state, self.workers, self.tickets, self.reports,
-                                     self.history, self.measurements, run, lambda: len(self.planner.plan))
+                                     self.history, self.measurements, run, lambda: len(self.planner.plan),
+                                     self.commitments)
         self.recovery = StepRecovery(self.events, self.state, self.workers, self.tickets, self.reports, self.history,
                                      self.checkpoints, self.planner, self.protocol)
         self.guard = LivenessGuard(db, self.events, self.state, self.workers, self.tickets, self.reports,
@@ -282,12 +285,13 @@ class RunLedger:
         return n
 
     def report(self, worker_id: str, step: int, attempt: int, kind: str, grad_norm_sq: float = 0.0,
-               micro_batches: int = 0, group_weight: float = 0.0, digest: str = "") -> bool:
+               micro_batches: int = 0, group_weight: float = 0.0, digest: str = "",
+               commitments: list[Submitted] = ()) -> bool:
         """A member replica reports its part of the step protocol for (step, attempt)."""
         if not self.protocol.accepts(worker_id, step, attempt, kind):
             return False
         with self.db.tx():
-            if self.protocol.report(worker_id, kind, grad_norm_sq, micro_batches, group_weight, digest):
+            if self.protocol.report(worker_id, kind, grad_norm_sq, micro_batches, group_weight, digest, commitments):
                 self.recovery.after_close()
         return True
 

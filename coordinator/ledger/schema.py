@@ -40,6 +40,17 @@ CREATE TABLE IF NOT EXISTS step_audits (  -- each closed step's exactly-once ver
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, id);  -- counts and notable events, by kind
 CREATE TABLE IF NOT EXISTS events_pruned (kind TEXT PRIMARY KEY, n INTEGER NOT NULL);  -- counts of events let go
+CREATE TABLE IF NOT EXISTS commitments (  -- what each stage committed to per micro-batch (ledger/commitments.py)
+  step INTEGER NOT NULL, attempt INTEGER NOT NULL, ticket INTEGER NOT NULL, stage INTEGER NOT NULL,
+  worker TEXT NOT NULL, blob BLOB NOT NULL,                  -- gptjt_core.commitment.Commitment bytes
+  sent BLOB, returned BLOB, sent_back BLOB,                  -- link digests (gptjt_core/chain.py); NULL: none
+  PRIMARY KEY (step, attempt, ticket, stage, worker));
+CREATE TABLE IF NOT EXISTS checks (  -- every check of stage work and its verdict
+  id INTEGER PRIMARY KEY, step INTEGER NOT NULL, attempt INTEGER NOT NULL, ticket INTEGER NOT NULL,
+  stage INTEGER NOT NULL, kind TEXT NOT NULL, verdict TEXT NOT NULL,
+  worker TEXT NOT NULL, peers TEXT NOT NULL,  -- the worker checked; JSON list of the others involved
+  detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS checks_by_step ON checks (step);
 CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage server at dst
   src TEXT NOT NULL, dst TEXT NOT NULL, latency_ms REAL NOT NULL, mbit REAL NOT NULL, measured REAL NOT NULL,
   PRIMARY KEY (src, dst));

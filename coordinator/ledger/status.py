@@ -10,6 +10,7 @@ from __future__ import annotations
 from gptjt_core.config import RunConfig
 
 from .checkpoints import CheckpointIndex
+from .commitments import CommitmentBook
 from .db import ALIVE_STATES, LedgerDB
 from .events import EventLog
 from .history import StepHistory
@@ -57,6 +58,7 @@ class StatusView:
             "event_counts": self.events.counts(), "restore_epoch": st.restore_epoch,
             "replicas_per_stage": self.run.pipeline.replicas_per_stage,
             "stage_link_tls": self.run.link.tls == "on",
+            "verification": CommitmentBook(self.db, self.events).counts(),
             "checkpoints": {"store": self.run.coordinator.store_root,
                             "latest_complete": self.checkpoints.latest_complete(), "steps": self.checkpoints.steps()},
         }

@@ -28,6 +28,7 @@ from gptjt_core.config import RunConfig
 from . import rules
 from .db import LedgerDB
 from .events import EventLog
+from .commitments import CommitmentBook, Submitted
 from .history import StepHistory
 from .measurements import Measurements
 from .reports import APPLIED, AVERAGED, CONTRIBUTION, ReportBook, contributions, sums
@@ -43,11 +44,12 @@ class StepProtocol:
 
     def __init__(self, db: LedgerDB, events: EventLog, state: StepState, workers: WorkerRegistry,
                  tickets: TicketBook, reports: ReportBook, history: StepHistory, measurements: Measurements,
-                 run: RunConfig, stage_count):
+                 run: RunConfig, stage_count, commitments: CommitmentBook):
         self.db, self.events, self.state, self.workers = db, events, state, workers
         self.tickets, self.reports, self.history, self.measurements = tickets, reports, history, measurements
         self.run = run
         self.stage_count = stage_count  # () -> stages in the plan in force
+        self.commitments = commitments
 
     # -- opening -----------------------------------------------------------------------
     def maybe_open(self) -> None:
@@ -133,11 +135,14 @@ class StepProtocol:
                     or worker_id not in st.members().get(row["stage"], []))
 
     def report(self, worker_id: str, kind: str, grad_norm_sq: float, micro_batches: int, group_weight: float,
-               digest: str) -> bool:
-        """Record a member's report (`accepts` said yes) and move on; True if a step closed."""
+               digest: str, commitments: list[Submitted] = ()) -> bool:
+        """Record a member's report (`accepts` said yes; a CONTRIBUTION's commitments with it)
+        and move on; True if a step closed."""
         st, row = self.state, self.workers.row(worker_id)
         self.reports.record(st.step, st.attempt, worker_id, kind, row["stage"], grad_norm_sq, micro_batches,
                             group_weight, digest)
+        if kind == CONTRIBUTION and commitments:
+            self.commitments.record(st.step, st.attempt, row["stage"], worker_id, list(commitments))
         if kind == APPLIED:
             self.workers.set_position(worker_id, st.step + 1)
         return self.advance()
@@ -215,6 +220,7 @@ class StepProtocol:
         opened = st.step_opened or self.db.clock()
         self.history.close(step, attempt + 1, loss, tokens, st.grad_norm, opened, self.reports.detail(step, attempt))
         self.tickets.audit(step)
+        self.commitments.check_chain(step, attempt)
         self.events.record("step_closed", f"step {step}: loss {loss:.4f}, {tokens} tokens")
         st.step = step + 1
         st.mark_closed()

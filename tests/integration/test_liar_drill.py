@@ -1,11 +1,14 @@
 """A lying worker through the fault drill (GPTJT_FAULTS lie-*, worker/lies.py), real processes on
 loopback: its lie is what the next stage receives, and nothing stops the run (no check catches
-lies yet: that is what spot-check verification adds)."""
+lies yet: that is what spot-check verification adds). Every stage commits to each micro-batch and
+the coordinator checks that neighbours agree on the bytes between them; a liar commits to what it
+sent, its lie, so only a recomputation can catch it."""
 
 from __future__ import annotations
 
 import pytest
 
+from gptjt_core.config import load_run_config
 from tests.swarm import Swarm, local_losses, swarm_toml
 
 STEPS, LIE_FROM = 4, 2
@@ -29,6 +32,22 @@ def test_a_stage_0_that_zeroes_its_output_from_step_2_changes_the_losses_from_st
     for step in range(LIE_FROM, STEPS):
         assert abs(got[step] - honest[step]) > 1e-3, (step, got, honest)
     assert status["tickets"]["exactly_once_violations"] == [] and status["step"] == STEPS
+    assert status["verification"]["mismatches"] == 0  # it committed to its lie: the chain agrees
     log = (tmp_path / "worker-liar.log").read_text()
     assert log.count("fault injection: lying (zero) from step 2 on this stage's forward output") == 1, log[-2000:]
     assert "fault injection" not in (tmp_path / "worker-honest.log").read_text()
+
+
+def test_an_honest_two_stage_swarm_commits_to_every_micro_batch_and_its_chain_agrees(tmp_path, swarms):
+    swarm = Swarm(tmp_path, swarm_toml(tmp_path, steps=STEPS))
+    swarms.append(swarm)
+    swarm.start_coordinator()
+    for name in ("a", "b"):
+        swarm.start_worker(name).wait_for("joined", 120)
+    status = swarm.wait(lambda s: s["phase"] == "done", 240, "the run to finish")
+    assert sorted(w["stage"] for w in status["workers"]) == [0, 1]
+    tickets = status["tickets"]["committed"]
+    assert tickets == STEPS * load_run_config(swarm.config).train.micro_batches_per_step
+    # one commitment per ticket and stage; one link (stage 0 -> 1) checked per ticket; all agree
+    assert status["verification"] == {"commitments": 2 * tickets, "checks": tickets, "mismatches": 0}
+    assert status["event_counts"].get("commitment_mismatch", 0) == 0

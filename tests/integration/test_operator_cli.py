@@ -17,7 +17,7 @@ STATUS_KEYS = {"run", "model_source", "tokenizer", "step", "steps_total", "attem
                "tokens_target", "tokens_per_s", "eta_s", "lr", "loss", "measured_step_s", "straggler", "history", "loss_curve",
                "workers", "stages", "tickets", "events", "notable_events", "event_counts", "join_tokens",
                "current_step_tickets", "checkpoints", "plan_version", "restore_epoch", "replicas_per_stage",
-               "global_batch", "seq_len", "now", "liveness", "stage_link_tls"}
+               "global_batch", "seq_len", "now", "liveness", "stage_link_tls", "verification"}
 WORKER_KEYS = {"id", "name", "address", "stage", "state", "last_heartbeat_s", "device", "metrics", "tickets_done",
                "joined", "drain_requested", "seconds_per_micro_batch"}
 STAGE_KEYS = {"index", "start_layer", "end_layer", "embed", "head", "workers", "members"}

@@ -14,6 +14,7 @@ from gptjt_core.compression import Encoded, encode
 from gptjt_core.config import ModelConfig, RunConfig, TrainConfig
 from gptjt_core.model import StageSpec
 from gptjt_proto import stage_pb2 as pb
+from worker.commitments import received_parts, tokens_parts
 from worker.compute import ComputeQueue
 from worker.faults import Faults, LieSettings, parse_faults
 from worker.lies import Liar, chosen
@@ -121,11 +122,16 @@ class LastStage:
         self.compute, self.liar, self.labels = ComputeQueue("stage-1"), liar_, labels
         self.received: torch.Tensor | None = None
 
-    async def send(self, header: pb.MicroBatchHeader, out: torch.Tensor) -> tuple[pb.ReplyHeader, Encoded]:
+    async def send(self, header: pb.MicroBatchHeader, out: torch.Tensor) -> tuple[pb.ReplyHeader, Encoded, Encoded]:
         self.received = out.clone()
-        item = StageInput(KEY, STEP, out, torch.tensor(list(header.prefix_lengths)), self.labels, 4)
+        sent = encode(out, "fp32")
+        header.activations.CopyFrom(pb.TensorMeta(shape=list(sent.shape), dtype=sent.dtype, codec=sent.codec,
+                                                  nbytes=len(sent.data)))
+        item = StageInput(KEY, STEP, out, torch.tensor(list(header.prefix_lengths)), self.labels, 4,
+                          received_parts(header, sent.data), "fp32")
         done = await work_micro_batch(self.stage, self.compute, None, item, lambda: header, self.liar)
-        return pb.ReplyHeader(loss=done.loss, target_tokens=done.target_tokens), encode(done.input_grad, "fp32")
+        assert done.sent_grad == encode(done.input_grad, "fp32")
+        return pb.ReplyHeader(loss=done.loss, target_tokens=done.target_tokens), done.sent_grad, sent
 
 
 def run_chain(first_liar: Liar, last_liar: Liar) -> tuple[LayerSlice, LastStage, float]:
@@ -136,8 +142,8 @@ def run_chain(first_liar: Liar, last_liar: Liar) -> tuple[LayerSlice, LastStage,
     first.begin(STEP, KEY[1])
     compute = ComputeQueue("stage-0")
     header = pb.MicroBatchHeader(ticket_id=KEY[0], step=STEP, attempt=KEY[1], prefix_lengths=prefix.tolist(), stage=1)
-    done = asyncio.run(work_micro_batch(first, compute, last, StageInput(KEY, STEP, ids, prefix, ids.clone(), 4),
-                                        lambda: header, first_liar))
+    item = StageInput(KEY, STEP, ids, prefix, ids.clone(), 4, tokens_parts(ids, ids, prefix))
+    done = asyncio.run(work_micro_batch(first, compute, last, item, lambda: header, first_liar))
     compute.close()
     last.compute.close()
     return first, last, done.loss
@@ -153,6 +159,10 @@ def test_the_next_stage_receives_the_lying_output_and_the_previous_one_the_lying
 
     first, last, loss = run_chain(liar("lie-zero@0"), liar(""))
     assert last.received.abs().sum() == 0 and loss != pytest.approx(honest_loss)
+    # the liar commits to what it sent, its lie, so its neighbour's digests agree with it
+    assert first.commitments[KEY].commitment.output.norm == 0
+    assert honest_first.commitments[KEY].commitment.output.norm > 0
+    assert first.commitments[KEY].links.sent == last.stage.commitments[KEY].commitment.input
 
     first, last, loss = run_chain(liar(""), liar("lie-scale-grad@0"))
     assert loss == honest_loss and torch.equal(last.received, honest_last.received)

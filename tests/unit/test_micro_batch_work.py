@@ -9,15 +9,19 @@ import asyncio
 import pytest
 import torch
 
+from gptjt_core.chain import Links, Record, check_chain
+from gptjt_core.commitment import Commitment
 from gptjt_core.compression import Encoded, encode
 from gptjt_core.config import ModelConfig, RunConfig, TrainConfig
 from gptjt_core.model import StageSpec
 from gptjt_core.schedule import Action, Position, micro_batch_plan
 from gptjt_proto import stage_pb2 as pb
+from worker.commitments import received_parts, tokens_parts
 from worker.compute import ComputeQueue
 from worker.micro_batch_work import StageInput, work_micro_batch
 from worker.routing import NoReplicaAvailable
 from worker.stage import LayerSlice
+from worker.transport import labels_bytes
 
 RUN = RunConfig(model=ModelConfig(source="random:tiny:0"), train=TrainConfig(global_batch=4, micro_batch=2))
 KEY, STEP = (7, 0), 0
@@ -53,16 +57,23 @@ class InProcessLink:
         self.stage, self.downstream, self.logs, self.index, self.labels = stage, downstream, logs, index, labels
         self.compute = ComputeQueue(f"stage-{index}")
 
-    async def send(self, header: pb.MicroBatchHeader, out: torch.Tensor) -> tuple[pb.ReplyHeader, Encoded]:
+    async def send(self, header: pb.MicroBatchHeader, out: torch.Tensor) -> tuple[pb.ReplyHeader, Encoded, Encoded]:
         self.logs[self.index - 1].append(Action.SEND)
         self.logs[self.index].append(Action.RECEIVE)
+        sent = encode(out, "fp32")  # as the transport does: the header names the codes that follow
+        header.activations.CopyFrom(pb.TensorMeta(shape=list(sent.shape), dtype=sent.dtype, codec=sent.codec,
+                                                  nbytes=len(sent.data)))
         item = StageInput(KEY, STEP, out, torch.tensor(list(header.prefix_lengths)), self.labels,
-                          RUN.train.global_batch)
-        done = await work_micro_batch(self.stage, self.compute, self.downstream, item, lambda: header)
+                          RUN.train.global_batch, received_parts(header, sent.data), "fp32")
+        down = pb.MicroBatchHeader()
+        down.CopyFrom(header)
+        down.stage = header.stage + 1
+        done = await work_micro_batch(self.stage, self.compute, self.downstream, item, lambda: down)
         self.logs[self.index].append(Action.SEND)
         self.logs[self.index - 1].append(Action.RECEIVE)
-        grad = encode(done.input_grad, "fp32")
-        return pb.ReplyHeader(loss=done.loss, target_tokens=done.target_tokens), grad
+        grad = done.sent_grad
+        assert grad == encode(done.input_grad, "fp32")  # the codes sent back are of the gradient returned
+        return pb.ReplyHeader(loss=done.loss, target_tokens=done.target_tokens), grad, sent
 
 
 def _tokens():
@@ -86,7 +97,9 @@ def test_each_stage_follows_the_plan_and_the_chain_trains_like_the_whole_model(s
     first = RecordingStage(specs[0], logs[0])
     compute = ComputeQueue("stage-0")
     header = pb.MicroBatchHeader(ticket_id=KEY[0], step=STEP, attempt=KEY[1], prefix_lengths=prefix.tolist(), stage=1)
-    done = asyncio.run(work_micro_batch(first, compute, links[1], StageInput(KEY, STEP, ids, prefix, labels, 4),
+    header.labels = labels_bytes(labels)
+    done = asyncio.run(work_micro_batch(first, compute, links[1], StageInput(KEY, STEP, ids, prefix, labels, 4,
+                                                                             tokens_parts(ids, labels, prefix)),
                                         lambda: header))
     for queue in [compute] + [link.compute for link in links[1:stages]]:
         queue.close()
@@ -109,9 +122,61 @@ def test_a_failed_send_discards_the_forward_and_passes_the_error_on():
     ids, prefix, labels = _tokens()
     stage, compute = RecordingStage(StageSpec(0, 2, embed=True), []), ComputeQueue()
     with pytest.raises(NoReplicaAvailable):
-        asyncio.run(work_micro_batch(stage, compute, NoNextStage(), StageInput(KEY, STEP, ids, prefix, labels, 4),
+        asyncio.run(work_micro_batch(stage, compute, NoNextStage(), StageInput(KEY, STEP, ids, prefix, labels, 4,
+                                                                               tokens_parts(ids, labels, prefix)),
                                      lambda: pb.MicroBatchHeader()))
     compute.close()
     assert stage.log == [Action.FORWARD]
     with pytest.raises(Exception, match="no forward in flight"):  # the saved graph is gone
         stage.backward(KEY, STEP, torch.zeros(2, 24, 128))
+
+
+def _chain(stages: int) -> list[LayerSlice]:
+    """Run one micro-batch through `stages` in-process stages; return them (their commitments kept)."""
+    ids, prefix, labels = _tokens()
+    logs: list[list[Action]] = [[] for _ in range(stages)]
+    specs = StageSpec.even_split(4, stages)
+    links: list[InProcessLink | None] = [None] * (stages + 1)
+    for k in reversed(range(1, stages)):
+        links[k] = InProcessLink(RecordingStage(specs[k], logs[k]), links[k + 1], logs, k, labels)
+    first, compute = RecordingStage(specs[0], logs[0]), ComputeQueue("stage-0")
+    header = pb.MicroBatchHeader(ticket_id=KEY[0], step=STEP, attempt=KEY[1], prefix_lengths=prefix.tolist(),
+                                 labels=labels_bytes(labels), stage=1)
+    asyncio.run(work_micro_batch(first, compute, links[1], StageInput(KEY, STEP, ids, prefix, labels, 4,
+                                                                      tokens_parts(ids, labels, prefix)),
+                                 lambda: header))
+    for queue in [compute] + [link.compute for link in links[1:stages]]:
+        queue.close()
+    return [first] + [link.stage for link in links[1:stages]]
+
+
+def _records(stages: list[LayerSlice]) -> list[Record]:
+    return [Record(KEY[0], k, f"w{k}", s.commitments[KEY].commitment.input, s.commitments[KEY].links)
+            for k, s in enumerate(stages)]
+
+
+def test_every_stage_commits_to_what_it_sent_and_neighbours_agree():
+    stages = _chain(3)
+    kept = [s.commitments[KEY] for s in stages]
+    assert [c.commitment.grad is None for c in kept] == [True, False, False]  # stage 0 sends no gradient back
+    assert [c.links.sent is None for c in kept] == [False, False, True]  # the last sends its loss, no codes
+    assert kept[2].commitment.output.numel == 1 and kept[1].commitment.output.numel == 2 * 24 * 128
+    for c in kept:
+        assert Commitment.from_bytes(c.commitment.to_bytes()) == c.commitment
+        assert c.to_pb(KEY).ByteSize() < 1024
+    assert kept[1].commitment.output.key == kept[1].links.sent[:16]  # keyed by the codes that carried it
+    assert kept[1].commitment.input == kept[0].links.sent and kept[0].links.returned == kept[1].links.sent_back
+    checks = check_chain(_records(stages))
+    assert [(c.ticket, c.stage, c.upstream, c.downstream, c.agrees) for c in checks] == [
+        (KEY[0], 0, "w0", ("w1",), True), (KEY[0], 1, "w1", ("w2",), True)]
+
+
+def test_a_stage_whose_digest_disagrees_with_its_neighbour_is_named_with_it():
+    records = _records(_chain(2))
+    lied = Record(KEY[0], 1, "w1", bytes(32), records[1].links)  # claims other input codes than stage 0 sent
+    (m,) = check_chain([records[0], lied])
+    assert (m.ticket, m.stage, m.upstream, m.downstream, m.agrees) == (KEY[0], 0, "w0", ("w1",), False)
+    assert "committed to sending codes" in m.detail
+    back = Record(KEY[0], 1, "w1", records[1].input, Links(None, None, bytes(32)))  # another gradient sent back
+    (m,) = check_chain([records[0], back])
+    assert not m.agrees and "gradient codes" in m.detail and m.downstream == ("w1",)

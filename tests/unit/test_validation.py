@@ -11,11 +11,13 @@ import math
 import re
 
 import pytest
+import torch
 
 from coordinator.scheduler import model_shape
 from coordinator.validation import (RunLimits, check_checkpoint_header, check_commit, check_get_checkpoint,
                                     check_heartbeat, check_join, check_lease, check_leave, check_peer_failure,
                                     check_release, check_step_report, check_watch)
+from gptjt_core.commitment import Commitment, Sketch, input_digest
 from gptjt_core.wire_checks import Refused, shown
 from gptjt_proto import coordinator_pb2 as pb
 from tests.conftest import small_run
@@ -44,6 +46,15 @@ def link() -> pb.LinkMeasurement:
     return pb.LinkMeasurement(address="10.0.0.6:7002", latency_ms=4.0, mbit=900.0, measured_unix_s=1.7e9)
 
 
+COMMITMENT = Commitment(input_digest(b"codes"), Sketch.of(math.pi * torch.ones(2, 8, 16)),
+                        Sketch.of(torch.ones(2, 8, 16))).to_bytes()  # 598 bytes
+
+
+def commitment(ticket_id: int = 5) -> pb.MicroBatchCommitment:
+    return pb.MicroBatchCommitment(ticket_id=ticket_id, attempt=1, commitment=COMMITMENT, sent=b"s" * 32,
+                                   returned=b"r" * 32, sent_back=b"b" * 32)
+
+
 GOOD = {
     "join": lambda: pb.JoinRequest(token="gptjt_abc", name="host-1", address="10.0.0.5:7001", device=device(),
                                    public_key_pem="-----BEGIN PUBLIC KEY-----\nMFkw\n-----END PUBLIC KEY-----\n",
@@ -60,7 +71,8 @@ GOOD = {
     "commit": lambda: pb.CommitRequest(worker_id=WID, ticket_id=5, attempt=0, loss=0.7, tokens=128),
     "release": lambda: pb.ReleaseRequest(worker_id=WID, ticket_ids=[5, 6]),
     "report": lambda: pb.StepReport(worker_id=WID, step=3, attempt=1, kind=pb.CONTRIBUTION, grad_norm_sq=2.5,
-                                    micro_batches=4, group_weight=4.0, state_digest="ab" * 16, detail=""),
+                                    micro_batches=4, group_weight=4.0, state_digest="ab" * 16, detail="",
+                                    commitments=[commitment()]),
     "peer_failure": lambda: pb.PeerFailure(worker_id=WID, address="10.0.0.6:7002", reason="UNAVAILABLE: reset"),
     "checkpoint": lambda: pb.CheckpointHeader(worker_id=WID, step=10, start_layer=0, end_layer=2, embed=True,
                                               head=False, nbytes=1000, sha256="0f" * 32),
@@ -149,6 +161,16 @@ BAD = [
     ("report", "state_digest", "XYZ", IA, None),
     ("report", "state_digest", "a" * 129, RE, None),
     ("report", "detail", "d" * 501, RE, None),
+    ("report", "commitments", [commitment(t) for t in range(1, 6)], RE, "5 items"),  # 4 micro-batches a step
+    ("report", "commitments[0].ticket_id", 0, IA, None),
+    ("report", "commitments[0].attempt", -1, IA, None),
+    ("report", "commitments[0].commitment", b"", IA, "0 bytes"),
+    ("report", "commitments[0].commitment", COMMITMENT[:-1], IA, "597 bytes"),  # truncated gradient sketch
+    ("report", "commitments[0].commitment", b"\x02" + COMMITMENT[1:], IA, "598 bytes"),  # an unknown version
+    ("report", "commitments[0].commitment", COMMITMENT + bytes(427), RE, "1025 bytes"),
+    ("report", "commitments[0].sent", b"s" * 31, IA, "31 bytes"),
+    ("report", "commitments[0].returned", b"r" * 33, IA, "33 bytes"),
+    ("report", "commitments[0].sent_back", b"x", IA, "1 bytes"),
     ("peer_failure", "worker_id", "", IA, None),
     ("peer_failure", "address", "nowhere", IA, None),
     ("peer_failure", "reason", "r" * 501, RE, None),
@@ -188,6 +210,8 @@ EDGES = [
     ("commit", "loss", NAN), ("commit", "loss", INF), ("commit", "loss", 0.0), ("commit", "tokens", 0),
     ("release", "ticket_ids", [1, 2, 3, 4]), ("report", "grad_norm_sq", NAN), ("report", "grad_norm_sq", INF),
     ("report", "kind", pb.AVERAGING_FAILED), ("report", "detail", "d\n" * 250), ("report", "step", 9),
+    ("report", "commitments", [commitment(t) for t in range(1, 5)]), ("report", "commitments", []),
+    ("report", "commitments[0].sent", b""), ("report", "commitments[0].sent_back", b""),
     ("checkpoint", "nbytes", CKPT_CAP), ("get_checkpoint", "step", 10),
 ]
 
@@ -257,3 +281,11 @@ def test_the_checkpoint_cap_comes_from_the_model_shape():
     assert gptj.checkpoint_cap(5, 6) < cap / 20  # one block of 28, no embedding or head
     assert RunLimits.of(small_run(), 4, None).checkpoint_cap(0, 4) is None
     assert math.isfinite(cap)
+
+
+def test_a_commitment_that_does_not_parse_is_refused_with_the_reason():
+    report = GOOD["report"]()
+    report.commitments[0].commitment = b"\x02" + COMMITMENT[1:]
+    with pytest.raises(Refused, match=r"report\.commitments\[0\]\.commitment = 598 bytes refused: expected a "
+                                      r"commitment that parses \(commitment version 2 is unknown"):
+        check_step_report(report, LIM)
