@@ -116,9 +116,18 @@ class Stage0Driver:
 
     async def release(self, ticket_ids: list[int]) -> None:
         ids = [t for t in ticket_ids if t in self.leased]
-        if ids:
+        if not ids:
+            return
+        try:
             await self.coordinator.release(self.worker_id, ids)
-            self.leased.difference_update(ids)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+            # Our session is over (declared dead, or its join token revoked with its sessions):
+            # the coordinator took every ticket of ours back when it ended it. The worker goes on
+            # to join again; failing here killed it instead.
+            log.info("tickets %s not handed back: this worker's session has ended (%s)", ids, e.details())
+        self.leased.difference_update(ids)
 
     def on_plan_change(self) -> None:
         self.wake.set()
