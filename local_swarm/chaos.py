@@ -123,7 +123,6 @@ class ChaosSoak:
         self.live: dict[str, SwarmProcess] = {}  # name -> process, workers we have not killed
         self.frozen: dict[str, float] = {}  # name -> monotonic time to SIGCONT it
         self._serial = 0
-        self._deck: list[str] = []  # the kinds still to come in this round (_next_kind)
         self._t0 = 0.0
         self._dying_coordinators: list[tuple[int, float]] = []  # (session id, time of the kill)
         (self.workdir / "faults-once").mkdir(exist_ok=True)
@@ -178,17 +177,9 @@ class ChaosSoak:
                                   f"\n{self.swarm.logs_tail(1500)}")
             if (not calm and status is not None and status["phase"] != "done" and now >= next_fault
                     and len(self.result.faults) < self.s.max_faults):
-                self._inject(self._next_kind(), status)
+                self._inject(self.rng.choice(self.s.kinds), status)
                 next_fault = time.monotonic() + self._gap()
             time.sleep(0.1)
-
-    def _next_kind(self) -> str:
-        """Kinds come in rounds, each a seeded shuffle of every kind: a soak of len(kinds) faults
-        or more meets each of them (independent draws left a soak without a coordinator kill)."""
-        if not self._deck:
-            self._deck = list(self.s.kinds)
-            self.rng.shuffle(self._deck)
-        return self._deck.pop()
 
     def _gap(self) -> float:
         return self.rng.uniform(*self.s.gap_s)
