@@ -65,7 +65,16 @@ class Stage0Driver:
         while not stopping.is_set():
             free = self.schedule.admissible(len(self.tasks))
             if self._can_lease() and free > 0:
-                reply = await self.coordinator.lease(self.worker_id, free)
+                try:
+                    reply = await self.coordinator.lease(self.worker_id, free)
+                except grpc.aio.AioRpcError as e:
+                    if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                        raise
+                    # Our session ended (declared dead): stop driving; the heartbeat loop hears
+                    # the same refusal on its next beat and the runner joins again. Raising here
+                    # made the worker exit instead.
+                    log.warning("lease refused: this worker's session has ended; no more tickets")
+                    return
                 for ticket in reply.tickets:
                     self.leased.add(ticket.ticket_id)
                     task = asyncio.create_task(self._process(ticket))
