@@ -4,8 +4,10 @@ A member's CONTRIBUTION report carries one commitment per micro-batch it process
 attempt (gptjt_core/commitment.py, gptjt_core/chain.py). They are kept per (step, attempt,
 ticket, stage, worker) for KEEP_STEPS steps: a spot check or a rollback looks at recent steps
 only, and a 6B run's 64 micro-batches x 8 stages x ~700 bytes would grow the ledger by 360 KB a
-step. Checks are kept for the whole run (one small row per link checked), and the counts the
-status shows are meta counters, so they cost the same on a long run.
+step. A check that agreed is kept as long as the commitments it read (a 6B run's 64 micro-batches
+x 7 links would otherwise add ~450 rows a step for the whole run); a mismatch, the evidence, is
+kept for the whole run. The counts the status shows are meta counters, so they cost the same on a
+long run and survive the pruning.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class CommitmentBook:
         self._count("verification_checks", len(checks))
         self._count("verification_mismatches", mismatches)
         self.db.execute("DELETE FROM commitments WHERE step < ?", (step - KEEP_STEPS,))
+        self.db.execute("DELETE FROM checks WHERE step < ? AND verdict = ?", (step - KEEP_STEPS, CHAIN_OK))
         return mismatches
 
     def checks(self, step: int) -> list[dict]:

@@ -103,3 +103,16 @@ def test_old_commitments_are_let_go_and_the_counts_stay(tmp_path):
     assert kept == set(range(1, KEEP_STEPS + 2))
     assert ledger.status()["verification"] == {"commitments": 4 * (KEEP_STEPS + 2), "checks": 2 * (KEEP_STEPS + 2),
                                                "mismatches": 0}
+    # checks that agreed go with the commitments they read; the counts stay
+    assert {r[0] for r in ledger.db.execute("SELECT DISTINCT step FROM checks")} == set(range(1, KEEP_STEPS + 2))
+
+
+def test_a_mismatch_outlives_the_commitments_it_was_found_in(tmp_path):
+    ledger = make(tmp_path, steps=KEEP_STEPS + 3)
+    ids = ready_swarm(ledger, 2)
+    run_step(ledger, ids, lambda stage, c: c._replace(blob=blob(digest("other codes"))) if stage == 1 else c)
+    for _ in range(KEEP_STEPS + 1):
+        run_step(ledger, ids)
+    assert ledger.db.execute("SELECT COUNT(*) FROM commitments WHERE step = 0").fetchone()[0] == 0
+    assert {c["verdict"] for c in ledger.commitments.checks(0)} == {"chain_mismatch"}  # the evidence stays
+    assert ledger.status()["verification"]["mismatches"] == 2
