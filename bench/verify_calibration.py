@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from gptjt_core.commitment import (DEFAULT_KEY, TOLERANCE_FP32, TOLERANCE_REDUCED, Commitment, Sketch, compare,
+from gptjt_core.commitment import (DEFAULT_KEY, TOLERANCE_FP32, TOLERANCE_REDUCED, Commitment, compare,
                                    input_digest)
+from gptjt_core.sketching import sketch_tensor
 from gptjt_core.model import StageSpec
 
 DESCRIPTION = "honest stage disagreement (threads, bf16, grouping) -> spot-check tolerance; lies caught; sketch ms"
@@ -215,7 +216,7 @@ def disagreement(claimed: list[dict], recomputed: list[dict]) -> dict:
         est, exact = [], []
         for c, r in zip(claimed, recomputed):
             for name in names:
-                est.append(Sketch.of(c[name]).rel_error(Sketch.of(r[name])))
+                est.append(sketch_tensor(c[name]).rel_error(sketch_tensor(r[name])))
                 exact.append(_exact(c[name], r[name]))
         out[kind] = {"max": max(est), "p99": _p99(est), "exact_max": max(exact)}
     return out
@@ -250,11 +251,11 @@ def detection(claims: list[dict], recomputed: list[dict], inputs: list[WireInput
     positives)."""
     honest = [c["middle output"] for c in claims]
     digest = [input_digest(w.hidden.numpy().tobytes()) for w in inputs]
-    verifier = [Commitment(digest[i], Sketch.of(r["middle output"]), Sketch.of(r["middle gradient"]))
+    verifier = [Commitment(digest[i], sketch_tensor(r["middle output"]), sketch_tensor(r["middle gradient"]))
                 for i, r in enumerate(recomputed)]
 
     def caught(output_of) -> float:
-        verdicts = [compare(Commitment(digest[i], Sketch.of(output_of(i)), Sketch.of(c["middle gradient"])),
+        verdicts = [compare(Commitment(digest[i], sketch_tensor(output_of(i)), sketch_tensor(c["middle gradient"])),
                             verifier[i], tolerance) for i, c in enumerate(claims)]
         return sum(not v.agrees for v in verdicts) / len(verdicts)
 
@@ -270,12 +271,12 @@ def sketch_ms(shape: tuple[int, ...], repeats: int, fresh_keys: bool = False) ->
     torch.set_num_threads(1)
     try:
         x = torch.randn(shape)
-        Sketch.of(x)
+        sketch_tensor(x)
         times = []
         for i in range(repeats):
             key = (1000 + i).to_bytes(16, "little") if fresh_keys else DEFAULT_KEY
             started = time.perf_counter()
-            Sketch.of(x, key)
+            sketch_tensor(x, key)
             times.append(time.perf_counter() - started)
         return statistics.median(times) * 1000
     finally:
@@ -307,7 +308,7 @@ def run(quick: bool = False) -> dict:
     stale = [_exact(a["middle output"], b["middle output"]) for a, b in zip(cache[REFERENCE], cache[REFERENCE][1:])]
     tiny_ms = sketch_ms((MICRO_BATCH, 128, 128), 20)
     middle_ms, last_ms = (statistics.median(timings[name]) * 1000 for name in ("middle", "last"))
-    commitment = Commitment(input_digest(b""), Sketch.of(inputs[0].hidden), Sketch.of(inputs[0].grad_back))
+    commitment = Commitment(input_digest(b""), sketch_tensor(inputs[0].hidden), sketch_tensor(inputs[0].grad_back))
     return {
         "micro_batches": count, "micro_batch": MICRO_BATCH, "seq_len": 128, "flavour": "tiny", "device": "cpu",
         "comparisons": comparisons,

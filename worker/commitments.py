@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from gptjt_core.chain import Links, codes_digest, codes_parts, int64_bytes
-from gptjt_core.commitment import DEFAULT_K, K_CHOICES, KEY_BYTES, Commitment, Sketch, input_digest
+from gptjt_core.commitment import DEFAULT_K, K_CHOICES, KEY_BYTES, Commitment, input_digest
+from gptjt_core.sketching import sketch_tensor
 from gptjt_core.compression import Encoded
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2 as spb
@@ -61,6 +62,6 @@ def commit(input_parts: tuple[bytes, ...], output: torch.Tensor, sent: bytes | N
     digest = input_digest(*input_parts)
     sent_back = grad_digest(sent_grad)
     k = DEFAULT_K if output.numel() > 1 else K_CHOICES[0]  # 64 values of one scalar say nothing more than 16
-    out_sketch = Sketch.of(output, key=(sent or digest)[:KEY_BYTES], k=k)
-    grad_sketch = Sketch.of(grad, key=sent_back[:KEY_BYTES]) if grad is not None and sent_back else None
+    out_sketch = sketch_tensor(output, key=(sent or digest)[:KEY_BYTES], k=k)
+    grad_sketch = sketch_tensor(grad, key=sent_back[:KEY_BYTES]) if grad is not None and sent_back else None
     return Committed(Commitment(digest, out_sketch, grad_sketch), Links(sent, grad_digest(returned), sent_back))

@@ -9,6 +9,7 @@ import torch
 
 from gptjt_core.commitment import (DEFAULT_KEY, TOLERANCE_FP32, TOLERANCE_REDUCED, Commitment, Sketch, compare,
                                    input_digest, tolerance_for)
+from gptjt_core.sketching import sketch_tensor
 from gptjt_core.config import ModelConfig, RunConfig, TrainConfig
 from gptjt_core.model import StageSpec
 from worker.stage import LayerSlice
@@ -53,7 +54,7 @@ def _middle(wire, precision: str, threads: int) -> list[tuple[torch.Tensor, torc
 
 
 def _commit(wire, i: int, output: torch.Tensor, grad: torch.Tensor) -> Commitment:
-    return Commitment(input_digest(wire[i][0].numpy().tobytes()), Sketch.of(output), Sketch.of(grad))
+    return Commitment(input_digest(wire[i][0].numpy().tobytes()), sketch_tensor(output), sketch_tensor(grad))
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def fp32_two_threads(wire):
 
 def _sample() -> Commitment:
     gen = torch.Generator().manual_seed(1)
-    return Commitment(input_digest(b"codes"), Sketch.of(torch.randn(2, 16, 128, generator=gen)),
-                      Sketch.of(torch.randn(2, 16, 128, generator=gen)))
+    return Commitment(input_digest(b"codes"), sketch_tensor(torch.randn(2, 16, 128, generator=gen)),
+                      sketch_tensor(torch.randn(2, 16, 128, generator=gen)))
 
 
 def test_round_trip_and_size():
@@ -122,11 +123,11 @@ def test_not_bytes_and_bad_fields_are_refused():
     with pytest.raises(ValueError, match="input digest must be 32 bytes"):
         Commitment(b"short", _sample().output)
     with pytest.raises(ValueError, match="key must be 16 bytes"):
-        Sketch.of(torch.ones(3), key=b"short")
+        sketch_tensor(torch.ones(3), key=b"short")
     with pytest.raises(ValueError, match="non-finite"):
-        Sketch.of(torch.tensor([1.0, math.nan]))
+        sketch_tensor(torch.tensor([1.0, math.nan]))
     with pytest.raises(ValueError, match="float tensor"):
-        Sketch.of(torch.ones(3, dtype=torch.long))
+        sketch_tensor(torch.ones(3, dtype=torch.long))
 
 
 # -- the sketch -----------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def test_sketch_estimates_the_relative_error_of_any_shape_of_difference():
     for name, d in diffs.items():
         for key in (DEFAULT_KEY, b"another key 16 b"):
             d = d * (0.01 * y.norm() / d.norm())  # a 1 % lie
-            estimated = Sketch.of(y, key).rel_error(Sketch.of(y + d, key))
+            estimated = sketch_tensor(y, key).rel_error(sketch_tensor(y + d, key))
             exact = float(d.norm() / max(y.norm(), (y + d).norm()))
             assert 0.61 * exact < estimated < 1.44 * exact, (name, key, estimated, exact)
 
@@ -154,9 +155,9 @@ def test_the_index_hash_has_no_structure_that_periodic_tensors_see():
     """Buckets are uniform (chi^2 per degree of freedom ~1, std 0.016), and over 32 keys the
     sketch keeps the norm of constant and alternating tensors of 1M values on average (a weak
     hash maps periodic indices to correlated buckets and signs: one round gives 0.66)."""
-    from gptjt_core import commitment
+    from gptjt_core import commitment, sketching
 
-    index = commitment._signed_buckets(0, 1 << 20, commitment._salts(DEFAULT_KEY), torch.device("cpu"))
+    index = sketching._signed_buckets(0, 1 << 20, sketching._salts(DEFAULT_KEY), torch.device("cpu"))
     counts = torch.bincount(index, minlength=2 * commitment.BUCKETS).double()
     expected = (1 << 20) / (2 * commitment.BUCKETS)
     assert 0.9 < float(((counts - expected) ** 2 / expected).sum()) / (2 * commitment.BUCKETS - 1) < 1.1
@@ -167,7 +168,7 @@ def test_the_index_hash_has_no_structure_that_periodic_tensors_see():
     torch.set_num_threads(1)  # integer ops on 2 shared cores run faster on one thread
     try:
         for periodic in (ones, alternating):
-            kept = [math.hypot(*s.values) / s.norm for s in (Sketch.of(periodic, key=k.to_bytes(16, "little"))
+            kept = [math.hypot(*s.values) / s.norm for s in (sketch_tensor(periodic, key=k.to_bytes(16, "little"))
                                                              for k in range(32))]
             assert abs(sum(kept) / len(kept) - 1) < 0.07, kept
     finally:
@@ -175,25 +176,25 @@ def test_the_index_hash_has_no_structure_that_periodic_tensors_see():
 
 
 def test_chunking_and_the_index_cache_do_not_change_the_sketch(monkeypatch):
-    from gptjt_core import commitment
+    from gptjt_core import sketching
 
     x = torch.randn(5003, generator=torch.Generator().manual_seed(4))
-    whole = Sketch.of(x)
-    monkeypatch.setattr(commitment, "CHUNK", 1000)  # six chunks, the last one short
-    chunked = Sketch.of(x)
-    monkeypatch.setattr(commitment, "CACHED_NUMEL", 0)  # hashed chunk by chunk, as tensors above 2**25 are
-    uncached = Sketch.of(x)
+    whole = sketch_tensor(x)
+    monkeypatch.setattr(sketching, "CHUNK", 1000)  # six chunks, the last one short
+    chunked = sketch_tensor(x)
+    monkeypatch.setattr(sketching, "CACHED_NUMEL", 0)  # hashed chunk by chunk, as tensors above 2**25 are
+    uncached = sketch_tensor(x)
     assert chunked.numel == uncached.numel == 5003
     assert whole.rel_error(chunked) < 1e-6 and chunked.rel_error(uncached) < 1e-6
-    assert whole.rel_error(Sketch.of(x.flip(0))) > 0.5  # same norm, values moved: only positions tell
+    assert whole.rel_error(sketch_tensor(x.flip(0))) > 0.5  # same norm, values moved: only positions tell
 
 
 def test_sketch_depends_on_the_values_not_the_shape_and_keys_must_match():
     x = torch.randn(4, 8, 16)
-    assert Sketch.of(x) == Sketch.of(x.reshape(32, 16)) == Sketch.of(x.double())
-    other = Sketch.of(x, key=b"another key 16 b")
-    assert other.values != Sketch.of(x).values
-    verdict = compare(Commitment(input_digest(b"x"), Sketch.of(x)), Commitment(input_digest(b"x"), other), 0.01)
+    assert sketch_tensor(x) == sketch_tensor(x.reshape(32, 16)) == sketch_tensor(x.double())
+    other = sketch_tensor(x, key=b"another key 16 b")
+    assert other.values != sketch_tensor(x).values
+    verdict = compare(Commitment(input_digest(b"x"), sketch_tensor(x)), Commitment(input_digest(b"x"), other), 0.01)
     assert not verdict.agrees and "recompute with the claimed sketch's key" in verdict.reason
 
 
@@ -229,7 +230,7 @@ def _lies(wire, honest):
         "stale output of another micro-batch": _commit(wire, 0, honest[1][0], g),
         "gradient scaled 1.05": _commit(wire, 0, y, g * 1.05),
         "gradient zeroed": _commit(wire, 0, y, torch.zeros_like(g)),
-        "different input": Commitment(input_digest(b"other codes"), Sketch.of(y), Sketch.of(g)),
+        "different input": Commitment(input_digest(b"other codes"), sketch_tensor(y), sketch_tensor(g)),
     }
 
 

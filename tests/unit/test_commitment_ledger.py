@@ -10,7 +10,8 @@ import torch
 
 from coordinator.ledger import Submitted
 from coordinator.ledger.commitments import KEEP_STEPS
-from gptjt_core.commitment import Commitment, Sketch
+from gptjt_core.commitment import Commitment
+from gptjt_core.sketching import sketch_tensor
 from tests.unit.test_ledger import make, ready_swarm
 
 
@@ -19,7 +20,7 @@ def digest(*parts) -> bytes:
 
 
 def blob(input_: bytes) -> bytes:
-    return Commitment(input_, Sketch.of(torch.ones(2, 4, 8))).to_bytes()
+    return Commitment(input_, sketch_tensor(torch.ones(2, 4, 8))).to_bytes()
 
 
 def honest(ticket: int, attempt: int, stage: int, stages: int = 2) -> Submitted:

@@ -61,3 +61,14 @@ def test_assignments_read_the_workers_once_per_ledger_state(tmp_path, monkeypatc
     ledger.leave(ids[4])
     ledger.run_state(ids[0])
     assert len(calls) == 2
+
+
+def test_the_status_process_imports_no_torch():
+    """It starts on every coordinator start and restart: torch would add seconds (and it only reads)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, coordinator.status_process, coordinator.ledger.reader, coordinator.dashboard.metrics; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

@@ -17,7 +17,8 @@ from coordinator.scheduler import model_shape
 from coordinator.validation import (RunLimits, check_checkpoint_header, check_commit, check_get_checkpoint,
                                     check_heartbeat, check_join, check_lease, check_leave, check_peer_failure,
                                     check_release, check_step_report, check_watch)
-from gptjt_core.commitment import Commitment, Sketch, input_digest
+from gptjt_core.commitment import Commitment, input_digest
+from gptjt_core.sketching import sketch_tensor
 from gptjt_core.wire_checks import Refused, shown
 from gptjt_proto import coordinator_pb2 as pb
 from tests.conftest import small_run
@@ -46,8 +47,8 @@ def link() -> pb.LinkMeasurement:
     return pb.LinkMeasurement(address="10.0.0.6:7002", latency_ms=4.0, mbit=900.0, measured_unix_s=1.7e9)
 
 
-COMMITMENT = Commitment(input_digest(b"codes"), Sketch.of(math.pi * torch.ones(2, 8, 16)),
-                        Sketch.of(torch.ones(2, 8, 16))).to_bytes()  # 598 bytes
+COMMITMENT = Commitment(input_digest(b"codes"), sketch_tensor(math.pi * torch.ones(2, 8, 16)),
+                        sketch_tensor(torch.ones(2, 8, 16))).to_bytes()  # 598 bytes
 
 
 def commitment(ticket_id: int = 5) -> pb.MicroBatchCommitment:
