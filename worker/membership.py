@@ -31,6 +31,14 @@ JOIN_REFUSALS = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECOND
                  grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+def session_ended(error: BaseException) -> bool:
+    """The coordinator refused a call because this worker's session is over (it was declared
+    dead after missed heartbeats, or the operator ended its sessions). Any call after Join may
+    be the first to hear it; the answer is always the same: stop this membership and join again
+    (worker/cli.py), never exit with an error."""
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
 class JoinRefused(RuntimeError):
     """The coordinator refused the join (bad token, finished run)."""
 

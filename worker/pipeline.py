@@ -19,7 +19,7 @@ from gptjt_proto import stage_pb2 as spb
 from .commitments import tokens_parts
 from .compute import ComputeQueue
 from .downstream import DownstreamSender
-from .membership import CoordinatorClient
+from .membership import CoordinatorClient, session_ended
 from .micro_batch_work import StageInput, work_micro_batch
 from .routing import NoReplicaAvailable
 from .stage import LayerSlice, StaleMicroBatch
@@ -68,7 +68,7 @@ class Stage0Driver:
                 try:
                     reply = await self.coordinator.lease(self.worker_id, free)
                 except grpc.aio.AioRpcError as e:
-                    if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+                    if not session_ended(e):
                         raise
                     # Our session ended (declared dead): stop driving; the heartbeat loop hears
                     # the same refusal on its next beat and the runner joins again. Raising here
@@ -130,7 +130,7 @@ class Stage0Driver:
         try:
             await self.coordinator.release(self.worker_id, ids)
         except grpc.aio.AioRpcError as e:
-            if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+            if not session_ended(e):
                 raise
             # Our session is over (declared dead, or its join token revoked with its sessions):
             # the coordinator took every ticket of ours back when it ended it. The worker goes on

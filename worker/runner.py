@@ -24,7 +24,7 @@ from .downstream import DownstreamSender
 from .faults import faults_from_env
 from .link_codecs import LinkCodecChooser
 from .link_probe import LinkProber
-from .membership import CoordinatorClient
+from .membership import CoordinatorClient, session_ended
 from .options import WorkerOptions
 from .pipeline import Stage0Driver
 from .probe import BusyRates, figures_for_the_plan, probe_device
@@ -65,6 +65,7 @@ class WorkerRunner:
         self.downstream: DownstreamSender | None = None
         self.driver: Stage0Driver | None = None
         self._status = cpb.STANDBY
+        self._reported_status = -1  # the status the coordinator last acknowledged in a heartbeat
         self.router = NextStageRouter()
         self.dht_peers: list[str] = []  # the run's hivemind DHT, when the run has replicas
         self.averagers: AveragerKeeper | None = None  # the averager of the stage we hold
@@ -197,6 +198,12 @@ class WorkerRunner:
         self._fail(task.exception())
 
     def _fail(self, error: BaseException) -> None:
+        if session_ended(error):
+            # Any call may be the first to hear that the coordinator ended our session (the
+            # heartbeat loop, a Watch, a lease, a checkpoint upload after a stall): each means
+            # the same thing, and none is a crash.
+            self._session_over(error.details())
+            return
         log.error("worker loop failed: %r; stopping (the coordinator will re-issue our work)", error, exc_info=error)
         self.failed = True
         self.stopping.set()
@@ -248,31 +255,40 @@ class WorkerRunner:
                            averaging_bytes=self.averagers.bytes_sent, **self.link_codecs.metrics())
             position = self.stage.position if self.stage is not None and self.loaded_epoch >= 0 else -1
             device, links = self._device_update, self.prober.take()
-            sent = time.monotonic()
+            sent, status = time.monotonic(), self._status
             try:
                 known = await self.coordinator.heartbeat(
-                    self.worker_id, self._status, metrics, self.loaded_epoch, position, device=device, links=links,
+                    self.worker_id, status, metrics, self.loaded_epoch, position, device=device, links=links,
                     rtt_ms=self._coordinator_rtt_ms, dht_maddrs=self.averagers.maddrs)
                 self._coordinator_rtt_ms = (time.monotonic() - sent) * 1e3
                 if self._device_update is device:  # not one measured while the call was out
                     self._device_update = None
-            except grpc.aio.AioRpcError as e:
-                # UNAUTHENTICATED: our session ended (declared dead, or the operator ended it)
-                known = e.code() != grpc.StatusCode.UNAUTHENTICATED
                 if known:
-                    log.warning("heartbeat failed: %s", e.code().name)
-                    self.prober.results[:0] = links  # measurements are sent with the next heartbeat
+                    self._reported_status = status
+            except grpc.aio.AioRpcError as e:
+                if session_ended(e):
+                    self._session_over(e.details())
+                    return
+                log.warning("heartbeat failed: %s", e.code().name)
+                self.prober.results[:0] = links  # measurements are sent with the next heartbeat
+                known = True
             if not known:
-                log.error("the coordinator declared this worker dead (missed heartbeats); leaving the run")
-                # A worker that is leaving is forgotten on purpose (Leave): that is no reason to re-join.
-                self.declared_dead = not self.leaving
-                self.stopping.set()
+                self._session_over("the coordinator no longer knows this worker")
                 return
             try:
                 await asyncio.wait_for(self._heartbeat_now.wait(), timeout=interval)
             except TimeoutError:
                 pass
             self._heartbeat_now.clear()
+
+    def _session_over(self, why: str) -> None:
+        """The coordinator ended our session: stop, and join again as a new worker (worker/cli.py)."""
+        if self.stopping.is_set():
+            return
+        log.error("the coordinator ended this worker's session (%s); leaving the run", why)
+        # A worker that is leaving is forgotten on purpose (Leave): that is no reason to re-join.
+        self.declared_dead = not self.leaving
+        self.stopping.set()
 
     def _heartbeat_soon(self) -> None:
         """State changes (loading -> ready) reach the coordinator now, not at the next tick."""
