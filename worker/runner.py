@@ -219,6 +219,13 @@ class WorkerRunner:
         drain_step = state.step if state is not None else -1
         deadline = time.monotonic() + self.options.drain_timeout_s
         self._status = cpb.DRAINING
+        # Tell the coordinator first: a draining worker is no member of the next step, so a stage
+        # whose only worker is leaving opens no step that would have to be re-run without it.
+        # Told only at the next beat (seconds), a short step could close first, the next one
+        # open with us as its member, and our leave restart it.
+        self._heartbeat_soon()
+        while self._reported_status != cpb.DRAINING and time.monotonic() < deadline and not self.stopping.is_set():
+            await asyncio.sleep(0.05)
         # Keep serving until the step that was open when the drain began has closed, so its
         # work is not redone; a paused run closes no step, so there is nothing to wait for.
         while (self.stage is not None and self.state is not None and self.state.phase not in (cpb.DONE, cpb.WAITING)
@@ -355,7 +362,7 @@ class WorkerRunner:
                 log.info("on standby: %s", a.standby_reason)
             self.stage = None
             await self.averagers.drop()  # a stage taken up again gets a fresh one (fresh DHT peers too)
-            self._status = cpb.STANDBY
+            self._status = cpb.DRAINING if self.leaving else cpb.STANDBY
             return
         spec = StageSpec(a.start_layer, a.end_layer, embed=a.embed, head=a.head)
         if self.stage is not None and self.stage.spec == spec:
@@ -376,7 +383,7 @@ class WorkerRunner:
         t0 = time.perf_counter()
         stage = await self.loader.load(a, spec, state, self.stage, self.loaded_epoch)
         if stage is None:
-            self._status = cpb.READY if self.stage is not None else cpb.STANDBY
+            self._status = cpb.DRAINING if self.leaving else cpb.READY if self.stage is not None else cpb.STANDBY
             return  # no replica could give the state: try again on the next RunState
         self.stage, self.loaded_epoch = stage, state.restore_epoch
         if self.dht_peers and self.averagers.averager is None:
