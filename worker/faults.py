@@ -138,6 +138,14 @@ class Faults:
             return False
         return True
 
+    def give_back(self, kind: str, step: int) -> None:
+        """A fault that fired but could not be carried out (die-checkpoint whose upload the
+        coordinator refused before it was half sent: our session had ended) goes back to the
+        pool: the next process to reach it, or this one again, carries it out. A chaos soak
+        counts on every armed fault happening once."""
+        if self.once_dir is not None:
+            (self.once_dir / f"{kind}@{step}").unlink(missing_ok=True)
+
     def claim(self, kind: str) -> bool:
         """Whether this process carries out `kind` (a lie, which continues after its step): always
         without GPTJT_FAULTS_ONCE_DIR; with it, only the first process to ask, for good."""

@@ -104,8 +104,13 @@ class StepFollower:
         progress = self._die_halfway(len(blob)) if self.faults.fires("die-checkpoint", position) else None
         if progress is not None:
             log.warning("fault injection: SIGKILL halfway through uploading the checkpoint of step %d", position)
-        path = await self.coordinator.put_checkpoint(self.worker_id, position, stage.spec, blob,
-                                                     self.run.pipeline.chunk_bytes, progress)
+        try:
+            path = await self.coordinator.put_checkpoint(self.worker_id, position, stage.spec, blob,
+                                                         self.run.pipeline.chunk_bytes, progress)
+        except BaseException:
+            if progress is not None:  # refused before half of it was sent: nobody died
+                self.faults.give_back("die-checkpoint", position)
+            raise
         log.info("checkpointed stage %s at step %d (%.1f MB) -> %s", stage.spec, position, len(blob) / 1e6, path)
 
     @staticmethod

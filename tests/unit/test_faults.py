@@ -67,3 +67,14 @@ def test_a_once_dir_gives_a_fault_to_one_process_and_a_lie_to_one_for_good(tmp_p
     assert not first.claim("lie-stale") and "lie-stale" not in first.armed
     assert second.claim("lie-stale") and second.claim("lie-stale")  # ...and stays one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["die-checkpoint@2", "lie-stale@1"]
+
+
+def test_a_fault_given_back_fires_again_in_the_next_process_to_reach_it(tmp_path):
+    """die-checkpoint whose upload was refused before half of it went out (the worker's session
+    had ended) must still happen once: the chaos soak counts on it."""
+    first = Faults(parse_faults("die-checkpoint@2"), str(tmp_path))
+    assert first.fires("die-checkpoint", 2)
+    first.give_back("die-checkpoint", 2)
+    assert list(tmp_path.iterdir()) == []
+    later = Faults(parse_faults("die-checkpoint@2"), str(tmp_path))
+    assert later.fires("die-checkpoint", 2) and not first.fires("die-checkpoint", 2)
