@@ -14,6 +14,7 @@ from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 from gptjt_core.background import start_background
+from gptjt_core.commitment import Commitment
 from gptjt_core.stage_spec import StageSpec
 from gptjt_core.wire_checks import Refused
 from . import validation
@@ -178,7 +179,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                       request.loaded_epoch, request.position, device, links,
                                       request.coordinator_rtt_ms, list(request.dht_maddrs))
         await self.notify()
-        return pb.HeartbeatReply(known=known)
+        checks = [pb.SpotCheck(check_id=c["id"], step=c["step"], attempt=c["attempt"], ticket_id=c["ticket"],
+                               stage=c["stage"], worker_id=c["worker"], address=c["address"] or "",
+                               commitment=c["blob"], returned=c["returned"] or b"")
+                  for c in self.ledger.spot_checks_for(request.worker_id)] if known else []
+        return pb.HeartbeatReply(known=known, checks=checks)
+
+    async def ReportCheck(self, request, context):
+        await self.door(validation.check_check_report, request, context)
+        recomputed = Commitment.from_bytes(request.commitment) if request.commitment else None
+        verdict = self.ledger.answer_check(request.worker_id, request.check_id, recomputed, request.unable)
+        return pb.CheckReportReply(verdict=verdict)
 
     async def Leave(self, request, context):
         await self.door(validation.check_leave, request, context)

@@ -28,7 +28,7 @@ _SERVICE = "/gptjt.Coordinator/"
 # Calls a worker makes in its own name, each with a worker_id field (PutCheckpoint: in its header).
 SESSION_METHODS = frozenset(_SERVICE + m for m in (
     "Heartbeat", "Leave", "Watch", "LeaseTickets", "CommitTicket", "ReleaseTickets", "ReportStep",
-    "ReportPeerFailure", "PutCheckpoint", "GetCheckpoint"))
+    "ReportPeerFailure", "PutCheckpoint", "GetCheckpoint", "ReportCheck"))
 READ_METHODS = frozenset({_SERVICE + "Status", "/gptjt.Operator/Events"})
 ADMIN_MAY = frozenset({_SERVICE + "GetCheckpoint"})  # the admin token stands in for a session
 

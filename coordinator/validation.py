@@ -205,6 +205,26 @@ def _commitments(commitments, lim: RunLimits) -> None:
                               f"a {DIGEST_BYTES}-byte digest, or nothing", show=f"{len(getattr(c, name))} bytes")
 
 
+def check_check_report(r: pb.CheckReport, lim: RunLimits) -> None:
+    """A verifier's answer to a spot check: a commitment that parses, or why there is none."""
+    worker_id("check_report.worker_id", r.worker_id)
+    integer("check_report.check_id", r.check_id, 1)
+    text("check_report.unable", r.unable, MAX_DETAIL_CHARS, printable=False)
+    if not r.commitment and not r.unable:
+        raise Refused(INVALID_ARGUMENT, "check_report", "neither a commitment nor a reason",
+                      "the recomputed commitment, or in `unable` why there is none")
+    if r.commitment:
+        size = f"{len(r.commitment)} bytes"
+        if len(r.commitment) > MAX_COMMITMENT_BYTES:
+            raise Refused(RESOURCE_EXHAUSTED, "check_report.commitment", size,
+                          f"at most {MAX_COMMITMENT_BYTES} bytes", show=size)
+        try:
+            Commitment.from_bytes(r.commitment)
+        except ValueError as e:
+            raise Refused(INVALID_ARGUMENT, "check_report.commitment", size, f"a commitment that parses ({e})",
+                          show=size) from None
+
+
 def check_peer_failure(r: pb.PeerFailure, lim: RunLimits) -> None:
     worker_id("peer_failure.worker_id", r.worker_id)
     host_port("peer_failure.address", r.address)

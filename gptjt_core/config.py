@@ -10,6 +10,7 @@ changes no caller:
     run_config          ModelConfig, DataConfig, UL2Config, OptimConfig, TrainConfig; RunConfig
     swarm_config        PipelineConfig, LinkConfig, AveragingConfig (codec names)
     coordinator_config  CoordinatorConfig, SchedulerConfig (read by the coordinator only)
+    verify_config       VerifyConfig (spot checks of stage work)
     demo_config         the bundled demo data and tiny_demo_config
     config_loading      from_dict, load_run_config (TOML -> RunConfig)
 """
@@ -26,12 +27,13 @@ from .recipe import recipe_mixture, together_ul2_mix
 from .run_config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig, UL2Config
 from .swarm_config import (AVERAGING_COMPRESSIONS, CODEC_NAMES, AveragingConfig, LinkConfig,
                            PipelineConfig)
+from .verify_config import VerifyConfig
 
 __all__ = [
     "AVERAGING_COMPRESSIONS", "CODEC_NAMES", "FLAVOURS", "GPTJ_6B", "TINY",
     "AveragingConfig", "ConfigError", "CoordinatorConfig", "DataConfig", "DenoiserConfig",
     "LinkConfig", "ModelConfig", "OptimConfig", "PipelineConfig", "RunConfig", "SchedulerConfig",
-    "SourceConfig", "TrainConfig", "UL2Config",
+    "SourceConfig", "TrainConfig", "UL2Config", "VerifyConfig",
     "demo_mixture", "flavour_config", "from_dict", "load_run_config", "recipe_mixture",
     "tiny_demo_config", "together_ul2_mix",
 ]

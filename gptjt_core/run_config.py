@@ -11,6 +11,7 @@ from .coordinator_config import CoordinatorConfig, SchedulerConfig
 from .mixture_config import DenoiserConfig, SourceConfig
 from .recipe import recipe_mixture, together_ul2_mix
 from .swarm_config import AveragingConfig, LinkConfig, PipelineConfig
+from .verify_config import VerifyConfig
 
 
 @dataclass
@@ -195,6 +196,8 @@ class RunConfig:
     """[coordinator]: listen address, ledger, liveness, checkpoint store (coordinator only)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """[scheduler]: how stages are placed on workers (coordinator only)."""
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    """[verify]: spot checks of stage work by replicas (swarm only, replicas_per_stage > 1)."""
 
     def __post_init__(self) -> None:
         _check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",

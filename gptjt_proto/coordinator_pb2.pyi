@@ -232,10 +232,52 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., metrics: _Optional[_Union[WorkerMetrics, _Mapping]] = ..., state: _Optional[int] = ..., loaded_epoch: _Optional[int] = ..., position: _Optional[int] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., links: _Optional[_Iterable[_Union[LinkMeasurement, _Mapping]]] = ..., coordinator_rtt_ms: _Optional[float] = ..., dht_maddrs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("known",)
+    __slots__ = ("known", "checks")
     KNOWN_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
     known: bool
-    def __init__(self, known: _Optional[bool] = ...) -> None: ...
+    checks: _containers.RepeatedCompositeFieldContainer[SpotCheck]
+    def __init__(self, known: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[SpotCheck, _Mapping]]] = ...) -> None: ...
+
+class SpotCheck(_message.Message):
+    __slots__ = ("check_id", "step", "attempt", "ticket_id", "stage", "worker_id", "address", "commitment", "returned")
+    CHECK_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_FIELD_NUMBER: _ClassVar[int]
+    check_id: int
+    step: int
+    attempt: int
+    ticket_id: int
+    stage: int
+    worker_id: str
+    address: str
+    commitment: bytes
+    returned: bytes
+    def __init__(self, check_id: _Optional[int] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., ticket_id: _Optional[int] = ..., stage: _Optional[int] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., commitment: _Optional[bytes] = ..., returned: _Optional[bytes] = ...) -> None: ...
+
+class CheckReport(_message.Message):
+    __slots__ = ("worker_id", "check_id", "commitment", "unable")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    CHECK_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITMENT_FIELD_NUMBER: _ClassVar[int]
+    UNABLE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    check_id: int
+    commitment: bytes
+    unable: str
+    def __init__(self, worker_id: _Optional[str] = ..., check_id: _Optional[int] = ..., commitment: _Optional[bytes] = ..., unable: _Optional[str] = ...) -> None: ...
+
+class CheckReportReply(_message.Message):
+    __slots__ = ("verdict",)
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    verdict: str
+    def __init__(self, verdict: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("worker_id",)

@@ -94,6 +94,11 @@ class CoordinatorStub:
                 request_serializer=gptjt__proto_dot_coordinator__pb2.GetCheckpointRequest.SerializeToString,
                 response_deserializer=gptjt__proto_dot_coordinator__pb2.CheckpointChunk.FromString,
                 _registered_method=True)
+        self.ReportCheck = channel.unary_unary(
+                '/gptjt.Coordinator/ReportCheck',
+                request_serializer=gptjt__proto_dot_coordinator__pb2.CheckReport.SerializeToString,
+                response_deserializer=gptjt__proto_dot_coordinator__pb2.CheckReportReply.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -190,6 +195,15 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportCheck(self, request, context):
+        """A verifier's answer to a spot check the coordinator handed it (HeartbeatReply.checks): its
+        own commitment to the micro-batch, recomputed from the checked worker's evidence, or why it
+        could not recompute. The coordinator compares, records the verdict and answers with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +266,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetCheckpoint,
                     request_deserializer=gptjt__proto_dot_coordinator__pb2.GetCheckpointRequest.FromString,
                     response_serializer=gptjt__proto_dot_coordinator__pb2.CheckpointChunk.SerializeToString,
+            ),
+            'ReportCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportCheck,
+                    request_deserializer=gptjt__proto_dot_coordinator__pb2.CheckReport.FromString,
+                    response_serializer=gptjt__proto_dot_coordinator__pb2.CheckReportReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -578,6 +597,33 @@ class Coordinator:
             '/gptjt.Coordinator/GetCheckpoint',
             gptjt__proto_dot_coordinator__pb2.GetCheckpointRequest.SerializeToString,
             gptjt__proto_dot_coordinator__pb2.CheckpointChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptjt.Coordinator/ReportCheck',
+            gptjt__proto_dot_coordinator__pb2.CheckReport.SerializeToString,
+            gptjt__proto_dot_coordinator__pb2.CheckReportReply.FromString,
             options,
             channel_credentials,
             insecure,

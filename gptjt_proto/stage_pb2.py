@@ -24,29 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gptjt_proto/stage.proto\x12\x05gptjt\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"$\n\nProbeReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x03\"I\n\nTensorMeta\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"\xd1\x01\n\x10MicroBatchHeader\x12\x11\n\tticket_id\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x03\x12\x14\n\x0cglobal_batch\x18\x04 \x01(\x05\x12\x16\n\x0eprefix_lengths\x18\x05 \x03(\x03\x12\x0e\n\x06labels\x18\x06 \x01(\x0c\x12&\n\x0b\x61\x63tivations\x18\x07 \x01(\x0b\x32\x11.gptjt.TensorMeta\x12\r\n\x05stage\x18\x08 \x01(\x05\x12\x16\n\x0egradient_codec\x18\t \x01(\t\"j\n\x0bReplyHeader\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x15\n\rtarget_tokens\x18\x02 \x01(\x03\x12#\n\x08gradient\x18\x03 \x01(\x0b\x32\x11.gptjt.TensorMeta\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\"\x99\x01\n\nStageChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gptjt.MicroBatchHeaderH\x00\x12#\n\x05reply\x18\x02 \x01(\x0b\x32\x12.gptjt.ReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12#\n\x05state\x18\x04 \x01(\x0b\x32\x12.gptjt.StateHeaderH\x00\x42\x06\n\x04part\"f\n\x0bStateHeader\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x13\n\x0bstart_layer\x18\x04 \x01(\x05\x12\x11\n\tend_layer\x18\x05 \x01(\x05\"\x13\n\x11\x46\x65tchStateRequest2\xaa\x01\n\x05Stage\x12\x33\n\x07Process\x12\x11.gptjt.StageChunk\x1a\x11.gptjt.StageChunk(\x01\x30\x01\x12;\n\nFetchState\x12\x18.gptjt.FetchStateRequest\x1a\x11.gptjt.StageChunk0\x01\x12/\n\x05Probe\x12\x13.gptjt.ProbeRequest\x1a\x11.gptjt.ProbeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gptjt_proto/stage.proto\x12\x05gptjt\"5\n\x0f\x45videnceRequest\x12\x11\n\tticket_id\x18\x01 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x03\"|\n\rEvidenceReply\x12\x0c\n\x04wire\x18\x01 \x03(\x0c\x12\x13\n\x0binput_shape\x18\x02 \x03(\x03\x12#\n\x08returned\x18\x03 \x01(\x0b\x32\x11.gptjt.TensorMeta\x12\x15\n\rreturned_data\x18\x04 \x01(\x0c\x12\x0c\n\x04step\x18\x05 \x01(\x03\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"$\n\nProbeReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x03\"I\n\nTensorMeta\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"\xd1\x01\n\x10MicroBatchHeader\x12\x11\n\tticket_id\x18\x01 \x01(\x03\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x03\x12\x14\n\x0cglobal_batch\x18\x04 \x01(\x05\x12\x16\n\x0eprefix_lengths\x18\x05 \x03(\x03\x12\x0e\n\x06labels\x18\x06 \x01(\x0c\x12&\n\x0b\x61\x63tivations\x18\x07 \x01(\x0b\x32\x11.gptjt.TensorMeta\x12\r\n\x05stage\x18\x08 \x01(\x05\x12\x16\n\x0egradient_codec\x18\t \x01(\t\"j\n\x0bReplyHeader\x12\x0c\n\x04loss\x18\x01 \x01(\x01\x12\x15\n\rtarget_tokens\x18\x02 \x01(\x03\x12#\n\x08gradient\x18\x03 \x01(\x0b\x32\x11.gptjt.TensorMeta\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\"\x99\x01\n\nStageChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.gptjt.MicroBatchHeaderH\x00\x12#\n\x05reply\x18\x02 \x01(\x0b\x32\x12.gptjt.ReplyHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x12#\n\x05state\x18\x04 \x01(\x0b\x32\x12.gptjt.StateHeaderH\x00\x42\x06\n\x04part\"f\n\x0bStateHeader\x12\x0e\n\x06nbytes\x18\x01 \x01(\x03\x12\x10\n\x08position\x18\x02 \x01(\x03\x12\r\n\x05stage\x18\x03 \x01(\x05\x12\x13\n\x0bstart_layer\x18\x04 \x01(\x05\x12\x11\n\tend_layer\x18\x05 \x01(\x05\"\x13\n\x11\x46\x65tchStateRequest2\xe9\x01\n\x05Stage\x12\x33\n\x07Process\x12\x11.gptjt.StageChunk\x1a\x11.gptjt.StageChunk(\x01\x30\x01\x12;\n\nFetchState\x12\x18.gptjt.FetchStateRequest\x1a\x11.gptjt.StageChunk0\x01\x12/\n\x05Probe\x12\x13.gptjt.ProbeRequest\x1a\x11.gptjt.ProbeReply\x12=\n\rFetchEvidence\x12\x16.gptjt.EvidenceRequest\x1a\x14.gptjt.EvidenceReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gptjt_proto.stage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROBEREQUEST']._serialized_start=34
-  _globals['_PROBEREQUEST']._serialized_end=65
-  _globals['_PROBEREPLY']._serialized_start=67
-  _globals['_PROBEREPLY']._serialized_end=103
-  _globals['_TENSORMETA']._serialized_start=105
-  _globals['_TENSORMETA']._serialized_end=178
-  _globals['_MICROBATCHHEADER']._serialized_start=181
-  _globals['_MICROBATCHHEADER']._serialized_end=390
-  _globals['_REPLYHEADER']._serialized_start=392
-  _globals['_REPLYHEADER']._serialized_end=498
-  _globals['_STAGECHUNK']._serialized_start=501
-  _globals['_STAGECHUNK']._serialized_end=654
-  _globals['_STATEHEADER']._serialized_start=656
-  _globals['_STATEHEADER']._serialized_end=758
-  _globals['_FETCHSTATEREQUEST']._serialized_start=760
-  _globals['_FETCHSTATEREQUEST']._serialized_end=779
-  _globals['_STAGE']._serialized_start=782
-  _globals['_STAGE']._serialized_end=952
+  _globals['_EVIDENCEREQUEST']._serialized_start=34
+  _globals['_EVIDENCEREQUEST']._serialized_end=87
+  _globals['_EVIDENCEREPLY']._serialized_start=89
+  _globals['_EVIDENCEREPLY']._serialized_end=213
+  _globals['_PROBEREQUEST']._serialized_start=215
+  _globals['_PROBEREQUEST']._serialized_end=246
+  _globals['_PROBEREPLY']._serialized_start=248
+  _globals['_PROBEREPLY']._serialized_end=284
+  _globals['_TENSORMETA']._serialized_start=286
+  _globals['_TENSORMETA']._serialized_end=359
+  _globals['_MICROBATCHHEADER']._serialized_start=362
+  _globals['_MICROBATCHHEADER']._serialized_end=571
+  _globals['_REPLYHEADER']._serialized_start=573
+  _globals['_REPLYHEADER']._serialized_end=679
+  _globals['_STAGECHUNK']._serialized_start=682
+  _globals['_STAGECHUNK']._serialized_end=835
+  _globals['_STATEHEADER']._serialized_start=837
+  _globals['_STATEHEADER']._serialized_end=939
+  _globals['_FETCHSTATEREQUEST']._serialized_start=941
+  _globals['_FETCHSTATEREQUEST']._serialized_end=960
+  _globals['_STAGE']._serialized_start=963
+  _globals['_STAGE']._serialized_end=1196
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EvidenceRequest(_message.Message):
+    __slots__ = ("ticket_id", "attempt")
+    TICKET_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ticket_id: int
+    attempt: int
+    def __init__(self, ticket_id: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class EvidenceReply(_message.Message):
+    __slots__ = ("wire", "input_shape", "returned", "returned_data", "step")
+    WIRE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_FIELD_NUMBER: _ClassVar[int]
+    RETURNED_DATA_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    wire: _containers.RepeatedScalarFieldContainer[bytes]
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    returned: TensorMeta
+    returned_data: bytes
+    step: int
+    def __init__(self, wire: _Optional[_Iterable[bytes]] = ..., input_shape: _Optional[_Iterable[int]] = ..., returned: _Optional[_Union[TensorMeta, _Mapping]] = ..., returned_data: _Optional[bytes] = ..., step: _Optional[int] = ...) -> None: ...
+
 class ProbeRequest(_message.Message):
     __slots__ = ("payload",)
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class StageStub:
                 request_serializer=gptjt__proto_dot_stage__pb2.ProbeRequest.SerializeToString,
                 response_deserializer=gptjt__proto_dot_stage__pb2.ProbeReply.FromString,
                 _registered_method=True)
+        self.FetchEvidence = channel.unary_unary(
+                '/gptjt.Stage/FetchEvidence',
+                request_serializer=gptjt__proto_dot_stage__pb2.EvidenceRequest.SerializeToString,
+                response_deserializer=gptjt__proto_dot_stage__pb2.EvidenceReply.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -86,6 +91,15 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchEvidence(self, request, context):
+        """What this stage received for one micro-batch of a recent step (the input codes with their
+        labels and prefix lengths, and the gradient codes that came back), for a replica of the
+        same stage making a spot check. Only replicas of this stage may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -103,6 +117,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Probe,
                     request_deserializer=gptjt__proto_dot_stage__pb2.ProbeRequest.FromString,
                     response_serializer=gptjt__proto_dot_stage__pb2.ProbeReply.SerializeToString,
+            ),
+            'FetchEvidence': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchEvidence,
+                    request_deserializer=gptjt__proto_dot_stage__pb2.EvidenceRequest.FromString,
+                    response_serializer=gptjt__proto_dot_stage__pb2.EvidenceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +205,33 @@ class Stage:
             '/gptjt.Stage/Probe',
             gptjt__proto_dot_stage__pb2.ProbeRequest.SerializeToString,
             gptjt__proto_dot_stage__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptjt.Stage/FetchEvidence',
+            gptjt__proto_dot_stage__pb2.EvidenceRequest.SerializeToString,
+            gptjt__proto_dot_stage__pb2.EvidenceReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,6 +20,8 @@ from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+MAX_CHECKS_PER_BEAT = 64  # a coordinator asks for verify.max_pending at most; more is not taken
+
 # The session metadata of every call after Join (the coordinator checks it: coordinator/sessions.py).
 SESSION_WORKER, SESSION_SECRET = "gptjt-worker", "gptjt-session"
 
@@ -92,15 +94,22 @@ class CoordinatorClient:
 
     async def heartbeat(self, worker_id: str, state: int, metrics: dict, loaded_epoch: int,
                         position: int = -1, device: dict | None = None, links: list[dict] | None = None,
-                        rtt_ms: float = 0.0, dht_maddrs: list[str] | None = None) -> bool:
+                        rtt_ms: float = 0.0, dht_maddrs: list[str] | None = None) -> tuple[bool, list[pb.SpotCheck]]:
         """Liveness + metrics; `device` when re-measured, `links` measured since the last one,
-        `dht_maddrs` of this worker's averager (others bootstrap from it)."""
+        `dht_maddrs` of this worker's averager (others bootstrap from it). Returns (known, the
+        spot checks the coordinator asks of us)."""
         reply = await self._retry(self.stub.Heartbeat, pb.HeartbeatRequest(
             worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics), loaded_epoch=loaded_epoch,
             position=position, device=pb.DeviceInfo(**device) if device else None,
             links=[pb.LinkMeasurement(**m) for m in links or []], coordinator_rtt_ms=rtt_ms,
             dht_maddrs=(dht_maddrs or [])[:MAX_DHT_MADDRS]), timeout=5.0)
-        return reply.known
+        return reply.known, list(reply.checks)[:MAX_CHECKS_PER_BEAT]
+
+    async def report_check(self, worker_id: str, check_id: int, commitment: bytes, unable: str) -> str:
+        """Our answer to a spot check; returns the coordinator's verdict."""
+        reply = await self._retry(self.stub.ReportCheck, pb.CheckReport(worker_id=worker_id, check_id=check_id,
+                                                                        commitment=commitment, unable=unable))
+        return reply.verdict
 
     async def put_checkpoint(self, worker_id: str, step: int, spec, blob: bytes, chunk_bytes: int,
                              progress: Callable[[int], None] | None = None) -> str:

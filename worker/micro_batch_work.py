@@ -13,6 +13,7 @@ from gptjt_proto import stage_pb2 as spb
 from .commitments import commit, sent_digest
 from .compute import BACKWARD, FORWARD, OTHER, ComputeQueue
 from .downstream import DownstreamSender
+from .evidence import Evidence
 from .lies import Liar, process_liar
 from .stage import LayerSlice
 
@@ -38,6 +39,13 @@ class StageOutcome:
     target_tokens: int
     input_grad: torch.Tensor | None  # d loss / d inputs, (B, T, D); None at stage 0 (token ids)
     sent_grad: Encoded | None = None  # input_grad in item.gradient_codec: the codes to send back
+
+
+def keep_evidence(stage: LayerSlice, item: StageInput, returned: Encoded | None) -> None:
+    """What a replica needs to recompute this micro-batch (worker/evidence.py), when the run spot-checks."""
+    if stage.keep_evidence:
+        shape = tuple(item.inputs.shape) if stage.spec.embed else ()
+        stage.evidence[item.key] = Evidence(item.step, item.wire, shape, returned)
 
 
 async def work_micro_batch(stage: LayerSlice, compute: ComputeQueue, downstream: DownstreamSender | None,
@@ -69,6 +77,7 @@ async def work_micro_batch(stage: LayerSlice, compute: ComputeQueue, downstream:
             loss, grad = liar.loss(key, step, loss), liar.gradient(key, step, grad)
             sent_grad = send_back(grad)
             stage.commitments[key] = commit(item.wire, torch.tensor([loss]), None, None, grad, sent_grad)
+            keep_evidence(stage, item, None)
             return loss, targets, grad, sent_grad
 
         return StageOutcome(*await compute.run(FORWARD, last))
@@ -83,6 +92,7 @@ async def work_micro_batch(stage: LayerSlice, compute: ComputeQueue, downstream:
             sent_grad = send_back(grad)
             stage.commitments[key] = commit(item.wire, out, sent_digest(header, activations), grad_enc, grad,
                                             sent_grad)
+            keep_evidence(stage, item, grad_enc)
             return grad, sent_grad
 
         grad_in, sent_grad = await compute.run(BACKWARD, backward)

@@ -17,10 +17,12 @@ from gptjt_core.config import RunConfig, from_dict
 from gptjt_core.dht_auth import dht_public_key, new_dht_key
 from gptjt_core.model import StageSpec
 from gptjt_proto import coordinator_pb2 as cpb
+from gptjt_proto import stage_pb2 as spb
 
 from .averager_keeper import AveragerKeeper, dht_credentials
 from .compute import OTHER, ComputeQueue
 from .downstream import DownstreamSender
+from .drain import drain_and_leave
 from .faults import faults_from_env
 from .link_codecs import LinkCodecChooser
 from .link_probe import LinkProber
@@ -31,6 +33,7 @@ from .probe import BusyRates, figures_for_the_plan, probe_device
 from .routing import NextStageRouter
 from .service import Serving, StageService
 from .simulated_device import SimulatedDevice
+from .spot_check import SpotChecker
 from .stage import LayerSlice
 from .stage_loader import StageLoader, retry_loading
 from .stage_tls import PortReservation, StageIdentity, serve_stage
@@ -38,11 +41,6 @@ from .step_follower import StepFollower
 from .transport import GRPC_OPTIONS, LinkCounters, StageClient
 
 log = logging.getLogger("gptjt.worker")
-
-# Phases in which a stage's weights and optimizer state are still those the step started from
-# (APPLYING changes them).
-_WEIGHTS_UNCHANGED = (cpb.WAITING, cpb.OPEN, cpb.ACCUMULATED, cpb.AVERAGING)
-
 
 class WorkerRunner:
     """One membership of a worker in a run: join, serve the assigned stage, follow the steps, drain, leave."""
@@ -64,8 +62,8 @@ class WorkerRunner:
         self.client: StageClient | None = None
         self.downstream: DownstreamSender | None = None
         self.driver: Stage0Driver | None = None
-        self._status = cpb.STANDBY
-        self._reported_status = -1  # the status the coordinator last acknowledged in a heartbeat
+        self.status = cpb.STANDBY  # the WorkerState our heartbeats report
+        self.reported_status = -1  # the status the coordinator last acknowledged in a heartbeat
         self.router = NextStageRouter()
         self.dht_peers: list[str] = []  # the run's hivemind DHT, when the run has replicas
         self.averagers: AveragerKeeper | None = None  # the averager of the stage we hold
@@ -77,7 +75,7 @@ class WorkerRunner:
         # The coordinator no longer knows us (we missed heartbeats: a stall, a partition): the
         # process joins again as a new worker unless --no-rejoin.
         self.declared_dead = False
-        self._state_changed = asyncio.Event()
+        self.state_changed = asyncio.Event()
         self._heartbeat_now = asyncio.Event()
         self._assignment_lock = asyncio.Lock()  # join reply and Watch may both deliver one
         self.simulated: SimulatedDevice | None = None
@@ -118,9 +116,11 @@ class WorkerRunner:
         self.downstream = DownstreamSender(self.router, self.link_codecs, self.client, self.coordinator, self.worker_id)
         self.prober = LinkProber(self.client, self.run.scheduler.probe_max_age_s)
         self.dht_peers = list(reply.dht_peers)
-        self.averagers = AveragerKeeper(self.run, self.address.rsplit(":", 1)[0].strip("[]"), self._heartbeat_soon,
+        self.averagers = AveragerKeeper(self.run, self.address.rsplit(":", 1)[0].strip("[]"), self.heartbeat_soon,
                                         dht_credentials(self.dht_key, reply))
         self.loader = StageLoader(self.run, o.device, self.compute, self.client, self.coordinator, simulated)
+        self.checker = SpotChecker(self.worker_id, self.compute, self._fetch_evidence, self.coordinator.report_check,
+                                   lambda: self.stage if self.loaded_epoch >= 0 else None, self.run.train.global_batch)
         self.follower = StepFollower(self.run, self.worker_id, self.compute, self.coordinator, self.averagers,
                                      self.faults, lambda: self.state, self._rebuild_averager, self._on_task_done)
         a = reply.assignment
@@ -133,7 +133,7 @@ class WorkerRunner:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_drain)
         tasks = [asyncio.create_task(self._heartbeat_loop(reply.heartbeat_interval_s)),
-                 asyncio.create_task(self._watch_loop()), measuring]
+                 asyncio.create_task(self._watch_loop()), measuring, asyncio.create_task(self.checker.run())]
         for task in tasks:
             task.add_done_callback(self._on_task_done)
         self.assignment = reply.assignment  # the stage is loaded when the first RunState says from what
@@ -164,7 +164,7 @@ class WorkerRunner:
         figures = await figures_for_the_plan(self.run, self.options.device, self.simulated, joined_with)
         if figures is not None:
             self._device_update = figures
-            self._heartbeat_soon()
+            self.heartbeat_soon()
 
     # -- what the stage service and the stage-0 driver see of this worker ------------
     def _serving(self) -> Serving | None:
@@ -176,9 +176,10 @@ class WorkerRunner:
         a = state.assignment if state is not None else None
         upstream = frozenset(a.upstream_ids) if a is not None else frozenset()
         fetchers = frozenset(a.fetcher_ids) if a is not None else frozenset()
+        replicas = frozenset(a.peer_ids) if a is not None else frozenset()
         return Serving(self.stage, self.assignment.stage if self.assignment is not None else None,
                        self.loaded_epoch >= 0, self.run.pipeline, self.downstream, open_step,
-                       upstream if self.tls else None, fetchers if self.tls else None)
+                       upstream if self.tls else None, fetchers if self.tls else None, replicas if self.tls else None)
 
     def _open_for_work(self) -> bool:
         """The run takes micro-batches from this worker now: an open step, not paused, we are a
@@ -212,46 +213,7 @@ class WorkerRunner:
         if not self.leaving:
             log.info("drain requested: finishing the current step, then leaving")
             self.leaving = True
-            start_background(self._drain_and_leave(), "drain", log, on_error=self._fail)
-
-    async def _drain_and_leave(self) -> None:
-        state = self.state
-        drain_step = state.step if state is not None else -1
-        deadline = time.monotonic() + self.options.drain_timeout_s
-        self._status = cpb.DRAINING
-        # Tell the coordinator first: a draining worker is no member of the next step, so a stage
-        # whose only worker is leaving opens no step that would have to be re-run without it.
-        # Told only at the next beat (seconds), a short step could close first, the next one
-        # open with us as its member, and our leave restart it.
-        self._heartbeat_soon()
-        while self._reported_status != cpb.DRAINING and time.monotonic() < deadline and not self.stopping.is_set():
-            await asyncio.sleep(0.05)
-        # Keep serving until the step that was open when the drain began has closed, so its
-        # work is not redone; a paused run closes no step, so there is nothing to wait for.
-        while (self.stage is not None and self.state is not None and self.state.phase not in (cpb.DONE, cpb.WAITING)
-               and self.state.step <= drain_step and not self.state.paused and time.monotonic() < deadline):
-            self._state_changed.clear()
-            try:
-                await asyncio.wait_for(self._state_changed.wait(), timeout=0.5)
-            except TimeoutError:
-                pass
-        if self.driver is not None:
-            await self.driver.stop()  # hands back anything still leased
-        if (self.stage is not None and self.state is not None and self.state.phase in _WEIGHTS_UNCHANGED
-                and self.stage.position == self.state.step and not self.state.assignment.peer_addresses):
-            # The stage's last replica, with the weights the open step started from: leave them
-            # in the store so a newcomer continues from this step (only its partial work is
-            # redone) instead of the run rolling back to the last checkpoint.
-            try:
-                await self.follower.save_checkpoint(self.stage, self.stage.position)
-            except grpc.aio.AioRpcError as e:
-                log.warning("could not save the stage before leaving (%s); the run will roll back", e.details())
-        try:
-            await self.coordinator.leave(self.worker_id)
-        except grpc.aio.AioRpcError as e:
-            log.warning("could not tell the coordinator we leave (%s); it will time us out", e.code().name)
-        print(f"gptjt-worker: {self.worker_id} left the run", flush=True)
-        self.stopping.set()
+            start_background(drain_and_leave(self), "drain", log, on_error=self._fail)
 
     # -- coordinator streams -----------------------------------------------------------
     async def _heartbeat_loop(self, interval: float) -> None:
@@ -262,16 +224,17 @@ class WorkerRunner:
                            averaging_bytes=self.averagers.bytes_sent, **self.link_codecs.metrics())
             position = self.stage.position if self.stage is not None and self.loaded_epoch >= 0 else -1
             device, links = self._device_update, self.prober.take()
-            sent, status = time.monotonic(), self._status
+            sent, status = time.monotonic(), self.status
             try:
-                known = await self.coordinator.heartbeat(
+                known, checks = await self.coordinator.heartbeat(
                     self.worker_id, status, metrics, self.loaded_epoch, position, device=device, links=links,
                     rtt_ms=self._coordinator_rtt_ms, dht_maddrs=self.averagers.maddrs)
                 self._coordinator_rtt_ms = (time.monotonic() - sent) * 1e3
                 if self._device_update is device:  # not one measured while the call was out
                     self._device_update = None
                 if known:
-                    self._reported_status = status
+                    self.reported_status = status
+                    self.checker.take(checks)
             except grpc.aio.AioRpcError as e:
                 if session_ended(e):
                     self._session_over(e.details())
@@ -288,6 +251,12 @@ class WorkerRunner:
                 pass
             self._heartbeat_now.clear()
 
+    async def _fetch_evidence(self, check: cpb.SpotCheck) -> spb.EvidenceReply:
+        """A spot check's evidence, from the checked replica's stage server (mutual TLS: it must
+        answer as the worker the coordinator named)."""
+        self.client.learn([check.address], [check.worker_id])
+        return await self.client.fetch_evidence(check.address, check.ticket_id, check.attempt, timeout=60)
+
     def _session_over(self, why: str) -> None:
         """The coordinator ended our session: stop, and join again as a new worker (worker/cli.py)."""
         if self.stopping.is_set():
@@ -297,7 +266,7 @@ class WorkerRunner:
         self.declared_dead = not self.leaving
         self.stopping.set()
 
-    def _heartbeat_soon(self) -> None:
+    def heartbeat_soon(self) -> None:
         """State changes (loading -> ready) reach the coordinator now, not at the next tick."""
         self._heartbeat_now.set()
 
@@ -305,7 +274,7 @@ class WorkerRunner:
         async for state in self.coordinator.watch(self.worker_id):
             previous = self.state
             self.state = state
-            self._state_changed.set()
+            self.state_changed.set()
             if state.drain and not self.leaving:
                 self.request_drain()  # the operator asked (gptjt drain, the dashboard)
             a = state.assignment
@@ -328,13 +297,13 @@ class WorkerRunner:
 
     async def _follow_step(self, state: cpb.RunState) -> None:
         stage = self.stage
-        if stage is None or self._status == cpb.LOADING or self.loaded_epoch != state.restore_epoch:
+        if stage is None or self.status == cpb.LOADING or self.loaded_epoch != state.restore_epoch:
             return
         await self.follower.follow(stage, state, self.driver.idle if self.driver is not None else None,
                                    self._finished)
 
     def _finished(self) -> None:
-        self._heartbeat_soon()  # the final metrics reach the coordinator now
+        self.heartbeat_soon()  # the final metrics reach the coordinator now
         print(f"gptjt-worker: run finished at step {self.state.step}; serving stage state until stopped", flush=True)
 
     async def _load_patiently(self, state: cpb.RunState) -> None:
@@ -362,7 +331,7 @@ class WorkerRunner:
                 log.info("on standby: %s", a.standby_reason)
             self.stage = None
             await self.averagers.drop()  # a stage taken up again gets a fresh one (fresh DHT peers too)
-            self._status = cpb.DRAINING if self.leaving else cpb.STANDBY
+            self.status = cpb.DRAINING if self.leaving else cpb.STANDBY
             return
         spec = StageSpec(a.start_layer, a.end_layer, embed=a.embed, head=a.head)
         if self.stage is not None and self.stage.spec == spec:
@@ -372,18 +341,18 @@ class WorkerRunner:
                 # Our state is the one the run wants: drop partial work, keep the weights.
                 await self.compute.run(OTHER, self.stage.reset_to_position)
                 self.loaded_epoch = state.restore_epoch
-                self._heartbeat_soon()
+                self.heartbeat_soon()
                 return
         if self.averagers.averager is not None and not self.averagers.fits(a.stage, spec):
             log.info("stage %d now holds layers %d-%d (its averager was built for stage %d, layers %d-%d): "
                      "a new averager for the new range", a.stage, spec.start, spec.end, *self.averagers.averager.key)
             await self.averagers.drop()  # its buffers have the old range's shapes, its group the old key
-        self._status = cpb.LOADING
-        self._heartbeat_soon()
+        self.status = cpb.LOADING
+        self.heartbeat_soon()
         t0 = time.perf_counter()
         stage = await self.loader.load(a, spec, state, self.stage, self.loaded_epoch)
         if stage is None:
-            self._status = cpb.DRAINING if self.leaving else cpb.READY if self.stage is not None else cpb.STANDBY
+            self.status = cpb.DRAINING if self.leaving else cpb.READY if self.stage is not None else cpb.STANDBY
             return  # no replica could give the state: try again on the next RunState
         self.stage, self.loaded_epoch = stage, state.restore_epoch
         if self.dht_peers and self.averagers.averager is None:
@@ -393,8 +362,8 @@ class WorkerRunner:
         if spec.embed and self.driver is None:
             self.driver = self._stage0_driver()
             start_background(self.driver.run(self.stopping), "the stage-0 driver", log, on_error=self._fail)
-        self._status = cpb.DRAINING if self.leaving else cpb.READY
-        self._heartbeat_soon()
+        self.status = cpb.DRAINING if self.leaving else cpb.READY
+        self.heartbeat_soon()
 
     async def _rebuild_averager(self, state: cpb.RunState, stage: LayerSlice, fresh: bool) -> None:
         """(Re)build the averager of `stage` if this worker still holds it; fresh: drop the one it

@@ -17,6 +17,7 @@ from gptjt_proto import stage_pb2_grpc as pb_grpc
 
 from .commitments import received_parts
 from .compute import OTHER, ComputeQueue
+from .evidence import MAX_EVIDENCE_BYTES
 from .downstream import DownstreamSender
 from .micro_batch_validation import StageLimits
 from .micro_batch_work import StageInput, work_micro_batch
@@ -49,6 +50,7 @@ class Serving:
     open_step: tuple[int, int] | None = None  # (step, attempt) the coordinator has open; None: none open
     upstream: frozenset[str] | None = None  # who may send micro-batches (None: plaintext links, anyone)
     fetchers: frozenset[str] | None = None  # who may copy the stage's state (besides operator tools)
+    replicas: frozenset[str] | None = None  # who may fetch spot-check evidence: this stage's members
 
 
 class StageService(pb_grpc.StageServicer):
@@ -147,3 +149,24 @@ class StageService(pb_grpc.StageServicer):
                                                  start_layer=spec.start, end_layer=spec.end))
         for chunk in data_chunks(blob, s.pipeline.chunk_bytes):
             yield chunk
+
+    async def FetchEvidence(self, request, context):
+        """What this stage received for one recent micro-batch, for a replica spot-checking it
+        (worker/spot_check.py). Only the stage's members may ask: the bytes are the previous
+        stage's activations."""
+        s = self.serving()
+        who = caller_identity(context)
+        if s is not None and s.replicas is not None and who not in s.replicas:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"{who!r} is no replica of this stage; only its replicas may fetch evidence")
+        if s is None or s.stage is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no stage")
+        evidence = s.stage.evidence.get((request.ticket_id, request.attempt))
+        if evidence is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no evidence of ticket {request.ticket_id} attempt {request.attempt}: this stage keeps "
+                                "the micro-batches of its last two steps only")
+        if evidence.nbytes > MAX_EVIDENCE_BYTES:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"evidence of {evidence.nbytes} bytes is above the {MAX_EVIDENCE_BYTES} one message takes")
+        return evidence.to_pb()

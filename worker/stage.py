@@ -75,6 +75,14 @@ class LayerSlice:
         # The current attempt's commitments (worker/commitments.py Committed), reported with its
         # CONTRIBUTION; filled by worker/micro_batch_work.py as each micro-batch's backward ends.
         self.commitments: dict[Key, object] = {}
+        # Spot checks (worker/spot_check.py): what each micro-batch of the last two steps received
+        # (worker/evidence.py Evidence, served to a replica checking us) and the weights this
+        # replica held before its last update (to check a replica's micro-batch of that step).
+        # Only when the run spot-checks: the copy costs one set of weights in host memory.
+        self.keep_evidence = (run.verify.sample_rate > 0 or run.verify.first_checks > 0) and not self.local_steps \
+            and run.pipeline.replicas_per_stage > 1
+        self.evidence: dict[Key, object] = {}
+        self._before_update: tuple[int, dict[str, torch.Tensor] | None] | None = None  # (step, weights before it)
 
     def matmul_params(self) -> int:
         """Parameters a forward multiplies by (all but the embedding table)."""
@@ -230,9 +238,27 @@ class LayerSlice:
                         if p.grad is not None:
                             p.grad.mul_(coef)
             set_lr(self.optimizer, lr_at(step, self.run.optim, self.run.train.steps))
+            if self.keep_evidence:
+                self._before_update = (step, {n: p.detach().to("cpu", copy=True)
+                                              for n, p in self.model.named_parameters()})
             self.optimizer.step()
+        elif self.keep_evidence:
+            self._before_update = (step, None)  # skipped: the weights of `step` are the current ones
         self._end_step(step)
         return ok
+
+    def weights_for(self, step: int) -> dict[str, torch.Tensor] | None:
+        """The parameters this replica held during `step` (by name, on its device), or None when
+        it no longer has them: its current ones while `step` is not applied yet, else the copy
+        apply_step kept of the state before the update of `step`."""
+        if self.last_applied == step - 1:
+            return dict(self.model.named_parameters())
+        kept = self._before_update
+        if self.last_applied == step and kept is not None and kept[0] == step:
+            if kept[1] is None:  # the update was skipped (non-finite norm)
+                return dict(self.model.named_parameters())
+            return {n: t.to(self.device) for n, t in kept[1].items()}
+        return None
 
     def _end_step(self, step: int) -> None:
         """Drop the step's gradients and graphs: this state now holds `step`."""
@@ -241,6 +267,8 @@ class LayerSlice:
         self.attempt = None
         self.step_micro_batches = 0
         self.last_applied = step
+        for key in [k for k, e in self.evidence.items() if e.step < step]:
+            del self.evidence[key]  # keep the step just applied (checks of it come now) and the next
 
     # -- local-steps (DiLoCo-style) averaging ------------------------------------------------
     def pseudo_gradients(self) -> list[torch.Tensor]:

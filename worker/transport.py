@@ -183,6 +183,13 @@ class StageClient:
             times.append(time.perf_counter() - started)
         return times[0], times[1]
 
+    async def fetch_evidence(self, address: str, ticket_id: int, attempt: int, timeout: float = 60) -> pb.EvidenceReply:
+        """The evidence of one micro-batch from the stage server at `address` (a spot check)."""
+        reply = await self._stub(address).FetchEvidence(pb.EvidenceRequest(ticket_id=ticket_id, attempt=attempt),
+                                                        timeout=timeout)
+        self.counters.received += reply.ByteSize()
+        return reply
+
     async def fetch_state(self, address: str, timeout: float | None = 600) -> tuple[pb.StateHeader, bytes]:
         """The stage state (weights + optimizer, safetensors) held by the worker at `address`."""
         header, parts = None, []

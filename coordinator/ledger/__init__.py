@@ -18,7 +18,8 @@ from .commitments import Submitted
 from .db import ALIVE_STATES
 from .errors import LedgerError, OperatorError
 from .events import EVENT_CATEGORIES, event_category
-from .run_ledger import RunLedger, run_fingerprint
+from .run_fingerprint import run_fingerprint
+from .run_ledger import RunLedger
 from .step_state import ACCUMULATED, APPLYING, AVERAGING, DONE, OPEN, WAITING
 from .tickets import TicketRow, count_tickets
 from .tokens import create_token_in, hash_token, revoke_token_in, token_id

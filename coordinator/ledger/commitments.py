@@ -23,6 +23,7 @@ from .events import EventLog
 
 KEEP_STEPS = 64  # steps of commitments kept behind the one closing
 CHAIN_OK, CHAIN_MISMATCH = "chain_ok", "chain_mismatch"  # verdicts of a chain check (neighbours' digests)
+SPOT_AGREE = "agree"  # a spot check that agreed (ledger/spot_checks.py): pruned like a chain check that did
 
 
 class Submitted(NamedTuple):
@@ -42,8 +43,8 @@ class CommitmentBook:
     def __init__(self, db: LedgerDB, events: EventLog):
         self.db, self.events = db, events
 
-    def record(self, step: int, attempt: int, stage: int, worker_id: str, submitted: list[Submitted]) -> int:
-        """Keep a member's commitments to tickets of (step, attempt); returns how many were kept.
+    def record(self, step: int, attempt: int, stage: int, worker_id: str, submitted: list[Submitted]) -> list[int]:
+        """Keep a member's commitments to tickets of (step, attempt); returns the tickets kept.
         Others (another attempt's, a ticket of another step) are dropped: an honest worker sends none."""
         ours = {r[0] for r in self.db.execute("SELECT id FROM tickets WHERE step=? AND attempt=?", (step, attempt))}
         kept = [c for c in submitted if c.attempt == attempt and c.ticket in ours]
@@ -51,7 +52,7 @@ class CommitmentBook:
             self.db.execute("INSERT OR REPLACE INTO commitments VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (step, attempt, c.ticket, stage, worker_id, c.blob, c.sent, c.returned, c.sent_back))
         self._count("verification_commitments", len(kept))
-        return len(kept)
+        return [c.ticket for c in kept]
 
     def records(self, step: int, attempt: int) -> list[Record]:
         rows = self.db.execute("SELECT * FROM commitments WHERE step=? AND attempt=? ORDER BY ticket, stage, worker",
@@ -79,7 +80,8 @@ class CommitmentBook:
         self._count("verification_checks", len(checks))
         self._count("verification_mismatches", mismatches)
         self.db.execute("DELETE FROM commitments WHERE step < ?", (step - KEEP_STEPS,))
-        self.db.execute("DELETE FROM checks WHERE step < ? AND verdict = ?", (step - KEEP_STEPS, CHAIN_OK))
+        self.db.execute("DELETE FROM checks WHERE step < ? AND verdict IN (?, ?)", (step - KEEP_STEPS, CHAIN_OK,
+                                                                                   SPOT_AGREE))
         return mismatches
 
     def checks(self, step: int) -> list[dict]:

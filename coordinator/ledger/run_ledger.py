@@ -8,7 +8,6 @@ is injected (tests drive time); a restart reads everything back from the SQLite 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
 import time
@@ -34,21 +33,14 @@ from .planning import StagePlanner
 from .recovery import StepRecovery
 from .reports import ReportBook
 from .retention import Retention
+from .run_fingerprint import run_fingerprint
+from .spot_checks import SpotCheckBook
 from .status import StatusView
 from .step_state import APPLYING, WAITING, StepState
 from .steps import StepProtocol
 from .tickets import TicketRow, TicketBook
 from .tokens import TokenStore, hash_token, new_session_secret
 from .workers import WorkerRegistry
-
-
-def run_fingerprint(run: RunConfig) -> str:
-    """What must not change across a restart: the model, data order, batch and stages."""
-    key = {"model": run.model.source, "data": run.to_dict()["data"], "ul2": run.to_dict()["ul2"],
-           "seed": run.train.seed, "global_batch": run.train.global_batch,
-           "micro_batch": run.train.micro_batch, "seq_len": run.train.seq_len,
-           "num_stages": run.pipeline.num_stages}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class RunLedger:
@@ -87,9 +79,10 @@ class RunLedger:
         self.checkpoints = CheckpointIndex(db, self.events, plan[-1].end, run.coordinator)
         self.planner = StagePlanner(db, self.events, self.workers, self.measurements, self.state, run, shape, plan)
         self.commitments = CommitmentBook(db, self.events)
+        self.spot_checks = SpotCheckBook(db, self.events, run)
         self.protocol = StepProtocol(db, self.events, self.state, self.workers, self.tickets, self.reports,
                                      self.history, self.measurements, run, lambda: len(self.planner.plan),
-                                     self.commitments)
+                                     self.commitments, self.spot_checks)
         self.recovery = StepRecovery(self.events, self.state, self.workers, self.tickets, self.reports, self.history,
                                      self.checkpoints, self.planner, self.protocol)
         self.guard = LivenessGuard(db, self.events, self.state, self.workers, self.tickets, self.reports,
@@ -294,6 +287,15 @@ class RunLedger:
             if self.protocol.report(worker_id, kind, grad_norm_sq, micro_batches, group_weight, digest, commitments):
                 self.recovery.after_close()
         return True
+
+    def spot_checks_for(self, verifier: str) -> list:
+        """The spot checks waiting for `verifier` (rows: ledger/spot_checks.py pending_for)."""
+        return self.spot_checks.pending_for(verifier)
+
+    def answer_check(self, verifier: str, check_id: int, recomputed, unable: str) -> str:
+        """A verifier's answer (a Commitment, or None and why); returns the verdict."""
+        with self.db.tx():
+            return self.spot_checks.answer(verifier, check_id, recomputed, unable)
 
     def averaging_failed(self, worker_id: str, step: int, attempt: int, detail: str) -> bool:
         with self.db.tx():

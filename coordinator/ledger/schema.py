@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS checks (  -- every check of stage work and its verdic
   worker TEXT NOT NULL, peers TEXT NOT NULL,  -- the worker checked; JSON list of the others involved
   detail TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS checks_by_step ON checks (step);
+CREATE INDEX IF NOT EXISTS checks_by_verdict ON checks (verdict, peers);  -- a verifier's pending spot checks
 CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage server at dst
   src TEXT NOT NULL, dst TEXT NOT NULL, latency_ms REAL NOT NULL, mbit REAL NOT NULL, measured REAL NOT NULL,
   PRIMARY KEY (src, dst));

@@ -11,6 +11,7 @@ from gptjt_core.config import RunConfig
 
 from .checkpoints import CheckpointIndex
 from .commitments import CommitmentBook
+from .spot_checks import SpotCheckBook
 from .db import ALIVE_STATES, LedgerDB
 from .events import EventLog
 from .history import StepHistory
@@ -58,7 +59,8 @@ class StatusView:
             "event_counts": self.events.counts(), "restore_epoch": st.restore_epoch,
             "replicas_per_stage": self.run.pipeline.replicas_per_stage,
             "stage_link_tls": self.run.link.tls == "on",
-            "verification": CommitmentBook(self.db, self.events).counts(),
+            "verification": {**CommitmentBook(self.db, self.events).counts(),
+                             **SpotCheckBook(self.db, self.events, self.run).counts()},
             "checkpoints": {"store": self.run.coordinator.store_root,
                             "latest_complete": self.checkpoints.latest_complete(), "steps": self.checkpoints.steps()},
         }

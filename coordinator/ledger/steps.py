@@ -32,6 +32,7 @@ from .commitments import CommitmentBook, Submitted
 from .history import StepHistory
 from .measurements import Measurements
 from .reports import APPLIED, AVERAGED, CONTRIBUTION, ReportBook, contributions, sums
+from .spot_checks import SpotCheckBook
 from .step_state import ACCUMULATED, APPLYING, AVERAGING, DONE, OPEN, WAITING, StepState
 from .tickets import TicketBook, TicketRow
 from .workers import WorkerRegistry
@@ -44,12 +45,13 @@ class StepProtocol:
 
     def __init__(self, db: LedgerDB, events: EventLog, state: StepState, workers: WorkerRegistry,
                  tickets: TicketBook, reports: ReportBook, history: StepHistory, measurements: Measurements,
-                 run: RunConfig, stage_count, commitments: CommitmentBook):
+                 run: RunConfig, stage_count, commitments: CommitmentBook, spot_checks: SpotCheckBook):
         self.db, self.events, self.state, self.workers = db, events, state, workers
         self.tickets, self.reports, self.history, self.measurements = tickets, reports, history, measurements
         self.run = run
         self.stage_count = stage_count  # () -> stages in the plan in force
         self.commitments = commitments
+        self.spot_checks = spot_checks
 
     # -- opening -----------------------------------------------------------------------
     def maybe_open(self) -> None:
@@ -142,7 +144,9 @@ class StepProtocol:
         self.reports.record(st.step, st.attempt, worker_id, kind, row["stage"], grad_norm_sq, micro_batches,
                             group_weight, digest)
         if kind == CONTRIBUTION and commitments:
-            self.commitments.record(st.step, st.attempt, row["stage"], worker_id, list(commitments))
+            kept = self.commitments.record(st.step, st.attempt, row["stage"], worker_id, list(commitments))
+            self.spot_checks.draw(st.step, st.attempt, row["stage"], worker_id, kept,
+                                  st.members().get(row["stage"], []))
         if kind == APPLIED:
             self.workers.set_position(worker_id, st.step + 1)
         return self.advance()
@@ -221,6 +225,7 @@ class StepProtocol:
         self.history.close(step, attempt + 1, loss, tokens, st.grad_norm, opened, self.reports.detail(step, attempt))
         self.tickets.audit(step)
         self.commitments.check_chain(step, attempt)
+        self.spot_checks.expire(step)
         self.events.record("step_closed", f"step {step}: loss {loss:.4f}, {tokens} tokens")
         st.step = step + 1
         st.mark_closed()

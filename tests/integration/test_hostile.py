@@ -93,6 +93,7 @@ def worker_requests(worker_id: str) -> dict:
         "ReleaseTickets": cpb.ReleaseRequest(worker_id=worker_id, ticket_ids=[1]),
         "ReportStep": cpb.StepReport(worker_id=worker_id, step=0, kind=cpb.CONTRIBUTION, grad_norm_sq=1.0),
         "ReportPeerFailure": cpb.PeerFailure(worker_id=worker_id, address="127.0.0.1:1", reason="x"),
+        "ReportCheck": cpb.CheckReport(worker_id=worker_id, check_id=1, unable="x"),
     }
 
 
@@ -163,6 +164,8 @@ def test_stage_links_serve_only_the_workers_placed_before_them(swarm, victim, ho
     # an outsider: no certificate, no TLS handshake
     refused(stage_stub(victim["address"]).Probe, spb.ProbeRequest(payload=b""), timeout=10, code=CODES.UNAVAILABLE)
     refused(stage_stub(victim["address"]).FetchState, spb.FetchStateRequest(), timeout=10, code=CODES.UNAVAILABLE)
+    refused(stage_stub(victim["address"]).FetchEvidence, spb.EvidenceRequest(ticket_id=1), timeout=10,
+            code=CODES.UNAVAILABLE)
     # a token holder with the run's certificate: a member, but not placed before stage 1
     creds = grpc.ssl_channel_credentials(root_certificates=holder["reply"].ca_pem.encode(), private_key=holder["key"],
                                          certificate_chain=holder["reply"].cert_pem.encode())
@@ -170,6 +173,8 @@ def test_stage_links_serve_only_the_workers_placed_before_them(swarm, victim, ho
     assert member.Probe(spb.ProbeRequest(payload=b"x" * 10), timeout=10).received_bytes == 10
     refused(member.FetchState, spb.FetchStateRequest(), timeout=10, code=CODES.PERMISSION_DENIED,
             words="may not copy this stage")
+    refused(member.FetchEvidence, spb.EvidenceRequest(ticket_id=1), timeout=10, code=CODES.PERMISSION_DENIED,
+            words="no replica of this stage")  # the bytes it received are for its replicas' spot checks only
     header = spb.MicroBatchHeader(ticket_id=1, step=swarm.status()["step"] + 1, attempt=0, global_batch=4, stage=1)
     refused(member.Process, iter([spb.StageChunk(header=header)]), timeout=10, code=CODES.PERMISSION_DENIED,
             words="not placed before this stage")
@@ -184,11 +189,11 @@ def test_random_bytes_to_every_rpc_of_every_service(swarm, victim):
         swarm.address: [("/gptjt.Coordinator/" + m, kind) for m, kind in (
             ("Join", "uu"), ("Heartbeat", "uu"), ("Leave", "uu"), ("Watch", "us"), ("LeaseTickets", "uu"),
             ("CommitTicket", "uu"), ("ReleaseTickets", "uu"), ("ReportStep", "uu"), ("ReportPeerFailure", "uu"),
-            ("Status", "uu"), ("PutCheckpoint", "su"), ("GetCheckpoint", "us"))]
+            ("Status", "uu"), ("PutCheckpoint", "su"), ("GetCheckpoint", "us"), ("ReportCheck", "uu"))]
         + [("/gptjt.Operator/" + m, "uu") for m in ("Drain", "SetPaused", "CreateToken", "RevokeToken", "Events",
                                                       "OperatorCertificate")],
         victim["address"]: [("/gptjt.Stage/Process", "ss"), ("/gptjt.Stage/FetchState", "us"),
-                            ("/gptjt.Stage/Probe", "uu")],
+                            ("/gptjt.Stage/Probe", "uu"), ("/gptjt.Stage/FetchEvidence", "uu")],
     }
     for address, methods in services.items():
         with grpc.insecure_channel(address) as channel:

@@ -32,6 +32,11 @@ def honest(ticket: int, attempt: int, stage: int, stages: int = 2) -> Submitted:
                      None if stage == 0 else digest("up", ticket, stage))
 
 
+def chain_counts(ledger) -> dict[str, int]:
+    """The status's verification counters of the chain check (spot checks have their own tests)."""
+    return {k: v for k, v in ledger.status()["verification"].items() if k in ("commitments", "checks", "mismatches")}
+
+
 def run_step(ledger, ids, tamper=None) -> list[int]:
     """Commit every ticket, report contributions with commitments (`tamper(stage, c)` may change
     one), apply: the step closes. Returns the tickets."""
@@ -54,7 +59,7 @@ def test_an_honest_chain_is_checked_and_agrees(tmp_path):
     ledger = make(tmp_path)
     ids = ready_swarm(ledger, 2)
     tickets = run_step(ledger, ids)
-    assert ledger.status()["verification"] == {"commitments": 2 * len(tickets), "checks": len(tickets),
+    assert chain_counts(ledger) == {"commitments": 2 * len(tickets), "checks": len(tickets),
                                                "mismatches": 0}
     checks = ledger.commitments.checks(0)
     assert {c["verdict"] for c in checks} == {"chain_ok"} and sorted(c["ticket"] for c in checks) == sorted(tickets)
@@ -73,7 +78,7 @@ def test_a_tampered_digest_is_a_mismatch_naming_both_workers_and_the_ticket(tmp_
         return c
 
     tickets = run_step(ledger, ids, tamper)
-    assert ledger.status()["verification"] == {"commitments": 4, "checks": 2, "mismatches": 1}
+    assert chain_counts(ledger) == {"commitments": 4, "checks": 2, "mismatches": 1}
     (bad,) = [c for c in ledger.commitments.checks(0) if c["verdict"] == "chain_mismatch"]
     assert (bad["ticket"], bad["stage"], bad["worker"], json.loads(bad["peers"])) == (victim[0], 0, ids[0], [ids[1]])
     (event,) = [e for e in ledger.status()["events"] if e["kind"] == "commitment_mismatch"]
@@ -102,7 +107,7 @@ def test_old_commitments_are_let_go_and_the_counts_stay(tmp_path):
         run_step(ledger, ids)
     kept = {r[0] for r in ledger.db.execute("SELECT DISTINCT step FROM commitments")}
     assert kept == set(range(1, KEEP_STEPS + 2))
-    assert ledger.status()["verification"] == {"commitments": 4 * (KEEP_STEPS + 2), "checks": 2 * (KEEP_STEPS + 2),
+    assert chain_counts(ledger) == {"commitments": 4 * (KEEP_STEPS + 2), "checks": 2 * (KEEP_STEPS + 2),
                                                "mismatches": 0}
     # checks that agreed go with the commitments they read; the counts stay
     assert {r[0] for r in ledger.db.execute("SELECT DISTINCT step FROM checks")} == set(range(1, KEEP_STEPS + 2))

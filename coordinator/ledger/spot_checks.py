@@ -1,0 +1,138 @@
+"""Spot checks: which micro-batches a replica recomputes, who recomputes them, and the verdicts.
+
+When a member's CONTRIBUTION arrives with its commitments, each of its micro-batches is drawn for
+a check with probability verify.sample_rate (the first verify.first_checks of every worker
+always), from the operating system's random source: the draw happens after the commitment is in,
+and no worker can predict it. A drawn micro-batch is handed to another member of the same stage
+(the verifier, at random) with its next heartbeat reply; the verifier recomputes it with the same
+weights and answers with its own commitment (worker/spot_check.py). The coordinator compares the
+two with the tolerance of their precisions (gptjt_core.commitment.compare) and records:
+
+  agree      the recomputation matches the claim within the tolerance
+  disagree   it does not: an event names the worker, the verifier and the evidence
+  unchecked  the verifier could not recompute (evidence refused or inconsistent, weights gone)
+  stale      nobody answered before the verifier's weights of that step were gone
+
+A disagreement is evidence, not yet a sentence: which of the two is wrong takes a third opinion,
+and quarantine and rollback act on it (not built yet: docs/security.md, "Spot checks").
+Rows live in the `checks` table (kind 'recompute') beside the chain checks; agreements are pruned
+with them, the rest kept for the run; the counters are meta values, so the status costs the
+same on a long run.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+
+from gptjt_core.commitment import Commitment, compare, tolerance_for
+from gptjt_core.config import RunConfig
+
+from .db import LedgerDB
+from .events import EventLog
+
+KIND = "recompute"
+PENDING, AGREE, DISAGREE, UNCHECKED, STALE = "pending", "agree", "disagree", "unchecked", "stale"
+COUNTERS = ("spot_checks", "spot_agree", "spot_disagree", "spot_unchecked", "spot_stale")
+
+
+def precision_of(requested: str, device_json: str | None) -> str:
+    """The precision a worker computes in, from the run's train.precision and the device it
+    reported at join ('auto' is fp32 on a CPU, reduced on a GPU: gptjt_core.precision)."""
+    if requested in ("fp32", "bf16", "fp16"):
+        return requested
+    try:
+        kind = json.loads(device_json or "{}").get("kind", "")
+    except ValueError:
+        kind = ""
+    return "fp32" if kind == "cpu" else "bf16"
+
+
+class SpotCheckBook:
+    """Draws spot checks, hands them to verifiers and judges their answers."""
+
+    def __init__(self, db: LedgerDB, events: EventLog, run: RunConfig, rng: random.Random | None = None):
+        self.db, self.events, self.run = db, events, run
+        self.rng = rng or random.SystemRandom()  # tests pass a seeded one
+
+    # -- drawing -------------------------------------------------------------------------
+    def draw(self, step: int, attempt: int, stage: int, worker_id: str, tickets: list[int],
+             members: list[str]) -> int:
+        """Checks of `worker_id`'s micro-batches `tickets` of (step, attempt), each given to
+        another member of its stage; returns how many were drawn (none without another member)."""
+        cfg = self.run.verify
+        verifiers = [m for m in members if m != worker_id]
+        if not verifiers or not tickets or (cfg.sample_rate <= 0 and cfg.first_checks <= 0):
+            return 0
+        done = self.db.execute("SELECT COUNT(*) FROM checks WHERE kind=? AND worker=?", (KIND, worker_id)).fetchone()[0]
+        drawn = 0
+        for ticket in tickets:
+            if done + drawn < cfg.first_checks or self.rng.random() < cfg.sample_rate:
+                verifier = self.rng.choice(verifiers)
+                self.db.execute("INSERT INTO checks(step, attempt, ticket, stage, kind, verdict, worker, peers, detail) "
+                                "VALUES(?, ?, ?, ?, ?, ?, ?, ?, '')",
+                                (step, attempt, ticket, stage, KIND, PENDING, worker_id, json.dumps([verifier])))
+                drawn += 1
+        self._count("spot_checks", drawn)
+        return drawn
+
+    # -- handing out -----------------------------------------------------------------------
+    def pending_for(self, verifier: str) -> list[sqlite3.Row]:
+        """The checks waiting for `verifier` (at most verify.max_pending), with what the checked
+        worker claimed and where its stage server is."""
+        return self.db.execute(
+            "SELECT c.id, c.step, c.attempt, c.ticket, c.stage, c.worker, w.address, m.blob, m.returned "
+            "FROM checks c JOIN commitments m ON m.step=c.step AND m.attempt=c.attempt AND m.ticket=c.ticket "
+            "AND m.stage=c.stage AND m.worker=c.worker LEFT JOIN workers w ON w.id=c.worker "
+            "WHERE c.verdict=? AND c.peers=? ORDER BY c.id LIMIT ?",
+            (PENDING, json.dumps([verifier]), self.run.verify.max_pending)).fetchall()
+
+    # -- judging ---------------------------------------------------------------------------
+    def answer(self, verifier: str, check_id: int, recomputed: Commitment | None, unable: str) -> str:
+        """Judge a verifier's answer; returns the verdict. An answer to a check that is not this
+        verifier's, or no longer pending, changes nothing and says 'stale'."""
+        row = self.db.execute("SELECT * FROM checks WHERE id=? AND kind=?", (check_id, KIND)).fetchone()
+        if row is None or row["verdict"] != PENDING or json.loads(row["peers"]) != [verifier]:
+            return STALE
+        claimed_row = self.db.execute("SELECT blob FROM commitments WHERE step=? AND attempt=? AND ticket=? AND "
+                                      "stage=? AND worker=?", (row["step"], row["attempt"], row["ticket"],
+                                                               row["stage"], row["worker"])).fetchone()
+        if claimed_row is None:
+            return self._settle(row, STALE, "the claimed commitment was pruned before the answer came")
+        if recomputed is None:
+            return self._settle(row, UNCHECKED, f"{verifier} could not recompute: {unable or 'no reason given'}")
+        tolerance = tolerance_for(self._precision(row["worker"]), self._precision(verifier))
+        verdict = compare(Commitment.from_bytes(claimed_row["blob"]), recomputed, tolerance)
+        if verdict.agrees:
+            return self._settle(row, AGREE, verdict.reason)
+        self.events.record("spot_check_failed", f"step {row['step']} attempt {row['attempt']} ticket {row['ticket']}, "
+                           f"stage {row['stage']}: {row['worker']}'s work recomputed by {verifier} "
+                           f"{verdict.reason}")
+        return self._settle(row, DISAGREE, verdict.reason)
+
+    def expire(self, closed_step: int) -> int:
+        """At the close of `closed_step`: checks of earlier steps still pending can no longer be
+        made (a verifier keeps the weights of the step before its last update only)."""
+        stale = self.db.execute("UPDATE checks SET verdict=?, detail=? WHERE kind=? AND verdict=? AND step < ?",
+                                (STALE, "no answer before the verifier's weights of the step were gone", KIND,
+                                 PENDING, closed_step)).rowcount
+        self._count("spot_stale", stale)
+        return stale
+
+    def counts(self) -> dict[str, int]:
+        return {name: int(self.db.meta(f"verification_{name}") or 0) for name in COUNTERS}
+
+    def _settle(self, row: sqlite3.Row, verdict: str, detail: str) -> str:
+        self.db.execute("UPDATE checks SET verdict=?, detail=? WHERE id=?", (verdict, detail[:1000], row["id"]))
+        self._count(f"spot_{verdict}", 1)
+        return verdict
+
+    def _precision(self, worker_id: str) -> str:
+        row = self.db.execute("SELECT device FROM workers WHERE id=?", (worker_id,)).fetchone()
+        return precision_of(self.run.train.precision, row["device"] if row is not None else None)
+
+    def _count(self, name: str, n: int) -> None:
+        if n:
+            key = f"verification_{name}"
+            self.db.set_meta(key, int(self.db.meta(key) or 0) + n)

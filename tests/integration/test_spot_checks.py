@@ -1,0 +1,60 @@
+"""Spot checks on loopback, real processes: a 2-stage swarm with 2 replicas per stage, where each
+replica recomputes micro-batches of the other from its evidence (worker/spot_check.py) and the
+coordinator judges (coordinator/ledger/spot_checks.py). Honest replicas with different thread
+counts never disagree; a replica that lies (the fault drill's lie-noise) is named by every check
+of its lies."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from tests.swarm import Swarm, swarm_toml
+
+STEPS = 4
+VERIFY = "[verify]\nsample_rate = 0.5\nfirst_checks = 2\n"
+
+
+def _swarm(tmp_path, swarms) -> Swarm:
+    swarm = Swarm(tmp_path, swarm_toml(tmp_path, steps=STEPS, global_batch=8, replicas_per_stage=2,
+                                       start_with_replicas=2, extra=VERIFY))
+    swarms.append(swarm)
+    swarm.start_coordinator()
+    return swarm
+
+
+def _checks(status: dict) -> dict:
+    return {k: v for k, v in status["verification"].items() if k.startswith("spot_")}
+
+
+def test_honest_replicas_with_different_thread_counts_agree_on_every_check(tmp_path, swarms):
+    swarm = _swarm(tmp_path, swarms)
+    for i, threads in enumerate((1, 2, 1, 2)):
+        swarm.start_worker(f"w{i}", threads=threads).wait_for("joined", 120)
+    status = swarm.wait(lambda s: s["phase"] == "done", 300, "the run to finish")
+    counts = _checks(status)
+    # each worker's first two micro-batches, then half of the rest; answered or let go stale
+    assert counts["spot_checks"] >= 8 and counts["spot_agree"] >= 4, counts
+    assert counts["spot_disagree"] == 0, counts
+    assert counts["spot_agree"] + counts["spot_unchecked"] + counts["spot_stale"] <= counts["spot_checks"]
+    assert status["event_counts"].get("spot_check_failed", 0) == 0
+    logs = "".join((tmp_path / f"worker-w{i}.log").read_text() for i in range(4))
+    assert logs.count("): agree") == counts["spot_agree"]
+
+
+def test_a_lying_replica_is_named_by_the_checks_of_its_lies(tmp_path, swarms):
+    swarm = _swarm(tmp_path, swarms)
+    for i in range(3):
+        swarm.start_worker(f"w{i}").wait_for("joined", 120)
+    swarm.start_worker("liar", env={"GPTJT_FAULTS": "lie-noise@1"}).wait_for("joined", 120)
+    status = swarm.wait(lambda s: s["phase"] == "done", 300, "the run to finish")
+    liar = next(w["id"] for w in status["workers"] if w["name"] == "liar")
+    counts = _checks(status)
+    assert counts["spot_disagree"] >= 1, counts
+    with sqlite3.connect(f"file:{tmp_path / 'run.db'}?mode=ro", uri=True) as db:
+        failed = [r[0] for r in db.execute("SELECT detail FROM events WHERE kind='spot_check_failed'")]
+        verdicts = db.execute("SELECT worker, step, verdict FROM checks WHERE kind='recompute'").fetchall()
+    assert len(failed) == counts["spot_disagree"]
+    # the checked worker is named first ("<id>'s work recomputed by <verifier>"): always the liar
+    assert all(f"{liar}'s work recomputed by" in d and "relative error" in d for d in failed), failed
+    assert {v for w, step, v in verdicts if w != liar} <= {"agree", "unchecked", "stale"}, verdicts
+    assert {v for w, step, v in verdicts if w == liar and step == 0} <= {"agree", "unchecked", "stale"}  # honest then

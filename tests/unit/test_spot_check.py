@@ -1,0 +1,158 @@
+"""A replica recomputing another's micro-batch from its evidence (worker/spot_check.py, worker/evidence.py):
+real stages of the tiny model linked in process. An honest stage's work recomputes to the same
+commitment within the fp32 tolerance, before and after the verifier applies the step; each lie the
+fault drill tells does not; evidence that is not what the stage committed to is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+
+from gptjt_core.commitment import TOLERANCE_FP32, compare, input_digest
+from gptjt_core.config import ModelConfig, PipelineConfig, RunConfig, TrainConfig
+from gptjt_core.model import StageSpec
+from gptjt_proto import stage_pb2 as pb
+from tests.unit.test_micro_batch_work import KEY, STEP, InProcessLink, _tokens
+from worker.commitments import tokens_parts
+from worker.compute import ComputeQueue
+from worker.evidence import EvidenceError, read_evidence
+from worker.faults import Faults, LieSettings, parse_faults
+from worker.lies import Liar
+from worker.micro_batch_work import StageInput, work_micro_batch
+from worker.spot_check import WeightsGone, recompute
+from worker.stage import LayerSlice
+from worker.transport import labels_bytes
+
+RUN = RunConfig(model=ModelConfig(source="random:tiny:0"), train=TrainConfig(global_batch=4, micro_batch=2),
+                pipeline=PipelineConfig(num_stages=3, replicas_per_stage=2))
+SPECS = StageSpec.even_split(4, 3)
+HONEST = Liar(Faults({}))
+
+
+def _stage(spec: StageSpec) -> LayerSlice:
+    stage = LayerSlice(RUN, spec)
+    assert stage.keep_evidence  # replicas and spot checks on: it keeps what it received
+    stage.begin(STEP, KEY[1])
+    return stage
+
+
+def _run_chain(first: Liar | None = None) -> list[LayerSlice]:
+    """One micro-batch through stages 0, 1, 2; returns the stages. Stage 0 lies as `first` says
+    (None: honest); later stages as the process's liar (worker.micro_batch_work.process_liar)."""
+    ids, prefix, labels = _tokens()
+    stages = [_stage(spec) for spec in SPECS]
+    logs = [[] for _ in SPECS]
+    links = [None] * 4
+    for k in (2, 1):
+        links[k] = InProcessLink(stages[k], links[k + 1], logs, k, labels)
+    compute = ComputeQueue("stage-0")
+    header = pb.MicroBatchHeader(ticket_id=KEY[0], step=STEP, attempt=KEY[1], prefix_lengths=prefix.tolist(), stage=1)
+    header.labels = labels_bytes(labels)
+    item = StageInput(KEY, STEP, ids, prefix, labels, 4, tokens_parts(ids, labels, prefix))
+    asyncio.run(work_micro_batch(stages[0], compute, links[1], item, lambda: header, first or HONEST))
+    compute.close()
+    for link in links[1:3]:
+        link.compute.close()
+    return stages
+
+
+def _check(claimed_stage: LayerSlice, verifier: LayerSlice, step: int = STEP):
+    """The verifier's commitment to the claimed stage's micro-batch, and the verdict."""
+    claimed = claimed_stage.commitments[KEY].commitment
+    links = claimed_stage.commitments[KEY].links
+    reply = claimed_stage.evidence[KEY].to_pb()
+    inputs = read_evidence(reply, claimed.input, links.returned, verifier.spec.embed, verifier.spec.head)
+    ours = recompute(verifier, step, tuple(reply.wire), inputs, claimed, RUN.train.global_batch)
+    return ours, compare(claimed, ours, TOLERANCE_FP32)
+
+
+def _replica(stage: LayerSlice) -> LayerSlice:
+    """Another replica of the stage, holding the same weights (as sync averaging keeps them)."""
+    other = _stage(stage.spec)
+    other.model.load_state_dict(stage.model.state_dict())
+    return other
+
+
+def test_an_honest_stage_recomputes_to_its_commitment_at_every_stage():
+    stages = _run_chain()
+    for stage in stages:
+        before = {n: None if p.grad is None else p.grad.clone() for n, p in stage.model.named_parameters()}
+        verifier = _replica(stage)
+        verifier.model.zero_grad(set_to_none=True)
+        ours, verdict = _check(stage, verifier)
+        assert verdict.agrees, (stage.spec, verdict.reason)
+        assert verdict.output_rel_error < 1e-5
+        assert (verdict.grad_rel_error is None) == stage.spec.embed  # stage 0 sends no gradient back
+        # the check took its gradients with autograd.grad: the verifier's step gradients are untouched
+        assert all(p.grad is None for p in verifier.model.parameters())
+        assert all((p.grad is None and before[n] is None) or torch.equal(p.grad, before[n])
+                   for n, p in stage.model.named_parameters())
+
+
+def test_after_its_update_the_verifier_checks_with_the_weights_it_kept():
+    stages = _run_chain()
+    stage = stages[1]
+    verifier = _replica(stage)
+    with torch.enable_grad():  # the verifier's own step: some gradient, then the update
+        for p in verifier.model.parameters():
+            p.grad = torch.full_like(p, 0.01)
+    verifier.apply_step(STEP, 1.0)
+    assert verifier.position == STEP + 1
+    _, verdict = _check(stage, verifier)
+    assert verdict.agrees, verdict.reason
+    verifier.begin(STEP + 1, 0)
+    verifier.apply_step(STEP + 1, 1.0)  # a second update: the weights of STEP are gone
+    with pytest.raises(WeightsGone, match=f"not the weights of step {STEP}"):
+        _check(stage, verifier)
+
+
+def _liar(kind: str, value: float = 1.0, scale: float = 1.01, noise: float = 0.01) -> Liar:
+    return Liar(Faults(parse_faults(f"{kind}@{STEP}:{value}"), lie=LieSettings(scale=scale, noise=noise)))
+
+
+@pytest.mark.parametrize("kind, stage_index", [
+    ("lie-scale", 0), ("lie-noise", 1), ("lie-zero", 0), ("lie-scale-grad", 1), ("lie-noise-grad", 2),
+    ("lie-zero-grad", 2),
+])
+def test_each_lie_recomputes_to_a_disagreement(kind, stage_index, monkeypatch):
+    liar = _liar(kind)
+    if stage_index == 0:
+        stages = _run_chain(liar)
+    else:  # stages after 0 take their liar from the process's faults: patch the one work_micro_batch uses
+        monkeypatch.setattr("worker.micro_batch_work.process_liar", lambda: liar)
+        stages = _run_chain()
+    stage = stages[stage_index]
+    _, verdict = _check(stage, _replica(stage))
+    assert not verdict.agrees and verdict.input_matches, verdict.reason
+
+
+def test_evidence_that_is_not_what_the_stage_committed_to_is_refused():
+    stages = _run_chain()
+    stage = stages[1]
+    claimed = stage.commitments[KEY].commitment
+    returned = stage.commitments[KEY].links.returned
+    reply = stage.evidence[KEY].to_pb()
+    tampered = copy.deepcopy(reply)
+    tampered.wire[1] = bytes(len(reply.wire[1]))  # other activations
+    with pytest.raises(EvidenceError, match="input digest"):
+        read_evidence(tampered, claimed.input, returned, False, False)
+    tampered = copy.deepcopy(reply)
+    tampered.returned_data = bytes(len(reply.returned_data))  # another gradient back
+    with pytest.raises(EvidenceError, match="gradient codes"):
+        read_evidence(tampered, claimed.input, returned, False, False)
+    with pytest.raises(EvidenceError, match="4 parts"):  # digests right, but not a stage > 0's evidence
+        read_evidence(pb.EvidenceReply(wire=[b"x"]), input_digest(b"x"), returned, False, False)
+
+
+def test_a_stage_keeps_the_evidence_of_two_steps_only():
+    stages = _run_chain()
+    stage = stages[2]
+    assert KEY in stage.evidence
+    stage.apply_step(STEP, 1.0)
+    assert KEY in stage.evidence  # checks of the step just applied come now
+    stage.begin(STEP + 1, 0)
+    stage.apply_step(STEP + 1, 1.0)
+    assert KEY not in stage.evidence

@@ -1,0 +1,141 @@
+"""The ledger's spot checks (coordinator/ledger/spot_checks.py): drawn when a member's commitments
+arrive, handed to another replica of its stage, judged against the claim with the tolerance of
+both precisions, counted, and let go stale once the verifier's weights of the step are gone."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from coordinator.ledger import Submitted
+from coordinator.ledger.spot_checks import SpotCheckBook, precision_of
+from gptjt_core.commitment import Commitment
+from gptjt_core.sketching import sketch_tensor
+from tests.unit.test_commitment_ledger import digest
+from tests.unit.test_ledger import commit_all, make_replicated, replicated_swarm
+
+OUT = torch.linspace(-1.0, 1.0, 2 * 4 * 8).reshape(2, 4, 8)  # what an honest stage computed
+
+
+def claim(ticket: int, stage: int, scale: float = 1.0) -> bytes:
+    return Commitment(digest("in", ticket, stage), sketch_tensor(OUT * scale, key=digest("k", ticket)[:16])).to_bytes()
+
+
+def contribute(ledger, by_stage, liar: str | None = None) -> dict[str, list[int]]:
+    """Commit the open step's tickets and report every member's contribution with commitments
+    (stage 1's replicas split the tickets as the routing would); returns tickets per worker."""
+    step, attempt = ledger.step, ledger.attempt
+    commit_all(ledger, by_stage[0])
+    tickets = sorted(r[0] for r in ledger.db.execute("SELECT id FROM tickets WHERE step=?", (step,)))
+    mine: dict[str, list[int]] = {}
+    for stage, ids in by_stage.items():
+        for i, w in enumerate(ids):
+            mine[w] = tickets[i::len(ids)]
+            commitments = [Submitted(t, attempt, claim(t, stage, 1.2 if w == liar else 1.0), None, None, None)
+                           for t in mine[w]]
+            assert ledger.report(w, step, attempt, "contribution", 4.0, len(mine[w]), commitments=commitments)
+    return mine
+
+
+def finish(ledger, by_stage) -> None:
+    """Average and apply the step the contributions were for: it closes."""
+    step, attempt = ledger.step, ledger.attempt
+    members = [w for ids in by_stage.values() for w in ids]
+    for kind in ("averaged", "applied"):
+        for w in members:
+            assert ledger.report(w, step, attempt, kind, 16.0, group_weight=4.0, digest="same")
+    assert ledger.step == step + 1
+
+
+def answer_all(ledger, by_stage, recompute=lambda row: claim(row["ticket"], row["stage"])) -> list[str]:
+    verdicts = []
+    for ids in by_stage.values():
+        for w in ids:
+            for row in ledger.spot_checks_for(w):
+                verdicts.append(ledger.answer_check(w, row["id"], Commitment.from_bytes(recompute(row)), ""))
+    return verdicts
+
+
+@pytest.fixture
+def swarm(tmp_path):
+    ledger = make_replicated(tmp_path)
+    ledger.spot_checks.rng = random.Random(5)
+    return ledger, replicated_swarm(ledger)
+
+
+def test_every_new_worker_is_checked_by_another_replica_of_its_stage(swarm):
+    ledger, by_stage = swarm
+    ledger.run.verify.sample_rate = 0.0  # only the first_checks of each new worker
+    contribute(ledger, by_stage)
+    rows = ledger.db.execute("SELECT * FROM checks WHERE kind='recompute'").fetchall()
+    per_worker = {}
+    for r in rows:
+        per_worker.setdefault(r["worker"], []).append(r)
+        (verifier,) = json.loads(r["peers"])
+        stage_of = {w: s for s, ids in by_stage.items() for w in ids}
+        assert verifier != r["worker"] and stage_of[verifier] == stage_of[r["worker"]] == r["stage"]
+    assert {w: len(rs) for w, rs in per_worker.items()} == {w: 2 for ids in by_stage.values() for w in ids}
+    pending = ledger.spot_checks_for(by_stage[1][0])
+    assert pending and all(p["worker"] == by_stage[1][1] and p["address"] and p["blob"] for p in pending)
+    assert answer_all(ledger, by_stage) == ["agree"] * 8
+    counts = ledger.status()["verification"]
+    assert (counts["spot_checks"], counts["spot_agree"], counts["spot_disagree"]) == (8, 8, 0)
+    finish(ledger, by_stage)
+    contribute(ledger, by_stage)  # the next step: they are no longer new, and nothing is sampled
+    assert ledger.status()["verification"]["spot_checks"] == 8
+
+
+def test_a_claim_the_recomputation_does_not_reproduce_is_a_disagreement_naming_both(swarm):
+    ledger, by_stage = swarm
+    liar = by_stage[1][1]
+    contribute(ledger, by_stage, liar=liar)
+    verdicts = answer_all(ledger, by_stage)
+    rows = ledger.db.execute("SELECT * FROM checks WHERE kind='recompute'").fetchall()
+    assert {r["verdict"] for r in rows if r["worker"] == liar} == {"disagree"}
+    assert {r["verdict"] for r in rows if r["worker"] != liar} == {"agree"}
+    assert verdicts.count("disagree") == sum(r["worker"] == liar for r in rows) > 0
+    events = [e["detail"] for e in ledger.status()["events"] if e["kind"] == "spot_check_failed"]
+    assert events and all(liar in e and by_stage[1][0] in e and "relative error" in e for e in events)
+
+
+def test_answers_are_taken_once_and_only_from_the_verifier_asked(swarm):
+    ledger, by_stage = swarm
+    contribute(ledger, by_stage)
+    verifier = by_stage[0][0]
+    row = ledger.spot_checks_for(verifier)[0]
+    good = Commitment.from_bytes(claim(row["ticket"], row["stage"]))
+    assert ledger.answer_check(by_stage[1][0], row["id"], good, "") == "stale"  # not theirs to answer
+    assert ledger.answer_check(verifier, row["id"], None, "evidence unavailable from w1 (NOT_FOUND: ...)") == \
+        "unchecked"
+    assert ledger.answer_check(verifier, row["id"], good, "") == "stale"  # already judged
+    assert ledger.status()["verification"]["spot_unchecked"] == 1
+
+
+def test_checks_nobody_answered_go_stale_when_the_step_after_closes(swarm):
+    ledger, by_stage = swarm
+    ledger.run.verify.sample_rate = 0.0  # step 1 draws none (its workers are not new): only step 0's wait
+    contribute(ledger, by_stage)
+    drawn = ledger.status()["verification"]["spot_checks"]
+    finish(ledger, by_stage)
+    assert ledger.status()["verification"]["spot_stale"] == 0  # step 0's verifiers still hold its weights
+    contribute(ledger, by_stage)
+    finish(ledger, by_stage)  # the close of step 1: a verifier keeps step 1's weights, not step 0's
+    assert ledger.status()["verification"]["spot_stale"] == drawn
+    assert all(not ledger.spot_checks_for(w) for ids in by_stage.values() for w in ids)
+
+
+def test_a_stage_without_another_replica_is_not_spot_checked(tmp_path):
+    ledger = make_replicated(tmp_path)
+    book = SpotCheckBook(ledger.db, ledger.events, ledger.run, random.Random(1))
+    assert book.draw(0, 0, 0, "w0", [1, 2, 3], ["w0"]) == 0
+
+
+@pytest.mark.parametrize("requested, device, expected", [
+    ("fp32", '{"kind": "cuda"}', "fp32"), ("auto", '{"kind": "cpu"}', "fp32"), ("auto", '{"kind": "cuda"}', "bf16"),
+    ("bf16", None, "bf16"), ("auto", "not json", "bf16"),
+])
+def test_the_tolerance_follows_each_sides_precision(requested, device, expected):
+    assert precision_of(requested, device) == expected
