@@ -74,6 +74,12 @@ class StatusCollector:
         yield CounterMetricFamily("gptjt_tickets_reissued", "Tickets put back for re-issue", value=t["reissued"])
         yield from gauge("exactly_once_violations", "Closed steps that did not count each micro-batch once",
                          len(t["exactly_once_violations"]))
+        checks = CounterMetricFamily("gptjt_verification", "Checks of stage work over the run, by what they counted "
+                                     "(commitments kept, chain checks and mismatches, spot checks by verdict)",
+                                     labels=["what"])
+        for what, n in sorted(s["verification"].items()):
+            checks.add_metric([what], n)
+        yield checks
         events = CounterMetricFamily("gptjt_events", "Events recorded in the ledger, by kind", labels=["kind"])
         for kind, n in sorted(s["event_counts"].items()):
             events.add_metric([kind], n)

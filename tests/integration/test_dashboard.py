@@ -115,6 +115,8 @@ def test_metrics_scrape(swarm):
         assert value("gptjt_worker_info", worker=w["id"], name=w["name"], stage=str(w["stage"])) == 1
         assert value("gptjt_worker_bytes_sent", worker=w["id"]) == w["metrics"]["bytes_sent"]
     assert value("gptjt_events", kind="step_closed") == s["event_counts"]["step_closed"]
+    for what, n in s["verification"].items():  # commitments, chain checks, spot checks by verdict
+        assert value("gptjt_verification", what=what) == n
 
 
 def test_admin_api_needs_the_token(swarm):
@@ -194,6 +196,9 @@ def test_page_in_headless_chromium(browser, swarm, tmp_path):
     assert text("#ov-tokens-per-s") == f"{round(s['tokens_per_s']):,}"
     assert float(data("#ov-loss")) == s["loss"] and float(data("#ov-lr")) == s["lr"]
     assert float(data("#ov-eta")) == s["eta_s"] and float(data("#ov-step-s")) == s["measured_step_s"]
+    for sel, key in (("#ov-spot-checks", "spot_checks"), ("#ov-spot-disagree", "spot_disagree"),
+                     ("#ov-chain-mismatches", "mismatches")):
+        assert int(data(sel)) == s["verification"][key], sel
     for key in ("issued", "committed", "reissued", "pending"):
         assert int(data(f"#tk-{key}")) == s["tickets"][key], key
     assert page.eval("document.querySelector('#paused').hidden") is False

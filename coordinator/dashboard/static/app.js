@@ -130,6 +130,15 @@ function renderOverview(s) {
   if (predicted != null) setText("ov-predicted-s", fmtDuration(predicted), predicted);
 }
 
+// Checks of stage work (status.verification; docs/security.md, "Spot checks").
+function renderVerification(s) {
+  const v = s.verification || {};
+  setText("ov-spot-disagree", fmtInt(v.spot_disagree), v.spot_disagree);
+  setText("ov-spot-agree", fmtInt(v.spot_agree), v.spot_agree);
+  setText("ov-spot-checks", fmtInt(v.spot_checks), v.spot_checks);
+  setText("ov-chain-mismatches", fmtInt(v.mismatches), v.mismatches);
+}
+
 // A stall stays on screen for 10 minutes after the coordinator last took a remedy.
 const STALL_SHOWN_S = 600;
 function renderLiveness(s) {
@@ -269,6 +278,7 @@ function render(s) {
   window.gptjtStatus = s;
   renderOverview(s);
   renderLiveness(s);
+  renderVerification(s);
   renderPlots(s);
   renderStageMap(s);
   renderWorkers(s);
