@@ -114,6 +114,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                 "its session across coordinator restarts and never joins twice)")
         if self.ledger.phase == "done":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the run is finished")
+        quarantined = self.ledger.workers.quarantined_as(request.name, token_id)
+        if quarantined:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{request.name!r} is quarantined (worker {quarantined}: spot checks found its work "
+                                "wrong; `gptjt events --kind verification` says why); ask the operator")
         await self._refuse_missing_keys(request, context)
         row = self.ledger.join(request.name, request.address, _device(request.device), token_id)
         cert, dht_token = await self._credentials(row["id"], request, context)

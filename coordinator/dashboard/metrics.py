@@ -9,7 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 PHASES = ("waiting", "open", "accumulated", "averaging", "applying", "done")
 ALIVE = ("loading", "ready", "standby", "draining")
-WORKER_STATES = (*ALIVE, "left", "dead")
+WORKER_STATES = (*ALIVE, "left", "dead", "quarantined")
 # (metric name, help, key in worker.metrics, counter?)
 _WORKER_METRICS = [
     ("micro_batches_per_second", "Micro-batches processed per second over the last heartbeat interval",

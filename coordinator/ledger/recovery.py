@@ -37,15 +37,16 @@ class StepRecovery:
         self.planner, self.protocol = planner, protocol
 
     # -- a worker gone -----------------------------------------------------------------
-    def drop_worker(self, worker_id: str, state: str, event: str) -> None:
-        """A worker left or died: its leases go back, and its stage goes on, restarts or restores."""
+    def drop_worker(self, worker_id: str, state: str, event: str, why: str = "") -> None:
+        """A worker left, died or was quarantined (`why`: the evidence, for the event): its leases
+        go back, and its stage goes on, restarts or restores."""
         st, row = self.state, self.workers.row(worker_id)
         if row is None or row["state"] not in ALIVE_STATES:
             return
         self.workers.set_state(worker_id, state)
         released = self.tickets.release_all(worker_id)
         self.events.record(event, f"{worker_id} ({row['name']}), stage {row['stage']}; {released} leased ticket(s) "
-                           "re-issued")
+                           "re-issued" + (f"; {why}" if why else ""))
         stage = row["stage"]
         if stage < 0:
             return
@@ -80,8 +81,34 @@ class StepRecovery:
         else:
             self.events.record("stage_vacant", f"stage {stage} has no worker holding its state; ticket issue waits")
             self.vacate(stage, f"stage {stage} lost worker {worker_id}")
-        self.planner.replan(f"{worker_id} {'left' if state == 'left' else 'died'}")
+        self.planner.replan(f"{worker_id} {'died' if state == 'dead' else state}")
         self.protocol.maybe_open()
+
+    def quarantine(self, worker_id: str, evidence: str) -> None:
+        """Two recomputations agree that `worker_id` computed wrong: it gets no more work (its
+        session ends; a join under its name and token is refused) and the run rolls back to the
+        newest complete checkpoint from before the first step it worked on (else the initial
+        weights): every step its outputs touched is re-run on the same data without it."""
+        st = self.state
+        first = self.reports.first_step(worker_id)
+        self.drop_worker(worker_id, "quarantined", "worker_quarantined", evidence)
+        if first is None or st.phase == DONE:
+            return
+        clean = [s for s in self.checkpoints.steps() if s <= first and self.checkpoints.is_complete(s)]
+        target = max(clean, default=0)
+        if target > st.step:
+            return  # a restore the drop just started already went back further
+        why = f"{worker_id} quarantined (it worked on steps {first} on)"
+        if target == st.step:
+            if st.phase in (OPEN, ACCUMULATED, AVERAGING, APPLYING) and self.tickets.has_work(st.step, st.attempt):
+                self.protocol.restart_step(why)
+        else:
+            self.rollback(target, why)
+        st.restore(target, from_store=bool(self.checkpoints.stored(target)))
+        st.set_phase(WAITING)
+        st.set_members({})
+        self.planner.replan_at_restore(self.checkpoints.is_complete(target), f"{why}: every stage reloads at step "
+                                       f"{target}")
 
     def vacate(self, stage: int, why: str) -> None:
         """The stage's state is gone with its worker: decide what every stage must hold now."""

@@ -38,6 +38,11 @@ class ReportBook:
             return None
         return {s: [by_worker[w] for w in ids] for s, ids in members.items()}
 
+    def first_step(self, worker_id: str) -> int | None:
+        """The first step this worker contributed gradients to (None: none yet)."""
+        return self.db.execute("SELECT MIN(step) FROM reports WHERE worker=? AND kind='contribution'",
+                               (worker_id,)).fetchone()[0]
+
     def forget_attempt(self, step: int, attempt: int) -> None:
         self.db.execute("DELETE FROM reports WHERE step=? AND attempt=?", (step, attempt))
 

@@ -21,8 +21,10 @@ class Retention:
     def prune(self) -> tuple[int, int]:
         """(workers, events) deleted; the caller holds the transaction."""
         cutoff = self.db.clock() - self.config.prune_after_s
+        # A quarantined worker's row stays: it is what refuses the same volunteer's next join.
         gone = [r[0] for r in self.db.execute(f"SELECT id FROM workers WHERE state NOT IN ({alive_marks()}) AND "
-                                              "last_heartbeat < ?", (*ALIVE_STATES, cutoff)).fetchall()]
+                                              "state != 'quarantined' AND last_heartbeat < ?",
+                                              (*ALIVE_STATES, cutoff)).fetchall()]
         for worker_id in gone:
             self.db.execute("DELETE FROM workers WHERE id=?", (worker_id,))
             self.db.execute("DELETE FROM links WHERE src=?", (worker_id,))

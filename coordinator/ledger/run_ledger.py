@@ -295,7 +295,10 @@ class RunLedger:
     def answer_check(self, verifier: str, check_id: int, recomputed, unable: str) -> str:
         """A verifier's answer (a Commitment, or None and why); returns the verdict."""
         with self.db.tx():
-            return self.spot_checks.answer(verifier, check_id, recomputed, unable)
+            verdict, outvoted = self.spot_checks.answer(verifier, check_id, recomputed, unable)
+            if outvoted is not None:
+                self.recovery.quarantine(outvoted.worker, outvoted.evidence)
+            return verdict
 
     def averaging_failed(self, worker_id: str, step: int, attempt: int, detail: str) -> bool:
         with self.db.tx():

@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS checks (  -- every check of stage work and its verdic
   id INTEGER PRIMARY KEY, step INTEGER NOT NULL, attempt INTEGER NOT NULL, ticket INTEGER NOT NULL,
   stage INTEGER NOT NULL, kind TEXT NOT NULL, verdict TEXT NOT NULL,
   worker TEXT NOT NULL, peers TEXT NOT NULL,  -- the worker checked; JSON list of the others involved
-  detail TEXT NOT NULL);
+  detail TEXT NOT NULL,
+  opinion_of INTEGER);  -- a spot check's third opinion: the id of the check it settles (ledger/spot_checks.py)
 CREATE INDEX IF NOT EXISTS checks_by_step ON checks (step);
 CREATE INDEX IF NOT EXISTS checks_by_verdict ON checks (verdict, peers);  -- a verifier's pending spot checks
 CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage server at dst
@@ -59,7 +60,8 @@ CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage 
 
 # Columns added after a ledger format was released: (table, column, declaration). A ledger
 # written by an older version gains them when it is opened.
-ADDED_COLUMNS = [("workers", "dht_maddrs", "TEXT"), ("workers", "session_hash", "TEXT"), ("workers", "token_id", "TEXT")]
+ADDED_COLUMNS = [("workers", "dht_maddrs", "TEXT"), ("workers", "session_hash", "TEXT"), ("workers", "token_id", "TEXT"),
+                 ("checks", "opinion_of", "INTEGER")]
 
 
 def create_or_upgrade(conn: sqlite3.Connection) -> None:

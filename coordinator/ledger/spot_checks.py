@@ -13,8 +13,11 @@ two with the tolerance of their precisions (gptjt_core.commitment.compare) and r
   unchecked  the verifier could not recompute (evidence refused or inconsistent, weights gone)
   stale      nobody answered before the verifier's weights of that step were gone
 
-A disagreement is evidence, not yet a sentence: which of the two is wrong takes a third opinion,
-and quarantine and rollback act on it (not built yet: docs/security.md, "Spot checks").
+A disagreement is evidence, not yet a sentence: one of the two is wrong. It draws a third
+opinion, the same check handed to a third member of that step's stage (with two replicas there is
+none, and the dispute stays open, named in an event). The third's answer out-votes one side: if
+its recomputation reproduces the claim, the first verifier was wrong; if not, the checked worker
+was. `answer` returns whom, and the ledger quarantines it (coordinator/ledger/recovery.py).
 Rows live in the `checks` table (kind 'recompute') beside the chain checks; agreements are pruned
 with them, the rest kept for the run; the counters are meta values, so the status costs the
 same on a long run.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+from typing import NamedTuple
 
 from gptjt_core.commitment import Commitment, compare, tolerance_for
 from gptjt_core.config import RunConfig
@@ -35,6 +39,13 @@ from .events import EventLog
 KIND = "recompute"
 PENDING, AGREE, DISAGREE, UNCHECKED, STALE = "pending", "agree", "disagree", "unchecked", "stale"
 COUNTERS = ("spot_checks", "spot_agree", "spot_disagree", "spot_unchecked", "spot_stale")
+
+
+class Outvoted(NamedTuple):
+    """A worker two recomputations agree against: quarantine it."""
+
+    worker: str
+    evidence: str  # the checks and their verdicts, for the event
 
 
 def precision_of(requested: str, device_json: str | None) -> str:
@@ -89,27 +100,65 @@ class SpotCheckBook:
             (PENDING, json.dumps([verifier]), self.run.verify.max_pending)).fetchall()
 
     # -- judging ---------------------------------------------------------------------------
-    def answer(self, verifier: str, check_id: int, recomputed: Commitment | None, unable: str) -> str:
-        """Judge a verifier's answer; returns the verdict. An answer to a check that is not this
-        verifier's, or no longer pending, changes nothing and says 'stale'."""
+    def answer(self, verifier: str, check_id: int, recomputed: Commitment | None,
+               unable: str) -> tuple[str, Outvoted | None]:
+        """Judge a verifier's answer: (its verdict, whom it out-votes if it settles a dispute). An
+        answer to a check that is not this verifier's, or no longer pending, changes nothing and
+        says 'stale'."""
         row = self.db.execute("SELECT * FROM checks WHERE id=? AND kind=?", (check_id, KIND)).fetchone()
         if row is None or row["verdict"] != PENDING or json.loads(row["peers"]) != [verifier]:
-            return STALE
+            return STALE, None
         claimed_row = self.db.execute("SELECT blob FROM commitments WHERE step=? AND attempt=? AND ticket=? AND "
                                       "stage=? AND worker=?", (row["step"], row["attempt"], row["ticket"],
                                                                row["stage"], row["worker"])).fetchone()
         if claimed_row is None:
-            return self._settle(row, STALE, "the claimed commitment was pruned before the answer came")
+            return self._settle(row, STALE, "the claimed commitment was pruned before the answer came"), None
         if recomputed is None:
-            return self._settle(row, UNCHECKED, f"{verifier} could not recompute: {unable or 'no reason given'}")
+            verdict = self._settle(row, UNCHECKED, f"{verifier} could not recompute: {unable or 'no reason given'}")
+            return verdict, self._resolve(row, verdict)
         tolerance = tolerance_for(self._precision(row["worker"]), self._precision(verifier))
         verdict = compare(Commitment.from_bytes(claimed_row["blob"]), recomputed, tolerance)
         if verdict.agrees:
-            return self._settle(row, AGREE, verdict.reason)
+            return self._settle(row, AGREE, verdict.reason), self._resolve(row, AGREE)
         self.events.record("spot_check_failed", f"step {row['step']} attempt {row['attempt']} ticket {row['ticket']}, "
                            f"stage {row['stage']}: {row['worker']}'s work recomputed by {verifier} "
                            f"{verdict.reason}")
-        return self._settle(row, DISAGREE, verdict.reason)
+        self._settle(row, DISAGREE, verdict.reason)
+        if row["opinion_of"] is None:
+            self._ask_a_third(row, verifier)
+        return DISAGREE, self._resolve(row, DISAGREE)
+
+    def _ask_a_third(self, row: sqlite3.Row, verifier: str) -> None:
+        """The same check, for a member of that step's stage that is neither side of the dispute."""
+        members = [r[0] for r in self.db.execute(
+            "SELECT worker FROM reports WHERE step=? AND attempt=? AND stage=? AND kind='contribution'",
+            (row["step"], row["attempt"], row["stage"]))]
+        alive = {r[0] for r in self.db.execute("SELECT id FROM workers WHERE state IN ('ready', 'draining')")}
+        thirds = sorted(m for m in members if m in alive and m not in (row["worker"], verifier))
+        if not thirds:
+            self.events.record("spot_check_disputed", f"check {row['id']}: {row['worker']} and {verifier} disagree "
+                               f"about ticket {row['ticket']} of step {row['step']} and stage {row['stage']} has no "
+                               "third member to settle it; nobody is quarantined")
+            return
+        third = self.rng.choice(thirds)
+        self.db.execute("INSERT INTO checks(step, attempt, ticket, stage, kind, verdict, worker, peers, detail, "
+                        "opinion_of) VALUES(?, ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                        (row["step"], row["attempt"], row["ticket"], row["stage"], KIND, PENDING, row["worker"],
+                         json.dumps([third]), row["id"]))
+        self._count("spot_checks", 1)
+
+    def _resolve(self, row: sqlite3.Row, verdict: str) -> Outvoted | None:
+        """A third opinion's verdict settles the dispute it was asked about."""
+        if row["opinion_of"] is None or verdict not in (AGREE, DISAGREE):
+            return None
+        first = self.db.execute("SELECT * FROM checks WHERE id=?", (row["opinion_of"],)).fetchone()
+        (accuser,) = json.loads(first["peers"])
+        (third,) = json.loads(row["peers"])
+        loser = accuser if verdict == AGREE else row["worker"]
+        return Outvoted(loser, f"ticket {row['ticket']} of step {row['step']}, stage {row['stage']}: {row['worker']} "
+                               f"claimed it, {accuser} recomputed it and disagreed (check {first['id']}), {third} "
+                               f"recomputed it and {'agreed with the claim' if verdict == AGREE else 'disagreed too'} "
+                               f"(check {row['id']})")
 
     def expire(self, closed_step: int) -> int:
         """At the close of `closed_step`: checks of earlier steps still pending can no longer be
@@ -121,7 +170,9 @@ class SpotCheckBook:
         return stale
 
     def counts(self) -> dict[str, int]:
-        return {name: int(self.db.meta(f"verification_{name}") or 0) for name in COUNTERS}
+        quarantined = self.db.execute("SELECT COUNT(*) FROM workers WHERE state='quarantined'").fetchone()[0]
+        return {**{name: int(self.db.meta(f"verification_{name}") or 0) for name in COUNTERS},
+                "quarantined": quarantined}
 
     def _settle(self, row: sqlite3.Row, verdict: str, detail: str) -> str:
         self.db.execute("UPDATE checks SET verdict=?, detail=? WHERE id=?", (verdict, detail[:1000], row["id"]))

@@ -1,6 +1,6 @@
 """The worker registry: who joined, where they serve, which stage they hold, when they were last heard.
 
-A worker row is live while its state is one of ALIVE_STATES; `left` and `dead` are final (a
+A worker row is live while its state is one of ALIVE_STATES; `left`, `dead` and `quarantined` are final (a
 worker the coordinator declared dead joins again under a new id). This store returns facts
 and writes rows; what a death or a join means for the step is the step machine's business.
 """
@@ -118,6 +118,14 @@ class WorkerRegistry:
         """The hash of a live worker's session secret (None: unknown, dead or left)."""
         row = self.row(worker_id)
         return row["session_hash"] if row is not None and row["state"] in ALIVE_STATES else None
+
+    def quarantined_as(self, name: str, token_id: str) -> str | None:
+        """A quarantined worker that joined under this name with this token (its id), if any: a
+        volunteer whose machine computes wrong would otherwise join again at once. A stranger
+        who renames itself gets past this; revoking its token is what keeps it out."""
+        row = self.db.execute("SELECT id FROM workers WHERE state='quarantined' AND name=? AND token_id=?",
+                              (name, token_id)).fetchone()
+        return row[0] if row is not None else None
 
     def admitted_by(self, token_id: str) -> list[str]:
         """Live workers a join token admitted."""

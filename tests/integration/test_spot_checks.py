@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sqlite3
 
-from tests.swarm import Swarm, swarm_toml
+import pytest
+
+from tests.swarm import Swarm, local_losses, swarm_toml
 
 STEPS = 4
 VERIFY = "[verify]\nsample_rate = 0.5\nfirst_checks = 2\n"
@@ -58,3 +60,31 @@ def test_a_lying_replica_is_named_by_the_checks_of_its_lies(tmp_path, swarms):
     assert all(f"{liar}'s work recomputed by" in d and "relative error" in d for d in failed), failed
     assert {v for w, step, v in verdicts if w != liar} <= {"agree", "unchecked", "stale"}, verdicts
     assert {v for w, step, v in verdicts if w == liar and step == 0} <= {"agree", "unchecked", "stale"}  # honest then
+
+
+def test_a_liar_out_voted_by_two_replicas_is_quarantined_and_the_run_ends_on_the_honest_curve(tmp_path, swarms):
+    """One stage (the whole tiny model) with three replicas, so a dispute has a third member to
+    settle it. The liar falsifies the loss it reports from step 1 on; once two replicas recompute
+    one of its micro-batches and disagree with it, it is quarantined (its session ends; its join
+    under the same name is refused), the run rolls back to the initial weights (no checkpoint
+    predates its first step) and re-runs without it: the losses are train-local's."""
+    steps = 6
+    config = swarm_toml(tmp_path, steps=steps, num_stages=1, global_batch=6, replicas_per_stage=3,
+                        start_with_replicas=3, extra="[verify]\nsample_rate = 1.0\n")
+    swarm = Swarm(tmp_path, config)
+    swarms.append(swarm)
+    swarm.start_coordinator()
+    for i in range(2):
+        swarm.start_worker(f"w{i}").wait_for("joined", 120)
+    liar = swarm.start_worker("liar", env={"GPTJT_FAULTS": "lie-noise@1", "GPTJT_LIE_NOISE": "0.5"})
+    status = swarm.wait(lambda s: s["phase"] == "done", 400, "the run to finish")
+    states = {w["name"]: w["state"] for w in status["workers"]}
+    assert "quarantined" in states.values() and status["verification"]["quarantined"] == 1, states
+    liar_id = next(w["id"] for w in status["workers"] if w["name"] == "liar" and w["state"] == "quarantined")
+    events = {e["kind"]: e["detail"] for e in status["events"]}
+    assert liar_id in events["worker_quarantined"] and "disagreed too" in events["worker_quarantined"]
+    assert f"{liar_id} quarantined" in events["rolled_back"]
+    liar.wait_for("is quarantined", 60)  # its join again was refused, saying why
+    honest, _ = local_losses(swarm.config, steps)
+    got = [h["loss"] for h in status["history"]]
+    assert got == pytest.approx(honest, rel=1e-5, abs=1e-6), (got, honest)

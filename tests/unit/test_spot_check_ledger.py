@@ -15,7 +15,11 @@ from coordinator.ledger.spot_checks import SpotCheckBook, precision_of
 from gptjt_core.commitment import Commitment
 from gptjt_core.sketching import sketch_tensor
 from tests.unit.test_commitment_ledger import digest
-from tests.unit.test_ledger import commit_all, make_replicated, replicated_swarm
+from coordinator.ledger import RunLedger
+from coordinator.scheduler import plan_stages
+from gptjt_core.stage_spec import StageSpec
+from tests.conftest import small_run
+from tests.unit.test_ledger import Clock, commit_all, make_replicated, ready_swarm, replicated_swarm
 
 OUT = torch.linspace(-1.0, 1.0, 2 * 4 * 8).reshape(2, 4, 8)  # what an honest stage computed
 
@@ -139,3 +143,85 @@ def test_a_stage_without_another_replica_is_not_spot_checked(tmp_path):
 ])
 def test_the_tolerance_follows_each_sides_precision(requested, device, expected):
     assert precision_of(requested, device) == expected
+
+
+def three_replicas(tmp_path, joined: int = 3):
+    """One stage (the whole tiny model) with three replicas (`joined` of them now): a dispute has
+    a third member to settle it."""
+    run = small_run(steps=4, global_batch=12, micro_batch=2)
+    run.pipeline.num_stages, run.pipeline.replicas_per_stage = 1, 3
+    run.coordinator.heartbeat_timeout_s = 10.0
+    ledger = RunLedger(tmp_path / "run.db", run, plan_stages(4, 1), Clock())
+    ledger.spot_checks.rng = random.Random(3)
+    ids = ready_swarm(ledger, joined)
+    assert all(ledger.assignment(w)["stage"] == 0 for w in ids)
+    return ledger, {0: ids}
+
+
+def run_step(ledger, by_stage) -> None:
+    contribute(ledger, by_stage)
+    finish(ledger, by_stage)
+
+
+def dispute(ledger, by_stage, claimed_by: str, third_agrees: bool) -> tuple[str, str]:
+    """A member that drew a check of `claimed_by`'s micro-batch recomputes it and disagrees; the
+    third member answers as told. Returns (the accuser, the third member)."""
+    ledger.run.verify.sample_rate = 1.0
+    contribute(ledger, by_stage)
+    accuser, row = next((w, r) for w in by_stage[0] if w != claimed_by
+                        for r in ledger.spot_checks_for(w) if r["worker"] == claimed_by and r["step"] == ledger.step)
+    other = Commitment.from_bytes(claim(row["ticket"], row["stage"], 1.3))
+    assert ledger.answer_check(accuser, row["id"], other, "") == "disagree"
+    (third,) = [w for w in by_stage[0] if w not in (accuser, claimed_by)]
+    (opinion,) = [r for r in ledger.spot_checks_for(third) if r["id"] > row["id"] and r["ticket"] == row["ticket"]
+                  and r["worker"] == claimed_by]
+    answer = claim(row["ticket"], row["stage"]) if third_agrees else other.to_bytes()
+    assert ledger.answer_check(third, opinion["id"], Commitment.from_bytes(answer), "") == \
+        ("agree" if third_agrees else "disagree")
+    return accuser, third
+
+
+def test_a_worker_two_recomputations_disagree_with_is_quarantined_and_the_run_rolls_back(tmp_path):
+    ledger, by_stage = three_replicas(tmp_path)
+    liar = by_stage[0][0]
+    run_step(ledger, by_stage)
+    run_step(ledger, by_stage)
+    assert ledger.step == 2
+    accuser, _ = dispute(ledger, by_stage, liar, third_agrees=False)
+    status = ledger.status()
+    assert {w["id"]: w["state"] for w in status["workers"]}[liar] == "quarantined"
+    assert status["verification"]["quarantined"] == 1
+    (event,) = [e["detail"] for e in status["events"] if e["kind"] == "worker_quarantined"]
+    assert liar in event and accuser in event and "disagreed too" in event
+    # no checkpoint: every step it worked on is undone, from the initial weights
+    assert (ledger.step, ledger.phase) == (0, "waiting") and status["history"] == []
+    rolled = [e["detail"] for e in status["events"] if e["kind"] == "rolled_back"]
+    assert rolled and f"{liar} quarantined" in rolled[-1]
+    assert ledger.workers.quarantined_as("w0", "") == liar  # its next join under that name is refused
+    assert ledger.workers.quarantined_as("w1", "") is None
+
+
+def test_an_accuser_the_third_opinion_contradicts_is_the_one_quarantined(tmp_path):
+    ledger, by_stage = three_replicas(tmp_path)
+    honest = by_stage[0][0]
+    accuser, _ = dispute(ledger, by_stage, honest, third_agrees=True)
+    states = {w["id"]: w["state"] for w in ledger.status()["workers"]}
+    assert states[accuser] == "quarantined" and states[honest] == "ready"
+    (event,) = [e["detail"] for e in ledger.status()["events"] if e["kind"] == "worker_quarantined"]
+    assert accuser in event and "agreed with the claim" in event
+
+
+def test_the_rollback_stops_at_the_newest_complete_checkpoint_before_the_worker_began(tmp_path):
+    ledger, by_stage = three_replicas(tmp_path, joined=2)
+    for _ in range(2):
+        run_step(ledger, by_stage)
+    ledger.record_checkpoint(2, StageSpec(0, 4, embed=True, head=True), "ckpt/step-2")
+    late = ledger.join("late", "127.0.0.1:9100", {})["id"]  # joins while step 2 is open
+    run_step(ledger, by_stage)
+    ledger.heartbeat(late, "ready", {}, ledger.restore_epoch, ledger.step)  # copied the state: a member of step 3
+    members = {0: by_stage[0] + [late]}
+    assert ledger.step == 3 and sorted(ledger.assignment(late)["peer_ids"]) == sorted(members[0])
+    dispute(ledger, members, late, third_agrees=False)
+    # steps 0 and 1 had no output of it: the run goes back to the checkpoint of step 2, not to 0
+    assert (ledger.step, ledger.phase) == (2, "waiting")
+    assert [h["step"] for h in ledger.status()["history"]] == [0, 1]
