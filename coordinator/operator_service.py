@@ -20,7 +20,8 @@ _GRPC_CODES = {"not_found": grpc.StatusCode.NOT_FOUND, "precondition": grpc.Stat
                "invalid": grpc.StatusCode.INVALID_ARGUMENT}
 
 
-ACTIONS = ("drain", "pause", "resume", "token-create", "token-revoke", "token-revoke-and-end-sessions")
+ACTIONS = ("drain", "pause", "resume", "token-create", "token-revoke", "token-revoke-and-end-sessions",
+           "quarantine-lift")
 
 
 class OperatorActions:
@@ -41,7 +42,8 @@ class OperatorActions:
               "resume": lambda: self.ledger.set_paused(False),
               "token-create": self.ledger.create_token,
               "token-revoke": lambda: self.ledger.revoke_token(arg),
-              "token-revoke-and-end-sessions": lambda: self.ledger.revoke_token(arg, end_sessions=True)}[action]
+              "token-revoke-and-end-sessions": lambda: self.ledger.revoke_token(arg, end_sessions=True),
+              "quarantine-lift": lambda: self.ledger.lift_quarantine(arg)}[action]
         self.admin.check(admin_token)
         result = do()
         log.info("operator: %s %s", action, arg if not action.startswith("token-revoke") else "")
@@ -66,6 +68,9 @@ class OperatorService(opb_grpc.OperatorServicer):
 
     async def Drain(self, request, context):
         return await self._act(context, "drain", request.admin_token, request.worker)
+
+    async def LiftQuarantine(self, request, context):
+        return await self._act(context, "quarantine-lift", request.admin_token, request.worker)
 
     async def SetPaused(self, request, context):
         return await self._act(context, "pause" if request.paused else "resume", request.admin_token)

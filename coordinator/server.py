@@ -187,7 +187,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         checks = [pb.SpotCheck(check_id=c["id"], step=c["step"], attempt=c["attempt"], ticket_id=c["ticket"],
                                stage=c["stage"], worker_id=c["worker"], address=c["address"] or "",
                                commitment=c["blob"], returned=c["returned"] or b"")
-                  for c in self.ledger.spot_checks_for(request.worker_id)] if known else []
+                  for c in self.ledger.spot_checks.pending_for(request.worker_id)] if known else []
         return pb.HeartbeatReply(known=known, checks=checks)
 
     async def ReportCheck(self, request, context):

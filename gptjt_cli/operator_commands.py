@@ -1,4 +1,4 @@
-"""Operator commands: status | workers | stages | tickets | events | token | drain | pause | resume.
+"""Operator commands: status | workers | stages | tickets | events | token | drain | lift | pause | resume.
 
 Each reads or changes a running coordinator through its gRPC API; `--json` prints one JSON
 object (schemas in docs/cli.md); exit codes are in operator_client.
@@ -101,6 +101,16 @@ def cmd_drain(args: argparse.Namespace) -> int:
               "its tickets and leaves")
         if r["warning"]:
             print(f"warning: {r['warning']}", file=sys.stderr)
+    return 0
+
+
+def cmd_lift(args: argparse.Namespace) -> int:
+    r = _admin(args, "LiftQuarantine", opb.LiftQuarantineRequest(admin_token=admin_token(args.admin_token),
+                                                                 worker=args.worker))
+    if args.json:
+        _print_json(r)
+    else:
+        print(f"lifted the quarantine of worker {r['worker']} ({r['name']}): a join under that name is taken again")
     return 0
 
 
@@ -229,6 +239,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(p)
     _admin_flag(p)
     p.set_defaults(func=cmd_drain)
+    p = sub.add_parser("lift", help="lift the quarantine of a worker spot checks out-voted (admin)")
+    p.add_argument("worker", help="the quarantined worker's id (`gptjt events --kind verification` names it)")
+    _common(p)
+    _admin_flag(p)
+    p.set_defaults(func=cmd_lift)
     for name, help_text in [("pause", "stop issuing micro-batch tickets (admin); leased ones still finish"),
                             ("resume", "issue tickets again (admin)")]:
         p = sub.add_parser(name, help=help_text)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agptjt_proto/operator.proto\x12\x05gptjt\"3\n\x0c\x44rainRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\"3\n\x0cPauseRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\")\n\x12\x43reateTokenRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\"N\n\x12RevokeTokenRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x0c\x65nd_sessions\x18\x03 \x01(\x08\"I\n\x1aOperatorCertificateRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x02 \x01(\t\"<\n\x18OperatorCertificateReply\x12\x0e\n\x06\x63\x61_pem\x18\x01 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x02 \x01(\t\"\x1d\n\rOperatorReply\x12\x0c\n\x04json\x18\x01 \x01(\t\">\n\rEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\x1b\n\x0b\x45ventsReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\x85\x03\n\x08Operator\x12\x32\n\x05\x44rain\x12\x13.gptjt.DrainRequest\x1a\x14.gptjt.OperatorReply\x12\x36\n\tSetPaused\x12\x13.gptjt.PauseRequest\x1a\x14.gptjt.OperatorReply\x12>\n\x0b\x43reateToken\x12\x19.gptjt.CreateTokenRequest\x1a\x14.gptjt.OperatorReply\x12>\n\x0bRevokeToken\x12\x19.gptjt.RevokeTokenRequest\x1a\x14.gptjt.OperatorReply\x12Y\n\x13OperatorCertificate\x12!.gptjt.OperatorCertificateRequest\x1a\x1f.gptjt.OperatorCertificateReply\x12\x32\n\x06\x45vents\x12\x14.gptjt.EventsRequest\x1a\x12.gptjt.EventsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1agptjt_proto/operator.proto\x12\x05gptjt\"3\n\x0c\x44rainRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\"<\n\x15LiftQuarantineRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\"3\n\x0cPauseRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\x12\x0e\n\x06paused\x18\x02 \x01(\x08\")\n\x12\x43reateTokenRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\"N\n\x12RevokeTokenRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x0c\x65nd_sessions\x18\x03 \x01(\x08\"I\n\x1aOperatorCertificateRequest\x12\x13\n\x0b\x61\x64min_token\x18\x01 \x01(\t\x12\x16\n\x0epublic_key_pem\x18\x02 \x01(\t\"<\n\x18OperatorCertificateReply\x12\x0e\n\x06\x63\x61_pem\x18\x01 \x01(\t\x12\x10\n\x08\x63\x65rt_pem\x18\x02 \x01(\t\"\x1d\n\rOperatorReply\x12\x0c\n\x04json\x18\x01 \x01(\t\">\n\rEventsRequest\x12\x10\n\x08\x61\x66ter_id\x18\x01 \x01(\x03\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\"\x1b\n\x0b\x45ventsReply\x12\x0c\n\x04json\x18\x01 \x01(\t2\xcb\x03\n\x08Operator\x12\x32\n\x05\x44rain\x12\x13.gptjt.DrainRequest\x1a\x14.gptjt.OperatorReply\x12\x44\n\x0eLiftQuarantine\x12\x1c.gptjt.LiftQuarantineRequest\x1a\x14.gptjt.OperatorReply\x12\x36\n\tSetPaused\x12\x13.gptjt.PauseRequest\x1a\x14.gptjt.OperatorReply\x12>\n\x0b\x43reateToken\x12\x19.gptjt.CreateTokenRequest\x1a\x14.gptjt.OperatorReply\x12>\n\x0bRevokeToken\x12\x19.gptjt.RevokeTokenRequest\x1a\x14.gptjt.OperatorReply\x12Y\n\x13OperatorCertificate\x12!.gptjt.OperatorCertificateRequest\x1a\x1f.gptjt.OperatorCertificateReply\x12\x32\n\x06\x45vents\x12\x14.gptjt.EventsRequest\x1a\x12.gptjt.EventsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DRAINREQUEST']._serialized_start=37
   _globals['_DRAINREQUEST']._serialized_end=88
-  _globals['_PAUSEREQUEST']._serialized_start=90
-  _globals['_PAUSEREQUEST']._serialized_end=141
-  _globals['_CREATETOKENREQUEST']._serialized_start=143
-  _globals['_CREATETOKENREQUEST']._serialized_end=184
-  _globals['_REVOKETOKENREQUEST']._serialized_start=186
-  _globals['_REVOKETOKENREQUEST']._serialized_end=264
-  _globals['_OPERATORCERTIFICATEREQUEST']._serialized_start=266
-  _globals['_OPERATORCERTIFICATEREQUEST']._serialized_end=339
-  _globals['_OPERATORCERTIFICATEREPLY']._serialized_start=341
-  _globals['_OPERATORCERTIFICATEREPLY']._serialized_end=401
-  _globals['_OPERATORREPLY']._serialized_start=403
-  _globals['_OPERATORREPLY']._serialized_end=432
-  _globals['_EVENTSREQUEST']._serialized_start=434
-  _globals['_EVENTSREQUEST']._serialized_end=496
-  _globals['_EVENTSREPLY']._serialized_start=498
-  _globals['_EVENTSREPLY']._serialized_end=525
-  _globals['_OPERATOR']._serialized_start=528
-  _globals['_OPERATOR']._serialized_end=917
+  _globals['_LIFTQUARANTINEREQUEST']._serialized_start=90
+  _globals['_LIFTQUARANTINEREQUEST']._serialized_end=150
+  _globals['_PAUSEREQUEST']._serialized_start=152
+  _globals['_PAUSEREQUEST']._serialized_end=203
+  _globals['_CREATETOKENREQUEST']._serialized_start=205
+  _globals['_CREATETOKENREQUEST']._serialized_end=246
+  _globals['_REVOKETOKENREQUEST']._serialized_start=248
+  _globals['_REVOKETOKENREQUEST']._serialized_end=326
+  _globals['_OPERATORCERTIFICATEREQUEST']._serialized_start=328
+  _globals['_OPERATORCERTIFICATEREQUEST']._serialized_end=401
+  _globals['_OPERATORCERTIFICATEREPLY']._serialized_start=403
+  _globals['_OPERATORCERTIFICATEREPLY']._serialized_end=463
+  _globals['_OPERATORREPLY']._serialized_start=465
+  _globals['_OPERATORREPLY']._serialized_end=494
+  _globals['_EVENTSREQUEST']._serialized_start=496
+  _globals['_EVENTSREQUEST']._serialized_end=558
+  _globals['_EVENTSREPLY']._serialized_start=560
+  _globals['_EVENTSREPLY']._serialized_end=587
+  _globals['_OPERATOR']._serialized_start=590
+  _globals['_OPERATOR']._serialized_end=1049
 # @@protoc_insertion_point(module_scope)

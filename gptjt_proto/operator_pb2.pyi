@@ -12,6 +12,14 @@ class DrainRequest(_message.Message):
     worker: str
     def __init__(self, admin_token: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
 
+class LiftQuarantineRequest(_message.Message):
+    __slots__ = ("admin_token", "worker")
+    ADMIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    admin_token: str
+    worker: str
+    def __init__(self, admin_token: _Optional[str] = ..., worker: _Optional[str] = ...) -> None: ...
+
 class PauseRequest(_message.Message):
     __slots__ = ("admin_token", "paused")
     ADMIN_TOKEN_FIELD_NUMBER: _ClassVar[int]

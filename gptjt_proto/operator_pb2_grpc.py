@@ -39,6 +39,11 @@ class OperatorStub:
                 request_serializer=gptjt__proto_dot_operator__pb2.DrainRequest.SerializeToString,
                 response_deserializer=gptjt__proto_dot_operator__pb2.OperatorReply.FromString,
                 _registered_method=True)
+        self.LiftQuarantine = channel.unary_unary(
+                '/gptjt.Operator/LiftQuarantine',
+                request_serializer=gptjt__proto_dot_operator__pb2.LiftQuarantineRequest.SerializeToString,
+                response_deserializer=gptjt__proto_dot_operator__pb2.OperatorReply.FromString,
+                _registered_method=True)
         self.SetPaused = channel.unary_unary(
                 '/gptjt.Operator/SetPaused',
                 request_serializer=gptjt__proto_dot_operator__pb2.PauseRequest.SerializeToString,
@@ -72,6 +77,14 @@ class OperatorServicer:
     def Drain(self, request, context):
         """Ask a worker to drain: it finishes the current step, hands back its tickets, saves its
         stage if it is the last replica, and leaves (as on SIGTERM). It learns it from RunState.drain.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LiftQuarantine(self, request, context):
+        """Lift the quarantine of a worker spot checks out-voted (docs/security.md, "Spot checks"): a
+        join under its name and token is taken again. It does not bring the worker id back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +135,11 @@ def add_OperatorServicer_to_server(servicer, server):
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
                     request_deserializer=gptjt__proto_dot_operator__pb2.DrainRequest.FromString,
+                    response_serializer=gptjt__proto_dot_operator__pb2.OperatorReply.SerializeToString,
+            ),
+            'LiftQuarantine': grpc.unary_unary_rpc_method_handler(
+                    servicer.LiftQuarantine,
+                    request_deserializer=gptjt__proto_dot_operator__pb2.LiftQuarantineRequest.FromString,
                     response_serializer=gptjt__proto_dot_operator__pb2.OperatorReply.SerializeToString,
             ),
             'SetPaused': grpc.unary_unary_rpc_method_handler(
@@ -176,6 +194,33 @@ class Operator:
             target,
             '/gptjt.Operator/Drain',
             gptjt__proto_dot_operator__pb2.DrainRequest.SerializeToString,
+            gptjt__proto_dot_operator__pb2.OperatorReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LiftQuarantine(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gptjt.Operator/LiftQuarantine',
+            gptjt__proto_dot_operator__pb2.LiftQuarantineRequest.SerializeToString,
             gptjt__proto_dot_operator__pb2.OperatorReply.FromString,
             options,
             channel_credentials,

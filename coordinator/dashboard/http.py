@@ -11,9 +11,9 @@ With coordinator.read_access = "token", the data routes (all but the page, its a
 admin actions) need the read or admin token, as a Bearer header or the page's cookie
 (read_access.py); without it they answer 401.
   POST /api/admin/ACTION      drain | pause | resume | token-create | token-revoke |
-                              token-revoke-and-end-sessions, with the
+                              token-revoke-and-end-sessions | quarantine-lift, with the
                               header "Authorization: Bearer ADMIN_TOKEN" and a JSON body
-                              {"worker": ID} (drain) or {"token": ID_OR_TOKEN} (token-revoke*)
+                              {"worker": ID} (drain, quarantine-lift) or {"token": ID_OR_TOKEN} (token-revoke*)
 Errors are JSON {"error": message}: 400 bad argument, 401 no/wrong admin (or read) token, 404 unknown
 page, worker or token, 409 cannot be done now (the worker already left), 413 body over the cap.
 A body over the cap is refused from its Content-Length, unread and before any token is looked

@@ -26,7 +26,8 @@ EVENT_CATEGORIES = {
     "workers": ("worker_state", "tickets_released"),
     "measurements": ("measured",),  # probed devices and links (the scheduler's inputs)
     # checks of stage work (ledger/commitments.py, ledger/spot_checks.py) and what they decide
-    "verification": ("commitment_mismatch", "spot_check_failed", "spot_check_disputed", "worker_quarantined"),
+    "verification": ("commitment_mismatch", "spot_check_failed", "spot_check_disputed", "worker_quarantined",
+                     "quarantine_lifted"),
 }
 _CATEGORY_OF = {kind: cat for cat, kinds in EVENT_CATEGORIES.items() for kind in kinds}
 # Routine events that would push the notable ones out of a short list.

@@ -30,6 +30,18 @@ class OperatorRequests:
                                f"{self.state.step}")
         return {"paused": paused, "changed": changed, "step": self.state.step}
 
+    def lift_quarantine(self, worker_id: str) -> dict:
+        """Let a quarantined worker's volunteer join again (its old id stays gone: state 'left')."""
+        row = self.workers.row(worker_id)
+        if row is None or row["state"] != "quarantined":
+            quarantined = [r[0] for r in self.db.execute("SELECT id FROM workers WHERE state='quarantined'")]
+            raise OperatorError(f"{worker_id!r} is not a quarantined worker; quarantined now: "
+                                f"{', '.join(quarantined) or 'none'}", "invalid")
+        self.workers.set_state(worker_id, "left")
+        self.events.record("quarantine_lifted", f"{worker_id} ({row['name']}): the operator lifted its quarantine; "
+                           "a join under its name is taken again")
+        return {"worker": worker_id, "name": row["name"]}
+
     def request_drain(self, ref: str) -> dict:
         """Ask a worker to finish the current step and leave (it reads RunState.drain)."""
         row = self.workers.resolve(ref)

@@ -288,10 +288,6 @@ class RunLedger:
                 self.recovery.after_close()
         return True
 
-    def spot_checks_for(self, verifier: str) -> list:
-        """The spot checks waiting for `verifier` (rows: ledger/spot_checks.py pending_for)."""
-        return self.spot_checks.pending_for(verifier)
-
     def answer_check(self, verifier: str, check_id: int, recomputed, unable: str) -> str:
         """A verifier's answer (a Commitment, or None and why); returns the verdict."""
         with self.db.tx():
@@ -373,6 +369,10 @@ class RunLedger:
     def set_paused(self, paused: bool) -> dict:
         with self.db.tx():
             return self.operator.set_paused(paused)
+
+    def lift_quarantine(self, worker_id: str) -> dict:
+        with self.db.tx():
+            return self.operator.lift_quarantine(worker_id)
 
     def request_drain(self, ref: str) -> dict:
         with self.db.tx():

@@ -7,10 +7,11 @@ of its lies."""
 from __future__ import annotations
 
 import sqlite3
+import subprocess
 
 import pytest
 
-from tests.swarm import Swarm, local_losses, swarm_toml
+from tests.swarm import BIN, Swarm, local_losses, swarm_toml
 
 STEPS = 4
 VERIFY = "[verify]\nsample_rate = 0.5\nfirst_checks = 2\n"
@@ -88,3 +89,7 @@ def test_a_liar_out_voted_by_two_replicas_is_quarantined_and_the_run_ends_on_the
     honest, _ = local_losses(swarm.config, steps)
     got = [h["loss"] for h in status["history"]]
     assert got == pytest.approx(honest, rel=1e-5, abs=1e-6), (got, honest)
+    lifted = subprocess.run([str(BIN / "gptjt"), "lift", liar_id, "--coordinator", swarm.address, "--admin-token",
+                             swarm.admin_token], capture_output=True, text=True, timeout=60)
+    assert lifted.returncode == 0 and f"lifted the quarantine of worker {liar_id} (liar)" in lifted.stdout, lifted
+    assert swarm.status()["verification"]["quarantined"] == 0
