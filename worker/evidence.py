@@ -114,3 +114,24 @@ def read_evidence(reply: spb.EvidenceReply, claimed_input: bytes, claimed_return
         except CodecError as e:
             raise EvidenceError(f"evidence gradient does not decode: {e}") from e
     return StageInputs(inputs, labels, prefix, returned)
+
+
+def check_fits(inputs: StageInputs, micro_batch: int, seq_len: int, width: int, embed: bool) -> None:
+    """Evidence whose digests match can still be crafted by the worker it comes from: refuse
+    shapes the run never sends before computing on them (a long sequence is a quadratic
+    attention bill for the verifier)."""
+    shape = tuple(inputs.inputs.shape)
+    b, t = shape[0], shape[1]
+    if not (1 <= b <= micro_batch and 1 <= t <= seq_len):
+        raise EvidenceError(f"evidence of shape {shape}: the run's micro-batches are at most {micro_batch} x "
+                            f"{seq_len}")
+    if not embed and shape[2] != width:
+        raise EvidenceError(f"evidence activations of width {shape[2]}; this stage takes {width}")
+    if tuple(inputs.labels.shape) != (b, t) or tuple(inputs.prefix_lengths.shape) != (b,):
+        raise EvidenceError(f"evidence labels {tuple(inputs.labels.shape)} / prefix lengths "
+                            f"{tuple(inputs.prefix_lengths.shape)} do not fit inputs of shape {shape}")
+    if inputs.returned is not None and tuple(inputs.returned.shape) != (b, t, width):
+        raise EvidenceError(f"evidence gradient of shape {tuple(inputs.returned.shape)}; the output is "
+                            f"{(b, t, width)}")
+    if inputs.inputs.is_floating_point() and not bool(torch.isfinite(inputs.inputs).all()):
+        raise EvidenceError("evidence activations hold NaN or Inf")

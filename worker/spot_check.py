@@ -29,7 +29,7 @@ from gptjt_core.ul2 import batch_loss
 from gptjt_proto import coordinator_pb2 as cpb
 
 from .compute import OTHER, ComputeQueue
-from .evidence import EvidenceError, StageInputs, read_evidence
+from .evidence import EvidenceError, StageInputs, check_fits, read_evidence
 from .stage import LayerSlice
 
 log = logging.getLogger(__name__)
@@ -101,12 +101,12 @@ class SpotChecker:
         blob, unable = b"", ""
         try:
             blob = await self._recompute(check)
-        except (EvidenceError, WeightsGone, ValueError) as e:
+        except (EvidenceError, WeightsGone) as e:
             unable = str(e)
         except grpc.aio.AioRpcError as e:
             unable = f"evidence unavailable from {check.worker_id} ({e.code().name}: {e.details()})"
-        except RuntimeError as e:  # e.g. a shape that does not fit this stage
-            unable = f"recomputation failed: {e}"
+        except Exception as e:  # evidence comes from a stranger: no failure of it may stop this loop
+            unable = f"recomputation failed: {type(e).__name__}: {e}"
         try:
             verdict = await self.report_check(self.worker_id, check.check_id, blob, unable[:500])
         except grpc.aio.AioRpcError as e:
@@ -126,6 +126,8 @@ class SpotChecker:
         claimed = Commitment.from_bytes(check.commitment)
         reply = await self.fetch_evidence(check)
         inputs = read_evidence(reply, claimed.input, check.returned or None, stage.spec.embed, stage.spec.head)
+        train = stage.run.train
+        check_fits(inputs, train.micro_batch, train.seq_len, stage.model.config.n_embd, stage.spec.embed)
         wire = tuple(bytes(p) for p in reply.wire)
         ours = await self.compute.run(OTHER, lambda: recompute(stage, check.step, wire, inputs, claimed,
                                                                self.global_batch))

@@ -6,6 +6,7 @@ fault drill tells does not; evidence that is not what the stage committed to is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import copy
 
 import pytest
@@ -18,7 +19,7 @@ from gptjt_proto import stage_pb2 as pb
 from tests.unit.test_micro_batch_work import KEY, STEP, InProcessLink, _tokens
 from worker.commitments import tokens_parts
 from worker.compute import ComputeQueue
-from worker.evidence import EvidenceError, read_evidence
+from worker.evidence import EvidenceError, check_fits, read_evidence
 from worker.faults import Faults, LieSettings, parse_faults
 from worker.lies import Liar
 from worker.micro_batch_work import StageInput, work_micro_batch
@@ -156,3 +157,19 @@ def test_a_stage_keeps_the_evidence_of_two_steps_only():
     stage.begin(STEP + 1, 0)
     stage.apply_step(STEP + 1, 1.0)
     assert KEY not in stage.evidence
+
+
+def test_evidence_shaped_unlike_the_runs_micro_batches_is_refused_before_any_compute():
+    stages = _run_chain()
+    stage = stages[1]
+    claimed, links = stage.commitments[KEY].commitment, stage.commitments[KEY].links
+    inputs = read_evidence(stage.evidence[KEY].to_pb(), claimed.input, links.returned, False, False)
+    width = stage.model.config.n_embd
+    check_fits(inputs, RUN.train.micro_batch, RUN.train.seq_len, width, False)  # the honest one fits
+    with pytest.raises(EvidenceError, match="at most 1 x"):
+        check_fits(inputs, 1, RUN.train.seq_len, width, False)  # two sequences where the run sends one
+    with pytest.raises(EvidenceError, match="width"):
+        check_fits(inputs, RUN.train.micro_batch, RUN.train.seq_len, width + 1, False)
+    bad = dataclasses.replace(inputs, inputs=torch.full_like(inputs.inputs, float("nan")))
+    with pytest.raises(EvidenceError, match="NaN"):
+        check_fits(bad, RUN.train.micro_batch, RUN.train.seq_len, width, False)
