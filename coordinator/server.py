@@ -194,6 +194,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         await self.door(validation.check_check_report, request, context)
         recomputed = Commitment.from_bytes(request.commitment) if request.commitment else None
         verdict = self.ledger.answer_check(request.worker_id, request.check_id, recomputed, request.unable)
+        await self.notify()  # a verdict may quarantine a worker and roll the run back: Watch streams show it now
         return pb.CheckReportReply(verdict=verdict)
 
     async def Leave(self, request, context):
