@@ -184,10 +184,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                       request.loaded_epoch, request.position, device, links,
                                       request.coordinator_rtt_ms, list(request.dht_maddrs))
         await self.notify()
+        pending = self.ledger.spot_checks.pending_for(request.worker_id, self.ledger.restore_epoch) if known else []
         checks = [pb.SpotCheck(check_id=c["id"], step=c["step"], attempt=c["attempt"], ticket_id=c["ticket"],
                                stage=c["stage"], worker_id=c["worker"], address=c["address"] or "",
-                               commitment=c["blob"], returned=c["returned"] or b"")
-                  for c in self.ledger.spot_checks.pending_for(request.worker_id)] if known else []
+                               commitment=c["blob"], returned=c["returned"] or b"") for c in pending]
         return pb.HeartbeatReply(known=known, checks=checks)
 
     async def ReportCheck(self, request, context):

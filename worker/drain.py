@@ -1,4 +1,4 @@
-"""Leaving a run gracefully: announce it, finish the open step, hand back leases, keep the stage if we are its last replica, leave."""
+"""Leaving a run gracefully: announce it, finish the open step, hand back leases, save the last replica's stage, leave."""
 
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ class WorkerRunner:
                                         dht_credentials(self.dht_key, reply))
         self.loader = StageLoader(self.run, o.device, self.compute, self.client, self.coordinator, simulated)
         self.checker = SpotChecker(self.worker_id, self.compute, self._fetch_evidence, self.coordinator.report_check,
-                                   lambda: self.stage if self.loaded_epoch >= 0 else None, self.run.train.global_batch)
+                                   self._stage_for_checks, self.run.train.global_batch)
         self.follower = StepFollower(self.run, self.worker_id, self.compute, self.coordinator, self.averagers,
                                      self.faults, lambda: self.state, self._rebuild_averager, self._on_task_done)
         a = reply.assignment
@@ -250,6 +250,11 @@ class WorkerRunner:
             except TimeoutError:
                 pass
             self._heartbeat_now.clear()
+
+    def _stage_for_checks(self) -> tuple[int, LayerSlice | None]:
+        """(assigned stage index, the stage if its state is loaded) for a spot check."""
+        index = self.assignment.stage if self.assignment is not None else -1
+        return index, self.stage if self.loaded_epoch >= 0 and self.status != cpb.LOADING else None
 
     async def _fetch_evidence(self, check: cpb.SpotCheck) -> spb.EvidenceReply:
         """A spot check's evidence, from the checked replica's stage server (mutual TLS: it must

@@ -164,9 +164,10 @@ class StageService(pb_grpc.StageServicer):
         evidence = s.stage.evidence.get((request.ticket_id, request.attempt))
         if evidence is None:
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"no evidence of ticket {request.ticket_id} attempt {request.attempt}: this stage keeps "
-                                "the micro-batches of its last two steps only")
+                                f"no evidence of ticket {request.ticket_id} attempt {request.attempt}: this stage "
+                                "keeps the micro-batches of its last two steps only")
         if evidence.nbytes > MAX_EVIDENCE_BYTES:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"evidence of {evidence.nbytes} bytes is above the {MAX_EVIDENCE_BYTES} one message takes")
+                                f"evidence of {evidence.nbytes} bytes is above the {MAX_EVIDENCE_BYTES} one message "
+                                "takes")
         return evidence.to_pb()

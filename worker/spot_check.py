@@ -76,9 +76,10 @@ class SpotChecker:
     """The verifier's side: takes checks from heartbeat replies and answers each one."""
 
     def __init__(self, worker_id: str, compute: ComputeQueue, fetch_evidence, report_check,
-                 stage: Callable[[], LayerSlice | None], global_batch: int):
+                 stage: Callable[[], tuple[int, LayerSlice | None]], global_batch: int):
         """fetch_evidence(check) -> EvidenceReply (from the checked worker's stage server);
-        report_check(worker_id, check_id, commitment_bytes, unable) -> verdict (CoordinatorClient)."""
+        report_check(worker_id, check_id, commitment_bytes, unable) -> verdict (CoordinatorClient);
+        stage() -> (the stage index this worker is assigned, the loaded LayerSlice or None)."""
         self.worker_id, self.compute = worker_id, compute
         self.fetch_evidence, self.report_check = fetch_evidence, report_check
         self.stage, self.global_batch = stage, global_batch
@@ -120,9 +121,11 @@ class SpotChecker:
                  check.worker_id, verdict, f" ({unable})" if unable else "")
 
     async def _recompute(self, check: cpb.SpotCheck) -> bytes:
-        stage = self.stage()
-        if stage is None:
-            raise WeightsGone("this worker holds no stage now")
+        index, stage = self.stage()
+        if stage is None or index != check.stage:
+            # A re-plan moved us: another stage's weights would recompute garbage and accuse an honest worker.
+            raise WeightsGone(f"this worker holds {'no stage' if stage is None else f'stage {index}'} now, not "
+                              f"stage {check.stage}")
         claimed = Commitment.from_bytes(check.commitment)
         reply = await self.fetch_evidence(check)
         inputs = read_evidence(reply, claimed.input, check.returned or None, stage.spec.embed, stage.spec.head)

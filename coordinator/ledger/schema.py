@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS checks (  -- every check of stage work and its verdic
   stage INTEGER NOT NULL, kind TEXT NOT NULL, verdict TEXT NOT NULL,
   worker TEXT NOT NULL, peers TEXT NOT NULL,  -- the worker checked; JSON list of the others involved
   detail TEXT NOT NULL,
-  opinion_of INTEGER);  -- a spot check's third opinion: the id of the check it settles (ledger/spot_checks.py)
+  opinion_of INTEGER,   -- a spot check's third opinion: the id of the check it settles (ledger/spot_checks.py)
+  epoch INTEGER);       -- a spot check's restore epoch: a restore makes the pending ones stale
 CREATE INDEX IF NOT EXISTS checks_by_step ON checks (step);
 CREATE INDEX IF NOT EXISTS checks_by_verdict ON checks (verdict, peers);  -- a verifier's pending spot checks
 CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage server at dst
@@ -60,8 +61,8 @@ CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage 
 
 # Columns added after a ledger format was released: (table, column, declaration). A ledger
 # written by an older version gains them when it is opened.
-ADDED_COLUMNS = [("workers", "dht_maddrs", "TEXT"), ("workers", "session_hash", "TEXT"), ("workers", "token_id", "TEXT"),
-                 ("checks", "opinion_of", "INTEGER")]
+ADDED_COLUMNS = [("workers", "dht_maddrs", "TEXT"), ("workers", "session_hash", "TEXT"),
+                 ("workers", "token_id", "TEXT"), ("checks", "opinion_of", "INTEGER"), ("checks", "epoch", "INTEGER")]
 
 
 def create_or_upgrade(conn: sqlite3.Connection) -> None:

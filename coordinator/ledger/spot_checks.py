@@ -69,7 +69,7 @@ class SpotCheckBook:
 
     # -- drawing -------------------------------------------------------------------------
     def draw(self, step: int, attempt: int, stage: int, worker_id: str, tickets: list[int],
-             members: list[str]) -> int:
+             members: list[str], epoch: int) -> int:
         """Checks of `worker_id`'s micro-batches `tickets` of (step, attempt), each given to
         another member of its stage; returns how many were drawn (none without another member)."""
         cfg = self.run.verify
@@ -81,23 +81,24 @@ class SpotCheckBook:
         for ticket in tickets:
             if done + drawn < cfg.first_checks or self.rng.random() < cfg.sample_rate:
                 verifier = self.rng.choice(verifiers)
-                self.db.execute("INSERT INTO checks(step, attempt, ticket, stage, kind, verdict, worker, peers, detail) "
-                                "VALUES(?, ?, ?, ?, ?, ?, ?, ?, '')",
-                                (step, attempt, ticket, stage, KIND, PENDING, worker_id, json.dumps([verifier])))
+                self.db.execute("INSERT INTO checks(step, attempt, ticket, stage, kind, verdict, worker, peers, "
+                                "detail, epoch) VALUES(?, ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                                (step, attempt, ticket, stage, KIND, PENDING, worker_id, json.dumps([verifier]), epoch))
                 drawn += 1
         self._count("spot_checks", drawn)
         return drawn
 
     # -- handing out -----------------------------------------------------------------------
-    def pending_for(self, verifier: str) -> list[sqlite3.Row]:
-        """The checks waiting for `verifier` (at most verify.max_pending), with what the checked
-        worker claimed and where its stage server is."""
+    def pending_for(self, verifier: str, epoch: int) -> list[sqlite3.Row]:
+        """The checks of restore epoch `epoch` waiting for `verifier` (at most verify.max_pending),
+        with what the checked worker claimed and where its stage server is. Within an epoch a
+        stage's layer range stays what it was when the micro-batch was computed."""
         return self.db.execute(
             "SELECT c.id, c.step, c.attempt, c.ticket, c.stage, c.worker, w.address, m.blob, m.returned "
             "FROM checks c JOIN commitments m ON m.step=c.step AND m.attempt=c.attempt AND m.ticket=c.ticket "
             "AND m.stage=c.stage AND m.worker=c.worker LEFT JOIN workers w ON w.id=c.worker "
-            "WHERE c.verdict=? AND c.peers=? ORDER BY c.id LIMIT ?",
-            (PENDING, json.dumps([verifier]), self.run.verify.max_pending)).fetchall()
+            "WHERE c.verdict=? AND c.peers=? AND c.epoch=? ORDER BY c.id LIMIT ?",
+            (PENDING, json.dumps([verifier]), epoch, self.run.verify.max_pending)).fetchall()
 
     # -- judging ---------------------------------------------------------------------------
     def answer(self, verifier: str, check_id: int, recomputed: Commitment | None,
@@ -142,9 +143,9 @@ class SpotCheckBook:
             return
         third = self.rng.choice(thirds)
         self.db.execute("INSERT INTO checks(step, attempt, ticket, stage, kind, verdict, worker, peers, detail, "
-                        "opinion_of) VALUES(?, ?, ?, ?, ?, ?, ?, ?, '', ?)",
+                        "opinion_of, epoch) VALUES(?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
                         (row["step"], row["attempt"], row["ticket"], row["stage"], KIND, PENDING, row["worker"],
-                         json.dumps([third]), row["id"]))
+                         json.dumps([third]), row["id"], row["epoch"]))
         self._count("spot_checks", 1)
 
     def _resolve(self, row: sqlite3.Row, verdict: str) -> Outvoted | None:
@@ -160,12 +161,14 @@ class SpotCheckBook:
                                f"recomputed it and {'agreed with the claim' if verdict == AGREE else 'disagreed too'} "
                                f"(check {row['id']})")
 
-    def expire(self, closed_step: int) -> int:
+    def expire(self, closed_step: int, epoch: int) -> int:
         """At the close of `closed_step`: checks of earlier steps still pending can no longer be
-        made (a verifier keeps the weights of the step before its last update only)."""
-        stale = self.db.execute("UPDATE checks SET verdict=?, detail=? WHERE kind=? AND verdict=? AND step < ?",
+        made (a verifier keeps the weights of the step before its last update only), nor can
+        those of an earlier restore epoch (the stages reloaded, perhaps with other layers)."""
+        stale = self.db.execute("UPDATE checks SET verdict=?, detail=? WHERE kind=? AND verdict=? AND "
+                                "(step < ? OR epoch IS NOT ?)",
                                 (STALE, "no answer before the verifier's weights of the step were gone", KIND,
-                                 PENDING, closed_step)).rowcount
+                                 PENDING, closed_step, epoch)).rowcount
         self._count("spot_stale", stale)
         return stale
 

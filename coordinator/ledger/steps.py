@@ -146,7 +146,7 @@ class StepProtocol:
         if kind == CONTRIBUTION and commitments:
             kept = self.commitments.record(st.step, st.attempt, row["stage"], worker_id, list(commitments))
             self.spot_checks.draw(st.step, st.attempt, row["stage"], worker_id, kept,
-                                  st.members().get(row["stage"], []))
+                                  st.members().get(row["stage"], []), st.restore_epoch)
         if kind == APPLIED:
             self.workers.set_position(worker_id, st.step + 1)
         return self.advance()
@@ -225,7 +225,7 @@ class StepProtocol:
         self.history.close(step, attempt + 1, loss, tokens, st.grad_norm, opened, self.reports.detail(step, attempt))
         self.tickets.audit(step)
         self.commitments.check_chain(step, attempt)
-        self.spot_checks.expire(step)
+        self.spot_checks.expire(step, st.restore_epoch)
         self.events.record("step_closed", f"step {step}: loss {loss:.4f}, {tokens} tokens")
         st.step = step + 1
         st.mark_closed()

@@ -173,3 +173,28 @@ def test_evidence_shaped_unlike_the_runs_micro_batches_is_refused_before_any_com
     bad = dataclasses.replace(inputs, inputs=torch.full_like(inputs.inputs, float("nan")))
     with pytest.raises(EvidenceError, match="NaN"):
         check_fits(bad, RUN.train.micro_batch, RUN.train.seq_len, width, False)
+
+
+def test_a_verifier_moved_to_another_stage_says_so_instead_of_recomputing():
+    """Another stage's weights would recompute garbage and accuse an honest worker."""
+    from gptjt_proto import coordinator_pb2 as cpb
+    from worker.spot_check import SpotChecker
+
+    stages = _run_chain()
+    answers, fetched = [], []
+
+    async def report(worker_id, check_id, blob, unable):
+        answers.append((check_id, blob, unable))
+        return "unchecked"
+
+    async def fetch(check):
+        fetched.append(check)
+        raise AssertionError("no evidence is fetched for a check of another stage")
+
+    compute = ComputeQueue("verifier")
+    checker = SpotChecker("v", compute, fetch, report, lambda: (2, stages[2]), RUN.train.global_batch)
+    check = cpb.SpotCheck(check_id=5, step=STEP, attempt=KEY[1], ticket_id=KEY[0], stage=1, worker_id="w",
+                          address="127.0.0.1:1", commitment=stages[1].commitments[KEY].commitment.to_bytes())
+    asyncio.run(checker._answer(check))
+    compute.close()
+    assert answers == [(5, b"", "this worker holds stage 2 now, not stage 1")] and not fetched

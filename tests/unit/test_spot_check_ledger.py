@@ -59,7 +59,7 @@ def answer_all(ledger, by_stage, recompute=lambda row: claim(row["ticket"], row[
     verdicts = []
     for ids in by_stage.values():
         for w in ids:
-            for row in ledger.spot_checks.pending_for(w):
+            for row in ledger.spot_checks.pending_for(w, ledger.restore_epoch):
                 verdicts.append(ledger.answer_check(w, row["id"], Commitment.from_bytes(recompute(row)), ""))
     return verdicts
 
@@ -83,7 +83,7 @@ def test_every_new_worker_is_checked_by_another_replica_of_its_stage(swarm):
         stage_of = {w: s for s, ids in by_stage.items() for w in ids}
         assert verifier != r["worker"] and stage_of[verifier] == stage_of[r["worker"]] == r["stage"]
     assert {w: len(rs) for w, rs in per_worker.items()} == {w: 2 for ids in by_stage.values() for w in ids}
-    pending = ledger.spot_checks.pending_for(by_stage[1][0])
+    pending = ledger.spot_checks.pending_for(by_stage[1][0], ledger.restore_epoch)
     assert pending and all(p["worker"] == by_stage[1][1] and p["address"] and p["blob"] for p in pending)
     assert answer_all(ledger, by_stage) == ["agree"] * 8
     counts = ledger.status()["verification"]
@@ -110,7 +110,7 @@ def test_answers_are_taken_once_and_only_from_the_verifier_asked(swarm):
     ledger, by_stage = swarm
     contribute(ledger, by_stage)
     verifier = by_stage[0][0]
-    row = ledger.spot_checks.pending_for(verifier)[0]
+    row = ledger.spot_checks.pending_for(verifier, ledger.restore_epoch)[0]
     good = Commitment.from_bytes(claim(row["ticket"], row["stage"]))
     assert ledger.answer_check(by_stage[1][0], row["id"], good, "") == "stale"  # not theirs to answer
     assert ledger.answer_check(verifier, row["id"], None, "evidence unavailable from w1 (NOT_FOUND: ...)") == \
@@ -129,13 +129,14 @@ def test_checks_nobody_answered_go_stale_when_the_step_after_closes(swarm):
     contribute(ledger, by_stage)
     finish(ledger, by_stage)  # the close of step 1: a verifier keeps step 1's weights, not step 0's
     assert ledger.status()["verification"]["spot_stale"] == drawn
-    assert all(not ledger.spot_checks.pending_for(w) for ids in by_stage.values() for w in ids)
+    epoch = ledger.restore_epoch
+    assert all(not ledger.spot_checks.pending_for(w, epoch) for ids in by_stage.values() for w in ids)
 
 
 def test_a_stage_without_another_replica_is_not_spot_checked(tmp_path):
     ledger = make_replicated(tmp_path)
     book = SpotCheckBook(ledger.db, ledger.events, ledger.run, random.Random(1))
-    assert book.draw(0, 0, 0, "w0", [1, 2, 3], ["w0"]) == 0
+    assert book.draw(0, 0, 0, "w0", [1, 2, 3], ["w0"], 0) == 0
 
 
 @pytest.mark.parametrize("requested, device, expected", [
@@ -169,13 +170,14 @@ def dispute(ledger, by_stage, claimed_by: str, third_agrees: bool) -> tuple[str,
     third member answers as told. Returns (the accuser, the third member)."""
     ledger.run.verify.sample_rate = 1.0
     contribute(ledger, by_stage)
-    accuser, row = next((w, r) for w in by_stage[0] if w != claimed_by
-                        for r in ledger.spot_checks.pending_for(w) if r["worker"] == claimed_by and r["step"] == ledger.step)
+    epoch = ledger.restore_epoch
+    accuser, row = next((w, r) for w in by_stage[0] if w != claimed_by for r in ledger.spot_checks.pending_for(w, epoch)
+                        if r["worker"] == claimed_by and r["step"] == ledger.step)
     other = Commitment.from_bytes(claim(row["ticket"], row["stage"], 1.3))
     assert ledger.answer_check(accuser, row["id"], other, "") == "disagree"
     (third,) = [w for w in by_stage[0] if w not in (accuser, claimed_by)]
-    (opinion,) = [r for r in ledger.spot_checks.pending_for(third) if r["id"] > row["id"] and r["ticket"] == row["ticket"]
-                  and r["worker"] == claimed_by]
+    (opinion,) = [r for r in ledger.spot_checks.pending_for(third, epoch)
+                  if r["id"] > row["id"] and r["ticket"] == row["ticket"] and r["worker"] == claimed_by]
     answer = claim(row["ticket"], row["stage"]) if third_agrees else other.to_bytes()
     assert ledger.answer_check(third, opinion["id"], Commitment.from_bytes(answer), "") == \
         ("agree" if third_agrees else "disagree")
