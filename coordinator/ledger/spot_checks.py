@@ -74,7 +74,8 @@ class SpotCheckBook:
         another member of its stage; returns how many were drawn (none without another member)."""
         cfg = self.run.verify
         verifiers = [m for m in members if m != worker_id]
-        if not verifiers or not tickets or (cfg.sample_rate <= 0 and cfg.first_checks <= 0):
+        if not verifiers or not tickets or (cfg.sample_rate <= 0 and cfg.first_checks <= 0) \
+                or self.run.averaging.mode == "local-steps":  # replicas' weights differ between outer steps
             return 0
         done = self.db.execute("SELECT COUNT(*) FROM checks WHERE kind=? AND worker=?", (KIND, worker_id)).fetchone()[0]
         drawn = 0

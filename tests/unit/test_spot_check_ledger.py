@@ -242,3 +242,11 @@ def test_the_operator_lifts_a_quarantine_and_the_name_may_join_again(tmp_path):
     assert ledger.workers.quarantined_as(name, "") is None
     assert ledger.status()["verification"]["quarantined"] == 0
     assert [e["kind"] for e in ledger.status()["events"]][-1] == "quarantine_lifted"
+
+
+def test_a_local_steps_run_draws_no_spot_checks(tmp_path):
+    """Replicas' weights differ between outer steps: no replica can recompute another's work."""
+    ledger = make_replicated(tmp_path)
+    ledger.run.averaging.mode = "local-steps"
+    book = SpotCheckBook(ledger.db, ledger.events, ledger.run, random.Random(1))
+    assert book.draw(0, 0, 0, "w0", [1, 2, 3], ["w0", "w1"], 0) == 0
