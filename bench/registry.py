@@ -20,6 +20,7 @@ BENCHMARKS = {
     "chaos": "bench.chaos",
     "heartbeat": "bench.heartbeat",
     "verify-calibration": "bench.verify_calibration",
+    "verify": "bench.verify",
 }
 
 

@@ -1,0 +1,123 @@
+"""bench verify: spot checks on a loopback swarm: how fast a liar is caught, how often an honest one is, and what it costs.
+
+The swarm: one stage (the whole tiny model) with three replicas, so a dispute has a third member
+to settle it (docs/security.md, "Spot checks"); 8 micro-batches per replica per step; fp32.
+
+detection_steps    median over liar runs of the steps from the liar's first lie (lie-noise on every
+                   micro-batch from step LIE_FROM) to its quarantine, counting the step it lied in
+                   first as 1, at the default verify.sample_rate (0.05). The run's step when the
+                   `worker_quarantined` event lands says which step that was.
+predicted_*        what docs/security.md's formula predicts for the same settings: a step catches it
+                   with probability 1 - (1 - p)^m (m: its micro-batches in a step), so the median is
+                   the smallest k with 1 - (1 - p)^(m k) >= 1/2. A third opinion must then also be
+                   answered before the verifiers' weights of that step are gone; the formula
+                   leaves that out, the measurement does not.
+false_positive_rate  disagreements over answered checks of honest work, over every run (the honest
+                   run at sample rate 1, and the honest workers' work in the liar runs).
+verify_overhead_pct  tokens/s of the same honest run with spot checks off (sample_rate 0 and
+                   first_checks 0: no evidence kept, no weights copied) over on (the default
+                   0.05), one run each, steps after the first.
+commitment_bytes   mean size of one micro-batch's MicroBatchCommitment on the wire (from the ledger).
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from gptjt_proto import coordinator_pb2 as cpb
+from local_swarm import LocalSwarm, small_run_toml
+
+DESCRIPTION = "spot checks on a 1-stage x 3-replica swarm: steps to quarantine a liar, false positives, overhead"
+LIE_FROM = 2
+GLOBAL_BATCH, MICRO_BATCH, REPLICAS = 48, 2, 3
+
+
+def _run(workdir: Path, steps: int, verify: str, liar: bool, timeout_s: float = 900.0) -> dict:
+    """One swarm run to its end; facts read from its status and ledger."""
+    config = small_run_toml(workdir, steps=steps, num_stages=1, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH,
+                            replicas_per_stage=REPLICAS, start_with_replicas=REPLICAS, extra=verify)
+    swarm = LocalSwarm(workdir, config)
+    try:
+        swarm.start_coordinator()
+        for i in range(REPLICAS - 1):
+            swarm.start_worker(f"w{i}").wait_for("joined", 120)
+        env = {"GPTJT_FAULTS": f"lie-noise@{LIE_FROM}", "GPTJT_LIE_NOISE": "0.5"} if liar else None
+        swarm.start_worker("liar" if liar else f"w{REPLICAS - 1}", env=env)
+        status = swarm.wait(lambda s: s["phase"] == "done", timeout_s, "the run to finish")
+    finally:
+        swarm.close()
+    with sqlite3.connect(f"file:{workdir / 'run.db'}?mode=ro", uri=True) as db:
+        db.row_factory = sqlite3.Row
+        events = [dict(r) for r in db.execute("SELECT ts, kind, detail FROM events ORDER BY id")]
+        checks = [dict(r) for r in db.execute("SELECT worker, step, verdict FROM checks WHERE kind='recompute'")]
+        sizes = [cpb.MicroBatchCommitment(ticket_id=r["ticket"], attempt=r["attempt"], commitment=r["blob"],
+                                          sent=r["sent"] or b"", returned=r["returned"] or b"",
+                                          sent_back=r["sent_back"] or b"").ByteSize()
+                 for r in db.execute("SELECT * FROM commitments")]
+        names = {r[0]: r[1] for r in db.execute("SELECT id, name FROM workers")}
+    return {"status": status, "events": events, "checks": checks, "sizes": sizes, "names": names,
+            "tokens_per_s": _tokens_per_s(status["history"])}
+
+
+def _tokens_per_s(history: list[dict]) -> float | None:
+    """Tokens over wall time of the closed steps after the first (startup and the first plan excluded)."""
+    rows = [h for h in history[1:] if h.get("tokens") and h.get("seconds")]
+    return sum(h["tokens"] for h in rows) / sum(h["seconds"] for h in rows) if rows else None
+
+
+def _detection_steps(run: dict) -> int | None:
+    """The step (counted from the first lie, which is 1) during which the liar was quarantined."""
+    quarantine = next((e for e in run["events"] if e["kind"] == "worker_quarantined"), None)
+    if quarantine is None:
+        return None
+    closed = [e for e in run["events"] if e["kind"] == "step_closed" and e["ts"] <= quarantine["ts"]]
+    step_then = len(closed)  # steps close in order until the rollback, which comes after the quarantine
+    return step_then - LIE_FROM + 1
+
+
+def predicted_median_steps(p: float, m: int) -> int:
+    """Smallest k with 1 - (1 - p)^(m k) >= 1/2."""
+    return math.ceil(math.log(0.5) / (m * math.log(1.0 - p)))
+
+
+def run(quick: bool = False) -> dict:
+    liar_runs, steps = (3, 10) if quick else (7, 14)
+    default_rate = 0.05
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="gptjt-verify-") as tmp:
+        root = Path(tmp)
+        off = _run(root / "off", steps, "[verify]\nsample_rate = 0.0\nfirst_checks = 0\n", liar=False)
+        on = _run(root / "on", steps, f"[verify]\nsample_rate = {default_rate}\n", liar=False)
+        every = _run(root / "every", 4, "[verify]\nsample_rate = 1.0\n", liar=False)
+        liars = [_run(root / f"liar{i}", steps, f"[verify]\nsample_rate = {default_rate}\n", liar=True)
+                 for i in range(liar_runs)]
+    honest_checks = [c for r in (on, every) for c in r["checks"]]
+    honest_checks += [c for r in liars for c in r["checks"] if r["names"].get(c["worker"]) != "liar"]
+    answered = [c for c in honest_checks if c["verdict"] in ("agree", "disagree")]
+    detected = [_detection_steps(r) for r in liars]
+    m = GLOBAL_BATCH // MICRO_BATCH // REPLICAS
+    sizes = on["sizes"] + every["sizes"]
+    results.update({
+        "detection_steps": statistics.median(d for d in detected if d is not None) if any(
+            d is not None for d in detected) else None,
+        "detection_steps_each": detected,
+        "liars_quarantined": sum(d is not None for d in detected), "liar_runs": liar_runs,
+        "predicted_detection_steps_median": predicted_median_steps(default_rate, m),
+        "predicted_detection_within_3_steps": round(1 - (1 - default_rate) ** (3 * m), 3),
+        "false_positive_rate": (sum(c["verdict"] == "disagree" for c in answered) / len(answered)) if answered
+        else None,
+        "honest_checks_answered": len(answered),
+        "verify_overhead_pct": round(100.0 * (off["tokens_per_s"] / on["tokens_per_s"] - 1.0), 2)
+        if off["tokens_per_s"] and on["tokens_per_s"] else None,
+        "tokens_per_s_off": off["tokens_per_s"], "tokens_per_s_on": on["tokens_per_s"],
+        "commitment_bytes": round(statistics.mean(sizes), 1) if sizes else None,
+        "settings": {"stages": 1, "replicas": REPLICAS, "micro_batches_per_replica_per_step": m,
+                     "sample_rate": default_rate, "lie": f"lie-noise@{LIE_FROM} (0.5 x rms, every micro-batch)",
+                     "steps": steps, "measured_at": time.strftime("%Y-%m-%d")},
+    })
+    return results
