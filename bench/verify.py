@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from gptjt_proto import coordinator_pb2 as cpb
-from local_swarm import LocalSwarm, small_run_toml
+from local_swarm import LocalSwarm, SwarmFailed, small_run_toml
 
 DESCRIPTION = "spot checks on a 1-stage x 3-replica swarm: steps to quarantine a liar, false positives, overhead"
 LIE_FROM = 2
@@ -39,6 +39,7 @@ GLOBAL_BATCH, MICRO_BATCH, REPLICAS = 48, 2, 3
 
 def _run(workdir: Path, steps: int, verify: str, liar: bool, timeout_s: float = 900.0) -> dict:
     """One swarm run to its end; facts read from its status and ledger."""
+    workdir.mkdir(parents=True)
     config = small_run_toml(workdir, steps=steps, num_stages=1, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH,
                             replicas_per_stage=REPLICAS, start_with_replicas=REPLICAS, extra=verify)
     swarm = LocalSwarm(workdir, config)
@@ -94,8 +95,12 @@ def run(quick: bool = False) -> dict:
         off = _run(root / "off", steps, "[verify]\nsample_rate = 0.0\nfirst_checks = 0\n", liar=False)
         on = _run(root / "on", steps, f"[verify]\nsample_rate = {default_rate}\n", liar=False)
         every = _run(root / "every", 4, "[verify]\nsample_rate = 1.0\n", liar=False)
-        liars = [_run(root / f"liar{i}", steps, f"[verify]\nsample_rate = {default_rate}\n", liar=True)
-                 for i in range(liar_runs)]
+        liars, failed = [], []
+        for i in range(liar_runs):
+            try:
+                liars.append(_run(root / f"liar{i}", steps, f"[verify]\nsample_rate = {default_rate}\n", liar=True))
+            except SwarmFailed as e:  # counted and shown, not fatal: the other runs still measure
+                failed.append(f"liar run {i}: {str(e)[:300]}")
     honest_checks = [c for r in (on, every) for c in r["checks"]]
     honest_checks += [c for r in liars for c in r["checks"] if r["names"].get(c["worker"]) != "liar"]
     answered = [c for c in honest_checks if c["verdict"] in ("agree", "disagree")]
@@ -107,6 +112,7 @@ def run(quick: bool = False) -> dict:
             d is not None for d in detected) else None,
         "detection_steps_each": detected,
         "liars_quarantined": sum(d is not None for d in detected), "liar_runs": liar_runs,
+        "liar_runs_failed": failed,
         "predicted_detection_steps_median": predicted_median_steps(default_rate, m),
         "predicted_detection_within_3_steps": round(1 - (1 - default_rate) ** (3 * m), 3),
         "false_positive_rate": (sum(c["verdict"] == "disagree" for c in answered) / len(answered)) if answered

@@ -2,7 +2,7 @@
 replica recomputes micro-batches of the other from its evidence (worker/spot_check.py) and the
 coordinator judges (coordinator/ledger/spot_checks.py). Honest replicas with different thread
 counts never disagree; a replica that lies (the fault drill's lie-noise) is named by every check
-of its lies."""
+of its lies; with a third replica, the liar is quarantined and the run re-done without it."""
 
 from __future__ import annotations
 
@@ -29,38 +29,30 @@ def _checks(status: dict) -> dict:
     return {k: v for k, v in status["verification"].items() if k.startswith("spot_")}
 
 
-def test_honest_replicas_with_different_thread_counts_agree_on_every_check(tmp_path, swarms):
+def test_a_lying_replica_is_named_by_the_checks_of_its_lies_and_honest_ones_never_are(tmp_path, swarms):
+    """Honest replicas run different thread counts (1 and 2): their checks of each other must
+    still agree every time; the liar's checks from its first lie on disagree."""
     swarm = _swarm(tmp_path, swarms)
-    for i, threads in enumerate((1, 2, 1, 2)):
+    for i, threads in enumerate((1, 2, 1)):
         swarm.start_worker(f"w{i}", threads=threads).wait_for("joined", 120)
-    status = swarm.wait(lambda s: s["phase"] == "done", 300, "the run to finish")
-    counts = _checks(status)
-    # each worker's first two micro-batches, then half of the rest; answered or let go stale
-    assert counts["spot_checks"] >= 8 and counts["spot_agree"] >= 4, counts
-    assert counts["spot_disagree"] == 0, counts
-    assert counts["spot_agree"] + counts["spot_unchecked"] + counts["spot_stale"] <= counts["spot_checks"]
-    assert status["event_counts"].get("spot_check_failed", 0) == 0
-    logs = "".join((tmp_path / f"worker-w{i}.log").read_text() for i in range(4))
-    assert logs.count("): agree") == counts["spot_agree"]
-
-
-def test_a_lying_replica_is_named_by_the_checks_of_its_lies(tmp_path, swarms):
-    swarm = _swarm(tmp_path, swarms)
-    for i in range(3):
-        swarm.start_worker(f"w{i}").wait_for("joined", 120)
-    swarm.start_worker("liar", env={"GPTJT_FAULTS": "lie-noise@1"}).wait_for("joined", 120)
+    swarm.start_worker("liar", threads=2, env={"GPTJT_FAULTS": "lie-noise@1"}).wait_for("joined", 120)
     status = swarm.wait(lambda s: s["phase"] == "done", 300, "the run to finish")
     liar = next(w["id"] for w in status["workers"] if w["name"] == "liar")
     counts = _checks(status)
-    assert counts["spot_disagree"] >= 1, counts
+    # each worker's first two micro-batches, then half of the rest; answered or let go stale
+    assert counts["spot_checks"] >= 8 and counts["spot_disagree"] >= 1, counts
+    assert counts["spot_agree"] + counts["spot_disagree"] + counts["spot_unchecked"] + counts["spot_stale"] <= \
+        counts["spot_checks"]
     with sqlite3.connect(f"file:{tmp_path / 'run.db'}?mode=ro", uri=True) as db:
         failed = [r[0] for r in db.execute("SELECT detail FROM events WHERE kind='spot_check_failed'")]
         verdicts = db.execute("SELECT worker, step, verdict FROM checks WHERE kind='recompute'").fetchall()
     assert len(failed) == counts["spot_disagree"]
     # the checked worker is named first ("<id>'s work recomputed by <verifier>"): always the liar
     assert all(f"{liar}'s work recomputed by" in d and "relative error" in d for d in failed), failed
-    assert {v for w, step, v in verdicts if w != liar} <= {"agree", "unchecked", "stale"}, verdicts
-    assert {v for w, step, v in verdicts if w == liar and step == 0} <= {"agree", "unchecked", "stale"}  # honest then
+    honest = [v for w, step, v in verdicts if w != liar or step == 0]  # the liar was honest at step 0
+    assert "agree" in honest and set(honest) <= {"agree", "unchecked", "stale"}, verdicts
+    logs = "".join((tmp_path / f"worker-{n}.log").read_text() for n in ("w0", "w1", "w2", "liar"))
+    assert logs.count("): agree") == counts["spot_agree"]  # each verifier logged each answer
 
 
 def test_a_liar_out_voted_by_two_replicas_is_quarantined_and_the_run_ends_on_the_honest_curve(tmp_path, swarms):
