@@ -89,7 +89,9 @@ class StepRecovery:
         session ends; a join under its name and token is refused) and the run rolls back to the
         newest complete checkpoint from before the first step it worked on (else the initial
         weights): every step its outputs touched is re-run on the same data without it."""
-        st = self.state
+        st, row = self.state, self.workers.row(worker_id)
+        if row is None or row["state"] not in ALIVE_STATES:
+            return  # out-voted in another dispute already (or gone): its steps were rolled back then
         first = self.reports.first_step(worker_id)
         self.drop_worker(worker_id, "quarantined", "worker_quarantined", evidence)
         if first is None or st.phase == DONE:
