@@ -40,7 +40,10 @@ def replica_digests(status: dict) -> list[dict[str, dict[str, str]]]:
 
 
 def test_two_by_two_matches_train_local_and_a_joiner_is_bit_identical(tmp_path, swarms):
-    swarm = replicated(swarms, tmp_path, replicas=3, steps=8)
+    # Five workers on two cores: a joiner's heartbeats once paused 3 s right after it loaded (seen
+    # 2026-12-02, with spot checks on) and it was declared dead; this test is about bit-identical
+    # state, not liveness (the faults test below keeps the 3 s timeout).
+    swarm = replicated(swarms, tmp_path, replicas=3, steps=8, timeout_s=10.0)
     for name in "abcd":
         swarm.start_worker(name)
     status = swarm.wait(lambda s: s["step"] >= 1, 240, "a step with four workers")
