@@ -145,21 +145,8 @@ class StageAverager:
                 buf.copy_(g.detach())
             else:
                 buf.zero_()
-        self._seq += 1
-        try:
-            self._conn.send(("step", self._seq, {"tag": list(tag), "micro_batches": mine, "worker": worker_id},
-                             1.0 if mine > 0 else 0.0))
-            while True:  # a reply to a round we gave up on may still be in the pipe: skip it
-                if not self._conn.poll(2 * self.timeout + 15):
-                    return RoundResult(False, 0, 0.0, "the averaging process stopped answering")
-                status, seq, detail = self._conn.recv()
-                if seq == self._seq:
-                    break
-        except (OSError, EOFError) as e:
-            # The sidecar is gone: a re-plan dropped this averager mid-round (the chaos soak saw a
-            # ConnectionResetError stop the worker), or it died. A failed round, not a crash: the
-            # step follower reports it and the next round has the new averager.
-            return RoundResult(False, 0, 0.0, f"the averaging process is gone ({e!r})")
+        status, detail = self._exchange({"tag": list(tag), "micro_batches": mine, "worker": worker_id},
+                                         1.0 if mine > 0 else 0.0)
         if status != "ok":
             log.warning("averaging round failed (%s)", detail)
             return RoundResult(False, 0, 0.0, detail)
@@ -176,6 +163,23 @@ class StageAverager:
         for buf, g in zip(self.buffers, grads):
             g.copy_((buf * scale).to(g.dtype))
         return RoundResult(True, len(infos), weight)
+
+    def _exchange(self, info: dict, weight: float) -> tuple[str, object]:
+        """One round through the sidecar: ("ok", [(peer, info), ...]) or (a failure, why)."""
+        self._seq += 1
+        try:
+            self._conn.send(("step", self._seq, info, weight))
+            while True:  # a reply to a round we gave up on may still be in the pipe: skip it
+                if not self._conn.poll(2 * self.timeout + 15):
+                    return "failed", "the averaging process stopped answering"
+                status, seq, detail = self._conn.recv()
+                if seq == self._seq:
+                    return status, detail
+        except (OSError, EOFError) as e:
+            # The sidecar is gone: a re-plan dropped this averager mid-round (the chaos soak saw a
+            # ConnectionResetError stop the worker), or it died. A failed round, not a crash: the
+            # step follower reports it and the next round has the new averager.
+            return "failed", f"the averaging process is gone ({e!r})"
 
     @property
     def bytes_sent(self) -> int:
