@@ -21,13 +21,16 @@ demo: $(STAMP)
 	$(VENV)/bin/gptjt demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests/unit
 
+# every benchmark's quick form into bench/results.json, then the READMEs' tables from it (also
+# when a benchmark failed: it is recorded and shown as failed, and make still exits non-zero)
 bench: $(STAMP)
-	$(VENV)/bin/gptjt bench all --quick
+	$(VENV)/bin/gptjt bench all --quick --json --results bench/results.json; status=$$?; \
+	$(PY) -m bench.render && exit $$status
 
 clean:
 	rm -rf runs .pytest_cache

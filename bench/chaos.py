@@ -30,12 +30,21 @@ def _soak(seed: int, settings: dict, calm: bool = False):
             soak.close()
 
 
+def _soak_settings(quick: bool) -> dict:
+    return {"steps": 9, "checkpoint_every": 3, "gap_s": (5.0, 9.0), "max_faults": 6, "timeout_s": 400.0} \
+        if quick else {"steps": 15, "checkpoint_every": 3, "gap_s": (5.0, 10.0), "timeout_s": 900.0}
+
+
+def settings(quick: bool) -> dict:
+    return {"seeds": [1, 2] if quick else list(range(1, 11)),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in _soak_settings(quick).items()}}
+
+
 def run(quick: bool = False) -> dict:
     seeds = [1, 2] if quick else list(range(1, 11))
-    settings = {"steps": 9, "checkpoint_every": 3, "gap_s": (5.0, 9.0), "max_faults": 6, "timeout_s": 400.0} \
-        if quick else {"steps": 15, "checkpoint_every": 3, "gap_s": (5.0, 10.0), "timeout_s": 900.0}
-    calm = _soak(0, settings, calm=True)
-    results = [_soak(seed, settings) for seed in seeds]
+    soak = _soak_settings(quick)
+    calm = _soak(0, soak, calm=True)
+    results = [_soak(seed, soak) for seed in seeds]
     completed = [r for r in results if r.ok]
     kinds: dict[str, int] = {}
     for r in results:
@@ -52,5 +61,5 @@ def run(quick: bool = False) -> dict:
         "calm_wall_s": round(calm.wall_s, 1), "soak_wall_s": [round(r.wall_s, 1) for r in results],
         "failures": [f"seed {r.seed}: {(r.failure or '; '.join(r.crashes) or r.orphans or r.violations)}"[:500]
                      for r in results if not r.ok],
-        "seeds": seeds, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "seeds": seeds, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in soak.items()},
     }

@@ -54,6 +54,11 @@ def _gbps(fn, nbytes: int, repeats: int) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
+def settings(quick: bool) -> dict:
+    return {"chosen": CHOSEN, "pairs": sorted(PAIRS), "boundary_tokens": "4 x 128 (tiny GPT-J)",
+            "speed_tensor": [1, 2048, 4096], "speed_threads": 1, "speed_repeats": 3 if quick else 7}
+
+
 def run(quick: bool = False) -> dict:
     acts, grads = boundary_tensors()
     fp16 = len(encode(acts, "fp16").data) + len(encode(grads, "fp16").data)

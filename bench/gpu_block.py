@@ -84,6 +84,11 @@ def adamw_8bit_step(numel: int = 201_000_000) -> dict:
             "adamw8bit_updated": bool((p.detach() != before).any())}
 
 
+def settings(quick: bool) -> dict:
+    return {"flavour": "gptj-6b, one block", "seq": 2048, "batch": 1, "precision": "bf16 autocast, fp32 master",
+            "matmul_iters": 10 if quick else 30, "block_iters": 5 if quick else 20, "adamw8bit_params": 201_000_000}
+
+
 def run(quick: bool = False) -> dict:
     if not torch.cuda.is_available():
         from bench.registry import BenchmarkUnavailable

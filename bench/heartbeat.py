@@ -186,6 +186,11 @@ def measure(workers: int, seconds: float, interval: float = 2.0) -> dict:
 INTERVAL_5000_S = 10.0
 
 
+def settings(quick: bool) -> dict:
+    return {"workers": 5000, "interval_s": INTERVAL_5000_S, "window_s": 30.0 if quick else 90.0,
+            "channels": CHANNELS, "status_poller": True, "dashboard_stream": True}
+
+
 def run(quick: bool = False) -> dict:
     result = measure(5000, 30.0 if quick else 90.0, interval=INTERVAL_5000_S)
     return {"benchmark": "heartbeat", **result, "goal_p99_ms": 10.0, "goal_met": result["heartbeat_p99_ms"] < 10.0}

@@ -115,6 +115,12 @@ def predicted_step_s(tiny_s: float, micro_batch: int, seq_len: int, micro_batche
 BYTES_PER_VALUE = {"fp16": 2.0, "q4": (4 + 128 / 2) / 128, "q3": (4 + 128 * 3 / 8) / 128}  # scale + codes per block
 
 
+def settings(quick: bool) -> dict:
+    return {"link_mbit_scaled_from": LINK_MBIT, "latency_ms_scaled_from": LATENCY_MS, "chosen": "/".join(CHOSEN),
+            "micro_batch": 2, "seq_len": 64, "micro_batches_per_step": 16 if quick else 32,
+            "steps": 6 if quick else 8, "max_in_flight": IN_FLIGHT, "worker_threads": 1}
+
+
 def run(quick: bool = False) -> dict:
     micro_batch, seq_len = 2, 64  # ~0.25 s of compute per micro-batch on the slower stage here
     global_batch = micro_batch * (16 if quick else 32)

@@ -28,6 +28,11 @@ def stage_parity_max_abs_err(checkpoint_dir: str, seq_len: int = 64, batch: int 
     return float((h - expected).abs().max())
 
 
+def settings(quick: bool) -> dict:
+    return {"flavour": "tiny", "model": "the embedded tiny demo run", "steps_measured": 4 if quick else 12,
+            "warm_up_steps": 1, "device": "cpu"}
+
+
 def run(quick: bool = False) -> dict:
     from gptjt_core.config import tiny_demo_config
     from gptjt_core.export import export_checkpoint

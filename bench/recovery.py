@@ -29,6 +29,11 @@ timeout_s = 10.0
 """
 
 
+def settings(quick: bool) -> dict:
+    return {"kills": 1 if quick else 3, "stages": 2, "replicas_per_stage": 2, "global_batch": 8, "micro_batch": 2,
+            "seq_len": 64, "heartbeat_timeout_s": 10.0, "averaging_compression": "none"}
+
+
 def run(quick: bool = False) -> dict:
     kills = 1 if quick else 3
     with tempfile.TemporaryDirectory() as tmp_name:

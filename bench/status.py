@@ -99,6 +99,11 @@ def measure(steps: int) -> dict:
             "history_rows": len(status["history"])}
 
 
+def settings(quick: bool) -> dict:
+    return {"ledger_steps": [1000, 5000] if quick else [1000, 5000, PHASE1_STEPS],
+            "micro_batches_per_step": MICRO_BATCHES}
+
+
 def run(quick: bool = False) -> dict:
     sizes = (1000, 5000) if quick else (1000, 5000, PHASE1_STEPS)
     rows = [measure(n) for n in sizes]

@@ -9,15 +9,15 @@ from local_swarm import LocalSwarm
 
 
 def run_swarm(workdir: Path, config: Path | None, steps: int, workers: int, threads: int = 1,
-              timeout_s: float = 900.0, settle_s: float = 0.0) -> dict:
-    """Coordinator + `workers` workers on `config` (None: the embedded demo run); the coordinator's final status, taken
-    `settle_s` after the run is done (so every worker's last heartbeat metrics are in). Logs
-    stay in `workdir` (named in the error when the run fails)."""
+              timeout_s: float = 900.0, settle_s: float = 0.0, device: str = "cpu") -> dict:
+    """Coordinator + `workers` workers on `config` (None: the embedded demo run), all on `device`;
+    the coordinator's final status, taken `settle_s` after the run is done (so every worker's
+    last heartbeat metrics are in). Logs stay in `workdir` (named in the error when the run fails)."""
     swarm = LocalSwarm(workdir, config, state=workdir / "run.db")
     try:
         swarm.start_coordinator(steps=steps, listen="127.0.0.1:0")
         for i in range(workers):
-            swarm.start_worker(f"bench-{i}", threads=threads)
+            swarm.start_worker(f"bench-{i}", threads=threads, device=device)
         status = swarm.wait(lambda s: s["phase"] == "done", timeout_s, f"the swarm to finish (logs in {workdir})",
                             check_alive=True)
         if settle_s:

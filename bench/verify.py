@@ -12,16 +12,20 @@ predicted_*        what docs/security.md's formula predicts for the same setting
                    the smallest k with 1 - (1 - p)^(m k) >= 1/2. A third opinion must then also be
                    answered before the verifiers' weights of that step are gone; the formula
                    leaves that out, the measurement does not.
+liar_check_verdicts_each  per liar run, the verdicts of the checks of the liar's work (a run that
+                   never quarantined it says why: no disagreement drawn, or the third opinion stale).
 false_positive_rate  disagreements over answered checks of honest work, over every run (the honest
                    run at sample rate 1, and the honest workers' work in the liar runs).
 verify_overhead_pct  tokens/s of the same honest run with spot checks off (sample_rate 0 and
                    first_checks 0: no evidence kept, no weights copied) over on (the default
-                   0.05), one run each, steps after the first.
+                   0.05): the mean of two runs each, in the order off, on, on, off, steps after
+                   the first of each.
 commitment_bytes   mean size of one micro-batch's MicroBatchCommitment on the wire (from the ledger).
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import sqlite3
 import statistics
@@ -66,9 +70,11 @@ def _run(workdir: Path, steps: int, verify: str, liar: bool, timeout_s: float = 
 
 
 def _tokens_per_s(history: list[dict]) -> float | None:
-    """Tokens over wall time of the closed steps after the first (startup and the first plan excluded)."""
-    rows = [h for h in history[1:] if h.get("tokens") and h.get("seconds")]
-    return sum(h["tokens"] for h in rows) / sum(h["seconds"] for h in rows) if rows else None
+    """The median of the closed steps' tokens/s after the first (startup and the first plan
+    excluded): one stalled step (an averaging round that timed out) moved the whole-run rate of
+    two identical runs 2.3x apart on 2026-12-02, far more than what is measured here."""
+    rates = [h["tokens"] / h["seconds"] for h in history[1:] if h.get("tokens") and h.get("seconds")]
+    return statistics.median(rates) if rates else None
 
 
 def _detection_steps(run: dict) -> int | None:
@@ -79,6 +85,11 @@ def _detection_steps(run: dict) -> int | None:
     closed = [e for e in run["events"] if e["kind"] == "step_closed" and e["ts"] <= quarantine["ts"]]
     step_then = len(closed)  # steps close in order until the rollback, which comes after the quarantine
     return step_then - LIE_FROM + 1
+
+
+def _mean_rate(runs: list[dict]) -> float | None:
+    rates = [r["tokens_per_s"] for r in runs]
+    return statistics.mean(rates) if all(rates) else None
 
 
 def predicted_median_steps(p: float, m: int) -> int:
@@ -92,8 +103,12 @@ def run(quick: bool = False) -> dict:
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="gptjt-verify-") as tmp:
         root = Path(tmp)
-        off = _run(root / "off", steps, "[verify]\nsample_rate = 0.0\nfirst_checks = 0\n", liar=False)
-        on = _run(root / "on", steps, f"[verify]\nsample_rate = {default_rate}\n", liar=False)
+        # off, on, on, off: the machine's drift over the runs (the first run was slower in every
+        # earlier measurement, whichever mode it had) weighs on both modes alike
+        off_cfg, on_cfg = "[verify]\nsample_rate = 0.0\nfirst_checks = 0\n", f"[verify]\nsample_rate = {default_rate}\n"
+        offs, ons = [_run(root / "off0", steps, off_cfg, liar=False)], []
+        ons += [_run(root / "on0", steps, on_cfg, liar=False), _run(root / "on1", steps, on_cfg, liar=False)]
+        offs.append(_run(root / "off1", steps, off_cfg, liar=False))
         every = _run(root / "every", 4, "[verify]\nsample_rate = 1.0\n", liar=False)
         liars, failed = [], []
         for i in range(liar_runs):
@@ -101,16 +116,20 @@ def run(quick: bool = False) -> dict:
                 liars.append(_run(root / f"liar{i}", steps, f"[verify]\nsample_rate = {default_rate}\n", liar=True))
             except SwarmFailed as e:  # counted and shown, not fatal: the other runs still measure
                 failed.append(f"liar run {i}: {str(e)[:300]}")
-    honest_checks = [c for r in (on, every) for c in r["checks"]]
+    honest_checks = [c for r in (*ons, every) for c in r["checks"]]
     honest_checks += [c for r in liars for c in r["checks"] if r["names"].get(c["worker"]) != "liar"]
     answered = [c for c in honest_checks if c["verdict"] in ("agree", "disagree")]
     detected = [_detection_steps(r) for r in liars]
+    # what became of the checks of each liar's work: a run that never quarantined it says why
+    liar_verdicts = [dict(sorted(collections.Counter(c["verdict"] for c in r["checks"]
+                                                     if r["names"].get(c["worker"]) == "liar").items()))
+                     for r in liars]
     m = GLOBAL_BATCH // MICRO_BATCH // REPLICAS
-    sizes = on["sizes"] + every["sizes"]
+    sizes = [n for r in (*ons, every) for n in r["sizes"]]
     results.update({
         "detection_steps": statistics.median(d for d in detected if d is not None) if any(
             d is not None for d in detected) else None,
-        "detection_steps_each": detected,
+        "detection_steps_each": detected, "liar_check_verdicts_each": liar_verdicts,
         "liars_quarantined": sum(d is not None for d in detected), "liar_runs": liar_runs,
         "liar_runs_failed": failed,
         "predicted_detection_steps_median": predicted_median_steps(default_rate, m),
@@ -118,9 +137,9 @@ def run(quick: bool = False) -> dict:
         "false_positive_rate": (sum(c["verdict"] == "disagree" for c in answered) / len(answered)) if answered
         else None,
         "honest_checks_answered": len(answered),
-        "verify_overhead_pct": round(100.0 * (off["tokens_per_s"] / on["tokens_per_s"] - 1.0), 2)
-        if off["tokens_per_s"] and on["tokens_per_s"] else None,
-        "tokens_per_s_off": off["tokens_per_s"], "tokens_per_s_on": on["tokens_per_s"],
+        "verify_overhead_pct": round(100.0 * (_mean_rate(offs) / _mean_rate(ons) - 1.0), 2)
+        if _mean_rate(offs) and _mean_rate(ons) else None,
+        "tokens_per_s_off_each": [r["tokens_per_s"] for r in offs], "tokens_per_s_on_each": [r["tokens_per_s"] for r in ons],
         "commitment_bytes": round(statistics.mean(sizes), 1) if sizes else None,
         "settings": {"stages": 1, "replicas": REPLICAS, "micro_batches_per_replica_per_step": m,
                      "sample_rate": default_rate, "lie": f"lie-noise@{LIE_FROM} (0.5 x rms, every micro-batch)",

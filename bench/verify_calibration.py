@@ -292,6 +292,11 @@ def _recommend(comparisons: dict, sweep: dict, reduced: bool) -> tuple[float, fl
     return worst, max(MARGIN * worst, FLOOR_REDUCED if reduced else FLOOR_FP32)
 
 
+def settings(quick: bool) -> dict:
+    return {"micro_batches": 4 if quick else 16, "micro_batch": MICRO_BATCH, "seq_len": 128, "stages": 3,
+            "comparisons": sorted(COMPARISONS), "margin": MARGIN}
+
+
 def run(quick: bool = False) -> dict:
     count = 4 if quick else 16
     inputs = wire_inputs(count)

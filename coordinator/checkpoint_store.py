@@ -8,6 +8,7 @@ import torch
 
 from gptjt_core.stage_spec import StageSpec
 from gptjt_core.stage_checkpoint import wanted_names
+from gptjt_core.store_layout import header_problem, is_shared_store, stage_file, stage_file_name, step_dir
 
 _FILE = re.compile(r"layers-(\d+)-(\d+)(-embed)?(-head)?\.safetensors$")
 _STEP = re.compile(r"step-(\d+)$")
@@ -26,11 +27,10 @@ class CheckpointStore:
 
     @staticmethod
     def file_name(spec: StageSpec) -> str:
-        return (f"layers-{spec.start:03d}-{spec.end:03d}" + ("-embed" if spec.embed else "")
-                + ("-head" if spec.head else "") + ".safetensors")
+        return stage_file_name(spec)
 
     def _step_dir(self, step: int) -> str:
-        return f"{self.path}/step-{step:08d}"
+        return step_dir(self.path, step)
 
     def put(self, step: int, spec: StageSpec, blob: bytes) -> str:
         """Store one stage's safetensors blob for `step` (written then renamed: never half a file)."""
@@ -49,6 +49,34 @@ class CheckpointStore:
             f.write(blob)
         self.fs.mv(tmp, final)
         return final
+
+    def adopt(self, step: int, spec: StageSpec, stored_at: str, nbytes: int) -> str:
+        """A stage file a worker wrote into this (shared) store itself: check that it is where the
+        layout puts it, `nbytes` long, and a safetensors file whose tensors end at its end, reading
+        only its header (never the data: the coordinator holds no blob). Its digest is checked
+        when it is read (`get`). Returns its path; ValueError says why it is refused."""
+        if not is_shared_store(self.root):
+            raise ValueError(f"this run's store {self.root} is the coordinator's own directory; stream the stage's "
+                             "data to it")
+        expected = stage_file(self.root, step, spec)
+        if stored_at != expected:
+            raise ValueError(f"the stage file of {spec} at step {step} belongs at {expected}, not {stored_at}")
+        path = f"{self._step_dir(step)}/{self.file_name(spec)}"
+        try:
+            size = int(self.fs.info(path)["size"])
+        except FileNotFoundError:
+            raise ValueError(f"{stored_at} is not in the store; write it before recording it") from None
+        if size != nbytes:
+            raise ValueError(f"{stored_at} is {size} bytes, not the {nbytes} announced")
+        with self.fs.open(path, "rb") as f:
+            prefix = f.read(8)
+            more, why = header_problem(prefix, size)
+            if more:
+                prefix += f.read(more)
+                _, why = header_problem(prefix, size)
+        if why:
+            raise ValueError(f"{stored_at} is not a valid safetensors file: {why}")
+        return path
 
     def upload(self, step: int, spec: StageSpec, nbytes: int, sha256: str) -> Upload:
         """Receive one stage's file for `step` chunk by chunk (see Upload)."""
@@ -88,15 +116,20 @@ class CheckpointStore:
         complete = [s for s in self.steps() if self.is_complete(s, n_layer)]
         return complete[-1] if complete else None
 
-    def get(self, step: int, spec: StageSpec, n_layer: int) -> dict[str, torch.Tensor]:
+    def get(self, step: int, spec: StageSpec, n_layer: int,
+            digests: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
         """The weights and optimizer state of `spec` at `step`, gathered from whichever stage
-        files hold them (the store re-slices: the saved stage layout does not matter)."""
+        files hold them (the store re-slices: the saved stage layout does not matter). digests:
+        path -> SHA-256 its writer declared (files workers wrote themselves): such a file is
+        hashed before it is used, and one that does not match is refused (ValueError)."""
         from safetensors import safe_open
         from safetensors.torch import load
 
         out: dict[str, torch.Tensor] = {}
         for saved in self.specs(step):
             path = f"{self._step_dir(step)}/{self.file_name(saved)}"
+            if digests and path in digests:
+                self._check_digest(path, digests[path])
             protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
             if "file" in protocols:  # local: read only the wanted tensors from disk
                 with safe_open(path, framework="pt") as f:
@@ -111,6 +144,18 @@ class CheckpointStore:
             raise FileNotFoundError(f"checkpoint step {step} in {self.root} lacks {len(missing)} tensor(s) of "
                                     f"stage {spec}, e.g. {sorted(missing)[:3]}")
         return out
+
+
+    def _check_digest(self, path: str, sha256: str, chunk: int = 8 << 20) -> None:
+        import hashlib
+
+        h = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        if h.hexdigest() != sha256.lower():
+            raise ValueError(f"{path} hashes to {h.hexdigest()[:16]}..., not the {sha256[:16]}... its writer "
+                             "declared: it changed after it was recorded (a faulty or hostile writer, or the store)")
 
 
 class Upload:

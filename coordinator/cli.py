@@ -41,6 +41,9 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
     store = CheckpointStore(run.coordinator.store_root)
     stored = [(step, spec, f"{store.root}/step-{step:08d}/{store.file_name(spec)}")
               for step in store.steps() for spec in store.specs(step)]
+    if max(run.pipeline.stage_counts) > n_layer:
+        raise ValueError(f"pipeline.max_stages = {run.pipeline.max_stages} exceeds the model's {n_layer} layers; "
+                         "use at most one stage per layer")
     ledger = RunLedger(run.coordinator.state_path, run, plan_stages(n_layer, run.pipeline.num_stages),
                        stored=stored, shape=shape)
     dht, authority = None, None
@@ -80,6 +83,7 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     if port == 0:
         raise RuntimeError(f"cannot listen on {cfg.listen}: address in use or not local")
     await server.start()
+    relay = await start_relay(cfg.relay_listen, ledger) if cfg.relay_listen else None
     # The dashboard starts before the port file and ready line, so its URL file is there by then.
     dashboard = await start_operator_dashboard(run, ledger, actions, dashboard_file, reader)
     host = cfg.listen.rsplit(":", 1)[0]
@@ -90,6 +94,9 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
         print(f"gptjt-coordinator: run {run.name!r} listening on {address} "
               f"({'TLS' if cfg.tls_cert else 'plaintext'}), step {ledger.step}/{run.train.steps}, "
               f"state {ledger.path}", flush=True)
+    if ready_line and relay is not None:
+        print(f"gptjt-coordinator: relay for workers behind NAT on {cfg.relay_listen.rsplit(':', 1)[0]}:{relay.port} "
+              "(gptjt-worker --relay HOST:PORT)", flush=True)
     if ready_line and dashboard is not None:
         reading = f"reading needs the read token in {reader.where}; " if reader is not None else ""
         print(f"gptjt-coordinator: dashboard at {dashboard.url} (read-only; {reading}admin actions need the admin "
@@ -108,8 +115,25 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     collector.cancel()
     if dashboard is not None:
         await dashboard.stop()
+    if relay is not None:
+        await relay.close()
     await server.stop(grace=1.0)
     service.statuses.close()
+
+
+async def start_relay(listen: str, ledger: RunLedger):
+    """The relay for workers that cannot accept connections (coordinator/relay.py) on
+    coordinator.relay_listen; a join token opens it."""
+    from .relay import Relay
+
+    host, _, port = listen.rpartition(":")
+    relay = Relay(host.strip("[]"), int(port), ledger.check_token)
+    try:
+        await relay.start()
+    except OSError as e:
+        raise RuntimeError(f"cannot serve the relay on {listen} ({e.strerror or e}); choose another "
+                           "coordinator.relay_listen, or '' for none") from None
+    return relay
 
 
 async def start_operator_dashboard(run: RunConfig, ledger: RunLedger, actions: OperatorActions,

@@ -17,18 +17,18 @@ each stage a replica group of workers. For one optimizer step of M micro-batches
               parallel, after the pipeline drains
   step        pipeline + max averaging_i
 
-Memory per worker of stage i: params(stage i) x bytes per parameter of state (fp32 Adam:
-weights 4 + gradient 4 + two moments 8 = 16; 8-bit Adam: 4 + 4 + 2 = 10) plus the
-activations of the micro-batches in flight (ACTIVATION_BYTES_PER_TOKEN_LAYER x d per
-token and layer, Korthikanti et al.'s 34 s b h without the attention-score term, which
-fused attention does not store). No I/O and no imports of ours.
+Memory per worker of stage i: coordinator/memory_model.py (weights, gradients, optimizer
+state, autocast copies and the activations of the micro-batches in flight, with or without
+activation checkpointing). No I/O; no imports of ours but that model.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-ACTIVATION_BYTES_PER_TOKEN_LAYER = 34  # x d_model bytes, mixed precision, fused attention
+from .memory_model import StageMemory, StageShape, TrainingSetup, stage_memory
+
 MEMORY_HEADROOM = 0.9  # fraction of device memory a plan may use (allocator, CUDA context)
 
 
@@ -57,12 +57,15 @@ class Network:
         self.inside = inside
 
     def link(self, a: Device, b: Device) -> Link:
-        if a.site == b.site:
+        return self.site_link(a.site, b.site)
+
+    def site_link(self, a: str, b: str) -> Link:
+        if a == b:
             return self.inside
         try:
-            return self.between[(a.site, b.site)]
+            return self.between[(a, b)]
         except KeyError:
-            raise ValueError(f"no link measured between sites {a.site!r} and {b.site!r}") from None
+            raise ValueError(f"no link measured between sites {a!r} and {b!r}") from None
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,15 @@ class Workload:
     in_flight: int  # micro-batches a stage holds activations for at once
     activation_bytes_per_value: float = 2.0  # fp16 on the wire; q4 ~0.53, q3 ~0.41
     gradient_bytes_per_param: float = 2.0  # averaging all-reduce payload per parameter (fp16)
-    state_bytes_per_param: float = 16.0  # fp32 Adam 16, 8-bit Adam 10
+    eight_bit_adam: bool = False  # optimizer moments in 8 bits (2 bytes a parameter, not 8)
+    precision: str = "bf16"  # autocast precision of the stages: 'fp32', 'bf16' or 'fp16'
+    seq_len: int = 0  # sequence length (the attention mask a micro-batch keeps); 0: not counted
+    checkpoint_segment: int = 0  # pipeline.activation_checkpointing: 0 none, K blocks a segment
+
+    def memory_setup(self) -> TrainingSetup:
+        return TrainingSetup(tokens_per_micro_batch=self.tokens_per_micro_batch, in_flight=self.in_flight,
+                             seq_len=self.seq_len, precision=self.precision, eight_bit_adam=self.eight_bit_adam,
+                             checkpoint_segment=self.checkpoint_segment)
 
 
 @dataclass(frozen=True)
@@ -121,46 +132,64 @@ def stage_params(model: ModelShape, start: int, end: int) -> int:
     return params
 
 
+@functools.lru_cache(maxsize=65536)  # a placement search asks for the same stages ~10^5 times
+def stage_memory_of(model: ModelShape, work: Workload, start: int, end: int) -> StageMemory:
+    """What one replica of the stage holding layers [start, end) holds, by kind."""
+    shape = StageShape(blocks=end - start, d_model=model.d_model, vocab=model.embed_params // model.d_model,
+                       block_params=model.layer_params, embed=start == 0, head=end == model.n_layer)
+    return stage_memory(shape, work.memory_setup())
+
+
 def memory_needed_gb(model: ModelShape, work: Workload, start: int, end: int) -> float:
     """Bytes one replica of a stage holding layers [start, end) needs, in GB."""
-    state = stage_params(model, start, end) * work.state_bytes_per_param
-    activations = (work.in_flight * work.tokens_per_micro_batch * (end - start) * model.d_model
-                   * ACTIVATION_BYTES_PER_TOKEN_LAYER)
-    return (state + activations) / 1e9
+    return stage_memory_of(model, work, start, end).total / 1e9
 
 
 def infeasible(plan: list[StagePlacement], devices: list[Device], model: ModelShape, work: Workload) -> str:
-    """'' when every worker can hold its stage, else why not (naming the worker)."""
+    """'' when every worker can hold its stage, else why not (naming the worker and what the
+    stage's memory goes to)."""
     for i, s in enumerate(plan):
-        need = memory_needed_gb(model, work, s.start, s.end)
+        memory = stage_memory_of(model, work, s.start, s.end)
         for w in s.workers:
-            if need > devices[w].memory_gb * MEMORY_HEADROOM:
-                return (f"stage {i} (layers {s.start}-{s.end}) needs {need:.1f} GB per replica; "
-                        f"{devices[w].name} has {devices[w].memory_gb:g} GB")
+            if memory.total / 1e9 > devices[w].memory_gb * MEMORY_HEADROOM:
+                return (f"stage {i} (layers {s.start}-{s.end}) needs {memory.describe()} per replica; "
+                        f"{devices[w].name} has {devices[w].memory_gb:g} GB, of which a plan uses "
+                        f"{MEMORY_HEADROOM:.0%} (pipeline.activation_checkpointing or more stages need less)")
     return ""
 
 
 def stage_compute_s(model: ModelShape, work: Workload, s: StagePlacement, devices: list[Device]) -> float:
+    """Seconds stage `s` computes per micro-batch (forward + backward) on its group's summed rate."""
     # the embedding is a lookup, not a matmul: its parameters cost memory, not FLOPs
     matmul_params = stage_params(model, s.start, s.end) - (model.embed_params if s.start == 0 else 0)
     flops = 6 * matmul_params * work.tokens_per_micro_batch
     return flops / (sum(devices[w].tflops for w in s.workers) * 1e12)
 
 
-def _transfer_s(model: ModelShape, work: Workload, a: StagePlacement, b: StagePlacement,
-                devices: list[Device], net: Network) -> float:
-    links = [net.link(devices[x], devices[y]) for x in a.workers for y in b.workers]
+def transfer_s(model: ModelShape, work: Workload, a: StagePlacement, b: StagePlacement,
+               devices: list[Device], net: Network) -> float:
+    """Seconds one micro-batch's activations take from stage `a` to stage `b` (one direction)."""
+    # links depend on sites only: one lookup per pair of sites, not per pair of workers
+    links = [net.site_link(x, y) for x in {devices[w].site for w in a.workers}
+             for y in {devices[w].site for w in b.workers}]
     latency = max(link.latency_s for link in links)
     gbps = min(link.gbps for link in links) * min(len(a.workers), len(b.workers))
     nbytes = work.tokens_per_micro_batch * model.d_model * work.activation_bytes_per_value
     return latency + nbytes * 8 / (gbps * 1e9)
 
 
-def _allreduce_s(model: ModelShape, work: Workload, s: StagePlacement, devices: list[Device], net: Network) -> float:
+def allreduce_s(model: ModelShape, work: Workload, s: StagePlacement, devices: list[Device], net: Network) -> float:
+    """Seconds stage `s`'s replica group takes to average its gradients (ring all-reduce)."""
     r = len(s.workers)
     if r <= 1:
         return 0.0
-    links = [net.link(devices[x], devices[y]) for i, x in enumerate(s.workers) for y in s.workers[i + 1:]]
+    per_site: dict[str, int] = {}
+    for w in s.workers:
+        per_site[devices[w].site] = per_site.get(devices[w].site, 0) + 1
+    # links depend on sites only: inside each site with two workers or more, and between sites
+    sites = list(per_site)
+    links = [net.site_link(x, x) for x in sites if per_site[x] > 1] + \
+        [net.site_link(x, y) for i, x in enumerate(sites) for y in sites[i + 1:]]
     nbytes = stage_params(model, s.start, s.end) * work.gradient_bytes_per_param
     return (2 * (r - 1) / r * nbytes * 8 / (min(link.gbps for link in links) * 1e9)
             + 2 * (r - 1) * max(link.latency_s for link in links))
@@ -174,8 +203,8 @@ def predict_step(plan: list[StagePlacement], devices: list[Device], net: Network
         raise ValueError(f"a plan needs contiguous non-empty stages over layers 0-{model.n_layer}, each with "
                          f"workers; got {[(s.start, s.end, len(s.workers)) for s in plan]}")
     compute = tuple(stage_compute_s(model, work, s, devices) for s in plan)
-    transfer = tuple(_transfer_s(model, work, a, b, devices, net) for a, b in zip(plan, plan[1:]))
+    transfer = tuple(transfer_s(model, work, a, b, devices, net) for a, b in zip(plan, plan[1:]))
     slowest = max((*compute, *transfer))
     pipeline = sum(compute) + 2 * sum(transfer) + (work.micro_batches - 1) * slowest
-    averaging = max(_allreduce_s(model, work, s, devices, net) for s in plan)
+    averaging = max(allreduce_s(model, work, s, devices, net) for s in plan)
     return StepEstimate(pipeline + averaging, pipeline, averaging, compute, transfer)

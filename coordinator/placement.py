@@ -8,20 +8,29 @@ cost model's predicted step time (coordinator/cost_model.py). No I/O.
   2. Layers are split between the ordered groups by dynamic programming: contiguous
      ranges, each within its group's smallest memory, minimising the slowest stage.
   3. Local search: swap two workers between groups and reverse runs of the stage order
-     (2-opt), re-splitting layers, keeping any change that lowers the predicted step;
+     (2-opt), re-splitting layers, keeping any change that lowers the predicted step; once
+     those settle, move one worker (to another group, a stage of its own, or standby; from
+     standby into a group) or merge two neighbouring groups, so group sizes, the stage count
+     and who takes part change too (on slow links a plan can be faster without a worker);
      until no change helps or the search has scored `evaluations` candidates (shared by
      the REFINED_COUNTS most promising stage counts; what one leaves, the next may use).
-     A final polish moves single layer boundaries while the full prediction improves.
+  4. What they leave (small swarms settle early) goes to descents that score candidates
+     with polished layer boundaries, from the best groups so far and then from more starts:
+     the other stage counts and each site's workers alone. A final polish moves single layer
+     boundaries of the best plan while the full prediction improves.
+coordinator/placement_exact.py proves the optimum on small swarms; `bench scheduler` reports
+how far this search stays from it (gap_vs_optimal).
 The count, not the clock, ends the search, so the same inputs give the same plan however
 loaded the machine is; any randomness comes from `seed`. A wall-clock backstop
-(`backstop_s`, search_budget.py) stops every loop (first layouts, 2-opt, swaps, polish)
-on pathological inputs only; it should never bind at the defaults.
+(`backstop_s`, search_budget.py) stops every loop (first layouts, 2-opt, swaps, moves,
+polish) on pathological inputs only; it should never bind at the defaults.
 Re-planning (`replan`) starts from the current placement and moves workers only when the
 predicted gain over `horizon_steps` outweighs the time to load the layers that move.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -30,13 +39,14 @@ from .cost_model import (
     Device, ModelShape, Network, StagePlacement, Workload, infeasible, memory_needed_gb, predict_step,
 )
 from .cost_model import MEMORY_HEADROOM as HEADROOM
+from .placement_moves import pairs, resizes, swaps
 from .search_budget import SearchBudget
 
 
 REFINED_COUNTS = 3  # stage counts the local search refines, best initial cost first
 # Defaults of plan() and replan(), the same as SchedulerConfig's (a unit test holds them
 # together): candidate layouts scored, and the wall-clock backstop in seconds.
-EVALUATIONS = 600
+EVALUATIONS = 1200
 BACKSTOP_S = 2.0
 
 
@@ -51,11 +61,21 @@ class Placement:
     backstop_hit: bool = False  # the wall-clock backstop stopped the search (the plan may vary)
 
 
+@functools.lru_cache(maxsize=64)
+def _memory_table(model: ModelShape, work: Workload) -> list[list[float]]:
+    """GB one replica of the stage holding layers [start, end) needs, as table[start][end]:
+    the split below reads it ~10^4 times an evaluation, faster from a list than from the cache
+    of memory_needed_gb (whose key hashes the model and the workload at every call)."""
+    n = model.n_layer
+    return [[memory_needed_gb(model, work, a, b) if a < b else 0.0 for b in range(n + 1)] for a in range(n + 1)]
+
+
 def split_layers(groups: list[tuple[int, ...]], devices: list[Device], model: ModelShape,
                  work: Workload) -> list[StagePlacement] | None:
     """Contiguous layer ranges for groups in pipeline order, minimising the slowest stage's
     compute (memory-feasible), or None when no split fits."""
     n, s = model.n_layer, len(groups)
+    need = _memory_table(model, work)
     rate = [sum(devices[w].tflops for w in g) for g in groups]
     memory = [min(devices[w].memory_gb for w in g) * HEADROOM for g in groups]
     inf = float("inf")
@@ -66,7 +86,7 @@ def split_layers(groups: list[tuple[int, ...]], devices: list[Device], model: Mo
     for i in range(1, s + 1):
         for end in range(i, n - (s - i) + 1):
             for start in range(i - 1, end):
-                if best[i - 1][start] == inf or memory_needed_gb(model, work, start, end) > memory[i - 1]:
+                if best[i - 1][start] == inf or need[start][end] > memory[i - 1]:
                     continue
                 params = (end - start) * model.layer_params + (model.head_params if end == n else 0)
                 t = max(best[i - 1][start], params / rate[i - 1])
@@ -101,7 +121,7 @@ def _site_chain(devices: list[Device], ids: list[int], net: Network) -> list[int
     return [i for s in order for i in by_site[s]]
 
 
-def _chunks(ids: list[int], s: int, small_first: bool = False) -> list[tuple[int, ...]]:
+def chunks(ids: list[int], s: int, small_first: bool = False) -> list[tuple[int, ...]]:
     """`ids` cut into s contiguous groups whose sizes differ by at most one (the larger
     groups first, or last with small_first)."""
     r, extra = divmod(len(ids), s)
@@ -142,49 +162,62 @@ def evaluate(groups: list[tuple[int, ...]], devices, net, model, work, polish: b
     return cost, stages
 
 
-def _pairs(n: int) -> list[tuple[int, int]]:
-    return [(a, b) for a in range(n) for b in range(a + 1, n)]
+@dataclass(frozen=True)
+class _Space:
+    """The plans a search may return: which workers it may place (the others wait on standby),
+    how many stages, and how many workers a group may hold."""
+    ids: tuple[int, ...]  # usable workers
+    counts: tuple[int, ...]  # stage counts allowed
+    max_group: int = 0  # 0: no cap
+    keep_workers: bool = False  # no move sends a placed worker to standby
+
+    def allows(self, groups: list[tuple[int, ...]]) -> bool:
+        return len(groups) in self.counts and not (self.max_group and any(len(g) > self.max_group for g in groups))
 
 
-def _swaps(groups: list[tuple[int, ...]], a: int, b: int, devices: list[Device]):
-    """`groups` with one worker of group a and one of group b exchanged, each distinct swap."""
-    for x in range(len(groups[a])):
-        for y in range(len(groups[b])):
-            ga, gb = list(groups[a]), list(groups[b])
-            da, db = devices[ga[x]], devices[gb[y]]
-            if (da.tflops, da.memory_gb, da.site) == (db.tflops, db.memory_gb, db.site):
-                continue  # swapping equals changes nothing
-            ga[x], gb[y] = gb[y], ga[x]
-            cand = list(groups)
-            cand[a], cand[b] = tuple(ga), tuple(gb)
-            yield cand
-
-
-def _local_search(groups, devices, net, model, work, budget: SearchBudget, limit: int, rng: random.Random):
+def _local_search(groups, devices, net, model, work, budget: SearchBudget, limit: int, rng: random.Random,
+                  space: _Space, polish: bool = False):
     """First-improvement descent from `groups` until a round finds nothing better or the
     budget refuses an evaluation (`limit`: this search's share, see SearchBudget.take).
-    Every candidate, 2-opt or swap, takes one evaluation before it is scored."""
-    cost, stages = evaluate(groups, devices, net, model, work)  # the start, scored already: free
+    Every candidate, 2-opt, swap or resize, takes one evaluation before it is scored; resizes
+    stay in `space` (2-opt and swaps keep the count and sizes). `polish`: score every
+    candidate with its layer boundaries polished (see evaluate)."""
+    score = lambda g: evaluate(g, devices, net, model, work, polish=polish, budget=budget)  # noqa: E731
+    cost, stages = score(groups)  # the start, scored already: free
     improved = True
     while improved:
         improved = False
-        for i, j in _pairs(len(groups)):  # 2-opt: reverse the run of stages i..j
+        for i, j in pairs(len(groups)):  # 2-opt: reverse the run of stages i..j
             if not budget.take(limit):
                 return groups, cost, stages
             cand = groups[:i] + groups[i:j + 1][::-1] + groups[j + 1:]
-            c, st = evaluate(cand, devices, net, model, work)
+            c, st = score(cand)
             if c < cost - 1e-9:
                 groups, cost, stages, improved = cand, c, st, True
-        pairs = _pairs(len(groups))
-        rng.shuffle(pairs)  # worker swaps between groups, pairs of groups in random order
-        for a, b in pairs:
-            for cand in _swaps(groups, a, b, devices):
+        order = pairs(len(groups))
+        rng.shuffle(order)  # worker swaps between groups, pairs of groups in random order
+        for a, b in order:
+            for cand in swaps(groups, a, b, devices):
                 if not budget.take(limit):
                     return groups, cost, stages
-                c, st = evaluate(cand, devices, net, model, work)
+                c, st = score(cand)
                 if c < cost - 1e-9:  # take the first improving swap of this pair, move on
                     groups, cost, stages, improved = cand, c, st, True
                     break
+        if improved:
+            continue
+        # Only once swaps settle: move one worker, changing the groups' sizes (or leaving it
+        # out: on slow links a plan can be faster without a worker, even without a stage).
+        placed = {w for g in groups for w in g}
+        for cand in resizes(groups, [w for w in space.ids if w not in placed], devices, not space.keep_workers):
+            if not space.allows(cand):
+                continue
+            if not budget.take(limit):
+                return groups, cost, stages
+            c, st = score(cand)
+            if c < cost - 1e-9:
+                groups, cost, stages, improved = cand, c, st, True
+                break
     return groups, cost, stages
 
 
@@ -207,27 +240,36 @@ def usable(devices: list[Device], model: ModelShape, work: Workload,
 
 def plan(devices: list[Device], net: Network, model: ModelShape, work: Workload,
          stage_counts: list[int] | None = None, evaluations: int = EVALUATIONS, backstop_s: float = BACKSTOP_S,
-         seed: int = 0, gone: frozenset[int] = frozenset(), clock: Callable[[], float] | None = None) -> Placement:
+         seed: int = 0, gone: frozenset[int] = frozenset(), clock: Callable[[], float] | None = None,
+         max_group: int = 0, keep_workers: bool = False) -> Placement:
     """The best placement found in `evaluations` candidate layouts (see the module docstring;
     `backstop_s` of wall time on `clock` stops it sooner on pathological inputs); workers in
-    `gone` have left."""
+    `gone` have left; max_group (0: none) caps a replica group's size; keep_workers: the search
+    leaves no worker out because the plan is faster without it (only one that no layout it
+    starts from can fit), as the coordinator wants when it has chosen the workers to place."""
     budget = SearchBudget(evaluations, backstop_s, clock)
     rng = random.Random(seed)
     ids, why = usable(devices, model, work, gone)
     if not ids:
         raise ValueError("no worker can hold even one layer: " + "; ".join(why.values()))
     counts = stage_counts or list(range(1, min(len(ids), model.n_layer) + 1))
-    starts = _starts(counts, _site_chain(devices, ids, net), devices, net, model, work, budget)
+    space = _Space(tuple(ids), tuple(counts), max_group, keep_workers)
+    starts = _starts(space, _site_chain(devices, ids, net), devices, net, model, work, budget)
     if not starts:
         raise ValueError(f"no stage count in {counts} fits the workers' memory")
-    refined = sorted(starts, key=lambda x: x[0])[:REFINED_COUNTS]  # the most promising stage counts
+    starts.sort(key=lambda x: x[0])
+    refined = [groups for _, groups in starts[:REFINED_COUNTS]]  # the most promising stage counts
     best_cost, best_groups = float("inf"), None
-    for k, (_, groups) in enumerate(refined):
-        g, c, _ = _local_search(groups, devices, net, model, work, budget, budget.share(len(refined) - k), rng)
+    for k, groups in enumerate(refined):
+        g, c, _ = _local_search(groups, devices, net, model, work, budget, budget.share(len(refined) - k), rng,
+                                space)
         if c < best_cost:
             best_cost, best_groups = c, g
+    best_groups = _spend_the_rest(best_cost, best_groups, starts[REFINED_COUNTS:], devices, net, model, work,
+                                  budget, rng, space)
     best_cost, best_stages = evaluate(best_groups, devices, net, model, work, polish=True, budget=budget)
     assert best_stages is not None and not infeasible(best_stages, devices, model, work)
+    assert space.allows([st.workers for st in best_stages])
     placed = {w for st in best_stages for w in st.workers}
     for w in ids:
         if w not in placed:
@@ -235,53 +277,69 @@ def plan(devices: list[Device], net: Network, model: ModelShape, work: Workload,
     return Placement(best_stages, best_cost, tuple(sorted(why)), why, budget.used, budget.backstop_hit)
 
 
-def _starts(counts: list[int], chain: list[int], devices, net, model, work,
+def _spend_the_rest(best_cost: float, best_groups: list[tuple[int, ...]], others, devices, net, model, work,
+                    budget: SearchBudget, rng: random.Random, space: _Space) -> list[tuple[int, ...]]:
+    """The best groups once what the refined counts leave of the budget (a small swarm's
+    descents settle early) is spent on descents that score candidates with polished layer
+    boundaries (the split balances compute; where averaging is slow, fewer layers on
+    replicated stages win, and only the polish sees it): from the best groups so far, then
+    from more starting points, best first: `others` (the other counts' first layouts) and
+    each site's workers alone (over slow links the best plan may keep to one site; single
+    moves do not walk there from a plan spread over several). Scoring a site's start takes
+    an evaluation."""
+    more = list(others)
+    for groups in _site_starts(devices, space):
+        if not budget.take():
+            break
+        more.append((evaluate(groups, devices, net, model, work)[0], groups))
+    for cost, groups in [(best_cost, best_groups), *sorted(more, key=lambda x: x[0])]:
+        if cost == float("inf") or budget.used >= budget.evaluations or budget.out_of_time():
+            break
+        g, c, _ = _local_search(groups, devices, net, model, work, budget, budget.evaluations, rng, space,
+                                polish=True)
+        if c < best_cost:
+            best_cost, best_groups = c, g
+    return best_groups
+
+
+def _site_starts(devices: list[Device], space: _Space):
+    """For each site, biggest first, and each allowed stage count: its workers alone, fastest
+    first, cut into that many groups."""
+    by_site: dict[str, list[int]] = {}
+    for i in sorted(space.ids, key=lambda i: -devices[i].tflops):
+        by_site.setdefault(devices[i].site, []).append(i)
+    for site in sorted(by_site, key=lambda s: (-len(by_site[s]), s)):
+        for s in space.counts:
+            if s <= len(by_site[site]) and space.allows(groups := chunks(by_site[site], s)):
+                yield groups
+
+
+def _starts(space: _Space, chain: list[int], devices, net, model, work,
             budget: SearchBudget) -> list[tuple[float, list[tuple[int, ...]]]]:
     """(predicted step, groups) of the first layout of each stage count that fits: `chain`
-    cut into that many groups. Bounded work, so not counted; only the backstop cuts it short
-    (once one layout fits)."""
+    cut into that many groups (the fastest workers of it only, where groups are capped).
+    Bounded work, so not counted; only the backstop cuts it short (once one layout fits)."""
     starts = []
-    for s in counts:
+    for s in space.counts:
         if starts and budget.out_of_time():
             break
+        members = list(chain)
+        if space.max_group and len(members) > s * space.max_group:
+            fastest = set(sorted(members, key=lambda i: -devices[i].tflops)[:s * space.max_group])
+            members = [i for i in members if i in fastest]
         # A small device can make every split infeasible for its group: leave the smallest
         # out until the groups fit (they wait on standby).
-        members = list(chain)
         while len(members) >= s:
             # Groups of unequal size: try the smaller ones first and last in the pipeline (the
             # first stage is lighter: its embedding costs memory, not FLOPs).
             cost, groups = min(((evaluate(g, devices, net, model, work)[0], g)
-                                for g in (_chunks(members, s), _chunks(members, s, small_first=True))),
+                                for g in (chunks(members, s), chunks(members, s, small_first=True))),
                                key=lambda x: x[0])
             if cost < float("inf"):
                 starts.append((cost, groups))
                 break
             members.remove(min(members, key=lambda i: (devices[i].memory_gb, devices[i].tflops)))
     return starts
-
-
-def random_placement(devices, net, model, work, stages: int, rng: random.Random) -> Placement:
-    """Baseline: a random partition into equal groups, a random order, layers split evenly."""
-    ids, why = usable(devices, model, work)
-    rng.shuffle(ids)
-    return _even(_chunks(ids, stages), devices, net, model, work, why)
-
-
-def round_robin_placement(devices, net, model, work, stages: int) -> Placement:
-    """Baseline: worker i -> stage i mod S in join order, layers split evenly."""
-    ids, why = usable(devices, model, work)
-    groups = [tuple(ids[i::stages]) for i in range(stages)]
-    return _even(groups, devices, net, model, work, why)
-
-
-def _even(groups, devices, net, model, work, why) -> Placement:
-    from gptjt_core.model import StageSpec
-
-    specs = StageSpec.even_split(model.n_layer, len(groups))
-    stages = [StagePlacement(s.start, s.end, g) for s, g in zip(specs, groups)]
-    problem = infeasible(stages, devices, model, work)
-    cost = float("inf") if problem else predict_step(stages, devices, net, model, work).step_s
-    return Placement(stages, cost, tuple(sorted(why)), why)
 
 
 def layers_moved(before: list[StagePlacement], after: list[StagePlacement]) -> int:
@@ -293,13 +351,13 @@ def layers_moved(before: list[StagePlacement], after: list[StagePlacement]) -> i
 def replan(current: list[StagePlacement], devices: list[Device], net: Network, model: ModelShape,
            work: Workload, seconds_per_layer_load: float, horizon_steps: int, evaluations: int = EVALUATIONS,
            backstop_s: float = BACKSTOP_S, seed: int = 0, gone: frozenset[int] = frozenset(),
-           stage_counts: list[int] | None = None, max_group: int = 0,
+           stage_counts: list[int] | None = None, max_group: int = 0, keep_workers: bool = False,
            clock: Callable[[], float] | None = None) -> Placement:
     """After a join, a leave or a new measurement: keep the current groups (minus workers that
     are gone, plus newcomers where they help most) unless a fresh search predicts a gain over
     `horizon_steps` steps that is worth the layers it would move. stage_counts, evaluations,
     backstop_s, seed and clock drive the fresh search as in plan(); max_group (0: none) caps
-    a replica group's size."""
+    a replica group's size, for newcomers and the fresh search; keep_workers as in plan()."""
     alive = set(usable(devices, model, work, gone)[0])
     groups = [tuple(w for w in s.workers if w in alive) for s in current]
     groups = [g for g in groups if g]
@@ -316,7 +374,8 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
             cost, i = min(options)
             groups[i] = groups[i] + (w,)
     fresh = plan(devices, net, model, work, stage_counts=stage_counts, evaluations=evaluations,
-                 backstop_s=backstop_s, seed=seed, gone=gone, clock=clock)
+                 backstop_s=backstop_s, seed=seed, gone=gone, clock=clock, max_group=max_group,
+                 keep_workers=keep_workers)
     options = [(fresh.step_s, fresh.stages)]
     if groups and not (stage_counts and len(groups) not in stage_counts):
         options.append(evaluate(groups, devices, net, model, work))  # the same groups, layers re-split

@@ -88,11 +88,13 @@ def workload(run: RunConfig) -> Workload:
     codec = run.link.slow_activation_codec if run.link.adaptive_codecs else p.activation_codec
     return Workload(tokens_per_micro_batch=t.micro_batch * t.seq_len,
                     micro_batches=max(1, t.global_batch // t.micro_batch),
-                    in_flight=p.max_in_flight or p.num_stages + 1,
+                    in_flight=p.in_flight,
                     activation_bytes_per_value=CODEC_BYTES.get(codec, 2.0),
                     gradient_bytes_per_param=AVERAGING_BYTES.get(run.averaging.compression, 4.0),
-                    # fp32 master weights (4) + gradients (4) + Adam moments (8, or 2 in 8 bits)
-                    state_bytes_per_param=10.0 if run.optim.eight_bit else 16.0)
+                    eight_bit_adam=run.optim.eight_bit, seq_len=t.seq_len,
+                    # 'auto' is bf16 on the GPUs a plan is for (fp16 keeps the same bytes)
+                    precision=t.precision if t.precision in ("fp32", "bf16", "fp16") else "bf16",
+                    checkpoint_segment=p.checkpoint_segment)
 
 
 def _network(workers: list[WorkerView], links: list[LinkView], default: Link) -> Network:
@@ -123,18 +125,20 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
            current: list[StagePlan] | None) -> PlanDecision | None:
     """The plan for these workers, or None when they cannot fill every stage.
 
-    A group holds at most replicas_per_stage workers, so at most num_stages x that many take
-    part. Two candidate sets are solved: the fastest workers, and today's holders topped up
-    with the fastest others; with a current plan, placement.replan keeps it unless moving
-    pays off. The set whose plan costs least over scheduler.horizon_steps steps, counting
-    the layers its moves load (layer_load_s each), wins: hysteresis at both levels."""
+    The plan has pipeline.num_stages stages, or any count in min_stages .. max_stages when
+    those bound it (the search compares them). A group holds at most replicas_per_stage
+    workers, so at most (the most stages) x that many take part. Two candidate sets are
+    solved: the fastest workers, and today's holders topped up with the fastest others; with
+    a current plan, placement.replan keeps it unless moving pays off. The set whose plan
+    costs least over scheduler.horizon_steps steps, counting the layers its moves load
+    (layer_load_s each), wins: hysteresis at both levels."""
     cfg = run.scheduler
-    stages, replicas = run.pipeline.num_stages, run.pipeline.replicas_per_stage
+    counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
     work = workload(run)
     fits, why = usable(_devices(workers), shape, work)
     standby = {workers[i].id: reason for i, reason in why.items()}
     pool = sorted((workers[i] for i in fits), key=lambda w: (-w.tflops, w.id))
-    cap = stages * replicas
+    cap = max(counts) * replicas
     held = {w for s in current or [] for w in s.workers}
     holders = [w for w in pool if w.id in held][:cap]
     keep = holders + [w for w in pool if w.id not in held][:cap - len(holders)]
@@ -142,7 +146,7 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     default = Link(cfg.default_link_latency_ms / 1e3, cfg.default_link_mbit / 1e3)
     options = []
     for candidates in sets:
-        if len(candidates) < stages:
+        if len(candidates) < min(counts):
             continue
         try:
             options.append(_decide_among(run, shape, work, candidates, _network(candidates, links, default), current))
@@ -172,22 +176,27 @@ def too_small(run: RunConfig, shape: ModelShape, workers: list[WorkerView]) -> d
 def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates: list[WorkerView], net: Network,
                   current: list[StagePlan] | None) -> PlanDecision:
     cfg = run.scheduler
-    stages, replicas = run.pipeline.num_stages, run.pipeline.replicas_per_stage
+    counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
     devices = _devices(candidates)
     index = {w.id: i for i, w in enumerate(candidates)}
     old = _as_old(current or [], index)
-    if len(old) != stages or not all(s.workers for s in old):
+    if len(old) not in counts or not all(s.workers for s in old):
         old = []  # a stage lost every candidate (or there is no plan yet): nothing to keep
+    # The candidates fill replicas_per_stage replicas a stage (the first step waits for
+    # start_with_replicas of them): the search may move them between groups, up to that many
+    # a group, but not leave one out because the prediction is faster without it.
     if cfg.placement != "cost-model":
         result = None
     elif old:
         result = replan(old, devices, net, shape, work, seconds_per_layer_load=cfg.layer_load_s,
                         horizon_steps=cfg.horizon_steps, evaluations=cfg.search_evaluations,
-                        backstop_s=cfg.search_budget_s, stage_counts=[stages], max_group=replicas)
+                        backstop_s=cfg.search_budget_s, stage_counts=counts, max_group=replicas, keep_workers=True)
     else:
-        result = plan(devices, net, shape, work, stage_counts=[stages], evaluations=cfg.search_evaluations,
-                      backstop_s=cfg.search_budget_s)
-    if result is None or len(result.stages) != stages:
+        result = plan(devices, net, shape, work, stage_counts=counts, evaluations=cfg.search_evaluations,
+                      backstop_s=cfg.search_budget_s, max_group=replicas, keep_workers=True)
+    if result is None or len(result.stages) not in counts:
+        fitting = [c for c in counts if c <= len(candidates)]  # not empty: decide() checked min(counts)
+        stages = run.pipeline.num_stages if run.pipeline.num_stages in fitting else max(fitting)
         specs = plan_stages(shape.n_layer, stages)
         groups = [tuple(candidates[i].id for i in range(k, len(candidates), stages)) for k in range(stages)]
         even = [StagePlan(s.start, s.end, g) for s, g in zip(specs, groups)]
@@ -214,7 +223,7 @@ def _predict_current(run, shape, work, pool, links, default, current) -> float:
     workers = [w for w in pool if any(w.id in s.workers for s in current)]
     index = {w.id: i for i, w in enumerate(workers)}
     old = _as_old(current, index)
-    if len(old) != run.pipeline.num_stages or not all(s.workers for s in old):
+    if len(old) not in run.pipeline.stage_counts or not all(s.workers for s in old):
         return float("inf")
     return predict_step(old, _devices(workers), _network(workers, links, default), shape, work).step_s
 

@@ -46,7 +46,7 @@ class RunLimits:
     """What a request may say in this run (all from the run config and the model's shape)."""
 
     n_layer: int
-    num_stages: int
+    num_stages: int  # the most stages a plan may have (pipeline.max_stages, else num_stages)
     steps: int  # train.steps
     micro_batch: int
     seq_len: int
@@ -58,7 +58,7 @@ class RunLimits:
     @staticmethod
     def of(run: RunConfig, n_layer: int, shape: ModelShape | None) -> RunLimits:
         t, p = run.train, run.pipeline
-        return RunLimits(n_layer, p.num_stages, t.steps, t.micro_batch, t.seq_len, t.micro_batches_per_step,
+        return RunLimits(n_layer, max(p.stage_counts), t.steps, t.micro_batch, t.seq_len, t.micro_batches_per_step,
                          p.in_flight, p.replicas_per_stage, shape)
 
     def checkpoint_cap(self, start: int, end: int) -> int | None:
@@ -83,7 +83,7 @@ def check_device(info: pb.DeviceInfo, where: str) -> None:
 def _metrics(m: pb.WorkerMetrics, where: str) -> None:
     number(f"{where}.micro_batches_per_s", m.micro_batches_per_s)
     number(f"{where}.busy_fraction", m.busy_fraction, 0.0, 1.0, "a share of wall time")
-    for name in ("bytes_sent", "bytes_received", "micro_batches", "averaging_bytes"):
+    for name in ("bytes_sent", "bytes_received", "micro_batches", "averaging_bytes", "peak_memory_bytes"):
         integer(f"{where}.{name}", getattr(m, name), 0)
     number(f"{where}.downstream_mbit", m.downstream_mbit)
     for name in ("activation_codec", "gradient_codec"):
@@ -246,6 +246,7 @@ def check_checkpoint_header(h: pb.CheckpointHeader, lim: RunLimits) -> None:
     hex_text("checkpoint.sha256", h.sha256, 64)
     if len(h.sha256) != 64:
         raise Refused(INVALID_ARGUMENT, "checkpoint.sha256", h.sha256, "the blob's SHA-256: 64 hex characters")
+    text("checkpoint.stored_at", h.stored_at, 4096)  # the store checks it is the layout's path
 
 
 def check_get_checkpoint(r: pb.GetCheckpointRequest, lim: RunLimits) -> None:

@@ -8,7 +8,7 @@ import sys
 
 from gptjt_core.config import ConfigError
 
-from . import demo, local_commands, swarm_commands
+from . import demo, local_commands, plan_command, swarm_commands
 from .operator_client import CommandError
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     local_commands.register(sub)
     swarm_commands.register(sub)
+    plan_command.register(sub)
     demo.register(sub)
     from bench.registry import register as register_bench
 

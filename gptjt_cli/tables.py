@@ -147,4 +147,10 @@ def summary(s: dict) -> str:
               f"step time {_duration(s['measured_step_s'])}"
               + (f" (predicted {_duration(predicted)})" if predicted is not None else "")
               + f", {live} live worker(s)" + (f", straggler {s['straggler']}" if s.get("straggler") else ""))
-    return first + "\n" + second
+    v = s.get("verification") or {}
+    if "spot_verified_fraction" not in v:  # an older coordinator
+        return first + "\n" + second
+    third = (f"spot checks {v['spot_checks']:,} ({v['spot_agree']:,} agreed, {v['spot_disagree']:,} disagreed), "
+             f"{100 * v['spot_verified_fraction']:.2f} % of the work verified, {v['quarantined']} quarantined, "
+             f"chain mismatches {v['mismatches']:,}")
+    return first + "\n" + second + "\n" + third

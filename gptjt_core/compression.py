@@ -12,8 +12,10 @@ Codecs:
                      of one value is at most half a step: |x - x'| <= absmax(block) / (2 * qmax),
                      i.e. / (2 * 127) (q8), / (2 * 7) (q4) or / (2 * 3) (q3). A block whose
                      absmax is below qmax * 1.2e-38 (its scale would be subnormal) is sent as zeros.
-ErrorFeedback keeps what a lossy codec dropped and adds it to the next message of the same
-stream (a per-link residual), so that over many messages nothing is lost for good.
+No residual (error feedback) is carried on the stage links: each activation or activation
+gradient is used once, by one micro-batch's computation, so one tensor's rounding error has no
+place in the next one's values. Error feedback is where a quantity is compressed again and
+again and its running sum counts: the outer step's pseudo-gradient (gptjt_core/outer_sparsity.py).
 """
 
 from __future__ import annotations
@@ -200,29 +202,6 @@ def _dequantize(data: bytes, numel: int, qmax: int) -> torch.Tensor:
         np.copyto(values[start:stop], codes.reshape(stop - start, BLOCK))
         out[start:stop].mul_(scale[start:stop, None])
     return out.reshape(-1)[:numel]
-
-
-class ErrorFeedback:
-    """A per-stream residual for a lossy codec: encode(x) sends x + r and keeps
-    r' = (x + r) - decode(sent), so the running sum of what was decoded trails the running
-    sum of the inputs by one message's error at most. Streams must keep one shape; a new
-    shape starts a fresh residual (a different tensor is no continuation)."""
-
-    def __init__(self, codec: str):
-        if codec not in CODECS:
-            raise CodecError(f"unknown codec {codec!r}; known: {sorted(CODECS)}")
-        self.codec = codec
-        self.residual: torch.Tensor | None = None
-
-    def encode(self, tensor: torch.Tensor) -> Encoded:
-        if self.codec not in LOSSY:
-            return encode(tensor, self.codec)
-        x = tensor.detach().to(device="cpu", dtype=torch.float32)
-        if self.residual is not None and self.residual.shape == x.shape:
-            x = x + self.residual
-        enc = encode(x, self.codec)
-        self.residual = x - decode(enc).float()
-        return Encoded(enc.data, enc.shape, dtype_name(tensor.dtype), enc.codec)
 
 
 def decode(enc: Encoded) -> torch.Tensor:

@@ -52,8 +52,11 @@ class CoordinatorConfig:
     """PEM private key of tls_cert; set together with tls_cert (or neither)."""
     checkpoint_store: str = ""
     """Where stage checkpoints go: a directory on the coordinator host (workers stream them
-    through the coordinator API) or any fsspec URL, e.g. s3://bucket/run. '' (the
-    default): a 'checkpoints' directory beside state_path."""
+    through the coordinator API, which writes them to disk chunk by chunk), or an fsspec URL
+    that workers and coordinator can both reach, e.g. s3://bucket/run or file:///mnt/shared/run:
+    then each stage's writer puts its file there itself and the coordinator records only its
+    path, size and SHA-256 (checked whenever the file is read); credentials come from each
+    machine's environment. '' (the default): a 'checkpoints' directory beside state_path."""
     keep_checkpoints: int = 0
     """Complete checkpoints to keep in the store, newest first (0: keep every one). Once a step
     is complete, the files of steps older than the oldest kept one are deleted: at GPT-J 6B (fp32
@@ -69,6 +72,11 @@ class CoordinatorConfig:
     address). With tls_cert/tls_key it serves HTTPS with that certificate; a non-loopback address
     without them is served, with a loud warning at start (the admin token would travel in clear,
     unless TLS is terminated in front). "0.0.0.0" or "::" for every interface."""
+    relay_listen: str = ""
+    """host:port of a relay for workers behind NAT that cannot accept connections (they run
+    gptjt-worker --relay HOST:PORT and serve their stage through it; mutual TLS runs end to
+    end, the relay splices ciphertext). Every relayed byte crosses this host's link: put it
+    where bandwidth is cheap. '' (the default): none. Port 0: any free one, printed at start."""
     dashboard_port: int = 0
     """HTTP dashboard, JSON API and Prometheus /metrics on dashboard_host: 0 = any free port
     (printed at start), -1 = none; otherwise a port up to 65535. Read-only without the admin token."""
@@ -79,6 +87,8 @@ class CoordinatorConfig:
 
     def __post_init__(self) -> None:
         _check(":" in self.listen, "listen", self.listen, "host:port")
+        _check(not self.relay_listen or self.relay_listen.rpartition(":")[2].isdigit(), "relay_listen",
+               self.relay_listen, "host:port, or '' for no relay")
         _check(self.heartbeat_interval_s > 0, "heartbeat_interval_s", self.heartbeat_interval_s, "> 0")
         _check(self.heartbeat_timeout_s > 2 * self.heartbeat_interval_s, "heartbeat_timeout_s",
                self.heartbeat_timeout_s, f"more than two heartbeat intervals ({2 * self.heartbeat_interval_s})")
@@ -121,10 +131,11 @@ class SchedulerConfig:
     exceeds the time the moves cost (layer_load_s per layer a worker must load). An integer >= 1."""
     layer_load_s: float = 2.0
     """Seconds a worker needs to load one layer it does not hold (weights + optimizer state), >= 0."""
-    search_evaluations: int = 600
+    search_evaluations: int = 1200
     """Candidate layouts one plan search may score (coordinator/placement.py), an integer >= 0. The
     count, not the clock, ends the search, so the same workers and links give the same plan however
-    loaded the coordinator is; 0.2-0.5 s of CPU a search for 64 workers (bench/README.md)."""
+    loaded the coordinator is; 0.3-0.7 s of CPU a search for 64 workers (bench/README.md). Below
+    ~800, searches for small swarms stop short of the optimum (bench scheduler's gap_vs_optimal)."""
     search_budget_s: float = 2.0
     """Wall-clock backstop of one plan search, seconds >= 0 (it runs on the coordinator's event
     loop, so it stays well under the heartbeat timeout): only for pathological inputs, it should

@@ -1,85 +1,58 @@
 """Data: sources through `datasets`, a weighted mixture, packing, deterministic shards, cursors.
 
 Vocabulary of this module:
-- A *source* is one dataset (hub id or local files). Its documents are dealt to shards by
-  stream position: document i of an epoch belongs to shard i % num_shards.
+- A *source* is one dataset (hub id or local files). A source with at least num_shards files
+  gives shard s its files s, s + n, ... (each shard reads ~1/n of it); one with fewer files
+  deals its records, record p of an epoch to shard p % n (each shard reads all of it). See
+  `shard_plan`, which also says how shuffling stays resumable.
 - A *shard* is an endless stream of packed sequences: sequence k of shard s draws from the
   source the mixture names for k, and is that source's next packed `seq_len` tokens in
   shard s. The pair (shard, offset) therefore names the same tokens on every machine.
+- A *cursor* says where a shard stands in a source; resuming from it opens only its file.
 - A *ticket* (step, shard, offset) is one micro-batch: sequences offset..offset+mb-1.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import os
+import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from .config import DataConfig, SourceConfig, TrainConfig
+from .data_sources import DataError, ReadCounts, open_source
+from .shard_plan import ShardPlan
 
-_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".text": "text"}
-
-
-class DataError(RuntimeError):
-    """A source cannot be read or a record cannot be turned into a document."""
-
-
-def _local_files(path: str) -> list[str] | None:
-    """Local files named by `path` (file, directory or glob), or None if it is not local."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if _format_of(str(f)))
-    elif any(c in path for c in "*?["):
-        files = sorted(glob.glob(str(p), recursive=True))
-    elif p.is_file():
-        files = [str(p)]
-    elif path.startswith((".", "/", "~")) or os.sep in path and path.count("/") > 1 or _format_of(path):
-        raise DataError(f"data file {path!r} does not exist; fix the source path in the run config")
-    else:
-        return None
-    if not files:
-        raise DataError(f"no data files match {path!r}")
-    return files
-
-
-def _format_of(name: str) -> str | None:
-    stem = name[:-3] if name.endswith(".gz") else name
-    return _FORMATS.get(Path(stem).suffix)
-
-
-def open_source(source: SourceConfig):
-    """The source as a `datasets` streaming IterableDataset (local files and hub ids alike)."""
-    import datasets
-
-    files = _local_files(source.path)
-    try:
-        if files is not None:
-            formats = {_format_of(f) for f in files}
-            if len(formats) != 1 or None in formats:
-                raise DataError(f"source {source.name!r}: files {files[:3]} must share one format "
-                                f"of {sorted(set(_FORMATS))} (optionally .gz)")
-            return datasets.load_dataset(formats.pop(), data_files=files, split="train", streaming=True)
-        return datasets.load_dataset(source.path, source.hub_config or None, split=source.split,
-                                     streaming=True)
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"cannot open source {source.name!r} ({source.path}): {e}") from e
+log = logging.getLogger(__name__)
+_TOLD_READS_ALL: set[str] = set()  # sources whose record-level rule was logged in this process
 
 
 @dataclass
 class PackCursor:
-    """Where a (source, shard) packer stands: resumable, serialisable."""
+    """Where a (source, shard) packer stands: resumable from here without reading earlier files.
+
+    The location (file, record, position) is the first document of the current shuffle window;
+    a resumed packer reads that window again and skips its first `in_window` documents.
+    """
 
     epoch: int = 0
-    doc_position: int = 0  # stream position (in the epoch) of the next document to read
-    token_offset: int = 0  # tokens of that document already packed into earlier sequences
+    file: int = 0  # index into this shard's file order of the epoch (ShardPlan.files)
+    record: int = 0  # record index within that file
+    position: int = 0  # records before it in the epoch's file order (the record-level rule deals by it)
+    in_window: int = 0  # documents of the window already packed, in the window's order
+    token_offset: int = 0  # tokens of the next document already packed into earlier sequences
     sequences: int = 0  # packed sequences emitted so far
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "PackCursor":
+        fields = set(asdict(cls()))
+        if set(state) != fields:
+            raise ValueError(f"cursor {state} does not have the fields {sorted(fields)}; it was saved by "
+                             f"another version of gptjt: start this shard from sequence 0 instead")
+        return cls(**state)
 
 
 class SourcePacker:
@@ -92,25 +65,37 @@ class SourcePacker:
                  tokenizer, seed: int, shuffle_buffer: int):
         self.source, self.shard, self.num_shards = source, shard, num_shards
         self.seq_len, self.tokenizer, self.seed = seq_len, tokenizer, seed
-        self.shuffle_buffer = shuffle_buffer
-        self._dataset = None
+        self.window_size = max(1, shuffle_buffer)
         self.cursor = PackCursor()
-        self._docs: Iterator[tuple[int, list[int]]] | None = None
-        self._pending: list[int] = []  # tokens of the current document not yet packed
-        self._pending_position = 0
+        self.reads = ReadCounts()
+        self._plan: ShardPlan | None = None
+        self._records: Iterator[tuple[PackCursor, dict]] | None = None  # positioned after the window
+        self._window: list[tuple[PackCursor, dict]] | None = None  # in emission order
+        self._tokens: list[int] | None = None  # tokens + [eos] of window[in_window]
 
-    def _stream(self, epoch: int, start: int) -> Iterator[tuple[int, list[int]]]:
-        """(position, tokens + [eos]) of this shard's documents in `epoch`, from `start` on."""
-        if self._dataset is None:
-            self._dataset = open_source(self.source)
-        ds = self._dataset
-        if self.shuffle_buffer:
-            ds = ds.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer)
-        eos = self.tokenizer.eos_token_id
-        for position, record in enumerate(ds):
-            if position % self.num_shards != self.shard or position < start:
-                continue
-            yield position, self.tokenizer(self._text(record), add_special_tokens=False)["input_ids"] + [eos]
+    def plan(self) -> ShardPlan:
+        if self._plan is None:
+            opened = open_source(self.source)
+            self._plan = ShardPlan(opened.num_files, self.shard, self.num_shards, self.seed, self.window_size)
+            if not self._plan.file_level and self.source.name not in _TOLD_READS_ALL:
+                _TOLD_READS_ALL.add(self.source.name)
+                log.info("source %r has %d file(s) for %d shards: each shard reads all of it and keeps "
+                         "every %d-th record; split it into >= %d files to read 1/%d per shard",
+                         self.source.name, opened.num_files, self.num_shards, self.num_shards,
+                         self.num_shards, self.num_shards)
+        return self._plan
+
+    def _read(self, at: PackCursor) -> Iterator[tuple[PackCursor, dict]]:
+        """(location, record) of this shard's records in `at.epoch`, from `at`'s location on."""
+        plan, opened = self.plan(), open_source(self.source)
+        order = plan.files(at.epoch)
+        position = at.position
+        for i in range(at.file, len(order)):
+            start = at.record if i == at.file else 0
+            for record, row in enumerate(opened.rows(order[i], start, self.reads), start):
+                if plan.owns(position):
+                    yield PackCursor(at.epoch, i, record, position), row
+                position += 1
 
     def _text(self, record: dict) -> str:
         try:
@@ -120,51 +105,64 @@ class SourcePacker:
                             f"{self.source.text_template!r}; its fields are {sorted(record)}") from None
 
     def seek(self, cursor: PackCursor) -> None:
-        """Resume from `cursor` (re-reads the stream up to it; tokenizes only one document)."""
+        """Resume from `cursor`: opens its file, reads its window again (tokenizes one document)."""
         self.cursor = PackCursor(**asdict(cursor))
-        self._docs = None
-        self._pending = []
+        self._records = self._window = self._tokens = None
 
     def next_sequence(self) -> np.ndarray:
         """The next packed sequence: (seq_len,) int64."""
         out: list[int] = []
         while len(out) < self.seq_len:
-            if not self._pending:
-                self._next_document()
-            take = self._pending[: self.seq_len - len(out)]
+            tokens = self._document()
+            take = tokens[self.cursor.token_offset: self.cursor.token_offset + self.seq_len - len(out)]
             out += take
-            self._pending = self._pending[len(take):]
             self.cursor.token_offset += len(take)
-            if not self._pending:  # document finished: the cursor moves to the next one
-                self.cursor.doc_position = self._pending_position + 1
+            if self.cursor.token_offset == len(tokens):  # document finished: on to the next one
+                self.cursor.in_window += 1
                 self.cursor.token_offset = 0
+                self._tokens = None
+                if self.cursor.in_window == len(self._window):
+                    self._next_window()
         self.cursor.sequences += 1
         return np.asarray(out, dtype=np.int64)
 
-    def _next_document(self) -> None:
-        empty_epochs = 0
-        while True:
-            if self._docs is None:
-                self._docs = self._stream(self.cursor.epoch, self.cursor.doc_position)
-            try:
-                position, tokens = next(self._docs)
-            except StopIteration:
-                if self.cursor.doc_position == 0:
-                    empty_epochs += 1
-                    if empty_epochs > 1:
-                        raise DataError(f"source {self.source.name!r} has no documents for shard "
-                                        f"{self.shard} of {self.num_shards}; use fewer shards") from None
-                self.cursor.epoch += 1  # wrap: the next epoch reshuffles (if shuffling)
-                self.cursor.doc_position = 0
-                self.cursor.token_offset = 0
-                self._docs = None
-                continue
-            self._pending_position = position
-            self._pending = tokens[self.cursor.token_offset:] if position == self.cursor.doc_position else tokens
-            if position != self.cursor.doc_position:
-                self.cursor.doc_position, self.cursor.token_offset = position, 0
-            if self._pending:
-                return
+    def _document(self) -> list[int]:
+        if self._window is None:  # first use, after a seek, or a new epoch: read the cursor's window
+            self._records = self._read(self.cursor)
+            if not self._take_window():
+                at_start = (self.cursor.file, self.cursor.record, self.cursor.position) == (0, 0, 0)
+                if at_start:
+                    raise DataError(f"source {self.source.name!r} has no documents for shard {self.shard} "
+                                    f"of {self.num_shards}; use fewer shards")
+                raise ValueError(f"cursor {self.cursor} points past the end of its epoch of source "
+                                 f"{self.source.name!r}; it is not from this data")
+            if not 0 <= self.cursor.in_window < len(self._window):
+                raise ValueError(f"cursor {self.cursor} points past its window of {len(self._window)} "
+                                 f"documents of source {self.source.name!r}; it is not from this data")
+        if self._tokens is None:
+            _, record = self._window[self.cursor.in_window]
+            eos = self.tokenizer.eos_token_id
+            self._tokens = self.tokenizer(self._text(record), add_special_tokens=False)["input_ids"] + [eos]
+        return self._tokens
+
+    def _next_window(self) -> None:
+        """Read the next window now, so the cursor names its first document (a resume then never
+        opens a file only to find it finished); at the epoch's end, point at the next epoch."""
+        self.cursor.in_window = 0
+        if not self._take_window():  # the next epoch starts at its first file, in a new order
+            self.cursor = PackCursor(epoch=self.cursor.epoch + 1, sequences=self.cursor.sequences)
+            self._records = self._window = None
+
+    def _take_window(self) -> bool:
+        """Take the next window from the open reader; False if this epoch has no more documents."""
+        docs = list(itertools.islice(self._records, self.window_size))
+        if not docs:
+            return False
+        first = docs[0][0]
+        self.cursor.file, self.cursor.record, self.cursor.position = first.file, first.record, first.position
+        order = self.plan().window_order(first.epoch, first.position, len(docs))
+        self._window = [docs[i] for i in order]
+        return True
 
 
 def mixture_counts(weights: list[float], n: int) -> np.ndarray:
@@ -258,7 +256,7 @@ class ShardReader:
             if packer.source.name not in state["cursors"]:
                 raise ValueError(f"cursor state has no source {packer.source.name!r}; "
                                  f"it has {sorted(state['cursors'])}")
-            cursor = PackCursor(**state["cursors"][packer.source.name])
+            cursor = PackCursor.from_dict(state["cursors"][packer.source.name])
             packer.seek(cursor)
             self._cursors[self.packers.index(packer)][cursor.sequences] = PackCursor(**asdict(cursor))
 

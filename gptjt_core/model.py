@@ -6,6 +6,7 @@ import hashlib
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GPTJConfig
 from transformers.models.gptj.modeling_gptj import GPTJBlock, GPTJRotaryEmbedding
 
@@ -37,6 +38,9 @@ class GPTJStage(nn.Module):
             self.transformer.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         self.rotary = GPTJRotaryEmbedding(config)  # sin/cos table; a non-persistent buffer
+        # Activation checkpointing (pipeline.activation_checkpointing): blocks per segment whose
+        # forward keeps only its input and runs again in the backward; 0 keeps everything.
+        self.checkpoint_segment = 0
 
     def forward(self, x: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x: token ids (B, T) if spec.embed else hidden states (B, T, D).
@@ -51,8 +55,14 @@ class GPTJStage(nn.Module):
         mask = self._attention_bias(prefix_lengths.to(h.device), T, h)  # (B, 1, T, T)
         position_ids = torch.arange(T, device=h.device).unsqueeze(0)  # (1, T)
         sin_cos = self.rotary(h, position_ids=position_ids)
-        for block in self.transformer.h.values():
-            h = block(h, attention_mask=mask, position_ids=position_ids, position_embeddings=sin_cos)
+        blocks = list(self.transformer.h.values())
+        k = self.checkpoint_segment if torch.is_grad_enabled() else 0
+        if not k:
+            h = _run_blocks(blocks, h, mask, position_ids, sin_cos)
+        else:
+            for i in range(0, len(blocks), k):
+                # non-reentrant: the recomputation sees the autocast state and RNG of the forward
+                h = checkpoint(_run_blocks, blocks[i:i + k], h, mask, position_ids, sin_cos, use_reentrant=False)
         if self.spec.head:
             h = self.lm_head(self.transformer.ln_f(h))  # (B, T, V)
         return h
@@ -85,6 +95,14 @@ class GPTJStage(nn.Module):
         bias = torch.zeros(allowed.shape, dtype=dtype, device=h.device)
         bias.masked_fill_(~allowed, torch.finfo(dtype).min)
         return bias.unsqueeze(1)
+
+
+def _run_blocks(blocks: list[nn.Module], h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+                sin_cos: torch.Tensor) -> torch.Tensor:
+    """h (B, T, D) through `blocks` in order (one checkpointed segment, or the whole stage)."""
+    for block in blocks:
+        h = block(h, attention_mask=mask, position_ids=position_ids, position_embeddings=sin_cos)
+    return h
 
 
 def gptj_config(kwargs: dict, attn_implementation: str = "sdpa") -> GPTJConfig:

@@ -13,7 +13,8 @@ from .config import ConfigError
 @dataclass(frozen=True)
 class PrecisionPolicy:
     """How a device computes: parameters and optimizer states stay fp32 (master weights);
-    forward/backward run under autocast in `compute_dtype`; fp16 needs loss scaling."""
+    forward/backward run under autocast in `compute_dtype`; fp16 needs loss scaling
+    (gptjt_core/loss_scale.py)."""
 
     name: str  # 'fp32', 'bf16' or 'fp16'
     device_type: str  # 'cpu' or 'cuda'
@@ -22,18 +23,17 @@ class PrecisionPolicy:
     def compute_dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.name]
 
-    @property
-    def needs_loss_scaling(self) -> bool:
-        return self.name == "fp16"
-
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.name == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.compute_dtype)
 
-    def grad_scaler(self) -> torch.amp.GradScaler:
-        # Disabled scalers are pass-throughs, so callers need no branches.
-        return torch.amp.GradScaler(self.device_type, enabled=self.needs_loss_scaling)
+    def grad_scaler(self, enabled: bool, init_scale: float = 2.0 ** 16, growth_every: int = 2000) -> torch.amp.GradScaler:
+        """The local trainer's loss scaler (train.loss_scale_init, train.loss_scale_growth_every;
+        enabled as gptjt_core.loss_scale.scaling_wanted says). Disabled scalers are pass-throughs,
+        so callers need no branches."""
+        return torch.amp.GradScaler(self.device_type, init_scale=init_scale, growth_interval=growth_every,
+                                    enabled=enabled)
 
 
 def resolve_precision(requested: str, device: torch.device | str) -> PrecisionPolicy:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +44,22 @@ class DataConfig:
     """'gpt2-offline' (the GPT-2/GPT-J BPE shipped on PyPI), a local directory or hub id; the
     model's vocabulary must cover its ids."""
     num_shards: int = 64
-    """Data shards, an integer >= 1. Documents of each source are dealt to shards by index (doc
-    i -> shard i % num_shards) and micro-batch k of a step reads shard k % num_shards; every shard
-    needs documents of every source, so small data sets want few shards."""
+    """Data shards, an integer >= 1; micro-batch k of a step reads shard k % num_shards. A source
+    with at least num_shards files (for a hub id: its data files) gives shard s its files s,
+    s + num_shards, ... whole, so each shard reader reads about 1/num_shards of it (files are not
+    split: give a source a multiple of num_shards files of similar size to balance the shards).
+    A source with fewer files deals records instead (record i of an epoch -> shard i % num_shards):
+    every shard reader then reads all of it, and a log line says so. In a swarm, stage 0's R
+    replicas deal the shards (shard % R), each leasing its own shards' micro-batches first, so
+    each reads about 1/R of the data (a multiple of R shards balances them; with fewer shards
+    than replicas, none is preferred). Every shard needs documents of every source, so small
+    data sets want few shards."""
     shuffle_buffer: int = 10_000
-    """Documents held by the streaming shuffle of each source, an integer >= 0 (0 keeps file
-    order). Memory grows with it: it holds that many raw records per source and shard reader."""
+    """Documents shuffled together, an integer >= 0 (0 keeps file order). When > 0, each epoch
+    permutes a shard's file order and emits its documents in consecutive windows of this many,
+    each window in a seeded order, so a resumed shard yields the same tokens as an uninterrupted
+    one. Memory grows with it (raw records per source and shard reader), and a resume reads the
+    current window again."""
     heldout: list[SourceConfig] = field(default_factory=list)
     """Sources used only for evaluation (perplexity), never trained on ([[data.heldout]]); may be
     empty."""
@@ -146,6 +157,16 @@ class TrainConfig:
     precision: str = "auto"
     """Compute precision of forward and backward (weights and optimizer stay fp32): 'auto' (bf16
     autocast on CUDA if supported else fp16; fp32 on CPU), 'fp32', 'bf16' or 'fp16' (CUDA only)."""
+    loss_scaling: str = "auto"
+    """Dynamic loss scaling, which fp16 needs (its gradients underflow without it): 'auto' (on
+    when train.precision is 'fp16', or 'auto' and a member of the step computes in fp16, i.e. a
+    GPU without bf16), 'dynamic' (always on) or 'off'. In the swarm the coordinator owns the
+    scale: a step whose gradients overflow is re-run at half the scale (no micro-batch is lost);
+    after loss_scale_growth_every clean steps it doubles."""
+    loss_scale_init: float = 65536.0
+    """The first loss scale, a power of two from 1 to 2^24 (torch's GradScaler starts at 2^16)."""
+    loss_scale_growth_every: int = 2000
+    """Clean steps (no overflow) after which the scale doubles, an integer >= 1 (torch: 2000)."""
     checkpoint_every: int = 0
     """Save a resumable checkpoint every N optimizer steps, an integer >= 0 (0: none on the way;
     train-local still saves one at the end)."""
@@ -161,6 +182,13 @@ class TrainConfig:
         _check(self.seq_len >= 16, "seq_len", self.seq_len, "at least 16 tokens")
         _check(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", self.precision,
                "'auto', 'fp32', 'bf16' or 'fp16'")
+        _check(self.loss_scaling in ("auto", "dynamic", "off"), "loss_scaling", self.loss_scaling,
+               "'auto', 'dynamic' or 'off'")
+        _check(isinstance(self.loss_scale_init, (int, float)) and 1 <= self.loss_scale_init <= 2 ** 24
+               and math.log2(self.loss_scale_init).is_integer(), "loss_scale_init", self.loss_scale_init,
+               "a power of two from 1 to 16777216 (2^24)")
+        _check(isinstance(self.loss_scale_growth_every, int) and self.loss_scale_growth_every >= 1,
+               "loss_scale_growth_every", self.loss_scale_growth_every, "an integer >= 1")
         _check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
         _check(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
 
@@ -197,7 +225,7 @@ class RunConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """[scheduler]: how stages are placed on workers (coordinator only)."""
     verify: VerifyConfig = field(default_factory=VerifyConfig)
-    """[verify]: spot checks of stage work by replicas (swarm only, replicas_per_stage > 1)."""
+    """[verify]: spot checks of stage work by replicas or standbys (swarm only)."""
 
     def __post_init__(self) -> None:
         _check(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",

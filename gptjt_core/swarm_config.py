@@ -17,9 +17,18 @@ class PipelineConfig:
 
     num_stages: int = 2
     """Pipeline stages, an integer >= 1 and at most the model's layers; the scheduler decides how
-    many layers each holds ([scheduler])."""
+    many layers each holds ([scheduler]). With min_stages / max_stages set, this is the plan the
+    run starts from, before any worker is measured."""
+    min_stages: int = 0
+    """Fewest stages the cost-model scheduler may choose, an integer in 1 .. num_stages (0: num_stages)."""
+    max_stages: int = 0
+    """Most stages the cost-model scheduler may choose, an integer >= num_stages and at most the
+    model's layers (0: num_stages). Between the two bounds the scheduler picks the count from the
+    workers' measured devices and links (coordinator/placement.py); a new count applies like any
+    re-plan: at once before the first step, else at a restore point."""
     max_in_flight: int = 0
-    """Micro-batches stage 0 keeps in the pipeline at once, an integer >= 0 (0: num_stages + 1)."""
+    """Micro-batches stage 0 keeps in the pipeline at once, an integer >= 0 (0: max_stages + 1, or
+    num_stages + 1 without max_stages)."""
     activation_codec: str = "fp16"
     """Codec for activations sent forward: one of 'fp32', 'fp16', 'bf16', 'q8', 'q4', 'q3'
     (CODEC_NAMES; see gptjt_core.compression.CODECS)."""
@@ -37,6 +46,11 @@ class PipelineConfig:
     start_with_replicas: int = 1
     """The run's first step waits until every stage has this many ready replicas (later steps
     go on with whoever holds the state, down to one per stage); an integer in 1 .. replicas_per_stage."""
+    activation_checkpointing: str = "none"
+    """What each stage keeps of a micro-batch's forward for its backward: 'none' (everything:
+    fastest, most memory), 'block' (each block's input only; its forward runs again in the
+    backward: about a third more compute) or 'every-K' (the input of every K-th block; K blocks
+    run again at once). coordinator/memory_model.py says what each costs per stage."""
     joiner_grace_s: float = 5.0
     """A step waits up to this many seconds (from the previous step's close) for replicas still
     copying or loading the state, so a joiner catches up instead of always trailing a short step;
@@ -44,6 +58,10 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         _check(self.num_stages >= 1, "num_stages", self.num_stages, "an integer >= 1")
+        _check(0 <= self.min_stages <= self.num_stages, "min_stages", self.min_stages,
+               f"an integer in 1 .. num_stages ({self.num_stages}), or 0 for num_stages")
+        _check(self.max_stages == 0 or self.max_stages >= self.num_stages, "max_stages", self.max_stages,
+               f"an integer >= num_stages ({self.num_stages}), or 0 for num_stages")
         _check(self.max_in_flight >= 0, "max_in_flight", self.max_in_flight, "an integer >= 0")
         for name in ("activation_codec", "gradient_codec"):
             value = getattr(self, name)
@@ -53,13 +71,35 @@ class PipelineConfig:
         _check(self.max_payload_bytes >= self.chunk_bytes, "max_payload_bytes", self.max_payload_bytes,
                "at least chunk_bytes")
         _check(self.replicas_per_stage >= 1, "replicas_per_stage", self.replicas_per_stage, "an integer >= 1")
+        _check(checkpoint_segment(self.activation_checkpointing) >= 0, "activation_checkpointing",
+               self.activation_checkpointing, "'none', 'block' or 'every-K' with K an integer >= 1")
         _check(self.joiner_grace_s >= 0, "joiner_grace_s", self.joiner_grace_s, "a number of seconds >= 0")
         _check(1 <= self.start_with_replicas <= self.replicas_per_stage, "start_with_replicas",
                self.start_with_replicas, f"an integer in 1 .. replicas_per_stage ({self.replicas_per_stage})")
 
     @property
+    def stage_counts(self) -> list[int]:
+        """The stage counts the scheduler may choose among (just num_stages unless bounded)."""
+        return list(range(self.min_stages or self.num_stages, (self.max_stages or self.num_stages) + 1))
+
+    @property
     def in_flight(self) -> int:
-        return self.max_in_flight or self.num_stages + 1
+        return self.max_in_flight or (self.max_stages or self.num_stages) + 1
+
+    @property
+    def checkpoint_segment(self) -> int:
+        """Blocks per recomputed segment: 0 no activation checkpointing, 1 every block, K every K."""
+        return checkpoint_segment(self.activation_checkpointing)
+
+
+def checkpoint_segment(setting: str) -> int:
+    """pipeline.activation_checkpointing as blocks per segment (0: none); -1 when malformed."""
+    if setting == "none":
+        return 0
+    if setting == "block":
+        return 1
+    k = setting.removeprefix("every-")
+    return int(k) if k != setting and k.isdigit() and int(k) >= 1 else -1
 
 
 @dataclass
@@ -136,6 +176,12 @@ class AveragingConfig:
     Averaging traffic per optimizer step falls by outer_every x (times the compression's ratio)."""
     outer_every: int = 32
     """Steps between outer steps in "local-steps" mode (DiLoCo's H), an integer >= 1."""
+    outer_density: float = 1.0
+    """Share of each pseudo-gradient's coordinates the replicas average at an outer step, in (0, 1]:
+    below 1, the same random k = ceil(density x numel) coordinates at every replica, the rest kept
+    in each replica's residual and sent at later outer steps (error feedback;
+    gptjt_core/outer_sparsity.py). Traffic falls by 1 / density on top of outer_every and the
+    compression. "local-steps" mode only."""
     outer_lr: float = 1.0
     """Outer learning rate, > 0: 1 with no momentum is plain averaging of the replicas (DiLoCo: 0.7)."""
     outer_momentum: float = 0.0
@@ -161,6 +207,9 @@ class AveragingConfig:
         _check(self.mode in ("every-step", "local-steps"), "mode", self.mode, "'every-step' or 'local-steps'")
         _check(self.outer_every >= 1, "outer_every", self.outer_every, "an integer >= 1")
         _check(self.outer_lr > 0, "outer_lr", self.outer_lr, "a number > 0")
+        _check(0 < self.outer_density <= 1, "outer_density", self.outer_density, "a number in (0, 1]")
+        _check(self.outer_density == 1 or self.mode == "local-steps", "outer_density", self.outer_density,
+               '1 unless mode = "local-steps" (every-step mode sums whole gradients)')
         _check(0 <= self.outer_momentum < 1, "outer_momentum", self.outer_momentum, "a number in [0, 1)")
         _check(self.compression in AVERAGING_COMPRESSIONS, "compression", self.compression,
                f"one of {list(AVERAGING_COMPRESSIONS)}")

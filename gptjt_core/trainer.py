@@ -19,6 +19,7 @@ from .data import step_micro_batches
 from .export import export_checkpoint, hf_config_dict
 from .model import StageSpec, load_stage, model_config_for
 from .optim import build_optimizer, clip_gradients, lr_at, set_lr
+from .loss_scale import scaling_wanted
 from .precision import resolve_precision
 from .tokenizer import load_tokenizer
 from .ul2 import batch_loss
@@ -70,8 +71,11 @@ class LocalTrainer:
         self.spec = StageSpec(0, self.model_config.n_layer, embed=True, head=True)
         self.model = load_stage(run.model.source, self.spec, dtype=torch.float32, device=self.device,
                                 attn_implementation=run.model.attn_implementation)
+        self.model.checkpoint_segment = run.pipeline.checkpoint_segment  # the same memory trade as a stage
         self.optimizer = build_optimizer(self.model.parameters(), run.optim)
-        self.scaler = self.precision.grad_scaler()
+        train = run.train
+        self.scaler = self.precision.grad_scaler(scaling_wanted(train.loss_scaling, train.precision, {self.precision.name}),
+                                                 train.loss_scale_init, train.loss_scale_growth_every)
         self.step = 0
         self.history: list[dict] = []
         self.max_bad_steps = max_bad_steps
@@ -101,7 +105,7 @@ class LocalTrainer:
         self.scaler.unscale_(self.optimizer)
         grad_norm = clip_gradients(self.model.parameters(), self.run.optim.grad_clip)
         skipped = not (math.isfinite(total_loss) and math.isfinite(grad_norm))
-        if skipped and not self.precision.needs_loss_scaling:
+        if skipped and not self.scaler.is_enabled():
             self._bad_steps += 1
             log.warning("step %d: non-finite loss %s / grad norm %s; update skipped",
                         self.step, total_loss, grad_norm)
@@ -111,7 +115,7 @@ class LocalTrainer:
                     f"(last at step {self.step}); lower optim.lr or use precision fp32/bf16")
         else:
             self._bad_steps = 0
-            # With fp16 the scaler skips the update itself on inf/NaN and lowers the scale.
+            # A loss scaler (fp16) skips the update itself on inf/NaN and lowers the scale.
             self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)

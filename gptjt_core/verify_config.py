@@ -6,18 +6,24 @@ from dataclasses import dataclass
 
 from .config_errors import _check
 
+# Steps of evidence a stage with one replica keeps (the step just applied and the ones before
+# it): its checks go to standbys that first load the stage from the store, later than a replica
+# answers. The coordinator lets such a check go stale when it is older than this.
+STANDBY_EVIDENCE_STEPS = 4
+
 
 @dataclass
 class VerifyConfig:
     """Spot checks of stage work: the coordinator samples micro-batches a member committed to and
     asks another replica of the same stage to recompute them from the same inputs with the same
-    weights (worker/spot_check.py). Stages with one replica are not checked this way yet (the
-    chain check still compares their links)."""
+    weights (worker/spot_check.py). A stage with one replica is checked by standby workers with
+    its weights from the checkpoint store, on the steps the store holds (worker/check_weights.py)."""
 
     sample_rate: float = 0.05
     """Fraction of each member's micro-batches checked, a number in [0, 1] (0: no spot checks).
     Drawn by the coordinator after the commitment arrives, so a worker cannot know in advance
-    which of its micro-batches will be checked."""
+    which of its micro-batches will be checked. A single-replica stage is checked on stored
+    steps only, at sample_rate x train.checkpoint_every there (at most 1)."""
     first_checks: int = 2
     """Micro-batches of every new worker checked whatever the sample rate, an integer >= 0: a
     worker that lies from its first step is caught in its first step."""

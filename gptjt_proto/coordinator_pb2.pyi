@@ -122,7 +122,7 @@ class DhtAccessToken(_message.Message):
     def __init__(self, username: _Optional[str] = ..., public_key: _Optional[bytes] = ..., expiration_time: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages", "next_addresses", "member", "peer_ids", "peer_addresses", "contributors", "checkpoint_writer", "standby_reason", "next_ids", "peer_address_ids", "upstream_ids", "fetcher_ids", "peer_dht_ids")
+    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages", "next_addresses", "member", "peer_ids", "peer_addresses", "contributors", "checkpoint_writer", "standby_reason", "next_ids", "peer_address_ids", "upstream_ids", "fetcher_ids", "peer_dht_ids", "verifier_ids")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class StageAssignment(_message.Message):
     UPSTREAM_IDS_FIELD_NUMBER: _ClassVar[int]
     FETCHER_IDS_FIELD_NUMBER: _ClassVar[int]
     PEER_DHT_IDS_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_IDS_FIELD_NUMBER: _ClassVar[int]
     stage: int
     start_layer: int
     end_layer: int
@@ -161,7 +162,8 @@ class StageAssignment(_message.Message):
     upstream_ids: _containers.RepeatedScalarFieldContainer[str]
     fetcher_ids: _containers.RepeatedScalarFieldContainer[str]
     peer_dht_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ..., next_addresses: _Optional[_Iterable[str]] = ..., member: _Optional[bool] = ..., peer_ids: _Optional[_Iterable[str]] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., checkpoint_writer: _Optional[bool] = ..., standby_reason: _Optional[str] = ..., next_ids: _Optional[_Iterable[str]] = ..., peer_address_ids: _Optional[_Iterable[str]] = ..., upstream_ids: _Optional[_Iterable[str]] = ..., fetcher_ids: _Optional[_Iterable[str]] = ..., peer_dht_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    verifier_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ..., next_addresses: _Optional[_Iterable[str]] = ..., member: _Optional[bool] = ..., peer_ids: _Optional[_Iterable[str]] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., checkpoint_writer: _Optional[bool] = ..., standby_reason: _Optional[str] = ..., next_ids: _Optional[_Iterable[str]] = ..., peer_address_ids: _Optional[_Iterable[str]] = ..., upstream_ids: _Optional[_Iterable[str]] = ..., fetcher_ids: _Optional[_Iterable[str]] = ..., peer_dht_ids: _Optional[_Iterable[str]] = ..., verifier_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("worker_id", "run_config_json", "assignment", "heartbeat_interval_s", "dht_peers", "session", "ca_pem", "cert_pem", "dht_token", "dht_authority_key")
@@ -188,7 +190,7 @@ class JoinReply(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., run_config_json: _Optional[str] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., heartbeat_interval_s: _Optional[float] = ..., dht_peers: _Optional[_Iterable[str]] = ..., session: _Optional[str] = ..., ca_pem: _Optional[str] = ..., cert_pem: _Optional[str] = ..., dht_token: _Optional[_Union[DhtAccessToken, _Mapping]] = ..., dht_authority_key: _Optional[bytes] = ...) -> None: ...
 
 class WorkerMetrics(_message.Message):
-    __slots__ = ("micro_batches_per_s", "busy_fraction", "bytes_sent", "bytes_received", "micro_batches", "downstream_mbit", "activation_codec", "gradient_codec", "averaging_bytes")
+    __slots__ = ("micro_batches_per_s", "busy_fraction", "bytes_sent", "bytes_received", "micro_batches", "downstream_mbit", "activation_codec", "gradient_codec", "averaging_bytes", "peak_memory_bytes")
     MICRO_BATCHES_PER_S_FIELD_NUMBER: _ClassVar[int]
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +200,7 @@ class WorkerMetrics(_message.Message):
     ACTIVATION_CODEC_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_CODEC_FIELD_NUMBER: _ClassVar[int]
     AVERAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     micro_batches_per_s: float
     busy_fraction: float
     bytes_sent: int
@@ -207,7 +210,8 @@ class WorkerMetrics(_message.Message):
     activation_codec: str
     gradient_codec: str
     averaging_bytes: int
-    def __init__(self, micro_batches_per_s: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., micro_batches: _Optional[int] = ..., downstream_mbit: _Optional[float] = ..., activation_codec: _Optional[str] = ..., gradient_codec: _Optional[str] = ..., averaging_bytes: _Optional[int] = ...) -> None: ...
+    peak_memory_bytes: int
+    def __init__(self, micro_batches_per_s: _Optional[float] = ..., busy_fraction: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., micro_batches: _Optional[int] = ..., downstream_mbit: _Optional[float] = ..., activation_codec: _Optional[str] = ..., gradient_codec: _Optional[str] = ..., averaging_bytes: _Optional[int] = ..., peak_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("worker_id", "metrics", "state", "loaded_epoch", "position", "device", "links", "coordinator_rtt_ms", "dht_maddrs")
@@ -240,7 +244,7 @@ class HeartbeatReply(_message.Message):
     def __init__(self, known: _Optional[bool] = ..., checks: _Optional[_Iterable[_Union[SpotCheck, _Mapping]]] = ...) -> None: ...
 
 class SpotCheck(_message.Message):
-    __slots__ = ("check_id", "step", "attempt", "ticket_id", "stage", "worker_id", "address", "commitment", "returned")
+    __slots__ = ("check_id", "step", "attempt", "ticket_id", "stage", "worker_id", "address", "commitment", "returned", "weights", "start_layer", "end_layer", "embed", "head", "loss_scale")
     CHECK_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +254,12 @@ class SpotCheck(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     COMMITMENT_FIELD_NUMBER: _ClassVar[int]
     RETURNED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    EMBED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
     check_id: int
     step: int
     attempt: int
@@ -259,7 +269,13 @@ class SpotCheck(_message.Message):
     address: str
     commitment: bytes
     returned: bytes
-    def __init__(self, check_id: _Optional[int] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., ticket_id: _Optional[int] = ..., stage: _Optional[int] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., commitment: _Optional[bytes] = ..., returned: _Optional[bytes] = ...) -> None: ...
+    weights: str
+    start_layer: int
+    end_layer: int
+    embed: bool
+    head: bool
+    loss_scale: float
+    def __init__(self, check_id: _Optional[int] = ..., step: _Optional[int] = ..., attempt: _Optional[int] = ..., ticket_id: _Optional[int] = ..., stage: _Optional[int] = ..., worker_id: _Optional[str] = ..., address: _Optional[str] = ..., commitment: _Optional[bytes] = ..., returned: _Optional[bytes] = ..., weights: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., loss_scale: _Optional[float] = ...) -> None: ...
 
 class CheckReport(_message.Message):
     __slots__ = ("worker_id", "check_id", "commitment", "unable")
@@ -296,7 +312,7 @@ class WatchRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class RunState(_message.Message):
-    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links", "dht_peers", "measure_link_ids", "drain")
+    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links", "dht_peers", "measure_link_ids", "drain", "loss_scale")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -311,6 +327,7 @@ class RunState(_message.Message):
     DHT_PEERS_FIELD_NUMBER: _ClassVar[int]
     MEASURE_LINK_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
+    LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
     phase: StepPhase
@@ -325,10 +342,11 @@ class RunState(_message.Message):
     dht_peers: _containers.RepeatedScalarFieldContainer[str]
     measure_link_ids: _containers.RepeatedScalarFieldContainer[str]
     drain: bool
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ..., dht_peers: _Optional[_Iterable[str]] = ..., measure_link_ids: _Optional[_Iterable[str]] = ..., drain: _Optional[bool] = ...) -> None: ...
+    loss_scale: float
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ..., dht_peers: _Optional[_Iterable[str]] = ..., measure_link_ids: _Optional[_Iterable[str]] = ..., drain: _Optional[bool] = ..., loss_scale: _Optional[float] = ...) -> None: ...
 
 class CheckpointHeader(_message.Message):
-    __slots__ = ("worker_id", "step", "start_layer", "end_layer", "embed", "head", "nbytes", "sha256")
+    __slots__ = ("worker_id", "step", "start_layer", "end_layer", "embed", "head", "nbytes", "sha256", "stored_at")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -337,6 +355,7 @@ class CheckpointHeader(_message.Message):
     HEAD_FIELD_NUMBER: _ClassVar[int]
     NBYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    STORED_AT_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     step: int
     start_layer: int
@@ -345,7 +364,8 @@ class CheckpointHeader(_message.Message):
     head: bool
     nbytes: int
     sha256: str
-    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., nbytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    stored_at: str
+    def __init__(self, worker_id: _Optional[str] = ..., step: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., nbytes: _Optional[int] = ..., sha256: _Optional[str] = ..., stored_at: _Optional[str] = ...) -> None: ...
 
 class CheckpointChunk(_message.Message):
     __slots__ = ("header", "data")

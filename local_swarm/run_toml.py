@@ -8,9 +8,15 @@ from pathlib import Path
 def small_run_toml(tmp: Path, steps: int = 3, num_stages: int = 2, global_batch: int = 4, micro_batch: int = 2,
                    seq_len: int = 64, port: int = 0, timeout_s: float = 3.0, extra: str = "",
                    checkpoint_every: int = 0, replicas_per_stage: int = 1, start_with_replicas: int = 1,
-                   interval_s: float = 0.5, placement: str = "even", min_workers: int = 0) -> Path:
+                   interval_s: float = 0.5, placement: str = "even", min_workers: int = 0,
+                   source: str = "random:tiny:0", precision: str = "fp32", codec: str = "fp32",
+                   eight_bit: bool = False, activation_checkpointing: str = "none", min_stages: int = 0,
+                   max_stages: int = 0) -> Path:
     """tmp/run.toml: a small fp32 run of the tiny flavour on the bundled wiki text, with heartbeats
     fast enough for fault drills (tests and benchmarks). `extra` is appended to the [coordinator] table (more keys, or more sections).
+    source, precision, codec (both directions), eight_bit and activation_checkpointing change the
+    model and how it trains (the GPU drill runs random:gptj-6b:0 in bf16 with 8-bit AdamW).
+    min_stages / max_stages: the stage counts a cost-model plan may choose (0: num_stages).
     placement 'even' (the default here) keeps the layer ranges the drills expect; the
     cost-model scheduler has its own tests."""
     repo = Path(__file__).resolve().parent.parent
@@ -18,7 +24,7 @@ def small_run_toml(tmp: Path, steps: int = 3, num_stages: int = 2, global_batch:
     path.write_text(f"""
 name = "test-swarm"
 [model]
-source = "random:tiny:0"
+source = "{source}"
 [data]
 num_shards = 2
 shuffle_buffer = 0
@@ -29,17 +35,21 @@ weight = 1.0
 [optim]
 lr = 2e-3
 warmup_steps = 1
+eight_bit = {"true" if eight_bit else "false"}
 [train]
 global_batch = {global_batch}
 micro_batch = {micro_batch}
 seq_len = {seq_len}
 steps = {steps}
-precision = "fp32"
+precision = "{precision}"
 checkpoint_every = {checkpoint_every}
 [pipeline]
 num_stages = {num_stages}
-activation_codec = "fp32"
-gradient_codec = "fp32"
+min_stages = {min_stages}
+max_stages = {max_stages}
+activation_codec = "{codec}"
+gradient_codec = "{codec}"
+activation_checkpointing = "{activation_checkpointing}"
 replicas_per_stage = {replicas_per_stage}
 start_with_replicas = {start_with_replicas}
 [scheduler]

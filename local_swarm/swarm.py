@@ -205,9 +205,11 @@ class LocalSwarm:
         self._terminate([p for p in self.procs if p not in workers], timeout)
         self.close()
 
-    def close(self, grace_s: float = 10.0) -> None:
+    def close(self, grace_s: float = 3.0) -> None:
         """SIGTERM every process, SIGKILL what is left after `grace_s`, with its session (hivemind's
-        p2pd daemons go with their worker)."""
+        p2pd daemons go with their worker). A worker stopped mid-run drains, waiting for a step
+        boundary of a coordinator that is stopping too: nothing it would save is needed here, so
+        the grace is short (it was 10 s a swarm, minutes over the suite)."""
         self._terminate(self.procs, grace_s)
         for p in self.procs:
             p.kill_group()

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listen", default="127.0.0.1:0",
                     help="host:port to serve the stage API on (default 127.0.0.1, any free port)")
     ap.add_argument("--announce", default="", help="host:port other workers reach this one at (default: --listen)")
+    ap.add_argument("--relay", default="", metavar="HOST:PORT",
+                    help="the run's relay: used when the relay cannot reach this worker (behind NAT)")
     ap.add_argument("--name", default="", help="label shown to the operator (default: the host name)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--drain-timeout", type=float, default=60.0,
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     options = WorkerOptions(coordinator=args.join, token=args.token, device=args.device, listen=args.listen,
-                            announce=args.announce, name=args.name, threads=args.threads,
+                            announce=args.announce, relay=args.relay, name=args.name, threads=args.threads,
                             drain_timeout_s=args.drain_timeout, tls_ca=args.tls_ca,
                             simulate_device=args.simulate_device)
     try:

@@ -20,6 +20,12 @@ async def drain_and_leave(runner) -> None:
     """The drain a SIGTERM, `gptjt drain` or the dashboard asks for. `runner`: the
     worker.runner.WorkerRunner leaving (not imported here: the runner imports this module)."""
     state = runner.state
+    if state is not None and state.phase == cpb.DONE:
+        # The run is over: no step to finish, no lease to hand back, no stage the run still
+        # needs. Say goodbye and stop now (the coordinator may be stopping too: tests and
+        # operators stop a finished swarm all at once, and an unanswered drain would wait).
+        await _leave(runner)
+        return
     drain_step = state.step if state is not None else -1
     deadline = time.monotonic() + runner.options.drain_timeout_s
     runner.status = cpb.DRAINING
@@ -50,6 +56,10 @@ async def drain_and_leave(runner) -> None:
             await runner.follower.save_checkpoint(runner.stage, runner.stage.position)
         except grpc.aio.AioRpcError as e:
             log.warning("could not save the stage before leaving (%s); the run will roll back", e.details())
+    await _leave(runner)
+
+
+async def _leave(runner) -> None:
     try:
         await runner.coordinator.leave(runner.worker_id)
     except grpc.aio.AioRpcError as e:

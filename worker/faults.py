@@ -4,6 +4,9 @@ Kinds:
   poison@N          multiply this replica's gradient at step N by 1e6 before it is contributed
                     (a byzantine or broken replica; the coordinator must refuse it)
   nan@N             put NaN in this replica's gradient at step N
+  inf@N             an fp16 overflow: one inf in this replica's gradient at step N, in the first
+                    attempt only (a loss-scaled run re-runs the step at half the scale, which then
+                    does not overflow)
   die-averaging@N   SIGKILL this process halfway through the matchmaking of its averaging round
                     at step N (its group is forming, and then it is gone)
   die-checkpoint@N  SIGKILL this process halfway through uploading its stage's checkpoint of
@@ -47,7 +50,7 @@ from typing import NamedTuple
 LIE_MODES = ("scale", "noise", "zero", "stale")
 GRAD_SUFFIX = "-grad"  # a lie on the gradient sent upstream rather than on the forward output
 LIE_KINDS = tuple(f"lie-{mode}{suffix}" for suffix in ("", GRAD_SUFFIX) for mode in LIE_MODES)
-KINDS = ("poison", "nan", "die-averaging", "die-checkpoint", "isolate-averaging") + LIE_KINDS
+KINDS = ("poison", "nan", "inf", "die-averaging", "die-checkpoint", "isolate-averaging") + LIE_KINDS
 
 
 class Armed(NamedTuple):
@@ -137,6 +140,10 @@ class Faults:
             self.armed.pop(kind)  # someone else's; never ask the file system again
             return False
         return True
+
+    def spend(self, kind: str) -> None:
+        """A fault that happens once, not in every attempt of its step (inf@N)."""
+        self.armed.pop(kind, None)
 
     def give_back(self, kind: str, step: int) -> None:
         """A fault that fired but could not be carried out (die-checkpoint whose upload the

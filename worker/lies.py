@@ -72,7 +72,9 @@ class Liar:
         """The loss share the last stage reports: the only forward output it sends."""
         if OUTPUT not in self.lies:
             return loss
-        return float(self._tell(OUTPUT, key, step, torch.tensor(loss, dtype=torch.float64)))
+        # A liar sends a loss the coordinator takes (>= 0): a negative one is refused at the commit
+        # and only tells on itself there, which is not what a drill of spot checks is for.
+        return abs(float(self._tell(OUTPUT, key, step, torch.tensor(loss, dtype=torch.float64))))
 
     def _tell(self, target: str, key: Key, step: int, honest: torch.Tensor) -> torch.Tensor:
         kind = self.lies.get(target)

@@ -30,6 +30,7 @@ class StageInput:
     global_batch: int  # sequences in the step: the loss is a share of the step's mean
     wire: tuple[bytes, ...]  # what the input digest hashes: commitments.tokens_parts / received_parts
     gradient_codec: str | None = None  # how the input gradient goes back upstream; None at stage 0
+    loss_scale: float = 1.0  # the attempt's loss scale (RunState.loss_scale); the last stage scales its loss
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ async def work_micro_batch(stage: LayerSlice, compute: ComputeQueue, downstream:
     if stage.spec.head:
         def last() -> tuple[float, int, torch.Tensor | None, Encoded | None]:
             loss, targets, grad = stage.forward_backward(key, step, item.inputs, item.prefix_lengths, item.labels,
-                                                         item.global_batch)
+                                                         item.global_batch, item.loss_scale)
             loss, grad = liar.loss(key, step, loss), liar.gradient(key, step, grad)
             sent_grad = send_back(grad)
             stage.commitments[key] = commit(item.wire, torch.tensor([loss]), None, None, grad, sent_grad)

@@ -19,6 +19,9 @@ class WorkerOptions:
     """host:port to serve the stage API on (port 0: any free one)."""
     announce: str = ""
     """Address other workers use to reach this one (default: the listen address)."""
+    relay: str = ""
+    """host:port of the run's relay (coordinator.relay_listen): at start the worker asks it
+    whether its address is reachable and, if not (NAT), serves its stage through it."""
     name: str = ""
     """A label for the operator (default: the host name)."""
     threads: int = 0

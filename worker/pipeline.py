@@ -40,7 +40,9 @@ class Stage0Driver:
 
     def __init__(self, run: RunConfig, compute: ComputeQueue, downstream: DownstreamSender,
                  coordinator: CoordinatorClient, worker_id: str, stage: Callable[[], LayerSlice | None],
-                 open_for_work: Callable[[], bool]):
+                 open_for_work: Callable[[], bool], loss_scale_of: Callable[[int, int], float]):
+        """loss_scale_of(step, attempt): that attempt's loss scale, which a stage 0 that is also the
+        last stage applies (RunState.loss_scale)."""
         self.run_config = run
         self.schedule = OneFOneB(run.pipeline.in_flight)
         self.compute = compute
@@ -49,6 +51,7 @@ class Stage0Driver:
         self.worker_id = worker_id
         self.stage = stage
         self.open_for_work = open_for_work
+        self.loss_scale_of = loss_scale_of
         self.builder = MicroBatchBuilder(run)
         self._data_pool = ThreadPoolExecutor(1, thread_name_prefix="data")  # readers are not thread-safe
         self.tasks: dict[int, asyncio.Task] = {}  # ticket_id -> task
@@ -105,7 +108,8 @@ class Stage0Driver:
                                             labels=labels_bytes(mb.labels), stage=1)
 
             item = StageInput((ticket.ticket_id, ticket.attempt), ticket.step, mb.input_ids, mb.prefix_lengths,
-                              mb.labels, global_batch, tokens_parts(mb.input_ids, mb.labels, mb.prefix_lengths))
+                              mb.labels, global_batch, tokens_parts(mb.input_ids, mb.labels, mb.prefix_lengths),
+                              loss_scale=self.loss_scale_of(ticket.step, ticket.attempt))
             done = await work_micro_batch(stage, self.compute, self.downstream, item, next_header)
             result = await self.coordinator.commit(self.worker_id, ticket, done.loss, mb.input_ids.numel())
             self.leased.discard(ticket.ticket_id)

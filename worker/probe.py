@@ -59,6 +59,21 @@ def probe_device(device: str, dtype: torch.dtype = torch.float32, seconds: float
             "matmul_tflops": measure_matmul_tflops(dev, dtype, seconds), "dtype": DTYPE_NAMES[dtype]}
 
 
+def peak_memory_bytes(device: str) -> int:
+    """The torch allocator's peak on `device` since the last reset_peak_memory(): what a stage
+    really needed, beside the memory model's prediction (bench gpu-swarm). 0 on CPU, where torch
+    keeps no allocator statistics (RSS would count the interpreter and every library too)."""
+    dev = torch.device(device)
+    return int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else 0
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start peak_memory_bytes() afresh (when a stage is ready: loading and probing are not training)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
 def measure_block_tflops(config, device: str, precision, tokens: int, seq_len: int, seconds: float = 0.5) -> float:
     """The rate one block of the run's model reaches on this device: 6 x block parameters x
     tokens / (forward + backward seconds), at the run's micro-batch (tokens = micro-batch x

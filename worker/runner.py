@@ -20,6 +20,7 @@ from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2 as spb
 
 from .averager_keeper import AveragerKeeper, dht_credentials
+from .check_weights import CheckWeights
 from .compute import OTHER, ComputeQueue
 from .downstream import DownstreamSender
 from .drain import drain_and_leave
@@ -29,7 +30,8 @@ from .link_probe import LinkProber
 from .membership import CoordinatorClient, session_ended
 from .options import WorkerOptions
 from .pipeline import Stage0Driver
-from .probe import BusyRates, figures_for_the_plan, probe_device
+from .probe import BusyRates, figures_for_the_plan, peak_memory_bytes, probe_device
+from .relay_tunnel import address_to_announce
 from .routing import NextStageRouter
 from .service import Serving, StageService
 from .simulated_device import SimulatedDevice
@@ -87,14 +89,15 @@ class WorkerRunner:
         o = self.options
         if o.threads:
             torch.set_num_threads(o.threads)
-        simulated = SimulatedDevice.parse(o.simulate_device) if o.simulate_device else None
+        self.simulated = simulated = SimulatedDevice.parse(o.simulate_device) if o.simulate_device else None
         # The join reports an fp32 figure (the run's dtype is not known yet); the first
         # heartbeat after it carries the rate measured at the run's compute dtype.
         device = simulated.device_info("fp32") if simulated else probe_device(o.device)
-        self.simulated = simulated
         host, _, port = o.listen.rpartition(":")
         reservation = PortReservation(host, int(port))  # Join names the address; the server starts after it
         self.address = o.announce or f"{host}:{reservation.port}"
+        self.address, tunnel = (await address_to_announce(o.relay, o.token, self.address, reservation)
+                                if o.relay else (self.address, None))  # behind NAT: a port of the relay
         credentials = grpc.ssl_channel_credentials(open(o.tls_ca, "rb").read()) if o.tls_ca else None
         self.coordinator = CoordinatorClient(o.coordinator, credentials)
         try:
@@ -120,7 +123,8 @@ class WorkerRunner:
                                         dht_credentials(self.dht_key, reply))
         self.loader = StageLoader(self.run, o.device, self.compute, self.client, self.coordinator, simulated)
         self.checker = SpotChecker(self.worker_id, self.compute, self._fetch_evidence, self.coordinator.report_check,
-                                   self._stage_for_checks, self.run.train.global_batch)
+                                   self._stage_for_checks, self.run.train.global_batch,
+                                   CheckWeights(self.run, o.device, self.compute, self.coordinator.get_checkpoint))
         self.follower = StepFollower(self.run, self.worker_id, self.compute, self.coordinator, self.averagers,
                                      self.faults, lambda: self.state, self._rebuild_averager, self._on_task_done)
         a = reply.assignment
@@ -134,6 +138,7 @@ class WorkerRunner:
             loop.add_signal_handler(sig, self.request_drain)
         tasks = [asyncio.create_task(self._heartbeat_loop(reply.heartbeat_interval_s)),
                  asyncio.create_task(self._watch_loop()), measuring, asyncio.create_task(self.checker.run())]
+        tasks += [asyncio.create_task(tunnel.run(f"{host}:{reservation.port}"))] if tunnel is not None else []
         for task in tasks:
             task.add_done_callback(self._on_task_done)
         self.assignment = reply.assignment  # the stage is loaded when the first RunState says from what
@@ -177,9 +182,19 @@ class WorkerRunner:
         upstream = frozenset(a.upstream_ids) if a is not None else frozenset()
         fetchers = frozenset(a.fetcher_ids) if a is not None else frozenset()
         replicas = frozenset(a.peer_ids) if a is not None else frozenset()
+        verifiers = frozenset(a.verifier_ids) if a is not None else frozenset()
         return Serving(self.stage, self.assignment.stage if self.assignment is not None else None,
                        self.loaded_epoch >= 0, self.run.pipeline, self.downstream, open_step,
-                       upstream if self.tls else None, fetchers if self.tls else None, replicas if self.tls else None)
+                       upstream if self.tls else None, fetchers if self.tls else None, replicas if self.tls else None,
+                       verifiers, self.loss_scale_of(*open_step) if open_step is not None else 1.0)
+
+    def loss_scale_of(self, step: int, attempt: int) -> float:
+        """The loss scale of (step, attempt) when it is the one open (1.0 otherwise, or from a
+        coordinator that sends none): what the last stage multiplies its loss by."""
+        state = self.state
+        if state is None or (state.step, state.attempt) != (step, attempt) or state.phase != cpb.OPEN:
+            return 1.0
+        return state.loss_scale or 1.0
 
     def _open_for_work(self) -> bool:
         """The run takes micro-batches from this worker now: an open step, not paused, we are a
@@ -190,7 +205,7 @@ class WorkerRunner:
 
     def _stage0_driver(self) -> Stage0Driver:
         return Stage0Driver(self.run, self.compute, self.downstream, self.coordinator, self.worker_id,
-                            lambda: self.stage, self._open_for_work)
+                            lambda: self.stage, self._open_for_work, self.loss_scale_of)
 
     def _on_task_done(self, task: asyncio.Task) -> None:
         """A crashed heartbeat or watch loop would leave a zombie worker: stop loudly instead."""
@@ -221,7 +236,8 @@ class WorkerRunner:
         while True:
             metrics = rates.since_last(self.compute.busy_seconds, self.stage.micro_batches if self.stage else 0)
             metrics.update(bytes_sent=self.counters.sent, bytes_received=self.counters.received,
-                           averaging_bytes=self.averagers.bytes_sent, **self.link_codecs.metrics())
+                           averaging_bytes=self.averagers.bytes_sent, peak_memory_bytes=peak_memory_bytes(self.options.device),
+                           **self.link_codecs.metrics())
             position = self.stage.position if self.stage is not None and self.loaded_epoch >= 0 else -1
             device, links = self._device_update, self.prober.take()
             sent, status = time.monotonic(), self.status
@@ -338,6 +354,7 @@ class WorkerRunner:
             await self.averagers.drop()  # a stage taken up again gets a fresh one (fresh DHT peers too)
             self.status = cpb.DRAINING if self.leaving else cpb.STANDBY
             return
+        self.checker.stored.drop()  # a standby's stage for checks: this worker's memory is its own stage's now
         spec = StageSpec(a.start_layer, a.end_layer, embed=a.embed, head=a.head)
         if self.stage is not None and self.stage.spec == spec:
             if self.loaded_epoch == state.restore_epoch and not self._behind(state):
@@ -361,7 +378,7 @@ class WorkerRunner:
             return  # no replica could give the state: try again on the next RunState
         self.stage, self.loaded_epoch = stage, state.restore_epoch
         if self.dht_peers and self.averagers.averager is None:
-            await self.averagers.build(a.stage, spec, [p.shape for p in stage.model.parameters()],
+            await self.averagers.build(a.stage, spec, stage.averaged_shapes(),
                                        list(state.dht_peers) or self.dht_peers)
         log.info("stage %d ready at step %d in %.1fs", a.stage, stage.position, time.perf_counter() - t0)
         if spec.embed and self.driver is None:
@@ -379,6 +396,5 @@ class WorkerRunner:
             if fresh:
                 await self.averagers.drop()
             if self.averagers.averager is None and (state.dht_peers or self.dht_peers):
-                await self.averagers.build(state.assignment.stage, stage.spec,
-                                           [p.shape for p in stage.model.parameters()],
+                await self.averagers.build(state.assignment.stage, stage.spec, stage.averaged_shapes(),
                                            list(state.dht_peers) or self.dht_peers)

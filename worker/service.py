@@ -51,6 +51,8 @@ class Serving:
     upstream: frozenset[str] | None = None  # who may send micro-batches (None: plaintext links, anyone)
     fetchers: frozenset[str] | None = None  # who may copy the stage's state (besides operator tools)
     replicas: frozenset[str] | None = None  # who may fetch spot-check evidence: this stage's members
+    verifiers: frozenset[str] = frozenset()  # and standbys with a check of our work (a stage with one replica)
+    loss_scale: float = 1.0  # the open attempt's loss scale (RunState.loss_scale), which the last stage applies
 
 
 class StageService(pb_grpc.StageServicer):
@@ -89,7 +91,7 @@ class StageService(pb_grpc.StageServicer):
             log.warning("refused a micro-batch from %s: %s", context.peer(), e)
             await context.abort(grpc.StatusCode[e.code], str(e))
         h = inc.header
-        refusal = await self._for_the_open_step(h.step, h.attempt)
+        refusal, loss_scale = await self._for_the_open_step(h.step, h.attempt)
         if refusal:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, refusal)
         started = time.perf_counter()  # compute_s in the reply: the caller tells link time from ours
@@ -102,7 +104,7 @@ class StageService(pb_grpc.StageServicer):
             return down
 
         item = StageInput((h.ticket_id, h.attempt), h.step, inc.activations, inc.prefix_lengths, inc.labels,
-                          h.global_batch, received_parts(h, inc.payload), grad_codec)
+                          h.global_batch, received_parts(h, inc.payload), grad_codec, loss_scale)
         try:
             done = await work_micro_batch(stage, self.compute, s.downstream, item, next_header)
         except StaleMicroBatch as e:
@@ -116,19 +118,20 @@ class StageService(pb_grpc.StageServicer):
                                     time.perf_counter() - started):
             yield chunk
 
-    async def _for_the_open_step(self, step: int, attempt: int) -> str:
+    async def _for_the_open_step(self, step: int, attempt: int) -> tuple[str, float]:
         """Why a micro-batch of (step, attempt) is refused ("" if it is for the step the coordinator
-        has open). The first micro-batch of a new step may come before this worker's Watch stream
-        says the step opened: such a one waits up to CATCH_UP_S for it."""
+        has open), and that attempt's loss scale. The first micro-batch of a new step may come
+        before this worker's Watch stream says the step opened: such a one waits up to
+        CATCH_UP_S for it (the scale comes with the same RunState)."""
         deadline = time.monotonic() + CATCH_UP_S
         while True:
             s = self.serving()
             current = s.open_step if s is not None else None
             if current == (step, attempt):
-                return ""
+                return "", s.loss_scale
             if (current is not None and current > (step, attempt)) or time.monotonic() > deadline:
                 return (f"micro-batch of step {step} attempt {attempt}: the open step is "
-                        + (f"{current[0]} attempt {current[1]}" if current else "none (no step is open)"))
+                        + (f"{current[0]} attempt {current[1]}" if current else "none (no step is open)")), 1.0
             await asyncio.sleep(0.02)
 
     async def FetchState(self, request, context):
@@ -152,13 +155,14 @@ class StageService(pb_grpc.StageServicer):
 
     async def FetchEvidence(self, request, context):
         """What this stage received for one recent micro-batch, for a replica spot-checking it
-        (worker/spot_check.py). Only the stage's members may ask: the bytes are the previous
-        stage's activations."""
+        (worker/spot_check.py). Only the stage's members and the standbys holding a check of our
+        work (the coordinator names both) may ask: the bytes are the previous stage's activations."""
         s = self.serving()
         who = caller_identity(context)
-        if s is not None and s.replicas is not None and who not in s.replicas:
+        if s is not None and s.replicas is not None and who not in s.replicas | s.verifiers:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                f"{who!r} is no replica of this stage; only its replicas may fetch evidence")
+                                f"{who!r} is no replica of this stage nor a standby checking it; only they may "
+                                "fetch evidence")
         if s is None or s.stage is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no stage")
         evidence = s.stage.evidence.get((request.ticket_id, request.attempt))

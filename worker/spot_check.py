@@ -11,6 +11,9 @@ Replicas of a stage hold the same weights during a step (sync averaging: each ap
 averaged gradient), so the verifier's own weights are the checked worker's: its current ones
 while step S is still open for it, or the copy it kept before applying S (LayerSlice.weights_for).
 Checks run as OTHER jobs on the compute queue, after every micro-batch waiting: off the hot path.
+
+A standby checks a stage that has no other replica the same way, with that stage's weights of
+step S loaded from the checkpoint store (worker/check_weights.py; SpotCheck.weights says so).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from gptjt_core.sketching import sketch_tensor
 from gptjt_core.ul2 import batch_loss
 from gptjt_proto import coordinator_pb2 as cpb
 
+from .check_weights import CheckWeights
 from .compute import OTHER, ComputeQueue
 from .evidence import EvidenceError, StageInputs, check_fits, read_evidence
 from .stage import LayerSlice
@@ -39,12 +43,13 @@ class WeightsGone(RuntimeError):
 
 
 def recompute(stage: LayerSlice, step: int, wire: tuple[bytes, ...], inputs: StageInputs, claimed: Commitment,
-              global_batch: int) -> Commitment:
+              global_batch: int, loss_scale: float = 1.0) -> Commitment:
     """Our commitment to the micro-batch `inputs` of `step` (call on the compute thread).
 
     Sketches take the claimed sketches' keys and sizes: an honest recomputation then differs
     from the claim only by float noise. Gradients are taken with torch.autograd.grad, so the
-    step's accumulated parameter gradients are not touched."""
+    step's accumulated parameter gradients are not touched. loss_scale: the checked attempt's,
+    from the coordinator (the last stage sent its gradient scaled by it)."""
     weights = stage.weights_for(step)
     if weights is None:
         raise WeightsGone(f"this replica holds step {stage.position}, not the weights of step {step} "
@@ -54,12 +59,18 @@ def recompute(stage: LayerSlice, step: int, wire: tuple[bytes, ...], inputs: Sta
     if not spec.embed:
         x = x.to(torch.float32).requires_grad_()
     prefix = inputs.prefix_lengths.to(device)
-    with torch.enable_grad(), stage.precision.autocast():
-        out = functional_call(stage.model, weights, (x, prefix))
+    # No activation checkpointing here: its recomputation would run in the backward, after
+    # functional_call has put the module's own (perhaps newer) parameters back.
+    segment, stage.model.checkpoint_segment = stage.model.checkpoint_segment, 0
+    try:
+        with torch.enable_grad(), stage.precision.autocast():
+            out = functional_call(stage.model, weights, (x, prefix))
+    finally:
+        stage.model.checkpoint_segment = segment
     if spec.head:
         loss = batch_loss(out, inputs.labels.to(device), global_batch)
         output = torch.tensor([float(loss.detach())])
-        grad = torch.autograd.grad(loss, x)[0] if not spec.embed else None
+        grad = torch.autograd.grad(loss * loss_scale, x)[0] if not spec.embed else None
     else:
         output = out.detach()
         grad = None
@@ -76,11 +87,13 @@ class SpotChecker:
     """The verifier's side: takes checks from heartbeat replies and answers each one."""
 
     def __init__(self, worker_id: str, compute: ComputeQueue, fetch_evidence, report_check,
-                 stage: Callable[[], tuple[int, LayerSlice | None]], global_batch: int):
+                 stage: Callable[[], tuple[int, LayerSlice | None]], global_batch: int,
+                 stored: CheckWeights | None = None):
         """fetch_evidence(check) -> EvidenceReply (from the checked worker's stage server);
         report_check(worker_id, check_id, commitment_bytes, unable) -> verdict (CoordinatorClient);
-        stage() -> (the stage index this worker is assigned, the loaded LayerSlice or None)."""
-        self.worker_id, self.compute = worker_id, compute
+        stage() -> (the stage index this worker is assigned, the loaded LayerSlice or None);
+        stored: loads the weights of a check that names the store or the model source."""
+        self.worker_id, self.compute, self.stored = worker_id, compute, stored
         self.fetch_evidence, self.report_check = fetch_evidence, report_check
         self.stage, self.global_batch = stage, global_batch
         self.queue: asyncio.Queue[cpb.SpotCheck] = asyncio.Queue()
@@ -120,18 +133,45 @@ class SpotChecker:
         log.info("spot check %d (step %d, ticket %d of %s): %s%s", check.check_id, check.step, check.ticket_id,
                  check.worker_id, verdict, f" ({unable})" if unable else "")
 
-    async def _recompute(self, check: cpb.SpotCheck) -> bytes:
+    async def _fetch(self, check: cpb.SpotCheck, tries: int = 4, pause_s: float = 0.5):
+        """The checked worker's evidence. A standby's check may reach us before the checked worker
+        has heard (on its Watch stream) that we may fetch: PERMISSION_DENIED is tried again."""
+        for attempt in range(tries):
+            try:
+                return await self.fetch_evidence(check)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.PERMISSION_DENIED or attempt == tries - 1:
+                    raise
+                await asyncio.sleep(pause_s)
+
+    async def _stage_for(self, check: cpb.SpotCheck) -> LayerSlice:
+        """The stage to recompute `check` with: ours, or one loaded with the weights it names."""
+        if check.weights:
+            if self.stored is None:
+                raise WeightsGone(f"this worker loads no stage for checks (weights {check.weights!r})")
+            try:
+                return await self.stored.stage_for(check)
+            except ValueError as e:
+                raise WeightsGone(str(e)) from e
+            except grpc.aio.AioRpcError as e:
+                raise WeightsGone(f"the store's checkpoint of step {check.step} is unavailable ({e.code().name}: "
+                                  f"{e.details()})") from e
         index, stage = self.stage()
         if stage is None or index != check.stage:
             # A re-plan moved us: another stage's weights would recompute garbage and accuse an honest worker.
             raise WeightsGone(f"this worker holds {'no stage' if stage is None else f'stage {index}'} now, not "
                               f"stage {check.stage}")
+        return stage
+
+    async def _recompute(self, check: cpb.SpotCheck) -> bytes:
+        stage = await self._stage_for(check)
         claimed = Commitment.from_bytes(check.commitment)
-        reply = await self.fetch_evidence(check)
+        reply = await self._fetch(check)
         inputs = read_evidence(reply, claimed.input, check.returned or None, stage.spec.embed, stage.spec.head)
         train = stage.run.train
         check_fits(inputs, train.micro_batch, train.seq_len, stage.model.config.n_embd, stage.spec.embed)
         wire = tuple(bytes(p) for p in reply.wire)
+        scale = check.loss_scale or 1.0
         ours = await self.compute.run(OTHER, lambda: recompute(stage, check.step, wire, inputs, claimed,
-                                                               self.global_batch))
+                                                               self.global_batch, scale))
         return ours.to_bytes()

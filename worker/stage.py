@@ -7,12 +7,14 @@ import time
 
 import torch
 
-from gptjt_core.config import ConfigError, RunConfig
+from gptjt_core.config import RunConfig
 from gptjt_core.model import StageSpec, build_stage, load_stage, model_config_for
 from gptjt_core.optim import build_optimizer, lr_at, set_lr
+from gptjt_core.outer_sparsity import OuterSparsifier
 from gptjt_core.precision import resolve_precision
 from gptjt_core.stage_checkpoint import outer_state, restore_optimizer, split_state, stage_state_tensors
 from gptjt_core.ul2 import batch_loss
+from gptjt_core.verify_config import STANDBY_EVIDENCE_STEPS
 
 Key = tuple[int, int]  # (ticket_id, attempt)
 
@@ -37,9 +39,6 @@ class LayerSlice:
         self.run, self.spec = run, spec
         self.device = torch.device(device)
         self.precision = resolve_precision(run.train.precision, self.device)
-        if self.precision.needs_loss_scaling:
-            raise ConfigError("train.precision 'fp16' needs loss scaling shared by every stage, which the "
-                              "swarm does not do yet; use 'bf16' (or 'auto' on a GPU with bf16)")
         if checkpoint is None:
             self.model = load_stage(run.model.source, spec, dtype=torch.float32, device=self.device,
                                     attn_implementation=run.model.attn_implementation)
@@ -49,38 +48,30 @@ class LayerSlice:
             config = model_config_for(run.model.source, run.model.attn_implementation)
             self.model = build_stage(config, spec, weights, self.device, origin="the checkpoint store")
         self.model.train()
+        self.model.checkpoint_segment = run.pipeline.checkpoint_segment
         self.optimizer = build_optimizer(self.model.parameters(), run.optim)
         restore_optimizer(self.optimizer, self.model, optim_state)
-        # averaging.mode "local-steps": the parameters at the last outer step (fp32, parameter
-        # order), the outer Nesterov momentum, and the replicas' mean pseudo-gradient waiting
-        # for APPLYING. Replicas hold the same anchor; their parameters drift apart in between.
-        self.local_steps = run.averaging.mode == "local-steps"
-        self.anchor: list[torch.Tensor] | None = None
-        self.outer_momentum: list[torch.Tensor] | None = None
-        self.pending_outer: list[torch.Tensor] | None = None  # for self.attempt only (begin() drops it)
-        if self.local_steps:
-            saved = outer_state(checkpoint) if checkpoint is not None else {}
-            named = list(self.model.named_parameters())
-            self.anchor = [saved.get("anchor", {}).get(n, p.detach()).to(self.device, torch.float32).clone()
-                           for n, p in named]
-            if "momentum" in saved and all(n in saved["momentum"] for n, _ in named):
-                self.outer_momentum = [saved["momentum"][n].to(self.device, torch.float32).clone() for n, _ in named]
+        self._init_local_steps(checkpoint)
         self.attempt: tuple[int, int] | None = None  # (step, attempt) whose gradients accumulate
         self.last_applied = position - 1  # the last step whose optimizer update this state holds
         self._inflight: dict[Key, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.micro_batches = 0  # processed since the worker started
         self.step_micro_batches = 0  # whose gradients the current attempt holds
+        # The attempt whose parameter gradients were divided by its loss scale (once: the report
+        # that needs them unscaled may be retried). gptjt_core/loss_scale.py has the protocol.
+        self.unscaled: tuple[int, int] | None = None
         self.pacer = None  # a simulated device's ComputePacer (tests and benchmarks only)
         self._tokens: dict[Key, int] = {}  # B x T of each forward in flight, for the pacer
         # The current attempt's commitments (worker/commitments.py Committed), reported with its
         # CONTRIBUTION; filled by worker/micro_batch_work.py as each micro-batch's backward ends.
         self.commitments: dict[Key, object] = {}
         # Spot checks (worker/spot_check.py): what each micro-batch of the last two steps received
-        # (worker/evidence.py Evidence, served to a replica checking us) and the weights this
-        # replica held before its last update (to check a replica's micro-batch of that step).
-        # Only when the run spot-checks: the copy costs one set of weights in host memory.
-        self.keep_evidence = (run.verify.sample_rate > 0 or run.verify.first_checks > 0) and not self.local_steps \
-            and run.pipeline.replicas_per_stage > 1
+        # (worker/evidence.py Evidence, served to a replica or a standby checking us) and, with
+        # replicas, the weights this one held before its last update (to check a replica's
+        # micro-batch of that step). Only when the run spot-checks: the copy costs one set of
+        # weights in host memory.
+        self.keep_evidence = (run.verify.sample_rate > 0 or run.verify.first_checks > 0) and not self.local_steps
+        self.keep_weights = self.keep_evidence and run.pipeline.replicas_per_stage > 1
         self.evidence: dict[Key, object] = {}
         self._before_update: tuple[int, dict[str, torch.Tensor] | None] | None = None  # (step, weights before it)
 
@@ -104,7 +95,9 @@ class LayerSlice:
             self.commitments.clear()
             self.attempt = (step, attempt)
             self.step_micro_batches = 0
+            self.unscaled = None
             self.pending_outer = None  # an outer step averaged in another attempt is not this one's
+            self.pending_residual = None
 
     def admit(self, step: int, attempt: int) -> None:
         """Accept work of (step, attempt): a newer attempt becomes current (stages learn of a
@@ -146,8 +139,11 @@ class LayerSlice:
         return x.grad.detach() if x is not None else None
 
     def forward_backward(self, key: Key, step: int, x: torch.Tensor, prefix: torch.Tensor,
-                         labels: torch.Tensor, global_batch: int) -> tuple[float, int, torch.Tensor | None]:
-        """The last stage: logits, UL2 loss share, backward. Returns (loss, targets, d loss / d input)."""
+                         labels: torch.Tensor, global_batch: int,
+                         loss_scale: float = 1.0) -> tuple[float, int, torch.Tensor | None]:
+        """The last stage: logits, UL2 loss share, backward of loss x loss_scale (the attempt's, from
+        the coordinator). Returns (loss, targets, d (loss x loss_scale) / d input): the loss
+        unscaled, the gradient scaled, as it travels upstream."""
         self._check(step, key[1])
         started = time.perf_counter()
         x = x.to(self.device)
@@ -157,7 +153,7 @@ class LayerSlice:
         with self.precision.autocast():
             logits = self.model(x, prefix.to(self.device))  # (B, T, V)
         loss = batch_loss(logits, labels, global_batch)
-        loss.backward()
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         self._pace(6, labels.numel(), started)
         self.micro_batches += 1
         self.step_micro_batches += 1
@@ -181,7 +177,9 @@ class LayerSlice:
         self.commitments.clear()
         self.attempt = None
         self.step_micro_batches = 0
+        self.unscaled = None
         self.pending_outer = None
+        self.pending_residual = None
 
     def checkpoint_blob(self) -> bytes:
         """Weights + optimizer state (+ the outer state in local-steps mode) as a safetensors blob."""
@@ -216,6 +214,16 @@ class LayerSlice:
         return h.hexdigest()
 
     # -- the optimizer step ------------------------------------------------------------
+    def unscale_gradients(self, loss_scale: float) -> None:
+        """Divide the current attempt's parameter gradients by its loss scale, once (a power of
+        two: exact in fp32). An overflow stays inf/NaN, which the norm then reports."""
+        if self.attempt is None or self.unscaled == self.attempt or loss_scale in (0.0, 1.0):
+            return
+        self.unscaled = self.attempt
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.div_(loss_scale)
+
     def grad_norm_sq(self) -> float:
         """Sum of squared gradient norms of this stage (the coordinator adds the stages)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -238,11 +246,11 @@ class LayerSlice:
                         if p.grad is not None:
                             p.grad.mul_(coef)
             set_lr(self.optimizer, lr_at(step, self.run.optim, self.run.train.steps))
-            if self.keep_evidence:
+            if self.keep_weights:
                 self._before_update = (step, {n: p.detach().to("cpu", copy=True)
                                               for n, p in self.model.named_parameters()})
             self.optimizer.step()
-        elif self.keep_evidence:
+        elif self.keep_weights:
             self._before_update = (step, None)  # skipped: the weights of `step` are the current ones
         self._end_step(step)
         return ok
@@ -266,19 +274,74 @@ class LayerSlice:
         self._inflight.clear()
         self.attempt = None
         self.step_micro_batches = 0
+        self.unscaled = None
         self.last_applied = step
-        for key in [k for k, e in self.evidence.items() if e.step < step]:
-            del self.evidence[key]  # keep the step just applied (checks of it come now) and the next
+        # Keep the step just applied (replicas check it now) and the next; with one replica, the
+        # STANDBY_EVIDENCE_STEPS last ones (standbys load the stage from the store first).
+        keep = 1 if self.keep_weights else STANDBY_EVIDENCE_STEPS
+        for key in [k for k, e in self.evidence.items() if e.step <= step - keep]:
+            del self.evidence[key]
 
     # -- local-steps (DiLoCo-style) averaging ------------------------------------------------
+    def _init_local_steps(self, checkpoint: dict | None) -> None:
+        """averaging.mode "local-steps": the parameters at the last outer step (fp32, parameter
+        order), the outer Nesterov momentum, and the replicas' mean pseudo-gradient waiting for
+        APPLYING. Replicas hold the same anchor; their parameters drift apart in between. With
+        averaging.outer_density < 1 also the coordinates each outer step averages, this
+        replica's residual (error feedback) and the residual the pending outer step leaves."""
+        run = self.run
+        self.local_steps = run.averaging.mode == "local-steps"
+        self.anchor: list[torch.Tensor] | None = None
+        self.outer_momentum: list[torch.Tensor] | None = None
+        self.pending_outer: list[torch.Tensor] | None = None  # for self.attempt only (begin() drops it)
+        self.sparsifier: OuterSparsifier | None = None
+        self.pending_residual: list[torch.Tensor] | None = None
+        if not self.local_steps:
+            return
+        if run.averaging.outer_density < 1:
+            self.sparsifier = OuterSparsifier(run.averaging.outer_density,
+                                              f"{run.name}:{self.spec.start}-{self.spec.end}",
+                                              [p.shape for p in self.model.parameters()])
+        saved = outer_state(checkpoint) if checkpoint is not None else {}
+        named = list(self.model.named_parameters())
+        self.anchor = [saved.get("anchor", {}).get(n, p.detach()).to(self.device, torch.float32).clone()
+                       for n, p in named]
+        if "momentum" in saved and all(n in saved["momentum"] for n, _ in named):
+            self.outer_momentum = [saved["momentum"][n].to(self.device, torch.float32).clone() for n, _ in named]
+
     def pseudo_gradients(self) -> list[torch.Tensor]:
         """anchor - parameters, fp32, in parameter order: how far local steps moved this replica."""
         return [a - p.detach().float() for a, p in zip(self.anchor, self.model.parameters())]
+
+    def averaged_shapes(self) -> list[torch.Size]:
+        """The tensors this stage's averager sums: the parameters' shapes, or at an outer density
+        below 1 one length-k vector per parameter (gptjt_core/outer_sparsity.py)."""
+        if self.sparsifier is not None:
+            return self.sparsifier.averaged_shapes()
+        return [p.shape for p in self.model.parameters()]
+
+    def outer_contribution(self, step: int) -> list[torch.Tensor]:
+        """What this replica averages at the outer step of `step`: its pseudo-gradients, or their
+        chosen coordinates plus its residual (the residual they leave is staged until applied)."""
+        deltas = self.pseudo_gradients()
+        if self.sparsifier is None:
+            return deltas
+        values, residual = self.sparsifier.select(deltas, step)
+        # a non-finite pseudo-gradient is not averaged (the round gives it weight 0): keep the old residual
+        self.pending_residual = residual if all(bool(torch.isfinite(r).all()) for r in residual) else None
+        return values
+
+    def set_outer_mean(self, step: int, mean: list[torch.Tensor]) -> None:
+        """The replicas' mean of outer_contribution(step): applied in APPLYING (dense)."""
+        self.pending_outer = self.sparsifier.expand(mean, step) if self.sparsifier is not None else mean
 
     def _apply_outer(self) -> None:
         """anchor -= outer_lr * (Nesterov) mean pseudo-gradient; parameters := anchor."""
         cfg = self.run.averaging
         delta, self.pending_outer = self.pending_outer, None
+        if self.sparsifier is not None and self.pending_residual is not None:
+            self.sparsifier.commit(self.pending_residual)  # what this replica did not send waits for the next one
+            self.pending_residual = None
         if cfg.outer_momentum > 0:
             if self.outer_momentum is None:
                 self.outer_momentum = [torch.zeros_like(a) for a in self.anchor]

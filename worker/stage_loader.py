@@ -20,6 +20,7 @@ from gptjt_core.model import StageSpec
 from gptjt_proto import coordinator_pb2 as cpb
 
 from .compute import OTHER, ComputeQueue
+from .probe import reset_peak_memory
 from .membership import RETRYABLE, CoordinatorClient
 from .simulated_device import ComputePacer, SimulatedDevice
 from .stage import LayerSlice
@@ -86,6 +87,7 @@ class StageLoader:
         stage = await self.compute.run(OTHER, lambda: LayerSlice(self.run, spec, self.device, checkpoint, position))
         if self.simulated is not None:
             stage.pacer = ComputePacer(self.simulated, stage.matmul_params())
+        reset_peak_memory(self.device)  # the peak workers report is the stage training, not loading
         return stage
 
     async def _fetch_from_peer(self, addresses: list[str]) -> tuple[dict, int] | None:

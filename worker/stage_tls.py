@@ -105,5 +105,10 @@ class PortReservation:
             raise RuntimeError(f"--listen {host}:{port}: cannot bind ({e.strerror}); choose another address") from None
         self.port = self._sock.getsockname()[1]
 
+    def listen(self) -> None:
+        """Accept connections (into the backlog) before the server starts: a reachability check
+        from outside can then complete its TCP handshake."""
+        self._sock.listen(8)
+
     def release(self) -> None:
         self._sock.close()

@@ -20,6 +20,7 @@ import grpc
 import torch
 
 from gptjt_core.config import RunConfig
+from gptjt_core.store_layout import is_shared_store
 from gptjt_proto import coordinator_pb2 as cpb
 
 from .averager_keeper import AveragerKeeper
@@ -28,6 +29,7 @@ from .compute import OTHER, ComputeQueue
 from .faults import Faults
 from .membership import CoordinatorClient
 from .stage import LayerSlice
+from .store_writer import write_stage_file
 
 log = logging.getLogger("gptjt.worker")
 
@@ -66,8 +68,13 @@ class StepFollower:
             if idle is not None:
                 await idle()
             self._inject_gradient_faults(stage, step)
-            norm_sq, mbs, kept = await self.compute.run(OTHER, lambda: (stage.grad_norm_sq(), stage.step_micro_batches,
-                                                                        sorted(stage.commitments.items())))
+            scale = state.loss_scale
+
+            def contribution() -> tuple[float, int, list]:
+                stage.unscale_gradients(scale)  # the norm, the sum with replicas and the update are unscaled
+                return stage.grad_norm_sq(), stage.step_micro_batches, sorted(stage.commitments.items())
+
+            norm_sq, mbs, kept = await self.compute.run(OTHER, contribution)
             if await self.coordinator.report(self.worker_id, step, attempt, cpb.CONTRIBUTION, norm_sq,
                                              micro_batches=mbs, commitments=[c.to_pb(k) for k, c in kept]):
                 self.reported.add((step, attempt, cpb.CONTRIBUTION))
@@ -113,9 +120,16 @@ class StepFollower:
         progress = self._die_halfway(len(blob)) if self.faults.fires("die-checkpoint", position) else None
         if progress is not None:
             log.warning("fault injection: SIGKILL halfway through uploading the checkpoint of step %d", position)
+        root = self.run.coordinator.checkpoint_store
         try:
-            path = await self.coordinator.put_checkpoint(self.worker_id, position, stage.spec, blob,
-                                                         self.run.pipeline.chunk_bytes, progress)
+            if is_shared_store(root):  # straight into the shared store; the coordinator gets the header
+                where, sha256 = await asyncio.to_thread(write_stage_file, root, position, stage.spec, blob,
+                                                        self.run.pipeline.chunk_bytes, progress)
+                path = await self.coordinator.record_checkpoint(self.worker_id, position, stage.spec, where,
+                                                                len(blob), sha256)
+            else:
+                path = await self.coordinator.put_checkpoint(self.worker_id, position, stage.spec, blob,
+                                                             self.run.pipeline.chunk_bytes, progress)
         except BaseException:
             if progress is not None:  # refused before half of it was sent: nobody died
                 self.faults.give_back("die-checkpoint", position)
@@ -131,7 +145,12 @@ class StepFollower:
         return progress
 
     def _inject_gradient_faults(self, stage: LayerSlice, step: int) -> None:
-        """GPTJT_FAULTS poison@N / nan@N (tests and drills only; see worker/faults.py)."""
+        """GPTJT_FAULTS poison@N / nan@N / inf@N (tests and drills only; see worker/faults.py).
+        inf stands for an fp16 overflow: the gradient of one parameter becomes inf."""
+        if self.faults.fires("inf", step):
+            log.warning("fault injection: an overflow (inf) in this replica's gradient at step %d", step)
+            stage.gradients()[0].view(-1)[0] = float("inf")
+            self.faults.spend("inf")
         for kind, value in (("poison", 1e6), ("nan", float("nan"))):
             if self.faults.fires(kind, step):
                 log.warning("fault injection: %s in this replica's gradient at step %d", kind, step)
@@ -193,7 +212,7 @@ class StepFollower:
             return RoundResult(False, 0, 0.0), 0.0
         averager, expected = self.averagers.averager, len(members)
         if stage.local_steps:  # an outer step: the replicas' mean pseudo-gradient, applied in APPLYING
-            deltas = stage.pseudo_gradients()
+            deltas = stage.outer_contribution(step)
             # The pseudo-gradient sums inner steps already accepted; this step's verdict on the
             # replica's new gradient does not apply to it, only its own finiteness does.
             finite = all(bool(torch.isfinite(d).all()) for d in deltas)
@@ -207,7 +226,7 @@ class StepFollower:
                 res = sum_alone(deltas, 1 if finite else 0, 1)
             if not res.summed or stage.attempt != (step, attempt):
                 return RoundResult(False, res.group_size, 0.0, res.detail), 0.0
-            stage.pending_outer = deltas
+            stage.set_outer_mean(step, deltas)
             return res, float(sum(torch.linalg.vector_norm(d) ** 2 for d in deltas))
         grads, mbs, total = stage.gradients(), stage.step_micro_batches, self.run.train.micro_batches_per_step
         if expected > 1:

@@ -21,6 +21,8 @@ _WORKER_METRICS = [
     ("bytes_sent", "Stage-to-stage bytes sent since the worker started", "bytes_sent", True),
     ("bytes_received", "Stage-to-stage bytes received since the worker started", "bytes_received", True),
     ("averaging_bytes", "Bytes sent by this worker's averaging rounds since it started", "averaging_bytes", True),
+    ("peak_memory_bytes", "Device memory torch's allocator held at its peak since the worker's stage was "
+     "ready (CUDA; 0 on CPU)", "peak_memory_bytes", False),
 ]
 
 
@@ -77,9 +79,14 @@ class StatusCollector:
         checks = CounterMetricFamily("gptjt_verification", "Checks of stage work over the run, by what they counted "
                                      "(commitments kept, chain checks and mismatches, spot checks by verdict)",
                                      labels=["what"])
-        for what, n in sorted(s["verification"].items()):
+        verification = dict(s["verification"])
+        quarantined, fraction = verification.pop("quarantined", None), verification.pop("spot_verified_fraction", None)
+        for what, n in sorted(verification.items()):
             checks.add_metric([what], n)
         yield checks
+        yield from gauge("quarantined_workers", "Workers quarantined now (out-voted by two spot checks)", quarantined)
+        yield from gauge("verified_fraction", "Share of the closed steps' stage work (tokens x stages) a spot check "
+                         "recomputed and agreed with", fraction)
         events = CounterMetricFamily("gptjt_events", "Events recorded in the ledger, by kind", labels=["kind"])
         for kind, n in sorted(s["event_counts"].items()):
             events.add_metric([kind], n)

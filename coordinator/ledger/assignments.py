@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 
 from .db import ALIVE_STATES
+from .loss_scaling import LossScaleBook
 from .measurements import Measurements
 from .planning import StagePlanner
 from .step_state import APPLYING, StepState
@@ -27,6 +28,7 @@ class RunFacts:
     contributors: dict[str, list[str]]
     drains: frozenset[str]
     standby_why: dict[str, str]  # worker id -> why it has no stage
+    verifiers_of: dict[str, list[str]]  # checked worker -> standbys holding a pending check of its work
     holder_key: tuple[int, int, str]  # (restore_epoch, step, phase): what is_holder compares with
 
     def is_holder(self, row) -> bool:
@@ -39,8 +41,10 @@ class RunFacts:
 class AssignmentView:
     """Each worker's StageAssignment and RunState, read from the stores."""
 
-    def __init__(self, state: StepState, workers: WorkerRegistry, planner: StagePlanner, measurements: Measurements):
+    def __init__(self, state: StepState, workers: WorkerRegistry, planner: StagePlanner, measurements: Measurements,
+                 loss_scales: LossScaleBook):
         self.state, self.workers, self.planner, self.measurements = state, workers, planner, measurements
+        self.loss_scales = loss_scales
         self._facts: tuple[tuple, RunFacts] | None = None
         self._live: tuple[tuple, list] | None = None
 
@@ -51,11 +55,25 @@ class AssignmentView:
             common = {"step": st.step, "attempt": st.attempt, "phase": st.phase,
                       "global_grad_norm": st.grad_norm if st.phase == APPLYING else 0.0,
                       "plan_version": st.plan_version, "paused": st.paused, "restore_epoch": st.restore_epoch,
-                      "restore_step": st.restore_step, "restore_from_store": st.restore_from_store}
+                      "restore_step": st.restore_step, "restore_from_store": st.restore_from_store,
+                      "loss_scale": self.loss_scales.of_attempt(st.step, st.attempt) or 1.0}
             self._facts = key, RunFacts(common, self.workers.stage_workers(), st.members(), st.contributors(),
                                         frozenset(st.drains()), self.planner.standby_reasons(),
+                                        self._verifiers_of(),
                                         (common["restore_epoch"], common["step"], common["phase"]))
         return self._facts[1]
+
+    def _verifiers_of(self) -> dict[str, list[str]]:
+        """Checked worker -> the standbys with a pending check of its work (ledger/spot_checks.py:
+        a check with weights from the store or the model source): they, and only they, may fetch
+        that worker's evidence."""
+        out: dict[str, list[str]] = {}
+        for worker, peers in self.workers.db.execute(
+                "SELECT worker, peers FROM checks WHERE kind='recompute' AND verdict='pending' AND weights IS NOT NULL"):
+            for verifier in json.loads(peers):
+                if verifier not in out.setdefault(worker, []):
+                    out[worker].append(verifier)
+        return out
 
     def live_addresses(self) -> list:
         """(id, address, stage) of every live worker, oldest first; read once per ledger state,
@@ -74,7 +92,7 @@ class AssignmentView:
         out = {"stage": stage, "num_stages": len(plan), "next_address": "", "next_addresses": [], "next_ids": [],
                "member": False, "peer_ids": [], "peer_addresses": [], "peer_address_ids": [], "contributors": [],
                "checkpoint_writer": False, "standby_reason": "", "upstream_ids": [], "fetcher_ids": [],
-               "peer_dht_ids": []}
+               "peer_dht_ids": [], "verifier_ids": []}
         if stage < 0:
             out["standby_reason"] = facts.standby_why.get(worker_id, "")
             return out
@@ -95,6 +113,10 @@ class AssignmentView:
         out["upstream_ids"] = [w["id"] for w in workers.get(stage - 1, [])]
         out["fetcher_ids"] = [w["id"] for w in workers.get(stage, [])
                               if w["id"] != worker_id and not facts.is_holder(w)]
+        # Standbys spot-check a stage with no other replica (ledger/spot_checks.py): a standby with a
+        # check of this worker's pending may fetch its evidence, no other (the bytes are the
+        # previous stage's activations).
+        out["verifier_ids"] = facts.verifiers_of.get(worker_id, [])
         out["contributors"] = facts.contributors.get(str(stage), [])
         out["checkpoint_writer"] = bool(mine) and worker_id == min(mine)
         out["peer_dht_ids"] = [peer for w in workers.get(stage, []) if w["id"] in mine

@@ -25,9 +25,18 @@ class CheckpointIndex:
         self.n_layer = n_layer
         self.config = coordinator  # keep_checkpoints: complete steps to keep (0: all), read at each use
 
-    def record(self, step: int, spec: StageSpec, path: str) -> None:
-        self.db.execute("INSERT OR REPLACE INTO checkpoints VALUES(?, ?, ?, ?, ?, ?, ?)",
-                        (step, spec.start, spec.end, int(spec.embed), int(spec.head), path, self.db.clock()))
+    def record(self, step: int, spec: StageSpec, path: str, nbytes: int | None = None,
+               sha256: str | None = None) -> None:
+        """nbytes, sha256: what a worker that wrote the file into a shared store declared (the
+        store checks the digest when the file is read); None for files streamed through us."""
+        self.db.execute("INSERT OR REPLACE INTO checkpoints(step, start_layer, end_layer, embed, head, path, ts, "
+                        "nbytes, sha256) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (step, spec.start, spec.end, int(spec.embed), int(spec.head), path, self.db.clock(),
+                         nbytes, sha256))
+
+    def digests(self, step: int) -> dict[str, str]:
+        """path -> declared SHA-256 of the step's files that workers wrote themselves."""
+        return {r["path"]: r["sha256"] for r in self.stored(step) if r["sha256"]}
 
     def stored(self, step: int) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM checkpoints WHERE step=?", (step,)).fetchall()
@@ -49,6 +58,14 @@ class CheckpointIndex:
             if self.is_complete(step):
                 return step
         return None
+
+    def forget_after(self, step: int) -> list[int]:
+        """Forget the checkpoints of steps after `step` (a rollback to it undid them: they hold
+        the undone work, a quarantined worker's perhaps, and must never be a restore target or the
+        weights of a spot check). Their files stay until the re-run writes the same steps again."""
+        later = [s for s in self.steps() if s > step]
+        self.db.execute("DELETE FROM checkpoints WHERE step > ?", (step,))
+        return later
 
     def forget_old(self, restoring: int | None) -> list[int]:
         """Under coordinator.keep_checkpoints, forget every step older than the oldest kept complete

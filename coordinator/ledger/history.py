@@ -32,6 +32,7 @@ class StepHistory:
         """Forget the closed steps from `step` on (a rollback); returns them."""
         undone = [r[0] for r in self.db.execute("SELECT step FROM steps WHERE step>=? ORDER BY step", (step,))]
         self.db.execute("DELETE FROM steps WHERE step>=?", (step,))
+        self.db.execute("DELETE FROM verified_work WHERE step>=?", (step,))  # its tokens are trained again
         return undone
 
     def closed_steps(self) -> list[int]:

@@ -134,13 +134,15 @@ class StepRecovery:
     def rollback(self, target: int, why: str) -> None:
         """Undo every step from `target` on: they are re-run on the same data from its state."""
         undone = self.history.undo_from(target)
+        forgotten = self.checkpoints.forget_after(target)
         self.tickets.roll_back(target)
         self.reports.forget_from(target)
         self.state.step = target
         self.state.attempt = self.tickets.next_attempt(target)
         self.events.record("rolled_back", f"{why}: run rolled back to step {target} "
                            + ("(checkpoint)" if self.checkpoints.stored(target) else "(the run's initial weights)")
-                           + (f"; steps {undone} will be re-run" if undone else ""))
+                           + (f"; steps {undone} will be re-run" if undone else "")
+                           + (f"; the checkpoints of steps {forgotten} are forgotten" if forgotten else ""))
 
     # -- restore points ----------------------------------------------------------------
     def maybe_apply_pending(self, step: int) -> None:

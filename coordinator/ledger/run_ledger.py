@@ -79,7 +79,7 @@ class RunLedger:
         self.checkpoints = CheckpointIndex(db, self.events, plan[-1].end, run.coordinator)
         self.planner = StagePlanner(db, self.events, self.workers, self.measurements, self.state, run, shape, plan)
         self.commitments = CommitmentBook(db, self.events)
-        self.spot_checks = SpotCheckBook(db, self.events, run)
+        self.spot_checks = SpotCheckBook(db, self.events, run, None, self.checkpoints, lambda: self.planner.plan)
         self.protocol = StepProtocol(db, self.events, self.state, self.workers, self.tickets, self.reports,
                                      self.history, self.measurements, run, lambda: len(self.planner.plan),
                                      self.commitments, self.spot_checks)
@@ -87,7 +87,7 @@ class RunLedger:
                                      self.checkpoints, self.planner, self.protocol)
         self.guard = LivenessGuard(db, self.events, self.state, self.workers, self.tickets, self.reports,
                                    self.protocol, self.recovery, run)
-        self.views = AssignmentView(self.state, self.workers, self.planner, self.measurements)
+        self.views = AssignmentView(self.state, self.workers, self.planner, self.measurements, self.protocol.loss_scales)
         self.status_view = StatusView(run, db, self.events, self.state, self.workers, self.tickets, self.checkpoints,
                                       self.history, self.planner, self.guard, self.measurements, self.tokens)
         self.operator = OperatorRequests(db, self.events, self.state, self.workers)
@@ -301,12 +301,12 @@ class RunLedger:
             return self.guard.averaging_failed(worker_id, step, attempt, detail)
 
     # -- checkpoints ---------------------------------------------------------------------
-    def record_checkpoint(self, step: int, spec: StageSpec, path: str) -> list[int]:
-        """Record a stage's file in the store. Returns the steps the ledger has just forgotten
-        under `coordinator.keep_checkpoints`: the caller deletes their files (after the ledger,
-        so a crash in between leaves only orphaned files, never a ledger naming missing ones)."""
+    def record_checkpoint(self, step: int, spec: StageSpec, path: str, declared: tuple = ()) -> list[int]:
+        """Record a stage's file in the store (declared: (nbytes, sha256) of one its worker wrote into a
+        shared store). Returns the steps forgotten under `coordinator.keep_checkpoints`: the caller
+        deletes their files (after the ledger: a crash in between orphans files, never the ledger)."""
         with self.db.tx():
-            self.checkpoints.record(step, spec, path)
+            self.checkpoints.record(step, spec, path, *declared)
             if not self.checkpoints.is_complete(step):
                 return []
             self.events.record("checkpoint_complete", f"step {step}: every stage is in the store")

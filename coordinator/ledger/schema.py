@@ -34,7 +34,9 @@ CREATE TABLE IF NOT EXISTS steps (
   detail TEXT NOT NULL DEFAULT '{}');  -- per stage: replicas, micro-batches summed, digests
 CREATE TABLE IF NOT EXISTS checkpoints (
   step INTEGER NOT NULL, start_layer INTEGER NOT NULL, end_layer INTEGER NOT NULL, embed INTEGER NOT NULL,
-  head INTEGER NOT NULL, path TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY (step, start_layer, end_layer));
+  head INTEGER NOT NULL, path TEXT NOT NULL, ts REAL NOT NULL,
+  nbytes INTEGER, sha256 TEXT,  -- declared by a worker that wrote a shared store itself; NULL: streamed here
+  PRIMARY KEY (step, start_layer, end_layer));
 CREATE TABLE IF NOT EXISTS step_audits (  -- each closed step's exactly-once verdict, taken as it closed
   step INTEGER PRIMARY KEY, lost INTEGER NOT NULL, double INTEGER NOT NULL, violation TEXT);
 CREATE TABLE IF NOT EXISTS events (id INTEGER PRIMARY KEY, ts REAL NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL);
@@ -51,9 +53,15 @@ CREATE TABLE IF NOT EXISTS checks (  -- every check of stage work and its verdic
   worker TEXT NOT NULL, peers TEXT NOT NULL,  -- the worker checked; JSON list of the others involved
   detail TEXT NOT NULL,
   opinion_of INTEGER,   -- a spot check's third opinion: the id of the check it settles (ledger/spot_checks.py)
-  epoch INTEGER);       -- a spot check's restore epoch: a restore makes the pending ones stale
+  epoch INTEGER,        -- a spot check's restore epoch: a restore makes the pending ones stale
+  weights TEXT);        -- where its verifier takes the weights: NULL its own, 'store' or 'source'
 CREATE INDEX IF NOT EXISTS checks_by_step ON checks (step);
+CREATE TABLE IF NOT EXISTS verified_work (  -- a stage's micro-batch a spot check recomputed and agreed with
+  step INTEGER NOT NULL, stage INTEGER NOT NULL, ticket INTEGER NOT NULL, tokens INTEGER NOT NULL,
+  PRIMARY KEY (step, stage, ticket));
 CREATE INDEX IF NOT EXISTS checks_by_verdict ON checks (verdict, peers);  -- a verifier's pending spot checks
+CREATE TABLE IF NOT EXISTS loss_scales (  -- the loss scale each step attempt ran at (ledger/loss_scaling.py)
+  step INTEGER NOT NULL, attempt INTEGER NOT NULL, scale REAL NOT NULL, PRIMARY KEY (step, attempt));
 CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage server at dst
   src TEXT NOT NULL, dst TEXT NOT NULL, latency_ms REAL NOT NULL, mbit REAL NOT NULL, measured REAL NOT NULL,
   PRIMARY KEY (src, dst));
@@ -62,7 +70,9 @@ CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage 
 # Columns added after a ledger format was released: (table, column, declaration). A ledger
 # written by an older version gains them when it is opened.
 ADDED_COLUMNS = [("workers", "dht_maddrs", "TEXT"), ("workers", "session_hash", "TEXT"),
-                 ("workers", "token_id", "TEXT"), ("checks", "opinion_of", "INTEGER"), ("checks", "epoch", "INTEGER")]
+                 ("workers", "token_id", "TEXT"), ("checks", "opinion_of", "INTEGER"), ("checks", "epoch", "INTEGER"),
+                 ("checks", "weights", "TEXT"), ("checkpoints", "nbytes", "INTEGER"),
+                 ("checkpoints", "sha256", "TEXT")]
 
 
 def create_or_upgrade(conn: sqlite3.Connection) -> None:

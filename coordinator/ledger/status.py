@@ -11,6 +11,7 @@ from gptjt_core.config import RunConfig
 
 from .checkpoints import CheckpointIndex
 from .commitments import CommitmentBook
+from .loss_scaling import LossScaleBook
 from .spot_checks import SpotCheckBook
 from .db import ALIVE_STATES, LedgerDB
 from .events import EventLog
@@ -59,6 +60,8 @@ class StatusView:
             "event_counts": self.events.counts(), "restore_epoch": st.restore_epoch,
             "replicas_per_stage": self.run.pipeline.replicas_per_stage,
             "stage_link_tls": self.run.link.tls == "on",
+            # the open attempt's loss scale; None: it runs unscaled (fp32/bf16 members)
+            "loss_scale": LossScaleBook(self.db, self.events, self.run).of_attempt(st.step, st.attempt),
             "verification": {**CommitmentBook(self.db, self.events).counts(),
                              **SpotCheckBook(self.db, self.events, self.run).counts()},
             "checkpoints": {"store": self.run.coordinator.store_root,

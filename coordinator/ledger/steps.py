@@ -3,7 +3,9 @@ reports phase by phase, close it.
 
   OPEN         tickets of (step, attempt) are leased by stage-0 replicas and committed once each;
                each micro-batch passes through exactly one replica of every stage
-  ACCUMULATED  all committed; every replica reports its own gradient's norm^2 (CONTRIBUTION)
+  ACCUMULATED  all committed; every replica reports its own gradient's norm^2 (CONTRIBUTION),
+               unscaled; when the step ran loss-scaled and a norm is not finite, the gradients
+               overflowed: the step re-runs at half the scale (loss_scaling.py)
   AVERAGING    (replicas_per_stage > 1) contributions judged (rules.judge_contributions); each
                stage's replicas sum their gradients through hivemind and report the summed
                norm^2 (AVERAGED); they must agree (rules.replicas_disagree)
@@ -30,6 +32,7 @@ from .db import LedgerDB
 from .events import EventLog
 from .commitments import CommitmentBook, Submitted
 from .history import StepHistory
+from .loss_scaling import LossScaleBook
 from .measurements import Measurements
 from .reports import APPLIED, AVERAGED, CONTRIBUTION, ReportBook, contributions, sums
 from .spot_checks import SpotCheckBook
@@ -52,6 +55,7 @@ class StepProtocol:
         self.stage_count = stage_count  # () -> stages in the plan in force
         self.commitments = commitments
         self.spot_checks = spot_checks
+        self.loss_scales = LossScaleBook(db, events, run)  # the scale each attempt runs at (fp16)
 
     # -- opening -----------------------------------------------------------------------
     def maybe_open(self) -> None:
@@ -80,6 +84,9 @@ class StepProtocol:
             return
         st.set_members(members)
         st.set_contributors({})
+        member_ids = {w for ids in members.values() for w in ids}
+        self.loss_scales.open_attempt(step, st.attempt, [w for ws in workers.values() for w in ws
+                                                         if w["id"] in member_ids])
         if not self.tickets.exist(step, st.attempt):
             self.tickets.create(step, st.attempt)
             st.mark_opened()
@@ -117,7 +124,14 @@ class StepProtocol:
         return ""
 
     def lease(self, worker_id: str, max_tickets: int) -> list[TicketRow]:
-        return self.tickets.lease(worker_id, self.state.step, self.state.attempt, max_tickets)
+        """Tickets for a stage-0 member (why_no_lease said yes), its own shards first: stage 0's
+        members in id order deal the shards between them (tickets.lease), when there are at
+        least as many shards as members (else some would own none: no preference)."""
+        replicas = sorted(self.state.members().get(0, []))
+        if worker_id not in replicas or len(replicas) > self.run.data.num_shards:
+            return self.tickets.lease(worker_id, self.state.step, self.state.attempt, max_tickets)
+        return self.tickets.lease(worker_id, self.state.step, self.state.attempt, max_tickets,
+                                  (replicas.index(worker_id), len(replicas)))
 
     def commit(self, worker_id: str, ticket_id: int, attempt: int, loss: float, tokens: int) -> str:
         result, all_committed = self.tickets.commit(worker_id, ticket_id, attempt, loss, tokens)
@@ -163,6 +177,13 @@ class StepProtocol:
         if done is None:
             return False
         if phase == ACCUMULATED:
+            problem = (self._overcounted(contributions(done))
+                       or self.loss_scales.overflowed(st.step, st.attempt, contributions(done)))
+            if problem:
+                self.restart_step(problem)
+                st.set_phase(WAITING)
+                self.maybe_open()
+                return False
             if self.run.pipeline.replicas_per_stage == 1:
                 st.grad_norm = rules.total_norm(contributions(done))
                 st.set_phase(APPLYING)
@@ -189,6 +210,20 @@ class StepProtocol:
             self._close()
             return True
         return False
+
+    def _overcounted(self, done: dict[int, list[rules.Contribution]]) -> str:
+        """Why the step's gradients hold some micro-batch twice, or ''. A ticket handed back after
+        a stage had already kept its gradient (its commit refused, the pipeline failing past
+        that stage) is re-done by a replica: that stage then sums more micro-batches than the
+        step has. Only a new attempt (every replica's partial sums dropped) makes it right."""
+        total = self.run.train.micro_batches_per_step
+        for stage, contributed in sorted(done.items()):
+            summed = sum(c.micro_batches for c in contributed)
+            if summed > total:
+                return (f"stage {stage}'s replicas kept the gradients of {summed} micro-batches for the step's "
+                        f"{total} (a ticket handed back after its gradient was kept was done again); re-running the "
+                        "step so that none counts twice")
+        return ""
 
     def _judge(self, done: dict[int, list[rules.Contribution]]) -> None:
         """ACCUMULATED -> AVERAGING (or APPLYING): refuse non-finite or far-too-large contributions."""
@@ -226,6 +261,7 @@ class StepProtocol:
         self.tickets.audit(step)
         self.commitments.check_chain(step, attempt)
         self.spot_checks.expire(step, st.restore_epoch)
+        self.loss_scales.closed(step, attempt)
         self.events.record("step_closed", f"step {step}: loss {loss:.4f}, {tokens} tokens")
         st.step = step + 1
         st.mark_closed()

@@ -55,9 +55,17 @@ class TicketBook:
         return self.db.execute("SELECT COUNT(*) FROM tickets WHERE step=? AND attempt=?",
                                (step, attempt)).fetchone()[0] > 0
 
-    def lease(self, worker_id: str, step: int, attempt: int, max_tickets: int) -> list[TicketRow]:
+    def lease(self, worker_id: str, step: int, attempt: int, max_tickets: int,
+              own_shards: tuple[int, int] = (0, 1)) -> list[TicketRow]:
+        """Up to max_tickets pending tickets of (step, attempt), this worker's own shards first.
+        own_shards (rank, replicas): a stage-0 replica's shards are those with shard % replicas ==
+        rank, so in a steady swarm each replica opens and reads only its share of the data (a
+        shard's reader packs from the shard's start); it takes others' tickets only when its own
+        are gone, so no ticket waits for its owner."""
+        rank, replicas = own_shards
         rows = self.db.execute("SELECT * FROM tickets WHERE step=? AND attempt=? AND state='pending' "
-                               "ORDER BY idx LIMIT ?", (step, attempt, max(0, max_tickets))).fetchall()
+                               "ORDER BY shard % ? != ?, idx LIMIT ?",
+                               (step, attempt, max(1, replicas), rank, max(0, max_tickets))).fetchall()
         for r in rows:
             self.db.execute("UPDATE tickets SET state='leased', worker=?, leased_at=?, leases=leases+1 WHERE id=?",
                             (worker_id, self.db.clock(), r["id"]))

@@ -115,8 +115,9 @@ def test_metrics_scrape(swarm):
         assert value("gptjt_worker_info", worker=w["id"], name=w["name"], stage=str(w["stage"])) == 1
         assert value("gptjt_worker_bytes_sent", worker=w["id"]) == w["metrics"]["bytes_sent"]
     assert value("gptjt_events", kind="step_closed") == s["event_counts"]["step_closed"]
+    gauges = {"quarantined": "gptjt_quarantined_workers", "spot_verified_fraction": "gptjt_verified_fraction"}
     for what, n in s["verification"].items():  # commitments, chain checks, spot checks by verdict
-        assert value("gptjt_verification", what=what) == n
+        assert value(gauges[what]) == n if what in gauges else value("gptjt_verification", what=what) == n, what
 
 
 def test_admin_api_needs_the_token(swarm):
@@ -197,8 +198,9 @@ def test_page_in_headless_chromium(browser, swarm, tmp_path):
     assert float(data("#ov-loss")) == s["loss"] and float(data("#ov-lr")) == s["lr"]
     assert float(data("#ov-eta")) == s["eta_s"] and float(data("#ov-step-s")) == s["measured_step_s"]
     for sel, key in (("#ov-spot-checks", "spot_checks"), ("#ov-spot-disagree", "spot_disagree"),
-                     ("#ov-chain-mismatches", "mismatches")):
+                     ("#ov-chain-mismatches", "mismatches"), ("#ov-quarantined", "quarantined")):
         assert int(data(sel)) == s["verification"][key], sel
+    assert float(data("#ov-verified-fraction")) == s["verification"]["spot_verified_fraction"]
     for key in ("issued", "committed", "reissued", "pending"):
         assert int(data(f"#tk-{key}")) == s["tickets"][key], key
     assert page.eval("document.querySelector('#paused').hidden") is False

@@ -1,6 +1,7 @@
 """A lying worker through the fault drill (GPTJT_FAULTS lie-*, worker/lies.py), real processes on
 loopback: its lie is what the next stage receives, and nothing stops the run (a stage with one
-replica is not spot-checked: test_spot_checks.py has replicas recompute each other). Every stage commits to each micro-batch and
+replica and no standby is not spot-checked: test_spot_checks.py has replicas, or standbys,
+recompute its work). Every stage commits to each micro-batch and
 the coordinator checks that neighbours agree on the bytes between them; a liar commits to what it
 sent, its lie, so only a recomputation can catch it."""
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from local_swarm.nat_lab import sh
 from tests.swarm import BIN, Proc, swarm_toml
 
 RATE_MBIT = 1.0  # each direction: slow enough that the link, not the tiny model's compute, sets the pace
@@ -37,13 +38,6 @@ LATENCY_MS = 5.0  # one-way delay, used only where the kernel has netem (otherwi
 STEPS = 5  # the first step (channel set-up, first-call warm-up) is left out of the mean
 GLOBAL_BATCH = 4  # 2 micro-batches of (2, 64, 128) fp32 a step: 64 KiB forward + 64 KiB back each
 TOLERANCE = 0.30  # kernel vs shaper, relative: see test docstring
-
-
-def _sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(list(args), capture_output=True, text=True, timeout=30)
-    if check and out.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: exit {out.returncode}: {out.stderr.strip()}")
-    return out
 
 
 class Run:
@@ -174,23 +168,23 @@ def netns_link():
     created: list[str] = []
     try:
         for ns in (ns_a, ns_b):
-            out = _sh("ip", "netns", "add", ns, check=False)
+            out = sh("ip", "netns", "add", ns, check=False)
             if out.returncode != 0:
                 pytest.skip(f"`ip netns add` failed: {out.stderr.strip()}")
             created.append(ns)
-        _sh("ip", "link", "add", veth_a, "type", "veth", "peer", "name", veth_b)
+        sh("ip", "link", "add", veth_a, "type", "veth", "peer", "name", veth_b)
         for ns, veth, ip in ((ns_a, veth_a, link.ip_a), (ns_b, veth_b, link.ip_b)):
-            _sh("ip", "link", "set", veth, "netns", ns)
-            _sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", veth)
-            _sh("ip", "-n", ns, "link", "set", veth, "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            sh("ip", "link", "set", veth, "netns", ns)
+            sh("ip", "-n", ns, "addr", "add", f"{ip}/30", "dev", veth)
+            sh("ip", "-n", ns, "link", "set", veth, "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
         netem = []
         for ns, veth in ((ns_a, veth_a), (ns_b, veth_b)):
-            out = _sh("tc", "-n", ns, "qdisc", "add", "dev", veth, "root", "handle", "1:", "tbf",
+            out = sh("tc", "-n", ns, "qdisc", "add", "dev", veth, "root", "handle", "1:", "tbf",
                       "rate", f"{RATE_MBIT:g}mbit", "burst", str(BURST_BYTES), "limit", str(QUEUE_BYTES), check=False)
             if out.returncode != 0:
                 pytest.skip(f"the tbf qdisc is unavailable: {out.stderr.strip()}")
-            out = _sh("tc", "-n", ns, "qdisc", "add", "dev", veth, "parent", "1:1", "handle", "10:", "netem",
+            out = sh("tc", "-n", ns, "qdisc", "add", "dev", veth, "parent", "1:1", "handle", "10:", "netem",
                       "delay", f"{LATENCY_MS:g}ms", check=False)  # fails where the kernel has no sch_netem
             netem.append(out.returncode == 0)
         if any(netem) and not all(netem):
@@ -200,9 +194,9 @@ def netns_link():
     finally:
         for run in link.runs:
             run.close()
-        _sh("ip", "link", "del", veth_a, check=False)  # still here if it never moved into ns_a
+        sh("ip", "link", "del", veth_a, check=False)  # still here if it never moved into ns_a
         for ns in created:
-            _sh("ip", "netns", "del", ns, check=False)
+            sh("ip", "netns", "del", ns, check=False)
 
 
 def make_run(link: NetnsLink, tmp: Path, kernel: bool) -> Run:

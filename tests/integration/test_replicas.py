@@ -106,18 +106,24 @@ def test_faults_poison_sigkill_mid_forward_and_death_mid_averaging(tmp_path, swa
     assert got == pytest.approx(expected, rel=0.05)
 
 
-def test_local_steps_average_only_at_outer_steps(tmp_path, swarms):
-    """averaging.mode "local-steps", outer_every 3: replicas step on their own gradients and pass
-    through an averaging round only at steps 3 (and would at 6); the anchor they share changes
-    exactly there, identically on both replicas, and the run still learns."""
-    config = swarm_toml(tmp_path, steps=6, global_batch=8, micro_batch=2, seq_len=32, replicas_per_stage=2,
-                        start_with_replicas=2, extra=AVERAGING + 'mode = "local-steps"\nouter_every = 3\n')
-    swarm = Swarm(tmp_path, config)
+def local_steps_run(swarms: list, tmp, averaging: str) -> tuple[Swarm, dict]:
+    """A 6-step 2 x 2 run in "local-steps" mode, outer_every 3, with `averaging` keys added;
+    its status once done."""
+    config = swarm_toml(tmp, steps=6, global_batch=8, micro_batch=2, seq_len=32, replicas_per_stage=2,
+                        start_with_replicas=2, extra=AVERAGING + 'mode = "local-steps"\nouter_every = 3\n' + averaging)
+    swarm = Swarm(tmp, config)
     swarms.append(swarm)
     swarm.start_coordinator()
     for name in "abcd":
         swarm.start_worker(name)
-    status = swarm.wait(lambda s: s["phase"] == "done", 300, "the run to finish")
+    return swarm, swarm.wait(lambda s: s["phase"] == "done", 300, "the run to finish")
+
+
+def test_local_steps_average_only_at_outer_steps(tmp_path, swarms):
+    """averaging.mode "local-steps", outer_every 3: replicas step on their own gradients and pass
+    through an averaging round only at steps 3 (and would at 6); the anchor they share changes
+    exactly there, identically on both replicas, and the run still learns."""
+    swarm, status = local_steps_run(swarms, tmp_path, "")
     got = losses(status)
     expected, _ = local_losses(swarm.config, 6)
     assert got[0] == pytest.approx(expected[0], rel=1e-5)  # same weights, same data
@@ -134,4 +140,37 @@ def test_local_steps_average_only_at_outer_steps(tmp_path, swarms):
         assert anchors[0] == anchors[1] == anchors[2] != anchors[3] == anchors[4] == anchors[5]
     swarm.wait(lambda s: all(w["metrics"].get("averaging_bytes", 0) > 0 for w in s["workers"] if w["stage"] >= 0),
                10, "every replica's averaging bytes in its heartbeat")
+    assert status["tickets"]["exactly_once_violations"] == []
+
+
+def test_sparse_outer_steps_send_a_quarter_and_keep_one_anchor(tmp_path, swarms):
+    """averaging.outer_density 0.25: at the outer step (step 3) each replica sends only a quarter
+    of each pseudo-gradient's coordinates (the same ones at both: the anchors stay identical)
+    and keeps the rest in its residual; its averaging bytes are about a quarter of the dense ones."""
+    import math as _math
+
+    from gptjt_core.model import StageSpec, model_config_for, stage_shapes
+    from gptjt_core.outer_sparsity import kept
+
+    swarm, status = local_steps_run(swarms, tmp_path, "outer_density = 0.25\n")
+    assert all(math.isfinite(x) for x in losses(status))
+    for stage in ("0", "1"):
+        anchors = [set(h["stages"][stage]["digests"].values()) for h in status["history"]]
+        assert all(len(a) == 1 for a in anchors), f"stage {stage}'s replicas hold different anchors"
+        assert anchors[2] != anchors[3] == anchors[4]  # the outer step moved the shared anchor
+    # the replicas alive now (a worker declared dead on a loaded machine joins again under a new id)
+    holding = lambda s: [w for w in s["workers"] if w["stage"] >= 0 and w["state"] == "ready"]  # noqa: E731
+    status = swarm.wait(lambda s: len(holding(s)) == 4 and all(w["metrics"].get("averaging_bytes", 0) > 0
+                                                               for w in holding(s)),
+                        10, "every replica's averaging bytes in its heartbeat")
+    model = model_config_for("random:tiny:0")
+    for st in status["stages"]:
+        shapes = stage_shapes(model, StageSpec(st["start_layer"], st["end_layer"], embed=st["embed"], head=st["head"]))
+        dense = sum(_math.prod(s) for s in shapes.values())
+        sparse = sum(kept(_math.prod(s), 0.25) for s in shapes.values())
+        for w in holding(status):
+            if w["stage"] == st["index"]:
+                # 2 replicas, float64 buffers: each sends its peer's half and returns the peer's averaged half
+                sent = w["metrics"]["averaging_bytes"]
+                assert 0.9 * 8 * sparse <= sent < 0.5 * 8 * dense, (w["id"], sent, sparse, dense)
     assert status["tickets"]["exactly_once_violations"] == []

@@ -106,3 +106,25 @@ def test_a_faster_joiner_takes_over_at_the_next_checkpoint(tmp_path):
     assert any(e["kind"] == "replan_pending" for e in status["events"])
     assert status["tickets"]["exactly_once_violations"] == []
     assert len(status["history"]) == 6 and all(h["loss"] == h["loss"] for h in status["history"])
+
+
+def test_the_coordinator_chooses_fewer_stages_than_the_config_when_the_devices_call_for_it(tmp_path):
+    """pipeline.num_stages 2 with min_stages 1: of two simulated devices one is 24x slower, so
+    one stage on the fast worker beats any pipeline through the slow one. The live coordinator
+    plans 1 stage (layers 0-4), the slow worker waits on standby with the reason, and the run
+    trains exactly once."""
+    swarm = Swarm(tmp_path, swarm_toml(tmp_path, steps=3, global_batch=8, micro_batch=2, placement="cost-model",
+                                       min_workers=2, min_stages=1))
+    try:
+        swarm.start_coordinator()
+        swarm.start_worker("slow", None, "--simulate-device", "0.0005:24").wait_for("gptjt-worker: joined")
+        swarm.start_worker("fast", None, "--simulate-device", FAST)
+        status = swarm.wait(lambda s: s["phase"] == "done", timeout=240, what="3 steps")
+    finally:
+        swarm.close()
+    assert status["plan"]["ranges"] == [[0, 4]], status["plan"]
+    names = {w["id"]: w["name"] for w in status["workers"]}
+    assert [[names[w] for w in s["workers"]] for s in status["stages"]] == [["fast"]]
+    slow = next(w for w in status["workers"] if w["name"] == "slow")
+    assert slow["stage"] < 0 and slow["id"] in status["plan"]["standby_why"], status["plan"]["standby_why"]
+    assert len(status["history"]) == 3 and status["tickets"]["exactly_once_violations"] == []

@@ -10,7 +10,7 @@ from coordinator.cost_model import (
 # 4 layers of 1e9 parameters, d 1000, embedding and head 1e8 each: round numbers by hand
 MODEL = ModelShape(n_layer=4, d_model=1000, layer_params=10**9, embed_params=10**8, head_params=10**8)
 WORK = Workload(tokens_per_micro_batch=1000, micro_batches=10, in_flight=2, activation_bytes_per_value=2.0,
-                gradient_bytes_per_param=2.0, state_bytes_per_param=16.0)
+                gradient_bytes_per_param=2.0, precision="fp32")
 NET = Network({("a", "b"): Link(0.05, 1.0)}, inside=Link(0.001, 10.0))
 
 
@@ -45,12 +45,13 @@ def test_replicas_add_compute_and_pay_for_averaging():
 
 
 def test_memory_limits_name_the_worker():
-    # stage 0 with 2 layers: (2e9 + 1e8) x 16 bytes = 33.6 GB + activations 2 x 1000 x 2 x 1000 x 34 = 0.136 GB
-    assert memory_needed_gb(MODEL, WORK, 0, 2) == pytest.approx(33.736)
+    # stage 0 with 2 layers: (2e9 + 1e8) x (4 + 4 + 8) bytes = 33.6 GB of weights, gradients and
+    # Adam moments + 2 micro-batches in flight x 2 blocks x 106 bytes x 1000 tokens x d 1000 (fp32)
+    assert memory_needed_gb(MODEL, WORK, 0, 2) == pytest.approx(33.6 + 0.424)
     devs = devices((100.0, 80.0, "a"), (100.0, 24.0, "b"))
     plan = [StagePlacement(0, 2, (0,)), StagePlacement(2, 4, (1,))]
     why = infeasible(plan, devs, MODEL, WORK)
-    assert "w1 has 24 GB" in why and "stage 1" in why
+    assert "w1 has 24 GB" in why and "stage 1" in why and "optimizer 16.80" in why
     assert infeasible([StagePlacement(0, 3, (0,)), StagePlacement(3, 4, (1,))], devs, MODEL, WORK) == ""
 
 
@@ -66,3 +67,28 @@ def test_gptj_6b_shape_matches_the_published_parameter_count():
     gptj = ModelShape.gptj_6b()
     total = stage_params(gptj, 0, gptj.n_layer)
     assert total == pytest.approx(6.05e9, rel=0.01)  # GPT-J 6B: 6,053,381,344 parameters
+
+
+def test_links_are_looked_up_per_site_pair_with_the_same_result_as_per_worker_pair():
+    """transfer_s and allreduce_s read one link per pair of sites; the slowest link and the
+    largest latency over every pair of workers are the same."""
+    import random
+
+    from coordinator.cost_model import allreduce_s, transfer_s
+
+    net = Network({("a", "b"): Link(0.05, 1.0), ("a", "c"): Link(0.1, 0.3), ("b", "c"): Link(0.02, 2.0)},
+                  inside=Link(0.001, 10.0))
+    rng = random.Random(0)
+    devs = [Device(f"w{i}", 100.0, 80.0, rng.choice("abc")) for i in range(12)]
+    for _ in range(50):
+        a, b = rng.sample(range(12), rng.randint(1, 5)), rng.sample(range(12), rng.randint(1, 5))
+        x, y = StagePlacement(0, 2, tuple(a)), StagePlacement(2, 4, tuple(b))
+        pairs = [net.link(devs[i], devs[j]) for i in a for j in b]
+        nbytes = WORK.tokens_per_micro_batch * MODEL.d_model * WORK.activation_bytes_per_value
+        want = max(p.latency_s for p in pairs) + nbytes * 8 / (min(p.gbps for p in pairs) * min(len(a), len(b)) * 1e9)
+        assert transfer_s(MODEL, WORK, x, y, devs, net) == pytest.approx(want, rel=1e-12)
+        ring = [net.link(devs[i], devs[j]) for k, i in enumerate(a) for j in a[k + 1:]]
+        r, grad = len(a), stage_params(MODEL, 0, 2) * WORK.gradient_bytes_per_param
+        want = 0.0 if r == 1 else (2 * (r - 1) / r * grad * 8 / (min(p.gbps for p in ring) * 1e9)
+                                   + 2 * (r - 1) * max(p.latency_s for p in ring))
+        assert allreduce_s(MODEL, WORK, x, devs, net) == pytest.approx(want, rel=1e-12)

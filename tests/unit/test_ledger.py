@@ -360,6 +360,23 @@ def replicated_swarm(ledger: RunLedger) -> dict[int, list[str]]:
     return by_stage
 
 
+def test_stage0_replicas_lease_their_own_shards_first_and_then_any(tmp_path):
+    """4 tickets over shards 0-3, 2 stage-0 replicas (in id order, rank r owns shards with shard %
+    2 == r): each takes
+    its own shard's tickets first (so it reads only that shard's files), then the other's, so
+    no ticket waits for its owner; every ticket once."""
+    ledger = make_replicated(tmp_path)
+    a, b = sorted(replicated_swarm(ledger)[0])
+    held_by_b = ledger.lease(b, 2)[0]
+    assert [t.shard % 2 for t in held_by_b] == [1, 1]
+    got = ledger.lease(a, 3)[0]
+    assert [t.shard % 2 for t in got] == [0, 0]  # its own two; b's are leased already
+    for t in got:
+        assert ledger.commit(a, t.id, t.attempt, 1.0, 128) == "committed"
+    assert ledger.release(b, [t.id for t in held_by_b]) == 2
+    assert [t.shard % 2 for t in ledger.lease(a, 4)[0]] == [1, 1]  # b let go of them: a takes them
+
+
 def test_replicas_fill_stages_evenly_and_route_to_each_other(tmp_path):
     ledger = make_replicated(tmp_path)
     by_stage = replicated_swarm(ledger)
@@ -577,3 +594,20 @@ def test_a_skipped_outer_step_still_averages(tmp_path):
         assert ledger.phase == APPLYING
         for w in members:
             assert ledger.report(w, step, 0, "applied", digest="anchor")
+
+
+def test_a_stage_that_kept_a_handed_back_micro_batch_twice_restarts_the_step(tmp_path):
+    """A ticket handed back after its gradient was kept (the bench's liar: its commit was refused)
+    is done again by a replica: the stage's replicas then sum one micro-batch too many, and only
+    a new attempt, every partial sum dropped, counts each micro-batch once."""
+    ledger = make_replicated(tmp_path)
+    by_stage = replicated_swarm(ledger)
+    commit_all(ledger, by_stage[0])
+    total = ledger.run.train.micro_batches_per_step
+    for stage, (a, b) in by_stage.items():
+        extra = 1 if stage == 1 else 0
+        assert ledger.report(a, 0, 0, "contribution", 4.0, total // 2 + extra) is not None
+        ledger.report(b, 0, 0, "contribution", 4.0, total - total // 2)
+    assert (ledger.step, ledger.attempt) == (0, 1) and ledger.phase in ("waiting", "open")
+    (why,) = [e["detail"] for e in ledger.status()["events"] if e["kind"] == "step_restarted"]
+    assert f"stage 1's replicas kept the gradients of {total + 1} micro-batches for the step's {total}" in why

@@ -98,3 +98,72 @@ def test_an_outer_step_averaged_in_a_restarted_attempt_is_dropped():
     assert a.pending_outer is None
     assert a.apply_local(2, 1.0, contribute=True, total_micro_batches=2) and a.position == 3
     assert all(torch.equal(x, y) for x, y in zip(a.anchor, anchor))
+
+
+def test_sparsifier_picks_the_same_coordinates_everywhere_and_loses_nothing():
+    from gptjt_core.outer_sparsity import OuterSparsifier, kept
+
+    shapes = [torch.Size([64, 8]), torch.Size([10]), torch.Size([1])]
+    a, b = OuterSparsifier(0.25, "run:0-2", shapes), OuterSparsifier(0.25, "run:0-2", shapes)
+    assert a.averaged_shapes() == [torch.Size([128]), torch.Size([3]), torch.Size([1])]
+    assert kept(10, 0.25) == 3 and kept(1, 0.01) == 1
+    assert all(torch.equal(x, y) for x, y in zip(a.indices(4), b.indices(4)))  # no index on the wire
+    assert not torch.equal(a.indices(4)[0], a.indices(8)[0])  # each outer step another draw
+    assert not torch.equal(a.indices(4)[0], OuterSparsifier(0.25, "run:2-4", shapes).indices(4)[0])
+    gen = torch.Generator().manual_seed(0)
+    total = [torch.zeros(s) for s in shapes]
+    sent = [torch.zeros(s) for s in shapes]
+    for step in (4, 8, 12):
+        deltas = [torch.randn(s, generator=gen) for s in shapes]
+        values, residual = a.select(deltas, step)
+        assert [v.shape for v in values] == a.averaged_shapes()
+        if step == 8:  # a failed round: nothing committed, the next try sends the same
+            again, _ = a.select(deltas, step)
+            assert all(torch.equal(x, y) for x, y in zip(values, again))
+        a.commit(residual)
+        for t, s, d, e in zip(total, sent, deltas, a.expand(values, step)):
+            t += d
+            s += e
+        # error feedback: what was sent plus what is kept is everything computed, to rounding
+        for t, s, r in zip(total, sent, a.residual):
+            assert torch.allclose(s + r, t, atol=1e-5)
+    with pytest.raises(ValueError, match="shapes"):
+        a.select([torch.zeros(3)], 16)
+
+
+def test_sparse_outer_step_keeps_replicas_on_one_anchor_and_residuals_their_own():
+    run = _run(outer_density=0.25)
+    a, b = LayerSlice(run, SPEC), LayerSlice(run, SPEC)
+    assert a.averaged_shapes() == b.averaged_shapes() != [p.shape for p in a.model.parameters()]
+    start = [p.detach().clone() for p in a.model.parameters()]
+    for step in range(2):
+        _step_on(a, step, seed=10 + step)
+        _step_on(b, step, seed=20 + step)
+    da, db = a.pseudo_gradients(), b.pseudo_gradients()
+    a.begin(2, 0)
+    b.begin(2, 0)
+    va, vb = a.outer_contribution(2), b.outer_contribution(2)
+    mean = [(x + y) / 2 for x, y in zip(va, vb)]
+    a.set_outer_mean(2, [m.clone() for m in mean])
+    b.set_outer_mean(2, [m.clone() for m in mean])
+    assert a.apply_local(2, 0.0, contribute=False, total_micro_batches=2)
+    assert b.apply_local(2, 0.0, contribute=False, total_micro_batches=2)
+    assert a.state_digest() == b.state_digest()  # one anchor: the outer step is all they apply here
+    idx = a.sparsifier.indices(2)
+    for i, (anchor, s) in enumerate(zip(a.anchor, start)):
+        moved = (s - anchor).reshape(-1)
+        expected = ((da[i] + db[i]) / 2).reshape(-1)
+        assert torch.allclose(moved[idx[i]], expected[idx[i]], atol=1e-6)  # the chosen coordinates: the mean
+        others = torch.ones_like(moved, dtype=torch.bool)
+        others[idx[i]] = False
+        assert torch.count_nonzero(moved[others]) == 0  # the rest waits in the residuals
+        assert torch.allclose(a.sparsifier.residual[i].reshape(-1)[others], da[i].reshape(-1)[others])
+        assert torch.count_nonzero(a.sparsifier.residual[i].reshape(-1)[idx[i]]) == 0
+
+
+def test_outer_density_needs_local_steps():
+    with pytest.raises(ConfigError, match="outer_density"):
+        AveragingConfig(outer_density=0.5)
+    with pytest.raises(ConfigError, match="outer_density"):
+        AveragingConfig(mode="local-steps", outer_density=0.0)
+    assert AveragingConfig(mode="local-steps", outer_density=0.1).outer_density == 0.1

@@ -53,8 +53,9 @@ class InProcessLink:
     work and returns its reply as the transport would (the gradient encoded fp32: exact)."""
 
     def __init__(self, stage: LayerSlice, downstream: InProcessLink | None, logs: list[list[Action]], index: int,
-                 labels: torch.Tensor):
+                 labels: torch.Tensor, loss_scale: float = 1.0):
         self.stage, self.downstream, self.logs, self.index, self.labels = stage, downstream, logs, index, labels
+        self.loss_scale = loss_scale  # the attempt's (RunState.loss_scale), which the last stage applies
         self.compute = ComputeQueue(f"stage-{index}")
 
     async def send(self, header: pb.MicroBatchHeader, out: torch.Tensor) -> tuple[pb.ReplyHeader, Encoded, Encoded]:
@@ -64,7 +65,7 @@ class InProcessLink:
         header.activations.CopyFrom(pb.TensorMeta(shape=list(sent.shape), dtype=sent.dtype, codec=sent.codec,
                                                   nbytes=len(sent.data)))
         item = StageInput(KEY, STEP, out, torch.tensor(list(header.prefix_lengths)), self.labels,
-                          RUN.train.global_batch, received_parts(header, sent.data), "fp32")
+                          RUN.train.global_batch, received_parts(header, sent.data), "fp32", self.loss_scale)
         down = pb.MicroBatchHeader()
         down.CopyFrom(header)
         down.stage = header.stage + 1

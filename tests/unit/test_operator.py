@@ -124,6 +124,21 @@ def test_metrics_render_parses(tmp_path):
     families = {f.name: f for f in text_string_to_metric_families(render_metrics(lambda: status).decode())}
     assert families["gptjt_step"].samples[0].value == 1
     assert families["gptjt_tokens"].samples[0].value == status["tokens"]
+    assert families["gptjt_verified_fraction"].samples[0].value == status["verification"]["spot_verified_fraction"]
+    assert families["gptjt_quarantined_workers"].samples[0].value == 0
+    assert "quarantined" not in {s.labels["what"] for s in families["gptjt_verification"].samples}
     assert {s.labels["worker"] for s in families["gptjt_worker_tickets_done"].samples} == {a, b}
     phases = {s.labels["phase"]: s.value for s in families["gptjt_phase"].samples}
     assert phases[status["phase"]] == 1 and sum(phases.values()) == 1
+
+
+def test_the_status_summary_says_what_the_checks_verified(tmp_path):
+    from gptjt_cli.tables import summary
+
+    ledger = make(tmp_path)
+    a, b = ready_swarm(ledger, 2)
+    finish_step(ledger, [a, b])
+    status = ledger.status()
+    status["verification"].update(spot_checks=3, spot_agree=2, spot_disagree=1, spot_verified_fraction=0.0125)
+    assert summary(status).splitlines()[2] == ("spot checks 3 (2 agreed, 1 disagreed), 1.25 % of the work verified, "
+                                               "0 quarantined, chain mismatches 0")

@@ -13,7 +13,7 @@ from coordinator.placement import layers_moved, plan, replan, split_layers
 from gptjt_core.config import SchedulerConfig
 
 MODEL = ModelShape(n_layer=6, d_model=1000, layer_params=10**9, embed_params=10**8, head_params=10**8)
-WORK = Workload(tokens_per_micro_batch=2000, micro_batches=16, in_flight=2)
+WORK = Workload(tokens_per_micro_batch=2000, micro_batches=16, in_flight=2, precision="fp32")  # no autocast copies
 NET = Network({("a", "b"): Link(0.05, 0.5), ("a", "c"): Link(0.1, 0.3), ("b", "c"): Link(0.02, 2.0)},
               inside=Link(0.001, 10.0))
 

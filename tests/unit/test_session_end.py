@@ -45,3 +45,26 @@ def test_only_an_unauthenticated_refusal_is_an_ended_session():
     assert session_ended(_refusal(grpc.StatusCode.UNAUTHENTICATED))
     assert not session_ended(_refusal(grpc.StatusCode.UNAVAILABLE))
     assert not session_ended(PermissionError("UNAUTHENTICATED"))
+
+
+def test_a_drain_after_the_run_finished_leaves_at_once_even_with_the_coordinator_gone(runner, capsys):
+    """A finished swarm is stopped all at once: the coordinator may never acknowledge DRAINING, and
+    waiting for it held every worker until SIGKILL (10 s per swarm in the tests)."""
+    import asyncio
+    import time
+
+    from gptjt_proto import coordinator_pb2 as cpb
+    from worker.drain import drain_and_leave
+    from worker.membership import CoordinatorClient
+
+    runner.worker_id, runner.state = "w", cpb.RunState(step=5, phase=cpb.DONE)
+
+    async def drain():
+        runner.coordinator = CoordinatorClient("127.0.0.1:1")  # nobody listens there
+        started = time.monotonic()
+        await drain_and_leave(runner)  # the coordinator at 127.0.0.1:1 refuses the Leave
+        return time.monotonic() - started
+
+    took = asyncio.run(drain())
+    assert runner.stopping.is_set() and "w left the run" in capsys.readouterr().out
+    assert took < runner.options.drain_timeout_s / 2, took

@@ -40,15 +40,16 @@ def _stage(spec: StageSpec) -> LayerSlice:
     return stage
 
 
-def _run_chain(first: Liar | None = None) -> list[LayerSlice]:
+def _run_chain(first: Liar | None = None, loss_scale: float = 1.0) -> list[LayerSlice]:
     """One micro-batch through stages 0, 1, 2; returns the stages. Stage 0 lies as `first` says
-    (None: honest); later stages as the process's liar (worker.micro_batch_work.process_liar)."""
+    (None: honest); later stages as the process's liar (worker.micro_batch_work.process_liar).
+    loss_scale: the attempt's, which the last stage applies."""
     ids, prefix, labels = _tokens()
     stages = [_stage(spec) for spec in SPECS]
     logs = [[] for _ in SPECS]
     links = [None] * 4
     for k in (2, 1):
-        links[k] = InProcessLink(stages[k], links[k + 1], logs, k, labels)
+        links[k] = InProcessLink(stages[k], links[k + 1], logs, k, labels, loss_scale)
     compute = ComputeQueue("stage-0")
     header = pb.MicroBatchHeader(ticket_id=KEY[0], step=STEP, attempt=KEY[1], prefix_lengths=prefix.tolist(), stage=1)
     header.labels = labels_bytes(labels)
@@ -60,13 +61,13 @@ def _run_chain(first: Liar | None = None) -> list[LayerSlice]:
     return stages
 
 
-def _check(claimed_stage: LayerSlice, verifier: LayerSlice, step: int = STEP):
+def _check(claimed_stage: LayerSlice, verifier: LayerSlice, step: int = STEP, loss_scale: float = 1.0):
     """The verifier's commitment to the claimed stage's micro-batch, and the verdict."""
     claimed = claimed_stage.commitments[KEY].commitment
     links = claimed_stage.commitments[KEY].links
     reply = claimed_stage.evidence[KEY].to_pb()
     inputs = read_evidence(reply, claimed.input, links.returned, verifier.spec.embed, verifier.spec.head)
-    ours = recompute(verifier, step, tuple(reply.wire), inputs, claimed, RUN.train.global_batch)
+    ours = recompute(verifier, step, tuple(reply.wire), inputs, claimed, RUN.train.global_batch, loss_scale)
     return ours, compare(claimed, ours, TOLERANCE_FP32)
 
 
@@ -93,6 +94,16 @@ def test_an_honest_stage_recomputes_to_its_commitment_at_every_stage():
                    for n, p in stage.model.named_parameters())
 
 
+def test_a_loss_scaled_attempt_is_checked_at_the_scale_the_ledger_gives():
+    """The last stage sent its gradient scaled (fp16 runs): a check at the attempt's scale agrees,
+    one that trusted scale 1 would call the honest stage a liar. Upstream stages recompute from
+    the scaled gradient they received, so they need no scale."""
+    stages = _run_chain(loss_scale=1024.0)
+    assert _check(stages[2], _replica(stages[2]), loss_scale=1024.0)[1].agrees
+    assert not _check(stages[2], _replica(stages[2]))[1].agrees
+    assert _check(stages[1], _replica(stages[1]))[1].agrees
+
+
 def test_after_its_update_the_verifier_checks_with_the_weights_it_kept():
     stages = _run_chain()
     stage = stages[1]
@@ -108,6 +119,21 @@ def test_after_its_update_the_verifier_checks_with_the_weights_it_kept():
     verifier.apply_step(STEP + 1, 1.0)  # a second update: the weights of STEP are gone
     with pytest.raises(WeightsGone, match=f"not the weights of step {STEP}"):
         _check(stage, verifier)
+
+
+def test_a_verifier_with_activation_checkpointing_recomputes_with_the_weights_it_kept():
+    """Checkpointing would recompute in the backward with the module's own (updated) weights,
+    after functional_call has put them back: the recomputation runs without it."""
+    stages = _run_chain()
+    stage = stages[1]
+    verifier = _replica(stage)
+    verifier.model.checkpoint_segment = 1  # pipeline.activation_checkpointing = "block"
+    for p in verifier.model.parameters():
+        p.grad = torch.full_like(p, 0.01)
+    verifier.apply_step(STEP, 1.0)
+    _, verdict = _check(stage, verifier)
+    assert verdict.agrees, verdict.reason
+    assert verifier.model.checkpoint_segment == 1  # given back
 
 
 def _liar(kind: str, value: float = 1.0, scale: float = 1.01, noise: float = 0.01) -> Liar:
@@ -198,3 +224,79 @@ def test_a_verifier_moved_to_another_stage_says_so_instead_of_recomputing():
     asyncio.run(checker._answer(check))
     compute.close()
     assert answers == [(5, b"", "this worker holds stage 2 now, not stage 1")] and not fetched
+
+
+@pytest.mark.parametrize("weights", ["store", "source"])
+def test_a_standby_checks_each_stage_with_weights_from_the_store_or_the_model_source(weights):
+    """A stage with one replica: a standby loads its layers at the checked step (worker/check_weights.py)
+    and recomputes; honest work agrees at every stage. The store hands over what the stage saved."""
+    from gptjt_core.commitment import Commitment
+    from gptjt_proto import coordinator_pb2 as cpb
+    from worker.check_weights import CheckWeights
+    from worker.spot_check import SpotChecker
+
+    stages = _run_chain()
+    answers, asked = [], []
+
+    async def report(worker_id, check_id, blob, unable):
+        answers.append((check_id, blob, unable))
+        return "agree"
+
+    async def get_checkpoint(step, spec):
+        asked.append((step, spec))
+        (stage,) = [s for s in stages if s.spec == spec]
+        return stage.checkpoint_blob()
+
+    async def fetch(check):
+        return stages[check.stage].evidence[KEY].to_pb()
+
+    compute = ComputeQueue("standby")
+    stored = CheckWeights(RUN, "cpu", compute, get_checkpoint)
+    checker = SpotChecker("v", compute, fetch, report, lambda: (-1, None), RUN.train.global_batch, stored)
+    for k, stage in enumerate(stages):
+        claimed = stage.commitments[KEY]
+        check = cpb.SpotCheck(check_id=k, step=STEP, attempt=KEY[1], ticket_id=KEY[0], stage=k, worker_id="w",
+                              address="127.0.0.1:1", commitment=claimed.commitment.to_bytes(),
+                              returned=claimed.links.returned or b"", weights=weights, start_layer=stage.spec.start,
+                              end_layer=stage.spec.end, embed=stage.spec.embed, head=stage.spec.head)
+        asyncio.run(checker._answer(check))
+    late = cpb.SpotCheck(check_id=9, step=3, stage=1, weights="source", start_layer=1, end_layer=2)
+    asyncio.run(checker._answer(late))  # the model source holds step 0's weights only
+    compute.close()
+    assert [a[0] for a in answers] == [0, 1, 2, 9] and all(not a[2] for a in answers[:3]), answers
+    for (k, blob, _), stage in zip(answers, stages):
+        assert compare(stage.commitments[KEY].commitment, Commitment.from_bytes(blob), TOLERANCE_FP32).agrees
+    assert answers[3][1] == b"" and "cannot load weights 'source' of step 3" in answers[3][2]
+    assert stored.loads == 3 and len(asked) == (3 if weights == "store" else 0)
+
+
+def test_a_standby_asks_again_when_the_checked_worker_has_not_heard_of_its_check_yet():
+    """The standby hears of its check on a heartbeat; the checked worker learns that the standby
+    may fetch on its Watch stream: PERMISSION_DENIED is asked again, a few times, not at once final."""
+    import grpc
+    from gptjt_proto import coordinator_pb2 as cpb
+    from worker.spot_check import SpotChecker
+
+    stages = _run_chain()
+    calls, answers = [], []
+
+    async def fetch(check):
+        calls.append(check.check_id)
+        if len(calls) < 3:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.PERMISSION_DENIED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       details="'v' is no replica of this stage nor a standby checking it")
+        return stages[1].evidence[KEY].to_pb()
+
+    async def report(worker_id, check_id, blob, unable):
+        answers.append((blob, unable))
+        return "agree"
+
+    compute = ComputeQueue("verifier")
+    checker = SpotChecker("v", compute, fetch, report, lambda: (1, _replica(stages[1])), RUN.train.global_batch)
+    claimed = stages[1].commitments[KEY]
+    check = cpb.SpotCheck(check_id=3, step=STEP, attempt=KEY[1], ticket_id=KEY[0], stage=1, worker_id="w",
+                          address="127.0.0.1:1", commitment=claimed.commitment.to_bytes(),
+                          returned=claimed.links.returned or b"")
+    asyncio.run(checker._answer(check))
+    compute.close()
+    assert len(calls) == 3 and answers and answers[0][0] and not answers[0][1], answers

@@ -20,7 +20,7 @@ from coordinator.ledger.errors import OperatorError
 from coordinator.scheduler import plan_stages
 from gptjt_core.stage_spec import StageSpec
 from tests.conftest import small_run
-from tests.unit.test_ledger import Clock, commit_all, make_replicated, ready_swarm, replicated_swarm
+from tests.unit.test_ledger import Clock, commit_all, make, make_replicated, ready_swarm, replicated_swarm
 
 OUT = torch.linspace(-1.0, 1.0, 2 * 4 * 8).reshape(2, 4, 8)  # what an honest stage computed
 
@@ -106,6 +106,27 @@ def test_a_claim_the_recomputation_does_not_reproduce_is_a_disagreement_naming_b
     assert events and all(liar in e and by_stage[1][0] in e and "relative error" in e for e in events)
 
 
+def test_the_verified_fraction_counts_each_agreed_stage_micro_batch_of_closed_steps_once(swarm):
+    ledger, by_stage = swarm
+    ledger.run.verify.sample_rate = 0.0  # the first two of each worker: 8 (micro-batch, stage) pairs
+    contribute(ledger, by_stage)
+    assert answer_all(ledger, by_stage) == ["agree"] * 8
+    # the step is still open: its work is not in the denominator yet, so nothing is counted
+    assert ledger.status()["verification"]["spot_verified_tokens"] == 0
+    finish(ledger, by_stage)
+    tickets = ledger.db.execute("SELECT COUNT(*), SUM(tokens) FROM tickets WHERE step=0").fetchone()
+    checked = ledger.db.execute("SELECT COUNT(DISTINCT stage || '/' || ticket) FROM checks WHERE kind='recompute'"
+                                ).fetchone()[0]
+    v = ledger.status()["verification"]
+    assert v["spot_verified_tokens"] == checked * 128  # commit_all commits 128 tokens a micro-batch
+    assert v["spot_verified_fraction"] == pytest.approx(checked * 128 / (tickets[1] * len(by_stage)))
+    assert v["spot_verified_fraction"] == 1.0  # 4 micro-batches, each checked at both stages
+    run_step(ledger, by_stage)  # the workers are no longer new: nothing drawn, nothing verified
+    assert ledger.status()["verification"]["spot_verified_fraction"] == pytest.approx(0.5)
+    ledger.recovery.rollback(0, "a test rollback")  # step 0 is to be trained again: its verification is gone
+    assert ledger.status()["verification"]["spot_verified_tokens"] == 0
+
+
 def test_answers_are_taken_once_and_only_from_the_verifier_asked(swarm):
     ledger, by_stage = swarm
     contribute(ledger, by_stage)
@@ -133,10 +154,9 @@ def test_checks_nobody_answered_go_stale_when_the_step_after_closes(swarm):
     assert all(not ledger.spot_checks.pending_for(w, epoch) for ids in by_stage.values() for w in ids)
 
 
-def test_a_stage_without_another_replica_is_not_spot_checked(tmp_path):
+def test_a_stage_without_another_replica_or_a_standby_is_not_spot_checked(tmp_path):
     ledger = make_replicated(tmp_path)
-    book = SpotCheckBook(ledger.db, ledger.events, ledger.run, random.Random(1))
-    assert book.draw(0, 0, 0, "w0", [1, 2, 3], ["w0"], 0) == 0
+    assert ledger.spot_checks.draw(0, 0, 0, "w0", [1, 2, 3], ["w0"], 0) == 0  # step 0: the weights are known
 
 
 @pytest.mark.parametrize("requested, device, expected", [
@@ -230,6 +250,19 @@ def test_the_rollback_stops_at_the_newest_complete_checkpoint_before_the_worker_
     assert [h["step"] for h in ledger.status()["history"]] == [0, 1]
 
 
+def test_a_rollback_forgets_the_checkpoints_of_the_steps_it_undoes(tmp_path):
+    """They hold the undone work (a quarantined worker's): no later restore or spot check may use them."""
+    ledger, by_stage = three_replicas(tmp_path)
+    for step in (1, 2):
+        run_step(ledger, by_stage)
+        ledger.record_checkpoint(step, StageSpec(0, 4, embed=True, head=True), f"ckpt/step-{step}")
+    ledger.recovery.rollback(1, "a test rollback")
+    checkpoints = ledger.status()["checkpoints"]
+    assert checkpoints["steps"] == [1] and checkpoints["latest_complete"] == 1
+    (rolled,) = [e["detail"] for e in ledger.status()["events"] if e["kind"] == "rolled_back"]
+    assert "the checkpoints of steps [2] are forgotten" in rolled
+
+
 def test_the_operator_lifts_a_quarantine_and_the_name_may_join_again(tmp_path):
     ledger, by_stage = three_replicas(tmp_path)
     honest = by_stage[0][0]
@@ -250,3 +283,81 @@ def test_a_local_steps_run_draws_no_spot_checks(tmp_path):
     ledger.run.averaging.mode = "local-steps"
     book = SpotCheckBook(ledger.db, ledger.events, ledger.run, random.Random(1))
     assert book.draw(0, 0, 0, "w0", [1, 2, 3], ["w0", "w1"], 0) == 0
+
+
+def one_replica_and_standbys(tmp_path, standbys: int):
+    """Two stages with one replica each, checkpoints every 2 steps, and `standbys` workers without
+    a stage: they check the stages, with weights from the store (or the model source at step 0)."""
+    ledger = make(tmp_path, steps=8)
+    ledger.run.train.checkpoint_every = 2
+    ledger.spot_checks.rng = random.Random(7)
+    ids = ready_swarm(ledger, 2)
+    spare = [ledger.join(f"s{i}", f"127.0.0.1:{9100 + i}", {})["id"] for i in range(standbys)]
+    for w in spare:
+        ledger.heartbeat(w, "standby", {}, -1, -1)
+    assert [ledger.assignment(w)["stage"] for w in spare] == [-1] * standbys
+    return ledger, {ledger.assignment(w)["stage"]: [w] for w in ids}, spare
+
+
+def close_step(ledger, by_stage, checkpoint: bool = False) -> None:
+    """Apply the step the contributions were for (single replicas: no averaging); with
+    `checkpoint`, every stage stores its state first, as a worker does before reporting."""
+    step, attempt = ledger.step, ledger.attempt
+    for stage, (w,) in by_stage.items():
+        if checkpoint:
+            ledger.record_checkpoint(step + 1, ledger.plan[stage], f"ckpt/{step + 1}-{stage}")
+        assert ledger.report(w, step, attempt, "applied", digest="d")
+    assert ledger.step == step + 1
+
+
+def test_a_stage_without_another_replica_is_checked_by_a_standby_where_the_store_holds_its_weights(tmp_path):
+    ledger, by_stage, spare = one_replica_and_standbys(tmp_path, standbys=1)
+    ledger.run.verify.sample_rate = 0.5  # x checkpoint_every (2): every micro-batch of a stored step
+    contribute(ledger, by_stage)  # step 0: the model source holds its weights
+    rows = ledger.spot_checks.pending_for(spare[0], ledger.restore_epoch)
+    assert len(rows) == 4 and {r["weights"] for r in rows} == {"source"}, rows
+    assert {r["stage"]: r["spec"] for r in rows} == dict(enumerate(ledger.plan))
+    assert ledger.assignment(by_stage[0][0])["verifier_ids"] == spare  # its check pending: it may fetch the evidence
+    verdicts = [ledger.answer_check(spare[0], r["id"], Commitment.from_bytes(claim(r["ticket"], r["stage"])), "")
+                for r in rows]
+    assert verdicts == ["agree"] * 4
+    assert ledger.assignment(by_stage[0][0])["verifier_ids"] == []  # nothing pending: no standby may fetch
+    close_step(ledger, by_stage)  # no checkpoint of step 1 (every 2 steps): its work has no standby check
+    contribute(ledger, by_stage)
+    assert not ledger.spot_checks.pending_for(spare[0], ledger.restore_epoch)
+    close_step(ledger, by_stage, checkpoint=True)  # stores the state of step 2
+    contribute(ledger, by_stage)
+    rows = ledger.spot_checks.pending_for(spare[0], ledger.restore_epoch)
+    assert len(rows) == 4 and {(r["step"], r["weights"]) for r in rows} == {(2, "store")}, rows
+    close_step(ledger, by_stage)  # a replica's check would be stale now; the stage keeps 4 steps of evidence
+    assert ledger.status()["verification"]["spot_stale"] == 0
+    for _ in range(4):
+        contribute(ledger, by_stage)
+        close_step(ledger, by_stage)
+    assert ledger.status()["verification"]["spot_stale"] == 4  # step 2's, at the close of step 2 + 4
+
+
+def test_a_single_replica_two_standbys_disagree_with_is_quarantined(tmp_path):
+    ledger, by_stage, spare = one_replica_and_standbys(tmp_path, standbys=2)
+    liar = by_stage[1][0]
+    contribute(ledger, by_stage, liar=liar)
+    epoch = ledger.restore_epoch
+    accuser, row = next((w, r) for w in spare for r in ledger.spot_checks.pending_for(w, epoch) if r["worker"] == liar)
+    honest = Commitment.from_bytes(claim(row["ticket"], row["stage"]))  # what the liar should have sent
+    assert ledger.answer_check(accuser, row["id"], honest, "") == "disagree"
+    (third,) = [w for w in spare if w != accuser]
+    (opinion,) = [r for r in ledger.spot_checks.pending_for(third, epoch) if r["id"] > row["id"]]
+    assert opinion["weights"] == "source" and opinion["worker"] == liar
+    assert ledger.answer_check(third, opinion["id"], honest, "") == "disagree"
+    states = {w["id"]: w["state"] for w in ledger.status()["workers"]}
+    assert states[liar] == "quarantined" and "quarantined" not in (states[accuser], states[third])
+    assert "loading" in (states[accuser], states[third])  # a standby takes the liar's stage
+
+
+def test_with_one_standby_a_dispute_stays_open(tmp_path):
+    ledger, by_stage, (standby,) = one_replica_and_standbys(tmp_path, standbys=1)
+    contribute(ledger, by_stage, liar=by_stage[0][0])
+    row = next(r for r in ledger.spot_checks.pending_for(standby, ledger.restore_epoch) if r["stage"] == 0)
+    assert ledger.answer_check(standby, row["id"], Commitment.from_bytes(claim(row["ticket"], 0)), "") == "disagree"
+    (event,) = [e["detail"] for e in ledger.status()["events"] if e["kind"] == "spot_check_disputed"]
+    assert "no third standby" in event and ledger.status()["verification"]["quarantined"] == 0

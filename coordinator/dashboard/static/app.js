@@ -137,6 +137,9 @@ function renderVerification(s) {
   setText("ov-spot-agree", fmtInt(v.spot_agree), v.spot_agree);
   setText("ov-spot-checks", fmtInt(v.spot_checks), v.spot_checks);
   setText("ov-chain-mismatches", fmtInt(v.mismatches), v.mismatches);
+  setText("ov-quarantined", fmtInt(v.quarantined), v.quarantined);
+  const f = v.spot_verified_fraction;  // of the closed steps' tokens x stages
+  setText("ov-verified-fraction", f == null ? "–" : `${fmtNum(100 * f, 3)} %`, f);
 }
 
 // A stall stays on screen for 10 minutes after the coordinator last took a remedy.

@@ -1,0 +1,217 @@
+"""The figures the READMEs show: what each compares against, its goal, and whether it is measured or predicted."""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+OPS = {">=": (operator.ge, "≥"), "<=": (operator.le, "≤"), ">": (operator.gt, ">"), "<": (operator.lt, "<"),
+       "==": (operator.eq, "=")}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """value OP target. target is a number or bool, or the name of another figure of the same
+    benchmark (e.g. runs_completed == "runs_attempted")."""
+
+    op: str
+    target: float | bool | str
+    source: str  # where the goal was set, e.g. "issue 5"
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"goal op {self.op!r}: use one of {sorted(OPS)}")
+
+    def text(self) -> str:
+        target = self.target
+        if isinstance(target, bool):
+            target = str(target).lower()
+        elif isinstance(target, str):
+            target = f"`{target}`"
+        return f"{OPS[self.op][1]} {target} ({self.source})"
+
+    def met(self, value, figures: dict) -> bool:
+        """Whether `value` meets the goal; a missing or non-finite value does not."""
+        target = lookup(figures, self.target) if isinstance(self.target, str) else self.target
+        if value is None or target is None:
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        return bool(OPS[self.op][0](value, target))
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One row: `key` is a dotted path into the benchmark's figures dict."""
+
+    bench: str
+    key: str
+    what: str
+    against: str = "—"
+    goal: Goal | None = None
+    predicted: bool = False  # from a cost model or formula, not a run
+    headline: bool = False  # also in README.md's table
+    published: str = ""  # external figures (other projects' papers), labelled as such where shown
+
+
+MISSING = object()  # a key the benchmark did not report (a catalogue out of step with its benchmark)
+
+
+def lookup(figures: dict, key: str, default=None):
+    """figures["a"]["b"] for "a.b"; `default` where a part is missing."""
+    value = figures
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return default
+        value = value[part]
+    return value
+
+
+def status(figure: Figure, entry: dict | None) -> str:
+    """'met', 'missed', 'no goal', or why there is no value: 'not measured', 'skipped', 'failed',
+    'not in the results' (the benchmark ran but did not report this figure)."""
+    if entry is None:
+        return "not measured"
+    if "skipped" in entry:
+        return "skipped"
+    if "failed" in entry:
+        return "failed"
+    value = lookup(entry["figures"], figure.key, MISSING)
+    if value is MISSING:
+        return "not in the results"
+    if figure.goal is None:
+        return "no goal"
+    return "met" if figure.goal.met(value, entry["figures"]) else "missed"
+
+
+def _g(op: str, target, source: str) -> Goal:
+    return Goal(op, target, source)
+
+
+FIGURES: tuple[Figure, ...] = (
+    Figure("local", "tokens_per_s", "train-local tokens/s, tiny flavour, one process"),
+    Figure("local", "stage_parity_max_abs_err", "2 chained stages vs the whole model, max abs error (fp32)",
+           "transformers' `GPTJForCausalLM`"),
+    Figure("swarm", "swarm_vs_local_tokens_per_s", "swarm (coordinator + 2 workers) over train-local tokens/s",
+           "train-local in the same invocation with the swarm's threads in total (`local_threads`)", _g(">=", 0.9, "bench/README"), headline=True,
+           published="OpenDiLoCo 90-95 %, INTELLECT-1 83-96 % utilization"),
+    Figure("swarm", "swarm_tokens_per_s", "swarm tokens/s (median step)"),
+    Figure("swarm", "local_tokens_per_s", "train-local tokens/s in the same invocation"),
+    Figure("swarm", "same_losses", "swarm step losses equal train-local's (relative difference < 1e-4)",
+           "train-local's losses",
+           _g("==", True, "bench/README")),
+    Figure("swarm", "coordinator_heartbeat_p99_ms", "heartbeat p99 (ms), 500 simulated workers every 2 s",
+           goal=_g("<", 50, "bench/README")),
+    Figure("swarm", "auth_overhead_pct", "tokens/s cost of mutual TLS on stage links (%)",
+           "the same run with `link.tls = \"off\"`", _g("<=", 3, "issue 15"), headline=True,
+           published="hivemind, Petals, SWARM: libp2p encryption, cost not published"),
+    Figure("recovery", "recovery_s", "seconds from SIGKILL of a replica to the next closed step",
+           "a 10 s heartbeat timeout (PRIME)", _g("<=", 5, "bench/README"), headline=True,
+           published="PRIME / INTELLECT-1: 2 s heartbeat, 10 s timeout"),
+    Figure("recovery", "tickets_lost", "micro-batches lost", goal=_g("==", 0, "bench/README")),
+    Figure("recovery", "tickets_double", "micro-batches counted twice", goal=_g("==", 0, "bench/README")),
+    Figure("recovery", "detected_by_peer_report", "kills found through a neighbour's report"),
+    Figure("codec", "activation_bytes_ratio_vs_fp16", "bytes across a stage boundary, fp16 over q3/q3",
+           "fp16 both ways", _g(">=", 4, "issue 5"), published="AQ-SGD 4/8-bit: 2.67x"),
+    Figure("codec", "activation_bytes_ratio_vs_fp16_q4_q3", "the same, q4 forward / q3 back", "fp16 both ways"),
+    Figure("codec", "activation_bytes_ratio_vs_fp16_q4_q4", "the same, q4 / q4", "fp16 both ways"),
+    Figure("codec", "activation_bytes_ratio_vs_fp16_q8_q8", "the same, q8 / q8", "fp16 both ways"),
+    Figure("codec", "activation_rel_err_q3_q3", "relative error of q3, activations", "the float32 tensor"),
+    Figure("codec", "gradient_rel_err_q3_q3", "relative error of q3, gradients", "the float32 tensor"),
+    Figure("codec", "activation_rel_err_q4_q4", "relative error of q4, activations", "the float32 tensor"),
+    Figure("codec", "activation_rel_err_q8_q8", "relative error of q8, activations", "the float32 tensor"),
+    Figure("codec", "encode_gbps", "encode GB/s of float32 on one core (slowest codec)",
+           goal=_g(">=", 1, "issue 5")),
+    Figure("codec", "decode_gbps", "decode GB/s on one core (slowest codec)", goal=_g(">=", 1, "issue 5")),
+    Figure("link", "slow_link_speedup", "tokens/s over an emulated slow link, q3/q3 over fp16",
+           "fp16 both ways over the same link", _g(">=", 4.6, "issue 18"), headline=True,
+           published="AQ-SGD: up to 4.3x (4.9x with gradient compression)"),
+    Figure("link", "loss_gap_pct", "final loss gap, q3/q3 vs fp16 (%)", "the fp16 run's loss",
+           _g("<=", 1, "issue 5"), headline=True),
+    Figure("link", "chosen_codecs", "codecs stage 0 switched to (from its heartbeat)"),
+    Figure("link", "predicted_step_s_fp16", "cost model's step (s), fp16 run", "measured `step_s_fp16`",
+           predicted=True),
+    Figure("link", "step_s_fp16", "measured step (s), fp16 run"),
+    Figure("link", "predicted_step_s_chosen", "cost model's step (s), q3/q3 run", "measured `step_s_chosen`",
+           predicted=True),
+    Figure("link", "step_s_chosen", "measured step (s), q3/q3 run"),
+    Figure("gradsync", "grad_bytes_ratio_vs_fp32", "gradient-sync bytes per optimizer step, fp32 over ours",
+           "fp32 all-reduce every step", _g(">=", 400, "issue 18"), headline=True,
+           published="CocktailSGD 117x; DiLoCo / INTELLECT-1 ~400x"),
+    Figure("gradsync", "loss_gap_pct", "loss gap after the run, ours (`chosen`) vs every-step (%)",
+           "every-step all-reduce's loss", _g("<=", 2, "issue 5"), headline=True),
+    Figure("gradsync", "fp32_allreduce_bytes_per_step", "bytes per replica per step, fp32 all-reduce"),
+    Figure("gradsync", "chosen_bytes_per_step", "bytes per replica per step, ours (`chosen`)"),
+    Figure("gradsync", "chosen_final_loss", "final loss, ours (mean of the last 3 steps)"),
+    Figure("gradsync", "baseline_final_loss", "final loss, every-step (train-local in the full form)"),
+    Figure("scheduler", "worldwide.ratio_vs_random", "placement, worldwide scenario: random over ours (step time)",
+           "median of 10 random placements", _g(">=", 5, "issue 6"), predicted=True, headline=True,
+           published="DT-FM: 4.8x vs Megatron-style"),
+    Figure("scheduler", "gap_vs_optimal", "worst gap to the exact optimum, six small instances",
+           "branch and bound over the same plan space (`coordinator/placement_exact.py`)",
+           _g("<=", 0.02, "issue 18"), predicted=True),
+    Figure("scheduler", "gap_vs_longer_search", "worst gap to a 4x longer search, six 64-worker scenarios",
+           "our search 4x as long from 2 more seeds", predicted=True),
+    Figure("scheduler", "plan_ms", "slowest plan (ms), 64 workers, six scenarios", goal=_g("<", 1000, "issue 6"),
+           headline=True),
+    Figure("scheduler", "backstop_hit", "wall-clock backstop cut a search short", goal=_g("==", False, "issue 6")),
+    Figure("scheduler", "worldwide.layers_moved_per_churn_event", "layers moved per churn event, worldwide",
+           "a full re-plan from scratch (next row)", predicted=True),
+    Figure("scheduler", "worldwide.layers_moved_per_churn_event_full_replan", "the same, re-planned from scratch",
+           predicted=True),
+    Figure("status", "status_ms", "status object per call (ms), warm; ledger of 5,000 closed steps (quick) or "
+           "26,900 (full: GPT-JT phase 1)",
+           "the queries it used to run: `full_scan_ms`", headline=True),
+    Figure("status", "ratio_vs_full_scan", "old queries over the status object", "`full_scan_ms`"),
+    Figure("status", "cold_ms", "first call after the coordinator opens the ledger (ms)"),
+    Figure("status", "full_scan_ms", "the queries the status call used to run (ms)"),
+    Figure("heartbeat", "heartbeat_p99_ms", "heartbeat p99 (ms), 5,000 workers with Watch streams, status, dashboard",
+           goal=_g("<", 10, "issue 15"), headline=True),
+    Figure("heartbeat", "heartbeat_p50_ms", "heartbeat p50 (ms), same run"),
+    Figure("chaos", "runs_completed", "chaos soaks completed", goal=_g("==", "runs_attempted", "issue 13")),
+    Figure("chaos", "faults_survived", "faults survived over the completed soaks"),
+    Figure("chaos", "tickets_lost", "micro-batches lost, all soaks", goal=_g("==", 0, "issue 13")),
+    Figure("chaos", "tickets_double", "micro-batches counted twice, all soaks", goal=_g("==", 0, "issue 13")),
+    Figure("chaos", "crashes", "crashed processes", goal=_g("==", 0, "issue 13")),
+    Figure("chaos", "orphans", "orphaned processes", goal=_g("==", 0, "issue 13")),
+    Figure("chaos", "wall_vs_calm", "median soak wall time over a calm run's", "the same run without faults"),
+    Figure("verify", "detection_steps", "steps to quarantine a liar (median), 5 % spot checks",
+           goal=_g("<=", 3, "issue 16"), headline=True,
+           published="TOPLOC, Verde: verification of inference / training steps; hivemind, Petals, SWARM: none"),
+    Figure("verify", "predicted_detection_steps_median", "the same, from docs/security.md's formula",
+           predicted=True),
+    Figure("verify", "false_positive_rate", "honest checks that disagreed", goal=_g("==", 0, "issue 16")),
+    Figure("verify", "verify_overhead_pct", "tokens/s cost of 5 % spot checks (%)", "the same run with checks off",
+           _g("<=", 5, "issue 16")),
+    Figure("verify", "commitment_bytes", "commitment bytes per micro-batch (one stage)",
+           goal=_g("<", 1024, "issue 16")),
+    Figure("verify-calibration", "worst_honest_fp32", "worst honest disagreement, fp32 recomputations"),
+    Figure("verify-calibration", "worst_honest_reduced", "worst honest disagreement, bf16 vs fp32"),
+    Figure("verify-calibration", "tolerances_in_use_cover_measurement",
+           "spot-check tolerances in use cover 10x the worst honest error",
+           goal=_g("==", True, "docs/security.md")),
+    Figure("nat", "relayed_vs_direct_tokens_per_s", "tokens/s with the last stage behind NAT, relayed over direct",
+           "the same swarm with the worker reachable directly", _g(">=", 0.8, "issue 17"), headline=True,
+           published="Petals, hivemind: libp2p relays, cost not published"),
+    Figure("nat", "relayed_step_s", "median step (s), relayed"),
+    Figure("nat", "direct_step_s", "median step (s), direct"),
+    Figure("costmodel", "median_abs_error_pct", "cost model's step time vs measured, median |error| (%), 3 "
+           "unpaced CPU swarms", "the swarms' measured median step"),
+    Figure("costmodel", "worst_abs_error_pct", "the same, worst |error| (%)", "the swarms' measured median step"),
+    Figure("gpu-swarm", "swarm_vs_local_tokens_per_s", "GPT-J 6B, 4 stages on one GPU: swarm over train-local tokens/s",
+           "train-local of the same run on the same GPU"),
+    Figure("gpu-swarm", "memory_worst_measured_over_predicted", "worst stage's allocator peak over the memory model",
+           "coordinator/memory_model.py (the GPU test asks 0.9-1.1)"),
+    Figure("gpu-swarm", "swarm_mfu", "swarm MFU against the measured bf16 matmul peak"),
+    Figure("gpu-block", "block_tflops", "GPT-J 6B block fwd+bwd TFLOP/s, bf16, seq 2048", headline=True),
+    Figure("gpu-block", "mfu_vs_measured_matmul", "the same over a bf16 matmul's measured rate",
+           "`matmul_bf16_tflops` on the same GPU"),
+    Figure("gpu-block", "measured_over_predicted_block_probe", "measured block time over the cost model's",
+           "cost model fed by the worker's block probe"),
+)
+
+
+def benchmarks_shown() -> list[str]:
+    """The benchmarks with figures in the catalogue, in its order."""
+    return list(dict.fromkeys(f.bench for f in FIGURES))
