@@ -10,7 +10,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import grpc
 
@@ -77,6 +77,25 @@ class CoordinatorClient:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
+    async def _put_retrying(self, chunks: Callable[[], Iterator[pb.CheckpointChunk]]) -> str:
+        """One PutCheckpoint stream, sent whole again while the coordinator is unreachable (for up
+        to retry_for_s): a coordinator restarting mid-upload refuses the connection (the chaos soak
+        saw a worker exit 1 on this). A half-sent attempt leaves nothing in the store: it keeps a
+        stage's file only once it is complete and hashes to its header. Returns the stored path."""
+        deadline = time.monotonic() + self.retry_for_s
+        delay = 0.2
+        while True:
+            try:
+                reply = await self.stub.PutCheckpoint(chunks(), timeout=600, metadata=self.metadata)
+                return reply.path
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in RETRYABLE or time.monotonic() > deadline:
+                    raise
+                log.info("checkpoint upload to %s failed (%s); sending it again in %.1fs", self.address,
+                         e.code().name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     async def join(self, token: str, name: str, address: str, device: dict, public_key_pem: str = "",
                    dht_public_key: bytes = b"") -> pb.JoinReply:
         """Join the run; every later call carries the session the reply holds. public_key_pem: of
@@ -126,8 +145,20 @@ class CoordinatorClient:
                 if progress is not None:
                     progress(min(i + chunk_bytes, len(blob)))
 
-        reply = await self.stub.PutCheckpoint(chunks(), timeout=600, metadata=self.metadata)
-        return reply.path
+        return await self._put_retrying(chunks)
+
+    async def record_checkpoint(self, worker_id: str, step: int, spec, stored_at: str, nbytes: int,
+                                sha256: str) -> str:
+        """Tell the coordinator about a stage file this worker wrote into the shared store itself
+        (worker/store_writer.py): the header only, no data."""
+        header = pb.CheckpointHeader(worker_id=worker_id, step=step, start_layer=spec.start, end_layer=spec.end,
+                                     embed=spec.embed, head=spec.head, nbytes=nbytes, sha256=sha256,
+                                     stored_at=stored_at)
+
+        def chunks():
+            yield pb.CheckpointChunk(header=header)
+
+        return await self._put_retrying(chunks)
 
     async def get_checkpoint(self, step: int, spec) -> bytes:
         """The safetensors blob of a layer range at `step`, re-sliced by the coordinator's store."""
