@@ -121,7 +121,10 @@ def test_averaging_that_keeps_failing_is_named_and_falls_back_to_one_replica(tmp
     assert kinds.get("averaging_failed", 0) >= 2 and kinds.get("step_stuck", 0) >= 2
     assert kinds.get("replicas_reduced", 0) >= 1
     stuck = events(swarm, "step_stuck")
-    assert "did not finish averaging" in stuck[0] and "mixed step attempts" in stuck[0]
+    # Why its rounds fail depends on hivemind's matchmaking: a group with the isolated replica in it
+    # is refused (mixed step attempts), or no group forms at all (CI saw both); either is named.
+    assert "did not finish averaging" in stuck[0]
+    assert "mixed step attempts" in stuck[0] or "could not find a group" in stuck[0], stuck[0]
     assert "restarting the step (restart 1 of 1" in stuck[0] and "continue with one replica" in stuck[1]
     assert status["tickets"]["exactly_once_violations"] == []
     assert status["liveness"]["last_stall"]["phase"] == "averaging"
