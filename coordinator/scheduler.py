@@ -9,6 +9,8 @@ and when a plan may be applied.
 
 from __future__ import annotations
 
+import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from gptjt_core.config import RunConfig
@@ -74,6 +76,39 @@ class PlanDecision:
     current_step_s: float = float("inf")  # the current plan's prediction with today's figures
 
 
+class DecisionMemo:
+    """The searches' answers, by what they saw: the candidate workers and their figures, the
+    links among them and the plan in force. A join, death or measurement that changes none of
+    that (a slow newcomer beyond max_stages x replicas_per_stage workers, a standby worker's
+    link, a device re-measured the same) gets the earlier answer back instead of a new search:
+    each search costs ~1 s of the coordinator's CPU at 64 candidates, and in a swarm of
+    thousands most joins and deaths are of workers no plan would take. Not thread-safe; one per
+    ledger (coordinator/ledger/planning.py)."""
+
+    def __init__(self, size: int = 16):
+        self.size, self.kept, self.hits, self.searches = size, OrderedDict(), 0, 0
+
+    def get(self, key: tuple) -> PlanDecision | None:
+        found = self.kept.get(key)
+        if found is None:
+            return None
+        self.kept.move_to_end(key)
+        self.hits += 1
+        return dataclasses.replace(found, standby=dict(found.standby))
+
+    def put(self, key: tuple, decision: PlanDecision) -> None:
+        self.searches += 1
+        self.kept[key] = dataclasses.replace(decision, standby=dict(decision.standby))
+        while len(self.kept) > self.size:
+            self.kept.popitem(last=False)
+
+
+def _memo_key(candidates: list[WorkerView], net: Network, current: list[StagePlan] | None) -> tuple:
+    return (tuple((w.id, w.address, w.tflops, w.memory_gb) for w in candidates),
+            tuple(sorted(net.between.items())), net.inside,
+            tuple((s.start, s.end, s.workers) for s in current or ()))
+
+
 def model_shape(n_layer: int, d_model: int, d_inner: int, vocab: int) -> ModelShape:
     """Parameter counts of a GPT-J: a block is ln_1 + q, k, v, out (no biases) + fc_in, fc_out."""
     layer = 2 * d_model + 4 * d_model * d_model + 2 * d_model * d_inner + d_inner + d_model
@@ -122,7 +157,7 @@ def _devices(workers: list[WorkerView]) -> list[Device]:
 
 
 def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: list[LinkView],
-           current: list[StagePlan] | None) -> PlanDecision | None:
+           current: list[StagePlan] | None, memo: DecisionMemo | None = None) -> PlanDecision | None:
     """The plan for these workers, or None when they cannot fill every stage.
 
     The plan has pipeline.num_stages stages, or any count in min_stages .. max_stages when
@@ -131,13 +166,16 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     solved: the fastest workers, and today's holders topped up with the fastest others; with
     a current plan, placement.replan keeps it unless moving pays off. The set whose plan
     costs least over scheduler.horizon_steps steps, counting the layers its moves load
-    (layer_load_s each), wins: hysteresis at both levels."""
+    (layer_load_s each), wins: hysteresis at both levels. `memo`: answers of earlier searches,
+    reused when a candidate set, its links and the current plan are unchanged."""
     cfg = run.scheduler
     counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
     work = workload(run)
     fits, why = usable(_devices(workers), shape, work)
     standby = {workers[i].id: reason for i, reason in why.items()}
-    pool = sorted((workers[i] for i in fits), key=lambda w: (-w.tflops, w.id))
+    # Fastest first; among equally fast ones, those holding a stage (a newcomer no faster than a
+    # holder does not displace it: no search, no move for nothing), then by id.
+    pool = sorted((workers[i] for i in fits), key=lambda w: (-w.tflops, w.stage < 0, w.id))
     cap = max(counts) * replicas
     held = {w for s in current or [] for w in s.workers}
     holders = [w for w in pool if w.id in held][:cap]
@@ -148,8 +186,15 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     for candidates in sets:
         if len(candidates) < min(counts):
             continue
+        net = _network(candidates, links, default)
+        key = _memo_key(candidates, net, current) if memo is not None else None
         try:
-            options.append(_decide_among(run, shape, work, candidates, _network(candidates, links, default), current))
+            found = memo.get(key) if memo is not None else None
+            if found is None:
+                found = _decide_among(run, shape, work, candidates, net, current)
+                if memo is not None:
+                    memo.put(key, found)
+            options.append(found)
         except ValueError as e:  # nothing fits: every stage would be too big for some worker
             for w in candidates:
                 standby.setdefault(w.id, str(e))
@@ -242,7 +287,7 @@ def _keep_in_place(groups: list[tuple[int, ...]], current: list[StagePlan],
     for g in sorted(groups, key=lambda g: -sum(w in holds for w in g)):
         votes = [holds[w] for w in g if w in holds]
         stage = max(set(votes), key=votes.count) if votes else None
-        if stage is not None and order[stage] is None:
+        if stage is not None and stage < len(order) and order[stage] is None:  # (the new plan may have fewer stages)
             order[stage] = g
         else:
             rest.append(g)

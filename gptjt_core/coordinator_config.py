@@ -147,6 +147,12 @@ class SchedulerConfig:
     probe_max_age_s: float = 600.0
     """A link measurement older than this many seconds (> 0) is measured again when a plan needs
     that link."""
+    replan_every_s: float = 0.0
+    """Fewest seconds (>= 0) between two plan searches. Joins, deaths and measurements that come
+    sooner are merged into one search the coordinator's reaper runs when the time has come (a
+    stage left empty still takes a standby worker at once). 0: each searches at once, as a small
+    swarm wants. A swarm of thousands, where several join or leave every second, wants a few
+    seconds (bench churn; deploy/README.md, "Size")."""
 
     def __post_init__(self) -> None:
         _check(self.placement in ("cost-model", "even"), "placement", self.placement, "'cost-model' or 'even'")
@@ -158,3 +164,4 @@ class SchedulerConfig:
             _check(getattr(self, name) >= 0, name, getattr(self, name), "a number >= 0")
         _check(self.default_link_mbit > 0, "default_link_mbit", self.default_link_mbit, "a number of Mbit/s > 0")
         _check(self.probe_max_age_s > 0, "probe_max_age_s", self.probe_max_age_s, "seconds > 0")
+        _check(self.replan_every_s >= 0, "replan_every_s", self.replan_every_s, "seconds >= 0")

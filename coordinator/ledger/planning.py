@@ -22,7 +22,7 @@ from gptjt_core.config import RunConfig
 from gptjt_core.stage_spec import StageSpec
 
 from ..cost_model import ModelShape
-from ..scheduler import LinkView, PlanDecision, StagePlan, WorkerView, decide, too_small
+from ..scheduler import DecisionMemo, LinkView, PlanDecision, StagePlan, WorkerView, decide, too_small
 from .db import LedgerDB
 from .events import EventLog
 from .measurements import Measurements
@@ -40,6 +40,7 @@ class StagePlanner:
         self.run, self.shape = run, shape
         self.n_layer = default[-1].end
         self.plan = self._stored(default)
+        self.memo = DecisionMemo()  # a join or death that changes nothing a search sees costs no search
 
     # -- the plan in force -------------------------------------------------------------
     def reload(self) -> None:
@@ -72,12 +73,12 @@ class StagePlanner:
         for r in self.workers.live(("loading", "ready", "standby")):
             if r["id"] in held:
                 continue
-            device = stored_json(r["device"], {}, "workers.device")
-            # One block of the run's model, measured, beats a square matmul's peak (see worker/probe.py)
-            rate = device.get("block_tflops") or device.get("matmul_tflops", 0.0)
-            views.append(WorkerView(r["id"], r["address"], float(rate),
-                                    float(device.get("memory_bytes", 0)) / 1e9, r["stage"]))
+            views.append(_view(r))
         return views
+
+    def _too_small(self, row) -> bool:
+        """Can this worker not hold even one layer of the run (scheduler.too_small)?"""
+        return bool(too_small(self.run, self.shape, [_view(row)]))
 
     def _link_views(self) -> list[LinkView]:
         return [LinkView(r["src"], r["dst"], r["latency_ms"], r["mbit"]) for r in self.measurements.links()]
@@ -95,7 +96,7 @@ class StagePlanner:
     def _decide(self) -> PlanDecision | None:
         current = self._current_plan()
         decision = decide(self.run, self.shape, self._views(), self._link_views(),
-                          current if any(s.workers for s in current) else None)
+                          current if any(s.workers for s in current) else None, self.memo)
         if decision is not None:
             self.db.set_json_meta("standby_why", decision.standby)
             if decision.current_step_s < float("inf"):  # the plan in force, with today's figures
@@ -103,10 +104,19 @@ class StagePlanner:
         return decision
 
     def replan(self, why: str) -> None:
-        """A join, a leave or a new measurement: re-solve, and apply what is safe now."""
+        """A join, a leave or a new measurement: re-solve, and apply what is safe now (or, within
+        scheduler.replan_every_s of the last search, leave it to replan_if_due)."""
         if not self.scheduling():
             self.fill_vacancies()
             return
+        last = self.db.meta("last_search_at")
+        if last is not None and self.db.clock() - float(last) < self.run.scheduler.replan_every_s:
+            if not self.replan_due:
+                self.db.set_meta("replan_due", why)
+            self.fill_vacancies(check_fit=True)
+            return
+        self.db.set_meta("replan_due", "")
+        self.db.set_meta("last_search_at", self.db.clock())
         decision = self._decide()
         if decision is None:  # too few workers for the stages: fill what can be filled
             unfit = too_small(self.run, self.shape, self._views())
@@ -131,7 +141,21 @@ class StagePlanner:
                                    "layer(s); it applies at the next complete checkpoint")
             self.db.set_meta("pending_plan", why)
         # a stage left empty still takes a standby worker now (one that fits a layer)
-        self.fill_vacancies(exclude=frozenset(too_small(self.run, self.shape, self._views())))
+        self.fill_vacancies(check_fit=True)
+
+    @property
+    def replan_due(self) -> str:
+        """Why a re-plan waits for scheduler.replan_every_s to pass ("" if none does)."""
+        return self.db.meta("replan_due") or ""
+
+    def replan_if_due(self) -> bool:
+        """Run the re-plan merged from requests that came too soon, once its time has come
+        (the reaper calls this); True if it ran."""
+        why, last = self.replan_due, self.db.meta("last_search_at")
+        if not why or (last is not None and self.db.clock() - float(last) < self.run.scheduler.replan_every_s):
+            return False
+        self.replan(f"{why} (and what came within scheduler.replan_every_s of it)")
+        return True
 
     def replan_at_restore(self, store_complete: bool, why: str) -> None:
         """Every stage reloads anyway (a vacated stage, or a pending plan at a complete checkpoint):
@@ -184,10 +208,11 @@ class StagePlanner:
                            f"predicted {decision.predicted_step_s:.3g} s/step, {decision.layers_moved} layer(s) "
                            f"moved; " + ("; ".join(moved) if moved else "no worker moves"))
 
-    def fill_vacancies(self, exclude: frozenset[str] = frozenset()) -> None:
+    def fill_vacancies(self, exclude: frozenset[str] = frozenset(), check_fit: bool = False) -> None:
         """Standby workers take stages: empty stages first, then the stage with the fewest
         replicas, up to pipeline.replicas_per_stage each (longest-waiting worker first).
-        `exclude`: workers the scheduler found too small for any layer."""
+        `exclude`: workers the scheduler found too small for any layer; check_fit: skip those
+        too small, judged one by one as they come up (a swarm of thousands is not scanned)."""
         target = self.run.pipeline.replicas_per_stage
         exclude = exclude | frozenset(self.state.held_out())  # set aside by an averaging fallback
         taken = self.workers.stage_workers()
@@ -197,7 +222,8 @@ class StagePlanner:
             if not short:
                 return
             stage = min(short, key=lambda s: (counts[s], s))
-            row = next((r for r in self.workers.standby() if r["id"] not in exclude), None)
+            row = next((r for r in self.workers.standby() if r["id"] not in exclude
+                        and not (check_fit and self._too_small(r))), None)
             if row is None and counts[stage] == 0:
                 row = self._surplus_replica(taken)
             if row is None:
@@ -246,6 +272,14 @@ class StagePlanner:
                 "standby_why": self.db.json_meta("standby_why", {}),
                 "min_workers": self.run.scheduler.min_workers,
                 "measured_workers": self.measurements.measured_workers()}
+
+
+def _view(row) -> WorkerView:
+    """A worker row as the scheduler sees it."""
+    device = stored_json(row["device"], {}, "workers.device")
+    # One block of the run's model, measured, beats a square matmul's peak (see worker/probe.py)
+    rate = device.get("block_tflops") or device.get("matmul_tflops", 0.0)
+    return WorkerView(row["id"], row["address"], float(rate), float(device.get("memory_bytes", 0)) / 1e9, row["stage"])
 
 
 def _where(stage: int, spec: StageSpec | None) -> str:

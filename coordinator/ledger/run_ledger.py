@@ -205,15 +205,16 @@ class RunLedger:
                 self.recovery.drop_worker(worker_id, "dead", "worker_dead")
 
     def reap(self) -> list[str]:
-        """Declare workers silent past the heartbeat timeout dead (returns their ids), let a
-        waiting step open, and apply the remedy of a phase past its deadline."""
+        """Declare workers silent past the heartbeat timeout dead (returns their ids), run a merged
+        re-plan that is due, let a waiting step open, and apply the remedy of a late phase."""
         dead = self.workers.silent_since(self.db.clock() - self.run.coordinator.heartbeat_timeout_s)
         if dead:
             with self.db.tx():
                 for worker_id in dead:
                     self.recovery.drop_worker(worker_id, "dead", "worker_dead")
-        if self.phase == WAITING:  # a joiner's grace may have run out
+        if self.phase == WAITING or self.planner.replan_due:  # (a joiner's grace may have run out)
             with self.db.tx():
+                self.planner.replan_if_due()
                 self.protocol.maybe_open()
         stall = self.guard.judge()
         if stall is not None:
@@ -227,8 +228,7 @@ class RunLedger:
             return self.retention.prune()
 
     def worker(self, worker_id: str) -> dict | None:
-        row = self.workers.row(worker_id)
-        return dict(row) if row is not None else None
+        return dict(row) if (row := self.workers.row(worker_id)) is not None else None
 
     def worker_at(self, address: str) -> str | None:
         return self.workers.at(address)

@@ -266,6 +266,17 @@ def test_a_slow_device_makes_the_scheduler_choose_fewer_stages_when_allowed():
     assert "slow" in free.standby
 
 
+def test_a_fresh_plan_with_fewer_stages_than_the_one_in_force_keeps_what_it_can():
+    """The plan in force has 4 stages and one of them lost its worker, so the scheduler plans
+    afresh; it picks 1 stage, and the worker that held the plan's last stage keeps its place
+    (bench churn found this raising IndexError: the old stage's index past the new plan's end)."""
+    workers = [WorkerView("slow", "h:1", 0.0005, 24), WorkerView("fast", "h:2", 0.012, 24)]
+    current = [StagePlan(0, 1, ("gone",)), StagePlan(1, 2, ("slow",)), StagePlan(2, 3, ("other",)),
+               StagePlan(3, 4, ("fast",))]
+    d = decide(_bounded(2, min_stages=1, max_stages=4), TINY, workers, [], current)
+    assert [(s.start, s.end, s.workers) for s in d.stages] == [(0, 4, ("fast",))]
+
+
 def test_small_devices_make_the_scheduler_choose_more_stages_when_allowed():
     """num_stages 1, max_stages 2: no 0.3 GB device holds the whole tiny model (0.37 GB with 3
     micro-batches in flight), two of them hold it in two stages."""

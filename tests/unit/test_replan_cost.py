@@ -1,0 +1,90 @@
+"""What a re-plan costs the coordinator as the swarm grows: joins and deaths that change nothing
+a search sees reuse its answer (scheduler.DecisionMemo), and with scheduler.replan_every_s the
+searches asked for within that long are merged into one the reaper runs (bench churn found a
+full placement search on every join and every measurement: ~1 s of CPU each at 64 candidates)."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.scheduler import DecisionMemo, WorkerView, decide
+from tests.unit.test_scheduler import TINY, device, make_ledger, run_config
+
+
+def _workers(rates: list[float]) -> list[WorkerView]:
+    return [WorkerView(f"w{i}", f"h:{i}", rate, 24) for i, rate in enumerate(rates)]
+
+
+def test_the_same_candidates_get_the_earlier_answer_without_a_search():
+    run, memo = run_config(stages=2, replicas=2), DecisionMemo()
+    workers = _workers([4.0, 3.0, 2.0, 1.0])
+    first = decide(run, TINY, workers, [], None, memo)
+    assert (memo.searches, memo.hits) == (1, 0)
+    again = decide(run, TINY, workers, [], None, memo)
+    assert (memo.searches, memo.hits) == (1, 1)
+    assert [(s.start, s.end, s.workers) for s in again.stages] == [(s.start, s.end, s.workers) for s in first.stages]
+    assert again.predicted_step_s == first.predicted_step_s
+    # A newcomer slower than the 4 (= 2 stages x 2 replicas) it would have to displace changes
+    # nothing the search sees: the same answer, and it is told why it waits.
+    slow = decide(run, TINY, workers + [WorkerView("late", "h:9", 0.5, 24)], [], None, memo)
+    assert (memo.searches, memo.hits) == (1, 2) and "late" in slow.standby
+    assert "late" not in first.standby  # the answers handed out are copies
+    # A faster one does: a new search, which places it.
+    fast = decide(run, TINY, workers + [WorkerView("quick", "h:8", 9.0, 24)], [], None, memo)
+    assert memo.searches == 2 and any("quick" in s.workers for s in fast.stages)
+
+
+def test_a_changed_plan_in_force_or_link_is_a_new_search():
+    run, memo = run_config(stages=2, replicas=1), DecisionMemo()
+    workers = _workers([2.0, 1.0])
+    first = decide(run, TINY, workers, [], None, memo)
+    decide(run, TINY, workers, [], first.stages, memo)
+    assert memo.searches == 2
+    from coordinator.scheduler import LinkView
+    decide(run, TINY, workers, [LinkView("w0", "h:1", 80.0, 10.0)], first.stages, memo)
+    assert memo.searches == 3
+
+
+def _searches(ledger) -> int:
+    return ledger.planner.memo.searches
+
+
+def test_searches_asked_for_within_replan_every_s_are_merged_into_one_the_reaper_runs(tmp_path):
+    ledger = make_ledger(tmp_path, replan_every_s=5.0)
+    clock, memo = ledger.db.clock, ledger.planner.memo
+    a = ledger.join("w0", "h:0", device(0.01))["id"]  # asks at once (one worker: no plan yet)
+    assert ledger.planner.replan_due == ""
+    b = ledger.join("w1", "h:1", device(0.02))["id"]  # within 5 s of that: merged
+    assert ledger.planner.replan_due == f"{b} joined" and memo.searches == 0
+    # Meanwhile an empty stage still takes a standby worker at once (no search needed).
+    assert {ledger.assignment(a)["stage"], ledger.assignment(b)["stage"]} == {0, 1}
+    ledger.reap()
+    assert memo.searches == 0  # not due yet
+    clock.t += 5.0
+    ledger.reap()
+    assert memo.searches == 1 and ledger.planner.replan_due == ""
+    for i in (2, 3):
+        ledger.join(f"w{i}", f"h:{i}", device(0.01 * i))
+    assert memo.searches == 1 and ledger.planner.replan_due
+    clock.t += 5.0
+    ledger.reap()
+    asked = memo.searches + memo.hits
+    assert asked > 1 and ledger.planner.replan_due == "" and float(ledger.db.meta("last_search_at")) == clock.t
+    ledger.reap()
+    assert memo.searches + memo.hits == asked  # nothing more was asked for
+
+
+def test_replan_every_s_zero_searches_on_every_request(tmp_path):
+    ledger = make_ledger(tmp_path)
+    asked = []
+    for i in range(3):
+        ledger.join(f"w{i}", f"h:{i}", device(0.01 * (i + 1)))
+        assert ledger.planner.replan_due == ""
+        asked.append(ledger.planner.memo.searches + ledger.planner.memo.hits)
+    assert asked[0] == 0 < asked[1] < asked[2]  # the first join had too few workers for a plan
+
+
+def test_replan_every_s_must_not_be_negative():
+    from gptjt_core.config import ConfigError, SchedulerConfig
+    with pytest.raises(ConfigError, match="replan_every_s"):
+        SchedulerConfig(replan_every_s=-1.0)
