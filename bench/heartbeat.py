@@ -182,7 +182,7 @@ def measure(workers: int, seconds: float, interval: float = 2.0) -> dict:
 
 
 # Heartbeats a second one coordinator is sized for: 5,000 workers beat every 10 s
-# (coordinator.heartbeat_interval_s = 10, heartbeat_timeout_s = 40; docs/deploy.md).
+# (coordinator.heartbeat_interval_s = 10, heartbeat_timeout_s = 40; deploy/README.md, "Size").
 INTERVAL_5000_S = 10.0
 
 

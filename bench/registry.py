@@ -30,6 +30,7 @@ BENCHMARKS = {
     "verify": "bench.verify",
     "nat": "bench.nat",
     "costmodel": "bench.costmodel",
+    "churn": "bench.churn",
 }
 
 

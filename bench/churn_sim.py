@@ -1,0 +1,370 @@
+"""The churn simulation: the real coordinator ledger driven in virtual time by simulated volunteers.
+
+Real (the code the coordinator runs, not copies): RunLedger and everything under it: the
+scheduler and placement search, hysteresis and pending plans, the step protocol with its
+tickets and reports, replicas, death handling, restores and rollbacks, the checkpoint index.
+The ledger's clock is the simulation's virtual clock; its SQLite file is a real file.
+
+Simulated: the volunteers (bench/churn_volunteers.py: GPUs, regions, Weibull sessions) and
+what their worker processes would take time for, from the cost model
+(coordinator/cost_model.py) on the true links between their regions:
+- a step: predict_step of the step's members, plus at a checkpoint step the slowest stage's
+  upload to the store (checkpoint_bytes_per_param a parameter);
+- loading a stage: its checkpoint bytes over the link to the store (a restore) or to a
+  replica that holds it (a joiner copies), or nothing when a worker keeps its range and
+  position across a new restore epoch;
+- noticing a death: a placed worker's pipeline peers notice at once and the coordinator's
+  probe confirms it (peer_detect_s, RunLedger.declare_dead, the path a peer's report takes);
+  a standby worker is found silent by RunLedger.reap after heartbeat_timeout_s.
+Routine heartbeats are not sent one by one: every heartbeat interval the live workers' last
+heartbeat is set in one UPDATE (they beat on time), then RunLedger.reap runs as the
+coordinator's reaper does. Their CPU cost is measured on a sample of real heartbeat calls and
+counted per second at the configured interval (heartbeat_cpu_per_sim_s).
+Workers report what a real worker reports: device at join and re-measured at the run's
+dtype, the links the coordinator asks them to measure, loading/ready, contributions,
+averaged sums and applied digests with plausible values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.cost_model import Device, ModelShape, StagePlacement, predict_step, stage_params
+from coordinator.ledger import RunLedger
+from coordinator.scheduler import plan_stages, workload
+from gptjt_core.stage_spec import StageSpec
+
+from .churn_settings import ChurnResult, ChurnSettings, run_config
+from .churn_volunteers import Arrivals, Regions, Volunteer
+
+TOKENS_LOSS = 2.5  # the loss each committed micro-batch reports (the simulation trains nothing)
+
+
+class VirtualClock:
+    def __init__(self) -> None:
+        self.t = 1_000_000.0  # unix-like seconds; the ledger only takes differences
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class SimWorker:
+    volunteer: Volunteer
+    id: str
+    address: str
+    holds: tuple | None = None  # (stage, start, end, restore epoch) it has loaded
+    loading: tuple | None = None  # what it is loading now
+    vanished: bool = False
+
+
+class ChurnSimulation:
+    """Runs the ledger through `settings.hours` of volunteer churn; run() returns a ChurnResult."""
+
+    def __init__(self, settings: ChurnSettings, directory: Path):
+        self.s, self.regions = settings, Regions()
+        self.net = self.regions.network()
+        self.clock = VirtualClock()
+        self.run = run_config(settings)
+        self.shape = ModelShape.gptj_6b()
+        self.work = workload(self.run)
+        self.ledger = RunLedger(directory / "run.db", self.run, plan_stages(self.shape.n_layer, settings.min_stages),
+                                self.clock, shape=self.shape)
+        self.arrivals = Arrivals(settings.workers, settings.median_session_s, settings.session_shape,
+                                 settings.seed, self.regions, churn=settings.churn, rejoin_s=settings.rejoin_s)
+        self.end = self.clock.t + settings.hours * 3600
+        self.queue: list = []
+        self.seq = itertools.count()
+        self.workers: dict[str, SimWorker] = {}
+        self.running: tuple | None = None  # (step, attempt, epoch) of the step in progress
+        self.blocked = False  # its time is up, but a member vanished: it waits for the death to be noticed
+        self.silent: set[str] = set()  # vanished workers the ledger still counts as alive
+        self.placed: set[str] = set()  # workers that hold (or load) a stage
+        self.alive = 0
+        self.reap_at: float | None = None  # when a merged re-plan falls due
+        self.started_at = 0.0
+        self.closed: dict[int, float] = {}  # step -> its duration, for steps kept so far
+        self.result = ChurnResult()
+        self.beat_sample = random.Random(settings.seed + 1)
+        self.beat_cpu: list[float] = []
+        self._last_t, self._alive_ws, self._standby_ws = self.clock.t, 0.0, 0.0
+
+    # -- the event queue ---------------------------------------------------------------
+    def _at(self, t: float, kind: str, *data) -> None:
+        heapq.heappush(self.queue, (t, next(self.seq), kind, data))
+
+    def _call(self, method, *args, **kwargs):
+        """A ledger call, its CPU time counted as the coordinator's."""
+        started = time.process_time()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            self.result.ledger_cpu_s += time.process_time() - started
+
+    def run_sim(self) -> ChurnResult:
+        wall = time.monotonic()
+        for v in self.arrivals.initial:
+            self._at(v.join_s + self.clock.t, "join", v)
+        self._at(self.clock.t + self.s.heartbeat_interval_s, "tick")
+        while self.queue and self.queue[0][0] <= self.end:
+            t, _, kind, data = heapq.heappop(self.queue)
+            self._account(t)
+            self.clock.t = t
+            getattr(self, "_on_" + kind)(*data)
+            self._sync()
+        self._account(self.end)
+        self.clock.t = self.end
+        return self._finish(time.monotonic() - wall)
+
+    # -- volunteers come and go ----------------------------------------------------------
+    def _device(self, v: Volunteer) -> dict:
+        d = v.device
+        return {"kind": "cuda", "name": d.name, "memory_bytes": int(d.memory_gb * 1e9),
+                "matmul_tflops": d.tflops, "block_tflops": d.tflops, "dtype": "bf16"}
+
+    def _on_join(self, v: Volunteer) -> None:
+        address = f"{v.site}.{v.name}:7000"
+        row = self._call(self.ledger.join, v.name, address, self._device(v))
+        w = SimWorker(v, row["id"], address)
+        self.workers[w.id] = w
+        self.alive += 1
+        # the worker probes its GPU at the run's dtype, then measures the links it is asked to
+        self._call(self.ledger.heartbeat, w.id, "standby", {}, -1, -1, device=self._device(v), links=self._links(w))
+        if math.isfinite(v.leave_s):
+            self._at(self.clock.t + (v.leave_s - v.join_s), "leave", w.id)
+
+    def _links(self, w: SimWorker) -> list[dict]:
+        measured = []
+        for address in self._call(self.ledger.links_to_measure, w.id):
+            other = address.split(".", 1)[0]
+            link = self.net.site_link(w.volunteer.site, other)
+            measured.append({"address": address, "latency_ms": link.latency_s * 1e3, "mbit": link.gbps * 1e3,
+                             "measured_unix_s": self.clock.t})
+        return measured
+
+    def _on_leave(self, worker_id: str) -> None:
+        w = self.workers[worker_id]
+        w.vanished = True
+        self.alive -= 1
+        self.silent.add(worker_id)
+        self.result.departures += 1
+        row = self.ledger.worker(worker_id)
+        if row is not None and row["stage"] >= 0:  # its pipeline peers notice; standby: the reaper does
+            self.result.placed_departures += 1
+            self._at(self.clock.t + self.s.peer_detect_s, "detected", worker_id)
+        newcomer = self.arrivals.replacement(self.clock.t - self._t0())
+        self._at(self._t0() + newcomer.join_s, "join", newcomer)
+
+    def _t0(self) -> float:
+        return self.end - self.s.hours * 3600
+
+    def _on_detected(self, worker_id: str) -> None:
+        self._call(self.ledger.declare_dead, worker_id, "its pipeline peers could not reach it (simulated)")
+        self.silent.discard(worker_id)
+
+    def _on_tick(self) -> None:
+        """Every heartbeat interval: the reaper, and a sample of routine heartbeats timed."""
+        for worker_id in self.beat_sample.sample(sorted(self.placed), min(3, len(self.placed))):
+            self._routine_beat(worker_id)
+        self._reap()
+        self._at(self.clock.t + self.s.heartbeat_interval_s, "tick")
+
+    def _on_reap_due(self) -> None:
+        self.reap_at = None
+        self._reap()
+
+    def _reap(self) -> None:
+        """The coordinator's reaper (it runs every 0.5 s; here at each tick and when a merged
+        re-plan falls due): live workers beat on time (one UPDATE), silent ones die."""
+        silent = sorted(self.silent)
+        with self.ledger.db.tx(quiet=True):
+            self.ledger.db.execute(f"UPDATE workers SET last_heartbeat=? WHERE id NOT IN ({','.join('?' * len(silent))})",
+                                   (self.clock.t, *silent))
+        for worker_id in self._call(self.ledger.reap):
+            self.silent.discard(worker_id)
+
+    def _routine_beat(self, worker_id: str) -> None:
+        row = self.ledger.worker(worker_id)
+        if row is None:
+            return
+        started = time.process_time()
+        self.ledger.heartbeat(worker_id, row["state"], {"micro_batches_per_s": 1.0}, row["loaded_epoch"],
+                              row["position"])
+        self.beat_cpu.append(time.process_time() - started)
+
+    # -- what each worker must hold --------------------------------------------------------
+    def _sync(self) -> None:
+        """After every event: workers whose stage, range or restore epoch changed start loading,
+        and a step that opened starts (one query for the placed workers: standby ones need nothing)."""
+        ledger = self.ledger
+        epoch, step, plan = ledger.restore_epoch, ledger.step, ledger.plan
+        rows = ledger.db.execute("SELECT id, stage, loaded_epoch, position FROM workers WHERE stage >= 0 AND state IN "
+                                 "('standby', 'loading', 'ready')").fetchall()
+        placed = set()
+        for row in rows:
+            w = self.workers[row["id"]]
+            if w.vanished:
+                continue
+            placed.add(w.id)
+            spec = plan[row["stage"]]
+            target = (row["stage"], spec.start, spec.end, epoch)
+            if w.holds == target or w.loading == target:
+                continue
+            keeps = w.holds is not None and w.holds[:3] == target[:3] and row["position"] == step
+            w.loading = target
+            self._call(ledger.heartbeat, w.id, "loading", {}, row["loaded_epoch"], row["position"])
+            self._at(self.clock.t + (0.0 if keeps else self._load_s(w, spec, row["stage"])), "loaded", w.id, target)
+        for worker_id in self.placed - placed:  # back on standby (or gone)
+            self.workers[worker_id].holds = self.workers[worker_id].loading = None
+        self.placed = placed
+        due = ledger.planner.replan_due and ledger.db.meta("last_search_at")
+        if due and self.reap_at is None:
+            self.reap_at = float(due) + self.run.scheduler.replan_every_s
+            self._at(max(self.reap_at, self.clock.t), "reap_due")
+        self._track_progress()
+        if self.blocked and self.running is not None:
+            self._on_step_done(self.running)  # the dead member was dropped and the step goes on without it
+            self._track_progress()
+        if self.running is None and ledger.phase == "open":
+            self._start_step()
+
+    def _load_s(self, w: SimWorker, spec: StageSpec, stage: int) -> float:
+        nbytes = stage_params(self.shape, spec.start, spec.end) * self.s.checkpoint_bytes_per_param
+        holder = next((self.workers[i] for i in self.placed if self.workers[i].holds is not None
+                       and self.workers[i].holds[0] == stage and self.workers[i].holds[3] == self.ledger.restore_epoch),
+                      None)
+        source = holder.volunteer.site if holder is not None else self.regions.store_site
+        return nbytes * 8 / (self.net.site_link(w.volunteer.site, source).gbps * 1e9)
+
+    def _on_loaded(self, worker_id: str, target: tuple) -> None:
+        w = self.workers[worker_id]
+        if w.vanished or w.loading != target:
+            return
+        w.holds, w.loading = target, None
+        if target[3] != self.ledger.restore_epoch:
+            return  # a restore moved on while it loaded: _sync loads again
+        self._call(self.ledger.heartbeat, w.id, "ready", {}, target[3], self.ledger.step)
+
+    # -- steps ---------------------------------------------------------------------------
+    def _track_progress(self) -> None:
+        """Steps undone by a rollback, and an attempt in progress that was restarted, are lost."""
+        ledger = self.ledger
+        undone = [s for s in self.closed if s >= ledger.step]
+        if undone:
+            self.result.rollbacks += 1
+            self.result.rolled_back_s += sum(self.closed.pop(s) for s in undone)
+        if self.running is not None and (self.running != (ledger.step, ledger.attempt, ledger.restore_epoch)
+                                         or ledger.phase not in ("open", "accumulated", "averaging", "applying")):
+            self.result.rolled_back_s += self.clock.t - self.started_at  # the attempt was restarted
+            self.running, self.blocked = None, False
+
+    def _start_step(self) -> None:
+        ledger = self.ledger
+        members = ledger.state.members()
+        devices, placements, ids = [], [], {}
+        for stage, spec in enumerate(ledger.plan):
+            group = []
+            for worker_id in members.get(stage, []):
+                ids[worker_id] = len(devices)
+                v = self.workers[worker_id].volunteer
+                devices.append(Device(worker_id, v.device.tflops, v.device.memory_gb, v.site))
+                group.append(ids[worker_id])
+            placements.append(StagePlacement(spec.start, spec.end, tuple(group)))
+        seconds = predict_step(placements, devices, self.net, self.shape, self.work).step_s
+        if (ledger.step + 1) % self.run.train.checkpoint_every == 0:
+            seconds += max(stage_params(self.shape, p.start, p.end) * self.s.checkpoint_bytes_per_param * 8
+                           / (self.net.site_link(devices[p.workers[0]].site, self.regions.store_site).gbps * 1e9)
+                           for p in placements)
+        self.running, self.blocked = (ledger.step, ledger.attempt, ledger.restore_epoch), False
+        self.started_at = self.clock.t
+        counts = len(ledger.plan)
+        if not self.result.stage_counts or self.result.stage_counts[-1] != counts:
+            self.result.stage_counts.append(counts)
+        self._at(self.clock.t + seconds, "step_done", self.running)
+
+    def _on_step_done(self, key: tuple) -> None:
+        ledger = self.ledger
+        if key != self.running or key != (ledger.step, ledger.attempt, ledger.restore_epoch):
+            return
+        members = ledger.state.members()
+        if any(self.workers[w].vanished for ids in members.values() for w in ids):
+            self.blocked = True  # it waits for the death to be noticed: then it restarts or goes on
+            return
+        step, attempt, _ = key
+        per_member = self._commit_tickets(members.get(0, []), step)
+        total = sum(per_member.values())
+        for stage, ids in members.items():
+            share = _shares(total, ids) if stage else per_member
+            for w in ids:
+                self._call(ledger.report, w, step, attempt, "contribution", 1.0, share[w])
+        if ledger.phase == "averaging":
+            for stage, ids in members.items():
+                for w in ids:
+                    self._call(ledger.report, w, step, attempt, "averaged", float(len(ids)), group_weight=total)
+        if (step + 1) % self.run.train.checkpoint_every == 0 and ledger.phase == "applying":
+            for stage, spec in enumerate(ledger.plan):
+                writer = members[stage][0]
+                if not self._call(ledger.checkpoint_refusal, writer, step + 1, spec):
+                    self._call(ledger.record_checkpoint, step + 1, spec, f"store/{step + 1}/{spec.start}-{spec.end}")
+        for stage, ids in members.items():
+            for w in ids:
+                self._call(ledger.report, w, step, attempt, "applied", digest=f"{stage}-{step}")
+        if ledger.step == step + 1:
+            self.closed[step] = self.clock.t - self.started_at
+        self.running, self.blocked = None, False
+
+    def _commit_tickets(self, stage0: list[str], step: int) -> dict[str, int]:
+        counts = {w: 0 for w in stage0}
+        tokens = self.run.train.micro_batch * self.run.train.seq_len
+        leased = True
+        while leased:
+            leased = False
+            for w in stage0:
+                tickets, _ = self._call(self.ledger.lease, w, self.s.micro_batches_per_replica)
+                for t in tickets:
+                    if self._call(self.ledger.commit, w, t.id, t.attempt, TOKENS_LOSS, tokens) == "committed":
+                        counts[w] += 1
+                leased = leased or bool(tickets)
+        return counts
+
+    # -- figures -------------------------------------------------------------------------
+    def _account(self, t: float) -> None:
+        dt = t - self._last_t
+        if dt > 0:
+            self._alive_ws += self.alive * dt
+            self._standby_ws += (self.alive - len(self.placed)) * dt
+        self._last_t = t
+
+    def _finish(self, wall_s: float) -> ChurnResult:
+        r, seconds = self.result, self.s.hours * 3600
+        self._track_progress()
+        r.steps = self.ledger.step
+        r.seconds, r.wall_s = seconds, wall_s
+        r.useful_s = sum(self.closed.values())
+        r.tokens_per_s = r.steps * self.run.train.global_batch * self.run.train.seq_len / seconds
+        r.idle_standby_share = self._standby_ws / self._alive_ws if self._alive_ws else 0.0
+        r.mean_alive = self._alive_ws / seconds
+        r.layers_moved = int(self.ledger.db.meta("layers_moved_total") or 0)
+        r.replans = int(self.ledger.db.execute("SELECT COUNT(*) FROM events WHERE kind='replanned'").fetchone()[0])
+        r.heartbeat_cpu_per_beat_s = sum(self.beat_cpu) / len(self.beat_cpu) if self.beat_cpu else 0.0
+        return r
+
+
+def _shares(total: int, ids: list[str]) -> dict[str, int]:
+    """`total` micro-batches dealt over a stage's replicas (each passed through exactly one)."""
+    return {w: total // len(ids) + (i < total % len(ids)) for i, w in enumerate(ids)}
+
+
+def simulate(settings: ChurnSettings, directory: Path) -> ChurnResult:
+    return ChurnSimulation(settings, directory).run_sim()
+
+
+def no_churn(settings: ChurnSettings) -> ChurnSettings:
+    return dataclasses.replace(settings, churn=False)

@@ -1,0 +1,78 @@
+"""bench churn's simulation drives the real ledger through volunteer churn in virtual time: a short
+seeded form of `gptjt bench churn` (a few minutes of a small swarm with sessions of minutes)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from bench.churn_settings import ChurnSettings
+from bench.churn_sim import ChurnSimulation
+from bench.churn_static import simulate_static
+from bench.churn_volunteers import VOLUNTEER_MIX, Arrivals, Regions, weibull_session_s
+
+SMALL = ChurnSettings(workers=16, median_session_s=600.0, hours=0.75, min_stages=2, max_stages=4,
+                      replicas_per_stage=2, micro_batches_per_replica=2, checkpoint_every=5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def churned(tmp_path_factory):
+    sim = ChurnSimulation(SMALL, tmp_path_factory.mktemp("churn"))
+    return sim, sim.run_sim()
+
+
+@pytest.fixture(scope="module")
+def calm(tmp_path_factory):
+    sim = ChurnSimulation(dataclasses.replace(SMALL, churn=False), tmp_path_factory.mktemp("calm"))
+    return sim, sim.run_sim()
+
+
+def test_sessions_are_weibull_with_the_configured_median():
+    import random
+    rng = random.Random(0)
+    draws = sorted(weibull_session_s(rng, 3600.0, 0.5) for _ in range(20000))
+    assert draws[len(draws) // 2] == pytest.approx(3600.0, rel=0.05)
+    assert sum(draws) / len(draws) == pytest.approx(2 * 3600.0 / 0.6931 ** 2, rel=0.1)  # mean ~4.2x the median
+    a, b = (Arrivals(50, 600.0, 0.5, 7, Regions()) for _ in range(2))
+    assert [(v.device, v.site, v.leave_s) for v in a.initial] == [(v.device, v.site, v.leave_s) for v in b.initial]
+    assert {v.device for v in Arrivals(400, 600.0, 0.5, 1, Regions()).initial} == set(VOLUNTEER_MIX)
+
+
+def test_the_ledger_survives_churn_and_counts_every_micro_batch_once(churned):
+    sim, r = churned
+    assert r.departures > 5 and r.placed_departures >= 2  # sessions of ~10 min over 45 min
+    assert r.steps > 0 and r.tokens_per_s > 0
+    ledger = sim.ledger
+    assert ledger.exactly_once_violations() == [] and ledger.audit_exactly_once() == []
+    kinds = {row["kind"] for row in ledger.db.execute("SELECT DISTINCT kind FROM events")}
+    assert {"worker_dead", "step_closed", "replanned"} <= kinds
+    assert r.ledger_cpu_s > 0 and r.heartbeat_cpu_per_beat_s > 0
+    assert 0 < r.useful_s + r.rolled_back_s <= r.seconds
+
+
+def test_without_churn_nobody_leaves_and_the_run_goes_at_least_as_far(churned, calm):
+    _, with_churn = churned
+    sim, r = calm
+    assert r.departures == 0 and r.rolled_back_s == 0.0 and r.rollbacks == 0
+    assert r.steps >= with_churn.steps
+    # Steps run back to back once loaded: the kept steps fill most of the time.
+    assert r.useful_s > 0.5 * r.seconds
+
+
+def test_the_volunteers_are_the_same_for_a_seed(churned, tmp_path):
+    """The seed fixes the volunteers and their sessions; the ledger's worker ids are random, so
+    plans (and so the figures) may differ a little from run to run."""
+    _, first = churned
+    again = ChurnSimulation(dataclasses.replace(SMALL, hours=0.25), tmp_path).run_sim()
+    shorter = simulate_static(dataclasses.replace(SMALL, hours=0.25))
+    assert again.departures == shorter.departures < first.departures
+
+
+def test_the_static_baseline_sees_the_same_volunteers_and_restarts_on_every_placed_departure(churned):
+    _, ours = churned
+    static = simulate_static(SMALL)
+    assert static.departures == ours.departures  # the same sessions, drawn in the same order
+    assert static.rollbacks == static.placed_departures > 0
+    calm = simulate_static(dataclasses.replace(SMALL, churn=False))
+    assert calm.rollbacks == 0 and calm.steps >= static.steps
