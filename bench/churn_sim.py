@@ -127,7 +127,7 @@ class ChurnSimulation:
     def _device(self, v: Volunteer) -> dict:
         d = v.device
         return {"kind": "cuda", "name": d.name, "memory_bytes": int(d.memory_gb * 1e9),
-                "matmul_tflops": d.tflops, "block_tflops": d.tflops, "dtype": "bf16"}
+                "matmul_tflops": v.tflops, "block_tflops": v.tflops, "dtype": "bf16"}
 
     def _on_join(self, v: Volunteer) -> None:
         address = f"{v.site}.{v.name}:7000"
@@ -274,7 +274,7 @@ class ChurnSimulation:
             for worker_id in members.get(stage, []):
                 ids[worker_id] = len(devices)
                 v = self.workers[worker_id].volunteer
-                devices.append(Device(worker_id, v.device.tflops, v.device.memory_gb, v.site))
+                devices.append(Device(worker_id, v.tflops, v.device.memory_gb, v.site))
                 group.append(ids[worker_id])
             placements.append(StagePlacement(spec.start, spec.end, tuple(group)))
         seconds = predict_step(placements, devices, self.net, self.shape, self.work).step_s

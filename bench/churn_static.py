@@ -50,10 +50,10 @@ class StaticRestart:
         heapq.heappush(self.events, (t, next(self.order), kind, v))
 
     def _device(self, v: Volunteer) -> Device:
-        return Device(v.name, v.device.tflops, v.device.memory_gb, v.site)
+        return Device(v.name, v.tflops, v.device.memory_gb, v.site)
 
     def _first_plan(self) -> tuple[list[StagePlacement], list[Volunteer]]:
-        everyone = sorted(self.alive.values(), key=lambda v: (-v.device.tflops, v.name))
+        everyone = sorted(self.alive.values(), key=lambda v: (-v.tflops, v.name))
         fits, _ = usable([self._device(v) for v in everyone], self.shape, self.work)
         p = self.run.pipeline
         chosen = [everyone[i] for i in fits][:max(p.stage_counts) * p.replicas_per_stage]
@@ -81,7 +81,7 @@ class StaticRestart:
     def _replacement(self, st: StagePlacement, placed: list[Volunteer]) -> Volunteer | None:
         """The fastest standby volunteer that can hold this stage's layers."""
         taken = {v.name for v in placed}
-        for v in sorted(self.alive.values(), key=lambda v: (-v.device.tflops, v.name)):
+        for v in sorted(self.alive.values(), key=lambda v: (-v.tflops, v.name)):
             if v.name not in taken and self._fits(v, st):
                 return v
         return None
@@ -108,9 +108,10 @@ class StaticRestart:
     def run_sim(self) -> ChurnResult:
         for v in self.arrivals.initial:
             self._at(v.join_s, "join", v)
-        self._admit(0.0)
+        started = max(v.join_s for v in self.arrivals.initial)  # the plan is made once all have joined
+        self._admit(started)
         stages, placed = self._first_plan()
-        t = self._reload_s(stages, placed)  # every stage loads the initial weights
+        t = started + self._reload_s(stages, placed)  # every stage loads the initial weights
         step, saved = 0, 0
         useful = {}  # step -> seconds it took, for steps kept
         every = self.run.train.checkpoint_every

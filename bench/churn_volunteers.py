@@ -63,12 +63,20 @@ VOLUNTEER_MIX = (
 
 @dataclass(frozen=True)
 class Volunteer:
-    """One session of one volunteer: it joins at join_s and vanishes at leave_s (virtual seconds)."""
+    """One session of one volunteer: it joins at join_s and vanishes at leave_s (virtual seconds).
+    speed: its card's rate over its class's (clocks, cooling and drivers differ, by up to 5 %
+    either way). It also keeps the scheduler's ties between identical cards from being broken by
+    the ledger's random worker ids, so a seed gives the same plans run after run."""
     name: str
     device: DeviceClass
     site: str
     join_s: float
     leave_s: float
+    speed: float = 1.0
+
+    @property
+    def tflops(self) -> float:
+        return self.device.tflops * self.speed
 
 
 class Regions:
@@ -96,7 +104,7 @@ def weibull_session_s(rng: random.Random, median_s: float, shape: float) -> floa
 
 
 class Arrivals:
-    """The stream of volunteer sessions: `workers` join at time 0, and each departure brings a
+    """The stream of volunteer sessions: `workers` join at the start, and each departure brings a
     newcomer `rejoin_s` later on average (exponential), so the swarm stays near its size.
     churn=False: nobody ever leaves (the no-churn ceiling)."""
 
@@ -105,14 +113,17 @@ class Arrivals:
         self.rng = random.Random(seed)
         self.median_s, self.shape, self.churn, self.rejoin_s = median_s, shape, churn, rejoin_s
         self.regions, self.count = regions, 0
-        self.initial = [self._session(0.0) for _ in range(workers)]
+        # 10 ms apart: the ledger orders workers by join time, and a tie would be broken by its
+        # random worker ids (plans would then differ from run to run)
+        self.initial = [self._session(i * 0.01) for i in range(workers)]
 
     def _session(self, join_s: float) -> Volunteer:
         rng = self.rng
         device = rng.choices(VOLUNTEER_MIX, weights=[d.share for d in VOLUNTEER_MIX])[0]
         stay = weibull_session_s(rng, self.median_s, self.shape) if self.churn else math.inf
         self.count += 1
-        return Volunteer(f"v{self.count}", device, rng.choice(self.regions.names), join_s, join_s + stay)
+        return Volunteer(f"v{self.count}", device, rng.choice(self.regions.names), join_s, join_s + stay,
+                         rng.uniform(0.95, 1.05))
 
     def replacement(self, left_s: float) -> Volunteer:
         """The newcomer that follows a departure at left_s."""
