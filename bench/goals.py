@@ -199,7 +199,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("costmodel", "median_abs_error_pct", "cost model's step time vs measured, median |error| (%), 3 "
            "unpaced CPU swarms", "the swarms' measured median step"),
     Figure("costmodel", "worst_abs_error_pct", "the same, worst |error| (%)", "the swarms' measured median step"),
-    Figure("churn", "goodput_vs_no_churn", "simulated goodput, first hour of 1,000 volunteers with 2 h median sessions, over no churn",
+    Figure("churn", "goodput_vs_no_churn", "simulated goodput, first hour of 1,000 volunteers with 2 h median sessions, over no churn "
+           "(confounded by plan quality: see the churn section)",
            "the same simulation with nobody leaving", _g(">=", 0.85, "issue 19"), predicted=True, headline=True,
            published="SWARM, Petals: fault-tolerant under churn, goodput not published"),
     Figure("churn", "static_goodput_vs_no_churn", "the same for a static plan restarting from its last checkpoint",
