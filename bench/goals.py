@@ -201,8 +201,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("costmodel", "worst_abs_error_pct", "the same, worst |error| (%)", "the swarms' measured median step"),
     Figure("churn", "goodput_vs_no_churn", "simulated goodput, first hour of 1,000 volunteers with 2 h median sessions, over no churn "
            "(confounded by plan quality: see the churn section)",
-           "the same simulation with nobody leaving", _g(">=", 0.85, "issue 19"), predicted=True, headline=True,
-           published="SWARM, Petals: fault-tolerant under churn, goodput not published"),
+           "the same simulation with nobody leaving", _g(">=", 0.85, "issue 19"), predicted=True),
     Figure("churn", "static_goodput_vs_no_churn", "the same for a static plan restarting from its last checkpoint",
            "our no-churn simulation (DT-FM-style static pipeline)", predicted=True),
     Figure("churn", "live_plan_vs_full_knowledge", "no-churn tokens/s, live coordinator's plan over a plan "
