@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from gptjt_core.config import RunConfig
 from gptjt_core.stage_spec import StageSpec
 
-from .cost_model import Device, Link, ModelShape, Network, StagePlacement, Workload, predict_step
+from .cost_model import (MEMORY_HEADROOM, Device, Link, ModelShape, Network, StagePlacement, Workload, memory_needed_gb,
+                         predict_step)
 from .placement import evaluate, layers_moved, plan, replan, usable
 
 # Bytes per value on the wire, per codec: block codecs carry a float32 scale per 128 values.
@@ -216,6 +217,13 @@ def too_small(run: RunConfig, shape: ModelShape, workers: list[WorkerView]) -> d
     """Workers whose memory cannot hold even one layer of this run, and why."""
     _, why = usable(_devices(workers), shape, workload(run))
     return {workers[i].id: reason for i, reason in why.items()}
+
+
+def fits_stage(run: RunConfig, shape: ModelShape, worker: WorkerView, spec: StageSpec) -> bool:
+    """Can this worker's memory hold the whole stage (its layers' weights, optimizer state and
+    activations, with the placement search's headroom)? A standby worker that fills a stage
+    left empty between searches must fit that stage, not just one layer of the model."""
+    return worker.memory_gb * MEMORY_HEADROOM >= memory_needed_gb(shape, workload(run), spec.start, spec.end)
 
 
 def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates: list[WorkerView], net: Network,

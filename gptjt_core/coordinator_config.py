@@ -150,8 +150,8 @@ class SchedulerConfig:
     replan_every_s: float = 0.0
     """Fewest seconds (>= 0) between two plan searches. Joins, deaths and measurements that come
     sooner are merged into one search the coordinator's reaper runs when the time has come (a
-    stage left empty still takes a standby worker at once: one that holds a layer, not yet
-    checked against the stage's size; deploy/README.md, "Size"). 0: each searches at once.
+    stage left empty still takes a standby worker whose memory holds that stage at once).
+    0: each searches at once.
     bench churn runs 1,000 volunteers with 5 s."""
 
     def __post_init__(self) -> None:

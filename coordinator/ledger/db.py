@@ -75,6 +75,19 @@ class LedgerDB:
             self.version += 1
 
     @contextmanager
+    def savepoint(self, name: str = "part") -> Iterator[None]:
+        """A part of the open transaction that is undone alone if it raises (SQLite SAVEPOINT):
+        the caller may catch the error and commit the rest."""
+        self.conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            self.conn.execute(f"ROLLBACK TO {name}")
+            self.conn.execute(f"RELEASE {name}")
+            raise
+        self.conn.execute(f"RELEASE {name}")
+
+    @contextmanager
     def snapshot(self) -> Iterator[None]:
         """A read transaction: every query in the block sees the same committed state (WAL)."""
         self.conn.execute("BEGIN")

@@ -17,12 +17,13 @@ the ranges never change and standby workers fill vacancies in join order.
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 from gptjt_core.config import RunConfig
 from gptjt_core.stage_spec import StageSpec
 
 from ..cost_model import ModelShape
-from ..scheduler import DecisionMemo, LinkView, PlanDecision, StagePlan, WorkerView, decide, too_small
+from ..scheduler import DecisionMemo, LinkView, PlanDecision, StagePlan, WorkerView, decide, fits_stage, too_small
 from .db import LedgerDB
 from .events import EventLog
 from .measurements import Measurements
@@ -76,9 +77,9 @@ class StagePlanner:
             views.append(_view(r))
         return views
 
-    def _too_small(self, row) -> bool:
-        """Can this worker not hold even one layer of the run (scheduler.too_small)?"""
-        return bool(too_small(self.run, self.shape, [_view(row)]))
+    def _fits(self, row, spec: StageSpec) -> bool:
+        """Can this worker hold the whole stage `spec` (scheduler.fits_stage)?"""
+        return fits_stage(self.run, self.shape, _view(row), spec)
 
     def _link_views(self) -> list[LinkView]:
         return [LinkView(r["src"], r["dst"], r["latency_ms"], r["mbit"]) for r in self.measurements.links()]
@@ -109,8 +110,7 @@ class StagePlanner:
         if not self.scheduling():
             self.fill_vacancies()
             return
-        last = self.db.meta("last_search_at")
-        if last is not None and self.db.clock() - float(last) < self.run.scheduler.replan_every_s:
+        if self._searched_recently():
             if not self.replan_due:
                 self.db.set_meta("replan_due", why)
             self.fill_vacancies(check_fit=True)
@@ -148,13 +148,31 @@ class StagePlanner:
         """Why a re-plan waits for scheduler.replan_every_s to pass ("" if none does)."""
         return self.db.meta("replan_due") or ""
 
+    def _searched_recently(self) -> bool:
+        """Did the last search run less than scheduler.replan_every_s ago? The window is
+        [last, last + every) as the simulation schedules it (not now - last < every, which float
+        rounding can leave open at last + every); with every = 0, or a clock that stepped back
+        past the last search, nothing waits."""
+        every, last = self.run.scheduler.replan_every_s, self.db.meta("last_search_at")
+        return every > 0 and last is not None and float(last) <= self.db.clock() < float(last) + every
+
     def replan_if_due(self) -> bool:
         """Run the re-plan merged from requests that came too soon, once its time has come
-        (the reaper calls this); True if it ran."""
-        why, last = self.replan_due, self.db.meta("last_search_at")
-        if not why or (last is not None and self.db.clock() - float(last) < self.run.scheduler.replan_every_s):
+        (the reaper calls this, inside its transaction); True if it ran. A search that raises
+        is undone alone and not retried on every reaper pass: the plan in force stays, an event
+        says why, and the next join, leave or measurement searches again."""
+        why = self.replan_due
+        if not why or self._searched_recently():
             return False
-        self.replan(f"{why} (and what came within scheduler.replan_every_s of it)")
+        try:
+            with self.db.savepoint("merged_replan"):
+                self.replan(f"{why} (and what came within scheduler.replan_every_s of it)")
+        except Exception as e:  # the reaper's other duties (deaths, opening a step) must go on
+            self.reload()  # apply() may have saved a plan in memory that the savepoint undid
+            self.db.set_meta("replan_due", "")
+            self.events.record("replan_failed", f"the merged re-plan ({why}) failed: {e!r}; the plan in force "
+                               "stays, and the next join, leave or measurement searches again")
+            return False
         return True
 
     def replan_at_restore(self, store_complete: bool, why: str) -> None:
@@ -212,7 +230,8 @@ class StagePlanner:
         """Standby workers take stages: empty stages first, then the stage with the fewest
         replicas, up to pipeline.replicas_per_stage each (longest-waiting worker first).
         `exclude`: workers the scheduler found too small for any layer; check_fit: skip those
-        too small, judged one by one as they come up (a swarm of thousands is not scanned)."""
+        whose memory cannot hold the stage to fill, judged one by one in join order as they come
+        up (a swarm of thousands is not scanned for the fastest: the next search places that)."""
         target = self.run.pipeline.replicas_per_stage
         exclude = exclude | frozenset(self.state.held_out())  # set aside by an averaging fallback
         taken = self.workers.stage_workers()
@@ -223,9 +242,9 @@ class StagePlanner:
                 return
             stage = min(short, key=lambda s: (counts[s], s))
             row = next((r for r in self.workers.standby() if r["id"] not in exclude
-                        and not (check_fit and self._too_small(r))), None)
+                        and (not check_fit or self._fits(r, self.plan[stage]))), None)
             if row is None and counts[stage] == 0:
-                row = self._surplus_replica(taken)
+                row = self._surplus_replica(taken, lambda r: not check_fit or self._fits(r, self.plan[stage]))
             if row is None:
                 return
             self.workers.assign(row["id"], stage)
@@ -235,13 +254,17 @@ class StagePlanner:
             role = "replica %d of " % (counts[stage] + 1) if counts[stage] else ""
             self.events.record("stage_assigned", f"{role}stage {stage} (layers {spec.start}-{spec.end}) -> {row['id']}")
 
-    def _surplus_replica(self, taken: dict) -> object | None:
-        """An empty stage with nobody on standby takes the newest replica of the stage that has
-        the most (if it has more than one); that stage goes on with the others."""
+    def _surplus_replica(self, taken: dict, fits: Callable[[object], bool]) -> object | None:
+        """An empty stage with nobody on standby takes the newest replica that `fits` it from the
+        stage that has the most (if it has more than one); that stage goes on with the others."""
         donor = max(taken, key=lambda s: (len(taken[s]), -s), default=None)
         if donor is None or len(taken[donor]) < 2:
             return None
-        row = taken[donor].pop()  # newest: the oldest replicas are the likeliest to stay
+        # newest first: the oldest replicas are the likeliest to stay
+        row = next((r for r in reversed(taken[donor]) if fits(r)), None)
+        if row is None:
+            return None
+        taken[donor].remove(row)
         members = self.state.members()
         if row["id"] in members.get(donor, []):
             members[donor].remove(row["id"])

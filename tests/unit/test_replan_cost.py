@@ -88,3 +88,61 @@ def test_replan_every_s_must_not_be_negative():
     from gptjt_core.config import ConfigError, SchedulerConfig
     with pytest.raises(ConfigError, match="replan_every_s"):
         SchedulerConfig(replan_every_s=-1.0)
+
+
+def _device_gb(tflops: float, gb: float) -> dict:
+    return {**device(tflops), "memory_bytes": int(gb * 1e9)}
+
+
+def test_a_stage_left_empty_between_searches_takes_only_a_worker_that_fits_the_whole_stage(tmp_path):
+    from coordinator.cost_model import MEMORY_HEADROOM, memory_needed_gb
+    from coordinator.scheduler import workload
+    ledger = make_ledger(tmp_path, replan_every_s=60.0)
+    work = workload(ledger.run)
+    one_layer, stage_1 = memory_needed_gb(TINY, work, 1, 2), memory_needed_gb(TINY, work, 2, 4)
+    assert one_layer < stage_1  # the last stage holds the head as well
+    between = (one_layer + stage_1) / 2 / MEMORY_HEADROOM  # one layer fits, the stage does not
+    a = ledger.join("a", "h:0", _device_gb(0.01, 24))["id"]
+    assert ledger.assignment(a)["stage"] == 0 and ledger.planner.plan[1].end == 4
+    small = ledger.join("small", "h:1", _device_gb(0.02, between))["id"]  # merged: fill_vacancies(check_fit)
+    assert ledger.planner.replan_due and ledger.assignment(small)["stage"] == -1
+    big = ledger.join("big", "h:2", _device_gb(0.01, 24))["id"]
+    assert ledger.assignment(big)["stage"] == 1 and ledger.assignment(small)["stage"] == -1
+
+
+def test_a_merged_replan_that_fails_is_undone_recorded_and_not_retried_on_every_pass(tmp_path, monkeypatch):
+    ledger = make_ledger(tmp_path, replan_every_s=5.0)
+    ledger.join("w0", "h:0", device(0.01))
+    ledger.join("w1", "h:1", device(0.02))
+    assert ledger.planner.replan_due
+    plan_before, calls = list(ledger.planner.plan), []
+
+    def broken(*args, **kwargs):  # fault injection: the search itself raises
+        calls.append(1)
+        ledger.planner.save(ledger.planner.plan[:1])  # ... after changing the plan it holds
+        raise RuntimeError("search blew up")
+    monkeypatch.setattr("coordinator.ledger.planning.decide", broken)
+    ledger.db.clock.t += 5.0
+    ledger.reap()  # does not raise: the reaper's other duties go on
+    assert calls == [1] and ledger.planner.replan_due == ""
+    assert ledger.planner.plan == plan_before and ledger.status()["plan"]["ranges"] == [[0, 2], [2, 4]]
+    failed = [e for e in ledger.status()["events"] if e["kind"] == "replan_failed"]
+    assert len(failed) == 1 and "search blew up" in failed[0]["detail"]
+    ledger.db.clock.t += 5.0
+    ledger.reap()
+    assert calls == [1]  # not retried on every pass
+
+
+def test_the_merge_window_is_last_to_last_plus_every_and_a_clock_stepped_back_does_not_defer(tmp_path):
+    ledger = make_ledger(tmp_path, replan_every_s=0.1)
+    ledger.join("w0", "h:0", device(0.01))
+    ledger.db.clock.t = 0.7  # 0.7 - 0.6 < 0.1 in floats, though 0.6 + 0.1 = 0.7 is where the window ends
+    ledger.db.set_meta("last_search_at", 0.6)
+    assert not ledger.planner._searched_recently()
+    ledger.db.clock.t = 0.65
+    assert ledger.planner._searched_recently()
+    ledger.db.clock.t = 0.5  # the host's clock stepped back past the last search
+    assert not ledger.planner._searched_recently()
+    ledger.run.scheduler.replan_every_s = 0.0
+    ledger.db.clock.t = 0.6
+    assert not ledger.planner._searched_recently()
