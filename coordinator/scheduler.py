@@ -75,6 +75,9 @@ class PlanDecision:
     standby: dict[str, str] = field(default_factory=dict)  # worker id -> why it has no stage
     layers_moved: int = 0  # layers workers must load to go from the current plan to this one
     current_step_s: float = float("inf")  # the current plan's prediction with today's figures
+    # every worker a search of this decision could place (the candidate sets): only links among
+    # them can change a plan, so only they are asked to measure, and only towards each other
+    candidates: tuple[str, ...] = ()
 
 
 class DecisionMemo:
@@ -210,6 +213,7 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
                                   "workers holding them (it takes a stage when one frees up or a re-plan prefers it)")
     best.standby.update({k: v for k, v in standby.items() if k not in placed})
     best.current_step_s = _predict_current(run, shape, work, pool, links, default, current)
+    best.candidates = tuple(dict.fromkeys(w.id for candidates in sets for w in candidates))
     return best
 
 

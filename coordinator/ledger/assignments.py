@@ -128,7 +128,10 @@ class AssignmentView:
         row = self.workers.row(worker_id) if row is None else row
         if row is None or row["state"] not in ALIVE_STATES or not self.planner.scheduling():
             return []
-        return self.measurements.to_measure(row, self.facts().by_stage, self.live_addresses())
+        candidates = self.planner.link_candidates()
+        if candidates and worker_id not in candidates:
+            return []  # (before reading every live worker's address)
+        return self.measurements.to_measure(row, self.facts().by_stage, self.live_addresses(), candidates)
 
     def run_state(self, worker_id: str) -> dict:
         facts = self.facts()

@@ -61,12 +61,18 @@ class Measurements:
     def links(self) -> list:
         return self.db.execute("SELECT * FROM links").fetchall()
 
-    def to_measure(self, row, by_stage: dict[int, list], live: list, limit: int = 8) -> list[tuple[str, str]]:
+    def to_measure(self, row, by_stage: dict[int, list], live: list, candidates: frozenset[str] = frozenset(),
+                   limit: int = 8) -> list[tuple[str, str]]:
         """Stage addresses whose link from this worker a plan needs and nobody measured within
         scheduler.probe_max_age_s: the next stage's and its own stage's replicas first, then the
         other live workers (bounded: `limit` per request). `by_stage`, `live`: the live workers,
-        oldest first (AssignmentView's facts); this scans only until `limit` are found."""
+        oldest first (AssignmentView's facts); this scans only until `limit` are found.
+        `candidates` (when not empty): the workers the last search could place; a search reads
+        no other link, so only they measure, and only towards each other (with thousands of
+        volunteers, measuring every pair would be O(workers^2) probes and heartbeats)."""
         worker_id = row["id"]
+        if candidates and worker_id not in candidates:
+            return []
         fresh = {r["dst"] for r in self.db.execute("SELECT dst FROM links WHERE src=? AND measured>?",
                                                    (worker_id, self.db.clock() - self.scheduler.probe_max_age_s))}
         near = (row["stage"] + 1, row["stage"])
@@ -77,7 +83,7 @@ class Measurements:
         ranked = chain(at(near[0]), at(near[1]), (r for r in live if r["stage"] not in near))
         out = []
         for r in ranked:
-            if r["id"] != worker_id and r["address"] not in fresh:
+            if r["id"] != worker_id and r["address"] not in fresh and (not candidates or r["id"] in candidates):
                 out.append((r["address"], r["id"]))
                 if len(out) == limit:
                     break

@@ -98,6 +98,8 @@ class StagePlanner:
         current = self._current_plan()
         decision = decide(self.run, self.shape, self._views(), self._link_views(),
                           current if any(s.workers for s in current) else None, self.memo)
+        # who measures links next (Measurements.to_measure): the candidates, or everyone while no plan fits
+        self.db.set_json_meta("link_candidates", list(decision.candidates) if decision is not None else [])
         if decision is not None:
             self.db.set_json_meta("standby_why", decision.standby)
             if decision.current_step_s < float("inf"):  # the plan in force, with today's figures
@@ -276,6 +278,11 @@ class StagePlanner:
     # -- reporting ---------------------------------------------------------------------
     def standby_reason(self, worker_id: str) -> str:
         return self.standby_reasons().get(worker_id, "")
+
+    def link_candidates(self) -> frozenset[str]:
+        """The workers the last search could place (empty: no search yet, or too few workers for
+        a plan, and then every live worker measures)."""
+        return frozenset(self.db.json_meta("link_candidates", []))
 
     def standby_reasons(self) -> dict[str, str]:
         """worker id -> why it has no stage."""

@@ -296,3 +296,20 @@ def test_stage_bounds_are_validated():
         PipelineConfig(num_stages=2, min_stages=3)
     with pytest.raises(ConfigError, match="max_stages"):
         PipelineConfig(num_stages=2, max_stages=1)
+
+
+def test_only_workers_a_search_could_place_measure_links_and_only_towards_each_other(tmp_path):
+    """2 stages x 1 replica: the two fastest of four are the candidates. A search reads no other
+    link, so the two slow ones are not asked (with thousands of volunteers, every pair would be
+    O(workers^2) probes)."""
+    ledger = make_ledger(tmp_path)
+    ids = {name: ledger.join(name, f"h:{name}", device(rate))["id"]
+           for name, rate in (("fast", 0.04), ("quick", 0.03), ("slow", 0.01), ("slower", 0.005))}
+    candidates = ledger.planner.link_candidates()
+    assert candidates == {ids["fast"], ids["quick"]}
+    assert ledger.links_to_measure(ids["slow"]) == [] and ledger.links_to_measure(ids["slower"]) == []
+    assert ledger.links_to_measure(ids["fast"]) == ["h:quick"]
+    # a faster newcomer becomes a candidate at the next search, and is asked to measure then
+    ids["new"] = ledger.join("new", "h:new", device(0.05))["id"]
+    assert ids["new"] in ledger.planner.link_candidates()
+    assert "h:new" in ledger.links_to_measure(ids["fast"]) and ledger.links_to_measure(ids["new"])
