@@ -23,13 +23,17 @@ live_plan_vs_full_knowledge  ours without churn over the static plan without chu
                              and each worker its own site; below 1 is what that costs.
 rolled_back_share            virtual time of steps undone by rollbacks and of restarted attempts.
 waiting_share                virtual time with no step running (loading, restores, noticing deaths).
+unfinished_share             virtual time of the attempt still running when the time ran out (ours
+                             and static alike; in none of the shares above).
 idle_standby_share           alive volunteer-seconds spent on standby.
 layers_moved_per_hour        layers the coordinator's plans moved (its layers_moved_total).
 coordinator_cpu_per_sim_s    CPU seconds of the coordinator per virtual second: every ledger call
-                             the simulation made (joins, measurements, state changes, tickets,
-                             reports, checkpoints, deaths, the reaper) plus routine heartbeats
-                             (a timed sample, times the alive volunteers / heartbeat_interval_s).
-                             gRPC and TLS are not in it: bench heartbeat measures those.
+                             the simulation made (joins, link measurements, state changes,
+                             tickets, reports, checkpoints, deaths, the reaper at each tick) plus
+                             routine heartbeats (a timed sample of live volunteers, times the alive
+                             volunteers / heartbeat_interval_s) plus the reaper's idle passes
+                             between ticks (it runs every 0.5 s). gRPC, TLS and Watch streams are
+                             not in it: bench heartbeat measures those.
 plan_searches / plan_search_hits  placement searches run, and re-plans answered by the memo
                              (coordinator/scheduler.py DecisionMemo) instead.
 """
@@ -79,7 +83,8 @@ def measure(s: ChurnSettings) -> dict:
     static_calm = simulate_static(dataclasses.replace(s, churn=False))
     seconds = churned.seconds
     beats_per_s = churned.mean_alive / s.heartbeat_interval_s
-    cpu = churned.ledger_cpu_s / seconds + churned.heartbeat_cpu_per_beat_s * beats_per_s
+    cpu = (churned.ledger_cpu_s / seconds + churned.heartbeat_cpu_per_beat_s * beats_per_s
+           + churned.reaper_cpu_per_sim_s)
     memo = sim.ledger.planner.memo
     return {
         "workers": s.workers, "median_session_s": s.median_session_s, "hours": s.hours,
@@ -92,8 +97,11 @@ def measure(s: ChurnSettings) -> dict:
         "live_plan_vs_full_knowledge": _ratio(ceiling.tokens_per_s, static_calm.tokens_per_s),
         "steps": churned.steps, "no_churn_steps": ceiling.steps, "static_steps": static.steps,
         "rolled_back_share": round(churned.rolled_back_s / seconds, 4),
-        "waiting_share": round(max(0.0, seconds - churned.useful_s - churned.rolled_back_s) / seconds, 4),
+        "waiting_share": round(max(0.0, seconds - churned.useful_s - churned.rolled_back_s - churned.unfinished_s)
+                               / seconds, 4),
+        "unfinished_share": round(churned.unfinished_s / seconds, 4),
         "static_rolled_back_share": round(static.rolled_back_s / seconds, 4),
+        "static_unfinished_share": round(static.unfinished_s / seconds, 4),
         "idle_standby_share": round(churned.idle_standby_share, 4),
         "layers_moved_per_hour": round(churned.layers_moved / s.hours, 1),
         "departures": churned.departures, "placed_departures": churned.placed_departures,
@@ -103,9 +111,18 @@ def measure(s: ChurnSettings) -> dict:
         "coordinator_cpu_per_sim_s": round(cpu, 5),
         "ledger_cpu_per_sim_s": round(churned.ledger_cpu_s / seconds, 5),
         "heartbeat_cpu_per_sim_s": round(churned.heartbeat_cpu_per_beat_s * beats_per_s, 5),
+        "reaper_cpu_per_sim_s": round(churned.reaper_cpu_per_sim_s, 5),
         "plan_searches": memo.searches, "plan_search_hits": memo.hits,
         "wall_s": round(churned.wall_s, 1),
     }
+
+
+def _goal_met(goodput: float | None) -> bool | None:
+    """Above 1 the calm runs were not a ceiling (their plans were worse than the churned run's):
+    the ratio then shows neither that the goal is met nor that it is missed (None)."""
+    if goodput is None or goodput > 1.0:
+        return None
+    return goodput >= 0.85
 
 
 def _ratio(a: float, b: float) -> float | None:
@@ -115,7 +132,7 @@ def _ratio(a: float, b: float) -> float | None:
 def run(quick: bool = False) -> dict:
     headline = measure(QUICK if quick else FULL)
     out = {"benchmark": "churn", "quick": quick, **headline, "goal_goodput_vs_no_churn": 0.85,
-           "goal_met": (headline["goodput_vs_no_churn"] or 0) >= 0.85}
+           "goal_met": _goal_met(headline["goodput_vs_no_churn"])}
     if not quick:
         out["sweep"] = [measure(dataclasses.replace(FULL, workers=n, median_session_s=m))
                         for n in SWEEP_WORKERS for m in SWEEP_MEDIANS_S]

@@ -30,6 +30,10 @@ class ChurnSettings:
     peer_detect_s: float = 5.0
     rejoin_s: float = 60.0  # mean gap between a departure and the newcomer it brings
     checkpoint_bytes_per_param: float = 12.0  # fp32 weights and two fp32 AdamW moments
+    # A worker's LinkProber measures the links it is asked for one at a time (an empty round trip,
+    # then 2 x 256 KB): ~1-3 s a link over 0.1-1 Gbit/s at 50-200 ms; a request names up to 8.
+    # Each live volunteer answers one request every probe_round_s (its first after its join's).
+    probe_round_s: float = 20.0
     replan_every_s: float = 5.0  # scheduler.replan_every_s: searches merged within this long
     # scheduler.layer_load_s: a GPT-J layer's checkpoint (201 M parameters x 12 bytes) over a
     # 0.5 Gbit/s link, the median of DT-FM's links between regions
@@ -62,6 +66,7 @@ class ChurnResult:
     tokens_per_s: float = 0.0
     useful_s: float = 0.0  # virtual seconds of steps that were kept
     rolled_back_s: float = 0.0  # of steps undone by rollbacks, and of attempts restarted
+    unfinished_s: float = 0.0  # of the attempt still running when the simulated time ran out
     departures: int = 0
     placed_departures: int = 0
     rollbacks: int = 0
@@ -70,6 +75,7 @@ class ChurnResult:
     idle_standby_share: float = 0.0  # of alive worker-seconds, on standby
     ledger_cpu_s: float = 0.0
     heartbeat_cpu_per_beat_s: float = 0.0
+    reaper_cpu_per_sim_s: float = 0.0  # the reaper's passes between the simulation's ticks (idle ones)
     mean_alive: float = 0.0
     seconds: float = 0.0
     wall_s: float = 0.0

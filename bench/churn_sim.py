@@ -12,7 +12,8 @@ what their worker processes would take time for, from the cost model
   upload to the store (checkpoint_bytes_per_param a parameter);
 - loading a stage: its checkpoint bytes over the link to the store (a restore) or to a
   replica that holds it (a joiner copies), or nothing when a worker keeps its range and
-  position across a new restore epoch;
+  position across a new restore epoch; a load in progress finishes before the next begins
+  (worker/runner.py holds a lock over it), so a re-plan never cuts one short;
 - noticing a death: a placed worker's pipeline peers notice at once and the coordinator's
   probe confirms it (peer_detect_s, RunLedger.declare_dead, the path a peer's report takes);
   a standby worker is found silent by RunLedger.reap after heartbeat_timeout_s.
@@ -20,9 +21,13 @@ Routine heartbeats are not sent one by one: every heartbeat interval the live wo
 heartbeat is set in one UPDATE (they beat on time), then RunLedger.reap runs as the
 coordinator's reaper does. Their CPU cost is measured on a sample of real heartbeat calls and
 counted per second at the configured interval (heartbeat_cpu_per_sim_s).
+The reaper runs every 0.5 s in the coordinator; here at each tick, and an idle pass is timed
+there and counted for the passes in between (reaper_cpu_per_sim_s).
 Workers report what a real worker reports: device at join and re-measured at the run's
-dtype, the links the coordinator asks them to measure, loading/ready, contributions,
-averaged sums and applied digests with plausible values.
+dtype, loading/ready, contributions, averaged sums and applied digests with plausible values,
+and the links the coordinator asks them to measure (RunLedger.links_to_measure, up to 8 a
+request): at the join, then every probe_round_s (ChurnSettings) for as long as they live,
+measured on the true links between their regions, as a real worker's LinkProber would.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class SimWorker:
     address: str
     holds: tuple | None = None  # (stage, start, end, restore epoch) it has loaded
     loading: tuple | None = None  # what it is loading now
+    loading_step: int = -1  # the run's step when that load began (the state it loads is at it)
+    held_step: int = -1  # ... and of the load it holds
     vanished: bool = False
 
 
@@ -94,6 +101,8 @@ class ChurnSimulation:
         self.result = ChurnResult()
         self.beat_sample = random.Random(settings.seed + 1)
         self.beat_cpu: list[float] = []
+        self.idle_reap_cpu: list[float] = []
+        self.probe_jitter = random.Random(settings.seed + 2)
         self._last_t, self._alive_ws, self._standby_ws = self.clock.t, 0.0, 0.0
 
     # -- the event queue ---------------------------------------------------------------
@@ -137,6 +146,7 @@ class ChurnSimulation:
         self.alive += 1
         # the worker probes its GPU at the run's dtype, then measures the links it is asked to
         self._call(self.ledger.heartbeat, w.id, "standby", {}, -1, -1, device=self._device(v), links=self._links(w))
+        self._next_probe(w)
         if math.isfinite(v.leave_s):
             self._at(self.clock.t + (v.leave_s - v.join_s), "leave", w.id)
 
@@ -148,6 +158,21 @@ class ChurnSimulation:
             measured.append({"address": address, "latency_ms": link.latency_s * 1e3, "mbit": link.gbps * 1e3,
                              "measured_unix_s": self.clock.t})
         return measured
+
+    def _next_probe(self, w: SimWorker) -> None:
+        # jittered so that a thousand volunteers who joined together do not report together
+        self._at(self.clock.t + self.s.probe_round_s * self.probe_jitter.uniform(0.5, 1.5), "probe", w.id)
+
+    def _on_probe(self, worker_id: str) -> None:
+        """A live volunteer answers the coordinator's latest request for link measurements."""
+        w = self.workers[worker_id]
+        row = None if w.vanished else self.ledger.worker(worker_id)
+        if row is None or row["state"] not in ("standby", "loading", "ready"):
+            return  # gone (a newcomer that replaces it probes for itself)
+        links = self._links(w)
+        if links:
+            self._call(self.ledger.heartbeat, w.id, row["state"], {}, row["loaded_epoch"], row["position"], links=links)
+        self._next_probe(w)
 
     def _on_leave(self, worker_id: str) -> None:
         w = self.workers[worker_id]
@@ -170,10 +195,15 @@ class ChurnSimulation:
         self.silent.discard(worker_id)
 
     def _on_tick(self) -> None:
-        """Every heartbeat interval: the reaper, and a sample of routine heartbeats timed."""
-        for worker_id in self.beat_sample.sample(sorted(self.placed), min(3, len(self.placed))):
+        """Every heartbeat interval: the reaper, and a sample of routine heartbeats timed (of any
+        live volunteer: placed or on standby)."""
+        live = sorted(i for i, w in self.workers.items() if not w.vanished)
+        for worker_id in self.beat_sample.sample(live, min(3, len(live))):
             self._routine_beat(worker_id)
         self._reap()
+        started = time.process_time()
+        self.ledger.reap()  # an idle pass, as the 0.5 s reaper makes between the ticks
+        self.idle_reap_cpu.append(time.process_time() - started)
         self._at(self.clock.t + self.s.heartbeat_interval_s, "tick")
 
     def _on_reap_due(self) -> None:
@@ -215,10 +245,11 @@ class ChurnSimulation:
             placed.add(w.id)
             spec = plan[row["stage"]]
             target = (row["stage"], spec.start, spec.end, epoch)
-            if w.holds == target or w.loading == target:
-                continue
-            keeps = w.holds is not None and w.holds[:3] == target[:3] and row["position"] == step
-            w.loading = target
+            if w.holds == target or w.loading is not None:
+                continue  # a load in progress finishes first (worker/runner.py holds a lock over it)
+            # the same range at the step the run restores to: reset partial work, keep the weights
+            keeps = w.holds is not None and w.holds[:3] == target[:3] and step in (row["position"], w.held_step)
+            w.loading, w.loading_step = target, step
             self._call(ledger.heartbeat, w.id, "loading", {}, row["loaded_epoch"], row["position"])
             self._at(self.clock.t + (0.0 if keeps else self._load_s(w, spec, row["stage"])), "loaded", w.id, target)
         for worker_id in self.placed - placed:  # back on standby (or gone)
@@ -247,9 +278,9 @@ class ChurnSimulation:
         w = self.workers[worker_id]
         if w.vanished or w.loading != target:
             return
-        w.holds, w.loading = target, None
+        w.holds, w.loading, w.held_step = target, None, w.loading_step
         if target[3] != self.ledger.restore_epoch:
-            return  # a restore moved on while it loaded: _sync loads again
+            return  # the plan or a restore moved on while it loaded: _sync keeps it (same range) or loads again
         self._call(self.ledger.heartbeat, w.id, "ready", {}, target[3], self.ledger.step)
 
     # -- steps ---------------------------------------------------------------------------
@@ -318,6 +349,9 @@ class ChurnSimulation:
                 self._call(ledger.report, w, step, attempt, "applied", digest=f"{stage}-{step}")
         if ledger.step == step + 1:
             self.closed[step] = self.clock.t - self.started_at
+            for ids in members.values():
+                for w in ids:
+                    self.workers[w].held_step = step + 1  # its state is at the next step now
         self.running, self.blocked = None, False
 
     def _commit_tickets(self, stage0: list[str], step: int) -> dict[str, int]:
@@ -345,6 +379,8 @@ class ChurnSimulation:
     def _finish(self, wall_s: float) -> ChurnResult:
         r, seconds = self.result, self.s.hours * 3600
         self._track_progress()
+        if self.running is not None:
+            r.unfinished_s = self.end - self.started_at
         r.steps = self.ledger.step
         r.seconds, r.wall_s = seconds, wall_s
         r.useful_s = sum(self.closed.values())
@@ -354,6 +390,9 @@ class ChurnSimulation:
         r.layers_moved = int(self.ledger.db.meta("layers_moved_total") or 0)
         r.replans = int(self.ledger.db.execute("SELECT COUNT(*) FROM events WHERE kind='replanned'").fetchone()[0])
         r.heartbeat_cpu_per_beat_s = sum(self.beat_cpu) / len(self.beat_cpu) if self.beat_cpu else 0.0
+        if self.idle_reap_cpu:  # the real reaper passes 2 a second; the ticks' passes are in ledger_cpu_s
+            idle_pass_s = sum(self.idle_reap_cpu) / len(self.idle_reap_cpu)
+            r.reaper_cpu_per_sim_s = idle_pass_s * max(0.0, 2.0 - 1.0 / self.s.heartbeat_interval_s)
         return r
 
 

@@ -128,11 +128,10 @@ class StaticRestart:
                 self._admit(t)
                 continue
             if leaving >= self.end:
-                self.result.rolled_back_s += self.end - t  # the step in progress when time ran out
+                self.result.unfinished_s += self.end - t  # the step in progress when time ran out
                 break
             # A placed worker left mid-step: the run restarts from the last checkpoint without it.
             # (One that left while the stages reloaded is noticed as they finish.)
-            self.result.placed_departures += 1
             noticed = max(leaving, t) + self.s.peer_detect_s
             self.result.rolled_back_s += noticed - t + sum(useful.pop(s) for s in range(saved, step))
             self.result.rollbacks += 1
@@ -161,6 +160,7 @@ class StaticRestart:
             if new is None:
                 return math.inf
             placed[i] = new
+            self.result.placed_departures += 1  # (every leaver since the last restart, not the restarts)
         return t
 
 

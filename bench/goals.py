@@ -53,6 +53,9 @@ class Figure:
     predicted: bool = False  # from a cost model or formula, not a run
     headline: bool = False  # also in README.md's table
     published: str = ""  # external figures (other projects' papers), labelled as such where shown
+    # a figure the benchmark reports its own verdict on: None there means the run cannot show the
+    # goal either way (e.g. a "ceiling" that came out below the figure), rendered "not shown"
+    verdict_key: str = ""
 
 
 MISSING = object()  # a key the benchmark did not report (a catalogue out of step with its benchmark)
@@ -69,7 +72,8 @@ def lookup(figures: dict, key: str, default=None):
 
 
 def status(figure: Figure, entry: dict | None) -> str:
-    """'met', 'missed', 'no goal', or why there is no value: 'not measured', 'skipped', 'failed',
+    """'met', 'missed', 'not shown' (the benchmark says its run cannot tell), 'no goal', or why
+    there is no value: 'not measured', 'skipped', 'failed',
     'not in the results' (the benchmark ran but did not report this figure)."""
     if entry is None:
         return "not measured"
@@ -82,6 +86,8 @@ def status(figure: Figure, entry: dict | None) -> str:
         return "not in the results"
     if figure.goal is None:
         return "no goal"
+    if figure.verdict_key and lookup(entry["figures"], figure.verdict_key, MISSING) is None:
+        return "not shown"
     return "met" if figure.goal.met(value, entry["figures"]) else "missed"
 
 
@@ -201,7 +207,8 @@ FIGURES: tuple[Figure, ...] = (
     Figure("costmodel", "worst_abs_error_pct", "the same, worst |error| (%)", "the swarms' measured median step"),
     Figure("churn", "goodput_vs_no_churn", "simulated goodput, first hour of 1,000 volunteers with 2 h median sessions, over no churn "
            "(confounded by plan quality: see the churn section)",
-           "the same simulation with nobody leaving", _g(">=", 0.85, "issue 19"), predicted=True),
+           "the same simulation with nobody leaving", _g(">=", 0.85, "issue 19"), predicted=True,
+           verdict_key="goal_met"),
     Figure("churn", "static_goodput_vs_no_churn", "the same for a static plan restarting from its last checkpoint",
            "our no-churn simulation (DT-FM-style static pipeline)", predicted=True),
     Figure("churn", "live_plan_vs_full_knowledge", "no-churn tokens/s, live coordinator's plan over a plan "

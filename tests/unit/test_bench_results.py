@@ -235,3 +235,12 @@ def test_status_says_met_missed_or_why_there_is_no_value():
     assert goals.status(fig, {"failed": "boom"}) == "failed"
     assert goals.status(fig, {"figures": {"a": {}}}) == "not in the results"
     assert goals.status(Figure("link", "x", "x"), {"figures": {"x": 1}}) == "no goal"
+
+
+def test_a_benchmark_can_say_its_run_cannot_show_a_goal_either_way():
+    fig = Figure("churn", "goodput", "goodput", goal=Goal(">=", 0.85, "test"), verdict_key="goal_met")
+    assert goals.status(fig, {"figures": {"goodput": 1.2, "goal_met": None}}) == "not shown"
+    assert goals.status(fig, {"figures": {"goodput": 0.9, "goal_met": True}}) == "met"
+    assert goals.status(fig, {"figures": {"goodput": 0.5, "goal_met": False}}) == "missed"
+    from bench.churn import _goal_met
+    assert (_goal_met(1.2), _goal_met(0.9), _goal_met(0.5), _goal_met(None)) == (None, True, False, None)
