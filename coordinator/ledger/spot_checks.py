@@ -11,7 +11,8 @@ two with the tolerance of their precisions (gptjt_core.commitment.compare) and r
   agree      the recomputation matches the claim within the tolerance
   disagree   it does not: an event names the worker, the verifier and the evidence
   unchecked  the verifier could not recompute (evidence refused or inconsistent, weights gone)
-  stale      nobody answered before the verifier's weights of that step were gone
+  stale      nobody answered before the verifier's weights of that step were gone, or before
+             the run ended
 
 A stage with no other member is checked by a standby worker instead, with weights from the
 checkpoint store: only on steps whose weights the store holds (a checkpoint of that step; step 0:
@@ -217,6 +218,15 @@ class SpotCheckBook:
             "(weights IS NULL AND step < ?) OR (weights IS NOT NULL AND step <= ? - ?))",
             (STALE, "no answer before the weights or the evidence of the step were gone", KIND, PENDING, epoch,
              closed_step, closed_step, STANDBY_EVIDENCE_STEPS)).rowcount
+        self._count("spot_stale", stale)
+        return stale
+
+    def end_of_run(self) -> int:
+        """The run is done: checks still pending will not be answered (workers leave, and a late
+        verdict must not quarantine anyone or roll back a finished run). They are stale, counted
+        as such, and the run's record of checks is final."""
+        stale = self.db.execute("UPDATE checks SET verdict=?, detail=? WHERE kind=? AND verdict=?",
+                                (STALE, "the run ended before it was answered", KIND, PENDING)).rowcount
         self._count("spot_stale", stale)
         return stale
 

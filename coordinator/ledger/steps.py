@@ -81,6 +81,7 @@ class StepProtocol:
             return
         if step >= self.run.train.steps:
             st.set_phase(DONE)
+            self.spot_checks.end_of_run()
             return
         st.set_members(members)
         st.set_contributors({})

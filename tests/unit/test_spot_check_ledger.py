@@ -361,3 +361,20 @@ def test_with_one_standby_a_dispute_stays_open(tmp_path):
     assert ledger.answer_check(standby, row["id"], Commitment.from_bytes(claim(row["ticket"], 0)), "") == "disagree"
     (event,) = [e["detail"] for e in ledger.status()["events"] if e["kind"] == "spot_check_disputed"]
     assert "no third standby" in event and ledger.status()["verification"]["quarantined"] == 0
+
+
+def test_checks_pending_when_the_run_ends_go_stale_and_a_late_answer_changes_nothing(swarm):
+    ledger, by_stage = swarm
+    ledger.run.verify.sample_rate = 1.0  # the last step's micro-batches are drawn too
+    for _ in range(ledger.run.train.steps):
+        contribute(ledger, by_stage)
+        finish(ledger, by_stage)
+    assert ledger.phase == "done"
+    counts = ledger.status()["verification"]
+    assert counts["spot_stale"] > 0 and not ledger.db.execute(
+        "SELECT 1 FROM checks WHERE kind='recompute' AND verdict='pending'").fetchone()
+    row = ledger.db.execute("SELECT * FROM checks WHERE kind='recompute' AND detail LIKE '%run ended%'").fetchone()
+    verifier = json.loads(row["peers"])[0]
+    late = Commitment.from_bytes(claim(row["ticket"], row["stage"], 1.2))  # a disagreement, too late
+    assert ledger.answer_check(verifier, row["id"], late, "") == "stale"
+    assert ledger.status()["verification"]["spot_disagree"] == counts["spot_disagree"]
