@@ -19,8 +19,9 @@ static_goodput_vs_no_churn   the same for the static-restart policy, over the sa
                              without churn).
 live_plan_vs_full_knowledge  ours without churn over the static plan without churn. The static
                              plan is searched with every link between regions known, the live
-                             coordinator's with the links workers measured for it (8 per request)
-                             and each worker its own site; below 1 is what that costs.
+                             coordinator's with the links workers measured for it (8 per request),
+                             unmeasured pairs filled in from sites found from measured latencies
+                             (coordinator/sites.py); below 1 is what the rest costs.
 rolled_back_share            virtual time of steps undone by rollbacks and of restarted attempts.
 waiting_share                virtual time with no step running (loading, restores, noticing deaths).
 unfinished_share             virtual time of the attempt still running when the time ran out (ours

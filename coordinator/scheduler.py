@@ -19,6 +19,7 @@ from gptjt_core.stage_spec import StageSpec
 from .cost_model import (MEMORY_HEADROOM, Device, Link, ModelShape, Network, StagePlacement, Workload, memory_needed_gb,
                          predict_step)
 from .placement import evaluate, layers_moved, plan, replan, usable
+from .sites import fill_links
 
 # Bytes per value on the wire, per codec: block codecs carry a float32 scale per 128 values.
 CODEC_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "q8": 1 + 4 / 128, "q4": 0.5 + 4 / 128,
@@ -136,24 +137,24 @@ def workload(run: RunConfig) -> Workload:
                     checkpoint_segment=p.checkpoint_segment)
 
 
-def _network(workers: list[WorkerView], links: list[LinkView], default: Link) -> Network:
-    """Each worker is its own site; a pair takes its measured link (the slower direction when
-    both were measured), else the configured default."""
-    by_address = {w.address: w.id for w in workers}
+def _network(workers: list[WorkerView], links: list[LinkView], default: Link, site_latency_ms: float,
+             everyone: list[WorkerView] | None = None) -> Network:
+    """Each worker is a site of the Network; a pair takes its measured link (the slower direction
+    when both were measured), else the typical link between the sites found from measured
+    latencies (coordinator/sites.py; from the links of `everyone` live, not only `workers`),
+    else the configured default."""
+    by_address = {w.address: w.id for w in everyone or workers}
+    live = set(by_address.values())
     measured: dict[tuple[str, str], Link] = {}
     for m in links:
         dst = by_address.get(m.dst_address)
-        if dst is None or dst == m.src or m.mbit <= 0:
+        if dst is None or dst == m.src or m.src not in live or m.mbit <= 0:
             continue
         link = Link(m.latency_ms / 1e3, m.mbit / 1e3)
         key = tuple(sorted((m.src, dst)))
         old = measured.get(key)
         measured[key] = link if old is None else Link(max(old.latency_s, link.latency_s), min(old.gbps, link.gbps))
-    between = {}
-    for i, a in enumerate(workers):
-        for b in workers[i + 1:]:
-            between[(a.id, b.id)] = measured.get(tuple(sorted((a.id, b.id))), default)
-    return Network(between, inside=default)
+    return Network(fill_links([w.id for w in workers], measured, site_latency_ms, default), inside=default)
 
 
 def _devices(workers: list[WorkerView]) -> list[Device]:
@@ -190,7 +191,7 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     for candidates in sets:
         if len(candidates) < min(counts):
             continue
-        net = _network(candidates, links, default)
+        net = _network(candidates, links, default, cfg.site_latency_ms, workers)
         key = _memo_key(candidates, net, current) if memo is not None else None
         try:
             found = memo.get(key) if memo is not None else None
@@ -282,7 +283,8 @@ def _predict_current(run, shape, work, pool, links, default, current) -> float:
     old = _as_old(current, index)
     if len(old) not in run.pipeline.stage_counts or not all(s.workers for s in old):
         return float("inf")
-    return predict_step(old, _devices(workers), _network(workers, links, default), shape, work).step_s
+    net = _network(workers, links, default, run.scheduler.site_latency_ms, pool)
+    return predict_step(old, _devices(workers), net, shape, work).step_s
 
 
 def _as_old(current: list[StagePlan], index: dict[str, int]) -> list[StagePlacement]:
