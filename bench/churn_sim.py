@@ -44,6 +44,7 @@ from pathlib import Path
 from coordinator.cost_model import Device, ModelShape, StagePlacement, predict_step, stage_params
 from coordinator.ledger import RunLedger
 from coordinator.scheduler import plan_stages, workload
+from gptjt_core.config import RunConfig
 from gptjt_core.stage_spec import StageSpec
 
 from .churn_settings import ChurnResult, ChurnSettings, run_config
@@ -75,15 +76,20 @@ class SimWorker:
 class ChurnSimulation:
     """Runs the ledger through `settings.hours` of volunteer churn; run() returns a ChurnResult."""
 
-    def __init__(self, settings: ChurnSettings, directory: Path):
-        self.s, self.regions = settings, Regions()
+    def __init__(self, settings: ChurnSettings, directory: Path, run: RunConfig | None = None,
+                 shape: ModelShape | None = None, regions: Regions | None = None):
+        """run, shape, regions: another run than GPT-J 6B on DT-FM's regions (bench/churn_script.py
+        replays a loopback swarm's run config on one site)."""
+        self.s, self.regions = settings, regions or Regions()
         self.net = self.regions.network()
         self.clock = VirtualClock()
-        self.run = run_config(settings)
-        self.shape = ModelShape.gptj_6b()
+        self.run = run or run_config(settings)
+        self.shape = shape or ModelShape.gptj_6b()
         self.work = workload(self.run)
-        self.ledger = RunLedger(directory / "run.db", self.run, plan_stages(self.shape.n_layer, settings.min_stages),
-                                self.clock, shape=self.shape)
+        # the plan a coordinator starts from (coordinator/cli.py)
+        self.ledger = RunLedger(directory / "run.db", self.run,
+                                plan_stages(self.shape.n_layer, self.run.pipeline.num_stages), self.clock,
+                                shape=self.shape)
         self.arrivals = Arrivals(settings.workers, settings.median_session_s, settings.session_shape,
                                  settings.seed, self.regions, churn=settings.churn, rejoin_s=settings.rejoin_s)
         self.end = self.clock.t + settings.hours * 3600
@@ -128,6 +134,9 @@ class ChurnSimulation:
             self.clock.t = t
             getattr(self, "_on_" + kind)(*data)
             self._sync()
+            self._after_event()
+            if self.ledger.phase == "done":
+                break
         self._account(self.end)
         self.clock.t = self.end
         return self._finish(time.monotonic() - wall)
@@ -184,8 +193,15 @@ class ChurnSimulation:
         if row is not None and row["stage"] >= 0:  # its pipeline peers notice; standby: the reaper does
             self.result.placed_departures += 1
             self._at(self.clock.t + self.s.peer_detect_s, "detected", worker_id)
+        self._newcomer_after(worker_id)
+
+    def _newcomer_after(self, worker_id: str) -> None:
+        """A departure brings a newcomer (Arrivals)."""
         newcomer = self.arrivals.replacement(self.clock.t - self._t0())
         self._at(self._t0() + newcomer.join_s, "join", newcomer)
+
+    def _after_event(self) -> None:
+        """After each event and its _sync: nothing here (a scripted run fires its triggers)."""
 
     def _t0(self) -> float:
         return self.end - self.s.hours * 3600

@@ -81,7 +81,7 @@ class RunLedger:
         self.commitments = CommitmentBook(db, self.events)
         self.spot_checks = SpotCheckBook(db, self.events, run, None, self.checkpoints, lambda: self.planner.plan)
         self.protocol = StepProtocol(db, self.events, self.state, self.workers, self.tickets, self.reports,
-                                     self.history, self.measurements, run, lambda: len(self.planner.plan),
+                                     self.history, self.measurements, run, lambda: self.planner.plan,
                                      self.commitments, self.spot_checks)
         self.recovery = StepRecovery(self.events, self.state, self.workers, self.tickets, self.reports, self.history,
                                      self.checkpoints, self.planner, self.protocol)

@@ -48,11 +48,11 @@ class StepProtocol:
 
     def __init__(self, db: LedgerDB, events: EventLog, state: StepState, workers: WorkerRegistry,
                  tickets: TicketBook, reports: ReportBook, history: StepHistory, measurements: Measurements,
-                 run: RunConfig, stage_count, commitments: CommitmentBook, spot_checks: SpotCheckBook):
+                 run: RunConfig, plan, commitments: CommitmentBook, spot_checks: SpotCheckBook):
         self.db, self.events, self.state, self.workers = db, events, state, workers
         self.tickets, self.reports, self.history, self.measurements = tickets, reports, history, measurements
         self.run = run
-        self.stage_count = stage_count  # () -> stages in the plan in force
+        self.plan = plan  # () -> the plan in force: a StageSpec per stage
         self.commitments = commitments
         self.spot_checks = spot_checks
         self.loss_scales = LossScaleBook(db, events, run)  # the scale each attempt runs at (fp16)
@@ -67,7 +67,7 @@ class StepProtocol:
         workers = self.workers.stage_workers()
         epoch, step = st.restore_epoch, st.step
         members = {s: [w["id"] for w in workers.get(s, []) if w["state"] == "ready" and w["loaded_epoch"] == epoch
-                       and w["position"] == step] for s in range(self.stage_count())}
+                       and w["position"] == step] for s in range(len(self.plan()))}
         first = st.step_opened is None
         needed = self.run.pipeline.start_with_replicas if first else 1
         if first and self.run.scheduler.min_workers and \
@@ -92,7 +92,11 @@ class StepProtocol:
             self.tickets.create(step, st.attempt)
             st.mark_opened()
         st.set_phase(OPEN)
-        self.events.record("step_open", f"step {step} attempt {st.attempt}")
+        # which layers each stage runs and on whom: an operator reading the events (and bench
+        # churn's agreement test) sees the plan every step ran on
+        on = "; ".join(f"stage {i} (layers {spec.start}-{spec.end}) on {', '.join(members.get(i, []))}"
+                       for i, spec in enumerate(self.plan()))
+        self.events.record("step_open", f"step {step} attempt {st.attempt}: {on}")
 
     def admit_to_open_step(self, worker_id: str) -> None:
         """A replica that came to hold the current state while the step is OPEN takes part at
