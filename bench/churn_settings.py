@@ -34,7 +34,11 @@ class ChurnSettings:
     # then 2 x 256 KB): ~1-3 s a link over 0.1-1 Gbit/s at 50-200 ms; a request names up to 8.
     # Each live volunteer answers one request every probe_round_s (its first after its join's).
     probe_round_s: float = 20.0
-    replan_every_s: float = 5.0  # scheduler.replan_every_s: searches merged within this long
+    # scheduler.replan_every_s: searches merged within this long. With volunteers measuring links
+    # all the time, 5 s searched ~530 times in the quick form's churned hour (0.12 s of coordinator
+    # CPU per second); after the first step a plan that moves workers waits for a checkpoint
+    # (~20 min here) anyway, and a vacancy is filled without a search.
+    replan_every_s: float = 30.0
     # scheduler.layer_load_s: a GPT-J layer's checkpoint (201 M parameters x 12 bytes) over a
     # 0.5 Gbit/s link, the median of DT-FM's links between regions
     layer_load_s: float = 40.0
