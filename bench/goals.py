@@ -205,8 +205,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("costmodel", "median_abs_error_pct", "cost model's step time vs measured, median |error| (%), 3 "
            "unpaced CPU swarms", "the swarms' measured median step"),
     Figure("costmodel", "worst_abs_error_pct", "the same, worst |error| (%)", "the swarms' measured median step"),
-    Figure("churn", "goodput_vs_no_churn", "simulated goodput, first hour of 1,000 volunteers with 2 h median sessions, over no churn "
-           "(confounded by plan quality: see the churn section)",
+    Figure("churn", "goodput_vs_no_churn", "simulated goodput, first hour of 1,000 volunteers with 2 h median sessions, over no churn",
            "the same simulation with nobody leaving", _g(">=", 0.85, "issue 19"), predicted=True,
            verdict_key="goal_met"),
     Figure("churn", "static_goodput_vs_no_churn", "the same for a static plan restarting from its last checkpoint",
@@ -219,7 +218,7 @@ FIGURES: tuple[Figure, ...] = (
            predicted=True),
     Figure("churn", "idle_standby_share", "share of volunteer-time on standby", predicted=True),
     Figure("churn", "layers_moved_per_hour", "layers the coordinator's plans moved per hour", predicted=True),
-    Figure("churn", "coordinator_cpu_per_sim_s", "coordinator CPU s per simulated s (ledger calls + heartbeats)",
+    Figure("churn", "coordinator_cpu_per_sim_s", "coordinator CPU s per simulated s (ledger calls, heartbeats, reaper)",
            "measured on this machine, gRPC not included (bench heartbeat)"),
     Figure("churn", "plan_searches", "placement searches run (the rest answered by the memo: `plan_search_hits`)"),
     Figure("gpu-swarm", "swarm_vs_local_tokens_per_s", "GPT-J 6B, 4 stages on one GPU: swarm over train-local tokens/s",

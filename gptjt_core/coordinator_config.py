@@ -157,8 +157,8 @@ class SchedulerConfig:
     """Fewest seconds (>= 0) between two plan searches. Joins, deaths and measurements that come
     sooner are merged into one search the coordinator's reaper runs when the time has come (a
     stage left empty still takes a standby worker whose memory holds that stage at once).
-    0: each searches at once.
-    bench churn runs 1,000 volunteers with 5 s."""
+    0: each searches at once. bench churn runs 1,000 volunteers with 30 s (deploy/README.md,
+    "Size")."""
 
     def __post_init__(self) -> None:
         _check(self.placement in ("cost-model", "even"), "placement", self.placement, "'cost-model' or 'even'")
