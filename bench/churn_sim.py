@@ -32,7 +32,6 @@ measured on the true links between their regions, as a real worker's LinkProber 
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import math
@@ -41,17 +40,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.cost_model import Device, ModelShape, StagePlacement, predict_step, stage_params
+from coordinator.cost_model import ModelShape, stage_params
 from coordinator.ledger import RunLedger
 from coordinator.scheduler import plan_stages, workload
 from gptjt_core.config import RunConfig
 from gptjt_core.stage_spec import StageSpec
 
 from .churn_settings import ChurnResult, ChurnSettings, run_config
+from .churn_steps import SimulatedSteps
 from .churn_volunteers import Arrivals, Regions, Volunteer
-
-TOKENS_LOSS = 2.5  # the loss each committed micro-batch reports (the simulation trains nothing)
-
 
 class VirtualClock:
     def __init__(self) -> None:
@@ -73,7 +70,7 @@ class SimWorker:
     vanished: bool = False
 
 
-class ChurnSimulation:
+class ChurnSimulation(SimulatedSteps):
     """Runs the ledger through `settings.hours` of volunteer churn; run() returns a ChurnResult."""
 
     def __init__(self, settings: ChurnSettings, directory: Path, run: RunConfig | None = None,
@@ -299,91 +296,6 @@ class ChurnSimulation:
             return  # the plan or a restore moved on while it loaded: _sync keeps it (same range) or loads again
         self._call(self.ledger.heartbeat, w.id, "ready", {}, target[3], self.ledger.step)
 
-    # -- steps ---------------------------------------------------------------------------
-    def _track_progress(self) -> None:
-        """Steps undone by a rollback, and an attempt in progress that was restarted, are lost."""
-        ledger = self.ledger
-        undone = [s for s in self.closed if s >= ledger.step]
-        if undone:
-            self.result.rollbacks += 1
-            self.result.rolled_back_s += sum(self.closed.pop(s) for s in undone)
-        if self.running is not None and (self.running != (ledger.step, ledger.attempt, ledger.restore_epoch)
-                                         or ledger.phase not in ("open", "accumulated", "averaging", "applying")):
-            self.result.rolled_back_s += self.clock.t - self.started_at  # the attempt was restarted
-            self.running, self.blocked = None, False
-
-    def _start_step(self) -> None:
-        ledger = self.ledger
-        members = ledger.state.members()
-        devices, placements, ids = [], [], {}
-        for stage, spec in enumerate(ledger.plan):
-            group = []
-            for worker_id in members.get(stage, []):
-                ids[worker_id] = len(devices)
-                v = self.workers[worker_id].volunteer
-                devices.append(Device(worker_id, v.tflops, v.device.memory_gb, v.site))
-                group.append(ids[worker_id])
-            placements.append(StagePlacement(spec.start, spec.end, tuple(group)))
-        seconds = predict_step(placements, devices, self.net, self.shape, self.work).step_s
-        if (ledger.step + 1) % self.run.train.checkpoint_every == 0:
-            seconds += max(stage_params(self.shape, p.start, p.end) * self.s.checkpoint_bytes_per_param * 8
-                           / (self.net.site_link(devices[p.workers[0]].site, self.regions.store_site).gbps * 1e9)
-                           for p in placements)
-        self.running, self.blocked = (ledger.step, ledger.attempt, ledger.restore_epoch), False
-        self.started_at = self.clock.t
-        counts = len(ledger.plan)
-        if not self.result.stage_counts or self.result.stage_counts[-1] != counts:
-            self.result.stage_counts.append(counts)
-        self._at(self.clock.t + seconds, "step_done", self.running)
-
-    def _on_step_done(self, key: tuple) -> None:
-        ledger = self.ledger
-        if key != self.running or key != (ledger.step, ledger.attempt, ledger.restore_epoch):
-            return
-        members = ledger.state.members()
-        if any(self.workers[w].vanished for ids in members.values() for w in ids):
-            self.blocked = True  # it waits for the death to be noticed: then it restarts or goes on
-            return
-        step, attempt, _ = key
-        per_member = self._commit_tickets(members.get(0, []), step)
-        total = sum(per_member.values())
-        for stage, ids in members.items():
-            share = _shares(total, ids) if stage else per_member
-            for w in ids:
-                self._call(ledger.report, w, step, attempt, "contribution", 1.0, share[w])
-        if ledger.phase == "averaging":
-            for stage, ids in members.items():
-                for w in ids:
-                    self._call(ledger.report, w, step, attempt, "averaged", float(len(ids)), group_weight=total)
-        if (step + 1) % self.run.train.checkpoint_every == 0 and ledger.phase == "applying":
-            for stage, spec in enumerate(ledger.plan):
-                writer = members[stage][0]
-                if not self._call(ledger.checkpoint_refusal, writer, step + 1, spec):
-                    self._call(ledger.record_checkpoint, step + 1, spec, f"store/{step + 1}/{spec.start}-{spec.end}")
-        for stage, ids in members.items():
-            for w in ids:
-                self._call(ledger.report, w, step, attempt, "applied", digest=f"{stage}-{step}")
-        if ledger.step == step + 1:
-            self.closed[step] = self.clock.t - self.started_at
-            for ids in members.values():
-                for w in ids:
-                    self.workers[w].held_step = step + 1  # its state is at the next step now
-        self.running, self.blocked = None, False
-
-    def _commit_tickets(self, stage0: list[str], step: int) -> dict[str, int]:
-        counts = {w: 0 for w in stage0}
-        tokens = self.run.train.micro_batch * self.run.train.seq_len
-        leased = True
-        while leased:
-            leased = False
-            for w in stage0:
-                tickets, _ = self._call(self.ledger.lease, w, self.s.micro_batches_per_replica)
-                for t in tickets:
-                    if self._call(self.ledger.commit, w, t.id, t.attempt, TOKENS_LOSS, tokens) == "committed":
-                        counts[w] += 1
-                leased = leased or bool(tickets)
-        return counts
-
     # -- figures -------------------------------------------------------------------------
     def _account(self, t: float) -> None:
         dt = t - self._last_t
@@ -410,16 +322,3 @@ class ChurnSimulation:
             idle_pass_s = sum(self.idle_reap_cpu) / len(self.idle_reap_cpu)
             r.reaper_cpu_per_sim_s = idle_pass_s * max(0.0, 2.0 - 1.0 / self.s.heartbeat_interval_s)
         return r
-
-
-def _shares(total: int, ids: list[str]) -> dict[str, int]:
-    """`total` micro-batches dealt over a stage's replicas (each passed through exactly one)."""
-    return {w: total // len(ids) + (i < total % len(ids)) for i, w in enumerate(ids)}
-
-
-def simulate(settings: ChurnSettings, directory: Path) -> ChurnResult:
-    return ChurnSimulation(settings, directory).run_sim()
-
-
-def no_churn(settings: ChurnSettings) -> ChurnSettings:
-    return dataclasses.replace(settings, churn=False)
