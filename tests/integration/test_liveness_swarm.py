@@ -100,7 +100,11 @@ def test_replicas_that_joined_under_different_coordinators_average_together(tmp_
     status = swarm.wait(done, 300, "the run to finish with replicas from both coordinators")
     assert all(len(h["stages"][s]["replicas"]) == 2 and h["stages"][s]["summed_micro_batches"] == 4
                for h in status["history"] for s in ("0", "1"))
-    assert "step_stuck" not in status["event_counts"]
+    # Replicas in two DHT networks never find each other: every attempt fails and the run falls
+    # back to one replica. A first round that hivemind cuts short (a partial round, a group not
+    # found in time: CI saw one, and the retry averaged) is restarted like any other, not that.
+    assert "replicas_reduced" not in status["event_counts"]
+    assert status["event_counts"].get("step_stuck", 0) <= 1, status["event_counts"]
     expected, _ = local_losses(swarm.config, 3)
     assert [h["loss"] for h in status["history"]] == pytest.approx(expected, rel=1e-5)
 
