@@ -26,7 +26,7 @@ from gptjt_core.config import RunConfig
 from worker.simulated_device import SimulatedDevice
 
 from .churn_settings import ChurnSettings
-from .churn_sim import ChurnSimulation, SimWorker
+from .churn_sim import ChurnSimulation
 from .churn_volunteers import MFU, DeviceClass, Volunteer
 
 LAB = "lab"
@@ -120,9 +120,6 @@ class ScriptedSimulation(ChurnSimulation):
             if w.name in self.held_since and step >= self.held_since[w.name] + w.killed_after_held_steps:
                 self.killed.add(w.name)
                 self._at(self.clock.t, "leave", self.ids[w.name])
-
-    def worker(self, name: str) -> SimWorker:
-        return self.workers[self.ids[name]]
 
 
 def agreement_record(db) -> dict:

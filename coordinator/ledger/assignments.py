@@ -130,7 +130,7 @@ class AssignmentView:
             return []
         candidates = self.planner.link_candidates()
         if candidates and worker_id not in candidates:
-            return []  # (before reading every live worker's address)
+            return []  # only candidates measure (Measurements.to_measure); checked before reading every address
         return self.measurements.to_measure(row, self.facts().by_stage, self.live_addresses(), candidates)
 
     def run_state(self, worker_id: str) -> dict:

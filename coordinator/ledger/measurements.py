@@ -68,11 +68,10 @@ class Measurements:
         other live workers (bounded: `limit` per request). `by_stage`, `live`: the live workers,
         oldest first (AssignmentView's facts); this scans only until `limit` are found.
         `candidates` (when not empty): the workers the last search could place; a search reads
-        no other link, so only they measure, and only towards each other (with thousands of
-        volunteers, measuring every pair would be O(workers^2) probes and heartbeats)."""
+        no other link, so only they are asked (AssignmentView.links_to_measure), and only
+        towards each other (with thousands of volunteers, measuring every pair would be
+        O(workers^2) probes and heartbeats)."""
         worker_id = row["id"]
-        if candidates and worker_id not in candidates:
-            return []
         fresh = {r["dst"] for r in self.db.execute("SELECT dst FROM links WHERE src=? AND measured>?",
                                                    (worker_id, self.db.clock() - self.scheduler.probe_max_age_s))}
         near = (row["stage"] + 1, row["stage"])
