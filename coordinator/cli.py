@@ -23,6 +23,8 @@ from .dht_authority import DhtAuthority
 from .gc_schedule import collect_fully_forever, take_full_collections_off_the_clock
 from .run_ca import RunCA
 from .sessions import SessionGuard
+from .standby import bind, lead, watch_leadership
+from .ledger.postgres import redacted
 from .admin_token import AdminToken, ReadToken
 from .operator_service import OperatorActions, OperatorService
 
@@ -35,6 +37,8 @@ log = logging.getLogger("gptjt.coordinator")
 
 async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None = None,
                 dashboard_file: str | None = None, admin_token_file: str | None = None) -> None:
+    location, listen = await lead(run, port_file, ready_line)  # a standby waits here while another leads
+    run.coordinator.listen = listen
     config = model_config_for(run.model.source)
     n_layer = config.n_layer
     shape = model_shape(n_layer, config.n_embd, config.n_inner or 4 * config.n_embd, config.vocab_size)
@@ -44,7 +48,7 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
     if max(run.pipeline.stage_counts) > n_layer:
         raise ValueError(f"pipeline.max_stages = {run.pipeline.max_stages} exceeds the model's {n_layer} layers; "
                          "use at most one stage per layer")
-    ledger = RunLedger(run.coordinator.state_path, run, plan_stages(n_layer, run.pipeline.num_stages),
+    ledger = RunLedger(location, run, plan_stages(n_layer, run.pipeline.num_stages),
                        stored=stored, shape=shape)
     dht, authority = None, None
     if run.pipeline.replicas_per_stage > 1:
@@ -75,25 +79,17 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     actions = OperatorActions(ledger, service, admin, ca)
     opb_grpc.add_OperatorServicer_to_server(OperatorService(actions), server)
-    if cfg.tls_cert:
-        creds = grpc.ssl_server_credentials([(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())])
-        port = server.add_secure_port(cfg.listen, creds)
-    else:
-        port = server.add_insecure_port(cfg.listen)
-    if port == 0:
-        raise RuntimeError(f"cannot listen on {cfg.listen}: address in use or not local")
+    address = bind(server, run, cfg.listen)
     await server.start()
     relay = await start_relay(cfg.relay_listen, ledger) if cfg.relay_listen else None
     # The dashboard starts before the port file and ready line, so its URL file is there by then.
     dashboard = await start_operator_dashboard(run, ledger, actions, dashboard_file, reader)
-    host = cfg.listen.rsplit(":", 1)[0]
-    address = f"{host}:{port}"
     if port_file:
         Path(port_file).write_text(address)
     if ready_line:
         print(f"gptjt-coordinator: run {run.name!r} listening on {address} "
               f"({'TLS' if cfg.tls_cert else 'plaintext'}), step {ledger.step}/{run.train.steps}, "
-              f"state {ledger.path}", flush=True)
+              f"state {redacted(str(ledger.path))}", flush=True)
     if ready_line and relay is not None:
         print(f"gptjt-coordinator: relay for workers behind NAT on {cfg.relay_listen.rsplit(':', 1)[0]}:{relay.port} "
               "(gptjt-worker --relay HOST:PORT)", flush=True)
@@ -109,7 +105,12 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    leadership = asyncio.create_task(watch_leadership(ledger.db, stop.set)) if ledger.db.postgres else None
     await stop.wait()
+    if leadership is not None and leadership.done():
+        raise LedgerError("the ledger database connection broke; this coordinator stopped so that a standby leads")
+    if leadership is not None:
+        leadership.cancel()
     log.info("shutting down")
     reaper.cancel()
     collector.cancel()

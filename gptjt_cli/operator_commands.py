@@ -130,7 +130,8 @@ def _ledger_path(args: argparse.Namespace) -> str:
         return args.state
     from gptjt_core.config import load_run_config, tiny_demo_config
 
-    return (load_run_config(args.config) if args.config else tiny_demo_config()).coordinator.state_path
+    cfg = (load_run_config(args.config) if args.config else tiny_demo_config()).coordinator
+    return cfg.ledger_url or cfg.state_path  # a ledger in PostgreSQL is written there, beside the coordinator
 
 
 def _through_coordinator(args: argparse.Namespace) -> bool:

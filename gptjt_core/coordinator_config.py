@@ -15,7 +15,20 @@ class CoordinatorConfig:
     listen: str = "127.0.0.1:7420"
     """host:port for the gRPC API (port 0 picks a free one); must contain ':'."""
     state_path: str = "gptjt-run.db"
-    """SQLite ledger (WAL); relative paths are relative to the run config file."""
+    """SQLite ledger (WAL); relative paths are relative to the run config file. With ledger_url
+    the ledger lives in PostgreSQL, and state_path only names where the run's keys are kept
+    (STATE.ca.pem, STATE.admin-token, ...)."""
+    ledger_url: str = ""
+    """'' (the default): the ledger is the SQLite file at state_path. A postgresql:// URL (libpq
+    form; the password from PGPASSWORD or ~/.pgpass rather than the URL): the ledger lives in
+    that database, and a second coordinator started on the same URL stands by. One leads (a
+    PostgreSQL advisory lock held by its connection); the other answers every call with
+    UNAVAILABLE and takes over within standby_poll_s of the leader's death or loss of its
+    database connection. Workers are given both addresses (gptjt-worker --join A,B). Both
+    coordinators must see the same state_path directory (the run's CA and tokens) and the
+    same checkpoint store (a shared path or an fsspec URL)."""
+    standby_poll_s: float = 0.5
+    """Seconds between a standby coordinator's tries to take the leadership lock, > 0."""
     heartbeat_interval_s: float = 2.0
     """Seconds between a worker's heartbeats, > 0; workers learn it from the join reply."""
     heartbeat_timeout_s: float = 10.0
@@ -87,6 +100,9 @@ class CoordinatorConfig:
 
     def __post_init__(self) -> None:
         _check(":" in self.listen, "listen", self.listen, "host:port")
+        _check(not self.ledger_url or self.ledger_url.startswith(("postgresql://", "postgres://")), "ledger_url",
+               self.ledger_url, "'' (SQLite at state_path) or a postgresql://user@host/database URL")
+        _check(self.standby_poll_s > 0, "standby_poll_s", self.standby_poll_s, "seconds > 0")
         _check(not self.relay_listen or self.relay_listen.rpartition(":")[2].isdigit(), "relay_listen",
                self.relay_listen, "host:port, or '' for no relay")
         _check(self.heartbeat_interval_s > 0, "heartbeat_interval_s", self.heartbeat_interval_s, "> 0")

@@ -56,12 +56,20 @@ class LocalSwarm:
     # -- the run's join token ------------------------------------------------------------
     @property
     def ledger_path(self) -> Path:
+        """The state path: the SQLite ledger, and the base name of the run's keys and tokens."""
         if self.state is not None:
             return self.state
+        return Path(self._run().coordinator.state_path)
+
+    @property
+    def ledger_location(self) -> str | Path:
+        """Where the ledger lives: the config's coordinator.ledger_url (PostgreSQL), else ledger_path."""
+        return self._run().coordinator.ledger_url or self.ledger_path
+
+    def _run(self):
         from gptjt_core.config import load_run_config, tiny_demo_config
 
-        run = load_run_config(self.config) if self.config else tiny_demo_config()
-        return Path(run.coordinator.state_path)
+        return load_run_config(self.config) if self.config else tiny_demo_config()
 
     @property
     def admin_token(self) -> str:
@@ -83,7 +91,7 @@ class LocalSwarm:
         if not self._token:
             from coordinator.ledger import create_token_in
 
-            self._token = create_token_in(self.ledger_path)
+            self._token = create_token_in(self.ledger_location)
         return self._token
 
     # -- starting ------------------------------------------------------------------------
@@ -141,11 +149,11 @@ class LocalSwarm:
         return proc
 
     def start_worker(self, name: str, token: str | None = None, *extra: str, threads: int = 1,
-                     device: str = "cpu", env: dict | None = None) -> SwarmProcess:
+                     device: str = "cpu", env: dict | None = None, join: str = "") -> SwarmProcess:
         """Start `gptjt-worker --join` the coordinator as `name` (log: worker-NAME.log); `extra`
         are more CLI flags. token: None for the swarm's own. threads: torch CPU threads (0:
-        torch's default, every core)."""
-        args = [str(BIN / "gptjt-worker"), "--join", self.address, "--token", self.token if token is None else token,
+        torch's default, every core). join: the addresses to join (default: the coordinator's)."""
+        args = [str(BIN / "gptjt-worker"), "--join", join or self.address, "--token", self.token if token is None else token,
                 "--name", name, "--device", device, *extra]
         if threads:
             args += ["--threads", str(threads)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,50 @@ def swarms():
     yield made
     for swarm in made:
         swarm.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL server (tests/postgres_server.py) for the session; skips, saying why,
+    where none can start."""
+    from tests.postgres_server import PostgresServer
+
+    try:
+        server = PostgresServer()
+    except (ImportError, RuntimeError, OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"no PostgreSQL server could start here ({e}); `.ci/run` installs Debian's postgresql")
+    yield server
+    server.stop()
+
+
+class LedgerLocations:
+    """Where a test's ledgers live: SQLite files under tmp_path, or, for the postgres backend, one
+    new database per (tmp_path, name), the same one each time a test reopens it."""
+
+    def __init__(self, server=None):
+        self.server, self.made = server, {}
+
+    def __call__(self, tmp_path: Path, name: str = "run.db"):
+        if self.server is None:
+            return tmp_path / name
+        key = (str(tmp_path), name)
+        if key not in self.made:
+            self.made[key] = self.server.database()
+        return self.made[key]
+
+
+_LEDGER_AT = [LedgerLocations()]  # SQLite files, unless a test runs on both_ledger_backends
+
+
+def at(tmp_path: Path, name: str = "run.db"):
+    """Where this test's ledger `name` lives: a SQLite file under tmp_path, or with
+    `pytest.mark.usefixtures("both_ledger_backends")` also a PostgreSQL database."""
+    return _LEDGER_AT[0](tmp_path, name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def both_ledger_backends(request):
+    """Run a ledger test on both backends: the same statements and rules over SQLite and PostgreSQL."""
+    _LEDGER_AT[0] = LedgerLocations(request.getfixturevalue("postgres_server") if request.param == "postgres" else None)
+    yield request.param
+    _LEDGER_AT[0] = LedgerLocations()

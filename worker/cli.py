@@ -16,7 +16,9 @@ from .runner import WorkerRunner
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="gptjt-worker", description=__doc__.splitlines()[0])
-    ap.add_argument("--join", required=True, metavar="HOST:PORT", help="the coordinator's address")
+    ap.add_argument("--join", required=True, metavar="HOST:PORT[,HOST:PORT]",
+                    help="the coordinator's address; with a standby coordinator (coordinator.ledger_url), every "
+                         "coordinator's, comma-separated: the worker moves to whichever one leads")
     ap.add_argument("--token", default=os.environ.get("GPTJT_TOKEN", ""),
                     help="run token from the operator (default: $GPTJT_TOKEN)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda:N (default cpu)")

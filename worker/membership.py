@@ -50,30 +50,50 @@ class CoordinatorClient:
 
     def __init__(self, address: str, credentials: grpc.ChannelCredentials | None = None,
                  retry_for_s: float = 120.0):
-        self.address = address
+        """address: host:port, or several comma-separated: an active coordinator and its standbys
+        (coordinator.ledger_url). A call that finds one unreachable, or standing by (UNAVAILABLE),
+        moves on to the next; the one that answers is kept."""
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
+        if not self.addresses:
+            raise ValueError(f"no coordinator address in {address!r}; give HOST:PORT[,HOST:PORT...]")
         # A restarted coordinator must hear from us within its heartbeat timeout: cap gRPC's
         # reconnect backoff (default: up to 120 s, growing 1.6x from 1 s) at 1 s.
         options = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
                    ("grpc.max_reconnect_backoff_ms", 1000)]
-        if credentials is not None:
-            self.channel = grpc.aio.secure_channel(address, credentials, options=options)
-        else:
-            self.channel = grpc.aio.insecure_channel(address, options=options)
-        self.stub = pb_grpc.CoordinatorStub(self.channel)
+        self.channels = [grpc.aio.secure_channel(a, credentials, options=options) if credentials is not None
+                         else grpc.aio.insecure_channel(a, options=options) for a in self.addresses]
         self.retry_for_s = retry_for_s
         self.metadata: tuple = ()  # this worker's session, once joined (coordinator/sessions.py)
+        self._use(0)
 
-    async def _retry(self, method, request, timeout: float = 10.0):
-        """Call `method`, retrying transient failures for up to retry_for_s seconds."""
+    def _use(self, index: int) -> None:
+        self.current, self.address = index, self.addresses[index]
+        self.channel = self.channels[index]
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+
+    def _move_on(self, error: grpc.aio.AioRpcError, failed: str) -> None:
+        """After a transient failure of a call to `failed`: with more than one address, the next
+        one is tried (the active coordinator may have died and a standby taken over). Calls that
+        fail together move on once: only a failure at the current address moves it."""
+        if len(self.addresses) > 1 and failed == self.address:
+            before = self.address
+            self._use((self.current + 1) % len(self.addresses))
+            log.info("coordinator %s: %s; trying %s", before, error.code().name, self.address)
+
+    async def _retry(self, method: str, request, timeout: float = 10.0):
+        """Call the coordinator's `method` (by name: the stub moves with the address), retrying
+        transient failures for up to retry_for_s seconds."""
         deadline = time.monotonic() + self.retry_for_s
         delay = 0.2
         while True:
+            used = self.address
             try:
-                return await method(request, timeout=timeout, metadata=self.metadata)
+                return await getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE or time.monotonic() > deadline:
                     raise
-                log.debug("coordinator %s unreachable (%s); retrying in %.1fs", self.address, e.code().name, delay)
+                log.debug("coordinator %s unreachable (%s); retrying in %.1fs", used, e.code().name, delay)
+                self._move_on(e, used)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -85,6 +105,7 @@ class CoordinatorClient:
         deadline = time.monotonic() + self.retry_for_s
         delay = 0.2
         while True:
+            used = self.address
             try:
                 reply = await self.stub.PutCheckpoint(chunks(), timeout=600, metadata=self.metadata)
                 return reply.path
@@ -93,6 +114,7 @@ class CoordinatorClient:
                     raise
                 log.info("checkpoint upload to %s failed (%s); sending it again in %.1fs", self.address,
                          e.code().name, delay)
+                self._move_on(e, used)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
@@ -103,7 +125,7 @@ class CoordinatorClient:
         request = pb.JoinRequest(token=token, name=name, address=address, device=pb.DeviceInfo(**device),
                                  public_key_pem=public_key_pem, dht_public_key=dht_public_key)
         try:
-            reply = await self._retry(self.stub.Join, request)
+            reply = await self._retry("Join", request)
             self.metadata = ((SESSION_WORKER, reply.worker_id), (SESSION_SECRET, reply.session))
             return reply
         except grpc.aio.AioRpcError as e:
@@ -117,7 +139,7 @@ class CoordinatorClient:
         """Liveness + metrics; `device` when re-measured, `links` measured since the last one,
         `dht_maddrs` of this worker's averager (others bootstrap from it). Returns (known, the
         spot checks the coordinator asks of us)."""
-        reply = await self._retry(self.stub.Heartbeat, pb.HeartbeatRequest(
+        reply = await self._retry("Heartbeat", pb.HeartbeatRequest(
             worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics), loaded_epoch=loaded_epoch,
             position=position, device=pb.DeviceInfo(**device) if device else None,
             links=[pb.LinkMeasurement(**m) for m in links or []], coordinator_rtt_ms=rtt_ms,
@@ -126,7 +148,7 @@ class CoordinatorClient:
 
     async def report_check(self, worker_id: str, check_id: int, commitment: bytes, unable: str) -> str:
         """Our answer to a spot check; returns the coordinator's verdict."""
-        reply = await self._retry(self.stub.ReportCheck, pb.CheckReport(worker_id=worker_id, check_id=check_id,
+        reply = await self._retry("ReportCheck", pb.CheckReport(worker_id=worker_id, check_id=check_id,
                                                                         commitment=commitment, unable=unable))
         return reply.verdict
 
@@ -174,6 +196,7 @@ class CoordinatorClient:
         """RunState messages, reconnecting for as long as it takes (coordinator restarts)."""
         delay = 0.2
         while True:
+            used = self.address
             try:
                 async for state in self.stub.Watch(pb.WatchRequest(worker_id=worker_id), metadata=self.metadata):
                     delay = 0.2
@@ -183,21 +206,22 @@ class CoordinatorClient:
                     return  # our session ended: the heartbeat loop learns it too and stops the worker
                 if e.code() not in RETRYABLE:
                     raise
+                self._move_on(e, used)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
 
     async def lease(self, worker_id: str, n: int) -> pb.LeaseReply:
-        return await self._retry(self.stub.LeaseTickets, pb.LeaseRequest(worker_id=worker_id, max_tickets=n))
+        return await self._retry("LeaseTickets", pb.LeaseRequest(worker_id=worker_id, max_tickets=n))
 
     async def commit(self, worker_id: str, ticket: pb.Ticket, loss: float, tokens: int) -> int:
-        reply = await self._retry(self.stub.CommitTicket, pb.CommitRequest(
+        reply = await self._retry("CommitTicket", pb.CommitRequest(
             worker_id=worker_id, ticket_id=ticket.ticket_id, attempt=ticket.attempt, loss=loss, tokens=tokens))
         return reply.result
 
     async def release(self, worker_id: str, ticket_ids: list[int]) -> int:
         if not ticket_ids:
             return 0
-        reply = await self._retry(self.stub.ReleaseTickets, pb.ReleaseRequest(worker_id=worker_id,
+        reply = await self._retry("ReleaseTickets", pb.ReleaseRequest(worker_id=worker_id,
                                                                               ticket_ids=ticket_ids))
         return reply.released
 
@@ -206,7 +230,7 @@ class CoordinatorClient:
                      detail: str = "", commitments: list | None = None) -> bool:
         """kind: pb.CONTRIBUTION, pb.AVERAGED, pb.APPLIED or pb.AVERAGING_FAILED (see coordinator.proto);
         commitments: with a CONTRIBUTION, one MicroBatchCommitment per micro-batch of the attempt."""
-        reply = await self._retry(self.stub.ReportStep, pb.StepReport(
+        reply = await self._retry("ReportStep", pb.StepReport(
             worker_id=worker_id, step=step, attempt=attempt, kind=kind, grad_norm_sq=grad_norm_sq,
             micro_batches=micro_batches, group_weight=group_weight, state_digest=state_digest,
             detail=detail[:MAX_DETAIL_CHARS], commitments=commitments or []))
@@ -227,4 +251,5 @@ class CoordinatorClient:
         await self.stub.Leave(pb.LeaveRequest(worker_id=worker_id), timeout=5.0, metadata=self.metadata)
 
     async def close(self) -> None:
-        await self.channel.close()
+        for channel in self.channels:
+            await channel.close()

@@ -1,4 +1,4 @@
-"""The ledger's one SQLite connection: transactions, the meta table, the clock.
+"""The ledger's one connection (SQLite, or PostgreSQL for a standby): transactions, meta, the clock.
 
 Every mutation of the ledger is one transaction (`with db.tx():`), so a `kill -9` between two
 calls loses nothing. `version` counts committed transactions: the gRPC server pushes a new
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .schema import create_or_upgrade
+from .schema import create_or_upgrade, json_field, json_object_size
 
 ALIVE_STATES = ("loading", "ready", "standby", "draining")
 
@@ -32,26 +32,55 @@ class Transaction:
         self.quiet = quiet
 
 
+def is_database_url(location: str | Path) -> bool:
+    """A ledger location that names a PostgreSQL database rather than a SQLite file."""
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
 class LedgerDB:
-    """The connection (WAL, autocommit outside `tx()`), typed access to `meta`, and the clock."""
+    """The connection (autocommit outside `tx()`), typed access to `meta`, and the clock.
+
+    `path` is a SQLite file (WAL) or a postgresql:// URL (coordinator.ledger_url): the same
+    statements run on both (pg_dialect.py), so the same rules hold."""
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time, read_only: bool = False):
         """read_only: a second connection to a ledger another LedgerDB writes, for reads off the
         event loop (`snapshot()`); any write through it fails."""
-        self.path = Path(path)
         self.clock = clock
         self.version, self.rollbacks = 0, 0
+        self.postgres = is_database_url(path)
+        if self.postgres:
+            from .postgres import PostgresConnection
+
+            self.path = str(path)
+            self.conn = PostgresConnection(self.path, read_only=read_only)
+            if not read_only:
+                self.conn.create_schema()
+            return
+        self.path = Path(path)
         if read_only:
             self.conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
                                         check_same_thread=False)
-            self.conn.row_factory = sqlite3.Row
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")  # survives kill -9 (not power loss)
-        create_or_upgrade(self.conn)
+        self.conn.create_function("gptjt_json_object_size", 1, json_object_size, deterministic=True)
+        self.conn.create_function("gptjt_json_field", 2, json_field, deterministic=True)
+        if not read_only:
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")  # survives kill -9 (not power loss)
+            create_or_upgrade(self.conn)
+
+    def try_lead(self) -> bool:
+        """Become the one coordinator that writes this ledger, if no other is (PostgreSQL: an
+        advisory lock held by this connection until it closes). A SQLite file has one writer by
+        construction: always True."""
+        return self.conn.try_lead() if self.postgres else True
+
+    def still_leading(self) -> bool:
+        """The leadership taken by try_lead still holds (PostgreSQL: its connection answers)."""
+        return self.conn.still_leading() if self.postgres else True
 
     def execute(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, args)
@@ -63,7 +92,7 @@ class LedgerDB:
         no stream wakes: with thousands of workers, waking every stream on every heartbeat is
         O(workers^2) work a second. The block may decide it at its end (`as t: ... t.quiet = ...`)."""
         written, t = self.conn.total_changes, Transaction(quiet)
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute("BEGIN" if self.postgres else "BEGIN IMMEDIATE")
         try:
             yield t
         except BaseException:
@@ -90,7 +119,7 @@ class LedgerDB:
     @contextmanager
     def snapshot(self) -> Iterator[None]:
         """A read transaction: every query in the block sees the same committed state (WAL)."""
-        self.conn.execute("BEGIN")
+        self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ" if self.postgres else "BEGIN")
         try:
             yield
         finally:

@@ -90,7 +90,6 @@ class Measurements:
 
     def measured_workers(self) -> int:
         """Live workers whose device was measured at the run's dtype (reported after joining)."""
-        # json_valid first: a ledger an older version wrote may hold anything in `device`
+        # a ledger an older version wrote may hold anything in `device`: gptjt_json_field says NULL
         return self.db.execute("SELECT COUNT(*) FROM workers WHERE state IN ('loading', 'ready', 'standby') AND "
-                               "CASE WHEN json_valid(device) THEN json_extract(device, '$.at_run_dtype') END"
-                               ).fetchone()[0]
+                               "gptjt_json_field(device, 'at_run_dtype') = 'true'").fetchone()[0]

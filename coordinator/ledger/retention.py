@@ -37,7 +37,7 @@ class Retention:
             for kind, n in self.db.execute("SELECT kind, COUNT(*) FROM events WHERE id <= ? GROUP BY kind",
                                            (below,)).fetchall():
                 self.db.execute("INSERT INTO events_pruned(kind, n) VALUES(?, ?) ON CONFLICT(kind) DO UPDATE SET "
-                                "n = n + excluded.n", (kind, n))
+                                "n = events_pruned.n + excluded.n", (kind, n))
                 events += n
             self.db.execute("DELETE FROM events WHERE id <= ?", (below,))
         return len(gone), events

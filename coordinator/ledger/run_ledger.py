@@ -2,9 +2,8 @@
 
 The gRPC server and the dashboard call only this facade. Each public call that changes
 anything is one transaction; inside it the step protocol and recovery move the run, the stores
-(workers, tickets, checkpoints, reports, history) record facts and never call back. The clock
-is injected (tests drive time); a restart reads everything back from the SQLite file.
-"""
+(workers, tickets, checkpoints, reports, history) record facts and never call back. The clock is
+injected (tests drive time); a restart reads everything back from the ledger (SQLite/PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -46,14 +45,15 @@ from .workers import WorkerRegistry
 class RunLedger:
     """All of the coordinator's state; the gRPC server is a thin adapter over it."""
 
-    def __init__(self, path: str | Path, run: RunConfig, plan: list[StageSpec],
+    def __init__(self, path: str | Path | LedgerDB, run: RunConfig, plan: list[StageSpec],
                  clock: Callable[[], float] = time.time,
                  stored: list[tuple[int, StageSpec, str]] | None = None, shape: ModelShape | None = None):
         """`plan`: the stages before any worker is measured. `stored`: what the checkpoint store
         already holds (step, stage, path); a new ledger with coordinator.resume_from_store records
         it and starts from its newest complete step. `shape`: the model's parameter counts, for
-        the cost-model scheduler (without it the plan stays `plan`, filled in join order)."""
-        db = self._compose(LedgerDB(path, clock), run, plan, shape)
+        the cost-model scheduler (else the plan stays `plan`, filled in join order). `path`: a SQLite
+        file, a postgresql:// URL, or a LedgerDB leading one (coordinator/standby.py)."""
+        db = self._compose(path if isinstance(path, LedgerDB) else LedgerDB(path, clock), run, plan, shape)
         with db.tx():
             fingerprint, stored_fp = run_fingerprint(run), db.meta("fingerprint")
             if stored_fp is None:

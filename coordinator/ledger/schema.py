@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 SCHEMA = """
@@ -80,3 +81,29 @@ def create_or_upgrade(conn: sqlite3.Connection) -> None:
     for table, column, declaration in ADDED_COLUMNS:
         if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+
+def _json_object(text) -> dict | None:
+    try:
+        value = json.loads(text) if isinstance(text, str | bytes) else None
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def json_object_size(text) -> int | None:
+    """SQL gptjt_json_object_size(text): keys of a JSON object, NULL for anything else (a column
+    an older version wrote may hold anything). PostgreSQL has the same function (pg_dialect.py)."""
+    value = _json_object(text)
+    return None if value is None else len(value)
+
+
+def json_field(text, key: str) -> str | None:
+    """SQL gptjt_json_field(text, key): the value at `key` of a JSON object as text (a string as
+    it is, anything else as JSON: true -> 'true'), NULL when absent or not an object; what
+    PostgreSQL's ->> gives (pg_dialect.py)."""
+    value = _json_object(text)
+    if value is None or value.get(key) is None:
+        return None
+    found = value[key]
+    return found if isinstance(found, str) else json.dumps(found)

@@ -248,8 +248,8 @@ class SpotCheckBook:
         verified = self.db.execute("SELECT COALESCE(SUM(v.tokens), 0) FROM verified_work v JOIN steps s "
                                    "ON s.step = v.step").fetchone()[0]  # closed steps only, like the work
         work = self.db.execute(  # a detail an older or damaged ledger holds counts as one stage
-            "SELECT COALESCE(SUM(tokens * MAX(1, CASE WHEN json_valid(detail) AND json_type(detail) = 'object' "
-            "THEN (SELECT COUNT(*) FROM json_each(steps.detail)) ELSE 1 END)), 0) FROM steps").fetchone()[0]
+            "SELECT COALESCE(SUM(tokens * MAX(1, COALESCE(gptjt_json_object_size(detail), 1))), 0) FROM steps"
+        ).fetchone()[0]
         return {**{name: int(self.db.meta(f"verification_{name}") or 0) for name in COUNTERS},
                 "quarantined": quarantined, "spot_verified_tokens": verified,
                 "spot_verified_fraction": min(1.0, verified / work) if work else 0.0}

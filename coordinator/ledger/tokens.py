@@ -11,7 +11,7 @@ import hmac
 import secrets
 from pathlib import Path
 
-from .db import LedgerDB
+from .db import LedgerDB, is_database_url
 from .errors import OperatorError
 from .events import EventLog
 
@@ -110,7 +110,7 @@ def create_token_in(path: str | Path) -> str:
 
 def revoke_token_in(path: str | Path, ref: str) -> dict:
     """Revoke a join token in the ledger at `path` (works while the coordinator runs: WAL)."""
-    if not Path(path).is_file():
+    if not is_database_url(path) and not Path(path).is_file():
         raise OperatorError(f"no ledger at {path}; pass the run's --config or --state", "not_found")
     db = LedgerDB(path)
     try:

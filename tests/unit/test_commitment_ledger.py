@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 
+import pytest
+
 import torch
 
 from coordinator.ledger import Submitted
@@ -13,6 +15,8 @@ from coordinator.ledger.commitments import KEEP_STEPS
 from gptjt_core.commitment import Commitment
 from gptjt_core.sketching import sketch_tensor
 from tests.unit.test_ledger import make, ready_swarm
+
+pytestmark = pytest.mark.usefixtures("both_ledger_backends")  # SQLite and PostgreSQL
 
 
 def digest(*parts) -> bytes:

@@ -1,4 +1,5 @@
-"""The coordinator's ledger, driven directly with an injected clock (real SQLite, no processes)."""
+"""The coordinator's ledger, driven directly with an injected clock (no processes), on both backends:
+a SQLite file and a PostgreSQL database (tests/postgres_server.py), the same rules on each."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from coordinator.scheduler import plan_stages
 import coordinator.ledger.history
 from coordinator.ledger import APPLYING, LedgerError, RunLedger, create_token_in
 from coordinator.ledger import count_tickets as _count_tickets
-from tests.conftest import small_run
+from tests.conftest import at, small_run
 
 
 class Clock:
@@ -21,11 +22,14 @@ class Clock:
         return self.t
 
 
+pytestmark = pytest.mark.usefixtures("both_ledger_backends")
+
+
 def make(tmp_path, stages: int = 2, clock=None, steps: int = 2):
     run = small_run(steps=steps, global_batch=4, micro_batch=2)
     run.pipeline.num_stages = stages
     run.coordinator.heartbeat_timeout_s = 10.0
-    return RunLedger(tmp_path / "run.db", run, plan_stages(4, stages), clock or Clock())
+    return RunLedger(at(tmp_path), run, plan_stages(4, stages), clock or Clock())
 
 
 def ready_swarm(ledger: RunLedger, n: int) -> list[str]:
@@ -48,11 +52,14 @@ def finish_step(ledger: RunLedger, ids: list[str]) -> None:
 
 
 def test_tokens_are_hashed_and_checked(tmp_path):
-    token = create_token_in(tmp_path / "run.db")
+    token = create_token_in(at(tmp_path))
     ledger = make(tmp_path)
     assert ledger.check_token(token)
     assert not ledger.check_token("") and not ledger.check_token(token + "x")
-    assert token not in (tmp_path / "run.db").read_bytes().decode("latin-1")
+    stored = [tuple(r) for r in ledger.db.execute("SELECT * FROM tokens")]
+    assert stored and token not in repr(stored)
+    if not ledger.db.postgres:  # the whole file, not only the table
+        assert token not in at(tmp_path).read_bytes().decode("latin-1")
 
 
 def test_stages_fill_in_join_order_then_standby(tmp_path):
@@ -308,11 +315,11 @@ def test_a_new_run_ignores_an_old_store_unless_told_to_resume(tmp_path):
     run = small_run(steps=4)
     plan = plan_stages(4, 2)
     stored = [(3, spec, f"old/{i}") for i, spec in enumerate(plan)]
-    fresh = RunLedger(tmp_path / "a.db", run, plan, Clock(), stored=stored)
+    fresh = RunLedger(at(tmp_path, "a.db"), run, plan, Clock(), stored=stored)
     assert fresh.step == 0 and fresh.status()["checkpoints"]["latest_complete"] is None
     assert "store_not_empty" in [e["kind"] for e in fresh.status()["events"]]
     run.coordinator.resume_from_store = True
-    resumed = RunLedger(tmp_path / "b.db", run, plan, Clock(), stored=stored)
+    resumed = RunLedger(at(tmp_path, "b.db"), run, plan, Clock(), stored=stored)
     state = resumed.run_state("nobody")
     assert (state["step"], state["restore_step"], state["restore_from_store"]) == (3, 3, True)
 
@@ -323,7 +330,7 @@ def make_replicated(tmp_path, clock=None, steps: int = 3):
     run.pipeline.num_stages = 2
     run.pipeline.replicas_per_stage = 2
     run.coordinator.heartbeat_timeout_s = 10.0
-    return RunLedger(tmp_path / "run.db", run, plan_stages(4, 2), clock or Clock())
+    return RunLedger(at(tmp_path), run, plan_stages(4, 2), clock or Clock())
 
 
 def commit_all(ledger: RunLedger, stage0: list[str]) -> int:
@@ -551,7 +558,7 @@ def local_steps_swarm(tmp_path, outer_every: int) -> tuple[RunLedger, dict[int, 
     run = small_run(steps=3, global_batch=8, micro_batch=2)
     run.pipeline.num_stages, run.pipeline.replicas_per_stage = 2, 2
     run.averaging.mode, run.averaging.outer_every = "local-steps", outer_every
-    ledger = RunLedger(tmp_path / "run.db", run, plan_stages(4, 2), Clock())
+    ledger = RunLedger(at(tmp_path), run, plan_stages(4, 2), Clock())
     by_stage = replicated_swarm(ledger)
     return ledger, by_stage, [w for ids in by_stage.values() for w in ids]
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 
 from coordinator.liveness import DROP_WORKERS, REDUCE_REPLICAS, RESTART_STEP, Limits, PhaseFacts, judge
 from coordinator.scheduler import plan_stages
 from coordinator.ledger import RunLedger
 from tests.unit.test_ledger import Clock, commit_all, make, make_replicated, ready_swarm, replicated_swarm
+import pytest
+
+from tests.conftest import at
+
+pytestmark = pytest.mark.usefixtures("both_ledger_backends")  # SQLite and PostgreSQL
 
 LIMITS = Limits(phase_timeout_s=100.0, averaging_timeout_s=30.0, max_stall_restarts=2, max_averaging_restarts=2)
 MEMBERS = {0: ["a", "b"], 1: ["c", "d"]}
@@ -177,12 +181,9 @@ def test_workers_dht_peers_bootstrap_joiners_own_stage_first(tmp_path):
 
 def test_a_ledger_written_before_dht_peers_were_kept_gains_the_column(tmp_path):
     ledger = make(tmp_path)
+    ledger.db.execute("ALTER TABLE workers DROP COLUMN dht_maddrs")  # as an older version wrote it
     ledger.db.close()
-    db = sqlite3.connect(tmp_path / "run.db")
-    db.execute("ALTER TABLE workers DROP COLUMN dht_maddrs")
-    db.commit()
-    db.close()
-    ledger = RunLedger(tmp_path / "run.db", ledger.run, plan_stages(4, 2), Clock())
+    ledger = RunLedger(at(tmp_path), ledger.run, plan_stages(4, 2), Clock())
     worker = ledger.join("w", "h:1", {})["id"]
     assert ledger.heartbeat(worker, "ready", {}, 0, 0, dht_maddrs=["/ip4/1.2.3.4/tcp/5/p2p/Y"])
     assert json.loads(ledger.worker(worker)["dht_maddrs"]) == ["/ip4/1.2.3.4/tcp/5/p2p/Y"]

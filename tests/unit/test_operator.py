@@ -10,6 +10,9 @@ import pytest
 from coordinator.admin_token import AdminToken, Unauthorized
 from coordinator.ledger import OperatorError, create_token_in, revoke_token_in, token_id
 from tests.unit.test_ledger import Clock, finish_step, make, ready_swarm
+from tests.conftest import at
+
+pytestmark = pytest.mark.usefixtures("both_ledger_backends")  # SQLite and PostgreSQL
 
 
 def test_pause_stops_ticket_issue_and_is_an_event(tmp_path):
@@ -55,7 +58,7 @@ def test_drain_errors_name_the_value_and_what_to_do(tmp_path):
 
 
 def test_join_tokens_create_revoke_list(tmp_path):
-    offline = create_token_in(tmp_path / "run.db")
+    offline = create_token_in(at(tmp_path))
     ledger = make(tmp_path)
     made = ledger.create_token()
     assert made["id"] == token_id(made["token"]) and ledger.check_token(made["token"])
@@ -68,7 +71,7 @@ def test_join_tokens_create_revoke_list(tmp_path):
         ledger.revoke_token("abcdef")
     with pytest.raises(OperatorError, match="'xyz' is neither a join token"):
         ledger.revoke_token("xyz")
-    assert revoke_token_in(tmp_path / "run.db", offline)["revoked"]  # the ledger file, no coordinator
+    assert revoke_token_in(at(tmp_path), offline)["revoked"]  # the ledger file, no coordinator
     assert not ledger.check_token(offline)
     kinds = [e["kind"] for e in ledger.events.query(kind="operator")]
     assert kinds.count("token_created") == 2 and kinds.count("token_revoked") == 2
@@ -97,7 +100,7 @@ def test_events_by_category_and_status_extras(tmp_path):
 
 def test_admin_token_file_env_and_check(tmp_path, monkeypatch):
     monkeypatch.delenv(AdminToken.ENV, raising=False)
-    admin = AdminToken.load(tmp_path / "run.db")
+    admin = AdminToken.load(tmp_path / "run.db")  # beside the state path, whatever holds the ledger
     path = tmp_path / "run.db.admin-token"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     token = path.read_text().strip()

@@ -21,6 +21,9 @@ from coordinator.scheduler import plan_stages
 from gptjt_core.stage_spec import StageSpec
 from tests.conftest import small_run
 from tests.unit.test_ledger import Clock, commit_all, make, make_replicated, ready_swarm, replicated_swarm
+from tests.conftest import at
+
+pytestmark = pytest.mark.usefixtures("both_ledger_backends")  # SQLite and PostgreSQL
 
 OUT = torch.linspace(-1.0, 1.0, 2 * 4 * 8).reshape(2, 4, 8)  # what an honest stage computed
 
@@ -173,7 +176,7 @@ def three_replicas(tmp_path, joined: int = 3):
     run = small_run(steps=4, global_batch=12, micro_batch=2)
     run.pipeline.num_stages, run.pipeline.replicas_per_stage = 1, 3
     run.coordinator.heartbeat_timeout_s = 10.0
-    ledger = RunLedger(tmp_path / "run.db", run, plan_stages(4, 1), Clock())
+    ledger = RunLedger(at(tmp_path), run, plan_stages(4, 1), Clock())
     ledger.spot_checks.rng = random.Random(3)
     ids = ready_swarm(ledger, joined)
     assert all(ledger.assignment(w)["stage"] == 0 for w in ids)
