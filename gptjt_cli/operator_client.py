@@ -70,8 +70,25 @@ def raise_for(e: grpc.RpcError, address: str, what: str) -> None:
     raise _BY_CODE.get(code, CommandError)(e.details() or f"{what} failed ({code.name})") from None
 
 
+def _leader(address: str, call):
+    """call(one address) for each of a comma-separated list (a coordinator and its standbys,
+    coordinator.ledger_url) until one answers: a standby answers UNAVAILABLE, as does one that is down."""
+    addresses = [a.strip() for a in address.split(",") if a.strip()] or [address]
+    for one in addresses[:-1]:
+        try:
+            return call(one)
+        except Unreachable:
+            continue
+    return call(addresses[-1])
+
+
 def call_status(address: str, tls_ca: str = "", timeout: float = 10.0, metadata: tuple = ()) -> dict:
-    """The coordinator's status object (the same one the dashboard shows); metadata: read_metadata()."""
+    """The coordinator's status object (the same one the dashboard shows); metadata: read_metadata().
+    address: HOST:PORT, or several comma-separated (the first that leads answers)."""
+    return _leader(address, lambda one: _call_status(one, tls_ca, timeout, metadata))
+
+
+def _call_status(address: str, tls_ca: str, timeout: float, metadata: tuple) -> dict:
     with open_channel(address, tls_ca) as channel:
         try:
             reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout, metadata=metadata)
@@ -83,7 +100,12 @@ def call_status(address: str, tls_ca: str = "", timeout: float = 10.0, metadata:
 def call_operator(address: str, method: str, request, tls_ca: str = "", timeout: float = 15.0,
                   metadata: tuple = ()) -> dict:
     """One Operator RPC (Drain, SetPaused, CreateToken, RevokeToken, Events): its JSON reply.
-    metadata: read_metadata() for Events (the admin actions carry their token in the request)."""
+    metadata: read_metadata() for Events (the admin actions carry their token in the request).
+    address: HOST:PORT, or several comma-separated (the first that leads answers)."""
+    return _leader(address, lambda one: _call_operator(one, method, request, tls_ca, timeout, metadata))
+
+
+def _call_operator(address: str, method: str, request, tls_ca: str, timeout: float, metadata: tuple) -> dict:
     with open_channel(address, tls_ca) as channel:
         try:
             reply = getattr(opb_grpc.OperatorStub(channel), method)(request, timeout=timeout, metadata=metadata)

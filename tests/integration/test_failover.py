@@ -10,6 +10,7 @@ import time
 import grpc
 import pytest
 
+from gptjt_cli.operator_client import call_status
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import coordinator_pb2_grpc as cpb_grpc
 from tests.swarm import Swarm, local_losses, swarm_toml
@@ -54,6 +55,8 @@ def test_the_standby_takes_over_a_killed_coordinator_and_the_run_loses_nothing(t
         print(f"the standby answered {took_over_s:.2f} s after the active coordinator was killed")
         assert took_over_s < 5.0, f"the standby took {took_over_s:.1f} s to take over"
         assert "took over the run" in standby.wait_for("took over the run", 10)
+
+        assert call_status(both)["step"] >= 2  # the operator's commands also find the one that leads
 
         status = second.wait(lambda s: s["phase"] == "done", 240, "the run to finish on the standby")
         expected, _ = local_losses(config, STEPS)
