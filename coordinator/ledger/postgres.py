@@ -68,7 +68,13 @@ class PostgresConnection:
 
     def __init__(self, url: str, read_only: bool = False, connect_timeout_s: float = 10.0):
         try:
-            self.raw = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)))
+            # TCP keepalives both ways (~11 s): across a network partition the leader learns that its
+            # connection is gone, and the server frees the leadership lock for a standby, in seconds
+            # rather than after the kernel's default of two hours.
+            self.raw = psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(connect_timeout_s)),
+                                       keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3,
+                                       options="-c tcp_keepalives_idle=5 -c tcp_keepalives_interval=2 "
+                                               "-c tcp_keepalives_count=3")
         except psycopg.OperationalError as e:
             raise ConnectionError(f"cannot reach the ledger database {redacted(url)}: {str(e).strip()}; check "
                                   "coordinator.ledger_url and that PostgreSQL is running") from None
