@@ -31,6 +31,7 @@ BENCHMARKS = {
     "nat": "bench.nat",
     "costmodel": "bench.costmodel",
     "churn": "bench.churn",
+    "churn-sweep": "bench.churn_sweep",
 }
 
 

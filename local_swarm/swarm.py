@@ -20,11 +20,12 @@ def fetch_status(address: str, timeout: float = 10.0, read_token: str = "") -> d
     import grpc
 
     from coordinator.sessions import READ_TOKEN
+    from gptjt_cli.operator_client import STATUS_OPTIONS
     from gptjt_proto import coordinator_pb2 as pb
     from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
     metadata = ((READ_TOKEN, read_token),) if read_token else ()
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(address, options=STATUS_OPTIONS) as channel:
         try:
             reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout, metadata=metadata)
         except grpc.RpcError as e:
