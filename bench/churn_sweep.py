@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .churn_measure import measure
-from .churn_settings import ChurnSettings
 
 DESCRIPTION = "goodput vs median session (15 min to 8 h) and swarm size, ours and static restarts, as a PNG"
 
@@ -31,6 +29,9 @@ def sweep(hours: float) -> list[dict]:
     keep = ("workers", "median_session_s", "goodput_vs_no_churn", "static_goodput_vs_no_churn", "tokens_per_s",
             "no_churn_tokens_per_s", "static_tokens_per_s", "rolled_back_share", "waiting_share",
             "coordinator_cpu_per_sim_s", "wall_s")
+    from .churn_measure import measure  # the simulation: imported only to run it (bench/goals.py reads the
+    from .churn_settings import ChurnSettings  # constants above to name the figures)
+
     points = []
     for n in WORKERS:
         for m in MEDIANS_S:
@@ -50,7 +51,7 @@ def render(points: list[dict], path: Path, hours: float) -> None:
         for n in sorted({p["workers"] for p in points}):
             xy = sorted((p["median_session_s"] / 3600.0, p[key]) for p in points if p["workers"] == n)
             series.append((f"{who}, {n} volunteers", xy, style))
-    line_chart(path, series, title=f"bench churn: goodput vs no churn (simulated, first {hours:g} h)",
+    line_chart(path, series, title=f"goodput over no churn, first {hours:g} h",
                x_label="median volunteer session (hours, log scale)", y_label="goodput / no churn",
                log_x=True, y_range=(0.0, 1.2))
 

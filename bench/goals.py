@@ -62,12 +62,15 @@ MISSING = object()  # a key the benchmark did not report (a catalogue out of ste
 
 
 def lookup(figures: dict, key: str, default=None):
-    """figures["a"]["b"] for "a.b"; `default` where a part is missing."""
+    """figures["a"]["b"] for "a.b" (a number indexes a list: "points.3.x"); `default` where a part is missing."""
     value = figures
     for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
+        if isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        elif isinstance(value, dict) and part in value:
+            value = value[part]
+        else:
             return default
-        value = value[part]
     return value
 
 
@@ -233,6 +236,24 @@ FIGURES: tuple[Figure, ...] = (
     Figure("gpu-block", "measured_over_predicted_block_probe", "measured block time over the cost model's",
            "cost model fed by the worker's block probe"),
 )
+
+
+def _sweep_figures() -> tuple[Figure, ...]:
+    """bench churn-sweep's points, in its order (bench/churn_sweep.py: each size, each median)."""
+    from .churn_sweep import MEDIANS_S, WORKERS
+
+    return tuple(Figure("churn-sweep", f"points.{i * len(MEDIANS_S) + j}.{key}",
+                        f"{who}, {n:,} volunteers, median session {_duration(m)}: goodput over no churn",
+                        "ours without churn, one run", predicted=True)
+                 for key, who in (("goodput_vs_no_churn", "ours"), ("static_goodput_vs_no_churn", "static restart"))
+                 for i, n in enumerate(WORKERS) for j, m in enumerate(MEDIANS_S))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds / 60:g} min"
+
+
+FIGURES += _sweep_figures()
 
 
 def benchmarks_shown() -> list[str]:

@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
 
         uvloop.run(serve(run, port_file=args.port_file, dashboard_file=args.dashboard_file,
                          admin_token_file=args.admin_token_file))
-    except (ConfigError, LedgerError, ValueError, RuntimeError, FileNotFoundError) as e:
+    except (ConfigError, LedgerError, ValueError, RuntimeError, FileNotFoundError, ConnectionError) as e:
         print(f"gptjt-coordinator: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,12 +13,14 @@ holder fails, so two coordinators can never both commit.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import psycopg
 from psycopg.adapt import Loader
 from psycopg.pq import TransactionStatus
 
 from .pg_dialect import pg_schema, translate
+from .schema import ADDED_COLUMNS
 
 # The advisory-lock key of "the coordinator that writes this ledger" (any fixed 64-bit number:
 # advisory locks are per database, and one database holds one run's ledger).
@@ -31,7 +33,10 @@ class NumberLoader(Loader):
 
     def load(self, data) -> int | float:
         text = bytes(data).decode()
-        return float(text) if any(c in text for c in ".eEN") else int(text)
+        try:
+            return int(text)
+        except ValueError:  # a fraction, an exponent, NaN or Infinity
+            return float(text)
 
 
 class Row(tuple):
@@ -47,10 +52,14 @@ class Row(tuple):
         return list(self.names)
 
 
+@lru_cache(maxsize=1024)
+def _row_type(names: tuple[str, ...]) -> type:
+    """One Row class per column list (the stores run a few hundred distinct queries)."""
+    return type("Row", (Row,), {"__slots__": (), "names": {name: i for i, name in enumerate(names)}})
+
+
 def _row_factory(cursor) -> Callable:
-    names = {c.name: i for i, c in enumerate(cursor.description or [])}
-    row_type = type("Row", (Row,), {"__slots__": (), "names": names})
-    return lambda values: row_type(values)
+    return _row_type(tuple(c.name for c in cursor.description or []))
 
 
 def _argument(value):
@@ -99,7 +108,6 @@ class PostgresConnection:
         with self.raw.transaction():
             self.raw.execute("SELECT pg_advisory_xact_lock(%s)", (LEADER_LOCK_KEY + 1,))  # one creator at a time
             self.raw.execute(pg_schema())
-            from .schema import ADDED_COLUMNS
             for table, column, declaration in ADDED_COLUMNS:
                 kind = {"INTEGER": "BIGINT", "REAL": "DOUBLE PRECISION", "BLOB": "BYTEA"}.get(declaration, declaration)
                 self.raw.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")

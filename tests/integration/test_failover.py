@@ -72,3 +72,23 @@ def test_the_standby_takes_over_a_killed_coordinator_and_the_run_loses_nothing(t
     finally:
         second.close()
         first.close()
+
+
+def test_a_coordinator_that_loses_its_database_stops_serving(tmp_path, postgres_server):
+    """Its connection, and with it the leadership lock, is gone: a standby may lead already, so it
+    must not answer another call."""
+    import psycopg
+
+    url = postgres_server.database()
+    config = swarm_toml(tmp_path, steps=STEPS, timeout_s=6.0, extra=f'ledger_url = "{url}"')
+    swarm = Swarm(tmp_path / "only", config)
+    try:
+        coordinator = swarm.start_coordinator()
+        assert status_call(swarm.address)[0] == grpc.StatusCode.OK
+        with psycopg.connect(url, autocommit=True) as admin:  # as a network partition or a database restart would
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        assert coordinator.p.wait(15) == 2
+        assert "the ledger database connection broke" in coordinator.text()
+    finally:
+        swarm.close()
