@@ -1,0 +1,84 @@
+"""A worker given several coordinator addresses (gptjt-worker --join A,B) moves to the one that
+leads: a standby answers every call UNAVAILABLE (coordinator/standby.py), and calls that fail
+together at one address move the worker on once, not once each."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from coordinator.standby import STANDBY_DETAIL, RefuseEverything
+from gptjt_proto import coordinator_pb2 as pb
+from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+from worker.membership import CoordinatorClient
+
+
+class Leader(pb_grpc.CoordinatorServicer):
+    """Answers heartbeats only (the rest of the API is not on this path)."""
+
+    def __init__(self):
+        self.beats = 0
+
+    async def Heartbeat(self, request, context):
+        self.beats += 1
+        return pb.HeartbeatReply(known=True)
+
+
+async def _serve(*, leader: Leader | None) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server(handlers=[] if leader else [RefuseEverything()])
+    if leader is not None:
+        pb_grpc.add_CoordinatorServicer_to_server(leader, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def test_a_worker_moves_past_a_standby_to_the_leader_and_stays_there():
+    async def scenario():
+        leader = Leader()
+        standby, standby_at = await _serve(leader=None)
+        active, active_at = await _serve(leader=leader)
+        client = CoordinatorClient(f"{standby_at}, {active_at}", retry_for_s=10.0)
+        try:
+            with_standby = CoordinatorClient(standby_at, retry_for_s=0.0)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await with_standby.heartbeat("w", pb.STANDBY, {}, -1)
+            await with_standby.close()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and refused.value.details() == STANDBY_DETAIL
+            known, _ = await client.heartbeat("w", pb.STANDBY, {}, -1)
+            assert known and client.address == active_at and leader.beats == 1
+            for _ in range(3):
+                await client.heartbeat("w", pb.STANDBY, {}, -1)
+            assert client.address == active_at and leader.beats == 4  # it stays with the one that answers
+        finally:
+            await client.close()
+            await standby.stop(None)
+            await active.stop(None)
+
+    asyncio.run(scenario())
+
+
+def test_calls_failing_together_at_one_address_move_on_once():
+    async def scenario():
+        client = CoordinatorClient("127.0.0.1:1,127.0.0.1:2,127.0.0.1:3")
+        error = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata())
+        for _ in range(3):  # three calls that were all made to the first address
+            client._move_on(error, "127.0.0.1:1")
+        assert client.address == "127.0.0.1:2"
+        client._move_on(error, "127.0.0.1:2")
+        client._move_on(error, "127.0.0.1:3")
+        assert client.address == "127.0.0.1:1"  # round the list
+        single = CoordinatorClient("127.0.0.1:9")
+        single._move_on(error, "127.0.0.1:9")
+        assert single.address == "127.0.0.1:9"
+        await client.close()
+        await single.close()
+
+    asyncio.run(scenario())
+
+
+def test_no_address_is_refused_with_what_to_give():
+    with pytest.raises(ValueError, match=r"HOST:PORT\[,HOST:PORT\.\.\.\]"):
+        CoordinatorClient(" , ")
