@@ -39,8 +39,9 @@ class PostgresServer:
             os.chmod(self.root, 0o755)
             shutil.chown(self.root, self.user)
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        # max_connections: every ledger a test opens holds a connection until it is collected
         self._run("pg_ctl", "-D", str(self.data), "-w", "-t", "60", "-l", str(self.root / "log"), "-o",
-                  f"-c listen_addresses='' -k {self.root} -p {PORT} -c fsync=off -c max_connections=200", "start")
+                  f"-c listen_addresses='' -k {self.root} -p {PORT} -c fsync=off -c max_connections=500", "start")
         self.admin_url = f"postgresql://postgres@/postgres?host={self.root}&port={PORT}"
 
     def _run(self, tool: str, *args: str) -> None:
