@@ -123,7 +123,7 @@ class _SimulatedWorkers:
 
 
 async def _load(address: str, token: str, workers: int, seconds: float, interval: float,
-                train: dict) -> tuple[list, float, int, dict]:
+                train: dict) -> tuple[list, float, int, dict, dict]:
     import grpc
 
     from gptjt_proto import coordinator_pb2 as pb
@@ -144,7 +144,7 @@ async def _load(address: str, token: str, workers: int, seconds: float, interval
     await training
     for c in channels:
         await c.close()
-    return sims.latencies, join_s, sims.watch_updates, {**trainer.rates(), "failures": sims.failures}
+    return sims.latencies, join_s, sims.watch_updates, trainer.rates(), sims.failures
 
 
 class _Observers:
@@ -197,7 +197,7 @@ def measure(workers: int, seconds: float, interval: float = 2.0, train_step_s: f
             swarm.start_coordinator()
             observers = _Observers(swarm.address, swarm.dashboard_url)
             try:
-                latencies, join_s, watch_updates, trained = asyncio.run(_load(
+                latencies, join_s, watch_updates, trained, failures = asyncio.run(_load(
                     swarm.address, swarm.token, workers, seconds, interval, train))
             finally:
                 observers.close()
@@ -211,7 +211,8 @@ def measure(workers: int, seconds: float, interval: float = 2.0, train_step_s: f
             "status_polls": observers.polls, "status_failures": observers.failures,
             "status_failure_codes": sorted(observers.failure_reasons), "dashboard_updates": observers.events,
             "watch_streams": workers, "watch_updates": watch_updates,
-            "train_step_s": train_step_s, "train_micro_batches_per_step": TRAIN_MICRO_BATCHES, **trained}
+            "train_step_s": train_step_s, "train_micro_batches_per_step": TRAIN_MICRO_BATCHES, **trained,
+            "failures": failures}
 
 
 # Heartbeats a second one coordinator is sized for: 500 (deploy/README.md, "Size"): 10,000 workers
