@@ -1,7 +1,7 @@
 """bench churn-sweep: goodput of a churning volunteer swarm against the median session length and
 the swarm size, ours and the static-restart baseline, plotted to bench/churn_sweep.png.
 
-Each point is bench churn's measure (bench/churn.py) for the first `hours` of that swarm: ours
+Each point is bench churn's measure (bench/churn_measure.py) for the first `hours` of it: ours
 with churn, over one run of ours without churn (the ceiling; the headline form takes the median
 of three), and the static-restart baseline over the same ceiling. `gptjt bench churn` (full)
 runs this sweep after its headline figures; this benchmark runs the sweep alone.
