@@ -55,6 +55,10 @@ class ChaosSettings:
     checkpoint_every: int = 3
     gap_s: tuple[float, float] = (4.0, 8.0)
     """Seconds between two faults: uniform in this range."""
+    fault_every_steps: int = 0
+    """A fault is also due once the run has closed this many steps since the last one (0: by time
+    only). On a fast machine a short run can end between two timed faults; this keeps the number of
+    faults a short soak sees independent of the machine's speed."""
     stop_s: float = 5.0
     """How long a SIGSTOPped worker stays frozen (past heartbeat_timeout_s, so it is declared dead)."""
     heartbeat_timeout_s: float = 3.0
@@ -163,6 +167,7 @@ class ChaosSoak:
     def _soak(self, calm: bool) -> None:
         next_fault = time.monotonic() + self._gap()
         deadline = time.monotonic() + self.s.timeout_s
+        last_fault_step = 1  # the soak starts once step 1 is under way
         while True:
             now = time.monotonic()
             self._thaw(now)
@@ -175,10 +180,14 @@ class ChaosSoak:
                 raise SwarmFailed(f"seed {self.s.seed}: the run was not done {self.s.timeout_s:.0f} s after its "
                                   f"first step (step {status and status['step']}, phase {status and status['phase']})"
                                   f"\n{self.swarm.logs_tail(1500)}")
-            if (not calm and status is not None and status["phase"] != "done" and now >= next_fault
+            by_steps = self.s.fault_every_steps and status is not None \
+                and status["step"] >= last_fault_step + self.s.fault_every_steps
+            if (not calm and status is not None and status["phase"] != "done" and (now >= next_fault or by_steps)
                     and len(self.result.faults) < self.s.max_faults):
-                self._inject(self.rng.choice(self.s.kinds), status)
-                next_fault = time.monotonic() + self._gap()
+                if self._inject(self.rng.choice(self.s.kinds), status):
+                    next_fault, last_fault_step = time.monotonic() + self._gap(), status["step"]
+                else:  # nothing to hit (the averaging round passed, every worker frozen): try again soon
+                    next_fault = time.monotonic() + 0.5
             time.sleep(0.1)
 
     def _gap(self) -> float:
@@ -194,13 +203,15 @@ class ChaosSoak:
             return None  # restarting
 
     # -- faults ----------------------------------------------------------------------------
-    def _inject(self, kind: str, status: dict) -> None:
+    def _inject(self, kind: str, status: dict) -> bool:
+        """Injects one fault of `kind`; False when it found nothing to hit."""
         if kind == "kill_averaging":
             status = self._wait_phase("averaging", 20) or status
         targets = getattr(self, f"_fault_{kind}")(status)
         if targets is not None:
             self.result.faults.append(FaultRecord(round(time.monotonic() - self._t0, 2), kind, targets,
                                                   status["step"], status["phase"]))
+        return targets is not None
 
     def _wait_phase(self, phase: str, timeout: float) -> dict | None:
         deadline = time.monotonic() + timeout

@@ -22,7 +22,7 @@ SEEDS = (11, 12)
 @pytest.mark.parametrize("seed", SEEDS)
 def test_the_run_survives_a_seeded_chaos_soak(seed, tmp_path):
     soak = ChaosSoak(tmp_path, ChaosSettings(seed=seed, steps=9, checkpoint_every=3, gap_s=(5.0, 9.0),
-                                             max_faults=6, timeout_s=400.0))
+                                             fault_every_steps=2, max_faults=6, timeout_s=400.0))
     try:
         result = soak.run()
         assert result.failure == "", result.failure
