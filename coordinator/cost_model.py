@@ -55,6 +55,10 @@ class Network:
     def __init__(self, between: dict[tuple[str, str], Link], inside: Link):
         self.between = {**between, **{(b, a): link for (a, b), link in between.items()}}
         self.inside = inside
+        # worst links between (or inside) sets of sites, memoized: a placement search asks for
+        # the same groups' links ~10^5 times, and in the live coordinator every worker is a site,
+        # so one boundary between groups of 8 is 64 lookups
+        self._worst: dict[tuple, Link] = {}
 
     def link(self, a: Device, b: Device) -> Link:
         return self.site_link(a.site, b.site)
@@ -66,6 +70,32 @@ class Network:
             return self.between[(a, b)]
         except KeyError:
             raise ValueError(f"no link measured between sites {a!r} and {b!r}") from None
+
+    def worst_between(self, a: frozenset[str], b: frozenset[str]) -> Link:
+        """The slowest link from any site of `a` to any of `b`: the largest latency and the least
+        bandwidth among them (they may come from different pairs)."""
+        key = ("between", a, b)
+        found = self._worst.get(key)
+        if found is None:
+            found = self._remember(key, [self.site_link(x, y) for x in a for y in b])
+        return found
+
+    def worst_within(self, sites: frozenset[str], crowded: frozenset[str]) -> Link:
+        """The slowest link a replica group spread over `sites` uses: between each pair of them,
+        and inside each of `crowded` (sites holding two members or more)."""
+        key = ("within", sites, crowded)
+        found = self._worst.get(key)
+        if found is None:
+            ordered = sorted(sites)
+            found = self._remember(key, [self.site_link(x, x) for x in crowded]
+                                   + [self.site_link(x, y) for i, x in enumerate(ordered) for y in ordered[i + 1:]])
+        return found
+
+    def _remember(self, key: tuple, links: list[Link]) -> Link:
+        if len(self._worst) > 500_000:  # a bound, far above what one search asks for
+            self._worst.clear()
+        worst = self._worst[key] = Link(max(link.latency_s for link in links), min(link.gbps for link in links))
+        return worst
 
 
 @dataclass(frozen=True)
@@ -170,12 +200,11 @@ def transfer_s(model: ModelShape, work: Workload, a: StagePlacement, b: StagePla
                devices: list[Device], net: Network) -> float:
     """Seconds one micro-batch's activations take from stage `a` to stage `b` (one direction)."""
     # links depend on sites only: one lookup per pair of sites, not per pair of workers
-    links = [net.site_link(x, y) for x in {devices[w].site for w in a.workers}
-             for y in {devices[w].site for w in b.workers}]
-    latency = max(link.latency_s for link in links)
-    gbps = min(link.gbps for link in links) * min(len(a.workers), len(b.workers))
+    worst = net.worst_between(frozenset(devices[w].site for w in a.workers),
+                              frozenset(devices[w].site for w in b.workers))
+    gbps = worst.gbps * min(len(a.workers), len(b.workers))
     nbytes = work.tokens_per_micro_batch * model.d_model * work.activation_bytes_per_value
-    return latency + nbytes * 8 / (gbps * 1e9)
+    return worst.latency_s + nbytes * 8 / (gbps * 1e9)
 
 
 def allreduce_s(model: ModelShape, work: Workload, s: StagePlacement, devices: list[Device], net: Network) -> float:
@@ -183,16 +212,14 @@ def allreduce_s(model: ModelShape, work: Workload, s: StagePlacement, devices: l
     r = len(s.workers)
     if r <= 1:
         return 0.0
-    per_site: dict[str, int] = {}
+    sites, crowded = set(), set()
     for w in s.workers:
-        per_site[devices[w].site] = per_site.get(devices[w].site, 0) + 1
+        site = devices[w].site
+        (crowded if site in sites else sites).add(site)
     # links depend on sites only: inside each site with two workers or more, and between sites
-    sites = list(per_site)
-    links = [net.site_link(x, x) for x in sites if per_site[x] > 1] + \
-        [net.site_link(x, y) for i, x in enumerate(sites) for y in sites[i + 1:]]
+    worst = net.worst_within(frozenset(sites), frozenset(crowded))
     nbytes = stage_params(model, s.start, s.end) * work.gradient_bytes_per_param
-    return (2 * (r - 1) / r * nbytes * 8 / (min(link.gbps for link in links) * 1e9)
-            + 2 * (r - 1) * max(link.latency_s for link in links))
+    return 2 * (r - 1) / r * nbytes * 8 / (worst.gbps * 1e9) + 2 * (r - 1) * worst.latency_s
 
 
 def predict_step(plan: list[StagePlacement], devices: list[Device], net: Network, model: ModelShape,

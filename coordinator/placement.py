@@ -74,10 +74,22 @@ def split_layers(groups: list[tuple[int, ...]], devices: list[Device], model: Mo
                  work: Workload) -> list[StagePlacement] | None:
     """Contiguous layer ranges for groups in pipeline order, minimising the slowest stage's
     compute (memory-feasible), or None when no split fits."""
-    n, s = model.n_layer, len(groups)
+    rate = tuple(sum(devices[w].tflops for w in g) for g in groups)
+    memory = tuple(min(devices[w].memory_gb for w in g) * HEADROOM for g in groups)
+    bounds = _split_bounds(model, work, rate, memory)
+    return None if bounds is None else [StagePlacement(a, b, g) for (a, b), g in zip(bounds, groups)]
+
+
+# A search scores many candidates whose groups sum to the same rates and memories (a swap of
+# two like cards, a 2-opt and its undo, one plan re-scored from several starts): the split
+# depends on nothing else.
+@functools.lru_cache(maxsize=65536)
+def _split_bounds(model: ModelShape, work: Workload, rate: tuple[float, ...],
+                  memory: tuple[float, ...]) -> tuple[tuple[int, int], ...] | None:
+    """split_layers' dynamic programme on the groups' summed rates (TFLOP/s) and smallest memory
+    (GB a plan may use): (start, end) per group, or None."""
+    n, s = model.n_layer, len(rate)
     need = _memory_table(model, work)
-    rate = [sum(devices[w].tflops for w in g) for g in groups]
-    memory = [min(devices[w].memory_gb for w in g) * HEADROOM for g in groups]
     inf = float("inf")
     lp, hp = model.layer_params, model.head_params
     # best[i][l]: the least "slowest stage" covering layers [0, l) with stages 0..i-1. The search
@@ -91,14 +103,19 @@ def split_layers(groups: list[tuple[int, ...]], devices: list[Device], model: Mo
         for end in range(i, n - (s - i) + 1):
             tail = hp if end == n else 0
             least, at = inf, 0
-            for start in range(i - 1, end):
+            # the stage's memory grows as its start moves left: walk left from the shortest stage
+            # and stop at the first that does not fit (most starts, on cards a stage fills);
+            # '<=' keeps the leftmost of equal splits
+            for start in range(end - 1, i - 2, -1):
+                if need[start][end] > fits:
+                    break
                 before = prev[start]
-                if before == inf or need[start][end] > fits:
+                if before == inf:
                     continue
                 t = ((end - start) * lp + tail) / r
                 if before > t:
                     t = before
-                if t < least:
+                if t <= least:
                     least, at = t, start
             row[end], cuts[end] = least, at
     if best[s][n] == inf:
@@ -108,7 +125,7 @@ def split_layers(groups: list[tuple[int, ...]], devices: list[Device], model: Mo
         bounds.append((cut[i][end], end))
         end = cut[i][end]
     bounds.reverse()
-    return [StagePlacement(a, b, g) for (a, b), g in zip(bounds, groups)]
+    return tuple(bounds)
 
 
 def _site_chain(devices: list[Device], ids: list[int], net: Network) -> list[int]:

@@ -1,0 +1,58 @@
+"""split_layers' dynamic programme against every contiguous split, on random groups whose memory
+binds (the programme stops walking a stage's start left at the first that does not fit)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from coordinator.cost_model import Device, ModelShape, Workload, memory_needed_gb
+from coordinator.placement import HEADROOM, split_layers
+
+MODEL = ModelShape.gptj_6b()
+WORK = Workload(tokens_per_micro_batch=2048, micro_batches=32, in_flight=4, eight_bit_adam=True, seq_len=2048,
+                checkpoint_segment=1)
+
+
+def _slowest(bounds, groups, devices) -> float:
+    return max(((b - a) * MODEL.layer_params + (MODEL.head_params if b == MODEL.n_layer else 0))
+               / sum(devices[w].tflops for w in g) for (a, b), g in zip(bounds, groups))
+
+
+def _best_by_enumeration(groups, devices) -> float | None:
+    n, best = MODEL.n_layer, None
+    for cuts in itertools.combinations(range(1, n), len(groups) - 1):
+        edges = (0, *cuts, n)
+        bounds = list(zip(edges, edges[1:]))
+        if any(memory_needed_gb(MODEL, WORK, a, b) > min(devices[w].memory_gb for w in g) * HEADROOM
+               for (a, b), g in zip(bounds, groups)):
+            continue
+        t = _slowest(bounds, groups, devices)
+        best = t if best is None else min(best, t)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_split_is_the_best_contiguous_one_that_fits(seed):
+    rng = random.Random(seed)
+    stages = rng.choice((2, 3, 4))
+    devices = [Device(f"d{i}", rng.choice((35.0, 71.0, 125.0, 312.0)), rng.choice((16.0, 24.0, 40.0, 80.0)))
+               for i in range(stages * 2)]
+    groups = [(2 * s, 2 * s + 1) for s in range(stages)]
+    found = split_layers(groups, devices, MODEL, WORK)
+    best = _best_by_enumeration(groups, devices)
+    if best is None:
+        assert found is None
+        return
+    assert found is not None
+    assert [s.workers for s in found] == groups
+    assert (found[0].start, found[-1].end) == (0, MODEL.n_layer)
+    assert all(a.end == b.start and a.start < a.end for a, b in zip(found, found[1:]))
+    assert _slowest([(s.start, s.end) for s in found], groups, devices) == pytest.approx(best, rel=1e-12)
+
+
+def test_no_split_when_the_cards_cannot_hold_the_model():
+    devices = [Device("small", 35.0, 4.0), Device("small2", 35.0, 4.0)]
+    assert split_layers([(0,), (1,)], devices, MODEL, WORK) is None
