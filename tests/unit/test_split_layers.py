@@ -1,5 +1,6 @@
-"""split_layers' dynamic programme against every contiguous split, on random groups whose memory
-binds (the programme stops walking a stage's start left at the first that does not fit)."""
+"""coordinator/layer_split.py: split_layers' dynamic programme against every contiguous split, on
+random groups whose memory binds (the programme stops walking a stage's start left at the first
+that does not fit)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import random
 import pytest
 
 from coordinator.cost_model import Device, ModelShape, Workload, memory_needed_gb
-from coordinator.placement import HEADROOM, split_layers
+from coordinator.layer_split import HEADROOM, split_layers
 
 MODEL = ModelShape.gptj_6b()
 WORK = Workload(tokens_per_micro_batch=2048, micro_batches=32, in_flight=4, eight_bit_adam=True, seq_len=2048,
