@@ -9,12 +9,10 @@ sequences a step; the coordinator picks 4-8 stages of at most replicas_per_stage
 step in); a checkpoint every checkpoint_every steps.
 
 goodput_vs_no_churn          tokens trained (steps closed and kept at the end) per virtual
-                             second, over the same for the same settings with nobody leaving
-                             (the median of 3 such runs). One run each: the live coordinator's
-                             plans for the same volunteers differ from run to run (the cause is
-                             not pinned down; the search's 2 s wall-clock backstop, which a
-                             search at 64 candidates comes close to here, is a suspect), so this
-                             figure moves by ~0.1 between runs.
+                             second, over the same for the same settings with nobody leaving.
+                             One run each: a simulation repeats exactly (seeded volunteers,
+                             sessions and worker ids; searches ended by their count), so two
+                             runs of the same settings give the same figures.
 static_goodput_vs_no_churn   the same for the static-restart policy, over the same ceiling (ours
                              without churn).
 live_plan_vs_full_knowledge  ours without churn over the static plan without churn. The static

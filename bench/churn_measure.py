@@ -20,14 +20,12 @@ def _ours(s: ChurnSettings) -> tuple[ChurnResult, ChurnSimulation]:
     return result, sim
 
 
-def measure(s: ChurnSettings, calm_runs: int = 3) -> dict:
-    """Ours with churn, ours without, static restarts with churn: the figures of one setting."""
+def measure(s: ChurnSettings) -> dict:
+    """Ours with churn, ours without, static restarts with churn: the figures of one setting.
+    A simulation repeats exactly (seeded volunteers and worker ids, a search ended by its count),
+    so one run of each is the figure."""
     churned, sim = _ours(s)
-    # The ceiling is the median of `calm_runs` runs without churn: the live plans for the same
-    # volunteers differ from run to run (their no-churn tokens/s by up to ~20 %; `no_churn_tokens_per_s_runs`)
-    calm_runs = sorted((_ours(dataclasses.replace(s, churn=False))[0] for _ in range(calm_runs)),
-                       key=lambda r: r.tokens_per_s)
-    ceiling = calm_runs[len(calm_runs) // 2]
+    ceiling = _ours(dataclasses.replace(s, churn=False))[0]
     static = simulate_static(s)
     static_calm = simulate_static(dataclasses.replace(s, churn=False))
     seconds = churned.seconds
@@ -40,7 +38,6 @@ def measure(s: ChurnSettings, calm_runs: int = 3) -> dict:
         "goodput_vs_no_churn": _ratio(churned.tokens_per_s, ceiling.tokens_per_s),
         "static_goodput_vs_no_churn": _ratio(static.tokens_per_s, ceiling.tokens_per_s),
         "tokens_per_s": round(churned.tokens_per_s, 1), "no_churn_tokens_per_s": round(ceiling.tokens_per_s, 1),
-        "no_churn_tokens_per_s_runs": [round(r.tokens_per_s, 1) for r in calm_runs],
         "static_tokens_per_s": round(static.tokens_per_s, 1),
         "static_no_churn_tokens_per_s": round(static_calm.tokens_per_s, 1),
         "live_plan_vs_full_knowledge": _ratio(ceiling.tokens_per_s, static_calm.tokens_per_s),

@@ -87,6 +87,8 @@ class ChurnSimulation(SimulatedSteps):
         self.ledger = RunLedger(directory / "run.db", self.run,
                                 plan_stages(self.shape.n_layer, self.run.pipeline.num_stages), self.clock,
                                 shape=self.shape)
+        ids = random.Random(settings.seed + 3)
+        self.ledger.workers.new_id = lambda: f"{ids.getrandbits(48):012x}"  # the same run every time
         self.arrivals = Arrivals(settings.workers, settings.median_session_s, settings.session_shape,
                                  settings.seed, self.regions, churn=settings.churn, rejoin_s=settings.rejoin_s)
         self.end = self.clock.t + settings.hours * 3600
@@ -129,7 +131,10 @@ class ChurnSimulation(SimulatedSteps):
             t, _, kind, data = heapq.heappop(self.queue)
             self._account(t)
             self.clock.t = t
+            written = self.ledger.db.conn.total_changes
             getattr(self, "_on_" + kind)(*data)
+            if kind == "probe" and self.ledger.db.conn.total_changes == written:
+                continue  # a volunteer with no link to measure: nothing changed (most of the 10^5 probes an hour)
             self._sync()
             self._after_event()
             if self.ledger.phase == "done":
@@ -281,11 +286,12 @@ class ChurnSimulation(SimulatedSteps):
 
     def _load_s(self, w: SimWorker, spec: StageSpec, stage: int) -> float:
         nbytes = stage_params(self.shape, spec.start, spec.end) * self.s.checkpoint_bytes_per_param
-        holder = next((self.workers[i] for i in self.placed if self.workers[i].holds is not None
-                       and self.workers[i].holds[0] == stage and self.workers[i].holds[3] == self.ledger.restore_epoch),
-                      None)
-        source = holder.volunteer.site if holder is not None else self.regions.store_site
-        return nbytes * 8 / (self.net.site_link(w.volunteer.site, source).gbps * 1e9)
+        # from the replica that holds it over the best link (sorted: the same choice on every run), else the store
+        sources = [self.workers[i].volunteer.site for i in sorted(self.placed) if self.workers[i].holds is not None
+                   and self.workers[i].holds[0] == stage and self.workers[i].holds[3] == self.ledger.restore_epoch]
+        gbps = max((self.net.site_link(w.volunteer.site, site).gbps for site in sources),
+                   default=self.net.site_link(w.volunteer.site, self.regions.store_site).gbps)
+        return nbytes * 8 / (gbps * 1e9)
 
     def _on_loaded(self, worker_id: str, target: tuple) -> None:
         w = self.workers[worker_id]

@@ -22,7 +22,7 @@ PLOT = Path(__file__).resolve().parent / "churn_sweep.png"
 
 def settings(quick: bool) -> dict:
     return {"median_session_s": list(MEDIANS_S), "workers": list(WORKERS), "hours": QUICK_HOURS if quick else HOURS,
-            "calm_runs_per_point": 1, "plot": PLOT.name}
+            "plot": PLOT.name}
 
 
 def sweep(hours: float) -> list[dict]:
@@ -35,7 +35,7 @@ def sweep(hours: float) -> list[dict]:
     points = []
     for n in WORKERS:
         for m in MEDIANS_S:
-            figures = measure(ChurnSettings(workers=n, median_session_s=m, hours=hours), calm_runs=1)
+            figures = measure(ChurnSettings(workers=n, median_session_s=m, hours=hours))
             points.append({k: figures[k] for k in keep})
     return points
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import uuid
+from typing import Callable
 
 from .db import ALIVE_STATES, LedgerDB, alive_marks
 from .errors import OperatorError
@@ -22,6 +23,9 @@ class WorkerRegistry:
 
     def __init__(self, db: LedgerDB, events: EventLog):
         self.db, self.events = db, events
+        # a new worker's id (12 hex digits, random); a simulation sets a seeded one, so that its
+        # runs repeat (ids order the candidates a placement search sees)
+        self.new_id: Callable[[], str] = lambda: uuid.uuid4().hex[:12]
 
     # -- reading -----------------------------------------------------------------------
     def row(self, worker_id: str) -> sqlite3.Row | None:
@@ -106,7 +110,7 @@ class WorkerRegistry:
     def add(self, name: str, address: str, device: dict, session_hash: str = "", token_id: str = "") -> str:
         """A new worker on standby, its session (the hash of its secret) and the join token that
         admitted it; returns its id."""
-        worker_id = uuid.uuid4().hex[:12]
+        worker_id = self.new_id()
         now = self.db.clock()
         self.db.execute("INSERT INTO workers(id, name, address, device, state, joined, last_heartbeat, session_hash, "
                         "token_id) VALUES(?, ?, ?, ?, 'standby', ?, ?, ?, ?)",

@@ -74,12 +74,22 @@ def test_volunteers_go_on_measuring_the_links_the_coordinator_asks_for(calm):
 
 
 def test_the_volunteers_are_the_same_for_a_seed(churned, tmp_path):
-    """The seed fixes the volunteers and their sessions; the ledger's worker ids are random, so
-    plans (and so the figures) may differ a little from run to run."""
+    """The seed fixes the volunteers and their sessions, and the simulation gives the ledger
+    seeded worker ids: the same settings give the same run, event for event (so one run of each
+    is a figure, bench/churn_measure.py)."""
     _, first = churned
-    again = ChurnSimulation(dataclasses.replace(SMALL, hours=0.25), tmp_path).run_sim()
-    shorter = simulate_static(dataclasses.replace(SMALL, hours=0.25))
-    assert again.departures == shorter.departures < first.departures
+    short = dataclasses.replace(SMALL, hours=0.25)
+    runs = []
+    for name in ("a", "b"):
+        sim = ChurnSimulation(short, tmp_path / name)
+        result = sim.run_sim()
+        events = sim.ledger.db.execute("SELECT ts, kind, detail FROM events ORDER BY id").fetchall()
+        runs.append((dataclasses.replace(result, wall_s=0.0, ledger_cpu_s=0.0, heartbeat_cpu_per_beat_s=0.0,
+                                         reaper_cpu_per_sim_s=0.0), [tuple(e) for e in events]))
+    assert runs[0] == runs[1]
+    assert any(kind == "replanned" for _, kind, _ in runs[0][1])
+    shorter = simulate_static(short)
+    assert runs[0][0].departures == shorter.departures < first.departures
 
 
 def test_the_static_baseline_sees_the_same_volunteers_and_restarts_on_every_placed_departure(churned):
