@@ -50,14 +50,16 @@ class LedgerDB:
         self.version, self.rollbacks = 0, 0
         self.postgres = is_database_url(path)
         if self.postgres:
-            from .postgres import PostgresConnection
+            from .postgres import PostgresConnection, redacted
 
             self.path = str(path)
+            self.where = redacted(self.path)  # for messages: the URL without its password
             self.conn = PostgresConnection(self.path, read_only=read_only)
             if not read_only:
                 self.conn.create_schema()
             return
         self.path = Path(path)
+        self.where = str(self.path)
         if read_only:
             self.conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
                                         check_same_thread=False)

@@ -59,7 +59,7 @@ class RunLedger:
             if stored_fp is None:
                 self._start_new(fingerprint, plan, stored or [])
             elif stored_fp != fingerprint:
-                raise LedgerError(f"{db.path} holds another run (fingerprint {stored_fp}, this config "
+                raise LedgerError(f"{db.where} holds another run (fingerprint {stored_fp}, this config "
                                   f"{fingerprint}); model, data, batch or stage count changed. Use a new "
                                   "coordinator.state_path for a new run")
             else:

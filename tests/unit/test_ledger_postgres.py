@@ -10,9 +10,12 @@ import time
 import psycopg
 import pytest
 
+from coordinator.ledger import LedgerError, RunLedger
 from coordinator.ledger.db import LedgerDB, is_database_url
 from coordinator.ledger.pg_dialect import TABLES, translate
 from coordinator.ledger.postgres import redacted
+from coordinator.scheduler import plan_stages
+from tests.conftest import small_run
 
 
 def test_the_sqlite_idioms_are_said_in_postgresql():
@@ -36,6 +39,16 @@ def test_locations_and_secrets():
     assert not is_database_url("/var/lib/gptjt/run.db")
     assert redacted("postgresql://gptjt:hunter2@db.example:5432/run") == "postgresql://gptjt@db.example:5432/run"
     assert redacted("postgresql://db.example/run") == "postgresql://db.example/run"
+
+
+def test_a_ledger_of_another_run_is_refused_without_showing_its_password(postgres_server):
+    url = postgres_server.database().replace("postgres@", "postgres:hunter2@")
+    run = small_run(steps=2, global_batch=4, micro_batch=2)
+    RunLedger(url, run, plan_stages(4, 2)).db.close()
+    run.pipeline.num_stages = 1
+    with pytest.raises(LedgerError, match="holds another run") as refused:
+        RunLedger(url, run, plan_stages(4, 1))
+    assert "hunter2" not in str(refused.value) and "postgresql://postgres@/" in str(refused.value)
 
 
 def test_rows_numbers_and_text_read_as_from_sqlite(postgres_server):
