@@ -87,8 +87,8 @@ class DecisionMemo:
     that (a slow newcomer beyond max_stages x replicas_per_stage workers, a standby worker's
     link, a device re-measured the same) gets the earlier answer back instead of a new search:
     each search costs 0.1-0.5 s of the coordinator's CPU at 64 candidates (bench scheduler,
-    plan_ms), and in a swarm of thousands most joins and deaths are of workers no plan would take. Not thread-safe; one per
-    ledger (coordinator/ledger/planning.py)."""
+    plan_ms), and in a swarm of thousands most joins and deaths are of workers no plan would
+    take. Not thread-safe; one per ledger (coordinator/ledger/planning.py)."""
 
     def __init__(self, size: int = 16):
         self.size, self.kept, self.hits, self.searches = size, OrderedDict(), 0, 0
