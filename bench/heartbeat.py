@@ -34,7 +34,10 @@ DESCRIPTION = "p99 of authenticated heartbeats from N simulated workers, with st
 LOAD_CONFIG = """joins_per_s = 100000.0
 join_burst = 100000
 """
-CHANNELS = 64  # client connections the simulated workers share (real workers each open their own)
+# Client connections the simulated workers share (real workers each open their own): 40 Watch
+# streams each, well under the coordinator's 256 streams a connection even with heartbeats queued.
+CHANNELS = 250
+GRACE_S = 5.0  # after the window, for its last round trips to come back
 # The training that flows meanwhile (bench/heartbeat_trainer.py): a step every 10 s of 64 micro-batches,
 # each leased and committed. bench churn's GPT-J 6B plans at 1,000 volunteers predict ~95 s a step,
 # so this closes steps (which wake every Watch stream) ~10x as often as such a run would.
@@ -44,8 +47,11 @@ TRAIN_STEP_S, TRAIN_MICRO_BATCHES = 10.0, 64
 class _SimulatedWorkers:
     """`n` workers as the coordinator sees real ones: each joins, holds its Watch stream open (a
     ledger change reaches every stream at once) and heartbeats every `interval` seconds from
-    the moment it joined (the timeout runs from the join). Round trips are recorded only in
-    the window after the last join, so joining (CA signing) is not in the figure."""
+    the moment it joined (the timeout runs from the join). A heartbeat that fails is counted and
+    the next one goes at the next tick, as worker/runner.py does. Round trips are recorded by
+    when they started: in the window that opens one interval after the last join (the figure),
+    or before it, while workers were joining or just after (`joining_latencies`: 10,000 joins at once, as after a coordinator restart or
+    failover, each signing a certificate)."""
 
     def __init__(self, stubs, token: str, n: int, interval: float, pb):
         from gptjt_core.pki import new_key_pem, public_key_pem
@@ -53,10 +59,12 @@ class _SimulatedWorkers:
         self.stubs, self.token, self.n, self.interval, self.pb = stubs, token, n, interval, pb
         self.public = public_key_pem(new_key_pem()).decode()  # one key for all of them: signing is what costs
         self.joining = asyncio.Semaphore(64)
-        self.latencies: list[float] = []
-        self.watch_updates, self.joined = 0, 0
-        self.failures: dict[str, int] = {}  # what ended a simulated worker's heartbeats or Watch stream early
-        self.window = (math.inf, math.inf)  # monotonic seconds: when round trips count
+        self.latencies: list[float] = []  # ms, heartbeats started in the window
+        self.joining_latencies: list[float] = []  # ms, heartbeats started before the last join
+        self.watch_updates, self.joined, self.in_flight_at_end = 0, 0, 0
+        self.failures: dict[str, int] = {}  # failed heartbeats, and Watch streams that ended, by status
+        self.window_failures = 0  # failed heartbeats that started in the window
+        self.window = (math.inf, math.inf)  # monotonic seconds: when a started round trip counts
 
     async def run(self, seconds: float) -> float:
         """Until `seconds` after the last join; returns how long the joins took."""
@@ -69,8 +77,12 @@ class _SimulatedWorkers:
         # of this process's ~1M objects would stall all of them at once and be counted against
         # the coordinator. What exists now is left out of collections until the end.
         gc.freeze()
-        self.window = (time.monotonic() + 1.0, time.monotonic() + 1.0 + seconds)
-        await asyncio.sleep(seconds + 1.0)
+        # The window opens one interval after the last join: by then every worker has beaten once
+        # since the joins ended, and what the join storm left queued has drained (its round
+        # trips are joining_latencies). Its last round trips get GRACE_S to come back.
+        settle = self.interval
+        self.window = (time.monotonic() + settle, time.monotonic() + settle + seconds)
+        await asyncio.sleep(settle + seconds + GRACE_S)
         for life in lives:
             life.cancel()
         await asyncio.gather(*lives, return_exceptions=True)
@@ -90,26 +102,38 @@ class _SimulatedWorkers:
         watch = asyncio.create_task(self._watch(stub, reply.worker_id, session))
         try:
             await self._beat(stub, reply.worker_id, session)
-        except Exception as e:  # counted: a heartbeat that fails ends this worker's life, as in a real one
-            self._failed("heartbeat", e)
         finally:
             watch.cancel()
 
     def _failed(self, what: str, error: BaseException) -> None:
         code = error.code().name if hasattr(error, "code") else type(error).__name__
-        self.failures[f"{what}: {code}"] = self.failures.get(f"{what}: {code}", 0) + 1
+        details = error.details() if hasattr(error, "details") else str(error)
+        key = f"{what}: {code} ({details[:80]})" if details else f"{what}: {code}"
+        self.failures[key] = self.failures.get(key, 0) + 1
 
     async def _beat(self, stub, worker_id: str, session: tuple) -> None:
         pb = self.pb
         await asyncio.sleep(random.uniform(0, self.interval))  # clocks of real workers are spread
         while True:
-            t0 = time.perf_counter()
-            # as a worker on standby says it: no stage loaded (epoch and position -1)
-            await stub.Heartbeat(pb.HeartbeatRequest(
-                worker_id=worker_id, state=pb.STANDBY, loaded_epoch=-1, position=-1,
-                metrics=pb.WorkerMetrics(micro_batches_per_s=1.0)), metadata=session, timeout=30)
-            if self.window[0] <= time.monotonic() <= self.window[1]:
-                self.latencies.append((time.perf_counter() - t0) * 1e3)
+            t0, started = time.perf_counter(), time.monotonic()
+            in_window = self.window[0] <= started <= self.window[1]
+            try:
+                # as a worker on standby says it: no stage loaded (epoch and position -1)
+                await stub.Heartbeat(pb.HeartbeatRequest(
+                    worker_id=worker_id, state=pb.STANDBY, loaded_epoch=-1, position=-1,
+                    metrics=pb.WorkerMetrics(micro_batches_per_s=1.0)), metadata=session, timeout=30)
+            except asyncio.CancelledError:
+                self.in_flight_at_end += in_window  # the run ended with this round trip still out
+                raise
+            except Exception as e:  # counted; the next heartbeat goes at the next tick (worker/runner.py)
+                self._failed("heartbeat", e)
+                self.window_failures += in_window
+            else:
+                ms = (time.perf_counter() - t0) * 1e3
+                if in_window:
+                    self.latencies.append(ms)
+                elif started < self.window[0]:
+                    self.joining_latencies.append(ms)
             await asyncio.sleep(max(0.0, self.interval - (time.perf_counter() - t0)))
 
     async def _watch(self, stub, worker_id: str, session: tuple) -> None:
@@ -123,7 +147,7 @@ class _SimulatedWorkers:
 
 
 async def _load(address: str, token: str, workers: int, seconds: float, interval: float,
-                train: dict) -> tuple[list, float, int, dict, dict]:
+                train: dict) -> tuple[_SimulatedWorkers, float, dict]:
     import grpc
 
     from gptjt_proto import coordinator_pb2 as pb
@@ -144,7 +168,7 @@ async def _load(address: str, token: str, workers: int, seconds: float, interval
     await training
     for c in channels:
         await c.close()
-    return sims.latencies, join_s, sims.watch_updates, trainer.rates(), sims.failures
+    return sims, join_s, trainer.rates()
 
 
 class _Observers:
@@ -197,22 +221,27 @@ def measure(workers: int, seconds: float, interval: float = 2.0, train_step_s: f
             swarm.start_coordinator()
             observers = _Observers(swarm.address, swarm.dashboard_url)
             try:
-                latencies, join_s, watch_updates, trained, failures = asyncio.run(_load(
+                sims, join_s, trained = asyncio.run(_load(
                     swarm.address, swarm.token, workers, seconds, interval, train))
             finally:
                 observers.close()
         finally:
             swarm.stop()
-    latencies.sort()
-    return {"heartbeat_p50_ms": round(statistics.median(latencies), 2),
-            "heartbeat_p99_ms": round(latencies[int(len(latencies) * 0.99)], 2),
-            "heartbeats_measured": len(latencies), "workers": workers, "interval_s": interval,
+    latencies, joining = sorted(sims.latencies), sorted(sims.joining_latencies)
+    return {"heartbeat_p50_ms": round(statistics.median(latencies), 2), "heartbeat_p99_ms": _p99(latencies),
+            "heartbeats_measured": len(latencies), "heartbeat_failures": sims.window_failures,
+            "heartbeats_unfinished": sims.in_flight_at_end, "workers": workers, "interval_s": interval,
             "heartbeats_per_s": round(workers / interval, 1), "joins_s": round(join_s, 1),
+            "joining_heartbeat_p99_ms": _p99(joining), "joining_heartbeats": len(joining),
             "status_polls": observers.polls, "status_failures": observers.failures,
             "status_failure_codes": sorted(observers.failure_reasons), "dashboard_updates": observers.events,
-            "watch_streams": workers, "watch_updates": watch_updates,
+            "watch_streams": workers, "watch_updates": sims.watch_updates,
             "train_step_s": train_step_s, "train_micro_batches_per_step": TRAIN_MICRO_BATCHES, **trained,
-            "failures": failures}
+            "failures": sims.failures}
+
+
+def _p99(sorted_ms: list[float]) -> float | None:
+    return round(sorted_ms[int(len(sorted_ms) * 0.99)], 2) if sorted_ms else None
 
 
 # Heartbeats a second one coordinator is sized for: 500 (deploy/README.md, "Size"): 10,000 workers

@@ -33,6 +33,9 @@ from .server import CoordinatorService
 from .ledger import LedgerError, RunLedger
 
 log = logging.getLogger("gptjt.coordinator")
+# Calls received and not yet taken up by the event loop that gRPC holds before cancelling new
+# ones: twice the 10,000 workers one coordinator is sized for (deploy/README.md).
+PENDING_CALLS = 20_000
 
 
 async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None = None,
@@ -64,6 +67,18 @@ async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None =
             dht.shutdown()
 
 
+def _grpc_server(interceptors: list) -> grpc.aio.Server:
+    # A bound on concurrent calls per connection: a client cannot open streams without end.
+    # Calls gRPC has received but the event loop has not yet taken up wait in a backlog; past
+    # its default 1,000 gRPC cancels new calls at random (CANCELLED, unseen by any handler).
+    # When 10,000 workers join at once (a restart, a failover) the loop falls behind for a
+    # minute: their heartbeats wait instead of failing (gptjt bench heartbeat).
+    return grpc.aio.server(interceptors=interceptors,
+                           options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 256),
+                                    ("grpc.server.max_pending_requests", PENDING_CALLS),
+                                    ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS)])
+
+
 async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
                       dht: CoordinatorDHT | None, authority: DhtAuthority | None, ready_line: bool, port_file: str | None, dashboard_file: str | None,
                       admin_token_file: str | None) -> None:
@@ -73,9 +88,7 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     admin = AdminToken.load(cfg.state_path, admin_token_file)
     reader = ReadToken.load(cfg.state_path) if cfg.read_access == "token" else None
     guard = SessionGuard(ledger.session_valid, admin.valid, reader.valid if reader is not None else None)
-    # A bound on concurrent calls per connection: a client cannot open streams without end.
-    server = grpc.aio.server(interceptors=[MalformedRequests(), guard],
-                             options=[("grpc.so_reuseport", 0), ("grpc.max_concurrent_streams", 256)])
+    server = _grpc_server([MalformedRequests(), guard])
     pb_grpc.add_CoordinatorServicer_to_server(service, server)
     actions = OperatorActions(ledger, service, admin, ca)
     opb_grpc.add_OperatorServicer_to_server(OperatorService(actions), server)

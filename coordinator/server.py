@@ -81,7 +81,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         c = ledger.run.coordinator
         self.joins = RateLimiter(c.joins_per_s, c.join_burst)  # per join token
         self.statuses = StatusCache(ledger)  # Status, the dashboard and /metrics: built off the event loop
-        self.watches = WatchStreams(lambda: ledger.version)
+        self.watches = WatchStreams(lambda: ledger.version, ledger.views.standby_key)
         self.limits = validation.RunLimits.of(ledger.run, ledger.plan[-1].end, ledger.shape)
 
     async def door(self, check, request, context) -> None:
@@ -230,7 +230,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         def read() -> dict:
             return {**self.ledger.run_state(request.worker_id), "dht_peers": self.run_dht_peers(request.worker_id)}
 
-        async for state in self.watches.states(read, context.cancelled):
+        async for state in self.watches.states(read, context.cancelled, lambda s: s["assignment"]["stage"] < 0):
             yield pb.RunState(step=state["step"], attempt=state["attempt"], phase=_PHASES[state["phase"]],
                               global_grad_norm=state["global_grad_norm"], plan_version=state["plan_version"],
                               assignment=assignment_pb(state["assignment"]), paused=state["paused"],

@@ -1,10 +1,18 @@
 """How Watch streams learn of ledger changes without costing the coordinator O(workers) per write.
 
 Every worker holds one Watch stream. A write that changes what a stream shows bumps the
-ledger's `version` (quiet transactions do not: ledger/db.py) and `notify()` wakes every stream;
+ledger's `version` (quiet transactions do not: ledger/db.py) and `notify()` wakes the streams;
 each then reads its worker's RunState at a random moment of the next
 len(streams) / READS_PER_S seconds, so 5,000 streams woken together spread their reads
 instead of queueing them behind each other (and behind heartbeats).
+
+Standby workers (no stage) are most of a large swarm and act on none of a step's progress
+(worker/runner.py: they act on the plan, a restore, a drain, a pause and the links to
+measure). Their streams wake only when `standby_key()` (RunLedger.standby_watch_key: those
+facts, read once per ledger state) changes, not at every micro-batch commit or closed step:
+at 10,000 workers, waking every stream at every step cost 10,000 reads a step and most of
+the heartbeat tail (gptjt bench heartbeat). A standby's step fields are refreshed with the
+periodic re-read below.
 """
 
 from __future__ import annotations
@@ -12,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 
 # A stream re-reads its RunState without a ledger change every 30-60 s (drawn per read): only
 # which links are due for measuring ages by the clock alone, and that after
@@ -27,39 +35,58 @@ READS_PER_S = 5_000.0
 class WatchStreams:
     """The streams' shared wake-up: `notify()` after a ledger write, `states()` per stream."""
 
-    def __init__(self, version: Callable[[], int]):
-        """version: the ledger's current version (RunLedger.version)."""
-        self.version = version
-        self.changed = asyncio.Condition()
+    def __init__(self, version: Callable[[], int], standby_key: Callable[[], Hashable] = lambda: None):
+        """version: the ledger's current version (RunLedger.version); standby_key: what a standby
+        acts on (RunLedger.standby_watch_key), compared at each version change."""
+        self.version, self.standby_key = version, standby_key
+        self.changed = asyncio.Event()  # replaced at each wake-up: set() wakes every waiter at once
+        self.standby_changed = asyncio.Event()
         self.open = 0  # streams now open
         self._notified = version()
+        self._standby_key = standby_key()
+        self.standby_generation = 0  # bumped when standby_key changes
 
     async def notify(self) -> None:
-        """Wake every stream if the ledger's version moved since the last call."""
-        if self.version() != self._notified:
-            self._notified = self.version()
-            async with self.changed:
-                self.changed.notify_all()
+        """Wake every placed stream if the ledger's version moved since the last call, and the
+        standby streams too if what they act on changed."""
+        if self.version() == self._notified:
+            return
+        self._notified = self.version()
+        self.changed.set()
+        self.changed = asyncio.Event()
+        key = self.standby_key()
+        if key != self._standby_key:
+            self._standby_key, self.standby_generation = key, self.standby_generation + 1
+            self.standby_changed.set()
+            self.standby_changed = asyncio.Event()
 
-    async def states(self, read: Callable[[], dict], cancelled: Callable[[], bool]) -> AsyncIterator[dict]:
+    async def states(self, read: Callable[[], dict], cancelled: Callable[[], bool],
+                     standby: Callable[[dict], bool] = lambda state: False) -> AsyncIterator[dict]:
         """The RunStates one stream sends: `read()` when the ledger moved or the refresh is due,
-        yielded only when different from the last one sent."""
+        yielded only when different from the last one sent. `standby(state)`: the worker has no
+        stage, so only a change of what a standby acts on wakes the stream."""
+
+        def mark(state: dict | None) -> tuple:  # what must move for this stream to read again
+            if state is not None and standby(state):
+                return "standby", self.standby_generation
+            return "placed", self.version()
+
         self.open += 1
         try:
             last, seen, refresh_at = None, None, 0.0
             while not cancelled():
-                if self.version() != seen or time.monotonic() >= refresh_at:
-                    seen, refresh_at = self.version(), time.monotonic() + REFRESH_S * random.uniform(0.5, 1.0)
-                    state = read()
+                if mark(last) != seen or time.monotonic() >= refresh_at:
+                    state = read()  # no await between the read and its mark: no change falls in between
+                    seen, refresh_at = mark(state), time.monotonic() + REFRESH_S * random.uniform(0.5, 1.0)
                     if state != last:
                         last = state
                         yield state
-                if self.version() == seen:
-                    async with self.changed:
-                        try:
-                            await asyncio.wait_for(self.changed.wait(), timeout=max(0.0, refresh_at - time.monotonic()))
-                        except TimeoutError:
-                            pass
+                if mark(last) == seen:
+                    event = self.standby_changed if seen[0] == "standby" else self.changed
+                    try:
+                        await asyncio.wait_for(event.wait(), timeout=max(0.0, refresh_at - time.monotonic()))
+                    except TimeoutError:
+                        pass
                 await asyncio.sleep(random.uniform(0.0, min(1.0, self.open / READS_PER_S)))
         finally:
             self.open -= 1

@@ -12,7 +12,7 @@ from .db import ALIVE_STATES
 from .loss_scaling import LossScaleBook
 from .measurements import Measurements
 from .planning import StagePlanner
-from .step_state import APPLYING, StepState
+from .step_state import APPLYING, DONE, StepState
 from .workers import WorkerRegistry
 
 
@@ -36,6 +36,10 @@ class RunFacts:
         epoch, step, phase = self.holder_key
         return (row["state"] in ("ready", "draining") and row["loaded_epoch"] == epoch
                 and row["position"] in (step, step + 1) and (row["position"] == step or phase == APPLYING))
+
+
+# RunState fields every worker gets that a standby acts on: the plan and the state to restore.
+_STANDBY_FIELDS = ("plan_version", "paused", "restore_epoch", "restore_step", "restore_from_store")
 
 
 class AssignmentView:
@@ -62,6 +66,16 @@ class AssignmentView:
                                         self._verifiers_of(),
                                         (common["restore_epoch"], common["step"], common["phase"]))
         return self._facts[1]
+
+    def standby_key(self) -> tuple:
+        """What a standby worker's RunState shows that it acts on (worker/runner.py: the plan, a
+        restore, a pause, the run's end, a drain, whether it is placed, why not, the links it is to
+        measure), without the step's progress: Watch streams of standbys wake only when this
+        changes (coordinator/watch_streams.py). Read once per ledger state."""
+        facts, common = self.facts(), self.facts().common
+        return (tuple(common[k] for k in _STANDBY_FIELDS), common["phase"] == DONE, facts.drains,
+                tuple((stage, tuple(w["id"] for w in rows)) for stage, rows in sorted(facts.by_stage.items())),
+                facts.standby_why, self.planner.scheduling(), self.workers.db.meta("link_candidates"))
 
     def _verifiers_of(self) -> dict[str, list[str]]:
         """Checked worker -> the standbys with a pending check of its work (ledger/spot_checks.py:

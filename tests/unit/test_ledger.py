@@ -618,3 +618,26 @@ def test_a_stage_that_kept_a_handed_back_micro_batch_twice_restarts_the_step(tmp
     assert (ledger.step, ledger.attempt) == (0, 1) and ledger.phase in ("waiting", "open")
     (why,) = [e["detail"] for e in ledger.status()["events"] if e["kind"] == "step_restarted"]
     assert f"stage 1's replicas kept the gradients of {total + 1} micro-batches for the step's {total}" in why
+
+
+def test_a_standby_watch_key_moves_with_what_a_standby_acts_on_not_with_a_step(tmp_path):
+    """AssignmentView.standby_key: standby Watch streams wake only when it moves
+    (coordinator/watch_streams.py), so a closed step must leave it and a pause, a drain or a
+    placement must move it."""
+    ledger = make(tmp_path, steps=3)
+    ids = ready_swarm(ledger, 2)
+    spare = ledger.join("spare", "127.0.0.1:9100", {})["id"]
+    assert ledger.run_state(spare)["assignment"]["stage"] == -1
+    key, version, step = ledger.views.standby_key(), ledger.version, ledger.step
+    finish_step(ledger, ids)
+    assert ledger.step == step + 1 and ledger.version != version
+    assert ledger.views.standby_key() == key
+    ledger.set_paused(True)
+    assert ledger.views.standby_key() != key
+    key = ledger.views.standby_key()
+    ledger.request_drain(spare)
+    assert ledger.views.standby_key() != key
+    key = ledger.views.standby_key()
+    ledger.leave(ids[1])  # the spare takes the stage it held
+    assert ledger.run_state(spare)["assignment"]["stage"] >= 0
+    assert ledger.views.standby_key() != key
