@@ -25,7 +25,8 @@ loaded the machine is; any randomness comes from `seed`. A wall-clock backstop
 (`backstop_s`, search_budget.py) stops every loop (first layouts, 2-opt, swaps, moves,
 polish) on pathological inputs only; it should never bind at the defaults.
 Re-planning (`replan`) starts from the current placement and moves workers only when the
-predicted gain over `horizon_steps` outweighs the time to load the layers that move.
+predicted gain over `horizon_steps` outweighs the stall of loading what moves (workers load
+in parallel: the most layers one worker loads, `move_stall_layers`).
 """
 
 from __future__ import annotations
@@ -303,8 +304,22 @@ def _starts(space: _Space, chain: list[int], devices, net, model, work,
 
 def layers_moved(before: list[StagePlacement], after: list[StagePlacement]) -> int:
     """Layers workers must load to go from `before` to `after` (a new worker loads its stage)."""
+    return sum(_layers_to_load(before, after))
+
+
+def move_stall_layers(before: list[StagePlacement], after: list[StagePlacement]) -> int:
+    """The most layers any one worker must load to go from `before` to `after`. Workers load in
+    parallel (each from a replica or the store), so a move holds the run up for about this many
+    layer loads, not for their sum: pricing a move by the sum made a plan of 64 workers that moves
+    half of them cost ~30x what it stalls, and kept a churned run on a plan made a minute in, on
+    few measured links, for an hour (bench churn)."""
+    return max(_layers_to_load(before, after), default=0)
+
+
+def _layers_to_load(before: list[StagePlacement], after: list[StagePlacement]) -> list[int]:
+    """Per worker of `after`, the layers of its stage it does not hold in `before`."""
     held = {w: set(range(s.start, s.end)) for s in before for w in s.workers}
-    return sum(len(set(range(s.start, s.end)) - held.get(w, set())) for s in after for w in s.workers)
+    return [len(set(range(s.start, s.end)) - held.get(w, set())) for s in after for w in s.workers]
 
 
 def replan(current: list[StagePlacement], devices: list[Device], net: Network, model: ModelShape,
@@ -314,7 +329,7 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
            clock: Callable[[], float] | None = None) -> Placement:
     """After a join, a leave or a new measurement: keep the current groups (minus workers that
     are gone, plus newcomers where they help most) unless a fresh search predicts a gain over
-    `horizon_steps` steps that is worth the layers it would move. stage_counts, evaluations,
+    `horizon_steps` steps that is worth the stall its loads cause (move_stall_layers). stage_counts, evaluations,
     backstop_s, seed and clock drive the fresh search as in plan(); max_group (0: none) caps
     a replica group's size, for newcomers and the fresh search; keep_workers as in plan()."""
     alive = set(usable(devices, model, work, gone)[0])
@@ -342,8 +357,8 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
             same = [StagePlacement(s.start, s.end, g) for s, g in zip(current, groups)]
             if not infeasible(same, devices, model, work):
                 options.append((predict_step(same, devices, net, model, work).step_s, same))
-    # Each option costs its steps over the horizon plus the layers its moves load.
-    total = lambda o: o[0] * horizon_steps + layers_moved(current, o[1]) * seconds_per_layer_load  # noqa: E731
+    # Each option costs its steps over the horizon plus the stall its moves' loads cause.
+    total = lambda o: o[0] * horizon_steps + move_stall_layers(current, o[1]) * seconds_per_layer_load  # noqa: E731
     cost, stages = min((o for o in options if o[1] is not None), key=total)
     if stages is fresh.stages:
         return fresh

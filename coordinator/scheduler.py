@@ -18,7 +18,7 @@ from gptjt_core.stage_spec import StageSpec
 
 from .cost_model import (MEMORY_HEADROOM, Device, Link, ModelShape, Network, StagePlacement, Workload, memory_needed_gb,
                          predict_step)
-from .placement import evaluate, layers_moved, plan, replan, usable
+from .placement import evaluate, layers_moved, move_stall_layers, plan, replan, usable
 from .sites import fill_links
 
 # Bytes per value on the wire, per codec: block codecs carry a float32 scale per 128 values.
@@ -75,6 +75,7 @@ class PlanDecision:
     predicted_step_s: float
     standby: dict[str, str] = field(default_factory=dict)  # worker id -> why it has no stage
     layers_moved: int = 0  # layers workers must load to go from the current plan to this one
+    stall_layers: int = 0  # the most of them one worker loads: loads run in parallel (move_stall_layers)
     current_step_s: float = float("inf")  # the current plan's prediction with today's figures
     # every worker a search of this decision could place (the candidate sets): only links among
     # them can change a plan, so only they are asked to measure, and only towards each other
@@ -170,8 +171,8 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     workers, so at most (the most stages) x that many take part. Two candidate sets are
     solved: the fastest workers, and today's holders topped up with the fastest others; with
     a current plan, placement.replan keeps it unless moving pays off. The set whose plan
-    costs least over scheduler.horizon_steps steps, counting the layers its moves load
-    (layer_load_s each), wins: hysteresis at both levels. `memo`: answers of earlier searches,
+    costs least over scheduler.horizon_steps steps, counting the stall its moves cause (the
+    most layers one worker loads, layer_load_s each), wins: hysteresis at both levels. `memo`: answers of earlier searches,
     reused when a candidate set, its links and the current plan are unchanged."""
     cfg = run.scheduler
     counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
@@ -205,7 +206,7 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
                 standby.setdefault(w.id, str(e))
     if not options:
         return None
-    cost = lambda d: d.predicted_step_s * cfg.horizon_steps + d.layers_moved * cfg.layer_load_s  # noqa: E731
+    cost = lambda d: d.predicted_step_s * cfg.horizon_steps + d.stall_layers * cfg.layer_load_s  # noqa: E731
     best = min(options, key=cost)
     placed = {w for st in best.stages for w in st.workers}
     for w in pool:
@@ -259,19 +260,19 @@ def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates:
         groups = [tuple(candidates[i].id for i in range(k, len(candidates), stages)) for k in range(stages)]
         even = [StagePlan(s.start, s.end, g) for s, g in zip(specs, groups)]
         predicted = predict_step(_as_old(even, index), devices, net, shape, work).step_s
-        return PlanDecision(even, predicted, {}, _moved(current, even))
+        return PlanDecision(even, predicted, {}, *_moved(current, even))
     standby = {candidates[i].id: why for i, why in (result.why_standby or {}).items()}
     result_stages, result_s = result.stages, result.step_s
     if current and not old:  # a fresh plan: prefer the order that leaves placed workers in place
         in_place = _keep_in_place([s.workers for s in result.stages], current, index)
         if in_place is not None:
             cost, stages_ = evaluate(in_place, devices, net, shape, work, polish=True)
-            moved = lambda st: layers_moved(_as_old(current, index), st)  # noqa: E731
+            moved = lambda st: move_stall_layers(_as_old(current, index), st)  # noqa: E731
             if stages_ is not None and (cost - result_s) * cfg.horizon_steps <= \
                     (moved(result_stages) - moved(stages_)) * cfg.layer_load_s:
                 result_stages, result_s = stages_, cost
     chosen = [StagePlan(s.start, s.end, tuple(candidates[i].id for i in s.workers)) for s in result_stages]
-    return PlanDecision(chosen, result_s, standby, _moved(current, chosen))
+    return PlanDecision(chosen, result_s, standby, *_moved(current, chosen))
 
 
 def _predict_current(run, shape, work, pool, links, default, current) -> float:
@@ -311,11 +312,13 @@ def _keep_in_place(groups: list[tuple[int, ...]], current: list[StagePlan],
     return None if order == list(groups) else order
 
 
-def _moved(current: list[StagePlan] | None, new: list[StagePlan]) -> int:
+def _moved(current: list[StagePlan] | None, new: list[StagePlan]) -> tuple[int, int]:
+    """(layers_moved, stall_layers) from `current` to `new`."""
     if not current:
-        return 0
+        return 0, 0
     ids = sorted({w for s in [*current, *new] for w in s.workers})
     index = {w: i for i, w in enumerate(ids)}
     as_placement = lambda plan_: [StagePlacement(s.start, s.end, tuple(index[w] for w in s.workers))  # noqa: E731
                                   for s in plan_]
-    return layers_moved(as_placement(current), as_placement(new))
+    before, after = as_placement(current), as_placement(new)
+    return layers_moved(before, after), move_stall_layers(before, after)

@@ -144,7 +144,8 @@ class SchedulerConfig:
     An integer >= 0."""
     horizon_steps: int = 50
     """Hysteresis: a re-plan moves workers only if its predicted saving over this many steps
-    exceeds the time the moves cost (layer_load_s per layer a worker must load). An integer >= 1."""
+    exceeds the stall the moves cause: layer_load_s per layer, for the most layers one worker must
+    load (workers load in parallel). An integer >= 1."""
     layer_load_s: float = 2.0
     """Seconds a worker needs to load one layer it does not hold (weights + optimizer state), >= 0."""
     search_evaluations: int = 1200

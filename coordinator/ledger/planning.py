@@ -10,7 +10,7 @@ measurements, and applies it only where that loses nothing:
   only adds newcomers to groups whose ranges stay the same applies at once: they copy the
   state from a replica like any joiner.
 Hysteresis (placement.replan) keeps the current plan unless the predicted saving over
-scheduler.horizon_steps steps outweighs the layers the move would load. With placement "even"
+scheduler.horizon_steps steps outweighs the stall of its loads. With placement "even"
 the ranges never change and standby workers fill vacancies in join order.
 """
 

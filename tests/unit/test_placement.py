@@ -9,7 +9,7 @@ import pytest
 
 from coordinator import placement
 from coordinator.cost_model import Device, Link, ModelShape, Network, StagePlacement, Workload, infeasible, predict_step
-from coordinator.placement import layers_moved, plan, replan, split_layers
+from coordinator.placement import layers_moved, move_stall_layers, plan, replan, split_layers
 from gptjt_core.config import SchedulerConfig
 
 MODEL = ModelShape(n_layer=6, d_model=1000, layer_params=10**9, embed_params=10**8, head_params=10**8)
@@ -91,6 +91,27 @@ def test_replan_keeps_the_plan_when_moving_does_not_pay():
         first.stages, plan(devices, NET, MODEL, WORK, gone=gone).stages)
     cheap = replan(first.stages, devices, NET, MODEL, WORK, seconds_per_layer_load=0.0, horizon_steps=10, gone=gone)
     assert cheap.step_s <= again.step_s + 1e-9
+
+
+def test_a_move_is_priced_by_the_most_layers_one_worker_loads_not_by_their_sum():
+    """Workers load in parallel, so a move stalls the run for the longest single load. Here the
+    layers are split 5 / 1 over two groups of 4; the 3 / 3 split makes stage 1's four workers
+    load 2 layers each: a stall of 2 loads, though 8 are loaded."""
+    devices = [Device(f"w{i}", 60.0, 200.0, "a") for i in range(8)]
+    current = [StagePlacement(0, 5, (0, 1, 2, 3)), StagePlacement(5, 6, (4, 5, 6, 7))]
+    even = [StagePlacement(0, 3, (0, 1, 2, 3)), StagePlacement(3, 6, (4, 5, 6, 7))]
+    assert (move_stall_layers(current, even), layers_moved(current, even)) == (2, 8)
+    assert move_stall_layers(current, current) == 0
+    keep = predict_step(current, devices, NET, MODEL, WORK).step_s
+    better = predict_step(even, devices, NET, MODEL, WORK).step_s
+    gain = (keep - better) * 10  # over a horizon of 10 steps
+    load_s = gain / 5  # the stall (2 loads) pays; the sum (8) would not
+    got = replan(current, devices, NET, MODEL, WORK, seconds_per_layer_load=load_s, horizon_steps=10,
+                 stage_counts=[2], max_group=4)
+    assert got.step_s == pytest.approx(better) and [(s.start, s.end) for s in got.stages] == [(0, 3), (3, 6)]
+    slow_loads = replan(current, devices, NET, MODEL, WORK, seconds_per_layer_load=gain / 1.5, horizon_steps=10,
+                        stage_counts=[2], max_group=4)
+    assert slow_loads.step_s == pytest.approx(keep)  # a stall of 2 loads costs more than it saves
 
 
 # -- an iteration budget, not the clock, ends the search: same inputs, same plan -------------------
