@@ -50,8 +50,8 @@ class _SimulatedWorkers:
     the moment it joined (the timeout runs from the join). A heartbeat that fails is counted and
     the next one goes at the next tick, as worker/runner.py does. Round trips are recorded by
     when they started: in the window that opens one interval after the last join (the figure),
-    or before it, while workers were joining or just after (`joining_latencies`: 10,000 joins at once, as after a coordinator restart or
-    failover, each signing a certificate)."""
+    or before it (`joining_latencies`: 10,000 joins at once, as after a coordinator restart or
+    a failover, each signing a certificate)."""
 
     def __init__(self, stubs, token: str, n: int, interval: float, pb):
         from gptjt_core.pki import new_key_pem, public_key_pem

@@ -329,9 +329,10 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
            clock: Callable[[], float] | None = None) -> Placement:
     """After a join, a leave or a new measurement: keep the current groups (minus workers that
     are gone, plus newcomers where they help most) unless a fresh search predicts a gain over
-    `horizon_steps` steps that is worth the stall its loads cause (move_stall_layers). stage_counts, evaluations,
-    backstop_s, seed and clock drive the fresh search as in plan(); max_group (0: none) caps
-    a replica group's size, for newcomers and the fresh search; keep_workers as in plan()."""
+    `horizon_steps` steps that is worth the stall its loads cause (move_stall_layers).
+    stage_counts, evaluations, backstop_s, seed and clock drive the fresh search as in plan();
+    max_group (0: none) caps a replica group's size, for newcomers and the fresh search;
+    keep_workers as in plan()."""
     alive = set(usable(devices, model, work, gone)[0])
     groups = [tuple(w for w in s.workers if w in alive) for s in current]
     groups = [g for g in groups if g]

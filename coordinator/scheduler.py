@@ -172,8 +172,9 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     solved: the fastest workers, and today's holders topped up with the fastest others; with
     a current plan, placement.replan keeps it unless moving pays off. The set whose plan
     costs least over scheduler.horizon_steps steps, counting the stall its moves cause (the
-    most layers one worker loads, layer_load_s each), wins: hysteresis at both levels. `memo`: answers of earlier searches,
-    reused when a candidate set, its links and the current plan are unchanged."""
+    most layers one worker loads, layer_load_s each), wins: hysteresis at both levels. `memo`:
+    answers of earlier searches, reused when a candidate set, its links and the current plan
+    are unchanged."""
     cfg = run.scheduler
     counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
     work = workload(run)

@@ -8,7 +8,7 @@ instead of queueing them behind each other (and behind heartbeats).
 
 Standby workers (no stage) are most of a large swarm and act on none of a step's progress
 (worker/runner.py: they act on the plan, a restore, a drain, a pause and the links to
-measure). Their streams wake only when `standby_key()` (RunLedger.standby_watch_key: those
+measure). Their streams wake only when `standby_key()` (AssignmentView.standby_key: those
 facts, read once per ledger state) changes, not at every micro-batch commit or closed step:
 at 10,000 workers, waking every stream at every step cost 10,000 reads a step and most of
 the heartbeat tail (gptjt bench heartbeat). A standby's step fields are refreshed with the
@@ -37,7 +37,7 @@ class WatchStreams:
 
     def __init__(self, version: Callable[[], int], standby_key: Callable[[], Hashable] = lambda: None):
         """version: the ledger's current version (RunLedger.version); standby_key: what a standby
-        acts on (RunLedger.standby_watch_key), compared at each version change."""
+        acts on (AssignmentView.standby_key), compared at each version change."""
         self.version, self.standby_key = version, standby_key
         self.changed = asyncio.Event()  # replaced at each wake-up: set() wakes every waiter at once
         self.standby_changed = asyncio.Event()

@@ -72,7 +72,8 @@ class AssignmentView:
         restore, a pause, the run's end, a drain, whether it is placed, why not, the links it is to
         measure), without the step's progress: Watch streams of standbys wake only when this
         changes (coordinator/watch_streams.py). Read once per ledger state."""
-        facts, common = self.facts(), self.facts().common
+        facts = self.facts()
+        common = facts.common
         return (tuple(common[k] for k in _STANDBY_FIELDS), common["phase"] == DONE, facts.drains,
                 tuple((stage, tuple(w["id"] for w in rows)) for stage, rows in sorted(facts.by_stage.items())),
                 facts.standby_why, self.planner.scheduling(), self.workers.db.meta("link_candidates"))
