@@ -10,7 +10,8 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TypeVar
 
 import grpc
 
@@ -19,6 +20,7 @@ from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_CHECKS_PER_BEAT = 64  # a coordinator asks for verify.max_pending at most; more is not taken
 
@@ -83,16 +85,23 @@ class CoordinatorClient:
     async def _retry(self, method: str, request, timeout: float = 10.0):
         """Call the coordinator's `method` (by name: the stub moves with the address), retrying
         transient failures for up to retry_for_s seconds."""
+        return await self._retrying(
+            lambda: getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata), method)
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """`call()` (which must use self.stub afresh each time: it moves with the address) until
+        it succeeds, retrying transient failures for up to retry_for_s seconds: an unreachable
+        coordinator, or a standby answering UNAVAILABLE, moves the client on to the next address."""
         deadline = time.monotonic() + self.retry_for_s
         delay = 0.2
         while True:
             used = self.address
             try:
-                return await getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+                return await call()
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE or time.monotonic() > deadline:
                     raise
-                log.debug("coordinator %s unreachable (%s); retrying in %.1fs", used, e.code().name, delay)
+                log.info("%s at coordinator %s failed (%s); trying again in %.1fs", what, used, e.code().name, delay)
                 self._move_on(e, used)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
@@ -102,21 +111,9 @@ class CoordinatorClient:
         to retry_for_s): a coordinator restarting mid-upload refuses the connection (the chaos soak
         saw a worker exit 1 on this). A half-sent attempt leaves nothing in the store: it keeps a
         stage's file only once it is complete and hashes to its header. Returns the stored path."""
-        deadline = time.monotonic() + self.retry_for_s
-        delay = 0.2
-        while True:
-            used = self.address
-            try:
-                reply = await self.stub.PutCheckpoint(chunks(), timeout=600, metadata=self.metadata)
-                return reply.path
-            except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRYABLE or time.monotonic() > deadline:
-                    raise
-                log.info("checkpoint upload to %s failed (%s); sending it again in %.1fs", self.address,
-                         e.code().name, delay)
-                self._move_on(e, used)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        async def put() -> str:
+            return (await self.stub.PutCheckpoint(chunks(), timeout=600, metadata=self.metadata)).path
+        return await self._retrying(put, "checkpoint upload")
 
     async def join(self, token: str, name: str, address: str, device: dict, public_key_pem: str = "",
                    dht_public_key: bytes = b"") -> pb.JoinReply:
@@ -183,14 +180,19 @@ class CoordinatorClient:
         return await self._put_retrying(chunks)
 
     async def get_checkpoint(self, step: int, spec) -> bytes:
-        """The safetensors blob of a layer range at `step`, re-sliced by the coordinator's store."""
+        """The safetensors blob of a layer range at `step`, re-sliced by the coordinator's store;
+        fetched whole again while the coordinator is unreachable, from the next address when the
+        active one died and a standby took over (a half-received blob is dropped)."""
         request = pb.GetCheckpointRequest(step=step, start_layer=spec.start, end_layer=spec.end,
                                           embed=spec.embed, head=spec.head)
-        parts = []
-        async for chunk in self.stub.GetCheckpoint(request, timeout=600, metadata=self.metadata):
-            if chunk.WhichOneof("part") == "data":
-                parts.append(chunk.data)
-        return b"".join(parts)
+
+        async def fetch() -> bytes:
+            parts = []
+            async for chunk in self.stub.GetCheckpoint(request, timeout=600, metadata=self.metadata):
+                if chunk.WhichOneof("part") == "data":
+                    parts.append(chunk.data)
+            return b"".join(parts)
+        return await self._retrying(fetch, "checkpoint download")
 
     async def watch(self, worker_id: str) -> AsyncIterator[pb.RunState]:
         """RunState messages, reconnecting for as long as it takes (coordinator restarts)."""

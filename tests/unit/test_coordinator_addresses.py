@@ -16,7 +16,7 @@ from worker.membership import CoordinatorClient
 
 
 class Leader(pb_grpc.CoordinatorServicer):
-    """Answers heartbeats only (the rest of the API is not on this path)."""
+    """Answers heartbeats and checkpoint downloads only (the rest of the API is not on this path)."""
 
     def __init__(self):
         self.beats = 0
@@ -24,6 +24,10 @@ class Leader(pb_grpc.CoordinatorServicer):
     async def Heartbeat(self, request, context):
         self.beats += 1
         return pb.HeartbeatReply(known=True)
+
+    async def GetCheckpoint(self, request, context):
+        for part in (b"layers ", f"{request.start_layer}-{request.end_layer}".encode()):
+            yield pb.CheckpointChunk(data=part)
 
 
 async def _serve(*, leader: Leader | None) -> tuple[grpc.aio.Server, str]:
@@ -82,3 +86,27 @@ def test_calls_failing_together_at_one_address_move_on_once():
 def test_no_address_is_refused_with_what_to_give():
     with pytest.raises(ValueError, match=r"HOST:PORT\[,HOST:PORT\.\.\.\]"):
         CoordinatorClient(" , ")
+
+
+def test_a_checkpoint_download_moves_past_a_standby_to_the_leader():
+    """A worker loading its stage when the active coordinator died fetches from the one that took
+    over instead of failing the load."""
+    async def scenario():
+        standby, standby_at = await _serve(leader=None)
+        active, active_at = await _serve(leader=Leader())
+        client = CoordinatorClient(f"{standby_at},{active_at}", retry_for_s=10.0)
+        try:
+            spec = type("Spec", (), {"start": 2, "end": 5, "embed": False, "head": False})()
+            assert await client.get_checkpoint(10, spec) == b"layers 2-5"
+            assert client.address == active_at
+            alone = CoordinatorClient(standby_at, retry_for_s=0.0)  # nowhere to move: the refusal is raised
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await alone.get_checkpoint(10, spec)
+            await alone.close()
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            await client.close()
+            await standby.stop(None)
+            await active.stop(None)
+
+    asyncio.run(scenario())
