@@ -34,13 +34,13 @@ DESCRIPTION = "p99 of authenticated heartbeats from N simulated workers, with st
 LOAD_CONFIG = """joins_per_s = 100000.0
 join_burst = 100000
 """
-# Client connections the simulated workers share (real workers each open their own): 40 Watch
-# streams each, well under the coordinator's 256 streams a connection even with heartbeats queued.
+# Client connections the simulated workers share (real workers each open their own): at 10,000
+# workers 40 Watch streams each, well under the coordinator's 256 streams a connection even with heartbeats queued.
 CHANNELS = 250
 GRACE_S = 5.0  # after the window, for its last round trips to come back
 # The training that flows meanwhile (bench/heartbeat_trainer.py): a step every 10 s of 64 micro-batches,
 # each leased and committed. bench churn's GPT-J 6B plans at 1,000 volunteers predict ~95 s a step,
-# so this closes steps (which wake every Watch stream) ~10x as often as such a run would.
+# so this closes steps (which wake every placed worker's Watch stream) ~10x as often as such a run would.
 TRAIN_STEP_S, TRAIN_MICRO_BATCHES = 10.0, 64
 
 

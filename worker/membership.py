@@ -86,12 +86,14 @@ class CoordinatorClient:
         """Call the coordinator's `method` (by name: the stub moves with the address), retrying
         transient failures for up to retry_for_s seconds."""
         return await self._retrying(
-            lambda: getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata), method)
+            lambda: getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata), method,
+            logging.DEBUG)
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str, level: int = logging.INFO) -> T:
         """`call()` (which must use self.stub afresh each time: it moves with the address) until
         it succeeds, retrying transient failures for up to retry_for_s seconds: an unreachable
-        coordinator, or a standby answering UNAVAILABLE, moves the client on to the next address."""
+        coordinator, or a standby answering UNAVAILABLE, moves the client on to the next address.
+        Each retry is logged at `level`: routine calls at DEBUG, checkpoint transfers at INFO."""
         deadline = time.monotonic() + self.retry_for_s
         delay = 0.2
         while True:
@@ -101,7 +103,8 @@ class CoordinatorClient:
             except grpc.aio.AioRpcError as e:
                 if e.code() not in RETRYABLE or time.monotonic() > deadline:
                     raise
-                log.info("%s at coordinator %s failed (%s); trying again in %.1fs", what, used, e.code().name, delay)
+                log.log(level, "%s at coordinator %s failed (%s); trying again in %.1fs", what, used, e.code().name,
+                        delay)
                 self._move_on(e, used)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)

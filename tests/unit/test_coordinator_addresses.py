@@ -100,9 +100,11 @@ def test_a_checkpoint_download_moves_past_a_standby_to_the_leader():
             assert await client.get_checkpoint(10, spec) == b"layers 2-5"
             assert client.address == active_at
             alone = CoordinatorClient(standby_at, retry_for_s=0.0)  # nowhere to move: the refusal is raised
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await alone.get_checkpoint(10, spec)
-            await alone.close()
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await alone.get_checkpoint(10, spec)
+            finally:
+                await alone.close()
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             await client.close()
