@@ -144,18 +144,25 @@ def _network(workers: list[WorkerView], links: list[LinkView], default: Link, si
     when both were measured), else the typical link between the sites found from measured
     latencies (coordinator/sites.py; from the links of `everyone` live, not only `workers`),
     else the configured default."""
-    by_address = {w.address: w.id for w in everyone or workers}
-    live = set(by_address.values())
+    measured = measured_pairs(links, everyone or workers)
+    return Network(fill_links([w.id for w in workers], measured, site_latency_ms, default), inside=default)
+
+
+def measured_pairs(links: list[LinkView], live: list[WorkerView]) -> dict[tuple[str, str], Link]:
+    """(a, b) with a < b -> the measured link between two of the `live` workers (the slower
+    direction when both were measured)."""
+    by_address = {w.address: w.id for w in live}
+    ids = set(by_address.values())
     measured: dict[tuple[str, str], Link] = {}
     for m in links:
         dst = by_address.get(m.dst_address)
-        if dst is None or dst == m.src or m.src not in live or m.mbit <= 0:
+        if dst is None or dst == m.src or m.src not in ids or m.mbit <= 0:
             continue
         link = Link(m.latency_ms / 1e3, m.mbit / 1e3)
-        key = tuple(sorted((m.src, dst)))
+        key = (m.src, dst) if m.src < dst else (dst, m.src)
         old = measured.get(key)
         measured[key] = link if old is None else Link(max(old.latency_s, link.latency_s), min(old.gbps, link.gbps))
-    return Network(fill_links([w.id for w in workers], measured, site_latency_ms, default), inside=default)
+    return measured
 
 
 def _devices(workers: list[WorkerView]) -> list[Device]:
@@ -209,15 +216,29 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
         return None
     cost = lambda d: d.predicted_step_s * cfg.horizon_steps + d.stall_layers * cfg.layer_load_s  # noqa: E731
     best = min(options, key=cost)
-    placed = {w for st in best.stages for w in st.workers}
-    for w in pool:
-        if w.id not in placed and w.id not in best.standby:
-            best.standby[w.id] = (f"every stage has its {replicas} replica(s) and the plan is faster with the "
-                                  "workers holding them (it takes a stage when one frees up or a re-plan prefers it)")
-    best.standby.update({k: v for k, v in standby.items() if k not in placed})
-    best.current_step_s = _predict_current(run, shape, work, pool, links, default, current)
+    now_s = predict_plan_s(run, shape, current or [], pool, links)
+    if now_s <= best.predicted_step_s:
+        # The plan in force, as it is, is predicted no slower: it stays. The search fills every
+        # group up to replicas_per_stage, so it cannot offer a group left short on purpose
+        # (vacancy_choice declines a replica that would slow the step), and it plans from scratch
+        # when a stage lost every candidate: the bench churn saw it pend, then apply, 66.7 s/step
+        # plans over 50.8 s ones.
+        best = PlanDecision([StagePlan(s.start, s.end, s.workers) for s in current], now_s)
+    _explain_standby(best, pool, standby, replicas)
+    best.current_step_s = now_s
     best.candidates = tuple(dict.fromkeys(w.id for candidates in sets for w in candidates))
     return best
+
+
+def _explain_standby(decision: PlanDecision, pool: list[WorkerView], unfit: dict[str, str], replicas: int) -> None:
+    """Say in `decision.standby` why each worker it leaves out waits (`unfit`: those that fit nowhere)."""
+    placed = {w for st in decision.stages for w in st.workers}
+    for w in pool:
+        if w.id not in placed and w.id not in decision.standby:
+            decision.standby[w.id] = (f"the plan is predicted fastest with the workers it places (at most "
+                                      f"{replicas} replica(s) a stage); it takes a stage when one frees up or a "
+                                      "re-plan prefers it")
+    decision.standby.update({k: v for k, v in unfit.items() if k not in placed})
 
 
 def too_small(run: RunConfig, shape: ModelShape, workers: list[WorkerView]) -> dict[str, str]:
@@ -276,17 +297,31 @@ def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates:
     return PlanDecision(chosen, result_s, standby, *_moved(current, chosen))
 
 
-def _predict_current(run, shape, work, pool, links, default, current) -> float:
-    """The current plan's step time with today's figures (inf when a stage has nobody)."""
-    if not current:
-        return float("inf")
-    workers = [w for w in pool if any(w.id in s.workers for s in current)]
+def predict_plan_s(run: RunConfig, shape: ModelShape, plan: list[StagePlan], pool: list[WorkerView],
+                   links: list[LinkView]) -> float:
+    """`plan`'s predicted seconds per step with today's figures: its workers' rates (those of `pool`;
+    others are left out) and their links, measured or their sites' typical ones (sites found from
+    the links among `pool`). inf when a stage has nobody or the stage count is out of bounds."""
+    return predict_plans_s(run, shape, [plan], pool, measured_pairs(links, pool))[0]
+
+
+def predict_plans_s(run: RunConfig, shape: ModelShape, plans: list[list[StagePlan]], pool: list[WorkerView],
+                    measured: dict[tuple[str, str], Link]) -> list[float]:
+    """predict_plan_s of each of `plans`, on one network (`measured`: measured_pairs of `pool`)."""
+    cfg = run.scheduler
+    default = Link(cfg.default_link_latency_ms / 1e3, cfg.default_link_mbit / 1e3)
+    used = {w for candidate in plans for s in candidate for w in s.workers}
+    workers = [w for w in pool if w.id in used]
     index = {w.id: i for i, w in enumerate(workers)}
-    old = _as_old(current, index)
-    if len(old) not in run.pipeline.stage_counts or not all(s.workers for s in old):
-        return float("inf")
-    net = _network(workers, links, default, run.scheduler.site_latency_ms, pool)
-    return predict_step(old, _devices(workers), net, shape, work).step_s
+    net = Network(fill_links([w.id for w in workers], measured, cfg.site_latency_ms, default), inside=default)
+    devices, work, out = _devices(workers), workload(run), []
+    for candidate in plans:
+        old = _as_old(candidate, index)
+        if not old or len(old) not in run.pipeline.stage_counts or not all(s.workers for s in old):
+            out.append(float("inf"))
+        else:
+            out.append(predict_step(old, devices, net, shape, work).step_s)
+    return out
 
 
 def _as_old(current: list[StagePlan], index: dict[str, int]) -> list[StagePlacement]:

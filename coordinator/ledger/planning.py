@@ -10,8 +10,11 @@ measurements, and applies it only where that loses nothing:
   only adds newcomers to groups whose ranges stay the same applies at once: they copy the
   state from a replica like any joiner.
 Hysteresis (placement.replan) keeps the current plan unless the predicted saving over
-scheduler.horizon_steps steps outweighs the stall of its loads. With placement "even"
-the ranges never change and standby workers fill vacancies in join order.
+scheduler.horizon_steps steps outweighs the stall of its loads, and a plan predicted slower
+than the one in force never replaces it. Between searches a short stage takes the standby
+worker the cost model prices best for it (coordinator/vacancy_choice.py), once the first step
+opened. With placement "even" the ranges never change and standby workers fill vacancies in
+join order.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from gptjt_core.stage_spec import StageSpec
 
 from ..cost_model import ModelShape
 from ..scheduler import DecisionMemo, LinkView, PlanDecision, StagePlan, WorkerView, decide, fits_stage, too_small
+from ..vacancy_choice import SPARE_COPY, ReplicaPricer
 from .db import LedgerDB
 from .events import EventLog
 from .measurements import Measurements
@@ -42,6 +46,11 @@ class StagePlanner:
         self.n_layer = default[-1].end
         self.plan = self._stored(default)
         self.memo = DecisionMemo()  # a join or death that changes nothing a search sees costs no search
+        # stage -> (every stage's workers, when): a stage with replicas that every standby worker
+        # would slow is priced again only once its plan changes or scheduler.replan_every_s passed
+        # (a swarm of thousands measures links many times a second, and each measurement fills;
+        # a newcomer has measured nothing, so it cannot be priced before the next search anyway)
+        self.passed_at: dict[int, tuple[tuple, float]] = {}
 
     # -- the plan in force -------------------------------------------------------------
     def reload(self) -> None:
@@ -230,31 +239,64 @@ class StagePlanner:
 
     def fill_vacancies(self, exclude: frozenset[str] = frozenset(), check_fit: bool = False) -> None:
         """Standby workers take stages: empty stages first, then the stage with the fewest
-        replicas, up to pipeline.replicas_per_stage each (longest-waiting worker first).
-        `exclude`: workers the scheduler found too small for any layer; check_fit: skip those
-        whose memory cannot hold the stage to fill, judged one by one in join order as they come
-        up (a swarm of thousands is not scanned for the fastest: the next search places that)."""
+        replicas, up to pipeline.replicas_per_stage each. `exclude`: workers the scheduler found
+        too small for any layer; check_fit: skip those whose memory cannot hold the stage. Under
+        the cost-model placement, once the first step opened, the worker is the one the cost
+        model prices best for the stage (coordinator/vacancy_choice.py; a stage with replicas may
+        decline them all), else the longest-waiting one."""
         target = self.run.pipeline.replicas_per_stage
         exclude = exclude | frozenset(self.state.held_out())  # set aside by an averaging fallback
         taken = self.workers.stage_workers()
+        passed: set[int] = set()  # stages no standby worker fits, or (cost model) each would slow
+        # Before the first step nobody holds trained state and every search applies in full, so
+        # join order costs nothing and starts loads early; after it, a worker placed stays placed
+        pricer = _LazyPricer(self) if self.scheduling() and not self._free_to_replan() else None
+        standby = None  # read at the first short stage, then kept up to date here
         while True:
             counts = {s: len(taken.get(s, [])) for s in range(len(self.plan))}
-            short = [s for s, n in counts.items() if n < target]
+            short = [s for s, n in counts.items() if n < target and s not in passed]
             if not short:
                 return
             stage = min(short, key=lambda s: (counts[s], s))
-            row = next((r for r in self.workers.standby() if r["id"] not in exclude
-                        and (not check_fit or self._fits(r, self.plan[stage]))), None)
+
+            def fits(r, spec=self.plan[stage]) -> bool:
+                return r["id"] not in exclude and (not check_fit or self._fits(r, spec))
+
+            standby = self.workers.standby() if standby is None else standby
+            if pricer is not None and standby:
+                row = self._priced_pick(pricer, stage, taken, standby, fits)
+            else:
+                row = next((r for r in standby if fits(r)), None)
             if row is None and counts[stage] == 0:
                 row = self._surplus_replica(taken, lambda r: not check_fit or self._fits(r, self.plan[stage]))
             if row is None:
-                return
+                passed.add(stage)
+                continue
             self.workers.assign(row["id"], stage)
+            standby = [r for r in standby if r["id"] != row["id"]]
             taken.setdefault(stage, []).append(row)
             self.state.bump_plan_version()
             spec = self.plan[stage]
             role = "replica %d of " % (counts[stage] + 1) if counts[stage] else ""
             self.events.record("stage_assigned", f"{role}stage {stage} (layers {spec.start}-{spec.end}) -> {row['id']}")
+
+    def _priced_pick(self, pricer: _LazyPricer, stage: int, taken: dict, standby: list,
+                     fits: Callable[[object], bool]):
+        """The standby row the cost model prices best for `stage` (None: none fits, or each would
+        slow the step); `taken`: stage -> its rows, this pass's assignments included."""
+        key, now = tuple(tuple(r["id"] for r in taken.get(i, [])) for i in range(len(self.plan))), self.db.clock()
+        seen = self.passed_at.get(stage)
+        if seen is not None and seen[0] == key and now < seen[1] + self.run.scheduler.replan_every_s:
+            return None  # every standby worker would have slowed this plan a moment ago
+        rows = {r["id"]: r for r in standby}
+        plan = [StagePlan(s.start, s.end, tuple(r["id"] for r in taken.get(i, []) if r["state"] != "draining"))
+                for i, s in enumerate(self.plan)]
+        chosen = pricer.get().choose(plan, stage, [_view(r) for r in standby], lambda v: fits(rows[v.id]))
+        if chosen is None:
+            if len(taken.get(stage, [])) >= SPARE_COPY:  # declined for its cost, not for want of a fit
+                self.passed_at[stage] = (key, now)
+            return None
+        return rows[chosen.id]
 
     def _surplus_replica(self, taken: dict, fits: Callable[[object], bool]) -> object | None:
         """An empty stage with nobody on standby takes the newest replica that `fits` it from the
@@ -314,3 +356,17 @@ def _view(row) -> WorkerView:
 
 def _where(stage: int, spec: StageSpec | None) -> str:
     return f"stage {stage} ({spec.start}-{spec.end})" if spec is not None else "standby"
+
+
+class _LazyPricer:
+    """A ReplicaPricer over the live workers and links, read at its first use (most fills find no
+    stage short, or price nothing)."""
+
+    def __init__(self, planner: StagePlanner):
+        self.planner, self.pricer = planner, None
+
+    def get(self) -> ReplicaPricer:
+        if self.pricer is None:
+            p = self.planner
+            self.pricer = ReplicaPricer(p.run, p.shape, p._views(), p._link_views())
+        return self.pricer
