@@ -49,7 +49,7 @@ class StagePlanner:
         # stage -> (every stage's workers, when): a stage with replicas that every standby worker
         # would slow is priced again only once its plan changes or scheduler.replan_every_s passed
         # (a swarm of thousands measures links many times a second, and each measurement fills;
-        # a newcomer has measured nothing, so it cannot be priced before the next search anyway)
+        # a worker that joins meanwhile is placed by the merged search its join asked for)
         self.passed_at: dict[int, tuple[tuple, float]] = {}
 
     # -- the plan in force -------------------------------------------------------------
