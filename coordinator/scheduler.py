@@ -170,7 +170,8 @@ def _devices(workers: list[WorkerView]) -> list[Device]:
 
 
 def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: list[LinkView],
-           current: list[StagePlan] | None, memo: DecisionMemo | None = None) -> PlanDecision | None:
+           current: list[StagePlan] | None, memo: DecisionMemo | None = None,
+           keep_if_faster: bool = False) -> PlanDecision | None:
     """The plan for these workers, or None when they cannot fill every stage.
 
     The plan has pipeline.num_stages stages, or any count in min_stages .. max_stages when
@@ -181,7 +182,8 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     costs least over scheduler.horizon_steps steps, counting the stall its moves cause (the
     most layers one worker loads, layer_load_s each), wins: hysteresis at both levels. `memo`:
     answers of earlier searches, reused when a candidate set, its links and the current plan
-    are unchanged."""
+    are unchanged. keep_if_faster: the plan in force stays when it is predicted no slower than
+    the search's (the ledger asks it once the first step opened)."""
     cfg = run.scheduler
     counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
     work = workload(run)
@@ -217,12 +219,10 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     cost = lambda d: d.predicted_step_s * cfg.horizon_steps + d.stall_layers * cfg.layer_load_s  # noqa: E731
     best = min(options, key=cost)
     now_s = predict_plan_s(run, shape, current or [], pool, links)
-    if now_s <= best.predicted_step_s:
-        # The plan in force, as it is, is predicted no slower: it stays. The search fills every
-        # group up to replicas_per_stage, so it cannot offer a group left short on purpose
-        # (vacancy_choice declines a replica that would slow the step), and it plans from scratch
-        # when a stage lost every candidate: the bench churn saw it pend, then apply, 66.7 s/step
-        # plans over 50.8 s ones.
+    if keep_if_faster and now_s <= best.predicted_step_s:
+        # The search fills every group (the first step waits for start_with_replicas), so it
+        # cannot offer one left short on purpose (vacancy_choice), and it plans from scratch when
+        # a stage lost every candidate: bench churn saw a 66.7 s/step plan applied over 50.8 s.
         best = PlanDecision([StagePlan(s.start, s.end, s.workers) for s in current], now_s)
     _explain_standby(best, pool, standby, replicas)
     best.current_step_s = now_s

@@ -106,7 +106,8 @@ class StagePlanner:
     def _decide(self) -> PlanDecision | None:
         current = self._current_plan()
         decision = decide(self.run, self.shape, self._views(), self._link_views(),
-                          current if any(s.workers for s in current) else None, self.memo)
+                          current if any(s.workers for s in current) else None, self.memo,
+                          keep_if_faster=not self._free_to_replan())
         # who measures links next (Measurements.to_measure): the candidates, or everyone while no plan fits
         self.db.set_json_meta("link_candidates", list(decision.candidates) if decision is not None else [])
         if decision is not None:

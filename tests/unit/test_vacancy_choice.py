@@ -91,12 +91,17 @@ def test_the_ledger_fills_a_departure_with_the_priced_worker(tmp_path):
 
 def test_a_search_keeps_the_plan_in_force_when_its_own_is_predicted_slower():
     """The search fills every group up to replicas_per_stage, so it would put the far worker into a
-    group the pricer left short on purpose; the plan in force, predicted faster, stays."""
+    group the pricer left short on purpose; once the first step opened, the plan in force,
+    predicted faster, stays."""
     from coordinator.scheduler import decide
     far = WorkerView("far", "h:far", FAST, 24)
     everyone, links = _swarm(far)
     links += _links("far", ["a1", "a2", "a3", "a4"], FAR)
-    decision = decide(run_config(stages=2, replicas=3), SHAPE, everyone, links, PLAN)
+    decision = decide(run_config(stages=2, replicas=3), SHAPE, everyone, links, PLAN, keep_if_faster=True)
     assert [s.workers for s in decision.stages] == [s.workers for s in PLAN]
     assert decision.predicted_step_s == decision.current_step_s and decision.layers_moved == 0
     assert "far" in decision.standby
+    # before the first step (the ledger does not ask to keep) the search's full groups win: the
+    # first step waits for start_with_replicas replicas a stage
+    assert "far" in {w for s in decide(run_config(stages=2, replicas=3), SHAPE, everyone, links, PLAN).stages
+                     for w in s.workers}
