@@ -10,8 +10,8 @@ measurements, and applies it only where that loses nothing:
   only adds newcomers to groups whose ranges stay the same applies at once: they copy the
   state from a replica like any joiner.
 Hysteresis (placement.replan) keeps the current plan unless the predicted saving over
-scheduler.horizon_steps steps outweighs the stall of its loads, and a plan predicted slower
-than the one in force never replaces it. Between searches a short stage takes the standby
+scheduler.horizon_steps steps outweighs the stall of its loads, and after the first step a
+plan predicted slower than the one in force never replaces it. Between searches a short stage takes the standby
 worker the cost model prices best for it (coordinator/vacancy_choice.py), once the first step
 opened. With placement "even" the ranges never change and standby workers fill vacancies in
 join order.
