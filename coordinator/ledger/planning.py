@@ -11,10 +11,10 @@ measurements, and applies it only where that loses nothing:
   state from a replica like any joiner.
 Hysteresis (placement.replan) keeps the current plan unless the predicted saving over
 scheduler.horizon_steps steps outweighs the stall of its loads, and after the first step a
-plan predicted slower than the one in force never replaces it. Between searches a short stage takes the standby
-worker the cost model prices best for it (coordinator/vacancy_choice.py), once the first step
-opened. With placement "even" the ranges never change and standby workers fill vacancies in
-join order.
+plan predicted slower than the one in force never replaces it. Between searches a short stage
+takes the standby worker the cost model prices best for it (coordinator/vacancy_choice.py),
+once the first step opened. With placement "even" the ranges never change and standby workers
+fill vacancies in join order.
 """
 
 from __future__ import annotations
