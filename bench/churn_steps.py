@@ -45,9 +45,10 @@ class SimulatedSteps:
             placements.append(StagePlacement(spec.start, spec.end, tuple(group)))
         seconds = predict_step(placements, devices, self.net, self.shape, self.work).step_s
         if (ledger.step + 1) % self.run.train.checkpoint_every == 0:
+            # each stage's writer uploads (its smallest member id, as the ledger's assignments say)
             seconds += max(stage_params(self.shape, p.start, p.end) * self.s.checkpoint_bytes_per_param * 8
-                           / (self.net.site_link(devices[p.workers[0]].site, self.regions.store_site).gbps * 1e9)
-                           for p in placements)
+                           / (self.net.site_link(devices[ids[min(members[i])]].site, self.regions.store_site).gbps
+                              * 1e9) for i, p in enumerate(placements))
         self.running, self.blocked = (ledger.step, ledger.attempt, ledger.restore_epoch), False
         self.started_at = self.clock.t
         counts = len(ledger.plan)
@@ -76,7 +77,7 @@ class SimulatedSteps:
                     self._call(ledger.report, w, step, attempt, "averaged", float(len(ids)), group_weight=total)
         if (step + 1) % self.run.train.checkpoint_every == 0 and ledger.phase == "applying":
             for stage, spec in enumerate(ledger.plan):
-                writer = members[stage][0]
+                writer = min(members[stage])  # assignments.py: checkpoint_writer
                 if not self._call(ledger.checkpoint_refusal, writer, step + 1, spec):
                     self._call(ledger.record_checkpoint, step + 1, spec, f"store/{step + 1}/{spec.start}-{spec.end}")
         for stage, ids in members.items():
