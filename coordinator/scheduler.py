@@ -13,7 +13,7 @@ import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from gptjt_core.config import RunConfig
+from gptjt_core.config import RunConfig, SchedulerConfig
 from gptjt_core.stage_spec import StageSpec
 
 from .cost_model import (MEMORY_HEADROOM, Device, Link, ModelShape, Network, StagePlacement, Workload, memory_needed_gb,
@@ -138,14 +138,13 @@ def workload(run: RunConfig) -> Workload:
                     checkpoint_segment=p.checkpoint_segment)
 
 
-def _network(workers: list[WorkerView], links: list[LinkView], default: Link, site_latency_ms: float,
-             everyone: list[WorkerView] | None = None) -> Network:
-    """Each worker is a site of the Network; a pair takes its measured link (the slower direction
-    when both were measured), else the typical link between the sites found from measured
-    latencies (coordinator/sites.py; from the links of `everyone` live, not only `workers`),
-    else the configured default."""
-    measured = measured_pairs(links, everyone or workers)
-    return Network(fill_links([w.id for w in workers], measured, site_latency_ms, default), inside=default)
+def _network(workers: list[WorkerView], measured: dict[tuple[str, str], Link], cfg: SchedulerConfig) -> Network:
+    """Each worker is a site of the Network; a pair takes its measured link (`measured`:
+    measured_pairs, the slower direction when both were measured), else the typical link between
+    the sites found from measured latencies (coordinator/sites.py; from every live worker's links,
+    not only `workers`'), else the configured default."""
+    default = Link(cfg.default_link_latency_ms / 1e3, cfg.default_link_mbit / 1e3)
+    return Network(fill_links([w.id for w in workers], measured, cfg.site_latency_ms, default), inside=default)
 
 
 def measured_pairs(links: list[LinkView], live: list[WorkerView]) -> dict[tuple[str, str], Link]:
@@ -171,7 +170,7 @@ def _devices(workers: list[WorkerView]) -> list[Device]:
 
 def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: list[LinkView],
            current: list[StagePlan] | None, memo: DecisionMemo | None = None,
-           keep_if_faster: bool = False) -> PlanDecision | None:
+           keep_if_faster: bool = False, proposals: tuple[list[StagePlan], ...] = ()) -> PlanDecision | None:
     """The plan for these workers, or None when they cannot fill every stage.
 
     The plan has pipeline.num_stages stages, or any count in min_stages .. max_stages when
@@ -183,7 +182,8 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     most layers one worker loads, layer_load_s each), wins: hysteresis at both levels. `memo`:
     answers of earlier searches, reused when a candidate set, its links and the current plan
     are unchanged. keep_if_faster: the plan in force stays when it is predicted no slower than
-    the search's (the ledger asks it once the first step opened)."""
+    the search's (the ledger asks it once its plan could start). proposals: plans found by
+    earlier searches and not applied yet, priced beside the searches' (_proposed)."""
     cfg = run.scheduler
     counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
     work = workload(run)
@@ -197,12 +197,11 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     holders = [w for w in pool if w.id in held][:cap]
     keep = holders + [w for w in pool if w.id not in held][:cap - len(holders)]
     sets = [pool[:cap]] + ([keep] if {w.id for w in keep} != {w.id for w in pool[:cap]} else [])
-    default = Link(cfg.default_link_latency_ms / 1e3, cfg.default_link_mbit / 1e3)
-    options = []
+    measured, options = measured_pairs(links, workers), []
     for candidates in sets:
         if len(candidates) < min(counts):
             continue
-        net = _network(candidates, links, default, cfg.site_latency_ms, workers)
+        net = _network(candidates, measured, cfg)
         key = _memo_key(candidates, net, current) if memo is not None else None
         try:
             found = memo.get(key) if memo is not None else None
@@ -214,6 +213,7 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
         except ValueError as e:  # nothing fits: every stage would be too big for some worker
             for w in candidates:
                 standby.setdefault(w.id, str(e))
+    options += _proposed(run, shape, proposals, pool, links, current)
     if not options:
         return None
     cost = lambda d: d.predicted_step_s * cfg.horizon_steps + d.stall_layers * cfg.layer_load_s  # noqa: E731
@@ -228,6 +228,23 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     best.current_step_s = now_s
     best.candidates = tuple(dict.fromkeys(w.id for candidates in sets for w in candidates))
     return best
+
+
+def _proposed(run: RunConfig, shape: ModelShape, proposals: tuple[list[StagePlan], ...], pool: list[WorkerView],
+              links: list[LinkView], current: list[StagePlan] | None) -> list[PlanDecision]:
+    """`proposals` as decisions priced with today's figures, without their workers that left or
+    fit nowhere now (a group may be a replica short; a proposal that lost a whole group is
+    dropped). A search ends by its evaluation count and sees the candidates that live at that
+    moment, so it does not find the same plan each time: bench churn saw a plan at 51 s/step
+    (the one in force 59 s) pended, then dropped by the next search, which found nothing better
+    than the plan in force, before the checkpoint it waited for."""
+    ids = {w.id for w in pool}
+    kept = [[StagePlan(s.start, s.end, tuple(w for w in s.workers if w in ids)) for s in p] for p in proposals]
+    if not kept:
+        return []
+    times = predict_plans_s(run, shape, kept, pool, measured_pairs(links, pool))
+    # predict_plans_s: inf for a proposal with an empty group
+    return [PlanDecision(p, t, {}, *_moved(current, p)) for p, t in zip(kept, times) if t < float("inf")]
 
 
 def _explain_standby(decision: PlanDecision, pool: list[WorkerView], unfit: dict[str, str], replicas: int) -> None:
@@ -308,12 +325,10 @@ def predict_plan_s(run: RunConfig, shape: ModelShape, plan: list[StagePlan], poo
 def predict_plans_s(run: RunConfig, shape: ModelShape, plans: list[list[StagePlan]], pool: list[WorkerView],
                     measured: dict[tuple[str, str], Link]) -> list[float]:
     """predict_plan_s of each of `plans`, on one network (`measured`: measured_pairs of `pool`)."""
-    cfg = run.scheduler
-    default = Link(cfg.default_link_latency_ms / 1e3, cfg.default_link_mbit / 1e3)
     used = {w for candidate in plans for s in candidate for w in s.workers}
     workers = [w for w in pool if w.id in used]
     index = {w.id: i for i, w in enumerate(workers)}
-    net = Network(fill_links([w.id for w in workers], measured, cfg.site_latency_ms, default), inside=default)
+    net = _network(workers, measured, run.scheduler)
     devices, work, out = _devices(workers), workload(run), []
     for candidate in plans:
         old = _as_old(candidate, index)

@@ -10,11 +10,12 @@ measurements, and applies it only where that loses nothing:
   only adds newcomers to groups whose ranges stay the same applies at once: they copy the
   state from a replica like any joiner.
 Hysteresis (placement.replan) keeps the current plan unless the predicted saving over
-scheduler.horizon_steps steps outweighs the stall of its loads, and after the first step a
-plan predicted slower than the one in force never replaces it. Between searches a short stage
-takes the standby worker the cost model prices best for it (coordinator/vacancy_choice.py),
-once the first step opened. With placement "even" the ranges never change and standby workers
-fill vacancies in join order.
+scheduler.horizon_steps steps outweighs the stall of its loads, and once a plan has applied
+and could start (start_with_replicas a stage), a plan predicted slower than the one in force
+never replaces it. A pending plan is priced again at every search (scheduler._proposed) until it
+applies or a search prefers another. Between searches a short stage takes the standby worker the
+cost model prices best for it (coordinator/vacancy_choice.py), once a search's plan has applied.
+With placement "even" the ranges never change and standby workers fill vacancies in join order.
 """
 
 from __future__ import annotations
@@ -102,12 +103,29 @@ class StagePlanner:
         """Before the first step opens nobody holds trained state: any range can be loaded."""
         return self.state.step_opened is None
 
+    def _could_start(self, current: list[StagePlan]) -> bool:
+        """Could the plan in force run a step (an applied plan, start_with_replicas a stage)? It is
+        kept over a slower search then, before the first step too: bench churn saw re-plans after
+        departures move 130-220 layers each, twelve of them before the first step."""
+        start = self.run.pipeline.start_with_replicas
+        return self.db.meta("last_replan") is not None and all(len(s.workers) >= start for s in current)
+
+    def _pending_stages(self) -> list[StagePlan]:
+        """The pending plan's stages (empty if none): priced again at each search (scheduler._proposed)."""
+        return [StagePlan(a, b, tuple(ws)) for a, b, ws in self.db.json_meta("pending_stages", [])]
+
+    def _set_pending(self, why: str, decision: PlanDecision | None = None) -> None:
+        self.db.set_meta("pending_plan", why)
+        self.db.set_json_meta("pending_stages", [[s.start, s.end, list(s.workers)] for s in decision.stages]
+                              if decision is not None else [])
+
     # -- deciding ----------------------------------------------------------------------
     def _decide(self) -> PlanDecision | None:
         current = self._current_plan()
         decision = decide(self.run, self.shape, self._views(), self._link_views(),
                           current if any(s.workers for s in current) else None, self.memo,
-                          keep_if_faster=not self._free_to_replan())
+                          keep_if_faster=not self._free_to_replan() or self._could_start(current),
+                          proposals=(self._pending_stages(),))
         # who measures links next (Measurements.to_measure): the candidates, or everyone while no plan fits
         self.db.set_json_meta("link_candidates", list(decision.candidates) if decision is not None else [])
         if decision is not None:
@@ -145,13 +163,13 @@ class StagePlanner:
         if same_ranges and not moves_holder:
             if any(w not in current for w in new):
                 self.apply(decision, why)  # newcomers only: they copy from a replica
-            self.db.set_meta("pending_plan", "")
+            self._set_pending("")
         elif decision.layers_moved:
             if not self.pending:
                 self.events.record("replan_pending", f"{why}: a plan predicted at {decision.predicted_step_s:.3g} "
                                    f"s/step (now {decision.current_step_s:.3g} s) moves {decision.layers_moved} "
                                    "layer(s); it applies at the next complete checkpoint")
-            self.db.set_meta("pending_plan", why)
+            self._set_pending(why, decision)
         # a stage left empty still takes a standby worker now (one that fits a layer)
         self.fill_vacancies(check_fit=True)
 
@@ -197,7 +215,7 @@ class StagePlanner:
         decision = self._decide()
         if decision is not None:
             self.apply(decision, why, restore=True)
-        self.db.set_meta("pending_plan", "")
+        self._set_pending("")
 
     # -- applying ----------------------------------------------------------------------
     def apply(self, decision: PlanDecision, why: str, restore: bool = False) -> None:
@@ -242,16 +260,19 @@ class StagePlanner:
         """Standby workers take stages: empty stages first, then the stage with the fewest
         replicas, up to pipeline.replicas_per_stage each. `exclude`: workers the scheduler found
         too small for any layer; check_fit: skip those whose memory cannot hold the stage. Under
-        the cost-model placement, once the first step opened, the worker is the one the cost
+        the cost-model placement, once a search's plan applied, the worker is the one the cost
         model prices best for the stage (coordinator/vacancy_choice.py; a stage with replicas may
         decline them all), else the longest-waiting one."""
         target = self.run.pipeline.replicas_per_stage
         exclude = exclude | frozenset(self.state.held_out())  # set aside by an averaging fallback
         taken = self.workers.stage_workers()
         passed: set[int] = set()  # stages no standby worker fits, or (cost model) each would slow
-        # Before the first step nobody holds trained state and every search applies in full, so
-        # join order costs nothing and starts loads early; after it, a worker placed stays placed
-        pricer = _LazyPricer(self) if self.scheduling() and not self._free_to_replan() else None
+        # Until a search's plan has applied (the first joins, before links are measured), join order
+        # costs nothing and starts loads early: that search places everyone anew. After it, a far
+        # filler makes the plan in force look 2-3x slower and the next search moves most layers
+        # (bench churn, before the first step: twelve re-plans of 130-220 layers each)
+        planned = self.db.meta("last_replan") is not None
+        pricer = _LazyPricer(self) if self.scheduling() and (planned or not self._free_to_replan()) else None
         standby = None  # read at the first short stage, then kept up to date here
         while True:
             counts = {s: len(taken.get(s, [])) for s in range(len(self.plan))}
@@ -341,6 +362,7 @@ class StagePlanner:
                 "measured_step_s": measured_step_s,
                 "last_replan": json.loads(last) if last else None,
                 "pending": self.pending,
+                "pending_ranges": [[s.start, s.end] for s in self._pending_stages()],
                 "layers_moved_total": int(self.db.meta("layers_moved_total") or 0),
                 "standby_why": self.db.json_meta("standby_why", {}),
                 "min_workers": self.run.scheduler.min_workers,

@@ -187,12 +187,13 @@ def test_mid_run_replan_waits_for_a_complete_checkpoint(tmp_path):
     # b turns out 4x faster: the better plan moves layers, so it waits for a checkpoint
     ledger.heartbeat(b, "ready", {}, ledger.restore_epoch, 1, device=device(0.04))
     plan = ledger.status()["plan"]
-    assert plan["pending"] and plan["ranges"] == ranges
+    assert plan["pending"] and plan["ranges"] == ranges and plan["pending_ranges"] != ranges
+    pending = plan["pending_ranges"]
     epoch = ledger.restore_epoch
     for spec in ledger.plan:
         ledger.record_checkpoint(1, spec, f"step-1/{spec.start}")
     plan = ledger.status()["plan"]
-    assert not plan["pending"] and plan["ranges"] != ranges
+    assert not plan["pending"] and plan["ranges"] == pending and plan["pending_ranges"] == []
     assert plan["last_replan"]["at_restore"] and plan["layers_moved_total"] > 0
     assert ledger.restore_epoch > epoch and ledger.phase == "waiting"
     state = ledger.run_state(a)

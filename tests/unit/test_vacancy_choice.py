@@ -91,8 +91,8 @@ def test_the_ledger_fills_a_departure_with_the_priced_worker(tmp_path):
 
 def test_a_search_keeps_the_plan_in_force_when_its_own_is_predicted_slower():
     """The search fills every group up to replicas_per_stage, so it would put the far worker into a
-    group the pricer left short on purpose; once the first step opened, the plan in force,
-    predicted faster, stays."""
+    group the pricer left short on purpose; when the ledger asks to keep (its plan could start),
+    the plan in force, predicted faster, stays."""
     from coordinator.scheduler import decide
     far = WorkerView("far", "h:far", FAST, 24)
     everyone, links = _swarm(far)
@@ -101,7 +101,75 @@ def test_a_search_keeps_the_plan_in_force_when_its_own_is_predicted_slower():
     assert [s.workers for s in decision.stages] == [s.workers for s in PLAN]
     assert decision.predicted_step_s == decision.current_step_s and decision.layers_moved == 0
     assert "far" in decision.standby
-    # before the first step (the ledger does not ask to keep) the search's full groups win: the
-    # first step waits for start_with_replicas replicas a stage
+    # when the ledger does not ask to keep (its plan lacks start_with_replicas a stage) the
+    # search's full groups win
     assert "far" in {w for s in decide(run_config(stages=2, replicas=3), SHAPE, everyone, links, PLAN).stages
                      for w in s.workers}
+
+
+def test_a_pending_plan_is_priced_again_without_the_workers_it_lost():
+    """A plan found by an earlier search and pended (proposals) is priced with today's figures,
+    without a worker that left since; here it beats both the plan in force and the search, which
+    must fill every group and so takes the far worker."""
+    from coordinator.scheduler import decide
+    far = WorkerView("far", "h:far", FAST, 24)
+    everyone, links = _swarm(far)
+    links += _links("far", ["a1", "a2", "a3", "a4"], FAR)
+    run = run_config(stages=2, replicas=3)
+    lopsided = [StagePlan(0, 1, ("a1", "a3")), StagePlan(1, 8, ("a2", "a4"))]
+    kept = decide(run, SHAPE, everyone, links, lopsided, keep_if_faster=True)
+    assert [s.workers for s in kept.stages] == [s.workers for s in lopsided]  # the search found nothing faster
+    pending = [StagePlan(0, 6, ("a1", "a3", "gone")), StagePlan(6, 8, ("a2", "a4"))]
+    decision = decide(run, SHAPE, everyone, links, lopsided, keep_if_faster=True, proposals=(pending,))
+    assert [(s.start, s.end, s.workers) for s in decision.stages] == [(0, 6, ("a1", "a3")), (6, 8, ("a2", "a4"))]
+    assert decision.predicted_step_s < kept.predicted_step_s and decision.layers_moved > 0
+    # a pending plan that lost a whole group is not priced
+    gone = [StagePlan(0, 6, ("gone",)), StagePlan(6, 8, ("a2", "a4"))]
+    assert decide(run, SHAPE, everyone, links, lopsided, keep_if_faster=True,
+                  proposals=(gone,)).stages == kept.stages
+
+
+def _loading_swarm(tmp_path, replicas: int) -> tuple[RunLedger, Clock, dict]:
+    """a1-a4 placed by join order, loading (the first step has not opened), near each other; then
+    a merged search (replan_every_s 60 s) applies the plan (0-6, 6-8)."""
+    clock = Clock()
+    ledger = RunLedger(tmp_path / "run.db", run_config(stages=2, replicas=replicas, replan_every_s=60.0),
+                       plan_stages(8, 2), clock, shape=SHAPE)
+    ids = {n: ledger.join(n, f"h:{n}", device(SLOW))["id"] for n in ("a1", "a2", "a3", "a4")}
+    for a in ids:
+        _measure(ledger, ids, a, [o for o in ids if o != a], NEAR)
+    clock.t += 61
+    assert ledger.planner.replan_if_due() and [(s.start, s.end) for s in ledger.plan] == [(0, 6), (6, 8)]
+    assert ledger.phase == "waiting"
+    return ledger, clock, ids
+
+
+def _measure(ledger: RunLedger, ids: dict, name: str, others: list[str], kind: dict) -> None:
+    state = "loading" if name.startswith("a") else "standby"
+    ledger.heartbeat(ids[name], state, {}, -1, -1,
+                     links=[{"address": f"h:{o}", **kind, "measured_unix_s": ledger.clock()} for o in others])
+
+
+def test_before_the_first_step_a_departure_is_filled_by_the_priced_worker_once_a_plan_applied(tmp_path):
+    """Join order would take `far` (it joined first). bench churn: a far filler before the first
+    step made the plan in force look 2-3x slower, and the next search moved 130-220 layers."""
+    ledger, _, ids = _loading_swarm(tmp_path, replicas=2)
+    for name, kind in (("far", FAR), ("near", NEAR)):
+        ids[name] = ledger.join(name, f"h:{name}", device(FAST if name == "far" else SLOW))["id"]
+        _measure(ledger, ids, name, ["a1", "a2", "a3", "a4"], kind)
+    leaving = next(n for n in ("a1", "a3") if ledger.assignment(ids[n])["stage"] == 0)
+    ledger.leave(ids[leaving])
+    assert ledger.assignment(ids["near"])["stage"] == 0 and ledger.assignment(ids["far"])["stage"] == -1
+
+
+def test_before_the_first_step_a_plan_that_could_start_stays_over_a_slower_search(tmp_path):
+    """The search fills groups to replicas_per_stage (3) and so places the far worker; the plan in
+    force (2 replicas a stage, start_with_replicas 1) is faster and stays."""
+    ledger, clock, ids = _loading_swarm(tmp_path, replicas=3)
+    plan = [ledger.assignment(ids[n])["stage"] for n in ("a1", "a2", "a3", "a4")]
+    ids["far"] = ledger.join("far", "h:far", device(FAST))["id"]
+    _measure(ledger, ids, "far", ["a1", "a2", "a3", "a4"], FAR)
+    clock.t += 61
+    assert ledger.planner.replan_if_due()
+    assert ledger.assignment(ids["far"])["stage"] == -1
+    assert [ledger.assignment(ids[n])["stage"] for n in ("a1", "a2", "a3", "a4")] == plan
