@@ -108,7 +108,9 @@ def plan_summary(plan: dict) -> str:
         lines.append(f"last re-plan at step {last['step']}: {last['why']} ({last['layers_moved']} layer(s) moved; "
                      f"{plan.get('layers_moved_total', 0)} in all)")
     if plan.get("pending"):
-        lines.append(f"pending re-plan (applies at the next complete checkpoint): {plan['pending']}")
+        to = ", ".join(f"{a}-{b}" for a, b in plan.get("pending_ranges") or [])
+        lines.append(f"pending re-plan{' to layers ' + to if to else ''} (applies at the next complete "
+                     f"checkpoint): {plan['pending']}")
     for worker, why in sorted((plan.get("standby_why") or {}).items()):
         lines.append(f"standby {worker}: {why}")
     return "\n".join(lines)

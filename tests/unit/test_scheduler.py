@@ -12,6 +12,7 @@ from coordinator import search_budget
 from coordinator.scheduler import LinkView, StagePlan, WorkerView, decide, model_shape, plan_stages
 from coordinator.ledger import RunLedger
 from gptjt_core.config import ConfigError, SchedulerConfig
+from gptjt_cli.tables import plan_summary
 from tests.conftest import small_run
 from tests.unit.test_ledger import Clock, finish_step
 from tests.unit.test_placement import FastClock
@@ -189,6 +190,7 @@ def test_mid_run_replan_waits_for_a_complete_checkpoint(tmp_path):
     plan = ledger.status()["plan"]
     assert plan["pending"] and plan["ranges"] == ranges and plan["pending_ranges"] != ranges
     pending = plan["pending_ranges"]
+    assert f"pending re-plan to layers {', '.join(f'{a}-{b}' for a, b in pending)} (applies" in plan_summary(plan)
     epoch = ledger.restore_epoch
     for spec in ledger.plan:
         ledger.record_checkpoint(1, spec, f"step-1/{spec.start}")

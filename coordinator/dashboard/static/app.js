@@ -216,7 +216,11 @@ function planFacts(plan) {
                el("dd", { id: "last-replan" }, `step ${last.step}: ${last.layers_moved} layer(s) moved — ${last.why}`));
   }
   facts.push(el("dt", {}, "layers moved"), el("dd", { id: "layers-moved" }, fmtInt(plan.layers_moved_total || 0)));
-  if (plan.pending) facts.push(el("dt", {}, "pending"), el("dd", {}, `${plan.pending} (at the next complete checkpoint)`));
+  if (plan.pending) {
+    const to = (plan.pending_ranges || []).map(([a, b]) => `${a}-${b}`).join(", ");
+    facts.push(el("dt", {}, "pending"),
+               el("dd", {}, `${plan.pending} (${to ? "layers " + to + ", " : ""}at the next complete checkpoint)`));
+  }
   for (const [worker, why] of Object.entries(plan.standby_why || {})) {
     facts.push(el("dt", {}, `standby ${worker}`), el("dd", { class: "sub" }, why));
   }
