@@ -233,13 +233,15 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
 def _proposed(run: RunConfig, shape: ModelShape, proposals: tuple[list[StagePlan], ...], pool: list[WorkerView],
               links: list[LinkView], current: list[StagePlan] | None) -> list[PlanDecision]:
     """`proposals` as decisions priced with today's figures, without their workers that left or
-    fit nowhere now (a group may be a replica short; a proposal that lost a whole group is
-    dropped). A search ends by its evaluation count and sees the candidates that live at that
+    cannot hold their stage now (fits_stage: a device re-measured with less memory; a group may be
+    a replica short; a proposal that lost a whole group is dropped). A search ends by its evaluation count and sees the candidates that live at that
     moment, so it does not find the same plan each time: bench churn saw a plan at 51 s/step
     (the one in force 59 s) pended, then dropped by the next search, which found nothing better
     than the plan in force, before the checkpoint it waited for."""
-    ids = {w.id for w in pool}
-    kept = [[StagePlan(s.start, s.end, tuple(w for w in s.workers if w in ids)) for s in p] for p in proposals]
+    by_id = {w.id: w for w in pool}
+    kept = [[StagePlan(s.start, s.end, tuple(w for w in s.workers if w in by_id
+                                             and fits_stage(run, shape, by_id[w], s.spec(shape.n_layer))))
+             for s in p] for p in proposals]
     if not kept:
         return []
     times = predict_plans_s(run, shape, kept, pool, measured_pairs(links, pool))

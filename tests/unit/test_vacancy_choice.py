@@ -123,6 +123,13 @@ def test_a_pending_plan_is_priced_again_without_the_workers_it_lost():
     decision = decide(run, SHAPE, everyone, links, lopsided, keep_if_faster=True, proposals=(pending,))
     assert [(s.start, s.end, s.workers) for s in decision.stages] == [(0, 6, ("a1", "a3")), (6, 8, ("a2", "a4"))]
     assert decision.predicted_step_s < kept.predicted_step_s and decision.layers_moved > 0
+    # ... and without a worker that cannot hold its stage now (2 GB: layers 6-8, not 0-6)
+    small = WorkerView("small", "h:small", SLOW, 2.0)
+    with_small = everyone + [small]
+    near_small = links + _links("small", ["a1", "a2", "a3", "a4"], NEAR)
+    misfit = [StagePlan(0, 6, ("a1", "a3", "small")), StagePlan(6, 8, ("a2", "a4"))]
+    decision = decide(run, SHAPE, with_small, near_small, lopsided, keep_if_faster=True, proposals=(misfit,))
+    assert [(s.start, s.end, s.workers) for s in decision.stages] == [(0, 6, ("a1", "a3")), (6, 8, ("a2", "a4"))]
     # a pending plan that lost a whole group is not priced
     gone = [StagePlan(0, 6, ("gone",)), StagePlan(6, 8, ("a2", "a4"))]
     assert decide(run, SHAPE, everyone, links, lopsided, keep_if_faster=True,
