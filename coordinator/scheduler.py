@@ -234,10 +234,11 @@ def _proposed(run: RunConfig, shape: ModelShape, proposals: tuple[list[StagePlan
               links: list[LinkView], current: list[StagePlan] | None) -> list[PlanDecision]:
     """`proposals` as decisions priced with today's figures, without their workers that left or
     cannot hold their stage now (fits_stage: a device re-measured with less memory; a group may be
-    a replica short; a proposal that lost a whole group is dropped). A search ends by its evaluation count and sees the candidates that live at that
-    moment, so it does not find the same plan each time: bench churn saw a plan at 51 s/step
-    (the one in force 59 s) pended, then dropped by the next search, which found nothing better
-    than the plan in force, before the checkpoint it waited for."""
+    a replica short; a proposal that lost a whole group is dropped). A search ends by its
+    evaluation count and sees the candidates that live at that moment, so it does not find the
+    same plan each time: bench churn saw a plan at 51 s/step (the one in force 59 s) pended, then
+    dropped by the next search, which found nothing better than the plan in force, before the
+    checkpoint it waited for."""
     by_id = {w.id: w for w in pool}
     kept = [[StagePlan(s.start, s.end, tuple(w for w in s.workers if w in by_id
                                              and fits_stage(run, shape, by_id[w], s.spec(shape.n_layer))))
