@@ -52,16 +52,17 @@ def _split_bounds(model: ModelShape, work: Workload, rate: tuple[float, ...],
         for end in range(i, n - (s - i) + 1):
             tail = hp if end == n else 0
             least, at = inf, 0
-            # the stage's memory grows as its start moves left: walk left from the shortest stage
-            # and stop at the first that does not fit (most starts, on cards a stage fills);
-            # '<=' keeps the leftmost of equal splits
+            # the stage's memory and its own time grow as its start moves left: walk left from the
+            # shortest stage and stop at the first that does not fit (most starts, on cards a stage
+            # fills) or whose own time alone exceeds the best so far (no start further left can
+            # beat it); '<=' keeps the leftmost of equal splits
             for start in range(end - 1, i - 2, -1):
                 if need[start][end] > fits:
                     break
-                before = prev[start]
-                if before == inf:
-                    continue
                 t = ((end - start) * lp + tail) / r
+                if t > least:
+                    break
+                before = prev[start]
                 if before > t:
                     t = before
                 if t <= least:
