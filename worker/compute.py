@@ -66,6 +66,10 @@ class ComputeQueue:
                         return
                     self._cv.wait()
             _, fn, loop, future = entry
+            if future.cancelled():
+                # nobody awaits it (a stage load a newer assignment replaced: watch_reader.py); a
+                # read of the future's state from this thread: at worst the job runs, unawaited
+                continue
             t0 = time.perf_counter()
             try:
                 result, error = fn(), None

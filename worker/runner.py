@@ -41,6 +41,7 @@ from .stage_loader import StageLoader, retry_loading
 from .stage_tls import PortReservation, StageIdentity, serve_stage
 from .step_follower import StepFollower
 from .transport import GRPC_OPTIONS, LinkCounters, StageClient
+from .watch_reader import WatchReader, act_on_watch, load_unless_reassigned
 
 log = logging.getLogger("gptjt.worker")
 
@@ -137,7 +138,8 @@ class WorkerRunner:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.request_drain)
         tasks = [asyncio.create_task(self._heartbeat_loop(reply.heartbeat_interval_s)),
-                 asyncio.create_task(self._watch_loop()), measuring, asyncio.create_task(self.checker.run())]
+                 asyncio.create_task(act_on_watch(self.coordinator.watch(self.worker_id), self._on_run_state)),
+                 measuring, asyncio.create_task(self.checker.run())]
         tasks += [asyncio.create_task(tunnel.run(f"{host}:{reservation.port}"))] if tunnel is not None else []
         for task in tasks:
             task.add_done_callback(self._on_task_done)
@@ -178,11 +180,9 @@ class WorkerRunner:
             return None
         state = self.state
         open_step = (state.step, state.attempt) if state is not None and state.phase == cpb.OPEN else None
-        a = state.assignment if state is not None else None
-        upstream = frozenset(a.upstream_ids) if a is not None else frozenset()
-        fetchers = frozenset(a.fetcher_ids) if a is not None else frozenset()
-        replicas = frozenset(a.peer_ids) if a is not None else frozenset()
-        verifiers = frozenset(a.verifier_ids) if a is not None else frozenset()
+        a = state.assignment if state is not None else cpb.StageAssignment()  # empty: nobody may call
+        upstream, fetchers = frozenset(a.upstream_ids), frozenset(a.fetcher_ids)
+        replicas, verifiers = frozenset(a.peer_ids), frozenset(a.verifier_ids)
         return Serving(self.stage, self.assignment.stage if self.assignment is not None else None,
                        self.loaded_epoch >= 0, self.run.pipeline, self.downstream, open_step,
                        upstream if self.tls else None, fetchers if self.tls else None, replicas if self.tls else None,
@@ -202,10 +202,6 @@ class WorkerRunner:
         state = self.state
         return (state is not None and state.phase == cpb.OPEN and not state.paused and not self.leaving
                 and bool(state.assignment.member))
-
-    def _stage0_driver(self) -> Stage0Driver:
-        return Stage0Driver(self.run, self.compute, self.downstream, self.coordinator, self.worker_id,
-                            lambda: self.stage, self._open_for_work, self.loss_scale_of)
 
     def _on_task_done(self, task: asyncio.Task) -> None:
         """A crashed heartbeat or watch loop would leave a zombie worker: stop loudly instead."""
@@ -291,30 +287,32 @@ class WorkerRunner:
         """State changes (loading -> ready) reach the coordinator now, not at the next tick."""
         self._heartbeat_now.set()
 
-    async def _watch_loop(self) -> None:
-        async for state in self.coordinator.watch(self.worker_id):
-            previous = self.state
-            self.state = state
-            self.state_changed.set()
-            if state.drain and not self.leaving:
-                self.request_drain()  # the operator asked (gptjt drain, the dashboard)
-            a = state.assignment
-            for addresses, ids in ((a.next_addresses, a.next_ids), (a.peer_addresses, a.peer_address_ids),
-                                   (state.measure_links, state.measure_link_ids)):
-                self.client.learn(addresses, ids)  # who must answer at each address (TLS links)
-            self.router.update(list(state.assignment.next_addresses),
-                               forgive=previous is None or previous.plan_version != state.plan_version)
-            self.link_codecs.forget_except(list(state.assignment.next_addresses))
-            if state.measure_links:
-                self.prober.request(list(state.measure_links))
-            if (previous is None or previous.plan_version != state.plan_version
-                    or previous.restore_epoch != state.restore_epoch or self._behind(state)):
-                await self._load_patiently(state)
-                if self.driver is not None:
-                    self.driver.on_plan_change()
-            await self._follow_step(state)
+    async def _on_run_state(self, state: cpb.RunState, reader: WatchReader) -> None:
+        """Act on the Watch stream's next RunState (`reader` reads on while a stage loads)."""
+        previous = self.state
+        self.state = state
+        self.state_changed.set()
+        if state.drain and not self.leaving:
+            self.request_drain()  # the operator asked (gptjt drain, the dashboard)
+        a = state.assignment
+        for addresses, ids in ((a.next_addresses, a.next_ids), (a.peer_addresses, a.peer_address_ids),
+                               (state.measure_links, state.measure_link_ids)):
+            self.client.learn(addresses, ids)  # who must answer at each address (TLS links)
+        self.router.update(list(state.assignment.next_addresses),
+                           forgive=previous is None or previous.plan_version != state.plan_version)
+        self.link_codecs.forget_except(list(state.assignment.next_addresses))
+        if state.measure_links:
+            self.prober.request(list(state.measure_links))
+        # LOADING here: a newer RunState cancelled the last load (watch_reader.load_unless_reassigned)
+        if (previous is None or previous.plan_version != state.plan_version or self.status == cpb.LOADING
+                or previous.restore_epoch != state.restore_epoch or self._behind(state)):
+            if not await load_unless_reassigned(self._load_patiently(state), state, reader):
+                return  # a newer RunState assigns something else: it is read next
             if self.driver is not None:
-                self.driver.wake.set()
+                self.driver.on_plan_change()
+        await self._follow_step(state)
+        if self.driver is not None:
+            self.driver.wake.set()
 
     async def _follow_step(self, state: cpb.RunState) -> None:
         stage = self.stage
@@ -382,7 +380,8 @@ class WorkerRunner:
                                        list(state.dht_peers) or self.dht_peers)
         log.info("stage %d ready at step %d in %.1fs", a.stage, stage.position, time.perf_counter() - t0)
         if spec.embed and self.driver is None:
-            self.driver = self._stage0_driver()
+            self.driver = Stage0Driver(self.run, self.compute, self.downstream, self.coordinator, self.worker_id,
+                                       lambda: self.stage, self._open_for_work, self.loss_scale_of)
             start_background(self.driver.run(self.stopping), "the stage-0 driver", log, on_error=self._fail)
         self.status = cpb.DRAINING if self.leaving else cpb.READY
         self.heartbeat_soon()

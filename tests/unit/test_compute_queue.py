@@ -50,3 +50,18 @@ def test_a_schedule_that_waits_holds_the_job_until_close():
     before_close, ran = asyncio.run(main())
     assert before_close == ["FORWARD1"]
     assert ran == ["FORWARD1", "BACKWARD0"]
+
+
+def test_a_job_whose_caller_was_cancelled_before_it_started_does_not_run():
+    """A stage load a newer assignment replaced (worker/watch_reader.py) builds no stage."""
+    async def main():
+        queue = ComputeQueue()
+        ran, release, jobs = await _queue_behind_a_busy_job(queue, [OTHER, OTHER])
+        jobs[1].cancel()
+        await asyncio.sleep(0.05)  # the cancellation reaches the future before the thread is free
+        release.set()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        queue.close()
+        return ran
+
+    assert asyncio.run(main()) == ["OTHER1"]
