@@ -12,8 +12,8 @@ what their worker processes would take time for, from the cost model
   upload to the store (checkpoint_bytes_per_param a parameter);
 - loading a stage: its checkpoint bytes over the link to the store (a restore) or to a
   replica that holds it (a joiner copies), or nothing when a worker keeps its range and
-  position across a new restore epoch; a load in progress finishes before the next begins
-  (worker/runner.py holds a lock over it), so a re-plan never cuts one short;
+  position across a new restore epoch; a re-plan or restore that assigns a loading worker
+  something else cancels its load and starts the new one (worker/watch_reader.py);
 - noticing a death: a placed worker's pipeline peers notice at once and the coordinator's
   probe confirms it (peer_detect_s, RunLedger.declare_dead, the path a peer's report takes);
   a standby worker is found silent by RunLedger.reap after heartbeat_timeout_s.
@@ -263,8 +263,8 @@ class ChurnSimulation(SimulatedSteps):
             placed.add(w.id)
             spec = plan[row["stage"]]
             target = (row["stage"], spec.start, spec.end, epoch)
-            if w.holds == target or w.loading is not None:
-                continue  # a load in progress finishes first (worker/runner.py holds a lock over it)
+            if w.holds == target or w.loading == target:
+                continue  # a load of anything else is cancelled (worker/watch_reader.py) and this one begins
             # the same range at the step the run restores to: reset partial work, keep the weights
             keeps = w.holds is not None and w.holds[:3] == target[:3] and step in (row["position"], w.held_step)
             w.loading, w.loading_step = target, step
