@@ -91,9 +91,10 @@ class AssignmentView:
         return out
 
     def live_addresses(self) -> list:
-        """(id, address, stage) of every live worker, oldest first; read once per ledger state,
-        and only when a plan measures links (it is every worker)."""
-        key = self.workers.db.changes()
+        """(id, address, stage) of every live worker, oldest first; read again only after a write
+        that changes them (WorkerRegistry.roster_version), and only when a plan measures links (it is
+        every worker)."""
+        key = self.workers.roster_version, self.workers.db.rollbacks
         if self._live is None or self._live[0] != key:
             self._live = key, self.workers.addresses()
         return self._live[1]

@@ -115,6 +115,7 @@ class LedgerDB:
         except BaseException:
             self.conn.execute(f"ROLLBACK TO {name}")
             self.conn.execute(f"RELEASE {name}")
+            self.rollbacks += 1  # as for a whole transaction: what was read inside is no longer so
             raise
         self.conn.execute(f"RELEASE {name}")
 

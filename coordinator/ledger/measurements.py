@@ -11,6 +11,7 @@ from itertools import chain
 
 from gptjt_core.config import SchedulerConfig
 
+from ..scheduler import LinkView
 from .db import LedgerDB
 from .events import EventLog
 from .stored_values import stored_json
@@ -24,6 +25,12 @@ class Measurements:
     def __init__(self, db: LedgerDB, events: EventLog, scheduler: SchedulerConfig):
         self.db, self.events = db, events
         self.scheduler = scheduler  # probe_max_age_s, read at each use
+        # The links table as the scheduler reads it, (src, dst) -> LinkView: read once, then kept in
+        # step with the writes made here, and read again after a rollback (LedgerDB.rollbacks). Every
+        # plan decision reads every link (~10^4 at 1,000 workers); reading them from SQLite was
+        # ~15 % of bench churn's time.
+        self._links: dict[tuple[str, str], LinkView] | None = None
+        self._links_read_at = -1  # LedgerDB.rollbacks when _links was read
 
     def record(self, worker_id: str, row, device: dict | None, links: list[dict]) -> list[str]:
         """Store a re-measured device and links; returns what moved enough to re-plan on (and
@@ -40,6 +47,7 @@ class Measurements:
             old = self.db.execute("SELECT mbit FROM links WHERE src=? AND dst=?", (worker_id, m["address"])).fetchone()
             self.db.execute("INSERT OR REPLACE INTO links VALUES(?, ?, ?, ?, ?)",
                             (worker_id, m["address"], m["latency_ms"], m["mbit"], m["measured_unix_s"]))
+            self._remember(LinkView(worker_id, m["address"], float(m["latency_ms"]), float(m["mbit"])))
             if old is None or abs(m["mbit"] - old["mbit"]) > MOVED * old["mbit"]:
                 changed.append(f"link {worker_id} -> {m['address']}: {m['mbit']:.4g} Mbit/s, "
                                f"{m['latency_ms']:.3g} ms")
@@ -54,12 +62,30 @@ class Measurements:
         if old is None or abs(rtt_ms / 2 - old["latency_ms"]) > 0.5 * old["latency_ms"]:
             self.db.execute("INSERT OR REPLACE INTO links VALUES(?, 'coordinator', ?, 0, ?)",
                             (worker_id, rtt_ms / 2, self.db.clock()))
+            self._remember(LinkView(worker_id, "coordinator", float(rtt_ms / 2), 0.0))
 
     def coordinator_latency_ms(self) -> dict[str, float]:
         return {r["src"]: r["latency_ms"] for r in self.db.execute("SELECT * FROM links WHERE dst='coordinator'")}
 
-    def links(self) -> list:
-        return self.db.execute("SELECT * FROM links").fetchall()
+    def link_views(self) -> list[LinkView]:
+        """Every stored link (those to 'coordinator' too: no worker serves there)."""
+        if self._links is None or self._links_read_at != self.db.rollbacks:
+            self._links = {(r["src"], r["dst"]): LinkView(r["src"], r["dst"], r["latency_ms"], r["mbit"])
+                           for r in self.db.execute("SELECT src, dst, latency_ms, mbit FROM links")}
+            self._links_read_at = self.db.rollbacks
+        return list(self._links.values())
+
+    def _remember(self, link: LinkView) -> None:
+        if self._links is not None:  # last, as INSERT OR REPLACE puts the row last
+            self._links.pop((link.src, link.dst_address), None)
+            self._links[(link.src, link.dst_address)] = link
+
+    def forget(self, worker_id: str) -> None:
+        """Delete the links `worker_id` measured (its row is being pruned: ledger/retention.py)."""
+        self.db.execute("DELETE FROM links WHERE src=?", (worker_id,))
+        if self._links is not None:
+            for key in [k for k in self._links if k[0] == worker_id]:
+                del self._links[key]
 
     def to_measure(self, row, by_stage: dict[int, list], live: list, candidates: frozenset[str] = frozenset(),
                    limit: int = 8) -> list[tuple[str, str]]:

@@ -92,7 +92,7 @@ class StagePlanner:
         return fits_stage(self.run, self.shape, _view(row), spec)
 
     def _link_views(self) -> list[LinkView]:
-        return [LinkView(r["src"], r["dst"], r["latency_ms"], r["mbit"]) for r in self.measurements.links()]
+        return self.measurements.link_views()
 
     def _current_plan(self) -> list[StagePlan]:
         live = self.workers.stage_workers()

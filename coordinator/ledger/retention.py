@@ -12,11 +12,13 @@ from __future__ import annotations
 from gptjt_core.config import CoordinatorConfig
 
 from .db import ALIVE_STATES, LedgerDB, alive_marks
+from .measurements import Measurements
 
 
 class Retention:
-    def __init__(self, db: LedgerDB, coordinator: CoordinatorConfig):
+    def __init__(self, db: LedgerDB, coordinator: CoordinatorConfig, measurements: Measurements):
         self.db, self.config = db, coordinator  # prune_after_s, max_events: read at each use
+        self.measurements = measurements  # a pruned worker's links go with it
 
     def prune(self) -> tuple[int, int]:
         """(workers, events) deleted; the caller holds the transaction."""
@@ -27,7 +29,7 @@ class Retention:
                                               (*ALIVE_STATES, cutoff)).fetchall()]
         for worker_id in gone:
             self.db.execute("DELETE FROM workers WHERE id=?", (worker_id,))
-            self.db.execute("DELETE FROM links WHERE src=?", (worker_id,))
+            self.measurements.forget(worker_id)
         if gone:
             self.db.set_meta("workers_pruned", int(self.db.meta("workers_pruned") or 0) + len(gone))
         newest = self.db.execute("SELECT MAX(id) FROM events").fetchone()[0] or 0

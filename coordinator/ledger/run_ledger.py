@@ -91,7 +91,7 @@ class RunLedger:
         self.status_view = StatusView(run, db, self.events, self.state, self.workers, self.tickets, self.checkpoints,
                                       self.history, self.planner, self.guard, self.measurements, self.tokens)
         self.operator = OperatorRequests(db, self.events, self.state, self.workers)
-        self.retention = Retention(db, run.coordinator)
+        self.retention = Retention(db, run.coordinator, self.measurements)
         return db
 
     def _start_new(self, fingerprint: str, plan: list[StageSpec], stored: list[tuple[int, StageSpec, str]]) -> None:
