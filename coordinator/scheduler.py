@@ -164,6 +164,13 @@ def measured_pairs(links: list[LinkView], live: list[WorkerView]) -> dict[tuple[
     return measured
 
 
+def _within(measured: dict[tuple[str, str], Link], workers: list[WorkerView]) -> dict[tuple[str, str], Link]:
+    """measured_pairs(links, workers) from the pairs of live workers that include them, without
+    reading every link again (~10^4 at 1,000 workers)."""
+    ids = {w.id for w in workers}
+    return {pair: link for pair, link in measured.items() if pair[0] in ids and pair[1] in ids}
+
+
 def _devices(workers: list[WorkerView]) -> list[Device]:
     return [Device(w.id, max(w.tflops, 1e-9), w.memory_gb, site=w.id) for w in workers]
 
@@ -184,9 +191,8 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     are unchanged. keep_if_faster: the plan in force stays when it is predicted no slower than
     the search's (the ledger asks it once its plan could start). proposals: plans found by
     earlier searches and not applied yet, priced beside the searches' (_proposed)."""
-    cfg = run.scheduler
+    cfg, work = run.scheduler, workload(run)
     counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
-    work = workload(run)
     fits, why = usable(_devices(workers), shape, work)
     standby = {workers[i].id: reason for i, reason in why.items()}
     # Fastest first; among equally fast ones, those holding a stage (a newcomer no faster than a
@@ -213,12 +219,13 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
         except ValueError as e:  # nothing fits: every stage would be too big for some worker
             for w in candidates:
                 standby.setdefault(w.id, str(e))
-    options += _proposed(run, shape, proposals, pool, links, current)
+    measured = _within(measured, pool)
+    options += _proposed(run, shape, proposals, pool, measured, current)
     if not options:
         return None
     cost = lambda d: d.predicted_step_s * cfg.horizon_steps + d.stall_layers * cfg.layer_load_s  # noqa: E731
     best = min(options, key=cost)
-    now_s = predict_plan_s(run, shape, current or [], pool, links)
+    now_s = predict_plans_s(run, shape, [current or []], pool, measured)[0]
     if keep_if_faster and now_s <= best.predicted_step_s:
         # The search fills every group (the first step waits for start_with_replicas), so it
         # cannot offer one left short on purpose (vacancy_choice), and it plans from scratch when
@@ -231,7 +238,7 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
 
 
 def _proposed(run: RunConfig, shape: ModelShape, proposals: tuple[list[StagePlan], ...], pool: list[WorkerView],
-              links: list[LinkView], current: list[StagePlan] | None) -> list[PlanDecision]:
+              measured: dict[tuple[str, str], Link], current: list[StagePlan] | None) -> list[PlanDecision]:
     """`proposals` as decisions priced with today's figures, without their workers that left or
     cannot hold their stage now (fits_stage: a device re-measured with less memory; a group may be
     a replica short; a proposal that lost a whole group is dropped). A search ends by its
@@ -245,7 +252,7 @@ def _proposed(run: RunConfig, shape: ModelShape, proposals: tuple[list[StagePlan
              for s in p] for p in proposals]
     if not kept:
         return []
-    times = predict_plans_s(run, shape, kept, pool, measured_pairs(links, pool))
+    times = predict_plans_s(run, shape, kept, pool, measured)  # measured: measured_pairs of `pool`
     # predict_plans_s: inf for a proposal with an empty group
     return [PlanDecision(p, t, {}, *_moved(current, p)) for p, t in zip(kept, times) if t < float("inf")]
 
@@ -317,17 +324,12 @@ def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates:
     return PlanDecision(chosen, result_s, standby, *_moved(current, chosen))
 
 
-def predict_plan_s(run: RunConfig, shape: ModelShape, plan: list[StagePlan], pool: list[WorkerView],
-                   links: list[LinkView]) -> float:
-    """`plan`'s predicted seconds per step with today's figures: its workers' rates (those of `pool`;
-    others are left out) and their links, measured or their sites' typical ones (sites found from
-    the links among `pool`). inf when a stage has nobody or the stage count is out of bounds."""
-    return predict_plans_s(run, shape, [plan], pool, measured_pairs(links, pool))[0]
-
-
 def predict_plans_s(run: RunConfig, shape: ModelShape, plans: list[list[StagePlan]], pool: list[WorkerView],
                     measured: dict[tuple[str, str], Link]) -> list[float]:
-    """predict_plan_s of each of `plans`, on one network (`measured`: measured_pairs of `pool`)."""
+    """Each of `plans`' predicted seconds per step with today's figures: its workers' rates (those of
+    `pool`; others are left out) and their links, measured or their sites' typical ones (sites found
+    from `measured`: measured_pairs of `pool`). inf when a stage has nobody or the stage count is
+    out of bounds. One network for all of them."""
     used = {w for candidate in plans for s in candidate for w in s.workers}
     workers = [w for w in pool if w.id in used]
     index = {w.id: i for i, w in enumerate(workers)}
