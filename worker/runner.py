@@ -306,7 +306,8 @@ class WorkerRunner:
         # LOADING here: a newer RunState cancelled the last load (watch_reader.load_unless_reassigned)
         if (previous is None or previous.plan_version != state.plan_version or self.status == cpb.LOADING
                 or previous.restore_epoch != state.restore_epoch or self._behind(state)):
-            if not await load_unless_reassigned(self._load_patiently(state), state, reader):
+            if not await load_unless_reassigned(self._load_patiently(state), state, reader,
+                                                lambda: self.loader.copying):
                 return  # a newer RunState assigns something else: it is read next
             if self.driver is not None:
                 self.driver.on_plan_change()

@@ -59,11 +59,22 @@ class StageLoader:
                  coordinator: CoordinatorClient, simulated: SimulatedDevice | None):
         self.run, self.device, self.compute = run, device, compute
         self.client, self.coordinator, self.simulated = client, coordinator, simulated
+        # True while load() copies or builds a stage: the only part of taking an assignment a newer
+        # one may cancel (worker/watch_reader.py); averager and driver changes around it are not
+        self.copying = False
 
     async def load(self, a: cpb.StageAssignment, spec: StageSpec, state: cpb.RunState,
                    held: LayerSlice | None, loaded_epoch: int) -> LayerSlice | None:
         """The stage at the state the run names (None: no replica could give it; try again on the
         next RunState). RPC errors from the store propagate (the caller retries)."""
+        self.copying = True
+        try:
+            return await self._load(a, spec, state, held, loaded_epoch)
+        finally:
+            self.copying = False
+
+    async def _load(self, a: cpb.StageAssignment, spec: StageSpec, state: cpb.RunState,
+                    held: LayerSlice | None, loaded_epoch: int) -> LayerSlice | None:
         position = state.restore_step
         if a.peer_addresses:
             log.info("copying stage %d from a replica (we hold epoch %d position %s; the run is at epoch %d "

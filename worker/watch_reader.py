@@ -23,6 +23,8 @@ from gptjt_proto import coordinator_pb2 as cpb
 
 log = logging.getLogger("gptjt.worker")
 
+CANCEL_POLL_S = 0.05  # how often a replaced load that may not be cancelled yet is looked at again
+
 
 def load_target(state: cpb.RunState) -> tuple[int, int, int, int]:
     """What a load for `state` brings the worker to: (stage, start layer, end layer, restore epoch);
@@ -88,11 +90,15 @@ async def act_on_watch(stream: AsyncIterator[cpb.RunState],
         reader.close()
 
 
-async def load_unless_reassigned(load: Coroutine, state: cpb.RunState, reader: WatchReader) -> bool:
+async def load_unless_reassigned(load: Coroutine, state: cpb.RunState, reader: WatchReader,
+                                 cancellable: Callable[[], bool] = lambda: True) -> bool:
     """Run `load` (bringing the worker to what `state` assigns) while the Watch stream is read on.
     True: the load ended (its error, if any, is raised). False: a RunState that arrived meanwhile
     assigns something else, or the stream ended, and the load was cancelled; the Watch loop reads
-    that state next. RunStates that assign the same stay unread until the load ends."""
+    that state next. RunStates that assign the same stay unread until the load ends.
+    `cancellable`: whether the load may be cancelled now (StageLoader.copying: the copy, not the
+    averager built or dropped around it, whose helper process must not be cut off halfway); a
+    load that may not be is awaited until it may, or until it ends."""
     task = asyncio.ensure_future(load)
     target, seen = load_target(state), 0
     try:
@@ -107,7 +113,10 @@ async def load_unless_reassigned(load: Coroutine, state: cpb.RunState, reader: W
             newer = arrival.result()
             seen += len(newer)
             if any(not isinstance(s, cpb.RunState) or load_target(s) != target for s in newer):
-                return False
+                while not cancellable() and not task.done():
+                    await asyncio.wait({task}, timeout=CANCEL_POLL_S)
+                if not task.done():
+                    return False
         task.result()
         return True
     finally:

@@ -135,3 +135,32 @@ def test_act_on_watch_acts_in_order_and_raises_the_streams_error():
 def test_load_target_names_stage_range_and_epoch_and_standby_by_epoch_only():
     assert load_target(_state(1, 2, 5, epoch=3)) == (1, 2, 5, 3)
     assert load_target(_state(-1, 2, 5, epoch=3)) == (-1, 0, 0, 3)
+
+
+def test_a_load_outside_its_cancellable_part_is_cancelled_only_once_it_enters_it():
+    """The averager built or dropped around the copy is not cut off (StageLoader.copying): the
+    replaced load is cancelled when its copy begins, not before."""
+    async def main():
+        stream, reader = _Stream(), None
+        reader = WatchReader(stream.__aiter__())
+        first, moved = _state(0), _state(1, plan_version=2)
+        stream.send(first)
+        await reader.next()
+        copying, steps = [False], []
+
+        async def load():
+            steps.append("averager dropped")
+            await asyncio.sleep(0.2)  # not cancellable: a newer state arrives meanwhile
+            steps.append("copy begins")
+            copying[0] = True
+            await asyncio.sleep(10)
+            steps.append("copied")
+
+        running = asyncio.ensure_future(load_unless_reassigned(load(), first, reader, lambda: copying[0]))
+        await asyncio.sleep(0.05)
+        stream.send(moved)
+        answer = await asyncio.wait_for(running, 2)
+        reader.close()
+        return answer, steps
+
+    assert asyncio.run(main()) == (False, ["averager dropped", "copy begins"])
