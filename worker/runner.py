@@ -288,7 +288,6 @@ class WorkerRunner:
         self._heartbeat_now.set()
 
     async def _on_run_state(self, state: cpb.RunState, reader: WatchReader) -> None:
-        """Act on the Watch stream's next RunState (`reader` reads on while a stage loads)."""
         previous = self.state
         self.state = state
         self.state_changed.set()
@@ -303,7 +302,6 @@ class WorkerRunner:
         self.link_codecs.forget_except(list(state.assignment.next_addresses))
         if state.measure_links:
             self.prober.request(list(state.measure_links))
-        # LOADING here: a newer RunState cancelled the last load (watch_reader.load_unless_reassigned)
         if (previous is None or previous.plan_version != state.plan_version or self.status == cpb.LOADING
                 or previous.restore_epoch != state.restore_epoch or self._behind(state)):
             if not await load_unless_reassigned(self._load_patiently(state), state, reader,
@@ -356,13 +354,15 @@ class WorkerRunner:
         self.checker.stored.drop()  # a standby's stage for checks: this worker's memory is its own stage's now
         spec = StageSpec(a.start_layer, a.end_layer, embed=a.embed, head=a.head)
         if self.stage is not None and self.stage.spec == spec:
-            if self.loaded_epoch == state.restore_epoch and not self._behind(state):
-                return
-            if self.stage.position == state.restore_step:
-                # Our state is the one the run wants: drop partial work, keep the weights.
-                await self.compute.run(OTHER, self.stage.reset_to_position)
-                self.loaded_epoch = state.restore_epoch
-                self.heartbeat_soon()
+            current = self.loaded_epoch == state.restore_epoch and not self._behind(state)
+            if current or self.stage.position == state.restore_step:
+                if not current:  # our state is the one the run wants: drop partial work, keep the weights
+                    await self.compute.run(OTHER, self.stage.reset_to_position)
+                    self.loaded_epoch = state.restore_epoch
+                # READY again too after a newer RunState cancelled a load of another range (watch_reader.py)
+                if not current or self.status == cpb.LOADING:
+                    self.status = cpb.DRAINING if self.leaving else cpb.READY
+                    self.heartbeat_soon()
                 return
         if self.averagers.averager is not None and not self.averagers.fits(a.stage, spec):
             log.info("stage %d now holds layers %d-%d (its averager was built for stage %d, layers %d-%d): "

@@ -9,7 +9,9 @@ seed's first step open at 1,056 s after two re-plans in 30 s chained three loads
 runner reads on while it loads (load_unless_reassigned), and the first RunState that assigns
 something else (another stage or range, standby, another restore epoch) cancels the load; the
 Watch loop then acts on it as on any other. A RunState that assigns the same waits for the load,
-in order, as before.
+in order, as before. A cancelled load leaves the worker LOADING on the stage it held before (if
+any): the runner then takes the next RunState's assignment whatever its plan version, and a
+worker given back the range it still holds is READY again at once (runner._apply_assignment).
 """
 
 from __future__ import annotations
