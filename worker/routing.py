@@ -5,6 +5,15 @@ round-trip time per micro-batch, an exponential moving average in seconds; the l
 expected wait wins, so a fast replica takes more work and a queue that builds up on one
 replica sends the next micro-batch elsewhere. A replica whose call failed is skipped until
 the coordinator's next plan (which drops it if it is dead).
+
+In averaging.mode "local-steps" (DiLoCo-style) every replica trains on its own between outer
+steps, so the replicas of a stage drift apart, and a micro-batch must go through one fixed
+chain of replicas: a lane, the i-th member of each stage, as DiLoCo's replicas are whole models.
+Load-balanced across replicas that hold different parameters, each stage learned from
+activations and gradients of models it was not paired with: the gradsync bench's replicas
+climbed from loss 7.3 to 8-9 between outer steps, and the coordinator refused gradient norms
+50x their stage's as poisoned. The lane partner is chosen while it answers; when it has
+failed the least expected wait picks another (a step that mixes lanes beats one that stalls).
 """
 
 from __future__ import annotations
@@ -46,16 +55,23 @@ class NextStageRouter:
     smoothing: float = 0.3
     """Weight of the newest round trip in the moving average."""
     replicas: dict[str, _Replica] = field(default_factory=dict)
+    lane: str | None = None
+    """The next-stage replica every micro-batch goes to while it answers (lane_partner); None: any."""
 
-    def update(self, addresses: list[str], forgive: bool) -> None:
+    def update(self, addresses: list[str], forgive: bool, lane: str | None = None) -> None:
         """The coordinator's current list of next-stage replicas. forgive: a new plan, so replicas
-        that failed get another chance (a dead one is no longer listed)."""
+        that failed get another chance (a dead one is no longer listed). lane: see `lane`."""
         self.replicas = {a: self.replicas.get(a) or _Replica(a) for a in addresses}
+        self.lane = lane if lane in self.replicas else None
         if forgive:
             for r in self.replicas.values():
                 r.failed_at = None
 
     def pick(self) -> str:
+        partner = self.replicas.get(self.lane) if self.lane is not None else None
+        if partner is not None and not partner.failed:
+            partner.in_flight += 1
+            return partner.address
         live = [r for r in self.replicas.values() if not r.failed]
         if not live:
             raise NoReplicaAvailable(f"no live replica of the next stage among {sorted(self.replicas)}")
@@ -93,3 +109,18 @@ class NextStageRouter:
     @property
     def available(self) -> bool:
         return any(not r.failed for r in self.replicas.values())
+
+
+def lane_partner(worker_id: str, assignment, mode: str) -> str | None:
+    """The address of this worker's lane partner in the next stage (mode "local-steps"), else None.
+
+    assignment: a StageAssignment (peer_ids: this stage's members, next_ids / next_addresses: the
+    next stage's). The i-th of this stage's members, by worker id, pairs with the i-th of the
+    next stage's. Only when both stages have as many members: with fewer next, lanes would share
+    a replica there anyway; with more, the extra ones would train on nothing and their zero
+    pseudo-gradients would dilute the outer step's mean. Such a step load-balances as before."""
+    if mode != "local-steps" or worker_id not in assignment.peer_ids \
+            or len(assignment.next_ids) != len(assignment.peer_ids):
+        return None
+    by_id = dict(zip(assignment.next_ids, assignment.next_addresses))
+    return by_id[sorted(by_id)[sorted(assignment.peer_ids).index(worker_id)]]

@@ -32,7 +32,7 @@ from .options import WorkerOptions
 from .pipeline import Stage0Driver
 from .probe import BusyRates, figures_for_the_plan, peak_memory_bytes, probe_device
 from .relay_tunnel import address_to_announce
-from .routing import NextStageRouter
+from .routing import NextStageRouter, lane_partner
 from .service import Serving, StageService
 from .simulated_device import SimulatedDevice
 from .spot_check import SpotChecker
@@ -297,7 +297,7 @@ class WorkerRunner:
         for addresses, ids in ((a.next_addresses, a.next_ids), (a.peer_addresses, a.peer_address_ids),
                                (state.measure_links, state.measure_link_ids)):
             self.client.learn(addresses, ids)  # who must answer at each address (TLS links)
-        self.router.update(list(state.assignment.next_addresses),
+        self.router.update(list(a.next_addresses), lane=lane_partner(self.worker_id, a, self.run.averaging.mode),
                            forgive=previous is None or previous.plan_version != state.plan_version)
         self.link_codecs.forget_except(list(state.assignment.next_addresses))
         if state.measure_links:
