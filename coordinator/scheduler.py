@@ -19,7 +19,7 @@ from gptjt_core.stage_spec import StageSpec
 from .cost_model import (MEMORY_HEADROOM, Device, Link, ModelShape, Network, StagePlacement, Workload, memory_needed_gb,
                          predict_step)
 from .placement import evaluate, layers_moved, move_stall_layers, plan, replan, usable
-from .sites import fill_links
+from .sites import SiteMap, fill_links
 
 # Bytes per value on the wire, per codec: block codecs carry a float32 scale per 128 values.
 CODEC_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "q8": 1 + 4 / 128, "q4": 0.5 + 4 / 128,
@@ -138,13 +138,15 @@ def workload(run: RunConfig) -> Workload:
                     checkpoint_segment=p.checkpoint_segment)
 
 
-def _network(workers: list[WorkerView], measured: dict[tuple[str, str], Link], cfg: SchedulerConfig) -> Network:
+def _network(workers: list[WorkerView], measured: dict[tuple[str, str], Link], cfg: SchedulerConfig,
+             sites: SiteMap | None = None) -> Network:
     """Each worker is a site of the Network; a pair takes its measured link (`measured`:
     measured_pairs, the slower direction when both were measured), else the typical link between
-    the sites found from measured latencies (coordinator/sites.py; from every live worker's links,
-    not only `workers`'), else the configured default."""
+    the sites found from measured latencies (coordinator/sites.py; `sites`, found once per decision
+    from every live worker's links, not only `workers`'), else the configured default."""
     default = Link(cfg.default_link_latency_ms / 1e3, cfg.default_link_mbit / 1e3)
-    return Network(fill_links([w.id for w in workers], measured, cfg.site_latency_ms, default), inside=default)
+    return Network(fill_links([w.id for w in workers], measured, cfg.site_latency_ms, default, sites),
+                   inside=default)
 
 
 def measured_pairs(links: list[LinkView], live: list[WorkerView]) -> dict[tuple[str, str], Link]:
@@ -164,11 +166,14 @@ def measured_pairs(links: list[LinkView], live: list[WorkerView]) -> dict[tuple[
     return measured
 
 
-def _within(measured: dict[tuple[str, str], Link], workers: list[WorkerView]) -> dict[tuple[str, str], Link]:
+def _within(measured: dict[tuple[str, str], Link], workers: list[WorkerView],
+            cfg: SchedulerConfig) -> tuple[dict[tuple[str, str], Link], SiteMap]:
     """measured_pairs(links, workers) from the pairs of live workers that include them, without
-    reading every link again (~10^4 at 1,000 workers)."""
+    reading every link again (~10^4 at 1,000 workers), and the sites found from those pairs (the
+    plan in force and the proposals are priced on them)."""
     ids = {w.id for w in workers}
-    return {pair: link for pair, link in measured.items() if pair[0] in ids and pair[1] in ids}
+    within = {pair: link for pair, link in measured.items() if pair[0] in ids and pair[1] in ids}
+    return within, SiteMap.find(ids, within, cfg.site_latency_ms)
 
 
 def _devices(workers: list[WorkerView]) -> list[Device]:
@@ -180,17 +185,16 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
            keep_if_faster: bool = False, proposals: tuple[list[StagePlan], ...] = ()) -> PlanDecision | None:
     """The plan for these workers, or None when they cannot fill every stage.
 
-    The plan has pipeline.num_stages stages, or any count in min_stages .. max_stages when
-    those bound it (the search compares them). A group holds at most replicas_per_stage
-    workers, so at most (the most stages) x that many take part. Two candidate sets are
+    The plan has pipeline.num_stages stages, or any count in min_stages .. max_stages when those
+    bound it (the search compares them). At most (the most stages) x replicas_per_stage workers
+    take part (replicas_per_stage a group). Sites are found once for all. Two candidate sets are
     solved: the fastest workers, and today's holders topped up with the fastest others; with
     a current plan, placement.replan keeps it unless moving pays off. The set whose plan
     costs least over scheduler.horizon_steps steps, counting the stall its moves cause (the
     most layers one worker loads, layer_load_s each), wins: hysteresis at both levels. `memo`:
-    answers of earlier searches, reused when a candidate set, its links and the current plan
-    are unchanged. keep_if_faster: the plan in force stays when it is predicted no slower than
-    the search's (the ledger asks it once its plan could start). proposals: plans found by
-    earlier searches and not applied yet, priced beside the searches' (_proposed)."""
+    earlier searches' answers, reused for the same candidates, links and current plan. keep_if_faster:
+    the plan in force stays when predicted no slower than the search's (the ledger asks it once its
+    plan could start). proposals: earlier searches' plans not applied yet, priced too (_proposed)."""
     cfg, work = run.scheduler, workload(run)
     counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
     fits, why = usable(_devices(workers), shape, work)
@@ -204,10 +208,11 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     keep = holders + [w for w in pool if w.id not in held][:cap - len(holders)]
     sets = [pool[:cap]] + ([keep] if {w.id for w in keep} != {w.id for w in pool[:cap]} else [])
     measured, options = measured_pairs(links, workers), []
+    sites = SiteMap.find([w.id for w in workers], measured, cfg.site_latency_ms)  # one for every network below
     for candidates in sets:
         if len(candidates) < min(counts):
             continue
-        net = _network(candidates, measured, cfg)
+        net = _network(candidates, measured, cfg, sites)
         key = _memo_key(candidates, net, current) if memo is not None else None
         try:
             found = memo.get(key) if memo is not None else None
@@ -219,13 +224,13 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
         except ValueError as e:  # nothing fits: every stage would be too big for some worker
             for w in candidates:
                 standby.setdefault(w.id, str(e))
-    measured = _within(measured, pool)
-    options += _proposed(run, shape, proposals, pool, measured, current)
+    measured, sites = _within(measured, pool, cfg)
+    options += _proposed(run, shape, proposals, pool, measured, current, sites)
     if not options:
         return None
     cost = lambda d: d.predicted_step_s * cfg.horizon_steps + d.stall_layers * cfg.layer_load_s  # noqa: E731
     best = min(options, key=cost)
-    now_s = predict_plans_s(run, shape, [current or []], pool, measured)[0]
+    now_s = predict_plans_s(run, shape, [current or []], pool, measured, sites)[0]
     if keep_if_faster and now_s <= best.predicted_step_s:
         # The search fills every group (the first step waits for start_with_replicas), so it
         # cannot offer one left short on purpose (vacancy_choice), and it plans from scratch when
@@ -238,7 +243,8 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
 
 
 def _proposed(run: RunConfig, shape: ModelShape, proposals: tuple[list[StagePlan], ...], pool: list[WorkerView],
-              measured: dict[tuple[str, str], Link], current: list[StagePlan] | None) -> list[PlanDecision]:
+              measured: dict[tuple[str, str], Link], current: list[StagePlan] | None,
+              sites: SiteMap | None = None) -> list[PlanDecision]:
     """`proposals` as decisions priced with today's figures, without their workers that left or
     cannot hold their stage now (fits_stage: a device re-measured with less memory; a group may be
     a replica short; a proposal that lost a whole group is dropped). A search ends by its
@@ -252,7 +258,7 @@ def _proposed(run: RunConfig, shape: ModelShape, proposals: tuple[list[StagePlan
              for s in p] for p in proposals]
     if not kept:
         return []
-    times = predict_plans_s(run, shape, kept, pool, measured)  # measured: measured_pairs of `pool`
+    times = predict_plans_s(run, shape, kept, pool, measured, sites)  # measured: measured_pairs of `pool`
     # predict_plans_s: inf for a proposal with an empty group
     return [PlanDecision(p, t, {}, *_moved(current, p)) for p, t in zip(kept, times) if t < float("inf")]
 
@@ -325,15 +331,15 @@ def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates:
 
 
 def predict_plans_s(run: RunConfig, shape: ModelShape, plans: list[list[StagePlan]], pool: list[WorkerView],
-                    measured: dict[tuple[str, str], Link]) -> list[float]:
+                    measured: dict[tuple[str, str], Link], sites: SiteMap | None = None) -> list[float]:
     """Each of `plans`' predicted seconds per step with today's figures: its workers' rates (those of
-    `pool`; others are left out) and their links, measured or their sites' typical ones (sites found
-    from `measured`: measured_pairs of `pool`). inf when a stage has nobody or the stage count is
-    out of bounds. One network for all of them."""
+    `pool`; others are left out) and their links, measured or their sites' typical ones (`sites`,
+    else found from `measured`: measured_pairs of `pool`). inf when a stage has nobody or the stage
+    count is out of bounds. One network for all of them."""
     used = {w for candidate in plans for s in candidate for w in s.workers}
     workers = [w for w in pool if w.id in used]
     index = {w.id: i for i, w in enumerate(workers)}
-    net = _network(workers, measured, run.scheduler)
+    net = _network(workers, measured, run.scheduler, sites)
     devices, work, out = _devices(workers), workload(run), []
     for candidate in plans:
         old = _as_old(candidate, index)

@@ -28,7 +28,7 @@ from gptjt_core.config import RunConfig
 
 from .cost_model import ModelShape
 from .scheduler import LinkView, StagePlan, WorkerView, measured_pairs, predict_plans_s
-from .sites import find_sites
+from .sites import SiteMap
 
 SPARE_COPY = 2  # replicas a stage takes whatever they cost: its state then survives one departure
 
@@ -42,7 +42,7 @@ class ReplicaPricer:
         self.run, self.shape, self.everyone = run, shape, everyone
         self.measured = measured_pairs(links, everyone)
         self.priced = {w for pair in self.measured for w in pair}  # workers with a measured link
-        self.sites = find_sites([w.id for w in everyone], self.measured, run.scheduler.site_latency_ms)
+        self.site_map = SiteMap.find([w.id for w in everyone], self.measured, run.scheduler.site_latency_ms)
 
     def choose(self, plan: list[StagePlan], stage: int, standby: list[WorkerView],
                fits: Callable[[WorkerView], bool]) -> WorkerView | None:
@@ -58,7 +58,7 @@ class ReplicaPricer:
         best_per_site: dict[str, WorkerView] = {}
         # fastest first, the longest-waiting among equals: the first that fits is its site's candidate
         for w in sorted((w for w in standby if w.id in self.priced), key=lambda w: (-w.tflops, order[w.id])):
-            site = self.sites.get(w.id, w.id)
+            site = self.site_map.sites.get(w.id, w.id)
             if site not in best_per_site and fits(w):
                 best_per_site[site] = w
         if not best_per_site:
@@ -71,7 +71,8 @@ class ReplicaPricer:
                   for w in options]
         known = {w.id for w in self.everyone}
         pool = self.everyone + [w for w in options if w.id not in known]
-        *with_each, as_is = predict_plans_s(self.run, self.shape, trials + [plan], pool, self.measured)
+        *with_each, as_is = predict_plans_s(self.run, self.shape, trials + [plan], pool, self.measured,
+                                          self.site_map)
         best_s, best = min(zip(with_each, options), key=lambda x: x[0])  # min keeps the first of equals
         if not spare:
             return best  # a second copy of the stage's state first: its holder's departure costs no restore then

@@ -7,7 +7,7 @@ import pytest
 
 from coordinator.cost_model import Link
 from coordinator.scheduler import LinkView, WorkerView, decide
-from coordinator.sites import fill_links, find_sites
+from coordinator.sites import SiteMap, fill_links, find_sites
 from coordinator.scheduler import model_shape
 from tests.unit.test_scheduler import run_config
 
@@ -30,6 +30,18 @@ def test_an_unmeasured_pair_takes_its_sites_typical_link_and_a_measured_one_keep
     assert links[("a1", "b2")] == odd  # measured: its own figure
     assert links[("a1", "c")] == DEFAULT  # nothing known of c's site
     assert fill_links(["a2", "b1"], measured, 0.0, DEFAULT)[("a2", "b1")] == DEFAULT  # sites off
+
+
+def test_sites_found_once_from_every_worker_fill_a_subset_as_if_found_for_it():
+    """A decision finds sites once (SiteMap) for all its networks; a network of some workers filled
+    from it is the one fill_links finds from the same pairs itself, and a worker the map never saw
+    (a proposal's, priced later) is a site of its own."""
+    measured = {("a1", "a2"): NEAR, ("b1", "b2"): NEAR, ("a1", "b1"): FAR, ("a2", "b2"): Link(0.09, 0.2)}
+    once = SiteMap.find(["a1", "a2", "b1", "b2"], measured, 8.0)
+    assert once.sites == {"a1": "a1", "a2": "a1", "b1": "b1", "b2": "b1"}
+    for ids in (["a2", "b1"], ["b2", "a1", "c"], ["a1", "a2", "b1", "b2"]):
+        assert fill_links(ids, measured, 8.0, DEFAULT, once) == fill_links(ids, measured, 8.0, DEFAULT)
+    assert fill_links(["a1", "c"], measured, 8.0, DEFAULT, once)[("a1", "c")] == DEFAULT
 
 
 def test_a_plan_is_predicted_on_the_link_its_sites_have_not_on_the_default():
