@@ -71,9 +71,13 @@ def _run(mode: str, compression: str, steps: int, outer_every: int, outer: str =
         config = _config(tmp, mode, compression, steps, outer_every, outer)
         status = run_swarm(tmp, config, steps, workers=4, threads=1, settle_s=2.0, timeout_s=5400.0)
     workers = [w for w in status["workers"] if w["stage"] >= 0]
+    # Failed rounds and re-run step attempts sent bytes too, and they are in the count: reported
+    # beside it, so a ratio that moves between runs says why (a repeated round is a whole one).
     return {"bytes_per_replica": sum(w["metrics"]["averaging_bytes"] for w in workers) / len(workers),
             "final_loss": final_loss(status), "steps": len(status["history"]),
-            "seconds": sum(h["seconds"] for h in status["history"])}
+            "seconds": sum(h["seconds"] for h in status["history"]),
+            "failed_rounds": status["event_counts"].get("averaging_failed", 0),
+            "step_reruns": sum(h.get("attempts", 1) - 1 for h in status["history"])}
 
 
 def settings(quick: bool) -> dict:
@@ -96,6 +100,7 @@ def _compare(baseline: dict, chosen: dict) -> dict:
         "fp32_allreduce_bytes_per_step": fp32_per_step, "chosen_bytes_per_step": chosen_per_step,
         "baseline_final_loss": baseline["final_loss"], "chosen_final_loss": chosen["final_loss"],
         "baseline_seconds": baseline["seconds"], "chosen_seconds": chosen["seconds"],
+        "chosen_failed_rounds": chosen["failed_rounds"], "chosen_step_reruns": chosen["step_reruns"],
     }
 
 
@@ -117,5 +122,6 @@ def run(quick: bool = False) -> dict:
     best = max(within or sweep, key=lambda s: s["grad_bytes_ratio_vs_fp32"])
     return {**best, "outer_density": FULL_DENSITY, "steps": FULL_STEPS, "loss_goal_met": bool(within),
             "chosen": f"local-steps + 8bit-blockwise + random-k {FULL_DENSITY} with error feedback",
-            "sweep": [{k: s[k] for k in ("outer_every", "grad_bytes_ratio_vs_fp32", "loss_gap_pct", "chosen_final_loss")}
+            "sweep": [{k: s[k] for k in ("outer_every", "grad_bytes_ratio_vs_fp32", "loss_gap_pct", "chosen_final_loss",
+                                     "chosen_failed_rounds")}
                       for s in sweep], **common}
