@@ -89,11 +89,13 @@ class CoordinatorClient:
             lambda: getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata), method,
             logging.DEBUG)
 
-    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str, level: int = logging.INFO) -> T:
+    async def _retrying(self, call: Callable[[], Awaitable[T]], what: str, level: int = logging.INFO,
+                        retryable: tuple[grpc.StatusCode, ...] = RETRYABLE) -> T:
         """`call()` (which must use self.stub afresh each time: it moves with the address) until
-        it succeeds, retrying transient failures for up to retry_for_s seconds: an unreachable
-        coordinator, or a standby answering UNAVAILABLE, moves the client on to the next address.
-        Each retry is logged at `level`: routine calls at DEBUG, checkpoint transfers at INFO."""
+        it succeeds, retrying transient failures (`retryable`) for up to retry_for_s seconds: an
+        unreachable coordinator, or a standby answering UNAVAILABLE, moves the client on to the
+        next address. Each retry is logged at `level`: routine calls at DEBUG, checkpoint
+        transfers at INFO."""
         deadline = time.monotonic() + self.retry_for_s
         delay = 0.2
         while True:
@@ -101,7 +103,7 @@ class CoordinatorClient:
             try:
                 return await call()
             except grpc.aio.AioRpcError as e:
-                if e.code() not in RETRYABLE or time.monotonic() > deadline:
+                if e.code() not in retryable or time.monotonic() > deadline:
                     raise
                 log.log(level, "%s at coordinator %s failed (%s); trying again in %.1fs", what, used, e.code().name,
                         delay)
@@ -113,10 +115,16 @@ class CoordinatorClient:
         """One PutCheckpoint stream, sent whole again while the coordinator is unreachable (for up
         to retry_for_s): a coordinator restarting mid-upload refuses the connection (the chaos soak
         saw a worker exit 1 on this). A half-sent attempt leaves nothing in the store: it keeps a
-        stage's file only once it is complete and hashes to its header. Returns the stored path."""
+        stage's file only once it is complete and hashes to its header. Returns the stored path.
+
+        INTERNAL is retried here too: a stream the coordinator ended while chunks were still going
+        out (its refusal of a stage a rollback moved, or a broken transport) fails on the client's
+        send as INTERNAL ("Failed execute_batch"), not with the coordinator's status, and the chaos
+        soak saw a writer exit 1 on it. Sent again, the header alone meets the refusal, which then
+        arrives as itself (PERMISSION_DENIED: the step follower carries on)."""
         async def put() -> str:
             return (await self.stub.PutCheckpoint(chunks(), timeout=600, metadata=self.metadata)).path
-        return await self._retrying(put, "checkpoint upload")
+        return await self._retrying(put, "checkpoint upload", retryable=RETRYABLE + (grpc.StatusCode.INTERNAL,))
 
     async def join(self, token: str, name: str, address: str, device: dict, public_key_pem: str = "",
                    dht_public_key: bytes = b"") -> pb.JoinReply:

@@ -70,3 +70,18 @@ def test_an_outage_longer_than_retry_for_s_is_raised():
     with pytest.raises(grpc.aio.AioRpcError) as failed:
         _upload(stub, b"x" * 4096, retry_for_s=0.5)
     assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and stub.received == []
+
+
+def test_a_stream_cut_on_the_send_is_sent_again_and_a_refusal_then_arrives_as_itself():
+    """A stream the coordinator ended mid-upload fails on the client's send as INTERNAL, not with
+    its status (the chaos soak, seed 12, saw the writer exit 1): sent again, it goes through, or
+    meets the refusal as PERMISSION_DENIED, which the step follower handles."""
+    stub = FlakyStore([grpc.StatusCode.INTERNAL])
+    blob = bytes(range(256)) * 8
+    assert _upload(stub, blob) == "/store/step-3/stage"
+    [parts] = stub.received
+    assert b"".join(p.data for p in parts[1:]) == blob
+    stub = FlakyStore([grpc.StatusCode.INTERNAL, grpc.StatusCode.PERMISSION_DENIED])
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        _upload(stub, blob)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED and stub.received == []
