@@ -141,6 +141,22 @@ def test_local_steps_average_only_at_outer_steps(tmp_path, swarms):
     swarm.wait(lambda s: all(w["metrics"].get("averaging_bytes", 0) > 0 for w in s["workers"] if w["stage"] >= 0),
                10, "every replica's averaging bytes in its heartbeat")
     assert status["tickets"]["exactly_once_violations"] == []
+    # Lanes (worker/routing.py): in a step attempt, each stage-0 replica sent all of its
+    # micro-batches to one stage-1 replica, and no two to the same one. Load-balancing alternates
+    # one sender's micro-batches between both, so without lanes almost no attempt passes; with
+    # them a few may not (a partner that failed a call, on a loaded machine, is replaced for a
+    # while), hence most, not all.
+    with sqlite3.connect(f"file:{swarm.ledger_path}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT step, attempt, ticket, stage, worker FROM commitments").fetchall()
+    chains: dict[tuple, dict[int, str]] = {}
+    for step, attempt, ticket, stage, worker in rows:
+        chains.setdefault((step, attempt, ticket), {})[stage] = worker
+    pairs: dict[tuple, set] = {}
+    for (step, attempt, _), chain in chains.items():
+        pairs.setdefault((step, attempt), set()).add((chain[0], chain[1]))
+    assert len(pairs) >= 6
+    in_lanes = [len({a for a, _ in seen}) == len({b for _, b in seen}) == len(seen) for seen in pairs.values()]
+    assert sum(in_lanes) >= 0.75 * len(in_lanes), pairs
 
 
 def test_sparse_outer_steps_send_a_quarter_and_keep_one_anchor(tmp_path, swarms):
