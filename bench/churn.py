@@ -35,6 +35,9 @@ coordinator_cpu_per_sim_s    CPU seconds of the coordinator per virtual second: 
                              not in it: bench heartbeat measures those.
 plan_searches / plan_search_hits  placement searches run, and re-plans answered by the memo
                              (coordinator/scheduler.py DecisionMemo) instead.
+plan_search_backstop_hits    searches the wall-clock backstop cut short (search_budget.py). Above 0
+                             the run does not repeat exactly: those plans depended on how busy the
+                             machine was (run the bench alone).
 """
 
 from __future__ import annotations

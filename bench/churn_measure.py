@@ -58,7 +58,7 @@ def measure(s: ChurnSettings) -> dict:
         "ledger_cpu_per_sim_s": round(churned.ledger_cpu_s / seconds, 5),
         "heartbeat_cpu_per_sim_s": round(churned.heartbeat_cpu_per_beat_s * beats_per_s, 5),
         "reaper_cpu_per_sim_s": round(churned.reaper_cpu_per_sim_s, 5),
-        "plan_searches": memo.searches, "plan_search_hits": memo.hits,
+        "plan_searches": memo.searches, "plan_search_hits": memo.hits, "plan_search_backstop_hits": memo.backstop_hits,
         "wall_s": round(churned.wall_s, 1),
     }
 

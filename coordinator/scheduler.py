@@ -80,6 +80,9 @@ class PlanDecision:
     # every worker a search of this decision could place (the candidate sets): only links among
     # them can change a plan, so only they are asked to measure, and only towards each other
     candidates: tuple[str, ...] = ()
+    # the search's wall-clock backstop (search_budget.py) cut it short: the plan then depends on
+    # how loaded the machine was, not only on its inputs
+    backstop_hit: bool = False
 
 
 class DecisionMemo:
@@ -93,6 +96,7 @@ class DecisionMemo:
 
     def __init__(self, size: int = 16):
         self.size, self.kept, self.hits, self.searches = size, OrderedDict(), 0, 0
+        self.backstop_hits = 0  # searches the wall-clock backstop cut short (PlanDecision.backstop_hit)
 
     def get(self, key: tuple) -> PlanDecision | None:
         found = self.kept.get(key)
@@ -104,6 +108,7 @@ class DecisionMemo:
 
     def put(self, key: tuple, decision: PlanDecision) -> None:
         self.searches += 1
+        self.backstop_hits += decision.backstop_hit
         self.kept[key] = dataclasses.replace(decision, standby=dict(decision.standby))
         while len(self.kept) > self.size:
             self.kept.popitem(last=False)
@@ -327,7 +332,7 @@ def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates:
                     (moved(result_stages) - moved(stages_)) * cfg.layer_load_s:
                 result_stages, result_s = stages_, cost
     chosen = [StagePlan(s.start, s.end, tuple(candidates[i].id for i in s.workers)) for s in result_stages]
-    return PlanDecision(chosen, result_s, standby, *_moved(current, chosen))
+    return PlanDecision(chosen, result_s, standby, *_moved(current, chosen), backstop_hit=result.backstop_hit)
 
 
 def predict_plans_s(run: RunConfig, shape: ModelShape, plans: list[list[StagePlan]], pool: list[WorkerView],

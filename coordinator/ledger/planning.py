@@ -121,11 +121,15 @@ class StagePlanner:
 
     # -- deciding ----------------------------------------------------------------------
     def _decide(self) -> PlanDecision | None:
-        current = self._current_plan()
+        current, cut_short = self._current_plan(), self.memo.backstop_hits
         decision = decide(self.run, self.shape, self._views(), self._link_views(),
                           current if any(s.workers for s in current) else None, self.memo,
                           keep_if_faster=not self._free_to_replan() or self._could_start(current),
                           proposals=(self._pending_stages(),))
+        if self.memo.backstop_hits > cut_short:
+            self.events.record("plan_search_cut_short", "the placement search hit scheduler.search_budget_s before "
+                               "scoring search_evaluations candidates: this plan depends on how busy the "
+                               "coordinator's host was (give it a core, or raise search_budget_s)")
         # who measures links next (Measurements.to_measure): the candidates, or everyone while no plan fits
         self.db.set_json_meta("link_candidates", list(decision.candidates) if decision is not None else [])
         if decision is not None:
