@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from pathlib import Path
 
@@ -38,3 +40,14 @@ def final_loss(status: dict, last: int = 3) -> float:
     """Mean loss of the last `last` steps (both runs of a comparison see the same batches)."""
     losses = [h["loss"] for h in status["history"]][-last:]
     return sum(losses) / len(losses)
+
+
+def whole_run(workdir: Path) -> dict:
+    """Closed steps, their seconds and the attempts they re-ran, over the whole run run_swarm ran
+    in `workdir`, from its ledger: the status object lists only the newest 200 steps in full
+    (coordinator/ledger/history.py HISTORY_STEPS), and a bench that divided a whole run's bytes by
+    that count overstated them per step by steps / 200 (gradsync's full form, 321 steps: 1.6x)."""
+    with contextlib.closing(sqlite3.connect(workdir / "run.db")) as db:
+        steps, seconds, reruns = db.execute("SELECT COUNT(*), COALESCE(SUM(closed - opened), 0), "
+                                            "COALESCE(SUM(attempts - 1), 0) FROM steps").fetchone()
+    return {"steps": steps, "seconds": seconds, "step_reruns": reruns}
