@@ -17,9 +17,9 @@ loss being the mean of the last 3 steps (same batches, same order).
 Full form: 321 steps (to a loss well below the quick form's). Each (outer_every, outer_density)
 in FULL_SWEEP is run: averaging.outer_density of each pseudo-gradient's coordinates per outer step,
 the rest carried in each replica's residual (error feedback, gptjt_core/outer_sparsity.py). Bytes
-per step are about 4 x outer_every / density below fp32's (8-bit codes, ~1 % of scales and
-codebooks), so every pair is >= 400x on paper; they ask where about the same traffic loses the
-least: fewer coordinates often, or all of them rarely. The figures are of the one with the most
+per step are about 4 x steps / (outer steps x density) below fp32's (8-bit codes, ~1 % of scales
+and codebooks): ~640x for each pair here (110 and 160 both give 2 outer steps in 321); they ask
+where the same traffic loses the least: fewer coordinates often, or all of them rarely. The figures are of the one with the most
 bytes saved within the loss goal, or with none within it the one with the smallest gap (all are
 reported). Steps and their seconds are counted over the whole run from its ledger (the status
 object lists the newest 200 steps only). The baseline's
@@ -41,11 +41,12 @@ DESCRIPTION = "gradient-sync bytes per optimizer step vs fp32 all-reduce (local 
 
 OUTER_EVERY = 40
 GLOBAL_BATCH, MICRO_BATCH = 32, 4  # 8 micro-batches a step: each replica of a stage sees about 4
-FULL_STEPS = 321  # outer steps at 40, 80, ..., 320 with outer_every 40
+FULL_STEPS = 321  # ends on an outer step (at 320) for outer_every 40, 80 and 160
 # (outer_every, outer_density). 8 outer steps at a quarter of the coordinates was the only full form
 # until 2026-12-04; that day's sweep of (40, 0.25), (80, 0.5), (160, 1) at the same bytes (~635x,
 # counted right) gave gaps of 4.21, 3.64 and 3.17 %: all coordinates rarely beat a few often, so
-# (40, 0.25) gave way to dense averaging every 110 steps, which spends bytes (~435x) on the gap.
+# (40, 0.25) gave way to dense averaging every 110 steps (meant to spend bytes on the gap; over 321
+# steps it has 2 outer steps as 160 does, so the same bytes: 3.61 % against 160's 2.86 %).
 FULL_SWEEP = ((80, 0.5), (110, 1.0), (160, 1.0))
 LOSS_GOAL_PCT = 2.0
 BASELINE_BYTES_STEPS = 11
