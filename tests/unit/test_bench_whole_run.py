@@ -7,18 +7,11 @@ from __future__ import annotations
 from bench.swarm_run import whole_run
 from coordinator.ledger.db import LedgerDB
 from coordinator.ledger.history import HISTORY_STEPS, StepHistory
-
-
-class _Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.unit.test_ledger import Clock
 
 
 def test_whole_run_counts_every_closed_step_past_the_status_history(tmp_path):
-    clock = _Clock()
+    clock = Clock()
     db = LedgerDB(tmp_path / "run.db", clock)
     history = StepHistory(db)
     steps = HISTORY_STEPS + 121

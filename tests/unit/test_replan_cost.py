@@ -150,14 +150,15 @@ def test_the_merge_window_is_last_to_last_plus_every_and_a_clock_stepped_back_do
 
 def test_a_search_the_backstop_cut_short_is_counted_and_told_to_the_operator(tmp_path):
     # search_budget_s = 0: the wall-clock backstop has passed before the first candidate is scored
-    cut = make_ledger(tmp_path / "cut", search_budget_s=0.0)
-    for i, rate in enumerate((0.01, 0.02)):
-        cut.join(f"w{i}", f"h:{i}", device(rate))
+    def two_workers_join(ledger):
+        for i, rate in enumerate((0.01, 0.02)):
+            ledger.join(f"w{i}", f"h:{i}", device(rate))
+        return ledger
+
+    cut = two_workers_join(make_ledger(tmp_path / "cut", search_budget_s=0.0))
     assert cut.planner.memo.backstop_hits >= 1 and cut.planner.memo.backstop_hits <= cut.planner.memo.searches
     told = [e for e in cut.status()["events"] if e["kind"] == "plan_search_cut_short"]
     assert len(told) == cut.planner.memo.backstop_hits and "search_budget_s" in told[0]["detail"]
-    calm = make_ledger(tmp_path / "calm")  # the default backstop never binds on two workers
-    for i, rate in enumerate((0.01, 0.02)):
-        calm.join(f"w{i}", f"h:{i}", device(rate))
+    calm = two_workers_join(make_ledger(tmp_path / "calm"))  # the default backstop never binds on two workers
     assert calm.planner.memo.searches >= 1 and calm.planner.memo.backstop_hits == 0
     assert not [e for e in calm.status()["events"] if e["kind"] == "plan_search_cut_short"]
