@@ -10,6 +10,7 @@ and when a plan may be applied.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -55,6 +56,12 @@ class LinkView:
     dst_address: str
     latency_ms: float
     mbit: float
+
+    @functools.cached_property
+    def link(self) -> Link:
+        """As the cost model takes it (seconds, Gbit/s): made once per measurement, which the
+        ledger keeps (Measurements.link_views) while every decision reads all of them."""
+        return Link(self.latency_ms / 1e3, self.mbit / 1e3)
 
 
 @dataclass
@@ -164,7 +171,7 @@ def measured_pairs(links: list[LinkView], live: list[WorkerView]) -> dict[tuple[
         dst = by_address.get(m.dst_address)
         if dst is None or dst == m.src or m.src not in ids or m.mbit <= 0:
             continue
-        link = Link(m.latency_ms / 1e3, m.mbit / 1e3)
+        link = m.link
         key = (m.src, dst) if m.src < dst else (dst, m.src)
         old = measured.get(key)
         measured[key] = link if old is None else Link(max(old.latency_s, link.latency_s), min(old.gbps, link.gbps))

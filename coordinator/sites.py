@@ -45,8 +45,9 @@ def typical_links(sites: dict[str, str], measured: dict[tuple[str, str], Link]) 
     """(site, site) with the first <= the second -> the median measured link between them."""
     by_pair: dict[tuple[str, str], list[Link]] = {}
     for (a, b), link in measured.items():
-        if a in sites and b in sites:
-            by_pair.setdefault(tuple(sorted((sites[a], sites[b]))), []).append(link)
+        sa, sb = sites.get(a), sites.get(b)
+        if sa is not None and sb is not None:
+            by_pair.setdefault((sa, sb) if sa <= sb else (sb, sa), []).append(link)
     return {pair: Link(statistics.median(x.latency_s for x in links), statistics.median(x.gbps for x in links))
             for pair, links in by_pair.items()}
 

@@ -48,6 +48,7 @@ class LedgerDB:
         event loop (`snapshot()`); any write through it fails."""
         self.clock = clock
         self.version, self.rollbacks = 0, 0
+        self._parsed: dict[str, tuple[str | None, object]] = {}  # shared_json_meta: key -> (text, value)
         self.postgres = is_database_url(path)
         if self.postgres:
             from .postgres import PostgresConnection, redacted
@@ -150,6 +151,16 @@ class LedgerDB:
     def json_meta(self, key: str, default):
         raw = self.meta(key)
         return json.loads(raw) if raw else default
+
+    def shared_json_meta(self, key: str, default):
+        """json_meta for a value read far more often than it is written (the plan's standby reasons
+        and link candidates: read for every link probe and Watch push, ~1,000 entries at 1,000
+        workers), parsed once per stored text. The value is shared between callers: never change it."""
+        raw = self.meta(key)
+        kept = self._parsed.get(key)
+        if kept is None or kept[0] != raw:
+            kept = self._parsed[key] = raw, (json.loads(raw) if raw else default)
+        return kept[1]
 
     def set_json_meta(self, key: str, value) -> None:
         self.set_meta(key, json.dumps(value))

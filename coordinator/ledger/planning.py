@@ -350,11 +350,11 @@ class StagePlanner:
     def link_candidates(self) -> frozenset[str]:
         """The workers the last search could place (empty: no search yet, or too few workers for
         a plan, and then every live worker measures)."""
-        return frozenset(self.db.json_meta("link_candidates", []))
+        return frozenset(self.db.shared_json_meta("link_candidates", []))
 
     def standby_reasons(self) -> dict[str, str]:
-        """worker id -> why it has no stage."""
-        return self.db.json_meta("standby_why", {})
+        """worker id -> why it has no stage (shared: never change it)."""
+        return self.db.shared_json_meta("standby_why", {})
 
     def status(self, measured_step_s: float | None) -> dict:
         """The `plan` object of the status JSON."""

@@ -1,7 +1,8 @@
 """What the ledger keeps in memory between reads stays what the tables hold: the live workers'
 addresses (AssignmentView.live_addresses, kept until WorkerRegistry.roster_version moves) and the
-measured links (Measurements.link_views, kept in step with each write), through joins, deaths,
-moves, replaced measurements, rollbacks and pruning."""
+measured links (Measurements.link_views, kept in step with each write), and the meta values parsed
+once per stored text (LedgerDB.shared_json_meta), through joins, deaths, moves, replaced
+measurements, rollbacks and pruning."""
 
 from __future__ import annotations
 
@@ -94,3 +95,19 @@ def test_link_views_follow_new_and_replaced_measurements_rollbacks_and_pruning(t
         ledger.retention.prune()
     assert set(ledger.measurements.link_views()) == _table_links(ledger)
     assert {link.src for link in ledger.measurements.link_views()} == {b}
+
+
+def test_shared_json_meta_is_parsed_once_per_text_and_follows_writes_and_rollbacks(tmp_path):
+    ledger = _ledger(tmp_path)
+    db = ledger.db
+    assert db.shared_json_meta("standby_why", {}) == {}
+    db.set_json_meta("standby_why", {"a": "too slow"})
+    first = db.shared_json_meta("standby_why", {})
+    assert first == {"a": "too slow"} and db.shared_json_meta("standby_why", {}) is first  # not parsed again
+    with pytest.raises(RuntimeError):
+        with db.tx():
+            db.set_json_meta("standby_why", {"b": "far"})
+            assert db.shared_json_meta("standby_why", {}) == {"b": "far"}  # read inside the write
+            raise RuntimeError("undo")
+    assert db.shared_json_meta("standby_why", {}) == {"a": "too slow"}  # the text the table holds again
+    assert ledger.planner.standby_reasons() == {"a": "too slow"}
