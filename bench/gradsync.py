@@ -11,7 +11,13 @@ grad_bytes_ratio_vs_fp32 = fp32 all-reduce bytes per optimizer step / chosen byt
 optimizer step, both measured: every replica counts the tensor bytes its averaging rounds
 send (parts out and averaged parts back) and reports them in its heartbeat.
 loss_gap_pct = |final loss chosen - final loss baseline| / final loss baseline x 100, final
-loss being the mean of the last 3 steps (same batches, same order).
+loss being the mean of the last 3 steps (same batches, same order). That is a training loss: with
+local steps it is each replica's on its own share of the batch, on weights that have drifted
+from their last average. heldout_loss_gap_pct is the same gap on what a user keeps: the final
+model (exported from the swarm, `gptjt export --coordinator`: each stage from one replica; the
+baseline's from train-local or its swarm) scored on HELDOUT_SEQUENCES sequences of the bundled
+held-out text (data/demo/heldout.jsonl.gz, never trained on; gptjt_core/evaluation.py). The
+goal is judged on loss_gap_pct, as it was set; the held-out gap is reported beside it.
 
 --quick: outer_every 40 over 81 steps (2 outer steps), every coordinate averaged.
 Full form: 321 steps (to a loss well below the quick form's). Each (outer_every, outer_density)
@@ -35,6 +41,10 @@ import tempfile
 from pathlib import Path
 
 from bench.swarm_run import final_loss, run_swarm, whole_run
+from gptjt_core.config import load_run_config
+from gptjt_core.evaluation import perplexity
+from gptjt_core.model import GPTJStage, StageSpec, load_stage, model_config_for
+from gptjt_core.tokenizer import load_tokenizer
 from local_swarm import small_run_toml
 
 DESCRIPTION = "gradient-sync bytes per optimizer step vs fp32 all-reduce (local steps + 8-bit), and the loss gap"
@@ -50,6 +60,8 @@ FULL_STEPS = 321  # ends on an outer step (at 320) for outer_every 40, 80 and 16
 FULL_SWEEP = ((80, 0.5), (110, 1.0), (160, 1.0))
 LOSS_GOAL_PCT = 2.0
 BASELINE_BYTES_STEPS = 11
+HELDOUT_SEQUENCES = 512  # of seq_len 32: 16k of the held-out text's ~75k tokens
+HELDOUT = Path(__file__).resolve().parent.parent / "data" / "demo" / "heldout.jsonl.gz"
 
 
 def _config(tmp: Path, mode: str, compression: str, steps: int, outer_every: int, outer: str = "") -> Path:
@@ -58,33 +70,47 @@ def _config(tmp: Path, mode: str, compression: str, steps: int, outer_every: int
         replicas_per_stage=2,
         start_with_replicas=2,
         extra=f'[averaging]\ncompression = "{compression}"\ntimeout_s = 10.0\nmatchmaking_s = 0.5\n'
-              f'mode = "{mode}"\nouter_every = {outer_every}\n{outer}')
+              f'mode = "{mode}"\nouter_every = {outer_every}\n{outer}'
+              f'[[data.heldout]]\nname = "heldout"\npath = "{HELDOUT}"\nweight = 1.0\n')
+
+
+def _heldout_loss(model: GPTJStage, config: Path) -> float:
+    """Mean next-token loss of a whole model on the first HELDOUT_SEQUENCES held-out sequences."""
+    run = load_run_config(config)
+    scored = perplexity(model, run.data, load_tokenizer(run.data.tokenizer), run.train.seq_len, HELDOUT_SEQUENCES)
+    return scored["loss"]
 
 
 def _local_final_loss(steps: int) -> dict:
     """train-local of the baseline's config for `steps` steps: its final loss (mean of the last 3)."""
-    from gptjt_core.config import load_run_config
     from gptjt_core.trainer import LocalTrainer
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        trainer = LocalTrainer(load_run_config(_config(tmp, "every-step", "none", steps, OUTER_EVERY)), tmp / "out")
+        config = _config(tmp, "every-step", "none", steps, OUTER_EVERY)
+        trainer = LocalTrainer(load_run_config(config), tmp / "out")
         stats = [trainer.train_step() for _ in range(steps)]
-    return {"final_loss": sum(s.loss for s in stats[-3:]) / 3, "seconds": sum(s.seconds for s in stats)}
+        heldout = _heldout_loss(trainer.model, config)
+    return {"final_loss": sum(s.loss for s in stats[-3:]) / 3, "seconds": sum(s.seconds for s in stats),
+            "heldout_loss": heldout}
 
 
 def _run(mode: str, compression: str, steps: int, outer_every: int, outer: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         config = _config(tmp, mode, compression, steps, outer_every, outer)
-        status = run_swarm(tmp, config, steps, workers=4, threads=1, settle_s=2.0, timeout_s=5400.0)
+        export = tmp / "export"
+        status = run_swarm(tmp, config, steps, workers=4, threads=1, settle_s=2.0, timeout_s=5400.0, export_to=export)
         run = whole_run(tmp)  # every closed step: the status object lists the newest 200
+        n_layer = model_config_for(str(export)).n_layer
+        heldout = _heldout_loss(load_stage(str(export), StageSpec(0, n_layer, embed=True, head=True)), config)
     workers = [w for w in status["workers"] if w["stage"] >= 0]
     # Failed rounds and re-run step attempts sent bytes too, and they are in the count: reported
     # beside it, so a ratio that moves between runs says why (a repeated round is a whole one).
     return {"bytes_per_replica": sum(w["metrics"]["averaging_bytes"] for w in workers) / len(workers),
             "final_loss": final_loss(status), "steps": run["steps"], "seconds": run["seconds"],
-            "failed_rounds": status["event_counts"].get("averaging_failed", 0), "step_reruns": run["step_reruns"]}
+            "failed_rounds": status["event_counts"].get("averaging_failed", 0), "step_reruns": run["step_reruns"],
+            "heldout_loss": heldout}
 
 
 def settings(quick: bool) -> dict:
@@ -109,6 +135,8 @@ def _compare(baseline: dict, chosen: dict) -> dict:
     return {
         "grad_bytes_ratio_vs_fp32": fp32_per_step / chosen_per_step,
         "loss_gap_pct": abs(chosen["final_loss"] - baseline["final_loss"]) / baseline["final_loss"] * 100,
+        "heldout_loss_gap_pct": abs(chosen["heldout_loss"] - baseline["heldout_loss"]) / baseline["heldout_loss"] * 100,
+        "baseline_heldout_loss": baseline["heldout_loss"], "chosen_heldout_loss": chosen["heldout_loss"],
         "fp32_allreduce_bytes_per_step": fp32_per_step, "chosen_bytes_per_step": chosen_per_step,
         "baseline_final_loss": baseline["final_loss"], "chosen_final_loss": chosen["final_loss"],
         "baseline_seconds": baseline["seconds"], "chosen_seconds": chosen["seconds"],
@@ -135,5 +163,6 @@ def run(quick: bool = False) -> dict:
             else min(sweep, key=lambda s: s["loss_gap_pct"]))
     return {**best, "steps": FULL_STEPS, "loss_goal_met": bool(within), "chosen": _chosen_name(best["outer_density"]),
             "sweep": [{k: s[k] for k in ("outer_every", "outer_density", "grad_bytes_ratio_vs_fp32", "loss_gap_pct",
-                                         "chosen_final_loss", "chosen_failed_rounds", "chosen_step_reruns")}
+                                         "heldout_loss_gap_pct", "chosen_final_loss", "chosen_heldout_loss",
+                                         "chosen_failed_rounds", "chosen_step_reruns")}
                       for s in sweep], **common}

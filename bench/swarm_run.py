@@ -11,10 +11,13 @@ from local_swarm import LocalSwarm
 
 
 def run_swarm(workdir: Path, config: Path | None, steps: int, workers: int, threads: int = 1,
-              timeout_s: float = 900.0, settle_s: float = 0.0, device: str = "cpu") -> dict:
+              timeout_s: float = 900.0, settle_s: float = 0.0, device: str = "cpu",
+              export_to: Path | None = None) -> dict:
     """Coordinator + `workers` workers on `config` (None: the embedded demo run), all on `device`;
     the coordinator's final status, taken `settle_s` after the run is done (so every worker's
-    last heartbeat metrics are in). Logs stay in `workdir` (named in the error when the run fails)."""
+    last heartbeat metrics are in). export_to: the trained model is exported there (a Hugging Face
+    checkpoint, `gptjt export --coordinator`: each stage's weights from one of its workers) before
+    the swarm stops. Logs stay in `workdir` (named in the error when the run fails)."""
     swarm = LocalSwarm(workdir, config, state=workdir / "run.db")
     try:
         swarm.start_coordinator(steps=steps, listen="127.0.0.1:0")
@@ -25,6 +28,8 @@ def run_swarm(workdir: Path, config: Path | None, steps: int, workers: int, thre
         if settle_s:
             time.sleep(settle_s)
             status = swarm.status()
+        if export_to is not None:
+            swarm.export(export_to)
     finally:
         swarm.stop()
     return status

@@ -25,12 +25,11 @@ import math
 import os
 import random
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .process import BIN, SwarmProcess
+from .process import SwarmProcess
 from .run_toml import small_run_toml
 from .swarm import LocalSwarm, SwarmFailed
 
@@ -158,11 +157,7 @@ class ChaosSoak:
     def export(self, out: Path) -> str:
         """The finished run's weights, gathered from its workers, as a Hugging Face checkpoint
         (`gptjt export --coordinator`)."""
-        done = subprocess.run([str(BIN / "gptjt"), "export", "--coordinator", self.swarm.address, "--out", str(out),
-                               "--admin-token", self.swarm.admin_token], capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise SwarmFailed(f"gptjt export failed ({done.returncode}): {done.stderr[-2000:]}")
-        return str(out)
+        return self.swarm.export(out)
 
     def _soak(self, calm: bool) -> None:
         next_fault = time.monotonic() + self._gap()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -162,6 +163,15 @@ class LocalSwarm:
         proc = SwarmProcess(args, self.workdir / f"worker-{name}.log", self.workdir, proc_env)
         self.procs.append(proc)
         return proc
+
+    def export(self, out: Path) -> str:
+        """The run's weights, gathered from its workers (each stage from one member), as a Hugging
+        Face checkpoint in `out` (`gptjt export --coordinator`)."""
+        done = subprocess.run([str(BIN / "gptjt"), "export", "--coordinator", self.address, "--out", str(out),
+                               "--admin-token", self.admin_token], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise SwarmFailed(f"gptjt export failed ({done.returncode}): {done.stderr[-2000:]}")
+        return str(out)
 
     # -- watching ------------------------------------------------------------------------
     def status(self, timeout: float = 10.0) -> dict:
