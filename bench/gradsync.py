@@ -15,9 +15,11 @@ loss being the mean of the last 3 steps (same batches, same order). That is a tr
 local steps it is each replica's on its own share of the batch, on weights that have drifted
 from their last average. heldout_loss_gap_pct is the same gap on what a user keeps: the final
 model (exported from the swarm, `gptjt export --coordinator`: each stage from one replica; the
-baseline's from train-local or its swarm) scored on HELDOUT_SEQUENCES sequences of the bundled
-held-out text (data/demo/heldout.jsonl.gz, never trained on; gptjt_core/evaluation.py). The
-goal is judged on loss_gap_pct, as it was set; the held-out gap is reported beside it.
+baseline's from train-local or its swarm) scored with the training objective (UL2, the same
+examples for both) on HELDOUT_SEQUENCES sequences of the bundled held-out text
+(data/demo/heldout.jsonl.gz, never trained on; gptjt_core/evaluation.heldout_objective_loss).
+Not causal perplexity: at these settings it rises over the run while the UL2 loss falls (its
+docstring). The goal is judged on loss_gap_pct, as it was set; the held-out gap is beside it.
 
 --quick: outer_every 40 over 81 steps (2 outer steps), every coordinate averaged.
 Full form: 321 steps (to a loss well below the quick form's). Each (outer_every, outer_density)
@@ -42,9 +44,8 @@ from pathlib import Path
 
 from bench.swarm_run import final_loss, run_swarm, whole_run
 from gptjt_core.config import load_run_config
-from gptjt_core.evaluation import perplexity
+from gptjt_core.evaluation import heldout_objective_loss
 from gptjt_core.model import GPTJStage, StageSpec, load_stage, model_config_for
-from gptjt_core.tokenizer import load_tokenizer
 from local_swarm import small_run_toml
 
 DESCRIPTION = "gradient-sync bytes per optimizer step vs fp32 all-reduce (local steps + 8-bit), and the loss gap"
@@ -75,10 +76,9 @@ def _config(tmp: Path, mode: str, compression: str, steps: int, outer_every: int
 
 
 def _heldout_loss(model: GPTJStage, config: Path) -> float:
-    """Mean next-token loss of a whole model on the first HELDOUT_SEQUENCES held-out sequences."""
-    run = load_run_config(config)
-    scored = perplexity(model, run.data, load_tokenizer(run.data.tokenizer), run.train.seq_len, HELDOUT_SEQUENCES)
-    return scored["loss"]
+    """A whole model's training objective (UL2) on the first HELDOUT_SEQUENCES held-out sequences
+    (gptjt_core/evaluation.heldout_objective_loss: the same examples for every model)."""
+    return heldout_objective_loss(model, load_run_config(config), HELDOUT_SEQUENCES)["loss"]
 
 
 def _local_final_loss(steps: int) -> dict:
