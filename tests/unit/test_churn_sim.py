@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 
-from bench.churn_settings import ChurnSettings
+from bench.churn_settings import ChurnSettings, run_config
 from bench.churn_sim import ChurnSimulation
 from bench.churn_static import simulate_static
 from bench.churn_volunteers import VOLUNTEER_MIX, Arrivals, Regions, weibull_session_s
@@ -79,9 +79,13 @@ def test_the_volunteers_are_the_same_for_a_seed(churned, tmp_path):
     is a figure, bench/churn_measure.py)."""
     _, first = churned
     short = dataclasses.replace(SMALL, hours=0.25)
+    # the search's wall-clock backstop off: a loaded machine (the suite beside a bench) must not
+    # cut a search short and change a plan; the claim is about the searches ended by their count
+    run = run_config(short)
+    run.scheduler.search_budget_s = 1e9
     runs = []
     for name in ("a", "b"):
-        sim = ChurnSimulation(short, tmp_path / name)
+        sim = ChurnSimulation(short, tmp_path / name, run=run)
         result = sim.run_sim()
         events = sim.ledger.db.execute("SELECT ts, kind, detail FROM events ORDER BY id").fetchall()
         runs.append((dataclasses.replace(result, wall_s=0.0, ledger_cpu_s=0.0, heartbeat_cpu_per_beat_s=0.0,
