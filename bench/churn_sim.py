@@ -273,9 +273,9 @@ class ChurnSimulation(SimulatedSteps):
         for worker_id in self.placed - placed:  # back on standby (or gone)
             self.workers[worker_id].holds = self.workers[worker_id].loading = None
         self.placed = placed
-        due = ledger.planner.replan_due and ledger.db.meta("last_search_at")
-        if due and self.reap_at is None:
-            self.reap_at = float(due) + self.run.scheduler.replan_every_s
+        due = ledger.planner.merged_search_at()
+        if due is not None and self.reap_at is None:
+            self.reap_at = due
             self._at(max(self.reap_at, self.clock.t), "reap_due")
         self._track_progress()
         if self.blocked and self.running is not None:

@@ -176,6 +176,12 @@ class SchedulerConfig:
     stage left empty still takes a standby worker whose memory holds that stage at once).
     0: each searches at once. bench churn runs 1,000 volunteers with 30 s (deploy/README.md,
     "Size")."""
+    replan_every_running_s: float = 0.0
+    """The same once the run's first step has opened (>= 0; 0: replan_every_s throughout). From
+    then on a plan that moves a worker waits for a checkpoint, where a fresh search decides what
+    applies (a stage left empty is still filled at once): a search in between only finds whether
+    a better plan is worth that restore, so it can run less often than during start-up, when
+    every search can apply. bench churn: 60 s."""
 
     def __post_init__(self) -> None:
         _check(self.placement in ("cost-model", "even"), "placement", self.placement, "'cost-model' or 'even'")
@@ -189,3 +195,5 @@ class SchedulerConfig:
         _check(self.site_latency_ms >= 0, "site_latency_ms", self.site_latency_ms, "milliseconds >= 0")
         _check(self.probe_max_age_s > 0, "probe_max_age_s", self.probe_max_age_s, "seconds > 0")
         _check(self.replan_every_s >= 0, "replan_every_s", self.replan_every_s, "seconds >= 0")
+        _check(self.replan_every_running_s >= 0, "replan_every_running_s", self.replan_every_running_s,
+               "seconds >= 0")

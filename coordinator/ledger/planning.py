@@ -33,7 +33,7 @@ from .db import LedgerDB
 from .events import EventLog
 from .measurements import Measurements
 from .step_state import StepState
-from .stored_values import stored_json
+from .worker_views import LazyPricer, worker_view
 from .workers import WorkerRegistry
 
 
@@ -84,12 +84,12 @@ class StagePlanner:
         for r in self.workers.live(("loading", "ready", "standby")):
             if r["id"] in held:
                 continue
-            views.append(_view(r))
+            views.append(worker_view(r))
         return views
 
     def _fits(self, row, spec: StageSpec) -> bool:
         """Can this worker hold the whole stage `spec` (scheduler.fits_stage)?"""
-        return fits_stage(self.run, self.shape, _view(row), spec)
+        return fits_stage(self.run, self.shape, worker_view(row), spec)
 
     def _link_views(self) -> list[LinkView]:
         return self.measurements.link_views()
@@ -187,8 +187,20 @@ class StagePlanner:
         [last, last + every) as the simulation schedules it (not now - last < every, which float
         rounding can leave open at last + every); with every = 0, or a clock that stepped back
         past the last search, nothing waits."""
-        every, last = self.run.scheduler.replan_every_s, self.db.meta("last_search_at")
+        every, last = self._search_window_s(), self.db.meta("last_search_at")
         return every > 0 and last is not None and float(last) <= self.db.clock() < float(last) + every
+
+    def _search_window_s(self) -> float:
+        """scheduler.replan_every_s; once the first step has opened, replan_every_running_s when set."""
+        cfg = self.run.scheduler
+        running = cfg.replan_every_running_s > 0 and not self._free_to_replan()
+        return cfg.replan_every_running_s if running else cfg.replan_every_s
+
+    def merged_search_at(self) -> float | None:
+        """When the merged re-plan waiting in replan_due may run (the reaper's first pass from
+        then runs it); None when none waits."""
+        last = self.db.meta("last_search_at")
+        return float(last) + self._search_window_s() if self.replan_due and last is not None else None
 
     def replan_if_due(self) -> bool:
         """Run the re-plan merged from requests that came too soon, once its time has come
@@ -276,7 +288,9 @@ class StagePlanner:
         # filler makes the plan in force look 2-3x slower and the next search moves most layers
         # (bench churn, before the first step: twelve re-plans of 130-220 layers each)
         planned = self.db.meta("last_replan") is not None
-        pricer = _LazyPricer(self) if self.scheduling() and (planned or not self._free_to_replan()) else None
+        pricer = None
+        if self.scheduling() and (planned or not self._free_to_replan()):
+            pricer = LazyPricer(lambda: ReplicaPricer(self.run, self.shape, self._views(), self._link_views()))
         standby = None  # read at the first short stage, then kept up to date here
         while True:
             counts = {s: len(taken.get(s, [])) for s in range(len(self.plan))}
@@ -306,7 +320,7 @@ class StagePlanner:
             role = "replica %d of " % (counts[stage] + 1) if counts[stage] else ""
             self.events.record("stage_assigned", f"{role}stage {stage} (layers {spec.start}-{spec.end}) -> {row['id']}")
 
-    def _priced_pick(self, pricer: _LazyPricer, stage: int, taken: dict, standby: list,
+    def _priced_pick(self, pricer: LazyPricer, stage: int, taken: dict, standby: list,
                      fits: Callable[[object], bool]):
         """The standby row the cost model prices best for `stage` (None: none fits, or each would
         slow the step); `taken`: stage -> its rows, this pass's assignments included."""
@@ -317,7 +331,7 @@ class StagePlanner:
         rows = {r["id"]: r for r in standby}
         plan = [StagePlan(s.start, s.end, tuple(r["id"] for r in taken.get(i, []) if r["state"] != "draining"))
                 for i, s in enumerate(self.plan)]
-        chosen = pricer.get().choose(plan, stage, [_view(r) for r in standby], lambda v: fits(rows[v.id]))
+        chosen = pricer.get().choose(plan, stage, [worker_view(r) for r in standby], lambda v: fits(rows[v.id]))
         if chosen is None:
             if len(taken.get(stage, [])) >= SPARE_COPY:  # declined for its cost, not for want of a fit
                 self.passed_at[stage] = (key, now)
@@ -373,27 +387,5 @@ class StagePlanner:
                 "measured_workers": self.measurements.measured_workers()}
 
 
-def _view(row) -> WorkerView:
-    """A worker row as the scheduler sees it."""
-    device = stored_json(row["device"], {}, "workers.device")
-    # One block of the run's model, measured, beats a square matmul's peak (see worker/probe.py)
-    rate = device.get("block_tflops") or device.get("matmul_tflops", 0.0)
-    return WorkerView(row["id"], row["address"], float(rate), float(device.get("memory_bytes", 0)) / 1e9, row["stage"])
-
-
 def _where(stage: int, spec: StageSpec | None) -> str:
     return f"stage {stage} ({spec.start}-{spec.end})" if spec is not None else "standby"
-
-
-class _LazyPricer:
-    """A ReplicaPricer over the live workers and links, read at its first use (most fills find no
-    stage short, or price nothing)."""
-
-    def __init__(self, planner: StagePlanner):
-        self.planner, self.pricer = planner, None
-
-    def get(self) -> ReplicaPricer:
-        if self.pricer is None:
-            p = self.planner
-            self.pricer = ReplicaPricer(p.run, p.shape, p._views(), p._link_views())
-        return self.pricer

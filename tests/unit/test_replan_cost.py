@@ -84,10 +84,36 @@ def test_replan_every_s_zero_searches_on_every_request(tmp_path):
     assert asked[0] == 0 < asked[1] < asked[2]  # the first join had too few workers for a plan
 
 
+def test_once_the_first_step_opened_searches_are_merged_within_replan_every_running_s(tmp_path):
+    ledger = make_ledger(tmp_path, replan_every_s=5.0, replan_every_running_s=20.0)
+    ledger.run.coordinator.heartbeat_timeout_s = 600.0  # nobody dies in this test
+    clock, memo = ledger.db.clock, ledger.planner.memo
+    ids = [ledger.join(f"w{i}", f"h:{i}", device(0.01))["id"] for i in range(2)]
+    assert ledger.planner.merged_search_at() == float(ledger.db.meta("last_search_at")) + 5.0  # start-up
+    clock.t += 5.0
+    ledger.reap()
+    assert memo.searches == 1 and ledger.planner.merged_search_at() is None
+    for w in ids:
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, 0)
+    assert ledger.phase == "open"
+    last = float(ledger.db.meta("last_search_at"))
+    ledger.join("w2", "h:2", device(0.02))  # a newcomer after the first step: merged for 20 s, not 5
+    assert ledger.planner.replan_due and ledger.planner.merged_search_at() == last + 20.0
+    clock.t = last + 5.0
+    ledger.reap()
+    assert memo.searches + memo.hits == 1 and ledger.planner.replan_due
+    clock.t = last + 20.0
+    ledger.reap()
+    assert memo.searches + memo.hits > 1 and ledger.planner.merged_search_at() is None
+    assert ledger.status()["events"][-1]["kind"] == "replan_pending"  # the newcomer's plan waits for a checkpoint
+
+
 def test_replan_every_s_must_not_be_negative():
     from gptjt_core.config import ConfigError, SchedulerConfig
     with pytest.raises(ConfigError, match="replan_every_s"):
         SchedulerConfig(replan_every_s=-1.0)
+    with pytest.raises(ConfigError, match="replan_every_running_s"):
+        SchedulerConfig(replan_every_running_s=-1.0)
 
 
 def _device_gb(tflops: float, gb: float) -> dict:
