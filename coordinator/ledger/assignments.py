@@ -51,6 +51,7 @@ class AssignmentView:
         self.loss_scales = loss_scales
         self._facts: tuple[tuple, RunFacts] | None = None
         self._live: tuple[tuple, list] | None = None
+        self._to_rank: tuple | None = None  # (live list, candidates, by stage, rows): _link_targets
 
     def facts(self) -> RunFacts:
         key = self.workers.db.changes()
@@ -98,6 +99,22 @@ class AssignmentView:
         if self._live is None or self._live[0] != key:
             self._live = key, self.workers.addresses()
         return self._live[1]
+
+    def _link_targets(self, candidates: frozenset[str]) -> tuple[dict[int, list], list]:
+        """The live workers a link request ranks (Measurements.to_measure): the candidates among
+        them (all of them when there are none), by stage and oldest first. Kept until the roster or
+        the candidates change: each candidate's request scanned every live worker, ~1,000 rows,
+        and bench churn makes ~14,000 such requests an hour."""
+        live = self.live_addresses()
+        kept = self._to_rank
+        if kept is None or kept[0] is not live or kept[1] != candidates:
+            rows = [r for r in live if r["id"] in candidates] if candidates else live
+            by_stage: dict[int, list] = {}
+            for r in rows:
+                if r["stage"] >= 0:
+                    by_stage.setdefault(r["stage"], []).append(r)
+            kept = self._to_rank = live, candidates, by_stage, rows
+        return kept[2], kept[3]
 
     def assignment(self, worker_id: str, row=None) -> dict:
         """The worker's stage (or standby), its peers, and where to send its activations (`row`:
@@ -147,7 +164,8 @@ class AssignmentView:
         candidates = self.planner.link_candidates()
         if candidates and worker_id not in candidates:
             return []  # only candidates measure (Measurements.to_measure); checked before reading every address
-        return self.measurements.to_measure(row, self.facts().by_stage, self.live_addresses(), candidates)
+        by_stage, rows = self._link_targets(candidates)
+        return self.measurements.to_measure(row, by_stage, rows, candidates)
 
     def run_state(self, worker_id: str) -> dict:
         facts = self.facts()

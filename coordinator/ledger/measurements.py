@@ -91,8 +91,9 @@ class Measurements:
                    limit: int = 8) -> list[tuple[str, str]]:
         """Stage addresses whose link from this worker a plan needs and nobody measured within
         scheduler.probe_max_age_s: the next stage's and its own stage's replicas first, then the
-        other live workers (bounded: `limit` per request). `by_stage`, `live`: the live workers,
-        oldest first (AssignmentView's facts); this scans only until `limit` are found.
+        other live workers (bounded: `limit` per request). `by_stage`, `live`: the live workers
+        (id, address, stage), oldest first, or only the candidates among them
+        (AssignmentView._link_targets); this scans only until `limit` are found.
         `candidates` (when not empty): the workers the last search could place; a search reads
         no other link, so only they are asked (AssignmentView.links_to_measure), and only
         towards each other (with thousands of volunteers, measuring every pair would be
