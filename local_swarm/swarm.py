@@ -164,6 +164,15 @@ class LocalSwarm:
         self.procs.append(proc)
         return proc
 
+    def operate(self, *command: str) -> str:
+        """An admin command of the operator CLI on this run (`gptjt pause`, `resume`, `drain NAME`);
+        its output. Raises SwarmFailed with the CLI's error when it fails."""
+        done = subprocess.run([str(BIN / "gptjt"), *command, "--coordinator", self.address,
+                               "--admin-token", self.admin_token], capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise SwarmFailed(f"gptjt {' '.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
+        return done.stdout
+
     def export(self, out: Path) -> str:
         """The run's weights, gathered from its workers (each stage from one member), as a Hugging
         Face checkpoint in `out` (`gptjt export --coordinator`)."""

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 import signal
 import sqlite3
-import subprocess
 import time
 
 import pytest
 
-from tests.swarm import BIN, Swarm, local_losses, swarm_toml
+from tests.swarm import Swarm, local_losses, swarm_toml
 
 AVERAGING = """
 [averaging]
@@ -52,12 +51,11 @@ def test_two_by_two_matches_train_local_and_a_joiner_is_bit_identical(tmp_path, 
     assert len(status["history"][0]["stages"]["0"]["replicas"]) == 2  # the first step waited for both
     # Paused until the joiner has loaded: on two loaded cores a worker took ~40 s to start and
     # the run closed its last step first (seen in CI 2026-12-04), so the joiner took part in none.
-    admin = ["--coordinator", swarm.address, "--admin-token", swarm.admin_token]
-    subprocess.run([str(BIN / "gptjt"), "pause", *admin], check=True, capture_output=True, timeout=60)
+    swarm.operate("pause")
     swarm.start_worker("joiner")
     swarm.wait(lambda s: any(w["name"] == "joiner" and w["state"] == "ready" for w in s["workers"]), 240,
                "the joiner to load its stage")
-    subprocess.run([str(BIN / "gptjt"), "resume", *admin], check=True, capture_output=True, timeout=60)
+    swarm.operate("resume")
     status = swarm.wait(lambda s: s["phase"] == "done", 300, "the run to finish")
     expected, _ = local_losses(swarm.config, 8)
     # float64 sums across replicas: equal to train-local up to float32 summation order

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.swarm import BIN, Swarm, swarm_toml
+from tests.swarm import Swarm, swarm_toml
 
 FAST, SLOW = "0.012:24", "0.004:24"  # TFLOP/s : GB (the CPU computes faster than both)
 LINK = """
@@ -66,8 +66,7 @@ def test_links_are_probed_and_the_step_time_matches_the_prediction(run):
 
 
 def test_gptjt_stages_shows_the_plan_and_its_prediction(run):
-    import subprocess
-
+    
     from tests.swarm import BIN
 
     swarm, _, _ = run
@@ -92,12 +91,11 @@ def test_a_faster_joiner_takes_over_at_the_next_checkpoint(tmp_path):
         swarm.wait(lambda s: s["step"] >= 2, timeout=120, what="2 steps on the slow workers")
         # Paused until the better plan waits for a checkpoint: on two loaded cores a worker can
         # take ~40 s to start, longer than the four steps left (a joiner missed a whole run so in CI).
-        admin = ["--coordinator", swarm.address, "--admin-token", swarm.admin_token]
-        subprocess.run([str(BIN / "gptjt"), "pause", *admin], check=True, capture_output=True, timeout=60)
+        swarm.operate("pause")
         swarm.start_worker("fast", None, "--simulate-device", "0.02:24")
         swarm.wait(lambda s: any(e["kind"] == "replan_pending" for e in s["events"]), timeout=240,
                    what="the plan with the joiner to wait for a checkpoint")
-        subprocess.run([str(BIN / "gptjt"), "resume", *admin], check=True, capture_output=True, timeout=60)
+        swarm.operate("resume")
         status = swarm.wait(lambda s: s["phase"] == "done", timeout=240, what="the run to finish")
     finally:
         swarm.close()

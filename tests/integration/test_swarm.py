@@ -122,15 +122,14 @@ def test_a_last_replica_drained_mid_step_saves_its_stage_instead_of_rolling_back
     # 8 micro-batches a step, at most 3 in flight: a pause leaves the open step unfinished
     swarm = swarm_factory(steps=4, global_batch=8, micro_batch=1)
     swarm.start_coordinator()
-    admin = ["--coordinator", swarm.address, "--admin-token", (tmp_path / "run.db.admin-token").read_text().strip()]
     workers = {"w0": swarm.start_worker("w0"), "w1": swarm.start_worker("w1")}
     swarm.wait(lambda s: s["step"] >= 2, 120, "two steps")
-    subprocess.run([str(BIN / "gptjt"), "pause", *admin], check=True, capture_output=True, timeout=60)
+    swarm.operate("pause")
     # what was in flight when the pause came finishes; then nothing moves
     status = swarm.wait(lambda s: s["phase"] == "open" and s["tickets"]["leased"] == 0, 60, "the paused run to settle")
     paused_at = status["step"]
     victim = next(w["name"] for w in status["workers"] if w["stage"] == 1)
-    subprocess.run([str(BIN / "gptjt"), "drain", victim, *admin], check=True, capture_output=True, timeout=60)
+    swarm.operate("drain", victim)
     drained = time.monotonic()
     assert workers[victim].p.wait(30) == 0
     assert time.monotonic() - drained < 20  # not the 60 s drain timeout
@@ -139,7 +138,7 @@ def test_a_last_replica_drained_mid_step_saves_its_stage_instead_of_rolling_back
     assert status["step"] == paused_at and paused_at in status["checkpoints"]["steps"]
     assert "rolled_back" not in [e["kind"] for e in status["events"]]
     swarm.start_worker("w2")
-    subprocess.run([str(BIN / "gptjt"), "resume", *admin], check=True, capture_output=True, timeout=60)
+    swarm.operate("resume")
     status = swarm.wait(done, 180, "the run to finish after the replacement joined")
     assert status["tickets"]["exactly_once_violations"] == [] and status["tickets"]["rolled_back"] == 0
     assert "from the checkpoint store" in (tmp_path / "worker-w2.log").read_text()
