@@ -7,7 +7,9 @@ mid-upload of a checkpoint). A soak is completed when the run finishes with ever
 micro-batch counted exactly once, finite losses, no crashed worker and no orphaned process.
 
 faults_survived: faults injected over the completed soaks; wall_vs_calm: median wall time of a
-soak over the calm run's (same settings, no faults), each from its first step to the end.
+soak over the calm run's (same settings, no faults), each from its first step to the end, not
+counting the time a soak held ticket issue while its replacement workers loaded (held_s: each
+fault that kills a worker starts one; local_swarm/replacement_hold.py says why).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def run(quick: bool = False) -> dict:
         "wall_vs_calm": statistics.median(r.wall_s for r in completed) / calm.wall_s if completed and calm.ok
         else None,
         "calm_wall_s": round(calm.wall_s, 1), "soak_wall_s": [round(r.wall_s, 1) for r in results],
+        "soak_held_s": [round(r.held_s, 1) for r in results],
         "failures": [f"seed {r.seed}: {(r.failure or '; '.join(r.crashes) or r.orphans or r.violations)}"[:500]
                      for r in results if not r.ok],
         "seeds": seeds, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in soak.items()},

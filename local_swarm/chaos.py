@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .process import SwarmProcess
+from .replacement_hold import ReplacementHold
 from .run_toml import small_run_toml
 from .swarm import LocalSwarm, SwarmFailed
 
@@ -66,7 +67,15 @@ class ChaosSettings:
     max_faults: int = 1000
     """Stop injecting after this many (the run then finishes calmly)."""
     timeout_s: float = 300.0
-    """The run must be done within this many seconds of its first step."""
+    """The run must be done within this many seconds of its first step (not counting holds)."""
+    hold_for_replacements: bool = True
+    """Pause ticket issue while the replacements the soak started are loading, and inject nothing
+    until they have (local_swarm/replacement_hold.py says why)."""
+    after_hold_s: tuple[float, float] = (0.5, 3.0)
+    """Seconds from the end of a hold to the next fault: uniform in this range (the hold already
+    spaced the faults; the draw lands the next one anywhere in a step)."""
+    hold_limit_s: float = 240.0
+    """A replacement that has not loaded this long after a hold began fails the soak."""
 
 
 @dataclass
@@ -99,6 +108,8 @@ class ChaosResult:
     orphans: list[str] = field(default_factory=list)
     """Processes of a killed coordinator still alive 5 s after it died."""
     address: str = ""
+    held_s: float = 0.0
+    """Seconds the soak held ticket issue while replacements loaded (not in wall_s)."""
 
     @property
     def ok(self) -> bool:
@@ -128,6 +139,7 @@ class ChaosSoak:
         self._serial = 0
         self._t0 = 0.0
         self._dying_coordinators: list[tuple[int, float]] = []  # (session id, time of the kill)
+        self.hold = ReplacementHold(self.swarm, settings.hold_limit_s, settings.seed)
         (self.workdir / "faults-once").mkdir(exist_ok=True)
 
     # -- the soak --------------------------------------------------------------------------
@@ -138,7 +150,7 @@ class ChaosSoak:
                 self.s.armed = ()
             self.swarm.start_coordinator()
             for _ in range(4):
-                self._start_worker()
+                self._start_worker(replacement=False)
             self.swarm.wait(lambda s: s["step"] >= 1, 240, "the first step")
             self._t0 = time.monotonic()
             self._soak(calm)
@@ -147,7 +159,8 @@ class ChaosSoak:
         except SwarmFailed as e:
             self.result.failure = str(e)[-4000:]
         finally:
-            self.result.wall_s = time.monotonic() - self._t0 if self._t0 else 0.0
+            self.result.held_s = self.hold.total_s(time.monotonic())
+            self.result.wall_s = time.monotonic() - self._t0 - self.result.held_s if self._t0 else 0.0
             self.result.address = self.swarm.address
         return self.result
 
@@ -171,6 +184,14 @@ class ChaosSoak:
             status = self._status()
             if status is not None and status["phase"] == "done" and not self.frozen:
                 return
+            holding, hold_ended_s = self.hold.update(status, now) if self.s.hold_for_replacements else (False, 0.0)
+            if holding:
+                time.sleep(0.2)
+                continue
+            if hold_ended_s:  # the fault clock starts again, and the deadline does not count the hold
+                deadline += hold_ended_s
+                next_fault = time.monotonic() + self.rng.uniform(*self.s.after_hold_s)
+                last_fault_step = status["step"]
             if now > deadline:
                 raise SwarmFailed(f"seed {self.s.seed}: the run was not done {self.s.timeout_s:.0f} s after its "
                                   f"first step (step {status and status['step']}, phase {status and status['phase']})"
@@ -271,7 +292,7 @@ class ChaosSoak:
         return [name]
 
     # -- bookkeeping -----------------------------------------------------------------------
-    def _start_worker(self) -> None:
+    def _start_worker(self, replacement: bool = True) -> None:
         name = f"w{self._serial}"
         self._serial += 1
         env = {"GPTJT_FAULTS_ONCE_DIR": str(self.workdir / "faults-once")}
@@ -281,11 +302,14 @@ class ChaosSoak:
             steps = list(range(every, self.s.steps, every)) or [every]
             env["GPTJT_FAULTS"] = f"die-checkpoint@{random.Random(self.s.seed).choice(steps)}"
         self.live[name] = self.swarm.start_worker(name, env=env)
+        if replacement:
+            self.hold.started(name)
 
     def _kill(self, name: str) -> None:
         proc = self.live.pop(name)
         self.swarm.kill(proc, signal.SIGKILL)
         self.frozen.pop(name, None)
+        self.hold.gone(name)
 
     def _thaw(self, now: float) -> None:
         for name, at in list(self.frozen.items()):
@@ -299,6 +323,7 @@ class ChaosSoak:
             if proc.alive:
                 continue
             del self.live[name]
+            self.hold.gone(name)
             text = proc.text()
             if "fault injection: SIGKILL" in text[-5000:]:
                 kind = "kill_checkpoint" if "uploading the checkpoint" in text[-5000:] else "kill_averaging"

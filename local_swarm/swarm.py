@@ -173,6 +173,17 @@ class LocalSwarm:
             raise SwarmFailed(f"gptjt {' '.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
         return done.stdout
 
+    def set_paused(self, paused: bool) -> None:
+        """`gptjt pause` / `resume` as one RPC from this process: a CLI process takes ~2 s to start
+        on two loaded cores, in which a short run moves on a step or two."""
+        from gptjt_cli.operator_client import call_operator
+        from gptjt_proto import operator_pb2 as opb
+
+        try:
+            call_operator(self.address, "SetPaused", opb.PauseRequest(admin_token=self.admin_token, paused=paused))
+        except RuntimeError as e:
+            raise SwarmFailed(f"{'pause' if paused else 'resume'} of {self.address} failed: {e}") from None
+
     def export(self, out: Path) -> str:
         """The run's weights, gathered from its workers (each stage from one member), as a Hugging
         Face checkpoint in `out` (`gptjt export --coordinator`)."""
