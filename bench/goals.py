@@ -145,6 +145,15 @@ FIGURES: tuple[Figure, ...] = (
     Figure("link", "predicted_step_s_chosen", "cost model's step (s), q3/q3 run", "measured `step_s_chosen`",
            predicted=True),
     Figure("link", "step_s_chosen", "measured step (s), q3/q3 run"),
+    Figure("link", "period_s_chosen", "q3/q3 run: median seconds between two commits of a step (one micro-batch at the "
+           "pipeline's pace)"),
+    Figure("link", "bubble_s_chosen", "q3/q3 run: step minus its micro-batches x that period (s): fill, drain and tail"),
+    Figure("link", "tail_s_chosen", "q3/q3 run: last commit to the step's close (s): reports, optimizer step, "
+           "phase changes"),
+    Figure("link", "speedup_without_tail", "speedup if the tail were gone (all that starting the next step early "
+           "could save)", "`step_s_fp16` over `step_s_chosen` minus `tail_s_chosen`"),
+    Figure("link", "speedup_without_bubble", "speedup if the whole bubble were gone (a step of micro-batches x "
+           "period)", "`step_s_fp16` over micro-batches x `period_s_chosen`"),
     Figure("gradsync", "grad_bytes_ratio_vs_fp32", "gradient-sync bytes per optimizer step, fp32 over ours",
            "fp32 all-reduce every step", _g(">=", 400, "issue 18"), headline=True,
            published="CocktailSGD 117x; DiLoCo / INTELLECT-1 ~400x"),

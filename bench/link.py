@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench.step_timeline import step_timeline
 from bench.swarm_run import final_loss, run_swarm, steady_tokens_per_s
 from local_swarm import small_run_toml
 
@@ -145,6 +146,7 @@ def run(quick: bool = False) -> dict:
             config.write_text(config.read_text().replace('_codec = "fp32"', '_codec = "fp16"')
                               .replace("num_stages = 2\n", f"num_stages = 2\nmax_in_flight = {IN_FLIGHT}\n"))
             status = run_swarm(tmp, config, steps, workers=2, threads=1, settle_s=2.0)
+            timeline = step_timeline(tmp)
         first = next(w for w in status["workers"] if w["stage"] == 0)["metrics"]
         steady = status["history"][1:]
         codec = "fp16" if name == "fp16" else CHOSEN[0]
@@ -153,7 +155,7 @@ def run(quick: bool = False) -> dict:
                       "predicted_step_s": predicted_step_s(tiny_s, micro_batch, seq_len, global_batch // micro_batch,
                                                            mbit, latency_ms, BYTES_PER_VALUE[codec]),
                       "codecs": f"{first['activation_codec']}/{first['gradient_codec']}",
-                      "measured_mbit": first["downstream_mbit"]}
+                      "measured_mbit": first["downstream_mbit"], **timeline}
     fp16, chosen = runs["fp16"], runs["chosen"]
     return {
         "slow_link_speedup": chosen["tokens_per_s"] / fp16["tokens_per_s"],
@@ -165,6 +167,13 @@ def run(quick: bool = False) -> dict:
         # the scheduler's cost model (coordinator/cost_model.py) against the measured steps
         "step_s_fp16": fp16["step_s"], "predicted_step_s_fp16": fp16["predicted_step_s"],
         "step_s_chosen": chosen["step_s"], "predicted_step_s_chosen": chosen["predicted_step_s"],
+        # where the chosen run's step goes (bench/step_timeline.py), and what the speedup would be
+        # without the tail (all that overlapping steps could save: the fill and drain are one
+        # micro-batch's round trip, which the next step's first forward waits for) and without any
+        # bubble at all (n periods a step)
+        **{f"{k}_chosen": v for k, v in chosen.items() if k in ("period_s", "first_commit_s", "tail_s", "bubble_s")},
+        "speedup_without_tail": fp16["step_s"] / (chosen["step_s"] - chosen["tail_s"]),
+        "speedup_without_bubble": fp16["step_s"] / (chosen["micro_batches"] * chosen["period_s"]),
         "emulated_mbit": mbit, "emulated_latency_ms": latency_ms, "time_scale": scale,
         "tiny_stage_s_per_micro_batch": tiny_s, "gptj_stage_s_per_micro_batch": gptj_stage_seconds(),
         "gptj_link_s_per_micro_batch_fp16": gptj_link_seconds(), "a100_tflops_effective": A100_TFLOPS,
