@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from tests.swarm import Swarm, swarm_toml
+from tests.swarm import BIN, Swarm, swarm_toml
 
 FAST, SLOW = "0.012:24", "0.004:24"  # TFLOP/s : GB (the CPU computes faster than both)
 LINK = """
@@ -66,9 +66,6 @@ def test_links_are_probed_and_the_step_time_matches_the_prediction(run):
 
 
 def test_gptjt_stages_shows_the_plan_and_its_prediction(run):
-    
-    from tests.swarm import BIN
-
     swarm, _, _ = run
     out = subprocess.run([str(BIN / "gptjt"), "stages", "--coordinator", swarm.address], capture_output=True,
                          text=True, timeout=30)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 
 import grpc
@@ -13,7 +12,7 @@ import torch
 
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import coordinator_pb2_grpc as cpb_grpc
-from tests.swarm import BIN, Swarm, free_port, local_losses, swarm_toml
+from tests.swarm import Swarm, free_port, local_losses, swarm_toml
 
 
 @pytest.fixture()
@@ -250,9 +249,7 @@ def test_bad_stage_messages_are_refused_and_the_worker_keeps_serving(swarm_facto
     # plaintext links, so this raw client needs no certificate (mTLS has its own tests: test_hostile.py).
     swarm = swarm_factory(steps=5, extra='[link]\ntls = "off"')
     swarm.start_coordinator()
-    paused = subprocess.run([str(BIN / "gptjt"), "pause", "--coordinator", swarm.address, "--admin-token",
-                             swarm.admin_token], capture_output=True, text=True, timeout=60)
-    assert paused.returncode == 0, paused.stderr
+    swarm.operate("pause")  # raises, with the CLI's stderr, when the pause fails
     swarm.start_worker("w0")
     swarm.start_worker("w1")
     status = swarm.wait(lambda s: [w["state"] for w in s["workers"]] == ["ready", "ready"], 120,
