@@ -17,13 +17,10 @@ the mean of the last 3 steps (both runs see the same batches in the same order).
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import torch
-
+from bench.stage_times import stage_seconds
 from bench.step_timeline import step_timeline
 from bench.swarm_run import final_loss, run_swarm, steady_tokens_per_s
 from local_swarm import small_run_toml
@@ -49,32 +46,12 @@ def gptj_link_seconds() -> float:
 
 def tiny_stage_seconds(micro_batch: int, seq_len: int, repeats: int = 5) -> tuple[float, int]:
     """Forward + backward of the slower half of the tiny model on one core, and its hidden size."""
-    from gptjt_core.model import StageSpec, load_stage, model_config_for
-    from gptjt_core.ul2 import batch_loss
+    from gptjt_core.model import model_config_for
 
     config = model_config_for("random:tiny:0", "eager")
     half = config.n_layer // 2
-    first = load_stage("random:tiny:0", StageSpec(0, half, embed=True))
-    last = load_stage("random:tiny:0", StageSpec(half, config.n_layer, head=True))
-    ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len))
-    prefix = torch.zeros(micro_batch, dtype=torch.long)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        times = {0: [], 1: []}
-        for _ in range(repeats + 1):
-            t0 = time.perf_counter()
-            hidden = first(ids, prefix)
-            hidden.backward(torch.randn_like(hidden))
-            t1 = time.perf_counter()
-            x = hidden.detach().requires_grad_()
-            batch_loss(last(x, prefix), ids, micro_batch).backward()
-            t2 = time.perf_counter()
-            times[0].append(t1 - t0)
-            times[1].append(t2 - t1)
-    finally:
-        torch.set_num_threads(threads)
-    return max(statistics.median(t[1:]) for t in times.values()), config.n_embd
+    halves = [(0, half), (half, config.n_layer)]
+    return max(stage_seconds("random:tiny:0", halves, micro_batch, seq_len, threads=1, repeats=repeats)), config.n_embd
 
 
 def tiny_shape():

@@ -7,6 +7,9 @@ WORKERS workers of WORKER_THREADS torch threads each, against train-local of the
 WORKERS x WORKER_THREADS threads: the same threads in total, on the same cores (the machine's
 every core is shared by both sides' runs, one after the other). Both medians of per-step
 tokens/s after a warm-up step; the thread counts and the machine's cores are in the output.
+pipeline_bound_vs_local and swarm_vs_ideal_pipeline split that ratio in two: a perfect pipeline
+of the swarm's own stages (each timed alone here, bench/stage_times.py) over train-local, and the
+swarm over that perfect pipeline.
 
 auth_overhead_pct: the same small 2-stage run with link.tls "on" (mutual TLS, stage
 authentication) and "off" (plaintext), alternated within one invocation, median steady
@@ -20,6 +23,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from bench.stage_times import ideal_pipeline_step_s, stage_seconds
 from bench.swarm_run import run_swarm
 
 DESCRIPTION = "swarm vs train-local tokens/s on loopback; coordinator heartbeat p99 with 500 workers"
@@ -47,12 +51,36 @@ def local_tokens_per_s(steps: int, threads: int) -> tuple[float, list[float]]:
     return statistics.median(s.tokens_per_s for s in stats), [s.loss for s in stats]
 
 
-def swarm_tokens_per_s(steps: int, worker_threads: int) -> tuple[float, list[float]]:
-    """Median per-step tokens/s of the demo run on a coordinator + WORKERS workers (first step excluded)."""
+def swarm_tokens_per_s(steps: int, worker_threads: int) -> tuple[float, list[float], list[tuple[int, int]]]:
+    """Median per-step tokens/s of the demo run on a coordinator + WORKERS workers (first step
+    excluded), its losses, and the layer ranges of the stages it ran."""
     with tempfile.TemporaryDirectory() as tmp_name:
         status = run_swarm(Path(tmp_name), None, steps + 1, workers=WORKERS, threads=worker_threads, timeout_s=600)
     history = status["history"][1:]  # step 0 includes loading and channel warm-up
-    return statistics.median(h["tokens"] / h["seconds"] for h in history), [h["loss"] for h in status["history"]]
+    ranges = [tuple(r) for r in status["plan"]["ranges"]]
+    return (statistics.median(h["tokens"] / h["seconds"] for h in history), [h["loss"] for h in status["history"]],
+            ranges)
+
+
+def pipeline_bound(ranges: list[tuple[int, int]], local_tokens_per_s: float, swarm_tokens_per_s: float) -> dict:
+    """The swarm's stages measured alone (WORKER_THREADS threads, the demo's micro-batch), the step
+    a perfect pipeline of them would take, and both ratios that splits the swarm's shortfall
+    into: what the split itself allows against train-local (`pipeline_bound_vs_local`: the tiny
+    flavour's LM head, which no layer split can divide, is most of its compute) and what the
+    swarm's links and protocol keep of that (`swarm_vs_ideal_pipeline`)."""
+    from gptjt_core.demo_config import tiny_demo_config
+
+    train = tiny_demo_config().train
+    micro_batches = train.global_batch // train.micro_batch
+    stage_s = stage_seconds(tiny_demo_config().model.source, ranges, train.micro_batch, train.seq_len,
+                            threads=WORKER_THREADS)
+    ideal_s = ideal_pipeline_step_s(stage_s, micro_batches)
+    tokens = train.global_batch * train.seq_len
+    return {"stage_ranges": [list(r) for r in ranges], "stage_s": stage_s, "micro_batches_per_step": micro_batches,
+            "ideal_pipeline_step_s": ideal_s, "local_step_s": tokens / local_tokens_per_s,
+            "swarm_step_s": tokens / swarm_tokens_per_s,
+            "pipeline_bound_vs_local": tokens / ideal_s / local_tokens_per_s,
+            "swarm_vs_ideal_pipeline": swarm_tokens_per_s * ideal_s / tokens}
 
 
 def heartbeat_latency_ms(workers: int, seconds: float) -> dict:
@@ -85,7 +113,7 @@ def auth_overhead_pct(pairs: int, steps: int) -> dict:
 
 
 def settings(quick: bool) -> dict:
-    return {"steps_measured": 5 if quick else 15, "workers": 2, "worker_threads": 2,
+    return {"steps_measured": 5 if quick else 15, "workers": WORKERS, "worker_threads": WORKER_THREADS,
             "auth_runs_each": 2 if quick else 4, "auth_steps": 8 if quick else 15,
             "heartbeat_workers": 500, "heartbeat_window_s": 8.0 if quick else 30.0}
 
@@ -93,7 +121,7 @@ def settings(quick: bool) -> dict:
 def run(quick: bool = False) -> dict:
     steps = 5 if quick else 15
     local, local_losses = local_tokens_per_s(steps, threads=WORKERS * WORKER_THREADS)
-    swarm, swarm_losses = swarm_tokens_per_s(steps, worker_threads=WORKER_THREADS)
+    swarm, swarm_losses, ranges = swarm_tokens_per_s(steps, worker_threads=WORKER_THREADS)
     result = {"swarm_vs_local_tokens_per_s": swarm / local, "swarm_tokens_per_s": swarm,
               "local_tokens_per_s": local, "steps_measured": steps, "workers": WORKERS,
               "threads_per_worker": WORKER_THREADS, "local_threads": WORKERS * WORKER_THREADS,
@@ -102,6 +130,7 @@ def run(quick: bool = False) -> dict:
               # so the losses agree to float32 rounding, not bit for bit
               "loss_max_rel_diff": max(abs(s - l) / abs(l) for s, l in zip(swarm_losses[1:3], local_losses[:2]))}
     result["same_losses"] = result["loss_max_rel_diff"] < 1e-4
+    result.update(pipeline_bound(ranges, local, swarm))
     result.update(auth_overhead_pct(2 if quick else 4, 8 if quick else 15))
     result.update(heartbeat_latency_ms(500, 8.0 if quick else 30.0))
     return result
