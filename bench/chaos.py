@@ -14,6 +14,7 @@ fault that kills a worker starts one; local_swarm/replacement_hold.py says why).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import tempfile
 from pathlib import Path
@@ -38,8 +39,12 @@ def _soak_settings(quick: bool) -> dict:
 
 
 def settings(quick: bool) -> dict:
+    """Every setting a soak ran with, the defaults of ChaosSettings included (the hold's among
+    them), so that a result says what it measured when the defaults change."""
+    effective = dataclasses.asdict(ChaosSettings(**_soak_settings(quick)))
+    del effective["seed"]  # one per soak: "seeds"
     return {"seeds": [1, 2] if quick else list(range(1, 11)),
-            **{k: list(v) if isinstance(v, tuple) else v for k, v in _soak_settings(quick).items()}}
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in effective.items()}}
 
 
 def run(quick: bool = False) -> dict:
