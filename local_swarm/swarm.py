@@ -44,7 +44,12 @@ class LocalSwarm:
 
     def __init__(self, workdir: Path, config: Path | None = None, state: Path | None = None,
                  env: dict | None = None):
-        self.workdir, self.config, self.state, self.env = Path(workdir), config, state, env or {}
+        # Absolute, because every process runs in `workdir`: a relative --state or --port-file
+        # (`gptjt demo`'s default runs/demo) would name another file there than here.
+        self.workdir = Path(workdir).resolve()
+        self.config = Path(config).resolve() if config is not None else None
+        self.state = Path(state).resolve() if state is not None else None
+        self.env = env or {}
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.procs: list[SwarmProcess] = []
         self.coordinator: SwarmProcess | None = None
@@ -61,7 +66,9 @@ class LocalSwarm:
         """The state path: the SQLite ledger, and the base name of the run's keys and tokens."""
         if self.state is not None:
             return self.state
-        return Path(self._run().coordinator.state_path)
+        # a run file's state_path is absolute once loaded (relative to the file); the embedded
+        # demo run's is relative to the coordinator's working directory, which is workdir
+        return self.workdir / self._run().coordinator.state_path
 
     @property
     def ledger_location(self) -> str | Path:

@@ -66,7 +66,10 @@ def test_export_from_the_swarm_loads_in_transformers(finished_swarm, tmp_path):
 
 
 def test_demo_runs_a_swarm_end_to_end(tmp_path):
-    r = subprocess.run([str(BIN / "gptjt"), "demo", "--steps", "3", "--out", str(tmp_path / "demo")],
+    # as `make demo` runs it: the default --out, runs/demo, relative to where the command runs
+    # (the swarm's processes run inside that directory, so a path passed on as given named
+    # runs/demo/runs/demo there, and the demo waited for a coordinator that had started)
+    r = subprocess.run([str(BIN / "gptjt"), "demo", "--steps", "3"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
@@ -75,4 +78,5 @@ def test_demo_runs_a_swarm_end_to_end(tmp_path):
     assert "\ndashboard at http://127.0.0.1:" in out
     assert "exported the swarm's stages as a Hugging Face checkpoint" in out
     assert "transformers pipeline : '\"I love this!\" Is it positive? A:" in out
-    assert "left the run" in (tmp_path / "demo" / "worker-demo-0.log").read_text()
+    assert "left the run" in (tmp_path / "runs" / "demo" / "worker-demo-0.log").read_text()
+    assert (tmp_path / "runs" / "demo" / "run.db").is_file() and not (tmp_path / "runs" / "demo" / "runs").exists()
