@@ -168,8 +168,8 @@ class TrainConfig:
     loss_scale_growth_every: int = 2000
     """Clean steps (no overflow) after which the scale doubles, an integer >= 1 (torch: 2000)."""
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every N optimizer steps, an integer >= 0 (0: none on the way;
-    train-local still saves one at the end)."""
+    """Save a resumable checkpoint every N optimizer steps, and after the last one, an integer >= 0
+    (0: none on the way; train-local still saves one at the end, the swarm none)."""
     log_every: int = 1
     """Without a progress bar (train-local --quiet), log a line every N steps; an integer >= 1."""
 

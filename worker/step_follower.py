@@ -99,7 +99,10 @@ class StepFollower:
                 log.warning("step %d: global gradient norm %s is not finite; update skipped", step,
                             state.global_grad_norm)
             every = self.run.train.checkpoint_every
-            if every and (step + 1) % every == 0 and a.checkpoint_writer:
+            # every `every` steps, and after the run's last step, so that a run whose length is no
+            # multiple of it still ends with its final weights in the store (train-local does too)
+            due = every and ((step + 1) % every == 0 or step + 1 == self.run.train.steps)
+            if due and a.checkpoint_writer:
                 # Before reporting: the step closes only once every stage is in the store.
                 try:
                     await self.save_checkpoint(stage, step + 1)

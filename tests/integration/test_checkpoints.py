@@ -61,6 +61,9 @@ def test_everything_killed_then_resumed_from_the_store(tmp_path, swarms):
     assert losses(status) == pytest.approx(expected, rel=1e-6, abs=1e-6)
     assert status["tickets"]["exactly_once_violations"] == []
     assert any("rolled back to step 2 (checkpoint)" in e["detail"] for e in status["events"])
+    # 5 steps is no multiple of checkpoint_every = 2: the last step still leaves its weights in the store
+    assert status["checkpoints"]["latest_complete"] == 5
+    assert (tmp_path / "checkpoints" / "step-00000005").is_dir()
 
 
 def test_resume_with_three_stages_from_a_two_stage_store(tmp_path, swarms):
