@@ -133,12 +133,19 @@ class CoordinatorClient:
         request = pb.JoinRequest(token=token, name=name, address=address, device=pb.DeviceInfo(**device),
                                  public_key_pem=public_key_pem, dht_public_key=dht_public_key)
         try:
-            reply = await self._retry("Join", request)
+            # each failed try at INFO, unlike routine calls: a volunteer starting a worker against a
+            # wrong or closed address should see why nothing happens, not wait in silence
+            reply = await self._retrying(lambda: self.stub.Join(request, timeout=10.0, metadata=self.metadata),
+                                         "join", logging.INFO)
             self.metadata = ((SESSION_WORKER, reply.worker_id), (SESSION_SECRET, reply.session))
             return reply
         except grpc.aio.AioRpcError as e:
             if e.code() in JOIN_REFUSALS:
                 raise JoinRefused(f"coordinator {self.address} refused the join: {e.details()}") from None
+            if e.code() in RETRYABLE:
+                raise RuntimeError(f"could not join: no coordinator at {','.join(self.addresses)} answered for "
+                                   f"{self.retry_for_s:.0f} s (last: {e.code().name}); check the --join HOST:PORT "
+                                   "and that the coordinator listens there and is reachable from here") from None
             raise
 
     async def heartbeat(self, worker_id: str, state: int, metrics: dict, loaded_epoch: int,

@@ -112,3 +112,26 @@ def test_a_checkpoint_download_moves_past_a_standby_to_the_leader():
             await active.stop(None)
 
     asyncio.run(scenario())
+
+
+def test_a_join_nobody_answers_says_so_while_it_tries_and_ends_with_what_to_check(caplog):
+    # a port that was free a moment ago: nothing listens there
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{s.getsockname()[1]}"
+
+    async def scenario():
+        client = CoordinatorClient(nobody, retry_for_s=1.0)
+        try:
+            with pytest.raises(RuntimeError, match=rf"no coordinator at {nobody} answered for 1 s \(last: UNAVAILABLE\)"
+                                                   r".*check the --join HOST:PORT"):
+                await client.join("gptjt_token", "w", "127.0.0.1:1", {"kind": "cpu"})
+        finally:
+            await client.close()
+
+    with caplog.at_level("INFO", logger="worker.membership"):
+        asyncio.run(scenario())
+    tries = [r.getMessage() for r in caplog.records if r.name == "worker.membership"]
+    assert tries and all(f"join at coordinator {nobody} failed (UNAVAILABLE)" in t for t in tries)
