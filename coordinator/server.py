@@ -257,7 +257,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def ReleaseTickets(self, request, context):
         await self.door(validation.check_release, request, context)
-        n = self.ledger.release(request.worker_id, list(request.ticket_ids))
+        n = self.ledger.release(request.worker_id, list(request.ticket_ids), request.reason)
         await self.notify()
         return pb.ReleaseReply(released=n)
 

@@ -164,6 +164,7 @@ def check_release(r: pb.ReleaseRequest, lim: RunLimits) -> None:
     items("release.ticket_ids", r.ticket_ids, max(lim.micro_batches_per_step, lim.in_flight))
     for i, t in enumerate(r.ticket_ids):
         integer(f"release.ticket_ids[{i}]", t, 1)
+    text("release.reason", r.reason, MAX_DETAIL_CHARS)  # shown to operators: printable only
 
 
 def check_step_report(r: pb.StepReport, lim: RunLimits) -> None:

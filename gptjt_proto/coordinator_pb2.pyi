@@ -448,12 +448,14 @@ class CommitReply(_message.Message):
     def __init__(self, result: _Optional[_Union[CommitResult, str]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("worker_id", "ticket_ids")
+    __slots__ = ("worker_id", "ticket_ids", "reason")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TICKET_IDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     ticket_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, worker_id: _Optional[str] = ..., ticket_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    reason: str
+    def __init__(self, worker_id: _Optional[str] = ..., ticket_ids: _Optional[_Iterable[int]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ReleaseReply(_message.Message):
     __slots__ = ("released",)

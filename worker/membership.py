@@ -238,11 +238,15 @@ class CoordinatorClient:
             worker_id=worker_id, ticket_id=ticket.ticket_id, attempt=ticket.attempt, loss=loss, tokens=tokens))
         return reply.result
 
-    async def release(self, worker_id: str, ticket_ids: list[int]) -> int:
+    async def release(self, worker_id: str, ticket_ids: list[int], reason: str = "") -> int:
+        """Hand leases back; `reason` says what failed when this worker's own work did (the
+        operator sees it in the coordinator's events), cut to what the coordinator accepts."""
         if not ticket_ids:
             return 0
-        reply = await self._retry("ReleaseTickets", pb.ReleaseRequest(worker_id=worker_id,
-                                                                              ticket_ids=ticket_ids))
+        # one printable line: the coordinator refuses anything else (an exception's text may hold newlines)
+        reason = "".join(ch if ch.isprintable() else " " for ch in reason)[:MAX_DETAIL_CHARS]
+        reply = await self._retry("ReleaseTickets", pb.ReleaseRequest(worker_id=worker_id, ticket_ids=ticket_ids,
+                                                                      reason=reason))
         return reply.released
 
     async def report(self, worker_id: str, step: int, attempt: int, kind: int, grad_norm_sq: float = 0.0,

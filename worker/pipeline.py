@@ -116,6 +116,7 @@ class Stage0Driver:
             if result == cpb.STALE:
                 log.info("ticket %d: its step attempt was restarted; work discarded", ticket.ticket_id)
         except (Exception, asyncio.CancelledError) as e:  # any failure: the ticket goes back, never stuck
+            reason = ""  # this worker's own failure, told to the coordinator (routine ones are not)
             if isinstance(e, grpc.aio.AioRpcError):
                 log.warning("ticket %d failed downstream (%s: %s); handing it back", ticket.ticket_id,
                             e.code().name, e.details())
@@ -123,16 +124,17 @@ class Stage0Driver:
                 log.warning("ticket %d: %s; handing it back until the coordinator re-plans", ticket.ticket_id, e)
             elif not isinstance(e, (StaleMicroBatch, asyncio.CancelledError)):
                 log.error("ticket %d failed: %r; handing it back", ticket.ticket_id, e, exc_info=e)
-            await self.release([ticket.ticket_id])
+                reason = f"{type(e).__name__}: {e}"
+            await self.release([ticket.ticket_id], reason)
             if isinstance(e, asyncio.CancelledError):
                 raise
 
-    async def release(self, ticket_ids: list[int]) -> None:
+    async def release(self, ticket_ids: list[int], reason: str = "") -> None:
         ids = [t for t in ticket_ids if t in self.leased]
         if not ids:
             return
         try:
-            await self.coordinator.release(self.worker_id, ids)
+            await self.coordinator.release(self.worker_id, ids, reason)
         except grpc.aio.AioRpcError as e:
             if not session_ended(e):
                 raise

@@ -18,7 +18,8 @@ EVENT_CATEGORIES = {
     "replans": ("stage_assigned", "replica_moved", "stage_vacant", "replica_admitted", "replica_lost",
                 "plan_changed", "replanned"),
     "recovery": ("rolled_back", "step_restarted", "resumed_from_store", "coordinator_restarted"),
-    "liveness": ("step_stuck", "averaging_failed", "worker_stuck", "replicas_reduced"),  # coordinator/liveness.py
+    # coordinator/liveness.py; work_failed: a worker's own work failed (ledger release with a reason)
+    "liveness": ("step_stuck", "averaging_failed", "worker_stuck", "replicas_reduced", "work_failed"),
     "checkpoints": ("checkpoint_complete", "checkpoint_saved", "checkpoints_pruned", "store_not_empty"),
     "rejected": ("poisoned_update", "step_skipped", "replicas_diverged", "update_rejected"),
     "steps": ("step_open", "step_accumulated", "step_closed"),
@@ -32,6 +33,15 @@ EVENT_CATEGORIES = {
 _CATEGORY_OF = {kind: cat for cat, kinds in EVENT_CATEGORIES.items() for kind in kinds}
 # Routine events that would push the notable ones out of a short list.
 ROUTINE_CATEGORIES = ("steps", "workers")
+
+
+def released_event(worker_id: str, n: int, reason: str) -> tuple[str, str]:
+    """(kind, detail) of `n` leases handed back: routine (tickets_released: a drain, a failed
+    downstream call) unless the worker gave a `reason` (checked at the door), why its own work
+    failed, which is notable (work_failed): the run waits on what it could not do."""
+    if reason:
+        return "work_failed", f"{worker_id} handed back {n} ticket(s) after its work failed: {reason}"
+    return "tickets_released", f"{worker_id} handed back {n} ticket(s)"
 
 
 def event_category(kind: str) -> str:

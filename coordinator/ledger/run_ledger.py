@@ -23,7 +23,7 @@ from .checkpoints import CheckpointIndex
 from .commitments import CommitmentBook, Submitted
 from .db import ALIVE_STATES, LedgerDB
 from .errors import LedgerError
-from .events import EventLog
+from .events import EventLog, released_event
 from .history import StepHistory
 from .liveness_guard import LivenessGuard
 from .measurements import Measurements
@@ -270,11 +270,11 @@ class RunLedger:
         with self.watched_tx():  # quiet unless it closed the phase
             return self.protocol.commit(worker_id, ticket_id, attempt, loss, tokens)
 
-    def release(self, worker_id: str, ticket_ids: list[int]) -> int:
+    def release(self, worker_id: str, ticket_ids: list[int], reason: str = "") -> int:
         with self.watched_tx():
             n = self.tickets.release(worker_id, ticket_ids)
             if n:
-                self.events.record("tickets_released", f"{worker_id} handed back {n} ticket(s)")
+                self.events.record(*released_event(worker_id, n, reason))
         return n
 
     def report(self, worker_id: str, step: int, attempt: int, kind: str, grad_norm_sq: float = 0.0,

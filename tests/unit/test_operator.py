@@ -145,3 +145,21 @@ def test_the_status_summary_says_what_the_checks_verified(tmp_path):
     status["verification"].update(spot_checks=3, spot_agree=2, spot_disagree=1, spot_verified_fraction=0.0125)
     assert summary(status).splitlines()[2] == ("spot checks 3 (2 agreed, 1 disagreed), 1.25 % of the work verified, "
                                                "0 quarantined, chain mismatches 0")
+
+
+def test_a_hand_back_with_a_reason_is_a_notable_event_and_tables_show_it_on_one_safe_line(tmp_path):
+    from gptjt_cli.tables import events_table, to_text
+
+    ledger = make(tmp_path)
+    a, b = ready_swarm(ledger, 2)
+    ids = [t.id for t in ledger.lease(a, 2)[0]]
+    assert ledger.release(a, ids[:1]) == 1  # routine (a drain, a failed downstream call)
+    assert ledger.release(a, ids[1:], "DataError: data file 'x' does not exist") == 1
+    notable = [e for e in ledger.events.notable() if e["kind"] in ("work_failed", "tickets_released")]
+    assert [e["kind"] for e in notable] == ["work_failed"]
+    assert notable[0]["detail"] == f"{a} handed back 1 ticket(s) after its work failed: DataError: data file 'x' " \
+                                   "does not exist"
+    # a detail from a worker (some fields may hold any characters) never reaches a terminal raw,
+    # and is never read as rich markup
+    shown = to_text(events_table([{**notable[0], "detail": "bad\x1b[2J\nline [bold]x[/bold]"}]))
+    assert "\x1b" not in shown and "bad\\x1b[2J\\nline [bold]x[/bold]" in shown

@@ -17,7 +17,7 @@ class _Coordinator:
     def __init__(self, code: grpc.StatusCode):
         self.code, self.calls = code, []
 
-    async def release(self, worker_id: str, ids: list[int]) -> int:
+    async def release(self, worker_id: str, ids: list[int], reason: str = "") -> int:
         self.calls.append(ids)
         raise grpc.aio.AioRpcError(self.code, grpc.aio.Metadata(), grpc.aio.Metadata(),
                                    details=f"no valid session for worker {worker_id!r}")

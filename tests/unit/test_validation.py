@@ -70,7 +70,7 @@ GOOD = {
     "watch": lambda: pb.WatchRequest(worker_id=WID),
     "lease": lambda: pb.LeaseRequest(worker_id=WID, max_tickets=3),
     "commit": lambda: pb.CommitRequest(worker_id=WID, ticket_id=5, attempt=0, loss=0.7, tokens=128),
-    "release": lambda: pb.ReleaseRequest(worker_id=WID, ticket_ids=[5, 6]),
+    "release": lambda: pb.ReleaseRequest(worker_id=WID, ticket_ids=[5, 6], reason="DataError: no such file"),
     "report": lambda: pb.StepReport(worker_id=WID, step=3, attempt=1, kind=pb.CONTRIBUTION, grad_norm_sq=2.5,
                                     micro_batches=4, group_weight=4.0, state_digest="ab" * 16, detail="",
                                     commitments=[commitment()]),
@@ -148,6 +148,8 @@ BAD = [
     ("release", "worker_id", "someone", IA, None),
     ("release", "ticket_ids", [1, 2, 3, 4, 5], RE, "5 items"),  # 4 micro-batches a step
     ("release", "ticket_ids[1]", 0, IA, None),
+    ("release", "reason", "r" * 501, RE, None),
+    ("release", "reason", "DataError: \x1b[2J", IA, None),  # operators read it in a terminal
     ("report", "worker_id", "someone", IA, None),
     ("report", "step", -1, IA, None),
     ("report", "step", 10, OOR, None),
