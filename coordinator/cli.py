@@ -23,6 +23,7 @@ from .dht_authority import DhtAuthority
 from .gc_schedule import collect_fully_forever, take_full_collections_off_the_clock
 from .run_ca import RunCA
 from .sessions import SessionGuard
+from .sole_server import sole_server_of
 from .standby import bind, lead, watch_leadership
 from .ledger.postgres import redacted
 from .admin_token import AdminToken, ReadToken
@@ -31,6 +32,7 @@ from .operator_service import OperatorActions, OperatorService
 from .scheduler import model_shape, plan_stages
 from .server import CoordinatorService
 from .ledger import LedgerError, RunLedger
+from .ledger.db import LedgerDB
 
 log = logging.getLogger("gptjt.coordinator")
 # Calls received and not yet taken up by the event loop that gRPC holds before cancelling new
@@ -41,6 +43,13 @@ PENDING_CALLS = 20_000
 async def serve(run: RunConfig, ready_line: bool = True, port_file: str | None = None,
                 dashboard_file: str | None = None, admin_token_file: str | None = None) -> None:
     location, listen = await lead(run, port_file, ready_line)  # a standby waits here while another leads
+    # a SQLite ledger: this process alone serves it (for PostgreSQL the leadership lock did that)
+    with sole_server_of(location if isinstance(location, str) else None):
+        await _serve_ledger(run, location, listen, ready_line, port_file, dashboard_file, admin_token_file)
+
+
+async def _serve_ledger(run: RunConfig, location: LedgerDB | str, listen: str, ready_line: bool,
+                        port_file: str | None, dashboard_file: str | None, admin_token_file: str | None) -> None:
     run.coordinator.listen = listen
     config = model_config_for(run.model.source)
     n_layer = config.n_layer
