@@ -54,5 +54,7 @@ def stage_seconds(source: str, ranges: list[tuple[int, int]], micro_batch: int, 
 def ideal_pipeline_step_s(stage_s: list[float], micro_batches: int) -> float:
     """A synchronous step of `micro_batches` through stages taking `stage_s` each (forward and
     backward together), with free links and no protocol: the first micro-batch crosses every
-    stage, the other micro_batches - 1 follow at the slowest stage's pace (GPipe's bound)."""
+    stage, the other micro_batches - 1 follow at the slowest stage's pace (GPipe's bound; the
+    scheduler's cost_model.predict_step has the same pipeline term, with links, on predicted
+    stage times: this one is for measured times and no links)."""
     return sum(stage_s) + (micro_batches - 1) * max(stage_s)

@@ -38,11 +38,11 @@ def _table(headers: list[str], rows: list[list], numeric: tuple[str, ...] = ()) 
     for h in headers:
         t.add_column(h, justify="right" if h in numeric else "left", no_wrap=True)
     for r in rows:
-        t.add_row(*(Text(shown("" if c is None else str(c))) for c in r))
+        t.add_row(*(Text(terminal_safe("" if c is None else str(c))) for c in r))
     return t
 
 
-def shown(value: str) -> str:
+def terminal_safe(value: str) -> str:
     """`value` safe for a terminal: characters that are not printable (escape sequences, newlines)
     as their Python escapes. Cells carry what workers sent (event details, names); a Text cell is
     also never read as rich markup."""
