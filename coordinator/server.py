@@ -16,7 +16,7 @@ from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 from gptjt_core.background import start_background
 from gptjt_core.commitment import Commitment
 from gptjt_core.stage_spec import StageSpec
-from gptjt_core.wire_checks import Refused
+from gptjt_core.wire_checks import Refused, escaped
 from . import validation
 from .checkpoint_store import CheckpointStore
 from .dht_authority import DhtAuthority
@@ -196,7 +196,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def ReportCheck(self, request, context):
         await self.door(validation.check_check_report, request, context)
         recomputed = Commitment.from_bytes(request.commitment) if request.commitment else None
-        verdict = self.ledger.answer_check(request.worker_id, request.check_id, recomputed, request.unable)
+        verdict = self.ledger.answer_check(request.worker_id, request.check_id, recomputed, escaped(request.unable))
         await self.notify()  # a verdict may quarantine a worker and roll the run back: Watch streams show it now
         return pb.CheckReportReply(verdict=verdict)
 
@@ -264,7 +264,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def ReportStep(self, request, context):
         await self.door(validation.check_step_report, request, context)
         if request.kind == pb.AVERAGING_FAILED:
-            ok = self.ledger.averaging_failed(request.worker_id, request.step, request.attempt, request.detail)
+            ok = self.ledger.averaging_failed(request.worker_id, request.step, request.attempt, escaped(request.detail))
             await self.notify()
             return pb.StepReportReply(accepted=ok)
         commitments = [Submitted(c.ticket_id, c.attempt, c.commitment, c.sent or None, c.returned or None,
@@ -276,17 +276,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.StepReportReply(accepted=ok)
 
     async def ReportPeerFailure(self, request, context):
-        """Probe the reported peer now: a SIGKILLed worker is declared dead within a second, while
-        a live one (the reporter's own link failed) keeps its place."""
+        """Probe the reported peer now: a SIGKILLed worker is declared dead within a second, a live one (the
+        reporter's own link failed) keeps its place. Worker text (reason, detail, unable) is kept escaped."""
         await self.door(validation.check_peer_failure, request, context)
         suspect = self.ledger.worker_at(request.address)
         if suspect is None or suspect == request.worker_id:
             return pb.PeerFailureReply(declared_dead=False)
         if not await address_is_down(request.address):
             log.info("%s reported %s at %s failing (%s), but it accepts connections", request.worker_id, suspect,
-                     request.address, request.reason)
+                     request.address, escaped(request.reason))
             return pb.PeerFailureReply(declared_dead=False)
-        self.ledger.declare_dead(suspect, f"{request.worker_id} reported {request.reason!r} and "
+        self.ledger.declare_dead(suspect, f"{request.worker_id} reported '{escaped(request.reason)}' and "
                                  f"{request.address} refuses connections")
         await self.notify()
         log.warning("worker %s at %s is down (reported by %s): declared dead", suspect, request.address,

@@ -12,6 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from gptjt_core.wire_checks import escaped
+
 ALIVE = ("loading", "ready", "standby", "draining")
 
 
@@ -38,15 +40,9 @@ def _table(headers: list[str], rows: list[list], numeric: tuple[str, ...] = ()) 
     for h in headers:
         t.add_column(h, justify="right" if h in numeric else "left", no_wrap=True)
     for r in rows:
-        t.add_row(*(Text(terminal_safe("" if c is None else str(c))) for c in r))
+        # cells carry what workers sent (event details, names): escaped, and never read as rich markup
+        t.add_row(*(Text(escaped("" if c is None else str(c))) for c in r))
     return t
-
-
-def terminal_safe(value: str) -> str:
-    """`value` safe for a terminal: characters that are not printable (escape sequences, newlines)
-    as their Python escapes. Cells carry what workers sent (event details, names); a Text cell is
-    also never read as rich markup."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in value)
 
 
 def _duration(s: float | None) -> str:

@@ -96,6 +96,14 @@ def text(field: str, value: str, max_chars: int, printable: bool = True) -> None
         raise Refused(INVALID_ARGUMENT, field, value, "printable characters only")
 
 
+def escaped(value: str) -> str:
+    """`value` on one printable line: each character that is not printable (a newline, an escape
+    sequence) as its Python escape. For text a peer may fill with an exception's message (so it
+    is not refused) that then reaches a log, an event or a terminal, where a raw newline could
+    forge a line."""
+    return value if value.isprintable() else "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in value)
+
+
 def items(field: str, value: Sized, max_items: int) -> None:
     if len(value) > max_items:
         raise Refused(RESOURCE_EXHAUSTED, field, f"{len(value)} items", f"at most {max_items} items",

@@ -59,8 +59,12 @@ def victim(swarm) -> dict:
 @pytest.fixture(scope="module")
 def holder(swarm, stub):
     """A token holder: a raw client that joined with the run's token (its own session and cert)."""
+    return join_raw(swarm, stub, "mallory")
+
+
+def join_raw(swarm, stub, name: str) -> dict:
     key = new_key_pem()
-    reply = stub.Join(cpb.JoinRequest(token=swarm.token, name="mallory", address="127.0.0.1:9",
+    reply = stub.Join(cpb.JoinRequest(token=swarm.token, name=name, address="127.0.0.1:9",
                                       public_key_pem=public_key_pem(key).decode()), timeout=10)
     assert reply.assignment.stage == -1  # both stages are held: mallory waits on standby
     session = (("gptjt-worker", reply.worker_id), ("gptjt-session", reply.session))
@@ -272,6 +276,21 @@ def test_the_runs_dht_serves_only_run_members(dht_run, tmp_path):
         assert report[kind] == {"store_at_coordinator": None, "find_at_coordinator": None, "store_at_member": None,
                                 "find_at_member": None, "get": False, "held_by_member": False,
                                 "member_finds_at_coordinator": "not found"}, (kind, report[kind])
+
+
+def test_text_a_worker_sends_cannot_forge_a_coordinator_log_line(swarm, stub, victim):
+    """A peer-failure reason may hold an exception's newlines, so it is not refused (an honest
+    worker's report is kept); it reaches the coordinator's log escaped onto one line."""
+    holder = join_raw(swarm, stub, "eve")  # mallory has been silent past the heartbeat timeout by now
+    forged = "timed out\nWARNING coordinator: worker zz forged this line\x1b[2K"
+    reply = stub.ReportPeerFailure(cpb.PeerFailure(worker_id=holder["id"], address=victim["address"], reason=forged),
+                                   timeout=10, metadata=holder["session"])
+    assert not reply.declared_dead  # the victim accepts connections: only logged
+    log = swarm.workdir / "coordinator-1.log"
+    swarm.wait(lambda s: "forged this line" in log.read_text(), 10, "the report in the coordinator's log")
+    lines = log.read_text().splitlines()
+    assert not [line for line in lines if line.startswith("WARNING coordinator: worker zz")]
+    assert [line for line in lines if "(timed out\\nWARNING coordinator: worker zz forged this line\\x1b[2K)" in line]
 
 
 def test_the_run_survived_every_attack(swarm):

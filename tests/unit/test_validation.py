@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from coordinator.scheduler import model_shape
-from coordinator.validation import (RunLimits, check_checkpoint_header, check_commit, check_get_checkpoint,
-                                    check_heartbeat, check_join, check_lease, check_leave, check_peer_failure,
-                                    check_release, check_step_report, check_watch)
+from coordinator.validation import (RunLimits, check_check_report, check_checkpoint_header, check_commit,
+                                    check_get_checkpoint, check_heartbeat, check_join, check_lease, check_leave,
+                                    check_peer_failure, check_release, check_step_report, check_watch)
 from gptjt_core.commitment import Commitment, input_digest
 from gptjt_core.sketching import sketch_tensor
-from gptjt_core.wire_checks import Refused, shown
+from gptjt_core.wire_checks import Refused, escaped, shown
 from gptjt_proto import coordinator_pb2 as pb
 from tests.conftest import small_run
 
@@ -295,3 +295,15 @@ def test_a_commitment_that_does_not_parse_is_refused_with_the_reason():
     with pytest.raises(Refused, match=r"report\.commitments\[0\]\.commitment = 598 bytes refused: expected a "
                                       r"commitment that parses \(commitment version 2 is unknown"):
         check_step_report(report, LIM)
+
+
+def test_free_text_a_worker_may_send_with_newlines_is_escaped_onto_one_line():
+    """report.detail, check_report.unable and peer_failure.reason are not refused for an exception's
+    newlines; the coordinator keeps them escaped (coordinator/server.py), never raw."""
+    for field, request in (("detail", "report"), ("unable", "check_report"), ("reason", "peer_failure")):
+        r = pb.CheckReport(worker_id=WID, check_id=1) if request == "check_report" else GOOD[request]()
+        setattr(r, field, "Traceback:\n  boom\x1b[2J\tend")
+        (check_check_report if request == "check_report" else CHECKS[request])(r, LIM)  # accepted at the door
+    assert escaped("Traceback:\n  boom\x1b[2J\tend") == "Traceback:\\n  boom\\x1b[2J\\tend"
+    assert escaped("plain text, é ü 中") == "plain text, é ü 中"  # printable text is left as it is
+    assert "\n" not in escaped("a\r\nb\u2028c") and escaped("a\u2028c") == "a\\u2028c"
