@@ -26,13 +26,17 @@ class CheckpointIndex:
         self.config = coordinator  # keep_checkpoints: complete steps to keep (0: all), read at each use
 
     def record(self, step: int, spec: StageSpec, path: str, nbytes: int | None = None,
-               sha256: str | None = None) -> None:
+               sha256: str | None = None) -> bool:
         """nbytes, sha256: what a worker that wrote the file into a shared store declared (the
-        store checks the digest when the file is read); None for files streamed through us."""
+        store checks the digest when the file is read); None for files streamed through us.
+        True when this file completes the step: not when it was complete already (a stage's
+        last replica leaving saves the open step's state, which the last checkpoint may hold)."""
+        before = self.is_complete(step)
         self.db.execute("INSERT OR REPLACE INTO checkpoints(step, start_layer, end_layer, embed, head, path, ts, "
                         "nbytes, sha256) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (step, spec.start, spec.end, int(spec.embed), int(spec.head), path, self.db.clock(),
                          nbytes, sha256))
+        return not before and self.is_complete(step)
 
     def digests(self, step: int) -> dict[str, str]:
         """path -> declared SHA-256 of the step's files that workers wrote themselves."""

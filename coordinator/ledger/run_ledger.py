@@ -306,10 +306,11 @@ class RunLedger:
         shared store). Returns the steps forgotten under `coordinator.keep_checkpoints`: the caller
         deletes their files (after the ledger: a crash in between orphans files, never the ledger)."""
         with self.db.tx():
-            self.checkpoints.record(step, spec, path, *declared)
+            completes = self.checkpoints.record(step, spec, path, *declared)
             if not self.checkpoints.is_complete(step):
                 return []
-            self.events.record("checkpoint_complete", f"step {step}: every stage is in the store")
+            if completes:  # once a step, though a stage may save it again
+                self.events.record("checkpoint_complete", f"step {step}: every stage is in the store")
             self.recovery.maybe_apply_pending(step)
             return self.checkpoints.forget_old(self._restoring())
 
@@ -334,8 +335,7 @@ class RunLedger:
         return ""
 
     def _restoring(self) -> int | None:
-        """The step of the last restore while any stage worker has yet to load it from the store
-        (it may still be reading it, even after the step opened)."""
+        """The last restore's step while a stage worker may still read it from the store (even after it opened)."""
         st = self.state
         loading = any(r["loaded_epoch"] != st.restore_epoch for ws in self.workers.stage_workers().values() for r in ws)
         return st.restore_step if loading and st.restore_from_store else None

@@ -265,6 +265,22 @@ def test_drained_stage_saved_at_the_boundary_needs_no_rollback(tmp_path):
     assert "rolled_back" not in [e["kind"] for e in ledger.status()["events"]]
 
 
+def test_a_complete_step_saved_again_is_announced_complete_once(tmp_path):
+    """A stage's last replica leaving saves the open step's state, which the last checkpoint may
+    already hold: the file replaces its stage's, and the operator sees one checkpoint_complete."""
+    ledger = make(tmp_path, steps=3)
+    ids = ready_swarm(ledger, 2)
+    finish_step(ledger, ids)
+    for spec in ledger.plan:
+        ledger.record_checkpoint(1, spec, f"step-1/{spec.start}")
+    ledger.record_checkpoint(1, ledger.plan[0], "step-1/again")  # the draining stage-0 worker's upload
+    ledger.leave(ids[0])
+    events = [e for e in ledger.status()["events"] if e["kind"] == "checkpoint_complete"]
+    assert [e["detail"] for e in events] == ["step 1: every stage is in the store"]
+    assert "step-1/again" in [r["path"] for r in ledger.checkpoints.stored(1)]
+    assert ledger.status()["checkpoints"]["latest_complete"] == 1
+
+
 def test_old_checkpoints_are_forgotten_once_newer_ones_are_complete(tmp_path):
     ledger = make(tmp_path, steps=6)
     ledger.run.coordinator.keep_checkpoints = 2
