@@ -189,7 +189,7 @@ class Dashboard:
                     await asyncio.wait_for(self.stopping.wait(), self.stream_interval_s)
                 except TimeoutError:
                     pass
-        except ConnectionResetError:
+        except ConnectionError:  # reset by the peer, or aiohttp's "Connection lost" on a drain
             pass  # the page went away
         return response
 
