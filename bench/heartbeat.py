@@ -45,10 +45,8 @@ TRAIN_STEP_S, TRAIN_MICRO_BATCHES = 10.0, 64
 
 class _Observers:
     """A status poller (Status every second) and a dashboard client (the SSE stream), in a process
-    of their own, as an operator's screen is. In the simulated workers' process (threads, until
-    2026-12-05) each poll's parse of the 10,000-worker status object held the GIL for up to
-    ~0.4 s, stalling the simulated workers' event loop, and the stalls were counted as the
-    coordinator's heartbeat latency (its own loop lagged at most 15 ms meanwhile)."""
+    of their own, as an operator's screen is (until 2026-12-05 they were threads of the simulated
+    workers' process, sharing its GIL with the event loop whose delays the figure counts)."""
 
     def __init__(self, address: str, dashboard_url: str):
         ctx = multiprocessing.get_context("spawn")  # no fork of a process holding gRPC's threads

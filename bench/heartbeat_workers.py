@@ -1,10 +1,10 @@
 """bench heartbeat's simulated workers: one client process's share of them (bench/heartbeat.py).
 
 The workers are spread over several processes, as real workers are each a process of their own.
-In one process, 10,000 workers' gRPC calls and Watch streams kept its event loop stalled for
+In one process, 10,000 workers' gRPC calls and Watch streams left its event loop stalled for
 100-430 ms at a time (a task sleeping 5 ms beside them, 2026-12-05), while the coordinator's
-own loop lagged at most 15-48 ms and its Heartbeat handler took 0.1 ms: the stalls were the
-figure's tail, counted as the coordinator's latency.
+own loop was at most 15-48 ms late and its Heartbeat handler took 0.1 ms: the slowest round
+trips were those started in those stalls, counted as the coordinator's latency.
 """
 
 from __future__ import annotations
