@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import grpc
 
-from gptjt_core.wire_checks import MAX_DETAIL_CHARS, MAX_DHT_MADDRS
+from gptjt_core.wire_checks import MAX_DETAIL_CHARS, MAX_DHT_MADDRS, escaped
 from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
@@ -244,7 +244,7 @@ class CoordinatorClient:
         if not ticket_ids:
             return 0
         # one printable line: the coordinator refuses anything else (an exception's text may hold newlines)
-        reason = "".join(ch if ch.isprintable() else " " for ch in reason)[:MAX_DETAIL_CHARS]
+        reason = escaped(reason)[:MAX_DETAIL_CHARS]
         reply = await self._retry("ReleaseTickets", pb.ReleaseRequest(worker_id=worker_id, ticket_ids=ticket_ids,
                                                                       reason=reason))
         return reply.released

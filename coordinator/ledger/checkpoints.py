@@ -29,14 +29,14 @@ class CheckpointIndex:
                sha256: str | None = None) -> bool:
         """nbytes, sha256: what a worker that wrote the file into a shared store declared (the
         store checks the digest when the file is read); None for files streamed through us.
-        True when this file completes the step: not when it was complete already (a stage's
-        last replica leaving saves the open step's state, which the last checkpoint may hold)."""
-        before = self.is_complete(step)
+        Returns whether the step was complete before this file (a stage's last replica leaving
+        saves the open step's state, which the last checkpoint may already hold)."""
+        was_complete = self.is_complete(step)
         self.db.execute("INSERT OR REPLACE INTO checkpoints(step, start_layer, end_layer, embed, head, path, ts, "
                         "nbytes, sha256) VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (step, spec.start, spec.end, int(spec.embed), int(spec.head), path, self.db.clock(),
                          nbytes, sha256))
-        return not before and self.is_complete(step)
+        return was_complete
 
     def digests(self, step: int) -> dict[str, str]:
         """path -> declared SHA-256 of the step's files that workers wrote themselves."""

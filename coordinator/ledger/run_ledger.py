@@ -306,10 +306,10 @@ class RunLedger:
         shared store). Returns the steps forgotten under `coordinator.keep_checkpoints`: the caller
         deletes their files (after the ledger: a crash in between orphans files, never the ledger)."""
         with self.db.tx():
-            completes = self.checkpoints.record(step, spec, path, *declared)
+            was_complete = self.checkpoints.record(step, spec, path, *declared)
             if not self.checkpoints.is_complete(step):
                 return []
-            if completes:  # once a step, though a stage may save it again
+            if not was_complete:  # once a step, though a stage may save it again
                 self.events.record("checkpoint_complete", f"step {step}: every stage is in the store")
             self.recovery.maybe_apply_pending(step)
             return self.checkpoints.forget_old(self._restoring())

@@ -66,7 +66,7 @@ def join_raw(swarm, stub, name: str) -> dict:
     key = new_key_pem()
     reply = stub.Join(cpb.JoinRequest(token=swarm.token, name=name, address="127.0.0.1:9",
                                       public_key_pem=public_key_pem(key).decode()), timeout=10)
-    assert reply.assignment.stage == -1  # both stages are held: mallory waits on standby
+    assert reply.assignment.stage == -1  # both stages are held: it waits on standby
     session = (("gptjt-worker", reply.worker_id), ("gptjt-session", reply.session))
     return {"id": reply.worker_id, "session": session, "key": key, "reply": reply}
 
