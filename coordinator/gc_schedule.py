@@ -28,6 +28,16 @@ def take_full_collections_off_the_clock() -> None:
     gc.set_threshold(young, middle, NO_AUTOMATIC_FULL_PASS)
 
 
+def collect_fully_if_due(last_s: float, every_s: float = FULL_COLLECTION_EVERY_S) -> float:
+    """For a process with no event loop (the status process, between builds): a full collection if
+    `every_s` seconds have passed since `last_s` (time.monotonic()); returns when the last one ran."""
+    now = time.monotonic()
+    if now - last_s < every_s:
+        return last_s
+    gc.collect()
+    return now
+
+
 async def collect_fully_forever(every_s: float = FULL_COLLECTION_EVERY_S) -> None:
     """A full collection every `every_s` seconds, logged with what it took and freed."""
     while True:

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -51,13 +52,14 @@ class StatusProcess:
         self._conn = Connection(ours.detach())
         self._conn.send(self._args)
 
-    def build(self) -> tuple[bytes, bytes]:
-        """(status JSON, /metrics text); a process that died is started again once."""
+    def build(self) -> tuple[bytes, bytes, float]:
+        """(status JSON, /metrics text, seconds the process spent building them, not counting its
+        start); a process that died is started again once."""
         with self._lock:
             for attempt in (1, 2):
                 try:
                     self._conn.send("build")
-                    kind, body, metrics = self._conn.recv()
+                    kind, body, metrics, seconds = self._conn.recv()
                     break
                 except (EOFError, BrokenPipeError, ConnectionResetError):
                     if attempt == 2:
@@ -68,7 +70,7 @@ class StatusProcess:
                     self._start()
         if kind != "ok":
             raise StatusBuildFailed(body.decode())
-        return body, metrics
+        return body, metrics, seconds
 
     def close(self) -> None:
         with self._lock:
@@ -91,8 +93,15 @@ def _serve(conn: Connection, path: str, run: RunConfig, plan: list[StageSpec], s
     """The process: build on request until "stop" or until the coordinator is gone."""
     from .dashboard.metrics import render_metrics
     from .finite_json import dumps
+    from .gc_schedule import collect_fully_if_due, take_full_collections_off_the_clock
     from .ledger.reader import LedgerReader
 
+    # A status at 10,000 workers is ~250k objects that live through the build, long enough to
+    # count toward CPython's full-collection trigger: it ran a full pass (~100-400 ms, freeing
+    # nothing: the status is freed by reference counting) about once a build, ~20 % of a core in
+    # `gptjt bench heartbeat` (2026-12-05, gc callbacks). Full passes run between builds instead.
+    take_full_collections_off_the_clock()
+    last_full_s = time.monotonic()
     reader = LedgerReader(path, run, plan, shape)
     while True:
         try:
@@ -101,11 +110,14 @@ def _serve(conn: Connection, path: str, run: RunConfig, plan: list[StageSpec], s
             return
         if request == "stop":
             return
+        started = time.perf_counter()
         try:
             status = reader.status()
-            conn.send(("ok", dumps(status), render_metrics(lambda: status)))
+            body, metrics = dumps(status), render_metrics(lambda: status)
+            conn.send(("ok", body, metrics, time.perf_counter() - started))
         except Exception as e:  # said to the caller; the next request tries again
-            conn.send(("error", f"{type(e).__name__}: {e}".encode(), b""))
+            conn.send(("error", f"{type(e).__name__}: {e}".encode(), b"", time.perf_counter() - started))
+        last_full_s = collect_fully_if_due(last_full_s)
 
 
 # Scheduling priority given up (os.nice): where cores are short, heartbeats, leases and commits

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 
-from coordinator.gc_schedule import NO_AUTOMATIC_FULL_PASS, collect_fully_forever, take_full_collections_off_the_clock
+from coordinator.gc_schedule import (NO_AUTOMATIC_FULL_PASS, collect_fully_forever, collect_fully_if_due,
+                                    take_full_collections_off_the_clock)
 
 
 def test_full_passes_leave_the_automatic_trigger_and_run_on_the_schedule():
@@ -40,3 +42,24 @@ def test_full_passes_leave_the_automatic_trigger_and_run_on_the_schedule():
         assert len(passes) >= 2 and sum(passes) >= 1
     finally:
         gc.set_threshold(*before)
+
+
+def test_a_process_without_an_event_loop_collects_fully_only_when_due():
+    """The status process, between builds: a full pass once `every_s` has passed, not at every call."""
+    full_passes = []
+
+    def seen(phase, info):
+        if phase == "stop" and info["generation"] == 2:
+            full_passes.append(info["collected"])
+
+    gc.callbacks.append(seen)
+    try:
+        last = time.monotonic()
+        assert collect_fully_if_due(last, every_s=3600) == last and full_passes == []
+        cycle = []
+        cycle.append(cycle)
+        del cycle
+        assert collect_fully_if_due(last - 2, every_s=1) > last
+    finally:
+        gc.callbacks.remove(seen)
+    assert len(full_passes) == 1 and full_passes[0] >= 1
