@@ -6,6 +6,14 @@ wait that long. So a process of its own builds it (coordinator/status_process.py
 one build at a time, and callers share the newest build if it was started after the last
 write the caller could have seen (`LedgerDB.writes()`, routine heartbeats included) and is at
 most `max_age_s` old (`last_heartbeat_s` and ages move with the clock alone).
+
+Builds are also spaced so that the status process is busy at most BUILD_SHARE of the time: at
+10,000 workers a build takes ~0.7 s, and a poller and a dashboard asking every second (each
+ask after a heartbeat wants a new build) kept that process at ~85 % of a core, on a host whose
+cores the event loop needs for heartbeats (gptjt bench heartbeat, 2026-12-05). A caller
+arriving early waits for the next allowed build instead of getting an older status: what it
+gets is still as new as the ledger it could have seen, later by up to (1 / BUILD_SHARE - 1)
+build times (~2 s at 10,000 workers; unnoticeable at tens of workers, whose builds take ms).
 """
 
 from __future__ import annotations
@@ -15,16 +23,20 @@ import time
 
 from .status_process import StatusProcess
 
+# The share of wall-clock time the status process may spend building (one build at a time).
+BUILD_SHARE = 0.25
+
 
 class StatusCache:
     """Builds and shares the status JSON and its /metrics text."""
 
-    def __init__(self, ledger, max_age_s: float = 1.0):
+    def __init__(self, ledger, max_age_s: float = 1.0, build_share: float = BUILD_SHARE):
         """ledger: the coordinator's RunLedger (a process reads its file)."""
-        self.ledger, self.max_age_s = ledger, max_age_s
+        self.ledger, self.max_age_s, self.build_share = ledger, max_age_s, build_share
         self.process = StatusProcess(ledger.path, ledger.run, ledger.planner.plan, ledger.shape)
         self._lock = asyncio.Lock()  # one build at a time
         self._built: tuple[int, float, bytes, bytes] | None = None  # writes, monotonic s, JSON, metrics
+        self._next_build_s = 0.0  # monotonic: the earliest start that keeps builds within build_share
         self.builds = 0
 
     async def get(self) -> tuple[bytes, bytes]:
@@ -33,9 +45,12 @@ class StatusCache:
         async with self._lock:
             built = self._built
             if built is None or built[0] < wanted or time.monotonic() - built[1] > self.max_age_s:
+                await asyncio.sleep(self._next_build_s - time.monotonic())  # returns at once if <= 0
                 version = self.ledger.db.writes()  # the snapshot, taken after this, holds at least that much
-                body, metrics = await asyncio.to_thread(self.process.build)
-                built = self._built = (version, time.monotonic(), body, metrics)
+                started = time.monotonic()
+                body, metrics, took = await asyncio.to_thread(self.process.build)
+                self._next_build_s = started + took / self.build_share
+                built = self._built = (version, started, body, metrics)
                 self.builds += 1
             return built[2], built[3]
 

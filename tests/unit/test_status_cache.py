@@ -1,0 +1,34 @@
+"""The shared status: as new as the ledger its caller could have seen, built within its share of time."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from coordinator.status_cache import StatusCache
+from tests.unit.test_scheduler import device, make_ledger
+
+
+def test_a_status_asked_for_after_a_write_shows_it_and_waits_for_the_build_budget(tmp_path):
+    ledger = make_ledger(tmp_path)
+    ledger.join("first", "h:1", device(0.004))
+    cache = StatusCache(ledger, max_age_s=600, build_share=0.05)  # builds 5 % of the time: the next waits 19x one
+    try:
+        async def scenario():
+            await cache.get()
+            first_started, next_allowed = cache._built[1], cache._next_build_s
+            again = await cache.get()  # nothing written since: the same build, at once
+            assert cache.builds == 1
+            ledger.join("late", "h:2", device(0.004))
+            status = json.loads((await cache.get())[0])
+            return first_started, next_allowed, cache._built[1], again, status
+
+        first_started, next_allowed, second_started, again, status = asyncio.run(scenario())
+    finally:
+        cache.close()
+    assert cache.builds == 2
+    assert {w["name"] for w in status["workers"]} == {"first", "late"}  # the write the caller made is in it
+    took = (next_allowed - first_started) * 0.05
+    assert took > 0 and second_started >= next_allowed  # spaced: built no earlier than the budget allowed
+    assert second_started - first_started >= took / 0.05 - 1e-6
+    assert json.loads(again[0])["workers"][0]["name"] == "first"
