@@ -72,3 +72,16 @@ def test_the_status_process_imports_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_placed_workers_are_read_without_visiting_the_standbys(tmp_path):
+    """Read at every change of the ledger's version: a scan of every worker, mostly standbys at
+    10,000 workers, held the coordinator's loop for minutes when all their streams closed at once."""
+    ledger = make(tmp_path)
+    placed = set(ready_swarm(ledger, 2))
+    for i in range(50):
+        ledger.join(f"standby-{i}", f"h:{9000 + i}", {"kind": "cpu"})
+    plan = " ".join(str(row[-1]) for row in ledger.db.execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM workers WHERE stage>=0 AND state IN ('ready') ORDER BY joined"))
+    assert "USING INDEX workers_placed" in plan and "TEMP B-TREE" not in plan  # the partial index, in order
+    assert {r["id"] for rows in ledger.workers.stage_workers().values() for r in rows} == placed
