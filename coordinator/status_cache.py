@@ -8,12 +8,13 @@ write the caller could have seen (`LedgerDB.writes()`, routine heartbeats includ
 most `max_age_s` old (`last_heartbeat_s` and ages move with the clock alone).
 
 Builds are also spaced so that the status process is busy at most BUILD_SHARE of the time: at
-10,000 workers a build takes ~0.7 s, and a poller and a dashboard asking every second (each
+10,000 workers a build takes ~1 s, and a poller and a dashboard asking every second (each
 ask after a heartbeat wants a new build) kept that process at ~85 % of a core, on a host whose
 cores the event loop needs for heartbeats (gptjt bench heartbeat, 2026-12-05). A caller
 arriving early waits for the next allowed build instead of getting an older status: what it
 gets is still as new as the ledger it could have seen, later by up to (1 / BUILD_SHARE - 1)
-build times (~2 s at 10,000 workers; unnoticeable at tens of workers, whose builds take ms).
+build times: ~3 s at 10,000 workers, where the status is refreshed every ~5 s; unnoticeable
+at tens of workers, whose builds take milliseconds.
 """
 
 from __future__ import annotations
