@@ -15,6 +15,8 @@ import math
 import random
 import time
 
+from gptjt_core.heartbeat_pacing import next_heartbeat_in
+
 from .heartbeat_trainer import PacedTrainer
 
 GRACE_S = 5.0  # after the window, for its last round trips to come back
@@ -114,7 +116,7 @@ class SimulatedWorkers:
                     self.latencies.append(ms)
                 elif started < self.window[0]:
                     self.joining_latencies.append(ms)
-            await asyncio.sleep(max(0.0, self.interval - (time.perf_counter() - t0)))
+            await asyncio.sleep(next_heartbeat_in(self.interval, time.perf_counter() - t0))  # as worker/runner.py
 
     async def _watch(self, stub, worker_id: str, session: tuple) -> None:
         try:

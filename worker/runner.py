@@ -15,6 +15,7 @@ import torch
 from gptjt_core.background import start_background
 from gptjt_core.config import RunConfig, from_dict
 from gptjt_core.dht_auth import dht_public_key, new_dht_key
+from gptjt_core.heartbeat_pacing import wait_for_next_heartbeat
 from gptjt_core.model import StageSpec
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2 as spb
@@ -257,11 +258,7 @@ class WorkerRunner:
             if not known:
                 self._session_over("the coordinator no longer knows this worker")
                 return
-            try:
-                await asyncio.wait_for(self._heartbeat_now.wait(), timeout=interval)
-            except TimeoutError:
-                pass
-            self._heartbeat_now.clear()
+            await wait_for_next_heartbeat(self._heartbeat_now, interval, sent)
 
     def _stage_for_checks(self) -> tuple[int, LayerSlice | None]:
         """(assigned stage index, the stage if its state is loaded) for a spot check."""
