@@ -12,7 +12,9 @@ measure). Their streams wake only when `standby_key()` (AssignmentView.standby_k
 facts, read once per ledger state) changes, not at every micro-batch commit or closed step:
 at 10,000 workers, waking every stream at every step cost 10,000 reads a step and most of
 the heartbeat tail (gptjt bench heartbeat). A standby's step fields are refreshed with the
-periodic re-read below.
+periodic re-read below. When what standbys act on does change, all of them read: those reads
+are spread at STANDBY_READS_PER_S, however long that takes, since standbys act on nothing
+within seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ from collections.abc import AsyncIterator, Callable, Hashable
 REFRESH_S = 60.0
 # All streams together read at most this many RunStates a second (each waits at most 1 s).
 READS_PER_S = 5_000.0
+# The standby streams one change woke read at most this many a second, however many they are.
+# At 10,000 workers a read and its send cost the loop ~0.3 ms: the 10,000 reads of one change
+# packed into 1 s (the cap above) held it for ~3 s, and heartbeats waited as long (a p99 of
+# 2.3 s in `gptjt bench heartbeat`, a loop watchdog, 2026-12-05). At this rate they take ~30 %
+# of the loop, and the last of 10,000 standbys hears of a new plan ~10 s after it (1,000: ~1 s).
+STANDBY_READS_PER_S = 1_000.0
 
 
 class WatchStreams:
@@ -45,6 +53,8 @@ class WatchStreams:
         self._notified = version()
         self._standby_key = standby_key()
         self.standby_generation = 0  # bumped when standby_key changes
+        self.standby_waiting = 0  # standby streams waiting for standby_key to change
+        self.standby_woken = 0  # how many the last change woke: they spread their reads by it
 
     async def notify(self) -> None:
         """Wake every placed stream if the ledger's version moved since the last call, and the
@@ -57,6 +67,7 @@ class WatchStreams:
         key = self.standby_key()
         if key != self._standby_key:
             self._standby_key, self.standby_generation = key, self.standby_generation + 1
+            self.standby_woken = self.standby_waiting
             self.standby_changed.set()
             self.standby_changed = asyncio.Event()
 
@@ -81,12 +92,20 @@ class WatchStreams:
                     if state != last:
                         last = state
                         yield state
+                woken_with_the_standbys = False
                 if mark(last) == seen:
-                    event = self.standby_changed if seen[0] == "standby" else self.changed
+                    as_standby = seen[0] == "standby"
+                    event = self.standby_changed if as_standby else self.changed
+                    self.standby_waiting += as_standby
                     try:
                         await asyncio.wait_for(event.wait(), timeout=max(0.0, refresh_at - time.monotonic()))
                     except TimeoutError:
                         pass
-                await asyncio.sleep(random.uniform(0.0, min(1.0, self.open / READS_PER_S)))
+                    finally:
+                        self.standby_waiting -= as_standby
+                    woken_with_the_standbys = as_standby and event.is_set()  # not by its refresh time
+                spread_s = (self.standby_woken / STANDBY_READS_PER_S if woken_with_the_standbys
+                            else min(1.0, self.open / READS_PER_S))
+                await asyncio.sleep(random.uniform(0.0, spread_s))
         finally:
             self.open -= 1

@@ -85,3 +85,49 @@ def test_standby_streams_wake_only_when_what_a_standby_acts_on_changes():
         await asyncio.wait_for(asyncio.gather(*tasks), 5)
 
     asyncio.run(scenario())
+
+
+def test_standby_streams_woken_together_spread_their_reads_at_the_standby_rate(monkeypatch):
+    """40 standbys woken by one change, at 100 reads a second: over ~0.4 s, not all at once (at
+    10,000 workers, packed into 1 s, they held the coordinator's loop for ~3 s)."""
+    import coordinator.watch_streams as watch_streams
+
+    monkeypatch.setattr(watch_streams, "STANDBY_READS_PER_S", 100.0)
+
+    async def scenario():
+        ledger = {"version": 0, "plan": 1}
+        streams = WatchStreams(lambda: ledger["version"], lambda: ledger["plan"])
+        read_at: list[float] = []
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def read():
+            read_at.append(loop.time())
+            return {"plan": ledger["plan"], "stage": -1}
+
+        async def follow():
+            async for _ in streams.states(read, stop.is_set, lambda s: s["stage"] < 0):
+                pass
+
+        tasks = [asyncio.create_task(follow()) for _ in range(40)]
+        await asyncio.sleep(0.1)
+        assert len(read_at) == 40 and streams.standby_waiting == 40
+        read_at.clear()
+        ledger.update(version=1, plan=2)
+        woke = loop.time()
+        await streams.notify()
+        assert streams.standby_woken == 40
+        for _ in range(100):  # all of them read, within ~0.4 s (a slow machine: up to 5 s)
+            if len(read_at) == 40:
+                break
+            await asyncio.sleep(0.05)
+        stop.set()
+        ledger.update(version=2, plan=3)
+        await streams.notify()
+        await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        return [t - woke for t in read_at]
+
+    after = sorted(asyncio.run(scenario())[:40])
+    assert len(after) == 40
+    assert after[-1] - after[0] > 0.15  # spread out: 40 draws over 0.4 s (uniform: ~0.38 s apart)
+    assert sum(1 for t in after if t < 0.1) < 30  # ~10 of 40 in the first quarter, not all
