@@ -15,6 +15,10 @@ a phase past it is a Stall with a cause (who did not do what) and a remedy the l
                averaging.timeout_s: restart the step; after averaging.max_restarts restarts of
                the same step, that stage falls back to one replica (the others are held out
                of it for averaging.fallback_steps steps), so the step needs no round there.
+               At once, without the deadline, when a replica's round failed after every other
+               replica of its stage had its sum: it is stranded (a round that one side finished
+               and the other lost parts of, seen on loaded machines), and no retry can succeed,
+               since a replica with its sum never rounds again in that attempt.
 WAITING is not judged: it waits for workers to join or load, which no remedy hastens.
 """
 
@@ -47,6 +51,8 @@ class PhaseFacts:
     leases: dict[str, int] = field(default_factory=dict)  # OPEN: worker -> tickets it holds
     restarts: int = 0  # times the liveness rules already restarted this step
     causes: dict[str, str] = field(default_factory=dict)  # worker -> why its averaging failed
+    # members whose round failed after every other member of their stage reported its sum
+    stranded: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -74,15 +80,22 @@ def judge(facts: PhaseFacts, limits: Limits) -> Stall | None:
         return Stall(f.phase, f"member(s) {', '.join(silent)} sent no {what} within {limits.phase_timeout_s:.0f} s",
                      DROP_WORKERS, workers=silent)
     if f.phase == "averaging":
-        if f.age_s <= limits.averaging_timeout_s:
+        stranded = tuple(s for s, ids in sorted(f.members.items())
+                         if any(w in f.stranded and w not in f.reported for w in ids))
+        if not stranded and f.age_s <= limits.averaging_timeout_s:
             return None
-        stuck = tuple(s for s, ids in sorted(f.members.items()) if any(w not in f.reported for w in ids))
+        stuck = stranded or tuple(s for s, ids in sorted(f.members.items()) if any(w not in f.reported for w in ids))
         if not stuck:
             return None
         causes = "; ".join(f"{w}: {f.causes[w]}" for ids in (f.members[s] for s in stuck) for w in ids
                            if w in f.causes) or "no replica reported a failed round"
-        cause = (f"stage(s) {', '.join(map(str, stuck))} did not finish averaging within "
-                 f"{limits.averaging_timeout_s:.0f} s ({causes})")
+        if stranded:
+            alone = ", ".join(w for s in stuck for w in f.members[s] if w in f.stranded and w not in f.reported)
+            cause = (f"stage(s) {', '.join(map(str, stuck))}: {alone}'s round failed after the other replica(s) "
+                     f"had their sum, so nobody is left to average with ({causes})")
+        else:
+            cause = (f"stage(s) {', '.join(map(str, stuck))} did not finish averaging within "
+                     f"{limits.averaging_timeout_s:.0f} s ({causes})")
         if f.restarts < limits.max_averaging_restarts:
             return Stall(f.phase, cause, RESTART_STEP, stages=stuck)
         return Stall(f.phase, cause, REDUCE_REPLICAS, stages=stuck)

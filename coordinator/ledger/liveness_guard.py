@@ -69,9 +69,11 @@ class LivenessGuard:
         if phase == "open":
             leases = self.tickets.leases(st.step, st.attempt)
             progress = max(since, self.tickets.last_commit(st.step, st.attempt) or 0.0)
-        causes = {w: f"{c['detail']} ({c['rounds']} round(s))" for w, c in self.averaging_causes().items()}
+        saved = self.averaging_causes()
+        causes = {w: f"{c['detail']} ({c['rounds']} round(s))" for w, c in saved.items()}
+        stranded = {w for w, c in saved.items() if c.get("stranded")}
         return PhaseFacts(phase, now - since, now - progress, st.paused, st.members(), reported, leases,
-                          self._restarts(phase), causes)
+                          self._restarts(phase), causes, stranded)
 
     # -- judging -----------------------------------------------------------------------
     def judge(self) -> Stall | None:
@@ -138,7 +140,14 @@ class LivenessGuard:
             saved = {"key": [step, attempt], "workers": {}}
         first = worker_id not in saved["workers"]
         rounds = saved["workers"].get(worker_id, {}).get("rounds", 0) + 1
-        saved["workers"][worker_id] = {"detail": detail or "no cause given", "rounds": rounds}
+        # Reported after every other replica of its stage had its sum: it can never find a group
+        # again in this attempt (the others do not round twice), so the step is restarted now.
+        # Its earlier failures were reported before it began the round the others finished.
+        others = [w for w in st.members().get(row["stage"], []) if w != worker_id]
+        summed = self.reports.by_worker(step, attempt, "averaged")
+        stranded = (saved["workers"].get(worker_id, {}).get("stranded", False)
+                    or (bool(others) and all(w in summed for w in others)))
+        saved["workers"][worker_id] = {"detail": detail or "no cause given", "rounds": rounds, "stranded": stranded}
         self.db.set_json_meta("averaging_causes", saved)
         if first:
             self.events.record("averaging_failed", f"step {step} attempt {attempt}: stage {row['stage']} replica "

@@ -59,6 +59,18 @@ def test_averaging_restarts_a_bounded_number_of_times_then_reduces_the_stuck_sta
     assert stall.remedy == REDUCE_REPLICAS and stall.stages == (1,)
 
 
+def test_a_replica_stranded_by_a_round_its_peers_finished_restarts_the_step_at_once():
+    causes = {"c": "partial round (1 round(s))"}
+    stall = judge(facts("averaging", 2.0, reported={"a", "b", "d"}, causes=causes, stranded={"c"}), LIMITS)
+    assert stall.remedy == RESTART_STEP and stall.stages == (1,)
+    assert "c's round failed after the other replica(s) had their sum" in stall.cause
+    stall = judge(facts("averaging", 2.0, reported={"a", "b", "d"}, causes=causes, stranded={"c"}, restarts=2),
+                  LIMITS)
+    assert stall.remedy == REDUCE_REPLICAS and stall.stages == (1,)
+    # once it has its sum after all (a late report), nothing is stuck before the deadline
+    assert judge(facts("averaging", 2.0, reported={"a", "b", "c", "d"}, stranded={"c"}), LIMITS) is None
+
+
 # -- the ledger applying them ----------------------------------------------------------------
 def test_a_member_that_never_applies_is_dropped_and_named(tmp_path):
     clock = Clock()
@@ -165,6 +177,32 @@ def test_averaging_that_keeps_failing_falls_back_to_one_replica_and_holds_the_ot
         assert ledger.report(w, 1, ledger.attempt, "applied", digest="same")
     assert ledger.step == 2 and ledger.held_out() == {}
     assert ledger.worker(held)["stage"] == 1
+
+
+def test_a_round_failed_after_the_other_replica_summed_restarts_the_step_without_waiting(tmp_path):
+    clock = Clock()
+    ledger = make_replicated(tmp_path, clock=clock)
+    by_stage = replicated_swarm(ledger)
+    members = [*by_stage[0], *by_stage[1]]
+    assert commit_all(ledger, by_stage[0]) == 4
+    for w in members:
+        assert ledger.report(w, 0, 0, "contribution", 4.0, 2)
+    for w in by_stage[0]:
+        assert ledger.report(w, 0, 0, "averaged", 16.0, group_weight=4.0)
+    first, second = by_stage[1]
+    # a failure while the other replica is still rounding is retried: no stall before the deadline
+    assert ledger.averaging_failed(first, 0, 0, "AllreduceException: could not find a group")
+    ledger.reap()
+    assert (ledger.attempt, ledger.phase) == (0, "averaging")
+    # the other replica finished the round this one lost parts of: it never rounds again
+    assert ledger.report(second, 0, 0, "averaged", 16.0, group_weight=4.0)
+    assert ledger.averaging_failed(first, 0, 0, "partial round: hivemind dropped a peer's parts")
+    clock.t += 1.0  # far inside the 3 x averaging.timeout_s deadline
+    ledger.reap()
+    assert (ledger.attempt, ledger.phase) == (1, "open")
+    stuck = next(e["detail"] for e in ledger.status()["events"] if e["kind"] == "step_stuck")
+    assert f"{first}'s round failed after the other replica(s) had their sum" in stuck
+    assert ledger.status()["liveness"]["stall_restarts"] == {"averaging": 1}
 
 
 def test_workers_dht_peers_bootstrap_joiners_own_stage_first(tmp_path):
