@@ -194,8 +194,9 @@ class AveragingConfig:
     """Steps the replicas set aside by that fallback stay out of their stage; then they (or others)
     join it again, copying its state and building a fresh averager. An integer >= 1."""
     rebuild_after_failures: int = 3
-    """A replica whose rounds fail this many times in a row rebuilds its averager, bootstrapping from
-    the DHT peers the coordinator names now (a remedy for a peer cut off from the others). An
+    """A replica whose rounds fail this many times in a row without forming a group rebuilds its
+    averager, bootstrapping from the DHT peers the coordinator names now (a remedy for a peer cut
+    off from the others; a round whose group formed and then failed resets the count). An
     integer >= 1."""
 
     def is_outer_step(self, step: int) -> bool:

@@ -74,8 +74,14 @@ class AveragerKeeper:
             self._bytes_before += averager.bytes_sent
             await asyncio.to_thread(averager.shutdown)
 
-    def round_failed(self) -> bool:
-        """Count a failed round; True when averaging.rebuild_after_failures failed in a row."""
+    def round_failed(self, group_formed: bool = False) -> bool:
+        """Count a failed round; True when averaging.rebuild_after_failures failed in a row
+        without a group. A round whose group formed (parts lost, a group refused) shows this peer
+        reaches the others: rebuilding would only take it away from them for the seconds a new
+        averager needs (replicas rebuilding at alternating times failed each other's rounds in CI)."""
+        if group_formed:
+            self.failed_rounds = 0
+            return False
         self.failed_rounds += 1
         return self.failed_rounds >= self.run.averaging.rebuild_after_failures
 

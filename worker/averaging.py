@@ -42,7 +42,7 @@ class RoundResult:
     """What one averaging round produced."""
 
     summed: bool  # False: the round failed (no group, timeout) and the gradients are unchanged
-    group_size: int  # replicas in the round (this one included)
+    group_size: int  # replicas in the round (this one included); 0: no group formed
     weight: float  # micro-batches whose gradients the result holds
     detail: str = ""  # why the round failed (reported to the coordinator)
 
@@ -147,6 +147,10 @@ class StageAverager:
                 buf.zero_()
         status, detail = self._exchange({"tag": list(tag), "micro_batches": mine, "worker": worker_id},
                                          1.0 if mine > 0 else 0.0)
+        if status == "partial":  # a group formed, and hivemind lost parts of the round
+            why, size = detail
+            log.warning("averaging round failed (%s)", why)
+            return RoundResult(False, size, 0.0, why)
         if status != "ok":
             log.warning("averaging round failed (%s)", detail)
             return RoundResult(False, 0, 0.0, detail)
@@ -165,7 +169,8 @@ class StageAverager:
         return RoundResult(True, len(infos), weight)
 
     def _exchange(self, info: dict, weight: float) -> tuple[str, object]:
-        """One round through the sidecar: ("ok", [(peer, info), ...]) or (a failure, why)."""
+        """One round through the sidecar: ("ok", [(peer, info), ...]), ("partial", (why, group
+        size)) or (a failure, why)."""
         self._seq += 1
         try:
             self._conn.send(("step", self._seq, info, weight))

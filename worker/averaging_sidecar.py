@@ -101,9 +101,9 @@ def _answer_rounds(conn, averager, timeout: float, lost) -> None:
             group = control.result(timeout=2 * timeout + 5)  # matchmaking + all-reduce, bounded
             if not group:
                 conn.send(("failed", seq, "no group"))
-            elif lost.value != lost_before:
-                conn.send(("failed", seq, f"partial round: hivemind dropped a peer's parts (group of "
-                                          f"{len(group)}); the averaged tensors are incomplete"))
+            elif lost.value != lost_before:  # failed, but a group formed: the DHT works
+                conn.send(("partial", seq, (f"partial round: hivemind dropped a peer's parts (group of "
+                                            f"{len(group)}); the averaged tensors are incomplete", len(group))))
             else:
                 # each peer's id (authenticated by libp2p: derived from its key) with what it gathered
                 conn.send(("ok", seq, [(str(peer), info) for peer, info in group.items()]))

@@ -193,7 +193,7 @@ class StepFollower:
                     self.reported.add((step, attempt, cpb.AVERAGED))
                 self.averagers.round_succeeded()
                 return
-            await self._round_failed(state, stage, step, attempt, result.detail)
+            await self._round_failed(state, stage, step, attempt, result.detail, result.group_size > 0)
             await asyncio.sleep(0.2)
 
     def _tag(self, step: int, attempt: int) -> tuple:
@@ -247,14 +247,14 @@ class StepFollower:
                      result.weight, self.run.train.micro_batches_per_step)
 
     async def _round_failed(self, state: cpb.RunState, stage: LayerSlice, step: int, attempt: int,
-                            detail: str) -> None:
+                            detail: str, group_formed: bool = False) -> None:
         """Tell the coordinator why (its stall diagnosis names the cause); after
-        averaging.rebuild_after_failures failures in a row, rebuild the averager from the DHT
-        peers the coordinator names now: a peer cut off from the others finds them again."""
+        averaging.rebuild_after_failures failures in a row with no group, rebuild the averager
+        from the DHT peers the coordinator names now: a peer cut off from the others finds them again."""
         if not detail:
             return  # the step moved on while the round waited its turn: nothing failed
         await self.coordinator.report(self.worker_id, step, attempt, cpb.AVERAGING_FAILED, detail=detail)
-        if self.averagers.round_failed() and self.averagers.averager is not None:
+        if self.averagers.round_failed(group_formed) and self.averagers.averager is not None:
             log.warning("averaging failed %d times in a row (last: %s); rebuilding the averager from %d DHT peer(s)",
                         self.averagers.failed_rounds, detail, len(state.dht_peers))
             await self.rebuild_averager(state, stage, True)

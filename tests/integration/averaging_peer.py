@@ -52,7 +52,7 @@ def main() -> None:
     t0 = time.perf_counter()
     # As a worker does while its step is still averaging: a failed round leaves the gradients as
     # they were, and the group tries again.
-    rounds = 0
+    rounds, failed_groups = 0, []  # (group size, why) of each failed round (size 0: none formed)
     while rounds < 3:
         rounds += 1
         result = averager.sum_gradients(grads, int(micro_batches), total_micro_batches=total,
@@ -60,6 +60,7 @@ def main() -> None:
                                         worker_id=role, members=members)
         if result.summed or role == "vanish":
             break
+        failed_groups.append((result.group_size, result.detail))
     seconds = time.perf_counter() - t0
     # A peer has its own result before it has sent the others theirs (it reduces a part for
     # them): stay up until every peer that took part is done, as a worker would.
@@ -71,7 +72,7 @@ def main() -> None:
     time.sleep(0.5)  # the last averaged parts this peer sends back may still be on their way
     print(json.dumps({"role": role, "summed": result.summed, "group": result.group_size, "weight": result.weight,
                       "g0": float(grads[0][0, 0]), "g1": float(grads[1][0]), "g_last": float(grads[0][-1, -1]),
-                      "seconds": seconds, "rounds": rounds, "detail": result.detail,
+                      "seconds": seconds, "rounds": rounds, "failed_groups": failed_groups, "detail": result.detail,
                       "bytes_sent": averager.bytes_sent}), flush=True)
     averager.shutdown()
 

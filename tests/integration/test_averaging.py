@@ -72,6 +72,10 @@ def test_a_round_that_lost_parts_fails_and_is_retried(tmp_path):
         assert r["rounds"] >= 2, f"{r['role']} took the partial first round as a success: {r}"
         # The first and the last element sit in different reducers' parts.
         assert r["g0"] == 4.0 and r["g_last"] == 4.0 and r["g1"] == -4.0
+    # A partial round names its group (the worker then does not count it toward rebuilding its
+    # averager: the peers reach each other); the stalled side's first round may instead raise.
+    partial = [size for r in res.values() for size, detail in r["failed_groups"] if detail.startswith("partial")]
+    assert partial and set(partial) == {2}, [r["failed_groups"] for r in res.values()]
 
 
 def test_unequal_shares(tmp_path):
