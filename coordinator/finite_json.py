@@ -21,5 +21,12 @@ def finite(value):
 
 
 def dumps(value) -> bytes:
-    """`value` as strict JSON bytes (allow_nan=False: a non-finite number left here is a bug, not output)."""
-    return json.dumps(finite(value), allow_nan=False).encode()
+    """`value` as strict JSON bytes, any non-finite float written as null.
+
+    json's encoder refuses a non-finite float (allow_nan=False) in C; only then is the value
+    walked in Python to replace them. The walk was ~80 % of writing a 10,000-worker status
+    (250 of 300 ms), and a status with a non-finite number in it is the exception."""
+    try:
+        return json.dumps(value, allow_nan=False).encode()
+    except ValueError:  # a NaN or an infinity somewhere
+        return json.dumps(finite(value), allow_nan=False).encode()
