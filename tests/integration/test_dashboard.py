@@ -12,6 +12,7 @@ import os
 import signal
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -308,26 +309,47 @@ def test_nan_heartbeat_metric_does_not_break_the_json(tls_swarm):
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "heartbeat.metrics.micro_batches_per_s = nan" in refused.value.details()
         old = '{"micro_batches_per_s": NaN, "busy_fraction": Infinity, "downstream_mbit": -Infinity, "micro_batches": 3}'
-        deadline = time.monotonic() + 20
-        while True:  # heartbeats keep the raw worker alive (the test config's timeout is 3 s)
+
+        def beat_and_store_nan() -> None:  # heartbeats keep the raw worker alive (the test config's timeout is 3 s)
             stub.Heartbeat(cpb.HeartbeatRequest(worker_id=worker, state=cpb.READY,
                                                 metrics=cpb.WorkerMetrics(micro_batches=3)), timeout=10,
                            metadata=session)
             with sqlite3.connect(tls_swarm.ledger_path) as db:  # as a version before the door stored it
                 db.execute("UPDATE workers SET metrics=? WHERE id=?", (old, worker))
+
+        deadline = time.monotonic() + 20
+        while True:
+            beat_and_store_nan()
             code, body = https(tls_swarm, "api/status")
             assert code == 200
             shown = {w["id"]: w for w in strict_json(body)["workers"]}
             if shown.get(worker, {}).get("metrics", {}).get("micro_batches") == 3:
+                code, metrics = https(tls_swarm, "metrics")  # at once: the worker is alive, its NaN stored
                 break
             assert time.monotonic() < deadline, f"worker {worker}'s heartbeat never showed: {shown}"
             time.sleep(0.3)
+        assert code == 200
         assert not {"micro_batches_per_s", "busy_fraction", "downstream_mbit"} & set(shown[worker]["metrics"])
-        with urllib.request.urlopen(tls_swarm.dashboard_url + "api/stream", timeout=20, context=tls_swarm.tls) as s:
-            lines = iter(s.readline, b"")
-            data = next(line for line in lines if line.startswith(b"data: "))
+        # Opening the stream took ~2.6 s on 2 loaded cores, the worker's timeout less the margin it
+        # had: it was declared dead before /metrics was read (seen 2026-12-05). It beats meanwhile.
+        stop = threading.Event()
+
+        def keep_beating() -> None:
+            while not stop.wait(0.5):
+                beat_and_store_nan()
+
+        beating = threading.Thread(target=keep_beating)
+        beating.start()
+        try:
+            with urllib.request.urlopen(tls_swarm.dashboard_url + "api/stream", timeout=20,
+                                        context=tls_swarm.tls) as s:
+                lines = iter(s.readline, b"")
+                data = next(line for line in lines if line.startswith(b"data: "))
+        finally:
+            stop.set()
+            beating.join()
         assert worker in {w["id"] for w in strict_json(data[6:])["workers"]}
-        code, body = https(tls_swarm, "metrics")
+        body = metrics
     from prometheus_client.parser import text_string_to_metric_families
 
     samples = [x for f in text_string_to_metric_families(body.decode()) for x in f.samples
