@@ -200,6 +200,10 @@ FIGURES: tuple[Figure, ...] = (
     Figure("status", "ratio_vs_full_scan", "old queries over the status object", "`full_scan_ms`"),
     Figure("status", "cold_ms", "first call after the coordinator opens the ledger (ms)"),
     Figure("status", "full_scan_ms", "the queries the status call used to run (ms)"),
+    Figure("status", "by_workers.workers_build_ms", "status object and its JSON at 10,000 workers, one build of "
+           "the status process (ms)", "its /metrics text: `by_workers.workers_metrics_ms` (next row)"),
+    Figure("status", "by_workers.workers_metrics_ms", "/metrics text of that status (ms), rendered only for a "
+           "scrape"),
     Figure("heartbeat", "heartbeat_p99_ms", "heartbeat p99 (ms), 10,000 workers with Watch streams, status, "
            "dashboard, a stage training", goal=_g("<", 10, "issues 15, 19"), headline=True),
     Figure("heartbeat", "heartbeat_p50_ms", "heartbeat p50 (ms), same run"),

@@ -8,6 +8,14 @@ micro-batches a step (one ticket each), the phase-1 length of 26,900 steps (3.53
 their routine events (3 a step) are written with SQL (building them through leases and commits would take hours); each step's
 exactly-once verdict is taken by the ledger's own code, as when a step closes.
 
+by_workers: what one build of the status process costs at 10,000 joined workers (all but one
+on standby, as in bench heartbeat), read through the status process's own code
+(coordinator/ledger/reader.py) on a ledger written by the ledger's own joins:
+`workers_build_ms` the status object and its JSON (what every `Status` call and dashboard
+update waits for), `workers_metrics_ms` the /metrics text rendered from it (only on a scrape
+since 2026-12-05; it was part of every build before), `workers_status_mb` the JSON's size.
+Medians of 5 builds after a first, cold one.
+
 status_ms: median of 5 calls on a warm ledger. cold_ms: the first call after opening it, which
 counts the tickets of every closed step once. full_scan_ms: the queries each call used to run
 before verdicts and counts were kept (re-check every closed step's tickets, join every closed
@@ -26,6 +34,7 @@ from pathlib import Path
 DESCRIPTION = "status object cost on a long ledger (GPT-JT phase-1 length): warm, cold, vs a full scan"
 MICRO_BATCHES = 64  # GPT-JT: 64 sequences a step, one a micro-batch
 PHASE1_STEPS = 26_900  # 3.53e9 tokens / (64 x 2048)
+WORKERS = 10_000  # bench heartbeat's swarm
 
 
 def build_ledger(path: Path, steps: int):
@@ -99,9 +108,36 @@ def measure(steps: int) -> dict:
             "history_rows": len(status["history"])}
 
 
+def measure_workers(workers: int) -> dict:
+    """One status build and one /metrics render at `workers` joined workers, as the status process does them."""
+    from coordinator.dashboard.metrics import render_metrics
+    from coordinator.finite_json import dumps
+    from coordinator.ledger import RunLedger
+    from coordinator.ledger.reader import LedgerReader
+    from coordinator.scheduler import plan_stages
+    from gptjt_core.config import RunConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunConfig()
+        run.pipeline.num_stages = 1  # one stage, as in bench heartbeat: one worker placed, the rest standby
+        ledger = RunLedger(Path(tmp) / "run.db", run, plan_stages(4, 1), time.time)  # the tiny model's 4 layers
+        device = {"kind": "cpu", "matmul_tflops": 0.1, "memory_gb": 16.0}
+        for i in range(workers):
+            ledger.join(f"w{i}", f"127.0.0.1:{10000 + i}", device)
+        reader = LedgerReader(ledger.path, ledger.run, ledger.planner.plan, ledger.shape)
+        body = dumps(reader.status())  # the first build reads the ledger cold
+        build = _ms(lambda: dumps(reader.status()), 5)
+        status = reader.status()
+        metrics = _ms(lambda: render_metrics(lambda: status), 5)
+        assert len(status["workers"]) == workers
+        ledger.db.close()
+    return {"workers": workers, "workers_build_ms": round(build, 1), "workers_metrics_ms": round(metrics, 1),
+            "workers_status_mb": round(len(body) / 1e6, 2)}
+
+
 def settings(quick: bool) -> dict:
     return {"ledger_steps": [1000, 5000] if quick else [1000, 5000, PHASE1_STEPS],
-            "micro_batches_per_step": MICRO_BATCHES}
+            "micro_batches_per_step": MICRO_BATCHES, "workers": WORKERS}
 
 
 def run(quick: bool = False) -> dict:
@@ -111,4 +147,4 @@ def run(quick: bool = False) -> dict:
     return {"benchmark": "status", "steps": longest["steps"], "status_ms": longest["status_ms"],
             "cold_ms": longest["cold_ms"], "full_scan_ms": longest["full_scan_ms"],
             "ratio_vs_full_scan": longest["ratio_vs_full_scan"], "status_kb": longest["status_kb"],
-            "by_length": rows}
+            "by_length": rows, "by_workers": measure_workers(WORKERS)}

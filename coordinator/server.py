@@ -294,7 +294,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PeerFailureReply(declared_dead=True)
 
     async def Status(self, request, context):
-        return pb.StatusReply(json=(await self.statuses.get())[0].decode())  # NaN-free, as the dashboard's
+        return pb.StatusReply(json=(await self.statuses.get()).decode())  # NaN-free, as the dashboard's
 
     async def PutCheckpoint(self, request_iterator, context):
         """A stage's state into the store, streamed to disk: only from the worker holding that stage

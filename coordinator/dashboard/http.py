@@ -159,10 +159,10 @@ class Dashboard:
         return _reply(204, b"", "image/x-icon")
 
     async def status(self, request: web.Request) -> web.Response:
-        return _reply(200, (await self.statuses.get())[0])
+        return _reply(200, await self.statuses.get())
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return _reply(200, (await self.statuses.get())[1], _METRICS_TYPE)
+        return _reply(200, await self.statuses.metrics(), _METRICS_TYPE)
 
     async def events(self, request: web.Request) -> web.Response:
         query = request.query  # a blank value counts as absent
@@ -184,7 +184,7 @@ class Dashboard:
         try:
             await response.write(b"retry: 2000\n\n")
             while not self.stopping.is_set():
-                await response.write(b"event: status\ndata: " + (await self.statuses.get())[0] + b"\n\n")
+                await response.write(b"event: status\ndata: " + await self.statuses.get() + b"\n\n")
                 try:
                     await asyncio.wait_for(self.stopping.wait(), self.stream_interval_s)
                 except TimeoutError:

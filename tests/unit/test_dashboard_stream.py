@@ -26,8 +26,8 @@ class _PageGoneAfterTwoWrites:
 
 
 class _Statuses:
-    async def get(self) -> tuple[bytes, bytes]:
-        return b"{}", b""
+    async def get(self) -> bytes:
+        return b"{}"
 
 
 def test_a_page_gone_mid_stream_ends_the_stream_quietly(monkeypatch):

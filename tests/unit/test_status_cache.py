@@ -20,7 +20,7 @@ def test_a_status_asked_for_after_a_write_shows_it_and_waits_for_the_build_budge
             again = await cache.get()  # nothing written since: the same build, at once
             assert cache.builds == 1
             ledger.join("late", "h:2", device(0.004))
-            status = json.loads((await cache.get())[0])
+            status = json.loads(await cache.get())
             return first_started, next_allowed, cache._built[1], again, status
 
         first_started, next_allowed, second_started, again, status = asyncio.run(scenario())
@@ -31,4 +31,22 @@ def test_a_status_asked_for_after_a_write_shows_it_and_waits_for_the_build_budge
     took = (next_allowed - first_started) * 0.05
     assert took > 0 and second_started >= next_allowed  # spaced: built no earlier than the budget allowed
     assert second_started - first_started >= took / 0.05 - 1e-6
-    assert json.loads(again[0])["workers"][0]["name"] == "first"
+    assert json.loads(again)["workers"][0]["name"] == "first"
+
+
+def test_metrics_are_rendered_only_when_asked_for_and_show_what_the_caller_wrote(tmp_path):
+    ledger = make_ledger(tmp_path)
+    ledger.join("first", "h:1", device(0.004))
+    cache = StatusCache(ledger, max_age_s=600, build_share=1.0)
+    try:
+        async def scenario():
+            body = await cache.get()  # JSON only: no metrics text comes with a build
+            ledger.join("late", "h:2", device(0.004))
+            return body, (await cache.metrics()).decode(), cache.builds
+
+        body, metrics, builds = asyncio.run(scenario())
+    finally:
+        cache.close()
+    assert b"gptjt_worker_info" not in body
+    assert builds == 2  # the join made the status the metrics came from a new one
+    assert 'name="late"' in metrics and 'name="first"' in metrics
