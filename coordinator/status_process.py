@@ -96,13 +96,33 @@ class StatusProcess:
             self._process.wait(timeout_s)
 
 
+class StatusBuilds:
+    """What the status process answers, one request at a time: "build" gives the status JSON;
+    "metrics" the /metrics text of the last status built (or of a new one if none was). The
+    metrics are rendered only when asked: at 10,000 workers they are 120,000 samples through
+    prometheus_client, ~1 s of a ~1.2 s build (`gptjt bench status`, `by_workers`), and the
+    dashboard and `gptjt status` never read them."""
+
+    def __init__(self, reader):
+        """reader: a coordinator.ledger.reader.LedgerReader."""
+        from .dashboard.metrics import render_metrics
+        from .finite_json import dumps
+
+        self.reader, self.render_metrics, self.dumps = reader, render_metrics, dumps
+        self.status = None  # the last status built, which "metrics" renders
+
+    def answer(self, request: str) -> bytes:
+        if request == "metrics":
+            status = self.status if self.status is not None else self.reader.status()
+            self.status = status
+            return self.render_metrics(lambda: status)
+        self.status = None  # freed before the next is built
+        self.status = self.reader.status()
+        return self.dumps(self.status)
+
+
 def _serve(conn: Connection, path: str, run: RunConfig, plan: list[StageSpec], shape: ModelShape | None) -> None:
-    """The process: build on request until "stop" or until the coordinator is gone. "build": the
-    status JSON; "metrics": the /metrics text of the last status built. The metrics are rendered
-    only when asked: at 10,000 workers they are 120,000 samples through prometheus_client, ~1 s
-    of a ~1.25 s build, and the dashboard and `gptjt status` never read them."""
-    from .dashboard.metrics import render_metrics
-    from .finite_json import dumps
+    """The process: answer requests (StatusBuilds) until "stop" or until the coordinator is gone."""
     from .gc_schedule import collect_fully_if_due, take_full_collections_off_the_clock
     from .ledger.reader import LedgerReader
 
@@ -112,8 +132,7 @@ def _serve(conn: Connection, path: str, run: RunConfig, plan: list[StageSpec], s
     # `gptjt bench heartbeat` (2026-12-05, gc callbacks). Full passes run between builds instead.
     take_full_collections_off_the_clock()
     last_full_s = time.monotonic()
-    reader = LedgerReader(path, run, plan, shape)
-    status = None  # the last status built, which "metrics" renders
+    builds = StatusBuilds(LedgerReader(path, run, plan, shape))
     while True:
         try:
             request = conn.recv()
@@ -123,14 +142,7 @@ def _serve(conn: Connection, path: str, run: RunConfig, plan: list[StageSpec], s
             return
         started = time.perf_counter()
         try:
-            if request == "metrics":
-                status = status if status is not None else reader.status()
-                body = render_metrics(lambda: status)
-            else:
-                status = None  # freed before the next is built
-                status = reader.status()
-                body = dumps(status)
-            conn.send(("ok", body, time.perf_counter() - started))
+            conn.send(("ok", builds.answer(request), time.perf_counter() - started))
         except Exception as e:  # said to the caller; the next request tries again
             conn.send(("error", f"{type(e).__name__}: {e}".encode(), time.perf_counter() - started))
         last_full_s = collect_fully_if_due(last_full_s)

@@ -50,3 +50,24 @@ def test_metrics_are_rendered_only_when_asked_for_and_show_what_the_caller_wrote
     assert b"gptjt_worker_info" not in body
     assert builds == 2  # the join made the status the metrics came from a new one
     assert 'name="late"' in metrics and 'name="first"' in metrics
+
+
+def test_a_status_build_renders_no_metrics_and_a_scrape_renders_the_last_build(tmp_path):
+    """In-process, the status process's answers: builds never touch prometheus_client; a scrape
+    renders the status the last build made (the cache has just made sure it is new enough)."""
+    from coordinator.ledger.reader import LedgerReader
+    from coordinator.status_process import StatusBuilds
+
+    ledger = make_ledger(tmp_path)
+    ledger.join("first", "h:1", device(0.004))
+    builds = StatusBuilds(LedgerReader(ledger.path, ledger.run, ledger.planner.plan, ledger.shape))
+    rendered = []
+    render = builds.render_metrics
+    builds.render_metrics = lambda get: rendered.append(get()) or render(get)
+    assert json.loads(builds.answer("build"))["workers"][0]["name"] == "first"
+    ledger.join("late", "h:2", device(0.004))
+    builds.answer("build")
+    assert rendered == []  # two builds, no metrics
+    text = builds.answer("metrics").decode()
+    assert len(rendered) == 1 and rendered[0] is builds.status  # the last build's object, not a new one
+    assert 'name="late"' in text
