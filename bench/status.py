@@ -13,8 +13,10 @@ on standby, as in bench heartbeat), read through the status process's own code
 (coordinator/ledger/reader.py) on a ledger written by the ledger's own joins:
 `workers_build_ms` the status object and its JSON (what every `Status` call and dashboard
 update waits for), `workers_metrics_ms` the /metrics text rendered from it (only on a scrape
-since 2026-12-05; it was part of every build before), `workers_status_mb` the JSON's size.
-Medians of 5 builds after a first, cold one.
+since 2026-12-05; it was part of every build before), `workers_nan_walk_ms` the Python walk
+for non-finite floats that every JSON encoding ran before 2026-12-05 (now only when the encoder
+refuses one: coordinator/finite_json.py), `workers_status_mb` the JSON's size. Medians of 5
+after a first, cold build.
 
 status_ms: median of 5 calls on a warm ledger. cold_ms: the first call after opening it, which
 counts the tickets of every closed step once. full_scan_ms: the queries each call used to run
@@ -111,7 +113,7 @@ def measure(steps: int) -> dict:
 def measure_workers(workers: int) -> dict:
     """One status build and one /metrics render at `workers` joined workers, as the status process does them."""
     from coordinator.dashboard.metrics import render_metrics
-    from coordinator.finite_json import dumps
+    from coordinator.finite_json import dumps, finite
     from coordinator.ledger import RunLedger
     from coordinator.ledger.reader import LedgerReader
     from coordinator.scheduler import plan_stages
@@ -129,10 +131,11 @@ def measure_workers(workers: int) -> dict:
         build = _ms(lambda: dumps(reader.status()), 5)
         status = reader.status()
         metrics = _ms(lambda: render_metrics(lambda: status), 5)
+        nan_walk = _ms(lambda: finite(status), 5)
         assert len(status["workers"]) == workers
         ledger.db.close()
     return {"workers": workers, "workers_build_ms": round(build, 1), "workers_metrics_ms": round(metrics, 1),
-            "workers_status_mb": round(len(body) / 1e6, 2)}
+            "workers_nan_walk_ms": round(nan_walk, 1), "workers_status_mb": round(len(body) / 1e6, 2)}
 
 
 def settings(quick: bool) -> dict:
