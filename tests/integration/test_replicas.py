@@ -95,8 +95,16 @@ def test_faults_poison_sigkill_mid_forward_and_death_mid_averaging(tmp_path, swa
     status = swarm.wait(lambda s: s["phase"] == "done", 300, "the run to finish")
     with sqlite3.connect(tmp_path / "run.db") as db:  # every event, not only the last 50 in the status
         poisoned = [d for (d,) in db.execute("SELECT detail FROM events WHERE kind='poisoned_update'")]
+        step3_restarts = [d for (d,) in db.execute("SELECT detail FROM events WHERE kind='step_restarted'")
+                          if d.startswith("step 3 ")]
     a_id = next(w["id"] for w in status["workers"] if w["name"] == "a")
-    assert len(poisoned) == 1 and a_id in poisoned[0] and "step 3" in poisoned[0]
+    # poison@3 fires in every attempt of step 3, as a hostile replica would, so a restart of
+    # step 3 for another reason refuses it again (CI 2026-12-05 refused it twice; that run's
+    # events were not kept, and a round hivemind finishes on one replica only, seen on two loaded
+    # cores before, restarts a step). An attempt that reaches judging refuses it once, and
+    # nothing else is refused; the restarts' reasons are in the message if this fails.
+    assert poisoned and all(a_id in p and p.startswith("step 3:") for p in poisoned), poisoned
+    assert len(poisoned) <= 1 + len(step3_restarts), (poisoned, step3_restarts)
     assert len(status["history"][3]["stages"]["0"]["replicas"]) == 2  # the other replica's sum was used
     dead = {w["name"] for w in status["workers"] if w["state"] == "dead"}
     assert dead == {"c", "d"}
