@@ -4,7 +4,8 @@ The loop is the one that owns the ledger's SQLite connection, so handlers call t
 
   GET  /                      the page (static/index.html; app.js and style.css under /static/)
   GET  /api/status            the status object, exactly what `gptjt status --json` prints
-  GET  /api/stream            the status object as Server-Sent Events, once a second
+  GET  /api/stream            the status object as Server-Sent Events, once a second (less often
+                              for a status of megabytes: status_events.py)
   GET  /api/events            the event log: ?after_id=N&limit=N&kind=K (as `gptjt events --json`)
   GET  /metrics               Prometheus text format (the run, and each live worker)
 With coordinator.read_access = "token", the data routes (all but the page, its assets and the
@@ -36,6 +37,7 @@ from ..ledger import OperatorError
 from ..finite_json import dumps
 from ..status_cache import StatusCache
 from .read_access import read_guard
+from .status_events import pause_after, write_status_event
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +186,10 @@ class Dashboard:
         try:
             await response.write(b"retry: 2000\n\n")
             while not self.stopping.is_set():
-                await response.write(b"event: status\ndata: " + await self.statuses.get() + b"\n\n")
+                payload = await self.statuses.get()
+                await write_status_event(response, payload)
                 try:
-                    await asyncio.wait_for(self.stopping.wait(), self.stream_interval_s)
+                    await asyncio.wait_for(self.stopping.wait(), pause_after(len(payload), self.stream_interval_s))
                 except TimeoutError:
                     pass
         except ConnectionError:  # reset by the peer, or aiohttp's "Connection lost" on a drain
