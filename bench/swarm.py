@@ -98,7 +98,7 @@ def auth_overhead_pct(pairs: int, steps: int) -> dict:
     """`pairs` pairs of runs, link.tls "on" and "off" back to back, the order alternating from
     pair to pair so that a drift in the machine's speed over the invocation favours neither. Each
     run's tokens/s is its tokens a step over its median step time after the warm-up step (one slow
-    step, another process's burst on 2 cores, does not move a median of 7); each pair gives
+    step, another process's burst on 2 cores, does not move a median of 7 or 14); each pair gives
     100 x (off - on) / off, and the figure is the median over pairs. Before 2026-12-05 it compared
     the median of the "on" runs with that of the "off" runs, each over whole runs' seconds, and
     three quick runs of unchanged code read -2.05, 4.92 and 7.16."""
