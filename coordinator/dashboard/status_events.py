@@ -5,8 +5,8 @@ At 10,000 workers the status object is ~3.5 MB of JSON. Written as one piece (th
 "data:" line joined to it, aiohttp's chunk framing joined again, the transport's buffer a third
 copy), each event held the loop for ~10-15 ms on 2 cores, and every heartbeat in flight waited
 that out: in `gptjt bench heartbeat` (2026-12-05, a watchdog sampling the loop's stack whenever
-it ran 8 ms late) these writes overlapped about half of the round trips in the p99 tail, ahead
-of any ledger work. So the event goes out in pieces of PIECE_BYTES, and the loop runs whatever
+it ran 8 ms late) these writes overlapped ~110 of the ~450 round trips over the p99, more than
+any other code path, ledger work included. So the event goes out in pieces of PIECE_BYTES, and the loop runs whatever
 is ready between two pieces. SSE frames events by their blank line, not by how the bytes
 arrive, so the page sees the same event.
 
