@@ -57,6 +57,7 @@ class Stage0Driver:
         self.tasks: dict[int, asyncio.Task] = {}  # ticket_id -> task
         self.leased: set[int] = set()
         self.wake = asyncio.Event()
+        self._running: asyncio.Task | None = None  # the task in `run`, ended by `stop`
 
     def _can_lease(self) -> bool:
         stage = self.stage()
@@ -64,7 +65,9 @@ class Stage0Driver:
                 and (stage.spec.head or self.downstream.available))
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Lease and process tickets while the step is open; returns once `stopping` is set."""
+        """Lease and process tickets while the step is open; returns once `stopping` is set (or
+        `stop` ends it)."""
+        self._running = asyncio.current_task()
         while not stopping.is_set():
             free = self.schedule.admissible(len(self.tasks))
             if self._can_lease() and free > 0:
@@ -153,6 +156,14 @@ class Stage0Driver:
             await asyncio.gather(*self.tasks.values(), return_exceptions=True)
 
     async def stop(self) -> None:
+        """End `run` and every micro-batch in flight, and hand back what is leased. `run` ends
+        first: `stopping` is read between two leases, and a lease still retrying an unreachable
+        coordinator when the runner closed its channel next raised UsageError ("Channel is
+        closed"), which stopped a worker the coordinator had declared dead with an error instead
+        of letting it join again (the chaos soak, CI 2026-12-05)."""
+        if self._running is not None and self._running is not asyncio.current_task():
+            self._running.cancel()
+            await asyncio.gather(self._running, return_exceptions=True)
         for task in list(self.tasks.values()):
             task.cancel()
         await self.idle()

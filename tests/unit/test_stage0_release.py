@@ -38,3 +38,30 @@ def test_other_refusals_still_raise_and_keep_the_lease():
     with pytest.raises(grpc.aio.AioRpcError):
         asyncio.run(Stage0Driver.release(driver, [1]))
     assert driver.leased == {1, 2, 3}
+
+
+def test_stop_ends_a_lease_still_retrying_before_the_coordinator_channel_closes():
+    """A worker declared dead shuts down and joins again. Its driver's lease loop was left running:
+    a lease retrying an unreachable coordinator then called through the channel the runner had
+    just closed, raised UsageError ("Channel is closed"), and stopped the worker with an error
+    (the chaos soak, CI 2026-12-05)."""
+    from gptjt_core.config import tiny_demo_config
+    from worker.membership import CoordinatorClient
+
+    failures: list[BaseException] = []
+
+    async def main() -> None:
+        coordinator = CoordinatorClient("127.0.0.1:1")  # nobody listens: every lease is retried
+        stage = SimpleNamespace(spec=SimpleNamespace(embed=True, head=True))
+        driver = Stage0Driver(tiny_demo_config(), None, SimpleNamespace(available=True), coordinator, "w", lambda: stage,
+                              lambda: True, lambda step, attempt: 1.0)
+        running = asyncio.create_task(driver.run(asyncio.Event()))
+        running.add_done_callback(lambda t: t.cancelled() or t.exception() is None or failures.append(t.exception()))
+        await asyncio.sleep(0.5)  # the lease has failed once and is waiting to try again
+        await driver.stop()
+        await coordinator.close()
+        await asyncio.sleep(1.0)  # without stop() ending it, the next try used the closed channel
+        assert running.done()
+
+    asyncio.run(main())
+    assert failures == []
