@@ -11,12 +11,13 @@ def small_run_toml(tmp: Path, steps: int = 3, num_stages: int = 2, global_batch:
                    interval_s: float = 0.5, placement: str = "even", min_workers: int = 0,
                    source: str = "random:tiny:0", precision: str = "fp32", codec: str = "fp32",
                    eight_bit: bool = False, activation_checkpointing: str = "none", min_stages: int = 0,
-                   max_stages: int = 0) -> Path:
+                   max_stages: int = 0, max_in_flight: int = 0) -> Path:
     """tmp/run.toml: a small fp32 run of the tiny flavour on the bundled wiki text, with heartbeats
     fast enough for fault drills (tests and benchmarks). `extra` is appended to the [coordinator] table (more keys, or more sections).
     source, precision, codec (both directions), eight_bit and activation_checkpointing change the
     model and how it trains (the GPU drill runs random:gptj-6b:0 in bf16 with 8-bit AdamW).
     min_stages / max_stages: the stage counts a cost-model plan may choose (0: num_stages).
+    max_in_flight: micro-batches a stage-0 worker leases at once (0: the pipeline's default).
     placement 'even' (the default here) keeps the layer ranges the drills expect; the
     cost-model scheduler has its own tests."""
     repo = Path(__file__).resolve().parent.parent
@@ -47,6 +48,7 @@ checkpoint_every = {checkpoint_every}
 num_stages = {num_stages}
 min_stages = {min_stages}
 max_stages = {max_stages}
+max_in_flight = {max_in_flight}
 activation_codec = "{codec}"
 gradient_codec = "{codec}"
 activation_checkpointing = "{activation_checkpointing}"

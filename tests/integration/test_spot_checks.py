@@ -64,9 +64,12 @@ def test_a_liar_out_voted_by_two_replicas_is_quarantined_and_the_run_ends_on_the
     one of its micro-batches and disagree with it, it is quarantined (its session ends; its join
     under the same name is refused), the run rolls back to the initial weights (no checkpoint
     predates its first step) and re-runs without it: the losses are train-local's."""
+    # One micro-batch in flight a worker, so each of the three takes one of a step's three: with
+    # two in flight each, the two honest workers leased all three in steps 1-4 on loaded cores,
+    # the liar lied first at step 5, and the run ended before the dispute did (CI 2026-12-05).
     steps = 6
     config = swarm_toml(tmp_path, steps=steps, num_stages=1, global_batch=6, replicas_per_stage=3,
-                        start_with_replicas=3, extra="[verify]\nsample_rate = 1.0\n")
+                        start_with_replicas=3, max_in_flight=1, extra="[verify]\nsample_rate = 1.0\n")
     swarm = Swarm(tmp_path, config)
     swarms.append(swarm)
     swarm.start_coordinator()
