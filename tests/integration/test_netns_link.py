@@ -205,13 +205,12 @@ def make_run(link: NetnsLink, tmp: Path, kernel: bool) -> Run:
     tmp.mkdir()
     latency = LATENCY_MS if link.netem else 0.0
     shaper = "" if kernel else f"emulate_mbit = {RATE_MBIT}\nemulate_latency_ms = {latency}\n"
-    config = swarm_toml(tmp, steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=2, seq_len=64,
-                        extra=f"[link]\n{shaper}")
-    text = config.read_text()
     # One micro-batch in flight: every call has the link to itself, so stage 0 measures the
     # link, not its share of it (the shaper's FIFO and TCP's interleaved HTTP/2 streams split a
     # shared link differently between concurrent calls).
-    text = text.replace("[pipeline]\n", "[pipeline]\nmax_in_flight = 1\n", 1)
+    config = swarm_toml(tmp, steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=2, seq_len=64,
+                        max_in_flight=1, extra=f"[link]\n{shaper}")
+    text = config.read_text()
     if kernel:
         text = text.replace('listen = "127.0.0.1:0"', f'listen = "{link.ip_a}:0"', 1)
     config.write_text(text)
