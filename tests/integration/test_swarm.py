@@ -93,13 +93,16 @@ def test_a_worker_declared_dead_after_a_stall_joins_again(swarm_factory):
     declared dead and its stage rolled back; once it runs again it learns that, joins again as
     a new worker under the same name, takes the vacant stage, and the run ends on the
     train-local curve."""
-    swarm = swarm_factory(steps=4)
+    # 10 steps: a tiny step takes well under a second, and the status the test polls lags by up
+    # to a second or two; with 4 steps CI once froze w1 after the run had already finished
+    swarm = swarm_factory(steps=10)
     swarm.start_coordinator()
     workers = {"w0": swarm.start_worker("w0"), "w1": swarm.start_worker("w1")}
     swarm.wait(lambda s: s["step"] >= 1, 120, "step 1")
     workers["w1"].kill(signal.SIGSTOP)
     status = swarm.wait(lambda s: any(w["name"] == "w1" and w["state"] == "dead" for w in s["workers"]), 30,
                         "the frozen worker declared dead")
+    assert status["phase"] != "done", f"the run finished before w1 froze (step {status['step']}): nothing to test"
     first_id = next(w["id"] for w in status["workers"] if w["name"] == "w1")
     workers["w1"].kill(signal.SIGCONT)
     workers["w1"].wait_for(f"gptjt-worker: {first_id} was declared dead by the coordinator; joining again", 30)
@@ -109,7 +112,7 @@ def test_a_worker_declared_dead_after_a_stall_joins_again(swarm_factory):
     assert next(w for w in w1s if w["id"] != first_id)["state"] != "dead"
     assert workers["w1"].p.poll() in (None, 0)  # still a member, or left cleanly at the end
     assert status["tickets"]["exactly_once_violations"] == []
-    expected, _ = local_losses(swarm.config, 4)
+    expected, _ = local_losses(swarm.config, 10)
     assert [h["loss"] for h in status["history"]] == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
