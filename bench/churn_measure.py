@@ -4,7 +4,9 @@ restarts with and without churn (bench/churn.py documents each figure)."""
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .churn_settings import ChurnResult, ChurnSettings
@@ -20,14 +22,23 @@ def _ours(s: ChurnSettings) -> tuple[ChurnResult, ChurnSimulation]:
     return result, sim
 
 
+def _baselines(s: ChurnSettings) -> tuple[ChurnResult, ChurnResult, ChurnResult]:
+    """Ours without churn (the ceiling), static restarts with churn and without."""
+    calm = dataclasses.replace(s, churn=False)
+    return _ours(calm)[0], simulate_static(s), simulate_static(calm)
+
+
 def measure(s: ChurnSettings) -> dict:
     """Ours with churn, ours without, static restarts with churn: the figures of one setting.
     A simulation repeats exactly (seeded volunteers and worker ids, a search ended by its count),
-    so one run of each is the figure."""
-    churned, sim = _ours(s)
-    ceiling = _ours(dataclasses.replace(s, churn=False))[0]
-    static = simulate_static(s)
-    static_calm = simulate_static(dataclasses.replace(s, churn=False))
+    so one run of each is the figure, and where it runs does not change it: the baselines run in
+    a second process beside the churned run (the churned run takes ~80 % of the CPU of the four;
+    each is single-threaded, and this machine has 2 cores). A fresh interpreter (spawn), not a
+    fork: `gptjt bench all` may have started gRPC's and torch's threads before this runs."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        baselines = pool.submit(_baselines, s)
+        churned, sim = _ours(s)
+        ceiling, static, static_calm = baselines.result()
     seconds = churned.seconds
     beats_per_s = churned.mean_alive / s.heartbeat_interval_s
     cpu = (churned.ledger_cpu_s / seconds + churned.heartbeat_cpu_per_beat_s * beats_per_s

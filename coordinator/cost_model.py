@@ -25,6 +25,7 @@ activation checkpointing). No I/O; no imports of ours but that model.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 from .memory_model import StageMemory, StageShape, TrainingSetup, stage_memory
@@ -77,7 +78,22 @@ class Network:
         key = ("between", a, b)
         found = self._worst.get(key)
         if found is None:
-            found = self._remember(key, [self.site_link(x, y) for x in a for y in b])
+            # a search's candidates rarely repeat a pair of groups (most lookups miss), so the
+            # |a| x |b| links are walked here with plain comparisons, site_link's rules inlined
+            if not a or not b:
+                raise ValueError(f"the worst link between {sorted(a)} and {sorted(b)}: both need a site")
+            between, inside = self.between, self.inside
+            latency, gbps = 0.0, math.inf
+            for x in a:
+                for y in b:
+                    link = inside if x == y else between.get((x, y))
+                    if link is None:
+                        self.site_link(x, y)  # raises, naming the pair
+                    if link.latency_s > latency:
+                        latency = link.latency_s
+                    if link.gbps < gbps:
+                        gbps = link.gbps
+            found = self._store(key, Link(latency, gbps))
         return found
 
     def worst_within(self, sites: frozenset[str], crowded: frozenset[str]) -> Link:
@@ -86,15 +102,27 @@ class Network:
         key = ("within", sites, crowded)
         found = self._worst.get(key)
         if found is None:
+            if len(sites) < 2 and not crowded:
+                raise ValueError(f"a replica group on sites {sorted(sites)} uses no link: it needs two members")
+            inside, between = self.inside, self.between
+            latency, gbps = (inside.latency_s, inside.gbps) if crowded else (0.0, math.inf)
             ordered = sorted(sites)
-            found = self._remember(key, [self.site_link(x, x) for x in crowded]
-                                   + [self.site_link(x, y) for i, x in enumerate(ordered) for y in ordered[i + 1:]])
+            for i, x in enumerate(ordered):  # each pair once, plain comparisons (see worst_between)
+                for y in ordered[i + 1:]:
+                    link = between.get((x, y))
+                    if link is None:
+                        self.site_link(x, y)  # raises, naming the pair
+                    if link.latency_s > latency:
+                        latency = link.latency_s
+                    if link.gbps < gbps:
+                        gbps = link.gbps
+            found = self._store(key, Link(latency, gbps))
         return found
 
-    def _remember(self, key: tuple, links: list[Link]) -> Link:
+    def _store(self, key: tuple, worst: Link) -> Link:
         if len(self._worst) > 500_000:  # a bound, far above what one search asks for
             self._worst.clear()
-        worst = self._worst[key] = Link(max(link.latency_s for link in links), min(link.gbps for link in links))
+        self._worst[key] = worst
         return worst
 
 

@@ -103,3 +103,15 @@ def test_the_static_baseline_sees_the_same_volunteers_and_restarts_on_every_plac
     assert static.placed_departures >= static.rollbacks > 0  # leavers during a reload restart with the next
     calm = simulate_static(dataclasses.replace(SMALL, churn=False))
     assert calm.rollbacks == 0 and calm.steps >= static.steps
+
+
+def test_measure_runs_the_baselines_in_a_second_process_to_the_same_figures(churned, calm):
+    """bench/churn_measure.measure runs the calm and static simulations in a spawned process
+    beside the churned one: the figures must be those of the same simulations run here."""
+    from bench.churn_measure import measure
+
+    figures = measure(SMALL)
+    assert figures["tokens_per_s"] == round(churned[1].tokens_per_s, 1)
+    assert figures["no_churn_tokens_per_s"] == round(calm[1].tokens_per_s, 1)
+    assert figures["static_tokens_per_s"] == round(simulate_static(SMALL).tokens_per_s, 1)
+    assert figures["goodput_vs_no_churn"] == round(churned[1].tokens_per_s / calm[1].tokens_per_s, 4)

@@ -92,3 +92,30 @@ def test_links_are_looked_up_per_site_pair_with_the_same_result_as_per_worker_pa
         want = 0.0 if r == 1 else (2 * (r - 1) / r * grad * 8 / (min(p.gbps for p in ring) * 1e9)
                                    + 2 * (r - 1) * max(p.latency_s for p in ring))
         assert allreduce_s(MODEL, WORK, x, devs, net) == pytest.approx(want, rel=1e-12)
+
+
+def test_worst_links_are_the_worst_of_every_pair_and_a_missing_pair_is_named():
+    """worst_between / worst_within walk the pairs themselves (the search calls them ~10^5 times):
+    they must give what taking the worst over site_link of each pair gives, memoized or not."""
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    sites = [f"s{i}" for i in range(7)]
+    net = Network({(a, b): Link(rng.uniform(0.001, 0.2), rng.uniform(0.05, 10.0))
+                   for a, b in itertools.combinations(sites, 2)}, inside=Link(0.002, 5.0))
+    for _ in range(200):
+        a = frozenset(rng.sample(sites, rng.randint(1, 4)))
+        b = frozenset(rng.sample(sites, rng.randint(1, 4)))
+        pairs = [net.site_link(x, y) for x in a for y in b]
+        for _ in range(2):  # computed, then from the memo
+            assert net.worst_between(a, b) == Link(max(p.latency_s for p in pairs), min(p.gbps for p in pairs))
+        crowded = frozenset(rng.sample(sorted(a), rng.randint(0, len(a))))
+        if len(a) < 2 and not crowded:
+            continue
+        within = [net.site_link(x, x) for x in crowded] + [net.site_link(x, y) for x, y in itertools.combinations(a, 2)]
+        assert net.worst_within(a, crowded) == Link(max(p.latency_s for p in within), min(p.gbps for p in within))
+    with pytest.raises(ValueError, match="no link measured between sites 'a' and 'elsewhere'"):
+        NET.worst_between(frozenset({"a"}), frozenset({"elsewhere"}))
+    with pytest.raises(ValueError, match="needs two members"):
+        NET.worst_within(frozenset({"a"}), frozenset())
