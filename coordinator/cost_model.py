@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .memory_model import StageMemory, StageShape, TrainingSetup, stage_memory
@@ -78,22 +79,9 @@ class Network:
         key = ("between", a, b)
         found = self._worst.get(key)
         if found is None:
-            # a search's candidates rarely repeat a pair of groups (most lookups miss), so the
-            # |a| x |b| links are walked here with plain comparisons, site_link's rules inlined
             if not a or not b:
                 raise ValueError(f"the worst link between {sorted(a)} and {sorted(b)}: both need a site")
-            between, inside = self.between, self.inside
-            latency, gbps = 0.0, math.inf
-            for x in a:
-                for y in b:
-                    link = inside if x == y else between.get((x, y))
-                    if link is None:
-                        self.site_link(x, y)  # raises, naming the pair
-                    if link.latency_s > latency:
-                        latency = link.latency_s
-                    if link.gbps < gbps:
-                        gbps = link.gbps
-            found = self._store(key, Link(latency, gbps))
+            found = self._store(key, self._worst_of((x, y) for x in a for y in b))
         return found
 
     def worst_within(self, sites: frozenset[str], crowded: frozenset[str]) -> Link:
@@ -104,20 +92,28 @@ class Network:
         if found is None:
             if len(sites) < 2 and not crowded:
                 raise ValueError(f"a replica group on sites {sorted(sites)} uses no link: it needs two members")
-            inside, between = self.inside, self.between
-            latency, gbps = (inside.latency_s, inside.gbps) if crowded else (0.0, math.inf)
             ordered = sorted(sites)
-            for i, x in enumerate(ordered):  # each pair once, plain comparisons (see worst_between)
-                for y in ordered[i + 1:]:
-                    link = between.get((x, y))
-                    if link is None:
-                        self.site_link(x, y)  # raises, naming the pair
-                    if link.latency_s > latency:
-                        latency = link.latency_s
-                    if link.gbps < gbps:
-                        gbps = link.gbps
-            found = self._store(key, Link(latency, gbps))
+            pairs = ((x, y) for i, x in enumerate(ordered) for y in ordered[i + 1:])  # each pair once
+            found = self._store(key, self._worst_of(pairs, self.inside if crowded else None))
         return found
+
+    def _worst_of(self, pairs: Iterable[tuple[str, str]], worst: Link | None = None) -> Link:
+        """The largest latency and the least bandwidth of the links between the sites of each pair
+        (and of `worst`, if given). One loop of plain comparisons: a search's candidates rarely
+        repeat a pair of groups, so most lookups miss the memo and come here, ~10^5 times a
+        search (a list of Links and two generator passes over it cost twice as much)."""
+        between, inside = self.between, self.inside
+        latency, gbps = (worst.latency_s, worst.gbps) if worst is not None else (0.0, math.inf)
+        for pair in pairs:
+            x, y = pair
+            link = inside if x == y else between.get(pair)
+            if link is None:
+                self.site_link(x, y)  # raises, naming the pair
+            if link.latency_s > latency:
+                latency = link.latency_s
+            if link.gbps < gbps:
+                gbps = link.gbps
+        return Link(latency, gbps)
 
     def _store(self, key: tuple, worst: Link) -> Link:
         if len(self._worst) > 500_000:  # a bound, far above what one search asks for
