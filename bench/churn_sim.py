@@ -177,11 +177,17 @@ class ChurnSimulation(SimulatedSteps):
     def _on_probe(self, worker_id: str) -> None:
         """A live volunteer answers the coordinator's latest request for link measurements."""
         w = self.workers[worker_id]
-        row = None if w.vanished else self.ledger.worker(worker_id)
-        if row is None or row["state"] not in ("standby", "loading", "ready"):
+        if w.vanished:
             return  # gone (a newcomer that replaces it probes for itself)
+        # Its row is read only when there is something to report (most of the ~10^5 probes of an
+        # hour have nothing): a volunteer that has not vanished is alive in the ledger here, which
+        # declares dead only the silent ones (the reaper, _on_detected), so the check below is
+        # the same check as before the read was moved, made when it matters
         links = self._links(w)
         if links:
+            row = self.ledger.worker(worker_id)
+            if row is None or row["state"] not in ("standby", "loading", "ready"):
+                return
             self._call(self.ledger.heartbeat, w.id, row["state"], {}, row["loaded_epoch"], row["position"], links=links)
         self._next_probe(w)
 
