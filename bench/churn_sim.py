@@ -180,9 +180,9 @@ class ChurnSimulation(SimulatedSteps):
         if w.vanished:
             return  # gone (a newcomer that replaces it probes for itself)
         # Its row is read only when there is something to report (most of the ~10^5 probes of an
-        # hour have nothing): a volunteer that has not vanished is alive in the ledger here, which
-        # declares dead only the silent ones (the reaper, _on_detected), so the check below is
-        # the same check as before the read was moved, made when it matters
+        # hour have nothing). A volunteer that has not vanished is alive in the ledger: the ledger
+        # declares dead only silent ones (the reaper, _on_detected). The state check below guards
+        # the heartbeat all the same.
         links = self._links(w)
         if links:
             row = self.ledger.worker(worker_id)

@@ -114,12 +114,12 @@ def run(quick: bool = False) -> dict:
                                   f'slow_activation_codec = "{CHOSEN[0]}"\nslow_gradient_codec = "{CHOSEN[1]}"')):
         with tempfile.TemporaryDirectory() as tmp_name:
             tmp = Path(tmp_name)
+            # In flight: enough micro-batches to keep stage 0, the link and stage 1 all busy over a
+            # link with a long round trip (the bandwidth-delay product); the same for both runs.
             config = small_run_toml(tmp, steps=steps, global_batch=global_batch, micro_batch=micro_batch,
                                     seq_len=seq_len, timeout_s=30.0, max_in_flight=IN_FLIGHT,
                                     extra=f"[link]\n{link}\nemulate_mbit = {mbit:.6g}\nemulate_latency_ms = "
                                           f"{latency_ms:.6g}\n")
-            # In flight: enough micro-batches to keep stage 0, the link and stage 1 all busy over a
-            # link with a long round trip (the bandwidth-delay product); the same for both runs.
             config.write_text(config.read_text().replace('_codec = "fp32"', '_codec = "fp16"'))
             status = run_swarm(tmp, config, steps, workers=2, threads=1, settle_s=2.0)
             timeline = step_timeline(tmp)
