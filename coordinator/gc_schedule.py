@@ -15,6 +15,8 @@ import asyncio
 import gc
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,19 @@ def take_full_collections_off_the_clock() -> None:
     """Leave generations 0 and 1 automatic; full (generation 2) passes only from `collect_fully_forever`."""
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, NO_AUTOMATIC_FULL_PASS)
+
+
+@contextmanager
+def full_collections_off_the_clock() -> Iterator[None]:
+    """take_full_collections_off_the_clock for a block, the thresholds as they were after it: for a
+    process that runs the coordinator's code among other work (bench churn drives the real ledger;
+    `gptjt bench all` runs other benchmarks in the same process after it)."""
+    before = gc.get_threshold()
+    take_full_collections_off_the_clock()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def collect_fully_if_due(last_s: float, every_s: float = FULL_COLLECTION_EVERY_S) -> float:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from coordinator.gc_schedule import (NO_AUTOMATIC_FULL_PASS, collect_fully_forever, collect_fully_if_due,
-                                    take_full_collections_off_the_clock)
+                                    full_collections_off_the_clock, take_full_collections_off_the_clock)
 
 
 @contextmanager
@@ -64,3 +64,32 @@ def test_a_process_without_an_event_loop_collects_fully_only_when_due():
         leave_a_cycle()
         assert collect_fully_if_due(last - 2, every_s=1) > last
     assert len(full_passes) == 1 and full_passes[0] >= 1
+
+
+
+def test_a_block_runs_without_automatic_full_passes_and_the_thresholds_come_back():
+    """bench churn drives the ledger in a process that runs other benchmarks after it: inside the
+    block no allocation starts a full pass; after it (an exception included) CPython's thresholds
+    are as they were. CPython starts a full pass when the objects that survived the young
+    generations since the last one exceed a quarter of those it holds: each phase keeps as many
+    new objects alive as the process tracks."""
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)  # CPython's defaults
+        gc.collect()
+        with full_passes_seen() as inside:
+            with full_collections_off_the_clock():
+                assert gc.get_threshold() == (700, 10, NO_AUTOMATIC_FULL_PASS)
+                kept = [[] for _ in range(len(gc.get_objects()))]
+        assert inside == [] and kept
+        try:
+            with full_collections_off_the_clock():
+                raise KeyError("inside")
+        except KeyError:
+            pass
+        assert gc.get_threshold() == (700, 10, 10)
+        with full_passes_seen() as outside:
+            kept = [[] for _ in range(len(gc.get_objects()))]
+        assert outside, "no automatic full pass after the block: the test does not show they come back"
+    finally:
+        gc.set_threshold(*before)
