@@ -10,7 +10,6 @@ import random
 import pytest
 
 from coordinator.cost_model import Device, ModelShape, Workload, memory_needed_gb
-from coordinator import layer_split
 from coordinator.layer_split import HEADROOM, split_layers
 
 MODEL = ModelShape.gptj_6b()
@@ -76,39 +75,3 @@ def test_memory_binds_in_most_of_these_instances():
 def test_no_split_when_the_cards_cannot_hold_the_model():
     devices = [Device("small", 35.0, 4.0), Device("small2", 35.0, 4.0)]
     assert split_layers([(0,), (1,)], devices, MODEL, WORK) is None
-
-
-
-def _search_walk(groups: list[tuple[int, ...]], steps: int, seed: int) -> list[list[tuple[int, ...]]]:
-    """Candidates as a placement search makes them: each a swap of two groups' first workers or
-    a 2-opt (a run of groups reversed) of the one before."""
-    rng, out = random.Random(seed), []
-    for _ in range(steps):
-        a, b = sorted(rng.sample(range(len(groups)), 2))
-        if rng.random() < 0.5:
-            groups = list(groups)
-            groups[a], groups[b] = (groups[b][0],) + groups[a][1:], (groups[a][0],) + groups[b][1:]
-        else:
-            groups = groups[:a] + groups[a:b + 1][::-1] + groups[b + 1:]
-        out.append(groups)
-    return out
-
-
-def test_rows_reused_from_earlier_candidates_give_the_split_computed_from_nothing():
-    """A search's candidates differ from one group on: the programme looks the rows before it
-    up. Each split of such a walk, with the rows of the earlier ones kept, must be the split
-    computed with nothing kept."""
-    groups, devices = _instance(3)
-    walk = _search_walk(groups, 40, seed=7)
-    layer_split._PREFIX_ROWS.clear()
-    layer_split._split_bounds.cache_clear()
-    warm = [split_layers(g, devices, MODEL, WORK) for g in walk]
-    kept = len(layer_split._PREFIX_ROWS[(MODEL, WORK)])
-    assert kept < len(walk) * (len(groups) - 1), "no row was reused: the walk does not test the lookup"
-    cold = []
-    for g in walk:
-        layer_split._PREFIX_ROWS.clear()
-        layer_split._split_bounds.cache_clear()
-        cold.append(split_layers(g, devices, MODEL, WORK))
-    assert warm == cold
-    assert sum(s is not None for s in warm) >= 30
