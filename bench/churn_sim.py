@@ -131,8 +131,8 @@ class ChurnSimulation(SimulatedSteps):
         self._at(self.clock.t + self.s.heartbeat_interval_s, "tick")
         # Garbage is collected as in the coordinator (coordinator/gc_schedule.py): full passes on a
         # schedule, here every FULL_COLLECTION_EVERY_S of virtual time, timed as the coordinator's
-        # CPU. With CPython's automatic full passes this process made ~80 of them in the churned
-        # hour (~125 ms each over ~280,000 objects: a sixth of its time), ~13 times the coordinator's.
+        # CPU. With CPython's automatic full passes this process made 83 in the quick form's churned
+        # hour (~125 ms each over ~280,000 objects: a sixth of its time), where the coordinator makes 6.
         collect_at = self.clock.t + FULL_COLLECTION_EVERY_S
         with full_collections_off_the_clock():
             while self.queue and self.queue[0][0] <= self.end:

@@ -66,7 +66,6 @@ def test_a_process_without_an_event_loop_collects_fully_only_when_due():
     assert len(full_passes) == 1 and full_passes[0] >= 1
 
 
-
 def test_a_block_runs_without_automatic_full_passes_and_the_thresholds_come_back():
     """bench churn drives the ledger in a process that runs other benchmarks after it: inside the
     block no allocation starts a full pass; after it (an exception included) CPython's thresholds
