@@ -11,6 +11,8 @@ from gptjt_core.commitment import input_digest
 from gptjt_core.compression import CodecError, Encoded, decode
 from gptjt_proto import stage_pb2 as spb
 
+from .label_wire import LabelWireError, labels_from_wire
+
 # A spot check's evidence travels in one message (Stage.FetchEvidence): the stage links' 8 MiB
 # cap (worker/transport.py GRPC_OPTIONS). A micro-batch whose codes are larger cannot be checked
 # this way yet (GPT-J 6B at fp16 codes: 1 x 2048 x 4096 x 2 B = 16 MiB; at q8, 8 MiB + scales).
@@ -100,7 +102,10 @@ def read_evidence(reply: spb.EvidenceReply, claimed_input: bytes, claimed_return
             inputs = decode(Encoded(wire[1], shape, dtype, codec))
         except CodecError as e:
             raise EvidenceError(f"evidence activations do not decode: {e}") from e
-        labels = _int64s(wire[2], shape[:2], "labels")
+        try:  # as the stage link carried them (worker/label_wire.py)
+            labels = labels_from_wire(wire[2], shape[0], shape[1])
+        except LabelWireError as e:
+            raise EvidenceError(f"evidence labels: {e}") from e
         prefix = _int64s(wire[3], shape[:1], "prefix lengths")
     returned = None
     if not head:

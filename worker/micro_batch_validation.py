@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from gptjt_core.compression import CODECS, CodecError, Encoded, decode, encoded_nbytes
@@ -23,8 +22,9 @@ from gptjt_core.wire_checks import (FAILED_PRECONDITION, INVALID_ARGUMENT, RESOU
                                     integer)
 from gptjt_proto import stage_pb2 as pb
 
+from .label_wire import WIDTHS as LABEL_WIDTHS, labels_from_wire
+
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
-LABEL_BYTES = 8  # int64 little-endian
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,10 @@ def check_header(h: pb.MicroBatchHeader, lim: StageLimits) -> None:
     if bad:
         raise Refused(INVALID_ARGUMENT, "micro_batch.prefix_lengths", list(h.prefix_lengths)[:8],
                       f"prefix lengths in [0, {T}] (T); {bad[:4]} are not")
-    if len(h.labels) != B * T * LABEL_BYTES:
+    if len(h.labels) not in (w * B * T for w in LABEL_WIDTHS):
         raise Refused(INVALID_ARGUMENT, "micro_batch.labels", f"{len(h.labels)} bytes",
-                      f"(B, T) = {(B, T)} int64 labels: {B * T * LABEL_BYTES} bytes", show=f"{len(h.labels)} bytes")
+                      f"(B, T) = {(B, T)} labels of 2 or 4 bytes each (worker/label_wire.py): "
+                      f"{' or '.join(str(w * B * T) for w in LABEL_WIDTHS)} bytes", show=f"{len(h.labels)} bytes")
 
 
 def _check_size(meta: pb.TensorMeta, numel: int, lim: StageLimits) -> None:
@@ -122,7 +123,7 @@ def check_payload(h: pb.MicroBatchHeader, payload: bytes, lim: StageLimits) -> I
         raise Refused(INVALID_ARGUMENT, "micro_batch.activations", f"{bad} NaN/Inf value(s)",
                       "finite values; activations contain NaN/Inf, refusing the micro-batch", show=f"{bad} NaN/Inf")
     B, T = x.shape[0], x.shape[1]
-    labels = torch.from_numpy(np.frombuffer(h.labels, dtype="<i8").astype(np.int64).reshape(B, T))
+    labels = labels_from_wire(h.labels, B, T)  # its length passed check_header
     check_labels(labels, lim.vocab_size)
     return Incoming(h, x, torch.tensor(list(h.prefix_lengths), dtype=torch.long), labels, payload)
 

@@ -19,11 +19,11 @@ from gptjt_proto import stage_pb2 as spb
 from .commitments import tokens_parts
 from .compute import ComputeQueue
 from .downstream import DownstreamSender
+from .label_wire import labels_to_wire
 from .membership import CoordinatorClient, session_ended
 from .micro_batch_work import StageInput, work_micro_batch
 from .routing import NoReplicaAvailable
 from .stage import LayerSlice, StaleMicroBatch
-from .transport import labels_bytes
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Stage0Driver:
             def next_header() -> spb.MicroBatchHeader:
                 return spb.MicroBatchHeader(ticket_id=ticket.ticket_id, step=ticket.step, attempt=ticket.attempt,
                                             global_batch=global_batch, prefix_lengths=mb.prefix_lengths.tolist(),
-                                            labels=labels_bytes(mb.labels), stage=1)
+                                            labels=labels_to_wire(mb.labels), stage=1)
 
             item = StageInput((ticket.ticket_id, ticket.attempt), ticket.step, mb.input_ids, mb.prefix_lengths,
                               mb.labels, global_batch, tokens_parts(mb.input_ids, mb.labels, mb.prefix_lengths),

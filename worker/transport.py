@@ -8,7 +8,6 @@ import logging
 import time
 
 import grpc
-import torch
 
 from gptjt_core.compression import Encoded
 from gptjt_core.config import LinkConfig
@@ -34,10 +33,6 @@ class LinkCounters:
     def __init__(self) -> None:
         self.sent = 0
         self.received = 0
-
-
-def labels_bytes(labels: torch.Tensor) -> bytes:
-    return labels.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()
 
 
 async def read_micro_batch(request_iterator, limits: StageLimits, counters: LinkCounters) -> Incoming:

@@ -259,7 +259,7 @@ def test_bad_stage_messages_are_refused_and_the_worker_keeps_serving(swarm_facto
                         "two ready stage workers")
     last = next(w for w in status["workers"] if w["stage"] == 1)
     B, T, D = 1, 16, 128
-    labels = np.full((B, T), 7, dtype="<i8").tobytes()
+    labels = np.full((B, T), 7, dtype="<u2").tobytes()  # worker/label_wire.py: 2 bytes a label
 
     def send(tensor=None, codec="fp32", header_overrides=None, data=None):
         enc = encode(tensor if tensor is not None else torch.randn(B, T, D), codec)
@@ -295,8 +295,10 @@ def test_bad_stage_messages_are_refused_and_the_worker_keeps_serving(swarm_facto
         (dict(header_overrides={"gradient_codec": "zip"}), grpc.StatusCode.INVALID_ARGUMENT, "gradient_codec"),
         (dict(tensor=torch.randn(B, 65, D)), grpc.StatusCode.OUT_OF_RANGE, "train.seq_len"),  # the (B,1,T,T) mask
         (dict(tensor=torch.randn(3, T, D)), grpc.StatusCode.OUT_OF_RANGE, "train.micro_batch"),
-        (dict(header_overrides={"labels": np.full((B, T), 50400, dtype="<i8").tobytes()}),
+        (dict(header_overrides={"labels": np.full((B, T), 50400, dtype="<u2").tobytes()}),
          grpc.StatusCode.INVALID_ARGUMENT, "[0, 50400) or -100"),  # a device-side assert on a GPU
+        (dict(header_overrides={"labels": np.full((B, T), 7, dtype="<i8").tobytes()}),
+         grpc.StatusCode.INVALID_ARGUMENT, "2 or 4 bytes each"),  # the int64 labels of before 2026-12-05
     ]
     for kwargs, code, words in cases:
         with pytest.raises(grpc.RpcError) as err:

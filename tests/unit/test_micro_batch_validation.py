@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,9 +21,10 @@ from gptjt_core.model import StageSpec
 from gptjt_core.wire_checks import Refused, shown
 from gptjt_proto import stage_pb2 as spb
 from tests.conftest import small_run
+from worker.label_wire import labels_to_wire
 from worker.micro_batch_validation import StageLimits, check_header, check_payload
 from worker.stage import LayerSlice
-from worker.transport import LinkCounters, labels_bytes, read_micro_batch
+from worker.transport import LinkCounters, read_micro_batch
 from worker.wire import data_chunks, meta_pb
 
 RUN = small_run(steps=3, global_batch=4, micro_batch=2, seq_len=64)
@@ -37,7 +39,7 @@ def real():
     out = stage0.forward((11, 0), 0, mb.input_ids, mb.prefix_lengths)  # (B, T, D)
     # worker/pipeline.py's next_header, then DownstreamSender.send / StageClient.process
     header = spb.MicroBatchHeader(ticket_id=11, step=0, attempt=0, global_batch=RUN.train.global_batch,
-                                  prefix_lengths=mb.prefix_lengths.tolist(), labels=labels_bytes(mb.labels), stage=1)
+                                  prefix_lengths=mb.prefix_lengths.tolist(), labels=labels_to_wire(mb.labels), stage=1)
     header.gradient_codec = "fp16"
     enc = encode(out, "fp16")
     header.activations.CopyFrom(meta_pb(enc))
@@ -68,7 +70,7 @@ HEADER_CASES = [
     ("activations.dtype", "float64", IA), ("activations.dtype", "int8", IA), ("activations.codec", "zip", IA),
     ("activations.nbytes", 1 << 40, RE), ("activations.nbytes", 100, IA),
     ("prefix_lengths", [3], IA), ("prefix_lengths", [3, -1], IA), ("prefix_lengths", [3, 65], IA),
-    ("labels", b"\x00" * 8, IA),
+    ("labels", b"\x00" * 8, IA), ("labels", b"\x00" * 8 * 2 * 64, IA),  # int64 labels: neither width
 ]
 
 
@@ -98,14 +100,21 @@ def test_a_bad_header_field_is_refused(real, path, value, code):
         assert str(e).startswith(f"{e.field} = {shown(value)} ")
 
 
-@pytest.mark.parametrize("label,ok", [(-100, True), (0, True), (50399, True), (50400, False), (-1, False),
-                                      (-101, False), (1 << 40, False)])
-def test_labels_are_token_ids_or_the_ignore_index(real, label, ok):
-    """An out-of-range label is a device-side assert in a GPU's cross_entropy: refused at the door."""
+@pytest.mark.parametrize("label,width,ok", [(-100, 2, True), (0, 2, True), (50399, 2, True), (50400, 2, False),
+                                            (0xFFFE, 2, False), (-100, 4, True), (50399, 4, True), (-1, 4, False),
+                                            (-101, 4, False), ((1 << 31) - 1, 4, False)])
+def test_labels_are_token_ids_or_the_ignore_index(real, label, width, ok):
+    """An out-of-range label is a device-side assert in a GPU's cross_entropy: refused at the door,
+    in either of the link's label widths (worker/label_wire.py; a sender's bytes need not be
+    what labels_to_wire would have chosen)."""
     header, payload, lim = real
-    labels = torch.full((2, 64), 7, dtype=torch.int64)
+    labels = np.full((2, 64), 7, dtype=np.int64)
     labels[1, 5] = label
-    h = spoil(header, "labels", labels_bytes(labels))
+    if width == 2:
+        wire = np.where(labels == -100, 0xFFFF, labels).astype("<u2").tobytes()
+    else:
+        wire = labels.astype("<i4").tobytes()
+    h = spoil(header, "labels", wire)
     if ok:
         check_payload(h, payload, lim)
         return

@@ -21,7 +21,7 @@ from worker.compute import ComputeQueue
 from worker.micro_batch_work import StageInput, work_micro_batch
 from worker.routing import NoReplicaAvailable
 from worker.stage import LayerSlice
-from worker.transport import labels_bytes
+from worker.label_wire import labels_to_wire
 
 RUN = RunConfig(model=ModelConfig(source="random:tiny:0"), train=TrainConfig(global_batch=4, micro_batch=2))
 KEY, STEP = (7, 0), 0
@@ -98,7 +98,7 @@ def test_each_stage_follows_the_plan_and_the_chain_trains_like_the_whole_model(s
     first = RecordingStage(specs[0], logs[0])
     compute = ComputeQueue("stage-0")
     header = pb.MicroBatchHeader(ticket_id=KEY[0], step=STEP, attempt=KEY[1], prefix_lengths=prefix.tolist(), stage=1)
-    header.labels = labels_bytes(labels)
+    header.labels = labels_to_wire(labels)
     done = asyncio.run(work_micro_batch(first, compute, links[1], StageInput(KEY, STEP, ids, prefix, labels, 4,
                                                                              tokens_parts(ids, labels, prefix)),
                                         lambda: header))
@@ -142,7 +142,7 @@ def _chain(stages: int) -> list[LayerSlice]:
         links[k] = InProcessLink(RecordingStage(specs[k], logs[k]), links[k + 1], logs, k, labels)
     first, compute = RecordingStage(specs[0], logs[0]), ComputeQueue("stage-0")
     header = pb.MicroBatchHeader(ticket_id=KEY[0], step=STEP, attempt=KEY[1], prefix_lengths=prefix.tolist(),
-                                 labels=labels_bytes(labels), stage=1)
+                                 labels=labels_to_wire(labels), stage=1)
     asyncio.run(work_micro_batch(first, compute, links[1], StageInput(KEY, STEP, ids, prefix, labels, 4,
                                                                       tokens_parts(ids, labels, prefix)),
                                  lambda: header))

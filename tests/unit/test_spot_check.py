@@ -25,7 +25,7 @@ from worker.lies import Liar
 from worker.micro_batch_work import StageInput, work_micro_batch
 from worker.spot_check import WeightsGone, recompute
 from worker.stage import LayerSlice
-from worker.transport import labels_bytes
+from worker.label_wire import labels_to_wire
 
 RUN = RunConfig(model=ModelConfig(source="random:tiny:0"), train=TrainConfig(global_batch=4, micro_batch=2),
                 pipeline=PipelineConfig(num_stages=3, replicas_per_stage=2))
@@ -52,7 +52,7 @@ def _run_chain(first: Liar | None = None, loss_scale: float = 1.0) -> list[Layer
         links[k] = InProcessLink(stages[k], links[k + 1], logs, k, labels, loss_scale)
     compute = ComputeQueue("stage-0")
     header = pb.MicroBatchHeader(ticket_id=KEY[0], step=STEP, attempt=KEY[1], prefix_lengths=prefix.tolist(), stage=1)
-    header.labels = labels_bytes(labels)
+    header.labels = labels_to_wire(labels)
     item = StageInput(KEY, STEP, ids, prefix, labels, 4, tokens_parts(ids, labels, prefix))
     asyncio.run(work_micro_batch(stages[0], compute, links[1], item, lambda: header, first or HONEST))
     compute.close()
