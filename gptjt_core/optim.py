@@ -22,7 +22,29 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kwargs)
-    return torch.optim.AdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs, fused=fused_for(params))
+
+
+def fused_for(params: Iterable[torch.nn.Parameter]) -> bool | None:
+    """Torch's fused AdamW kernel for parameters all on the CPU, else torch's default (None).
+
+    On one core the fused step over the tiny flavour's last stage (6.9M parameters) takes ~9 ms
+    against ~50 ms for the default per-tensor loop (~29 ms for foreach): the optimizer step is
+    on every step's critical path, between the last micro-batch and the next step's first. On
+    CUDA the default stays: fused needs each parameter's `step` count on the GPU, and
+    stage_checkpoint.restore_optimizer keeps scalar state on the CPU."""
+    params = list(params)
+    return True if params and all(p.device.type == "cpu" for p in params) else None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, keeping the kernel build_optimizer chose for these parameters:
+    torch takes each group's options, `fused` included, from the saved state, which another
+    device (or this code before it chose fused kernels) may have written."""
+    fused = [group.get("fused") for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, kernel in zip(optimizer.param_groups, fused):
+        group["fused"] = kernel
 
 
 def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:

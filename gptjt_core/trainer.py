@@ -18,7 +18,7 @@ from .config import RunConfig
 from .data import step_micro_batches
 from .export import export_checkpoint, hf_config_dict
 from .model import StageSpec, load_stage, model_config_for
-from .optim import build_optimizer, clip_gradients, lr_at, set_lr
+from .optim import build_optimizer, clip_gradients, load_optimizer_state, lr_at, set_lr
 from .loss_scale import scaling_wanted
 from .precision import resolve_precision
 from .tokenizer import load_tokenizer
@@ -203,7 +203,7 @@ class LocalTrainer:
         self.model = load_stage(str(path), self.spec, dtype=torch.float32, device=self.device,
                                 attn_implementation=self.run.model.attn_implementation)
         self.optimizer = build_optimizer(self.model.parameters(), self.run.optim)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.history = list(state["history"])
