@@ -127,7 +127,11 @@ def test_averaging_that_keeps_failing_is_named_and_falls_back_to_one_replica(tmp
     stuck = events(swarm, "step_stuck")
     # Why its rounds fail depends on hivemind's matchmaking: a group with the isolated replica in it
     # is refused (mixed step attempts), or no group forms at all (CI saw both); either is named.
-    assert "did not finish averaging" in stuck[0]
+    # The stage's stall is named one of two ways: no replica finished averaging in time, or one
+    # ended its round with a sum and the other is stranded with nobody to average with (a full
+    # CI-style run on 1d692da saw the second); either is this averaging failing, and either
+    # restarts the step.
+    assert "did not finish averaging" in stuck[0] or "had their sum, so nobody is left" in stuck[0], stuck[0]
     assert "mixed step attempts" in stuck[0] or "could not find a group" in stuck[0], stuck[0]
     assert "restarting the step (restart 1 of 1" in stuck[0] and "continue with one replica" in stuck[1]
     assert status["tickets"]["exactly_once_violations"] == []
