@@ -1,8 +1,8 @@
 """Labels on a stage link: (B, T) token ids in 2 bytes each where they fit, else 4.
 
 The labels travel with every micro-batch to the last stage, beside the activations. As int64
-(the format until 2026-12-05) a (2, 64) micro-batch's labels were 1,024 bytes against 6,656 of
-q3 activations at the tiny flavour's width of 128: 15 % of each message on a slow link, where
+(the format until 2026-12-05) a (2, 64) micro-batch's labels were 1,024 bytes beside 6,656 of
+q3 activations at the tiny flavour's width of 128: 13 % of each message on a slow link, where
 every byte is time (bench link). At GPT-J's width (4,096) the same int64 labels are ~0.5 % of a
 q3 message. In 2 bytes a label they are ~4 % of the tiny flavour's q3 message and ~0.1 % of GPT-J's.
 
