@@ -23,6 +23,7 @@ from pathlib import Path
 from bench.stage_times import stage_seconds
 from bench.step_timeline import step_timeline
 from bench.swarm_run import final_loss, run_swarm, steady_tokens_per_s
+from gptjt_core.compression import bytes_per_value
 from local_swarm import small_run_toml
 
 DESCRIPTION = "2-stage swarm at an emulated 100 Mbit/s, 30 ms link (scaled to GPT-J 6B / A100): codecs vs fp16"
@@ -90,7 +91,6 @@ def predicted_step_s(tiny_s: float, micro_batch: int, seq_len: int, micro_batche
     return predict_step(plan, devices, net, shape, work).step_s
 
 
-BYTES_PER_VALUE = {"fp16": 2.0, "q4": (4 + 128 / 2) / 128, "q3": (4 + 128 * 3 / 8) / 128}  # scale + codes per block
 
 
 def settings(quick: bool) -> dict:
@@ -129,7 +129,7 @@ def run(quick: bool = False) -> dict:
         runs[name] = {"tokens_per_s": steady_tokens_per_s(status), "final_loss": final_loss(status),
                       "step_s": sum(h["seconds"] for h in steady) / len(steady),
                       "predicted_step_s": predicted_step_s(tiny_s, micro_batch, seq_len, global_batch // micro_batch,
-                                                           mbit, latency_ms, BYTES_PER_VALUE[codec]),
+                                                           mbit, latency_ms, bytes_per_value(codec)),
                       "codecs": f"{first['activation_codec']}/{first['gradient_codec']}",
                       "measured_mbit": first["downstream_mbit"], **timeline}
     fp16, chosen = runs["fp16"], runs["chosen"]

@@ -14,6 +14,7 @@ import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from gptjt_core.compression import CODECS, bytes_per_value
 from gptjt_core.config import RunConfig, SchedulerConfig
 from gptjt_core.stage_spec import StageSpec
 
@@ -22,9 +23,9 @@ from .cost_model import (MEMORY_HEADROOM, Device, Link, ModelShape, Network, Sta
 from .placement import evaluate, layers_moved, move_stall_layers, plan, replan, usable
 from .sites import SiteMap, fill_links
 
-# Bytes per value on the wire, per codec: block codecs carry a float32 scale per 128 values.
-CODEC_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "q8": 1 + 4 / 128, "q4": 0.5 + 4 / 128,
-               "q3": 3 / 8 + 4 / 128}
+# Bytes per value on the wire, per codec (block codecs: codes plus a bfloat16 scale per 128
+# values), from the codecs themselves so a format change reaches the plans.
+CODEC_BYTES = {codec: bytes_per_value(codec) for codec in CODECS}
 AVERAGING_BYTES = {"none": 4.0, "fp16": 2.0, "8bit-blockwise": 1 + 4 / 128}
 
 

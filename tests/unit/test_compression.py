@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptjt_core.compression import BLOCK, CODECS, LOSSY, CodecError, Encoded, decode, encode
+from gptjt_core.compression import BLOCK, CODECS, LOSSY, CodecError, Encoded, bytes_per_value, decode, encode
 
 QMAX = {"q8": 127, "q4": 7, "q3": 3}
 QUANT = list(QMAX)
@@ -21,12 +21,13 @@ def tiny_activations() -> dict[str, torch.Tensor]:
 
 
 def block_bound(x: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Per-value error bound: half a quantization step of the value's block, plus float32
-    rounding in x * (1 / scale), a few ulps of absmax = qmax steps."""
+    """Per-value error bound: half a quantization step of the value's block (the step is
+    absmax / qmax rounded up to a bfloat16, under 2**-7 larger), plus float32 rounding in
+    x * (1 / scale), a few ulps of absmax = qmax steps."""
     flat = x.reshape(-1).float()
     pad = (-flat.numel()) % BLOCK
     blocks = torch.cat([flat, flat.new_zeros(pad)]).view(-1, BLOCK)
-    step = blocks.abs().amax(dim=1, keepdim=True) / qmax
+    step = blocks.abs().amax(dim=1, keepdim=True) / qmax * (1 + 2.0**-7)
     slack = 1 + 1e-5 + 4 * qmax * 2.0**-24
     return (step.expand_as(blocks).reshape(-1)[:flat.numel()] / 2 * slack + 1e-12).view(x.shape)
 
@@ -75,9 +76,36 @@ def test_wire_layout(codec):
     x = torch.randint(-q, q + 1, (3, BLOCK)).float()
     x[:, 0] = torch.tensor([q, -q, q])
     x[2] *= 0.5  # scale 0.5
-    scales = torch.tensor([1.0, 1.0, 0.5])
+    scales = torch.tensor([1.0, 1.0, 0.5])  # on the bfloat16 grid, so no rounding up
     codes = (x / scales[:, None]).int().reshape(-1).tolist()
-    assert encode(x, codec).data == scales.numpy().astype("<f4").tobytes() + _reference_codes(codes, codec)
+    bf16_scales = bytes.fromhex("803f" "803f" "003f")  # bfloat16 1.0, 1.0, 0.5, little-endian
+    assert encode(x, codec).data == _reference_codes(codes, codec) + bf16_scales
+
+
+@pytest.mark.parametrize("codec", QUANT)
+def test_scales_round_up_to_bfloat16_so_no_code_clips(codec):
+    """A block whose absmax / qmax is not a bfloat16 gets the next bfloat16 above it: the
+    largest value's code stays within qmax, and the block's values keep their bound."""
+    q = QMAX[codec]
+    x = torch.full((BLOCK,), 0.25)
+    x[0] = q * 1.00390625 * 1.001  # absmax / qmax = 1.00490..., between bfloat16 1.0039 and 1.0078
+    enc = encode(x, codec)
+    stored = int.from_bytes(enc.data[-2:], "little")
+    assert stored == 0x3F81  # bfloat16 1.0078125: rounded up, not to nearest (0x3F80 is 1.0)
+    assert bool(((decode(enc) - x).abs() <= block_bound(x, q)).all())
+    assert decode(enc)[0] <= x[0] + block_bound(x, q)[0]
+
+
+def test_payloads_with_the_former_float32_scales_are_refused_by_size():
+    """Until 2026-12-06 each block's scale was a float32 in front of the codes: such a payload
+    from an older worker is 2 bytes a block too long, and says so instead of decoding wrongly."""
+    x = torch.randn(300)
+    for codec in QUANT:
+        enc = encode(x, codec)
+        blocks = -(-300 // BLOCK)
+        former = b"\0" * (blocks * 4) + enc.data[:-blocks * 2]
+        with pytest.raises(CodecError, match=f"must be {len(enc.data)} bytes, got {len(former)}.*too long"):
+            decode(Encoded(former, enc.shape, enc.dtype, codec))
 
 
 def test_tiny_blocks_go_as_zeros_and_empty_tensors_pass():
@@ -93,9 +121,11 @@ def test_cast_codecs_and_sizes():
     assert torch.equal(decode(encode(x, "fp32")), x)
     assert torch.allclose(decode(encode(x, "fp16")), x, rtol=1e-3, atol=1e-3)
     fp16 = len(encode(x, "fp16").data)
-    assert fp16 / len(encode(x, "q8").data) == pytest.approx(256 / 132)
-    assert fp16 / len(encode(x, "q4").data) == pytest.approx(256 / 68)
-    assert fp16 / len(encode(x, "q3").data) == pytest.approx(256 / 52)
+    assert fp16 / len(encode(x, "q8").data) == pytest.approx(256 / 130)
+    assert fp16 / len(encode(x, "q4").data) == pytest.approx(256 / 66)
+    assert fp16 / len(encode(x, "q3").data) == pytest.approx(256 / 50)
+    for codec in CODECS:
+        assert bytes_per_value(codec) * x.numel() == len(encode(x, codec).data)
     assert set(CODECS) >= {"fp32", "fp16", "bf16", "q8", "q4", "q3"}
     assert LOSSY == {"q8", "q4", "q3"}
 
@@ -129,12 +159,9 @@ def test_corrupt_payloads_are_refused(codec):
 
 @pytest.mark.parametrize("codec", QUANT)
 def test_bad_scales_and_non_finite_inputs_are_refused(codec):
-    enc = encode(torch.randn(300), codec)
-    nan_scale = torch.tensor([float("nan")], dtype=torch.float32).numpy().tobytes()
-    with pytest.raises(CodecError, match="corrupt"):
-        decode(Encoded(nan_scale + enc.data[4:], enc.shape, enc.dtype, codec))
-    neg_scale = torch.tensor([-1.0], dtype=torch.float32).numpy().tobytes()
-    with pytest.raises(CodecError, match="corrupt"):
-        decode(Encoded(neg_scale + enc.data[4:], enc.shape, enc.dtype, codec))
+    enc = encode(torch.randn(300), codec)  # 3 blocks: the scales are the last 6 bytes
+    for bad_scale in (bytes.fromhex("c07f"), bytes.fromhex("807f"), bytes.fromhex("80bf")):  # NaN, Inf, -1.0
+        with pytest.raises(CodecError, match="corrupt"):
+            decode(Encoded(enc.data[:-4] + bad_scale + enc.data[-2:], enc.shape, enc.dtype, codec))
     with pytest.raises(CodecError, match="NaN/Inf"):
         encode(torch.tensor([1.0, float("inf")]), codec)
