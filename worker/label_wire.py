@@ -41,15 +41,26 @@ def labels_to_wire(labels: torch.Tensor) -> bytes:
     return values.astype("<i4").tobytes()
 
 
+def wire_lengths(batch: int, seq_len: int) -> tuple[int, ...]:
+    """The byte lengths (batch, seq_len) labels may have on the wire, one per width."""
+    return tuple(w * batch * seq_len for w in WIDTHS)
+
+
+def expected_lengths(batch: int, seq_len: int) -> str:
+    """What a receiver expects, for an error message: '256 or 512 bytes (2 or 4 bytes each)'."""
+    return (f"{' or '.join(str(n) for n in wire_lengths(batch, seq_len))} bytes "
+            f"({' or '.join(str(w) for w in WIDTHS)} bytes each)")
+
+
 def labels_from_wire(data: bytes, batch: int, seq_len: int) -> torch.Tensor:
     """Bytes from a stage link -> (batch, seq_len) int64 labels (IGNORE where no loss).
 
     Raises LabelWireError when the length is neither width's for that shape; the values are
     not checked against a vocabulary here."""
     n = batch * seq_len
-    if n == 0 or len(data) not in (w * n for w in WIDTHS):
+    if n == 0 or len(data) not in wire_lengths(batch, seq_len):
         raise LabelWireError(f"{len(data)} label bytes for (B, T) = {(batch, seq_len)}: expected "
-                             f"{' or '.join(str(w * n) for w in WIDTHS)} (2 or 4 bytes a label)")
+                             f"{expected_lengths(batch, seq_len)}")
     if len(data) == 2 * n:
         narrow = np.frombuffer(data, dtype="<u2").astype(np.int64)
         values = np.where(narrow == NARROW_IGNORE, IGNORE, narrow)

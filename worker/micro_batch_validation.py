@@ -22,7 +22,7 @@ from gptjt_core.wire_checks import (FAILED_PRECONDITION, INVALID_ARGUMENT, RESOU
                                     integer)
 from gptjt_proto import stage_pb2 as pb
 
-from .label_wire import WIDTHS as LABEL_WIDTHS, labels_from_wire
+from .label_wire import expected_lengths, labels_from_wire, wire_lengths
 
 ACTIVATION_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -88,10 +88,10 @@ def check_header(h: pb.MicroBatchHeader, lim: StageLimits) -> None:
     if bad:
         raise Refused(INVALID_ARGUMENT, "micro_batch.prefix_lengths", list(h.prefix_lengths)[:8],
                       f"prefix lengths in [0, {T}] (T); {bad[:4]} are not")
-    if len(h.labels) not in (w * B * T for w in LABEL_WIDTHS):
+    if len(h.labels) not in wire_lengths(B, T):
         raise Refused(INVALID_ARGUMENT, "micro_batch.labels", f"{len(h.labels)} bytes",
-                      f"(B, T) = {(B, T)} labels of 2 or 4 bytes each (worker/label_wire.py): "
-                      f"{' or '.join(str(w * B * T) for w in LABEL_WIDTHS)} bytes", show=f"{len(h.labels)} bytes")
+                      f"(B, T) = {(B, T)} labels (worker/label_wire.py): {expected_lengths(B, T)}",
+                      show=f"{len(h.labels)} bytes")
 
 
 def _check_size(meta: pb.TensorMeta, numel: int, lim: StageLimits) -> None:
