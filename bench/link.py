@@ -23,7 +23,7 @@ from pathlib import Path
 from bench.stage_times import stage_seconds
 from bench.step_timeline import step_timeline
 from bench.swarm_run import final_loss, run_swarm, steady_tokens_per_s
-from gptjt_core.compression import bytes_per_value
+from gptjt_core.codec_sizes import bytes_per_value
 from local_swarm import small_run_toml
 
 DESCRIPTION = "2-stage swarm at an emulated 100 Mbit/s, 30 ms link (scaled to GPT-J 6B / A100): codecs vs fp16"

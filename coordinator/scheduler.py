@@ -14,7 +14,7 @@ import functools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from gptjt_core.compression import CODECS, bytes_per_value
+from gptjt_core.codec_sizes import CODECS, bytes_per_value
 from gptjt_core.config import RunConfig, SchedulerConfig
 from gptjt_core.stage_spec import StageSpec
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .codec_sizes import BLOCK, CODECS, SCALE_BYTES, codec_nbytes
+
 
 class CodecError(ValueError):
     """Bytes that do not decode: unknown codec, truncated or padded payload, bad shape."""
@@ -51,13 +53,11 @@ _CAST = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Blockwise quantizers: name -> largest code magnitude (codes are symmetric around 0).
 _QUANT = {"q8": 127, "q4": 7, "q3": 3}
 _BITS = {127: 8, 7: 4, 3: 3}  # largest code magnitude -> bits per code on the wire
-BLOCK = 128  # values per absmax block: small enough that one outlier spoils few values
 # Blocks per chunk: the passes over one chunk (scale, round, pack) share a 512 KiB scratch
 # that stays in cache. Large buffers come from numpy, which asks Linux for transparent huge
 # pages: a fresh torch tensor of 32 MiB costs several times more in page faults.
 _CHUNK = 1024
 _TINY = torch.finfo(torch.float32).tiny
-SCALE_BYTES = 2  # one bfloat16 scale per block: the top half of the float32 rounded up
 _Q3_WEIGHTS = np.array([8.0**i for i in range(8)], np.float32)  # code i of 8 -> bits 3i..3i+2
 _Q3_OFFSET = 3 * sum(8**i for i in range(8))  # codes go on the wire as code + 3, in [0, 6]
 # q3 decode: spread a 24-bit word over the 8 bytes of a uint64, halving the field width
@@ -65,7 +65,6 @@ _Q3_OFFSET = 3 * sum(8**i for i in range(8))  # codes go on the wire as code + 3
 _Q3_SPREAD = ((0xFFF000, 0xFFF, 20),
               (0x00000FC000000FC0, 0x0000003F0000003F, 10),
               (0x0038003800380038, 0x0007000700070007, 5))
-CODECS = frozenset(_CAST) | frozenset(_QUANT)
 LOSSY = frozenset(_QUANT)
 
 
@@ -91,19 +90,7 @@ def encoded_nbytes(numel: int, codec: str) -> int:
     """Bytes `codec` encodes `numel` values into (a receiver checks an announced size with it)."""
     if codec not in CODECS:
         raise CodecError(f"unknown codec {codec!r}; known: {sorted(CODECS)}")
-    if codec in _QUANT:
-        return _quantized_size(numel, _QUANT[codec])
-    return numel * _CAST[codec].itemsize
-
-
-def bytes_per_value(codec: str) -> float:
-    """Wire bytes per value of `codec` for tensors of whole blocks (what the cost model charges)."""
-    return encoded_nbytes(BLOCK, codec) / BLOCK
-
-
-def _quantized_size(numel: int, qmax: int) -> int:
-    blocks = -(-numel // BLOCK)
-    return blocks * BLOCK * _BITS[qmax] // 8 + blocks * SCALE_BYTES
+    return codec_nbytes(numel, codec)
 
 
 def _scales_up_to_bfloat16(scale: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gptjt_core.compression import BLOCK, CODECS, LOSSY, CodecError, Encoded, bytes_per_value, decode, encode
+from gptjt_core.codec_sizes import bytes_per_value
+from gptjt_core.compression import BLOCK, CODECS, LOSSY, CodecError, Encoded, decode, encode
 
 QMAX = {"q8": 127, "q4": 7, "q3": 3}
 QUANT = list(QMAX)
