@@ -27,10 +27,19 @@ class VerifyConfig:
     first_checks: int = 2
     """Micro-batches of every new worker checked whatever the sample rate, an integer >= 0: a
     worker that lies from its first step is caught in its first step."""
+    dispute_checks: int = 2
+    """Micro-batches of each contribution checked, whatever the sample rate, while the worker is
+    a side of a disagreement that a third opinion was asked to settle and has not (it is still
+    pending, it went stale, or the third could not recompute), an integer >= 0. A third opinion
+    must come before the step's weights are gone; one that came too late left a liar with a
+    recorded disagreement to be drawn again at the sample rate only (bench verify, 2026-12-06:
+    one liar of three never quarantined in 10 steps). Both sides are checked: the accuser may be
+    the liar."""
     max_pending: int = 8
     """Checks a verifier is handed at once, an integer >= 1; checks wait in the ledger beyond that."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.sample_rate <= 1.0, "sample_rate", self.sample_rate, "a number in [0, 1]")
         _check(self.first_checks >= 0, "first_checks", self.first_checks, "an integer >= 0")
+        _check(self.dispute_checks >= 0, "dispute_checks", self.dispute_checks, "an integer >= 0")
         _check(self.max_pending >= 1, "max_pending", self.max_pending, "an integer >= 1")

@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS verified_work (  -- a stage's micro-batch a spot chec
   step INTEGER NOT NULL, stage INTEGER NOT NULL, ticket INTEGER NOT NULL, tokens INTEGER NOT NULL,
   PRIMARY KEY (step, stage, ticket));
 CREATE INDEX IF NOT EXISTS checks_by_verdict ON checks (verdict, peers);  -- a verifier's pending spot checks
+CREATE INDEX IF NOT EXISTS checks_by_opinion ON checks (opinion_of);  -- a dispute's third opinions
 CREATE TABLE IF NOT EXISTS loss_scales (  -- the loss scale each step attempt ran at (ledger/loss_scaling.py)
   step INTEGER NOT NULL, attempt INTEGER NOT NULL, scale REAL NOT NULL, PRIMARY KEY (step, attempt));
 CREATE TABLE IF NOT EXISTS links (  -- measured by worker src towards the stage server at dst

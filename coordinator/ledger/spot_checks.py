@@ -24,6 +24,9 @@ opinion, the same check handed to a third member of that step's stage (with two 
 none, and the dispute stays open, named in an event). The third's answer out-votes one side: if
 its recomputation reproduces the claim, the first verifier was wrong; if not, the checked worker
 was. `answer` returns whom, and the ledger quarantines it (coordinator/ledger/recovery.py).
+Until a third opinion settles it (it may come too late: the step's weights are gone, and it is
+stale), both sides of the dispute have verify.dispute_checks of each contribution drawn, so the
+next disagreement, with a third opinion in time, comes a step later, not at the sample rate.
 Rows live in the `checks` table (kind 'recompute') beside the chain checks; agreements are pruned
 with them, the rest kept for the run; the counters are meta values, so the status costs the
 same on a long run.
@@ -102,9 +105,12 @@ class SpotCheckBook:
         if not verifiers:
             return 0
         done = self.db.execute("SELECT COUNT(*) FROM checks WHERE kind=? AND worker=?", (KIND, worker_id)).fetchone()[0]
+        # which of the tickets a disputed worker has checked whatever the rate: drawn at random, like the rest
+        disputed = set(self.rng.sample(range(len(tickets)), min(cfg.dispute_checks, len(tickets)))) \
+            if cfg.dispute_checks and self.in_unsettled_dispute(worker_id) else set()
         drawn = 0
-        for ticket in tickets:
-            if done + drawn < cfg.first_checks or self.rng.random() < rate:
+        for i, ticket in enumerate(tickets):
+            if done + drawn < cfg.first_checks or i in disputed or self.rng.random() < rate:
                 verifier = self.rng.choice(verifiers)
                 self.db.execute("INSERT INTO checks(step, attempt, ticket, stage, kind, verdict, worker, peers, "
                                 "detail, epoch, weights) VALUES(?, ?, ?, ?, ?, ?, ?, ?, '', ?, ?)",
@@ -113,6 +119,21 @@ class SpotCheckBook:
                 drawn += 1
         self._count("spot_checks", drawn)
         return drawn
+
+    def in_unsettled_dispute(self, worker_id: str) -> bool:
+        """Whether `worker_id` is either side of a disagreement whose third opinion was asked and
+        has not settled it (pending, stale or unchecked), with neither side quarantined since.
+        A dispute no third could be asked for (two replicas, no spare standby) is not counted:
+        checking its sides again would only repeat it."""
+        return self.db.execute(
+            "SELECT 1 FROM checks d WHERE d.kind=? AND d.verdict=? AND d.opinion_of IS NULL "
+            "AND (d.worker=? OR d.peers=?) "
+            "AND EXISTS (SELECT 1 FROM checks t WHERE t.opinion_of=d.id) "
+            "AND NOT EXISTS (SELECT 1 FROM checks t WHERE t.opinion_of=d.id AND t.verdict IN (?, ?)) "
+            # peers holds the accuser as a JSON list of one (json.dumps([id])); ids are hex, nothing to escape
+            "AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.state='quarantined' "
+            "AND (w.id=d.worker OR d.peers='[\"' || w.id || '\"]')) LIMIT 1",
+            (KIND, DISAGREE, worker_id, json.dumps([worker_id]), AGREE, DISAGREE)).fetchone() is not None
 
     def _weights_at(self, step: int, stage: int) -> str | None:
         """Where a standby finds the weights stage `stage` computed step `step` with: the store's

@@ -381,3 +381,79 @@ def test_checks_pending_when_the_run_ends_go_stale_and_a_late_answer_changes_not
     late = Commitment.from_bytes(claim(row["ticket"], row["stage"], 1.2))  # a disagreement, too late
     assert ledger.answer_check(verifier, row["id"], late, "") == "stale"
     assert ledger.status()["verification"]["spot_disagree"] == counts["spot_disagree"]
+
+
+def checks_drawn(ledger, worker: str, step: int) -> int:
+    return ledger.db.execute("SELECT COUNT(*) FROM checks WHERE kind='recompute' AND worker=? AND step=? AND "
+                             "opinion_of IS NULL", (worker, step)).fetchone()[0]
+
+
+def test_both_sides_of_a_dispute_a_late_third_opinion_left_open_are_checked_until_it_is_settled(tmp_path):
+    """The third opinion must come while the step's weights are kept; when it comes too late (stale)
+    the liar's disagreement is not forgotten: at sample rate 0 both sides still have
+    verify.dispute_checks of each contribution drawn, and the next dispute, settled in time,
+    quarantines the liar and ends the extra checks."""
+    ledger, by_stage = three_replicas(tmp_path)
+    liar = by_stage[0][0]
+    run_step(ledger, by_stage)  # every worker's first_checks
+    ledger.run.verify.sample_rate = 1.0
+    contribute(ledger, by_stage)
+    epoch, step = ledger.restore_epoch, ledger.step
+    accuser, row = next((w, r) for w in by_stage[0] if w != liar for r in ledger.spot_checks.pending_for(w, epoch)
+                        if r["worker"] == liar and r["step"] == step)
+    lie = Commitment.from_bytes(claim(row["ticket"], row["stage"], 1.3))  # the accuser's recomputation differs
+    assert ledger.answer_check(accuser, row["id"], lie, "") == "disagree"
+    (third,) = [w for w in by_stage[0] if w not in (accuser, liar)]
+    assert ledger.spot_checks.in_unsettled_dispute(liar) and ledger.spot_checks.in_unsettled_dispute(accuser)
+    assert not ledger.spot_checks.in_unsettled_dispute(third)
+    finish(ledger, by_stage)
+    ledger.run.verify.sample_rate = 0.0
+    run_step(ledger, by_stage)  # the third never answered: the close of the step after makes it stale
+    (opinion,) = ledger.db.execute("SELECT verdict FROM checks WHERE opinion_of=?", (row["id"],)).fetchall()
+    assert opinion["verdict"] == "stale"
+    assert ledger.spot_checks.in_unsettled_dispute(liar) and ledger.spot_checks.in_unsettled_dispute(accuser)
+    # that step, at rate 0, already drew dispute_checks (2) of each side's 2 micro-batches, none of the third's
+    assert [checks_drawn(ledger, w, ledger.step - 1) for w in (liar, accuser, third)] == [2, 2, 0]
+
+    contribute(ledger, by_stage)  # a new dispute about the liar's work, settled in time this time
+    epoch, step = ledger.restore_epoch, ledger.step
+    verifier, row = next((w, r) for w in by_stage[0] if w != liar for r in ledger.spot_checks.pending_for(w, epoch)
+                         if r["worker"] == liar and r["step"] == step)
+    other = Commitment.from_bytes(claim(row["ticket"], row["stage"], 1.3))
+    assert ledger.answer_check(verifier, row["id"], other, "") == "disagree"
+    (settler,) = [w for w in by_stage[0] if w not in (verifier, liar)]
+    (ask,) = [r for r in ledger.spot_checks.pending_for(settler, epoch) if r.get("id") and r["id"] > row["id"]
+              and r["ticket"] == row["ticket"] and r["worker"] == liar]
+    assert ledger.answer_check(settler, ask["id"], other, "") == "disagree"
+    assert {w["id"]: w["state"] for w in ledger.status()["workers"]}[liar] == "quarantined"
+    assert not ledger.spot_checks.in_unsettled_dispute(accuser)  # its dispute's other side is quarantined
+
+
+def test_a_dispute_no_third_could_be_asked_about_draws_no_extra_checks(swarm):
+    """Two replicas a stage: a disagreement has no third member to settle it, and checking its two
+    sides again would only repeat it."""
+    ledger, by_stage = swarm
+    liar = by_stage[1][1]
+    contribute(ledger, by_stage, liar=liar)
+    assert "disagree" in answer_all(ledger, by_stage)
+    assert not ledger.spot_checks.in_unsettled_dispute(liar)
+    assert not ledger.spot_checks.in_unsettled_dispute(by_stage[1][0])
+
+
+def test_dispute_checks_zero_leaves_a_dispute_to_the_sample_rate(tmp_path):
+    ledger, by_stage = three_replicas(tmp_path)
+    ledger.run.verify.dispute_checks = 0
+    liar = by_stage[0][0]
+    run_step(ledger, by_stage)
+    ledger.run.verify.sample_rate = 1.0
+    contribute(ledger, by_stage)
+    epoch, step = ledger.restore_epoch, ledger.step
+    accuser, row = next((w, r) for w in by_stage[0] if w != liar for r in ledger.spot_checks.pending_for(w, epoch)
+                        if r["worker"] == liar and r["step"] == step)
+    assert ledger.answer_check(accuser, row["id"], Commitment.from_bytes(claim(row["ticket"], row["stage"], 1.3)),
+                               "") == "disagree"
+    finish(ledger, by_stage)
+    ledger.run.verify.sample_rate = 0.0
+    contribute(ledger, by_stage)
+    assert ledger.spot_checks.in_unsettled_dispute(liar)
+    assert [checks_drawn(ledger, w, ledger.step) for w in by_stage[0]] == [0, 0, 0]
