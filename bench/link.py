@@ -91,8 +91,6 @@ def predicted_step_s(tiny_s: float, micro_batch: int, seq_len: int, micro_batche
     return predict_step(plan, devices, net, shape, work).step_s
 
 
-
-
 def settings(quick: bool) -> dict:
     return {"link_mbit_scaled_from": LINK_MBIT, "latency_ms_scaled_from": LATENCY_MS, "chosen": "/".join(CHOSEN),
             "micro_batch": 2, "seq_len": 64, "micro_batches_per_step": 16 if quick else 32,
