@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .codec_sizes import BLOCK, CODECS, SCALE_BYTES, codec_nbytes
+from .codec_sizes import BLOCK, CODECS, QUANT_BITS, SCALE_BYTES, codec_nbytes
 
 
 class CodecError(ValueError):
@@ -52,7 +52,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _CAST = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Blockwise quantizers: name -> largest code magnitude (codes are symmetric around 0).
 _QUANT = {"q8": 127, "q4": 7, "q3": 3}
-_BITS = {127: 8, 7: 4, 3: 3}  # largest code magnitude -> bits per code on the wire
+_BITS = {_QUANT[c]: bits for c, bits in QUANT_BITS.items()}  # largest code magnitude -> bits a code
 # Blocks per chunk: the passes over one chunk (scale, round, pack) share a 512 KiB scratch
 # that stays in cache. Large buffers come from numpy, which asks Linux for transparent huge
 # pages: a fresh torch tensor of 32 MiB costs several times more in page faults.

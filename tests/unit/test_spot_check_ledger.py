@@ -422,7 +422,7 @@ def test_both_sides_of_a_dispute_a_late_third_opinion_left_open_are_checked_unti
     other = Commitment.from_bytes(claim(row["ticket"], row["stage"], 1.3))
     assert ledger.answer_check(verifier, row["id"], other, "") == "disagree"
     (settler,) = [w for w in by_stage[0] if w not in (verifier, liar)]
-    (ask,) = [r for r in ledger.spot_checks.pending_for(settler, epoch) if r.get("id") and r["id"] > row["id"]
+    (ask,) = [r for r in ledger.spot_checks.pending_for(settler, epoch) if r["id"] > row["id"]
               and r["ticket"] == row["ticket"] and r["worker"] == liar]
     assert ledger.answer_check(settler, ask["id"], other, "") == "disagree"
     assert {w["id"]: w["state"] for w in ledger.status()["workers"]}[liar] == "quarantined"
