@@ -132,7 +132,10 @@ def test_averaging_that_keeps_failing_is_named_and_falls_back_to_one_replica(tmp
     # CI-style run on 1d692da saw the second); either is this averaging failing, and either
     # restarts the step.
     assert "did not finish averaging" in stuck[0] or "had their sum, so nobody is left" in stuck[0], stuck[0]
-    assert "mixed step attempts" in stuck[0] or "could not find a group" in stuck[0], stuck[0]
+    # The group's failure as hivemind reports it: refused (mixed attempts), none formed, or, when one
+    # replica already had its sum, "Unable to run All-Reduce" (make test on 2f6eb6c saw that).
+    assert any(cause in stuck[0] for cause in ("mixed step attempts", "could not find a group",
+                                               "Unable to run All-Reduce")), stuck[0]
     assert "restarting the step (restart 1 of 1" in stuck[0] and "continue with one replica" in stuck[1]
     assert status["tickets"]["exactly_once_violations"] == []
     assert status["liveness"]["last_stall"]["phase"] == "averaging"
