@@ -42,8 +42,11 @@ def test_the_standby_takes_over_a_killed_coordinator_and_the_run_loses_nothing(t
         assert code == grpc.StatusCode.UNAVAILABLE and "standing by" in detail, (code, detail)
 
         both = f"{first.address},{second.address}"
+        # Paced compute (~0.5 s a micro-batch at the last stage, whose LM head is most of the tiny
+        # model): unpaced, a step of the tiny model can come and go between two status polls on
+        # loaded cores (CI once saw the run finish before a poll caught step 2 open).
         for name in ("w0", "w1"):
-            first.start_worker(name, join=both)
+            first.start_worker(name, None, "--simulate-device", "0.01:24", join=both)
         first.wait(lambda s: s["step"] >= 2 and s["phase"] == "open", 180,
                    "a step under way")
         active.kill(signal.SIGKILL)
