@@ -238,7 +238,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                               restore_from_store=state["restore_from_store"],
                               measure_links=[a for a, _ in state["measure_links"]],
                               measure_link_ids=[i for _, i in state["measure_links"]], drain=state["drain"],
-                              loss_scale=state["loss_scale"],
+                              loss_scale=state["loss_scale"], newest_check=state["newest_check"],
                               dht_peers=state["dht_peers"])
 
     async def LeaseTickets(self, request, context):

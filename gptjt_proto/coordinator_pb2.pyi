@@ -312,7 +312,7 @@ class WatchRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class RunState(_message.Message):
-    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links", "dht_peers", "measure_link_ids", "drain", "loss_scale")
+    __slots__ = ("step", "attempt", "phase", "global_grad_norm", "plan_version", "assignment", "paused", "restore_epoch", "restore_step", "restore_from_store", "measure_links", "dht_peers", "measure_link_ids", "drain", "loss_scale", "newest_check")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -328,6 +328,7 @@ class RunState(_message.Message):
     MEASURE_LINK_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     LOSS_SCALE_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_CHECK_FIELD_NUMBER: _ClassVar[int]
     step: int
     attempt: int
     phase: StepPhase
@@ -343,7 +344,8 @@ class RunState(_message.Message):
     measure_link_ids: _containers.RepeatedScalarFieldContainer[str]
     drain: bool
     loss_scale: float
-    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ..., dht_peers: _Optional[_Iterable[str]] = ..., measure_link_ids: _Optional[_Iterable[str]] = ..., drain: _Optional[bool] = ..., loss_scale: _Optional[float] = ...) -> None: ...
+    newest_check: int
+    def __init__(self, step: _Optional[int] = ..., attempt: _Optional[int] = ..., phase: _Optional[_Union[StepPhase, str]] = ..., global_grad_norm: _Optional[float] = ..., plan_version: _Optional[int] = ..., assignment: _Optional[_Union[StageAssignment, _Mapping]] = ..., paused: _Optional[bool] = ..., restore_epoch: _Optional[int] = ..., restore_step: _Optional[int] = ..., restore_from_store: _Optional[bool] = ..., measure_links: _Optional[_Iterable[str]] = ..., dht_peers: _Optional[_Iterable[str]] = ..., measure_link_ids: _Optional[_Iterable[str]] = ..., drain: _Optional[bool] = ..., loss_scale: _Optional[float] = ..., newest_check: _Optional[int] = ...) -> None: ...
 
 class CheckpointHeader(_message.Message):
     __slots__ = ("worker_id", "step", "start_layer", "end_layer", "embed", "head", "nbytes", "sha256", "stored_at")

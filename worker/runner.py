@@ -290,6 +290,8 @@ class WorkerRunner:
         self.state_changed.set()
         if state.drain and not self.leaving:
             self.request_drain()  # the operator asked (gptjt drain, the dashboard)
+        if self.checker.wants(state.newest_check):
+            self.heartbeat_soon()  # its reply hands the check over (coordinator/ledger/assignments.py)
         a = state.assignment
         for addresses, ids in ((a.next_addresses, a.next_ids), (a.peer_addresses, a.peer_address_ids),
                                (state.measure_links, state.measure_link_ids)):

@@ -84,7 +84,8 @@ def recompute(stage: LayerSlice, step: int, wire: tuple[bytes, ...], inputs: Sta
 
 
 class SpotChecker:
-    """The verifier's side: takes checks from heartbeat replies and answers each one."""
+    """The verifier's side: takes checks from heartbeat replies and answers each one. A RunState
+    that announces a check not yet taken (`wants`) makes the runner send a heartbeat at once."""
 
     def __init__(self, worker_id: str, compute: ComputeQueue, fetch_evidence, report_check,
                  stage: Callable[[], tuple[int, LayerSlice | None]], global_batch: int,
@@ -98,12 +99,23 @@ class SpotChecker:
         self.stage, self.global_batch = stage, global_batch
         self.queue: asyncio.Queue[cpb.SpotCheck] = asyncio.Queue()
         self.seen: set[int] = set()  # check ids taken (a reply may repeat one still pending)
+        self.asked_for = 0  # the newest check id asked for by a heartbeat, or taken from a reply
         self.done = 0
+
+    def wants(self, newest_check: int) -> bool:
+        """Whether a RunState announcing check `newest_check` (its id; 0: none waiting) calls for a
+        heartbeat now, which hands the check over: once per announced id, and never for one
+        already taken (a heartbeat reply that held it, or a newer one, came first)."""
+        if newest_check <= self.asked_for:
+            return False
+        self.asked_for = newest_check
+        return True
 
     def take(self, checks) -> None:
         for check in checks:
             if check.check_id not in self.seen:
                 self.seen.add(check.check_id)
+                self.asked_for = max(self.asked_for, check.check_id)  # held: no need to ask for it
                 self.queue.put_nowait(check)
 
     async def run(self) -> None:

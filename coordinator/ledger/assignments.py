@@ -29,6 +29,7 @@ class RunFacts:
     drains: frozenset[str]
     standby_why: dict[str, str]  # worker id -> why it has no stage
     verifiers_of: dict[str, list[str]]  # checked worker -> standbys holding a pending check of its work
+    newest_check: dict[str, int]  # verifier -> id of its newest pending spot check of this restore epoch
     holder_key: tuple[int, int, str]  # (restore_epoch, step, phase): what is_holder compares with
 
     def is_holder(self, row) -> bool:
@@ -64,7 +65,7 @@ class AssignmentView:
                       "loss_scale": self.loss_scales.of_attempt(st.step, st.attempt) or 1.0}
             self._facts = key, RunFacts(common, self.workers.stage_workers(), st.members(), st.contributors(),
                                         frozenset(st.drains()), self.planner.standby_reasons(),
-                                        self._verifiers_of(),
+                                        self._verifiers_of(), self._newest_check(st.restore_epoch),
                                         (common["restore_epoch"], common["step"], common["phase"]))
         return self._facts[1]
 
@@ -90,6 +91,17 @@ class AssignmentView:
                 if verifier not in out.setdefault(worker, []):
                     out[worker].append(verifier)
         return out
+
+    def _newest_check(self, epoch: int) -> dict[str, int]:
+        """Verifier -> the id of its newest pending spot check of restore epoch `epoch` (what
+        SpotCheckBook.pending_for hands it): its RunState carries the id, so a check reaches a
+        placed verifier with the Watch read that the check's own transaction wakes, not with its
+        next heartbeat (2 s away; a tiny step lasts ~1 s, and a check must be made while the
+        verifier keeps that step's weights). One read per ledger state, over the index of
+        pending checks."""
+        return {json.loads(peers)[0]: newest for peers, newest in self.workers.db.execute(
+            "SELECT peers, MAX(id) FROM checks WHERE verdict='pending' AND kind='recompute' AND epoch=? "
+            "GROUP BY peers", (epoch,))}
 
     def live_addresses(self) -> list:
         """(id, address, stage) of every live worker, oldest first; read again only after a write
@@ -171,7 +183,8 @@ class AssignmentView:
         facts = self.facts()
         row = self.workers.row(worker_id)
         return {**facts.common, "assignment": self.assignment(worker_id, row),
-                "measure_links": self.links_to_measure(worker_id, row), "drain": worker_id in facts.drains}
+                "measure_links": self.links_to_measure(worker_id, row), "drain": worker_id in facts.drains,
+                "newest_check": facts.newest_check.get(worker_id, 0)}
 
 
 def _dht_peer_ids(maddrs_json: str | None) -> list[str]:

@@ -300,3 +300,17 @@ def test_a_standby_asks_again_when_the_checked_worker_has_not_heard_of_its_check
     asyncio.run(checker._answer(check))
     compute.close()
     assert len(calls) == 3 and answers and answers[0][0] and not answers[0][1], answers
+
+
+def test_a_run_state_announcing_a_check_asks_for_one_heartbeat_unless_the_check_is_held():
+    """worker/runner.py sends a heartbeat at once when SpotChecker.wants the announced check: once
+    per id, never for one a heartbeat reply already handed over (or a newer one)."""
+    from gptjt_proto import coordinator_pb2 as cpb
+    from worker.spot_check import SpotChecker
+
+    checker = SpotChecker("v", None, None, None, lambda: (-1, None), RUN.train.global_batch)
+    assert not checker.wants(0)  # nothing waiting
+    assert checker.wants(7) and not checker.wants(7)  # asked once; the reply is on its way
+    checker.take([cpb.SpotCheck(check_id=9)])
+    assert not checker.wants(9) and not checker.wants(8)  # held already
+    assert checker.wants(10)

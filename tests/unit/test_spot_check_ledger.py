@@ -109,6 +109,21 @@ def test_a_claim_the_recomputation_does_not_reproduce_is_a_disagreement_naming_b
     assert events and all(liar in e and by_stage[1][0] in e and "relative error" in e for e in events)
 
 
+def test_a_verifiers_run_state_names_its_newest_pending_check_until_it_is_answered(swarm):
+    """The Watch stream carries the id (ledger/assignments.py), so a verifier asks for its check
+    with a heartbeat at once instead of at its next beat; answered, the check is gone from it."""
+    ledger, by_stage = swarm
+    ledger.run.verify.sample_rate = 0.0  # only the first_checks of each new worker
+    everyone = [w for ids in by_stage.values() for w in ids]
+    assert [ledger.run_state(w)["newest_check"] for w in everyone] == [0] * len(everyone)
+    contribute(ledger, by_stage)
+    for w in everyone:
+        pending = ledger.spot_checks.pending_for(w, ledger.restore_epoch)
+        assert pending and ledger.run_state(w)["newest_check"] == max(r["id"] for r in pending)
+    answer_all(ledger, by_stage)
+    assert [ledger.run_state(w)["newest_check"] for w in everyone] == [0] * len(everyone)
+
+
 def test_the_verified_fraction_counts_each_agreed_stage_micro_batch_of_closed_steps_once(swarm):
     ledger, by_stage = swarm
     ledger.run.verify.sample_rate = 0.0  # the first two of each worker: 8 (micro-batch, stage) pairs
