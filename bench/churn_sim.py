@@ -32,7 +32,6 @@ measured on the true links between their regions, as a real worker's LinkProber 
 
 from __future__ import annotations
 
-import gc
 import heapq
 import itertools
 import math
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coordinator.cost_model import ModelShape, stage_params
-from coordinator.gc_schedule import FULL_COLLECTION_EVERY_S, full_collections_off_the_clock
+from coordinator.gc_schedule import FULL_COLLECTION_EVERY_S, collect_fully_if_due, full_collections_off_the_clock
 from coordinator.ledger import RunLedger
 from coordinator.scheduler import plan_stages, workload
 from gptjt_core.config import RunConfig
@@ -133,13 +132,11 @@ class ChurnSimulation(SimulatedSteps):
         # schedule, here every FULL_COLLECTION_EVERY_S of virtual time, timed as the coordinator's
         # CPU. With CPython's automatic full passes this process made 83 in the quick form's churned
         # hour (~125 ms each over ~280,000 objects: a sixth of its time), where the coordinator makes 6.
-        collect_at = self.clock.t + FULL_COLLECTION_EVERY_S
+        last_full_s = self.clock.t
         with full_collections_off_the_clock():
             while self.queue and self.queue[0][0] <= self.end:
                 t, _, kind, data = heapq.heappop(self.queue)
-                if t >= collect_at:
-                    self._call(gc.collect)
-                    collect_at += FULL_COLLECTION_EVERY_S
+                last_full_s = self._call(collect_fully_if_due, last_full_s, FULL_COLLECTION_EVERY_S, now_s=t)
                 self._account(t)
                 self.clock.t = t
                 written = self.ledger.db.conn.total_changes

@@ -43,10 +43,13 @@ def full_collections_off_the_clock() -> Iterator[None]:
         gc.set_threshold(*before)
 
 
-def collect_fully_if_due(last_s: float, every_s: float = FULL_COLLECTION_EVERY_S) -> float:
-    """For a process with no event loop (the status process, between builds): a full collection if
-    `every_s` seconds have passed since `last_s` (time.monotonic()); returns when the last one ran."""
-    now = time.monotonic()
+def collect_fully_if_due(last_s: float, every_s: float = FULL_COLLECTION_EVERY_S,
+                         now_s: float | None = None) -> float:
+    """For a process with no event loop: a full collection if `every_s` seconds have passed since
+    `last_s`; returns when the last one ran. `now_s` is time.monotonic() unless the caller keeps
+    its own clock (the status process between builds uses the wall; bench churn, which drives the
+    real ledger, passes its virtual time so that it collects as often as the coordinator would)."""
+    now = time.monotonic() if now_s is None else now_s
     if now - last_s < every_s:
         return last_s
     gc.collect()

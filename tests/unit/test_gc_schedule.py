@@ -66,6 +66,15 @@ def test_a_process_without_an_event_loop_collects_fully_only_when_due():
     assert len(full_passes) == 1 and full_passes[0] >= 1
 
 
+def test_a_caller_with_its_own_clock_collects_on_that_clock():
+    """bench churn passes virtual time: a pass when its clock (not the wall) says one is due."""
+    with full_passes_seen() as full_passes:
+        assert collect_fully_if_due(1000.0, every_s=600, now_s=1599.0) == 1000.0 and full_passes == []
+        leave_a_cycle()
+        assert collect_fully_if_due(1000.0, every_s=600, now_s=1600.0) == 1600.0
+    assert len(full_passes) == 1 and full_passes[0] >= 1
+
+
 def test_a_block_runs_without_automatic_full_passes_and_the_thresholds_come_back():
     """bench churn drives the ledger in a process that runs other benchmarks after it: inside the
     block no allocation starts a full pass; after it (an exception included) CPython's thresholds
