@@ -119,7 +119,7 @@ class WorkerRunner:
                                   credentials=self.identity.channel_credentials() if self.tls else None)
         self.link_codecs = LinkCodecChooser(self.run.pipeline, self.run.link)
         self.downstream = DownstreamSender(self.router, self.link_codecs, self.client, self.coordinator, self.worker_id)
-        self.prober = LinkProber(self.client, self.run.scheduler.probe_max_age_s)
+        self.prober = LinkProber(self.client, self.run.scheduler.probe_max_age_s, self.link_codecs.probe_measured)
         self.dht_peers = list(reply.dht_peers)
         self.averagers = AveragerKeeper(self.run, self.address.rsplit(":", 1)[0].strip("[]"), self.heartbeat_soon,
                                         dht_credentials(self.dht_key, reply))
@@ -299,8 +299,7 @@ class WorkerRunner:
         self.router.update(list(a.next_addresses), lane=lane_partner(self.worker_id, a, self.run.averaging.mode),
                            forgive=previous is None or previous.plan_version != state.plan_version)
         self.link_codecs.forget_except(list(state.assignment.next_addresses))
-        if state.measure_links:
-            self.prober.request(list(state.measure_links))
+        self.prober.request(list(state.measure_links))
         if (previous is None or previous.plan_version != state.plan_version or self.status == cpb.LOADING
                 or previous.restore_epoch != state.restore_epoch or self._behind(state)):
             if not await load_unless_reassigned(self._load_patiently(state), state, reader,

@@ -10,6 +10,7 @@ import grpc
 import pytest
 import torch
 
+from gptjt_core.codec_sizes import codec_nbytes
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import coordinator_pb2_grpc as cpb_grpc
 from tests.swarm import Swarm, free_port, local_losses, swarm_toml
@@ -361,7 +362,45 @@ emulate_latency_ms = 5.0
     assert (first["activation_codec"], first["gradient_codec"]) == ("q4", "q8")
     expected, _ = local_losses(swarm.config, 4)
     assert [h["loss"] for h in status["history"]] == pytest.approx(expected, rel=2e-2)
-    # Step 0 went out in fp32 (unmeasured link), the rest in q4 / q8: well under all-fp32 bytes.
+    # Step 0 went out in fp32 (even placement asks for no probe: an unmeasured link), the rest in
+    # q4 / q8: well under all-fp32 bytes.
     sent = sum(w["metrics"]["bytes_sent"] for w in status["workers"])
     fp32_bytes = 2 * 4 * 2 * (2 * 64 * 128 * 4)
     assert 0 < sent < fp32_bytes / 2
+
+
+def test_a_link_the_probe_found_slow_carries_its_first_micro_batch_in_fewer_bits(swarm_factory):
+    """With cost-model placement the coordinator asks each worker to probe its links. The run is
+    paused before the workers join, so no micro-batch has crossed the emulated 20 Mbit/s link when
+    stage 0 reports the probe's figure and the slow codecs; after the resume, every micro-batch
+    travels in them, the first included: stage 0 sent exactly q4 activations, stage 1 exactly
+    q8 gradients."""
+    swarm = swarm_factory(steps=3, placement="cost-model", min_workers=2, extra="""
+[link]
+adaptive_codecs = true
+slow_link_mbit = 200.0
+slow_activation_codec = "q4"
+slow_gradient_codec = "q8"
+emulate_mbit = 20.0
+emulate_latency_ms = 5.0
+""")
+    swarm.start_coordinator()
+    swarm.operate("pause")
+    swarm.start_worker("w0"), swarm.start_worker("w1")
+
+    def stage(s: dict, i: int) -> dict:
+        return next((w["metrics"] for w in s["workers"] if w["stage"] == i), {})
+
+    status = swarm.wait(lambda s: stage(s, 0).get("downstream_mbit", 0) > 0, 60, "stage 0's probe of its link")
+    first = stage(status, 0)
+    assert status["tickets"]["issued"] == 0 and first["bytes_sent"] == 0  # nothing crossed the link yet
+    assert 0 < first["downstream_mbit"] <= 20.0 * 1.02
+    assert (first["activation_codec"], first["gradient_codec"]) == ("q4", "q8")
+    swarm.operate("resume")
+    swarm.wait(done, 180, "the run to finish")
+    status = swarm.wait(lambda s: stage(s, 1).get("micro_batches", 0) == 6, 10, "the last heartbeats' metrics")
+    activations = 2 * 64 * 128  # values of one (2, 64) micro-batch at the tiny flavour's width
+    assert stage(status, 0)["bytes_sent"] == 6 * codec_nbytes(activations, "q4")
+    assert stage(status, 1)["bytes_sent"] == 6 * codec_nbytes(activations, "q8")
+    expected, _ = local_losses(swarm.config, 3)
+    assert [h["loss"] for h in status["history"]] == pytest.approx(expected, rel=2e-2)

@@ -5,7 +5,8 @@ import asyncio
 import pytest
 
 from gptjt_core.config import LinkConfig, PipelineConfig
-from worker.link_codecs import HYSTERESIS, LinkCodecChooser
+from worker.link_codecs import HYSTERESIS, PROBED_KEPT, LinkCodecChooser
+from worker.link_probe import PROBE_BYTES, LinkProber, bandwidth_is_a_lower_bound, link_mbit
 from worker.link_shaper import LinkShaper
 
 
@@ -69,6 +70,107 @@ def test_a_slow_link_gets_fewer_bits_and_a_fast_one_gets_them_back():
     assert set(c.links) == {"b:2"}
 
 
+def test_a_link_the_probe_found_slow_starts_on_the_slow_codecs_until_calls_measure_it():
+    c = _chooser()
+    c.forget_except(["a:1"])  # the plan: a:1 is the next stage
+    c.probe_measured("a:1", 40.0)  # under the 100 Mbit/s threshold: slow before any call
+    c.probe_measured("b:2", 900.0)
+    assert c.codecs("a:1") == ("q4", "q3") and c.codecs("b:2") == ("fp16", "fp16")
+    assert c.metrics() == {"downstream_mbit": 40.0, "activation_codec": "q4", "gradient_codec": "q3"}
+    # A new plan keeps the probe's figures (a probe comes before the plan that uses its link).
+    c.forget_except(["b:2"])
+    assert c.codecs("a:1") == ("q4", "q3")
+    assert c.metrics()["downstream_mbit"] == 900.0
+    # The first call replaces the probe's figure; a link judged slow needs the hysteresis to be fast.
+    c.observe("a:1", 1_000_000, 8 / (100.0 * (HYSTERESIS - 0.05)))
+    assert c.links["a:1"].mbit == pytest.approx(100.0 * (HYSTERESIS - 0.05)) and c.codecs("a:1") == ("q4", "q3")
+    c.observe("b:2", 1_000_000, 0.2)  # 40 Mbit/s by the call, whatever the probe said
+    assert c.codecs("b:2") == ("q4", "q3")
+    # A later probe does not overrule calls.
+    c.probe_measured("b:2", 900.0)
+    assert c.codecs("b:2") == ("q4", "q3")
+
+
+def test_probe_figures_are_bounded_and_nonsense_is_ignored():
+    c = _chooser()
+    c.probe_measured("x:0", 0.0)
+    c.probe_measured("x:0", float("nan"))
+    assert c.probed == {}
+    for i in range(PROBED_KEPT + 5):
+        c.probe_measured(f"h:{i}", 10.0)
+    assert len(c.probed) == PROBED_KEPT and "h:0" not in c.probed and f"h:{PROBED_KEPT + 4}" in c.probed
+    c.probe_measured("h:5", 10.0)  # measured again: the newest
+    assert list(c.probed)[-1] == "h:5"
+
+
+def test_the_prober_hands_the_chooser_only_figures_that_measured_the_bandwidth():
+    """A payload's extra time within round-trip noise gives only a lower bound (a fast far link
+    would read slow): the scheduler gets it, the codec chooser does not."""
+    assert bandwidth_is_a_lower_bound(rtt_s=0.100, transfer_s=0.102)  # 1 Gbit/s, 100 ms away
+    assert link_mbit(0.100, 0.102) == pytest.approx(PROBE_BYTES * 8 / (0.25 * 0.102) / 1e6)  # "at least" ~82
+    assert not bandwidth_is_a_lower_bound(rtt_s=0.030, transfer_s=0.051)  # ~100 Mbit/s, 30 ms away
+
+    class Client:
+        def __init__(self, rtts):
+            self.rtts = rtts
+
+        async def probe(self, address, payload_bytes):
+            return self.rtts[address]
+
+    seen = []
+    prober = LinkProber(Client({"far:1": (0.100, 0.102), "slow:2": (0.030, 0.051)}), max_age_s=60,
+                        on_bandwidth=lambda address, mbit: seen.append((address, mbit)))
+    _measure(prober, ["far:1", "slow:2"])
+    assert [r["address"] for r in prober.take()] == ["far:1", "slow:2"]  # both go to the coordinator
+    assert seen == [("slow:2", pytest.approx(PROBE_BYTES * 8 / 0.021 / 1e6))]
+
+
+def _measure(prober: LinkProber, addresses: list[str]) -> None:
+    async def go():
+        prober.request(addresses)
+        if prober._task is not None:
+            await prober._task
+    asyncio.run(go())
+
+
+def test_a_failed_probe_is_tried_again_while_the_coordinator_asks_for_it(monkeypatch):
+    """A peer whose server is still starting refuses the first probe; no new RunState may come
+    to ask again (a paused run), so the prober tries again by itself, and stops once nobody asks."""
+    import grpc
+
+    from worker import link_probe
+
+    monkeypatch.setattr(link_probe, "RETRY_S", 0.0)
+
+    class Client:
+        calls = 0
+
+        async def probe(self, address, payload_bytes):
+            Client.calls += 1
+            if Client.calls <= 3:
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                           "failed to connect")
+            return 0.030, 0.051
+
+    prober = LinkProber(Client(), max_age_s=60)
+    _measure(prober, ["b:1"])
+    assert Client.calls == 3 + 2 and [r["address"] for r in prober.take()] == ["b:1"]  # then 2 probe repeats
+    _measure(prober, ["b:1"])  # measured within max_age_s: not again
+    assert Client.calls == 5
+
+    class Gone:
+        calls = 0
+
+        async def probe(self, address, payload_bytes):
+            Gone.calls += 1
+            prober.request([])  # the coordinator stops asking (a newer RunState)
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone")
+
+    prober = LinkProber(Gone(), max_age_s=60)
+    _measure(prober, ["c:1"])
+    assert Gone.calls == 1 and prober.take() == []
+
+
 def test_without_adaptive_codecs_the_defaults_stay_and_nonsense_is_ignored():
     c = LinkCodecChooser(PipelineConfig(activation_codec="q8", gradient_codec="fp16"),
                          LinkConfig(adaptive_codecs=False, slow_link_mbit=100.0))
@@ -77,6 +179,8 @@ def test_without_adaptive_codecs_the_defaults_stay_and_nonsense_is_ignored():
     c.observe("a:1", 0, 1.0)
     c.observe("a:1", 1000, -0.5)  # compute time above wall time (clock noise): no measurement
     assert c.links["a:1"].mbit == pytest.approx(0.008)
+    c.probe_measured("b:2", 0.008)
+    assert c.codecs("b:2") == ("q8", "fp16")
 
 
 def test_link_config_refuses_bad_values():
