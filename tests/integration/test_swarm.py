@@ -335,11 +335,8 @@ def test_quantized_codecs_cut_link_bytes_and_stay_on_the_curve(swarm_factory):
     assert 0 < sent < fp32_bytes / 4
 
 
-def test_a_slow_link_is_measured_and_switched_to_fewer_bits(swarm_factory):
-    """An emulated 20 Mbit/s, 5 ms link between the stages: stage 0 measures it (never faster
-    than the shaper lets bytes through), switches that link to the slow codecs, says so in its
-    heartbeat metrics, and the run still follows train-local's losses."""
-    swarm = swarm_factory(steps=4, extra="""
+# An emulated 20 Mbit/s, 5 ms link between the stages; slow below 200 Mbit/s
+SLOW_LINK = """
 [link]
 adaptive_codecs = true
 slow_link_mbit = 200.0
@@ -347,7 +344,14 @@ slow_activation_codec = "q4"
 slow_gradient_codec = "q8"
 emulate_mbit = 20.0
 emulate_latency_ms = 5.0
-""")
+"""
+
+
+def test_a_slow_link_is_measured_and_switched_to_fewer_bits(swarm_factory):
+    """An emulated 20 Mbit/s, 5 ms link between the stages: stage 0 measures it (never faster
+    than the shaper lets bytes through), switches that link to the slow codecs, says so in its
+    heartbeat metrics, and the run still follows train-local's losses."""
+    swarm = swarm_factory(steps=4, extra=SLOW_LINK)
     swarm.start_coordinator()
     swarm.start_worker("w0"), swarm.start_worker("w1")
     swarm.wait(done, 180, "the run to finish")
@@ -375,15 +379,7 @@ def test_a_link_the_probe_found_slow_carries_its_first_micro_batch_in_fewer_bits
     stage 0 reports the probe's figure and the slow codecs; after the resume, every micro-batch
     travels in them, the first included: stage 0 sent exactly q4 activations, stage 1 exactly
     q8 gradients."""
-    swarm = swarm_factory(steps=3, placement="cost-model", min_workers=2, extra="""
-[link]
-adaptive_codecs = true
-slow_link_mbit = 200.0
-slow_activation_codec = "q4"
-slow_gradient_codec = "q8"
-emulate_mbit = 20.0
-emulate_latency_ms = 5.0
-""")
+    swarm = swarm_factory(steps=3, placement="cost-model", min_workers=2, extra=SLOW_LINK)
     swarm.start_coordinator()
     swarm.operate("pause")
     swarm.start_worker("w0"), swarm.start_worker("w1")
