@@ -114,6 +114,6 @@ NOISE_SHARE = 0.25  # of a payload round trip: below it, the payload's extra tim
 def bandwidth_is_a_lower_bound(rtt_s: float, transfer_s: float) -> bool:
     """Whether link_mbit's figure only says "at least this fast": the payload's extra time was
     within round-trip noise. Such a figure of a fast link far away (1 Gbit/s, 100 ms) reads ~80
-    Mbit/s, so the codec chooser takes no such figure; the scheduler's cost model may (a link
-    that fast rarely decides a plan)."""
+    Mbit/s, so the codec chooser takes no such figure. The coordinator is sent it all the same,
+    as it always was, and its cost model takes it as the link's bandwidth (not yet told apart)."""
     return transfer_s - rtt_s <= NOISE_SHARE * transfer_s
