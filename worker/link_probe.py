@@ -3,11 +3,13 @@
 The coordinator names, in RunState.measure_links, the stage addresses whose link from this
 worker a plan needs and nobody measured recently. The worker measures them one at a time in
 the background (a probe is an empty round trip, then PROBE_BYTES of payload, best of
-PROBE_REPEATS), and the results ride on the next heartbeat. Bounded work: one probe in
-flight, each address at most once per max_age_s (a failed one again after RETRY_S while it is
-still asked for), at most PROBE_BYTES x PROBE_REPEATS bytes a probe. A figure that measured the
-bandwidth, not only a lower bound of it (bandwidth_is_a_lower_bound), also goes to `on_bandwidth`:
-the codec chooser, so that a slow link's first micro-batches already travel in fewer bits.
+PROBE_REPEATS; 4x the payload, up to MAX_PROBE_BYTES, while its time stays within round-trip
+noise), and the results ride on the next heartbeat. Bounded work: one probe in flight, each
+address at most once per max_age_s (a failed one again after RETRY_S while it is still asked
+for), at most ~1.3 x MAX_PROBE_BYTES x PROBE_REPEATS bytes a probe. A figure that measured the
+bandwidth, not only a lower bound of it (bandwidth_is_a_lower_bound), also goes to
+`on_bandwidth`: the codec chooser, so that a slow link's first micro-batches already travel in
+fewer bits.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import grpc
 from gptjt_core.background import start_background
 from gptjt_core.wire_checks import MAX_LINKS
 
+from .service import MAX_PROBE_BYTES
 from .transport import StageClient
 
 log = logging.getLogger("gptjt.worker")
@@ -74,14 +77,19 @@ class LinkProber:
 
     async def _measure(self, address: str) -> bool:
         """Probe one link; False when it could not be measured (it is tried again)."""
+        payload = PROBE_BYTES
         try:
-            rtt, transfer = min([await self.client.probe(address, PROBE_BYTES) for _ in range(PROBE_REPEATS)],
-                                key=lambda r: r[1])
+            while True:
+                rtt, transfer = min([await self.client.probe(address, payload) for _ in range(PROBE_REPEATS)],
+                                    key=lambda r: r[1])
+                if not bandwidth_is_a_lower_bound(rtt, transfer) or payload >= MAX_PROBE_BYTES:
+                    break
+                payload *= 4  # the payload's time was within round-trip noise: a larger one shows the bandwidth
         except grpc.aio.AioRpcError as e:
             log.info("link probe to %s failed (%s: %s); trying again in %.0f s while the coordinator asks",
                      address, e.code().name, e.details(), RETRY_S)
             return False
-        mbit = link_mbit(rtt, transfer)
+        mbit = link_mbit(rtt, transfer, payload)
         if mbit is None:
             log.info("link probe to %s timed nothing (round trip %.3g s, transfer %.3g s); trying again in %.0f s",
                      address, rtt, transfer, RETRY_S)
@@ -95,8 +103,8 @@ class LinkProber:
         return True
 
 
-def link_mbit(rtt_s: float, transfer_s: float) -> float | None:
-    """Mbit/s from an empty round trip and a PROBE_BYTES round trip (seconds), or None when the
+def link_mbit(rtt_s: float, transfer_s: float, payload_bytes: int = PROBE_BYTES) -> float | None:
+    """Mbit/s from an empty round trip and a `payload_bytes` round trip (seconds), or None when the
     clock saw no time pass (a coarse clock, a suspended process): no figure beats a wrong one.
 
     The payload's extra time over an empty round trip is its serialisation on the link. Within
@@ -105,7 +113,7 @@ def link_mbit(rtt_s: float, transfer_s: float) -> float | None:
     serialisation = max(transfer_s - rtt_s, NOISE_SHARE * transfer_s)
     if not serialisation > 0 or rtt_s < 0:
         return None
-    return PROBE_BYTES * 8 / serialisation / 1e6
+    return payload_bytes * 8 / serialisation / 1e6
 
 
 NOISE_SHARE = 0.25  # of a payload round trip: below it, the payload's extra time is round-trip noise
@@ -113,7 +121,9 @@ NOISE_SHARE = 0.25  # of a payload round trip: below it, the payload's extra tim
 
 def bandwidth_is_a_lower_bound(rtt_s: float, transfer_s: float) -> bool:
     """Whether link_mbit's figure only says "at least this fast": the payload's extra time was
-    within round-trip noise. Such a figure of a fast link far away (1 Gbit/s, 100 ms) reads ~80
-    Mbit/s, so the codec chooser takes no such figure. The coordinator is sent it all the same,
-    as it always was, and its cost model takes it as the link's bandwidth (not yet told apart)."""
+    within round-trip noise. A probe then grows its payload up to MAX_PROBE_BYTES: at
+    PROBE_BYTES a 1 Gbit/s link 100 ms away reads "at least 82 Mbit/s", which would price it as a
+    slow link in the scheduler's cost model; at 4 MiB it reads 1 Gbit/s. What stays a lower bound
+    at 4 MiB is at least ~1.3 Gbit/s at 100 ms (less far, more): the coordinator gets it as the
+    bandwidth, the codec chooser does not take it."""
     return transfer_s - rtt_s <= NOISE_SHARE * transfer_s

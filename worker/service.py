@@ -29,6 +29,7 @@ from .wire import data_chunks
 
 log = logging.getLogger(__name__)
 
+MAX_PROBE_BYTES = 4 << 20  # a link probe's payload (worker/link_probe.py grows one up to this)
 CATCH_UP_S = 2.0  # how long a micro-batch of a step this worker does not know open yet waits for it
 
 # Downstream failures the caller should see as they are; anything else becomes ABORTED ("a stage
@@ -66,9 +67,10 @@ class StageService(pb_grpc.StageServicer):
 
     async def Probe(self, request, context):
         """A link measurement (worker/link_probe.py): the payload is only counted."""
-        if len(request.payload) > 4 << 20:
+        if len(request.payload) > MAX_PROBE_BYTES:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                f"probe payload of {len(request.payload)} bytes; a probe carries at most 4 MiB")
+                                f"probe payload of {len(request.payload)} bytes; a probe carries at most "
+                                f"{MAX_PROBE_BYTES} bytes")
         return pb.ProbeReply(received_bytes=len(request.payload))
 
     async def Process(self, request_iterator, context):

@@ -6,7 +6,7 @@ import pytest
 
 from gptjt_core.config import LinkConfig, PipelineConfig
 from worker.link_codecs import HYSTERESIS, PROBED_KEPT, LinkCodecChooser
-from worker.link_probe import PROBE_BYTES, LinkProber, bandwidth_is_a_lower_bound, link_mbit
+from worker.link_probe import MAX_PROBE_BYTES, PROBE_BYTES, LinkProber, bandwidth_is_a_lower_bound, link_mbit
 from worker.link_shaper import LinkShaper
 
 
@@ -103,26 +103,42 @@ def test_probe_figures_are_bounded_and_nonsense_is_ignored():
     assert list(c.probed)[-1] == "h:5"
 
 
-def test_the_prober_hands_the_chooser_only_figures_that_measured_the_bandwidth():
-    """A payload's extra time within round-trip noise gives only a lower bound (a fast far link
-    would read slow): the scheduler gets it, the codec chooser does not."""
-    assert bandwidth_is_a_lower_bound(rtt_s=0.100, transfer_s=0.102)  # 1 Gbit/s, 100 ms away
-    assert link_mbit(0.100, 0.102) == pytest.approx(PROBE_BYTES * 8 / (0.25 * 0.102) / 1e6)  # "at least" ~82
-    assert not bandwidth_is_a_lower_bound(rtt_s=0.030, transfer_s=0.051)  # ~100 Mbit/s, 30 ms away
+class FakeLinks:
+    """Probe round trips over links of a given bandwidth and round trip: (rtt, rtt + payload's bits / rate)."""
 
-    class Client:
-        def __init__(self, rtts):
-            self.rtts = rtts
+    def __init__(self, links: dict[str, tuple[float, float]]):  # address -> (Mbit/s, round trip in s)
+        self.links, self.payloads = links, []
 
-        async def probe(self, address, payload_bytes):
-            return self.rtts[address]
+    async def probe(self, address, payload_bytes):
+        mbit, rtt = self.links[address]
+        self.payloads.append(payload_bytes)
+        return rtt, rtt + payload_bytes * 8 / (mbit * 1e6)
 
+
+def test_a_probe_grows_until_the_bandwidth_shows_and_only_measured_figures_reach_the_chooser():
+    """A payload's extra time within round-trip noise gives only a lower bound: 256 KiB over a
+    1 Gbit/s link 100 ms away reads "at least 82 Mbit/s". The probe grows its payload 4x at a
+    time up to MAX_PROBE_BYTES until the bandwidth shows; what is still only a bound there goes
+    to the coordinator (as before) but not to the codec chooser."""
+    assert bandwidth_is_a_lower_bound(rtt_s=0.100, transfer_s=0.102)
+    assert link_mbit(0.100, 0.102) == pytest.approx(PROBE_BYTES * 8 / (0.25 * 0.102) / 1e6)  # ~82
+    assert not bandwidth_is_a_lower_bound(rtt_s=0.030, transfer_s=0.051)
+
+    links = FakeLinks({"slow:1": (100.0, 0.030), "far:2": (1000.0, 0.100), "fat:3": (10_000.0, 0.100)})
     seen = []
-    prober = LinkProber(Client({"far:1": (0.100, 0.102), "slow:2": (0.030, 0.051)}), max_age_s=60,
-                        on_bandwidth=lambda address, mbit: seen.append((address, mbit)))
-    _measure(prober, ["far:1", "slow:2"])
-    assert [r["address"] for r in prober.take()] == ["far:1", "slow:2"]  # both go to the coordinator
-    assert seen == [("slow:2", pytest.approx(PROBE_BYTES * 8 / 0.021 / 1e6))]
+    prober = LinkProber(links, max_age_s=60, on_bandwidth=lambda address, mbit: seen.append((address, mbit)))
+    _measure(prober, ["slow:1"])
+    assert links.payloads == [PROBE_BYTES] * 2 and seen == [("slow:1", pytest.approx(100.0))]
+    links.payloads.clear()
+    _measure(prober, ["far:2", "fat:3"])
+    assert links.payloads == [PROBE_BYTES] * 2 + [4 * PROBE_BYTES] * 2 + [MAX_PROBE_BYTES] * 2 + [
+        PROBE_BYTES] * 2 + [4 * PROBE_BYTES] * 2 + [MAX_PROBE_BYTES] * 2
+    assert MAX_PROBE_BYTES == 16 * PROBE_BYTES
+    reported = {r["address"]: r["mbit"] for r in prober.take()}
+    assert reported["slow:1"] == pytest.approx(100.0) and reported["far:2"] == pytest.approx(1000.0)
+    assert reported["fat:3"] == pytest.approx(MAX_PROBE_BYTES * 8 / (0.25 * (0.100 + MAX_PROBE_BYTES * 8 / 1e10)) / 1e6)
+    assert 1200 < reported["fat:3"] < 10_000  # at least ~1.3 Gbit/s: a bound, sent to the coordinator ...
+    assert [a for a, _ in seen] == ["slow:1", "far:2"]  # ... not to the codec chooser
 
 
 def _measure(prober: LinkProber, addresses: list[str]) -> None:
