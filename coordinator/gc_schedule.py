@@ -47,8 +47,8 @@ def collect_fully_if_due(last_s: float, every_s: float = FULL_COLLECTION_EVERY_S
                          now_s: float | None = None) -> float:
     """For a process with no event loop: a full collection if `every_s` seconds have passed since
     `last_s`; returns when the last one ran. `now_s` is time.monotonic() unless the caller keeps
-    its own clock (the status process between builds uses the wall; bench churn, which drives the
-    real ledger, passes its virtual time so that it collects as often as the coordinator would)."""
+    its own clock: the status process, between builds, passes none; bench churn, which drives the
+    real ledger, passes its virtual time so that it collects as often as the coordinator would."""
     now = time.monotonic() if now_s is None else now_s
     if now - last_s < every_s:
         return last_s
