@@ -390,7 +390,9 @@ def test_a_link_the_probe_found_slow_carries_its_first_micro_batch_in_fewer_bits
     status = swarm.wait(lambda s: stage(s, 0).get("downstream_mbit", 0) > 0, 60, "stage 0's probe of its link")
     first = stage(status, 0)
     assert status["tickets"]["issued"] == 0 and first["bytes_sent"] == 0  # nothing crossed the link yet
-    assert 0 < first["downstream_mbit"] <= 20.0 * 1.02
+    # The probe's bandwidth, latency out: the emulated 20 Mbit/s to within timer noise (20.56 seen
+    # on loaded cores)
+    assert first["downstream_mbit"] == pytest.approx(20.0, rel=0.1)
     assert (first["activation_codec"], first["gradient_codec"]) == ("q4", "q8")
     swarm.operate("resume")
     swarm.wait(done, 180, "the run to finish")
