@@ -161,13 +161,15 @@ FIGURES: tuple[Figure, ...] = (
            "could save)", "`step_s_fp16` over `step_s_chosen` minus `tail_s_chosen`"),
     Figure("link", "speedup_without_bubble", "speedup if the whole bubble were gone (a step of micro-batches x "
            "period)", "`step_s_fp16` over micro-batches x `period_s_chosen`"),
-    Figure("gradsync", "grad_bytes_ratio_vs_fp32", "gradient-sync bytes per optimizer step, fp32 over ours",
+    Figure("gradsync", "grad_bytes_ratio_vs_fp32", "gradient-sync bytes per optimizer step, fp32 over ours "
+           "(full form: the median of the chosen setting's runs)",
            "fp32 all-reduce every step", _g(">=", 400, "issue 18"), headline=True,
            published="CocktailSGD 117x; DiLoCo / INTELLECT-1 ~400x"),
-    Figure("gradsync", "loss_gap_pct", "loss gap after the run, ours (`chosen`) vs every-step (%)",
+    Figure("gradsync", "loss_gap_pct", "loss gap after the run, ours (`chosen`) vs every-step (%) (full form: the "
+           "median of the chosen setting's runs)",
            "every-step all-reduce's loss", _g("<=", 2, "issue 5"), headline=True),
     Figure("gradsync", "heldout_loss_gap_pct", "held-out loss gap of the final models (training objective), ours "
-           "vs every-step (%)", "every-step's final model on the same held-out examples", _g("<=", 2, "issue 18"),
+           "vs every-step (%) (full form: the median of the chosen setting's runs)", "every-step's final model on the same held-out examples", _g("<=", 2, "issue 18"),
            headline=True),
     Figure("gradsync", "fp32_allreduce_bytes_per_step", "bytes per replica per step, fp32 all-reduce"),
     Figure("gradsync", "chosen_bytes_per_step", "bytes per replica per step, ours (`chosen`)"),

@@ -30,8 +30,14 @@ and codebooks): ~640x for (80, 0.5) and (110, 1), which send the same traffic (h
 at 4 outer steps, all of them at 2), and ~425x for (100, 1), which spends a third outer step on
 the gap while staying above the 400x goal. The figures are of the one with the most
 bytes saved within the loss goal, or with none within it the one with the smallest gap (all are
-reported). Steps and their seconds are counted over the whole run from its ledger (the status
-object lists the newest 200 steps only). The baseline's
+reported). That setting is then run REPEATS - 1 times more, and its figures are the medians of its
+REPEATS runs, each from the run at that median (`repeats` lists every run): one run of one
+setting moved its training gap by up to 1.35 points between runs (routing decides which replica
+sees which micro-batch), so one run could not tell which side of the goal a setting is on. The
+first of the REPEATS runs is the one the sweep chose it by, which favours it a little; the
+other settings of the sweep have read well above the goal in every run so far. Steps and their
+seconds are counted over the whole run from its ledger (the status object lists the newest
+200 steps only). The baseline's
 loss over 321 steps is train-local's on the same config: an every-step swarm with float64
 buffers trains exactly as train-local does (tests/integration/test_replicas.py holds their
 losses to 1e-5), and on 2 shared cores it takes ~3x as long. Its bytes per step are measured
@@ -63,6 +69,7 @@ FULL_STEPS = 321  # ends on an outer step (at 320) for outer_every 40, 80 and 16
 # which the training-loss gap is read, are 18-20 steps past an average instead of ~100 or ~160.
 FULL_SWEEP = ((80, 0.5), (100, 1.0), (110, 1.0))
 LOSS_GOAL_PCT = 2.0
+REPEATS = 3  # runs of the setting the sweep picks; the full form's figures are their medians
 BASELINE_BYTES_STEPS = 11
 HELDOUT_SEQUENCES = 512  # of seq_len 32: 16k of the held-out text's ~75k tokens
 HELDOUT = Path(__file__).resolve().parent.parent / "data" / "demo" / "heldout.jsonl.gz"
@@ -124,7 +131,7 @@ def settings(quick: bool) -> dict:
                 "chosen": "local-steps + 8bit-blockwise"}
     return {**common, "sweep": [list(p) for p in FULL_SWEEP], "steps": FULL_STEPS,
             "baseline_loss": f"train-local, {FULL_STEPS} steps", "baseline_bytes_steps": BASELINE_BYTES_STEPS,
-            "chosen": "local-steps + 8bit-blockwise + random-k (outer_density) with error feedback"}
+            "repeats": REPEATS, "chosen": "local-steps + 8bit-blockwise + random-k (outer_density) with error feedback"}
 
 
 def _chosen_name(density: float) -> str:
@@ -157,15 +164,41 @@ def run(quick: bool = False) -> dict:
                 "chosen": "local-steps + 8bit-blockwise", **common}
     baseline = {**_run("every-step", "none", BASELINE_BYTES_STEPS, OUTER_EVERY), **_local_final_loss(FULL_STEPS),
                 "steps": BASELINE_BYTES_STEPS}  # bytes per step from the swarm, the loss from train-local
-    sweep = []
-    for outer_every, density in FULL_SWEEP:
-        chosen = _run("local-steps", "8bit-blockwise", FULL_STEPS, outer_every, f"outer_density = {density}\n")
-        sweep.append({**_compare(baseline, chosen), "outer_every": outer_every, "outer_density": density})
+    sweep = [_chosen_run(baseline, outer_every, density) for outer_every, density in FULL_SWEEP]
     within = [s for s in sweep if s["loss_gap_pct"] <= LOSS_GOAL_PCT]
-    best = (max(within, key=lambda s: s["grad_bytes_ratio_vs_fp32"]) if within
-            else min(sweep, key=lambda s: s["loss_gap_pct"]))
-    return {**best, "steps": FULL_STEPS, "loss_goal_met": bool(within), "chosen": _chosen_name(best["outer_density"]),
-            "sweep": [{k: s[k] for k in ("outer_every", "outer_density", "grad_bytes_ratio_vs_fp32", "loss_gap_pct",
-                                         "heldout_loss_gap_pct", "chosen_final_loss", "chosen_heldout_loss",
-                                         "chosen_failed_rounds", "chosen_step_reruns")}
-                      for s in sweep], **common}
+    first = (max(within, key=lambda s: s["grad_bytes_ratio_vs_fp32"]) if within
+             else min(sweep, key=lambda s: s["loss_gap_pct"]))
+    runs = [first] + [_chosen_run(baseline, first["outer_every"], first["outer_density"])
+                      for _ in range(REPEATS - 1)]
+    figures = _medians(runs)
+    return {**figures, "steps": FULL_STEPS, "loss_goal_met": figures["loss_gap_pct"] <= LOSS_GOAL_PCT,
+            "chosen": _chosen_name(first["outer_density"]), "repeats": [_summary(r) for r in runs],
+            "sweep": [_summary(s) for s in sweep], **common}
+
+
+def _chosen_run(baseline: dict, outer_every: int, density: float) -> dict:
+    chosen = _run("local-steps", "8bit-blockwise", FULL_STEPS, outer_every, f"outer_density = {density}\n")
+    return {**_compare(baseline, chosen), "outer_every": outer_every, "outer_density": density}
+
+
+def _summary(run: dict) -> dict:
+    return {k: run[k] for k in ("outer_every", "outer_density", "grad_bytes_ratio_vs_fp32", "loss_gap_pct",
+                                "heldout_loss_gap_pct", "chosen_final_loss", "chosen_heldout_loss",
+                                "chosen_failed_rounds", "chosen_step_reruns")}
+
+
+# Each median figure with the figures that belong to the same run (a gap with the losses it is of).
+_MEDIAN_GROUPS = (("loss_gap_pct", ("chosen_final_loss", "chosen_seconds", "chosen_failed_rounds",
+                                    "chosen_step_reruns")),
+                  ("heldout_loss_gap_pct", ("chosen_heldout_loss",)),
+                  ("grad_bytes_ratio_vs_fp32", ("chosen_bytes_per_step",)))
+
+
+def _medians(runs: list[dict]) -> dict:
+    """The runs' median of each figure in _MEDIAN_GROUPS, taken with its group from the run at that
+    median (an odd count of runs: the median is a run's own figure); the rest from the first run."""
+    figures = dict(runs[0])
+    for key, companions in _MEDIAN_GROUPS:
+        middle = sorted(runs, key=lambda r: r[key])[len(runs) // 2]
+        figures.update({k: middle[k] for k in (key, *companions)})
+    return figures
