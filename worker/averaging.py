@@ -24,6 +24,8 @@ import logging
 import multiprocessing as mp
 import os
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +37,7 @@ from gptjt_core.sidecar import private_socket_dir, remove_socket_dir
 from .averaging_sidecar import COMPRESSIONS, serve
 
 log = logging.getLogger(__name__)
+WANTED_POLL_S = 0.2  # how often a waiting round asks whether it is still wanted (a cancel comes that late)
 
 
 @dataclass
@@ -60,8 +63,10 @@ def sum_alone(grads: list[torch.Tensor], micro_batches: int, total_micro_batches
 class StageAverager:
     """Sums one stage's gradients across its replicas: hivemind in a spawned sidecar process.
 
-    max_group: the most replicas a stage can have; a round starts after matchmaking_s with at
-    least two of them, so the survivors of a lost replica still average.
+    max_group: the most replicas a stage can have. A round's group is exactly the step's members
+    (`expected_group` of sum_gradients): it starts as soon as all of them have joined and never
+    with fewer (averaging_sidecar._members_averager_class says why); a lost member is the
+    coordinator's to drop.
     initial_peers: multiaddrs of DHT peers to join (the coordinator's, live workers'); [] starts a new DHT.
     layers: the stage's layer range (start, end): part of the group key, so replicas that hold
     different ranges (a re-plan some have not applied yet) never meet in a round.
@@ -116,16 +121,20 @@ class StageAverager:
 
     def sum_gradients(self, grads: list[torch.Tensor], micro_batches: int, total_micro_batches: int,
                       expected_group: int, contribute: bool = True, tag: tuple = (), worker_id: str = "",
-                      members: list[str] | None = None, member_peers: list[str] | None = None) -> RoundResult:
+                      members: list[str] | None = None, member_peers: list[str] | None = None,
+                      wanted: Callable[[], bool] | None = None) -> RoundResult:
         """Replace `grads` (in place) by the stage's full-batch gradient across replicas.
 
-        expected_group: replicas taking part (1: no round, only the M / W scaling).
+        expected_group: replicas taking part, the step's members of this stage (1: no round, only
+        the M / W scaling); the round waits for all of them, up to the timeout.
         contribute: False for a refused replica: it sends zeros with weight 0 and receives the sum.
         tag: e.g. (step, attempt); a group whose members disagree on it is a failed round.
         worker_id, members: who we are, and the replicas the coordinator made members of the step:
         a round with anyone else (the ghost of a replica declared dead) is a failed round.
         member_peers: the members' DHT peer ids (as the coordinator knows them from their
         heartbeats); libp2p authenticates a peer id, so an outsider cannot pass as a member.
+        wanted: asked while the round waits; False abandons it (the step's members changed, so
+        the group it waits for will never form: the caller retries with the new members).
         On failure (no group, timeout, mismatched tags) `grads` are left unchanged.
         """
         shapes = [g.shape for g in grads]
@@ -146,7 +155,7 @@ class StageAverager:
             else:
                 buf.zero_()
         status, detail = self._exchange({"tag": list(tag), "micro_batches": mine, "worker": worker_id},
-                                         1.0 if mine > 0 else 0.0)
+                                         1.0 if mine > 0 else 0.0, expected_group, wanted)
         if status == "partial":  # a group formed, and hivemind lost parts of the round
             why, size = detail
             log.warning("averaging round failed (%s)", why)
@@ -154,7 +163,7 @@ class StageAverager:
         if status != "ok":
             log.warning("averaging round failed (%s)", detail)
             return RoundResult(False, 0, 0.0, detail)
-        problem = _refusal(detail, tag, members, member_peers)
+        problem = _refusal(detail, tag, members, member_peers, expected_group)
         if problem:
             log.warning("discarding an averaging round: %s", problem)
             return RoundResult(False, len(detail), 0.0, problem)
@@ -168,15 +177,23 @@ class StageAverager:
             g.copy_((buf * scale).to(g.dtype))
         return RoundResult(True, len(infos), weight)
 
-    def _exchange(self, info: dict, weight: float) -> tuple[str, object]:
-        """One round through the sidecar: ("ok", [(peer, info), ...]), ("partial", (why, group
-        size)) or (a failure, why)."""
+    def _exchange(self, info: dict, weight: float, group_size: int,
+                  wanted: Callable[[], bool] | None) -> tuple[str, object]:
+        """One round of a group of `group_size` peers through the sidecar: ("ok", [(peer, info),
+        ...]), ("partial", (why, group size)) or (a failure, why). When `wanted()` turns False the
+        sidecar is told to cancel the round, and its answer (a failure) is awaited."""
         self._seq += 1
+        deadline, cancelled = time.monotonic() + 2 * self.timeout + 15, False
         try:
-            self._conn.send(("step", self._seq, info, weight))
+            self._conn.send(("step", self._seq, info, weight, group_size))
             while True:  # a reply to a round we gave up on may still be in the pipe: skip it
-                if not self._conn.poll(2 * self.timeout + 15):
-                    return "failed", "the averaging process stopped answering"
+                if not self._conn.poll(WANTED_POLL_S):
+                    if time.monotonic() > deadline:
+                        return "failed", "the averaging process stopped answering"
+                    if not cancelled and wanted is not None and not wanted():
+                        self._conn.send(("cancel", self._seq))
+                        cancelled = True
+                    continue
                 status, seq, detail = self._conn.recv()
                 if seq == self._seq:
                     return status, detail
@@ -207,11 +224,14 @@ class StageAverager:
 
 
 def _refusal(group: list[tuple[str, dict]], tag: tuple, members: list[str] | None,
-             member_peers: list[str] | None) -> str:
-    """Why a finished round must not be used ("" if it may): a DHT peer that is not one of the
-    step's members (an outsider, or the averager of a replica declared dead), a non-member worker
-    id, or members that were averaging different step attempts."""
+             member_peers: list[str] | None, expected: int) -> str:
+    """Why a finished round must not be used ("" if it may): fewer peers than the `expected`
+    members (their sum leaves out a member's micro-batches, which the others will not), a DHT peer
+    that is not one of the step's members (an outsider, or the averager of a replica declared
+    dead), a non-member worker id, or members that were averaging different step attempts."""
     peers, infos = [p for p, _ in group], [i for _, i in group]
+    if len(group) < expected:
+        return f"the group had {len(group)} of the step's {expected} members"
     intruders = sorted(set(peers) - set(member_peers)) if member_peers is not None else []
     if intruders:
         return f"the group included non-member DHT peer(s) {intruders}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import time
 
 import torch
 import torch.multiprocessing
@@ -50,7 +51,6 @@ def serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_madd
     # re-shares, i.e. copies, any tensor shared another way: the sidecar would average a copy.
     os.environ["HIVEMIND_MEMORY_SHARING_STRATEGY"] = torch.multiprocessing.get_sharing_strategy()
     import hivemind
-    from hivemind.averaging import DecentralizedAverager
     from hivemind.p2p import P2P
 
     from gptjt_core.dht_authorizer import RunMemberAuthorizer
@@ -70,7 +70,7 @@ def serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_madd
         # our address), and the worker rebuilds us from fresh peers if rounds keep failing.
         log.warning("no DHT bootstrap peer answered (%s); starting alone", e)
         dht = hivemind.DHT(initial_peers=None, host_maddrs=[host_maddr], authorizer=authorizer, start=True)
-    averager = DecentralizedAverager(
+    averager = _members_averager_class()(
         buffers, dht, prefix=prefix, target_group_size=max_group, min_group_size=min(2, max_group),
         min_matchmaking_time=matchmaking_s,
         request_timeout=min(1.0, matchmaking_s / 2),  # hivemind: above the matchmaking time it can deadlock
@@ -86,19 +86,58 @@ def serve(conn, buffers: list[torch.Tensor], initial_peers: list[str], host_madd
         dht.shutdown()
 
 
+def _members_averager_class():
+    """hivemind's DecentralizedAverager, told before each round how many peers its group must have.
+
+    Built with min_group_size 2 and target_group_size max_group (replicas_per_stage), hivemind
+    starts a round with any 2 peers once matchmaking_s has passed. With three members alive, two
+    could start without the third at every try (seen on loaded cores, 2026-12-06): their sums
+    leave out the third's micro-batches, the third never averages, and the step stalls until the
+    coordinator restarts it and at last falls back to one replica. The step's members are known
+    (the coordinator names them), so each round's group is exactly that many: it starts as soon
+    as all of them have joined (no matchmaking_s wait when the stage is short of max_group) and
+    never with fewer. A member lost for good is the coordinator's to drop: its next attempt
+    names one member fewer."""
+    from hivemind.averaging import DecentralizedAverager
+    from hivemind.utils.mpfuture import MPFuture
+
+    class MembersAverager(DecentralizedAverager):
+        def expect_group(self, size: int) -> None:
+            """Make the next rounds' groups exactly `size` peers (2 .. target_group_size given at
+            construction); returns once the averager's process has taken it."""
+            future = MPFuture()
+            self._outer_pipe.send(("_expect_group", [], dict(size=size, future=future)))
+            future.result(timeout=30)
+
+        async def _expect_group(self, size: int, future: MPFuture) -> None:
+            # Runs in the averager's own process, before any round asked for after it: the
+            # process starts a task per message in the order they come.
+            try:
+                matchmaking = self._matchmaking
+                matchmaking.min_group_size = matchmaking.target_group_size = size
+                future.set_result(None)
+            except Exception as e:
+                future.set_exception(e)
+
+    return MembersAverager
+
+
 def _answer_rounds(conn, averager, timeout: float, lost) -> None:
     """Run each round the worker asks for and send back its group's infos, or why it failed."""
     while True:
         message = conn.recv()
         if message[0] == "stop":
             return
-        _, seq, gather, weight = message
+        if message[0] == "cancel":  # of a round that ended before the worker's cancel came
+            continue
+        _, seq, gather, weight, group_size = message
         lost_before = lost.value
+        averager.expect_group(group_size)
         # No retries inside hivemind: a failed attempt that lost parts would be counted
         # against the retry; the worker retries the round itself.
         control = averager.step(gather=gather, weight=weight, timeout=timeout, allow_retries=False, wait=False)
         try:
-            group = control.result(timeout=2 * timeout + 5)  # matchmaking + all-reduce, bounded
+            group = _await_group(conn, control, 2 * timeout + 5)  # matchmaking + all-reduce, bounded
             if not group:
                 conn.send(("failed", seq, "no group"))
             elif lost.value != lost_before:  # failed, but a group formed: the DHT works
@@ -107,6 +146,33 @@ def _answer_rounds(conn, averager, timeout: float, lost) -> None:
             else:
                 # each peer's id (authenticated by libp2p: derived from its key) with what it gathered
                 conn.send(("ok", seq, [(str(peer), info) for peer, info in group.items()]))
+        except _Stopped:
+            control.cancel()
+            return
         except Exception as e:  # hivemind raises on a failed round; the step must not stall
             control.cancel()
             conn.send(("failed", seq, f"{type(e).__name__}: {e}"))
+
+
+class _Stopped(Exception):
+    """The worker asked the sidecar to stop while a round was under way."""
+
+
+POLL_S = 0.01  # how often a round's wait looks at the worker's pipe: adds at most this to a round
+
+
+def _await_group(conn, control, limit_s: float):
+    """The round's result (hivemind's group infos), waiting at most limit_s. The worker may cancel
+    the round meanwhile (the step's members changed: the group it waits for will never form)."""
+    deadline = time.monotonic() + limit_s
+    while not control.done():
+        if conn.poll(POLL_S):
+            message = conn.recv()
+            if message[0] == "stop":
+                raise _Stopped()
+            if message[0] == "cancel":
+                raise RuntimeError("cancelled by the worker: the step's members changed while the round looked "
+                                   "for its group")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the round had no result after {limit_s:.0f} s")
+    return control.result()

@@ -214,6 +214,7 @@ class StepFollower:
         if stage.attempt != (step, attempt):  # the step moved on while this waited its turn
             return RoundResult(False, 0, 0.0), 0.0
         averager, expected = self.averagers.averager, len(members)
+        wanted = lambda: self._round_wanted(step, attempt, members)  # noqa: E731
         if stage.local_steps:  # an outer step: the replicas' mean pseudo-gradient, applied in APPLYING
             deltas = stage.outer_contribution(step)
             # The pseudo-gradient sums inner steps already accepted; this step's verdict on the
@@ -224,7 +225,7 @@ class StepFollower:
                           "without contributing", step)
             if expected > 1:
                 res = averager.sum_gradients(deltas, 1, 1, expected, finite, tag=tag, worker_id=self.worker_id,
-                                             members=members, member_peers=peers)
+                                             members=members, member_peers=peers, wanted=wanted)
             else:
                 res = sum_alone(deltas, 1 if finite else 0, 1)
             if not res.summed or stage.attempt != (step, attempt):
@@ -234,10 +235,18 @@ class StepFollower:
         grads, mbs, total = stage.gradients(), stage.step_micro_batches, self.run.train.micro_batches_per_step
         if expected > 1:
             res = averager.sum_gradients(grads, mbs, total, expected, contribute, tag=tag, worker_id=self.worker_id,
-                                         members=members, member_peers=peers)
+                                         members=members, member_peers=peers, wanted=wanted)
         else:
             res = sum_alone(grads, mbs if contribute else 0, total)
         return res, (stage.grad_norm_sq() if res.summed else 0.0)
+
+    def _round_wanted(self, step: int, attempt: int, members: list[str]) -> bool:
+        """Is a round of these members still what the step needs? (Asked from the compute thread
+        while the round waits for its group: a group is exactly the members, so one the
+        coordinator dropped, e.g. dead, would hold the others until the round's timeout.)"""
+        state = self.current()
+        return (state is not None and (state.phase, state.step, state.attempt) == (cpb.AVERAGING, step, attempt)
+                and set(state.assignment.peer_ids) == set(members))
 
     def _summed(self, stage: LayerSlice, step: int, result: RoundResult) -> None:
         if stage.local_steps:

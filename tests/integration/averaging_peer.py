@@ -11,6 +11,10 @@ import time
 import torch
 
 
+MATCHMAKING_S = 3.0
+LATE_S = MATCHMAKING_S + 2.0
+
+
 def run_member(workdir: str, role: str):
     """This peer's access to the test's DHT: a token for its own key from the authority key the
     test wrote (as the coordinator signs one at Join)."""
@@ -27,6 +31,9 @@ def main() -> None:
     expected, total = int(sys.argv[6]), int(sys.argv[7])
     timeout, stall_s = float(sys.argv[8]), float(sys.argv[9])
     members = sys.argv[10].split(",") if len(sys.argv) > 10 and sys.argv[10] else None  # the step's members
+    # The test's stand-in for the coordinator declaring the vanished member dead: from then on the
+    # step names one member fewer, and a round still waiting for the old members is not wanted.
+    dropped = f"{workdir}/dropped"
     peers_file = f"{workdir}/peers"
     initial = []
     if role != "first":
@@ -35,7 +42,7 @@ def main() -> None:
         initial = open(peers_file).read().split()
     grads = [torch.full((64, 33), float(value)), torch.full((17,), -float(value))]
     averager = StageAverager(initial, "test", 0, [g.shape for g in grads], max_group=expected,
-                             compression=compression, matchmaking_s=3.0, timeout=timeout,
+                             compression=compression, matchmaking_s=MATCHMAKING_S, timeout=timeout,
                              stall_first_send_s=stall_s if role == "stalled" else 0.0,
                              credentials=run_member(workdir, role))
     if role == "first":  # the bootstrap peer publishes its address
@@ -49,15 +56,19 @@ def main() -> None:
     if role == "vanish":
         print(json.dumps({"role": role, "vanishing": True}), flush=True)
         os._exit(0)  # disappears right before the round, as a SIGKILLed replica would
+    if role == "late":  # still computing when the others start the round: past their matchmaking time
+        time.sleep(LATE_S)
     t0 = time.perf_counter()
     # As a worker does while its step is still averaging: a failed round leaves the gradients as
     # they were, and the group tries again.
     rounds, failed_groups = 0, []  # (group size, why) of each failed round (size 0: none formed)
     while rounds < 3:
         rounds += 1
+        group = expected - 1 if os.path.exists(dropped) else expected
         result = averager.sum_gradients(grads, int(micro_batches), total_micro_batches=total,
-                                        expected_group=expected, contribute=role != "refused", tag=(0, 0),
-                                        worker_id=role, members=members)
+                                        expected_group=group, contribute=role != "refused", tag=(0, 0),
+                                        worker_id=role, members=members,
+                                        wanted=lambda: os.path.exists(dropped) == (group < expected))
         if result.summed or role == "vanish":
             break
         failed_groups.append((result.group_size, result.detail))

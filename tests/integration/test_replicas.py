@@ -44,13 +44,11 @@ def test_two_by_two_matches_train_local_and_a_joiner_is_bit_identical(tmp_path, 
     # Five workers on two cores: a joiner's heartbeats once paused 3 s right after it loaded (seen
     # 2026-12-02, with spot checks on) and it was declared dead; this test is about bit-identical
     # state, not liveness (the faults test below keeps the 3 s timeout).
-    # Matchmaking: hivemind starts a round once a group reaches replicas_per_stage (3), or with 2 of
-    # 3 when matchmaking_s runs out. On loaded cores (seen 2026-12-06, beside other tests) the
-    # joiner and one replica started without the third after 1 s, every attempt of the step, and
-    # the stage fell back to one replica: the joiner took part in no closed step. 3 s gives the
-    # third time to show; a round of three starts as soon as it has, so it costs only the two
-    # steps before the joiner (2 members of 3).
-    swarm = replicated(swarms, tmp_path, replicas=3, steps=8, timeout_s=10.0, matchmaking_s=3.0)
+    # Matchmaking: until 2026-12-06 hivemind started a round with any 2 of 3 replicas once
+    # matchmaking_s ran out; on loaded cores the joiner and one replica started without the third
+    # at every attempt of the step, and the stage fell back to one replica, so the joiner took part
+    # in no closed step. A round's group is now exactly the step's members (worker/averaging.py).
+    swarm = replicated(swarms, tmp_path, replicas=3, steps=8, timeout_s=10.0)
     for name in "abcd":
         swarm.start_worker(name)
     status = swarm.wait(lambda s: s["step"] >= 1, 240, "a step with four workers")
