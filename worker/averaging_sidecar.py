@@ -132,12 +132,16 @@ def _answer_rounds(conn, averager, timeout: float, lost) -> None:
             continue
         _, seq, gather, weight, group_size = message
         lost_before = lost.value
-        averager.expect_group(group_size)
+        try:
+            averager.expect_group(group_size)
+        except Exception as e:  # the averager's process is not answering: a failed round, reported
+            conn.send(("failed", seq, f"could not set the round's group size: {type(e).__name__}: {e}"))
+            continue
         # No retries inside hivemind: a failed attempt that lost parts would be counted
         # against the retry; the worker retries the round itself.
         control = averager.step(gather=gather, weight=weight, timeout=timeout, allow_retries=False, wait=False)
         try:
-            group = _await_group(conn, control, 2 * timeout + 5)  # matchmaking + all-reduce, bounded
+            group = _await_group(conn, control, seq, 2 * timeout + 5)  # matchmaking + all-reduce, bounded
             if not group:
                 conn.send(("failed", seq, "no group"))
             elif lost.value != lost_before:  # failed, but a group formed: the DHT works
@@ -161,8 +165,8 @@ class _Stopped(Exception):
 POLL_S = 0.01  # how often a round's wait looks at the worker's pipe: adds at most this to a round
 
 
-def _await_group(conn, control, limit_s: float):
-    """The round's result (hivemind's group infos), waiting at most limit_s. The worker may cancel
+def _await_group(conn, control, seq: int, limit_s: float):
+    """Round `seq`'s result (hivemind's group infos), waiting at most limit_s. The worker may cancel
     the round meanwhile (the step's members changed: the group it waits for will never form)."""
     deadline = time.monotonic() + limit_s
     while not control.done():
@@ -170,7 +174,7 @@ def _await_group(conn, control, limit_s: float):
             message = conn.recv()
             if message[0] == "stop":
                 raise _Stopped()
-            if message[0] == "cancel":
+            if message[0] == "cancel" and message[1] == seq:
                 raise RuntimeError("cancelled by the worker: the step's members changed while the round looked "
                                    "for its group")
         if time.monotonic() > deadline:
