@@ -154,8 +154,11 @@ class StageAverager:
                 buf.copy_(g.detach())
             else:
                 buf.zero_()
-        status, detail = self._exchange({"tag": list(tag), "micro_batches": mine, "worker": worker_id},
-                                         1.0 if mine > 0 else 0.0, expected_group, wanted)
+        # "group": the member count this peer expects. Peers that have and have not yet seen the
+        # coordinator drop a member can still meet (a peer starting its next round joins one whose
+        # cancel has not landed yet): every peer then refuses the round and retries.
+        info = {"tag": list(tag), "micro_batches": mine, "worker": worker_id, "group": expected_group}
+        status, detail = self._exchange(info, 1.0 if mine > 0 else 0.0, expected_group, wanted)
         if status == "partial":  # a group formed, and hivemind lost parts of the round
             why, size = detail
             log.warning("averaging round failed (%s)", why)
@@ -228,7 +231,8 @@ def _refusal(group: list[tuple[str, dict]], tag: tuple, members: list[str] | Non
     """Why a finished round must not be used ("" if it may): fewer peers than the `expected`
     members (their sum leaves out a member's micro-batches, which the others will not), a DHT peer
     that is not one of the step's members (an outsider, or the averager of a replica declared
-    dead), a non-member worker id, or members that were averaging different step attempts."""
+    dead), a non-member worker id, members that were averaging different step attempts, or peers
+    that expected different member counts."""
     peers, infos = [p for p, _ in group], [i for _, i in group]
     if len(group) < expected:
         return f"the group had {len(group)} of the step's {expected} members"
@@ -240,4 +244,7 @@ def _refusal(group: list[tuple[str, dict]], tag: tuple, members: list[str] | Non
         return f"the group included non-member(s) {strangers}"
     if any(info.get("tag") != list(tag) for info in infos):
         return f"the group mixed step attempts {sorted({tuple(i.get('tag', ())) for i in infos})}"
+    if any(info.get("group") != expected for info in infos):
+        return (f"the group's peers expected different member counts {sorted({str(i.get('group')) for i in infos})}: "
+                "some had not yet seen the coordinator's new members of the step")
     return ""

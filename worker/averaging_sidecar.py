@@ -151,10 +151,10 @@ def _answer_rounds(conn, averager, timeout: float, lost) -> None:
                 # each peer's id (authenticated by libp2p: derived from its key) with what it gathered
                 conn.send(("ok", seq, [(str(peer), info) for peer, info in group.items()]))
         except _Stopped:
-            control.cancel()
+            _cancel(control)
             return
         except Exception as e:  # hivemind raises on a failed round; the step must not stall
-            control.cancel()
+            _cancel(control)
             conn.send(("failed", seq, f"{type(e).__name__}: {e}"))
 
 
@@ -175,8 +175,27 @@ def _await_group(conn, control, seq: int, limit_s: float):
             if message[0] == "stop":
                 raise _Stopped()
             if message[0] == "cancel" and message[1] == seq:
+                _cancel(control)
+                _wait_finished(control, deadline)
                 raise RuntimeError("cancelled by the worker: the step's members changed while the round looked "
                                    "for its group")
         if time.monotonic() > deadline:
             raise TimeoutError(f"the round had no result after {limit_s:.0f} s")
     return control.result()
+
+
+def _cancel(control) -> None:
+    """Cancel a round unless it is over (hivemind's cancel of a finished or cancelled step raises)."""
+    if not control.done():
+        control.cancel()
+
+
+def _wait_finished(control, deadline: float) -> None:
+    """Wait (until `deadline`) for a cancelled round to end in hivemind's process. hivemind looks for
+    a cancel only while it matchmakes: a round whose group has just formed goes on with its
+    all-reduce, adding into the shared buffers, where the next round's inputs must not be copied
+    before it ends (seen: a peer starting its next round met the other's cancelled one)."""
+    from hivemind.averaging.control import AveragingStage
+
+    while control.stage != AveragingStage.FINISHED and time.monotonic() < deadline:
+        time.sleep(POLL_S)

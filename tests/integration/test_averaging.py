@@ -132,10 +132,14 @@ def test_survivors_of_a_vanished_member_average_once_the_coordinator_drops_it(tm
     drop.start()
     res = run_group(tmp_path, [("first", 1.0, 2), ("second", 3.0, 2), ("vanish", 100.0, 4)], timeout_s=timeout_s)
     for r in (res["first"], res["second"]):
-        assert r["rounds"] == 2 and [size for size, _ in r["failed_groups"]] == [0], r
-        assert "cancelled by the worker" in r["failed_groups"][0][1]
+        assert r["summed"] and r["group"] == 2 and r["weight"] == 4, r
+        assert "cancelled by the worker" in r["failed_groups"][0][1], r
+        # A survivor that starts its next round before the other's cancel has landed may meet the
+        # other's old round (seen 1 run in 4): the one whose round finishes refuses it (the peers
+        # expected different member counts), and their next rounds have them both.
+        assert all("cancelled by the worker" in why or "different member counts" in why
+                   for _, why in r["failed_groups"]), r
         assert r["seconds"] < timeout_s  # the round was cancelled, not timed out
-        assert r["summed"] and r["group"] == 2 and r["weight"] == 4
         # (1.0 + 3.0) / 4 micro-batches * 8 micro-batches in the step
         assert r["g0"] == pytest.approx(8.0)
 
