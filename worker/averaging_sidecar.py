@@ -96,8 +96,9 @@ def _members_averager_class():
     coordinator restarts it and at last falls back to one replica. The step's members are known
     (the coordinator names them), so each round's group is exactly that many: it starts as soon
     as all of them have joined (no matchmaking_s wait when the stage is short of max_group) and
-    never with fewer. A member lost for good is the coordinator's to drop: its next attempt
-    names one member fewer."""
+    never with fewer. A member lost for good is the coordinator's to drop from the step's members;
+    the worker then cancels a round still waiting for it (_await_group) and starts one with those
+    left."""
     from hivemind.averaging import DecentralizedAverager
     from hivemind.utils.mpfuture import MPFuture
 
