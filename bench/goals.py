@@ -169,8 +169,8 @@ FIGURES: tuple[Figure, ...] = (
            "median of the chosen setting's runs)",
            "every-step all-reduce's loss", _g("<=", 2, "issue 5"), headline=True),
     Figure("gradsync", "heldout_loss_gap_pct", "held-out loss gap of the final models (training objective), ours "
-           "vs every-step (%) (full form: the median of the chosen setting's runs)", "every-step's final model on the same held-out examples", _g("<=", 2, "issue 18"),
-           headline=True),
+           "vs every-step (%) (full form: the median of the chosen setting's runs)",
+           "every-step's final model on the same held-out examples", _g("<=", 2, "issue 18"), headline=True),
     Figure("gradsync", "fp32_allreduce_bytes_per_step", "bytes per replica per step, fp32 all-reduce"),
     Figure("gradsync", "chosen_bytes_per_step", "bytes per replica per step, ours (`chosen`)"),
     Figure("gradsync", "chosen_final_loss", "final loss, ours (mean of the last 3 steps)"),

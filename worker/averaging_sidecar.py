@@ -105,10 +105,14 @@ def _members_averager_class():
     class MembersAverager(DecentralizedAverager):
         def expect_group(self, size: int) -> None:
             """Make the next rounds' groups exactly `size` peers (2 .. target_group_size given at
-            construction); returns once the averager's process has taken it."""
+            construction); returns once the averager's process has taken it. Rounds of one step
+            and most steps after it expect the same size: only a change goes to that process."""
+            if getattr(self, "_expected_size", None) == size:
+                return
             future = MPFuture()
             self._outer_pipe.send(("_expect_group", [], dict(size=size, future=future)))
             future.result(timeout=30)
+            self._expected_size = size
 
         async def _expect_group(self, size: int, future: MPFuture) -> None:
             # Runs in the averager's own process, before any round asked for after it: the
