@@ -14,9 +14,10 @@ loss_gap_pct = |final loss chosen - final loss baseline| / final loss baseline x
 loss being the mean of the last 3 steps (same batches, same order). That is a training loss: with
 local steps it is each replica's on its own share of the batch, on weights that have drifted
 from their last average. heldout_loss_gap_pct is the same gap on what a user keeps: the final
-model (exported from the swarm, `gptjt export --coordinator`: each stage from one replica; the
-baseline's from train-local or its swarm) scored with the training objective (UL2, the same
-examples for both) on HELDOUT_SEQUENCES sequences of the bundled held-out text
+model (exported from the swarm, `gptjt export --coordinator`: each stage the mean of its
+replicas, one replica's before 2026-12-06's thirteenth session; the baseline's from train-local
+or its swarm) scored with the training objective (UL2, the same examples for both) on
+HELDOUT_SEQUENCES sequences of the bundled held-out text
 (data/demo/heldout.jsonl.gz, never trained on; gptjt_core/evaluation.heldout_objective_loss).
 Not causal perplexity: at these settings it rises over the run while the UL2 loss falls (its
 docstring). The goal is judged on loss_gap_pct, as it was set; the held-out gap is beside it.

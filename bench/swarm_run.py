@@ -16,7 +16,7 @@ def run_swarm(workdir: Path, config: Path | None, steps: int, workers: int, thre
     """Coordinator + `workers` workers on `config` (None: the embedded demo run), all on `device`;
     the coordinator's final status, taken `settle_s` after the run is done (so every worker's
     last heartbeat metrics are in). export_to: the trained model is exported there (a Hugging Face
-    checkpoint, `gptjt export --coordinator`: each stage's weights from one of its workers) before
+    checkpoint, `gptjt export --coordinator`: each stage's weights the mean of its members') before
     the swarm stops. Logs stay in `workdir` (named in the error when the run fails)."""
     swarm = LocalSwarm(workdir, config, state=workdir / "run.db")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .operator_client import BadArgument, call_status, open_channel, raise_for, read_metadata
 
@@ -15,32 +16,64 @@ def fetch_status(address: str, timeout: float = 10.0, tls_ca: str = "", read_tok
     return call_status(address, tls_ca, timeout, read_metadata(read_token, admin_token))
 
 
-async def _fetch_all_stages(status: dict, credentials) -> list[dict]:
-    from safetensors.torch import load
+def export_holders(status: dict) -> list[list[str]]:
+    """The workers each stage's weights are exported from: all its members (replicas holding the
+    run's state), whose weights the export averages (gptjt_core/replica_mean.py: in "local-steps"
+    mode they step apart between outer steps, and their mean is the run's model); where a stage has
+    no member yet, its live worker with the smallest id (a joiner may still be copying the state).
+    Raises RuntimeError for a stage with no live worker."""
+    holders = []
+    for stage in status["stages"]:
+        if stage.get("members"):
+            holders.append(sorted(stage["members"]))
+        elif stage["workers"]:
+            holders.append([min(stage["workers"])])
+        else:
+            raise RuntimeError(f"stage {stage['index']} has no live worker; cannot export it")
+    return holders
 
-    from gptjt_core.stage_checkpoint import split_state
+
+async def _fetch_all_stages(status: dict, credentials, skipped: list[str]) -> list[dict]:
+    """Each stage's weights: the mean of its holders' (export_holders), all at one step. A holder
+    that does not answer, or sends a state the mean refuses, is left out and named in `skipped`
+    while another of its stage answers; with none, RuntimeError."""
     from worker.transport import LinkCounters, StageClient
 
     client = StageClient(LinkCounters(), 1 << 20, credentials=credentials)
     by_id = {w["id"]: w for w in status["workers"]}
     client.learn([w["address"] for w in status["workers"]], [w["id"] for w in status["workers"]])
     try:
-        states = []
-        positions = set()
-        for stage in status["stages"]:
-            # a member replica holds the run's state; a joiner may still be copying it
-            holders = stage.get("members") or stage["workers"]
-            if not holders:
-                raise RuntimeError(f"stage {stage['index']} has no live worker; cannot export it")
-            header, blob = await client.fetch_state(by_id[holders[0]]["address"])
-            positions.add(header.position)
-            states.append(split_state(load(blob))[0])  # weights only
-        if len(positions) > 1:
-            raise RuntimeError(f"the stages hold different steps {sorted(positions)} (a step was being applied); "
+        states, positions = [], {}
+        for index, holders in enumerate(export_holders(status)):
+            states.append(await _stage_mean(client, [(h, by_id[h]["address"]) for h in holders], positions, skipped))
+            if not positions.keys() & set(holders):
+                raise RuntimeError(f"no replica of stage {index} sent its weights: {'; '.join(skipped)}")
+        if len(set(positions.values())) > 1:
+            raise RuntimeError(f"the replicas hold different steps {positions} (a step was being applied); "
                                "export again")
         return states
     finally:
         await client.close()
+
+
+async def _stage_mean(client, holders: list[tuple[str, str]], positions: dict, skipped: list[str]) -> dict:
+    """The mean of the (worker id, address) holders' weights, fetched one at a time (memory holds
+    the sums and one replica); each answering holder's step goes into `positions`."""
+    from safetensors.torch import load
+
+    from gptjt_core.replica_mean import ReplicaMean
+    from gptjt_core.stage_checkpoint import split_state
+
+    mean = ReplicaMean()
+    for holder, address in holders:
+        try:
+            header, blob = await client.fetch_state(address)
+            mean.add(split_state(load(blob))[0], holder)  # weights only
+        except Exception as e:  # a replica's failure, whatever it is, leaves the others to export
+            skipped.append(f"{holder} ({address}): {e}")
+            continue
+        positions[holder] = header.position
+    return mean.mean() if mean.count else {}
 
 
 def operator_link_credentials(address: str, admin_token: str, tls_ca: str = ""):
@@ -67,8 +100,9 @@ def operator_link_credentials(address: str, admin_token: str, tls_ca: str = ""):
 
 
 def export_from_swarm(address: str, out: str, dtype: str = "fp32", admin_token: str = "", read_token: str = "") -> str:
-    """Gather every stage's weights from its worker and write a HF checkpoint (the admin token buys
-    the certificate that TLS stage links need; either token reads the status where that needs one)."""
+    """Gather every stage's weights from its members, averaged (export_holders), and write a HF
+    checkpoint (the admin token buys the certificate that TLS stage links need; either token reads
+    the status where that needs one). A member that fails is left out with a warning on stderr."""
     import asyncio
 
     import torch
@@ -79,7 +113,11 @@ def export_from_swarm(address: str, out: str, dtype: str = "fp32", admin_token: 
 
     status = fetch_status(address, read_token=read_token, admin_token=admin_token)
     credentials = operator_link_credentials(address, admin_token) if status.get("stage_link_tls") else None
-    states = asyncio.run(_fetch_all_stages(status, credentials))
+    skipped: list[str] = []
+    states = asyncio.run(_fetch_all_stages(status, credentials, skipped))
+    for reason in skipped:
+        print(f"warning: left out of the export (the other replicas of its stage are in it): {reason}",
+              file=sys.stderr)
     run_source = status["model_source"]
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     path = export_checkpoint(states, model_config_for(run_source), out,

@@ -192,7 +192,7 @@ class LocalSwarm:
             raise SwarmFailed(f"{'pause' if paused else 'resume'} of {self.address} failed: {e}") from None
 
     def export(self, out: Path) -> str:
-        """The run's weights, gathered from its workers (each stage from one member), as a Hugging
+        """The run's weights, gathered from its workers (each stage the mean of its members'), as a Hugging
         Face checkpoint in `out` (`gptjt export --coordinator`)."""
         done = subprocess.run([str(BIN / "gptjt"), "export", "--coordinator", self.address, "--out", str(out),
                                "--admin-token", self.admin_token], capture_output=True, text=True, timeout=300)

@@ -177,6 +177,40 @@ def test_local_steps_average_only_at_outer_steps(tmp_path, swarms):
     assert len(pairs) >= 6
     in_lanes = [len({a for a, _ in seen}) == len({b for _, b in seen}) == len(seen) for seen in pairs.values()]
     assert sum(in_lanes) >= 0.75 * len(in_lanes), pairs
+    assert_the_export_is_the_replicas_mean(swarm, tmp_path / "export")
+
+
+def assert_the_export_is_the_replicas_mean(swarm: Swarm, out) -> None:
+    """`gptjt export --coordinator` of a local-steps run that ended three inner steps past its
+    outer step: each stage's exported weights are the mean of its two replicas', which differ."""
+    import asyncio
+
+    import torch
+    from safetensors.torch import load, load_file
+
+    from gptjt_cli.swarm_commands import export_from_swarm, operator_link_credentials
+    from gptjt_core.stage_checkpoint import split_state
+    from worker.transport import LinkCounters, StageClient
+
+    status = swarm.status()
+    credentials = operator_link_credentials(swarm.address, swarm.admin_token) if status["stage_link_tls"] else None
+    address = {w["id"]: w["address"] for w in status["workers"]}
+
+    async def replicas(ids: list[str]) -> list[dict]:
+        client = StageClient(LinkCounters(), 1 << 20, credentials=credentials)
+        client.learn(list(address.values()), list(address))
+        try:
+            return [split_state(load((await client.fetch_state(address[i]))[1]))[0] for i in ids]
+        finally:
+            await client.close()
+
+    exported = load_file(f"{export_from_swarm(swarm.address, str(out), admin_token=swarm.admin_token)}/model.safetensors")
+    for stage in status["stages"]:
+        assert len(stage["members"]) == 2, stage
+        first, second = asyncio.run(replicas(stage["members"]))
+        assert any(not torch.equal(first[k], second[k]) for k in first), "the replicas did not drift apart"
+        for name in first:
+            assert torch.allclose(exported[name], (first[name] + second[name]) / 2, rtol=1e-6, atol=1e-7), name
 
 
 def test_sparse_outer_steps_send_a_quarter_and_keep_one_anchor(tmp_path, swarms):
