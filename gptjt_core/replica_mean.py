@@ -19,12 +19,13 @@ class ReplicaMean:
     """Accumulates replicas' state dicts one at a time; `mean()` returns their mean in each
     tensor's own dtype. Sums are float64: a float32 (or narrower) value times n < 2**29 is exact
     there, so the mean of identical replicas is that replica exactly, and memory stays at the sums
-    plus the replica being added however many replicas there are. Every replica must have the first
+    plus the replica being added however many replicas there are (a stage of one replica keeps its
+    tensors as they are, without float64 copies). Every replica must have the first
     one's tensor names, shapes and dtypes, and only finite values: a replica that does not is
     refused by name, and nothing of it is added."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}  # the first replica's own tensors until a second comes
         self.dtypes: dict[str, torch.dtype] = {}
         self.count = 0
 
@@ -32,17 +33,20 @@ class ReplicaMean:
         """Add one replica's weights; `source` names it in errors (a worker id)."""
         self._check(state, source)
         for name, tensor in state.items():
-            value = tensor.detach().to(torch.float64)
             if self.count == 0:
-                self.sums[name] = value.clone()
+                self.sums[name] = tensor.detach()
                 self.dtypes[name] = tensor.dtype
+            elif self.count == 1:
+                self.sums[name] = self.sums[name].to(torch.float64) + tensor.detach().to(torch.float64)
             else:
-                self.sums[name].add_(value)
+                self.sums[name].add_(tensor.detach().to(torch.float64))
         self.count += 1
 
     def mean(self) -> dict[str, torch.Tensor]:
         if self.count == 0:
             raise ValueError("no replica was added; there is nothing to average")
+        if self.count == 1:
+            return dict(self.sums)
         return {name: (total / self.count).to(self.dtypes[name]) for name, total in self.sums.items()}
 
     def _check(self, state: Mapping[str, torch.Tensor], source: str) -> None:

@@ -40,14 +40,25 @@ def test_identical_replicas_average_to_themselves_bit_for_bit():
     (lambda s: s["w"].__setitem__((3, 3), float("nan")), "NaN or infinite"),
 ])
 def test_a_replica_that_does_not_fit_is_refused_by_name_and_adds_nothing(spoil, message):
+    for good in (1, 2):  # refused as the second replica, and as a later one (the sums are float64 then)
+        mean = ReplicaMean()
+        for seed in range(1, good + 1):
+            mean.add(replica(seed), f"w{seed}")
+        bad = replica(9)
+        spoil(bad)
+        with pytest.raises(ValueError, match=message) as refused:
+            mean.add(bad, "w-bad")
+        assert "w-bad" in str(refused.value) and mean.count == good
+        want = {k: sum(replica(s)[k].double() for s in range(1, good + 1)) / good for k in ("w", "b")}
+        assert all(torch.equal(mean.mean()[k], want[k].float()) for k in ("w", "b"))
+
+
+def test_a_stage_of_one_replica_is_exported_as_it_is():
+    one = replica(4, torch.float16)
     mean = ReplicaMean()
-    mean.add(replica(1), "w1")
-    bad = replica(2)
-    spoil(bad)
-    with pytest.raises(ValueError, match=message) as refused:
-        mean.add(bad, "w-bad")
-    assert "w-bad" in str(refused.value) and mean.count == 1
-    assert all(torch.equal(mean.mean()[k], replica(1)[k]) for k in ("w", "b"))
+    mean.add(one, "w1")
+    got = mean.mean()
+    assert all(got[k].dtype == torch.float16 and got[k].data_ptr() == one[k].data_ptr() for k in one)  # no copy
 
 
 def test_a_mean_of_nothing_is_an_error():
