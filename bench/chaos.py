@@ -15,8 +15,10 @@ fault that kills a worker starts one; local_swarm/replacement_hold.py says why).
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 from local_swarm.chaos import ChaosSettings, ChaosSoak
@@ -25,12 +27,21 @@ DESCRIPTION = "seeded chaos soaks of a 2 x 2 swarm: runs completed, tickets lost
 
 
 def _soak(seed: int, settings: dict, calm: bool = False):
+    """One soak in a temporary directory; a failed soak's directory (every process's log, the
+    ledger, the store) is kept in the system's temp folder, named in the result's `kept`: a crash
+    seen once in a quick run did not come back in three runs of its seed, and its report held only
+    the first line of the error."""
     with tempfile.TemporaryDirectory(prefix="gptjt-chaos-") as tmp:
         soak = ChaosSoak(Path(tmp), ChaosSettings(seed=seed, **settings))
         try:
-            return soak.run(calm=calm)
+            result = soak.run(calm=calm)
         finally:
             soak.close()
+        if not result.ok:
+            kept = Path(tempfile.gettempdir()) / f"gptjt-chaos-failed-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+            shutil.copytree(tmp, kept)
+            result.kept = str(kept)
+        return result
 
 
 def _soak_settings(quick: bool) -> dict:
@@ -67,7 +78,9 @@ def run(quick: bool = False) -> dict:
         else None,
         "calm_wall_s": round(calm.wall_s, 1), "soak_wall_s": [round(r.wall_s, 1) for r in results],
         "soak_held_s": [round(r.held_s, 1) for r in results],
-        "failures": [f"seed {r.seed}: {(r.failure or '; '.join(r.crashes) or r.orphans or r.violations)}"[:500]
+        # the end of a crash's text: a worker's log tail ends with the error and its traceback
+        "failures": [f"seed {r.seed} (logs kept in {r.kept}): "
+                     f"{(r.failure or '; '.join(r.crashes) or r.orphans or r.violations)}"[-1500:]
                      for r in results if not r.ok],
         "seeds": seeds, "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in soak.items()},
     }

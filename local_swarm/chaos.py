@@ -110,6 +110,8 @@ class ChaosResult:
     address: str = ""
     held_s: float = 0.0
     """Seconds the soak held ticket issue while replacements loaded (not in wall_s)."""
+    kept: str = ""
+    """Where a failed soak's directory (logs, ledger, store) was copied to outlive it; "" if not."""
 
     @property
     def ok(self) -> bool:
