@@ -15,12 +15,11 @@ fault that kills a worker starts one; local_swarm/replacement_hold.py says why).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
+from bench.swarm_run import keep_workdir
 from local_swarm.chaos import ChaosSettings, ChaosSoak
 
 DESCRIPTION = "seeded chaos soaks of a 2 x 2 swarm: runs completed, tickets lost/double, wall time vs a calm run"
@@ -38,9 +37,7 @@ def _soak(seed: int, settings: dict, calm: bool = False):
         finally:
             soak.close()
         if not result.ok:
-            kept = Path(tempfile.gettempdir()) / f"gptjt-chaos-failed-seed{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-            shutil.copytree(tmp, kept)
-            result.kept = str(kept)
+            result.kept = str(keep_workdir(Path(tmp), f"gptjt-chaos-failed-seed{seed}-"))
         return result
 
 

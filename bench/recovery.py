@@ -10,13 +10,13 @@ replacement worker joins after each kill, so every kill meets a full 2 x 2 swarm
 
 from __future__ import annotations
 
-import shutil
 import signal
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from bench.swarm_run import keep_workdir
 from local_swarm import LocalSwarm, SwarmFailed, small_run_toml
 
 DESCRIPTION = "seconds from SIGKILL of a replica to the next closed step (2 x 2 swarm); tickets lost/double"
@@ -69,8 +69,7 @@ def run(quick: bool = False) -> dict:
             status = swarm.wait(lambda s: s["phase"] == "done", 600, "the run to finish", poll_s=0.05)
         except SwarmFailed:
             swarm.stop()
-            kept = Path(tempfile.mkdtemp(prefix="gptjt-bench-recovery-"))
-            shutil.copytree(tmp, kept, dirs_exist_ok=True)
+            kept = keep_workdir(Path(tmp), "gptjt-bench-recovery-")
             raise RuntimeError(f"bench recovery failed; the run's logs and ledger are kept in {kept}") from None
         finally:
             swarm.stop()

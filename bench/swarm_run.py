@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +35,14 @@ def run_swarm(workdir: Path, config: Path | None, steps: int, workers: int, thre
     finally:
         swarm.stop()
     return status
+
+
+def keep_workdir(workdir: Path, prefix: str) -> Path:
+    """A copy of a failed run's directory (its processes' logs, ledger, store) in the system's temp
+    folder, named `prefix` + a unique tail, so that it outlives the run's temporary directory."""
+    kept = Path(tempfile.mkdtemp(prefix=prefix))
+    shutil.copytree(workdir, kept, dirs_exist_ok=True)
+    return kept
 
 
 def steady_tokens_per_s(status: dict, skip: int = 1) -> float:

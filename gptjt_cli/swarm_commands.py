@@ -45,9 +45,8 @@ async def _fetch_all_stages(status: dict, credentials, skipped: list[str]) -> li
     try:
         states, positions = [], {}
         for index, holders in enumerate(export_holders(status)):
-            states.append(await _stage_mean(client, [(h, by_id[h]["address"]) for h in holders], positions, skipped))
-            if not positions.keys() & set(holders):
-                raise RuntimeError(f"no replica of stage {index} sent its weights: {'; '.join(skipped)}")
+            states.append(await _stage_mean(client, index, [(h, by_id[h]["address"]) for h in holders], positions,
+                                            skipped))
         if len(set(positions.values())) > 1:
             raise RuntimeError(f"the replicas hold different steps {positions} (a step was being applied); "
                                "export again")
@@ -56,9 +55,11 @@ async def _fetch_all_stages(status: dict, credentials, skipped: list[str]) -> li
         await client.close()
 
 
-async def _stage_mean(client, holders: list[tuple[str, str]], positions: dict, skipped: list[str]) -> dict:
-    """The mean of the (worker id, address) holders' weights, fetched one at a time (memory holds
-    the sums and one replica); each answering holder's step goes into `positions`."""
+async def _stage_mean(client, index: int, holders: list[tuple[str, str]], positions: dict,
+                      skipped: list[str]) -> dict:
+    """The mean of stage `index`'s (worker id, address) holders' weights, fetched one at a time
+    (memory holds the sums and one replica); each answering holder's step goes into `positions`.
+    RuntimeError when none of them sent its weights."""
     from safetensors.torch import load
 
     from gptjt_core.replica_mean import ReplicaMean
@@ -73,7 +74,9 @@ async def _stage_mean(client, holders: list[tuple[str, str]], positions: dict, s
             skipped.append(f"{holder} ({address}): {e}")
             continue
         positions[holder] = header.position
-    return mean.mean() if mean.count else {}
+    if not mean.count:
+        raise RuntimeError(f"no replica of stage {index} sent its weights: {'; '.join(skipped)}")
+    return mean.mean()
 
 
 def operator_link_credentials(address: str, admin_token: str, tls_ca: str = ""):
