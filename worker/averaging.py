@@ -118,6 +118,9 @@ class StageAverager:
             self.shutdown()
             raise
         self._seq = 0  # numbers each round's request, so a late reply is never taken for a new one
+        # Why this averager takes no more rounds ('' while it does): its sidecar is gone, or a
+        # cancelled round may still write into its buffers. The step follower then builds a new one.
+        self.retired = ""
 
     def sum_gradients(self, grads: list[torch.Tensor], micro_batches: int, total_micro_batches: int,
                       expected_group: int, contribute: bool = True, tag: tuple = (), worker_id: str = "",
@@ -147,13 +150,9 @@ class StageAverager:
         mine = micro_batches if contribute else 0
         if expected_group <= 1:
             return sum_alone(grads, mine, total_micro_batches)
-        # A replica with nothing to add (refused, or no micro-batch routed to it) must have weight
-        # 0: the mean is over contributors, and the sum is that mean times their count.
-        for buf, g in zip(self.buffers, grads):
-            if mine > 0:
-                buf.copy_(g.detach())
-            else:
-                buf.zero_()
+        if self.retired:  # its buffers are not ours to fill
+            return RoundResult(False, 0, 0.0, f"this replica's averager is retired ({self.retired})")
+        self._fill_buffers(grads, mine)
         # "group": the member count this peer expects. Peers that have and have not yet seen the
         # coordinator drop a member can still meet (a peer starting its next round joins one whose
         # cancel has not landed yet): every peer then refuses the round and retries.
@@ -180,13 +179,23 @@ class StageAverager:
             g.copy_((buf * scale).to(g.dtype))
         return RoundResult(True, len(infos), weight)
 
+    def _fill_buffers(self, grads: list[torch.Tensor], micro_batches: int) -> None:
+        """The round's input. A replica with nothing to add (refused, or no micro-batch routed to
+        it) must have weight 0: the mean is over contributors, and the sum is that mean times their count."""
+        for buf, g in zip(self.buffers, grads):
+            if micro_batches > 0:
+                buf.copy_(g.detach())
+            else:
+                buf.zero_()
+
     def _exchange(self, info: dict, weight: float, group_size: int,
                   wanted: Callable[[], bool] | None) -> tuple[str, object]:
         """One round of a group of `group_size` peers through the sidecar: ("ok", [(peer, info),
         ...]), ("partial", (why, group size)) or (a failure, why). When `wanted()` turns False the
         sidecar is told to cancel the round, and its answer (a failure) is awaited."""
         self._seq += 1
-        deadline, cancelled = time.monotonic() + 2 * self.timeout + 15, False
+        # the sidecar answers within 2 x timeout + 5 s, plus RETIRE_WAIT_S for a failed round to end
+        deadline, cancelled = time.monotonic() + 2 * self.timeout + 20, False
         try:
             self._conn.send(("step", self._seq, info, weight, group_size))
             while True:  # a reply to a round we gave up on may still be in the pipe: skip it
@@ -198,13 +207,17 @@ class StageAverager:
                         cancelled = True
                     continue
                 status, seq, detail = self._conn.recv()
+                if status == "retired":  # the sidecar has exited; whichever round it was, none follows
+                    self.retired = detail
+                    return "failed", detail
                 if seq == self._seq:
                     return status, detail
         except (OSError, EOFError) as e:
             # The sidecar is gone: a re-plan dropped this averager mid-round (the chaos soak saw a
             # ConnectionResetError stop the worker), or it died. A failed round, not a crash: the
-            # step follower reports it and the next round has the new averager.
-            return "failed", f"the averaging process is gone ({e!r})"
+            # step follower reports it and the next round has a new averager.
+            self.retired = f"the averaging process is gone ({e!r})"
+            return "failed", self.retired
 
     @property
     def bytes_sent(self) -> int:

@@ -158,22 +158,45 @@ def _answer_rounds(conn, averager, timeout: float, lost) -> None:
         except _Stopped:
             _cancel(control)
             return
+        except _BuffersBusy as e:
+            conn.send(("retired", seq, str(e)))
+            return  # no later round may fill buffers a cancelled all-reduce may still add into
         except Exception as e:  # hivemind raises on a failed round; the step must not stall
             _cancel(control)
-            conn.send(("failed", seq, f"{type(e).__name__}: {e}"))
+            why = f"{type(e).__name__}: {e}"
+            if not _wait_finished(control, time.monotonic() + RETIRE_WAIT_S):
+                conn.send(("retired", seq, f"{why}; {_busy_reason(RETIRE_WAIT_S)}"))
+                return
+            conn.send(("failed", seq, why))
 
 
 class _Stopped(Exception):
     """The worker asked the sidecar to stop while a round was under way."""
 
 
+class _BuffersBusy(Exception):
+    """A cancelled round was still running in hivemind's process at its deadline: its all-reduce may
+    yet add into the shared buffers, so this sidecar must take no other round (the worker builds a
+    new averager, with buffers of its own)."""
+
+
 POLL_S = 0.01  # how often a round's wait looks at the worker's pipe: adds at most this to a round
+# How long a round that failed or timed out gets to end in hivemind's process after its cancel (s)
+# before the sidecar retires. Within the worker's slack: it waits 2 x timeout + 20 s for an answer,
+# the sidecar's own wait is 2 x timeout + 5 s.
+RETIRE_WAIT_S = 10.0
+
+
+def _busy_reason(waited_s: float) -> str:
+    return (f"the cancelled round had not ended in hivemind's process {waited_s:.0f} s later, so its all-reduce "
+            "may still write into this averager's buffers; the averager retires and a new one is built")
 
 
 def _await_group(conn, control, seq: int, limit_s: float):
     """Round `seq`'s result (hivemind's group infos), waiting at most limit_s. The worker may cancel
     the round meanwhile (the step's members changed: the group it waits for will never form)."""
-    deadline = time.monotonic() + limit_s
+    started = time.monotonic()
+    deadline = started + limit_s
     while not control.done():
         if conn.poll(POLL_S):
             message = conn.recv()
@@ -181,7 +204,8 @@ def _await_group(conn, control, seq: int, limit_s: float):
                 raise _Stopped()
             if message[0] == "cancel" and message[1] == seq:
                 _cancel(control)
-                _wait_finished(control, deadline)
+                if not _wait_finished(control, deadline):
+                    raise _BuffersBusy(_busy_reason(deadline - started))
                 raise RuntimeError("cancelled by the worker: the step's members changed while the round looked "
                                    "for its group")
         if time.monotonic() > deadline:
@@ -195,12 +219,15 @@ def _cancel(control) -> None:
         control.cancel()
 
 
-def _wait_finished(control, deadline: float) -> None:
-    """Wait (until `deadline`) for a cancelled round to end in hivemind's process. hivemind looks for
-    a cancel only while it matchmakes: a round whose group has just formed goes on with its
-    all-reduce, adding into the shared buffers, where the next round's inputs must not be copied
-    before it ends (seen: a peer starting its next round met the other's cancelled one)."""
+def _wait_finished(control, deadline: float) -> bool:
+    """Wait (until `deadline`) for a cancelled round to end in hivemind's process; False if it has not.
+    hivemind looks for a cancel only while it matchmakes: a round whose group has just formed goes
+    on with its all-reduce, adding into the shared buffers, where the next round's inputs must not
+    be copied before it ends (seen: a peer starting its next round met the other's cancelled one)."""
     from hivemind.averaging.control import AveragingStage
 
-    while control.stage != AveragingStage.FINISHED and time.monotonic() < deadline:
+    while control.stage != AveragingStage.FINISHED:
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(POLL_S)
+    return True

@@ -176,8 +176,10 @@ class StepFollower:
             if not contribute and not stage.local_steps:
                 log.warning("step %d: the coordinator refused this replica's gradient; receiving the others' sum",
                             step)
-            if len(members) > 1 and self.averagers.averager is None:
-                await self.rebuild_averager(state, stage, False)
+            if len(members) > 1 and (self.averagers.averager is None or self.averagers.averager.retired):
+                if self.averagers.averager is not None:
+                    log.warning("step %d: rebuilding the averager: %s", step, self.averagers.averager.retired)
+                await self.rebuild_averager(state, stage, self.averagers.averager is not None)
                 if self.averagers.averager is None:
                     await self._round_failed(state, stage, step, attempt, "this replica has no averager: "
                                              + (self.averagers.error or "the coordinator named no DHT peers"))
