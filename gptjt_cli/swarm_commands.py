@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 
 from .operator_client import BadArgument, call_status, open_channel, raise_for, read_metadata
 
@@ -45,8 +46,9 @@ async def _fetch_all_stages(status: dict, credentials, skipped: list[str]) -> li
     try:
         states, positions = [], {}
         for index, holders in enumerate(export_holders(status)):
+            attested = AttestedDigests.of_stage(status, index)
             states.append(await _stage_mean(client, index, [(h, by_id[h]["address"]) for h in holders], positions,
-                                            skipped))
+                                            skipped, attested))
         if len(set(positions.values())) > 1:
             raise RuntimeError(f"the replicas hold different steps {positions} (a step was being applied); "
                                "export again")
@@ -55,11 +57,50 @@ async def _fetch_all_stages(status: dict, credentials, skipped: list[str]) -> li
         await client.close()
 
 
+@dataclass(frozen=True)
+class AttestedDigests:
+    """What one stage's members reported to the ledger after the run's last closed step: the digest
+    of the state each then held (gptjt_core/state_digest.py; of the anchor in local-steps mode)."""
+
+    step: int | None  # the last closed step; None before any
+    by_worker: dict[str, str]
+
+    @classmethod
+    def of_stage(cls, status: dict, index: int) -> AttestedDigests:
+        history = status.get("history") or []
+        if not history:
+            return cls(None, {})
+        last = history[-1]
+        return cls(last["step"], dict(last.get("stages", {}).get(str(index), {}).get("digests", {})))
+
+    def refusal(self, holder: str, position: int, tensors: dict) -> str:
+        """Why `holder`'s state (safetensors tensors, after `position` steps) is not what it reported
+        after the last closed step, or ''. Unchecked ('') where there is nothing to check against:
+        no step closed yet, a state at another step (the export then fails on the steps'
+        mismatch, or all holders moved on together and it fails on nothing), a stand-in that is
+        no member. A member serving other weights than it trained on would otherwise move the
+        mean by 1/k of whatever it chose. In local-steps mode the digest is of the anchor, so a
+        member's inner steps since the last outer step are not attested (its drift is its own)."""
+        from gptjt_core.stage_checkpoint import outer_state, split_state
+        from gptjt_core.state_digest import state_digest
+
+        reported = self.by_worker.get(holder)
+        if self.step is None or position != self.step + 1 or not reported:
+            return ""
+        anchor = outer_state(tensors).get("anchor")
+        digest = state_digest(anchor if anchor else split_state(tensors)[0])
+        if digest == reported:
+            return ""
+        return (f"the state it sent (digest {digest}) is not the one it reported after step {self.step} "
+                f"(digest {reported}): it did not send the weights it trained")
+
+
 async def _stage_mean(client, index: int, holders: list[tuple[str, str]], positions: dict,
-                      skipped: list[str]) -> dict:
+                      skipped: list[str], attested: AttestedDigests) -> dict:
     """The mean of stage `index`'s (worker id, address) holders' weights, fetched one at a time
     (memory holds the sums and one replica); each answering holder's step goes into `positions`.
-    RuntimeError when none of them sent its weights."""
+    A holder whose state is not the one it attested (AttestedDigests) is left out. RuntimeError
+    when none of them sent its weights."""
     from safetensors.torch import load
 
     from gptjt_core.replica_mean import ReplicaMean
@@ -69,7 +110,11 @@ async def _stage_mean(client, index: int, holders: list[tuple[str, str]], positi
     for holder, address in holders:
         try:
             header, blob = await client.fetch_state(address)
-            mean.add(split_state(load(blob))[0], holder)  # weights only
+            tensors = load(blob)
+            refusal = attested.refusal(holder, header.position, tensors)
+            if refusal:
+                raise ValueError(refusal)
+            mean.add(split_state(tensors)[0], holder)  # weights only
         except Exception as e:  # a replica's failure, whatever it is, leaves the others to export
             skipped.append(f"{holder} ({address}): {e}")
             continue

@@ -13,6 +13,7 @@ from gptjt_core.optim import build_optimizer, lr_at, set_lr
 from gptjt_core.outer_sparsity import OuterSparsifier
 from gptjt_core.precision import resolve_precision
 from gptjt_core.stage_checkpoint import outer_state, restore_optimizer, split_state, stage_state_tensors
+from gptjt_core.state_digest import state_digest
 from gptjt_core.ul2 import batch_loss
 from gptjt_core.verify_config import STANDBY_EVIDENCE_STEPS
 
@@ -197,21 +198,13 @@ class LayerSlice:
         return [p.grad for p in self.model.parameters()]
 
     def state_digest(self) -> str:
-        """A digest of the parameters: equal across replicas exactly when they hold the same bytes
-        (up to 1M sampled values per tensor, so it stays cheap for the 6B model). In local-steps
-        mode, of the anchor: the state replicas share (their parameters differ between outer steps)."""
-        import hashlib
-
-        h = hashlib.blake2b(digest_size=16)
-        named = self.model.named_parameters()
+        """The digest of the weights (gptjt_core/state_digest.py): equal across replicas exactly when
+        they hold the same values, and what `gptjt export` checks the state it is sent against. In
+        local-steps mode, of the anchor: the state replicas share (their weights differ between
+        outer steps)."""
         if self.anchor is not None:
-            named = zip([n for n, _ in self.model.named_parameters()], self.anchor)
-        for name, p in named:
-            flat = p.detach().reshape(-1)
-            stride = max(1, flat.numel() // (1 << 20))
-            h.update(name.encode())
-            h.update(flat[::stride].float().cpu().numpy().tobytes())
-        return h.hexdigest()
+            return state_digest({n: a for (n, _), a in zip(self.model.named_parameters(), self.anchor)})
+        return state_digest(self.model.state_dict())
 
     # -- the optimizer step ------------------------------------------------------------
     def unscale_gradients(self, loss_scale: float) -> None:
