@@ -56,6 +56,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from gptjt_core.model import StageSpec, load_stage, model_config_for
     from gptjt_core.tokenizer import load_tokenizer
 
+    if args.anchor and not args.store:
+        raise ValueError("--anchor picks what to export from a checkpoint store: give it with --store ROOT (an "
+                         "export from --coordinator is already the replicas' mean)")
     if args.coordinator:
         from .operator_client import admin_token, read_token
         from .swarm_commands import export_from_swarm
@@ -68,7 +71,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         from .swarm_commands import export_from_store
 
         run = _run_config(args)
-        out = export_from_store(args.store, args.out, args.step, run.model.source, run.data.tokenizer, args.dtype)
+        out = export_from_store(args.store, args.out, args.step, run.model.source, run.data.tokenizer, args.dtype,
+                                anchor=args.anchor)
         print(f"exported the checkpoint store {args.store} -> {out} ({args.dtype})")
         return 0
     if not args.checkpoint:
@@ -158,6 +162,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", help="or read a swarm's checkpoint store (directory or fsspec URL)")
     p.add_argument("--step", type=int, help="with --store: which step (default: the newest complete one)")
     p.add_argument("--config", help="with --store: the run config (model source, tokenizer)")
+    p.add_argument("--anchor", action="store_true", help="with --store, for a local-steps run: export the model "
+                   "its replicas shared at the last outer step, not the checkpoint writer's own weights")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--tokenizer", default="gpt2-offline")

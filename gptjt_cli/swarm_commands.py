@@ -174,14 +174,15 @@ def export_from_swarm(address: str, out: str, dtype: str = "fp32", admin_token: 
 
 
 def export_from_store(store_root: str, out: str, step: int | None = None, source: str = "random:tiny:0",
-                      tokenizer: str = "gpt2-offline", dtype: str = "fp32") -> str:
-    """A HF checkpoint from the checkpoint store (the newest complete step unless `step` is given)."""
+                      tokenizer: str = "gpt2-offline", dtype: str = "fp32", anchor: bool = False) -> str:
+    """A HF checkpoint from the checkpoint store (the newest complete step unless `step` is given).
+    anchor: of a local-steps run, the replicas' shared model at the last outer step (the stored
+    outer state) instead of the checkpoint writer's own weights (store_weights)."""
     import torch
 
     from coordinator.checkpoint_store import CheckpointStore
     from gptjt_core.export import export_checkpoint
     from gptjt_core.model import StageSpec, model_config_for
-    from gptjt_core.stage_checkpoint import split_state
     from gptjt_core.tokenizer import load_tokenizer
 
     config = model_config_for(source)
@@ -191,9 +192,35 @@ def export_from_store(store_root: str, out: str, step: int | None = None, source
         if step is None:
             raise FileNotFoundError(f"the store {store_root} holds no complete checkpoint (steps: {store.steps()})")
     whole = StageSpec(0, config.n_layer, embed=True, head=True)
-    weights, _ = split_state(store.get(step, whole, config.n_layer))
+    weights = store_weights(store.get(step, whole, config.n_layer), step, anchor)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     return str(export_checkpoint([weights], config, out, tokenizer=load_tokenizer(tokenizer), dtype=dtypes[dtype]))
+
+
+def store_weights(tensors: dict, step: int, anchor: bool) -> dict:
+    """The weights to export from a stored checkpoint of `step`. A local-steps run's checkpoint
+    holds one replica's weights, its writer's, which drift from the other replicas' between
+    outer steps, and the anchor they share: with `anchor`, the parameters are the anchor's (the
+    buffers stay), else a warning on stderr says what the export holds and what else there is."""
+    from gptjt_core.stage_checkpoint import outer_state, split_state
+
+    weights, _ = split_state(tensors)
+    shared = outer_state(tensors).get("anchor")
+    if anchor and not shared:
+        raise ValueError(f"the checkpoint of step {step} holds no anchor: it is not of a local-steps run "
+                         "(averaging.mode); export it without --anchor")
+    if anchor:
+        missing = sorted(set(shared) - set(weights))
+        if missing:
+            raise ValueError(f"the checkpoint of step {step} has an anchor for tensors it holds no weights of, "
+                             f"e.g. {missing[:3]}: the file is damaged")
+        return {**weights, **{n: t.to(weights[n].dtype) for n, t in shared.items()}}
+    if shared:
+        print(f"warning: the checkpoint of step {step} is of a local-steps run: its weights are one replica's "
+              "(the checkpoint writer's), which drift from the others' between outer steps. --anchor exports "
+              "the model the replicas shared at the last outer step instead; `gptjt export --coordinator` "
+              "exports the replicas' mean while the swarm is up.", file=sys.stderr)
+    return weights
 
 
 def register(sub: argparse._SubParsersAction) -> None:
