@@ -48,7 +48,8 @@ def assignment_pb(a: dict) -> pb.StageAssignment:
                               standby_reason=a.get("standby_reason", ""), next_ids=a["next_ids"],
                               peer_address_ids=a["peer_address_ids"], upstream_ids=a["upstream_ids"],
                               fetcher_ids=a["fetcher_ids"], peer_dht_ids=a["peer_dht_ids"],
-                              verifier_ids=a.get("verifier_ids", []))
+                              verifier_ids=a.get("verifier_ids", []),
+                              attested_digests=a["attested_digests"], attested_position=a["attested_position"])
 
 
 async def address_is_down(address: str, timeout_s: float = 2.0) -> bool:
@@ -73,8 +74,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         """dht_peers: multiaddrs of the hivemind DHT that replicas average through (replicas > 1);
         ca: signs the stage-link certificates of joining workers; dht_authority: their DHT access
         tokens (replicas > 1)."""
-        self.ledger = ledger
-        self.store = store
+        self.ledger, self.store = ledger, store
         self.dht_peers = dht_peers or []
         self.ca = ca
         self.dht_authority = dht_authority

@@ -59,40 +59,31 @@ async def _fetch_all_stages(status: dict, credentials, skipped: list[str]) -> li
 
 @dataclass(frozen=True)
 class AttestedDigests:
-    """What one stage's members reported to the ledger after the run's last closed step: the digest
-    of the state each then held (gptjt_core/state_digest.py; of the anchor in local-steps mode)."""
+    """What one stage's members reported to the ledger after the run's last closed step: the
+    digests of the states they then held (gptjt_core/state_digest.py; of the anchor in local-steps
+    mode), which every state the export takes must match one of. Empty where there is nothing to
+    check against: no step closed yet, or the stage's layer range has changed since."""
 
-    step: int | None  # the last closed step; None before any
-    by_worker: dict[str, str]
+    position: int  # the last closed step + 1: the steps the attested states hold
+    digests: tuple[str, ...]
 
     @classmethod
     def of_stage(cls, status: dict, index: int) -> AttestedDigests:
-        history = status.get("history") or []
-        if not history:
-            return cls(None, {})
-        last = history[-1]
-        return cls(last["step"], dict(last.get("stages", {}).get(str(index), {}).get("digests", {})))
+        history, stage = status.get("history") or [], status["stages"][index]
+        last = history[-1] if history else {}
+        reported = last.get("stages", {}).get(str(index), {})
+        if reported.get("layers") != [stage["start_layer"], stage["end_layer"]]:
+            return cls(0, ())
+        return cls(last["step"] + 1, tuple(sorted(set(reported.get("digests", {}).values()))))
 
-    def refusal(self, holder: str, position: int, tensors: dict) -> str:
-        """Why `holder`'s state (safetensors tensors, after `position` steps) is not what it reported
-        after the last closed step, or ''. Unchecked ('') where there is nothing to check against:
-        no step closed yet, a state at another step (the export then fails on the steps'
-        mismatch, or all holders moved on together and it fails on nothing), a stand-in that is
-        no member. A member serving other weights than it trained on would otherwise move the
+    def refusal(self, position: int, tensors: dict) -> str:
+        """Why a holder's state (safetensors tensors, after `position` steps) is none the members
+        attested, or ''. A member serving other weights than it trained would otherwise move the
         mean by 1/k of whatever it chose. In local-steps mode the digest is of the anchor, so a
         member's inner steps since the last outer step are not attested (its drift is its own)."""
-        from gptjt_core.stage_checkpoint import outer_state, split_state
-        from gptjt_core.state_digest import state_digest
+        from gptjt_core.state_digest import unattested
 
-        reported = self.by_worker.get(holder)
-        if self.step is None or position != self.step + 1 or not reported:
-            return ""
-        anchor = outer_state(tensors).get("anchor")
-        digest = state_digest(anchor if anchor else split_state(tensors)[0])
-        if digest == reported:
-            return ""
-        return (f"the state it sent (digest {digest}) is not the one it reported after step {self.step} "
-                f"(digest {reported}): it did not send the weights it trained")
+        return unattested(tensors, position, self.position, self.digests)
 
 
 async def _stage_mean(client, index: int, holders: list[tuple[str, str]], positions: dict,
@@ -111,7 +102,7 @@ async def _stage_mean(client, index: int, holders: list[tuple[str, str]], positi
         try:
             header, blob = await client.fetch_state(address)
             tensors = load(blob)
-            refusal = attested.refusal(holder, header.position, tensors)
+            refusal = attested.refusal(header.position, tensors)
             if refusal:
                 raise ValueError(refusal)
             mean.add(split_state(tensors)[0], holder)  # weights only

@@ -122,7 +122,7 @@ class DhtAccessToken(_message.Message):
     def __init__(self, username: _Optional[str] = ..., public_key: _Optional[bytes] = ..., expiration_time: _Optional[str] = ..., signature: _Optional[bytes] = ...) -> None: ...
 
 class StageAssignment(_message.Message):
-    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages", "next_addresses", "member", "peer_ids", "peer_addresses", "contributors", "checkpoint_writer", "standby_reason", "next_ids", "peer_address_ids", "upstream_ids", "fetcher_ids", "peer_dht_ids", "verifier_ids")
+    __slots__ = ("stage", "start_layer", "end_layer", "embed", "head", "next_address", "num_stages", "next_addresses", "member", "peer_ids", "peer_addresses", "contributors", "checkpoint_writer", "standby_reason", "next_ids", "peer_address_ids", "upstream_ids", "fetcher_ids", "peer_dht_ids", "verifier_ids", "attested_digests", "attested_position")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
     END_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -143,6 +143,8 @@ class StageAssignment(_message.Message):
     FETCHER_IDS_FIELD_NUMBER: _ClassVar[int]
     PEER_DHT_IDS_FIELD_NUMBER: _ClassVar[int]
     VERIFIER_IDS_FIELD_NUMBER: _ClassVar[int]
+    ATTESTED_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    ATTESTED_POSITION_FIELD_NUMBER: _ClassVar[int]
     stage: int
     start_layer: int
     end_layer: int
@@ -163,7 +165,9 @@ class StageAssignment(_message.Message):
     fetcher_ids: _containers.RepeatedScalarFieldContainer[str]
     peer_dht_ids: _containers.RepeatedScalarFieldContainer[str]
     verifier_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ..., next_addresses: _Optional[_Iterable[str]] = ..., member: _Optional[bool] = ..., peer_ids: _Optional[_Iterable[str]] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., checkpoint_writer: _Optional[bool] = ..., standby_reason: _Optional[str] = ..., next_ids: _Optional[_Iterable[str]] = ..., peer_address_ids: _Optional[_Iterable[str]] = ..., upstream_ids: _Optional[_Iterable[str]] = ..., fetcher_ids: _Optional[_Iterable[str]] = ..., peer_dht_ids: _Optional[_Iterable[str]] = ..., verifier_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    attested_digests: _containers.RepeatedScalarFieldContainer[str]
+    attested_position: int
+    def __init__(self, stage: _Optional[int] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., embed: _Optional[bool] = ..., head: _Optional[bool] = ..., next_address: _Optional[str] = ..., num_stages: _Optional[int] = ..., next_addresses: _Optional[_Iterable[str]] = ..., member: _Optional[bool] = ..., peer_ids: _Optional[_Iterable[str]] = ..., peer_addresses: _Optional[_Iterable[str]] = ..., contributors: _Optional[_Iterable[str]] = ..., checkpoint_writer: _Optional[bool] = ..., standby_reason: _Optional[str] = ..., next_ids: _Optional[_Iterable[str]] = ..., peer_address_ids: _Optional[_Iterable[str]] = ..., upstream_ids: _Optional[_Iterable[str]] = ..., fetcher_ids: _Optional[_Iterable[str]] = ..., peer_dht_ids: _Optional[_Iterable[str]] = ..., verifier_ids: _Optional[_Iterable[str]] = ..., attested_digests: _Optional[_Iterable[str]] = ..., attested_position: _Optional[int] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("worker_id", "run_config_json", "assignment", "heartbeat_interval_s", "dht_peers", "session", "ca_pem", "cert_pem", "dht_token", "dht_authority_key")

@@ -1,7 +1,8 @@
 """Loading the assigned stage: from a replica, from the checkpoint store, or from the model source.
 
 A replica that holds the run's current state is copied, optimizer included, so the new one is
-bit-identical and can take part from the next step; else the store's file at the restore step
+bit-identical and can take part from the next step (a copy none of the stage's members reported
+after the last closed step is refused: a replica could hand over altered weights); else the store's file at the restore step
 (re-sliced to this range); else the run's initial weights. Loading runs on the compute thread
 (and parsing off the event loop), so heartbeats go on while a large stage loads.
 """
@@ -17,6 +18,7 @@ import grpc
 
 from gptjt_core.config import RunConfig
 from gptjt_core.model import StageSpec
+from gptjt_core.state_digest import unattested
 from gptjt_proto import coordinator_pb2 as cpb
 
 from .compute import OTHER, ComputeQueue
@@ -80,7 +82,8 @@ class StageLoader:
             log.info("copying stage %d from a replica (we hold epoch %d position %s; the run is at epoch %d "
                      "step %d, %s)", a.stage, loaded_epoch, held.position if held else None,
                      state.restore_epoch, state.step, cpb.StepPhase.Name(state.phase))
-            fetched = await self._fetch_from_peer(list(a.peer_addresses))
+            fetched = await self._fetch_from_peer(list(a.peer_addresses), a.attested_position,
+                                                  frozenset(a.attested_digests))
             if fetched is None:
                 return None
             checkpoint, position = fetched
@@ -101,7 +104,10 @@ class StageLoader:
         reset_peak_memory(self.device)  # the peak workers report is the stage training, not loading
         return stage
 
-    async def _fetch_from_peer(self, addresses: list[str]) -> tuple[dict, int] | None:
+    async def _fetch_from_peer(self, addresses: list[str], attested_position: int,
+                               attested: frozenset[str]) -> tuple[dict, int] | None:
+        """The stage state from the first replica that sends one its stage's members attested
+        (gptjt_core/state_digest.unattested; the assignment's attested_digests), and its position."""
         from safetensors.torch import load
 
         for address in addresses:
@@ -111,7 +117,12 @@ class StageLoader:
                 log.warning("could not fetch the stage state from %s: %s", address,
                             e.details() if isinstance(e, grpc.aio.AioRpcError) else e)
                 continue
+            tensors = await asyncio.to_thread(load, blob)  # off the event loop: heartbeats go on
+            refusal = await asyncio.to_thread(unattested, tensors, header.position, attested_position, attested)
+            if refusal:
+                log.warning("refusing the stage state from replica %s: %s", address, refusal)
+                continue
             log.info("fetched stage state at step %d from replica %s (%.1f MB)", header.position, address,
                      len(blob) / 1e6)
-            return await asyncio.to_thread(load, blob), header.position
+            return tensors, header.position
         return None

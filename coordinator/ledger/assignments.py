@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass
 
 from .db import ALIVE_STATES
+from .history import StepHistory
 from .loss_scaling import LossScaleBook
 from .measurements import Measurements
 from .planning import StagePlanner
@@ -31,6 +32,8 @@ class RunFacts:
     verifiers_of: dict[str, list[str]]  # checked worker -> standbys holding a pending check of its work
     newest_check: dict[str, int]  # verifier -> id of its newest pending spot check of this restore epoch
     holder_key: tuple[int, int, str]  # (restore_epoch, step, phase): what is_holder compares with
+    # StepHistory.attested(): (last closed step + 1, {stage: ((start, end), digests its members reported)})
+    attested: tuple[int, dict[int, tuple[tuple[int, int], tuple[str, ...]]]] = (0, {})
 
     def is_holder(self, row) -> bool:
         """StepState.is_holder against these facts."""
@@ -47,9 +50,10 @@ class AssignmentView:
     """Each worker's StageAssignment and RunState, read from the stores."""
 
     def __init__(self, state: StepState, workers: WorkerRegistry, planner: StagePlanner, measurements: Measurements,
-                 loss_scales: LossScaleBook):
+                 loss_scales: LossScaleBook, history: StepHistory):
         self.state, self.workers, self.planner, self.measurements = state, workers, planner, measurements
-        self.loss_scales = loss_scales
+        self.loss_scales, self.history = loss_scales, history
+        self._attested: tuple[tuple, tuple] | None = None  # ((step, restore epoch), StepHistory.attested())
         self._facts: tuple[tuple, RunFacts] | None = None
         self._live: tuple[tuple, list] | None = None
         self._to_rank: tuple | None = None  # (live list, candidates, by stage, rows): _link_targets
@@ -66,8 +70,15 @@ class AssignmentView:
             self._facts = key, RunFacts(common, self.workers.stage_workers(), st.members(), st.contributors(),
                                         frozenset(st.drains()), self.planner.standby_reasons(),
                                         self._verifiers_of(), self._newest_check(st.restore_epoch),
-                                        (common["restore_epoch"], common["step"], common["phase"]))
+                                        (common["restore_epoch"], common["step"], common["phase"]),
+                                        self._attested_digests(common["step"], common["restore_epoch"]))
         return self._facts[1]
+
+    def _attested_digests(self, step: int, epoch: int) -> tuple:
+        """StepHistory.attested(), read again only when a step closes or the run restores."""
+        if self._attested is None or self._attested[0] != (step, epoch):
+            self._attested = (step, epoch), self.history.attested()
+        return self._attested[1]
 
     def standby_key(self) -> tuple:
         """What a standby worker's RunState shows that it acts on (worker/runner.py: the plan, a
@@ -137,7 +148,7 @@ class AssignmentView:
         out = {"stage": stage, "num_stages": len(plan), "next_address": "", "next_addresses": [], "next_ids": [],
                "member": False, "peer_ids": [], "peer_addresses": [], "peer_address_ids": [], "contributors": [],
                "checkpoint_writer": False, "standby_reason": "", "upstream_ids": [], "fetcher_ids": [],
-               "peer_dht_ids": [], "verifier_ids": []}
+               "peer_dht_ids": [], "verifier_ids": [], "attested_digests": [], "attested_position": 0}
         if stage < 0:
             out["standby_reason"] = facts.standby_why.get(worker_id, "")
             return out
@@ -153,6 +164,10 @@ class AssignmentView:
         out["peer_ids"] = list(mine)
         holders = [w for w in workers.get(stage, []) if w["id"] != worker_id and facts.is_holder(w)]
         out["peer_addresses"], out["peer_address_ids"] = [w["address"] for w in holders], [w["id"] for w in holders]
+        position, by_stage = facts.attested
+        layers, digests = by_stage.get(stage, ((-1, -1), ()))
+        if holders and not facts.is_holder(row) and layers == (spec.start, spec.end):  # it copies: what to expect
+            out["attested_position"], out["attested_digests"] = position, list(digests)
         # Who may call this worker's stage server: the previous stage's replicas send micro-batches,
         # this stage's replicas that do not hold the current state yet copy it.
         out["upstream_ids"] = [w["id"] for w in workers.get(stage - 1, [])]

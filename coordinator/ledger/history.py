@@ -11,7 +11,7 @@ import json
 import statistics
 
 from .db import LedgerDB
-from .stored_values import shown_float
+from .stored_values import shown_float, stored_json
 
 HISTORY_STEPS = 200  # closed steps listed in full in the status object, newest
 LOSS_CURVE_POINTS = 500  # points of the status object's whole-run loss curve, at most
@@ -42,6 +42,20 @@ class StepHistory:
         """The newest `limit` (default HISTORY_STEPS) closed steps, oldest first."""
         limit = HISTORY_STEPS if limit is None else limit
         return self.db.execute("SELECT * FROM steps ORDER BY step DESC LIMIT ?", (limit,)).fetchall()[::-1]
+
+    def attested(self) -> tuple[int, dict[int, tuple[tuple[int, int], tuple[str, ...]]]]:
+        """The digests each stage's members reported after the newest closed step, with the layer
+        range they are of: (that step + 1, {stage: ((start, end), distinct digests)}); (0, {})
+        before any step closed. A stage whose range was not recorded is left out."""
+        row = self.db.execute("SELECT step, detail FROM steps ORDER BY step DESC LIMIT 1").fetchone()
+        if row is None:
+            return 0, {}
+        out = {}
+        for stage, d in stored_json(row[1], {}, "steps.detail").items():
+            layers, digests = d.get("layers"), d.get("digests") or {}
+            if isinstance(layers, list) and len(layers) == 2 and stage.isdigit() and digests:
+                out[int(stage)] = ((int(layers[0]), int(layers[1])), tuple(sorted(set(map(str, digests.values())))))
+        return row[0] + 1, out
 
     def total_tokens(self) -> int:
         return self.db.execute("SELECT COALESCE(SUM(tokens), 0) FROM steps").fetchone()[0]

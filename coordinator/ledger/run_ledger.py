@@ -68,8 +68,7 @@ class RunLedger:
     def _compose(self, db: LedgerDB, run: RunConfig, plan: list[StageSpec], shape: ModelShape | None) -> LedgerDB:
         """The stores and the step machine over one connection."""
         self.run, self.shape, self.db = run, shape, db
-        self.events = EventLog(db)
-        self.state = StepState(db)
+        self.events, self.state = EventLog(db), StepState(db)
         self.tokens = TokenStore(db, self.events)
         self.workers = WorkerRegistry(db, self.events)
         self.measurements = Measurements(db, self.events, run.scheduler)
@@ -87,7 +86,8 @@ class RunLedger:
                                      self.checkpoints, self.planner, self.protocol)
         self.guard = LivenessGuard(db, self.events, self.state, self.workers, self.tickets, self.reports,
                                    self.protocol, self.recovery, run)
-        self.views = AssignmentView(self.state, self.workers, self.planner, self.measurements, self.protocol.loss_scales)
+        self.views = AssignmentView(self.state, self.workers, self.planner, self.measurements, self.protocol.loss_scales,
+                                    self.history)
         self.status_view = StatusView(run, db, self.events, self.state, self.workers, self.tickets, self.checkpoints,
                                       self.history, self.planner, self.guard, self.measurements, self.tokens)
         self.operator = OperatorRequests(db, self.events, self.state, self.workers)

@@ -262,7 +262,11 @@ class StepProtocol:
         step, attempt = st.step, st.attempt
         loss, tokens = self.tickets.totals(step, attempt)
         opened = st.step_opened or self.db.clock()
-        self.history.close(step, attempt + 1, loss, tokens, st.grad_norm, opened, self.reports.detail(step, attempt))
+        detail = self.reports.detail(step, attempt)
+        for index, spec in enumerate(self.plan()):  # the range the digests are of (a joiner's copy is checked
+            if str(index) in detail:                 # against them only while its stage keeps that range)
+                detail[str(index)]["layers"] = [spec.start, spec.end]
+        self.history.close(step, attempt + 1, loss, tokens, st.grad_norm, opened, detail)
         self.tickets.audit(step)
         self.commitments.check_chain(step, attempt)
         self.spot_checks.expire(step, st.restore_epoch)

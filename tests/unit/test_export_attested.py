@@ -1,7 +1,7 @@
-"""`gptjt export --coordinator` takes a member's weights only if they are the state it reported to
-the ledger after the last closed step (gptjt_cli/swarm_commands.AttestedDigests): the digest the
-export recomputes from the bytes it was sent is the one the replica computed on its live model
-(gptjt_core/state_digest.py)."""
+"""A copied stage state is taken only if it is one the stage's members reported to the ledger after
+the last closed step (gptjt_core/state_digest.unattested): by `gptjt export --coordinator`
+(gptjt_cli/swarm_commands.AttestedDigests) and by a joiner. The digest recomputed from the bytes
+FetchState sends is the one the replica computed on its live model."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from gptjt_cli.swarm_commands import AttestedDigests
 from gptjt_core.config import AveragingConfig, ModelConfig, PipelineConfig, RunConfig, TrainConfig
 from gptjt_core.model import StageSpec
 from gptjt_core.stage_checkpoint import OUTER
+from gptjt_core.state_digest import unattested
 from worker.stage import LayerSlice
 
 SPEC = StageSpec(0, 2, embed=True)
@@ -23,9 +24,11 @@ def _stage(mode: str = "every-step") -> LayerSlice:
     return LayerSlice(run, SPEC)
 
 
-def _status(step: int, digests: dict[str, str], stage: int = 0) -> dict:
-    return {"history": [{"step": step - 1, "stages": {}},
-                        {"step": step, "stages": {str(stage): {"replicas": list(digests), "digests": digests}}}]}
+def _status(step: int, digests: dict[str, str], layers: list[int] | None = None) -> dict:
+    """A status whose last closed step is `step`, stage 0 holding layers 0-2."""
+    reported = {"replicas": list(digests), "digests": digests, "layers": layers or [SPEC.start, SPEC.end]}
+    return {"stages": [{"index": 0, "start_layer": SPEC.start, "end_layer": SPEC.end}],
+            "history": [{"step": step - 1, "stages": {}}, {"step": step, "stages": {"0": reported}}]}
 
 
 def _served(stage: LayerSlice) -> dict[str, torch.Tensor]:
@@ -35,14 +38,14 @@ def _served(stage: LayerSlice) -> dict[str, torch.Tensor]:
 def test_a_members_own_state_passes_and_altered_weights_are_refused():
     stage = _stage()
     stage.last_applied = 6  # it holds the state after step 6: position 7
-    attested = AttestedDigests.of_stage(_status(6, {"w1": stage.state_digest()}), 0)
+    attested = AttestedDigests.of_stage(_status(6, {"w1": stage.state_digest(), "w2": "0" * 32}), 0)
     served = _served(stage)
-    assert attested.refusal("w1", 7, served) == ""
+    assert attested.refusal(7, served) == ""
     name = next(n for n in served if n.endswith("q_proj.weight"))
     served[name] = served[name].clone()
     served[name].view(-1)[0] += 1.0  # one sampled value of one tensor
-    why = attested.refusal("w1", 7, served)
-    assert "is not the one it reported after step 6" in why and stage.state_digest() in why
+    why = attested.refusal(7, served)
+    assert "none the stage's members reported after 7 steps" in why and stage.state_digest() in why
 
 
 def test_in_local_steps_mode_the_anchor_is_what_is_attested():
@@ -52,18 +55,19 @@ def test_in_local_steps_mode_the_anchor_is_what_is_attested():
     stage.last_applied = 2
     attested = AttestedDigests.of_stage(_status(2, {"w1": stage.state_digest()}), 0)
     served = _served(stage)
-    assert attested.refusal("w1", 3, served) == ""
+    assert attested.refusal(3, served) == ""
     name = next(n for n in served if n.startswith(f"{OUTER}anchor/"))
     served[name] = served[name] + 1.0
-    assert "not the one it reported" in attested.refusal("w1", 3, served)
+    assert "is none the stage's members reported" in attested.refusal(3, served)
 
 
-def test_nothing_to_check_against_is_not_a_refusal():
+def test_a_state_of_another_step_is_refused_and_nothing_to_check_against_is_not():
     stage = _stage()
     served = _served(stage)
     altered = {n: t + 1.0 if t.is_floating_point() else t for n, t in served.items()}
-    assert AttestedDigests.of_stage({"history": []}, 0).refusal("w1", 0, altered) == ""  # no step closed yet
     attested = AttestedDigests.of_stage(_status(6, {"w1": stage.state_digest()}), 0)
-    assert attested.refusal("w1", 9, altered) == ""  # another step: the steps' mismatch fails the export
-    assert attested.refusal("w7", 7, altered) == ""  # no member: a stand-in for a stage without one
-    assert AttestedDigests.of_stage(_status(6, {"w1": "ab"}, stage=1), 0).by_worker == {}
+    assert "fetch it again once the step has closed" in attested.refusal(8, served)  # applied step 7 already
+    assert AttestedDigests.of_stage({"stages": _status(1, {})["stages"], "history": []}, 0).refusal(0, altered) == ""
+    moved = AttestedDigests.of_stage(_status(6, {"w1": stage.state_digest()}, layers=[0, 3]), 0)
+    assert moved.digests == () and moved.refusal(7, altered) == ""  # digests of another layer range
+    assert unattested(altered, 7, 0, ()) == ""  # the assignment of a joiner with nothing to check

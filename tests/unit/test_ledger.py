@@ -3,6 +3,7 @@ a SQLite file and a PostgreSQL database (tests/postgres_server.py), the same rul
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -488,6 +489,7 @@ def test_a_joiner_copies_a_replica_and_takes_part_from_the_next_step(tmp_path):
     a = ledger.assignment(joiner)
     assert a["stage"] == 1 and not a["member"]
     assert a["peer_addresses"] == [w["address"] for w in ledger.status()["workers"] if w["id"] == by_stage[1][0]]
+    assert (a["attested_position"], a["attested_digests"]) == (0, [])  # no step closed: nothing to check a copy by
     commit_all(ledger, by_stage[0])
     assert ledger.phase == "accumulated"
     ledger.heartbeat(joiner, "ready", {}, ledger.restore_epoch, 0)  # copied step-0 state, too late to join
@@ -498,8 +500,21 @@ def test_a_joiner_copies_a_replica_and_takes_part_from_the_next_step(tmp_path):
         for w in members:
             assert ledger.report(w, 0, 0, kind, **extra)
     assert ledger.step == 1 and joiner not in ledger.status()["stages"][1]["members"]  # its copy is stale
+    # the copy it fetches again must be the state the stage's members reported after step 0
+    a = ledger.assignment(joiner)
+    assert (a["attested_position"], a["attested_digests"]) == (1, ["d"])
+    assert ledger.status()["history"][0]["stages"]["1"]["layers"] == [a["start_layer"], a["end_layer"]]
+    assert ledger.assignment(by_stage[1][0])["attested_digests"] == []  # a holder copies nothing
+    # digests of another layer range (a re-plan since) or of none recorded (an older ledger) check nothing
+    detail = json.loads(ledger.db.execute("SELECT detail FROM steps WHERE step=0").fetchone()[0])
+    for layers in ([9, 10], None):
+        detail["1"]["layers"] = layers
+        ledger.db.execute("UPDATE steps SET detail=? WHERE step=0", (json.dumps(detail),))
+        ledger.views._attested = ledger.views._facts = None  # read once per closed step: read them again
+        assert ledger.assignment(joiner)["attested_digests"] == []
     ledger.heartbeat(joiner, "ready", {}, ledger.restore_epoch, 1)  # fetched again: joins the open step
     assert ledger.assignment(joiner)["member"]
+    assert ledger.assignment(joiner)["attested_digests"] == []
     run_replicated_step(ledger, {0: by_stage[0], 1: [by_stage[1][0], joiner]})
     assert ledger.status()["history"][1]["stages"]["1"]["digests"][joiner] == "same"
 
