@@ -22,6 +22,9 @@ Lying kinds (worker/lies.py): from step N on, and for good, the stage falsifies 
   lie-stale@N       replay its output of an earlier micro-batch of the same shape (the last honest
                     one, of another ticket; a micro-batch with nothing to replay goes out honest)
   lie-MODE-grad@N   the same, on the gradient it sends back upstream instead (stage 0 sends none)
+  lie-state@N       once its stage holds the state after N steps, the state it hands a joiner or
+                    an export (FetchState) has its weights multiplied by GPTJT_LIE_SCALE: not the
+                    state it trains and reports (worker/lies.altered_state)
   ...@N:F           on a fraction F in (0, 1] of micro-batches only, chosen from each micro-batch's
                     (ticket, attempt) by a seeded hash, so a run picks the same ones every time
 A forward-output lie at the last stage falsifies the loss share it reports (its only output).
@@ -50,7 +53,8 @@ from typing import NamedTuple
 LIE_MODES = ("scale", "noise", "zero", "stale")
 GRAD_SUFFIX = "-grad"  # a lie on the gradient sent upstream rather than on the forward output
 LIE_KINDS = tuple(f"lie-{mode}{suffix}" for suffix in ("", GRAD_SUFFIX) for mode in LIE_MODES)
-KINDS = ("poison", "nan", "inf", "die-averaging", "die-checkpoint", "isolate-averaging") + LIE_KINDS
+STATE_LIE = "lie-state"  # a lie on the stage state others copy, not on what a micro-batch sends
+KINDS = ("poison", "nan", "inf", "die-averaging", "die-checkpoint", "isolate-averaging", STATE_LIE) + LIE_KINDS
 
 
 class Armed(NamedTuple):

@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from .faults import GRAD_SUFFIX, LIE_KINDS, Faults, LieSettings
+from .faults import GRAD_SUFFIX, LIE_KINDS, STATE_LIE, Faults, LieSettings
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +108,23 @@ def process_liar() -> Liar:
     """This process's liar, from GPTJT_FAULTS (read on the first micro-batch; the worker parsed it
     when it started, so a typo failed there)."""
     return Liar(Faults.from_env())
+
+
+def altered_state(blob: bytes, position: int, faults: Faults) -> bytes:
+    """The stage state FetchState sends (a safetensors blob of the state after `position` steps),
+    altered if this process tells the lie-state lie from there on: its weights (not its optimizer
+    or outer state) multiplied by GPTJT_LIE_SCALE, as a replica handing on a poisoned model would."""
+    armed = faults.armed.get(STATE_LIE)
+    if armed is None or position < armed.step or not faults.claim(STATE_LIE):
+        return blob
+    from safetensors.torch import load, save
+
+    from gptjt_core.stage_checkpoint import OPTIM, OUTER
+
+    tensors = load(blob)
+    for name, t in tensors.items():
+        if not name.startswith((OPTIM, OUTER)) and t.is_floating_point():
+            tensors[name] = (t.float() * faults.lie.scale).to(t.dtype)
+    log.warning("fault injection: the stage state after %d steps goes out with its weights x %g", position,
+                faults.lie.scale)
+    return save(tensors)

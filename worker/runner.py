@@ -111,7 +111,7 @@ class WorkerRunner:
             if self.tls:
                 self.identity.adopt(reply.ca_pem, reply.cert_pem)
             server = await serve_stage(f"{host}:{reservation.port}", StageService(self.compute, self.counters,
-                                                                                   self._serving),
+                                                                                   self._serving, self.faults),
                                        self.identity if self.tls else None, GRPC_OPTIONS)
         finally:
             reservation.release()

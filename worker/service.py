@@ -18,6 +18,8 @@ from gptjt_proto import stage_pb2_grpc as pb_grpc
 from .commitments import received_parts
 from .compute import OTHER, ComputeQueue
 from .evidence import MAX_EVIDENCE_BYTES
+from .faults import Faults
+from .lies import altered_state
 from .downstream import DownstreamSender
 from .micro_batch_validation import StageLimits
 from .micro_batch_work import StageInput, work_micro_batch
@@ -60,10 +62,12 @@ class StageService(pb_grpc.StageServicer):
     """Answers the previous stage (Process), joiners copying the stage (FetchState) and link
     probes. `serving` says what the worker holds now (None until it has joined a run)."""
 
-    def __init__(self, compute: ComputeQueue, counters: LinkCounters, serving: Callable[[], Serving | None]):
+    def __init__(self, compute: ComputeQueue, counters: LinkCounters, serving: Callable[[], Serving | None],
+                 faults: Faults | None = None):
         self.compute = compute
         self.counters = counters
         self.serving = serving
+        self.faults = faults  # GPTJT_FAULTS (tests and drills): lie-state alters the state FetchState sends
 
     async def Probe(self, request, context):
         """A link measurement (worker/link_probe.py): the payload is only counted."""
@@ -149,6 +153,8 @@ class StageService(pb_grpc.StageServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this worker holds no stage")
         stage = s.stage
         blob, position = await self.compute.run(OTHER, lambda: (stage.checkpoint_blob(), stage.position))
+        if self.faults is not None:
+            blob = await asyncio.to_thread(altered_state, blob, position, self.faults)
         spec = stage.spec
         yield pb.StageChunk(state=pb.StateHeader(nbytes=len(blob), position=position, stage=s.index,
                                                  start_layer=spec.start, end_layer=spec.end))

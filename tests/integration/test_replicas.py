@@ -79,6 +79,33 @@ def test_two_by_two_matches_train_local_and_a_joiner_is_bit_identical(tmp_path, 
     assert "fetched stage state" in (tmp_path / "worker-joiner.log").read_text()
 
 
+def test_a_joiner_refuses_a_state_no_member_reported(tmp_path, swarms):
+    """Both replicas in place hand out altered weights (lie-state: what FetchState sends has its
+    weights x 1.1, not the state they train and report). A joiner must not load it: the copy's
+    digest is none of those the stage's members reported after the last closed step, so it is
+    refused at every try and the joiner takes part in no step, while the run trains on (the liars
+    train honestly) to train-local's losses."""
+    swarm = replicated(swarms, tmp_path, replicas=2, steps=4, timeout_s=10.0, start_with=1)
+    for name in "ab":
+        swarm.start_worker(name, env={"GPTJT_FAULTS": "lie-state@0"}).wait_for("joined", 120)
+    swarm.wait(lambda s: s["step"] >= 1, 240, "a closed step")
+    swarm.operate("pause")  # so the joiner's copy is made before the run ends (two loaded cores)
+    swarm.start_worker("joiner")
+    log = tmp_path / "worker-joiner.log"
+    deadline = time.monotonic() + 240
+    while "refusing the stage state" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "the joiner did not refuse the altered state"
+        time.sleep(1.0)
+    swarm.operate("resume")
+    status = swarm.wait(lambda s: s["phase"] == "done", 300, "the run to finish")
+    text = log.read_text()
+    assert "is none the stage's members reported" in text and "fetched stage state" not in text
+    joiner = next(w["id"] for w in status["workers"] if w["name"] == "joiner")
+    assert all(joiner not in digests for step in replica_digests(status) for digests in step.values())
+    expected, _ = local_losses(swarm.config, 4)
+    assert losses(status) == pytest.approx(expected, rel=1e-5)
+
+
 def test_faults_poison_sigkill_mid_forward_and_death_mid_averaging(tmp_path, swarms):
     """One run, three faults: a replica sends a poisoned gradient at step 3; a stage-1 replica
     is SIGKILLed mid-step at step 4; a stage-0 replica kills itself inside the averaging round

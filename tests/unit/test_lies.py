@@ -172,3 +172,23 @@ def test_the_next_stage_receives_the_lying_output_and_the_previous_one_the_lying
     honest_own = grads(honest_last.stage)
     for name, g in grads(last.stage).items():  # the liar's own parameter gradients stay honest
         assert torch.equal(g, honest_own[name]), name
+
+
+def test_lie_state_scales_the_weights_a_copy_gets_from_its_step_on_and_nothing_else():
+    """lie-state@3: the state FetchState hands out after 3 or more steps has its weights x 1.1; its
+    optimizer and outer state, and every state before step 3, go out as they are."""
+    from safetensors.torch import load, save
+
+    from gptjt_core.stage_checkpoint import OPTIM, OUTER
+    from worker.lies import altered_state
+
+    honest = {"h.0.w": tensor(1, (4, 4)), f"{OPTIM}h.0.w/exp_avg": tensor(2, (4, 4)),
+              f"{OUTER}anchor/h.0.w": tensor(3, (4, 4)), "steps": torch.tensor([7])}
+    blob = save(honest)
+    faults = Faults(parse_faults("lie-state@3"))
+    assert altered_state(blob, 2, faults) == blob
+    assert altered_state(blob, 2, Faults({})) == blob
+    sent = load(altered_state(blob, 3, faults))
+    assert torch.allclose(sent["h.0.w"], honest["h.0.w"] * 1.1)
+    for name in (f"{OPTIM}h.0.w/exp_avg", f"{OUTER}anchor/h.0.w", "steps"):
+        assert torch.equal(sent[name], honest[name]), name
