@@ -188,15 +188,14 @@ RETIRE_WAIT_S = 10.0
 
 
 def _busy_reason(waited_s: float) -> str:
-    return (f"the cancelled round had not ended in hivemind's process {waited_s:.0f} s later, so its all-reduce "
-            "may still write into this averager's buffers; the averager retires and a new one is built")
+    return (f"the cancelled round had not ended in hivemind's process {waited_s:.1f} s after its cancel, so its "
+            "all-reduce may still write into this averager's buffers; the averager retires and a new one is built")
 
 
 def _await_group(conn, control, seq: int, limit_s: float):
     """Round `seq`'s result (hivemind's group infos), waiting at most limit_s. The worker may cancel
     the round meanwhile (the step's members changed: the group it waits for will never form)."""
-    started = time.monotonic()
-    deadline = started + limit_s
+    deadline = time.monotonic() + limit_s
     while not control.done():
         if conn.poll(POLL_S):
             message = conn.recv()
@@ -204,8 +203,9 @@ def _await_group(conn, control, seq: int, limit_s: float):
                 raise _Stopped()
             if message[0] == "cancel" and message[1] == seq:
                 _cancel(control)
+                cancelled_at = time.monotonic()
                 if not _wait_finished(control, deadline):
-                    raise _BuffersBusy(_busy_reason(deadline - started))
+                    raise _BuffersBusy(_busy_reason(time.monotonic() - cancelled_at))
                 raise RuntimeError("cancelled by the worker: the step's members changed while the round looked "
                                    "for its group")
         if time.monotonic() > deadline:
