@@ -27,7 +27,7 @@ MAX_ADDRESS_CHARS = 300  # host:port, a 253-character host name or a bracketed I
 MAX_LINKS = 64  # link measurements on one heartbeat
 MAX_DHT_MADDRS = 8  # multiaddrs a worker may announce for its DHT peer
 MAX_MADDR_CHARS = 256
-MAX_DIGEST_CHARS = 128  # a parameter digest, hex (blake2b-128 gives 32)
+MAX_DIGEST_CHARS = 128  # a state digest, hex (gptjt_core/state_digest.py: SHA-256 gives 64)
 MAX_DHT_KEY_BYTES = 1024  # a worker's DHT public key, OpenSSH (RSA-2048 is 380 bytes, RSA-4096 724)
 INT64_MAX = (1 << 63) - 1
 

@@ -48,6 +48,17 @@ def test_a_members_own_state_passes_and_altered_weights_are_refused():
     assert "none the stage's members reported after 7 steps" in why and stage.state_digest() in why
 
 
+def test_a_value_between_the_samples_of_the_old_digest_is_caught():
+    """The digest hashes every byte: until 2026-12-06 it hashed every k-th value of a tensor over
+    2^20 values (every 6th of the tiny embedding), so a change to the values in between passed."""
+    stage = _stage()
+    embedding = dict(stage.model.named_parameters())["transformer.wte.weight"]  # 50,400 x 128
+    with torch.no_grad():
+        embedding.view(-1)[1] += 1.0
+    attested = AttestedDigests.of_stage(_status(0, {"w1": _stage().state_digest()}), 0)
+    assert "is none the stage's members reported" in attested.refusal(1, _served(stage))
+
+
 def test_in_local_steps_mode_the_anchor_is_what_is_attested():
     stage = _stage("local-steps")
     with torch.no_grad():
