@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .operator_client import BadArgument, call_status, open_channel, raise_for, read_metadata
@@ -34,10 +36,10 @@ def export_holders(status: dict) -> list[list[str]]:
     return holders
 
 
-async def _fetch_all_stages(status: dict, credentials, skipped: list[str]) -> list[dict]:
+async def _fetch_all_stages(status: dict, credentials, skipped: list[str], reread: Callable[[], dict]) -> list[dict]:
     """Each stage's weights: the mean of its holders' (export_holders), all at one step. A holder
     that does not answer, or sends a state the mean refuses, is left out and named in `skipped`
-    while another of its stage answers; with none, RuntimeError."""
+    while another of its stage answers; with none, RuntimeError. reread: the status, read again."""
     from worker.transport import LinkCounters, StageClient
 
     client = StageClient(LinkCounters(), 1 << 20, credentials=credentials)
@@ -48,7 +50,7 @@ async def _fetch_all_stages(status: dict, credentials, skipped: list[str]) -> li
         for index, holders in enumerate(export_holders(status)):
             attested = AttestedDigests.of_stage(status, index)
             states.append(await _stage_mean(client, index, [(h, by_id[h]["address"]) for h in holders], positions,
-                                            skipped, attested))
+                                            skipped, attested, reread))
         if len(set(positions.values())) > 1:
             raise RuntimeError(f"the replicas hold different steps {positions} (a step was being applied); "
                                "export again")
@@ -59,22 +61,26 @@ async def _fetch_all_stages(status: dict, credentials, skipped: list[str]) -> li
 
 @dataclass(frozen=True)
 class AttestedDigests:
-    """What one stage's members reported to the ledger after the run's last closed step: the
-    digests of the states they then held (gptjt_core/state_digest.py; of the anchor in local-steps
-    mode), which every state the export takes must match one of. Empty where there is nothing to
-    check against: no step closed yet, or the stage's layer range has changed since."""
+    """What one stage's members reported to the ledger after each closed step the status lists (up
+    to its last 200): the digests of the states they then held (gptjt_core/state_digest.py; of the
+    anchor in local-steps mode), by the steps those states hold. Every state the export takes must
+    match one of its step's. Empty where there is nothing to check against: no step closed yet on
+    the stage's current layer range."""
 
-    position: int  # the last closed step + 1: the steps the attested states hold
-    digests: tuple[str, ...]
+    by_position: dict[int, tuple[str, ...]]  # steps a state holds (closed step + 1) -> digests
 
     @classmethod
     def of_stage(cls, status: dict, index: int) -> AttestedDigests:
-        history, stage = status.get("history") or [], status["stages"][index]
-        last = history[-1] if history else {}
-        reported = last.get("stages", {}).get(str(index), {})
-        if reported.get("layers") != [stage["start_layer"], stage["end_layer"]]:
-            return cls(0, ())
-        return cls(last["step"] + 1, tuple(sorted(set(reported.get("digests", {}).values()))))
+        stage, out = status["stages"][index], {}
+        for row in status.get("history") or []:
+            reported = row.get("stages", {}).get(str(index), {})
+            if reported.get("layers") == [stage["start_layer"], stage["end_layer"]]:
+                out[row["step"] + 1] = tuple(sorted(set(reported.get("digests", {}).values())))
+        return cls(out)
+
+    def lacks(self, position: int) -> bool:
+        """A state after `position` steps, which this status has no digests of, but other steps'."""
+        return bool(self.by_position) and position not in self.by_position
 
     def refusal(self, position: int, tensors: dict) -> str:
         """Why a holder's state (safetensors tensors, after `position` steps) is none the members
@@ -83,15 +89,19 @@ class AttestedDigests:
         member's inner steps since the last outer step are not attested (its drift is its own)."""
         from gptjt_core.state_digest import unattested
 
-        return unattested(tensors, position, self.position, self.digests)
+        if self.lacks(position):
+            return (f"it holds the state after {position} steps, which the status lists no digests of (the "
+                    "newest closed step is older: export again once it closes)")
+        return unattested(tensors, position, position, self.by_position.get(position, ()))
 
 
 async def _stage_mean(client, index: int, holders: list[tuple[str, str]], positions: dict,
-                      skipped: list[str], attested: AttestedDigests) -> dict:
+                      skipped: list[str], attested: AttestedDigests, reread: Callable[[], dict]) -> dict:
     """The mean of stage `index`'s (worker id, address) holders' weights, fetched one at a time
     (memory holds the sums and one replica); each answering holder's step goes into `positions`.
-    A holder whose state is not the one it attested (AttestedDigests) is left out. RuntimeError
-    when none of them sent its weights."""
+    A holder whose state is none its stage's members attested (AttestedDigests) is left out; one
+    at a step newer than the status lists (a step closed while the export ran) is checked
+    against a status read again, once. RuntimeError when none of them sent its weights."""
     from safetensors.torch import load
 
     from gptjt_core.replica_mean import ReplicaMean
@@ -102,6 +112,8 @@ async def _stage_mean(client, index: int, holders: list[tuple[str, str]], positi
         try:
             header, blob = await client.fetch_state(address)
             tensors = load(blob)
+            if attested.lacks(header.position):
+                attested = AttestedDigests.of_stage(await asyncio.to_thread(reread), index)
             refusal = attested.refusal(header.position, tensors)
             if refusal:
                 raise ValueError(refusal)
@@ -142,8 +154,6 @@ def export_from_swarm(address: str, out: str, dtype: str = "fp32", admin_token: 
     """Gather every stage's weights from its members, averaged (export_holders), and write a HF
     checkpoint (the admin token buys the certificate that TLS stage links need; either token reads
     the status where that needs one). A member that fails is left out with a warning on stderr."""
-    import asyncio
-
     import torch
 
     from gptjt_core.export import export_checkpoint
@@ -153,7 +163,8 @@ def export_from_swarm(address: str, out: str, dtype: str = "fp32", admin_token: 
     status = fetch_status(address, read_token=read_token, admin_token=admin_token)
     credentials = operator_link_credentials(address, admin_token) if status.get("stage_link_tls") else None
     skipped: list[str] = []
-    states = asyncio.run(_fetch_all_stages(status, credentials, skipped))
+    reread = lambda: fetch_status(address, read_token=read_token, admin_token=admin_token)  # noqa: E731
+    states = asyncio.run(_fetch_all_stages(status, credentials, skipped, reread))
     for reason in skipped:
         print(f"warning: left out of the export (the other replicas of its stage are in it): {reason}",
               file=sys.stderr)

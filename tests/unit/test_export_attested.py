@@ -5,10 +5,14 @@ FetchState sends is the one the replica computed on its live model."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
+import pytest
 import torch
 from safetensors.torch import load
 
-from gptjt_cli.swarm_commands import AttestedDigests
+from gptjt_cli.swarm_commands import AttestedDigests, _stage_mean
 from gptjt_core.config import AveragingConfig, ModelConfig, PipelineConfig, RunConfig, TrainConfig
 from gptjt_core.model import StageSpec
 from gptjt_core.stage_checkpoint import OUTER
@@ -77,8 +81,30 @@ def test_a_state_of_another_step_is_refused_and_nothing_to_check_against_is_not(
     served = _served(stage)
     altered = {n: t + 1.0 if t.is_floating_point() else t for n, t in served.items()}
     attested = AttestedDigests.of_stage(_status(6, {"w1": stage.state_digest()}), 0)
-    assert "fetch it again once the step has closed" in attested.refusal(8, served)  # applied step 7 already
+    assert "export again once it closes" in attested.refusal(8, served)  # applied step 7 already
     assert AttestedDigests.of_stage({"stages": _status(1, {})["stages"], "history": []}, 0).refusal(0, altered) == ""
     moved = AttestedDigests.of_stage(_status(6, {"w1": stage.state_digest()}, layers=[0, 3]), 0)
-    assert moved.digests == () and moved.refusal(7, altered) == ""  # digests of another layer range
+    assert moved.by_position == {} and moved.refusal(7, altered) == ""  # digests of another layer range
     assert unattested(altered, 7, 0, ()) == ""  # the assignment of a joiner with nothing to check
+
+
+def test_a_replica_a_step_ahead_of_the_status_is_checked_against_the_status_read_again():
+    """The export reads the status, then fetches the replicas; a step that closes in between puts
+    a replica one step past the digests it read. It reads the status again, once, and checks the
+    state against that step's digests; with no newer status the state is refused, not taken
+    unchecked."""
+    stage = _stage()
+    stage.last_applied = 7  # the state after 8 steps
+    before, after = _status(6, {"w1": "0" * 64}), _status(7, {"w1": stage.state_digest()})
+
+    class _Replica:  # stands in for the stage link: answers FetchState with the stage's own state
+        async def fetch_state(self, address):
+            return SimpleNamespace(position=8), stage.checkpoint_blob()
+
+    positions, skipped = {}, []
+    asyncio.run(_stage_mean(_Replica(), 0, [("w1", "h:1")], positions, skipped, AttestedDigests.of_stage(before, 0),
+                            lambda: after))
+    assert (positions, skipped) == ({"w1": 8}, [])
+    with pytest.raises(RuntimeError, match="export again once it closes"):
+        asyncio.run(_stage_mean(_Replica(), 0, [("w1", "h:1")], {}, [], AttestedDigests.of_stage(before, 0),
+                                lambda: before))
