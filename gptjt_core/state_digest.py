@@ -7,8 +7,8 @@ so the digest of a live model's state_dict() and of the same state read back fro
 blob (whose order is its own) agree. Every byte, not a sample: until 2026-12-06 the digest hashed
 up to 2^20 evenly strided values of each tensor, which was enough to tell honest replicas apart
 but let anyone who read this file change the values between the samples and pass a copy's check.
-The cost is one pass over the stage per step: ~17 ms for the tiny flavour's stage with the head
-(measured on 2 loaded cores), and for a GPT-J 6B stage of 3 GB ~1.7 s at the ~1.8 GB/s SHA-256
+The cost is one pass over the stage per step: 16 ms for the tiny flavour's stage with the head
+(10 ms sampled; timed by hand), and for a GPT-J 6B stage of 3 GB ~1.7 s at the ~1.8 GB/s SHA-256
 ran at here (estimated, plus its copy off the GPU; not measured on a GPU host), beside a step of
 minutes.
 """
