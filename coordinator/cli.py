@@ -106,8 +106,6 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     relay = await start_relay(cfg.relay_listen, ledger) if cfg.relay_listen else None
     # The dashboard starts before the port file and ready line, so its URL file is there by then.
     dashboard = await start_operator_dashboard(run, ledger, actions, dashboard_file, reader)
-    if port_file:
-        Path(port_file).write_text(address)
     if ready_line:
         print(f"gptjt-coordinator: run {run.name!r} listening on {address} "
               f"({'TLS' if cfg.tls_cert else 'plaintext'}), step {ledger.step}/{run.train.steps}, "
@@ -120,6 +118,8 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
         print(f"gptjt-coordinator: dashboard at {dashboard.url} (read-only; {reading}admin actions need the admin "
               f"token in {actions.admin.where})" + (f"; WARNING: {dashboard.exposure}" if dashboard.exposure else ""),
               flush=True)
+    if port_file:  # last: whoever waits for the file finds the lines above already written
+        Path(port_file).write_text(address)
     reaper = asyncio.create_task(service.reap_forever())
     take_full_collections_off_the_clock()
     collector = asyncio.create_task(collect_fully_forever())

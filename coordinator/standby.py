@@ -69,11 +69,11 @@ async def lead(run: RunConfig, port_file: str | None, ready_line: bool) -> tuple
     server = grpc.aio.server(handlers=[RefuseEverything()], options=[("grpc.so_reuseport", 0)])
     address = bind(server, run, cfg.listen)
     await server.start()
-    if port_file:
-        Path(port_file).write_text(address)
     if ready_line:
         print(f"gptjt-coordinator: run {run.name!r} standing by on {address}: another coordinator leads the "
               f"ledger at {redacted(cfg.ledger_url)}; taking over when it stops", flush=True)
+    if port_file:  # after the line, as when serving (cli.py)
+        Path(port_file).write_text(address)
     started = time.monotonic()
     try:
         while not db.try_lead():

@@ -126,7 +126,7 @@ class NatSwarm:
         coordinator = self._spawn("public", [str(BIN / "gptjt-coordinator"), "--config", str(self.config),
                                              "--port-file", str(self.workdir / "port")], "coordinator")
         text = coordinator.wait_for("relay for workers behind NAT on", 60)
-        self.address = (self.workdir / "port").read_text().strip()
+        self.address = coordinator.wait_for_file(self.workdir / "port", 10)
         self.relay = text.split("relay for workers behind NAT on ", 1)[1].split()[0]
         for name, role, ip in (("public", "public", self.lab.public_ip), ("home", "home", self.lab.home_ip)):
             proc = self._spawn(role, [str(BIN / "gptjt-worker"), "--join", self.address, "--token", self.token,

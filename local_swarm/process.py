@@ -57,6 +57,20 @@ class SwarmProcess:
             time.sleep(0.1)
         raise AssertionError(f"{self.log.name}: no {needle!r} within {timeout}s:\n{self.text()[-3000:]}")
 
+    def wait_for_file(self, path: Path, timeout: float = 60.0) -> str:
+        """The stripped contents of `path` once this process has written them (e.g. the bound
+        address in a --port-file, written after the ready lines); AssertionError as wait_for's."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = path.read_text().strip() if path.is_file() else ""
+            if text:
+                return text
+            if self.p.poll() is not None:
+                raise AssertionError(f"{self.log.name} exited ({self.p.returncode}) before writing {path}:\n"
+                                     f"{self.text()[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"{self.log.name}: {path} not written within {timeout}s:\n{self.text()[-3000:]}")
+
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to the process itself (not its group: its children are on their own, as
         when an operator or the OOM killer kills one process)."""

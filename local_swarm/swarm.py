@@ -150,10 +150,7 @@ class LocalSwarm:
                 raise SwarmFailed(f"the coordinator did not start; its log ends:\n{proc.text()[-3000:]}")
             time.sleep(0.1)
         self.address = port_file.read_text().strip()
-        url_file = self.workdir / "dashboard.url"
-        until = time.monotonic() + 3.0  # written right after the gRPC port (unless dashboard_port = -1)
-        while not url_file.is_file() and proc.alive and time.monotonic() < until:
-            time.sleep(0.05)
+        url_file = self.workdir / "dashboard.url"  # written before the port file (none if dashboard_port = -1)
         self.dashboard_url = url_file.read_text().strip() if url_file.is_file() else ""
         return proc
 

@@ -60,8 +60,7 @@ class Run:
                                 "--port-file", str(self.tmp / "port")], self.tmp / "coordinator.log", self.tmp))
 
     def coordinator_ready(self) -> None:
-        self.procs[0].wait_for("listening on", 60)
-        self.address = (self.tmp / "port").read_text().strip()
+        self.address = self.procs[0].wait_for_file(self.tmp / "port", 60)
 
     def start_worker(self, name: str) -> Proc:
         prefix, ip = self.stage_ns[name]
