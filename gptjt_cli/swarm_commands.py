@@ -64,23 +64,28 @@ class AttestedDigests:
     """What one stage's members reported to the ledger after each closed step the status lists (up
     to its last 200): the digests of the states they then held (gptjt_core/state_digest.py; of the
     anchor in local-steps mode), by the steps those states hold. Every state the export takes must
-    match one of its step's. Empty where there is nothing to check against: no step closed yet on
-    the stage's current layer range."""
+    match one of its step's. There is nothing to check against before any step closed, nor for a
+    step whose row is of another layer range than the stage's now: digests cover a whole stage, so
+    after a re-plan no member has reported one of the new range until a step closes on it."""
 
-    by_position: dict[int, tuple[str, ...]]  # steps a state holds (closed step + 1) -> digests
+    by_position: dict[int, tuple[str, ...] | None]  # closed step + 1 -> digests (None: another range)
 
     @classmethod
     def of_stage(cls, status: dict, index: int) -> AttestedDigests:
         stage, out = status["stages"][index], {}
         for row in status.get("history") or []:
             reported = row.get("stages", {}).get(str(index), {})
-            if reported.get("layers") == [stage["start_layer"], stage["end_layer"]]:
-                out[row["step"] + 1] = tuple(sorted(set(reported.get("digests", {}).values())))
+            same_range = reported.get("layers") == [stage["start_layer"], stage["end_layer"]]
+            out[row["step"] + 1] = tuple(sorted(set(reported.get("digests", {}).values()))) if same_range else None
         return cls(out)
 
-    def lacks(self, position: int) -> bool:
-        """A state after `position` steps, which this status has no digests of, but other steps'."""
-        return bool(self.by_position) and position not in self.by_position
+    def ahead(self, position: int) -> bool:
+        """A state after `position` steps, newer than any step this status lists as closed."""
+        return bool(self.by_position) and position > max(self.by_position)
+
+    def unchecked(self, position: int) -> bool:
+        """Is a state after `position` steps taken with nothing to check it against (see above)?"""
+        return not self.by_position or self.by_position.get(position, ()) is None
 
     def refusal(self, position: int, tensors: dict) -> str:
         """Why a holder's state (safetensors tensors, after `position` steps) is none the members
@@ -89,10 +94,15 @@ class AttestedDigests:
         member's inner steps since the last outer step are not attested (its drift is its own)."""
         from gptjt_core.state_digest import unattested
 
-        if self.lacks(position):
+        if self.unchecked(position):
+            return ""
+        if self.ahead(position):
             return (f"it holds the state after {position} steps, which the status lists no digests of (the "
                     "newest closed step is older: export again once it closes)")
-        return unattested(tensors, position, position, self.by_position.get(position, ()))
+        if position not in self.by_position:
+            return (f"it holds the state after {position} steps, older than every closed step the status lists "
+                    f"(states after {min(self.by_position)}-{max(self.by_position)} steps): a replica left behind")
+        return unattested(tensors, position, position, self.by_position[position])
 
 
 async def _stage_mean(client, index: int, holders: list[tuple[str, str]], positions: dict,
@@ -112,11 +122,15 @@ async def _stage_mean(client, index: int, holders: list[tuple[str, str]], positi
         try:
             header, blob = await client.fetch_state(address)
             tensors = load(blob)
-            if attested.lacks(header.position):
+            if attested.ahead(header.position):
                 attested = AttestedDigests.of_stage(await asyncio.to_thread(reread), index)
             refusal = attested.refusal(header.position, tensors)
             if refusal:
                 raise ValueError(refusal)
+            if attested.unchecked(header.position) and attested.by_position:
+                print(f"gptjt export: warning: stage {index}'s state from {holder} (after {header.position} steps) "
+                      "is taken unchecked: its layer range changed at a re-plan after that step closed, and no "
+                      "member has reported a digest of the new range yet", file=sys.stderr)
             mean.add(split_state(tensors)[0], holder)  # weights only
         except Exception as e:  # a replica's failure, whatever it is, leaves the others to export
             skipped.append(f"{holder} ({address}): {e}")

@@ -82,10 +82,35 @@ def test_a_state_of_another_step_is_refused_and_nothing_to_check_against_is_not(
     altered = {n: t + 1.0 if t.is_floating_point() else t for n, t in served.items()}
     attested = AttestedDigests.of_stage(_status(6, {"w1": stage.state_digest()}), 0)
     assert "export again once it closes" in attested.refusal(8, served)  # applied step 7 already
+    assert "a replica left behind" in attested.refusal(5, served)  # older than the status's window
     assert AttestedDigests.of_stage({"stages": _status(1, {})["stages"], "history": []}, 0).refusal(0, altered) == ""
     moved = AttestedDigests.of_stage(_status(6, {"w1": stage.state_digest()}, layers=[0, 3]), 0)
-    assert moved.by_position == {} and moved.refusal(7, altered) == ""  # digests of another layer range
+    assert moved.unchecked(7) and moved.refusal(7, altered) == ""  # digests of another layer range
     assert unattested(altered, 7, 0, ()) == ""  # the assignment of a joiner with nothing to check
+
+
+def test_after_a_replan_the_new_range_is_taken_unchecked_until_a_step_closes_on_it(capsys):
+    """Digests cover a whole stage: after a re-plan that moved layers, no member has reported one of
+    the new range until a step closes on it. An older row of the same range (before the plan
+    changed twice) is no reason to refuse the state: that refusal told a finished run's export to
+    wait for a step that would never close (a chaos soak, 2026-12-06)."""
+    stage = _stage()
+    stage.last_applied = 7  # the state after 8 steps
+    status = _status(7, {"w1": "0" * 64}, layers=[0, 3])  # step 7 closed on layers 0-3
+    status["history"][0]["stages"] = {"0": {"digests": {"w1": "1" * 64}, "layers": [SPEC.start, SPEC.end]}}
+    attested = AttestedDigests.of_stage(status, 0)
+    assert attested.by_position == {7: ("1" * 64,), 8: None}
+    assert attested.unchecked(8) and not attested.unchecked(7)
+    assert "is none the stage's members reported" in attested.refusal(7, _served(stage))
+
+    class _Replica:
+        async def fetch_state(self, address):
+            return SimpleNamespace(position=8), stage.checkpoint_blob()
+
+    positions, skipped = {}, []
+    asyncio.run(_stage_mean(_Replica(), 0, [("w1", "h:1")], positions, skipped, attested, lambda: status))
+    assert (positions, skipped) == ({"w1": 8}, [])
+    assert "is taken unchecked: its layer range changed at a re-plan" in capsys.readouterr().err
 
 
 def test_a_replica_a_step_ahead_of_the_status_is_checked_against_the_status_read_again():

@@ -202,6 +202,41 @@ def test_mid_run_replan_waits_for_a_complete_checkpoint(tmp_path):
     assert state["restore_from_store"] and state["restore_step"] == 1
 
 
+def test_a_pending_plan_does_not_apply_at_the_checkpoint_of_the_last_step(tmp_path):
+    """The last step's checkpoint can land while that step applies; a plan pending then has no step
+    left to run on, so the run ends on the stages that trained it (their states are the ones the
+    last close attested: an export of the finished run checks them against those digests)."""
+    ledger = make_ledger(tmp_path, layer_load_s=0.0)
+    ids = [ledger.join(n, f"h:{n}", device(0.01))["id"] for n in ("a", "b")]
+    for w in ids:
+        ledger.heartbeat(w, "ready", {}, -1, -1, device=device(0.01))
+    a, b = sorted(ids, key=lambda w: ledger.assignment(w)["stage"])  # a: stage 0 leases the tickets
+    last = ledger.run.train.steps - 1
+    for step in range(last):
+        for w in (a, b):
+            ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, step)
+        finish_step(ledger, [a, b])
+    for w in (a, b):
+        ledger.heartbeat(w, "ready", {}, ledger.restore_epoch, last)
+    ranges, epoch = ledger.status()["plan"]["ranges"], ledger.restore_epoch
+    tickets, _ = ledger.lease(a, 100)
+    for t in tickets:
+        assert ledger.commit(a, t.id, t.attempt, 1.0, 128) == "committed"
+    for w in (a, b):
+        assert ledger.report(w, last, ledger.attempt, "contribution", 4.0, 2)
+    ledger.heartbeat(b, "ready", {}, epoch, last, device=device(0.04))  # b turns out 4x faster
+    assert ledger.status()["plan"]["pending"]
+    for spec in ledger.plan:  # the state after the last step, uploaded while it applies
+        ledger.record_checkpoint(last + 1, spec, f"step-{last + 1}/{spec.start}")
+    for w in (a, b):
+        assert ledger.report(w, last, ledger.attempt, "applied")
+    for w in (a, b):
+        ledger.heartbeat(w, "ready", {}, epoch, last + 1)
+    plan = ledger.status()["plan"]
+    assert ledger.phase == "done" and ledger.restore_epoch == epoch and plan["ranges"] == ranges
+    assert [h["step"] for h in ledger.status()["history"]] == list(range(last + 1))
+
+
 def test_a_worker_asks_to_measure_links_the_plan_needs_once(tmp_path):
     ledger = make_ledger(tmp_path)
     a = ledger.join("a", "h:1", device(0.01))["id"]
