@@ -72,11 +72,13 @@ class AttestedDigests:
 
     @classmethod
     def of_stage(cls, status: dict, index: int) -> AttestedDigests:
+        from gptjt_core.state_digest import recorded_digests
+
         stage, out = status["stages"][index], {}
         for row in status.get("history") or []:
-            reported = row.get("stages", {}).get(str(index), {})
-            same_range = reported.get("layers") == [stage["start_layer"], stage["end_layer"]]
-            out[row["step"] + 1] = tuple(sorted(set(reported.get("digests", {}).values()))) if same_range else None
+            recorded = recorded_digests(row.get("stages", {}).get(str(index)))
+            same_range = recorded is not None and recorded[0] == (stage["start_layer"], stage["end_layer"])
+            out[row["step"] + 1] = recorded[1] if same_range else None
         return cls(out)
 
     def ahead(self, position: int) -> bool:

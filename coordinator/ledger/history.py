@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import statistics
 
+from gptjt_core.state_digest import recorded_digests
+
 from .db import LedgerDB
 from .stored_values import shown_float, stored_json
 
@@ -52,9 +54,9 @@ class StepHistory:
             return 0, {}
         out = {}
         for stage, d in stored_json(row[1], {}, "steps.detail").items():
-            layers, digests = d.get("layers"), d.get("digests") or {}
-            if isinstance(layers, list) and len(layers) == 2 and stage.isdigit() and digests:
-                out[int(stage)] = ((int(layers[0]), int(layers[1])), tuple(sorted(set(map(str, digests.values())))))
+            recorded = recorded_digests(d)
+            if recorded is not None and recorded[1] and stage.isdigit():
+                out[int(stage)] = recorded
         return row[0] + 1, out
 
     def total_tokens(self) -> int:

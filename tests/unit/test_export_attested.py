@@ -133,3 +133,14 @@ def test_a_replica_a_step_ahead_of_the_status_is_checked_against_the_status_read
     with pytest.raises(RuntimeError, match="export again once it closes"):
         asyncio.run(_stage_mean(_Replica(), 0, [("w1", "h:1")], {}, [], AttestedDigests.of_stage(before, 0),
                                 lambda: before))
+
+
+def test_a_row_without_a_range_records_no_digests_for_either_reader():
+    """recorded_digests: what the coordinator (a joiner's assignment) and the export read alike."""
+    from gptjt_core.state_digest import recorded_digests
+
+    assert recorded_digests({"layers": [0, 2], "digests": {"w2": "b", "w1": "a", "w3": "a"}}) == ((0, 2), ("a", "b"))
+    assert recorded_digests({"layers": [0, 2]}) == ((0, 2), ())
+    for malformed in (None, [], {"digests": {"w1": "a"}}, {"layers": [0], "digests": {}},
+                      {"layers": [0, 2], "digests": ["a"]}):
+        assert recorded_digests(malformed) is None, malformed
