@@ -36,27 +36,51 @@ def export_holders(status: dict) -> list[list[str]]:
     return holders
 
 
+CATCH_UP_TRIES = 3  # fetches again of the stages a step behind the others, before the export gives up
+CATCH_UP_WAIT_S = 2.0  # between them: a step's update takes seconds to reach every stage
+
+
 async def _fetch_all_stages(status: dict, credentials, skipped: list[str], reread: Callable[[], dict]) -> list[dict]:
-    """Each stage's weights: the mean of its holders' (export_holders), all at one step. A holder
-    that does not answer, or sends a state the mean refuses, is left out and named in `skipped`
-    while another of its stage answers; with none, RuntimeError. reread: the status, read again."""
+    """Each stage's weights: the mean of its holders' (export_holders), all at one step
+    (_stages_at_one_step). reread: the status, read again."""
     from worker.transport import LinkCounters, StageClient
 
     client = StageClient(LinkCounters(), 1 << 20, credentials=credentials)
-    by_id = {w["id"]: w for w in status["workers"]}
     client.learn([w["address"] for w in status["workers"]], [w["id"] for w in status["workers"]])
     try:
-        states, positions = [], {}
-        for index, holders in enumerate(export_holders(status)):
-            attested = AttestedDigests.of_stage(status, index)
-            states.append(await _stage_mean(client, index, [(h, by_id[h]["address"]) for h in holders], positions,
-                                            skipped, attested, reread))
-        if len(set(positions.values())) > 1:
-            raise RuntimeError(f"the replicas hold different steps {positions} (a step was being applied); "
-                               "export again")
-        return states
+        return await _stages_at_one_step(client, status, skipped, reread)
     finally:
         await client.close()
+
+
+async def _stages_at_one_step(client, status: dict, skipped: list[str], reread: Callable[[], dict],
+                              wait_s: float = CATCH_UP_WAIT_S) -> list[dict]:
+    """Each stage's mean (_stage_mean), all at one step. On a live run a step's update reaches the
+    stages one after another, so a stage fetched before it applied holds the step before the
+    others': only such stages are fetched again, after a pause, up to CATCH_UP_TRIES times (a GPT-J
+    6B stage is gigabytes). A holder that does not answer, or sends a state the mean refuses, is
+    left out and named in `skipped` while another of its stage answers; with none, RuntimeError."""
+    by_id = {w["id"]: w for w in status["workers"]}
+    holders = [[(h, by_id[h]["address"]) for h in ids] for ids in export_holders(status)]
+    states: list[dict] = [{} for _ in holders]
+    steps: list[dict[str, int]] = [{} for _ in holders]  # per stage: holder -> the step it sent
+    left_out: list[list[str]] = [[] for _ in holders]
+    behind = list(range(len(holders)))
+    for tries in range(CATCH_UP_TRIES + 1):
+        if tries:
+            await asyncio.sleep(wait_s)
+        for index in behind:
+            steps[index], left_out[index] = {}, []
+            states[index] = await _stage_mean(client, index, holders[index], steps[index], left_out[index],
+                                              AttestedDigests.of_stage(status, index), reread)
+        newest = max(p for sent in steps for p in sent.values())
+        behind = [i for i, sent in enumerate(steps) if set(sent.values()) != {newest}]
+        if not behind:
+            skipped.extend(reason for reasons in left_out for reason in reasons)
+            return states
+    positions = {h: p for sent in steps for h, p in sent.items()}
+    raise RuntimeError(f"the replicas hold different steps {positions} after {CATCH_UP_TRIES} more fetches "
+                       f"{wait_s:g} s apart (a step is not being applied everywhere); export again")
 
 
 @dataclass(frozen=True)
