@@ -119,3 +119,18 @@ def exactly_once(counted: dict[int, int], micro_batches: int, step: int) -> tupl
     bad = len(counted) != micro_batches or any(n != 1 for n in counted.values())
     return lost, double, (f"step {step}: committed micro-batches {counted} (expected each of {micro_batches} once)"
                           if bad else None)
+
+
+def attested_digests(by_worker: dict[str, str], exact: bool) -> list[str]:
+    """The digests a copy of a stage's state may match after a step (sorted), from each member's
+    APPLIED digest. Exact averaging (compression "none") leaves honest replicas bit-identical, so a
+    digest a strict majority reported is the only one: a member that reports the digest of altered
+    weights it hands out is then out-voted, as in spot checks. In a tie (two replicas, one lying)
+    there is no telling which is honest and every digest stays (the close records
+    replicas_diverged). Lossy rounds leave honest replicas a rounding apart: every digest."""
+    digests = sorted(set(by_worker.values()))
+    if not exact or len(digests) < 2:
+        return digests
+    counts = {d: list(by_worker.values()).count(d) for d in digests}
+    top = max(digests, key=counts.__getitem__)
+    return [top] if 2 * counts[top] > len(by_worker) else digests

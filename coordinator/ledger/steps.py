@@ -263,9 +263,11 @@ class StepProtocol:
         loss, tokens = self.tickets.totals(step, attempt)
         opened = st.step_opened or self.db.clock()
         detail = self.reports.detail(step, attempt)
+        exact = self.run.averaging.compression == "none"
         for index, spec in enumerate(self.plan()):  # the range the digests are of (a joiner's copy is checked
             if str(index) in detail:                 # against them only while its stage keeps that range)
                 detail[str(index)]["layers"] = [spec.start, spec.end]
+                detail[str(index)]["attested"] = rules.attested_digests(detail[str(index)]["digests"], exact)
         self.history.close(step, attempt + 1, loss, tokens, st.grad_norm, opened, detail)
         self.tickets.audit(step)
         self.commitments.check_chain(step, attempt)

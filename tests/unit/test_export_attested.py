@@ -144,3 +144,46 @@ def test_a_row_without_a_range_records_no_digests_for_either_reader():
     for malformed in (None, [], {"digests": {"w1": "a"}}, {"layers": [0], "digests": {}},
                       {"layers": [0, 2], "digests": ["a"]}):
         assert recorded_digests(malformed) is None, malformed
+
+
+def test_where_replicas_must_be_identical_only_a_majoritys_digest_is_attested():
+    """A member that reports the digest of the altered weights it hands out passed its own copies
+    while every member's digest counted; with exact averaging a strict majority's is the only one."""
+    from coordinator.ledger.rules import attested_digests
+
+    assert attested_digests({"a": "d", "b": "d", "liar": "x"}, exact=True) == ["d"]
+    assert attested_digests({"a": "d", "liar": "x"}, exact=True) == ["d", "x"]  # a tie: no telling who lies
+    assert attested_digests({"a": "d", "b": "d", "c": "x", "liar": "y"}, exact=True) == ["d", "x", "y"]  # 2 of 4
+    assert attested_digests({"a": "d", "b": "d", "liar": "x"}, exact=False) == ["d", "x"]  # lossy: a rounding apart
+    assert attested_digests({"a": "d"}, exact=True) == ["d"] and attested_digests({}, exact=True) == []
+
+
+def test_the_close_records_the_majoritys_digest_and_a_joiner_is_sent_only_that(tmp_path):
+    from coordinator.ledger import RunLedger
+    from coordinator.scheduler import plan_stages
+    from tests.conftest import small_run
+    from tests.unit.test_ledger import Clock, at, commit_all, ready_swarm
+
+    run = small_run(steps=3, global_batch=12, micro_batch=2)  # 6 micro-batches: 2 for each replica
+    run.pipeline.num_stages, run.pipeline.replicas_per_stage = 2, 3
+    ledger = RunLedger(at(tmp_path), run, plan_stages(4, 2), Clock())
+    by_stage: dict[int, list[str]] = {}
+    for w in ready_swarm(ledger, 6):
+        by_stage.setdefault(ledger.assignment(w)["stage"], []).append(w)
+    liar = by_stage[1][2]
+    assert commit_all(ledger, by_stage[0]) == 6
+    members = [w for ids in by_stage.values() for w in ids]
+    for kind, extra in (("contribution", {"grad_norm_sq": 4.0, "micro_batches": 2}),
+                        ("averaged", {"grad_norm_sq": 16.0, "group_weight": 6.0})):
+        for w in members:
+            assert ledger.report(w, 0, 0, kind, **extra)
+    for w in members:
+        assert ledger.report(w, 0, 0, "applied", digest="altered" if w == liar else "same")
+    assert ledger.step == 1
+    row = ledger.status()["history"][0]["stages"]
+    assert row["1"]["attested"] == ["same"] and row["1"]["digests"][liar] == "altered"
+    assert AttestedDigests.of_stage(ledger.status(), 1).by_position == {1: ("same",)}
+    ledger.declare_dead(by_stage[1][0], "gone")
+    joiner = ledger.join("joiner", "h:j", {})["id"]
+    assert ledger.assignment(joiner)["stage"] == 1
+    assert ledger.assignment(joiner)["attested_digests"] == ["same"]
