@@ -379,8 +379,10 @@ class StagePlanner:
                 "predicted_step_s": float(predicted) if predicted is not None else None,
                 "measured_step_s": measured_step_s,
                 "last_replan": json.loads(last) if last else None,
-                "pending": self.pending,
-                "pending_ranges": [[s.start, s.end] for s in self._pending_stages()],
+                # none once the run has no step left to run on it (recovery.maybe_apply_pending); a
+                # restart with more --steps shows it again, and it applies at the next checkpoint
+                **({"pending": self.pending, "pending_ranges": [[s.start, s.end] for s in self._pending_stages()]}
+                   if self.state.step < self.run.train.steps else {"pending": "", "pending_ranges": []}),
                 "layers_moved_total": int(self.db.meta("layers_moved_total") or 0),
                 "standby_why": self.db.json_meta("standby_why", {}),
                 "min_workers": self.run.scheduler.min_workers,

@@ -234,6 +234,7 @@ def test_a_pending_plan_does_not_apply_at_the_checkpoint_of_the_last_step(tmp_pa
         ledger.heartbeat(w, "ready", {}, epoch, last + 1)
     plan = ledger.status()["plan"]
     assert ledger.phase == "done" and ledger.restore_epoch == epoch and plan["ranges"] == ranges
+    assert (plan["pending"], plan["pending_ranges"]) == ("", [])  # nothing left for it to apply at
     assert [h["step"] for h in ledger.status()["history"]] == list(range(last + 1))
 
 
