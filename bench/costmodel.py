@@ -5,7 +5,9 @@ Each scenario is a coordinator and 2 workers on this machine training the tiny f
 `scheduler.placement = "cost-model"`: the workers compute at whatever speed their threads reach
 (no `--simulate-device`), probe their own device (a square matmul at join, one block of the
 run's model after) and their links (loopback, or a shaped link: link.emulate_mbit); the
-coordinator plans from those figures. predicted = the plan's `predicted_step_s` at the end of
+coordinator plans from those figures. In the last scenario the pipeline's bounds let the
+scheduler choose one stage of both workers (data parallel: every replica runs the whole model,
+and the stage averages through hivemind each step), which it predicts faster here. predicted = the plan's `predicted_step_s` at the end of
 the run (the prediction of the plan that ran), measured = the median step seconds after the
 first STEPS_SKIPPED steps (loading, probes, re-plans). error_pct = 100 x (predicted - measured)
 / measured: negative when the model is optimistic.
@@ -26,21 +28,26 @@ from pathlib import Path
 DESCRIPTION = "cost model's predicted step time vs measured step time of unpaced CPU swarms (threads, shaped link)"
 
 STEPS_SKIPPED = 2
-# name -> (threads of each of the 2 workers, [link] keys or "")
+# Pipeline bounds that let the scheduler choose one stage of 2 replicas (data parallel), which it
+# then does on this model: each replica runs the whole model and the stage averages every step.
+DATA_PARALLEL = {"min_stages": 1, "replicas_per_stage": 2}
+DATA_PARALLEL_SCENARIO = "1+1 threads, loopback, 1 stage x 2 replicas allowed"
+# name -> (threads of each of the 2 workers, [link] keys or "", small_run_toml's pipeline keys)
 SCENARIOS = {
-    "1+1 threads, loopback": ((1, 1), ""),
-    "1+2 threads, loopback": ((1, 2), ""),
-    "1+1 threads, 20 Mbit/s 10 ms": ((1, 1), "emulate_mbit = 20\nemulate_latency_ms = 10\n"),
+    "1+1 threads, loopback": ((1, 1), "", {}),
+    "1+2 threads, loopback": ((1, 2), "", {}),
+    "1+1 threads, 20 Mbit/s 10 ms": ((1, 1), "emulate_mbit = 20\nemulate_latency_ms = 10\n", {}),
+    DATA_PARALLEL_SCENARIO: ((1, 1), "", DATA_PARALLEL),
 }
 
 
-def measure(threads: tuple[int, ...], link: str, steps: int, workdir: Path) -> dict:
-    """One scenario's predicted and measured step seconds."""
+def measure(threads: tuple[int, ...], link: str, steps: int, workdir: Path, pipeline: dict | None = None) -> dict:
+    """One scenario's predicted and measured step seconds (pipeline: small_run_toml's keys)."""
     from local_swarm import LocalSwarm, small_run_toml
 
     extra = f"[link]\n{link}" if link else ""
     config = small_run_toml(workdir, steps=steps, global_batch=16, micro_batch=2, seq_len=64, timeout_s=30.0,
-                            placement="cost-model", min_workers=len(threads), extra=extra)
+                            placement="cost-model", min_workers=len(threads), extra=extra, **(pipeline or {}))
     swarm = LocalSwarm(workdir, config, state=workdir / "run.db")
     try:
         swarm.start_coordinator(steps=steps, listen="127.0.0.1:0")
@@ -54,15 +61,16 @@ def measure(threads: tuple[int, ...], link: str, steps: int, workdir: Path) -> d
     measured, predicted = statistics.median(seconds), status["plan"]["predicted_step_s"]
     return {"predicted_step_s": predicted, "measured_step_s": measured,
             "error_pct": 100 * (predicted - measured) / measured if predicted else None,
-            "ranges": status["plan"]["ranges"], "steps_measured": len(seconds)}
+            "ranges": status["plan"]["ranges"], "replicas": [len(s.get("members") or []) for s in status["stages"]],
+            "steps_measured": len(seconds)}
 
 
 def run(quick: bool = False) -> dict:
     steps = 6 if quick else 12
     out: dict = {}
-    for name, (threads, link) in SCENARIOS.items():
+    for name, (threads, link, pipeline) in SCENARIOS.items():
         with tempfile.TemporaryDirectory() as tmp:
-            out[name] = measure(threads, link, steps, Path(tmp))
+            out[name] = measure(threads, link, steps, Path(tmp), pipeline)
     errors = [abs(v["error_pct"]) for v in out.values() if v["error_pct"] is not None]
     out["median_abs_error_pct"] = statistics.median(errors) if errors else None
     out["worst_abs_error_pct"] = max(errors) if errors else None

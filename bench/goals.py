@@ -242,9 +242,12 @@ FIGURES: tuple[Figure, ...] = (
            published="Petals, hivemind: libp2p relays, cost not published"),
     Figure("nat", "relayed_step_s", "median step (s), relayed"),
     Figure("nat", "direct_step_s", "median step (s), direct"),
-    Figure("costmodel", "median_abs_error_pct", "cost model's step time vs measured, median |error| (%), 3 "
+    Figure("costmodel", "median_abs_error_pct", "cost model's step time vs measured, median |error| (%), 4 "
            "unpaced CPU swarms", "the swarms' measured median step"),
     Figure("costmodel", "worst_abs_error_pct", "the same, worst |error| (%)", "the swarms' measured median step"),
+    Figure("costmodel", "1+1 threads, loopback, 1 stage x 2 replicas allowed.error_pct",
+           "the same, error (%) of the swarm allowed 1 stage x 2 replicas (data parallel)",
+           "that swarm's measured median step"),
     Figure("churn", "goodput_vs_no_churn", "simulated goodput, first hour of 1,000 volunteers with 2 h median sessions, over no churn",
            "the same simulation with nobody leaving", _g(">=", 0.85, "issue 19"), predicted=True,
            verdict_key="goal_met"),
