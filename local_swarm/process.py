@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 BIN = Path(sys.executable).parent  # the console scripts of the environment we run in
@@ -46,30 +47,30 @@ class SwarmProcess:
     def wait_for(self, needle: str, timeout: float = 60.0) -> str:
         """The log once it contains `needle`; AssertionError with the log's end if the process
         exits first or `timeout` seconds pass."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def found() -> str:
             text = self.text()
-            if needle in text:
-                return text
-            if self.p.poll() is not None:
-                raise AssertionError(f"{self.log.name} exited ({self.p.returncode}) before {needle!r}:\n"
-                                     f"{text[-3000:]}")
-            time.sleep(0.1)
-        raise AssertionError(f"{self.log.name}: no {needle!r} within {timeout}s:\n{self.text()[-3000:]}")
+            return text if needle in text else ""
+
+        return self._poll(found, repr(needle), timeout)
 
     def wait_for_file(self, path: Path, timeout: float = 60.0) -> str:
         """The stripped contents of `path` once this process has written them (e.g. the bound
         address in a --port-file, written after the ready lines); AssertionError as wait_for's."""
+        return self._poll(lambda: path.read_text().strip() if path.is_file() else "", f"{path} written", timeout)
+
+    def _poll(self, found: Callable[[], str], what: str, timeout: float) -> str:
+        """found()'s first non-empty answer, polled every 0.1 s; AssertionError with the log's end
+        if the process exits first or `timeout` seconds pass."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            text = path.read_text().strip() if path.is_file() else ""
-            if text:
-                return text
+            answer = found()
+            if answer:
+                return answer
             if self.p.poll() is not None:
-                raise AssertionError(f"{self.log.name} exited ({self.p.returncode}) before writing {path}:\n"
+                raise AssertionError(f"{self.log.name} exited ({self.p.returncode}) before {what}:\n"
                                      f"{self.text()[-3000:]}")
             time.sleep(0.1)
-        raise AssertionError(f"{self.log.name}: {path} not written within {timeout}s:\n{self.text()[-3000:]}")
+        raise AssertionError(f"{self.log.name}: no {what} within {timeout}s:\n{self.text()[-3000:]}")
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to the process itself (not its group: its children are on their own, as
