@@ -96,7 +96,7 @@ class AttestedDigests:
 
     @classmethod
     def of_stage(cls, status: dict, index: int) -> AttestedDigests:
-        from gptjt_core.state_digest import recorded_digests
+        from gptjt_core.recorded_digests import recorded_digests
 
         stage, out = status["stages"][index], {}
         for row in status.get("history") or []:

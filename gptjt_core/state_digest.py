@@ -58,21 +58,3 @@ def unattested(tensors: Mapping[str, torch.Tensor], position: int, attested_posi
         return ""
     return (f"its digest {digest} is none the stage's members reported after {attested_position} steps "
             f"({', '.join(sorted(attested))}): it is not the state they trained")
-
-
-def recorded_digests(reported: object) -> tuple[tuple[int, int], tuple[str, ...]] | None:
-    """One stage's entry in a closed step's detail (coordinator/ledger/steps.py `_close`:
-    {"layers": [start, end], "digests": {worker: digest}, "attested": [digest, ...], ...}): the
-    layer range its members' digests are of and the digests a copy may match, sorted (`attested`:
-    the majority's where replicas must be identical, coordinator/ledger/rules.attested_digests;
-    every member's in a row from before it was recorded); None where no range was recorded (a row
-    from before ranges were, or a stage no member reported on). Read by the coordinator for a
-    joiner's assignment and by the export from the status, alike."""
-    if not isinstance(reported, Mapping):
-        return None
-    layers, digests = reported.get("layers"), reported.get("digests") or {}
-    if not (isinstance(layers, list) and len(layers) == 2 and isinstance(digests, Mapping)):
-        return None
-    attested = reported.get("attested")
-    chosen = attested if isinstance(attested, list) else list(digests.values())
-    return (int(layers[0]), int(layers[1])), tuple(sorted({str(d) for d in chosen}))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 
-from gptjt_core.state_digest import recorded_digests
+from gptjt_core.recorded_digests import recorded_digests
 
 from .db import LedgerDB
 from .stored_values import shown_float, stored_json

@@ -137,7 +137,7 @@ def test_a_replica_a_step_ahead_of_the_status_is_checked_against_the_status_read
 
 def test_a_row_without_a_range_records_no_digests_for_either_reader():
     """recorded_digests: what the coordinator (a joiner's assignment) and the export read alike."""
-    from gptjt_core.state_digest import recorded_digests
+    from gptjt_core.recorded_digests import recorded_digests
 
     assert recorded_digests({"layers": [0, 2], "digests": {"w2": "b", "w1": "a", "w3": "a"}}) == ((0, 2), ("a", "b"))
     assert recorded_digests({"layers": [0, 2]}) == ((0, 2), ())
