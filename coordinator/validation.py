@@ -40,6 +40,8 @@ CHECKPOINT_HEADROOM = 1.25
 CHECKPOINT_SLACK_BYTES = 16 << 20
 MAX_COMMITMENT_BYTES = 1024  # a commitment with both sketches at k = 64 is 598 bytes (docs/security.md)
 
+MAX_STORED_COUNT = 2**31 - 1  # a count the ledger keeps in an INTEGER column (32-bit in PostgreSQL)
+
 
 @dataclass(frozen=True)
 class RunLimits:
@@ -174,8 +176,11 @@ def check_step_report(r: pb.StepReport, lim: RunLimits) -> None:
     integer("report.attempt", r.attempt, 0)
     choice("report.kind", r.kind, REPORT_KINDS)
     measure("report.grad_norm_sq", r.grad_norm_sq)
-    integer("report.micro_batches", r.micro_batches, 0, lim.micro_batches_per_step,
-            "micro-batches per step: train.global_batch / train.micro_batch")
+    # A replica may keep more micro-batches than the step has: a ticket handed back after it kept
+    # the gradient is done again (ledger/steps._overcounted restarts the step). Refusing such a
+    # count here stopped an honest worker (a chaos soak, 2026-12-07); the cap only keeps out what
+    # the ledger cannot store (its column is a 32-bit INTEGER in PostgreSQL).
+    integer("report.micro_batches", r.micro_batches, 0, MAX_STORED_COUNT, "2^31 - 1: what the ledger stores")
     # every-step mode sums micro-batches; local-steps mode weighs each replica 1
     number("report.group_weight", r.group_weight, 0.0, max(lim.micro_batches_per_step, lim.replicas_per_stage),
            "micro-batches per step (or replicas per stage in local-steps mode)")

@@ -649,6 +649,13 @@ def test_a_stage_that_kept_a_handed_back_micro_batch_twice_restarts_the_step(tmp
     assert (ledger.step, ledger.attempt) == (0, 1) and ledger.phase in ("waiting", "open")
     (why,) = [e["detail"] for e in ledger.status()["events"] if e["kind"] == "step_restarted"]
     assert f"stage 1's replicas kept the gradients of {total + 1} micro-batches for the step's {total}" in why
+    # one replica alone can keep more than the step has (a chaos soak's stage-1 replica kept 5 of 4,
+    # and its report was refused as malformed, which stopped the worker): the step restarts again
+    commit_all(ledger, by_stage[0])
+    for stage, (a, b) in by_stage.items():
+        ledger.report(a, 0, 1, "contribution", 4.0, total + 1 if stage == 1 else total // 2)
+        ledger.report(b, 0, 1, "contribution", 4.0, 0 if stage == 1 else total - total // 2)
+    assert (ledger.step, ledger.attempt) == (0, 2)
 
 
 def test_a_standby_watch_key_moves_with_what_a_standby_acts_on_not_with_a_step(tmp_path):

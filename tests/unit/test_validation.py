@@ -159,7 +159,7 @@ BAD = [
     ("report", "grad_norm_sq", -1.0, IA, None),  # once stored as a complex norm: the ledger was bricked
     ("report", "grad_norm_sq", -INF, IA, None),
     ("report", "micro_batches", -1, IA, None),
-    ("report", "micro_batches", 5, OOR, None),
+    ("report", "micro_batches", 2**31, OOR, None),  # 5 of 4 is a re-done ticket: the ledger restarts the step
     ("report", "group_weight", NAN, IA, None),
     ("report", "group_weight", 4.5, OOR, None),
     ("report", "state_digest", "XYZ", IA, None),
@@ -215,6 +215,7 @@ EDGES = [
     ("heartbeat", "metrics.activation_codec", ""), ("heartbeat", "state", pb.STANDBY), ("lease", "max_tickets", 1),
     ("commit", "loss", NAN), ("commit", "loss", INF), ("commit", "loss", 0.0), ("commit", "tokens", 0),
     ("release", "ticket_ids", [1, 2, 3, 4]), ("report", "grad_norm_sq", NAN), ("report", "grad_norm_sq", INF),
+    ("report", "micro_batches", 5),  # of 4 a step: a ticket redone after its gradient was kept (steps._overcounted)
     ("report", "kind", pb.AVERAGING_FAILED), ("report", "detail", "d\n" * 250), ("report", "step", 9),
     ("report", "commitments", [commitment(t) for t in range(1, 5)]), ("report", "commitments", []),
     ("report", "commitments[0].sent", b""), ("report", "commitments[0].sent_back", b""),
