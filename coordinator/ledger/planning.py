@@ -73,8 +73,13 @@ class StagePlanner:
 
     @property
     def pending(self) -> str:
-        """Why a better plan waits for a restore point ("" if none)."""
-        return self.db.meta("pending_plan") or ""
+        """Why a better plan waits for a restore point ("" if none, and once the run has no step left
+        for it to run on: moving layers then would only make the final states ones no closed step
+        attested; a restart with more --steps brings it back, to apply at the next checkpoint)."""
+        return (self.db.meta("pending_plan") or "") if self._steps_left() else ""
+
+    def _steps_left(self) -> bool:
+        return self.state.step < self.run.train.steps
 
     # -- the scheduler's inputs --------------------------------------------------------
     def _views(self) -> list[WorkerView]:
@@ -168,7 +173,7 @@ class StagePlanner:
             if any(w not in current for w in new):
                 self.apply(decision, why)  # newcomers only: they copy from a replica
             self._set_pending("")
-        elif decision.layers_moved:
+        elif decision.layers_moved and self._steps_left():
             if not self.pending:
                 self.events.record("replan_pending", f"{why}: a plan predicted at {decision.predicted_step_s:.3g} "
                                    f"s/step (now {decision.current_step_s:.3g} s) moves {decision.layers_moved} "
@@ -379,10 +384,8 @@ class StagePlanner:
                 "predicted_step_s": float(predicted) if predicted is not None else None,
                 "measured_step_s": measured_step_s,
                 "last_replan": json.loads(last) if last else None,
-                # none once the run has no step left to run on it (recovery.maybe_apply_pending); a
-                # restart with more --steps shows it again, and it applies at the next checkpoint
-                **({"pending": self.pending, "pending_ranges": [[s.start, s.end] for s in self._pending_stages()]}
-                   if self.state.step < self.run.train.steps else {"pending": "", "pending_ranges": []}),
+                "pending": self.pending,
+                "pending_ranges": [[s.start, s.end] for s in self._pending_stages()] if self.pending else [],
                 "layers_moved_total": int(self.db.meta("layers_moved_total") or 0),
                 "standby_why": self.db.json_meta("standby_why", {}),
                 "min_workers": self.run.scheduler.min_workers,

@@ -147,12 +147,10 @@ class StepRecovery:
     # -- restore points ----------------------------------------------------------------
     def maybe_apply_pending(self, step: int) -> None:
         """The store just completed `step`: a pending plan applies if the run is at that step and
-        no stage has applied it yet (its partial work restarts, every stage reloads), unless the run
-        has no step left to run on it: moving layers then only makes the states an export reads
-        ones no member attested (a chaos soak's export once found its stages re-planned at the end)."""
+        no stage has applied it yet (its partial work restarts, every stage reloads). None is
+        pending once the run has no step left (StagePlanner.pending)."""
         st, planner = self.state, self.planner
         if (not planner.pending or step != st.step or st.phase not in (WAITING, OPEN)
-                or step >= planner.run.train.steps
                 or not planner.scheduling() or not self.checkpoints.is_complete(step)):
             return  # (a checkpoint of step + 1 lands while step is applying: the close calls again)
         why = planner.pending
