@@ -13,8 +13,10 @@ each stage a replica group of workers. For one optimizer step of M micro-batches
   pipeline    sum of every compute and both directions of every transfer for the first
               micro-batch (fill + drain), plus (M - 1) x the slowest of them (steady state)
   averaging_i ring all-reduce of stage i's gradients over its group: 2 (R-1)/R x bytes /
-              slowest link in the group + 2 (R-1) x its largest latency; stages average in
-              parallel, after the pipeline drains
+              the group's slowest rate + 2 (R-1) x its largest latency, where the rate is its
+              slowest link, or a member's measured averaging rate when that is slower (the
+              rounds go through hivemind's averager, which a fast link does not make fast:
+              averaging_rate_gbps); stages average in parallel, after the pipeline drains
   step        pipeline + max averaging_i
 
 Memory per worker of stage i: coordinator/memory_model.py (weights, gradients, optimizer
@@ -42,6 +44,9 @@ class Device:
     tflops: float  # measured matmul rate at the run's dtype, TFLOP/s
     memory_gb: float
     site: str = ""  # links are looked up between sites (a region, a machine)
+    # The payload rate of the averaging rounds this worker took part in (averaging_rate_gbps),
+    # Gbit/s; inf until it has averaged: its links alone then price its group's rounds
+    averaging_gbps: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -242,8 +247,26 @@ def allreduce_s(model: ModelShape, work: Workload, s: StagePlacement, devices: l
         (crowded if site in sites else sites).add(site)
     # links depend on sites only: inside each site with two workers or more, and between sites
     worst = net.worst_within(frozenset(sites), frozenset(crowded))
-    nbytes = stage_params(model, s.start, s.end) * work.gradient_bytes_per_param
-    return 2 * (r - 1) / r * nbytes * 8 / (worst.gbps * 1e9) + 2 * (r - 1) * worst.latency_s
+    gbps = min(worst.gbps, min(devices[w].averaging_gbps for w in s.workers))
+    return 2 * (r - 1) / r * averaged_bytes(model, work, s.start, s.end) * 8 / (gbps * 1e9) + 2 * (r - 1) * worst.latency_s
+
+
+def averaged_bytes(model: ModelShape, work: Workload, start: int, end: int) -> float:
+    """Bytes of the stage holding layers [start, end) that its replicas average each round."""
+    return stage_params(model, start, end) * work.gradient_bytes_per_param
+
+
+def averaging_rate_gbps(model: ModelShape, work: Workload, start: int, end: int, replicas: int,
+                        seconds: float) -> float:
+    """The rate, Gbit/s, at which a group of `replicas` averaged the stage holding layers
+    [start, end) in a round of `seconds`: allreduce_s's payload term solved for the rate, with
+    everything else the round took (matchmaking, the averager's own work, its latencies) put in
+    it, so that allreduce_s gives this group back `seconds` (plus its links' latencies, which
+    the rate already holds: a slight overestimate)."""
+    if replicas < 2 or not seconds > 0:
+        raise ValueError(f"an averaging rate needs a group of 2 or more and a round of > 0 s; got {replicas} "
+                         f"replica(s) in {seconds!r} s")
+    return 2 * (replicas - 1) / replicas * averaged_bytes(model, work, start, end) * 8 / (seconds * 1e9)
 
 
 def predict_step(plan: list[StagePlacement], devices: list[Device], net: Network, model: ModelShape,

@@ -17,7 +17,7 @@ workers still free and any range [start, end) that fits the group's memory. A co
   - Every plan is a leaf. Cut it after each stage: stage k's group and range are among the
     children of the node holding stages 0..k-1 (the children range over all free workers and
     all ends).
-  - Symmetry: workers with the same (speed, memory, site) are interchangeable to the cost
+  - Symmetry: workers with the same (speed, memory, site, averaging rate) are interchangeable to the cost
     model (it reads nothing else of a device), so a group is chosen as a count per such class
     and takes that class's lowest-numbered free workers. Any plan is a relabelling of the one
     enumerated for its counts, with the same predicted step.
@@ -44,6 +44,7 @@ from .cost_model import (
     Device, ModelShape, Network, StagePlacement, Workload, allreduce_s, infeasible, predict_step, stage_compute_s,
     transfer_s,
 )
+from .placement_moves import kind
 
 PRUNE_SLACK = 1e-9  # relative: far above float rounding (~1e-15), far below any gap reported
 
@@ -58,12 +59,11 @@ class ExactPlacement:
 
 
 def _classes(devices: list[Device], ids: list[int]) -> list[list[int]]:
-    """`ids` grouped by what the cost model reads of a device: (speed, memory, site)."""
+    """`ids` grouped by what the cost model reads of a device (placement_moves.kind)."""
     by: dict[tuple, list[int]] = {}
     for i in ids:
-        d = devices[i]
-        by.setdefault((d.tflops, d.memory_gb, d.site), []).append(i)
-    return [by[k] for k in sorted(by, key=lambda k: (k[2], -k[0], -k[1]))]
+        by.setdefault(kind(devices[i]), []).append(i)
+    return [by[k] for k in sorted(by, key=lambda k: (k[2], -k[0], -k[1], -k[3]))]
 
 
 def solve(devices: list[Device], net: Network, model: ModelShape, work: Workload,

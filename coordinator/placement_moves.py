@@ -2,7 +2,7 @@
 
 A layout is a list of replica groups (tuples of device indices) in pipeline order; its layer
 split is the search's business (placement.evaluate). Moves that would exchange or move a
-device for one of the same kind (speed, memory, site) are skipped: the cost model cannot
+device for one of the same kind (speed, memory, site, averaging rate) are skipped: the cost model cannot
 tell them apart.
 """
 
@@ -31,7 +31,7 @@ def swaps(groups: list[tuple[int, ...]], a: int, b: int, devices: list[Device]):
 
 def kind(device: Device) -> tuple:
     """What the cost model reads of a device: two of the same kind are interchangeable."""
-    return device.tflops, device.memory_gb, device.site
+    return device.tflops, device.memory_gb, device.site, device.averaging_gbps
 
 
 def resizes(groups: list[tuple[int, ...]], standby: list[int], devices: list[Device], drop: bool = True):
@@ -77,3 +77,24 @@ def resizes(groups: list[tuple[int, ...]], standby: list[int], devices: list[Dev
                     cand = list(groups)
                     cand[b] = g[:x] + (w,) + g[x + 1:]
                     yield cand
+
+
+def keep_in_place(groups: list[tuple[int, ...]], current: list,
+                   index: dict[str, int]) -> list[tuple[int, ...]] | None:
+    """The same groups, reordered so each goes to the stage most of its workers hold now
+    (groups nobody holds fill the stages left), or None when that is the order already.
+    `current`: the plan in force (each stage with .workers, ids); `index`: worker id -> device."""
+    holds = {index[w]: i for i, s in enumerate(current) for w in s.workers if w in index}
+    order: list[tuple[int, ...] | None] = [None] * len(groups)
+    rest = []
+    for g in sorted(groups, key=lambda g: -sum(w in holds for w in g)):
+        votes = [holds[w] for w in g if w in holds]
+        stage = max(set(votes), key=votes.count) if votes else None
+        if stage is not None and stage < len(order) and order[stage] is None:  # (the new plan may have fewer stages)
+            order[stage] = g
+        else:
+            rest.append(g)
+    for i in range(len(order)):
+        if order[i] is None:
+            order[i] = rest.pop(0)
+    return None if order == list(groups) else order

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -21,6 +22,7 @@ from gptjt_core.stage_spec import StageSpec
 from .cost_model import (MEMORY_HEADROOM, Device, Link, ModelShape, Network, StagePlacement, Workload, memory_needed_gb,
                          predict_step)
 from .placement import evaluate, layers_moved, move_stall_layers, plan, replan, usable
+from .placement_moves import keep_in_place
 from .sites import SiteMap, fill_links
 
 # Bytes per value on the wire, per codec (block codecs: codes plus a bfloat16 scale per 128
@@ -47,6 +49,9 @@ class WorkerView:
     tflops: float  # measured (or simulated) rate at the run's dtype
     memory_gb: float  # 1e9 bytes
     stage: int = -1  # current stage (-1: standby)
+    # its averaging rounds' payload rate, Gbit/s, as the coordinator timed them (cost_model
+    # averaging_rate_gbps; Measurements.record_averaging); inf until it has averaged
+    averaging_gbps: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -123,7 +128,7 @@ class DecisionMemo:
 
 
 def _memo_key(candidates: list[WorkerView], net: Network, current: list[StagePlan] | None) -> tuple:
-    return (tuple((w.id, w.address, w.tflops, w.memory_gb) for w in candidates),
+    return (tuple((w.id, w.address, w.tflops, w.memory_gb, w.averaging_gbps) for w in candidates),
             tuple(sorted(net.between.items())), net.inside,
             tuple((s.start, s.end, s.workers) for s in current or ()))
 
@@ -190,7 +195,8 @@ def _within(measured: dict[tuple[str, str], Link], workers: list[WorkerView],
 
 
 def _devices(workers: list[WorkerView]) -> list[Device]:
-    return [Device(w.id, max(w.tflops, 1e-9), w.memory_gb, site=w.id) for w in workers]
+    return [Device(w.id, max(w.tflops, 1e-9), w.memory_gb, site=w.id, averaging_gbps=w.averaging_gbps)
+            for w in workers]
 
 
 def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: list[LinkView],
@@ -332,7 +338,7 @@ def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates:
     standby = {candidates[i].id: why for i, why in (result.why_standby or {}).items()}
     result_stages, result_s = result.stages, result.step_s
     if current and not old:  # a fresh plan: prefer the order that leaves placed workers in place
-        in_place = _keep_in_place([s.workers for s in result.stages], current, index)
+        in_place = keep_in_place([s.workers for s in result.stages], current, index)
         if in_place is not None:
             cost, stages_ = evaluate(in_place, devices, net, shape, work, polish=True)
             moved = lambda st: move_stall_layers(_as_old(current, index), st)  # noqa: E731
@@ -365,26 +371,6 @@ def predict_plans_s(run: RunConfig, shape: ModelShape, plans: list[list[StagePla
 
 def _as_old(current: list[StagePlan], index: dict[str, int]) -> list[StagePlacement]:
     return [StagePlacement(s.start, s.end, tuple(index[w] for w in s.workers if w in index)) for s in current]
-
-
-def _keep_in_place(groups: list[tuple[int, ...]], current: list[StagePlan],
-                   index: dict[str, int]) -> list[tuple[int, ...]] | None:
-    """The same groups, reordered so each goes to the stage most of its workers hold now
-    (groups nobody holds fill the stages left), or None when that is the order already."""
-    holds = {index[w]: i for i, s in enumerate(current) for w in s.workers if w in index}
-    order: list[tuple[int, ...] | None] = [None] * len(groups)
-    rest = []
-    for g in sorted(groups, key=lambda g: -sum(w in holds for w in g)):
-        votes = [holds[w] for w in g if w in holds]
-        stage = max(set(votes), key=votes.count) if votes else None
-        if stage is not None and stage < len(order) and order[stage] is None:  # (the new plan may have fewer stages)
-            order[stage] = g
-        else:
-            rest.append(g)
-    for i in range(len(order)):
-        if order[i] is None:
-            order[i] = rest.pop(0)
-    return None if order == list(groups) else order
 
 
 def _moved(current: list[StagePlan] | None, new: list[StagePlan]) -> tuple[int, int]:

@@ -1,7 +1,15 @@
-"""What workers measured: their device at the run's dtype, and links towards other stage servers.
+"""What workers measured: their device at the run's dtype, and links towards other stage servers;
+and what the coordinator timed itself: each worker's averaging rate.
 
 The scheduler's inputs. A measurement that moves by more than MOVED (20 %) is news: the caller
 re-plans on it; jitter below that writes the figure and stays quiet.
+
+Two rows of the links table are not links between stage servers, and no worker serves at
+their addresses (scheduler.measured_pairs skips them): 'coordinator' (the heartbeat's round
+trip) and AVERAGER, the payload rate of the last averaging round the worker took part in, in
+Mbit/s (cost_model.averaging_rate_gbps), timed on the coordinator's clock from the step's
+AVERAGING phase to its stage's last AVERAGED report. A worker's own report cannot make it look
+faster than that; a slow peer in its group makes it look slower, until its next round.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from .events import EventLog
 from .stored_values import stored_json
 
 MOVED = 0.2  # relative change of a device rate or a link's bandwidth that counts as news
+AVERAGER = "averager"  # the links row holding a worker's averaging rate (dst)
 
 
 class Measurements:
@@ -63,6 +72,31 @@ class Measurements:
             self.db.execute("INSERT OR REPLACE INTO links VALUES(?, 'coordinator', ?, 0, ?)",
                             (worker_id, rtt_ms / 2, self.db.clock()))
             self._remember(LinkView(worker_id, "coordinator", float(rtt_ms / 2), 0.0))
+
+    def record_averaging(self, worker_ids: list[str], gbps: float) -> list[str]:
+        """The averaging rate of a group's round, for each of its members; returns what moved
+        enough to re-plan on (and records it as a `measured` event)."""
+        changed = []
+        for worker_id in worker_ids:
+            old = self.db.execute("SELECT mbit FROM links WHERE src=? AND dst=?", (worker_id, AVERAGER)).fetchone()
+            self.db.execute("INSERT OR REPLACE INTO links VALUES(?, ?, 0, ?, ?)",
+                            (worker_id, AVERAGER, gbps * 1e3, self.db.clock()))
+            self._remember(LinkView(worker_id, AVERAGER, 0.0, gbps * 1e3))
+            if old is None or abs(gbps * 1e3 - old["mbit"]) > MOVED * old["mbit"]:
+                changed.append(f"{worker_id} averaged at {gbps * 1e3:.4g} Mbit/s")
+        if changed:
+            self.events.record("measured", "; ".join(changed) + f" (a round of {len(worker_ids)} replicas)")
+        return changed
+
+    def averaging_gbps(self) -> dict[str, float]:
+        """worker id -> the rate of its last averaging round, Gbit/s (only those that averaged), from
+        the links this process keeps (link_views): the planner's read."""
+        return {v.src: v.mbit / 1e3 for v in self.link_views() if v.dst_address == AVERAGER and v.mbit > 0}
+
+    def averaging_mbit_stored(self) -> dict[str, float]:
+        """The same in Mbit/s, read from the ledger: the status process writes nothing, so the
+        links it would keep are never brought up to date."""
+        return {r["src"]: r["mbit"] for r in self.db.execute("SELECT src, mbit FROM links WHERE dst=?", (AVERAGER,))}
 
     def coordinator_latency_ms(self) -> dict[str, float]:
         return {r["src"]: r["latency_ms"] for r in self.db.execute("SELECT * FROM links WHERE dst='coordinator'")}

@@ -21,6 +21,7 @@ With placement "even" the ranges never change and standby workers fill vacancies
 from __future__ import annotations
 
 import json
+import math
 from typing import Callable
 
 from gptjt_core.config import RunConfig
@@ -85,11 +86,11 @@ class StagePlanner:
     def _views(self) -> list[WorkerView]:
         """Live workers that may hold a stage (a draining one is leaving; one held out after an
         averaging fallback sits out)."""
-        views, held = [], self.state.held_out()
+        views, held, averaging = [], self.state.held_out(), self.measurements.averaging_gbps()
         for r in self.workers.live(("loading", "ready", "standby")):
             if r["id"] in held:
                 continue
-            views.append(worker_view(r))
+            views.append(worker_view(r, averaging.get(r["id"], math.inf)))
         return views
 
     def _fits(self, row, spec: StageSpec) -> bool:
@@ -173,7 +174,8 @@ class StagePlanner:
             if any(w not in current for w in new):
                 self.apply(decision, why)  # newcomers only: they copy from a replica
             self._set_pending("")
-        elif decision.layers_moved and self._steps_left():
+        elif (decision.layers_moved or not same_ranges) and self._steps_left():  # (ranges that only shrink
+            # move no layer, yet the pipeline's cuts change: that too waits for the checkpoint)
             if not self.pending:
                 self.events.record("replan_pending", f"{why}: a plan predicted at {decision.predicted_step_s:.3g} "
                                    f"s/step (now {decision.current_step_s:.3g} s) moves {decision.layers_moved} "
@@ -336,7 +338,9 @@ class StagePlanner:
         rows = {r["id"]: r for r in standby}
         plan = [StagePlan(s.start, s.end, tuple(r["id"] for r in taken.get(i, []) if r["state"] != "draining"))
                 for i, s in enumerate(self.plan)]
-        chosen = pricer.get().choose(plan, stage, [worker_view(r) for r in standby], lambda v: fits(rows[v.id]))
+        averaging = self.measurements.averaging_gbps()
+        views = [worker_view(r, averaging.get(r["id"], math.inf)) for r in standby]
+        chosen = pricer.get().choose(plan, stage, views, lambda v: fits(rows[v.id]))
         if chosen is None:
             if len(taken.get(stage, [])) >= SPARE_COPY:  # declined for its cost, not for want of a fit
                 self.passed_at[stage] = (key, now)

@@ -19,6 +19,7 @@ from gptjt_core.stage_spec import StageSpec
 
 from ..cost_model import ModelShape
 from .assignments import AssignmentView
+from .averaging_rounds import AveragingRounds
 from .checkpoints import CheckpointIndex
 from .commitments import CommitmentBook, Submitted
 from .db import ALIVE_STATES, LedgerDB
@@ -82,6 +83,7 @@ class RunLedger:
         self.protocol = StepProtocol(db, self.events, self.state, self.workers, self.tickets, self.reports,
                                      self.history, self.measurements, run, lambda: self.planner.plan,
                                      self.commitments, self.spot_checks)
+        self.averaging_rounds = AveragingRounds(self.planner, self.reports)
         self.recovery = StepRecovery(self.events, self.state, self.workers, self.tickets, self.reports, self.history,
                                      self.checkpoints, self.planner, self.protocol)
         self.guard = LivenessGuard(db, self.events, self.state, self.workers, self.tickets, self.reports,
@@ -233,17 +235,11 @@ class RunLedger:
     def worker_at(self, address: str) -> str | None:
         return self.workers.at(address)
 
-    def stage_workers(self):
-        return self.workers.stage_workers()
-
     def worker_dht_peers(self, worker_id: str = "", limit: int = 8) -> list[str]:
         return self.workers.dht_peers(worker_id, limit)
 
     def links_to_measure(self, worker_id: str) -> list[str]:
         return [address for address, _ in self.views.links_to_measure(worker_id)]
-
-    def coordinator_latency_ms(self) -> dict[str, float]:
-        return self.measurements.coordinator_latency_ms()
 
     def held_out(self) -> dict[str, int]:
         return self.state.held_out()
@@ -284,8 +280,10 @@ class RunLedger:
         if not self.protocol.accepts(worker_id, step, attempt, kind):
             return False
         with self.db.tx():
+            timed = self.averaging_rounds.completed_by(worker_id, kind)
             if self.protocol.report(worker_id, kind, grad_norm_sq, micro_batches, group_weight, digest, commitments):
                 self.recovery.after_close()
+            self.averaging_rounds.record(timed)
         return True
 
     def answer_check(self, verifier: str, check_id: int, recomputed, unable: str) -> str:

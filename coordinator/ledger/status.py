@@ -71,12 +71,14 @@ class StatusView:
 
     def _workers(self, now: float) -> list[dict]:
         latency, drains = self.measurements.coordinator_latency_ms(), self.state.drains()
+        averaging = self.measurements.averaging_mbit_stored()
         return [{"id": r["id"], "name": r["name"], "address": r["address"], "stage": r["stage"], "state": r["state"],
                  "last_heartbeat_s": round(now - r["last_heartbeat"], 3),
                  "device": stored_json(r["device"], {}, "workers.device"),
                  "metrics": finite_metrics(stored_json(r["metrics"], {}, "workers.metrics"), "workers.metrics"),
                  "tickets_done": r["tickets_done"],
-                 "coordinator_latency_ms": latency.get(r["id"]), "joined": r["joined"],
+                 "coordinator_latency_ms": latency.get(r["id"]), "averaging_mbit": averaging.get(r["id"]),
+                 "joined": r["joined"],
                  "drain_requested": r["id"] in drains and r["state"] in ALIVE_STATES}
                 for r in self.workers.all()]
 

@@ -3,6 +3,7 @@ fill first needs one. Used by the planner (planning.py)."""
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from ..scheduler import WorkerView
@@ -10,12 +11,14 @@ from ..vacancy_choice import ReplicaPricer
 from .stored_values import stored_json
 
 
-def worker_view(row) -> WorkerView:
-    """A worker row as the scheduler sees it."""
+def worker_view(row, averaging_gbps: float = math.inf) -> WorkerView:
+    """A worker row as the scheduler sees it (averaging_gbps: Measurements.averaging_gbps's figure
+    for it, if it has averaged)."""
     device = stored_json(row["device"], {}, "workers.device")
     # One block of the run's model, measured, beats a square matmul's peak (see worker/probe.py)
     rate = device.get("block_tflops") or device.get("matmul_tflops", 0.0)
-    return WorkerView(row["id"], row["address"], float(rate), float(device.get("memory_bytes", 0)) / 1e9, row["stage"])
+    return WorkerView(row["id"], row["address"], float(rate), float(device.get("memory_bytes", 0)) / 1e9, row["stage"],
+                      averaging_gbps)
 
 
 class LazyPricer:
