@@ -7,10 +7,14 @@ Each scenario is a coordinator and 2 workers on this machine training the tiny f
 run's model after) and their links (loopback, or a shaped link: link.emulate_mbit); the
 coordinator plans from those figures. In the last scenario the pipeline's bounds let the
 scheduler choose one stage of both workers (data parallel: every replica runs the whole model,
-and the stage averages through hivemind each step), which it predicts faster here. predicted = the plan's `predicted_step_s` at the end of
-the run (the prediction of the plan that ran), measured = the median step seconds after the
-first STEPS_SKIPPED steps (loading, probes, re-plans). error_pct = 100 x (predicted - measured)
-/ measured: negative when the model is optimistic.
+and the stage averages through hivemind each step), which it predicts faster at the links'
+speed. Since 2026-12-07 the coordinator times each averaging round and prices groups at that
+rate (coordinator/ledger/averaging_rounds.py): the plan it then prefers waits for the next
+complete checkpoint (every 2 steps there), so that run trains on two plans (`plans_run`, each
+with its median step). predicted = the final plan's `predicted_step_s` at the end of the run
+(with the figures measured by then), measured = the median step seconds of the steps that ran
+on that plan, after the first STEPS_SKIPPED steps (loading, probes, re-plans). error_pct = 100 x
+(predicted - measured) / measured: negative when the model is optimistic.
 
 What the model does not see here, and so what the error contains: the workers share the
 machine's cores with each other and the coordinator (each probes alone), Python and gRPC
@@ -30,9 +34,9 @@ DESCRIPTION = "cost model's predicted step time vs measured step time of unpaced
 STEPS_SKIPPED = 2
 # Pipeline bounds that let the scheduler choose one stage of 2 replicas (data parallel), which it
 # then does on this model: each replica runs the whole model and the stage averages every step.
-DATA_PARALLEL = {"min_stages": 1, "replicas_per_stage": 2}
+DATA_PARALLEL = {"min_stages": 1, "replicas_per_stage": 2, "checkpoint_every": 2}
 DATA_PARALLEL_SCENARIO = "1+1 threads, loopback, 1 stage x 2 replicas allowed"
-# name -> (threads of each of the 2 workers, [link] keys or "", small_run_toml's pipeline keys)
+# name -> (threads of each of the 2 workers, [link] keys or "", more of small_run_toml's arguments)
 SCENARIOS = {
     "1+1 threads, loopback": ((1, 1), "", {}),
     "1+2 threads, loopback": ((1, 2), "", {}),
@@ -42,7 +46,8 @@ SCENARIOS = {
 
 
 def measure(threads: tuple[int, ...], link: str, steps: int, workdir: Path, pipeline: dict | None = None) -> dict:
-    """One scenario's predicted and measured step seconds (pipeline: small_run_toml's keys)."""
+    """One scenario's predicted and measured step seconds (pipeline: more of small_run_toml's
+    arguments)."""
     from local_swarm import LocalSwarm, small_run_toml
 
     extra = f"[link]\n{link}" if link else ""
@@ -57,12 +62,35 @@ def measure(threads: tuple[int, ...], link: str, steps: int, workdir: Path, pipe
                             check_alive=True)
     finally:
         swarm.stop()
-    seconds = [h["seconds"] for h in status["history"][STEPS_SKIPPED:]]
+    final = status["plan"]["ranges"]
+    runs = plans_run(status["history"])
+    seconds = [h["seconds"] for h in status["history"][STEPS_SKIPPED:] if _ranges(h) == final]
+    if not seconds:
+        raise RuntimeError(f"no step after the first {STEPS_SKIPPED} ran on the final plan {final} (plans run: "
+                           f"{runs}); run more steps (logs in {workdir})")
     measured, predicted = statistics.median(seconds), status["plan"]["predicted_step_s"]
     return {"predicted_step_s": predicted, "measured_step_s": measured,
             "error_pct": 100 * (predicted - measured) / measured if predicted else None,
-            "ranges": status["plan"]["ranges"], "replicas": [len(s.get("members") or []) for s in status["stages"]],
-            "steps_measured": len(seconds)}
+            "ranges": final, "replicas": [len(s.get("members") or []) for s in status["stages"]],
+            "steps_measured": len(seconds), "plans_run": runs,
+            "averaging_mbit": sorted(w["averaging_mbit"] for w in status["workers"] if w.get("averaging_mbit"))}
+
+
+def _ranges(step: dict) -> list[list[int]]:
+    """The layer ranges a closed step ran on (its row's per-stage detail)."""
+    return [step["stages"][k].get("layers") for k in sorted(step["stages"], key=int)]
+
+
+def plans_run(history: list[dict]) -> list[dict]:
+    """Each plan the run trained on, in order: its ranges, its steps and their median seconds."""
+    runs: list[dict] = []
+    for h in history:
+        if not runs or runs[-1]["ranges"] != _ranges(h):
+            runs.append({"ranges": _ranges(h), "steps": [], "seconds": []})
+        runs[-1]["steps"].append(h["step"])
+        runs[-1]["seconds"].append(h["seconds"])
+    return [{"ranges": r["ranges"], "steps": r["steps"], "median_step_s": statistics.median(r["seconds"])}
+            for r in runs]
 
 
 def run(quick: bool = False) -> dict:
