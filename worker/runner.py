@@ -352,8 +352,12 @@ class WorkerRunner:
         self.checker.stored.drop()  # a standby's stage for checks: this worker's memory is its own stage's now
         spec = StageSpec(a.start_layer, a.end_layer, embed=a.embed, head=a.head)
         if self.stage is not None and self.stage.spec == spec:
-            current = self.loaded_epoch == state.restore_epoch and not self._behind(state)
-            if current or self.stage.position == state.restore_step:
+            behind = self._behind(state)
+            current = self.loaded_epoch == state.restore_epoch and not behind
+            # held at the step the run restored to, and the run is still there (a replica that loaded
+            # the run's first state and missed step 0 while loading is behind: it copies, or it would
+            # stay READY at step 0 and never become a member: bench costmodel, 2026-12-07)
+            if current or (self.stage.position == state.restore_step and not behind):
                 if not current:  # our state is the one the run wants: drop partial work, keep the weights
                     await self.compute.run(OTHER, self.stage.reset_to_position)
                     self.loaded_epoch = state.restore_epoch
