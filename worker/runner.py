@@ -354,9 +354,7 @@ class WorkerRunner:
         if self.stage is not None and self.stage.spec == spec:
             behind = self._behind(state)
             current = self.loaded_epoch == state.restore_epoch and not behind
-            # held at the step the run restored to, and the run is still there (a replica that loaded
-            # the run's first state and missed step 0 while loading is behind: it copies, or it would
-            # stay READY at step 0 and never become a member: bench costmodel, 2026-12-07)
+            # at the restore step, and the run still there (one that missed step 0 loading must copy)
             if current or (self.stage.position == state.restore_step and not behind):
                 if not current:  # our state is the one the run wants: drop partial work, keep the weights
                     await self.compute.run(OTHER, self.stage.reset_to_position)
