@@ -22,9 +22,10 @@ class PipelineConfig:
     min_stages: int = 0
     """Fewest stages the cost-model scheduler may choose, an integer in 1 .. num_stages (0: num_stages).
     Below num_stages with replicas_per_stage > 1 it may choose fewer, larger replica groups, whose
-    averaging it prices at the probed link speed, not at what rounds through hivemind take: on the
-    tiny flavour it then picks data parallel, which ran far slower than the pipeline it replaced
-    (`gptjt bench costmodel`, the swarm allowed 1 stage x 2 replicas; bench/README.md)."""
+    averaging it prices at the probed link speed until their first round is timed: on the tiny
+    flavour it may start with data parallel, and moves to the pipeline at the next complete
+    checkpoint once the rounds turn out slow (train.checkpoint_every 0 never checkpoints, so the
+    first plan stays; `gptjt bench costmodel`, the swarm allowed 1 stage x 2 replicas)."""
     max_stages: int = 0
     """Most stages the cost-model scheduler may choose, an integer >= num_stages and at most the
     model's layers (0: num_stages). Between the two bounds the scheduler picks the count from the
