@@ -181,6 +181,7 @@ class _BuffersBusy(Exception):
 
 
 POLL_S = 0.01  # how often a round's wait looks at the worker's pipe: adds at most this to a round
+SLOW_CANCEL_S = 1.0  # a cancelled round that takes longer to end says where hivemind was (an all-reduce under way)
 # How long a round that failed or timed out gets to end in hivemind's process after its cancel (s)
 # before the sidecar retires. Within the worker's slack: it waits 2 x timeout + 20 s for an answer,
 # the sidecar's own wait is 2 x timeout + 5 s.
@@ -202,12 +203,15 @@ def _await_group(conn, control, seq: int, limit_s: float):
             if message[0] == "stop":
                 raise _Stopped()
             if message[0] == "cancel" and message[1] == seq:
+                stage = control.stage  # hivemind heeds a cancel only while it matchmakes
                 _cancel(control)
                 cancelled_at = time.monotonic()
                 if not _wait_finished(control, deadline):
                     raise _BuffersBusy(_busy_reason(time.monotonic() - cancelled_at))
+                waited = time.monotonic() - cancelled_at
                 raise RuntimeError("cancelled by the worker: the step's members changed while the round looked "
-                                   "for its group")
+                                   "for its group" + (f" (hivemind's round was at {stage.name} and ended {waited:.1f} "
+                                                      "s after the cancel)" if waited > SLOW_CANCEL_S else ""))
         if time.monotonic() > deadline:
             raise TimeoutError(f"the round had no result after {limit_s:.0f} s")
     return control.result()
