@@ -35,8 +35,10 @@ class AveragingRounds:
     def completed_by(self, worker_id: str, kind: str) -> Round | None:
         """The round `worker_id`'s report (accepted, not recorded yet) completes: its stage's last
         missing AVERAGED in a group of two or more. Asked before the report moves the phase on."""
+        if kind != AVERAGED or self.shape is None:
+            return None  # (before any read: every report of the step comes through here)
         st, row = self.state, self.workers.row(worker_id)
-        if kind != AVERAGED or st.phase != AVERAGING or row is None or self.shape is None:
+        if st.phase != AVERAGING or row is None:
             return None
         members, since = st.members().get(row["stage"], []), st.phase_since
         if len(members) < 2 or since is None:
