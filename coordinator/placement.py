@@ -25,8 +25,9 @@ loaded the machine is; any randomness comes from `seed`. A wall-clock backstop
 (`backstop_s`, search_budget.py) stops every loop (first layouts, 2-opt, swaps, moves,
 polish) on pathological inputs only; it should never bind at the defaults.
 Re-planning (`replan`) starts from the current placement and moves workers only when the
-predicted gain over `horizon_steps` outweighs the stall of loading what moves (workers load
-in parallel: the most layers one worker loads, `move_stall_layers`).
+predicted gain over `horizon_steps` outweighs the stall of what moves (move_cost_s: workers
+load in parallel, the most layers one worker loads, plus a measured reload of every stage when
+a holder's range changes).
 """
 
 from __future__ import annotations
@@ -316,6 +317,24 @@ def move_stall_layers(before: list[StagePlacement], after: list[StagePlacement])
     return max(_layers_to_load(before, after), default=0)
 
 
+def holders_reload(before: list, after: list) -> bool:
+    """Must a worker that holds a stage in `before` reload to go to `after` (its range or stage
+    changes)? Stages are anything with start, end and workers (StagePlacement, scheduler.StagePlan).
+    Newcomers copy from a replica and workers set aside load nothing: neither holds the run up."""
+    held = {w: (s.start, s.end) for s in before for w in s.workers}
+    return any(w in held and held[w] != (s.start, s.end) for s in after for w in s.workers)
+
+
+def move_cost_s(before: list[StagePlacement], after: list[StagePlacement], seconds_per_layer_load: float,
+                reload_s: float = 0.0) -> float:
+    """Seconds a move from `before` to `after` holds the run up: `reload_s` once when a holder must
+    reload (holders_reload: the stages restart from the store, a cost no layer count shows; the
+    ledger measures it, replan_stall.py), plus `seconds_per_layer_load` for each layer the worker
+    that loads most must fetch (move_stall_layers)."""
+    fixed = reload_s if reload_s > 0 and holders_reload(before, after) else 0.0
+    return fixed + move_stall_layers(before, after) * seconds_per_layer_load
+
+
 def _layers_to_load(before: list[StagePlacement], after: list[StagePlacement]) -> list[int]:
     """Per worker of `after`, the layers of its stage it does not hold in `before`."""
     held = {w: set(range(s.start, s.end)) for s in before for w in s.workers}
@@ -326,10 +345,10 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
            work: Workload, seconds_per_layer_load: float, horizon_steps: int, evaluations: int = EVALUATIONS,
            backstop_s: float = BACKSTOP_S, seed: int = 0, gone: frozenset[int] = frozenset(),
            stage_counts: list[int] | None = None, max_group: int = 0, keep_workers: bool = False,
-           clock: Callable[[], float] | None = None) -> Placement:
+           clock: Callable[[], float] | None = None, reload_s: float = 0.0) -> Placement:
     """After a join, a leave or a new measurement: keep the current groups (minus workers that
     are gone, plus newcomers where they help most) unless a fresh search predicts a gain over
-    `horizon_steps` steps that is worth the stall its loads cause (move_stall_layers).
+    `horizon_steps` steps that is worth the stall its moves cause (move_cost_s, with `reload_s`).
     stage_counts, evaluations, backstop_s, seed and clock drive the fresh search as in plan();
     max_group (0: none) caps a replica group's size, for newcomers and the fresh search;
     keep_workers as in plan()."""
@@ -359,7 +378,7 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
             if not infeasible(same, devices, model, work):
                 options.append((predict_step(same, devices, net, model, work).step_s, same))
     # Each option costs its steps over the horizon plus the stall its moves' loads cause.
-    total = lambda o: o[0] * horizon_steps + move_stall_layers(current, o[1]) * seconds_per_layer_load  # noqa: E731
+    total = lambda o: o[0] * horizon_steps + move_cost_s(current, o[1], seconds_per_layer_load, reload_s)  # noqa: E731
     cost, stages = min((o for o in options if o[1] is not None), key=total)
     if stages is fresh.stages:
         return fresh

@@ -21,7 +21,8 @@ from gptjt_core.stage_spec import StageSpec
 
 from .cost_model import (MEMORY_HEADROOM, Device, Link, ModelShape, Network, StagePlacement, Workload, memory_needed_gb,
                          predict_step)
-from .placement import evaluate, layers_moved, move_stall_layers, plan, replan, usable
+from .placement import evaluate, layers_moved, move_cost_s, move_stall_layers, plan, replan, usable
+from .plan_horizon import Horizon
 from .placement_moves import keep_in_place
 from .sites import SiteMap, fill_links
 
@@ -127,8 +128,8 @@ class DecisionMemo:
             self.kept.popitem(last=False)
 
 
-def _memo_key(candidates: list[WorkerView], net: Network, current: list[StagePlan] | None) -> tuple:
-    return (tuple((w.id, w.address, w.tflops, w.memory_gb, w.averaging_gbps) for w in candidates),
+def _memo_key(candidates: list[WorkerView], net: Network, current: list[StagePlan] | None, horizon: Horizon) -> tuple:
+    return (horizon, tuple((w.id, w.address, w.tflops, w.memory_gb, w.averaging_gbps) for w in candidates),
             tuple(sorted(net.between.items())), net.inside,
             tuple((s.start, s.end, s.workers) for s in current or ()))
 
@@ -201,20 +202,21 @@ def _devices(workers: list[WorkerView]) -> list[Device]:
 
 def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: list[LinkView],
            current: list[StagePlan] | None, memo: DecisionMemo | None = None,
-           keep_if_faster: bool = False, proposals: tuple[list[StagePlan], ...] = ()) -> PlanDecision | None:
+           keep_if_faster: bool = False, proposals: tuple[list[StagePlan], ...] = (),
+           horizon: Horizon | None = None) -> PlanDecision | None:
     """The plan for these workers, or None when they cannot fill every stage.
 
     The plan has pipeline.num_stages stages, or any count in min_stages .. max_stages when those
     bound it (the search compares them). At most (the most stages) x replicas_per_stage workers
     take part (replicas_per_stage a group). Sites are found once for all. Two candidate sets are
     solved: the fastest workers, and today's holders topped up with the fastest others; with
-    a current plan, placement.replan keeps it unless moving pays off. The set whose plan
-    costs least over scheduler.horizon_steps steps, counting the stall its moves cause (the
-    most layers one worker loads, layer_load_s each), wins: hysteresis at both levels. `memo`:
+    a current plan, placement.replan keeps it unless moving pays off. The set whose plan costs
+    least over `horizon` (default: Horizon.of(scheduler)) wins: hysteresis at both levels. `memo`:
     earlier searches' answers, reused for the same candidates, links and current plan. keep_if_faster:
     the plan in force stays when predicted no slower than the search's (the ledger asks it once its
     plan could start). proposals: earlier searches' plans not applied yet, priced too (_proposed)."""
     cfg, work = run.scheduler, workload(run)
+    horizon = horizon or Horizon.of(cfg)
     counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
     fits, why = usable(_devices(workers), shape, work)
     standby = {workers[i].id: reason for i, reason in why.items()}
@@ -232,11 +234,11 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
         if len(candidates) < min(counts):
             continue
         net = _network(candidates, measured, cfg, sites)
-        key = _memo_key(candidates, net, current) if memo is not None else None
+        key = _memo_key(candidates, net, current, horizon) if memo is not None else None
         try:
             found = memo.get(key) if memo is not None else None
             if found is None:
-                found = _decide_among(run, shape, work, candidates, net, current)
+                found = _decide_among(run, shape, work, candidates, net, current, horizon)
                 if memo is not None:
                     memo.put(key, found)
             options.append(found)
@@ -247,8 +249,7 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     options += _proposed(run, shape, proposals, pool, measured, current, sites)
     if not options:
         return None
-    cost = lambda d: d.predicted_step_s * cfg.horizon_steps + d.stall_layers * cfg.layer_load_s  # noqa: E731
-    best = min(options, key=cost)
+    best = min(options, key=lambda d: horizon.cost_s(d.predicted_step_s, current or [], d.stages))
     now_s = predict_plans_s(run, shape, [current or []], pool, measured, sites)[0]
     if keep_if_faster and now_s <= best.predicted_step_s:
         # The search fills every group (the first step waits for start_with_replicas), so it
@@ -307,7 +308,7 @@ def fits_stage(run: RunConfig, shape: ModelShape, worker: WorkerView, spec: Stag
 
 
 def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates: list[WorkerView], net: Network,
-                  current: list[StagePlan] | None) -> PlanDecision:
+                  current: list[StagePlan] | None, horizon: Horizon) -> PlanDecision:
     cfg = run.scheduler
     counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
     devices = _devices(candidates)
@@ -321,9 +322,10 @@ def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates:
     if cfg.placement != "cost-model":
         result = None
     elif old:
-        result = replan(old, devices, net, shape, work, seconds_per_layer_load=cfg.layer_load_s,
-                        horizon_steps=cfg.horizon_steps, evaluations=cfg.search_evaluations,
-                        backstop_s=cfg.search_budget_s, stage_counts=counts, max_group=replicas, keep_workers=True)
+        result = replan(old, devices, net, shape, work, seconds_per_layer_load=horizon.layer_load_s,
+                        horizon_steps=horizon.steps, evaluations=cfg.search_evaluations,
+                        backstop_s=cfg.search_budget_s, stage_counts=counts, max_group=replicas, keep_workers=True,
+                        reload_s=horizon.reload_s)
     else:
         result = plan(devices, net, shape, work, stage_counts=counts, evaluations=cfg.search_evaluations,
                       backstop_s=cfg.search_budget_s, max_group=replicas, keep_workers=True)
@@ -341,9 +343,8 @@ def _decide_among(run: RunConfig, shape: ModelShape, work: Workload, candidates:
         in_place = keep_in_place([s.workers for s in result.stages], current, index)
         if in_place is not None:
             cost, stages_ = evaluate(in_place, devices, net, shape, work, polish=True)
-            moved = lambda st: move_stall_layers(_as_old(current, index), st)  # noqa: E731
-            if stages_ is not None and (cost - result_s) * cfg.horizon_steps <= \
-                    (moved(result_stages) - moved(stages_)) * cfg.layer_load_s:
+            stall = lambda st: move_cost_s(_as_old(current, index), st, horizon.layer_load_s, horizon.reload_s)  # noqa: E731
+            if stages_ is not None and (cost - result_s) * horizon.steps <= stall(result_stages) - stall(stages_):
                 result_stages, result_s = stages_, cost
     chosen = [StagePlan(s.start, s.end, tuple(candidates[i].id for i in s.workers)) for s in result_stages]
     return PlanDecision(chosen, result_s, standby, *_moved(current, chosen), backstop_hit=result.backstop_hit)

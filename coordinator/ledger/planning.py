@@ -9,13 +9,12 @@ measurements, and applies it only where that loses nothing:
 - otherwise a re-plan that would move a worker that holds state is kept pending. A plan that
   only adds newcomers to groups whose ranges stay the same applies at once: they copy the
   state from a replica like any joiner.
-Hysteresis (placement.replan) keeps the current plan unless the predicted saving over
-scheduler.horizon_steps steps outweighs the stall of its loads, and once a plan has applied
-and could start (start_with_replicas a stage), a plan predicted slower than the one in force
-never replaces it. A pending plan is priced again at every search (scheduler._proposed) until it
-applies or a search prefers another. Between searches a short stage takes the standby worker the
-cost model prices best for it (coordinator/vacancy_choice.py), once a search's plan has applied.
-With placement "even" the ranges never change and standby workers fill vacancies in join order.
+Hysteresis (plan_horizon.py) keeps the current plan unless the predicted saving over the steps
+ahead outweighs its moves' stall (a measured reload: replan_stall.py), and once a plan could start
+(start_with_replicas a stage) a slower one never replaces it. A pending plan is priced again at
+every search (scheduler._proposed) until it applies or a search prefers another. Between searches
+a short stage takes the standby worker the cost model prices best (vacancy_choice.py), once a
+search's plan has applied; with placement "even", standby workers fill vacancies in join order.
 """
 
 from __future__ import annotations
@@ -28,11 +27,13 @@ from gptjt_core.config import RunConfig
 from gptjt_core.stage_spec import StageSpec
 
 from ..cost_model import ModelShape
+from ..plan_horizon import Horizon
 from ..scheduler import DecisionMemo, LinkView, PlanDecision, StagePlan, WorkerView, decide, fits_stage, too_small
 from ..vacancy_choice import SPARE_COPY, ReplicaPricer
 from .db import LedgerDB
 from .events import EventLog
 from .measurements import Measurements
+from .replan_stall import ReplanStall
 from .step_state import StepState
 from .worker_views import LazyPricer, worker_view
 from .workers import WorkerRegistry
@@ -48,6 +49,7 @@ class StagePlanner:
         self.n_layer = default[-1].end
         self.plan = self._stored(default)
         self.memo = DecisionMemo()  # a join or death that changes nothing a search sees costs no search
+        self.stall = ReplanStall(db, events, run.scheduler)  # what a checkpoint re-plan's reloads cost
         # stage -> (every stage's workers, when): a stage with replicas that every standby worker
         # would slow is priced again only once its plan changes or scheduler.replan_every_s passed
         # (a swarm of thousands measures links many times a second, and each measurement fills;
@@ -61,9 +63,8 @@ class StagePlanner:
 
     def _stored(self, default: list[StageSpec]) -> list[StageSpec]:
         raw = self.db.meta("plan")
-        if raw is None:
-            return list(default)
-        return [StageSpec(a, b, embed=a == 0, head=b == self.n_layer) for a, b in json.loads(raw)]
+        return list(default) if raw is None else [StageSpec(a, b, embed=a == 0, head=b == self.n_layer)
+                                                  for a, b in json.loads(raw)]
 
     def save(self, specs: list[StageSpec]) -> None:
         self.plan = list(specs)
@@ -86,12 +87,9 @@ class StagePlanner:
     def _views(self) -> list[WorkerView]:
         """Live workers that may hold a stage (a draining one is leaving; one held out after an
         averaging fallback sits out)."""
-        views, held, averaging = [], self.state.held_out(), self.measurements.averaging_gbps()
-        for r in self.workers.live(("loading", "ready", "standby")):
-            if r["id"] in held:
-                continue
-            views.append(worker_view(r, averaging.get(r["id"], math.inf)))
-        return views
+        held, averaging = self.state.held_out(), self.measurements.averaging_gbps()
+        return [worker_view(r, averaging.get(r["id"], math.inf))
+                for r in self.workers.live(("loading", "ready", "standby")) if r["id"] not in held]
 
     def _fits(self, row, spec: StageSpec) -> bool:
         """Can this worker hold the whole stage `spec` (scheduler.fits_stage)?"""
@@ -126,12 +124,16 @@ class StagePlanner:
                               if decision is not None else [])
 
     # -- deciding ----------------------------------------------------------------------
-    def _decide(self) -> PlanDecision | None:
+    def _decide(self, at_restore: bool = False) -> PlanDecision | None:
         current, cut_short = self._current_plan(), self.memo.backstop_hits
+        # the steps left cap the horizon; a holder's reload costs what the last one took (not before
+        # the first step, nor at a restore point: every worker loads then anyway)
+        horizon = Horizon.of(self.run.scheduler, self.run.train.steps - self.state.step,
+                             0.0 if at_restore or self._free_to_replan() else self.stall.reload_s())
         decision = decide(self.run, self.shape, self._views(), self._link_views(),
                           current if any(s.workers for s in current) else None, self.memo,
                           keep_if_faster=not self._free_to_replan() or self._could_start(current),
-                          proposals=(self._pending_stages(),))
+                          proposals=(self._pending_stages(),), horizon=horizon)
         if self.memo.backstop_hits > cut_short:
             self.events.record("plan_search_cut_short", "the placement search hit scheduler.search_budget_s before "
                                "scoring search_evaluations candidates: this plan depends on how busy the "
@@ -177,9 +179,10 @@ class StagePlanner:
         elif (decision.layers_moved or not same_ranges) and self._steps_left():  # (ranges that only shrink
             # move no layer, yet the pipeline's cuts change: that too waits for the checkpoint)
             if not self.pending:
+                moves = f"moves {decision.layers_moved} layer(s)" if decision.layers_moved else "only shrinks ranges"
                 self.events.record("replan_pending", f"{why}: a plan predicted at {decision.predicted_step_s:.3g} "
-                                   f"s/step (now {decision.current_step_s:.3g} s) moves {decision.layers_moved} "
-                                   "layer(s); it applies at the next complete checkpoint")
+                                   f"s/step (now {decision.current_step_s:.3g} s) {moves}; it applies at the next "
+                                   "complete checkpoint, where every stage reloads")
             self._set_pending(why, decision)
         # a stage left empty still takes a standby worker now (one that fits a layer)
         self.fill_vacancies(check_fit=True)
@@ -228,20 +231,20 @@ class StagePlanner:
             return False
         return True
 
-    def replan_at_restore(self, store_complete: bool, why: str) -> None:
+    def replan_at_restore(self, store_complete: bool, why: str) -> PlanDecision | None:
         """Every stage reloads anyway (a vacated stage, or a pending plan at a complete checkpoint):
-        apply the best plan if the store (or the initial weights) can serve any layer range then."""
-        if not self.scheduling():
-            return
-        if self.state.restore_from_store and not store_complete:
-            return  # the store cannot serve new ranges at this step: keep the layout
-        decision = self._decide()
-        if decision is not None:
-            self.apply(decision, why, restore=True)
+        apply the best plan if the store (or the initial weights) can serve any layer range then.
+        Returns the plan if it changed anything."""
+        if not self.scheduling() or (self.state.restore_from_store and not store_complete):
+            return None  # (the store cannot serve new ranges at this step: keep the layout)
+        decision = self._decide(at_restore=True)
+        changed = decision is not None and self.apply(decision, why, restore=True)
         self._set_pending("")
+        return decision if changed else None
 
     # -- applying ----------------------------------------------------------------------
-    def apply(self, decision: PlanDecision, why: str, restore: bool = False) -> None:
+    def apply(self, decision: PlanDecision, why: str, restore: bool = False) -> bool:
+        """Put `decision` in force; True if any worker or range changed."""
         old_specs, new_specs = self.plan, [s.spec(self.n_layer) for s in decision.stages]
         new = {w: i for i, s in enumerate(decision.stages) for w in s.workers}
         members = self.state.members()
@@ -263,12 +266,11 @@ class StagePlanner:
         self.save(new_specs)
         self.db.set_meta("predicted_step_s", decision.predicted_step_s)
         if not moved and not ranges_changed:
-            return
+            return False
         self.state.bump_plan_version()
         if held_moved:
-            # A worker that held (or was loading) a stage holds another now: its heartbeats still
-            # report the old epoch until it has reloaded, so the epoch moves on for everyone
-            # (unmoved workers keep their weights: same range, same position).
+            # A worker that held (or was loading) a stage holds another now: its heartbeats report the
+            # old epoch until it has reloaded, so the epoch moves on (unmoved workers keep their weights).
             self.state.bump_restore_epoch()
         record = {"why": why, "step": self.state.step, "at": self.db.clock(), "layers_moved": decision.layers_moved,
                   "predicted_step_s": decision.predicted_step_s, "workers_moved": len(moved),
@@ -278,6 +280,7 @@ class StagePlanner:
         self.events.record("replanned", f"{why}: layers {', '.join(f'{s.start}-{s.end}' for s in new_specs)}, "
                            f"predicted {decision.predicted_step_s:.3g} s/step, {decision.layers_moved} layer(s) "
                            f"moved; " + ("; ".join(moved) if moved else "no worker moves"))
+        return True
 
     def fill_vacancies(self, exclude: frozenset[str] = frozenset(), check_fit: bool = False) -> None:
         """Standby workers take stages: empty stages first, then the stage with the fewest
@@ -367,12 +370,8 @@ class StagePlanner:
         return row
 
     # -- reporting ---------------------------------------------------------------------
-    def standby_reason(self, worker_id: str) -> str:
-        return self.standby_reasons().get(worker_id, "")
-
     def link_candidates(self) -> frozenset[str]:
-        """The workers the last search could place (empty: no search yet, or too few workers for
-        a plan, and then every live worker measures)."""
+        """The workers the last search could place (empty: no search yet, or too few for a plan)."""
         return frozenset(self.db.shared_json_meta("link_candidates", []))
 
     def standby_reasons(self) -> dict[str, str]:
@@ -391,6 +390,7 @@ class StagePlanner:
                 "pending": self.pending,
                 "pending_ranges": [[s.start, s.end] for s in self._pending_stages()] if self.pending else [],
                 "layers_moved_total": int(self.db.meta("layers_moved_total") or 0),
+                "reload_s": self.stall.reload_s(),
                 "standby_why": self.db.json_meta("standby_why", {}),
                 "min_workers": self.run.scheduler.min_workers,
                 "measured_workers": self.measurements.measured_workers()}

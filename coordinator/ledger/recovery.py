@@ -159,7 +159,9 @@ class StepRecovery:
         st.restore(step, from_store=True)
         st.set_phase(WAITING)
         st.set_members({})
-        planner.replan_at_restore(True, f"{why} (applied at the checkpoint of step {step})")
+        applied = planner.replan_at_restore(True, f"{why} (applied at the checkpoint of step {step})")
+        if applied is not None:  # its reloads hold the run until the next step opens: timed (replan_stall.py)
+            planner.stall.started(applied.stall_layers)
 
     def after_close(self) -> None:
         """A step just closed: holds that ended free their workers, a checkpoint that landed while

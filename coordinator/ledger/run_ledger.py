@@ -82,7 +82,7 @@ class RunLedger:
         self.spot_checks = SpotCheckBook(db, self.events, run, None, self.checkpoints, lambda: self.planner.plan)
         self.protocol = StepProtocol(db, self.events, self.state, self.workers, self.tickets, self.reports,
                                      self.history, self.measurements, run, lambda: self.planner.plan,
-                                     self.commitments, self.spot_checks)
+                                     self.commitments, self.spot_checks, self.planner.stall)
         self.averaging_rounds = AveragingRounds(self.planner, self.reports)
         self.recovery = StepRecovery(self.events, self.state, self.workers, self.tickets, self.reports, self.history,
                                      self.checkpoints, self.planner, self.protocol)

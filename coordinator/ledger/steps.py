@@ -34,6 +34,7 @@ from .commitments import CommitmentBook, Submitted
 from .history import StepHistory
 from .loss_scaling import LossScaleBook
 from .measurements import Measurements
+from .replan_stall import ReplanStall
 from .reports import APPLIED, AVERAGED, CONTRIBUTION, ReportBook, contributions, sums
 from .spot_checks import SpotCheckBook
 from .step_state import ACCUMULATED, APPLYING, AVERAGING, DONE, OPEN, WAITING, StepState
@@ -48,7 +49,8 @@ class StepProtocol:
 
     def __init__(self, db: LedgerDB, events: EventLog, state: StepState, workers: WorkerRegistry,
                  tickets: TicketBook, reports: ReportBook, history: StepHistory, measurements: Measurements,
-                 run: RunConfig, plan, commitments: CommitmentBook, spot_checks: SpotCheckBook):
+                 run: RunConfig, plan, commitments: CommitmentBook, spot_checks: SpotCheckBook,
+                 replan_stall: ReplanStall):
         self.db, self.events, self.state, self.workers = db, events, state, workers
         self.tickets, self.reports, self.history, self.measurements = tickets, reports, history, measurements
         self.run = run
@@ -56,6 +58,7 @@ class StepProtocol:
         self.commitments = commitments
         self.spot_checks = spot_checks
         self.loss_scales = LossScaleBook(db, events, run)  # the scale each attempt runs at (fp16)
+        self.replan_stall = replan_stall  # a checkpoint re-plan's reloads end when a step opens
 
     # -- opening -----------------------------------------------------------------------
     def maybe_open(self) -> None:
@@ -92,6 +95,7 @@ class StepProtocol:
             self.tickets.create(step, st.attempt)
             st.mark_opened()
         st.set_phase(OPEN)
+        self.replan_stall.step_opened()
         # which layers each stage runs and on whom: an operator reading the events (and bench
         # churn's agreement test) sees the plan every step ran on
         on = "; ".join(f"stage {i} (layers {spec.start}-{spec.end}) on {', '.join(members.get(i, []))}"

@@ -122,6 +122,7 @@ def test_codecs_know_no_protobuf_and_the_scheduler_does_no_io():
     assert not any(package_of(m) == "gptjt_proto" for m in edges["gptjt_core.compression"])
     for pure in ("coordinator.scheduler", "coordinator.placement", "coordinator.placement_exact",
                  "coordinator.placement_moves", "coordinator.placement_baselines", "coordinator.cost_model",
+                 "coordinator.plan_horizon",
                  "coordinator.liveness", "coordinator.ledger.rules", "gptjt_core.schedule"):
         source = product_files()[pure].read_text()
         for io in ("import grpc", "import sqlite3", "import socket", " open(", "subprocess", "Path("):

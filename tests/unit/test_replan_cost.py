@@ -87,6 +87,7 @@ def test_replan_every_s_zero_searches_on_every_request(tmp_path):
 def test_once_the_first_step_opened_searches_are_merged_within_replan_every_running_s(tmp_path):
     ledger = make_ledger(tmp_path, replan_every_s=5.0, replan_every_running_s=20.0)
     ledger.run.coordinator.heartbeat_timeout_s = 600.0  # nobody dies in this test
+    ledger.run.train.steps = 100  # (4 steps are too few for the newcomer's plan to pay back its moves)
     clock, memo = ledger.db.clock, ledger.planner.memo
     ids = [ledger.join(f"w{i}", f"h:{i}", device(0.01))["id"] for i in range(2)]
     assert ledger.planner.merged_search_at() == float(ledger.db.meta("last_search_at")) + 5.0  # start-up

@@ -1,0 +1,53 @@
+"""How long a plan applied at a checkpoint held the run up: the fixed part of a re-plan's cost.
+
+A pending plan applies at a complete checkpoint (recovery.maybe_apply_pending): every stage
+reloads its range from the store, then the next step opens. The seconds between are what the
+re-plan cost. Less the layer loads the scheduler priced for its busiest loader
+(scheduler.layer_load_s each), they are the reload itself: restarting a stage (the model slice,
+the store's state, a new averager), which no layer count shows. In a 2 x 2 loopback swarm of the
+tiny model that was 12-15 s against the 4 s its two layers were priced at (2026-12-07). The
+searches after it price every plan that makes a holder reload at that much more
+(plan_horizon.Horizon.reload_s), so a plan a few per cent faster no longer moves a short run.
+
+The figure is the last such re-plan's, kept in the ledger across restarts. A step that opens
+after a failure's restore instead is not one of these (the failure would have cost its reload
+anyway), and neither is a plan applied before the first step (everyone loads then).
+"""
+
+from __future__ import annotations
+
+from gptjt_core.config import SchedulerConfig
+
+from .db import LedgerDB
+from .events import EventLog
+
+_STARTED, _RELOAD = "replan_stall_from", "replan_reload_s"
+
+
+class ReplanStall:
+    """Times a checkpoint re-plan from its apply to the next step's open."""
+
+    def __init__(self, db: LedgerDB, events: EventLog, cfg: SchedulerConfig):
+        self.db, self.events, self.cfg = db, events, cfg
+
+    def started(self, stall_layers: int) -> None:
+        """A pending plan has just applied at a checkpoint; its busiest loader fetches `stall_layers`."""
+        self.db.set_json_meta(_STARTED, {"at": self.db.clock(), "stall_layers": stall_layers})
+
+    def step_opened(self) -> None:
+        """A step has opened: if a re-plan's reloads were being timed, that time is measured."""
+        started = self.db.json_meta(_STARTED, None)
+        if started is None:
+            return
+        self.db.set_meta(_STARTED, "")
+        held = max(0.0, self.db.clock() - started["at"])
+        priced = started["stall_layers"] * self.cfg.layer_load_s
+        reload = max(0.0, held - priced)
+        self.db.set_meta(_RELOAD, reload)
+        self.events.record("measured", f"a re-plan at a checkpoint held the run {held:.3g} s, {reload:.3g} s of it "
+                           f"beyond its {started['stall_layers']} layer load(s) at scheduler.layer_load_s "
+                           f"{self.cfg.layer_load_s:g} s: later re-plans that reload a stage are priced that much more")
+
+    def reload_s(self) -> float:
+        """The last measured reload (0 before any): seconds a re-plan that reloads a stage costs beyond its layer loads."""
+        return float(self.db.meta(_RELOAD) or 0.0)
