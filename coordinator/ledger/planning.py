@@ -114,7 +114,7 @@ class StagePlanner:
         start = self.run.pipeline.start_with_replicas
         return self.db.meta("last_replan") is not None and all(len(s.workers) >= start for s in current)
 
-    def _pending_stages(self) -> list[StagePlan]:
+    def pending_stages(self) -> list[StagePlan]:
         """The pending plan's stages (empty if none): priced again at each search (scheduler._proposed)."""
         return [StagePlan(a, b, tuple(ws)) for a, b, ws in self.db.json_meta("pending_stages", [])]
 
@@ -133,7 +133,7 @@ class StagePlanner:
         decision = decide(self.run, self.shape, self._views(), self._link_views(),
                           current if any(s.workers for s in current) else None, self.memo,
                           keep_if_faster=not self._free_to_replan() or self._could_start(current),
-                          proposals=(self._pending_stages(),), horizon=horizon)
+                          proposals=(self.pending_stages(),), horizon=horizon)
         if self.memo.backstop_hits > cut_short:
             self.events.record("plan_search_cut_short", "the placement search hit scheduler.search_budget_s before "
                                "scoring search_evaluations candidates: this plan depends on how busy the "
@@ -231,16 +231,33 @@ class StagePlanner:
             return False
         return True
 
-    def replan_at_restore(self, store_complete: bool, why: str) -> PlanDecision | None:
-        """Every stage reloads anyway (a vacated stage, or a pending plan at a complete checkpoint):
-        apply the best plan if the store (or the initial weights) can serve any layer range then.
-        Returns the plan if it changed anything."""
+    def replan_at_restore(self, store_complete: bool, why: str) -> None:
+        """Every stage reloads anyway (a vacated stage): apply the best plan if the store (or the
+        initial weights) can serve any layer range then."""
         if not self.scheduling() or (self.state.restore_from_store and not store_complete):
-            return None  # (the store cannot serve new ranges at this step: keep the layout)
+            return  # (the store cannot serve new ranges at this step: keep the layout)
         decision = self._decide(at_restore=True)
-        changed = decision is not None and self.apply(decision, why, restore=True)
+        if decision is not None:
+            self.apply(decision, why, restore=True)
         self._set_pending("")
-        return decision if changed else None
+
+    def pending_decision(self) -> PlanDecision | None:
+        """At the complete checkpoint a pending plan waited for: the best plan now (its reload
+        charged: only applying it makes the stages reload), or None if that is the plan in force
+        (measurements since, or fewer steps left, no longer pay back a move): nothing reloads then."""
+        why, decision = self.pending, self._decide()
+        self._set_pending("")
+        if decision is not None and self._changes(decision):
+            return decision
+        self.events.record("replan_dropped", f"{why}: the plan in force stays at the checkpoint of step {self.state.step}"
+                           " (the steps left or measurements since no longer pay back a move); nothing reloads")
+        return None
+
+    def _changes(self, decision: PlanDecision) -> bool:
+        """Would applying `decision` move a live worker or change a stage's range?"""
+        new = {w: i for i, s in enumerate(decision.stages) for w in s.workers}
+        return [(s.start, s.end) for s in decision.stages] != [(s.start, s.end) for s in self.plan] or any(
+            new.get(r["id"], -1) != r["stage"] for r in self.workers.live(("loading", "ready", "standby")))
 
     # -- applying ----------------------------------------------------------------------
     def apply(self, decision: PlanDecision, why: str, restore: bool = False) -> bool:
@@ -377,23 +394,6 @@ class StagePlanner:
     def standby_reasons(self) -> dict[str, str]:
         """worker id -> why it has no stage (shared: never change it)."""
         return self.db.shared_json_meta("standby_why", {})
-
-    def status(self, measured_step_s: float | None) -> dict:
-        """The `plan` object of the status JSON."""
-        predicted = self.db.meta("predicted_step_s")
-        last = self.db.meta("last_replan")
-        return {"placement": self.run.scheduler.placement,
-                "ranges": [[s.start, s.end] for s in self.plan],
-                "predicted_step_s": float(predicted) if predicted is not None else None,
-                "measured_step_s": measured_step_s,
-                "last_replan": json.loads(last) if last else None,
-                "pending": self.pending,
-                "pending_ranges": [[s.start, s.end] for s in self._pending_stages()] if self.pending else [],
-                "layers_moved_total": int(self.db.meta("layers_moved_total") or 0),
-                "reload_s": self.stall.reload_s(),
-                "standby_why": self.db.json_meta("standby_why", {}),
-                "min_workers": self.run.scheduler.min_workers,
-                "measured_workers": self.measurements.measured_workers()}
 
 
 def _where(stage: int, spec: StageSpec | None) -> str:

@@ -153,15 +153,16 @@ class StepRecovery:
         if (not planner.pending or step != st.step or st.phase not in (WAITING, OPEN)
                 or not planner.scheduling() or not self.checkpoints.is_complete(step)):
             return  # (a checkpoint of step + 1 lands while step is applying: the close calls again)
-        why = planner.pending
+        why, decision = planner.pending, planner.pending_decision()
+        if decision is None:
+            return  # the plan in force stays (an event says why): nobody reloads, the step goes on
         if st.phase == OPEN and self.tickets.has_work(step, st.attempt):
             self.protocol.restart_step(f"re-plan at the checkpoint of step {step}")
         st.restore(step, from_store=True)
         st.set_phase(WAITING)
         st.set_members({})
-        applied = planner.replan_at_restore(True, f"{why} (applied at the checkpoint of step {step})")
-        if applied is not None:  # its reloads hold the run until the next step opens: timed (replan_stall.py)
-            planner.stall.started(applied.stall_layers)
+        planner.apply(decision, f"{why} (applied at the checkpoint of step {step})", restore=True)
+        planner.stall.started(decision.stall_layers)  # its reloads hold the run until a step opens
 
     def after_close(self) -> None:
         """A step just closed: holds that ended free their workers, a checkpoint that landed while

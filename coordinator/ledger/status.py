@@ -7,6 +7,8 @@ event loop): the newest steps in full, the whole run bucketed, kept exactly-once
 
 from __future__ import annotations
 
+import json
+
 from gptjt_core.config import RunConfig
 
 from .checkpoints import CheckpointIndex
@@ -53,7 +55,7 @@ class StatusView:
                          "stages": stored_json(r["detail"], {}, "steps.detail")} for r in steps],
             "loss_curve": self.history.loss_curve(st.step),
             "workers": self._workers(now), "stages": self._stages(),
-            "plan": self.planner.status(self.history.median_seconds()), "liveness": self.guard.status(),
+            "plan": self._plan(self.history.median_seconds()), "liveness": self.guard.status(),
             "tickets": {**self.tickets.counts(st.step), **self.tickets.exactly_once_counts(),
                         "exactly_once_violations": self.tickets.violations()},
             "events": self.events.recent(50), "plan_version": st.plan_version,
@@ -120,3 +122,20 @@ class StatusView:
             join_tokens=self.tokens.listing(),
             current_step_tickets=self.tickets.of_attempt(step, self.state.attempt))
         return status
+
+    def _plan(self, measured_step_s: float | None) -> dict:
+        """The `plan` object (docs/cli.md): the stage plan in force, the pending one, what moved."""
+        planner, db = self.planner, self.db
+        predicted, last, pending = db.meta("predicted_step_s"), db.meta("last_replan"), planner.pending
+        return {"placement": self.run.scheduler.placement,
+                "ranges": [[s.start, s.end] for s in planner.plan],
+                "predicted_step_s": float(predicted) if predicted is not None else None,
+                "measured_step_s": measured_step_s,
+                "last_replan": json.loads(last) if last else None,
+                "pending": pending,
+                "pending_ranges": [[s.start, s.end] for s in planner.pending_stages()] if pending else [],
+                "layers_moved_total": int(db.meta("layers_moved_total") or 0),
+                "reload_s": planner.stall.reload_s(),
+                "standby_why": db.json_meta("standby_why", {}),
+                "min_workers": self.run.scheduler.min_workers,
+                "measured_workers": self.measurements.measured_workers()}

@@ -78,7 +78,9 @@ def test_a_faster_joiner_takes_over_at_the_next_checkpoint(tmp_path):
     worker that holds state, so it waits for the next complete checkpoint, then applies:
     the joiner holds a stage, the slower worker it replaces waits on standby with a reason,
     and the run finishes with every micro-batch counted once."""
-    swarm = Swarm(tmp_path, swarm_toml(tmp_path, steps=6, checkpoint_every=1, placement="cost-model",
+    # 10 steps: the joiner's plan must pay back its layer loads over the steps left (plan_horizon.py)
+    steps = 10
+    swarm = Swarm(tmp_path, swarm_toml(tmp_path, steps=steps, checkpoint_every=1, placement="cost-model",
                                        min_workers=2, timeout_s=5.0))
     try:
         swarm.start_coordinator()
@@ -87,7 +89,7 @@ def test_a_faster_joiner_takes_over_at_the_next_checkpoint(tmp_path):
             w.wait_for("gptjt-worker: joined")
         swarm.wait(lambda s: s["step"] >= 2, timeout=120, what="2 steps on the slow workers")
         # Paused until the better plan waits for a checkpoint: on two loaded cores a worker can
-        # take ~40 s to start, longer than the four steps left (a joiner missed a whole run so in CI).
+        # take ~40 s to start, longer than the steps left (a joiner missed a whole run so in CI).
         swarm.operate("pause")
         swarm.start_worker("fast", None, "--simulate-device", "0.02:24")
         swarm.wait(lambda s: any(e["kind"] == "replan_pending" for e in s["events"]), timeout=240,
@@ -108,7 +110,7 @@ def test_a_faster_joiner_takes_over_at_the_next_checkpoint(tmp_path):
     assert last["at_restore"] and last["step"] >= 2 and plan["layers_moved_total"] > 0, last
     assert any(e["kind"] == "replan_pending" for e in status["events"])
     assert status["tickets"]["exactly_once_violations"] == []
-    assert len(status["history"]) == 6 and all(h["loss"] == h["loss"] for h in status["history"])
+    assert len(status["history"]) == steps and all(h["loss"] == h["loss"] for h in status["history"])
 
 
 def test_the_coordinator_chooses_fewer_stages_than_the_config_when_the_devices_call_for_it(tmp_path):

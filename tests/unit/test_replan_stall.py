@@ -107,3 +107,27 @@ def test_the_ledger_pends_a_plan_only_when_the_steps_left_pay_back_the_measured_
         ledger.run.train.steps = 100
         ledger.planner.replan("a longer run")
         assert ledger.status()["plan"]["pending"]
+
+
+@ledger_backends
+def test_a_pending_plan_the_steps_left_no_longer_pay_for_is_dropped_at_the_checkpoint_and_nothing_reloads(tmp_path):
+    """Pended with 50 steps of horizon; by the checkpoint the run has 1 step left, which cannot pay
+    back the measured reload: the plan in force stays, the step goes on, no epoch moves."""
+    ledger, clock, ids = _data_parallel_ledger(tmp_path)
+    ledger.run.train.steps = 100
+    ledger.db.set_meta("replan_reload_s", 1000.0)
+    _to_averaging(ledger, ids)
+    clock.t += 30.0
+    for w in ids:
+        assert ledger.report(w, 0, 0, "averaged", 16.0, group_weight=4.0)
+    assert ledger.status()["plan"]["pending"]
+    for w in ids:
+        assert ledger.report(w, 0, 0, "applied", digest="d")
+    epoch = ledger.restore_epoch
+    ledger.run.train.steps = 2  # (as if the operator shortened the run: 1 step left after step 0)
+    ledger.record_checkpoint(1, ledger.plan[0], "step-1/0")
+    plan, events = ledger.status()["plan"], ledger.status()["events"]
+    assert plan["ranges"] == [[0, 4]] and not plan["pending"] and plan["last_replan"]["at_restore"] is False
+    assert ledger.restore_epoch == epoch and ledger.phase == "open" and ledger.step == 1
+    dropped = [e["detail"] for e in events if e["kind"] == "replan_dropped"]
+    assert len(dropped) == 1 and "nothing reloads" in dropped[0]
