@@ -147,8 +147,9 @@ class StepRecovery:
     # -- restore points ----------------------------------------------------------------
     def maybe_apply_pending(self, step: int) -> None:
         """The store just completed `step`: a pending plan applies if the run is at that step and
-        no stage has applied it yet (its partial work restarts, every stage reloads). None is
-        pending once the run has no step left (StagePlanner.pending)."""
+        no stage has applied it yet (its partial work restarts, every stage reloads), unless priced
+        again there the plan in force wins (StagePlanner.pending_decision). None is pending once
+        the run has no step left (StagePlanner.pending)."""
         st, planner = self.state, self.planner
         if (not planner.pending or step != st.step or st.phase not in (WAITING, OPEN)
                 or not planner.scheduling() or not self.checkpoints.is_complete(step)):

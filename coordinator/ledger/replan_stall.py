@@ -9,9 +9,11 @@ tiny model that was 12-15 s against the 4 s its two layers were priced at (2026-
 searches after it price every plan that makes a holder reload at that much more
 (plan_horizon.Horizon.reload_s), so a plan a few per cent faster no longer moves a short run.
 
-The figure is the last such re-plan's, kept in the ledger across restarts. A step that opens
-after a failure's restore instead is not one of these (the failure would have cost its reload
-anyway), and neither is a plan applied before the first step (everyone loads then).
+The figure is the last such re-plan's, kept in the ledger across restarts. Plans applied at a
+failure's restore are not timed (the failure costs its reload anyway), nor those applied before
+the first step (everyone loads then). What else happens between the apply and the open is
+counted in: a worker that dies while reloading, or an operator's pause, makes one re-plan look
+dearer, until the next one is timed.
 """
 
 from __future__ import annotations
