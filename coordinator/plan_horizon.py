@@ -25,9 +25,10 @@ class Horizon:
 
     @staticmethod
     def of(cfg: SchedulerConfig, steps_left: int | None = None, reload_s: float = 0.0) -> Horizon:
-        """scheduler.horizon_steps, or the steps the run has left when fewer (a saving cannot pay
-        back on steps the run will not take: a 9-step chaos soak moved 4 layers after step 2 for a
-        4 % faster step, and its reloads held it 15 s, five steps' worth)."""
+        """scheduler.horizon_steps, or `steps_left` when fewer (the ledger passes the steps the
+        run has left once its first step has opened: a saving cannot pay back on steps the run will
+        not take; a 9-step chaos soak moved 4 layers after step 2 for a 4 % faster step, and its
+        reloads held it 15 s, five steps' worth)."""
         steps = cfg.horizon_steps if steps_left is None else max(1, min(cfg.horizon_steps, steps_left))
         return Horizon(steps, cfg.layer_load_s, reload_s)
 

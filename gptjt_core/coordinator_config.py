@@ -143,10 +143,10 @@ class SchedulerConfig:
     the run's dtype, so the first plan sees them all (0: start as soon as every stage has one).
     An integer >= 0."""
     horizon_steps: int = 50
-    """Hysteresis: a re-plan moves workers only if its predicted saving over this many steps (or
-    the steps the run has left, when fewer) exceeds the stall the moves cause: layer_load_s per
-    layer, for the most layers one worker must load (workers load in parallel), plus, once the
-    first step has opened, the reload the last checkpoint re-plan was measured to cost
+    """Hysteresis: a re-plan moves workers only if its predicted saving over this many steps
+    exceeds the stall the moves cause: layer_load_s per layer, for the most layers one worker must
+    load (workers load in parallel). Once the first step has opened, the steps the run has left
+    cap it, and the reload the last checkpoint re-plan was measured to cost is added
     (coordinator/ledger/replan_stall.py). An integer >= 1."""
     layer_load_s: float = 2.0
     """Seconds a worker needs to load one layer it does not hold (weights + optimizer state), >= 0."""

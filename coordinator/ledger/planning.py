@@ -125,14 +125,14 @@ class StagePlanner:
 
     # -- deciding ----------------------------------------------------------------------
     def _decide(self, at_restore: bool = False) -> PlanDecision | None:
-        current, cut_short = self._current_plan(), self.memo.backstop_hits
-        # the steps left cap the horizon; a holder's reload costs what the last one took (not before
-        # the first step, nor at a restore point: every worker loads then anyway)
-        horizon = Horizon.of(self.run.scheduler, self.run.train.steps - self.state.step,
-                             0.0 if at_restore or self._free_to_replan() else self.stall.reload_s())
+        current, cut_short, free = self._current_plan(), self.memo.backstop_hits, self._free_to_replan()
+        # after the first step opened the steps left cap the horizon and a holder's reload costs the
+        # last one's (not at a restore); before it, moves overlap the first loads (full horizon)
+        horizon = Horizon.of(self.run.scheduler, None if free else self.run.train.steps - self.state.step,
+                             0.0 if at_restore or free else self.stall.reload_s())
         decision = decide(self.run, self.shape, self._views(), self._link_views(),
                           current if any(s.workers for s in current) else None, self.memo,
-                          keep_if_faster=not self._free_to_replan() or self._could_start(current),
+                          keep_if_faster=not free or self._could_start(current),
                           proposals=(self.pending_stages(),), horizon=horizon)
         if self.memo.backstop_hits > cut_short:
             self.events.record("plan_search_cut_short", "the placement search hit scheduler.search_budget_s before "

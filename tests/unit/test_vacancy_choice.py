@@ -144,7 +144,6 @@ def _loading_swarm(tmp_path, replicas: int, start_with: int = 1) -> tuple[RunLed
     clock = Clock()
     run = run_config(stages=2, replicas=replicas, replan_every_s=60.0)
     run.pipeline.start_with_replicas = start_with
-    run.train.steps = 100  # a plan must pay back its moves over the steps left (plan_horizon.py)
     ledger = RunLedger(tmp_path / "run.db", run, plan_stages(8, 2), clock, shape=SHAPE)
     ids = {n: ledger.join(n, f"h:{n}", device(SLOW))["id"] for n in ("a1", "a2", "a3", "a4")}
     for a in ids:
