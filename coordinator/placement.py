@@ -377,7 +377,7 @@ def replan(current: list[StagePlacement], devices: list[Device], net: Network, m
             same = [StagePlacement(s.start, s.end, g) for s, g in zip(current, groups)]
             if not infeasible(same, devices, model, work):
                 options.append((predict_step(same, devices, net, model, work).step_s, same))
-    # Each option costs its steps over the horizon plus the stall its moves' loads cause.
+    # Each option costs its steps over the horizon plus the stall its moves cause (move_cost_s).
     total = lambda o: o[0] * horizon_steps + move_cost_s(current, o[1], seconds_per_layer_load, reload_s)  # noqa: E731
     cost, stages = min((o for o in options if o[1] is not None), key=total)
     if stages is fresh.stages:

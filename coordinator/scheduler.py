@@ -22,8 +22,8 @@ from gptjt_core.stage_spec import StageSpec
 from .cost_model import (MEMORY_HEADROOM, Device, Link, ModelShape, Network, StagePlacement, Workload, memory_needed_gb,
                          predict_step)
 from .placement import evaluate, layers_moved, move_cost_s, move_stall_layers, plan, replan, usable
-from .plan_horizon import Horizon
 from .placement_moves import keep_in_place
+from .plan_horizon import Horizon
 from .sites import SiteMap, fill_links
 
 # Bytes per value on the wire, per codec (block codecs: codes plus a bfloat16 scale per 128
