@@ -4,8 +4,9 @@ A pending plan applies at a complete checkpoint (recovery.maybe_apply_pending): 
 reloads its range from the store, then the next step opens. The seconds between are what the
 re-plan cost. Less the layer loads the scheduler priced for its busiest loader
 (scheduler.layer_load_s each), they are the reload itself: restarting a stage (the model slice,
-the store's state, a new averager), which no layer count shows. In a 2 x 2 loopback swarm of the
-tiny model that was 12-15 s against the 4 s its two layers were priced at (2026-12-07). The
+the store's state, a new averager), which no layer count shows. A calm 2 x 2 chaos soak of the
+tiny model (by hand at e544265, from its events) was held 15.2 s against the 4 s its two layers
+were priced at; a one-replica swarm of simulated devices (test_scheduler_swarm) under 1 s. The
 searches after it price every plan that makes a holder reload at that much more
 (plan_horizon.Horizon.reload_s), so a plan a few per cent faster no longer moves a short run.
 

@@ -4,6 +4,7 @@ loopback with link emulation (the links are measured by the workers' probes)."""
 
 from __future__ import annotations
 
+import sqlite3
 import statistics
 import subprocess
 
@@ -111,6 +112,12 @@ def test_a_faster_joiner_takes_over_at_the_next_checkpoint(tmp_path):
     assert any(e["kind"] == "replan_pending" for e in status["events"])
     assert status["tickets"]["exactly_once_violations"] == []
     assert len(status["history"]) == steps and all(h["loss"] == h["loss"] for h in status["history"])
+    # the checkpoint re-plan's reloads were timed, from its apply to the next step's open (replan_stall.py)
+    with sqlite3.connect(f"file:{swarm.ledger_path}?mode=ro", uri=True) as db:
+        timed = [d for (d,) in db.execute("SELECT detail FROM events WHERE kind='measured' AND detail LIKE "
+                                          "'a re-plan at a checkpoint held the run%'")]
+    print(timed)
+    assert len(timed) == 1 and plan["reload_s"] >= 0.0, events
 
 
 def test_the_coordinator_chooses_fewer_stages_than_the_config_when_the_devices_call_for_it(tmp_path):
