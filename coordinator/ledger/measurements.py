@@ -6,15 +6,25 @@ re-plans on it; jitter below that writes the figure and stays quiet.
 
 Two rows of the links table are not links between stage servers, and no worker serves at
 their addresses (scheduler.measured_pairs skips them): 'coordinator' (the heartbeat's round
-trip) and AVERAGER, the payload rate of the last averaging round the worker took part in, in
-Mbit/s (cost_model.averaging_rate_gbps), timed on the coordinator's clock from the step's
+trip) and AVERAGER, the payload rate of the averaging rounds the worker took part in, in
+Mbit/s (cost_model.averaging_rate_gbps), each timed on the coordinator's clock from the step's
 AVERAGING phase to its stage's last AVERAGED report. A worker's own report cannot make it look
-faster than that; a slow peer in its group makes it look slower, until its next round.
+faster than that; a slow peer in its group makes it look slower, and for a few rounds after.
+
+The rate kept is smoothed: each round moves it halfway to the round's own, in ratio
+(AVERAGING_SMOOTHING). One group's rounds varied 71-170 Mbit/s from round to round on 2 busy
+cores (a calm chaos soak run by hand, 2026-12-07), so with the last round's rate kept most rounds
+were news and searched for a plan. Halfway, a round 40 % faster than the kept rate moves it by
+18 % (quiet) and one 40 % slower by 23 %, while a group whose rate halves for good moves it by
+29 % on its first round: news at once. Under independent jitter the kept rate moves from round
+to round by ~0.4 of what the last round's rate did (standard deviations, an exponential average
+of weight 1/2: sqrt(1/3) against sqrt(2)).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from itertools import chain
 
 from gptjt_core.config import SchedulerConfig
@@ -26,6 +36,7 @@ from .stored_values import stored_json
 
 MOVED = 0.2  # relative change of a device rate or a link's bandwidth that counts as news
 AVERAGER = "averager"  # the links row holding a worker's averaging rate (dst)
+AVERAGING_SMOOTHING = 0.5  # the share of each round's rate in the kept one (1: the last round's alone)
 
 
 class Measurements:
@@ -74,22 +85,23 @@ class Measurements:
             self._remember(LinkView(worker_id, "coordinator", float(rtt_ms / 2), 0.0))
 
     def record_averaging(self, worker_ids: list[str], gbps: float) -> list[str]:
-        """The averaging rate of a group's round, for each of its members; returns what moved
-        enough to re-plan on (and records it as a `measured` event)."""
+        """A group's round at `gbps`, for each of its members: their kept rate moves toward it
+        (smoothed_rate); returns what moved enough to re-plan on (and records it as a `measured` event)."""
         changed = []
         for worker_id in worker_ids:
             old = self.db.execute("SELECT mbit FROM links WHERE src=? AND dst=?", (worker_id, AVERAGER)).fetchone()
+            kept = smoothed_rate(old["mbit"] if old is not None else None, gbps * 1e3)
             self.db.execute("INSERT OR REPLACE INTO links VALUES(?, ?, 0, ?, ?)",
-                            (worker_id, AVERAGER, gbps * 1e3, self.db.clock()))
-            self._remember(LinkView(worker_id, AVERAGER, 0.0, gbps * 1e3))
-            if old is None or abs(gbps * 1e3 - old["mbit"]) > MOVED * old["mbit"]:
-                changed.append(f"{worker_id} averaged at {gbps * 1e3:.4g} Mbit/s")
+                            (worker_id, AVERAGER, kept, self.db.clock()))
+            self._remember(LinkView(worker_id, AVERAGER, 0.0, kept))
+            if old is None or abs(kept - old["mbit"]) > MOVED * old["mbit"]:
+                changed.append(f"{worker_id} averaged at {gbps * 1e3:.4g} Mbit/s (kept: {kept:.4g})")
         if changed:
             self.events.record("measured", "; ".join(changed) + f" (a round of {len(worker_ids)} replicas)")
         return changed
 
     def averaging_gbps(self) -> dict[str, float]:
-        """worker id -> the rate of its last averaging round, Gbit/s (only those that averaged), from
+        """worker id -> its kept averaging rate (smoothed_rate), Gbit/s (only those that averaged), from
         the links this process keeps (link_views): the planner's read."""
         return {v.src: v.mbit / 1e3 for v in self.link_views() if v.dst_address == AVERAGER and v.mbit > 0}
 
@@ -154,3 +166,13 @@ class Measurements:
         # a ledger an older version wrote may hold anything in `device`: gptjt_json_field says NULL
         return self.db.execute("SELECT COUNT(*) FROM workers WHERE state IN ('loading', 'ready', 'standby') AND "
                                "gptjt_json_field(device, 'at_run_dtype') = 'true'").fetchone()[0]
+
+
+def smoothed_rate(kept: float | None, measured: float) -> float:
+    """The averaging rate to keep after a round at `measured` (any unit), given the one kept
+    before (None: the first round): AVERAGING_SMOOTHING of the way there in ratio (a weighted
+    geometric mean), so a round at half the rate and one at twice it cancel. A kept rate that is
+    not a positive number (a row from before smoothing, or damaged) is replaced by the round's."""
+    if kept is None or not kept > 0 or not math.isfinite(kept):
+        return measured
+    return kept ** (1.0 - AVERAGING_SMOOTHING) * measured ** AVERAGING_SMOOTHING

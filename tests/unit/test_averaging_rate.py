@@ -10,6 +10,7 @@ import pytest
 from coordinator.cost_model import (Device, Link, Network, StagePlacement, Workload, allreduce_s, averaged_bytes,
                                     averaging_rate_gbps)
 from coordinator.ledger import RunLedger
+from coordinator.ledger.measurements import smoothed_rate
 from coordinator.scheduler import plan_stages
 from tests.unit.test_ledger import Clock
 from tests.unit.test_scheduler import TINY, _bounded, device
@@ -109,3 +110,44 @@ def test_a_round_that_took_no_time_sets_no_rate(tmp_path):
         assert ledger.report(w, 0, 0, "averaged", 16.0, group_weight=4.0)
     assert all(w["averaging_mbit"] is None for w in ledger.status()["workers"])
     assert ledger.status()["plan"]["ranges"] == [[0, 4]] and not ledger.status()["plan"]["pending"]
+
+
+def test_the_kept_rate_moves_halfway_to_each_round_in_ratio():
+    assert smoothed_rate(None, 120.0) == 120.0  # the first round is all there is
+    assert smoothed_rate(100.0, 400.0) == pytest.approx(200.0)  # halfway in ratio, not (100 + 400) / 2
+    assert smoothed_rate(200.0, 50.0) == pytest.approx(100.0)
+    for damaged in (0.0, -5.0, float("nan"), float("inf")):
+        assert smoothed_rate(damaged, 80.0) == 80.0
+
+
+def _round(ledger: RunLedger, clock: Clock, ids: list[str], seconds: float) -> None:
+    """Step `ledger.step` through an averaging round of `seconds` on the coordinator's clock, applied."""
+    _to_averaging(ledger, ids)
+    clock.t += seconds
+    step, attempt = ledger.step, ledger.attempt
+    for w in ids:
+        assert ledger.report(w, step, attempt, "averaged", 16.0, group_weight=4.0)
+    for w in ids:
+        assert ledger.report(w, step, attempt, "applied", digest="d")
+    assert ledger.step == step + 1 and ledger.phase == "open"
+
+
+def test_jitter_between_rounds_is_quiet_and_a_rate_that_falls_for_good_is_news(tmp_path):
+    ledger, clock, ids = _data_parallel_ledger(tmp_path)
+
+    def kept_mbit() -> list[float]:
+        workers = {w["id"]: w for w in ledger.status()["workers"]}
+        return [workers[w]["averaging_mbit"] for w in ids]
+
+    def news() -> int:
+        return sum("averaged at" in e["detail"] for e in ledger.status()["events"] if e["kind"] == "measured")
+
+    _round(ledger, clock, ids, 30.0)
+    first = averaging_rate_gbps(TINY, WORK, 0, 4, 2, 30.0) * 1e3
+    assert kept_mbit() == [pytest.approx(first)] * 2 and news() == 1
+    _round(ledger, clock, ids, 30.0 / 1.4)  # a round 40 % faster: the kept rate moves 18 %, under MOVED
+    second = math.sqrt(first * first * 1.4)
+    assert kept_mbit() == [pytest.approx(second)] * 2 and news() == 1
+    assert ledger.measurements.averaging_gbps() == {w: pytest.approx(second / 1e3) for w in ids}  # what plans read
+    _round(ledger, clock, ids, 4 * 30.0)  # a quarter of the first round's rate: -47 %, news at once
+    assert kept_mbit() == [pytest.approx(math.sqrt(second * first / 4))] * 2 and news() == 2
