@@ -45,8 +45,7 @@ class StagePlanner:
     def __init__(self, db: LedgerDB, events: EventLog, workers: WorkerRegistry, measurements: Measurements,
                  state: StepState, run: RunConfig, shape: ModelShape | None, default: list[StageSpec]):
         self.db, self.events, self.workers, self.measurements, self.state = db, events, workers, measurements, state
-        self.run, self.shape = run, shape
-        self.n_layer = default[-1].end
+        self.run, self.shape, self.n_layer = run, shape, default[-1].end
         self.plan = self._stored(default)
         self.memo = DecisionMemo()  # a join or death that changes nothing a search sees costs no search
         self.stall = ReplanStall(db, events, run.scheduler)  # what a checkpoint re-plan's reloads cost
@@ -234,6 +233,7 @@ class StagePlanner:
     def replan_at_restore(self, store_complete: bool, why: str) -> None:
         """Every stage reloads anyway (a vacated stage): apply the best plan if the store (or the
         initial weights) can serve any layer range then."""
+        self.stall.interrupted(why)  # a checkpoint re-plan's reload being timed now times a failure too
         if not self.scheduling() or (self.state.restore_from_store and not store_complete):
             return  # (the store cannot serve new ranges at this step: keep the layout)
         decision = self._decide(at_restore=True)

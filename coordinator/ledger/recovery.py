@@ -58,7 +58,7 @@ class StepRecovery:
             st.set_members(members)
         holders = [r for r in self.workers.stage_workers().get(stage, []) if st.is_holder(r)]
         last_member_gone = was_member and not members.get(stage)
-        phase = st.phase
+        phase, vacated = st.phase, False
         if phase == DONE:
             pass
         elif last_member_gone and phase in (OPEN, ACCUMULATED, AVERAGING) and holders:
@@ -70,6 +70,7 @@ class StepRecovery:
             # Other stages may have applied the step already; nobody holds this stage's update.
             self.events.record("stage_vacant", f"stage {stage} lost its last member while applying step {st.step}")
             self.vacate(stage, f"stage {stage} lost worker {worker_id}")
+            vacated = True
         elif holders or (not was_member and not st.is_holder(row)):
             # Another replica holds the state (or this one held none): nothing is lost but the
             # dead replica's gradient share of the open step, estimated at averaging.
@@ -81,8 +82,21 @@ class StepRecovery:
         else:
             self.events.record("stage_vacant", f"stage {stage} has no worker holding its state; ticket issue waits")
             self.vacate(stage, f"stage {stage} lost worker {worker_id}")
+            vacated = True
         self.planner.replan(f"{worker_id} {'died' if state == 'dead' else state}")
+        if not vacated and self._left_empty(stage):
+            # Its last worker held no state (it was still loading: after a restore, or as a
+            # newcomer) and no standby took its place. The plan the search left pending for the
+            # next checkpoint would wait forever: no step runs with an empty stage. Apply it now.
+            self.events.record("stage_vacant", f"stage {stage} lost {worker_id}, its last worker, while it loaded, and "
+                               f"no standby took its place: the waiting plan applies now ({self.planner.pending})")
+            self.vacate(stage, f"stage {stage} lost {worker_id}, its last worker")
         self.protocol.maybe_open()
+
+    def _left_empty(self, stage: int) -> bool:
+        """Is `stage` of the plan in force left with no live worker, while a better plan waits for a checkpoint?"""
+        return (self.state.phase != DONE and stage < len(self.planner.plan) and bool(self.planner.pending)
+                and not self.workers.stage_workers().get(stage))
 
     def quarantine(self, worker_id: str, evidence: str) -> None:
         """Two recomputations agree that `worker_id` computed wrong: it gets no more work (its

@@ -12,9 +12,10 @@ searches after it price every plan that makes a holder reload at that much more
 
 The figure is the last such re-plan's, kept in the ledger across restarts. Plans applied at a
 failure's restore are not timed (the failure costs its reload anyway), nor those applied before
-the first step (everyone loads then). What else happens between the apply and the open is
-counted in: a worker that dies while reloading, or an operator's pause, makes one re-plan look
-dearer, until the next one is timed.
+the first step (everyone loads then). A failure's restore while a re-plan reloads (a worker
+that dies or is quarantined then) ends that timing unrecorded: the open it waits for would then
+time the failure's recovery as well, and price every later re-plan at it. An operator's pause
+does not hold a step's open, so it is not in the figure.
 """
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ class ReplanStall:
         self.events.record("measured", f"a re-plan at a checkpoint held the run {held:.3g} s, {reload:.3g} s of it "
                            f"beyond its {started['stall_layers']} layer load(s) at scheduler.layer_load_s "
                            f"{self.cfg.layer_load_s:g} s: later re-plans that reload a stage are priced that much more")
+
+    def interrupted(self, why: str) -> None:
+        """A failure's restore (`why`) came before the next step's open: no timing of this re-plan is clean."""
+        started = self.db.json_meta(_STARTED, None)
+        if started is None:
+            return
+        self.db.set_meta(_STARTED, "")
+        self.events.record("measured", f"the re-plan applied at a checkpoint is not timed: a failure's restore came "
+                           f"while its stages reloaded ({why}); later re-plans stay priced at the last clean "
+                           f"reload, {self.reload_s():.3g} s")
 
     def reload_s(self) -> float:
         """The last measured reload (0 before any): seconds a re-plan that reloads a stage costs beyond its layer loads."""

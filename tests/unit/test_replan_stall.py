@@ -88,6 +88,37 @@ def test_a_checkpoint_re_plan_is_timed_from_its_apply_to_the_next_open_and_price
     assert len([e for e in ledger.status()["events"] if "held the run" in e["detail"]]) == 1
 
 
+def checkpoint_replan_reloading(tmp_path):
+    """A data-parallel ledger whose slow round made it pend a 2-stage pipeline, applied at the
+    checkpoint of step 1: both workers now reload their new ranges (nobody holds a stage yet),
+    and the re-plan's reload is being timed."""
+    ledger, clock, ids = _data_parallel_ledger(tmp_path)
+    ledger.run.train.steps = 100
+    _to_averaging(ledger, ids)
+    clock.t += 30.0
+    for w in ids:
+        assert ledger.report(w, 0, 0, "averaged", 16.0, group_weight=4.0)
+    for w in ids:
+        assert ledger.report(w, 0, 0, "applied", digest="d")
+    ledger.record_checkpoint(1, ledger.plan[0], "step-1/0")
+    assert len(ledger.status()["plan"]["ranges"]) == 2
+    return ledger, clock, ids
+
+
+def test_a_death_while_a_re_plan_reloads_leaves_that_re_plan_untimed(tmp_path):
+    """Else the open after the failure's recovery would price every later re-plan at that recovery."""
+    ledger, clock, ids = checkpoint_replan_reloading(tmp_path)
+    clock.t += 5.0
+    ledger.declare_dead(ids[1], "its process vanished while it reloaded")
+    clock.t += 60.0  # the survivor takes the whole model back (min_stages 1)
+    ledger.heartbeat(ids[0], "ready", {}, ledger.restore_epoch, 1)
+    assert ledger.phase == "open" and ledger.step == 1
+    assert ledger.status()["plan"]["reload_s"] == 0.0
+    details = [e["detail"] for e in ledger.status()["events"] if e["kind"] == "measured"]
+    assert not any("held the run" in d for d in details), details
+    assert any("is not timed" in d and "lost " + ids[1] in d for d in details), details
+
+
 @ledger_backends
 @pytest.mark.parametrize("steps, reload_s, pends", [(100, 0.0, True), (100, 1e5, False), (4, 1000.0, False)])
 def test_the_ledger_pends_a_plan_only_when_the_steps_left_pay_back_the_measured_reload(tmp_path, steps, reload_s,
