@@ -93,7 +93,7 @@ class ScriptedSimulation(ChurnSimulation):
 
     def _device(self, v: Volunteer) -> dict:
         d = self.devices[v.name]
-        return {**d.device_info(self.run.train.precision), "block_tflops": d.tflops}
+        return {**d.device_info(self.run.train.precision), "block_tflops": d.tflops, "head_tflops": d.tflops}
 
     def _on_join(self, v: Volunteer) -> None:
         super()._on_join(v)

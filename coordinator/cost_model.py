@@ -5,7 +5,9 @@ each stage a replica group of workers. For one optimizer step of M micro-batches
 
   compute_i   seconds stage i needs per micro-batch: 6 x params(stage i) x tokens FLOPs
               (forward + backward) over the group's summed rate (each micro-batch goes to
-              one replica, so replicas add throughput)
+              one replica, so replicas add throughput); the blocks at the rate measured on
+              one block, the last stage's head at the rate measured on the head (its
+              softmax over the vocabulary is memory-bound: worker/probe.py)
   transfer_i  seconds per micro-batch across boundary i -> i+1, each direction (links are
               full duplex): latency + activation bytes after compression / bandwidth, with
               the group pair's slowest link (a micro-batch may take any of them) times the
@@ -47,6 +49,14 @@ class Device:
     # The payload rate of the averaging rounds this worker took part in (averaging_rate_gbps),
     # Gbit/s; inf until it has averaged: its links alone then price its group's rounds
     averaging_gbps: float = math.inf
+    # measured rate of the final norm, LM head and loss, TFLOP/s (worker/probe.measure_head_tflops);
+    # 0: not measured, `tflops` prices the head too
+    head_tflops: float = 0.0
+
+    @property
+    def head_rate(self) -> float:
+        """TFLOP/s the last stage's head runs at on this device."""
+        return self.head_tflops if self.head_tflops > 0 else self.tflops
 
 
 @dataclass(frozen=True)
@@ -218,11 +228,14 @@ def infeasible(plan: list[StagePlacement], devices: list[Device], model: ModelSh
 
 
 def stage_compute_s(model: ModelShape, work: Workload, s: StagePlacement, devices: list[Device]) -> float:
-    """Seconds stage `s` computes per micro-batch (forward + backward) on its group's summed rate."""
-    # the embedding is a lookup, not a matmul: its parameters cost memory, not FLOPs
-    matmul_params = stage_params(model, s.start, s.end) - (model.embed_params if s.start == 0 else 0)
-    flops = 6 * matmul_params * work.tokens_per_micro_batch
-    return flops / (sum(devices[w].tflops for w in s.workers) * 1e12)
+    """Seconds stage `s` computes per micro-batch (forward + backward) on its group's summed rate:
+    its blocks at the blocks' rate, the head (last stage) at the head's (Device.head_rate). The
+    embedding is a lookup, not a matmul: its parameters cost memory, not FLOPs."""
+    per_param = 6 * work.tokens_per_micro_batch / 1e12  # TFLOP a parameter costs per micro-batch
+    seconds = (s.end - s.start) * model.layer_params * per_param / sum(devices[w].tflops for w in s.workers)
+    if s.end == model.n_layer:
+        seconds += model.head_params * per_param / sum(devices[w].head_rate for w in s.workers)
+    return seconds
 
 
 def transfer_s(model: ModelShape, work: Workload, a: StagePlacement, b: StagePlacement,

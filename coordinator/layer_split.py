@@ -25,7 +25,9 @@ def split_layers(groups: list[tuple[int, ...]], devices: list[Device], model: Mo
     compute (memory-feasible), or None when no split fits."""
     rate = tuple(sum(devices[w].tflops for w in g) for g in groups)
     memory = tuple(min(devices[w].memory_gb for w in g) * HEADROOM for g in groups)
-    bounds = _split_bounds(model, work, rate, memory)
+    # the head in block parameters' worth at the last group's block rate (cost_model.stage_compute_s)
+    head_weight = rate[-1] / sum(devices[w].head_rate for w in groups[-1]) if groups else 1.0
+    bounds = _split_bounds(model, work, rate, memory, head_weight)
     return None if bounds is None else [StagePlacement(a, b, g) for (a, b), g in zip(bounds, groups)]
 
 
@@ -34,13 +36,14 @@ def split_layers(groups: list[tuple[int, ...]], devices: list[Device], model: Mo
 # depends on nothing else.
 @functools.lru_cache(maxsize=65536)
 def _split_bounds(model: ModelShape, work: Workload, rate: tuple[float, ...],
-                  memory: tuple[float, ...]) -> tuple[tuple[int, int], ...] | None:
+                  memory: tuple[float, ...], head_weight: float = 1.0) -> tuple[tuple[int, int], ...] | None:
     """split_layers' dynamic programme on the groups' summed rates (TFLOP/s) and smallest memory
-    (GB a plan may use): (start, end) per group, or None."""
+    (GB a plan may use): (start, end) per group, or None. head_weight: the last group's block
+    rate over its head rate (the head's parameters cost that many blocks' parameters each)."""
     n, s = model.n_layer, len(rate)
     need = _memory_table(model, work)
     inf = float("inf")
-    lp, hp = model.layer_params, model.head_params
+    lp, hp = model.layer_params, model.head_params * head_weight
     # best[i][l]: the least "slowest stage" covering layers [0, l) with stages 0..i-1. The search
     # runs this ~10^3 times a plan, so the inner loop is kept to plain locals (a search at 64
     # workers spent 60 % of its time here).

@@ -31,7 +31,7 @@ def swaps(groups: list[tuple[int, ...]], a: int, b: int, devices: list[Device]):
 
 def kind(device: Device) -> tuple:
     """What the cost model reads of a device: two of the same kind are interchangeable."""
-    return device.tflops, device.memory_gb, device.site, device.averaging_gbps
+    return device.tflops, device.memory_gb, device.site, device.averaging_gbps, device.head_tflops
 
 
 def resizes(groups: list[tuple[int, ...]], standby: list[int], devices: list[Device], drop: bool = True):

@@ -53,6 +53,7 @@ class WorkerView:
     # its averaging rounds' payload rate, Gbit/s, as the coordinator timed them (cost_model
     # averaging_rate_gbps; Measurements.record_averaging); inf until it has averaged
     averaging_gbps: float = math.inf
+    head_tflops: float = 0.0  # measured rate of the LM head and loss (cost_model.Device.head_tflops); 0: tflops
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,8 @@ class DecisionMemo:
 
 
 def _memo_key(candidates: list[WorkerView], net: Network, current: list[StagePlan] | None, horizon: Horizon) -> tuple:
-    return (horizon, tuple((w.id, w.address, w.tflops, w.memory_gb, w.averaging_gbps) for w in candidates),
+    return (horizon, tuple((w.id, w.address, w.tflops, w.memory_gb, w.averaging_gbps, w.head_tflops)
+                           for w in candidates),
             tuple(sorted(net.between.items())), net.inside,
             tuple((s.start, s.end, s.workers) for s in current or ()))
 
@@ -196,8 +198,8 @@ def _within(measured: dict[tuple[str, str], Link], workers: list[WorkerView],
 
 
 def _devices(workers: list[WorkerView]) -> list[Device]:
-    return [Device(w.id, max(w.tflops, 1e-9), w.memory_gb, site=w.id, averaging_gbps=w.averaging_gbps)
-            for w in workers]
+    return [Device(w.id, max(w.tflops, 1e-9), w.memory_gb, site=w.id, averaging_gbps=w.averaging_gbps,
+                   head_tflops=max(w.head_tflops, 0.0)) for w in workers]
 
 
 def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: list[LinkView],

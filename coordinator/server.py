@@ -395,6 +395,5 @@ def _layers(spec) -> dict:
 
 
 def _device(info: pb.DeviceInfo) -> dict:
-    """The DeviceInfo as the ledger stores it (validation.check_device has checked it)."""
-    return {"kind": info.kind, "name": info.name, "memory_bytes": info.memory_bytes,
-            "matmul_tflops": info.matmul_tflops, "dtype": info.dtype, "block_tflops": info.block_tflops}
+    """The DeviceInfo as the ledger stores it, every field (validation.check_device has checked them)."""
+    return {field.name: getattr(info, field.name) for field in info.DESCRIPTOR.fields}

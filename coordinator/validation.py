@@ -80,6 +80,7 @@ def check_device(info: pb.DeviceInfo, where: str) -> None:
     number(f"{where}.matmul_tflops", info.matmul_tflops)
     choice(f"{where}.dtype", info.dtype, DEVICE_DTYPES)
     number(f"{where}.block_tflops", info.block_tflops)
+    number(f"{where}.head_tflops", info.head_tflops)
 
 
 def _metrics(m: pb.WorkerMetrics, where: str) -> None:

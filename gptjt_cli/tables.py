@@ -95,11 +95,17 @@ def stages_table(s: dict) -> Table:
         rates = [by_id.get(wid, {}).get("device", {}) for wid in st["workers"]]
         rows.append([st["index"], f"{st['start_layer']}-{st['end_layer']}",
                      " ".join(filter(None, ["embed" if st["embed"] else "", "head" if st["head"] else ""])),
-                     " + ".join(f"{d.get('block_tflops') or d.get('matmul_tflops', 0):.3g}" for d in rates) or "-",
+                     " + ".join(_rate(d, st["head"]) for d in rates) or "-",
                      "; ".join(replicas) or "(vacant)"])
     table = _table(["stage", "layers", "holds", "TFLOP/s", "workers (* straggler)"], rows, ("stage",))
     table.caption, table.caption_justify = plan_summary(s.get("plan") or {}), "left"
     return table
+
+
+def _rate(device: dict, head: bool) -> str:
+    """A worker's measured TFLOP/s on one block, and on the LM head where its stage holds it."""
+    block = f"{device.get('block_tflops') or device.get('matmul_tflops', 0):.3g}"
+    return f"{block} (head {device['head_tflops']:.3g})" if head and device.get("head_tflops") else block
 
 
 def plan_summary(plan: dict) -> str:

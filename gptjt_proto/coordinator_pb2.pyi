@@ -64,20 +64,22 @@ APPLIED: ReportKind
 AVERAGING_FAILED: ReportKind
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("kind", "name", "memory_bytes", "matmul_tflops", "dtype", "block_tflops")
+    __slots__ = ("kind", "name", "memory_bytes", "matmul_tflops", "dtype", "block_tflops", "head_tflops")
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MATMUL_TFLOPS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_TFLOPS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_TFLOPS_FIELD_NUMBER: _ClassVar[int]
     kind: str
     name: str
     memory_bytes: int
     matmul_tflops: float
     dtype: str
     block_tflops: float
-    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., matmul_tflops: _Optional[float] = ..., dtype: _Optional[str] = ..., block_tflops: _Optional[float] = ...) -> None: ...
+    head_tflops: float
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., matmul_tflops: _Optional[float] = ..., dtype: _Optional[str] = ..., block_tflops: _Optional[float] = ..., head_tflops: _Optional[float] = ...) -> None: ...
 
 class LinkMeasurement(_message.Message):
     __slots__ = ("address", "latency_ms", "mbit", "measured_unix_s")

@@ -86,21 +86,54 @@ def measure_block_tflops(config, device: str, precision, tokens: int, seq_len: i
 
     from gptjt_core.model import GPTJStage, StageSpec
 
-    dev = torch.device(device)
     one = copy.deepcopy(config)
     one.n_layer = 1
-    block = GPTJStage(one, StageSpec(0, 1)).to(dev)
-    params = sum(p.numel() for p in block.parameters())
-    batch = max(1, tokens // seq_len)
-    x = torch.randn(batch, seq_len, config.n_embd, device=dev, requires_grad=True)
-    prefix = torch.full((batch,), seq_len // 2, device=dev, dtype=torch.long)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    block = GPTJStage(one, StageSpec(0, 1)).to(torch.device(device))
+    x, prefix = _hidden_batch(config, device, tokens, seq_len)
 
     def step():
         with precision.autocast():
             out = block(x, prefix)
         out.float().pow(2).mean().backward()
 
+    return _rate(step, block, x.shape[0] * seq_len, device, seconds)
+
+
+def measure_head_tflops(config, device: str, precision, tokens: int, seq_len: int, seconds: float = 0.5) -> float:
+    """The same for what the last stage runs after its blocks: the final norm, the LM head and the
+    UL2 loss over the vocabulary. Its matmul is one (d_model x vocab) product, but the softmax
+    and cross-entropy over the vocabulary are memory-bound: on this 2-core CPU the tiny
+    flavour's head reached about half a block's rate (0.85 s measured for the stage holding the
+    last block and the head, 0.47 s priced at the block's rate), so the head is priced at its own."""
+    from gptjt_core.model import GPTJStage, StageSpec
+    from gptjt_core.ul2 import batch_loss
+
+    head = GPTJStage(config, StageSpec(config.n_layer, config.n_layer, head=True)).to(torch.device(device))
+    x, prefix = _hidden_batch(config, device, tokens, seq_len)
+    labels = torch.randint(0, config.vocab_size, x.shape[:2], device=x.device)
+
+    def step():
+        with precision.autocast():
+            logits = head(x, prefix)
+        batch_loss(logits, labels, x.shape[0]).backward()
+
+    return _rate(step, head, x.shape[0] * seq_len, device, seconds)
+
+
+def _hidden_batch(config, device: str, tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random hidden states of one micro-batch (B, seq_len, d_model) and a half-length UL2 prefix (B,)."""
+    batch = max(1, tokens // seq_len)
+    dev = torch.device(device)
+    x = torch.randn(batch, seq_len, config.n_embd, device=dev, requires_grad=True)
+    return x, torch.full((batch,), seq_len // 2, device=dev, dtype=torch.long)
+
+
+def _rate(step, module: torch.nn.Module, tokens: int, device: str, seconds: float) -> float:
+    """6 x `module`'s parameters x `tokens` / the median seconds of `step` (forward + backward),
+    timed for about `seconds` (at least 3 runs) after one warm-up, in TFLOP/s."""
+    params = sum(p.numel() for p in module.parameters())
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     step()
     sync()
     times, t0 = [], time.perf_counter()
@@ -110,7 +143,7 @@ def measure_block_tflops(config, device: str, precision, tokens: int, seq_len: i
         sync()
         times.append(time.perf_counter() - started)
     # the median: a shared machine's hiccups would otherwise read as a slow device
-    return 6 * params * batch * seq_len / statistics.median(times) / 1e12
+    return 6 * params * tokens / statistics.median(times) / 1e12
 
 
 def measure_at_run_dtype(run, device: str, simulated=None) -> dict:
@@ -121,14 +154,17 @@ def measure_at_run_dtype(run, device: str, simulated=None) -> dict:
     from gptjt_core.precision import resolve_precision
 
     precision = resolve_precision(run.train.precision, device)
-    if simulated is not None:
-        return {**simulated.device_info(precision.name), "block_tflops": simulated.tflops}
+    if simulated is not None:  # paced by one formula for every parameter (worker/simulated_device.py)
+        return {**simulated.device_info(precision.name), "block_tflops": simulated.tflops,
+                "head_tflops": simulated.tflops}
     figures = probe_device(device, precision.compute_dtype)
     t = run.train
     config = model_config_for(run.model.source, run.model.attn_implementation)
-    figures["block_tflops"] = measure_block_tflops(config, device, precision, t.micro_batch * t.seq_len, t.seq_len)
-    log.info("measured %.4g TFLOP/s on one block of the run's model (matmul peak %.4g) at %s",
-             figures["block_tflops"], figures["matmul_tflops"], precision.name)
+    tokens = t.micro_batch * t.seq_len
+    figures["block_tflops"] = measure_block_tflops(config, device, precision, tokens, t.seq_len)
+    figures["head_tflops"] = measure_head_tflops(config, device, precision, tokens, t.seq_len)
+    log.info("measured %.4g TFLOP/s on one block of the run's model and %.4g on its head (matmul peak %.4g) at %s",
+             figures["block_tflops"], figures["head_tflops"], figures["matmul_tflops"], precision.name)
     return figures
 
 

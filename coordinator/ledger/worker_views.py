@@ -18,7 +18,7 @@ def worker_view(row, averaging_gbps: float = math.inf) -> WorkerView:
     # One block of the run's model, measured, beats a square matmul's peak (see worker/probe.py)
     rate = device.get("block_tflops") or device.get("matmul_tflops", 0.0)
     return WorkerView(row["id"], row["address"], float(rate), float(device.get("memory_bytes", 0)) / 1e9, row["stage"],
-                      averaging_gbps)
+                      averaging_gbps, float(device.get("head_tflops") or 0.0))
 
 
 class LazyPricer:

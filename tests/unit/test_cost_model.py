@@ -32,6 +32,20 @@ def test_two_stages_one_worker_each_by_hand():
     assert est.averaging_s == 0.0 and est.step_s == pytest.approx(est.pipeline_s)
 
 
+def test_the_head_is_priced_at_its_own_measured_rate():
+    """The LM head's softmax over the vocabulary is memory-bound: a device measured at half its
+    block rate on the head (worker/probe.measure_head_tflops) makes only the head slower."""
+    slow_head = [Device("w0", 100.0, 80.0, "a"), Device("w1", 100.0, 80.0, "b", head_tflops=50.0)]
+    plan = [StagePlacement(0, 2, (0,)), StagePlacement(2, 4, (1,))]
+    est = predict_step(plan, slow_head, NET, MODEL, WORK)
+    # stage 1: blocks 6 x 2e9 x 1000 / 1e14 = 0.12 s, head 6 x 1e8 x 1000 / 5e13 = 0.012 s
+    assert est.compute_s == pytest.approx((0.12, 0.132))
+    # a replica group adds its head rates as it adds its block rates; 0 means "not measured": tflops
+    group = [Device("w0", 100.0, 80.0, "a", head_tflops=50.0), Device("w1", 100.0, 80.0, "a")]
+    est = predict_step([StagePlacement(0, 4, (0, 1))], group, NET, MODEL, WORK)
+    assert est.compute_s[0] == pytest.approx(6 * 4e9 * 1000 / 2e14 + 6 * 1e8 * 1000 / 1.5e14)
+
+
 def test_replicas_add_compute_and_pay_for_averaging():
     devs = devices((100.0, 80.0, "a"), (100.0, 80.0, "a"), (100.0, 80.0, "b"))
     plan = [StagePlacement(0, 2, (0, 1)), StagePlacement(2, 4, (2,))]

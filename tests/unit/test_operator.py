@@ -163,3 +163,16 @@ def test_a_hand_back_with_a_reason_is_a_notable_event_and_tables_show_it_on_one_
     # and is never read as rich markup
     shown = to_text(events_table([{**notable[0], "detail": "bad\x1b[2J\nline [bold]x[/bold]"}]))
     assert "\x1b" not in shown and "bad\\x1b[2J\\nline [bold]x[/bold]" in shown
+
+
+def test_the_stage_table_shows_the_head_rate_where_a_stage_holds_the_head(tmp_path):
+    from gptjt_cli.tables import stages_table, to_text
+
+    ledger = make(tmp_path)
+    device = {"kind": "cpu", "name": "x", "memory_bytes": 8 << 30, "matmul_tflops": 0.1, "dtype": "fp32",
+              "block_tflops": 0.0412, "head_tflops": 0.0213}
+    for i in range(2):
+        ledger.join(f"w{i}", f"127.0.0.1:{9000 + i}", device)
+    shown = to_text(stages_table(ledger.status())).splitlines()
+    assert any("0.0412 (head 0.0213)" in line for line in shown), shown
+    assert sum("(head " in line for line in shown) == 1, shown  # the stage without the head shows none

@@ -75,3 +75,22 @@ def test_memory_binds_in_most_of_these_instances():
 def test_no_split_when_the_cards_cannot_hold_the_model():
     devices = [Device("small", 35.0, 4.0), Device("small2", 35.0, 4.0)]
     assert split_layers([(0,), (1,)], devices, MODEL, WORK) is None
+
+
+def test_a_slow_head_moves_layers_off_the_last_stage():
+    """Two equal cards; the second is measured at a fifth of its block rate on the LM head: the
+    split gives it fewer blocks than it would if the head ran at the block rate, and the choice is
+    the best contiguous split when the head is priced at the head rate."""
+    big = 1000.0  # memory binds nowhere
+    even = [Device("a", 100.0, big), Device("b", 100.0, big)]
+    slow = [Device("a", 100.0, big), Device("b", 100.0, big, head_tflops=20.0)]
+    groups = [(0,), (1,)]
+    cut_even = split_layers(groups, even, MODEL, WORK)[0].end
+    cut_slow = split_layers(groups, slow, MODEL, WORK)[0].end
+
+    def slowest(cut: int) -> float:
+        return max(cut * MODEL.layer_params / 100.0,
+                   (MODEL.n_layer - cut) * MODEL.layer_params / 100.0 + MODEL.head_params / 20.0)
+
+    assert cut_slow > cut_even
+    assert slowest(cut_slow) == min(slowest(c) for c in range(1, MODEL.n_layer))

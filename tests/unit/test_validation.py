@@ -40,7 +40,7 @@ LIM = limits()
 
 def device() -> pb.DeviceInfo:
     return pb.DeviceInfo(kind="cuda", name="NVIDIA H100 80GB HBM3", memory_bytes=80 << 30, matmul_tflops=400.0,
-                         dtype="bf16", block_tflops=300.0)
+                         dtype="bf16", block_tflops=300.0, head_tflops=120.0)
 
 
 def link() -> pb.LinkMeasurement:
@@ -203,7 +203,7 @@ BAD = [
 ] + [(kind, f"device.{name}", value, code, None) for kind in ("join", "heartbeat") for name, value, code in [
     ("kind", "CUDA!", IA), ("name", "g" * 257, RE), ("memory_bytes", -1, IA), ("matmul_tflops", NAN, IA),
     ("matmul_tflops", -1.0, IA), ("matmul_tflops", INF, IA), ("dtype", "fp8", IA), ("block_tflops", NAN, IA),
-    ("block_tflops", -INF, IA)]]
+    ("block_tflops", -INF, IA), ("head_tflops", NAN, IA), ("head_tflops", -1.0, IA), ("head_tflops", INF, IA)]]
 
 # Values at the edge of what is accepted (an honest worker may send each).
 EDGES = [
