@@ -73,7 +73,10 @@ def measure(threads: tuple[int, ...], link: str, steps: int, workdir: Path, pipe
             "error_pct": 100 * (predicted - measured) / measured if predicted else None,
             "ranges": final, "replicas": [len(s.get("members") or []) for s in status["stages"]],
             "steps_measured": len(seconds), "plans_run": runs,
-            "averaging_mbit": sorted(w["averaging_mbit"] for w in status["workers"] if w.get("averaging_mbit"))}
+            "averaging_mbit": sorted(w["averaging_mbit"] for w in status["workers"] if w.get("averaging_mbit")),
+            # what each worker's probes reported (the prediction's inputs): the rates of one block and of the head
+            "devices": {w["name"]: {"stage": w["stage"], "block_tflops": w["device"].get("block_tflops"),
+                                    "head_tflops": w["device"].get("head_tflops")} for w in status["workers"]}}
 
 
 def _ranges(step: dict) -> list[list[int]]:

@@ -25,10 +25,13 @@ workers still free and any range [start, end) that fits the group's memory. A co
     best plan found. The predicted step is sum(compute) + 2 sum(transfer) + (M - 1) x the
     slowest compute or transfer + the slowest averaging, every term >= 0, so a completion
     costs at least the fixed stages' terms plus, for the layers still to place, their compute
-    on ALL free workers together as one group (cost_model.stage_compute_s): the remaining
-    stages' compute times p_i / r_i sum to at least sum p_i / sum r_i, and their maximum is
-    at least that too (the largest of some ratios is at least the ratio of the sums), and
-    the groups that take them use at most the free workers' rate. Pruning leaves a relative
+    on ALL free workers together as one group (compute_left): the remaining stages' compute
+    times p_i / r_i sum to at least sum p_i / sum r_i, and their maximum is at least that too
+    (the largest of some ratios is at least the ratio of the sums), and the groups that take
+    them use at most the free workers' rate. The head runs at its own rate (Device.head_rate):
+    it counts as the head's parameters x the smallest block-over-head rate ratio of any free
+    worker, which its group's ratio cannot be below; pricing it at all free workers' head rate
+    instead would bound the sum but not the maximum. Pruning leaves a relative
     slack of PRUNE_SLACK so that float rounding between the bound's sums and predict_step's
     cannot cut off a plan that ties or beats the best.
 
@@ -132,7 +135,7 @@ class _BranchAndBound:
                     model, work, stage, devices, net))
                 if end == n:
                     self.leaf([*stages, stage], self.bound(*sums, 0.0))
-                elif self.bound(*sums, stage_compute_s(model, work, StagePlacement(end, n, rest), devices)) \
+                elif self.bound(*sums, compute_left(model, work, end, rest, devices)) \
                         <= self.best_cost * (1 + PRUNE_SLACK):
                     self.descend([*stages, stage], after, *sums)
 
@@ -149,3 +152,13 @@ class _BranchAndBound:
         assert bound <= cost * (1 + PRUNE_SLACK), (bound, cost, plan)
         if cost < self.best_cost:
             self.best_cost, self.best_stages = cost, plan
+
+
+def compute_left(model: ModelShape, work: Workload, start: int, workers: tuple[int, ...],
+                 devices: list[Device]) -> float:
+    """A lower bound on both the sum and the largest of the compute times of any stages that
+    split layers [start, n_layer) and the head among groups of `workers` (the module docstring)."""
+    rate = sum(devices[w].tflops for w in workers)
+    head_ratio = min(devices[w].tflops / devices[w].head_rate for w in workers)
+    params = (model.n_layer - start) * model.layer_params + model.head_params * head_ratio
+    return 6 * params * work.tokens_per_micro_batch / (rate * 1e12)
