@@ -49,3 +49,17 @@ def test_a_simulated_device_reports_one_rate_for_blocks_and_head():
     run, _ = _tiny()
     figures = measure_at_run_dtype(run, "cpu", SimulatedDevice.parse("2.5:16"))
     assert figures["block_tflops"] == figures["head_tflops"] == 2.5
+
+
+def test_a_head_probe_that_fails_leaves_the_block_rate_to_price_the_head(monkeypatch):
+    """A head whose logits do not fit beside a loaded stage must not cost the block's figure too
+    (figures_for_the_plan would then keep the join's fp32 matmul peak for everything)."""
+    import worker.probe as probe
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 412.00 MiB")
+
+    monkeypatch.setattr(probe, "measure_head_tflops", out_of_memory)
+    run, _ = _tiny()
+    figures = measure_at_run_dtype(run, "cpu")
+    assert figures["block_tflops"] > 0 and figures["head_tflops"] == 0.0
