@@ -162,3 +162,21 @@ def test_a_pending_plan_the_steps_left_no_longer_pay_for_is_dropped_at_the_check
     assert ledger.restore_epoch == epoch and ledger.phase == "open" and ledger.step == 1
     dropped = [e["detail"] for e in events if e["kind"] == "replan_dropped"]
     assert len(dropped) == 1 and "nothing reloads" in dropped[0]
+
+
+@pytest.mark.parametrize("layer_load_s, moves", [(0.0, True), (1e4, False)])
+def test_the_plan_in_force_is_kept_unless_the_best_pays_back_its_moves(layer_load_s, moves):
+    """A newcomer that cannot hold either stage's range (0.6 GB) leaves the search no option
+    without moves, and its best is 5 % faster. The ledger asks to keep the plan in force
+    (keep_if_faster): it used to stay only if predicted no slower, so 8 layers moved for 0.56 s a
+    step; now only if the best does not pay its loads back over the horizon."""
+    from tests.unit.test_vacancy_choice import NEAR, PLAN, SHAPE, SLOW, _links, _swarm
+    newcomer = WorkerView("new", "h:new", SLOW, 0.6)
+    everyone, links = _swarm(newcomer)
+    links += _links("new", ["a1", "a2", "a3", "a4"], NEAR)
+    run = run_config(stages=2, replicas=3)
+    run.scheduler.layer_load_s = layer_load_s
+    decision = decide(run, SHAPE, everyone, links, PLAN, keep_if_faster=True)
+    kept = [(s.start, s.end, s.workers) for s in decision.stages] == [(s.start, s.end, s.workers) for s in PLAN]
+    assert kept != moves and (decision.layers_moved > 0) == moves
+    assert (decision.predicted_step_s < decision.current_step_s) == moves
