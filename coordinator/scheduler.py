@@ -215,8 +215,8 @@ def decide(run: RunConfig, shape: ModelShape, workers: list[WorkerView], links: 
     a current plan, placement.replan keeps it unless moving pays off. The set whose plan costs
     least over `horizon` (default: Horizon.of(scheduler)) wins: hysteresis at both levels. `memo`:
     earlier searches' answers, reused for the same candidates, links and current plan. keep_if_faster:
-    the plan in force stays when predicted no slower than the search's (the ledger asks it once its
-    plan could start). proposals: earlier searches' plans not applied yet, priced too (_proposed)."""
+    the plan in force stays unless the best plan's saving over `horizon` pays back its moves (the
+    ledger asks it once its plan could start). proposals: earlier searches' plans not applied yet, priced too."""
     cfg, work = run.scheduler, workload(run)
     horizon = horizon or Horizon.of(cfg)
     counts, replicas = run.pipeline.stage_counts, run.pipeline.replicas_per_stage
