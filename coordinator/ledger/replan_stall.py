@@ -40,10 +40,9 @@ class ReplanStall:
 
     def step_opened(self) -> None:
         """A step has opened: if a re-plan's reloads were being timed, that time is measured."""
-        started = self.db.json_meta(_STARTED, None)
+        started = self._take()
         if started is None:
             return
-        self.db.set_meta(_STARTED, "")
         held = max(0.0, self.db.clock() - started["at"])
         priced = started["stall_layers"] * self.cfg.layer_load_s
         reload = max(0.0, held - priced)
@@ -54,13 +53,18 @@ class ReplanStall:
 
     def interrupted(self, why: str) -> None:
         """A failure's restore (`why`) came before the next step's open: no timing of this re-plan is clean."""
-        started = self.db.json_meta(_STARTED, None)
-        if started is None:
+        if self._take() is None:
             return
-        self.db.set_meta(_STARTED, "")
         self.events.record("measured", f"the re-plan applied at a checkpoint is not timed: a failure's restore came "
                            f"while its stages reloaded ({why}); later re-plans stay priced at the last clean "
                            f"reload, {self.reload_s():.3g} s")
+
+    def _take(self) -> dict | None:
+        """The timing in progress ({at, stall_layers}; None if none), ended: each re-plan is timed once."""
+        started = self.db.json_meta(_STARTED, None)
+        if started is not None:
+            self.db.set_meta(_STARTED, "")
+        return started
 
     def reload_s(self) -> float:
         """The last measured reload (0 before any): seconds a re-plan that reloads a stage costs beyond its layer loads."""
