@@ -333,13 +333,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.CheckpointReply(path=path)
 
     async def _receive(self, upload, request_iterator, context) -> str:
-        """Write the data chunks to `upload` (off the event loop) and keep the file, or abort."""
+        """Write the data chunks to `upload` (one at a time, off the event loop) and keep the file,
+        or abort."""
         try:
-            async for chunk in request_iterator:
-                if chunk.WhichOneof("part") != "data":
-                    raise ValueError("a second header in one checkpoint upload")
-                await asyncio.to_thread(upload.write, chunk.data)
-            return await asyncio.to_thread(upload.finish)
+            return await upload.receive(validation.checkpoint_data(request_iterator))
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"checkpoint refused: {e}")
         finally:

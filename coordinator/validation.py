@@ -256,6 +256,15 @@ def check_checkpoint_header(h: pb.CheckpointHeader, lim: RunLimits) -> None:
     text("checkpoint.stored_at", h.stored_at, 4096)  # the store checks it is the layout's path
 
 
+async def checkpoint_data(chunks):
+    """The bytes of an upload's chunks after its header, one chunk at a time as they are asked for
+    (ValueError on a second header)."""
+    async for chunk in chunks:
+        if chunk.WhichOneof("part") != "data":
+            raise ValueError("a second header in one checkpoint upload")
+        yield chunk.data
+
+
 def check_get_checkpoint(r: pb.GetCheckpointRequest, lim: RunLimits) -> None:
     integer("get_checkpoint.step", r.step, 0, lim.steps, "train.steps")
     _layer_range(r.start_layer, r.end_layer, r.embed, r.head, "get_checkpoint", lim)

@@ -23,11 +23,11 @@ import pytest
 from tests.swarm import Swarm, local_losses, swarm_toml
 
 # Bytes the coordinator's peak memory may grow while ~4 steps of checkpoints pass. One stage file
-# is ~78 MiB. Measured 2026-12-02: shared 0.3 MiB. Streamed 38, 43 and 70 MiB: gRPC takes the
-# chunks faster than the writer thread writes them and nothing bounds what waits in between,
-# so the streamed path can come close to holding a stage file; the bound only shows it never
-# holds a step's two files at once. The shared store is the way to keep the coordinator's
-# memory out of it.
+# is ~78 MiB. Measured 2026-12-02: shared 0.3 MiB. Streamed 38, 43 and 70 MiB: what waits
+# between gRPC and the writer is bounded by HTTP/2 flow control, not by the file (shown with a
+# 512 MiB file in test_upload_memory.py), but at this file size the bound only shows that a
+# step's two files are never held at once. The shared store keeps the coordinator's memory out
+# of it altogether.
 PEAK_GROWTH_BOUND = {"shared": 8 << 20, "streamed": 150 << 20}
 
 
