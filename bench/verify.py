@@ -6,7 +6,9 @@ to settle it (docs/security.md, "Spot checks"); 8 micro-batches per replica per 
 detection_steps    median over liar runs of the steps from the liar's first lie (lie-noise on every
                    micro-batch from step LIE_FROM) to its quarantine, counting the step it lied in
                    first as 1, at the default verify.sample_rate (0.05). The run's step when the
-                   `worker_quarantined` event lands says which step that was.
+                   `worker_quarantined` event lands says which step that was. A liar the run never
+                   quarantined counts as caught in the step after the run's last (median_detection):
+                   until 2026-12-07 such runs were left out, which made the median look faster.
 predicted_*        what docs/security.md's formula predicts for the same settings: a step catches it
                    with probability 1 - (1 - p)^m (m: its micro-batches in a step), so the median is
                    the smallest k with 1 - (1 - p)^(m k) >= 1/2. A third opinion must then also be
@@ -97,6 +99,15 @@ def predicted_median_steps(p: float, m: int) -> int:
     return math.ceil(math.log(0.5) / (m * math.log(1.0 - p)))
 
 
+def median_detection(detected: list[int | None], lying_steps: int) -> float | None:
+    """The median of the liar runs' detection steps, a run that never quarantined its liar (None)
+    counted as `lying_steps` + 1: at least that, so where the median falls on such a run it is a
+    lower bound. None without liar runs."""
+    if not detected:
+        return None
+    return statistics.median(lying_steps + 1 if d is None else d for d in detected)
+
+
 def run(quick: bool = False) -> dict:
     liar_runs, steps = (3, 10) if quick else (7, 14)
     default_rate = 0.05
@@ -127,8 +138,7 @@ def run(quick: bool = False) -> dict:
     m = GLOBAL_BATCH // MICRO_BATCH // REPLICAS
     sizes = [n for r in (*ons, every) for n in r["sizes"]]
     results.update({
-        "detection_steps": statistics.median(d for d in detected if d is not None) if any(
-            d is not None for d in detected) else None,
+        "detection_steps": median_detection(detected, steps - LIE_FROM),
         "detection_steps_each": detected, "liar_check_verdicts_each": liar_verdicts,
         "liars_quarantined": sum(d is not None for d in detected), "liar_runs": liar_runs,
         "liar_runs_failed": failed,
