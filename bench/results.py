@@ -39,9 +39,10 @@ def machine() -> dict:
 
 
 def git_state(repo: Path = REPO, results: Path | None = None) -> dict:
-    """HEAD's commit and whether the tree differs from it. Changes to Markdown files and to the
-    results file itself do not make the tree dirty (neither can move a figure), but every changed
-    path is listed in `dirty_paths`."""
+    """HEAD's commit and whether the tree differs from it. Changes to Markdown files, to PNG plots
+    (a benchmark draws them from its figures: bench/churn_sweep.png) and to the results file itself
+    do not make the tree dirty (none can move a figure), but every changed path is listed in
+    `dirty_paths`. Until 2026-12-07 a redrawn plot marked the next benchmark's run dirty."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout
 
@@ -51,7 +52,7 @@ def git_state(repo: Path = REPO, results: Path | None = None) -> dict:
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None, "dirty_paths": []}
     skip = {str(Path(results).resolve().relative_to(repo))} if results and _inside(results, repo) else set()
-    code = [p for p in changed if p not in skip and not p.endswith(".md")]
+    code = [p for p in changed if p not in skip and not p.endswith((".md", ".png"))]
     return {"commit": commit, "dirty": bool(code), "dirty_paths": changed[:20]}
 
 

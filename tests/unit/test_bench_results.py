@@ -75,21 +75,22 @@ def test_a_results_file_of_another_format_is_refused(tmp_path):
     assert results_file.load(tmp_path / "absent.json") is None
 
 
-def test_git_state_names_the_commit_and_ignores_markdown_and_the_results_file(tmp_path):
+def test_git_state_names_the_commit_and_ignores_markdown_plots_and_the_results_file(tmp_path):
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
 
     git("init", "-q")
-    for name in ("a.py", "README.md", "results.json"):
+    for name in ("a.py", "README.md", "results.json", "sweep.png"):
         (tmp_path / name).write_text("1\n")
     git("add", ".")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
     head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     (tmp_path / "README.md").write_text("2\n")
     (tmp_path / "results.json").write_text("2\n")
+    (tmp_path / "sweep.png").write_text("2\n")  # a plot a benchmark redrew
     state = results_file.git_state(tmp_path, results=tmp_path / "results.json")
     assert state["commit"] == head.strip()
-    assert state["dirty"] is False and sorted(state["dirty_paths"]) == ["README.md", "results.json"]
+    assert state["dirty"] is False and sorted(state["dirty_paths"]) == ["README.md", "results.json", "sweep.png"]
     (tmp_path / "a.py").write_text("2\n")
     assert results_file.git_state(tmp_path, results=tmp_path / "results.json")["dirty"] is True
 
