@@ -22,7 +22,7 @@ from .liveness_guard import LivenessGuard
 from .measurements import Measurements
 from .planning import StagePlanner
 from .step_state import StepState
-from .stored_values import finite_metrics, shown_float, stored_json
+from .stored_values import ParsedColumns, shown_float, stored_json
 from .tickets import TicketBook
 from .tokens import TokenStore
 from .workers import WorkerRegistry
@@ -37,6 +37,7 @@ class StatusView:
         self.run, self.db, self.events, self.state, self.workers = run, db, events, state, workers
         self.tickets, self.checkpoints, self.history, self.planner = tickets, checkpoints, history, planner
         self.guard, self.measurements, self.tokens = guard, measurements, tokens
+        self.parsed = ParsedColumns()  # workers' device and metrics JSON, parsed once per distinct text
 
     def status(self) -> dict:
         st, now = self.state, self.db.clock()
@@ -74,10 +75,11 @@ class StatusView:
     def _workers(self, now: float) -> list[dict]:
         latency, drains = self.measurements.coordinator_latency_ms(), self.state.drains()
         averaging = self.measurements.averaging_mbit_stored()
+        parsed = self.parsed
+        parsed.next_build()
         return [{"id": r["id"], "name": r["name"], "address": r["address"], "stage": r["stage"], "state": r["state"],
                  "last_heartbeat_s": round(now - r["last_heartbeat"], 3),
-                 "device": stored_json(r["device"], {}, "workers.device"),
-                 "metrics": finite_metrics(stored_json(r["metrics"], {}, "workers.metrics"), "workers.metrics"),
+                 "device": parsed.device(r["device"]), "metrics": parsed.metrics(r["metrics"]),
                  "tickets_done": r["tickets_done"],
                  "coordinator_latency_ms": latency.get(r["id"]), "averaging_mbit": averaging.get(r["id"]),
                  "joined": r["joined"],
