@@ -131,3 +131,37 @@ def test_standby_streams_woken_together_spread_their_reads_at_the_standby_rate(m
     assert len(after) == 40
     assert after[-1] - after[0] > 0.15  # spread out: 40 draws over 0.4 s (uniform: ~0.38 s apart)
     assert sum(1 for t in after if t < 0.1) < 30  # ~10 of 40 in the first quarter, not all
+
+
+def test_a_stream_rereads_when_its_refresh_is_due_and_a_closed_stream_leaves_no_waiter(monkeypatch):
+    """No ledger change: each stream reads again at its refresh time (links due for measuring age
+    by the clock alone), and a stream that ends takes its wait with it."""
+    import coordinator.watch_streams as watch_streams
+
+    monkeypatch.setattr(watch_streams, "REFRESH_S", 0.1)  # each refresh after 0.05-0.1 s
+
+    async def scenario():
+        streams = WatchStreams(lambda: 0, lambda: None)
+        reads = [0, 0]
+        stop = asyncio.Event()
+
+        def reader(i):
+            def read():
+                reads[i] += 1
+                return {"reads": reads[i], "stage": i - 1}  # stream 0 standby, stream 1 placed
+            return read
+
+        async def follow(i):
+            async for _ in streams.states(reader(i), stop.is_set, lambda s: s["stage"] < 0):
+                pass
+
+        tasks = [asyncio.create_task(follow(i)) for i in range(2)]
+        await asyncio.sleep(0.5)
+        assert all(n >= 4 for n in reads), reads  # ~5-10 refreshes each in 0.5 s
+        assert streams.standby_waiting == 1
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert streams.standby_waiting == 0 and not streams._placed_waiting and streams.open == 0
+
+    asyncio.run(scenario())
