@@ -9,7 +9,9 @@ one's Watch stream open (as a real worker does: a ledger change reaches every st
 they beat, a status poller calls Status every second and a dashboard client holds the live
 stream (/api/stream) open, in a process of their own, as an operator's screen would.
 heartbeat_p99_ms is the 99th percentile of the heartbeat round trips, measured at the clients
-(it includes their own scheduling, which on 2 shared cores is part of the figure).
+(it includes their own scheduling, which on 2 shared cores is part of the figure). The poller
+receives each status whole and does not parse it (since 2026-12-07): that parse is the
+operator's machine's work, and here it took the shared cores.
 """
 
 from __future__ import annotations
@@ -55,12 +57,13 @@ class _Observers:
                                    daemon=True, name="status-observers")
         self.process.start()
         self.polls = self.failures = self.events = 0
+        self.status_mb = 0.0  # the last poll's status, MB of JSON
         self.failure_reasons: set[str] = set()
 
     def close(self) -> None:
         self.stop.set()
         try:
-            self.polls, self.failures, self.events, reasons = self.results.get(timeout=60)
+            self.polls, self.failures, self.events, reasons, self.status_mb = self.results.get(timeout=60)
             self.failure_reasons = set(reasons)
         finally:
             self.process.join(timeout=10)
@@ -71,16 +74,22 @@ class _Observers:
 def _observe(address: str, dashboard_url: str, stop, results) -> None:
     """The observers' process: poll and stream until `stop`, then put (polls, failures, dashboard
     events, failure reasons) on `results`."""
-    counts = {"polls": 0, "failures": 0, "events": 0}
+    counts = {"polls": 0, "failures": 0, "events": 0, "mb": 0.0}
     reasons: set[str] = set()
 
     def poll() -> None:
-        from local_swarm.swarm import fetch_status
+        from local_swarm.swarm import fetch_status_json
 
         while not stop.wait(1.0):
             try:
-                fetch_status(address, timeout=30)
+                # Received whole but not parsed: an operator's `gptjt status` parses on its own
+                # machine, and here a parse of ~6 MB (~80 ms) took these 2 cores from the processes
+                # whose round trips are timed. What the coordinator does for a poll is unchanged.
+                text = fetch_status_json(address, timeout=30)
+                if not text.startswith("{"):
+                    raise RuntimeError(f"the status is not a JSON object: {text[:40]!r}")
                 counts["polls"] += 1
+                counts["mb"] = len(text) / 1e6
             except RuntimeError as e:  # reported as status_failures: a coordinator too busy to answer
                 counts["failures"] += 1
                 reasons.add(str(e).rsplit(": ", 1)[-1])
@@ -100,7 +109,7 @@ def _observe(address: str, dashboard_url: str, stop, results) -> None:
         t.start()
     stop.wait()
     threads[0].join(timeout=35)  # a poll under way finishes (or times out)
-    results.put((counts["polls"], counts["failures"], counts["events"], sorted(reasons)))
+    results.put((counts["polls"], counts["failures"], counts["events"], sorted(reasons), counts["mb"]))
 
 
 def measure(workers: int, seconds: float, interval: float = 2.0, train_step_s: float = TRAIN_STEP_S) -> dict:
@@ -134,7 +143,8 @@ def measure(workers: int, seconds: float, interval: float = 2.0, train_step_s: f
             "client_processes": len(parts), "interval_s": interval, "heartbeats_per_s": round(workers / interval, 1),
             "joins_s": round(max(p["join_s"] for p in parts), 1),
             "joining_heartbeat_p99_ms": _p99(joining), "joining_heartbeats": len(joining),
-            "status_polls": observers.polls, "status_failures": observers.failures,
+            "status_polls": observers.polls, "status_mb": round(observers.status_mb, 2),
+            "status_failures": observers.failures,
             "status_failure_codes": sorted(observers.failure_reasons), "dashboard_updates": observers.events,
             "watch_streams": workers, "watch_updates": sum(p["watch_updates"] for p in parts),
             "train_step_s": train_step_s, "train_micro_batches_per_step": TRAIN_MICRO_BATCHES, **parts[0]["trained"],

@@ -18,6 +18,12 @@ class SwarmFailed(RuntimeError):
 def fetch_status(address: str, timeout: float = 10.0, read_token: str = "") -> dict:
     """The coordinator's status object (`gptjt status --json`); RuntimeError when unreachable or
     refused (read_token: the run's, where coordinator.read_access = "token")."""
+    return json.loads(fetch_status_json(address, timeout, read_token))
+
+
+def fetch_status_json(address: str, timeout: float = 10.0, read_token: str = "") -> str:
+    """fetch_status's JSON text, unparsed (bench heartbeat's poller: the parse of a 6 MB status
+    is the operator's machine's work, not the coordinator's)."""
     import grpc
 
     from coordinator.sessions import READ_TOKEN
@@ -31,7 +37,7 @@ def fetch_status(address: str, timeout: float = 10.0, read_token: str = "") -> d
             reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout, metadata=metadata)
         except grpc.RpcError as e:
             raise RuntimeError(f"coordinator {address} did not answer Status: {e.code().name}") from None
-    return json.loads(reply.json)
+    return reply.json
 
 
 class LocalSwarm:

@@ -17,3 +17,4 @@ def test_a_short_run_of_simulated_workers_in_several_processes_measures_every_he
     assert 0 < m["heartbeat_p50_ms"] <= m["heartbeat_p99_ms"]
     assert m["watch_updates"] >= workers  # each stream got at least its first state
     assert m["status_polls"] >= 1 and m["steps_trained"] >= 1  # the observers' and the trainer's figures came back
+    assert m["status_failures"] == 0 and m["status_mb"] > 0  # each poll got a whole JSON object
