@@ -71,3 +71,33 @@ def test_a_status_build_renders_no_metrics_and_a_scrape_renders_the_last_build(t
     text = builds.answer("metrics").decode()
     assert len(rendered) == 1 and rendered[0] is builds.status  # the last build's object, not a new one
     assert 'name="late"' in text
+
+
+def test_answers_of_any_size_come_back_whole_through_the_status_process_file(tmp_path):
+    """The status process writes each answer into a file and says its length (status_process.py):
+    a long /metrics text, then a shorter status, then a status that grew, each exactly as built."""
+    from coordinator.status_process import StatusBuildFailed, StatusProcess, _read_answer
+
+    ledger = make_ledger(tmp_path)
+    for i in range(300):
+        ledger.join(f"w{i}", f"h:{i}", device(0.004))
+    process = StatusProcess(ledger.path, ledger.run, ledger.planner.plan, ledger.shape)
+    try:
+        metrics, _ = process.metrics()
+        status, _ = process.build()
+        assert len(metrics) > len(status) > 50_000  # the file held more than this answer
+        assert len(json.loads(status)["workers"]) == 300  # no bytes of the longer answer after it
+        ledger.join("late", "h:late", device(0.004))
+        grown, _ = process.build()
+        assert len(json.loads(grown)["workers"]) == 301 and b"# HELP" in metrics
+    finally:
+        process.close()
+    with open(tmp_path / "short", "wb+") as f:
+        f.write(b"{}")
+        f.flush()
+        try:
+            _read_answer(f.fileno(), 10)
+        except StatusBuildFailed as e:
+            assert "10 bytes" in str(e) and "holds 2" in str(e)
+        else:
+            raise AssertionError("a short answer file was read as whole")
