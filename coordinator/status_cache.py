@@ -9,7 +9,8 @@ most `max_age_s` old (`last_heartbeat_s` and ages move with the clock alone).
 
 Builds are also spaced so that the status process is busy at most BUILD_SHARE of the time: at
 10,000 workers a build took ~1 s (most of it the /metrics text, now rendered only for a
-scrape: ~0.15 s without it, `gptjt bench status`), and a poller and a dashboard asking every
+scrape: ~0.15 s without it before heartbeats fill in the workers' metrics, ~0.2 s after,
+`gptjt bench status`), and a poller and a dashboard asking every
 second (each ask after a heartbeat wants a new build) kept that process at ~85 % of a core,
 on a host whose cores the event loop needs for heartbeats (gptjt bench heartbeat,
 2026-12-05). A caller arriving early waits for the next allowed build instead of getting an

@@ -1,7 +1,8 @@
 """One status event on the dashboard's live stream (/api/stream), written so that a large one
 neither stalls the coordinator's event loop nor floods the page's link.
 
-At 10,000 workers the status object is ~3.5 MB of JSON. Written as one piece (the event's
+At 10,000 workers the status object is ~3.5 MB of JSON (~6.7 MB once every worker's heartbeat
+metrics are in it, 2026-12-07). Written as one piece (the event's
 "data:" line joined to it, aiohttp's chunk framing joined again, the transport's buffer a third
 copy), each event held the loop for ~10-15 ms on 2 cores, and every heartbeat in flight waited
 that out: in `gptjt bench heartbeat` (2026-12-05, a watchdog sampling the loop's stack whenever
@@ -10,8 +11,8 @@ any other code path, ledger work included. So the event goes out in pieces of PI
 is ready between two pieces. SSE frames events by their blank line, not by how the bytes
 arrive, so the page sees the same event.
 
-A page also gets at most BYTES_PER_S of status a second: a 10,000-worker status every ~3.5 s
-instead of every second (28 Mbit/s for each open page, on the operator's link as on the
+A page also gets at most BYTES_PER_S of status a second: a 10,000-worker status every ~7 s
+instead of every second (54 Mbit/s for each open page, on the operator's link as on the
 coordinator's loop); runs whose status is under BYTES_PER_S keep the stream's 1 s pace.
 """
 
