@@ -92,8 +92,8 @@ class ParsedColumns:
 
     At 10,000 workers a build parsed 20,000 small JSON texts, ~40 % of its time (`gptjt bench
     status`, `by_workers`). Most repeat: a standby's device and metrics change rarely, and many
-    workers report the same device. Only the texts the last build read are kept, so memory
-    follows the swarm, not the run's length. The parsed values are shared between workers and
+    workers report the same device. Only the texts the last two builds read are kept (the one
+    under way and the one before), so memory follows the swarm, not the run's length. The parsed values are shared between workers and
     between builds: callers read them and never change them."""
 
     def __init__(self):
