@@ -214,6 +214,10 @@ FIGURES: tuple[Figure, ...] = (
     Figure("heartbeat", "joining_heartbeat_p99_ms", "heartbeat p99 (ms) while the 10,000 joined at once (`joins_s`), "
            "and one interval after"),
     Figure("heartbeat", "commits_per_s", "micro-batch commits per second meanwhile (leases: `leases_per_s`)"),
+    Figure("heartbeat", "window_cpu_cores.coordinator", "cores the coordinator process used in the window (its "
+           "status process, the simulated workers: `window_cpu_cores`)"),
+    Figure("heartbeat", "window_cpu_cores.machine_busy", "cores of the machine busy in the window, of "
+           "`machine_cores`"),
     Figure("chaos", "runs_completed", "chaos soaks completed", goal=_g("==", "runs_attempted", "issue 13")),
     Figure("chaos", "faults_survived", "faults survived over the completed soaks"),
     Figure("chaos", "tickets_lost", "micro-batches lost, all soaks", goal=_g("==", 0, "issue 13")),

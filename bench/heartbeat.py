@@ -17,6 +17,7 @@ operator's machine's work, and here it took the shared cores.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import statistics
 import tempfile
 import threading
@@ -26,6 +27,7 @@ from pathlib import Path
 from local_swarm import LocalSwarm, small_run_toml
 
 from .heartbeat_workers import client_process
+from .process_cpu import ProcessCpu, children
 
 DESCRIPTION = "p99 of authenticated heartbeats from N simulated workers, with status polling and a dashboard open"
 
@@ -123,11 +125,15 @@ def measure(workers: int, seconds: float, interval: float = 2.0, train_step_s: f
                                 extra=LOAD_CONFIG)
         swarm = LocalSwarm(tmp, config)
         try:
-            swarm.start_coordinator()
+            coordinator = swarm.start_coordinator().p.pid
             observers = _Observers(swarm.address, swarm.dashboard_url)
+            clients: list[int] = []  # their pids, once started
+            cpu = ProcessCpu(lambda: {"coordinator": [coordinator], "status_process": children(coordinator),
+                                      "simulated_workers": list(clients), "observers": [observers.process.pid]})
             try:
-                parts = _clients(swarm.address, swarm.token, workers, seconds, interval, train)
+                parts = _clients(swarm.address, swarm.token, workers, seconds, interval, train, clients)
             finally:
+                cpu.stop()
                 observers.close()
         finally:
             swarm.stop()
@@ -148,12 +154,18 @@ def measure(workers: int, seconds: float, interval: float = 2.0, train_step_s: f
             "status_failure_codes": sorted(observers.failure_reasons), "dashboard_updates": observers.events,
             "watch_streams": workers, "watch_updates": sum(p["watch_updates"] for p in parts),
             "train_step_s": train_step_s, "train_micro_batches_per_step": TRAIN_MICRO_BATCHES, **parts[0]["trained"],
-            "failures": failures}
+            "failures": failures,
+            # cores each process group used in the window (bench/process_cpu.py): the coordinator
+            # shares this machine's cores with the load generators, whose waits the figure counts too
+            "window_cpu_cores": cpu.cores(max(p["window"][0] for p in parts), min(p["window"][1] for p in parts)),
+            "machine_cores": os.cpu_count()}
 
 
-def _clients(address: str, token: str, workers: int, seconds: float, interval: float, train: dict) -> list[dict]:
+def _clients(address: str, token: str, workers: int, seconds: float, interval: float, train: dict,
+             pids: list[int]) -> list[dict]:
     """The simulated workers in CLIENT_PROCESSES processes (bench/heartbeat_workers.py), the first
-    also the trainer (it joins before anyone else); each process's figures, the trainer's first."""
+    also the trainer (it joins before anyone else); each process's figures, the trainer's first.
+    `pids` gets the processes' ids as they start."""
     n = min(CLIENT_PROCESSES, workers)
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding gRPC's threads
     trainer_joined, everyone_joined, results = ctx.Event(), ctx.Barrier(n), ctx.Queue()
@@ -165,6 +177,7 @@ def _clients(address: str, token: str, workers: int, seconds: float, interval: f
              for k in range(n)]
     for p in procs:
         p.start()
+        pids.append(p.pid)
     try:
         parts = [results.get(timeout=seconds + 900) for _ in procs]
     finally:

@@ -163,6 +163,7 @@ async def _load(address: str, token: str, ids: range, seconds: float, interval: 
     for c in channels:
         await c.close()
     return {"latencies": sims.latencies, "joining_latencies": sims.joining_latencies, "join_s": join_s,
+            "window": list(sims.window),  # monotonic s: one clock for every process on the machine
             "window_failures": sims.window_failures, "in_flight_at_end": sims.in_flight_at_end,
             "watch_updates": sims.watch_updates, "failures": sims.failures,
             "trained": trainer.rates() if trainer is not None else {}}

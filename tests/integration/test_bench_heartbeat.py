@@ -18,3 +18,8 @@ def test_a_short_run_of_simulated_workers_in_several_processes_measures_every_he
     assert m["watch_updates"] >= workers  # each stream got at least its first state
     assert m["status_polls"] >= 1 and m["steps_trained"] >= 1  # the observers' and the trainer's figures came back
     assert m["status_failures"] == 0 and m["status_mb"] > 0  # each poll got a whole JSON object
+    # where the window's CPU went (bench/process_cpu.py): every group was sampled in it
+    cores = m["window_cpu_cores"]
+    assert set(cores) == {"coordinator", "status_process", "simulated_workers", "observers", "machine_busy"}
+    assert cores["coordinator"] > 0 and cores["simulated_workers"] > 0
+    assert cores["machine_busy"] <= m["machine_cores"] + 0.05
