@@ -7,7 +7,7 @@ len(streams) / READS_PER_S seconds, so 5,000 streams woken together spread their
 instead of queueing them behind each other (and behind heartbeats).
 
 Standby workers (no stage) are most of a large swarm and act on none of a step's progress
-(worker/runner.py: they act on the plan, a restore, a drain, a pause and the links to
+(worker/runner.py: they act on being placed, a restore, a drain, a pause and the links to
 measure). Their streams wake only when `standby_key()` (AssignmentView.standby_key: those
 facts, read once per ledger state) changes, not at every micro-batch commit or closed step:
 at 10,000 workers, waking every stream at every step cost 10,000 reads a step and most of

@@ -679,3 +679,20 @@ def test_a_standby_watch_key_moves_with_what_a_standby_acts_on_not_with_a_step(t
     ledger.leave(ids[1])  # the spare takes the stage it held
     assert ledger.run_state(spare)["assignment"]["stage"] >= 0
     assert ledger.views.standby_key() != key
+
+
+def test_a_placed_workers_own_state_moves_the_plan_version_but_wakes_no_standby(tmp_path):
+    """A placed worker that reports another loaded epoch, position or state (reloading its stage,
+    then ready again) bumps plan_version for its peers; a standby acts on none of it, so
+    standby_key stays and the standbys' Watch streams sleep on (at 10,000 workers each such
+    wake was ~10,000 reads)."""
+    ledger = make(tmp_path, steps=3)
+    ids = ready_swarm(ledger, 2)
+    spare = ledger.join("spare", "127.0.0.1:9100", {})["id"]
+    finish_step(ledger, ids)
+    key, plan_version = ledger.views.standby_key(), ledger.run_state(spare)["plan_version"]
+    ledger.heartbeat(ids[0], "loading", {}, -1, -1)
+    ledger.heartbeat(ids[0], "ready", {}, ledger.restore_epoch, ledger.step)
+    assert ledger.run_state(spare)["plan_version"] == plan_version + 2  # its peers hear of each
+    assert ledger.run_state(spare)["assignment"]["stage"] == -1
+    assert ledger.views.standby_key() == key
