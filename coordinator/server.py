@@ -26,7 +26,7 @@ from .sessions import caller
 from .status_cache import StatusCache
 from .watch_streams import WatchStreams
 
-from .ledger import ALIVE_STATES, RunLedger, Submitted
+from .ledger import ALIVE_STATES, RunLedger, Submitted, standby_view
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         def read() -> dict:
             return {**self.ledger.run_state(request.worker_id), "dht_peers": self.run_dht_peers(request.worker_id)}
 
-        async for state in self.watches.states(read, context.cancelled, lambda s: s["assignment"]["stage"] < 0):
+        async for state in self.watches.states(read, context.cancelled, lambda s: s["assignment"]["stage"] < 0,
+                                               standby_view):
             yield pb.RunState(step=state["step"], attempt=state["attempt"], phase=_PHASES[state["phase"]],
                               global_grad_norm=state["global_grad_norm"], plan_version=state["plan_version"],
                               assignment=assignment_pb(state["assignment"]), paused=state["paused"],

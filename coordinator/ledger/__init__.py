@@ -14,6 +14,7 @@
 The step machine (steps, recovery) calls the stores, which return facts and never call back.
 """
 
+from .assignments import standby_view
 from .commitments import Submitted
 from .db import ALIVE_STATES
 from .errors import LedgerError, OperatorError
@@ -26,4 +27,5 @@ from .tokens import create_token_in, hash_token, revoke_token_in, token_id
 
 __all__ = ["ACCUMULATED", "ALIVE_STATES", "APPLYING", "AVERAGING", "DONE", "EVENT_CATEGORIES", "LedgerError", "OPEN",
            "OperatorError", "RunLedger", "Submitted", "TicketRow", "WAITING", "count_tickets", "create_token_in",
-           "event_category", "hash_token", "revoke_token_in", "run_fingerprint", "token_id"]
+           "event_category", "hash_token", "revoke_token_in", "run_fingerprint", "standby_view",
+           "token_id"]

@@ -48,6 +48,16 @@ class RunFacts:
 # standby, anything; what of a plan a standby acts on is whether it is placed and the stages'
 # ranges (standby_key).
 _STANDBY_FIELDS = ("paused", "restore_epoch", "restore_step", "restore_from_store")
+# What of a RunState (run_state(), plus the server's dht_peers) a standby acts on besides those:
+# its assignment (being placed, why not), a drain, the links to measure, a spot check to ask
+# for, the run's DHT. Not the step's progress: refreshes that find only that moved send nothing.
+_STANDBY_STATE_FIELDS = _STANDBY_FIELDS + ("assignment", "drain", "measure_links", "newest_check", "dht_peers")
+
+
+def standby_view(state: dict) -> tuple:
+    """What of a standby worker's RunState it acts on, and whether the run is over: between two
+    standby states a Watch stream sends the second only if this moved (coordinator/watch_streams.py)."""
+    return tuple(state.get(k) for k in _STANDBY_STATE_FIELDS) + (state["phase"] == DONE,)
 
 
 class AssignmentView:

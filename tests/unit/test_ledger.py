@@ -696,3 +696,20 @@ def test_a_placed_workers_own_state_moves_the_plan_version_but_wakes_no_standby(
     assert ledger.run_state(spare)["plan_version"] == plan_version + 2  # its peers hear of each
     assert ledger.run_state(spare)["assignment"]["stage"] == -1
     assert ledger.views.standby_key() == key
+
+
+def test_a_standbys_view_of_its_run_state_ignores_the_steps_progress_not_a_drain(tmp_path):
+    """standby_view: what a Watch stream compares between two standby states before sending the
+    second (coordinator/watch_streams.py); a closed step moves the RunState, not the view."""
+    from coordinator.ledger import standby_view
+
+    ledger = make(tmp_path, steps=3)
+    ids = ready_swarm(ledger, 2)
+    spare = ledger.join("spare", "127.0.0.1:9100", {})["id"]
+    before = ledger.run_state(spare)
+    finish_step(ledger, ids)
+    after = ledger.run_state(spare)
+    assert after != before and after["step"] == before["step"] + 1
+    assert standby_view(after) == standby_view(before)
+    ledger.request_drain(spare)
+    assert standby_view(ledger.run_state(spare)) != standby_view(after)

@@ -165,3 +165,42 @@ def test_a_stream_rereads_when_its_refresh_is_due_and_a_closed_stream_leaves_no_
         assert streams.standby_waiting == 0 and not streams._placed_waiting and streams.open == 0
 
     asyncio.run(scenario())
+
+
+def test_a_standby_is_sent_a_state_only_when_what_it_acts_on_moves(monkeypatch):
+    """Refreshes of a standby stream that find only the step moved send nothing; a move of what
+    a standby acts on (its standby_view) is sent, and a placed stream is sent every move."""
+    import coordinator.watch_streams as watch_streams
+
+    monkeypatch.setattr(watch_streams, "REFRESH_S", 0.05)  # each refresh after 0.025-0.05 s
+
+    async def scenario():
+        streams = WatchStreams(lambda: 0, lambda: None)
+        run = {"step": 0, "links": ()}
+        stop = asyncio.Event()
+        got: list[list[dict]] = [[], []]
+
+        def reader(stage):
+            return lambda: {"step": run["step"], "links": run["links"], "stage": stage}
+
+        async def follow(i, stage):
+            async for state in streams.states(reader(stage), stop.is_set, lambda s: s["stage"] < 0,
+                                              lambda s: s["links"]):
+                got[i].append(state)
+
+        tasks = [asyncio.create_task(follow(0, -1)), asyncio.create_task(follow(1, 0))]
+        await asyncio.sleep(0.05)
+        for step in range(1, 4):
+            run["step"] = step
+            await asyncio.sleep(0.15)  # a few refreshes each
+        assert [s["step"] for s in got[0]] == [0]  # the standby: its first state only
+        assert [s["step"] for s in got[1]] == [0, 1, 2, 3]  # the placed stream: every step
+        run["links"] = ("10.0.0.1:1",)
+        await asyncio.sleep(0.15)
+        assert [(s["step"], s["links"]) for s in got[0]] == [(0, ()), (3, ("10.0.0.1:1",))]
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(scenario())
