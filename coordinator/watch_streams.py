@@ -11,10 +11,11 @@ Standby workers (no stage) are most of a large swarm and act on none of a step's
 measure). Their streams wake only when `standby_key()` (AssignmentView.standby_key: those
 facts, read once per ledger state) changes, not at every micro-batch commit or closed step:
 at 10,000 workers, waking every stream at every step cost 10,000 reads a step and most of
-the heartbeat tail (gptjt bench heartbeat). A standby's step fields are refreshed with the
-periodic re-read below. When what standbys act on does change, all of them read: those reads
-are spread at STANDBY_READS_PER_S, however long that takes, since standbys act on nothing
-within seconds.
+the heartbeat tail (gptjt bench heartbeat). A standby's stream re-reads periodically too
+(below), but sends what it read only if what a standby acts on moved (`standby_view`), so the
+step fields a standby holds are those of the last state it was sent. When what standbys act on
+does change, all of them read: those reads are spread at STANDBY_READS_PER_S, however long
+that takes, since standbys act on nothing within seconds.
 """
 
 from __future__ import annotations
