@@ -45,8 +45,7 @@ class RunFacts:
 # RunState fields every worker gets that a standby acts on: a pause and the state to restore.
 # Not plan_version: it also moves whenever a placed worker reports another state, loaded epoch
 # or position (RunLedger.heartbeat: reloading, ready again), which tells its peers, not a
-# standby, anything; what of a plan a standby acts on is whether it is placed and the stages'
-# ranges (standby_key).
+# standby, anything; what of a plan a standby acts on is whether it is placed (standby_key).
 _STANDBY_FIELDS = ("paused", "restore_epoch", "restore_step", "restore_from_store")
 # What of a RunState (run_state(), plus the server's dht_peers) a standby acts on besides those:
 # its assignment (being placed, why not), a drain, the links to measure, a spot check to ask
@@ -96,8 +95,9 @@ class AssignmentView:
 
     def standby_key(self) -> tuple:
         """What a standby worker's RunState shows that it acts on (worker/runner.py: a restore, a
-        pause, the run's end, a drain, whether it is placed, why not, the links it is to measure,
-        the stages' ranges), without the step's progress or the placed workers' own progress:
+        pause, the run's end, a drain, whether it is placed, why not, the links it is to measure),
+        without the step's progress or the placed workers' own progress (nor the stages' ranges,
+        which standby_view does not send either: a wake for them would read and send nothing):
         Watch streams of standbys wake only when this changes (coordinator/watch_streams.py).
         Read once per ledger state. (With plan_version in it, one bump of it in the window of
         `gptjt bench heartbeat`, where no placement changed, woke 9,891 standbys on 2026-12-07,
@@ -106,7 +106,6 @@ class AssignmentView:
         common = facts.common
         return (tuple(common[k] for k in _STANDBY_FIELDS), common["phase"] == DONE, facts.drains,
                 tuple((stage, tuple(w["id"] for w in rows)) for stage, rows in sorted(facts.by_stage.items())),
-                tuple((s.start, s.end) for s in self.planner.plan),
                 facts.standby_why, self.planner.scheduling(), self.workers.db.meta("link_candidates"))
 
     def _verifiers_of(self) -> dict[str, list[str]]:
