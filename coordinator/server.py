@@ -20,9 +20,10 @@ from gptjt_core.wire_checks import Refused, escaped
 from . import validation
 from .checkpoint_store import CheckpointStore
 from .dht_authority import DhtAuthority
+from .heartbeats import answer_heartbeat, device_fields
 from .rate_limit import RateLimiter
 from .run_ca import RunCA
-from .sessions import caller
+from .sessions import caller, no_session, not_yours
 from .status_cache import StatusCache
 from .watch_streams import WatchStreams
 
@@ -30,7 +31,6 @@ from .ledger import ALIVE_STATES, RunLedger, Submitted, standby_view
 
 log = logging.getLogger(__name__)
 
-_WORKER_STATES = {pb.LOADING: "loading", pb.READY: "ready", pb.DRAINING: "draining", pb.STANDBY: "standby"}
 _PHASES = {"waiting": pb.WAITING, "open": pb.OPEN, "accumulated": pb.ACCUMULATED,
            "averaging": pb.AVERAGING, "applying": pb.APPLYING, "done": pb.DONE}
 _REPORTS = {pb.CONTRIBUTION: "contribution", pb.AVERAGED: "averaged", pb.APPLIED: "applied"}
@@ -121,7 +121,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                 f"{request.name!r} is quarantined (worker {quarantined}: spot checks found its work "
                                 "wrong; `gptjt events --kind verification` says why); ask the operator")
         await self._refuse_missing_keys(request, context)
-        row = self.ledger.join(request.name, request.address, _device(request.device), token_id)
+        row = self.ledger.join(request.name, request.address, device_fields(request.device), token_id)
         cert, dht_token = await self._credentials(row["id"], request, context)
         await self.notify()
         log.info("worker %s (%s) joined at %s: %s", row["id"], request.name, request.address,
@@ -173,25 +173,26 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def Heartbeat(self, request, context):
         await self.door(validation.check_heartbeat, request, context)
-        m = request.metrics
-        metrics = {"micro_batches_per_s": m.micro_batches_per_s, "busy_fraction": m.busy_fraction,
-                   "bytes_sent": m.bytes_sent, "bytes_received": m.bytes_received, "micro_batches": m.micro_batches,
-                   "downstream_mbit": m.downstream_mbit, "activation_codec": m.activation_codec,
-                   "gradient_codec": m.gradient_codec, "averaging_bytes": m.averaging_bytes,
-                   "peak_memory_bytes": m.peak_memory_bytes}
-        device = _device(request.device) if request.HasField("device") else None
-        links = [{"address": k.address, "latency_ms": k.latency_ms, "mbit": k.mbit,
-                  "measured_unix_s": k.measured_unix_s} for k in request.links]
-        known = self.ledger.heartbeat(request.worker_id, _WORKER_STATES.get(request.state, ""), metrics,
-                                      request.loaded_epoch, request.position, device, links,
-                                      request.coordinator_rtt_ms, list(request.dht_maddrs))
+        reply = answer_heartbeat(self.ledger, request)
         await self.notify()
-        pending = self.ledger.spot_checks.pending_for(request.worker_id, self.ledger.restore_epoch) if known else []
-        checks = [pb.SpotCheck(check_id=c["id"], step=c["step"], attempt=c["attempt"], ticket_id=c["ticket"],
-                               stage=c["stage"], worker_id=c["worker"], address=c["address"] or "",
-                               commitment=c["blob"], returned=c["returned"] or b"", weights=c["weights"] or "",
-                               loss_scale=c["loss_scale"] or 0.0, **_layers(c["spec"])) for c in pending]
-        return pb.HeartbeatReply(known=known, checks=checks)
+        return reply
+
+    async def Heartbeats(self, request_iterator, context):
+        """Heartbeat's requests as messages of one stream, each answered in turn and each in the
+        stream's own worker's name. The interceptor checked the session when the stream opened. A
+        session ends only with its worker (declared dead, left, or ended by the operator), and the
+        ledger records a beat only from a live worker: a beat it did not record ends the stream as
+        the interceptor would have refused a call, without hashing the secret again."""
+        worker_id = caller(context)
+        async for request in request_iterator:
+            if request.worker_id != worker_id:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, not_yours(request, worker_id))
+            await self.door(validation.check_heartbeat, request, context)
+            reply = answer_heartbeat(self.ledger, request)
+            if not reply.known:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, no_session(worker_id))
+            await self.notify()
+            yield reply
 
     async def ReportCheck(self, request, context):
         await self.door(validation.check_check_report, request, context)
@@ -383,15 +384,3 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                             self.ledger.run.coordinator.heartbeat_timeout_s)
             await self.notify()
             await asyncio.sleep(period_s)
-
-
-def _layers(spec) -> dict:
-    """A spot check's layer fields for a StageSpec (None: the plan has no such stage now)."""
-    if spec is None:
-        return {}
-    return {"start_layer": spec.start, "end_layer": spec.end, "embed": spec.embed, "head": spec.head}
-
-
-def _device(info: pb.DeviceInfo) -> dict:
-    """The DeviceInfo as the ledger stores it, every field (validation.check_device has checked them)."""
-    return {field.name: getattr(info, field.name) for field in info.DESCRIPTOR.fields}

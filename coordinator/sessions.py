@@ -5,8 +5,10 @@ keeps its hash. Each later call of the worker sends two metadata entries, SESSIO
 id) and SESSION_SECRET, and this interceptor refuses the call (UNAUTHENTICATED) unless the
 secret is that live worker's; a worker declared dead or gone has no session any more, and a
 coordinator restart keeps every session (they are in the ledger). Then the call may act only
-as itself: a request whose worker_id is another's is refused (PERMISSION_DENIED). A worker id
-alone, which Status and the dashboard print, grants nothing.
+as itself: a request whose worker_id is another's is refused (PERMISSION_DENIED). A stream's
+session is checked when it opens; the heartbeat stream (Heartbeats) refuses each message whose
+worker has died or left since (its session ended with it), and each in another's name. A worker id alone, which Status and the dashboard print,
+grants nothing.
 
 Read-only calls (Status, Events) are open, or need the run's read token when
 coordinator.read_access = "token" (READ_TOKEN metadata; the admin token also reads).
@@ -27,7 +29,7 @@ READ_TOKEN, ADMIN_TOKEN = "gptjt-read-token", "gptjt-admin-token"
 _SERVICE = "/gptjt.Coordinator/"
 # Calls a worker makes in its own name, each with a worker_id field (PutCheckpoint: in its header).
 SESSION_METHODS = frozenset(_SERVICE + m for m in (
-    "Heartbeat", "Leave", "Watch", "LeaseTickets", "CommitTicket", "ReleaseTickets", "ReportStep",
+    "Heartbeat", "Heartbeats", "Leave", "Watch", "LeaseTickets", "CommitTicket", "ReleaseTickets", "ReportStep",
     "ReportPeerFailure", "PutCheckpoint", "GetCheckpoint", "ReportCheck"))
 READ_METHODS = frozenset({_SERVICE + "Status", "/gptjt.Operator/Events"})
 ADMIN_MAY = frozenset({_SERVICE + "GetCheckpoint"})  # the admin token stands in for a session
@@ -69,11 +71,15 @@ class SessionGuard(grpc.aio.ServerInterceptor):
             return await continuation(details)
         worker_id = metadata.get(SESSION_WORKER, "")
         if not self.session_valid(worker_id, metadata.get(SESSION_SECRET, "")):
-            return _denied(await continuation(details), grpc.StatusCode.UNAUTHENTICATED,
-                           f"no valid session for worker {worker_id!r}: join the run first (a worker declared dead "
-                           "joins again as a new worker)")
+            return _denied(await continuation(details), grpc.StatusCode.UNAUTHENTICATED, no_session(worker_id))
         handler = await continuation(details)
         return _as_worker(handler, worker_id) if handler is not None else None
+
+
+def no_session(worker_id: str) -> str:
+    """Why a call, or a message of a stream, was refused for want of a live session."""
+    return (f"no valid session for worker {worker_id!r}: join the run first (a worker declared dead joins again as "
+            "a new worker)")
 
 
 def _read_refusal(presented: str) -> str:
@@ -110,7 +116,7 @@ def _streaming(deny):
 
 def _as_worker(handler: grpc.RpcMethodHandler, worker_id: str) -> grpc.RpcMethodHandler:
     """The handler, refusing a unary request whose worker_id is not the session's (streamed
-    requests are checked by their handler, which reads the id from the stream's header)."""
+    requests are checked by their handler: PutCheckpoint's header, each Heartbeats message)."""
     if handler.request_streaming:
         return handler
 
@@ -123,7 +129,7 @@ def _as_worker(handler: grpc.RpcMethodHandler, worker_id: str) -> grpc.RpcMethod
 
         async def checked_stream(request, context):
             if not own(request, context):
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED, _not_yours(request, worker_id))
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, not_yours(request, worker_id))
             async for item in inner(request, context):
                 yield item
 
@@ -133,12 +139,13 @@ def _as_worker(handler: grpc.RpcMethodHandler, worker_id: str) -> grpc.RpcMethod
 
     async def checked(request, context):
         if not own(request, context):
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, _not_yours(request, worker_id))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, not_yours(request, worker_id))
         return await inner_unary(request, context)
 
     return grpc.unary_unary_rpc_method_handler(checked, handler.request_deserializer, handler.response_serializer)
 
 
-def _not_yours(request, worker_id: str) -> str:
+def not_yours(request, worker_id: str) -> str:
+    """Why a request in another worker's name was refused."""
     return (f"worker_id {request.worker_id!r} is not the session's worker {worker_id!r}: a worker acts only in its "
             "own name")

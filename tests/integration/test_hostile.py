@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import random
 import signal
 import subprocess
@@ -104,6 +105,8 @@ def worker_requests(worker_id: str) -> dict:
 def test_an_outsider_cannot_act_for_a_worker(stub, victim):
     for method, request in worker_requests(victim["id"]).items():
         refused(getattr(stub, method), request, timeout=10, code=CODES.UNAUTHENTICATED, words="no valid session")
+    refused(stub.Heartbeats, iter([cpb.HeartbeatRequest(worker_id=victim["id"], state=cpb.READY)]), timeout=10,
+            code=CODES.UNAUTHENTICATED, words="no valid session")
     refused(stub.Watch, cpb.WatchRequest(worker_id=victim["id"]), timeout=10, code=CODES.UNAUTHENTICATED)
     refused(stub.GetCheckpoint, cpb.GetCheckpointRequest(step=0, start_layer=0, end_layer=2, embed=True), timeout=10,
             code=CODES.UNAUTHENTICATED)
@@ -116,12 +119,34 @@ def test_a_token_holder_cannot_act_for_another_or_take_its_id(swarm, stub, victi
     for method, request in worker_requests(victim["id"]).items():
         refused(getattr(stub, method), request, timeout=10, metadata=holder["session"], code=CODES.PERMISSION_DENIED,
                 words="acts only in its own name")
+    # on the heartbeat stream each message is checked: one in its own name, then one in the victim's
+    beats = [cpb.HeartbeatRequest(worker_id=w, state=cpb.STANDBY) for w in (holder["id"], victim["id"])]
+    refused(stub.Heartbeats, iter(beats), timeout=10, metadata=holder["session"], code=CODES.PERMISSION_DENIED,
+            words="acts only in its own name")
     refused(stub.Join, cpb.JoinRequest(token=swarm.token, name="x", address="127.0.0.1:1", worker_id=victim["id"]),
             timeout=10, code=CODES.ALREADY_EXISTS, words="is taken")
     # a forged session: the holder's secret under the victim's id
     forged = (("gptjt-worker", victim["id"]), holder["session"][1])
     refused(stub.Leave, cpb.LeaveRequest(worker_id=victim["id"]), timeout=10, metadata=forged,
             code=CODES.UNAUTHENTICATED)
+
+
+def test_a_heartbeat_stream_ends_with_its_session(swarm, stub):
+    """A session checked when the stream opened is checked again for each message: after the
+    worker left, its open stream's next beat is refused as an unsessioned call would be."""
+    joiner = join_raw(swarm, stub, "trudy")
+    requests: queue.Queue = queue.Queue()
+    replies = stub.Heartbeats(iter(requests.get, None), timeout=30, metadata=joiner["session"])
+    beat = cpb.HeartbeatRequest(worker_id=joiner["id"], state=cpb.STANDBY)
+    try:
+        requests.put(beat)
+        assert next(replies).known
+        stub.Leave(cpb.LeaveRequest(worker_id=joiner["id"]), timeout=10, metadata=joiner["session"])
+        requests.put(beat)
+        refused(lambda: next(replies), code=CODES.UNAUTHENTICATED, words="no valid session")
+    finally:
+        requests.put(None)
+        replies.cancel()
 
 
 def checkpoint_chunks(worker_id: str, step: int, start: int, end: int, blob: bytes, nbytes: int | None = None,
@@ -191,7 +216,7 @@ def test_random_bytes_to_every_rpc_of_every_service(swarm, victim):
     rng = random.Random(7)
     services = {
         swarm.address: [("/gptjt.Coordinator/" + m, kind) for m, kind in (
-            ("Join", "uu"), ("Heartbeat", "uu"), ("Leave", "uu"), ("Watch", "us"), ("LeaseTickets", "uu"),
+            ("Join", "uu"), ("Heartbeat", "uu"), ("Heartbeats", "ss"), ("Leave", "uu"), ("Watch", "us"), ("LeaseTickets", "uu"),
             ("CommitTicket", "uu"), ("ReleaseTickets", "uu"), ("ReportStep", "uu"), ("ReportPeerFailure", "uu"),
             ("Status", "uu"), ("PutCheckpoint", "su"), ("GetCheckpoint", "us"), ("ReportCheck", "uu"))]
         + [("/gptjt.Operator/" + m, "uu") for m in ("Drain", "SetPaused", "CreateToken", "RevokeToken", "Events",
