@@ -19,6 +19,8 @@ from gptjt_core.wire_checks import MAX_DETAIL_CHARS, MAX_DHT_MADDRS, escaped
 from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
+from .heartbeat_stream import HeartbeatStream
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -66,6 +68,7 @@ class CoordinatorClient:
                          else grpc.aio.insecure_channel(a, options=options) for a in self.addresses]
         self.retry_for_s = retry_for_s
         self.metadata: tuple = ()  # this worker's session, once joined (coordinator/sessions.py)
+        self.heartbeats = HeartbeatStream()
         self._use(0)
 
     def _use(self, index: int) -> None:
@@ -154,11 +157,15 @@ class CoordinatorClient:
         """Liveness + metrics; `device` when re-measured, `links` measured since the last one,
         `dht_maddrs` of this worker's averager (others bootstrap from it). Returns (known, the
         spot checks the coordinator asks of us)."""
-        reply = await self._retry("Heartbeat", pb.HeartbeatRequest(
+        request = pb.HeartbeatRequest(
             worker_id=worker_id, state=state, metrics=pb.WorkerMetrics(**metrics), loaded_epoch=loaded_epoch,
             position=position, device=pb.DeviceInfo(**device) if device else None,
             links=[pb.LinkMeasurement(**m) for m in links or []], coordinator_rtt_ms=rtt_ms,
-            dht_maddrs=(dht_maddrs or [])[:MAX_DHT_MADDRS]), timeout=5.0)
+            dht_maddrs=(dht_maddrs or [])[:MAX_DHT_MADDRS])
+        # On the stream this worker holds open (worker/heartbeat_stream.py), opened afresh on the
+        # address the client uses now: after a failover, at the standby that took over.
+        reply = await self._retrying(lambda: self.heartbeats.beat(self.stub, self.metadata, request, timeout_s=5.0),
+                                     "Heartbeat", logging.DEBUG)
         return reply.known, list(reply.checks)[:MAX_CHECKS_PER_BEAT]
 
     async def report_check(self, worker_id: str, check_id: int, commitment: bytes, unable: str) -> str:
@@ -275,5 +282,6 @@ class CoordinatorClient:
         await self.stub.Leave(pb.LeaveRequest(worker_id=worker_id), timeout=5.0, metadata=self.metadata)
 
     async def close(self) -> None:
+        self.heartbeats.close()
         for channel in self.channels:
             await channel.close()

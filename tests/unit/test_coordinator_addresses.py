@@ -21,9 +21,10 @@ class Leader(pb_grpc.CoordinatorServicer):
     def __init__(self):
         self.beats = 0
 
-    async def Heartbeat(self, request, context):
-        self.beats += 1
-        return pb.HeartbeatReply(known=True)
+    async def Heartbeats(self, request_iterator, context):
+        async for _ in request_iterator:
+            self.beats += 1
+            yield pb.HeartbeatReply(known=True)
 
     async def GetCheckpoint(self, request, context):
         for part in (b"layers ", f"{request.start_layer}-{request.end_layer}".encode()):
