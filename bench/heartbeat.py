@@ -4,8 +4,9 @@ A real coordinator process. Client processes (CLIENT_PROCESSES; bench/heartbeat_
 first joins a stage worker that trains steps with leases, commits and step reports
 (bench/heartbeat_trainer.py); then together they join `workers` simulated standby workers (each
 with its own session and stage-link certificate, as real workers have), send each one's
-heartbeat every `interval` seconds, spread evenly, through a pool of channels, and hold each
-one's Watch stream open (as a real worker does: a ledger change reaches every stream). While
+heartbeat every `interval` seconds, spread evenly, through a pool of channels, as a message of
+the heartbeat stream each holds open (worker/heartbeat_stream.py, as gptjt-worker beats), and
+hold each one's Watch stream open (as a real worker does: a ledger change reaches every stream). While
 they beat, a status poller calls Status every second and a dashboard client holds the live
 stream (/api/stream) open, in a process of their own, as an operator's screen would.
 heartbeat_p99_ms is the 99th percentile of the heartbeat round trips, measured at the clients

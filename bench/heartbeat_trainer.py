@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from worker.heartbeat_stream import HeartbeatStream
+
 
 class PacedTrainer:
     """The run's one stage worker, training a step every `step_s` seconds (virtual compute)."""
@@ -66,14 +68,17 @@ class PacedTrainer:
             self.state = state
 
     async def _beat(self, stop: asyncio.Event) -> None:
-        pb = self.pb
-        while not stop.is_set():
-            st = self.state
-            epoch, position = (st.restore_epoch, st.step) if st is not None else (-1, -1)
-            await self._call("Heartbeat", pb.HeartbeatRequest(
-                worker_id=self.worker_id, state=pb.READY, loaded_epoch=epoch, position=position,
-                metrics=pb.WorkerMetrics(micro_batches_per_s=self.micro_batches / self.step_s)))
-            await asyncio.sleep(self.interval_s if st is not None and st.phase == pb.OPEN else 0.2)
+        pb, stream = self.pb, HeartbeatStream()  # the stream a real worker beats on (worker/membership.py)
+        try:
+            while not stop.is_set():
+                st = self.state
+                epoch, position = (st.restore_epoch, st.step) if st is not None else (-1, -1)
+                await stream.beat(self.stub, self.session, pb.HeartbeatRequest(
+                    worker_id=self.worker_id, state=pb.READY, loaded_epoch=epoch, position=position,
+                    metrics=pb.WorkerMetrics(micro_batches_per_s=self.micro_batches / self.step_s)), timeout_s=30)
+                await asyncio.sleep(self.interval_s if st is not None and st.phase == pb.OPEN else 0.2)
+        finally:
+            stream.close()
 
     async def _train_one_step(self, stop: asyncio.Event) -> bool:
         """One attempt of the open step, if there is one: False when there was nothing to do."""

@@ -16,6 +16,7 @@ import random
 import time
 
 from gptjt_core.heartbeat_pacing import next_heartbeat_in
+from worker.heartbeat_stream import HeartbeatStream
 
 from .heartbeat_trainer import PacedTrainer
 
@@ -25,8 +26,9 @@ GRACE_S = 5.0  # after the window, for its last round trips to come back
 class SimulatedWorkers:
     """`n` workers as the coordinator sees real ones: each joins, holds its Watch stream open (a
     ledger change reaches every stream at once) and heartbeats every `interval` seconds from
-    the moment it joined (the timeout runs from the join). A heartbeat that fails is counted and
-    the next one goes at the next tick, as worker/runner.py does. Round trips are recorded by
+    the moment it joined (the timeout runs from the join), each beat a message of its heartbeat
+    stream (worker/heartbeat_stream.py). A heartbeat that fails is counted and the next one goes
+    at the next tick, on a new stream, as worker/runner.py does. Round trips are recorded by
     when they started: in the window that opens one interval after the last join (the figure),
     or before it (`joining_latencies`: 10,000 joins at once, as after a coordinator restart or
     a failover, each signing a certificate)."""
@@ -100,18 +102,19 @@ class SimulatedWorkers:
         self.failures[key] = self.failures.get(key, 0) + 1
 
     async def _beat(self, stub, worker_id: str, session: tuple) -> None:
-        pb = self.pb
+        pb, stream = self.pb, HeartbeatStream()  # the stream a real worker beats on (worker/membership.py)
+        # as a worker on standby says it: no stage loaded (epoch and position -1)
+        request = pb.HeartbeatRequest(worker_id=worker_id, state=pb.STANDBY, loaded_epoch=-1, position=-1,
+                                      metrics=pb.WorkerMetrics(micro_batches_per_s=1.0))
         await asyncio.sleep(random.uniform(0, self.interval))  # clocks of real workers are spread
         while True:
             t0, started = time.perf_counter(), time.monotonic()
             in_window = self.window[0] <= started <= self.window[1]
             try:
-                # as a worker on standby says it: no stage loaded (epoch and position -1)
-                await stub.Heartbeat(pb.HeartbeatRequest(
-                    worker_id=worker_id, state=pb.STANDBY, loaded_epoch=-1, position=-1,
-                    metrics=pb.WorkerMetrics(micro_batches_per_s=1.0)), metadata=session, timeout=30)
+                await stream.beat(stub, session, request, timeout_s=30)
             except asyncio.CancelledError:
                 self.in_flight_at_end += in_window  # the run ended with this round trip still out
+                stream.close()
                 raise
             except Exception as e:  # counted; the next heartbeat goes at the next tick (worker/runner.py)
                 self._failed("heartbeat", e)
