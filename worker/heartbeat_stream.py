@@ -40,7 +40,11 @@ class HeartbeatStream:
                 self.close()
                 self._call, self._opened_with = stub.Heartbeats(metadata=metadata), (stub, metadata)
             try:
-                reply = await asyncio.wait_for(self._round_trip(self._call, request), timeout_s)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns the reply instead of
+                # raising when the caller is cancelled as the reply arrives, and a worker (or one of
+                # bench heartbeat's 10,000) cancelled at its end would then beat on forever.
+                async with asyncio.timeout(timeout_s):
+                    reply = await self._round_trip(self._call, request)
             except TimeoutError:
                 self.close()
                 raise _failure(grpc.StatusCode.DEADLINE_EXCEEDED,

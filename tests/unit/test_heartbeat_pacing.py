@@ -42,3 +42,21 @@ def test_a_worker_waits_for_the_interval_unless_asked_to_beat_now():
 
     waited, asked_wait, still_set = asyncio.run(scenario())
     assert waited >= 0.05 * (1 - JITTER) and asked_wait < 5.0 and not still_set
+
+
+def test_a_worker_cancelled_as_it_is_asked_to_beat_stops():
+    """The cancel and the ask in the same turn of the loop: the wait ends cancelled. (On Python
+    3.11 `asyncio.wait_for` would return instead, and a heartbeat loop being shut down would go on.)"""
+    async def scenario():
+        asked = asyncio.Event()
+        waiting = asyncio.create_task(wait_for_next_heartbeat(asked, 60.0, time.monotonic()))
+        await asyncio.sleep(0)  # it waits
+        asked.set()
+        waiting.cancel()
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(scenario()), "the wait returned: the cancel was lost"

@@ -14,6 +14,7 @@ import pytest
 
 from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
+from worker.heartbeat_stream import HeartbeatStream
 from worker.membership import CoordinatorClient
 
 
@@ -108,3 +109,43 @@ def test_a_client_that_moved_to_another_coordinator_beats_there():
             await server_b.stop(None)
 
     asyncio.run(scenario())
+
+
+class _ReplyOnCue:
+    """A Heartbeats call whose reply comes when the test says: gRPC's own call cannot be made to
+    answer in the very turn of the event loop in which its caller is cancelled."""
+
+    def __init__(self):
+        self.reply: asyncio.Future | None = None
+
+    def Heartbeats(self, metadata):  # the stub's method: the call itself
+        return self
+
+    async def write(self, request):
+        self.reply = asyncio.get_running_loop().create_future()
+
+    async def read(self):
+        return await self.reply
+
+    def cancel(self):
+        pass
+
+
+def test_a_beat_cancelled_as_its_reply_arrives_ends_cancelled():
+    """A worker (or bench heartbeat, at its end) cancels a beat in the turn its reply comes: the
+    beat raises CancelledError, so the loop around it stops. (asyncio.wait_for on Python 3.11
+    returned the reply instead, and bench heartbeat's client then beat on for ever.)"""
+    async def scenario():
+        call, stream = _ReplyOnCue(), HeartbeatStream()
+        beat = asyncio.create_task(stream.beat(call, (), pb.HeartbeatRequest(worker_id="w"), timeout_s=60))
+        while call.reply is None:
+            await asyncio.sleep(0)
+        call.reply.set_result(pb.HeartbeatReply(known=True))
+        beat.cancel()
+        try:
+            await beat
+        except asyncio.CancelledError:
+            return True
+        return False
+
+    assert asyncio.run(scenario()), "the beat returned its reply: the cancel was lost"
