@@ -20,7 +20,7 @@ from gptjt_proto import operator_pb2_grpc as opb_grpc
 from .checkpoint_store import CheckpointStore
 from .dht import CoordinatorDHT
 from .dht_authority import DhtAuthority
-from .gc_schedule import collect_fully_forever, take_full_collections_off_the_clock
+from .gc_schedule import collect_on_the_clock
 from .run_ca import RunCA
 from .sessions import SessionGuard
 from .sole_server import sole_server_of
@@ -121,8 +121,7 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     if port_file:  # last: whoever waits for the file finds the lines above already written
         Path(port_file).write_text(address)
     reaper = asyncio.create_task(service.reap_forever())
-    take_full_collections_off_the_clock()
-    collector = asyncio.create_task(collect_fully_forever())
+    collector = asyncio.create_task(collect_on_the_clock())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -1,4 +1,4 @@
-"""The coordinator's full garbage collections run on its schedule, not CPython's."""
+"""The coordinator's garbage collections run on its clock, not on CPython's counters."""
 
 from __future__ import annotations
 
@@ -9,28 +9,37 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from coordinator.gc_schedule import (NO_AUTOMATIC_FULL_PASS, collect_fully_forever, collect_fully_if_due,
-                                    full_collections_off_the_clock, take_full_collections_off_the_clock)
+from coordinator.gc_schedule import (NO_AUTOMATIC_FULL_PASS, collect_fully_if_due, collect_on_the_clock,
+                                    full_collections_off_the_clock)
+
+
+@contextmanager
+def passes_seen() -> Iterator[list[tuple[int, int]]]:
+    """(generation, objects freed) of each collection in the block, in order: those this thread
+    ran. A thread another test left behind may call gc.collect() meanwhile (the full CI run once saw
+    a full pass that freed nothing inside the block, after the integration tests); that is no pass
+    the schedule started, and callbacks run in the thread that collects."""
+    passes: list[tuple[int, int]] = []
+    ours = threading.get_ident()
+
+    def seen(phase, info):
+        if phase == "stop" and threading.get_ident() == ours:
+            passes.append((info["generation"], info["collected"]))
+
+    gc.callbacks.append(seen)
+    try:
+        yield passes
+    finally:
+        gc.callbacks.remove(seen)
 
 
 @contextmanager
 def full_passes_seen() -> Iterator[list[int]]:
-    """The objects each full (generation 2) collection in the block freed, in order: those this
-    thread ran. A thread another test left behind may call gc.collect() meanwhile (the full CI run
-    once saw a full pass that freed nothing inside the block, after the integration tests); that is
-    no pass the thresholds started, and callbacks run in the thread that collects."""
+    """The objects each full (generation 2) collection in the block freed, in order."""
     full_passes: list[int] = []
-    ours = threading.get_ident()
-
-    def seen(phase, info):
-        if phase == "stop" and info["generation"] == 2 and threading.get_ident() == ours:
-            full_passes.append(info["collected"])
-
-    gc.callbacks.append(seen)
-    try:
+    with passes_seen() as passes:
         yield full_passes
-    finally:
-        gc.callbacks.remove(seen)
+        full_passes.extend(freed for generation, freed in passes if generation == 2)
 
 
 def leave_a_cycle() -> None:
@@ -38,27 +47,34 @@ def leave_a_cycle() -> None:
     cycle.append(cycle)  # garbage only a full pass frees
 
 
-def test_full_passes_leave_the_automatic_trigger_and_run_on_the_schedule():
-    before = gc.get_threshold()
-    try:
-        take_full_collections_off_the_clock()
-        assert gc.get_threshold() == (before[0], before[1], NO_AUTOMATIC_FULL_PASS)
+def test_every_collection_runs_on_the_clock_and_automatic_collection_comes_back_after():
+    """Young passes at each tick, generation 1 at every `middle_every`-th, a full pass when one is
+    due (freeing a cycle only a full pass can), and no pass that allocations start: a test that
+    allocates thousands of objects inside sees no collection beyond the clock's."""
+    assert gc.isenabled()
 
-        async def scenario():
-            with full_passes_seen() as full_passes:
-                task = asyncio.create_task(collect_fully_forever(every_s=0.05))
-                leave_a_cycle()
-                for _ in range(500):  # a full pass over a big test process takes a while
-                    if len(full_passes) >= 2:
-                        break
-                    await asyncio.sleep(0.02)
-                task.cancel()
-            return full_passes
+    async def scenario():
+        with passes_seen() as passes:
+            task = asyncio.create_task(collect_on_the_clock(young_every_s=0.01, middle_every=3, full_every_s=0.25))
+            await asyncio.sleep(0)  # the task starts: automatic collection off
+            assert not gc.isenabled()
+            kept = [[] for _ in range(20_000)]  # 28x CPython's young threshold, between two ticks
+            leave_a_cycle()
+            for _ in range(500):  # a full pass over a big test process takes a while
+                if sum(generation == 2 for generation, _ in passes) >= 2:
+                    break
+                await asyncio.sleep(0.02)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        return passes, kept
 
-        passes = asyncio.run(scenario())
-        assert len(passes) >= 2 and sum(passes) >= 1
-    finally:
-        gc.set_threshold(*before)
+    passes, kept = asyncio.run(scenario())
+    assert gc.isenabled(), "automatic collection stayed off after the schedule ended"
+    generations = [generation for generation, _ in passes]
+    full = [freed for generation, freed in passes if generation == 2]
+    assert len(full) >= 2 and sum(full) >= 1 and kept
+    young_runs = " ".join("".join(map(str, generations)).split("2"))  # the young passes between full ones
+    assert "00" in young_runs and "1" in young_runs and "000" not in young_runs and "11" not in young_runs
 
 
 def test_a_process_without_an_event_loop_collects_fully_only_when_due():
