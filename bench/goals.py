@@ -208,8 +208,9 @@ FIGURES: tuple[Figure, ...] = (
     Figure("status", "by_workers.workers_metrics_ms", "/metrics text of that status (ms), rendered only for a "
            "scrape"),
     Figure("heartbeat", "heartbeat_p99_ms", "heartbeat p99 (ms), 10,000 workers with Watch streams, status, "
-           "dashboard, a stage training", goal=_g("<", 10, "issues 15, 19"), headline=True),
-    Figure("heartbeat", "heartbeat_p50_ms", "heartbeat p50 (ms), same run"),
+           "dashboard, a stage training; the full form's median of 3 runs (each: `heartbeat_p99_ms_runs`)",
+           goal=_g("<", 10, "issues 15, 19"), headline=True),
+    Figure("heartbeat", "heartbeat_p50_ms", "heartbeat p50 (ms), the median run"),
     Figure("heartbeat", "heartbeat_failures", "heartbeats that failed in the window", goal=_g("==", 0, "bench/README")),
     Figure("heartbeat", "joining_heartbeat_p99_ms", "heartbeat p99 (ms) while the 10,000 joined at once (`joins_s`), "
            "and one interval after"),

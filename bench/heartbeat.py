@@ -201,13 +201,28 @@ def _p99(sorted_ms: list[float]) -> float | None:
 WORKERS, INTERVAL_S = 10_000, 20.0
 
 
+# Full-form runs whose median is the figure: one commit's p99 read 7.27-12.68 ms over five runs
+# (2026-12-08), so one run says little about the goal. The quick form is one run.
+FULL_RUNS = 3
+
+
 def settings(quick: bool) -> dict:
     return {"workers": WORKERS, "interval_s": INTERVAL_S, "window_s": 30.0 if quick else 90.0,
+            "runs": 1 if quick else FULL_RUNS,
             "channels": CHANNELS, "client_processes": CLIENT_PROCESSES, "joins_in_flight": JOINS_IN_FLIGHT,
             "status_poller": True, "status_observers_process": True, "dashboard_stream": True,
             "train_step_s": TRAIN_STEP_S, "train_micro_batches": TRAIN_MICRO_BATCHES}
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run whose heartbeat p99 is the median (the upper one of an even count), with every run's
+    p99 in `heartbeat_p99_ms_runs`: its other figures are that same run's."""
+    p99s = [r["heartbeat_p99_ms"] for r in runs]
+    middle = sorted(runs, key=lambda r: r["heartbeat_p99_ms"])[len(runs) // 2]
+    return {**middle, "runs": len(runs), "heartbeat_p99_ms_runs": p99s}
+
+
 def run(quick: bool = False) -> dict:
-    result = measure(WORKERS, 30.0 if quick else 90.0, interval=INTERVAL_S)
+    runs = [measure(WORKERS, 30.0 if quick else 90.0, interval=INTERVAL_S) for _ in range(1 if quick else FULL_RUNS)]
+    result = median_run(runs)
     return {"benchmark": "heartbeat", **result, "goal_p99_ms": 10.0, "goal_met": result["heartbeat_p99_ms"] < 10.0}
