@@ -9,13 +9,13 @@ FULL_COLLECTION_EVERY_S instead (cycles wait that long to be freed: memory, not 
 
 Young passes. CPython starts one when the tracked objects allocated exceed those freed by 700.
 Each heartbeat on a worker's stream (coordinator/heartbeats.py) makes the objects that wait for
-its next beat (~15: a read's coroutine, future and callbacks) and frees those its previous beat
-made, so with 10,000 streams allocations and frees nearly cancel: the count crept, the young
-generations grew to ~25k live objects (the waits of the last seconds' beats) and each pass over
-them stopped the loop for 10-50 ms (probe of 2026-12-07, 500 beats/s). A young pass every
-YOUNG_COLLECTION_EVERY_S walks only what the last 0.1 s made and left alive (under 3 ms each in the same probe); each object
-is still walked once in each young generation, so the collector's work is the same, in short
-pieces.
+its next beat (~30: the read's coroutines, async-generator steps, futures and callbacks) and
+frees those its previous beat made, so with 10,000 streams allocations and frees nearly cancel:
+the count crept, the young generations grew to ~25k live objects (the waits of the last
+seconds' beats) and each pass over them stopped the loop for 10-50 ms (probe of 2026-12-07, 500
+beats/s). A young pass every YOUNG_COLLECTION_EVERY_S walks only what the last 0.1 s made and
+left alive (under 3 ms each in the same probe); each object is still walked once in each young
+generation, so the collector's work is the same, in short pieces.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def full_passes_seen() -> Iterator[list[int]]:
 
 def leave_a_cycle() -> None:
     cycle = []
-    cycle.append(cycle)  # garbage only a full pass frees
+    cycle.append(cycle)  # garbage only a collection frees, not reference counting
 
 
 def test_every_collection_runs_on_the_clock_and_automatic_collection_comes_back_after():
@@ -52,6 +52,11 @@ def test_every_collection_runs_on_the_clock_and_automatic_collection_comes_back_
     due (freeing a cycle only a full pass can), and no pass that allocations start: a test that
     allocates thousands of objects inside sees no collection beyond the clock's."""
     assert gc.isenabled()
+    old_cycle = []
+    old_cycle.append(old_cycle)
+    holder = [old_cycle]
+    del old_cycle
+    gc.collect()  # the cycle is in the oldest generation now: no young pass looks at it
 
     async def scenario():
         with passes_seen() as passes:
@@ -59,7 +64,7 @@ def test_every_collection_runs_on_the_clock_and_automatic_collection_comes_back_
             await asyncio.sleep(0)  # the task starts: automatic collection off
             assert not gc.isenabled()
             kept = [[] for _ in range(20_000)]  # 28x CPython's young threshold, between two ticks
-            leave_a_cycle()
+            holder.clear()  # the old cycle is garbage: the next full pass frees it
             for _ in range(500):  # a full pass over a big test process takes a while
                 if sum(generation == 2 for generation, _ in passes) >= 2:
                     break
