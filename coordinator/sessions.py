@@ -7,8 +7,8 @@ secret is that live worker's; a worker declared dead or gone has no session any 
 coordinator restart keeps every session (they are in the ledger). Then the call may act only
 as itself: a request whose worker_id is another's is refused (PERMISSION_DENIED). A stream's
 session is checked when it opens; the heartbeat stream (Heartbeats) refuses each message whose
-worker has died or left since (its session ended with it), and each in another's name. A worker id alone, which Status and the dashboard print,
-grants nothing.
+worker has died or left since (its session ended with it), and each in another's name. A worker
+id alone, which Status and the dashboard print, grants nothing.
 
 Read-only calls (Status, Events) are open, or need the run's read token when
 coordinator.read_access = "token" (READ_TOKEN metadata; the admin token also reads).
