@@ -114,7 +114,6 @@ class SimulatedWorkers:
                 await stream.beat(stub, session, request, timeout_s=30)
             except asyncio.CancelledError:
                 self.in_flight_at_end += in_window  # the run ended with this round trip still out
-                stream.close()
                 raise
             except Exception as e:  # counted; the next heartbeat goes at the next tick (worker/runner.py)
                 self._failed("heartbeat", e)

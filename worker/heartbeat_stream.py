@@ -45,6 +45,9 @@ class HeartbeatStream:
                 # bench heartbeat's 10,000) cancelled at its end would then beat on forever.
                 async with asyncio.timeout(timeout_s):
                     reply = await self._round_trip(self._call, request)
+            except asyncio.CancelledError:
+                self.close()  # its reply may still come: read by the next beat, it would answer the wrong request
+                raise
             except TimeoutError:
                 self.close()
                 raise _failure(grpc.StatusCode.DEADLINE_EXCEEDED,
