@@ -296,6 +296,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PeerFailureReply(declared_dead=True)
 
     async def Status(self, request, context):
+        if request.accept_gzip:  # ~23x fewer bytes for the loop to hand to gRPC (gptjt_core/status_gzip.py)
+            return pb.StatusReply(json_gzip=await self.statuses.gzipped())
         return pb.StatusReply(json=(await self.statuses.get()).decode())  # NaN-free, as the dashboard's
 
     async def PutCheckpoint(self, request_iterator, context):

@@ -38,12 +38,19 @@ class StatusCache:
         self.ledger, self.max_age_s, self.build_share = ledger, max_age_s, build_share
         self.process = StatusProcess(ledger.path, ledger.run, ledger.planner.plan, ledger.shape)
         self._lock = asyncio.Lock()  # one build at a time
-        self._built: tuple[int, float, bytes] | None = None  # writes, monotonic s, JSON
+        self._built: tuple[int, float, bytes, bytes] | None = None  # writes, monotonic s, JSON, its gzip
         self._next_build_s = 0.0  # monotonic: the earliest start that keeps builds within build_share
         self.builds = 0
 
     async def get(self) -> bytes:
         """The status JSON: no older than what the ledger held when this was called."""
+        return (await self._current())[2]
+
+    async def gzipped(self) -> bytes:
+        """get()'s JSON gzipped (gptjt_core/status_gzip.py), compressed by the status process."""
+        return (await self._current())[3]
+
+    async def _current(self) -> tuple[int, float, bytes, bytes]:
         wanted = self.ledger.db.writes()
         async with self._lock:
             built = self._built
@@ -51,11 +58,11 @@ class StatusCache:
                 await asyncio.sleep(self._next_build_s - time.monotonic())  # returns at once if <= 0
                 version = self.ledger.db.writes()  # the snapshot, taken after this, holds at least that much
                 started = time.monotonic()
-                body, took = await asyncio.to_thread(self.process.build)
+                (body, gzipped), took = await asyncio.to_thread(self.process.build)
                 self._next_build_s = started + took / self.build_share
-                built = self._built = (version, started, body)
+                built = self._built = (version, started, body, gzipped)
                 self.builds += 1
-            return built[2]
+            return built
 
     async def metrics(self) -> bytes:
         """The /metrics text of a status no older than what the ledger held when this was called

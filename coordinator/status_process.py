@@ -5,7 +5,7 @@ milliseconds of Python to build. In a thread of the coordinator it would hold th
 most of that time and every heartbeat would wait behind it; in this process it runs on
 another core. The process opens the ledger read-only (a second SQLite connection; WAL lets
 it read the last committed state while the coordinator writes), and answers each "build"
-with the status JSON (and, when asked, the /metrics text of it). It is a fresh interpreter
+with the status JSON and its gzip (and, when asked, the /metrics text of it). It is a fresh interpreter
 running this module (`python -m coordinator.status_process FD`), not a multiprocessing child:
 "spawn" would first re-import the coordinator's main script (torch and all, ~4 s), and a
 coordinator killed meanwhile would leave it running that long. This module imports no torch
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from gptjt_core.config import RunConfig
 from gptjt_core.stage_spec import StageSpec
+from gptjt_core.status_gzip import gzip_status
 
 from .cost_model import ModelShape
 
@@ -61,22 +62,24 @@ class StatusProcess:
         self._conn = Connection(ours.detach())
         self._conn.send(self._args)
 
-    def build(self) -> tuple[bytes, float]:
-        """(status JSON, seconds the process spent building it, not counting its start); a process
-        that died is started again once."""
-        return self._ask("build")
+    def build(self) -> tuple[tuple[bytes, bytes], float]:
+        """((status JSON, the same gzipped), seconds the process spent building both, not counting
+        its start); a process that died is started again once."""
+        (body, gzipped), seconds = self._ask("build")
+        return (body, gzipped), seconds
 
     def metrics(self) -> tuple[bytes, float]:
         """(/metrics text of the last status built, or of a new one if none was; seconds spent)."""
-        return self._ask("metrics")
+        (text,), seconds = self._ask("metrics")
+        return text, seconds
 
-    def _ask(self, request: str) -> tuple[bytes, float]:
+    def _ask(self, request: str) -> tuple[list[bytes], float]:
         with self._lock:
             for attempt in (1, 2):
                 try:
                     self._conn.send(request)
                     kind, body, seconds = self._conn.recv()
-                    if kind == "ok":  # body: the answer's length in the file
+                    if kind == "ok":  # body: the lengths of the answer's parts, one after another in the file
                         body = _read_answer(self._answers.fileno(), body)
                     break
                 except (EOFError, BrokenPipeError, ConnectionResetError):
@@ -109,8 +112,8 @@ class StatusProcess:
 
 
 class StatusBuilds:
-    """What the status process answers, one request at a time: "build" gives the status JSON;
-    "metrics" the /metrics text of the last status built (or of a new one if none was). The
+    """What the status process answers, one request at a time: "build" gives the status JSON and
+    its gzip (gptjt_core/status_gzip.py: the Status RPC sends that); "metrics" the /metrics text of the last status built (or of a new one if none was). The
     metrics are rendered only when asked: at 10,000 workers they are 120,000 samples through
     prometheus_client, ~1 s of a ~1.2 s build (`gptjt bench status`, `by_workers`), and the
     dashboard and `gptjt status` never read them."""
@@ -123,28 +126,35 @@ class StatusBuilds:
         self.reader, self.render_metrics, self.dumps = reader, render_metrics, dumps
         self.status = None  # the last status built, which "metrics" renders
 
-    def answer(self, request: str) -> bytes:
+    def answer(self, request: str) -> list[bytes]:
+        """The answer's parts: [JSON, gzipped JSON] for "build", [text] for "metrics"."""
         if request == "metrics":
             status = self.status if self.status is not None else self.reader.status()
             self.status = status
-            return self.render_metrics(lambda: status)
+            return [self.render_metrics(lambda: status)]
         self.status = None  # freed before the next is built
         self.status = self.reader.status()
-        return self.dumps(self.status)
+        body = self.dumps(self.status)
+        return [body, gzip_status(body)]
 
 
-def _read_answer(fd: int, length: int) -> bytes:
-    answer = os.pread(fd, length, 0)
-    if len(answer) != length:  # the process wrote less than it said: it died mid-write
-        raise StatusBuildFailed(f"the status process said its answer was {length} bytes but the file holds "
-                                f"{len(answer)}; the next request starts it again if it died")
-    return answer
+def _read_answer(fd: int, lengths: list[int]) -> list[bytes]:
+    """The parts the process wrote one after another from the file's start, `lengths` bytes each."""
+    parts, start = [], 0
+    for length in lengths:
+        part = os.pread(fd, length, start)
+        if len(part) != length:  # the process wrote less than it said: it died mid-write
+            raise StatusBuildFailed(f"the status process said its answer was {sum(lengths)} bytes but the file "
+                                    f"holds {start + len(part)}; the next request starts it again if it died")
+        parts.append(part)
+        start += length
+    return parts
 
 
 def _serve(conn: Connection, answers: int, path: str, run: RunConfig, plan: list[StageSpec],
            shape: ModelShape | None) -> None:
     """The process: answer requests (StatusBuilds) until "stop" or until the coordinator is gone;
-    each answer goes into the file `answers` (a descriptor), its length through `conn`."""
+    each answer's parts go into the file `answers` (a descriptor), their lengths through `conn`."""
     from .gc_schedule import collect_fully_if_due, take_full_collections_off_the_clock
     from .ledger.reader import LedgerReader
 
@@ -164,9 +174,9 @@ def _serve(conn: Connection, answers: int, path: str, run: RunConfig, plan: list
             return
         started = time.perf_counter()
         try:
-            answer = builds.answer(request)
-            os.pwrite(answers, answer, 0)
-            conn.send(("ok", len(answer), time.perf_counter() - started))
+            parts = builds.answer(request)
+            os.pwritev(answers, parts, 0)
+            conn.send(("ok", [len(part) for part in parts], time.perf_counter() - started))
         except Exception as e:  # said to the caller; the next request tries again
             conn.send(("error", f"{type(e).__name__}: {e}".encode(), time.perf_counter() - started))
         last_full_s = collect_fully_if_due(last_full_s)

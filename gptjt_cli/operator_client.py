@@ -16,6 +16,7 @@ import os
 import grpc
 
 from coordinator.sessions import ADMIN_TOKEN, READ_TOKEN
+from gptjt_core.status_gzip import BadStatusGzip, gunzip_status
 from gptjt_proto import coordinator_pb2 as pb
 from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 from gptjt_proto import operator_pb2_grpc as opb_grpc
@@ -97,10 +98,21 @@ def call_status(address: str, tls_ca: str = "", timeout: float = 10.0, metadata:
 def _call_status(address: str, tls_ca: str, timeout: float, metadata: tuple) -> dict:
     with open_channel(address, tls_ca) as channel:
         try:
-            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout, metadata=metadata)
+            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(accept_gzip=True), timeout=timeout,
+                                                             metadata=metadata)
         except grpc.RpcError as e:
             raise_for(e, address, "Status")
-    return json.loads(reply.json)
+    return json.loads(status_json(reply, address))
+
+
+def status_json(reply, address: str) -> str:
+    """A StatusReply's JSON text, gzipped or not (a coordinator older than accept_gzip sends it plain)."""
+    if not reply.json_gzip:
+        return reply.json
+    try:
+        return gunzip_status(reply.json_gzip).decode()
+    except (BadStatusGzip, UnicodeDecodeError) as e:
+        raise Unreachable(f"coordinator {address} sent a status that cannot be read: {e}") from None
 
 
 def call_operator(address: str, method: str, request, tls_ca: str = "", timeout: float = 15.0,

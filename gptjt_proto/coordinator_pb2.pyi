@@ -534,11 +534,15 @@ class PeerFailureReply(_message.Message):
     def __init__(self, declared_dead: _Optional[bool] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("accept_gzip",)
+    ACCEPT_GZIP_FIELD_NUMBER: _ClassVar[int]
+    accept_gzip: bool
+    def __init__(self, accept_gzip: _Optional[bool] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("json",)
+    __slots__ = ("json", "json_gzip")
     JSON_FIELD_NUMBER: _ClassVar[int]
+    JSON_GZIP_FIELD_NUMBER: _ClassVar[int]
     json: str
-    def __init__(self, json: _Optional[str] = ...) -> None: ...
+    json_gzip: bytes
+    def __init__(self, json: _Optional[str] = ..., json_gzip: _Optional[bytes] = ...) -> None: ...

@@ -27,17 +27,21 @@ def fetch_status_json(address: str, timeout: float = 10.0, read_token: str = "")
     import grpc
 
     from coordinator.sessions import READ_TOKEN
-    from gptjt_cli.operator_client import STATUS_OPTIONS
+    from gptjt_cli.operator_client import STATUS_OPTIONS, CommandError, status_json
     from gptjt_proto import coordinator_pb2 as pb
     from gptjt_proto import coordinator_pb2_grpc as pb_grpc
 
     metadata = ((READ_TOKEN, read_token),) if read_token else ()
     with grpc.insecure_channel(address, options=STATUS_OPTIONS) as channel:
         try:
-            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(), timeout=timeout, metadata=metadata)
+            reply = pb_grpc.CoordinatorStub(channel).Status(pb.StatusRequest(accept_gzip=True), timeout=timeout,
+                                                             metadata=metadata)
         except grpc.RpcError as e:
             raise RuntimeError(f"coordinator {address} did not answer Status: {e.code().name}") from None
-    return reply.json
+    try:
+        return status_json(reply, address)
+    except CommandError as e:
+        raise RuntimeError(str(e)) from None
 
 
 class LocalSwarm:

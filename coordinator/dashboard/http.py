@@ -52,6 +52,15 @@ def _reply(code: int, body: bytes, content_type: str = "application/json") -> we
     return web.Response(status=code, body=body, headers={"Content-Type": content_type, "Cache-Control": "no-store"})
 
 
+def _accepts_gzip(accept_encoding: str) -> bool:
+    """An Accept-Encoding header that takes gzip (RFC 9110: "gzip" or "x-gzip", not given q=0)."""
+    for item in accept_encoding.lower().split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip() in ("gzip", "x-gzip"):
+            return params.replace(" ", "") not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False
+
+
 def _json(code: int, value) -> web.Response:
     return _reply(code, dumps(value))
 
@@ -161,6 +170,10 @@ class Dashboard:
         return _reply(204, b"", "image/x-icon")
 
     async def status(self, request: web.Request) -> web.Response:
+        if _accepts_gzip(request.headers.get("Accept-Encoding", "")):  # as the Status RPC: gzipped off the loop
+            response = _reply(200, await self.statuses.gzipped())
+            response.headers.update({"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+            return response
         return _reply(200, await self.statuses.get())
 
     async def metrics(self, request: web.Request) -> web.Response:

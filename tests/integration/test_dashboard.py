@@ -24,6 +24,7 @@ import grpc
 import pytest
 
 from gptjt_core.pki import new_key_pem, public_key_pem
+from gptjt_core.status_gzip import gunzip_status
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import coordinator_pb2_grpc as cpb_grpc
 from tests.browser import Browser, find_chromium
@@ -93,6 +94,26 @@ def test_api_status_is_the_cli_status(swarm):
     for key in ("step", "tokens", "loss", "tokens_per_s", "history", "tickets", "stages", "join_tokens", "lr"):
         assert api[key] == cli[key], key
     assert [w["id"] for w in api["workers"]] == [w["id"] for w in cli["workers"]]
+
+
+def test_status_is_gzipped_for_a_caller_that_takes_it_and_says_the_same(swarm):
+    """Status and /api/status gzipped (gptjt_core/status_gzip.py) for a caller that accepts it,
+    plain for one that does not (an older `gptjt status`, curl without --compressed)."""
+    request = urllib.request.Request(swarm.url + "api/status", headers={"Accept-Encoding": "gzip"})
+    with urllib.request.urlopen(request, timeout=20) as reply:
+        assert reply.headers["Content-Encoding"] == "gzip" and reply.headers["Vary"] == "Accept-Encoding"
+        web = json.loads(gunzip_status(reply.read()))
+    with grpc.insecure_channel(swarm.address) as channel:
+        stub = cpb_grpc.CoordinatorStub(channel)
+        plain = stub.Status(cpb.StatusRequest(), timeout=10)
+        packed = stub.Status(cpb.StatusRequest(accept_gzip=True), timeout=10)
+    assert plain.json and not plain.json_gzip and packed.json_gzip and not packed.json
+    expected = json.loads(plain.json)
+    for status in (web, json.loads(gunzip_status(packed.json_gzip))):
+        assert set(status) == set(expected)
+        for key in ("step", "tokens", "loss", "history", "tickets", "stages", "lr"):
+            assert status[key] == expected[key], key
+        assert [w["id"] for w in status["workers"]] == [w["id"] for w in expected["workers"]]
 
 
 def test_metrics_scrape(swarm):

@@ -6,6 +6,7 @@ import asyncio
 import json
 
 from coordinator.status_cache import StatusCache
+from gptjt_core.status_gzip import gunzip_status
 from tests.unit.test_scheduler import device, make_ledger
 
 
@@ -21,6 +22,8 @@ def test_a_status_asked_for_after_a_write_shows_it_and_waits_for_the_build_budge
             assert cache.builds == 1
             ledger.join("late", "h:2", device(0.004))
             status = json.loads(await cache.get())
+            assert json.loads(gunzip_status(await cache.gzipped())) == status  # the same build, gzipped
+            assert cache.builds == 2
             return first_started, next_allowed, cache._built[1], again, status
 
         first_started, next_allowed, second_started, again, status = asyncio.run(scenario())
@@ -64,11 +67,13 @@ def test_a_status_build_renders_no_metrics_and_a_scrape_renders_the_last_build(t
     rendered = []
     render = builds.render_metrics
     builds.render_metrics = lambda get: rendered.append(get()) or render(get)
-    assert json.loads(builds.answer("build"))["workers"][0]["name"] == "first"
+    body, gzipped = builds.answer("build")
+    assert json.loads(body)["workers"][0]["name"] == "first" and gunzip_status(gzipped) == body
     ledger.join("late", "h:2", device(0.004))
     builds.answer("build")
     assert rendered == []  # two builds, no metrics
-    text = builds.answer("metrics").decode()
+    (text,) = builds.answer("metrics")
+    text = text.decode()
     assert len(rendered) == 1 and rendered[0] is builds.status  # the last build's object, not a new one
     assert 'name="late"' in text
 
@@ -84,20 +89,22 @@ def test_answers_of_any_size_come_back_whole_through_the_status_process_file(tmp
     process = StatusProcess(ledger.path, ledger.run, ledger.planner.plan, ledger.shape)
     try:
         metrics, _ = process.metrics()
-        status, _ = process.build()
+        (status, gzipped), _ = process.build()
         assert len(metrics) > len(status) > 50_000  # the file held more than this answer
         assert len(json.loads(status)["workers"]) == 300  # no bytes of the longer answer after it
+        assert gunzip_status(gzipped) == status  # the second part starts where the first ends
         ledger.join("late", "h:late", device(0.004))
-        grown, _ = process.build()
+        (grown, gzipped), _ = process.build()
         assert len(json.loads(grown)["workers"]) == 301 and b"# HELP" in metrics
+        assert gunzip_status(gzipped) == grown
     finally:
         process.close()
     with open(tmp_path / "short", "wb+") as f:
         f.write(b"{}")
         f.flush()
         try:
-            _read_answer(f.fileno(), 10)
+            _read_answer(f.fileno(), [1, 10])
         except StatusBuildFailed as e:
-            assert "10 bytes" in str(e) and "holds 2" in str(e)
+            assert "11 bytes" in str(e) and "holds 2" in str(e)
         else:
             raise AssertionError("a short answer file was read as whole")
