@@ -14,6 +14,8 @@ import asyncio
 import random
 import time
 
+from .event_wait import wait_for_event
+
 JITTER = 0.1  # +- this share of the interval; well inside the heartbeat timeout (4 intervals)
 
 
@@ -27,9 +29,5 @@ def next_heartbeat_in(interval_s: float, since_sent_s: float, rng: random.Random
 async def wait_for_next_heartbeat(asked: asyncio.Event, interval_s: float, sent_s: float) -> None:
     """Until the next heartbeat is due (the last went at `sent_s`, time.monotonic()) or `asked` is
     set (something to report now); clears `asked`."""
-    try:  # asyncio.timeout: 3.11's wait_for can swallow a cancel that comes as `asked` is set
-        async with asyncio.timeout(next_heartbeat_in(interval_s, time.monotonic() - sent_s)):
-            await asked.wait()
-    except TimeoutError:
-        pass
+    await wait_for_event(asked, next_heartbeat_in(interval_s, time.monotonic() - sent_s))
     asked.clear()

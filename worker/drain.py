@@ -7,6 +7,7 @@ import logging
 import time
 import grpc
 
+from gptjt_core.event_wait import wait_for_event
 from gptjt_proto import coordinator_pb2 as cpb
 
 log = logging.getLogger("gptjt.worker")
@@ -41,10 +42,7 @@ async def drain_and_leave(runner) -> None:
     while (runner.stage is not None and runner.state is not None and runner.state.phase not in (cpb.DONE, cpb.WAITING)
            and runner.state.step <= drain_step and not runner.state.paused and time.monotonic() < deadline):
         runner.state_changed.clear()
-        try:
-            await asyncio.wait_for(runner.state_changed.wait(), timeout=0.5)
-        except TimeoutError:
-            pass
+        await wait_for_event(runner.state_changed, 0.5)
     if runner.driver is not None:
         await runner.driver.stop()  # hands back anything still leased
     if (runner.stage is not None and runner.state is not None and runner.state.phase in WEIGHTS_UNCHANGED

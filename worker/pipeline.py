@@ -12,6 +12,7 @@ import grpc
 from gptjt_core.batches import MicroBatch, MicroBatchBuilder
 from gptjt_core.config import RunConfig
 from gptjt_core.data import MicroBatchRef
+from gptjt_core.event_wait import wait_for_event
 from gptjt_core.schedule import OneFOneB
 from gptjt_proto import coordinator_pb2 as cpb
 from gptjt_proto import stage_pb2 as spb
@@ -89,10 +90,7 @@ class Stage0Driver:
                 if reply.tickets:
                     continue
             self.wake.clear()
-            try:
-                await asyncio.wait_for(self.wake.wait(), timeout=0.25)
-            except TimeoutError:
-                pass
+            await wait_for_event(self.wake, 0.25)
 
     def _done(self, ticket_id: int) -> None:
         self.tasks.pop(ticket_id, None)

@@ -23,12 +23,14 @@ CONNECT_TIMEOUT_S = 10.0
 
 async def _request(relay: str, message: dict) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, dict]:
     host, _, port = relay.rpartition(":")
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), CONNECT_TIMEOUT_S)
+    async with asyncio.timeout(CONNECT_TIMEOUT_S):  # not wait_for: on 3.11 it can lose a cancel (event_wait.py)
+        reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
     writer.write(encode_line(message))
     await writer.drain()
     if message["op"] == "data":
         return reader, writer, {}
-    line = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT_S + 5)
+    async with asyncio.timeout(CONNECT_TIMEOUT_S + 5):
+        line = await reader.readline()
     if len(line) > MAX_LINE_BYTES:
         raise RelayProtocolError(f"the relay at {relay} answered a line of {len(line)} bytes")
     reply = decode_line(line)

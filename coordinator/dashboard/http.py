@@ -32,6 +32,8 @@ from importlib import resources
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from gptjt_core.event_wait import wait_for_event
+
 from ..admin_token import Unauthorized
 from ..ledger import OperatorError
 from ..finite_json import dumps
@@ -201,10 +203,7 @@ class Dashboard:
             while not self.stopping.is_set():
                 payload = await self.statuses.get()
                 await write_status_event(response, payload)
-                try:
-                    await asyncio.wait_for(self.stopping.wait(), pause_after(len(payload), self.stream_interval_s))
-                except TimeoutError:
-                    pass
+                await wait_for_event(self.stopping, pause_after(len(payload), self.stream_interval_s))
         except ConnectionError:  # reset by the peer, or aiohttp's "Connection lost" on a drain
             pass  # the page went away
         return response
