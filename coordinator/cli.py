@@ -33,6 +33,7 @@ from .scheduler import model_shape, plan_stages
 from .server import CoordinatorService
 from .ledger import LedgerError, RunLedger
 from .ledger.db import LedgerDB
+from .ledger.wal_checkpoints import WalCheckpoints
 
 log = logging.getLogger("gptjt.coordinator")
 # Calls received and not yet taken up by the event loop that gRPC holds before cancelling new
@@ -68,10 +69,14 @@ async def _serve_ledger(run: RunConfig, location: LedgerDB | str, listen: str, r
         dht = CoordinatorDHT(run.coordinator.listen, run.coordinator.state_path, authority.own_credentials(),
                              ledger.worker_dht_peers())
         log.info("hivemind DHT for replica averaging at %s (run members only)", ", ".join(dht.maddrs))
+    # A SQLite ledger's log is copied back by a thread, not by commits on the event loop (wal_checkpoints.py).
+    checkpoints = None if ledger.db.postgres else WalCheckpoints(ledger.path).start()
     try:
         await _serve_with(run, ledger, store, dht, authority, ready_line, port_file, dashboard_file,
                           admin_token_file)
     finally:
+        if checkpoints is not None:
+            checkpoints.stop()
         if dht is not None:
             dht.shutdown()
 
