@@ -207,6 +207,8 @@ FIGURES: tuple[Figure, ...] = (
            "the status process (ms)", "its /metrics text: `by_workers.workers_metrics_ms` (next row)"),
     Figure("status", "by_workers.workers_metrics_ms", "/metrics text of that status (ms), rendered only for a "
            "scrape"),
+    Figure("status", "by_workers.workers_status_gzip_mb", "that status gzipped, as `Status` sends it (MB; made "
+           "in `by_workers.workers_gzip_ms`)", "its JSON: `by_workers.workers_status_mb`"),
     Figure("heartbeat", "heartbeat_p99_ms", "heartbeat p99 (ms), 10,000 workers with Watch streams, status, "
            "dashboard, a stage training; the full form's median of 3 runs (each: `heartbeat_p99_ms_runs`)",
            goal=_g("<", 10, "issues 15, 19"), headline=True),

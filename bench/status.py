@@ -15,8 +15,9 @@ on standby, as in bench heartbeat, each after one heartbeat with its metrics), r
 update waits for), `workers_metrics_ms` the /metrics text rendered from it (only on a scrape
 since 2026-12-05; it was part of every build before), `workers_nan_walk_ms` the Python walk
 for non-finite floats that every JSON encoding ran before 2026-12-05 (now only when the encoder
-refuses one: coordinator/finite_json.py), `workers_status_mb` the JSON's size. Medians of 5
-after a first, cold build.
+refuses one: coordinator/finite_json.py), `workers_status_mb` the JSON's size, `workers_status_gzip_mb` its gzip (what `Status` sends a
+caller that accepts it, since 2026-12-08: gptjt_core/status_gzip.py) and `workers_gzip_ms` the
+status process's time to make it. Medians of 5 after a first, cold build.
 
 status_ms: median of 5 calls on a warm ledger. cold_ms: the first call after opening it, which
 counts the tickets of every closed step once. full_scan_ms: the queries each call used to run
@@ -125,6 +126,7 @@ def measure_workers(workers: int) -> dict:
     from coordinator.ledger.reader import LedgerReader
     from coordinator.scheduler import plan_stages
     from gptjt_core.config import RunConfig
+    from gptjt_core.status_gzip import gzip_status
 
     with tempfile.TemporaryDirectory() as tmp:
         run = RunConfig()
@@ -140,10 +142,13 @@ def measure_workers(workers: int) -> dict:
         status = reader.status()
         metrics = _ms(lambda: render_metrics(lambda: status), 5)
         nan_walk = _ms(lambda: finite(status), 5)
+        gzipped = gzip_status(body)
+        gzip_ms = _ms(lambda: gzip_status(body), 5)
         assert len(status["workers"]) == workers
         ledger.db.close()
     return {"workers": workers, "workers_build_ms": round(build, 1), "workers_metrics_ms": round(metrics, 1),
-            "workers_nan_walk_ms": round(nan_walk, 1), "workers_status_mb": round(len(body) / 1e6, 2)}
+            "workers_nan_walk_ms": round(nan_walk, 1), "workers_status_mb": round(len(body) / 1e6, 2),
+            "workers_gzip_ms": round(gzip_ms, 1), "workers_status_gzip_mb": round(len(gzipped) / 1e6, 3)}
 
 
 def settings(quick: bool) -> dict:

@@ -10,3 +10,4 @@ def test_a_build_at_n_workers_lists_each_and_times_the_metrics_apart():
     assert row["workers"] == 40  # measure_workers also checks the status lists all 40
     assert row["workers_build_ms"] > 0 and row["workers_metrics_ms"] > 0 and row["workers_nan_walk_ms"] > 0
     assert 0 < row["workers_status_mb"] < 1
+    assert 0 < row["workers_status_gzip_mb"] < row["workers_status_mb"] / 5 and row["workers_gzip_ms"] > 0
