@@ -8,6 +8,7 @@ import statistics
 import time
 
 from gptjt_core.heartbeat_pacing import JITTER, next_heartbeat_in, wait_for_next_heartbeat
+from tests.unit.test_event_wait import cancelled_as_the_event_is_set
 
 
 def test_waits_are_timed_from_the_send_and_drawn_within_a_tenth_of_the_interval():
@@ -45,18 +46,7 @@ def test_a_worker_waits_for_the_interval_unless_asked_to_beat_now():
 
 
 def test_a_worker_cancelled_as_it_is_asked_to_beat_stops():
-    """The cancel and the ask in the same turn of the loop: the wait ends cancelled. (On Python
-    3.11 `asyncio.wait_for` would return instead, and a heartbeat loop being shut down would go on.)"""
-    async def scenario():
-        asked = asyncio.Event()
-        waiting = asyncio.create_task(wait_for_next_heartbeat(asked, 60.0, time.monotonic()))
-        await asyncio.sleep(0)  # it waits
-        asked.set()
-        waiting.cancel()
-        try:
-            await waiting
-        except asyncio.CancelledError:
-            return True
-        return False
-
-    assert asyncio.run(scenario()), "the wait returned: the cancel was lost"
+    """The cancel and the ask in the same turn of the loop: the wait ends cancelled, and a
+    heartbeat loop being shut down stops (gptjt_core/event_wait.py)."""
+    assert cancelled_as_the_event_is_set(lambda asked: wait_for_next_heartbeat(asked, 60.0, time.monotonic())), \
+        "the wait returned: the cancel was lost"
