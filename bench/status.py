@@ -15,9 +15,10 @@ on standby, as in bench heartbeat, each after one heartbeat with its metrics), r
 update waits for), `workers_metrics_ms` the /metrics text rendered from it (only on a scrape
 since 2026-12-05; it was part of every build before), `workers_nan_walk_ms` the Python walk
 for non-finite floats that every JSON encoding ran before 2026-12-05 (now only when the encoder
-refuses one: coordinator/finite_json.py), `workers_status_mb` the JSON's size, `workers_status_gzip_mb` its gzip (what `Status` sends a
-caller that accepts it, since 2026-12-08: gptjt_core/status_gzip.py) and `workers_gzip_ms` the
-status process's time to make it. Medians of 5 after a first, cold build.
+refuses one: coordinator/finite_json.py), `workers_status_mb` the JSON's size,
+`workers_status_gzip_mb` its gzip (what `Status` sends a caller that accepts it, since
+2026-12-08: gptjt_core/status_gzip.py) and `workers_gzip_ms` the status process's time to make
+it. Medians of 5 after a first, cold build.
 
 status_ms: median of 5 calls on a warm ledger. cold_ms: the first call after opening it, which
 counts the tickets of every closed step once. full_scan_ms: the queries each call used to run

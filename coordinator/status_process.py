@@ -5,8 +5,8 @@ milliseconds of Python to build. In a thread of the coordinator it would hold th
 most of that time and every heartbeat would wait behind it; in this process it runs on
 another core. The process opens the ledger read-only (a second SQLite connection; WAL lets
 it read the last committed state while the coordinator writes), and answers each "build"
-with the status JSON and its gzip (and, when asked, the /metrics text of it). It is a fresh interpreter
-running this module (`python -m coordinator.status_process FD`), not a multiprocessing child:
+with the status JSON and its gzip (and, when asked, the /metrics text of it). It is a fresh
+interpreter running this module (`python -m coordinator.status_process FD`), not a multiprocessing child:
 "spawn" would first re-import the coordinator's main script (torch and all, ~4 s), and a
 coordinator killed meanwhile would leave it running that long. This module imports no torch
 (the ledger plans with gptjt_core.stage_spec), so it starts in well under a second. It ends
@@ -113,10 +113,11 @@ class StatusProcess:
 
 class StatusBuilds:
     """What the status process answers, one request at a time: "build" gives the status JSON and
-    its gzip (gptjt_core/status_gzip.py: the Status RPC sends that); "metrics" the /metrics text of the last status built (or of a new one if none was). The
-    metrics are rendered only when asked: at 10,000 workers they are 120,000 samples through
-    prometheus_client, ~1 s of a ~1.2 s build (`gptjt bench status`, `by_workers`), and the
-    dashboard and `gptjt status` never read them."""
+    its gzip (gptjt_core/status_gzip.py: the Status RPC sends that); "metrics" the /metrics text
+    of the last status built (or of a new one if none was). The metrics are rendered only when
+    asked: at 10,000 workers they are 120,000 samples through prometheus_client, ~1 s of a
+    ~1.2 s build (`gptjt bench status`, `by_workers`), and the dashboard and `gptjt status`
+    never read them."""
 
     def __init__(self, reader):
         """reader: a coordinator.ledger.reader.LedgerReader."""
@@ -175,7 +176,10 @@ def _serve(conn: Connection, answers: int, path: str, run: RunConfig, plan: list
         started = time.perf_counter()
         try:
             parts = builds.answer(request)
-            os.pwritev(answers, parts, 0)
+            written = os.pwritev(answers, parts, 0)
+            if written != sum(len(part) for part in parts):  # a full disk: stale bytes could follow
+                raise OSError(f"wrote {written} of {sum(len(part) for part in parts)} bytes of the answer; "
+                              "is the temporary directory's disk full?")
             conn.send(("ok", [len(part) for part in parts], time.perf_counter() - started))
         except Exception as e:  # said to the caller; the next request tries again
             conn.send(("error", f"{type(e).__name__}: {e}".encode(), time.perf_counter() - started))

@@ -53,6 +53,7 @@ class WalCheckpoints:
 
     def _run(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        warned: set[str] = set()
         try:
             conn.execute("PRAGMA synchronous=NORMAL")  # as the writer's: fsync what is copied before the log rewinds
             while not self._stop.wait(self.interval_s):
@@ -60,9 +61,10 @@ class WalCheckpoints:
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     self.checkpoints += 1
                 except sqlite3.OperationalError as e:  # a commit's own checkpoint is under way: next time
-                    if "locked" not in str(e) and "busy" not in str(e):
+                    self.skipped += 1
+                    if "locked" not in str(e) and "busy" not in str(e) and str(e) not in warned:
+                        warned.add(str(e))  # once per kind of failure, not ten times a second
                         log.warning("a WAL checkpoint of %s failed (%s); commits still checkpoint on their own",
                                     self.path, e)
-                    self.skipped += 1
         finally:
             conn.close()
