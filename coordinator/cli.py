@@ -138,6 +138,7 @@ async def _serve_with(run: RunConfig, ledger: RunLedger, store: CheckpointStore,
     if leadership is not None:
         leadership.cancel()
     log.info("shutting down")
+    service.stopping = True  # before the server closes the workers' streams (server.py _probe_after_disconnect)
     reaper.cancel()
     collector.cancel()
     if dashboard is not None:

@@ -83,6 +83,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         self.joins = RateLimiter(c.joins_per_s, c.join_burst)  # per join token
         self.statuses = StatusCache(ledger)  # Status, the dashboard and /metrics: built off the event loop
         self.watches = WatchStreams(lambda: ledger.version, ledger.views.standby_key)
+        # Set as the coordinator shuts down: the streams it then closes itself, and workers that
+        # stop with it (a whole swarm stopped at once), say nothing about whether a worker died.
+        self.stopping = False
         self.limits = validation.RunLimits.of(ledger.run, ledger.plan[-1].end, ledger.shape)
 
     async def door(self, check, request, context) -> None:
@@ -221,9 +224,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def _probe_after_disconnect(self, worker_id: str, delay_s: float = 0.2) -> None:
         await asyncio.sleep(delay_s)
         row = self.ledger.worker(worker_id) if worker_id else None
-        if row is None or row["state"] not in ALIVE_STATES:
+        if self.stopping or row is None or row["state"] not in ALIVE_STATES:
             return
-        if await address_is_down(row["address"]):
+        if await address_is_down(row["address"]) and not self.stopping:
             self.ledger.declare_dead(worker_id, f"its Watch stream closed and {row['address']} refuses connections")
             await self.notify()
             log.warning("worker %s at %s is down (its stream closed): declared dead", worker_id, row["address"])
