@@ -33,7 +33,7 @@ def test_commits_reach_the_database_file_without_a_commit_copying_them(tmp_path)
         deadline = time.monotonic() + 10
         while checkpoints.checkpoints < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
-        writer.execute("INSERT INTO beats(at) VALUES(?)", (time.time(),))  # the writer is never held off
+        writer.execute("INSERT INTO beats(at) VALUES(?)", (time.time(),))  # PASSIVE: the writer still writes
     finally:
         checkpoints.stop()
     assert checkpoints.checkpoints >= 2 and not checkpoints._thread.is_alive()
